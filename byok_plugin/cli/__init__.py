@@ -1,0 +1,23 @@
+"""The ``byok`` command.
+
+Each subcommand lives in its own module and is added to :data:`main` here.
+"""
+
+from __future__ import annotations
+
+import click
+
+from byok_plugin import __version__
+from byok_plugin.cli.context import CliContext
+from byok_plugin.cli.plugins import plugins_command
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="byok")
+@click.pass_context
+def main(ctx: click.Context) -> None:
+    """Bring your own key (BYOK) for AI workflows: keys, runs, usage and plugins."""
+    ctx.obj = CliContext.from_environ()
+
+
+main.add_command(plugins_command)

@@ -1,0 +1,75 @@
+"""``byok plugins``: what is installed, its version, and the hooks each plugin implements."""
+
+from __future__ import annotations
+
+import json
+from importlib import metadata
+
+import click
+import pluggy
+from byok_hookspecs import ENTRY_POINT_GROUP
+from rich.console import Console
+from rich.table import Table
+
+from byok_plugin.cli.context import CliContext, pass_cli
+
+
+def describe_plugins(pm: pluggy.PluginManager) -> list[dict[str, object]]:
+    """One entry per registered plugin: name, distribution, version and hooks."""
+    dists = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
+    # a plugin registered by hand under its entry-point name (as the default plugin is)
+    entry_dists = {
+        ep.name: (ep.dist.name, ep.dist.version)
+        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)
+        if ep.dist is not None
+    }
+    rows = []
+    for name, plugin in sorted(pm.list_name_plugin(), key=lambda item: item[0]):
+        if plugin is None:
+            continue
+        hooks = []
+        for caller in pm.get_hookcallers(plugin) or []:
+            impl = next(i for i in caller.get_hookimpls() if i.plugin is plugin)
+            order = "tryfirst" if impl.tryfirst else "trylast" if impl.trylast else ""
+            hooks.append({"hook": caller.name, "order": order})
+        dist = dists.get(id(plugin))
+        if dist is not None:
+            dist_name, version = dist.project_name, dist.version
+        elif name in entry_dists:
+            dist_name, version = entry_dists[name]
+        else:
+            dist_name = version = None
+        rows.append(
+            {
+                "name": name,
+                "distribution": dist_name,
+                "version": version,
+                "hooks": sorted(hooks, key=lambda h: h["hook"]),
+            }
+        )
+    return rows
+
+
+@click.command("plugins")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@pass_cli
+def plugins_command(cli: CliContext, as_json: bool) -> None:
+    """List the installed plugins, their versions and the hooks each implements."""
+    rows = describe_plugins(cli.pm)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title="byok plugins")
+    table.add_column("plugin")
+    table.add_column("distribution")
+    table.add_column("version")
+    table.add_column("hooks")
+    for row in rows:
+        hooks = "\n".join(
+            h["hook"] + (f" ({h['order']})" if h["order"] else "")  # type: ignore[index]
+            for h in row["hooks"]  # type: ignore[union-attr]
+        )
+        table.add_row(
+            str(row["name"]), str(row["distribution"] or "-"), str(row["version"] or "-"), hooks
+        )
+    Console().print(table)

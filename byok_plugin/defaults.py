@@ -1,0 +1,59 @@
+"""byok-plugin's built-in hook implementations, registered through the entry point ``byok``.
+
+Every one is ``trylast``: anything a user installs runs before them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from functools import cached_property
+
+from byok_hookspecs import Action, Actor, AuditEvent, hookimpl
+
+from byok_plugin.app import App
+from byok_plugin.authorization import role_decision
+from byok_plugin.settings import Settings
+
+audit_log = logging.getLogger("byok.audit")
+
+
+class DefaultPlugin:
+    """The default implementations, bound to one :class:`App` (built lazily when not given)."""
+
+    def __init__(self, app: App | None = None, *, app_factory: Callable[[], App] | None = None):
+        if app is None and app_factory is None:
+            app_factory = _app_from_environment
+        self._app = app
+        self._app_factory = app_factory
+
+    def __repr__(self) -> str:
+        return "<byok_plugin DefaultPlugin>"
+
+    @cached_property
+    def app(self) -> App:
+        if self._app is not None:
+            return self._app
+        assert self._app_factory is not None
+        return self._app_factory()
+
+    @hookimpl(trylast=True)
+    def byok_authorize(self, actor: Actor | None, workspace_id: str, action: Action) -> bool | None:
+        return role_decision(actor, workspace_id, action)
+
+    @hookimpl(trylast=True)
+    def byok_audit(self, event: AuditEvent) -> None:
+        audit_log.info(
+            "%s workspace=%s actor=%s outcome=%s provider=%s key=%s %s",
+            event.action,
+            event.workspace_id,
+            event.actor_id,
+            event.outcome,
+            event.provider,
+            event.key_id,
+            event.detail,
+        )
+
+
+def _app_from_environment() -> App:
+    return App(Settings.from_environ())

@@ -1,0 +1,87 @@
+"""Configuration, read once from the environment into a frozen value and passed in from there.
+
+| variable | meaning | default |
+|---|---|---|
+| ``BYOK_HOME`` | where the embedded store and the master key file live | the user data directory |
+| ``BYOK_DATABASE_URL`` | any SQLAlchemy URL (``postgresql+psycopg://...``) | SQLite file in ``BYOK_HOME`` |
+| ``BYOK_ENCRYPTION_KEYS`` | master keys, ``id:base64`` comma-separated, the first encrypts | none |
+| ``BYOK_KEY_FILE`` | the master key file ``byok init`` writes (mode 0600) | ``BYOK_HOME/master.keys`` |
+| ``BYOK_VALIDATE_KEYS`` | ``0`` turns off live key checks (offline use) | on |
+| ``BYOK_PRICE_FILE`` | a JSON price file whose entries override the shipped table | none |
+| ``BYOK_ALLOW_UNPRICED`` | ``1`` lets a platform-billed call run on a model with no price | off |
+| ``BYOK_CHARGE_MULTIPLIER`` | what platform calls are charged, as a multiple of list price | ``1`` |
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+
+import platformdirs
+
+APP_NAME = "byok"
+
+
+class SettingsError(ValueError):
+    """A configuration value is malformed; the message names the variable."""
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    value = raw.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    raise SettingsError(f"{name} must be 1/0, true/false, yes/no or on/off, not {raw!r}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the plugin reads from its environment."""
+
+    home: Path
+    database_url: str
+    key_file: Path
+    encryption_keys: str | None = field(default=None, repr=False)
+    validate_keys: bool = True
+    price_file: Path | None = None
+    allow_unpriced: bool = False
+    charge_multiplier: Decimal = Decimal(1)
+    #: the whole environment, for provider-specific variables (platform keys, base URLs)
+    environ: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = dict(os.environ if environ is None else environ)
+        home = Path(env.get("BYOK_HOME") or platformdirs.user_data_dir(APP_NAME)).expanduser()
+        database_url = env.get("BYOK_DATABASE_URL") or f"sqlite:///{home / 'byok.db'}"
+        key_file = Path(env.get("BYOK_KEY_FILE") or home / "master.keys").expanduser()
+        price_file = (
+            Path(env["BYOK_PRICE_FILE"]).expanduser() if env.get("BYOK_PRICE_FILE") else None
+        )
+        raw_multiplier = env.get("BYOK_CHARGE_MULTIPLIER", "1")
+        try:
+            multiplier = Decimal(raw_multiplier)
+        except InvalidOperation:
+            raise SettingsError(
+                f"BYOK_CHARGE_MULTIPLIER must be a decimal number, not {raw_multiplier!r}"
+            ) from None
+        if not multiplier.is_finite() or multiplier < 0:
+            raise SettingsError("BYOK_CHARGE_MULTIPLIER must be a finite number >= 0")
+        return cls(
+            home=home,
+            database_url=database_url,
+            key_file=key_file,
+            encryption_keys=env.get("BYOK_ENCRYPTION_KEYS") or None,
+            validate_keys=_flag(env, "BYOK_VALIDATE_KEYS", True),
+            price_file=price_file,
+            allow_unpriced=_flag(env, "BYOK_ALLOW_UNPRICED", False),
+            charge_multiplier=multiplier,
+            environ=env,
+        )

@@ -1,0 +1,70 @@
+"""The ``byok`` hook contract: markers, hook specifications and the values that cross them.
+
+Host engines and third-party plugins depend on this package alone.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+PROJECT_NAME = "byok"
+ENTRY_POINT_GROUP = "byok"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+from byok_hookspecs.errors import (  # noqa: E402  (the markers must exist first)
+    ByokError,
+    CredentialUnavailable,
+    NoCredential,
+    NotAuthorized,
+    UnpricedModel,
+)
+from byok_hookspecs.manager import add_to, get_plugin_manager, selected_plugins  # noqa: E402
+from byok_hookspecs.types import (  # noqa: E402
+    Action,
+    Actor,
+    AuditEvent,
+    Charge,
+    Credential,
+    CredentialRequest,
+    CredentialSource,
+    FailureReason,
+    KeyCheck,
+    KeyCheckStatus,
+    ProviderFailure,
+    Role,
+    Usage,
+    UsageRecord,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "PROJECT_NAME",
+    "Action",
+    "Actor",
+    "AuditEvent",
+    "ByokError",
+    "Charge",
+    "Credential",
+    "CredentialRequest",
+    "CredentialSource",
+    "CredentialUnavailable",
+    "FailureReason",
+    "KeyCheck",
+    "KeyCheckStatus",
+    "NoCredential",
+    "NotAuthorized",
+    "ProviderFailure",
+    "Role",
+    "UnpricedModel",
+    "Usage",
+    "UsageRecord",
+    "add_to",
+    "get_plugin_manager",
+    "hookimpl",
+    "hookspec",
+    "selected_plugins",
+]

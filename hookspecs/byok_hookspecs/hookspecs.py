@@ -1,0 +1,126 @@
+"""The hook specifications of the pluggy project ``byok``.
+
+Every hook is prefixed ``byok_`` because hosts add these specs to their own plugin manager.
+Hooks are synchronous: an asyncio host calls the ones that touch a store from a worker thread.
+"""
+
+from __future__ import annotations
+
+from byok_hookspecs import hookspec
+from byok_hookspecs.types import (
+    Action,
+    Actor,
+    AuditEvent,
+    Charge,
+    Credential,
+    CredentialRequest,
+    KeyCheck,
+    Usage,
+    UsageRecord,
+)
+
+
+@hookspec(firstresult=True)
+def byok_resolve_credential(request: CredentialRequest) -> Credential | None:
+    """Choose the key that runs one provider call.
+
+    The default policy: the block's own key, else the workspace's BYOK key for the provider, else a
+    platform key for hosted models and tools, else :class:`~byok_hookspecs.NoCredential`. A key
+    that exists but cannot be used raises :class:`~byok_hookspecs.CredentialUnavailable`; it
+    never falls back to the billed platform key in silence. When ``request.failure`` is set, the
+    host asks again after the provider refused a key, and the workspace's fallback policy decides.
+
+    Stops at first non-None result.
+
+    :param request: the workspace, provider, model or tool, and the run's ids.
+    :returns: the credential to use, or ``None`` to let the next implementation answer.
+    """
+
+
+@hookspec(firstresult=True)
+def byok_is_hosted(provider: str, model: str) -> bool | None:
+    """Tell whether the platform hosts a model or tool, that is, may serve it on its own key.
+
+    Stops at first non-None result.
+
+    :param provider: the provider's name.
+    :param model: the model, or the tool.
+    :returns: ``True`` if hosted, ``False`` if not, ``None`` to let the next implementation answer.
+    """
+
+
+@hookspec(firstresult=True)
+def byok_platform_key(provider: str, model: str) -> str | None:
+    """Give a platform key for a hosted model or tool, from the platform's key pool.
+
+    Stops at first non-None result.
+
+    :param provider: the provider's name.
+    :param model: the model, or the tool.
+    :returns: the key, or ``None`` when the platform has none for this provider.
+    """
+
+
+@hookspec(firstresult=True)
+def byok_compute_charge(usage: Usage, credential: Credential) -> Charge | None:
+    """Price one completed provider call: the billing hook.
+
+    The default charges 0 for a BYOK or block credential, and price x multiplier for a platform
+    one. Override it with ``@hookimpl(tryfirst=True)``, for example to add a fee on BYOK usage.
+
+    Stops at first non-None result.
+
+    :param usage: what the call consumed, as the provider reported it.
+    :param credential: the credential that served the call (its source decides who pays).
+    :returns: the charge, or ``None`` to let the next implementation answer.
+    """
+
+
+@hookspec
+def byok_record_usage(record: UsageRecord) -> None:
+    """Record one provider call: the ledger, and any metering export.
+
+    Every implementation runs. Implementations must be idempotent on
+    ``record.idempotency_key``, so that a retried block is never charged twice.
+
+    :param record: the call, its usage, its charge and the credential source that served it.
+    :returns: nothing.
+    """
+
+
+@hookspec(firstresult=True)
+def byok_authorize(actor: Actor | None, workspace_id: str, action: Action) -> bool | None:
+    """Decide whether an actor may do something with a workspace's keys.
+
+    No answer at all means deny: a host with no authorization plugin denies everything.
+
+    Stops at first non-None result.
+
+    :param actor: who asks, as the host authenticated them (``None`` if anonymous).
+    :param workspace_id: the workspace concerned.
+    :param action: read keys, manage keys, use keys or read usage.
+    :returns: ``True`` to allow, ``False`` to deny, ``None`` to let the next implementation answer.
+    """
+
+
+@hookspec(firstresult=True)
+def byok_validate_key(provider: str, api_key: str) -> KeyCheck | None:
+    """Check a key live against its provider before it is saved or when an admin tests it.
+
+    Stops at first non-None result.
+
+    :param provider: the provider's name.
+    :param api_key: the key to check; implementations must never log it.
+    :returns: the check's outcome, or ``None`` to let the next implementation answer.
+    """
+
+
+@hookspec
+def byok_audit(event: AuditEvent) -> None:
+    """Record an audit event: a key created, replaced, deleted or rotated, a fallback, a denial.
+
+    Every implementation runs.
+
+    :param event: what happened, to which workspace, by whom; never a secret.
+    :returns: nothing.
+    """

@@ -1,0 +1,83 @@
+"""Getting a plugin manager that knows the ``byok`` hooks and the installed plugins.
+
+Which installed plugins load is chosen by the environment, as llm and tox do:
+
+- ``BYOK_LOAD_PLUGINS=a,b``: load only these entry points (by entry-point or distribution name);
+  set but empty, load none.
+- ``BYOK_BLOCK_PLUGINS=a,b``: load every plugin but these.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from importlib import metadata
+
+import pluggy
+
+from byok_hookspecs import ENTRY_POINT_GROUP, PROJECT_NAME, hookspecs
+
+
+def get_plugin_manager() -> pluggy.PluginManager:
+    """A new plugin manager with the ``byok`` hooks and the installed plugins loaded."""
+    pm = pluggy.PluginManager(PROJECT_NAME)
+    add_to(pm)
+    return pm
+
+
+def _names(value: str) -> set[str]:
+    return {part.strip() for part in value.split(",") if part.strip()}
+
+
+def selected_plugins(environ: Mapping[str, str] | None = None) -> list[metadata.EntryPoint]:
+    """The entry points of group ``byok`` that the environment lets load, in install order."""
+    env = os.environ if environ is None else environ
+    allowed = _names(env["BYOK_LOAD_PLUGINS"]) if "BYOK_LOAD_PLUGINS" in env else None
+    blocked = _names(env.get("BYOK_BLOCK_PLUGINS", ""))
+    chosen = []
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        names = {ep.name}
+        if ep.dist is not None:
+            names.add(ep.dist.name)
+        if names & blocked:
+            continue
+        if allowed is not None and not names & allowed:
+            continue
+        chosen.append(ep)
+    return chosen
+
+
+def add_to(
+    pm: pluggy.PluginManager,
+    *,
+    load_entrypoints: bool = True,
+    environ: Mapping[str, str] | None = None,
+) -> pluggy.PluginManager:
+    """Add the ``byok`` hook specs to a host's own plugin manager and load the installed plugins.
+
+    :param pm: the host's manager; its project name must be ``byok`` for the markers to match.
+    :param load_entrypoints: load the plugins of entry-point group ``byok``.
+    :param environ: where ``BYOK_LOAD_PLUGINS`` / ``BYOK_BLOCK_PLUGINS`` are read (``os.environ``).
+    :returns: the same manager.
+    """
+    if pm.project_name != PROJECT_NAME:
+        raise ValueError(
+            f"plugin manager project is {pm.project_name!r}; byok hooks need project {PROJECT_NAME!r}"
+        )
+    pm.add_hookspecs(hookspecs)
+    if load_entrypoints:
+        chosen = {ep.name for ep in selected_plugins(environ)}
+        skipped = {
+            ep.name
+            for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)
+            if ep.name not in chosen and not pm.is_blocked(ep.name)
+        }
+        for name in skipped:
+            pm.set_blocked(name)
+        try:
+            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        finally:
+            for name in skipped:
+                pm.unblock(name)
+    pm.check_pending()
+    return pm

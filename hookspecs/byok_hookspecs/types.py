@@ -1,0 +1,319 @@
+"""The frozen values that go in and out of the ``byok`` hooks.
+
+Every secret field (``api_key``, ``block_key``) is left out of ``repr`` so that a value logged by
+mistake, printed in a traceback or shown by a debugger never carries a key.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from types import MappingProxyType
+
+__all__ = [
+    "Action",
+    "Actor",
+    "AuditEvent",
+    "Charge",
+    "Credential",
+    "CredentialRequest",
+    "CredentialSource",
+    "FailureReason",
+    "KeyCheck",
+    "KeyCheckStatus",
+    "ProviderFailure",
+    "Role",
+    "Usage",
+    "UsageRecord",
+]
+
+_EMPTY: Mapping[str, str] = MappingProxyType({})
+
+
+class CredentialSource(enum.StrEnum):
+    """Where a credential came from."""
+
+    #: the agent block carried its own key; the platform does not bill it
+    BLOCK = "block"
+    #: the workspace's stored BYOK key; the workspace pays the provider directly
+    WORKSPACE = "workspace"
+    #: the platform's own key; the platform bills the workspace
+    PLATFORM = "platform"
+
+
+class FailureReason(enum.StrEnum):
+    """Why the provider refused a credential, when the host asks again."""
+
+    AUTH = "auth"
+    RATE_LIMIT = "rate_limit"
+    ERROR = "error"
+
+
+class Role(enum.StrEnum):
+    """A person's role in a workspace."""
+
+    MEMBER = "member"
+    ADMIN = "admin"
+
+
+class Action(enum.StrEnum):
+    """What an actor asks to do with a workspace's keys, decided by ``byok_authorize``."""
+
+    #: list the masked keys and read the workspace's settings
+    READ_KEYS = "keys.read"
+    #: set, replace, delete, enable, disable or test a key
+    MANAGE_KEYS = "keys.manage"
+    #: run a workflow on the workspace's keys
+    USE_KEYS = "keys.use"
+    #: read the workspace's usage and charges
+    READ_USAGE = "usage.read"
+
+
+class KeyCheckStatus(enum.StrEnum):
+    """The outcome of a live key check."""
+
+    VALID = "valid"
+    INVALID = "invalid"
+    UNREACHABLE = "unreachable"
+    SKIPPED = "skipped"
+
+
+@dataclass(frozen=True, slots=True)
+class Actor:
+    """Who asks. The host builds it from its own authentication; it is trusted as given.
+
+    :param id: a stable identifier of the person or service.
+    :param roles: workspace id -> role, as the host knows it.
+    :param operator: the local operator who holds the master key (the ``byok`` command).
+    """
+
+    id: str
+    roles: Mapping[str, Role] = field(default_factory=lambda: _EMPTY)
+    operator: bool = False
+
+    def role_in(self, workspace_id: str) -> Role | None:
+        role = self.roles.get(workspace_id)
+        return Role(role) if role is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderFailure:
+    """The provider's refusal of a credential the host used; sent back on a second request.
+
+    :param reason: what kind of failure it was.
+    :param source: the source of the credential that failed.
+    :param key_id: the safe reference of the key that failed, if it had one.
+    :param status: the HTTP status the provider answered, if any.
+    """
+
+    reason: FailureReason
+    source: CredentialSource
+    key_id: str | None = None
+    status: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialRequest:
+    """A host's question: which key runs this provider call?
+
+    :param workspace_id: the workspace the workflow runs in.
+    :param provider: ``openai``, ``anthropic``, ``google``, ``mistral``, ``exa`` or a plugin's own.
+    :param model: the model, or the tool (``exa-search``) for tool calls.
+    :param workflow_id: the workflow's name or id, for the ledger.
+    :param run_id: the run, for the ledger.
+    :param block_id: the block, for the ledger.
+    :param block_key: the block's own key, if the block carries one (never in repr).
+    :param actor: who started the run, if known.
+    :param stream: whether the call is streamed (resolution does not depend on it).
+    :param failure: set when the host asks again after the provider refused a credential.
+    """
+
+    workspace_id: str
+    provider: str
+    model: str
+    workflow_id: str | None = None
+    run_id: str | None = None
+    block_id: str | None = None
+    block_key: str | None = field(default=None, repr=False)
+    actor: Actor | None = None
+    stream: bool = False
+    failure: ProviderFailure | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """A hook's answer: the key to call the provider with, and where it came from.
+
+    :param api_key: the secret (never in repr).
+    :param provider: the provider it is for.
+    :param source: block, workspace or platform.
+    :param key_id: a safe reference for logs and the ledger (a stored key's id, or a pool slot).
+    :param hint: the masked form, such as ``sk-pro...abcd``.
+    :param fallback: True when the platform serves a call after the workspace key failed.
+    """
+
+    api_key: str = field(repr=False)
+    provider: str
+    source: CredentialSource
+    key_id: str | None = None
+    hint: str = ""
+    fallback: bool = False
+
+    @property
+    def is_byok(self) -> bool:
+        """True for the workspace's own stored key: the workspace pays the provider."""
+        return self.source is CredentialSource.WORKSPACE
+
+    @property
+    def billed_by_platform(self) -> bool:
+        """True when the platform's key served the call and the platform pays the provider."""
+        return self.source is CredentialSource.PLATFORM
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """What one provider call consumed, as the provider reported it.
+
+    The token counts are disjoint, so that each is priced once:
+    ``input_tokens`` are fresh (uncached) input tokens, ``cached_input_tokens`` are cache reads,
+    ``cache_write_tokens`` are tokens written to a prompt cache, ``output_tokens`` are visible output
+    tokens and ``reasoning_tokens`` are hidden reasoning ("thinking") tokens.
+
+    :param provider: the provider that served the call.
+    :param model: the model, or the tool for tool calls.
+    :param tool_requests: billable tool requests (an Exa search is one).
+    :param reported_cost: the cost the provider itself reported, in USD, where it reports one.
+    """
+
+    provider: str
+    model: str
+    input_tokens: int = 0
+    cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+    tool_requests: int = 0
+    reported_cost: Decimal | None = None
+
+    def __post_init__(self) -> None:
+        for name in (
+            "input_tokens",
+            "cached_input_tokens",
+            "cache_write_tokens",
+            "output_tokens",
+            "reasoning_tokens",
+            "tool_requests",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"Usage.{name} must be a non-negative integer, got {value!r}")
+        if self.reported_cost is not None and not isinstance(self.reported_cost, Decimal):
+            raise TypeError("Usage.reported_cost must be a Decimal")
+
+    @property
+    def total_tokens(self) -> int:
+        return (
+            self.input_tokens
+            + self.cached_input_tokens
+            + self.cache_write_tokens
+            + self.output_tokens
+            + self.reasoning_tokens
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """What the platform charges the workspace for one provider call.
+
+    :param amount: the charged amount (Decimal, never float).
+    :param currency: ISO 4217 code.
+    :param reason: why this amount: ``byok``, ``block_key``, ``platform`` or a plugin's own word.
+    :param list_cost: the call's cost at list price, whoever pays it (what BYOK saved).
+    :param breakdown: ``(item, amount)`` pairs that add up to ``list_cost`` or ``amount``.
+    :param price_version: the version of the price table used, if any.
+    """
+
+    amount: Decimal
+    currency: str = "USD"
+    reason: str = "platform"
+    list_cost: Decimal | None = None
+    breakdown: tuple[tuple[str, Decimal], ...] = ()
+    price_version: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.amount, Decimal):
+            raise TypeError("Charge.amount must be a Decimal")
+        if self.amount < 0:
+            raise ValueError("Charge.amount must not be negative")
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """One provider call for the ledger. Written once per ``idempotency_key``.
+
+    :param idempotency_key: unique per run, block and attempt; a retried write is a no-op.
+    :param workspace_id: who is charged.
+    :param usage: what the call consumed.
+    :param charge: what the platform charges for it.
+    :param source: which credential source served the call.
+    :param key_id: the safe reference of the key that served it.
+    :param fallback: True when the platform served the call after the workspace key failed.
+    """
+
+    idempotency_key: str
+    workspace_id: str
+    usage: Usage
+    charge: Charge
+    source: CredentialSource
+    key_id: str | None = None
+    fallback: bool = False
+    workflow_id: str | None = None
+    run_id: str | None = None
+    block_id: str | None = None
+    attempt: int = 1
+    occurred_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    """Something that happened to a workspace's keys, or a refusal.
+
+    :param action: ``key.created``, ``key.replaced``, ``key.deleted``, ``key.enabled``,
+        ``key.disabled``, ``key.tested``, ``key.rewrapped``, ``fallback.used``, ``access.denied``...
+    :param workspace_id: the workspace concerned.
+    :param actor_id: who did it (``None`` for the system).
+    :param outcome: ``ok`` or ``denied`` or ``error``.
+    :param provider: the provider concerned, if any.
+    :param key_id: the key concerned, if any.
+    :param detail: free text without secrets.
+    """
+
+    action: str
+    workspace_id: str
+    actor_id: str | None
+    outcome: str = "ok"
+    provider: str | None = None
+    key_id: str | None = None
+    detail: str = ""
+    occurred_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+
+@dataclass(frozen=True, slots=True)
+class KeyCheck:
+    """The result of a live key check against the provider.
+
+    :param provider: the provider asked.
+    :param status: valid, invalid, unreachable or skipped.
+    :param message: what the provider said, without the key.
+    """
+
+    provider: str
+    status: KeyCheckStatus
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status is KeyCheckStatus.VALID
