@@ -31,7 +31,8 @@ def describe_plugins(pm: pluggy.PluginManager) -> list[dict[str, object]]:
         for caller in pm.get_hookcallers(plugin) or []:
             impl = next(i for i in caller.get_hookimpls() if i.plugin is plugin)
             order = "tryfirst" if impl.tryfirst else "trylast" if impl.trylast else ""
-            hooks.append({"hook": caller.name, "order": order})
+            wrapper = bool(impl.wrapper or impl.hookwrapper)
+            hooks.append({"hook": caller.name, "order": order, "wrapper": wrapper})
         dist = dists.get(id(plugin))
         if dist is not None:
             dist_name, version = dist.project_name, dist.version
@@ -66,7 +67,10 @@ def plugins_command(cli: CliContext, as_json: bool) -> None:
     table.add_column("hooks")
     for row in rows:
         hooks = "\n".join(
-            h["hook"] + (f" ({h['order']})" if h["order"] else "")  # type: ignore[index]
+            h["hook"]  # type: ignore[index]
+            + "".join(
+                f" ({word})" for word in (h["order"], "wrapper" if h["wrapper"] else "") if word
+            )  # type: ignore[index]
             for h in row["hooks"]  # type: ignore[union-attr]
         )
         table.add_row(

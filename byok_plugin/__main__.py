@@ -1,0 +1,3 @@
+from byok_plugin.cli import main
+
+main(prog_name="byok")

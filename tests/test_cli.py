@@ -1,0 +1,65 @@
+"""The byok command: version, help for every subcommand, and `byok plugins`."""
+
+from __future__ import annotations
+
+import json
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from byok_plugin import __version__
+from byok_plugin.cli import main
+
+
+def _all_commands(group: click.Group, prefix: tuple[str, ...] = ()):
+    for name, command in sorted(group.commands.items()):
+        yield (*prefix, name)
+        if isinstance(command, click.Group):
+            yield from _all_commands(command, (*prefix, name))
+
+
+COMMANDS = list(_all_commands(main))
+
+
+def test_version() -> None:
+    result = CliRunner().invoke(main, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"byok, version {__version__}"
+
+
+@pytest.mark.parametrize("path", COMMANDS, ids=[" ".join(c) for c in COMMANDS])
+def test_every_subcommand_has_help(path: tuple[str, ...]) -> None:
+    result = CliRunner().invoke(main, [*path, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage: main " + " ".join(path) in result.output or "Usage: byok" in result.output
+    assert len(result.output.splitlines()) > 3
+
+
+def test_plugins_table(isolated_home) -> None:
+    result = CliRunner().invoke(main, ["plugins"], env={"BYOK_HOME": str(isolated_home)})
+    assert result.exit_code == 0, result.output
+    assert "byok_plugin" in result.output
+    assert "byok_authorize (trylast)" in result.output
+
+
+def test_plugins_json_lists_every_default_hook(isolated_home) -> None:
+    result = CliRunner().invoke(main, ["plugins", "--json"], env={"BYOK_HOME": str(isolated_home)})
+    assert result.exit_code == 0, result.output
+    (row,) = [r for r in json.loads(result.output) if r["name"] == "byok_plugin"]
+    assert row["distribution"] == "byok-plugin"
+    assert row["version"] == __version__
+    hooks = {h["hook"] for h in row["hooks"]}
+    assert {"byok_authorize", "byok_audit"} <= hooks
+    assert all(h["order"] == "trylast" for h in row["hooks"])
+
+
+def test_a_malformed_setting_is_a_clear_error_not_a_traceback(isolated_home) -> None:
+    result = CliRunner().invoke(
+        main,
+        ["plugins"],
+        env={"BYOK_HOME": str(isolated_home), "BYOK_CHARGE_MULTIPLIER": "lots"},
+    )
+    assert result.exit_code == 2
+    assert "BYOK_CHARGE_MULTIPLIER" in result.output
+    assert "Traceback" not in result.output
