@@ -1,0 +1,80 @@
+"""``byok emulator``: run the local provider emulator in the foreground.
+
+Keys never go on the command line: they come from a keys file (``--keys-file PATH``, ``-`` for
+stdin, or ``BYOK_EMULATOR_KEYS_FILE``), one ``provider[:label]=KEY`` a line; or the emulator accepts
+any key, when asked to explicitly with ``--accept-any-key``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import sys
+
+import click
+
+from byok_plugin.host.emulator.keys import KeysFileError, parse_keys
+from byok_plugin.host.emulator.server import describe, serve_forever
+from byok_plugin.host.emulator.state import EmulatorState
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@click.command("emulator")
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--keys-file",
+    type=click.File("r"),
+    envvar="BYOK_EMULATOR_KEYS_FILE",
+    help="Keys to accept, one provider[:label]=KEY a line; '-' reads stdin.",
+)
+@click.option("--accept-any-key", is_flag=True, help="Accept any non-empty key (offline demos).")
+@click.option(
+    "--allow-remote", is_flag=True, help="Allow listening on an address other than loopback."
+)
+def emulator_command(
+    port: int,
+    host: str,
+    keys_file: click.utils.LazyFile | None,
+    accept_any_key: bool,
+    allow_remote: bool,
+) -> None:
+    """Run the local emulator of OpenAI, Anthropic, Gemini, Mistral and Exa (Ctrl-C stops it)."""
+    if not _is_loopback(host) and not allow_remote:
+        raise click.UsageError(
+            f"--host {host} is not a loopback address; add --allow-remote to listen on it"
+        )
+    if keys_file is None and not accept_any_key:
+        raise click.UsageError(
+            "give the keys to accept with --keys-file PATH (or '-' for stdin), "
+            "or accept any key with --accept-any-key"
+        )
+    state = EmulatorState(accept_any_key=accept_any_key)
+    if keys_file is not None:
+        name = getattr(keys_file, "name", "<keys>")
+        try:
+            keys = parse_keys(keys_file.read(), source=str(name))
+        except KeysFileError as exc:
+            raise click.UsageError(str(exc)) from None
+        except OSError as exc:
+            raise click.UsageError(f"cannot read the keys file {name}: {exc.strerror}") from None
+        for key in keys:
+            state.add_key(key.provider, key.api_key, key.label)
+        click.echo(f"accepting {len(keys)} key(s) from {name}", err=True)
+    if accept_any_key:
+        click.echo("accepting any non-empty key (--accept-any-key)", err=True)
+    shown_host = f"[{host}]" if ":" in host else host
+    click.echo(
+        f"byok emulator on http://{shown_host}:{port}; point the clients at it with:", err=True
+    )
+    for var, url in describe(f"http://{shown_host}:{port}").items():
+        click.echo(f"  export {var}={url}", err=True)
+    sys.stderr.flush()
+    serve_forever(state, host=host, port=port)

@@ -1,0 +1,255 @@
+"""Anthropic's Messages API (``/v1/messages``, ``/v1/models``), streaming included.
+
+Wire format as in https://docs.anthropic.com/en/api/messages and
+https://docs.anthropic.com/en/docs/build-with-claude/streaming : the key in ``x-api-key`` (or, as
+the ``anthropic`` SDK 2.x sends it, ``Authorization: Bearer``), an
+``anthropic-version`` header required; ``usage`` ``{input_tokens, cache_creation_input_tokens,
+cache_read_input_tokens, output_tokens}`` where ``input_tokens`` counts only the uncached input and
+``output_tokens`` includes extended-thinking tokens. A stream sends ``message_start`` (the input
+usage), content block events, ``message_delta`` (stop reason and cumulative ``output_tokens``) and
+``message_stop``. Errors: ``{"type": "error", "error": {"type", "message"}, "request_id"}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from byok_plugin.host.emulator.apis.base import (
+    BadRequest,
+    Exchange,
+    ProviderAPI,
+    json_response,
+    new_id,
+    sse,
+    sse_response,
+    stream_events,
+)
+from byok_plugin.host.emulator.synth import Reply, make_reply, schema_instance, text_of
+
+_ERROR_TYPES = {
+    "auth": "authentication_error",
+    "rate_limit": "rate_limit_error",
+    "server": "api_error",
+    "bad_request": "invalid_request_error",
+    "not_found": "not_found_error",
+}
+_STOP = {"stop": "end_turn", "length": "max_tokens"}
+
+
+def _has_cache_control(body: Mapping[str, Any]) -> bool:
+    def walk(value: Any) -> bool:
+        if isinstance(value, Mapping):
+            return "cache_control" in value or any(walk(v) for v in value.values())
+        if isinstance(value, list):
+            return any(walk(v) for v in value)
+        return False
+
+    return walk(body.get("system")) or walk(body.get("messages")) or walk(body.get("tools"))
+
+
+class AnthropicAPI(ProviderAPI):
+    name = "anthropic"
+    models = ("claude-sonnet-4-5", "claude-haiku-4-5", "claude-opus-4-1", "claude-3-5-haiku-latest")
+
+    def key_from(self, request: Request) -> str | None:
+        # ``x-api-key`` as documented; the SDK (2.x) sends ``Authorization: Bearer``, also accepted
+        return request.headers.get("x-api-key") or super().key_from(request)
+
+    def preflight(self, request: Request) -> Response | None:
+        if not request.headers.get("anthropic-version"):
+            return self.error(400, "bad_request", "anthropic-version: header is required")
+        return None
+
+    def error(self, status: int, kind: str, message: str) -> Response:
+        if kind == "auth":
+            message = "invalid x-api-key"
+        if status == 529:
+            kind, message = "overloaded", "Overloaded"
+        err_type = (
+            "overloaded_error" if kind == "overloaded" else _ERROR_TYPES.get(kind, "api_error")
+        )
+        request_id = new_id("req_")
+        return json_response(
+            {
+                "type": "error",
+                "error": {"type": err_type, "message": message},
+                "request_id": request_id,
+            },
+            status,
+            {"request-id": request_id},
+        )
+
+    def routes(self) -> list[Route]:
+        return [
+            self.route("/v1/models", self.list_models, methods=("GET",)),
+            self.route("/v1/messages", self.messages),
+        ]
+
+    async def list_models(self, ex: Exchange) -> Response:
+        data = [
+            {"type": "model", "id": m, "display_name": m, "created_at": "2025-09-29T00:00:00Z"}
+            for m in self.models
+        ]
+        return json_response(
+            {"data": data, "has_more": False, "first_id": data[0]["id"], "last_id": data[-1]["id"]}
+        )
+
+    def reply(self, body: Mapping[str, Any]) -> Reply:
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise BadRequest("model: Field required")
+        if not isinstance(body.get("max_tokens"), int):
+            raise BadRequest("max_tokens: Field required")
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise BadRequest("messages: at least one message is required")
+        parts = [text_of(body["system"])] if body.get("system") else []
+        parts += [text_of(m.get("content")) for m in messages if isinstance(m, Mapping)]
+        users = [
+            text_of(m.get("content"))
+            for m in messages
+            if isinstance(m, Mapping) and m.get("role") == "user"
+        ]
+        fmt = body.get("output_format") or (body.get("output_config") or {}).get("format") or {}
+        schema = (
+            fmt.get("schema")
+            if isinstance(fmt, Mapping) and fmt.get("type") == "json_schema"
+            else None
+        )
+        thinking = body.get("thinking") or {}
+        return make_reply(
+            provider=self.name,
+            model=model,
+            parts=parts,
+            last_user=users[-1] if users else "",
+            max_tokens=body["max_tokens"],
+            schema=schema,
+            reasoning=isinstance(thinking, Mapping) and thinking.get("type") == "enabled",
+            cache_write=_has_cache_control(body),
+        )
+
+    @staticmethod
+    def input_usage(reply: Reply) -> dict[str, Any]:
+        return {
+            "input_tokens": reply.uncached_prompt_tokens,
+            "cache_creation_input_tokens": reply.cache_write_tokens,
+            "cache_read_input_tokens": reply.cached_tokens,
+        }
+
+    @staticmethod
+    def forced_tool(body: Mapping[str, Any]) -> Mapping[str, Any] | None:
+        tools = [
+            t for t in body.get("tools") or [] if isinstance(t, Mapping) and "input_schema" in t
+        ]
+        choice = body.get("tool_choice") or {}
+        if (
+            not tools
+            or not isinstance(choice, Mapping)
+            or choice.get("type") not in ("any", "tool")
+        ):
+            return None
+        if choice.get("type") == "tool":
+            return next((t for t in tools if t.get("name") == choice.get("name")), None)
+        return tools[0]
+
+    async def messages(self, ex: Exchange) -> Response:
+        body = ex.body
+        reply = self.reply(body)
+        tool = self.forced_tool(body)
+        content: list[dict[str, Any]] = []
+        if reply.reasoning_tokens:
+            content.append(
+                {"type": "thinking", "thinking": "Emulated thinking.", "signature": "ZW11bGF0ZWQ="}
+            )
+        if tool is not None:
+            content.append(
+                {
+                    "type": "tool_use",
+                    "id": new_id("toolu_"),
+                    "name": tool["name"],
+                    "input": schema_instance(tool["input_schema"]),
+                }
+            )
+            stop = "tool_use"
+        else:
+            content.append({"type": "text", "text": reply.text})
+            stop = _STOP[reply.finish]
+        output_tokens = reply.output_tokens + reply.reasoning_tokens
+        message = {
+            "id": new_id("msg_"),
+            "type": "message",
+            "role": "assistant",
+            "model": body["model"],
+            "content": content,
+            "stop_reason": stop,
+            "stop_sequence": None,
+            "usage": {
+                **self.input_usage(reply),
+                "output_tokens": output_tokens,
+                "service_tier": "standard",
+            },
+        }
+        if body.get("stream"):
+            return sse_response(self._stream(ex, message, reply))
+        return json_response(message)
+
+    def _stream(self, ex: Exchange, message: dict[str, Any], reply: Reply) -> AsyncIterator[str]:
+        start = {
+            **message,
+            "content": [],
+            "stop_reason": None,
+            "usage": {**self.input_usage(reply), "output_tokens": 1, "service_tier": "standard"},
+        }
+        events = [sse({"type": "message_start", "message": start}, "message_start")]
+        for index, block in enumerate(message["content"]):
+            kind = block["type"]
+            empty = {
+                "text": {"type": "text", "text": ""},
+                "thinking": {"type": "thinking", "thinking": "", "signature": ""},
+            }
+            head = empty.get(kind, {**block, "input": {}} if kind == "tool_use" else block)
+            events.append(
+                sse(
+                    {"type": "content_block_start", "index": index, "content_block": head},
+                    "content_block_start",
+                )
+            )
+            if index == 0:
+                events.append(sse({"type": "ping"}, "ping"))
+            if kind == "text":
+                deltas = [{"type": "text_delta", "text": p} for p in reply.pieces]
+            elif kind == "thinking":
+                deltas = [
+                    {"type": "thinking_delta", "thinking": block["thinking"]},
+                    {"type": "signature_delta", "signature": block["signature"]},
+                ]
+            else:
+                import json
+
+                deltas = [{"type": "input_json_delta", "partial_json": json.dumps(block["input"])}]
+            events += [
+                sse(
+                    {"type": "content_block_delta", "index": index, "delta": d},
+                    "content_block_delta",
+                )
+                for d in deltas
+            ]
+            events.append(sse({"type": "content_block_stop", "index": index}, "content_block_stop"))
+        usage = {**self.input_usage(reply), "output_tokens": message["usage"]["output_tokens"]}
+        events.append(
+            sse(
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": message["stop_reason"], "stop_sequence": None},
+                    "usage": usage,
+                },
+                "message_delta",
+            )
+        )
+        events.append(sse({"type": "message_stop"}, "message_stop"))
+        return stream_events(events, ex.stream_mode, terminal=2)
