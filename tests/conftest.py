@@ -16,6 +16,8 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
+pytest_plugins = ["byok_plugin.host.emulator.testing"]
+
 POSTGRES_URL_VAR = "BYOK_TEST_POSTGRES_URL"
 REQUIRE_POSTGRES_VAR = "BYOK_REQUIRE_POSTGRES"
 

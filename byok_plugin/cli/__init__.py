@@ -9,6 +9,7 @@ import click
 
 from byok_plugin import __version__
 from byok_plugin.cli.context import CliContext
+from byok_plugin.cli.emulator import emulator_command
 from byok_plugin.cli.plugins import plugins_command
 
 
@@ -21,3 +22,4 @@ def main(ctx: click.Context) -> None:
 
 
 main.add_command(plugins_command)
+main.add_command(emulator_command)
