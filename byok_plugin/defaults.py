@@ -9,7 +9,7 @@ import logging
 from collections.abc import Callable
 from functools import cached_property
 
-from byok_hookspecs import Action, Actor, AuditEvent, hookimpl
+from byok_hookspecs import Action, Actor, AuditEvent, Charge, Credential, Usage, hookimpl
 
 from byok_plugin.app import App
 from byok_plugin.authorization import role_decision
@@ -40,6 +40,19 @@ class DefaultPlugin:
     @hookimpl(trylast=True)
     def byok_authorize(self, actor: Actor | None, workspace_id: str, action: Action) -> bool | None:
         return role_decision(actor, workspace_id, action)
+
+    @hookimpl(trylast=True)
+    def byok_is_hosted(self, provider: str, model: str) -> bool | None:
+        return self.app.catalog.is_hosted(provider, model)
+
+    @hookimpl(trylast=True)
+    def byok_platform_key(self, provider: str, model: str) -> str | None:
+        key = self.app.platform_keys.acquire(provider)
+        return key.api_key if key is not None else None
+
+    @hookimpl(trylast=True)
+    def byok_compute_charge(self, usage: Usage, credential: Credential) -> Charge | None:
+        return self.app.billing.charge(usage, credential)
 
     @hookimpl(trylast=True)
     def byok_audit(self, event: AuditEvent) -> None:

@@ -10,6 +10,10 @@
 | ``BYOK_PRICE_FILE`` | a JSON price file whose entries override the shipped table | none |
 | ``BYOK_ALLOW_UNPRICED`` | ``1`` lets a platform-billed call run on a model with no price | off |
 | ``BYOK_CHARGE_MULTIPLIER`` | what platform calls are charged, as a multiple of list price | ``1`` |
+| ``BYOK_CATALOG_FILE`` | a JSON catalog merged over the shipped one (which models are hosted) | none |
+| ``BYOK_KEY_COOLDOWN_SECONDS`` | how long a key the provider refused (429, auth) is skipped | ``30`` |
+| ``BYOK_KEY_CACHE_SECONDS`` | how long a worker reuses a workspace's key list read from the store | ``2`` |
+| ``BYOK_PLATFORM_KEYS_<PROVIDER>`` | the platform's keys, comma-separated (also ``OPENAI_API_KEY_1..N``) | none |
 """
 
 from __future__ import annotations
@@ -27,6 +31,19 @@ APP_NAME = "byok"
 
 class SettingsError(ValueError):
     """A configuration value is malformed; the message names the variable."""
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number of seconds, not {raw!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise SettingsError(f"{name} must be a finite number of seconds >= 0, not {raw!r}")
+    return value
 
 
 def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
@@ -53,6 +70,9 @@ class Settings:
     price_file: Path | None = None
     allow_unpriced: bool = False
     charge_multiplier: Decimal = Decimal(1)
+    catalog_file: Path | None = None
+    key_cooldown_seconds: float = 30.0
+    key_cache_seconds: float = 2.0
     #: the whole environment, for provider-specific variables (platform keys, base URLs)
     environ: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
@@ -83,5 +103,10 @@ class Settings:
             price_file=price_file,
             allow_unpriced=_flag(env, "BYOK_ALLOW_UNPRICED", False),
             charge_multiplier=multiplier,
+            catalog_file=(
+                Path(env["BYOK_CATALOG_FILE"]).expanduser() if env.get("BYOK_CATALOG_FILE") else None
+            ),
+            key_cooldown_seconds=_seconds(env, "BYOK_KEY_COOLDOWN_SECONDS", 30.0),
+            key_cache_seconds=_seconds(env, "BYOK_KEY_CACHE_SECONDS", 2.0),
             environ=env,
         )

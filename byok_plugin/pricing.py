@@ -1,0 +1,496 @@
+"""List prices: the dated table shipped as data, a user's price file, and LiteLLM's price map.
+
+Every amount is a :class:`~decimal.Decimal`, parsed from the JSON text itself (never through a
+float). Token prices are USD per 1M tokens; tool prices are USD per request.
+
+How one call is priced (:func:`list_cost`), with the disjoint token counts of
+:class:`~byok_hookspecs.Usage`:
+
+- ``input_tokens`` at ``input``; ``cached_input_tokens`` at ``cached_input`` (else ``input``);
+  ``cache_write_tokens`` at ``cache_write`` (else ``input``); ``output_tokens`` at ``output``;
+  ``reasoning_tokens`` at ``reasoning`` where the provider prices them apart, else at ``output``
+  (OpenAI, Anthropic, Google and Mistral all bill hidden reasoning as output);
+- ``tool_requests`` at ``per_request``;
+- when the prompt (input + cached input + cache writes) exceeds ``long_context.threshold``, the
+  long-context prices apply to the whole call (Anthropic's and Google's rule);
+- a cost the provider reported itself (Exa's ``costDollars``) is used instead of the table.
+
+Price files (``BYOK_PRICE_FILE``) come in two shapes, told apart by their content:
+
+- this package's own (``byok_plugin/data/prices.json``): ``{"version", "models": {"provider/model":
+  {"input", "cached_input", "cache_write", "output", "reasoning", "per_request", "long_context"}}}``;
+- LiteLLM's ``model_prices_and_context_window.json``: ``{"model": {"litellm_provider",
+  "input_cost_per_token", "cache_read_input_token_cost", "cache_creation_input_token_cost",
+  "output_cost_per_token", "output_cost_per_reasoning_token", "*_above_200k_tokens", ...}}``.
+
+Entries of the user's file replace whole entries of the shipped table; the version recorded in the
+ledger then names both (``2026-11-27+<file version or content hash>``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from importlib import resources
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from byok_hookspecs import Usage
+
+__all__ = [
+    "LITELLM_PROVIDERS",
+    "MILLION",
+    "MissingRate",
+    "Price",
+    "PriceError",
+    "PriceTable",
+    "TokenRates",
+    "list_cost",
+    "load_price_file",
+    "parse_litellm_prices",
+    "parse_price_table",
+    "prices_for",
+    "shipped_prices",
+]
+
+MILLION = Decimal(1_000_000)
+SHIPPED = "prices.json"
+
+#: LiteLLM's ``litellm_provider`` -> this package's provider name
+LITELLM_PROVIDERS: Mapping[str, str] = MappingProxyType(
+    {
+        "openai": "openai",
+        "text-completion-openai": "openai",
+        "anthropic": "anthropic",
+        "gemini": "google",
+        "mistral": "mistral",
+        "exa_ai": "exa",
+    }
+)
+#: LiteLLM search entries whose name differs from the tool's name here
+_LITELLM_TOOL_NAMES: Mapping[str, str] = MappingProxyType({"exa_ai/search": "exa-search"})
+#: LiteLLM entries of these modes are priced per token or per query; others (images, audio,
+#: embeddings, OCR) use units this package does not bill
+_LITELLM_MODES = frozenset({"chat", "completion", "responses", "search"})
+_RATE_FIELDS = ("input", "cached_input", "cache_write", "output", "reasoning")
+_ENTRY_FIELDS = frozenset(
+    {
+        *_RATE_FIELDS,
+        "per_request",
+        "reported_cost",
+        "long_context",
+        "as_of",
+        "source",
+        "note",
+        "litellm_key",
+        "litellm_difference",
+    }
+)
+
+
+class PriceError(ValueError):
+    """A price file is malformed; the message names the file and the JSON path."""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRates:
+    """USD per 1M tokens for each kind of token; ``None`` where the provider has no such price."""
+
+    input: Decimal | None = None
+    cached_input: Decimal | None = None
+    cache_write: Decimal | None = None
+    output: Decimal | None = None
+    reasoning: Decimal | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """One model's or tool's list price.
+
+    :param rates: the token prices (USD per 1M tokens).
+    :param per_request: USD per tool request (an Exa search).
+    :param long_context_threshold: above this many prompt tokens, ``long_context`` applies.
+    :param reported_cost: the provider reports each call's cost; prefer it to the table.
+    """
+
+    provider: str
+    model: str
+    rates: TokenRates = field(default_factory=TokenRates)
+    per_request: Decimal | None = None
+    long_context_threshold: int | None = None
+    long_context: TokenRates | None = None
+    reported_cost: bool = False
+    as_of: str | None = None
+    source: str | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.provider}/{self.model}"
+
+    def rates_for(self, prompt_tokens: int) -> TokenRates:
+        """The rates that apply to a call with this many prompt tokens."""
+        if (
+            self.long_context is not None
+            and self.long_context_threshold is not None
+            and prompt_tokens > self.long_context_threshold
+        ):
+            return self.long_context
+        return self.rates
+
+
+@dataclass(frozen=True)
+class PriceTable:
+    """Prices by ``(provider, model)``, with the version the ledger records."""
+
+    version: str
+    entries: Mapping[tuple[str, str], Price]
+    currency: str = "USD"
+    source: str = "<prices>"
+
+    def price(self, provider: str, model: str) -> Price | None:
+        return self.entries.get((provider, model))
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def overlaid(self, other: PriceTable) -> PriceTable:
+        """This table with ``other``'s entries replacing its own, whole entry by whole entry."""
+        if other.currency != self.currency:
+            raise PriceError(
+                f"prices {other.source}: currency {other.currency} differs from {self.currency}"
+            )
+        merged = dict(self.entries)
+        merged.update(other.entries)
+        return PriceTable(
+            version=f"{self.version}+{other.version}",
+            entries=MappingProxyType(merged),
+            currency=self.currency,
+            source=f"{self.source}+{other.source}",
+        )
+
+
+def _fail(source: str, path: str, message: str) -> PriceError:
+    return PriceError(f"prices {source}: {path}: {message}")
+
+
+def _decimal(source: str, path: str, value: Any) -> Decimal:
+    if isinstance(value, bool) or value is None:
+        raise _fail(source, path, f"must be a number, not {value!r}")
+    try:
+        number = value if isinstance(value, Decimal) else Decimal(str(value))
+    except InvalidOperation:
+        raise _fail(source, path, f"must be a number, not {value!r}") from None
+    if not number.is_finite() or number < 0:
+        raise _fail(source, path, f"must be a finite number >= 0, not {value!r}")
+    return number
+
+
+def _rates(source: str, path: str, entry: Mapping[str, Any]) -> TokenRates:
+    values = {
+        name: _decimal(source, f"{path}.{name}", entry[name])
+        for name in _RATE_FIELDS
+        if entry.get(name) is not None
+    }
+    return TokenRates(**values)
+
+
+def _parse_entry(source: str, key: str, entry: Any) -> Price:
+    path = f"models.{key}"
+    if not isinstance(entry, Mapping):
+        raise _fail(source, path, "must be an object")
+    provider, sep, model = key.partition("/")
+    if not sep or not provider or not model:
+        raise _fail(source, path, "the key must be 'provider/model', e.g. 'openai/gpt-4o'")
+    unknown = set(entry) - _ENTRY_FIELDS
+    if unknown:
+        raise _fail(source, path, f"unknown fields {sorted(unknown)}")
+    rates = _rates(source, path, entry)
+    per_request = (
+        _decimal(source, f"{path}.per_request", entry["per_request"])
+        if entry.get("per_request") is not None
+        else None
+    )
+    if rates == TokenRates() and per_request is None:
+        raise _fail(source, path, "has no price: give input/output per 1M tokens or per_request")
+    threshold = None
+    long_rates = None
+    if entry.get("long_context") is not None:
+        long_entry = entry["long_context"]
+        lpath = f"{path}.long_context"
+        if not isinstance(long_entry, Mapping):
+            raise _fail(source, lpath, "must be an object")
+        threshold = long_entry.get("threshold")
+        if not isinstance(threshold, int) or isinstance(threshold, bool) or threshold <= 0:
+            raise _fail(
+                source, f"{lpath}.threshold", f"must be a positive integer, not {threshold!r}"
+            )
+        unknown = set(long_entry) - {"threshold", *_RATE_FIELDS}
+        if unknown:
+            raise _fail(source, lpath, f"unknown fields {sorted(unknown)}")
+        long_rates = _rates(source, lpath, long_entry)
+    reported = entry.get("reported_cost", False)
+    if not isinstance(reported, bool):
+        raise _fail(source, f"{path}.reported_cost", f"must be true or false, not {reported!r}")
+    return Price(
+        provider=provider,
+        model=model,
+        rates=rates,
+        per_request=per_request,
+        long_context_threshold=threshold,
+        long_context=long_rates,
+        reported_cost=reported,
+        as_of=entry.get("as_of"),
+        source=entry.get("source"),
+    )
+
+
+def parse_price_table(
+    data: Any, source: str = "<prices>", version: str | None = None
+) -> PriceTable:
+    """Validate a price document in this package's format."""
+    if not isinstance(data, Mapping):
+        raise _fail(source, "$", "the document must be a JSON object")
+    models = data.get("models")
+    if not isinstance(models, Mapping):
+        raise _fail(source, "models", "must be an object of 'provider/model' -> price")
+    currency = data.get("currency", "USD")
+    if currency != "USD":
+        raise _fail(source, "currency", f"only USD is supported, not {currency!r}")
+    entries: dict[tuple[str, str], Price] = {}
+    for key, entry in models.items():
+        price = _parse_entry(source, key, entry)
+        entries[(price.provider, price.model)] = price
+    declared = data.get("version")
+    if declared is not None and (not isinstance(declared, str) or not declared.strip()):
+        raise _fail(source, "version", f"must be a non-empty string, not {declared!r}")
+    return PriceTable(
+        version=declared or version or "unversioned",
+        entries=MappingProxyType(entries),
+        currency=currency,
+        source=source,
+    )
+
+
+def _per_million(source: str, path: str, value: Any) -> Decimal:
+    number = (_decimal(source, path, value) * MILLION).normalize()
+    # normalize() writes 10 as 1E+1; keep whole numbers whole
+    return number.quantize(Decimal(1)) if number.as_tuple().exponent > 0 else number
+
+
+def _litellm_name(key: str, litellm_provider: str) -> tuple[str, str]:
+    provider = LITELLM_PROVIDERS.get(litellm_provider, litellm_provider)
+    if key in _LITELLM_TOOL_NAMES:
+        return provider, _LITELLM_TOOL_NAMES[key]
+    prefix = f"{litellm_provider}/"
+    model = key[len(prefix) :] if key.startswith(prefix) else key
+    return provider, model
+
+
+_LITELLM_FIELDS = {
+    "input": "input_cost_per_token",
+    "cached_input": "cache_read_input_token_cost",
+    "cache_write": "cache_creation_input_token_cost",
+    "output": "output_cost_per_token",
+    "reasoning": "output_cost_per_reasoning_token",
+}
+_ABOVE = re.compile(r"^(?P<base>.+)_above_(?P<n>\d+)k_tokens$")
+
+
+def _litellm_entry(source: str, key: str, entry: Mapping[str, Any]) -> Price | None:
+    mode = entry.get("mode", "chat")
+    litellm_provider = entry.get("litellm_provider")
+    if mode not in _LITELLM_MODES or not isinstance(litellm_provider, str):
+        return None
+    provider, model = _litellm_name(key, litellm_provider)
+    path = key
+    if mode == "search":
+        per_query = entry.get("input_cost_per_query")
+        if per_query is None and isinstance(entry.get("tiered_pricing"), list):
+            tiers = [t for t in entry["tiered_pricing"] if isinstance(t, Mapping)]
+            # the tier that covers the fewest results is what a default search costs
+            tiers.sort(key=lambda t: (t.get("max_results_range") or [0])[0])
+            per_query = tiers[0].get("input_cost_per_query") if tiers else None
+        if per_query is None:
+            return None
+        return Price(
+            provider=provider,
+            model=model,
+            per_request=_decimal(source, f"{path}.input_cost_per_query", per_query),
+            reported_cost=provider == "exa",
+            source=f"litellm:{key}",
+        )
+    values = {
+        name: _per_million(source, f"{path}.{field_name}", entry[field_name])
+        for name, field_name in _LITELLM_FIELDS.items()
+        if entry.get(field_name) is not None
+    }
+    if "input" not in values and "output" not in values:
+        return None
+    # LiteLLM prices reasoning apart only to restate the output price; keep "reasoning" only
+    # where it really differs
+    if values.get("reasoning") is not None and values["reasoning"] == values.get("output"):
+        del values["reasoning"]
+    tiers: dict[int, dict[str, Decimal]] = {}
+    for candidate, value in entry.items():
+        match = _ABOVE.match(candidate)
+        if not match or value is None:
+            continue
+        for name, field_name in _LITELLM_FIELDS.items():
+            if match["base"] == field_name:
+                tiers.setdefault(int(match["n"]) * 1000, {})[name] = _per_million(
+                    source, f"{path}.{candidate}", value
+                )
+    # one long-context tier is modelled: the first threshold above which prices change
+    threshold = min(tiers) if tiers else None
+    long_values = tiers.get(threshold, {}) if threshold is not None else {}
+    long_rates = None
+    if threshold is not None:
+        # fields without a long-context price keep their normal price above the threshold
+        long_rates = TokenRates(**{**values, **long_values})
+    return Price(
+        provider=provider,
+        model=model,
+        rates=TokenRates(**values),
+        long_context_threshold=threshold,
+        long_context=long_rates,
+        source=f"litellm:{key}",
+    )
+
+
+def parse_litellm_prices(
+    data: Any, source: str = "<litellm>", version: str | None = None
+) -> PriceTable:
+    """Read LiteLLM's ``model_prices_and_context_window.json`` (or an excerpt of it).
+
+    Entries for providers this package names differently are renamed (``gemini/gemini-2.5-pro``
+    -> ``google/gemini-2.5-pro``, ``exa_ai/search`` -> ``exa/exa-search``); other providers keep
+    LiteLLM's name. Images, audio, embeddings and the ``sample_spec`` entry are skipped.
+    """
+    if not isinstance(data, Mapping):
+        raise _fail(source, "$", "the document must be a JSON object")
+    entries: dict[tuple[str, str], Price] = {}
+    for key, entry in data.items():
+        if key == "sample_spec" or not isinstance(entry, Mapping):
+            continue
+        price = _litellm_entry(source, key, entry)
+        if price is None:
+            continue
+        # the provider-prefixed entry of a provider wins over a bare one of the same name
+        existing = entries.get((price.provider, price.model))
+        if existing is not None and "/" not in key:
+            continue
+        entries[(price.provider, price.model)] = price
+    return PriceTable(
+        version=version or "litellm",
+        entries=MappingProxyType(entries),
+        source=source,
+    )
+
+
+def _is_litellm(data: Any) -> bool:
+    if not isinstance(data, Mapping) or "models" in data:
+        return False
+    return "sample_spec" in data or any(
+        isinstance(v, Mapping) and "litellm_provider" in v for v in data.values()
+    )
+
+
+def load_price_file(path: Path) -> PriceTable:
+    """Read a price file of either shape; its version defaults to a hash of its content."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise PriceError(f"prices {path}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        data = json.loads(raw, parse_float=Decimal)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        detail = (
+            f"line {exc.lineno}, column {exc.colno}: {exc.msg}"
+            if isinstance(exc, json.JSONDecodeError)
+            else str(exc)
+        )
+        raise PriceError(f"prices {path}: not valid JSON ({detail})") from None
+    digest = "sha256:" + hashlib.sha256(raw).hexdigest()[:12]
+    if _is_litellm(data):
+        return parse_litellm_prices(data, source=str(path), version=f"litellm@{digest}")
+    return parse_price_table(data, source=str(path), version=digest)
+
+
+def shipped_prices() -> PriceTable:
+    """The dated table shipped in the package."""
+    text = resources.files("byok_plugin").joinpath("data", SHIPPED).read_text(encoding="utf-8")
+    data = json.loads(text, parse_float=Decimal)
+    return parse_price_table(data, source=f"byok_plugin/data/{SHIPPED}")
+
+
+def prices_for(settings: Any) -> PriceTable:
+    """The shipped table, overlaid with the user's price file (``BYOK_PRICE_FILE``) if any."""
+    table = shipped_prices()
+    price_file = getattr(settings, "price_file", None)
+    if price_file is not None:
+        table = table.overlaid(load_price_file(Path(price_file)))
+    return table
+
+
+def _items(rates: TokenRates, usage: Usage) -> Iterable[tuple[str, int, Decimal | None]]:
+    fallback_in = rates.input
+    yield "input", usage.input_tokens, rates.input
+    yield (
+        "cached_input",
+        usage.cached_input_tokens,
+        (rates.cached_input if rates.cached_input is not None else fallback_in),
+    )
+    yield (
+        "cache_write",
+        usage.cache_write_tokens,
+        (rates.cache_write if rates.cache_write is not None else fallback_in),
+    )
+    yield "output", usage.output_tokens, rates.output
+    yield (
+        "reasoning",
+        usage.reasoning_tokens,
+        (rates.reasoning if rates.reasoning is not None else rates.output),
+    )
+
+
+class MissingRate(PriceError):
+    """The call used a kind of token (or a tool request) its price entry has no price for."""
+
+
+def list_cost(price: Price, usage: Usage) -> tuple[Decimal, tuple[tuple[str, Decimal], ...]]:
+    """The call's cost at list price, exact, and its ``(item, amount)`` breakdown.
+
+    :raises MissingRate: the usage has tokens of a kind the entry does not price.
+    """
+    if usage.reported_cost is not None and price.reported_cost:
+        return usage.reported_cost, (("reported_cost", usage.reported_cost),)
+    prompt = usage.input_tokens + usage.cached_input_tokens + usage.cache_write_tokens
+    rates = price.rates_for(prompt)
+    breakdown: list[tuple[str, Decimal]] = []
+    total = Decimal(0)
+    for item, tokens, rate in _items(rates, usage):
+        if tokens == 0:
+            continue
+        if rate is None:
+            raise MissingRate(f"{price.key} has no {item} price but the call used {tokens} tokens")
+        amount = rate * tokens / MILLION
+        breakdown.append((item, amount))
+        total += amount
+    if usage.tool_requests:
+        if price.per_request is None:
+            raise MissingRate(
+                f"{price.key} has no per-request price but the call made "
+                f"{usage.tool_requests} tool requests"
+            )
+        amount = price.per_request * usage.tool_requests
+        breakdown.append(("requests", amount))
+        total += amount
+    return total, tuple(breakdown)
