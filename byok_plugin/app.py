@@ -15,10 +15,18 @@ from typing import TYPE_CHECKING
 from byok_plugin.settings import Settings
 
 if TYPE_CHECKING:
+    import pluggy
+    from sqlalchemy.engine import Engine
+
     from byok_plugin.billing import Billing
     from byok_plugin.catalog import Catalog
+    from byok_plugin.crypto import Keyring
+    from byok_plugin.key_access import KeyAccess
+    from byok_plugin.keys import KeyService
     from byok_plugin.platform_keys import PlatformKeyPool
     from byok_plugin.pricing import PriceTable
+    from byok_plugin.store import AuditStore, KeyStore
+    from byok_plugin.validation import KeyValidator
 
 log = logging.getLogger("byok")
 
@@ -36,6 +44,69 @@ class App:
 
     def __repr__(self) -> str:
         return f"App(database={self.settings.database_url.split('://', 1)[0]!r})"
+
+    # -- key store (issue 3) ----------------------------------------------------------------
+
+    @cached_property
+    def engine(self) -> Engine:
+        """The store's engine, migrated to the newest revision on first use."""
+        from byok_plugin.store import create_store_engine, ensure_migrated
+
+        engine = create_store_engine(self.settings.database_url)
+        try:
+            ensure_migrated(engine)
+        except BaseException:
+            engine.dispose()
+            raise
+        return engine
+
+    @cached_property
+    def keyring(self) -> Keyring:
+        """The master keys (``BYOK_ENCRYPTION_KEYS``, else the key file); raises
+        :class:`~byok_plugin.key_errors.NoMasterKey` saying how to create one."""
+        from byok_plugin.crypto import Keyring
+
+        return Keyring.load(
+            encryption_keys=self.settings.encryption_keys, key_file=self.settings.key_file
+        )
+
+    @cached_property
+    def key_store(self) -> KeyStore:
+        from byok_plugin.store import KeyStore
+
+        return KeyStore(self.engine, clock=self.clock)
+
+    @cached_property
+    def audit_store(self) -> AuditStore:
+        from byok_plugin.store import AuditStore
+
+        return AuditStore(self.engine)
+
+    @cached_property
+    def key_access(self) -> KeyAccess:
+        """What credential resolution reads stored keys through (see :mod:`byok_plugin.key_access`)."""
+        from byok_plugin.key_access import KeyAccess
+
+        return KeyAccess(self.key_store, lambda: self.keyring, clock=self.clock)
+
+    @cached_property
+    def key_validator(self) -> KeyValidator:
+        """The default live key check (``byok_validate_key``)."""
+        from byok_plugin.validation import KeyValidator
+
+        return KeyValidator.from_settings(self.settings)
+
+    def key_service(self, pm: pluggy.PluginManager) -> KeyService:
+        """The key management service, deciding and auditing through ``pm``'s hooks."""
+        from byok_plugin.keys import KeyService
+
+        return KeyService.for_app(self, pm)
+
+    def close(self) -> None:
+        """Release the store's connections (if it was ever opened)."""
+        engine = self.__dict__.pop("engine", None)
+        if engine is not None:
+            engine.dispose()
 
     # -- pricing, billing, hosting (issue 4) ------------------------------------------------
 

@@ -9,7 +9,16 @@ import logging
 from collections.abc import Callable
 from functools import cached_property
 
-from byok_hookspecs import Action, Actor, AuditEvent, Charge, Credential, Usage, hookimpl
+from byok_hookspecs import (
+    Action,
+    Actor,
+    AuditEvent,
+    Charge,
+    Credential,
+    KeyCheck,
+    Usage,
+    hookimpl,
+)
 
 from byok_plugin.app import App
 from byok_plugin.authorization import role_decision
@@ -55,6 +64,10 @@ class DefaultPlugin:
         return self.app.billing.charge(usage, credential)
 
     @hookimpl(trylast=True)
+    def byok_validate_key(self, provider: str, api_key: str) -> KeyCheck | None:
+        return self.app.key_validator.check(provider, api_key)
+
+    @hookimpl(trylast=True)
     def byok_audit(self, event: AuditEvent) -> None:
         audit_log.info(
             "%s workspace=%s actor=%s outcome=%s provider=%s key=%s %s",
@@ -66,6 +79,18 @@ class DefaultPlugin:
             event.key_id,
             event.detail,
         )
+        # The audit table. An audit hook runs after the change it records: failing here would
+        # report an error for a change that did happen, so a store failure is logged loudly.
+        try:
+            self.app.audit_store.record(event)
+        except Exception as exc:
+            audit_log.error(
+                "audit event %s of workspace %s not written to the store: %s: %s",
+                event.action,
+                event.workspace_id,
+                type(exc).__name__,
+                exc,
+            )
 
 
 def _app_from_environment() -> App:

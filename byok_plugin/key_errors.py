@@ -1,0 +1,229 @@
+"""The errors of the key store, the keyring and the key management service.
+
+Every message names the workspace, the provider and the key id where they apply, and never a
+secret: no API key, no master key, no part of either beyond the display hint.
+
+The ones a host can meet while resolving a credential subclass
+:class:`byok_hookspecs.CredentialUnavailable`, so a host that only knows the contract still catches
+them, and none of them is ever a reason to fall back to the billed platform key.
+"""
+
+from __future__ import annotations
+
+from byok_hookspecs import ByokError, CredentialUnavailable
+
+__all__ = [
+    "CiphertextCopied",
+    "CiphertextMismatch",
+    "DuplicateKey",
+    "InvalidInput",
+    "InvalidKeyFormat",
+    "KeyDecryptionError",
+    "KeyLimitReached",
+    "KeyNotFound",
+    "KeyRejected",
+    "KeyringError",
+    "MalformedCiphertext",
+    "NoMasterKey",
+    "StoreUnavailable",
+    "UnknownMasterKey",
+    "UnknownProvider",
+    "WrongMasterKey",
+]
+
+
+# --- the keyring -------------------------------------------------------------------------------
+
+
+class KeyringError(ByokError):
+    """The master keys are misconfigured: the message says which variable or file, and how to fix
+    it. Never carries key material."""
+
+
+class NoMasterKey(KeyringError):
+    """No master key is configured at all. There is no built-in default key, on purpose."""
+
+
+# --- decryption --------------------------------------------------------------------------------
+
+
+class KeyDecryptionError(CredentialUnavailable):
+    """A stored key exists but cannot be decrypted. Never answered with ``None``, never a reason
+    to use the platform key instead.
+
+    :ivar reason: a short stable word for the kind of failure (``unknown-master-key``...).
+    """
+
+    reason = "undecryptable"
+
+    def __init__(
+        self, detail: str, *, workspace_id: str, provider: str, key_id: str | None
+    ) -> None:
+        super().__init__(
+            f"stored {provider} key {key_id} of workspace {workspace_id!r} cannot be decrypted: "
+            f"{detail}",
+            workspace_id=workspace_id,
+            provider=provider,
+            key_id=key_id,
+        )
+
+
+class MalformedCiphertext(KeyDecryptionError):
+    """The stored value is not a ``byok:v1:<master-key-id>:<base64>`` string."""
+
+    reason = "malformed"
+
+
+class UnknownMasterKey(KeyDecryptionError):
+    """The row names a master key id that the keyring does not hold."""
+
+    reason = "unknown-master-key"
+
+    def __init__(
+        self, master_key_id: str, *, workspace_id: str, provider: str, key_id: str | None
+    ) -> None:
+        self.master_key_id = master_key_id
+        super().__init__(
+            f"it is encrypted under master key {master_key_id!r}, which is not in the keyring "
+            f"(BYOK_ENCRYPTION_KEYS or the key file); add that master key back, or set the key "
+            f"again",
+            workspace_id=workspace_id,
+            provider=provider,
+            key_id=key_id,
+        )
+
+
+class WrongMasterKey(KeyDecryptionError):
+    """The keyring holds a master key under the row's id, but not the one that encrypted it."""
+
+    reason = "wrong-master-key"
+
+    def __init__(
+        self, master_key_id: str, *, workspace_id: str, provider: str, key_id: str | None
+    ) -> None:
+        self.master_key_id = master_key_id
+        super().__init__(
+            f"the keyring's master key {master_key_id!r} is not the one this database was "
+            f"encrypted with (its check value differs); restore the original master key",
+            workspace_id=workspace_id,
+            provider=provider,
+            key_id=key_id,
+        )
+
+
+class CiphertextMismatch(KeyDecryptionError):
+    """The ciphertext does not authenticate for this row: it was altered, or it belongs to another
+    row, workspace or provider (AES-GCM cannot tell which)."""
+
+    reason = "tampered"
+
+
+class CiphertextCopied(CiphertextMismatch):
+    """The ciphertext is a copy of another row's: ciphertexts are bound to their own row."""
+
+    reason = "copied"
+
+    def __init__(
+        self, source_key_id: str, *, workspace_id: str, provider: str, key_id: str | None
+    ) -> None:
+        self.source_key_id = source_key_id
+        KeyDecryptionError.__init__(
+            self,
+            f"its ciphertext was copied from stored key {source_key_id}; a ciphertext only "
+            f"decrypts in the row, workspace and provider it was written for",
+            workspace_id=workspace_id,
+            provider=provider,
+            key_id=key_id,
+        )
+
+
+# --- the store ---------------------------------------------------------------------------------
+
+
+class StoreUnavailable(CredentialUnavailable):
+    """The key store does not answer (or failed mid-way): an error, never "no key"."""
+
+    def __init__(
+        self,
+        what: str,
+        *,
+        workspace_id: str = "*",
+        provider: str = "*",
+        key_id: str | None = None,
+        cause: str = "",
+    ) -> None:
+        where = "" if workspace_id == "*" else f" for workspace {workspace_id!r}"
+        if provider != "*":
+            where += f" and provider {provider}"
+        super().__init__(
+            f"the key store did not answer while {what}{where}" + (f": {cause}" if cause else ""),
+            workspace_id=workspace_id,
+            provider=provider,
+            key_id=key_id,
+        )
+
+
+# --- user input and management ------------------------------------------------------------------
+
+
+class InvalidInput(ByokError, ValueError):
+    """A workspace id, provider, label or key id given by the user is not acceptable."""
+
+
+class UnknownProvider(InvalidInput):
+    """The provider is not one the key store knows."""
+
+
+class InvalidKeyFormat(InvalidInput):
+    """The API key failed a format check; the message never quotes the key."""
+
+
+class KeyNotFound(ByokError, LookupError):
+    """No stored key matched."""
+
+    def __init__(self, workspace_id: str, provider: str | None, what: str = "") -> None:
+        self.workspace_id = workspace_id
+        self.provider = provider
+        scope = f"{provider} key" if provider else "key"
+        super().__init__(
+            f"no stored {scope}{(' ' + what) if what else ''} in workspace {workspace_id!r}"
+        )
+
+
+class KeyLimitReached(ByokError):
+    """The workspace already has the maximum number of keys for this provider."""
+
+    def __init__(self, workspace_id: str, provider: str, limit: int) -> None:
+        self.workspace_id = workspace_id
+        self.provider = provider
+        self.limit = limit
+        super().__init__(
+            f"workspace {workspace_id!r} already has {limit} {provider} keys, the maximum; "
+            f"delete one or replace one by giving its label"
+        )
+
+
+class DuplicateKey(ByokError):
+    """The same API key is already stored for this workspace and provider under another label."""
+
+    def __init__(self, workspace_id: str, provider: str, label: str, key_id: str) -> None:
+        self.workspace_id = workspace_id
+        self.provider = provider
+        self.key_id = key_id
+        super().__init__(
+            f"this {provider} key is already stored in workspace {workspace_id!r} as "
+            f"{label!r} ({key_id}); replace that one with --label {label!r}"
+        )
+
+
+class KeyRejected(ByokError):
+    """The live check said the key does not work; nothing was stored."""
+
+    def __init__(self, workspace_id: str, provider: str, status: str, message: str) -> None:
+        self.workspace_id = workspace_id
+        self.provider = provider
+        self.status = status
+        super().__init__(
+            f"{provider} key for workspace {workspace_id!r} not stored: the live check said "
+            f"{status}" + (f" ({message})" if message else "")
+        )

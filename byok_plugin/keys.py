@@ -1,0 +1,533 @@
+"""The key management service: what a workspace admin (or the local operator) does with keys.
+
+Library API first; the ``byok keys`` CLI and the HTTP API sit on top of it, so authorization and
+audit are the same everywhere:
+
+- every call takes an :class:`~byok_hookspecs.Actor` and asks ``byok_authorize``: listing needs
+  :attr:`~byok_hookspecs.Action.READ_KEYS` (members), anything else
+  :attr:`~byok_hookspecs.Action.MANAGE_KEYS` (admins); no answer (``None``) means deny;
+- every change and every denial goes to ``byok_audit``;
+- input is checked before anything is written, and a key is never echoed: results carry the
+  masked hint and the key's id only;
+- listing never decrypts.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import pluggy
+from byok_hookspecs import Action, Actor, AuditEvent, KeyCheck, KeyCheckStatus, NotAuthorized
+
+from byok_plugin.crypto import KeyBinding, Keyring
+from byok_plugin.key_access import KeyAccess
+from byok_plugin.key_errors import InvalidInput, KeyNotFound, KeyRejected, KeyringError
+from byok_plugin.key_format import (
+    check_api_key,
+    check_key_id,
+    check_label,
+    check_provider,
+    check_workspace_id,
+    mask,
+)
+from byok_plugin.key_rewrap import RewrapReport, rewrap_all
+from byok_plugin.store.keys_repo import KeyInfo, KeyStore, NewKey, new_key_id
+
+if TYPE_CHECKING:
+    from byok_plugin.app import App
+
+__all__ = ["KeyService", "KeyTestResult", "SetKeyResult"]
+
+log = logging.getLogger("byok.keys")
+
+
+@dataclass(frozen=True, slots=True)
+class SetKeyResult:
+    """What :meth:`KeyService.set_key` did: the stored key (masked), the key it replaced, the
+    live check's outcome (``None`` when not tested) and the format warnings."""
+
+    key: KeyInfo
+    replaced: KeyInfo | None
+    check: KeyCheck | None
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class KeyTestResult:
+    key: KeyInfo
+    check: KeyCheck
+
+
+def _actor_id(actor: Actor | None) -> str | None:
+    return actor.id if actor is not None else None
+
+
+class KeyService:
+    """Set, list, delete, enable, disable and test a workspace's stored provider keys.
+
+    :param store: the key repository.
+    :param access: decrypts stored keys (for ``test``).
+    :param keyring: returns the keyring (only writing and testing need it).
+    :param pm: the plugin manager whose ``byok_authorize``, ``byok_audit`` and
+        ``byok_validate_key`` hooks decide, record and check.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: KeyStore,
+        access: KeyAccess,
+        keyring: Callable[[], Keyring],
+        pm: pluggy.PluginManager,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._store = store
+        self._access = access
+        self._keyring = keyring
+        self._pm = pm
+        self._clock = clock
+        self._recorded_master_keys: set[str] = set()
+
+    @classmethod
+    def for_app(cls, app: App, pm: pluggy.PluginManager) -> KeyService:
+        return cls(
+            store=app.key_store,
+            access=app.key_access,
+            keyring=lambda: app.keyring,
+            pm=pm,
+            clock=app.clock,
+        )
+
+    def __repr__(self) -> str:
+        return f"KeyService({self._store!r})"
+
+    # --- authorization and audit -----------------------------------------------------------
+
+    def audit(
+        self,
+        action: str,
+        actor: Actor | None,
+        workspace_id: str,
+        *,
+        outcome: str = "ok",
+        provider: str | None = None,
+        key_id: str | None = None,
+        detail: str = "",
+    ) -> None:
+        self._pm.hook.byok_audit(
+            event=AuditEvent(
+                action=action,
+                workspace_id=workspace_id,
+                actor_id=_actor_id(actor),
+                outcome=outcome,
+                provider=provider,
+                key_id=key_id,
+                detail=detail,
+                occurred_at=self._clock(),
+            )
+        )
+
+    def authorize(
+        self,
+        actor: Actor | None,
+        workspace_id: str,
+        action: Action,
+        *,
+        what: str,
+        provider: str | None = None,
+        key_id: str | None = None,
+    ) -> None:
+        """Ask ``byok_authorize``; anything but ``True`` is a denial, audited, then raised."""
+        allowed = self._pm.hook.byok_authorize(
+            actor=actor, workspace_id=workspace_id, action=action
+        )
+        if allowed is True:
+            return
+        log.info(
+            "denied %s (%s) to %s in workspace %s",
+            action.value,
+            what,
+            _actor_id(actor) or "anonymous",
+            workspace_id,
+        )
+        self.audit(
+            "access.denied",
+            actor,
+            workspace_id,
+            outcome="denied",
+            provider=provider,
+            key_id=key_id,
+            detail=f"{action.value}: {what}"
+            + ("" if allowed is False else " (no authorization answer)"),
+        )
+        raise NotAuthorized(_actor_id(actor), workspace_id, action.value)
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def list_keys(
+        self, actor: Actor | None, workspace_id: str, provider: str | None = None
+    ) -> list[KeyInfo]:
+        """The workspace's keys, masked (never decrypted), by provider then age."""
+        workspace_id = check_workspace_id(workspace_id)
+        provider = check_provider(provider) if provider is not None else None
+        self.authorize(actor, workspace_id, Action.READ_KEYS, what="list keys", provider=provider)
+        return self._store.list_keys(workspace_id, provider)
+
+    # --- changing --------------------------------------------------------------------------
+
+    def set_key(
+        self,
+        actor: Actor | None,
+        workspace_id: str,
+        provider: str,
+        api_key: str,
+        *,
+        label: str | None = None,
+        test: bool = True,
+    ) -> SetKeyResult:
+        """Store a key for a provider, or replace the key with the same label (``default`` when
+        none is given). The replaced key's row is deleted and the new key gets a new id.
+
+        :param test: check the key live first (``byok_validate_key``); a key the provider
+            refuses, or a provider that cannot be reached, is not stored.
+        :raises NotAuthorized: the actor may not manage the workspace's keys (audited).
+        :raises InvalidInput: a malformed provider, workspace, label or key (never quoted).
+        :raises KeyRejected: the live check did not pass.
+        :raises KeyLimitReached, DuplicateKey: see :meth:`KeyStore.put`.
+        """
+        workspace_id = check_workspace_id(workspace_id)
+        provider = check_provider(provider)
+        self.authorize(actor, workspace_id, Action.MANAGE_KEYS, what="set a key", provider=provider)
+        label = check_label(label)
+        fmt = check_api_key(provider, api_key)
+        for warning in fmt.warnings:
+            log.warning("%s key for workspace %s: %s", provider, workspace_id, warning)
+        keyring = self._keyring()
+        self._record_master_key(keyring)
+
+        result_check: KeyCheck | None = None
+        if test:
+            result_check = self._validate(provider, api_key)
+            if result_check.status in (KeyCheckStatus.INVALID, KeyCheckStatus.UNREACHABLE):
+                self.audit(
+                    "key.rejected",
+                    actor,
+                    workspace_id,
+                    outcome="error",
+                    provider=provider,
+                    detail=f"live check: {result_check.status.value}",
+                )
+                hint = (
+                    "; store it without the live check with --no-test (test=False) if you are sure"
+                    if result_check.status is KeyCheckStatus.UNREACHABLE
+                    else ""
+                )
+                raise KeyRejected(
+                    workspace_id, provider, result_check.status.value, result_check.message + hint
+                )
+
+        key_id = new_key_id()
+        current = keyring.current
+        new = NewKey(
+            id=key_id,
+            workspace_id=workspace_id,
+            provider=provider,
+            label=label,
+            ciphertext=keyring.encrypt(api_key, KeyBinding(workspace_id, provider, key_id)),
+            master_key_id=current.id,
+            hint=mask(api_key),
+            fingerprint=keyring.fingerprint(
+                api_key, workspace_id=workspace_id, provider=provider, master_key_id=current.id
+            ),
+            actor_id=_actor_id(actor),
+        )
+
+        def fingerprint_of(master_key_id: str) -> str | None:
+            try:
+                return keyring.fingerprint(
+                    api_key,
+                    workspace_id=workspace_id,
+                    provider=provider,
+                    master_key_id=master_key_id,
+                )
+            except KeyringError:
+                return None
+
+        stored, replaced = self._store.put(new, fingerprint_of=fingerprint_of)
+        detail = f"label {label!r}, {stored.hint}"
+        if result_check is not None:
+            detail += f", live check {result_check.status.value}"
+        if replaced is not None:
+            detail += f", replaces {replaced.id}"
+        self.audit(
+            "key.replaced" if replaced else "key.created",
+            actor,
+            workspace_id,
+            provider=provider,
+            key_id=stored.id,
+            detail=detail,
+        )
+        log.info(
+            "%s %s key %s (%s) in workspace %s",
+            "replaced" if replaced else "stored",
+            provider,
+            stored.id,
+            stored.hint,
+            workspace_id,
+        )
+        return SetKeyResult(
+            key=stored.info(), replaced=replaced, check=result_check, warnings=fmt.warnings
+        )
+
+    def delete_keys(
+        self,
+        actor: Actor | None,
+        workspace_id: str,
+        provider: str,
+        *,
+        key_id: str | None = None,
+        label: str | None = None,
+    ) -> list[KeyInfo]:
+        """Delete the provider's key with this id or label, or all of its keys when neither is
+        given.
+
+        :raises KeyNotFound: nothing matched.
+        """
+        workspace_id, provider, key_id, label = self._selection(
+            workspace_id, provider, key_id, label
+        )
+        self.authorize(
+            actor,
+            workspace_id,
+            Action.MANAGE_KEYS,
+            what="delete keys",
+            provider=provider,
+            key_id=key_id,
+        )
+        deleted = self._store.delete(workspace_id, provider, key_id=key_id, label=label)
+        if not deleted:
+            raise KeyNotFound(workspace_id, provider, self._describe(key_id, label))
+        for info in deleted:
+            self.audit(
+                "key.deleted",
+                actor,
+                workspace_id,
+                provider=provider,
+                key_id=info.id,
+                detail=f"label {info.label!r}, {info.hint}",
+            )
+        return deleted
+
+    def enable(
+        self,
+        actor: Actor | None,
+        workspace_id: str,
+        provider: str,
+        *,
+        key_id: str | None = None,
+        label: str | None = None,
+    ) -> list[KeyInfo]:
+        """Enable the matching keys (all of the provider's when no id or label): resolution may
+        use them again, and any cooldown ends."""
+        return self._set_status(actor, workspace_id, provider, "enabled", key_id, label)
+
+    def disable(
+        self,
+        actor: Actor | None,
+        workspace_id: str,
+        provider: str,
+        *,
+        key_id: str | None = None,
+        label: str | None = None,
+    ) -> list[KeyInfo]:
+        """Disable the matching keys: kept, listed, never used for calls."""
+        return self._set_status(actor, workspace_id, provider, "disabled", key_id, label)
+
+    def _set_status(
+        self,
+        actor: Actor | None,
+        workspace_id: str,
+        provider: str,
+        status: str,
+        key_id: str | None,
+        label: str | None,
+    ) -> list[KeyInfo]:
+        workspace_id, provider, key_id, label = self._selection(
+            workspace_id, provider, key_id, label
+        )
+        verb = "enable" if status == "enabled" else "disable"
+        self.authorize(
+            actor,
+            workspace_id,
+            Action.MANAGE_KEYS,
+            what=f"{verb} keys",
+            provider=provider,
+            key_id=key_id,
+        )
+        changed = self._store.set_status(
+            workspace_id, provider, status, actor_id=_actor_id(actor), key_id=key_id, label=label
+        )
+        if not changed:
+            raise KeyNotFound(workspace_id, provider, self._describe(key_id, label))
+        for info in changed:
+            self.audit(
+                f"key.{status}",
+                actor,
+                workspace_id,
+                provider=provider,
+                key_id=info.id,
+                detail=f"label {info.label!r}",
+            )
+        return changed
+
+    # --- testing ---------------------------------------------------------------------------
+
+    def test_keys(
+        self,
+        actor: Actor | None,
+        workspace_id: str,
+        provider: str,
+        *,
+        key_id: str | None = None,
+        label: str | None = None,
+    ) -> list[KeyTestResult]:
+        """Check stored keys live through ``byok_validate_key`` (all of the provider's keys when
+        no id or label is given).
+
+        :raises KeyNotFound: nothing matched.
+        :raises KeyDecryptionError: a stored key does not decrypt (audited as an error).
+        """
+        workspace_id, provider, key_id, label = self._selection(
+            workspace_id, provider, key_id, label
+        )
+        self.authorize(
+            actor,
+            workspace_id,
+            Action.MANAGE_KEYS,
+            what="test keys",
+            provider=provider,
+            key_id=key_id,
+        )
+        rows = self._store.find(workspace_id, provider, key_id=key_id, label=label)
+        if not rows:
+            raise KeyNotFound(workspace_id, provider, self._describe(key_id, label))
+        results = []
+        for row in rows:
+            try:
+                api_key = self._access.decrypt(row)
+            except Exception as exc:
+                self.audit(
+                    "key.tested",
+                    actor,
+                    workspace_id,
+                    outcome="error",
+                    provider=provider,
+                    key_id=row.id,
+                    detail=f"does not decrypt: {getattr(exc, 'reason', type(exc).__name__)}",
+                )
+                raise
+            check = self._validate(provider, api_key)
+            del api_key
+            self.audit(
+                "key.tested",
+                actor,
+                workspace_id,
+                outcome="ok" if check.status is not KeyCheckStatus.INVALID else "error",
+                provider=provider,
+                key_id=row.id,
+                detail=f"live check {check.status.value}",
+            )
+            results.append(KeyTestResult(key=row.info(), check=check))
+        return results
+
+    # --- master key rotation ---------------------------------------------------------------
+
+    def rewrap(
+        self,
+        actor: Actor | None,
+        *,
+        batch_size: int = 100,
+        dry_run: bool = False,
+        pause: float = 0.0,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> RewrapReport:
+        """Re-encrypt every stored key under the current master key (see
+        :mod:`byok_plugin.key_rewrap`). Only the local operator, who holds the master keys, may.
+        """
+        if actor is None or not actor.operator:
+            self.audit(
+                "access.denied",
+                actor,
+                "*",
+                outcome="denied",
+                detail="rewrap: only the local operator may rewrap keys",
+            )
+            raise NotAuthorized(_actor_id(actor), "*", "keys.rewrap")
+        keyring = self._keyring()
+        report = rewrap_all(
+            self._store,
+            self._access,
+            keyring,
+            batch_size=batch_size,
+            dry_run=dry_run,
+            pause=pause,
+            progress=progress,
+        )
+        if not dry_run:
+            self._recorded_master_keys.add(keyring.current.id)
+            self.audit(
+                "key.rewrapped",
+                actor,
+                "*",
+                outcome="ok" if not report.failures else "error",
+                detail=(
+                    f"{report.rewrapped} rewrapped under {report.current_master_key}, "
+                    f"{len(report.failures)} failed; now "
+                    + ", ".join(f"{k}={v}" for k, v in sorted(report.after.items()))
+                ),
+            )
+        return report
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def _validate(self, provider: str, api_key: str) -> KeyCheck:
+        check = self._pm.hook.byok_validate_key(provider=provider, api_key=api_key)
+        if check is None:
+            return KeyCheck(provider, KeyCheckStatus.SKIPPED, "no key validator is installed")
+        if not isinstance(check, KeyCheck):
+            raise TypeError(
+                f"a byok_validate_key implementation returned {type(check).__name__}, not KeyCheck"
+            )
+        return check
+
+    def _record_master_key(self, keyring: Keyring) -> None:
+        current = keyring.current
+        if current.id not in self._recorded_master_keys:
+            self._store.record_master_key(current)
+            self._recorded_master_keys.add(current.id)
+
+    @staticmethod
+    def _selection(
+        workspace_id: str, provider: str, key_id: str | None, label: str | None
+    ) -> tuple[str, str, str | None, str | None]:
+        workspace_id = check_workspace_id(workspace_id)
+        provider = check_provider(provider)
+        if key_id is not None:
+            key_id = check_key_id(key_id)
+        if label is not None:
+            label = check_label(label)
+        if key_id is not None and label is not None:
+            raise InvalidInput("give a key id or a label, not both")
+        return workspace_id, provider, key_id, label
+
+    @staticmethod
+    def _describe(key_id: str | None, label: str | None) -> str:
+        if key_id is not None:
+            return f"with id {key_id}"
+        if label is not None:
+            return f"labelled {label!r}"
+        return ""

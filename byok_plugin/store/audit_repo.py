@@ -1,0 +1,72 @@
+"""The audit trail table: one row per :class:`~byok_hookspecs.AuditEvent` (never a secret)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+from byok_hookspecs import AuditEvent
+from sqlalchemy.engine import Engine
+
+from byok_plugin.store.engine import store_errors, write_transaction
+from byok_plugin.store.tables import audit_events
+
+__all__ = ["AuditStore"]
+
+
+class AuditStore:
+    """Writes and reads ``byok_audit_events``."""
+
+    def __init__(
+        self, engine: Engine, *, clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    ) -> None:
+        self._engine = engine
+        self._clock = clock
+
+    def __repr__(self) -> str:
+        return f"AuditStore(dialect={self._engine.dialect.name!r})"
+
+    def record(self, event: AuditEvent) -> None:
+        with (
+            store_errors("writing an audit event", workspace_id=event.workspace_id),
+            write_transaction(self._engine) as conn,
+        ):
+            conn.execute(
+                sa.insert(audit_events).values(
+                    occurred_at=event.occurred_at,
+                    action=event.action,
+                    workspace_id=event.workspace_id,
+                    actor_id=event.actor_id,
+                    outcome=event.outcome,
+                    provider=event.provider,
+                    key_id=event.key_id,
+                    detail=event.detail,
+                )
+            )
+
+    def events(
+        self, workspace_id: str | None = None, *, action: str | None = None, limit: int = 1000
+    ) -> list[AuditEvent]:
+        """The most recent events first."""
+        query = sa.select(audit_events)
+        if workspace_id is not None:
+            query = query.where(audit_events.c.workspace_id == workspace_id)
+        if action is not None:
+            query = query.where(audit_events.c.action == action)
+        query = query.order_by(audit_events.c.id.desc()).limit(limit)
+        with store_errors("reading audit events"), self._engine.connect() as conn:
+            rows = conn.execute(query).all()
+        return [
+            AuditEvent(
+                action=row.action,
+                workspace_id=row.workspace_id,
+                actor_id=row.actor_id,
+                outcome=row.outcome,
+                provider=row.provider,
+                key_id=row.key_id,
+                detail=row.detail,
+                occurred_at=row.occurred_at,
+            )
+            for row in rows
+        ]

@@ -1,0 +1,170 @@
+"""The SQLAlchemy engine of the key store: a SQLite file in WAL mode, or PostgreSQL via psycopg 3.
+
+- ``postgresql://`` and ``postgres://`` URLs are read as ``postgresql+psycopg://`` (psycopg 3; the
+  psycopg2 driver SQLAlchemy would pick by default is not a dependency).
+- A SQLite file gets its directory created (mode 0700) and the file itself created with mode 0600
+  before SQLite opens it; it runs in WAL mode with a busy timeout, and writers take the write lock
+  when their transaction begins (``BEGIN IMMEDIATE``), so a read-then-write transaction never
+  fails half-way with "database is locked".
+- Any database error other than a constraint violation surfaces as
+  :class:`~byok_plugin.key_errors.StoreUnavailable`, a ``CredentialUnavailable``: a store that
+  does not answer is an error, never "no key".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import URL, Connection, Engine, make_url
+
+from byok_plugin.key_errors import StoreUnavailable
+
+__all__ = [
+    "advisory_lock_key",
+    "create_store_engine",
+    "describe_url",
+    "is_postgres",
+    "normalize_url",
+    "read_connection",
+    "store_errors",
+    "write_transaction",
+]
+
+_SQLITE_BEGIN_OPTION = "byok_sqlite_begin"
+#: the first half of every PostgreSQL advisory lock key this package takes
+LOCK_NAMESPACE = struct.unpack(">i", hashlib.sha256(b"byok-plugin").digest()[:4])[0]
+
+
+def normalize_url(url: str | URL) -> URL:
+    """Parse a database URL; plain PostgreSQL URLs get the psycopg 3 driver."""
+    parsed = make_url(url) if isinstance(url, str) else url
+    if parsed.drivername in {"postgresql", "postgres"}:
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def describe_url(url: str | URL) -> str:
+    """The URL with its password hidden, for messages."""
+    return normalize_url(url).render_as_string(hide_password=True)
+
+
+def is_postgres(bind: Engine | Connection) -> bool:
+    return bind.dialect.name == "postgresql"
+
+
+def _prepare_sqlite_file(database: str) -> None:
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    path = Path(database).expanduser()
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, mode=0o700)
+    if not path.exists():
+        with contextlib.suppress(FileExistsError):  # another process created it first
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
+def _install_sqlite_hooks(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # We emit BEGIN ourselves (below), so that writers can ask for BEGIN IMMEDIATE.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA busy_timeout = 30000")
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA synchronous = NORMAL")
+            cursor.execute("PRAGMA foreign_keys = ON")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        mode = conn.get_execution_options().get(_SQLITE_BEGIN_OPTION, "DEFERRED")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def create_store_engine(url: str | URL, **kwargs: Any) -> Engine:
+    """An engine for the store at ``url`` (no migration here: see
+    :func:`byok_plugin.store.migrate.ensure_migrated`)."""
+    parsed = normalize_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        _prepare_sqlite_file(parsed.database or "")
+        connect_args = {"timeout": 30, **kwargs.pop("connect_args", {})}
+        engine = sa.create_engine(parsed, connect_args=connect_args, **kwargs)
+        _install_sqlite_hooks(engine)
+        return engine
+    if parsed.get_backend_name() == "postgresql":
+        connect_args = {"connect_timeout": 10, **kwargs.pop("connect_args", {})}
+        kwargs.setdefault("pool_pre_ping", True)
+        return sa.create_engine(parsed, connect_args=connect_args, **kwargs)
+    return sa.create_engine(parsed, **kwargs)
+
+
+@contextmanager
+def write_transaction(engine: Engine) -> Iterator[Connection]:
+    """A transaction that will write: on SQLite it holds the write lock from its first statement."""
+    with engine.connect() as conn:
+        if conn.dialect.name == "sqlite":
+            conn = conn.execution_options(**{_SQLITE_BEGIN_OPTION: "IMMEDIATE"})
+        with conn.begin():
+            yield conn
+
+
+@contextmanager
+def read_connection(engine: Engine) -> Iterator[Connection]:
+    """A connection for reads (its implicit transaction is rolled back at the end)."""
+    with engine.connect() as conn:
+        yield conn
+
+
+def advisory_lock_key(*parts: str) -> int:
+    """A signed 32-bit key for ``pg_advisory_xact_lock(LOCK_NAMESPACE, key)`` from text parts.
+
+    Two different parts may share a key: that only makes two writers wait for each other.
+    """
+    digest = hashlib.sha256("\x00".join(parts).encode("utf-8")).digest()
+    return struct.unpack(">i", digest[:4])[0]
+
+
+def lock_in_transaction(conn: Connection, *parts: str) -> None:
+    """Serialize writers on ``parts`` until the transaction ends (PostgreSQL advisory lock; on
+    SQLite the ``BEGIN IMMEDIATE`` of :func:`write_transaction` already serializes writers)."""
+    if is_postgres(conn):
+        conn.execute(
+            sa.text("SELECT pg_advisory_xact_lock(:ns, :key)"),
+            {"ns": LOCK_NAMESPACE, "key": advisory_lock_key(*parts)},
+        )
+
+
+def _cause(exc: sa.exc.SQLAlchemyError) -> str:
+    orig = getattr(exc, "orig", None)
+    source: BaseException = orig if isinstance(orig, BaseException) else exc
+    first_line = (str(source).strip().splitlines() or [""])[0]
+    return f"{type(source).__name__}: {first_line[:300]}"
+
+
+@contextmanager
+def store_errors(
+    what: str, *, workspace_id: str = "*", provider: str = "*", key_id: str | None = None
+) -> Iterator[None]:
+    """Turn a database failure into :class:`StoreUnavailable` naming what was being done.
+
+    Constraint violations (``IntegrityError``) pass through: they are the caller's to interpret.
+    """
+    try:
+        yield
+    except sa.exc.IntegrityError:
+        raise
+    except sa.exc.SQLAlchemyError as exc:
+        raise StoreUnavailable(
+            what, workspace_id=workspace_id, provider=provider, key_id=key_id, cause=_cause(exc)
+        ) from None
