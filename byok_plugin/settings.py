@@ -7,6 +7,8 @@
 | ``BYOK_ENCRYPTION_KEYS`` | master keys, ``id:base64`` comma-separated, the first encrypts | none |
 | ``BYOK_KEY_FILE`` | the master key file ``byok init`` writes (mode 0600) | ``BYOK_HOME/master.keys`` |
 | ``BYOK_VALIDATE_KEYS`` | ``0`` turns off live key checks (offline use) | on |
+| ``BYOK_VALIDATE_TIMEOUT`` | seconds a live key check waits for the provider | ``5`` |
+| ``BYOK_<PROVIDER>_BASE_URL`` | a provider's API base URL (key checks, provider clients, emulator) | the provider's own |
 | ``BYOK_PRICE_FILE`` | a JSON price file whose entries override the shipped table | none |
 | ``BYOK_ALLOW_UNPRICED`` | ``1`` lets a platform-billed call run on a model with no price | off |
 | ``BYOK_CHARGE_MULTIPLIER`` | what platform calls are charged, as a multiple of list price | ``1`` |
@@ -46,6 +48,13 @@ def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+def _positive_seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    value = _seconds(env, name, default)
+    if value <= 0:
+        raise SettingsError(f"{name} must be a number of seconds > 0, not {env.get(name)!r}")
+    return value
+
+
 def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     raw = env.get(name)
     if raw is None or raw.strip() == "":
@@ -73,6 +82,7 @@ class Settings:
     catalog_file: Path | None = None
     key_cooldown_seconds: float = 30.0
     key_cache_seconds: float = 2.0
+    validate_timeout: float = 5.0
     #: the whole environment, for provider-specific variables (platform keys, base URLs)
     environ: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
@@ -104,9 +114,12 @@ class Settings:
             allow_unpriced=_flag(env, "BYOK_ALLOW_UNPRICED", False),
             charge_multiplier=multiplier,
             catalog_file=(
-                Path(env["BYOK_CATALOG_FILE"]).expanduser() if env.get("BYOK_CATALOG_FILE") else None
+                Path(env["BYOK_CATALOG_FILE"]).expanduser()
+                if env.get("BYOK_CATALOG_FILE")
+                else None
             ),
             key_cooldown_seconds=_seconds(env, "BYOK_KEY_COOLDOWN_SECONDS", 30.0),
             key_cache_seconds=_seconds(env, "BYOK_KEY_CACHE_SECONDS", 2.0),
+            validate_timeout=_positive_seconds(env, "BYOK_VALIDATE_TIMEOUT", 5.0),
             environ=env,
         )

@@ -170,7 +170,7 @@ class KeyValidator:
         return cls(
             base_urls=base_urls,
             enabled=settings.validate_keys,
-            timeout=getattr(settings, "validate_timeout", DEFAULT_TIMEOUT),
+            timeout=settings.validate_timeout,
         )
 
     def knows(self, provider: str) -> bool:

@@ -10,6 +10,8 @@ import click
 from byok_plugin import __version__
 from byok_plugin.cli.context import CliContext
 from byok_plugin.cli.emulator import emulator_command
+from byok_plugin.cli.init import init_command
+from byok_plugin.cli.keys import keys_group
 from byok_plugin.cli.plugins import plugins_command
 
 
@@ -23,3 +25,5 @@ def main(ctx: click.Context) -> None:
 
 main.add_command(plugins_command)
 main.add_command(emulator_command)
+main.add_command(init_command)
+main.add_command(keys_group)

@@ -1,0 +1,353 @@
+"""``byok keys``: set, list, delete, enable, disable, test and rewrap a workspace's stored keys.
+
+The CLI acts as the local operator (:data:`~byok_plugin.cli.context.OPERATOR`) who holds the
+master key; everything goes through the same :class:`~byok_plugin.keys.KeyService` as the library
+and HTTP API, so the same checks and audit events apply.
+
+A key is read from standard input when it is not a terminal, or else from a hidden prompt; never
+from the command line, where it would stay in the shell history and the process list.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any, TypeVar
+
+import click
+from byok_hookspecs import ByokError, KeyCheckStatus
+from rich.console import Console
+from rich.table import Table
+
+from byok_plugin.cli.context import CliContext, pass_cli
+from byok_plugin.key_format import KNOWN_PROVIDERS
+from byok_plugin.keys import KeyService
+from byok_plugin.settings import SettingsError
+from byok_plugin.store.keys_repo import KeyInfo
+
+__all__ = ["keys_group", "read_api_key", "user_errors"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn the package's errors (user mistakes, refusals, an unreachable store) into click
+    errors: a clear message, a non-zero exit code, no traceback."""
+    try:
+        yield
+    except (ByokError, SettingsError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def handles_errors(func: F) -> F:
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with user_errors():
+            return func(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def read_api_key(provider: str, workspace_id: str) -> str:
+    """The key from standard input (one trailing line break removed) or a hidden prompt."""
+    stdin = click.get_text_stream("stdin")
+    if stdin.isatty():
+        value = click.prompt(
+            f"{provider} API key for workspace {workspace_id} (input hidden)",
+            hide_input=True,
+            err=True,
+        )
+    else:
+        value = stdin.read()
+        if value.endswith("\r\n"):
+            value = value[:-2]
+        elif value.endswith("\n"):
+            value = value[:-1]
+    if not value:
+        raise click.UsageError(
+            "no key given: pipe it on standard input (printf '%s' \"$KEY\" | byok keys set ...) "
+            "or run the command in a terminal to be asked for it"
+        )
+    return value
+
+
+def _service(cli: CliContext) -> KeyService:
+    return cli.app.key_service(cli.pm)
+
+
+workspace_option = click.option(
+    "--workspace", "-w", "workspace_id", required=True, help="The workspace id."
+)
+provider_option = click.option(
+    "--provider",
+    "-p",
+    required=True,
+    type=click.Choice(KNOWN_PROVIDERS, case_sensitive=False),
+    help="The provider.",
+)
+label_option = click.option("--label", "-l", default=None, help="The key's label.")
+key_id_option = click.option("--key-id", default=None, help="The key's id (key_...).")
+
+
+def _when(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%SZ") if value is not None else "-"
+
+
+def _describe(info: KeyInfo) -> str:
+    return f"{info.provider} key {info.label!r} ({info.id}, {info.hint})"
+
+
+@click.group("keys")
+def keys_group() -> None:
+    """Manage the provider keys stored for workspaces (bring your own key)."""
+
+
+@keys_group.command("set")
+@workspace_option
+@provider_option
+@label_option
+@click.option(
+    "--no-test", is_flag=True, help="Store without checking the key live with the provider."
+)
+@click.argument("extra", nargs=-1, required=False, metavar="")
+@pass_cli
+@handles_errors
+def set_command(
+    cli: CliContext,
+    workspace_id: str,
+    provider: str,
+    label: str | None,
+    no_test: bool,
+    extra: tuple[str, ...],
+) -> None:
+    """Store a workspace's key for a provider, or replace the one with the same label.
+
+    The key is read from standard input, or asked for with a hidden prompt:
+
+        printf '%s' "$OPENAI_KEY" | byok keys set --workspace acme --provider openai
+    """
+    if extra:
+        # Never echo what was given: it may well be the key itself.
+        raise click.UsageError(
+            "byok keys set takes no arguments: the key is never read from the command line "
+            "(it would stay in your shell history and the process list). Pipe it on standard "
+            "input or answer the hidden prompt. If you typed a key there, consider it exposed "
+            "and rotate it."
+        )
+    api_key = read_api_key(provider.lower(), workspace_id)
+    result = _service(cli).set_key(
+        cli.actor, workspace_id, provider, api_key, label=label, test=not no_test
+    )
+    del api_key
+    for warning in result.warnings:
+        click.echo(click.style(f"warning: {warning}", fg="yellow"), err=True)
+    verb = "replaced" if result.replaced is not None else "stored"
+    click.echo(f"{verb} {_describe(result.key)} in workspace {result.key.workspace_id!r}")
+    if result.replaced is not None:
+        click.echo(f"  the previous key {result.replaced.id} ({result.replaced.hint}) is deleted")
+    if result.check is not None:
+        click.echo(f"  live check: {result.check.status.value}: {result.check.message}")
+    else:
+        click.echo("  live check: not run (--no-test)")
+
+
+@keys_group.command("list")
+@workspace_option
+@click.option(
+    "--provider",
+    "-p",
+    default=None,
+    type=click.Choice(KNOWN_PROVIDERS, case_sensitive=False),
+    help="Only this provider's keys.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@pass_cli
+@handles_errors
+def list_command(cli: CliContext, workspace_id: str, provider: str | None, as_json: bool) -> None:
+    """List a workspace's keys, masked (the keys are never decrypted to list them)."""
+    keys = _service(cli).list_keys(cli.actor, workspace_id, provider)
+    if as_json:
+        click.echo(json.dumps([info.to_dict() for info in keys], indent=2))
+        return
+    if not keys:
+        click.echo(f"no keys stored for workspace {workspace_id!r}")
+        return
+    table = Table(title=f"keys of workspace {workspace_id}")
+    for column in ("provider", "label", "id", "key", "status", "last used", "cooldown until"):
+        table.add_column(column, no_wrap=column in {"id", "key"})
+    for info in keys:
+        table.add_row(
+            info.provider,
+            info.label,
+            info.id,
+            info.hint,
+            info.status,
+            _when(info.last_used_at),
+            _when(info.cooldown_until),
+        )
+    Console(width=max(Console().width, 110)).print(table)
+
+
+def _selection(label: str | None, key_id: str | None, all_keys: bool, verb: str) -> None:
+    chosen = sum(x is not None and x is not False for x in (label, key_id, all_keys or None))
+    if chosen != 1:
+        raise click.UsageError(
+            f"say which keys to {verb}: exactly one of --label, --key-id or --all"
+        )
+
+
+@keys_group.command("delete")
+@workspace_option
+@provider_option
+@label_option
+@key_id_option
+@click.option("--all", "all_keys", is_flag=True, help="Every key of the provider.")
+@pass_cli
+@handles_errors
+def delete_command(
+    cli: CliContext,
+    workspace_id: str,
+    provider: str,
+    label: str | None,
+    key_id: str | None,
+    all_keys: bool,
+) -> None:
+    """Delete a workspace's key (by label or id), or all its keys for a provider."""
+    _selection(label, key_id, all_keys, "delete")
+    deleted = _service(cli).delete_keys(
+        cli.actor, workspace_id, provider, key_id=key_id, label=label
+    )
+    for info in deleted:
+        click.echo(f"deleted {_describe(info)} from workspace {workspace_id!r}")
+
+
+def _status_command(status: str) -> Callable[..., None]:
+    verb = "enable" if status == "enabled" else "disable"
+
+    @workspace_option
+    @provider_option
+    @label_option
+    @key_id_option
+    @click.option("--all", "all_keys", is_flag=True, help="Every key of the provider.")
+    @pass_cli
+    @handles_errors
+    def command(
+        cli: CliContext,
+        workspace_id: str,
+        provider: str,
+        label: str | None,
+        key_id: str | None,
+        all_keys: bool,
+    ) -> None:
+        _selection(label, key_id, all_keys, verb)
+        service = _service(cli)
+        change = service.enable if status == "enabled" else service.disable
+        for info in change(cli.actor, workspace_id, provider, key_id=key_id, label=label):
+            click.echo(f"{status} {_describe(info)} in workspace {workspace_id!r}")
+
+    command.__doc__ = (
+        "Enable a key again (resolution may use it; a cooldown ends)."
+        if status == "enabled"
+        else "Disable a key: kept and listed, but never used for calls."
+    )
+    return command
+
+
+keys_group.command("enable")(_status_command("enabled"))
+keys_group.command("disable")(_status_command("disabled"))
+
+
+@keys_group.command("test")
+@workspace_option
+@provider_option
+@label_option
+@key_id_option
+@pass_cli
+@handles_errors
+def test_command(
+    cli: CliContext, workspace_id: str, provider: str, label: str | None, key_id: str | None
+) -> None:
+    """Check stored keys live with the provider (all of the provider's keys by default).
+
+    Exits with status 1 when a key is refused or the provider cannot be reached.
+    """
+    results = _service(cli).test_keys(cli.actor, workspace_id, provider, key_id=key_id, label=label)
+    failed = 0
+    for result in results:
+        status = result.check.status
+        if status in (KeyCheckStatus.INVALID, KeyCheckStatus.UNREACHABLE):
+            failed += 1
+        click.echo(f"{_describe(result.key)}: {status.value}: {result.check.message}")
+    if failed:
+        raise click.ClickException(f"{failed} of {len(results)} keys did not pass the live check")
+
+
+@keys_group.command("rewrap")
+@click.option("--dry-run", is_flag=True, help="Count and check, change nothing.")
+@click.option(
+    "--batch-size",
+    default=100,
+    show_default=True,
+    type=click.IntRange(1, 10_000),
+    help="Rows re-encrypted per transaction.",
+)
+@click.option(
+    "--pause",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0, 60),
+    help="Seconds to wait between batches, to spare a busy database.",
+)
+@pass_cli
+@handles_errors
+def rewrap_command(cli: CliContext, dry_run: bool, batch_size: int, pause: float) -> None:
+    """Re-encrypt every stored key under the current (first) master key.
+
+    Safe to interrupt and run again; afterwards the old master keys can be removed from the
+    keyring.
+    """
+    service = _service(cli)
+    keyring = cli.app.keyring
+    before = cli.app.key_store.count_by_master_key()
+    click.echo(f"current master key: {keyring.current.id}")
+    _print_counts("before", before)
+
+    def progress(done: int, total: int) -> None:
+        click.echo(f"  batch: {done} rows {'checked' if dry_run else 'rewrapped'} ({total} so far)")
+
+    report = service.rewrap(
+        cli.actor, batch_size=batch_size, dry_run=dry_run, pause=pause, progress=progress
+    )
+    if dry_run:
+        click.echo(f"dry run: {report.rewrapped} rows would be rewrapped; nothing was changed")
+    else:
+        click.echo(f"rewrapped {report.rewrapped} rows under {report.current_master_key}")
+        _print_counts("after", report.after)
+    for failure in report.failures:
+        click.echo(
+            f"cannot rewrap {failure.provider} key {failure.key_id} of workspace "
+            f"{failure.workspace_id!r}: {failure.reason}",
+            err=True,
+        )
+    if not dry_run and report.retirable:
+        click.echo(
+            "no stored key uses master key(s) "
+            + ", ".join(report.retirable)
+            + " any more: they can be removed from the keyring"
+        )
+    if report.failures:
+        raise click.ClickException(
+            f"{len(report.failures)} stored keys could not be decrypted and were left as they are"
+        )
+
+
+def _print_counts(when: str, counts: dict[str, int] | Any) -> None:
+    if not counts:
+        click.echo(f"{when}: no stored keys")
+        return
+    for kid, count in sorted(counts.items()):
+        click.echo(f"{when}: {count} keys under master key {kid}")
