@@ -5,7 +5,8 @@ https://docs.anthropic.com/en/docs/build-with-claude/streaming : the key in ``x-
 the ``anthropic`` SDK 2.x sends it, ``Authorization: Bearer``), an
 ``anthropic-version`` header required; ``usage`` ``{input_tokens, cache_creation_input_tokens,
 cache_read_input_tokens, output_tokens}`` where ``input_tokens`` counts only the uncached input and
-``output_tokens`` includes extended-thinking tokens. A stream sends ``message_start`` (the input
+``output_tokens`` includes extended-thinking tokens (broken out in
+``output_tokens_details.thinking_tokens``). A stream sends ``message_start`` (the input
 usage), content block events, ``message_delta`` (stop reason and cumulative ``output_tokens``) and
 ``message_stop``. Errors: ``{"type": "error", "error": {"type", "message"}, "request_id"}``.
 """
@@ -142,6 +143,14 @@ class AnthropicAPI(ProviderAPI):
         }
 
     @staticmethod
+    def thinking_usage(reply: Reply) -> dict[str, Any]:
+        """``output_tokens_details.thinking_tokens``, the share of ``output_tokens`` spent thinking
+        (as the SDK's ``Usage`` type documents it); only present when the model thought."""
+        if not reply.reasoning_tokens:
+            return {}
+        return {"output_tokens_details": {"thinking_tokens": reply.reasoning_tokens}}
+
+    @staticmethod
     def forced_tool(body: Mapping[str, Any]) -> Mapping[str, Any] | None:
         tools = [
             t for t in body.get("tools") or [] if isinstance(t, Mapping) and "input_schema" in t
@@ -191,6 +200,7 @@ class AnthropicAPI(ProviderAPI):
             "usage": {
                 **self.input_usage(reply),
                 "output_tokens": output_tokens,
+                **self.thinking_usage(reply),
                 "service_tier": "standard",
             },
         }
@@ -240,7 +250,11 @@ class AnthropicAPI(ProviderAPI):
                 for d in deltas
             ]
             events.append(sse({"type": "content_block_stop", "index": index}, "content_block_stop"))
-        usage = {**self.input_usage(reply), "output_tokens": message["usage"]["output_tokens"]}
+        usage = {
+            **self.input_usage(reply),
+            "output_tokens": message["usage"]["output_tokens"],
+            **self.thinking_usage(reply),
+        }
         events.append(
             sse(
                 {

@@ -1,0 +1,362 @@
+"""What every provider client shares: base URL, one pooled ``httpx.AsyncClient``, retries,
+timeouts, error classification and stream reading. A provider module supplies the wire format.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any, ClassVar
+
+import httpx
+
+from byok_plugin.host.providers.common import (
+    CompletionRequest,
+    CompletionResult,
+    StreamDone,
+    StreamEvent,
+    TextDelta,
+)
+from byok_plugin.host.providers.errors import (
+    AuthError,
+    BadRequestError,
+    ProtocolError,
+    ProviderError,
+    ProviderTimeout,
+    ProviderUnreachable,
+    RateLimitError,
+    ServerError,
+    redact,
+)
+from byok_plugin.host.providers.retry import RetryPolicy, parse_retry_after
+from byok_plugin.host.providers.sse import ServerSentEvent, iter_sse
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "ProviderClient",
+    "StreamAccumulator",
+    "base_url_var",
+    "resolve_base_url",
+]
+
+#: connect within 5 s; 60 s between bytes of an answer (between events of a stream)
+DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=5.0)
+
+
+def base_url_var(provider: str) -> str:
+    """The environment variable naming ``provider``'s base URL: ``BYOK_OPENAI_BASE_URL``..."""
+    return f"BYOK_{provider.upper()}_BASE_URL"
+
+
+def resolve_base_url(
+    provider: str, default: str, explicit: str | None, environ: Mapping[str, str] | None
+) -> str:
+    """The constructor's ``base_url``, else ``BYOK_<PROVIDER>_BASE_URL`` from ``environ``, else the
+    provider's public API."""
+    url = explicit or (environ or {}).get(base_url_var(provider)) or default
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"{base_url_var(provider)} must be an http(s) URL, not {url!r}")
+    return url.rstrip("/")
+
+
+class StreamAccumulator(ABC):
+    """Reads one provider's stream events, collecting text, tool calls, finish reason and usage.
+
+    :meth:`feed` returns the visible text of the event; :meth:`result` fails with
+    :class:`ProtocolError` unless the stream reached its end marker and reported usage.
+    """
+
+    @abstractmethod
+    def feed(self, event: ServerSentEvent) -> str: ...
+
+    @abstractmethod
+    def result(self) -> CompletionResult: ...
+
+
+class ProviderClient(ABC):
+    """An async client of one provider's API, sharing the host's ``httpx.AsyncClient``.
+
+    :param http: the shared client (its pool and keep-alive serve every provider).
+    :param base_url: overrides ``BYOK_<PROVIDER>_BASE_URL`` and the public URL.
+    :param environ: where ``BYOK_<PROVIDER>_BASE_URL`` is read (``Settings.environ``); never
+        ``os.environ`` implicitly.
+    :param retry: the retry policy (4 attempts with backoff by default).
+    :param timeout: connect/read/write/pool timeouts, per request.
+    """
+
+    provider: ClassVar[str]
+    default_base_url: ClassVar[str]
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        *,
+        base_url: str | None = None,
+        environ: Mapping[str, str] | None = None,
+        retry: RetryPolicy | None = None,
+        timeout: httpx.Timeout | float | None = None,
+    ) -> None:
+        self.http = http
+        self.base_url = resolve_base_url(self.provider, self.default_base_url, base_url, environ)
+        self.retry = retry if retry is not None else RetryPolicy()
+        self.timeout = timeout if timeout is not None else DEFAULT_TIMEOUT
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base_url={self.base_url!r})"
+
+    # --- wire format, per provider -----------------------------------------------------------
+    @abstractmethod
+    def headers(self, api_key: str) -> dict[str, str]:
+        """The request headers, the key included."""
+
+    def error_details(self, payload: Any) -> tuple[str | None, str | None]:
+        """``(message, code)`` from an error body in the provider's shape."""
+        return None, None
+
+    def classify(self, status: int, code: str | None, payload: Any) -> type[ProviderError]:
+        if status in (401, 403):
+            return AuthError
+        if status == 429:
+            return RateLimitError
+        if status == 408:
+            return ProviderTimeout
+        if status >= 500:
+            return ServerError
+        return BadRequestError
+
+    def quota_exhausted(self, code: str | None, payload: Any) -> bool:
+        """A 429 that waiting will not fix (no credit left)."""
+        return False
+
+    # --- model calls (overridden by the model providers) ---------------------------------------
+    async def complete(self, request: CompletionRequest, *, api_key: str) -> CompletionResult:
+        """One non-streamed call."""
+        raise NotImplementedError(f"{self.provider} has no chat completions")
+
+    def stream(self, request: CompletionRequest, *, api_key: str) -> AsyncIterator[StreamEvent]:
+        """A streamed call: :class:`TextDelta` events, then one :class:`StreamDone` with the whole
+        result and its usage. A stream that ends early raises :class:`ProtocolError`."""
+        raise NotImplementedError(f"{self.provider} has no chat completions")
+
+    async def complete_streamed(
+        self,
+        request: CompletionRequest,
+        *,
+        api_key: str,
+        on_text: Callable[[str], Awaitable[None] | None] | None = None,
+    ) -> CompletionResult:
+        """Stream the call, hand each piece of text to ``on_text``, return the complete result."""
+        async for event in self.stream(request, api_key=api_key):
+            if isinstance(event, TextDelta):
+                if on_text is not None:
+                    maybe = on_text(event.text)
+                    if maybe is not None:
+                        await maybe
+            else:
+                return event.result
+        raise ProtocolError(self.provider, "the stream ended without a result")  # pragma: no cover
+
+    async def list_models(self, *, api_key: str) -> list[str]:
+        """The models the key may use (the provider's cheap authenticated listing)."""
+        raise NotImplementedError
+
+    async def check_key(self, *, api_key: str) -> None:
+        """Raise :class:`AuthError` if the provider refuses ``api_key`` (one cheap call)."""
+        await self.list_models(api_key=api_key)
+
+    # --- HTTP with retries ---------------------------------------------------------------------
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
+    async def request_json(
+        self,
+        method: str,
+        path: str,
+        *,
+        api_key: str,
+        body: Mapping[str, Any] | None = None,
+        params: Mapping[str, str] | None = None,
+        parse_float: Callable[[str], Any] | None = None,
+    ) -> Any:
+        """Send with retries; the decoded JSON body of a 2xx answer."""
+        headers = self.headers(api_key)
+        content = json.dumps(body, separators=(",", ":")).encode() if body is not None else None
+        if content is not None:
+            headers["content-type"] = "application/json"
+        response = await self._send_with_retries(
+            method,
+            self.url(path),
+            headers=headers,
+            content=content,
+            params=params,
+            api_key=api_key,
+            stream=False,
+        )
+        try:
+            return json.loads(response.content, parse_float=parse_float)
+        except ValueError as exc:
+            raise ProtocolError(
+                self.provider,
+                f"the answer is not valid JSON ({exc.msg} at char {exc.pos})",
+                status=response.status_code,
+            ) from None
+
+    @asynccontextmanager
+    async def open_stream(
+        self,
+        path: str,
+        *,
+        api_key: str,
+        body: Mapping[str, Any],
+        params: Mapping[str, str] | None = None,
+    ) -> AsyncIterator[httpx.Response]:
+        """POST and hand over the open streamed response (retrying only before the first byte)."""
+        headers = {
+            **self.headers(api_key),
+            "content-type": "application/json",
+            "accept": "text/event-stream",
+        }
+        content = json.dumps(body, separators=(",", ":")).encode()
+        response = await self._send_with_retries(
+            "POST",
+            self.url(path),
+            headers=headers,
+            content=content,
+            params=params,
+            api_key=api_key,
+            stream=True,
+        )
+        try:
+            yield response
+        finally:
+            await response.aclose()
+
+    async def iter_stream(
+        self,
+        path: str,
+        accumulator: StreamAccumulator,
+        *,
+        api_key: str,
+        body: Mapping[str, Any],
+        params: Mapping[str, str] | None = None,
+    ) -> AsyncIterator[StreamEvent]:
+        async with self.open_stream(path, api_key=api_key, body=body, params=params) as response:
+            try:
+                async for event in iter_sse(response):
+                    text = accumulator.feed(event)
+                    if text:
+                        yield TextDelta(text)
+            except httpx.TimeoutException as exc:
+                raise ProviderTimeout(
+                    self.provider, f"the stream stalled ({type(exc).__name__})"
+                ) from None
+            except httpx.TransportError as exc:
+                raise ProtocolError(
+                    self.provider,
+                    f"the stream broke off ({type(exc).__name__}: {redact(str(exc), api_key)})",
+                ) from None
+        yield StreamDone(accumulator.result())
+
+    async def _send_with_retries(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str],
+        content: bytes | None,
+        params: Mapping[str, str] | None,
+        api_key: str,
+        stream: bool,
+    ) -> httpx.Response:
+        attempt = 0
+        while True:
+            attempt += 1
+            retry_after: float | None = None
+            try:
+                request = self.http.build_request(
+                    method,
+                    url,
+                    headers=headers,
+                    content=content,
+                    params=params,
+                    timeout=self.timeout,
+                )
+                response = await self.http.send(request, stream=stream)
+            except httpx.TimeoutException as exc:
+                error: ProviderError = ProviderTimeout(
+                    self.provider, f"no answer in time ({type(exc).__name__})", attempts=attempt
+                )
+                retryable = self.retry.retry_timeouts
+            except httpx.TransportError as exc:
+                error = ProviderUnreachable(
+                    self.provider,
+                    f"cannot reach {self.base_url} ({type(exc).__name__}: {redact(str(exc), api_key)})",
+                    attempts=attempt,
+                )
+                retryable = self.retry.retry_timeouts
+            else:
+                if response.is_success:
+                    return response
+                if stream:
+                    await response.aread()
+                    await response.aclose()
+                error = self.status_error(response, api_key, attempt)
+                retryable = error.retryable
+                if isinstance(error, RateLimitError):
+                    retry_after = error.retry_after
+            wait = self.retry.delay(attempt, retry_after) if retryable else None
+            if wait is None:
+                raise error
+            await self.retry.sleep(wait)
+
+    def status_error(self, response: httpx.Response, api_key: str, attempt: int) -> ProviderError:
+        """The exception for an error answer, from the provider's own error body."""
+        status = response.status_code
+        try:
+            payload: Any = response.json()
+        except ValueError:
+            payload = None
+        message, code = self.error_details(payload) if payload is not None else (None, None)
+        if not message:
+            message = response.text.strip()[:300] or response.reason_phrase or "no message"
+        message = redact(message, api_key)
+        request_id = response.headers.get("x-request-id") or response.headers.get("request-id")
+        kind = self.classify(status, code, payload)
+        common: dict[str, Any] = {
+            "status": status,
+            "code": code,
+            "request_id": request_id,
+            "attempts": attempt,
+        }
+        if kind is RateLimitError:
+            return RateLimitError(
+                self.provider,
+                message,
+                retry_after=parse_retry_after(response.headers),
+                quota_exhausted=self.quota_exhausted(code, payload),
+                **common,
+            )
+        return kind(self.provider, message, **common)
+
+    def decode_event(self, event: ServerSentEvent) -> Any:
+        try:
+            return json.loads(event.data)
+        except ValueError as exc:
+            raise ProtocolError(
+                self.provider, f"a stream event is not valid JSON ({exc.msg})"
+            ) from None
+
+
+def as_int(value: Any) -> int:
+    """A token count from a usage field: missing or null is 0; anything else must be an int."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected a token count, got {value!r}")
+    return value
+
+
+def nonneg(value: int) -> int:
+    return value if value > 0 else 0

@@ -1,0 +1,107 @@
+"""Exa search (``POST {base}/search``).
+
+Base URL: ``https://api.exa.ai``; the key in ``x-api-key``.
+
+Usage, from https://exa.ai/docs/reference/search (response ``costDollars``): Exa bills per request
+and reports the cost itself, so the usage is ``Usage(provider="exa", model="exa-search",
+tool_requests=1, reported_cost=costDollars.total)``. The model is always ``exa-search`` (the tool's
+name in price tables and in ``CredentialRequest``); the search type Exa resolved to (``neural``,
+``fast``, ``deep``...) is in ``SearchResult.search_type``, and its price difference is already in
+the reported cost. Money is read as ``Decimal`` straight from the JSON text, never via float.
+
+Key check: Exa has no models to list; :meth:`ExaClient.check_key` lists websets
+(``GET /websets/v0/websets?limit=1``, authenticated and free of charge).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Any
+
+from byok_hookspecs import Usage
+
+from byok_plugin.host.providers.base import ProviderClient
+from byok_plugin.host.providers.common import SearchHit, SearchRequest, SearchResult
+from byok_plugin.host.providers.errors import ProtocolError
+
+#: the ``model`` of every Exa search's ``Usage``
+EXA_SEARCH_MODEL = "exa-search"
+
+
+def exa_usage(payload: Mapping[str, Any]) -> Usage:
+    cost = (payload.get("costDollars") or {}).get("total")
+    if cost is not None and not isinstance(cost, Decimal):
+        cost = Decimal(str(cost))
+    return Usage(provider="exa", model=EXA_SEARCH_MODEL, tool_requests=1, reported_cost=cost)
+
+
+def parse_search(payload: Any) -> SearchResult:
+    try:
+        hits = tuple(
+            SearchHit(
+                url=r["url"],
+                title=r.get("title"),
+                id=r.get("id"),
+                published_date=r.get("publishedDate"),
+                author=r.get("author"),
+                score=float(r["score"]) if r.get("score") is not None else None,
+                text=r.get("text"),
+            )
+            for r in payload["results"]
+        )
+        return SearchResult(
+            provider="exa",
+            hits=hits,
+            usage=exa_usage(payload),
+            search_type=payload.get("resolvedSearchType") or payload.get("searchType"),
+            request_id=payload.get("requestId"),
+        )
+    except (KeyError, TypeError, AttributeError, ValueError, ArithmeticError) as exc:
+        raise ProtocolError(
+            "exa", f"unexpected search answer shape ({type(exc).__name__}: {exc})"
+        ) from None
+
+
+class ExaClient(ProviderClient):
+    provider = "exa"
+    default_base_url = "https://api.exa.ai"
+
+    def headers(self, api_key: str) -> dict[str, str]:
+        return {"x-api-key": api_key}
+
+    def error_details(self, payload: Any) -> tuple[str | None, str | None]:
+        if not isinstance(payload, Mapping):
+            return None, None
+        message = payload.get("error") or payload.get("message")
+        return (message if isinstance(message, str) else None), payload.get("tag")
+
+    def body(self, request: SearchRequest) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "query": request.query,
+            "numResults": request.num_results,
+            "type": request.search_type,
+        }
+        if request.include_text:
+            body["contents"] = {
+                "text": {"maxCharacters": request.max_characters}
+                if request.max_characters
+                else True
+            }
+        return body
+
+    async def search(self, request: SearchRequest, *, api_key: str) -> SearchResult:
+        payload = await self.request_json(
+            "POST", "/search", api_key=api_key, body=self.body(request), parse_float=Decimal
+        )
+        return parse_search(payload)
+
+    async def list_models(self, *, api_key: str) -> list[str]:
+        """Exa has one billable tool here: ``exa-search`` (after checking the key)."""
+        await self.check_key(api_key=api_key)
+        return [EXA_SEARCH_MODEL]
+
+    async def check_key(self, *, api_key: str) -> None:
+        await self.request_json(
+            "GET", "/websets/v0/websets", api_key=api_key, params={"limit": "1"}
+        )

@@ -1,0 +1,96 @@
+"""Mistral chat completions (``POST {base}/v1/chat/completions``), streamed and not.
+
+Base URL: ``https://api.mistral.ai`` (as the ``mistralai`` SDK's ``server_url``).
+
+Usage, from https://docs.mistral.ai/api/ (``ChatCompletionResponse.usage``): ``prompt_tokens``,
+``completion_tokens``, ``total_tokens``; with prompt caching
+(https://docs.mistral.ai/inference/conversations/advanced/prompt-caching) the cache hits are
+``prompt_tokens_details.cached_tokens``, included in ``prompt_tokens``. Reasoning (Magistral)
+tokens are part of ``completion_tokens`` with no separate count, so they land in
+``output_tokens``. The same OpenAI-shaped mapping therefore applies:
+``input = prompt_tokens - cached_tokens``, ``output = completion_tokens - reasoning_tokens`` (0).
+A stream's last chunk carries ``finish_reason`` and ``usage`` together; then ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from byok_plugin.host.providers.base import ProviderClient
+from byok_plugin.host.providers.common import CompletionRequest, CompletionResult, StreamEvent
+from byok_plugin.host.providers.errors import UnsupportedRequest
+from byok_plugin.host.providers.openai import (
+    ChatChunkAccumulator,
+    chat_messages,
+    function_tools,
+    openai_usage,
+    parse_chat_completion,
+    tool_choice,
+)
+
+
+class MistralClient(ProviderClient):
+    provider = "mistral"
+    default_base_url = "https://api.mistral.ai"
+
+    def headers(self, api_key: str) -> dict[str, str]:
+        return {"authorization": f"Bearer {api_key}"}
+
+    def error_details(self, payload: Any) -> tuple[str | None, str | None]:
+        if not isinstance(payload, Mapping):
+            return None, None
+        message = payload.get("message", payload.get("detail"))
+        if isinstance(payload.get("error"), Mapping):  # gateway errors
+            message = payload["error"].get("message", message)
+        if message is not None and not isinstance(message, str):
+            message = json.dumps(message)[:500]
+        code = payload.get("type") or payload.get("code")
+        return message, str(code) if code is not None else None
+
+    def body(self, request: CompletionRequest, *, stream: bool) -> dict[str, Any]:
+        if request.web_search is not None:
+            raise UnsupportedRequest(
+                self.provider, "chat completions have no web search (it is an Agents API connector)"
+            )
+        body: dict[str, Any] = {"model": request.model, "messages": chat_messages(request)}
+        if request.temperature is not None:
+            body["temperature"] = request.temperature
+        if request.max_output_tokens is not None:
+            body["max_tokens"] = request.max_output_tokens
+        if request.response_schema is not None:
+            body["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": request.schema_name,
+                    "schema": dict(request.response_schema),
+                    "strict": True,
+                },
+            }
+        tools = function_tools(request)
+        if tools:
+            body["tools"] = tools
+        if request.tool_choice is not None:
+            body["tool_choice"] = tool_choice(request.tool_choice)
+        if stream:
+            body["stream"] = True
+        return body
+
+    async def complete(self, request: CompletionRequest, *, api_key: str) -> CompletionResult:
+        payload = await self.request_json(
+            "POST", "/v1/chat/completions", api_key=api_key, body=self.body(request, stream=False)
+        )
+        return parse_chat_completion(self.provider, payload, openai_usage)
+
+    def stream(self, request: CompletionRequest, *, api_key: str) -> AsyncIterator[StreamEvent]:
+        return self.iter_stream(
+            "/v1/chat/completions",
+            ChatChunkAccumulator(self, request.model, openai_usage),
+            api_key=api_key,
+            body=self.body(request, stream=True),
+        )
+
+    async def list_models(self, *, api_key: str) -> list[str]:
+        payload = await self.request_json("GET", "/v1/models", api_key=api_key)
+        return [m["id"] for m in payload.get("data", []) if isinstance(m, Mapping) and "id" in m]

@@ -1,0 +1,90 @@
+"""Retries: bounded attempts, exponential backoff with jitter, the provider's ``Retry-After`` honoured.
+
+The policy holds its own ``sleep`` and ``random`` so that tests inject fakes and run instantly and
+deterministically; there is no module-level state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random as _random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+
+__all__ = ["NO_RETRY", "RetryPolicy", "parse_retry_after"]
+
+
+def parse_retry_after(
+    headers: Mapping[str, str], now: Callable[[], float] = time.time
+) -> float | None:
+    """Seconds to wait, from ``retry-after-ms`` (OpenAI, Anthropic) or ``Retry-After`` (seconds or
+    an HTTP date, RFC 9110 §10.2.3); ``None`` when absent or unreadable."""
+    raw_ms = headers.get("retry-after-ms")
+    if raw_ms:
+        try:
+            return max(0.0, float(raw_ms) / 1000)
+        except ValueError:
+            pass
+    raw = headers.get("retry-after")
+    if not raw:
+        return None
+    raw = raw.strip()
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - now())
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When and how long to wait before trying a failed call again.
+
+    :param max_attempts: attempts in all, the first included (1 = never retry).
+    :param base_delay: the first backoff, in seconds; doubled on each further attempt.
+    :param max_delay: no backoff is longer than this.
+    :param max_retry_after: a ``Retry-After`` longer than this is not waited for: the call fails
+        with the rate-limit error (carrying ``retry_after``) at once.
+    :param retry_timeouts: also retry timeouts and unreachable hosts (the default).
+    :param sleep: ``await sleep(seconds)``; ``asyncio.sleep`` by default.
+    :param random: a float in [0, 1) for the jitter; a private ``random.Random()`` by default.
+    """
+
+    max_attempts: int = 4
+    base_delay: float = 0.5
+    max_delay: float = 20.0
+    max_retry_after: float = 60.0
+    retry_timeouts: bool = True
+    sleep: Callable[[float], Awaitable[object]] = field(default=asyncio.sleep, compare=False)
+    random: Callable[[], float] = field(
+        default_factory=lambda: _random.Random().random,  # noqa: S311 - jitter, not crypto
+        compare=False,
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("RetryPolicy.max_attempts must be at least 1")
+
+    def backoff(self, attempt: int) -> float:
+        """The wait after failed attempt number ``attempt`` (1-based): "equal jitter", i.e. half of
+        the exponential step plus a random share of the other half."""
+        step = min(self.max_delay, self.base_delay * (2 ** (attempt - 1)))
+        return step / 2 + self.random() * step / 2
+
+    def delay(self, attempt: int, retry_after: float | None) -> float | None:
+        """How long to wait before the next attempt, or ``None`` to give up now."""
+        if attempt >= self.max_attempts:
+            return None
+        if retry_after is not None:
+            return retry_after if retry_after <= self.max_retry_after else None
+        return self.backoff(attempt)
+
+
+#: one attempt, no retry
+NO_RETRY = RetryPolicy(max_attempts=1)
