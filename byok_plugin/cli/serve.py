@@ -1,0 +1,106 @@
+"""``byok serve``: the settings page and the key API for the local operator, on loopback."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+import click
+
+from byok_plugin.cli.context import CliContext, pass_cli
+
+DEFAULT_PORT = 8765
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError as exc:
+        sock.close()
+        raise click.ClickException(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+            + ("; pick another port with --port, or --port 0 for any free one" if port else "")
+        ) from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+@click.command("serve")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="A loopback address to listen on (127.0.0.1, ::1 or localhost).",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=DEFAULT_PORT,
+    show_default=True,
+    help="The port; 0 picks a free one.",
+)
+@click.option("--workspace", "-w", default=None, help="The workspace the printed link opens.")
+@pass_cli
+def serve_command(cli: CliContext, host: str, port: int, workspace: str | None) -> None:
+    """Manage workspace keys in a browser: serve the settings page and the key API on loopback.
+
+    Prints a link that signs your browser in once, as the local operator (who may manage every
+    workspace of this store). Serving to other people is a host's job: mount
+    byok_plugin.server.create_app in your web app, with your own authentication.
+    """
+    if not _is_loopback(host):
+        raise click.UsageError(
+            f"--host {host} is not a loopback address: byok serve signs the browser in as the "
+            "local operator, so it only listens on 127.0.0.1, ::1 or localhost. To serve the "
+            "key API to others, mount byok_plugin.server.create_app in your web app with your "
+            "own authentication."
+        )
+    try:
+        import uvicorn
+
+        from byok_plugin.server import LocalLogin
+        from byok_plugin.server.local import create_local_app, login_url
+    except ImportError:
+        raise click.ClickException(
+            "byok serve needs the server extra: pip install 'byok-plugin[server]'"
+        ) from None
+    from byok_plugin.cli.context import OPERATOR
+    from byok_plugin.key_errors import KeyringError
+
+    try:
+        cli.app.keyring  # noqa: B018 - load it now, to warn before the browser opens
+    except KeyringError as exc:
+        click.secho(f"warning: {exc}", fg="yellow", err=True)
+        click.secho("keys can be listed but not added until a master key exists", err=True)
+
+    login = LocalLogin(OPERATOR)
+    asgi = create_local_app(cli.app, login, pm=cli.pm)
+    sock = _bind(host, port)
+    bound_port = sock.getsockname()[1]
+    url = login_url(
+        "localhost" if host == "localhost" else host, bound_port, login.issue_token(), workspace
+    )
+    click.echo(f"byok serve: open {url}")
+    click.echo(
+        "The link signs in one browser, once; restart byok serve for a new one. Ctrl+C stops."
+    )
+    config = uvicorn.Config(asgi, log_level="info", access_log=True, lifespan="off")
+    server = uvicorn.Server(config)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+        cli.app.close()

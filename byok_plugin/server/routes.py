@@ -1,0 +1,354 @@
+"""The routes of the key management API and of the settings page.
+
+Every key route goes through :class:`~byok_plugin.keys.KeyService`, the same service as the
+``byok keys`` command: it asks ``byok_authorize`` and reports to ``byok_audit``. The service is
+synchronous (it talks to the database), so it runs in a worker thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from functools import wraps
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+from byok_hookspecs import Action, Actor, ByokError, KeyCheck, Role
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from byok_plugin import __version__
+from byok_plugin.key_errors import InvalidInput, KeyNotFound
+from byok_plugin.key_format import check_key_id, check_workspace_id
+from byok_plugin.server.bodies import read_json_body
+from byok_plugin.server.errors import (
+    ApiError,
+    ErrorCode,
+    error_from_library,
+    error_response,
+    log_unexpected,
+)
+from byok_plugin.server.identity import Identify, resolve_actor
+from byok_plugin.server.schemas import openapi_text
+
+if TYPE_CHECKING:
+    from byok_plugin.app import App
+    from byok_plugin.keys import KeyService
+    from byok_plugin.store.keys_repo import KeyInfo
+
+__all__ = ["API_HEADERS", "PAGE_HEADERS", "Api", "build_routes"]
+
+#: on every API answer: never cached (the list of keys is private), never sniffed
+API_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+#: on the page and its files: nothing from elsewhere, no framing, no referrer
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+_KEY_FIELDS = (
+    "id",
+    "provider",
+    "label",
+    "hint",
+    "status",
+    "created_at",
+    "created_by",
+    "updated_at",
+    "updated_by",
+    "last_used_at",
+    "cooldown_until",
+)
+
+
+def _iso(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, datetime) else value
+
+
+def key_json(info: KeyInfo) -> dict[str, Any]:
+    """What the API shows of a stored key: masked, no ciphertext, no fingerprint."""
+    return {name: _iso(getattr(info, name)) for name in _KEY_FIELDS}
+
+
+def check_json(check: KeyCheck, key_id: str | None) -> dict[str, Any]:
+    return {
+        "key_id": key_id,
+        "provider": check.provider,
+        "status": check.status.value,
+        "message": check.message,
+    }
+
+
+def ok(data: Any, status: int = 200) -> JSONResponse:
+    return JSONResponse(data, status_code=status, headers=API_HEADERS)
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def endpoint(handler: Handler) -> Handler:
+    """Answer every failure as a JSON error: API errors as given, the key service's errors by
+    kind, anything else as a 500 that is logged by type and stack, never by message."""
+
+    @wraps(handler)
+    async def run(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return error_response(exc)
+        except ByokError as exc:
+            return error_response(error_from_library(exc))
+        except Exception as exc:
+            log_unexpected(exc, f"{request.method} {request.url.path} failed")
+            return error_response(
+                ApiError(ErrorCode.INTERNAL_ERROR, "the server failed; see its log")
+            )
+
+    return run
+
+
+@dataclass
+class Api:
+    """The API's collaborators: the app, the plugin manager and the host's identity callable."""
+
+    app: App
+    pm: pluggy.PluginManager
+    identify: Identify | None
+    max_body_bytes: int
+
+    def __post_init__(self) -> None:
+        self._service: KeyService | None = None
+        self._lock = threading.Lock()
+
+    def service(self) -> KeyService:
+        """The key service, built once; the lock keeps two first requests from opening (and
+        migrating) the store twice."""
+        with self._lock:
+            if self._service is None:
+                service = self.app.key_service(self.pm)
+                _ = self.app.key_store  # open and migrate the store now, under the lock
+                self._service = service
+            return self._service
+
+    async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run a key service call in a worker thread."""
+
+        def work() -> Any:
+            return fn(self.service(), *args, **kwargs)
+
+        return await run_in_threadpool(work)
+
+    async def actor(self, request: Request) -> Actor:
+        actor = await resolve_actor(self.identify, request)
+        if actor is None:
+            raise ApiError(
+                ErrorCode.UNAUTHENTICATED,
+                "sign in first: this request carries no identity the host accepts",
+                headers=(("WWW-Authenticate", 'Bearer realm="byok"'),),
+            )
+        return actor
+
+    async def body(
+        self, request: Request, schema: str, *, optional: bool = False
+    ) -> dict[str, Any]:
+        return await read_json_body(request, schema, limit=self.max_body_bytes, optional=optional)
+
+    # --- the routes ------------------------------------------------------------------------
+
+    async def health(self, request: Request) -> Response:
+        return ok({"status": "ok", "version": __version__})
+
+    async def openapi(self, request: Request) -> Response:
+        return Response(
+            openapi_text(), media_type="application/json", headers={"Cache-Control": "no-cache"}
+        )
+
+    async def me(self, request: Request) -> Response:
+        actor = await self.actor(request)
+        roles = {ws: Role(role).value for ws, role in actor.roles.items()}
+        return ok({"id": actor.id, "operator": actor.operator, "workspaces": roles})
+
+    async def providers(self, request: Request) -> Response:
+        await self.actor(request)
+        catalog = self.app.catalog
+        providers = [
+            {
+                "id": info.id,
+                "name": info.name,
+                "models": [
+                    {"id": m.id, "kind": m.kind, "hosted": m.hosted, "aliases": list(m.aliases)}
+                    for m in catalog.models_of(info.id)
+                ],
+            }
+            for info in catalog.providers.values()
+        ]
+        return ok({"catalog_version": catalog.version, "providers": providers})
+
+    async def list_keys(self, request: Request) -> Response:
+        actor = await self.actor(request)
+        workspace_id = request.path_params["workspace_id"]
+
+        def work(service: KeyService) -> dict[str, Any]:
+            keys = service.list_keys(actor, workspace_id)
+            can_manage = self.pm.hook.byok_authorize(
+                actor=actor, workspace_id=workspace_id, action=Action.MANAGE_KEYS
+            )
+            return {
+                "workspace_id": workspace_id,
+                "can_manage": can_manage is True,
+                "keys": [key_json(k) for k in keys],
+            }
+
+        return ok(await self.call(work))
+
+    async def set_key(self, request: Request) -> Response:
+        actor = await self.actor(request)
+        workspace_id = request.path_params["workspace_id"]
+        body = await self.body(request, "SetKeyRequest")
+
+        def work(service: KeyService) -> Any:
+            return service.set_key(
+                actor,
+                workspace_id,
+                body["provider"],
+                body["api_key"],
+                label=body.get("label"),
+                test=body.get("test", True),
+            )
+
+        result = await self.call(work)
+        return ok(
+            {
+                "key": key_json(result.key),
+                "created": result.replaced is None,
+                "replaced_key_id": result.replaced.id if result.replaced is not None else None,
+                "warnings": list(result.warnings),
+                "check": check_json(result.check, None) if result.check is not None else None,
+            },
+            status=201 if result.replaced is None else 200,
+        )
+
+    async def delete_keys(self, request: Request) -> Response:
+        actor = await self.actor(request)
+        workspace_id = request.path_params["workspace_id"]
+        body = await self.body(request, "DeleteKeysRequest")
+
+        def work(service: KeyService) -> list[KeyInfo]:
+            return service.delete_keys(
+                actor, workspace_id, body["provider"], key_id=body.get("key_id")
+            )
+
+        deleted = await self.call(work)
+        return ok({"deleted": [info.id for info in deleted]})
+
+    def _provider_of(
+        self, service: KeyService, actor: Actor, workspace_id: str, key_id: str, what: str
+    ) -> str:
+        """The provider of a key named by id alone (the service selects by provider and id).
+
+        Authorization comes first, through the service (a denial is audited as for any other
+        call), so that an outsider cannot tell an existing key id from a missing one.
+        """
+        try:
+            workspace_id = check_workspace_id(workspace_id)
+        except InvalidInput as exc:
+            raise ApiError(ErrorCode.VALIDATION_ERROR, str(exc), "workspace_id") from None
+        try:
+            key_id = check_key_id(key_id)
+        except InvalidInput as exc:
+            raise ApiError(ErrorCode.VALIDATION_ERROR, str(exc), "key_id") from None
+        service.authorize(actor, workspace_id, Action.MANAGE_KEYS, what=what, key_id=key_id)
+        found = self.app.key_store.find(workspace_id, None, key_id=key_id)
+        if not found:
+            raise KeyNotFound(workspace_id, None, f"with id {key_id}")
+        return found[0].provider
+
+    async def update_key(self, request: Request) -> Response:
+        actor = await self.actor(request)
+        workspace_id = request.path_params["workspace_id"]
+        key_id = request.path_params["key_id"]
+        body = await self.body(request, "UpdateKeyRequest")
+        status = body["status"]
+
+        def work(service: KeyService) -> list[KeyInfo]:
+            verb = "enable" if status == "enabled" else "disable"
+            provider = self._provider_of(service, actor, workspace_id, key_id, f"{verb} keys")
+            change = service.enable if status == "enabled" else service.disable
+            return change(actor, workspace_id, provider, key_id=key_id)
+
+        changed = await self.call(work)
+        return ok({"key": key_json(changed[0])})
+
+    async def test_key(self, request: Request) -> Response:
+        actor = await self.actor(request)
+        workspace_id = request.path_params["workspace_id"]
+        key_id = request.path_params["key_id"]
+        await self.body(request, "TestKeyRequest", optional=True)
+
+        def work(service: KeyService) -> Any:
+            provider = self._provider_of(service, actor, workspace_id, key_id, "test keys")
+            return service.test_keys(actor, workspace_id, provider, key_id=key_id)
+
+        results = await self.call(work)
+        return ok(check_json(results[0].check, results[0].key.id))
+
+
+def _static_file(name: str, media_type: str) -> Handler:
+    """One file of the settings page, read from the package once."""
+    content = resources.files("byok_plugin.server").joinpath("static", name).read_bytes()
+
+    async def serve(request: Request) -> Response:
+        return Response(content, media_type=media_type, headers=PAGE_HEADERS)
+
+    return serve
+
+
+def by_method(**handlers: Handler) -> tuple[Handler, list[str]]:
+    """One handler for a path served by several methods (so a 405 lists them all)."""
+
+    async def dispatch(request: Request) -> Response:
+        method = "GET" if request.method == "HEAD" else request.method
+        return await handlers[method](request)
+
+    return dispatch, list(handlers)
+
+
+def build_routes(api: Api) -> list[BaseRoute]:
+    """The API's routes and the settings page's, relative to where the host mounts the app."""
+    keys = "/api/workspaces/{workspace_id}/byok-keys"
+    keys_handler, keys_methods = by_method(
+        GET=api.list_keys, POST=api.set_key, DELETE=api.delete_keys
+    )
+    return [
+        Route("/api/byok/health", endpoint(api.health), methods=["GET"]),
+        Route("/api/byok/openapi.json", endpoint(api.openapi), methods=["GET"]),
+        Route("/api/byok/me", endpoint(api.me), methods=["GET"]),
+        Route("/api/byok/providers", endpoint(api.providers), methods=["GET"]),
+        Route(keys, endpoint(keys_handler), methods=keys_methods),
+        Route(keys + "/{key_id}", endpoint(api.update_key), methods=["PATCH"]),
+        Route(keys + "/{key_id}/test", endpoint(api.test_key), methods=["POST"]),
+        Route(
+            "/settings/", _static_file("index.html", "text/html; charset=utf-8"), methods=["GET"]
+        ),
+        Route(
+            "/settings/settings.css",
+            _static_file("settings.css", "text/css; charset=utf-8"),
+            methods=["GET"],
+        ),
+        Route(
+            "/settings/settings.js",
+            _static_file("settings.js", "text/javascript; charset=utf-8"),
+            methods=["GET"],
+        ),
+    ]

@@ -1,0 +1,438 @@
+// BYOK settings page: a small script, no build step, no dependencies.
+// Every value from the server is written with textContent, never as HTML.
+"use strict";
+
+(function () {
+  const apiRoot = new URL("../api/", window.location.href);
+  const params = new URLSearchParams(window.location.search);
+  const workspaceId = params.get("workspace");
+  const $ = (sel, root = document) => root.querySelector(sel);
+
+  const state = { me: null, catalog: [], keys: [], canManage: false };
+  let uid = 0;
+  const nextId = (prefix) => `${prefix}-${++uid}`;
+
+  class ApiError extends Error {
+    constructor(status, code, message, field) {
+      super(message);
+      this.status = status;
+      this.code = code;
+      this.field = field || null;
+    }
+  }
+
+  async function api(method, path, body) {
+    const init = { method, credentials: "same-origin", headers: { Accept: "application/json" } };
+    if (method !== "GET") {
+      init.headers["Content-Type"] = "application/json";
+      init.body = JSON.stringify(body === undefined ? {} : body);
+    }
+    let response;
+    try {
+      response = await fetch(new URL(path, apiRoot), init);
+    } catch (err) {
+      throw new ApiError(0, "network", "The server did not answer. Check that it is running, then try again.");
+    }
+    let data = null;
+    try {
+      data = await response.json();
+    } catch (err) {
+      data = null;
+    }
+    if (!response.ok) {
+      const e = (data && data.error) || {};
+      throw new ApiError(response.status, e.code || "http_" + response.status,
+        e.message || `The server answered ${response.status}.`, e.field);
+    }
+    return data;
+  }
+
+  const wsPath = () => `workspaces/${encodeURIComponent(workspaceId)}/byok-keys`;
+
+  // ---- messages ---------------------------------------------------------------------------
+
+  function notify(text) {
+    const el = $("#notice");
+    el.textContent = text;
+    el.hidden = false;
+  }
+
+  function pageError(text) {
+    const el = $("#page-error");
+    el.textContent = text;
+    el.hidden = !text;
+  }
+
+  function describe(err) {
+    if (err.code === "unauthenticated") {
+      return "You are not signed in. If you use byok serve, open the link it printed " +
+        "(each link works once; restart byok serve for a new one).";
+    }
+    if (err.code === "forbidden") return "You do not have access to this: " + err.message;
+    return err.message;
+  }
+
+  // ---- formatting -------------------------------------------------------------------------
+
+  const relative = new Intl.RelativeTimeFormat(undefined, { numeric: "auto" });
+  const absolute = new Intl.DateTimeFormat(undefined, { dateStyle: "medium", timeStyle: "short" });
+
+  function ago(iso) {
+    const then = new Date(iso);
+    const seconds = Math.round((then.getTime() - Date.now()) / 1000);
+    const steps = [["year", 31536000], ["month", 2592000], ["week", 604800], ["day", 86400],
+      ["hour", 3600], ["minute", 60]];
+    for (const [unit, size] of steps) {
+      if (Math.abs(seconds) >= size) return relative.format(Math.round(seconds / size), unit);
+    }
+    return "just now";
+  }
+
+  function timeEl(prefix, iso) {
+    const span = document.createElement("span");
+    span.append(prefix);
+    const t = document.createElement("time");
+    t.dateTime = iso;
+    t.title = absolute.format(new Date(iso));
+    t.textContent = ago(iso);
+    span.append(t);
+    return span;
+  }
+
+  // ---- rendering --------------------------------------------------------------------------
+
+  function providerList() {
+    const known = new Map(state.catalog.map((p) => [p.id, p]));
+    for (const key of state.keys) {
+      if (!known.has(key.provider)) known.set(key.provider, { id: key.provider, name: key.provider, models: [] });
+    }
+    return [...known.values()];
+  }
+
+  function render(focusSelector) {
+    const host = $("#providers");
+    host.replaceChildren();
+    for (const provider of providerList()) host.append(renderProvider(provider));
+    host.setAttribute("aria-busy", "false");
+    $("#readonly-note").hidden = state.canManage;
+    if (!state.canManage) {
+      for (const el of host.querySelectorAll("[data-admin]")) el.remove();
+    }
+    if (focusSelector) {
+      const target = host.querySelector(focusSelector);
+      if (target) target.focus();
+    }
+  }
+
+  function renderProvider(provider) {
+    const node = $("#provider-template").content.firstElementChild.cloneNode(true);
+    node.dataset.provider = provider.id;
+    const headingId = nextId("provider");
+    const heading = $(".provider-name", node);
+    heading.id = headingId;
+    heading.textContent = provider.name;
+    node.setAttribute("aria-labelledby", headingId);
+    const hosted = provider.models.filter((m) => m.hosted).length;
+    $(".provider-meta", node).textContent = hosted
+      ? `${hosted} hosted model${hosted === 1 ? "" : "s"} · runs without a key are billed by the platform`
+      : "Not hosted by the platform: runs need a key";
+    const keys = state.keys.filter((k) => k.provider === provider.id)
+      .sort((a, b) => a.label.localeCompare(b.label));
+    node.classList.toggle("has-keys", keys.length > 0);
+    const list = $(".keys", node);
+    for (const key of keys) list.append(renderKey(key, provider));
+    const add = $(".add-key", node);
+    add.setAttribute("aria-label", `Add ${provider.name} key`);
+    add.addEventListener("click", () => openForm(node, provider, null, add));
+    return node;
+  }
+
+  function renderKey(key, provider) {
+    const node = $("#key-template").content.firstElementChild.cloneNode(true);
+    node.dataset.keyId = key.id;
+    node.classList.toggle("disabled", key.status !== "enabled");
+    $(".key-label", node).textContent = key.label;
+    const pill = $(".status-pill", node);
+    pill.textContent = key.status === "enabled" ? "Enabled" : "Disabled";
+    pill.classList.add(key.status);
+    const hint = $(".key-hint", node);
+    hint.textContent = key.hint;
+    hint.setAttribute("aria-label", `Masked key ${key.hint}`);
+    const meta = $(".key-meta", node);
+    meta.append(key.last_used_at ? timeEl("Last used ", key.last_used_at) : "Never used");
+    meta.append(" · ");
+    meta.append(timeEl(key.updated_at !== key.created_at ? "Updated " : "Added ", key.updated_at));
+
+    const who = `${provider.name} key “${key.label}”`;
+    const toggle = $(".act-toggle", node);
+    toggle.textContent = key.status === "enabled" ? "Disable" : "Enable";
+    toggle.setAttribute("aria-label", `${toggle.textContent} ${who}`);
+    $(".act-test", node).setAttribute("aria-label", `Test ${who}`);
+    $(".act-replace", node).setAttribute("aria-label", `Replace ${who}`);
+    $(".act-delete", node).setAttribute("aria-label", `Delete ${who}`);
+
+    $(".act-test", node).addEventListener("click", (ev) => testKey(node, key, ev.currentTarget));
+    toggle.addEventListener("click", (ev) => toggleKey(node, key, ev.currentTarget));
+    $(".act-replace", node).addEventListener("click", (ev) =>
+      openForm(node.closest(".provider"), provider, key, ev.currentTarget));
+    $(".act-delete", node).addEventListener("click", (ev) => askDelete(node, key, provider, ev.currentTarget));
+    return node;
+  }
+
+  function showResult(node, text, ok) {
+    const el = $(".key-result", node);
+    el.textContent = text;
+    el.classList.toggle("ok", ok);
+    el.classList.toggle("bad", !ok);
+    el.hidden = false;
+  }
+
+  // ---- actions ----------------------------------------------------------------------------
+
+  async function reload(focusSelector) {
+    const data = await api("GET", wsPath());
+    state.keys = data.keys;
+    state.canManage = data.can_manage;
+    render(focusSelector);
+  }
+
+  async function busy(button, work) {
+    button.disabled = true;
+    try {
+      return await work();
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  async function testKey(node, key, button) {
+    await busy(button, async () => {
+      try {
+        const check = await api("POST", `${wsPath()}/${encodeURIComponent(key.id)}/test`, {});
+        const words = {
+          valid: "The provider accepted this key.",
+          invalid: "The provider refused this key.",
+          unreachable: "The provider could not be reached.",
+          skipped: "Not checked.",
+        };
+        const text = words[check.status] + (check.message ? ` ${check.message}` : "");
+        showResult(node, text, check.status === "valid");
+      } catch (err) {
+        showResult(node, describe(err), false);
+      }
+    });
+  }
+
+  async function toggleKey(node, key, button) {
+    const status = key.status === "enabled" ? "disabled" : "enabled";
+    await busy(button, async () => {
+      try {
+        await api("PATCH", `${wsPath()}/${encodeURIComponent(key.id)}`, { status });
+        notify(`Key “${key.label}” ${status}.`);
+        await reload(`[data-key-id="${CSS.escape(key.id)}"] .act-toggle`);
+      } catch (err) {
+        showResult(node, describe(err), false);
+      }
+    });
+  }
+
+  function askDelete(node, key, provider, trigger) {
+    const box = $(".confirm", node);
+    const textId = nextId("confirm");
+    const text = $(".confirm-text", box);
+    text.id = textId;
+    text.textContent = `Delete the ${provider.name} key “${key.label}”? Runs in this workspace stop using it at once.`;
+    box.setAttribute("aria-labelledby", textId);
+    box.hidden = false;
+    const yes = $(".confirm-yes", box);
+    const no = $(".confirm-no", box);
+    const close = () => { box.hidden = true; trigger.focus(); };
+    no.onclick = close;
+    box.onkeydown = (ev) => { if (ev.key === "Escape") close(); };
+    yes.onclick = () => busy(yes, async () => {
+      try {
+        await api("DELETE", wsPath(), { provider: key.provider, key_id: key.id });
+        notify(`Deleted the ${provider.name} key “${key.label}”.`);
+        await reload(`[data-provider="${CSS.escape(key.provider)}"] .add-key`);
+      } catch (err) {
+        box.hidden = true;
+        showResult(node, describe(err), false);
+        trigger.focus();
+      }
+    });
+    no.focus();
+  }
+
+  function freeLabel(providerId) {
+    const used = new Set(state.keys.filter((k) => k.provider === providerId).map((k) => k.label));
+    if (!used.has("default")) return "default";
+    for (let n = 2; ; n++) if (!used.has(`key-${n}`)) return `key-${n}`;
+  }
+
+  function openForm(providerNode, provider, key, trigger) {
+    for (const open of document.querySelectorAll(".key-form")) open.remove();
+    const form = $("#form-template").content.firstElementChild.cloneNode(true);
+    const replacing = key !== null;
+    $(".form-title", form).textContent = replacing
+      ? `Replace the ${provider.name} key “${key.label}”`
+      : `Add a ${provider.name} key`;
+    const wire = (labelSel, inputSel, name) => {
+      const id = nextId(name);
+      $(inputSel, form).id = id;
+      $(labelSel, form).htmlFor = id;
+      return $(inputSel, form);
+    };
+    const labelIn = wire(".lbl-label", ".in-label", "label");
+    const keyIn = wire(".lbl-key", ".in-key", "key");
+    const testIn = wire(".lbl-test", ".in-test", "test");
+    const keyHint = $(".hint-key", form);
+    keyHint.id = nextId("key-hint");
+    const keyError = $(".field-error", form);
+    keyError.id = nextId("key-error");
+    keyIn.setAttribute("aria-describedby", keyHint.id);
+    if (replacing) {
+      labelIn.value = key.label;
+      $(".label-field", form).hidden = true;
+      $(".form-submit", form).textContent = "Replace key";
+    } else {
+      labelIn.value = freeLabel(provider.id);
+    }
+    const formError = $(".form-error", form);
+
+    const clearErrors = () => {
+      formError.hidden = true;
+      keyError.hidden = true;
+      for (const input of [labelIn, keyIn]) input.removeAttribute("aria-invalid");
+      keyIn.setAttribute("aria-describedby", keyHint.id);
+    };
+    const showError = (err) => {
+      const field = err.field === "api_key" ? keyIn : err.field === "label" ? labelIn : null;
+      if (field === keyIn) {
+        keyError.textContent = describe(err);
+        keyError.hidden = false;
+        keyIn.setAttribute("aria-invalid", "true");
+        keyIn.setAttribute("aria-describedby", `${keyError.id} ${keyHint.id}`);
+        keyIn.focus();
+        return;
+      }
+      formError.textContent = describe(err);
+      formError.hidden = false;
+      if (field) {
+        field.setAttribute("aria-invalid", "true");
+        field.focus();
+      }
+    };
+
+    const cancel = () => { form.remove(); trigger.focus(); };
+    $(".form-cancel", form).addEventListener("click", cancel);
+    form.addEventListener("keydown", (ev) => { if (ev.key === "Escape") cancel(); });
+    form.addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      clearErrors();
+      const apiKey = keyIn.value.trim();
+      if (!apiKey) {
+        showError({ field: "api_key", message: "Paste the API key first." });
+        return;
+      }
+      const label = labelIn.value.trim();
+      if (!label) {
+        showError({ field: "label", message: "Give the key a label." });
+        return;
+      }
+      const submit = $(".form-submit", form);
+      await busy(submit, async () => {
+        try {
+          const result = await api("POST", wsPath(),
+            { provider: provider.id, api_key: apiKey, label, test: testIn.checked });
+          keyIn.value = "";
+          const verb = result.created ? "Saved" : "Replaced";
+          const extra = result.warnings && result.warnings.length ? ` Note: ${result.warnings.join("; ")}.` : "";
+          notify(`${verb} the ${provider.name} key “${result.key.label}” (${result.key.hint}).${extra}`);
+          await reload(`[data-key-id="${CSS.escape(result.key.id)}"] .act-replace`);
+        } catch (err) {
+          showError(err);
+        }
+      });
+    });
+
+    $(".form-slot", providerNode).append(form);
+    (replacing ? keyIn : labelIn).focus();
+  }
+
+  // ---- start ------------------------------------------------------------------------------
+
+  async function login() {
+    const match = /^#login=([A-Za-z0-9_-]+)$/.exec(window.location.hash);
+    if (!match) return;
+    history.replaceState(null, "", window.location.pathname + window.location.search);
+    try {
+      await api("POST", "byok/session", { token: match[1] });
+    } catch (err) {
+      if (err.code !== "not_found") pageError(
+        "This sign-in link was already used or is wrong. Restart byok serve for a new link.");
+    }
+  }
+
+  function showWho(me) {
+    const el = $("#whoami");
+    el.replaceChildren(`Signed in as ${me.id}`);
+    const role = me.operator ? "operator" : (me.workspaces[workspaceId] || null);
+    if (workspaceId && role) {
+      const badge = document.createElement("span");
+      badge.className = "role-badge" + (role === "member" ? "" : " admin");
+      badge.textContent = role === "operator" ? "Local operator" : role === "admin" ? "Admin" : "Member";
+      el.append(badge);
+    }
+    el.hidden = false;
+  }
+
+  function showPicker(me) {
+    const list = $("#workspace-list");
+    for (const [id, role] of Object.entries(me.workspaces).sort()) {
+      const li = document.createElement("li");
+      const a = document.createElement("a");
+      a.href = `?workspace=${encodeURIComponent(id)}`;
+      a.textContent = id;
+      li.append(a, ` · ${role}`);
+      list.append(li);
+    }
+    $("#workspace-form").addEventListener("submit", (ev) => {
+      ev.preventDefault();
+      const value = $("#workspace-input").value.trim();
+      if (value) window.location.search = `?workspace=${encodeURIComponent(value)}`;
+    });
+    $("#workspace-picker").hidden = false;
+  }
+
+  async function start() {
+    await login();
+    let me;
+    try {
+      me = await api("GET", "byok/me");
+    } catch (err) {
+      if ($("#page-error").hidden) pageError(describe(err));
+      return;
+    }
+    state.me = me;
+    showWho(me);
+    if (!workspaceId) {
+      showPicker(me);
+      return;
+    }
+    $("#workspace-name").textContent = workspaceId;
+    $("#workspace-eyebrow").hidden = false;
+    document.title = `Provider keys · ${workspaceId}`;
+    $("#keys-section").hidden = false;
+    try {
+      const [catalog] = await Promise.all([api("GET", "byok/providers"), reload()]);
+      state.catalog = catalog.providers;
+      render();
+    } catch (err) {
+      $("#providers").replaceChildren();
+      $("#providers").setAttribute("aria-busy", "false");
+      pageError(describe(err));
+    }
+  }
+
+  start();
+})();
