@@ -179,7 +179,13 @@ class GoogleAPI(ProviderAPI):
                 {
                     "functionCall": {
                         "name": function["name"],
-                        "args": schema_instance(_lower_types(function.get("parameters") or {})),
+                        "args": schema_instance(
+                            _lower_types(
+                                function.get("parametersJsonSchema")
+                                or function.get("parameters")
+                                or {}
+                            )
+                        ),
                     }
                 }
             ]
