@@ -1,0 +1,911 @@
+"""The asyncio runner of the reference host engine.
+
+It reaches byok-plugin only through the hooks of a pluggy ``PluginManager`` (``byok_hookspecs``),
+as any third-party engine would::
+
+    async with WorkflowRunner.open(pm, environ=os.environ) as runner:
+        result = await runner.run(load_workflow("triage.json"), workspace_id="acme",
+                                  inputs={"ticket": "..."})
+    print(result.total_charge, result.blocks["classify"].source)
+
+Blocks start as soon as every block with an edge into them has finished; independent branches run
+concurrently; at most ``max_concurrent_calls`` provider calls are in flight at once. Every provider
+call goes through the same four steps:
+
+1. ``byok_resolve_credential(request)``: which key (block, workspace or platform);
+2. the call itself, over the provider client (streamed or not);
+3. ``byok_compute_charge(usage, credential)``: what the platform charges for it;
+4. ``byok_record_usage(record)``, with the idempotency key ``run:block:attempt``.
+
+When the provider refuses a key (an authentication or rate-limit error that outlived the client's
+own retries), the runner asks ``byok_resolve_credential`` again with ``request.failure`` set, so the
+workspace's fallback policy decides whether another key (or the platform's) serves the call. A call
+that does not complete is neither charged nor recorded. A failed block fails the run: blocks
+already running finish (their completed calls are recorded), blocks not started are reported as
+skipped.
+
+The hooks are synchronous and may read or write a database, so they run in a worker thread
+(:func:`asyncio.to_thread`) and never stall the event loop; ``RunnerOptions.hooks_in_thread=False``
+calls them inline, for hooks known to be in-memory (see ``benchmarks/bench_runner.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, replace
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pluggy
+from byok_hookspecs import (
+    Actor,
+    ByokError,
+    Charge,
+    Credential,
+    CredentialRequest,
+    FailureReason,
+    NoCredential,
+    ProviderFailure,
+    UsageRecord,
+)
+from jsonschema import Draft202012Validator
+
+from byok_plugin.host.providers.common import (
+    CompletionRequest,
+    CompletionResult,
+    FunctionTool,
+    Message,
+    SearchHit,
+    SearchRequest,
+    SearchResult,
+)
+from byok_plugin.host.providers.errors import (
+    AuthError,
+    ProtocolError,
+    ProviderError,
+    ProviderTimeout,
+    ProviderUnreachable,
+    RateLimitError,
+    ServerError,
+    UnsupportedRequest,
+)
+from byok_plugin.host.providers.registry import create_clients, new_http_client
+from byok_plugin.host.providers.retry import RetryPolicy
+from byok_plugin.host.run_result import (
+    BlockResult,
+    BlockStatus,
+    CallResult,
+    Rejection,
+    RunResult,
+    RunStatus,
+)
+from byok_plugin.host.workflow import (
+    AgentBlock,
+    AgentTool,
+    Block,
+    ConditionBlock,
+    InputBlock,
+    KeyRef,
+    OutputBlock,
+    Problem,
+    Ref,
+    RenderError,
+    ToolBlock,
+    Workflow,
+    WorkflowError,
+    bind_inputs,
+    check_models,
+    json_path,
+)
+from byok_plugin.host.workflow.providers import TOOL_PROVIDERS
+from byok_plugin.host.workflow.templates import step_into, to_text
+
+__all__ = ["BlockFailed", "RunEvent", "RunnerOptions", "WorkflowRunner"]
+
+log = logging.getLogger("byok.host.runner")
+
+EXA_TOOL = "exa_search"
+_SEARCH_FUNCTION = FunctionTool(
+    name=EXA_TOOL,
+    description="Search the web with Exa. Returns the most relevant pages: title, URL and text.",
+    parameters={
+        "type": "object",
+        "properties": {"query": {"type": "string", "description": "What to search for."}},
+        "required": ["query"],
+    },
+)
+#: errors worth trying the block again for: the call did not complete, and may next time
+_TRANSIENT = (ServerError, ProviderTimeout, ProviderUnreachable, ProtocolError)
+
+
+class BlockFailed(Exception):
+    """A block could not complete. The message is safe to show: it never carries a key.
+
+    :param retryable: trying the block again may succeed (a broken stream, a malformed reply).
+    """
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+@dataclass(frozen=True)
+class RunnerOptions:
+    """How a runner behaves.
+
+    :param max_concurrent_calls: provider calls in flight at once, across all blocks of all runs
+        of this runner.
+    :param block_retries: extra attempts of an agent or tool block after a transient failure,
+        unless the block sets its own ``retries``.
+    :param max_key_rounds: keys tried for one call (the first included) when the provider refuses
+        them, before the block fails.
+    :param record_attempts: tries of ``byok_record_usage`` (idempotent) before the block fails.
+    :param hooks_in_thread: call the hooks in a worker thread (they may do blocking I/O).
+    """
+
+    max_concurrent_calls: int = 16
+    block_retries: int = 1
+    max_key_rounds: int = 4
+    record_attempts: int = 3
+    hooks_in_thread: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_concurrent_calls < 1:
+            raise ValueError("max_concurrent_calls must be at least 1")
+        if self.block_retries < 0 or self.max_key_rounds < 1 or self.record_attempts < 1:
+            raise ValueError("block_retries >= 0, max_key_rounds >= 1 and record_attempts >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class RunEvent:
+    """Progress of a run, for a live display. ``kind``: ``started``, ``text`` (a streamed piece),
+    ``retrying``, ``finished`` (``result`` set, completed, failed or skipped)."""
+
+    kind: str
+    block_id: str
+    block_type: str
+    text: str = ""
+    result: BlockResult | None = None
+
+
+EventHandler = Callable[[RunEvent], None]
+
+
+@dataclass
+class _Run:
+    workflow: Workflow
+    workspace_id: str
+    run_id: str
+    inputs: Mapping[str, Any]
+    actor: Actor | None
+    stream: bool | None
+    on_event: EventHandler | None
+    results: dict[str, BlockResult] = field(default_factory=dict)
+
+    def emit(self, event: RunEvent) -> None:
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def lookup(self, ref: Ref) -> Any:
+        if ref.is_input:
+            return self.inputs[str(ref.path[0])]
+        result = self.results.get(ref.root)
+        if result is None or result.status is not BlockStatus.COMPLETED or result.output is None:
+            return None  # a block not run: null in an output field, empty text in a prompt
+        return step_into(result.output, ref, ref.path)
+
+
+class WorkflowRunner:
+    """Runs workflows against provider clients, through the ``byok`` hooks of ``pm``.
+
+    :param pm: a plugin manager with the ``byok`` hook specs (``byok_hookspecs.add_to``) and an
+        implementation of at least ``byok_resolve_credential``.
+    :param clients: provider name -> client (``openai``, ``anthropic``, ``google``, ``mistral``,
+        ``exa``); see :meth:`open` for the default set over one shared ``httpx.AsyncClient``.
+    :param environ: where block-level key references (``{"env": "VAR"}``) are read.
+    :param options: concurrency, retries, hook threading.
+    :param clock: a monotonic clock, for latencies.
+    """
+
+    def __init__(
+        self,
+        pm: pluggy.PluginManager,
+        clients: Mapping[str, Any],
+        *,
+        environ: Mapping[str, str] | None = None,
+        options: RunnerOptions | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.pm = pm
+        self.clients = dict(clients)
+        self.environ: Mapping[str, str] = environ if environ is not None else {}
+        self.options = options or RunnerOptions()
+        self._clock = clock
+        self._limit = asyncio.Semaphore(self.options.max_concurrent_calls)
+        self._known: dict[tuple[str, str], bool | None] = {}
+
+    def __repr__(self) -> str:
+        return f"WorkflowRunner(providers={sorted(self.clients)}, options={self.options})"
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(
+        cls,
+        pm: pluggy.PluginManager,
+        *,
+        environ: Mapping[str, str] | None = None,
+        options: RunnerOptions | None = None,
+        http: httpx.AsyncClient | None = None,
+        base_urls: Mapping[str, str] | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> AsyncIterator[WorkflowRunner]:
+        """A runner with a client for every provider over one pooled ``httpx.AsyncClient``.
+
+        Base URLs come from ``base_urls``, else ``BYOK_<PROVIDER>_BASE_URL`` in ``environ``, else
+        the providers' public APIs. The HTTP client is closed on exit unless it was given.
+        """
+        opts = options or RunnerOptions()
+        own = http is None
+        if http is None:
+            size = max(opts.max_concurrent_calls, 20)
+            http = new_http_client(max_connections=size, max_keepalive=size)
+        try:
+            clients = create_clients(http, environ=environ, base_urls=base_urls, retry=retry)
+            yield cls(pm, clients, environ=environ, options=opts)
+        finally:
+            if own:
+                await http.aclose()
+
+    # --- before anything runs --------------------------------------------------------------------
+    def is_known(self, provider: str, model: str) -> bool | None:
+        """``byok_is_hosted``'s answer (``None``: no plugin knows the model), cached per runner."""
+        key = (provider, model)
+        if key not in self._known:
+            self._known[key] = self.pm.hook.byok_is_hosted(provider=provider, model=model)
+        return self._known[key]
+
+    def preflight(self, workflow: Workflow) -> list[Problem]:
+        """What stops ``workflow`` from running here: unknown models or tools, block keys whose
+        environment variable is not set, providers without a client."""
+        problems = check_models(workflow, self.is_known)
+        for block in workflow.blocks.values():
+            base = ("blocks", block.id)
+            if isinstance(block, AgentBlock | ToolBlock):
+                provider = (
+                    block.provider
+                    if isinstance(block, AgentBlock)
+                    else TOOL_PROVIDERS[block.tool][0]
+                )
+                if provider not in self.clients:
+                    problems.append(
+                        Problem(json_path(base), f"this runner has no {provider} client")
+                    )
+                problems.extend(self._key_problems(block.key, (*base, "key", "env")))
+            if isinstance(block, AgentBlock):
+                for i, tool in enumerate(block.tools):
+                    problems.extend(self._key_problems(tool.key, (*base, "tools", i, "key", "env")))
+                    if TOOL_PROVIDERS[tool.type][0] not in self.clients:
+                        problems.append(
+                            Problem(json_path((*base, "tools", i)), "this runner has no exa client")
+                        )
+        return problems
+
+    def _key_problems(self, ref: KeyRef | None, parts: tuple[str | int, ...]) -> list[Problem]:
+        if ref is None or self.environ.get(ref.env):
+            return []
+        return [
+            Problem(
+                json_path(parts),
+                f"environment variable {ref.env} is not set: the block's own key is read from it",
+            )
+        ]
+
+    def check(self, workflow: Workflow) -> None:
+        """Raise :class:`WorkflowError` with every :meth:`preflight` problem."""
+        problems = self.preflight(workflow)
+        if problems:
+            raise WorkflowError(problems, workflow.source)
+
+    # --- a run -----------------------------------------------------------------------------------
+    async def run(
+        self,
+        workflow: Workflow,
+        *,
+        workspace_id: str,
+        inputs: Mapping[str, Any] | None = None,
+        actor: Actor | None = None,
+        run_id: str | None = None,
+        stream: bool | None = None,
+        on_event: EventHandler | None = None,
+    ) -> RunResult:
+        """Run ``workflow`` for ``workspace_id``.
+
+        :param inputs: the workflow's inputs (strings are converted to the declared types).
+        :param run_id: a stable id makes a re-run record nothing twice (idempotency keys); a new
+            one by default.
+        :param stream: ``True``/``False`` streams every agent block, or none; ``None`` follows
+            each block's ``stream``.
+        :param on_event: called with each :class:`RunEvent`, on the event loop.
+        :raises WorkflowError: before anything runs: a missing input, an unknown model, a block key
+            whose variable is not set.
+        """
+        values = bind_inputs(workflow, inputs or {})
+        problems = (
+            await self._hook(self.preflight, workflow)
+            if self._needs_thread(workflow)
+            else self.preflight(workflow)
+        )
+        if problems:
+            raise WorkflowError(problems, workflow.source)
+        run = _Run(
+            workflow=workflow,
+            workspace_id=workspace_id,
+            run_id=run_id or f"run_{secrets.token_hex(8)}",
+            inputs=values,
+            actor=actor,
+            stream=stream,
+            on_event=on_event,
+        )
+        started = self._clock()
+        failed = await self._schedule(run)
+        results = {b: run.results[b] for b in workflow.order}
+        outputs: dict[str, Any] = {}
+        for block in workflow.output_blocks:
+            result = results[block.id]
+            if result.status is BlockStatus.COMPLETED and result.output is not None:
+                outputs[block.id] = (
+                    result.output["value"] if block.value is not None else result.output["fields"]
+                )
+        error = None
+        if failed is not None:
+            error = f"block {failed.block_id!r} failed: {failed.error}"
+        return RunResult(
+            run_id=run.run_id,
+            workflow=workflow.name,
+            workflow_version=workflow.version,
+            workspace_id=workspace_id,
+            status=RunStatus.FAILED if failed is not None else RunStatus.COMPLETED,
+            blocks=results,
+            outputs=outputs,
+            error=error,
+            latency=self._clock() - started,
+        )
+
+    def _needs_thread(self, workflow: Workflow) -> bool:
+        """Whether the preflight will call a hook (a model not yet in the cache)."""
+        if not self.options.hooks_in_thread:
+            return False
+        for block in workflow.blocks.values():
+            if isinstance(block, AgentBlock) and (block.provider, block.model) not in self._known:
+                return True
+            if isinstance(block, ToolBlock | AgentBlock):
+                tools = (
+                    [block.tool] if isinstance(block, ToolBlock) else [t.type for t in block.tools]
+                )
+                if any(TOOL_PROVIDERS[t] not in self._known for t in tools):
+                    return True
+        return False
+
+    async def _schedule(self, run: _Run) -> BlockResult | None:
+        """Start each block when its predecessors are done; the first failed block, if any."""
+        workflow = run.workflow
+        waiting = {b: len(workflow.incoming[b]) for b in workflow.blocks}
+        ready = [b for b in workflow.order if waiting[b] == 0]
+        done: asyncio.Queue[tuple[str, asyncio.Task[BlockResult]]] = asyncio.Queue()
+        tasks: dict[str, asyncio.Task[BlockResult]] = {}
+        failed: BlockResult | None = None
+
+        def release(block_id: str) -> None:
+            for edge in workflow.outgoing[block_id]:
+                waiting[edge.target] -= 1
+                if waiting[edge.target] == 0:
+                    ready.append(edge.target)
+
+        try:
+            while True:
+                while ready and failed is None:
+                    block_id = ready.pop(0)
+                    if not self._activated(run, block_id):
+                        skipped = BlockResult(
+                            block_id,
+                            workflow.blocks[block_id].type,
+                            BlockStatus.SKIPPED,
+                            reason="on a branch not taken",
+                        )
+                        run.results[block_id] = skipped
+                        run.emit(RunEvent("finished", block_id, skipped.type, result=skipped))
+                        release(block_id)
+                        continue
+                    task = asyncio.create_task(self._run_block(run, workflow.blocks[block_id]))
+                    task.add_done_callback(lambda t, b=block_id: done.put_nowait((b, t)))
+                    tasks[block_id] = task
+                if not tasks:
+                    break
+                block_id, task = await done.get()
+                del tasks[block_id]
+                result = task.result()
+                run.results[block_id] = result
+                run.emit(RunEvent("finished", block_id, result.type, result=result))
+                if result.status is BlockStatus.FAILED:
+                    failed = failed or result
+                else:
+                    release(block_id)
+        finally:
+            for task in tasks.values():
+                task.cancel()
+            if tasks:
+                await asyncio.gather(*tasks.values(), return_exceptions=True)
+        if failed is not None:
+            for block_id in workflow.order:
+                if block_id not in run.results:
+                    skipped = BlockResult(
+                        block_id,
+                        workflow.blocks[block_id].type,
+                        BlockStatus.SKIPPED,
+                        reason=f"not started: block {failed.block_id!r} failed",
+                    )
+                    run.results[block_id] = skipped
+                    run.emit(RunEvent("finished", block_id, skipped.type, result=skipped))
+        return failed
+
+    def _activated(self, run: _Run, block_id: str) -> bool:
+        incoming = run.workflow.incoming[block_id]
+        if not incoming:
+            return True
+        for edge in incoming:
+            source = run.results[edge.source]
+            if source.status is not BlockStatus.COMPLETED:
+                continue
+            branch = (
+                source.output.get("result")
+                if source.type == "condition" and source.output
+                else None
+            )
+            if edge.follows(branch):
+                return True
+        return False
+
+    # --- one block -------------------------------------------------------------------------------
+    async def _run_block(self, run: _Run, block: Block) -> BlockResult:
+        run.emit(RunEvent("started", block.id, block.type))
+        started = self._clock()
+        calls: list[CallResult] = []
+        provider, model = _target(block)
+        attempts = 0
+        max_attempts = 1
+        if isinstance(block, AgentBlock | ToolBlock):
+            retries = block.retries if block.retries is not None else self.options.block_retries
+            max_attempts = 1 + retries
+        try:
+            while True:
+                attempts += 1
+                try:
+                    output = await self._execute(run, block, attempts, calls)
+                    break
+                except (BlockFailed, *_TRANSIENT) as exc:
+                    retryable = exc.retryable if isinstance(exc, BlockFailed) else True
+                    if not retryable or attempts >= max_attempts:
+                        raise
+                    log.info(
+                        "block %s attempt %d failed, trying again: %s", block.id, attempts, exc
+                    )
+                    run.emit(RunEvent("retrying", block.id, block.type, text=str(exc)))
+        except (BlockFailed, ProviderError, UnsupportedRequest, ByokError, RenderError) as exc:
+            return BlockResult(
+                block.id,
+                block.type,
+                BlockStatus.FAILED,
+                calls=tuple(calls),
+                error=str(exc),
+                latency=self._clock() - started,
+                attempts=attempts,
+                provider=provider,
+                model=model,
+            )
+        except Exception as exc:  # a hook or client bug must fail the run, not crash the engine
+            log.exception("block %s failed unexpectedly", block.id)
+            return BlockResult(
+                block.id,
+                block.type,
+                BlockStatus.FAILED,
+                calls=tuple(calls),
+                error=f"unexpected {type(exc).__name__}: {exc}",
+                latency=self._clock() - started,
+                attempts=attempts,
+                provider=provider,
+                model=model,
+            )
+        return BlockResult(
+            block.id,
+            block.type,
+            BlockStatus.COMPLETED,
+            output=output,
+            calls=tuple(calls),
+            latency=self._clock() - started,
+            attempts=attempts,
+            provider=provider,
+            model=model,
+        )
+
+    async def _execute(
+        self, run: _Run, block: Block, attempt: int, calls: list[CallResult]
+    ) -> Mapping[str, Any]:
+        if isinstance(block, InputBlock):
+            return {name: run.inputs[name] for name in block.fields}
+        if isinstance(block, ConditionBlock):
+            text = block.value.render(run.lookup)
+            result = block.test(text)
+            return {"result": result, "value": text, "content": "true" if result else "false"}
+        if isinstance(block, OutputBlock):
+            if block.value is not None:
+                value = block.value.evaluate(run.lookup)
+                return {"value": value, "content": to_text(value)}
+            fields = {name: t.evaluate(run.lookup) for name, t in block.fields.items()}
+            return {"fields": fields, "content": to_text(fields)}
+        if isinstance(block, ToolBlock):
+            query = block.query.render(run.lookup).strip()
+            if not query:
+                raise BlockFailed("the search query is empty once its references are filled")
+            hits, call = await self._search(
+                run,
+                block.id,
+                attempt,
+                1,
+                query,
+                block.num_results,
+                block.search_type,
+                block.include_text,
+                block.key,
+            )
+            calls.append(call)
+            return {"results": [_hit_dict(h) for h in hits.hits], "content": _hits_text(hits.hits)}
+        assert isinstance(block, AgentBlock)
+        return await self._agent(run, block, attempt, calls)
+
+    async def _agent(
+        self, run: _Run, block: AgentBlock, attempt: int, calls: list[CallResult]
+    ) -> Mapping[str, Any]:
+        system = block.system.render(run.lookup) if block.system is not None else None
+        prompt = block.prompt.render(run.lookup)
+        stream = run.stream if run.stream is not None else block.stream
+        client = self.clients[block.provider]
+        search: AgentTool | None = next((t for t in block.tools if t.type == EXA_TOOL), None)
+        messages: list[Message] = [Message("user", prompt)]
+        seq = 0
+        rounds = block.max_tool_rounds if search is not None else 0
+        result: CompletionResult | None = None
+        for round_no in range(rounds + 1):
+            tool_choice = None
+            if search is not None:
+                if round_no == rounds:
+                    tool_choice = "none"
+                elif round_no == 0 and search.required:
+                    tool_choice = "required"
+                else:
+                    tool_choice = "auto"
+            request = CompletionRequest(
+                model=block.model,
+                messages=tuple(messages),
+                system=system,
+                temperature=block.temperature,
+                max_output_tokens=block.max_tokens,
+                response_schema=block.response_schema,
+                schema_name=_schema_name(block.id),
+                tools=(_SEARCH_FUNCTION,) if search is not None else (),
+                tool_choice=tool_choice,
+            )
+            seq += 1
+
+            def invoke(
+                api_key: str, request: CompletionRequest = request
+            ) -> Awaitable[CompletionResult]:
+                if stream:
+                    return client.complete_streamed(
+                        request,
+                        api_key=api_key,
+                        on_text=lambda text: run.emit(
+                            RunEvent("text", block.id, "agent", text=text)
+                        ),
+                    )
+                return client.complete(request, api_key=api_key)
+
+            result, call = await self._call(
+                run, block.id, attempt, seq, block.provider, block.model, block.key, stream, invoke
+            )
+            calls.append(call)
+            if not result.tool_calls or search is None:
+                break
+            messages.append(Message("assistant", result.content, tool_calls=result.tool_calls))
+            for tool_call in result.tool_calls:
+                query = _query_of(tool_call.arguments) or prompt
+                seq += 1
+                hits, call = await self._search(
+                    run, block.id, attempt, seq, query, search.num_results, "auto", True, search.key
+                )
+                calls.append(call)
+                messages.append(
+                    Message(
+                        "tool",
+                        _hits_text(hits.hits) or "no results",
+                        tool_call_id=tool_call.id,
+                        name=tool_call.name,
+                    )
+                )
+        assert result is not None
+        output: dict[str, Any] = {
+            "content": result.content,
+            "model": result.model or block.model,
+            "provider": block.provider,
+            "finish_reason": result.finish_reason,
+        }
+        if block.response_schema is not None:
+            output["json"] = _structured(block, result)
+        return output
+
+    async def _search(
+        self,
+        run: _Run,
+        block_id: str,
+        attempt: int,
+        seq: int,
+        query: str,
+        num_results: int,
+        search_type: str,
+        include_text: bool,
+        key: KeyRef | None,
+    ) -> tuple[SearchResult, CallResult]:
+        provider, tool = TOOL_PROVIDERS[EXA_TOOL]
+        client = self.clients[provider]
+        request = SearchRequest(
+            query=query[:2000],
+            num_results=num_results,
+            search_type=search_type,
+            include_text=include_text,
+            max_characters=1500 if include_text else None,
+        )
+
+        def invoke(api_key: str) -> Awaitable[SearchResult]:
+            return client.search(request, api_key=api_key)
+
+        return await self._call(run, block_id, attempt, seq, provider, tool, key, False, invoke)
+
+    # --- one provider call: resolve, call, charge, record ---------------------------------------
+    async def _call(
+        self,
+        run: _Run,
+        block_id: str,
+        attempt: int,
+        seq: int,
+        provider: str,
+        model: str,
+        key: KeyRef | None,
+        stream: bool,
+        invoke: Callable[[str], Awaitable[Any]],
+    ) -> tuple[Any, CallResult]:
+        block_key = None
+        if key is not None:
+            block_key = self.environ.get(key.env)
+            if not block_key:
+                raise BlockFailed(
+                    f"environment variable {key.env} (the block's own key) is not set"
+                )
+        request = CredentialRequest(
+            workspace_id=run.workspace_id,
+            provider=provider,
+            model=model,
+            workflow_id=run.workflow.name,
+            run_id=run.run_id,
+            block_id=block_id,
+            block_key=block_key,
+            actor=run.actor,
+            stream=stream,
+        )
+        rejected: list[Rejection] = []
+        async with self._limit:
+            credential = await self._resolve(request)
+            for _ in range(self.options.max_key_rounds):
+                started = self._clock()
+                try:
+                    result = await invoke(credential.api_key)
+                except (AuthError, RateLimitError) as exc:
+                    refused = _refusal(run, provider, credential, exc)
+                    rejected.append(
+                        Rejection(
+                            source=credential.source,
+                            hint=credential.hint,
+                            key_id=credential.key_id,
+                            status=exc.status,
+                            reason=exc.kind,
+                        )
+                    )
+                    failure = ProviderFailure(
+                        reason=FailureReason.AUTH
+                        if isinstance(exc, AuthError)
+                        else FailureReason.RATE_LIMIT,
+                        source=credential.source,
+                        key_id=credential.key_id,
+                        status=exc.status,
+                    )
+                    try:
+                        following = await self._hook(
+                            self.pm.hook.byok_resolve_credential,
+                            request=replace(request, failure=failure),
+                        )
+                    except ByokError as policy:
+                        raise BlockFailed(f"{refused}; {policy}") from None
+                    if following is None:
+                        raise BlockFailed(f"{refused}; no other key may serve the call") from None
+                    if any(
+                        r.source is following.source
+                        and r.key_id == following.key_id
+                        and r.hint == following.hint
+                        for r in rejected
+                    ):
+                        raise BlockFailed(
+                            f"{refused}; the fallback policy offered the same key again"
+                        ) from None
+                    credential = following
+                    continue
+                latency = self._clock() - started
+                break
+            else:
+                raise BlockFailed(
+                    f"workspace {run.workspace_id!r}: {provider} refused {len(rejected)} keys in a row; giving up"
+                )
+            charge = await self._hook(
+                self.pm.hook.byok_compute_charge, usage=result.usage, credential=credential
+            )
+            if charge is None:
+                charge = Charge(amount=Decimal(0), reason="no billing plugin answered")
+            idempotency_key = f"{run.run_id}:{block_id}:{attempt}" + (f":{seq}" if seq > 1 else "")
+            record = UsageRecord(
+                idempotency_key=idempotency_key,
+                workspace_id=run.workspace_id,
+                usage=result.usage,
+                charge=charge,
+                source=credential.source,
+                key_id=credential.key_id,
+                fallback=credential.fallback,
+                workflow_id=run.workflow.name,
+                run_id=run.run_id,
+                block_id=block_id,
+                attempt=attempt,
+            )
+            await self._record(record, provider)
+        return result, CallResult(
+            provider=provider,
+            model=model,
+            source=credential.source,
+            key_id=credential.key_id,
+            hint=credential.hint,
+            fallback=credential.fallback,
+            usage=result.usage,
+            charge=charge,
+            latency=latency,
+            attempt=attempt,
+            idempotency_key=idempotency_key,
+            streamed=stream,
+            rejected=tuple(rejected),
+        )
+
+    async def _resolve(self, request: CredentialRequest) -> Credential:
+        credential = await self._hook(self.pm.hook.byok_resolve_credential, request=request)
+        if credential is None:
+            raise NoCredential(
+                request.workspace_id,
+                request.provider,
+                request.model,
+                "no installed plugin answered byok_resolve_credential",
+            )
+        if credential.provider != request.provider:
+            raise BlockFailed(
+                f"byok_resolve_credential answered a {credential.provider} key for a {request.provider} call"
+            )
+        return credential
+
+    async def _record(self, record: UsageRecord, provider: str) -> None:
+        """``byok_record_usage``, tried again on failure: the ledger is idempotent on the key."""
+        last: Exception | None = None
+        for attempt in range(self.options.record_attempts):
+            try:
+                await self._hook(self.pm.hook.byok_record_usage, record=record)
+                return
+            except Exception as exc:
+                last = exc
+                log.warning(
+                    "recording %s failed (try %d): %s", record.idempotency_key, attempt + 1, exc
+                )
+                await asyncio.sleep(0.05 * 2**attempt)
+        raise BlockFailed(
+            f"the {provider} call completed but its usage could not be recorded "
+            f"({type(last).__name__}: {last})"
+        )
+
+    async def _hook(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if self.options.hooks_in_thread:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        return fn(*args, **kwargs)
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def _target(block: Block) -> tuple[str | None, str | None]:
+    if isinstance(block, AgentBlock):
+        return block.provider, block.model
+    if isinstance(block, ToolBlock):
+        return TOOL_PROVIDERS[block.tool]
+    return None, None
+
+
+def _refusal(run: _Run, provider: str, credential: Credential, exc: ProviderError) -> str:
+    """Which workspace, which provider, which key (masked), and what the provider said."""
+    key = credential.hint or credential.key_id or "(no hint)"
+    status = f"HTTP {exc.status} " if exc.status is not None else ""
+    return (
+        f"workspace {run.workspace_id!r}: {provider} refused the {credential.source.value} key "
+        f"{key} ({status}{exc.kind}: {exc.message})"
+    )
+
+
+def _schema_name(block_id: str) -> str:
+    name = "".join(c if c.isalnum() or c in "_-" else "_" for c in block_id)
+    return name[:64] or "response"
+
+
+def _structured(block: AgentBlock, result: CompletionResult) -> Any:
+    assert block.response_schema is not None
+    try:
+        value = json.loads(result.content)
+    except ValueError:
+        cut = " (the reply was cut at max_tokens)" if result.finish_reason == "length" else ""
+        raise BlockFailed(
+            f"the reply is not the JSON its response_schema asks for{cut}", retryable=True
+        ) from None
+    error = next(iter(Draft202012Validator(dict(block.response_schema)).iter_errors(value)), None)
+    if error is not None:
+        where = json_path(error.absolute_path)
+        raise BlockFailed(
+            f"the reply does not match its response_schema at {where}: {error.message[:200]}",
+            retryable=True,
+        )
+    return value
+
+
+def _query_of(arguments: str) -> str | None:
+    try:
+        parsed = json.loads(arguments or "{}")
+    except ValueError:
+        return None
+    query = parsed.get("query") if isinstance(parsed, dict) else None
+    return query if isinstance(query, str) and query.strip() else None
+
+
+def _hit_dict(hit: SearchHit) -> dict[str, Any]:
+    return {
+        "title": hit.title,
+        "url": hit.url,
+        "published_date": hit.published_date,
+        "author": hit.author,
+        "text": hit.text,
+    }
+
+
+def _hits_text(hits: tuple[SearchHit, ...]) -> str:
+    """Search results as a model reads them: numbered, with title, URL, date and text."""
+    parts = []
+    for n, hit in enumerate(hits, start=1):
+        lines = [f"[{n}] {hit.title or hit.url}", f"URL: {hit.url}"]
+        if hit.published_date:
+            lines.append(f"Published: {hit.published_date}")
+        if hit.text:
+            lines.append(hit.text.strip())
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
