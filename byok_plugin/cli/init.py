@@ -7,13 +7,15 @@ and keeps the others, for a rotation finished by ``byok keys rewrap``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from byok_plugin.cli.context import CliContext, pass_cli
 from byok_plugin.cli.keys import user_errors
-from byok_plugin.crypto import Keyring, add_master_key_to_file, create_key_file
-from byok_plugin.store import describe_url
-from byok_plugin.store.migrate import current_revision
+
+if TYPE_CHECKING:
+    from byok_plugin.crypto import Keyring
 
 __all__ = ["init_command"]
 
@@ -39,6 +41,10 @@ def _backup_reminder(path: object) -> None:
 @pass_cli
 def init_command(cli: CliContext, new_master_key: bool) -> None:
     """Create the master key file and the database (safe to run again)."""
+    from byok_plugin.crypto import Keyring, add_master_key_to_file, create_key_file
+    from byok_plugin.store import describe_url
+    from byok_plugin.store.migrate import current_revision
+
     settings = cli.settings
     with user_errors():
         if settings.encryption_keys:

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from byok_hookspecs import ByokError, KeyCheckStatus
@@ -24,9 +25,11 @@ from rich.table import Table
 
 from byok_plugin.cli.context import CliContext, pass_cli
 from byok_plugin.key_format import KNOWN_PROVIDERS
-from byok_plugin.keys import KeyService
 from byok_plugin.settings import SettingsError
-from byok_plugin.store.keys_repo import KeyInfo
+
+if TYPE_CHECKING:  # the store and its dependencies load when a command runs, not for --help
+    from byok_plugin.keys import KeyService
+    from byok_plugin.store.keys_repo import KeyInfo
 
 __all__ = ["keys_group", "read_api_key", "user_errors"]
 
@@ -54,7 +57,7 @@ def handles_errors(func: F) -> F:
 
 def read_api_key(provider: str, workspace_id: str) -> str:
     """The key from standard input (one trailing line break removed) or a hidden prompt."""
-    stdin = click.get_text_stream("stdin")
+    stdin = sys.stdin
     if stdin.isatty():
         value = click.prompt(
             f"{provider} API key for workspace {workspace_id} (input hidden)",
