@@ -1,0 +1,1 @@
+"""Speed targets, measured against a baseline in the same run: ``python -m benchmarks`` (``make bench``)."""
