@@ -275,3 +275,34 @@ def test_keys_file_parsing_names_the_line_never_the_key():
     with pytest.raises(KeysFileError, match="line 1: expected provider") as info:
         parse_keys(f"openai {secret}\n", source="keys.txt")
     assert secret not in str(info.value)
+
+
+def test_the_control_api_drives_an_emulator_in_another_process(emulator):
+    key = "sk-" + secrets.token_urlsafe(20)
+    control = emulator.url + "/_emulator"
+    assert (
+        httpx.post(
+            control + "/keys", json={"provider": "openai", "key": key, "label": "remote"}
+        ).json()["label"]
+        == "remote"
+    )
+    assert (
+        httpx.post(
+            control + "/faults", json={"kind": "rate_limit", "provider": "openai", "retry_after": 2}
+        ).status_code
+        == 200
+    )
+    assert chat_call(emulator, "openai", key).status_code == 429
+    assert chat_call(emulator, "openai", key).status_code == 200
+    calls = httpx.get(control + "/calls", params={"provider": "openai"}).json()
+    assert [(c["key_label"], c["status"], c["fault"]) for c in calls] == [
+        ("remote", 429, "rate_limit"),
+        ("remote", 200, None),
+    ]
+    assert key not in json.dumps(calls)
+    bad = httpx.post(control + "/faults", json={"kind": "meteor"})
+    assert bad.status_code == 400
+    assert "meteor" in bad.json()["error"]
+    assert httpx.post(control + "/keys", json={"provider": "cohere", "key": "x"}).status_code == 400
+    assert httpx.delete(control + "/calls").status_code == 200
+    assert emulator.calls() == []
