@@ -470,15 +470,30 @@ class KeyStore:
 
         :returns: how many rows were updated.
         """
-        done = 0
+        if not updates:
+            return 0
+        statement = (
+            sa.update(_t)
+            .where(_t.c.id == sa.bindparam("b_id"), _t.c.ciphertext == sa.bindparam("b_old"))
+            .values(
+                ciphertext=sa.bindparam("b_new"),
+                master_key_id=sa.bindparam("b_master"),
+                fingerprint=sa.bindparam("b_fingerprint"),
+            )
+        )
+        params = [
+            {
+                "b_id": row.id,
+                "b_old": row.ciphertext,
+                "b_new": ciphertext,
+                "b_master": master_key_id,
+                "b_fingerprint": fingerprint,
+            }
+            for row, ciphertext, master_key_id, fingerprint in updates
+        ]
         with store_errors("rewrapping keys"), write_transaction(self._engine) as conn:
-            for row, ciphertext, master_key_id, fingerprint in updates:
-                result = conn.execute(
-                    sa.update(_t)
-                    .where(_t.c.id == row.id, _t.c.ciphertext == row.ciphertext)
-                    .values(
-                        ciphertext=ciphertext, master_key_id=master_key_id, fingerprint=fingerprint
-                    )
-                )
-                done += result.rowcount or 0
+            if conn.dialect.supports_sane_multi_rowcount:
+                done = conn.execute(statement, params).rowcount
+            else:  # pragma: no cover - drivers that cannot count an executemany
+                done = sum(conn.execute(statement, p).rowcount for p in params)
         return done
