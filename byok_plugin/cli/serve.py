@@ -101,6 +101,9 @@ def serve_command(cli: CliContext, host: str, port: int, workspace: str | None) 
     server = uvicorn.Server(config)
     try:
         server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass  # uvicorn has shut down cleanly and re-raised the Ctrl+C it caught
     finally:
         sock.close()
         cli.app.close()
+    click.echo("byok serve: stopped")
