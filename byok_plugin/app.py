@@ -23,10 +23,13 @@ if TYPE_CHECKING:
     from byok_plugin.crypto import Keyring
     from byok_plugin.key_access import KeyAccess
     from byok_plugin.keys import KeyService
+    from byok_plugin.ledger import Ledger
     from byok_plugin.platform_keys import PlatformKeyPool
     from byok_plugin.pricing import PriceTable
+    from byok_plugin.resolution import Resolver
     from byok_plugin.store import AuditStore, KeyStore
     from byok_plugin.validation import KeyValidator
+    from byok_plugin.workspace_settings import WorkspaceSettingsStore
 
 log = logging.getLogger("byok")
 
@@ -145,4 +148,34 @@ class App:
             self.settings.environ,
             providers,
             cooldown_seconds=self.settings.key_cooldown_seconds,
+        )
+
+    @cached_property
+    def workspace_settings(self) -> WorkspaceSettingsStore:
+        """Per-workspace settings in the store (the fallback policy)."""
+        from byok_plugin.workspace_settings import WorkspaceSettingsStore
+
+        return WorkspaceSettingsStore(self.engine, clock=self.clock)
+
+    @cached_property
+    def ledger(self) -> Ledger:
+        """The usage ledger (``byok_record_usage``)."""
+        from byok_plugin.ledger import Ledger
+
+        return Ledger(self.engine, clock=self.clock)
+
+    @cached_property
+    def resolver(self) -> Resolver:
+        """The default resolution policy (``byok_resolve_credential``)."""
+        from byok_plugin.resolution import Resolver
+
+        return Resolver(
+            keys=self.key_access,
+            engine=self.engine,
+            workspace_settings=self.workspace_settings,
+            billing=self.billing,
+            platform_keys=self.platform_keys,
+            clock=self.clock,
+            cooldown_seconds=self.settings.key_cooldown_seconds,
+            cache_seconds=self.settings.key_cache_seconds,
         )

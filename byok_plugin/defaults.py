@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from functools import cached_property
+from types import SimpleNamespace
+from typing import Any
 
 from byok_hookspecs import (
     Action,
@@ -15,8 +17,10 @@ from byok_hookspecs import (
     AuditEvent,
     Charge,
     Credential,
+    CredentialRequest,
     KeyCheck,
     Usage,
+    UsageRecord,
     hookimpl,
 )
 
@@ -35,6 +39,13 @@ class DefaultPlugin:
             app_factory = _app_from_environment
         self._app = app
         self._app_factory = app_factory
+        self._pm: Any = None
+
+    def bind(self, pm: Any) -> None:
+        """Tell the plugin the manager it is registered in, so that the default resolution asks
+        that manager's ``byok_is_hosted``, ``byok_platform_key``, ``byok_authorize`` and
+        ``byok_audit`` (any plugin's answers first). Unbound, it uses its own defaults only."""
+        self._pm = pm
 
     def __repr__(self) -> str:
         return "<byok_plugin DefaultPlugin>"
@@ -49,6 +60,31 @@ class DefaultPlugin:
     @hookimpl(trylast=True)
     def byok_authorize(self, actor: Actor | None, workspace_id: str, action: Action) -> bool | None:
         return role_decision(actor, workspace_id, action)
+
+    @hookimpl(trylast=True)
+    def byok_resolve_credential(self, request: CredentialRequest) -> Credential | None:
+        pm = self._pm if self._pm is not None else self._own_hooks
+        return self.app.resolver.resolve(request, pm)
+
+    @hookimpl(trylast=True)
+    def byok_record_usage(self, record: UsageRecord) -> None:
+        self.app.ledger.record(record)
+
+    @cached_property
+    def _own_hooks(self) -> Any:
+        audit_log.warning(
+            "the default byok plugin is not bound to its plugin manager: resolution uses its own "
+            "byok_is_hosted, byok_platform_key, byok_authorize and byok_audit only (build the "
+            "manager with byok_plugin.plugin_manager_for, or call DefaultPlugin.bind(pm))"
+        )
+        return SimpleNamespace(
+            hook=SimpleNamespace(
+                byok_is_hosted=self.byok_is_hosted,
+                byok_platform_key=self.byok_platform_key,
+                byok_authorize=self.byok_authorize,
+                byok_audit=self.byok_audit,
+            )
+        )
 
     @hookimpl(trylast=True)
     def byok_is_hosted(self, provider: str, model: str) -> bool | None:
@@ -69,6 +105,9 @@ class DefaultPlugin:
 
     @hookimpl(trylast=True)
     def byok_audit(self, event: AuditEvent) -> None:
+        if event.action.startswith("key.") and "resolver" in self.app.__dict__:
+            # a key changed through this process: resolution must not serve the old list
+            self.app.resolver.cache.invalidate(event.workspace_id, event.provider)
         audit_log.info(
             "%s workspace=%s actor=%s outcome=%s provider=%s key=%s %s",
             event.action,

@@ -1,0 +1,272 @@
+"""The usage ledger: one row per provider call, written once per idempotency key.
+
+What ``byok_record_usage`` writes by default, and the source of truth for billing: who (workspace,
+workflow, run, block, attempt), what (provider, model, every token count, tool requests, the cost
+the provider reported), which credential source and key served it (and whether it was a
+fallback), what it cost at list price, what the workspace was charged and why, under which
+price-table version, and when.
+
+Idempotency: ``INSERT ... ON CONFLICT (idempotency_key) DO NOTHING`` (SQLAlchemy's SQLite and
+PostgreSQL dialect inserts), so a retried block, a host that records twice, or several processes
+racing on the same key leave exactly one row. Money is stored exactly: ``NUMERIC(30, 12)`` on
+PostgreSQL, and the decimal's text on SQLite (whose numbers are binary floats).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import sqlalchemy as sa
+from byok_hookspecs import CredentialSource, UsageRecord
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Dialect, Engine
+
+from byok_plugin.billing import money
+from byok_plugin.store.engine import store_errors, write_transaction
+from byok_plugin.store.tables import UTCDateTime, metadata
+
+__all__ = ["ExactDecimal", "Ledger", "LedgerRow", "usage_ledger"]
+
+MAX_IDEMPOTENCY_KEY = 255
+_TOKEN_FIELDS = (
+    "input_tokens",
+    "cached_input_tokens",
+    "cache_write_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "tool_requests",
+)
+
+
+class ExactDecimal(sa.TypeDecorator[Decimal]):
+    """A Decimal stored without loss: NUMERIC(30, 12), or its text on SQLite.
+
+    Values are kept to 12 decimal places (:func:`byok_plugin.billing.money`); what is read back
+    equals what was written.
+    """
+
+    impl = sa.Numeric(30, 12)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> sa.types.TypeEngine[Any]:
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(sa.String(64))
+        return dialect.type_descriptor(sa.Numeric(30, 12, asdecimal=True))
+
+    def process_bind_param(self, value: Decimal | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, Decimal) or not value.is_finite():
+            raise TypeError(f"money must be a finite Decimal, not {value!r}")
+        value = money(value)
+        return str(value) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Decimal | None:
+        if value is None:
+            return None
+        return value if isinstance(value, Decimal) else Decimal(str(value))
+
+
+_count = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+usage_ledger = sa.Table(
+    "byok_usage_ledger",
+    metadata,
+    sa.Column("id", _count, primary_key=True, autoincrement=True),
+    sa.Column("idempotency_key", sa.String(MAX_IDEMPOTENCY_KEY), nullable=False),
+    sa.Column("workspace_id", sa.String(200), nullable=False),
+    sa.Column("workflow_id", sa.String(200), nullable=True),
+    sa.Column("run_id", sa.String(200), nullable=True),
+    sa.Column("block_id", sa.String(200), nullable=True),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("provider", sa.String(40), nullable=False),
+    sa.Column("model", sa.String(200), nullable=False),
+    sa.Column("source", sa.String(16), nullable=False),
+    sa.Column("key_id", sa.String(120), nullable=True),
+    sa.Column("fallback", sa.Boolean, nullable=False),
+    *(sa.Column(name, sa.BigInteger, nullable=False) for name in _TOKEN_FIELDS),
+    sa.Column("reported_cost", ExactDecimal, nullable=True),
+    sa.Column("list_cost", ExactDecimal, nullable=True),
+    sa.Column("amount", ExactDecimal, nullable=False),
+    sa.Column("currency", sa.String(3), nullable=False),
+    sa.Column("reason", sa.String(64), nullable=False),
+    sa.Column("price_version", sa.String(200), nullable=True),
+    # [["input", "0.0015"], ...]: the charge's breakdown, amounts as decimal text
+    sa.Column("breakdown", sa.Text, nullable=False),
+    sa.Column("occurred_at", UTCDateTime, nullable=False),
+    sa.Column("recorded_at", UTCDateTime, nullable=False),
+    sa.UniqueConstraint("idempotency_key"),
+    sa.CheckConstraint("source IN ('block', 'workspace', 'platform')", name="source"),
+    sa.Index(None, "workspace_id", "occurred_at"),
+    sa.Index(None, "occurred_at"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerRow:
+    """One recorded provider call, as read back from the ledger."""
+
+    id: int
+    idempotency_key: str
+    workspace_id: str
+    workflow_id: str | None
+    run_id: str | None
+    block_id: str | None
+    attempt: int
+    provider: str
+    model: str
+    source: CredentialSource
+    key_id: str | None
+    fallback: bool
+    input_tokens: int
+    cached_input_tokens: int
+    cache_write_tokens: int
+    output_tokens: int
+    reasoning_tokens: int
+    tool_requests: int
+    reported_cost: Decimal | None
+    list_cost: Decimal | None
+    amount: Decimal
+    currency: str
+    reason: str
+    price_version: str | None
+    breakdown: tuple[tuple[str, Decimal], ...]
+    occurred_at: datetime
+    recorded_at: datetime
+
+    @property
+    def is_byok(self) -> bool:
+        return self.source is CredentialSource.WORKSPACE
+
+
+def _row(mapping: Any) -> LedgerRow:
+    values = dict(mapping)
+    values["source"] = CredentialSource(values["source"])
+    values["fallback"] = bool(values["fallback"])
+    values["breakdown"] = tuple(
+        (str(item), Decimal(amount)) for item, amount in json.loads(values["breakdown"])
+    )
+    return LedgerRow(**values)
+
+
+def _check(record: UsageRecord) -> None:
+    key = record.idempotency_key
+    if not isinstance(key, str) or not key.strip():
+        raise ValueError("UsageRecord.idempotency_key must be a non-empty string")
+    if len(key) > MAX_IDEMPOTENCY_KEY:
+        raise ValueError(
+            f"UsageRecord.idempotency_key is {len(key)} characters; at most "
+            f"{MAX_IDEMPOTENCY_KEY} are stored (hash a longer key first)"
+        )
+    if not isinstance(record.charge.amount, Decimal):
+        raise TypeError("UsageRecord.charge.amount must be a Decimal")
+    if record.occurred_at.tzinfo is None:
+        raise ValueError("UsageRecord.occurred_at must be an aware datetime")
+
+
+class Ledger:
+    """Writes and reads ``byok_usage_ledger``."""
+
+    def __init__(
+        self, engine: Engine, *, clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    ) -> None:
+        self._engine = engine
+        self._clock = clock
+        dialect = engine.dialect.name
+        if dialect == "postgresql":
+            insert: Any = postgresql.insert(usage_ledger)
+        elif dialect == "sqlite":
+            insert = sqlite.insert(usage_ledger)
+        else:  # pragma: no cover - other backends are not supported by the store
+            raise ValueError(f"the ledger supports SQLite and PostgreSQL, not {dialect}")
+        # RETURNING tells a new row from a conflict on every backend (PostgreSQL's rowcount for a
+        # single-row insert is not reliable once SQLAlchemy adds its own RETURNING)
+        self._insert = insert.on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(
+            usage_ledger.c.id
+        )
+
+    def __repr__(self) -> str:
+        return f"Ledger(dialect={self._engine.dialect.name!r})"
+
+    @staticmethod
+    def values(record: UsageRecord, recorded_at: datetime) -> dict[str, Any]:
+        usage, charge = record.usage, record.charge
+        return {
+            "idempotency_key": record.idempotency_key,
+            "workspace_id": record.workspace_id,
+            "workflow_id": record.workflow_id,
+            "run_id": record.run_id,
+            "block_id": record.block_id,
+            "attempt": record.attempt,
+            "provider": usage.provider,
+            "model": usage.model,
+            "source": CredentialSource(record.source).value,
+            "key_id": record.key_id,
+            "fallback": bool(record.fallback),
+            **{name: getattr(usage, name) for name in _TOKEN_FIELDS},
+            "reported_cost": usage.reported_cost,
+            "list_cost": charge.list_cost,
+            "amount": charge.amount,
+            "currency": charge.currency,
+            "reason": charge.reason,
+            "price_version": charge.price_version,
+            "breakdown": json.dumps([[item, str(amount)] for item, amount in charge.breakdown]),
+            "occurred_at": record.occurred_at,
+            "recorded_at": recorded_at,
+        }
+
+    def record(self, record: UsageRecord) -> bool:
+        """Write one call; ``False`` when a row with its idempotency key already exists.
+
+        :raises StoreUnavailable: the store did not answer (the host should retry: retrying is
+            safe, the write is idempotent).
+        """
+        _check(record)
+        values = self.values(record, self._clock())
+        with (
+            store_errors("recording usage", workspace_id=record.workspace_id),
+            write_transaction(self._engine) as conn,
+        ):
+            inserted = conn.execute(self._insert, values).first()
+        return inserted is not None
+
+    def get(self, idempotency_key: str) -> LedgerRow | None:
+        query = sa.select(usage_ledger).where(usage_ledger.c.idempotency_key == idempotency_key)
+        with store_errors("reading the ledger"), self._engine.connect() as conn:
+            row = conn.execute(query).mappings().first()
+        return _row(row) if row is not None else None
+
+    def rows(
+        self,
+        *,
+        workspaces: Sequence[str] = (),
+        since: datetime | None = None,
+        until: datetime | None = None,
+        batch: int = 2000,
+    ) -> Iterator[LedgerRow]:
+        """The calls of the given workspaces (all when empty) with ``since <= occurred_at <
+        until``, oldest first, read in batches."""
+        t = usage_ledger
+        query = sa.select(t)
+        if workspaces:
+            query = query.where(t.c.workspace_id.in_(list(workspaces)))
+        if since is not None:
+            query = query.where(t.c.occurred_at >= since)
+        if until is not None:
+            query = query.where(t.c.occurred_at < until)
+        query = query.order_by(t.c.occurred_at, t.c.id)
+        with store_errors("reading the ledger"), self._engine.connect() as conn:
+            result = conn.execution_options(yield_per=batch).execute(query).mappings()
+            for mapping in result:
+                yield _row(mapping)
+
+    def count(self) -> int:
+        with store_errors("counting the ledger"), self._engine.connect() as conn:
+            return int(
+                conn.execute(sa.select(sa.func.count()).select_from(usage_ledger)).scalar_one()
+            )

@@ -1,0 +1,497 @@
+"""Credential resolution: the default ``byok_resolve_credential``.
+
+One rule for models and tools, streamed or not:
+
+1. the block's own key (source ``block``; the platform does not bill it);
+2. else the workspace's BYOK key for the provider: round-robin over its enabled keys, skipping
+   keys in cooldown (source ``workspace``);
+3. else, for hosted models and tools only (``byok_is_hosted``), a platform key
+   (``byok_platform_key``; source ``platform``, billed). A platform-billed call on a model with no
+   price is refused here, before the call (:class:`~byok_hookspecs.UnpricedModel`);
+4. else :class:`~byok_hookspecs.NoCredential`, saying what to configure.
+
+A stored key that does not decrypt, or a store that does not answer, raises
+:class:`~byok_hookspecs.CredentialUnavailable` and never falls back to the platform key.
+
+**Asking again.** When the provider refuses a key, the host calls the hook again with
+``request.failure`` set (reason ``rate_limit`` / ``auth`` / ``error``, the failed key's source and
+``key_id``). The failed key goes into cooldown (a workspace key's cooldown is stored, so every
+worker skips it; a platform key's is this process's), and resolution answers with another key of
+the same source if there is one. When the workspace has no usable key left, its fallback policy
+(``never`` by default, ``on_rate_limit``, ``on_error``) decides whether the platform key serves
+the call; such a credential has ``fallback=True``, source ``platform``, and the fallback is
+audited (``fallback.used``). A block's own key is never replaced by another key.
+
+**Speed.** A worker keeps each (workspace, provider)'s list of enabled keys, ciphertexts only, for
+``BYOK_KEY_CACHE_SECONDS`` (2 s): a busy workspace costs one read per interval instead of one per
+call; keys are decrypted per call, so no plaintext is kept. Key changes made through this
+process's hooks (audited ``key.*`` events) drop the entry at once; other workers see changes and
+cooldowns within the interval. ``last_used_at`` is written in batches, at most every 30 s, off
+the calling thread. ``0`` turns the cache off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+import sqlalchemy as sa
+from byok_hookspecs import (
+    Action,
+    AuditEvent,
+    Credential,
+    CredentialRequest,
+    CredentialSource,
+    CredentialUnavailable,
+    FailureReason,
+    NoCredential,
+    NotAuthorized,
+)
+from sqlalchemy.engine import Engine
+
+from byok_plugin.billing import Billing
+from byok_plugin.key_access import KeyAccess
+from byok_plugin.platform_keys import PlatformKeyPool, mask_key
+from byok_plugin.store.engine import write_transaction
+from byok_plugin.store.keys_repo import StoredKey
+from byok_plugin.store.tables import workspace_keys
+from byok_plugin.workspace_settings import WorkspaceSettingsStore
+
+__all__ = ["KeyListCache", "Resolver"]
+
+log = logging.getLogger("byok.resolution")
+
+#: how often the last-used times of keys are written (one batch, off the calling thread)
+LAST_USED_FLUSH_SECONDS = 30.0
+
+
+class HookCaller(Protocol):
+    """The part of a pluggy manager resolution uses: ``pm.hook``."""
+
+    hook: Any
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class KeyListCache:
+    """Each (workspace, provider)'s enabled keys, for a few seconds; bounded, thread-safe."""
+
+    def __init__(
+        self,
+        ttl_seconds: float,
+        *,
+        max_entries: int = 20_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ttl = ttl_seconds
+        self.max_entries = max_entries
+        self._clock = clock
+        self._entries: OrderedDict[tuple[str, str], tuple[float, tuple[StoredKey, ...]]] = (
+            OrderedDict()
+        )
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, workspace_id: str, provider: str) -> tuple[StoredKey, ...] | None:
+        if self.ttl <= 0:
+            return None
+        key = (workspace_id, provider)
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry[0] <= self._clock():
+            with self._lock:
+                self._entries.pop(key, None)
+            return None
+        return entry[1]
+
+    def put(self, workspace_id: str, provider: str, keys: Sequence[StoredKey]) -> None:
+        if self.ttl <= 0:
+            return
+        with self._lock:
+            self._entries[(workspace_id, provider)] = (self._clock() + self.ttl, tuple(keys))
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)  # the oldest entry
+
+    def invalidate(self, workspace_id: str, provider: str | None = None) -> None:
+        with self._lock:
+            if provider is not None:
+                self._entries.pop((workspace_id, provider), None)
+                return
+            for key in [k for k in self._entries if k[0] == workspace_id]:
+                del self._entries[key]
+
+
+class Resolver:
+    """The default resolution policy (see the module docstring), bound to one app's services."""
+
+    def __init__(
+        self,
+        *,
+        keys: KeyAccess,
+        engine: Engine,
+        workspace_settings: WorkspaceSettingsStore,
+        billing: Billing,
+        platform_keys: PlatformKeyPool,
+        clock: Callable[[], datetime] = _utc_now,
+        cooldown_seconds: float = 30.0,
+        cache_seconds: float = 2.0,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._keys = keys
+        self._engine = engine
+        self._settings = workspace_settings
+        self._billing = billing
+        self._pool = platform_keys
+        self._clock = clock
+        self._cooldown = timedelta(seconds=cooldown_seconds)
+        self._monotonic = monotonic
+        self.cache = KeyListCache(cache_seconds, clock=monotonic)
+        self._turn: dict[tuple[str, str], int] = {}
+        self._turn_lock = threading.Lock()
+        # why this process put a workspace key in cooldown (other workers' reasons are unknown)
+        self._cooled_for: dict[str, FailureReason] = {}
+        self._used: dict[str, datetime] = {}
+        self._used_lock = threading.Lock()
+        self._flushing = False
+        self._last_flush = monotonic()
+
+    def __repr__(self) -> str:
+        return f"Resolver(cached={len(self.cache)})"
+
+    # --- the entry point ------------------------------------------------------------------
+
+    def resolve(self, request: CredentialRequest, pm: HookCaller) -> Credential:
+        """Answer one ``byok_resolve_credential`` request (never ``None``).
+
+        :raises NoCredential: no source has a key; the message says what to configure.
+        :raises CredentialUnavailable: a key exists but cannot be used (does not decrypt, store
+            down, cooling down, refused with fallback not allowed).
+        :raises UnpricedModel: the platform would bill a model it has no price for.
+        :raises NotAuthorized: the request's actor may not use the workspace's keys.
+        """
+        if request.actor is not None:
+            self._authorize(request, pm)
+        failure = request.failure
+        if failure is None:
+            if request.block_key:
+                return self._block_credential(request)
+            return self._resolve(request, pm)
+        if failure.source is CredentialSource.BLOCK:
+            raise CredentialUnavailable(
+                f"the block's own {request.provider} key was refused ({self._why(request)}); "
+                f"a block's key is never replaced by another key: fix the key in block "
+                f"{request.block_id or '?'}",
+                workspace_id=request.workspace_id,
+                provider=request.provider,
+                key_id=failure.key_id,
+            )
+        if failure.source is CredentialSource.WORKSPACE:
+            return self._after_workspace_failure(request, pm)
+        # a platform key failed: skip it for a while and resolve again
+        if failure.key_id is not None:
+            self._pool.cool_down(failure.key_id)
+        return self._resolve(request, pm)
+
+    # --- the steps ------------------------------------------------------------------------
+
+    def _block_credential(self, request: CredentialRequest) -> Credential:
+        assert request.block_key is not None
+        return Credential(
+            api_key=request.block_key,
+            provider=request.provider,
+            source=CredentialSource.BLOCK,
+            key_id=f"block:{request.block_id}" if request.block_id else "block",
+            hint=mask_key(request.block_key),
+        )
+
+    def _resolve(self, request: CredentialRequest, pm: HookCaller) -> Credential:
+        keys = self.enabled_keys(request.workspace_id, request.provider)
+        if keys:
+            now = self._clock()
+            usable = [k for k in keys if k.cooldown_until is None or k.cooldown_until <= now]
+            if usable:
+                return self._reveal(self._pick(request, usable))
+            return self._all_cooling(request, pm, keys, now)
+        return self._platform(request, pm, fallback=False)
+
+    def _after_workspace_failure(self, request: CredentialRequest, pm: HookCaller) -> Credential:
+        failure = request.failure
+        assert failure is not None
+        keys = self.enabled_keys(request.workspace_id, request.provider)
+        failed = next((k for k in keys if k.id == failure.key_id), None)
+        now = self._clock()
+        if failed is not None:  # only a key of this workspace and provider is put in cooldown
+            self._cool_down(request, failed, failure.reason, now, pm)
+        usable = [
+            k
+            for k in keys
+            if k.id != failure.key_id and (k.cooldown_until is None or k.cooldown_until <= now)
+        ]
+        if usable:  # another of the workspace's own keys: not a fallback
+            return self._reveal(self._pick(request, usable))
+        return self._fallback(request, pm, failure.reason, failure.key_id)
+
+    def _all_cooling(
+        self, request: CredentialRequest, pm: HookCaller, keys: Sequence[StoredKey], now: datetime
+    ) -> Credential:
+        """Every enabled key is cooling down: the fallback policy decides, as after a failure."""
+        reasons = [self._cooled_for.get(k.id) for k in keys]
+        if FailureReason.AUTH in reasons:
+            reason = FailureReason.AUTH
+        elif reasons and all(r is FailureReason.RATE_LIMIT for r in reasons):
+            reason = FailureReason.RATE_LIMIT
+        else:  # cooled down by another worker for a reason this one does not know
+            reason = FailureReason.ERROR
+        return self._fallback(request, pm, reason, None, cooling=keys, now=now)
+
+    def _fallback(
+        self,
+        request: CredentialRequest,
+        pm: HookCaller,
+        reason: FailureReason,
+        failed_key_id: str | None,
+        *,
+        cooling: Sequence[StoredKey] = (),
+        now: datetime | None = None,
+    ) -> Credential:
+        policy = self._settings.fallback_policy(request.workspace_id)
+        ws, provider = request.workspace_id, request.provider
+        if not policy.allows(reason):
+            if cooling:
+                until = min(k.cooldown_until for k in cooling if k.cooldown_until is not None)
+                situation = (
+                    f"all {len(cooling)} enabled {provider} keys of workspace {ws!r} are cooling "
+                    f"down after provider refusals (the first until {until:%Y-%m-%d %H:%M:%S} "
+                    f"UTC)"
+                )
+            else:
+                situation = (
+                    f"the {provider} key {failed_key_id} of workspace {ws!r} was refused "
+                    f"({self._why(request)}) and the workspace has no other usable {provider} key"
+                )
+            raise CredentialUnavailable(
+                f"{situation}; the workspace's fallback policy is '{policy}', so the platform key "
+                f"is not used (allow it with `byok fallback set --workspace {ws} "
+                f"{'on_error' if reason is not FailureReason.RATE_LIMIT else 'on_rate_limit'}`, "
+                f"or add another key with `byok keys set --workspace {ws} --provider {provider}`)",
+                workspace_id=ws,
+                provider=provider,
+                key_id=failed_key_id,
+            )
+        credential = self._platform(request, pm, fallback=True)
+        self._audit(
+            pm,
+            request,
+            "fallback.used",
+            key_id=failed_key_id,
+            detail=(
+                f"{reason.value} on workspace key {failed_key_id or '(all cooling down)'}; "
+                f"platform key {credential.key_id} serves {request.model} "
+                f"(policy {policy.value}, run {request.run_id or '-'}, "
+                f"block {request.block_id or '-'})"
+            ),
+        )
+        log.info(
+            "fallback to the platform key for %s %s in workspace %s (%s, policy %s)",
+            provider,
+            request.model,
+            ws,
+            reason.value,
+            policy.value,
+        )
+        return credential
+
+    def _platform(
+        self, request: CredentialRequest, pm: HookCaller, *, fallback: bool
+    ) -> Credential:
+        ws, provider, model = request.workspace_id, request.provider, request.model
+        hosted = pm.hook.byok_is_hosted(provider=provider, model=model)
+        if not hosted:
+            what = "tool" if provider == "exa" else "model"
+            raise NoCredential(
+                ws,
+                provider,
+                model,
+                f"the platform does not host {provider} {what} {model!r}, so the workspace must "
+                f"bring its own key: store one with `byok keys set --workspace {ws} --provider {provider}`, or give the "
+                f"block its own key",
+            )
+        self._billing.require_price(provider, model)
+        api_key = pm.hook.byok_platform_key(provider=provider, model=model)
+        if not api_key:
+            cooling, wait = self._pool.cooling(provider)
+            if cooling:
+                raise CredentialUnavailable(
+                    f"all {cooling} platform {provider} keys are cooling down after provider "
+                    f"refusals; the first is usable again in {wait:.0f} s",
+                    workspace_id=ws,
+                    provider=provider,
+                )
+            raise NoCredential(
+                ws,
+                provider,
+                model,
+                f"workspace {ws!r} has no {provider} key and the platform has none either: "
+                f"store one with `byok keys set --workspace {ws} --provider {provider}`, give the block its own key, or "
+                f"configure platform keys (BYOK_PLATFORM_KEYS_{provider.upper()}=k1,k2)",
+            )
+        pooled = self._pool.lookup(api_key=api_key)
+        key_id = (
+            pooled.key_id
+            if pooled is not None
+            else "platform:" + hashlib.sha256(api_key.encode()).hexdigest()[:12]
+        )
+        return Credential(
+            api_key=api_key,
+            provider=provider,
+            source=CredentialSource.PLATFORM,
+            key_id=key_id,
+            hint=mask_key(api_key),
+            fallback=fallback,
+        )
+
+    # --- workspace keys -------------------------------------------------------------------
+
+    def enabled_keys(self, workspace_id: str, provider: str) -> tuple[StoredKey, ...]:
+        """The (workspace, provider)'s enabled keys, from the cache or one read of the store."""
+        keys = self.cache.get(workspace_id, provider)
+        if keys is None:
+            keys = tuple(self._keys.enabled_keys(workspace_id, provider))
+            self.cache.put(workspace_id, provider, keys)
+        return keys
+
+    def _pick(self, request: CredentialRequest, usable: Sequence[StoredKey]) -> StoredKey:
+        if len(usable) == 1:
+            return usable[0]
+        slot = (request.workspace_id, request.provider)
+        with self._turn_lock:
+            turn = self._turn.get(slot, 0)
+            self._turn[slot] = turn + 1
+            if len(self._turn) > 100_000:
+                self._turn.clear()
+        return usable[turn % len(usable)]
+
+    def _reveal(self, key: StoredKey) -> Credential:
+        credential = self._keys.reveal(key)  # raises if it does not decrypt: never a fallback
+        self._note_used(key.id)
+        return credential
+
+    def _cool_down(
+        self,
+        request: CredentialRequest,
+        key: StoredKey,
+        reason: FailureReason,
+        now: datetime,
+        pm: HookCaller,
+    ) -> None:
+        until = now + self._cooldown
+        self._keys.cool_down(key.id, until)  # stored: every worker skips it
+        self._cooled_for[key.id] = reason
+        if len(self._cooled_for) > 100_000:
+            self._cooled_for.clear()
+        self.cache.invalidate(request.workspace_id, request.provider)
+        self._audit(
+            pm,
+            request,
+            "key.cooldown",
+            key_id=key.id,
+            detail=f"{self._why(request)}; skipped until {until:%Y-%m-%d %H:%M:%S} UTC",
+        )
+
+    # --- authorization, audit, last use ---------------------------------------------------
+
+    def _authorize(self, request: CredentialRequest, pm: HookCaller) -> None:
+        allowed = pm.hook.byok_authorize(
+            actor=request.actor, workspace_id=request.workspace_id, action=Action.USE_KEYS
+        )
+        if allowed is True:
+            return
+        actor_id = request.actor.id if request.actor is not None else None
+        self._audit(
+            pm,
+            request,
+            "access.denied",
+            outcome="denied",
+            detail=f"{Action.USE_KEYS.value}: run {request.provider} {request.model}",
+        )
+        raise NotAuthorized(actor_id, request.workspace_id, Action.USE_KEYS.value)
+
+    def _audit(
+        self,
+        pm: HookCaller,
+        request: CredentialRequest,
+        action: str,
+        *,
+        outcome: str = "ok",
+        key_id: str | None = None,
+        detail: str = "",
+    ) -> None:
+        pm.hook.byok_audit(
+            event=AuditEvent(
+                action=action,
+                workspace_id=request.workspace_id,
+                actor_id=request.actor.id if request.actor is not None else None,
+                outcome=outcome,
+                provider=request.provider,
+                key_id=key_id,
+                detail=detail,
+                occurred_at=self._clock(),
+            )
+        )
+
+    @staticmethod
+    def _why(request: CredentialRequest) -> str:
+        failure = request.failure
+        if failure is None:
+            return "no failure"
+        status = f", HTTP {failure.status}" if failure.status is not None else ""
+        return f"{failure.reason.value}{status}"
+
+    def _note_used(self, key_id: str) -> None:
+        self._used[key_id] = self._clock()
+        if not self._flushing and self._monotonic() - self._last_flush >= LAST_USED_FLUSH_SECONDS:
+            with self._used_lock:
+                if self._flushing:
+                    return
+                self._flushing = True
+            threading.Thread(
+                target=self.flush_last_used, name="byok-last-used", daemon=True
+            ).start()
+
+    def flush_last_used(self) -> int:
+        """Write the pending last-used times in one transaction; returns how many were written."""
+        with self._used_lock:
+            pending, self._used = self._used, {}
+            self._last_flush = self._monotonic()
+        try:
+            if not pending:
+                return 0
+            t = workspace_keys
+            statement = (
+                sa.update(t)
+                .where(
+                    t.c.id == sa.bindparam("key_id"),
+                    sa.or_(t.c.last_used_at.is_(None), t.c.last_used_at < sa.bindparam("at")),
+                )
+                .values(last_used_at=sa.bindparam("at"))
+            )
+            try:
+                with write_transaction(self._engine) as conn:
+                    conn.execute(statement, [{"key_id": k, "at": at} for k, at in pending.items()])
+            except sa.exc.SQLAlchemyError as exc:  # informational only: never fail a call on it
+                log.warning("could not record the last use of %d keys: %s", len(pending), exc)
+                return 0
+            return len(pending)
+        finally:
+            self._flushing = False

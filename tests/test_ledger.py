@@ -1,0 +1,318 @@
+"""The usage ledger: schema, one row per idempotency key, exact money, and concurrent writers."""
+
+from __future__ import annotations
+
+import importlib.util
+import multiprocessing
+import sys
+from dataclasses import replace
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from byok_hookspecs import (
+    Charge,
+    Credential,
+    CredentialSource,
+    Usage,
+    UsageRecord,
+)
+from ledger_support import concurrent_record_worker, record_for
+
+from byok_plugin.app import App
+from byok_plugin.ledger import usage_ledger
+from byok_plugin.manager import plugin_manager_for
+from byok_plugin.settings import Settings
+from byok_plugin.store import create_store_engine, ensure_migrated
+from byok_plugin.store.migrate import VERSION_TABLE, current_revision, head_revision
+from byok_plugin.store.tables import metadata
+from byok_plugin.workspace_settings import workspace_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+MY_TABLES = {usage_ledger.name, workspace_settings.name}
+
+
+def _app(database_url: str, home: Path, **extra: str) -> App:
+    return App(
+        Settings.from_environ({"BYOK_HOME": str(home), "BYOK_DATABASE_URL": database_url, **extra})
+    )
+
+
+def test_revision_0002_creates_the_ledger_and_settings_tables_as_modelled(
+    database_url: str,
+) -> None:
+    engine = create_store_engine(database_url)
+    try:
+        ensure_migrated(engine)
+        assert current_revision(engine) == head_revision() == "0002"
+        with engine.connect() as conn:
+            assert set(sa.inspect(conn).get_table_names()) >= MY_TABLES
+            context = MigrationContext.configure(
+                conn,
+                opts={
+                    "compare_type": True,
+                    "version_table": VERSION_TABLE,
+                    # only this revision's tables, on both sides (the metadata holds others)
+                    "include_object": lambda _obj, name, kind, _reflected, _other: (
+                        kind != "table" or name in MY_TABLES
+                    ),
+                },
+            )
+            assert compare_metadata(context, metadata) == []
+    finally:
+        engine.dispose()
+
+
+def test_a_record_is_written_once_and_read_back_exactly(database_url: str, tmp_path: Path) -> None:
+    app = _app(database_url, tmp_path)
+    try:
+        ledger = app.ledger
+        record = UsageRecord(
+            idempotency_key="run-1:block-a:attempt-2",
+            workspace_id="acme",
+            usage=Usage(
+                "anthropic",
+                "claude-sonnet-4-5",
+                input_tokens=3_000,
+                cached_input_tokens=20_000,
+                cache_write_tokens=10_000,
+                output_tokens=800,
+                reasoning_tokens=1_200,
+            ),
+            charge=Charge(
+                amount=Decimal("0.099000000001"),
+                reason="platform",
+                list_cost=Decimal("0.0825"),
+                breakdown=(("input", Decimal("0.009")), ("output", Decimal("0.0735"))),
+                price_version="2026-11-27+sha256:abc",
+            ),
+            source=CredentialSource.PLATFORM,
+            key_id="env:ANTHROPIC_API_KEY_2",
+            fallback=True,
+            workflow_id="wf-1",
+            run_id="run-1",
+            block_id="block-a",
+            attempt=2,
+            occurred_at=datetime(2026, 11, 27, 10, 30, 15, 123456, tzinfo=UTC),
+        )
+        assert ledger.record(record) is True
+        assert ledger.record(record) is False  # the retry: no second row
+        changed = replace(record, charge=replace(record.charge, amount=Decimal(7)))
+        assert ledger.record(changed) is False  # the first write stands
+        assert ledger.count() == 1
+        row = ledger.get("run-1:block-a:attempt-2")
+        assert row is not None
+        assert row.amount == Decimal("0.099000000001")
+        assert row.list_cost == Decimal("0.0825")
+        assert row.reported_cost is None
+        assert row.breakdown == (("input", Decimal("0.009")), ("output", Decimal("0.0735")))
+        assert (row.source, row.key_id, row.fallback) == (
+            CredentialSource.PLATFORM,
+            "env:ANTHROPIC_API_KEY_2",
+            True,
+        )
+        assert (row.workspace_id, row.workflow_id, row.run_id, row.block_id, row.attempt) == (
+            "acme",
+            "wf-1",
+            "run-1",
+            "block-a",
+            2,
+        )
+        assert (row.provider, row.model) == ("anthropic", "claude-sonnet-4-5")
+        assert (
+            row.input_tokens,
+            row.cached_input_tokens,
+            row.cache_write_tokens,
+            row.output_tokens,
+            row.reasoning_tokens,
+            row.tool_requests,
+        ) == (3_000, 20_000, 10_000, 800, 1_200, 0)
+        assert row.price_version == "2026-11-27+sha256:abc"
+        assert row.occurred_at == record.occurred_at
+        assert row.currency == "USD"
+        assert row.reason == "platform"
+    finally:
+        app.close()
+
+
+def test_money_is_exact_on_every_backend(database_url: str, tmp_path: Path) -> None:
+    app = _app(database_url, tmp_path)
+    try:
+        amounts = [Decimal("0.000000000001") * (i + 1) + Decimal("0.1") for i in range(300)]
+        for i, amount in enumerate(amounts):
+            record = record_for(i)
+            app.ledger.record(replace(record, charge=replace(record.charge, amount=amount)))
+        rows = list(app.ledger.rows())
+        assert [r.amount for r in rows] == amounts
+        assert sum(r.amount for r in rows) == sum(amounts)  # no float anywhere
+        assert sum(amounts) == Decimal("30.000000045150")
+        # a Decimal below a trillionth is rounded half-even to 12 places, never to a float
+        record = replace(
+            record_for(999),
+            charge=replace(record_for(999).charge, amount=Decimal("1.0000000000005")),
+        )
+        app.ledger.record(record)
+        assert app.ledger.get(record.idempotency_key).amount == Decimal("1.000000000000")
+    finally:
+        app.close()
+
+
+def test_rows_filter_by_workspace_and_time(sqlite_url: str, tmp_path: Path) -> None:
+    app = _app(sqlite_url, tmp_path)
+    try:
+        for n in range(70):
+            app.ledger.record(record_for(n))
+        since = datetime(2026, 11, 2, tzinfo=UTC)  # record n happened at 2026-11-01 + n hours
+        until = datetime(2026, 11, 3, tzinfo=UTC)
+        rows = list(app.ledger.rows(workspaces=["ws-3"], since=since, until=until))
+        assert [r.input_tokens for r in rows] == [n for n in range(24, 48) if n % 7 == 3]
+        assert all(since <= r.occurred_at < until for r in rows)
+    finally:
+        app.close()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"idempotency_key": ""}, "idempotency_key must be a non-empty string"),
+        ({"idempotency_key": "x" * 256}, "256 characters"),
+        ({"occurred_at": datetime(2026, 11, 27)}, "aware datetime"),
+    ],
+)
+def test_bad_records_are_refused_with_a_reason(
+    sqlite_url: str, tmp_path: Path, change: dict, message: str
+) -> None:
+    app = _app(sqlite_url, tmp_path)
+    try:
+        with pytest.raises(ValueError, match=message):
+            app.ledger.record(replace(record_for(1), **change))
+        assert app.ledger.count() == 0
+    finally:
+        app.close()
+
+
+def test_hook_byok_record_usage_writes_the_default_charge(sqlite_url: str, tmp_path: Path) -> None:
+    app = _app(sqlite_url, tmp_path, BYOK_CHARGE_MULTIPLIER="1.5")
+    pm = plugin_manager_for(app, load_entrypoints=False)
+    try:
+        usage = Usage("openai", "gpt-4o-mini", input_tokens=10_000, output_tokens=1_000)
+        for source, key_id in [
+            (CredentialSource.WORKSPACE, "key_abc12345678"),
+            (CredentialSource.PLATFORM, "env:OPENAI_API_KEY_1"),
+        ]:
+            credential = Credential(
+                api_key="sk-not-a-real-key-000000", provider="openai", source=source, key_id=key_id
+            )
+            charge = pm.hook.byok_compute_charge(usage=usage, credential=credential)
+            pm.hook.byok_record_usage(
+                record=UsageRecord(
+                    idempotency_key=f"run-7:b1:{source.value}",
+                    workspace_id="acme",
+                    usage=usage,
+                    charge=charge,
+                    source=source,
+                    key_id=key_id,
+                )
+            )
+        byok = app.ledger.get("run-7:b1:workspace")
+        platform = app.ledger.get("run-7:b1:platform")
+        # 10,000 x $0.15 + 1,000 x $0.60 per 1M = $0.0021
+        assert (byok.amount, byok.reason, byok.list_cost) == (
+            Decimal(0),
+            "byok",
+            Decimal("0.0021"),
+        )
+        assert (platform.amount, platform.reason) == (Decimal("0.00315"), "platform")
+        assert platform.price_version == "2026-11-27"
+    finally:
+        app.close()
+
+
+def _fee_plugin():
+    """The test plugin distribution's module (tests/plugins/byok-fee-plugin), imported by path."""
+    path = ROOT / "tests" / "plugins" / "byok-fee-plugin" / "byok_fee_plugin" / "__init__.py"
+    spec = importlib.util.spec_from_file_location("byok_fee_plugin_for_ledger_test", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_fee_plugin_replaces_the_default_charge_and_the_ledger_shows_it(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """The 5% BYOK fee plugin registered by hand (its entry-point install is tested elsewhere)."""
+    app = _app(sqlite_url, tmp_path)
+    pm = plugin_manager_for(app, load_entrypoints=False)
+    pm.register(_fee_plugin())
+    try:
+        usage = Usage("openai", "gpt-4.1", input_tokens=1_000_000, output_tokens=100_000)
+        credential = Credential(
+            api_key="sk-not-a-real-key-000000",
+            provider="openai",
+            source=CredentialSource.WORKSPACE,
+            key_id="key_fee12345678",
+        )
+        charge = pm.hook.byok_compute_charge(usage=usage, credential=credential)
+        record = UsageRecord("run-1:b:1", "acme", usage, charge, CredentialSource.WORKSPACE)
+        pm.hook.byok_record_usage(record=record)
+        row = app.ledger.get("run-1:b:1")
+        # list price $2.80 (1M x $2 + 0.1M x $8); 5% of it is $0.14
+        assert row.list_cost == Decimal("2.80")
+        assert row.amount == Decimal("0.14")
+        assert row.reason == "byok_fee"
+        assert ("byok fee 5%", Decimal("0.140000")) in row.breakdown
+    finally:
+        app.close()
+
+
+def _concurrent(database_url: str, tmp_path: Path, workers: int, per_worker: int, step: int):
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Manager().Barrier(workers)
+    jobs = [list(range(w * step, w * step + per_worker)) for w in range(workers)]
+    with ctx.Pool(workers) as pool:
+        pending = [
+            pool.apply_async(concurrent_record_worker, (database_url, str(tmp_path), barrier, job))
+            for job in jobs
+        ]
+        results = [p.get(timeout=300) for p in pending]
+    return jobs, results
+
+
+def _check_concurrent(database_url: str, tmp_path: Path, jobs, results) -> None:
+    distinct = sorted({n for job in jobs for n in job})
+    assert sum(r["inserted"] for r in results) == len(distinct)  # each key inserted once
+    assert sum(r["inserted"] + r["skipped"] for r in results) == sum(len(j) for j in jobs)
+    app = _app(database_url, tmp_path)
+    try:
+        rows = list(app.ledger.rows())
+        keys = [r.idempotency_key for r in rows]
+        assert len(keys) == len(set(keys)) == len(distinct)  # no lost and no double rows
+        assert sorted(r.input_tokens for r in rows) == distinct  # every call, as written
+        expected = sum(record_for(n).charge.amount for n in distinct)
+        assert sum(r.amount for r in rows) == expected
+    finally:
+        app.close()
+
+
+@pytest.mark.postgres
+def test_eight_processes_with_overlapping_keys_into_postgresql(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    # 8 real processes x 500 records; worker w writes calls [250w, 250w + 500): every call but
+    # the first and last 250 is written by two processes at once
+    jobs, results = _concurrent(postgres_url, tmp_path, workers=8, per_worker=500, step=250)
+    assert sum(len(j) for j in jobs) == 4000
+    assert sum(r["skipped"] for r in results) == 4000 - 2250
+    _check_concurrent(postgres_url, tmp_path, jobs, results)
+
+
+def test_concurrent_processes_into_sqlite(sqlite_url: str, tmp_path: Path) -> None:
+    jobs, results = _concurrent(sqlite_url, tmp_path, workers=4, per_worker=150, step=75)
+    _check_concurrent(sqlite_url, tmp_path, jobs, results)

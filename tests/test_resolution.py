@@ -1,0 +1,590 @@
+"""Credential resolution: the precedence table, cooldowns, fallback policies, and the errors.
+
+Everything runs on a real store (a SQLite file; the store-dependent rules on PostgreSQL too), with
+keys stored through the real key service, and the hooks called through a real plugin manager.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pluggy
+import pytest
+import sqlalchemy as sa
+from byok_hookspecs import (
+    Actor,
+    AuditEvent,
+    Credential,
+    CredentialRequest,
+    CredentialSource,
+    CredentialUnavailable,
+    FailureReason,
+    NoCredential,
+    NotAuthorized,
+    ProviderFailure,
+    Role,
+    UnpricedModel,
+    hookimpl,
+)
+from keys_support import OPERATOR, keyring_value, make_app, master_key, random_key, service_for
+
+from byok_plugin.app import App
+from byok_plugin.key_errors import KeyDecryptionError, StoreUnavailable
+from byok_plugin.keys import KeyService
+from byok_plugin.manager import plugin_manager_for
+from byok_plugin.resolution import KeyListCache
+from byok_plugin.store.tables import workspace_keys
+from byok_plugin.workspace_settings import FallbackPolicy
+
+WORKSPACE = CredentialSource.WORKSPACE
+PLATFORM = CredentialSource.PLATFORM
+BLOCK = CredentialSource.BLOCK
+PROVIDERS = ("openai", "anthropic", "google", "mistral", "exa")
+
+
+class Audit:
+    """Records the audit events that go through the hooks."""
+
+    def __init__(self) -> None:
+        self.events: list[AuditEvent] = []
+
+    @hookimpl
+    def byok_audit(self, event: AuditEvent) -> None:
+        self.events.append(event)
+
+    def actions(self) -> list[str]:
+        return [e.action for e in self.events]
+
+
+@dataclass
+class World:
+    app: App
+    pm: pluggy.PluginManager
+    service: KeyService
+    audit: Audit
+    platform: dict[str, list[str]] = field(default_factory=dict)
+
+    def store(self, workspace: str, provider: str, label: str = "default") -> tuple[str, str]:
+        """Store a random real-shaped key; returns (key id, key)."""
+        api_key = random_key(provider)
+        result = self.service.set_key(
+            OPERATOR, workspace, provider, api_key, label=label, test=False
+        )
+        return result.key.id, api_key
+
+    def resolve(self, workspace: str, provider: str, model: str, **kwargs: Any) -> Credential:
+        return self.pm.hook.byok_resolve_credential(
+            request=CredentialRequest(workspace, provider, model, **kwargs)
+        )
+
+
+def _world(database_url: str, home: Path, *, platform: bool = True, **extra: str) -> World:
+    keys: dict[str, list[str]] = {}
+    env = dict(extra)
+    if platform:
+        for provider in PROVIDERS:
+            keys[provider] = [random_key(provider), random_key(provider)]
+            env[f"BYOK_PLATFORM_KEYS_{provider.upper()}"] = ",".join(keys[provider])
+    app = make_app(database_url, home, keys=[master_key()], extra=env)
+    audit = Audit()
+    service, pm = service_for(app, audit)
+    return World(app, pm, service, audit, keys)
+
+
+@pytest.fixture
+def world(sqlite_url: str, tmp_path: Path) -> World:
+    w = _world(sqlite_url, tmp_path)
+    yield w
+    w.app.close()
+
+
+@pytest.fixture
+def any_world(database_url: str, tmp_path: Path) -> World:
+    """A world on SQLite and on PostgreSQL, with the key-list cache off so that every call reads
+    the store."""
+    w = _world(database_url, tmp_path, BYOK_KEY_CACHE_SECONDS="0")
+    yield w
+    w.app.close()
+
+
+# --- the precedence table -------------------------------------------------------------------------
+
+MODELS = [
+    # provider, model or tool, hosted by the platform (shipped catalog)
+    ("openai", "gpt-4o", True),
+    ("openai", "o3", False),
+    ("anthropic", "claude-sonnet-4-5", True),
+    ("anthropic", "claude-opus-4-1", False),
+    ("google", "gemini-2.5-flash", True),
+    ("mistral", "magistral-medium-latest", False),
+    ("exa", "exa-search", True),
+]
+
+# block key given, workspace key stored, platform pool configured -> expected source or error
+ROWS = [
+    pytest.param(True, True, True, BLOCK, id="block-beats-workspace"),
+    pytest.param(True, False, False, BLOCK, id="block-alone"),
+    pytest.param(False, True, True, WORKSPACE, id="workspace-beats-platform"),
+    pytest.param(False, True, False, WORKSPACE, id="workspace-alone"),
+    pytest.param(False, False, True, "platform-if-hosted", id="platform-for-hosted-only"),
+    pytest.param(False, False, False, "none", id="nothing-configured"),
+]
+
+
+@pytest.mark.parametrize(("provider", "model", "hosted"), MODELS)
+@pytest.mark.parametrize(("block", "stored", "pool", "expected"), ROWS)
+def test_precedence_table(
+    sqlite_url: str,
+    tmp_path: Path,
+    provider: str,
+    model: str,
+    hosted: bool,
+    block: bool,
+    stored: bool,
+    pool: bool,
+    expected: object,
+) -> None:
+    w = _world(sqlite_url, tmp_path, platform=pool)
+    ws = f"ws-{secrets.token_hex(3)}"
+    block_key = random_key(provider) if block else None
+    key_id = api_key = None
+    if stored:
+        key_id, api_key = w.store(ws, provider)
+    request = {"block_key": block_key, "block_id": "b1", "run_id": "r1"}
+    try:
+        if expected == "platform-if-hosted":
+            expected = PLATFORM if hosted else "none"
+        if expected == "none":
+            with pytest.raises(NoCredential) as info:
+                w.resolve(ws, provider, model, **request)
+            message = str(info.value)
+            assert ws in message
+            assert model in message
+            # says exactly what to configure
+            assert f"byok keys set --workspace {ws} --provider {provider}" in message
+            if not hosted:
+                assert "does not host" in message
+            else:
+                assert f"BYOK_PLATFORM_KEYS_{provider.upper()}" in message
+            return
+        credential = w.resolve(ws, provider, model, **request)
+        assert credential.source is expected
+        assert credential.provider == provider
+        assert not credential.fallback
+        if expected is BLOCK:
+            assert credential.api_key == block_key
+            assert credential.key_id == "block:b1"
+            assert not credential.is_byok
+            assert not credential.billed_by_platform
+        elif expected is WORKSPACE:
+            assert credential.api_key == api_key
+            assert credential.key_id == key_id
+            assert credential.is_byok
+            assert credential.hint == f"{api_key[:6]}...{api_key[-4:]}" or "..." in credential.hint
+        else:
+            assert credential.api_key in w.platform[provider]
+            assert credential.billed_by_platform
+            assert credential.key_id.startswith(f"env:BYOK_PLATFORM_KEYS_{provider.upper()}[")
+        # streamed or not, the same rule
+        again = w.resolve(ws, provider, model, stream=True, **request)
+        assert again.source is credential.source
+    finally:
+        w.app.close()
+
+
+# --- workspace keys: round-robin, disabled, cooldown, cache ---------------------------------------
+
+
+def test_hook_byok_resolve_credential_round_robin_skips_disabled_keys(any_world: World) -> None:
+    w = any_world
+    ids = [w.store("acme", "anthropic", label=f"k{i}")[0] for i in range(3)]
+    served = [w.resolve("acme", "anthropic", "claude-haiku-4-5").key_id for _ in range(6)]
+    assert sorted(served) == sorted(ids * 2)
+    assert served[:3] != served[3:] or len(set(served[:3])) == 3  # each once per round
+    assert len(set(served[:3])) == 3
+
+    w.service.disable(OPERATOR, "acme", "anthropic", key_id=ids[1])
+    served = {w.resolve("acme", "anthropic", "claude-haiku-4-5").key_id for _ in range(6)}
+    assert served == {ids[0], ids[2]}
+
+    # every key disabled: as if the workspace had none (the platform serves hosted models)
+    w.service.disable(OPERATOR, "acme", "anthropic")
+    assert w.resolve("acme", "anthropic", "claude-haiku-4-5").source is PLATFORM
+    with pytest.raises(NoCredential):
+        w.resolve("acme", "anthropic", "claude-opus-4-1")  # not hosted
+
+
+def test_key_changes_through_the_hooks_reach_a_cached_resolver(world: World) -> None:
+    w = world
+    assert w.app.settings.key_cache_seconds == 2.0
+    key_id, _ = w.store("acme", "openai")
+    assert w.resolve("acme", "openai", "gpt-4o").key_id == key_id  # cached now
+    w.service.delete_keys(OPERATOR, "acme", "openai", key_id=key_id)
+    assert w.resolve("acme", "openai", "gpt-4o").source is PLATFORM  # not the deleted key
+    new_id, new_key = w.store("acme", "openai", label="second")
+    credential = w.resolve("acme", "openai", "gpt-4o")
+    assert (credential.key_id, credential.api_key) == (new_id, new_key)
+
+
+def test_cooldown_is_shared_by_workers_through_the_store(database_url: str, tmp_path: Path) -> None:
+    # two workers (two apps, two resolvers, two plugin managers) on one database
+    a = _world(database_url, tmp_path / "a", BYOK_KEY_CACHE_SECONDS="0")
+    b_app = App(a.app.settings)
+    b_audit = Audit()
+    _, b_pm = service_for(b_app, b_audit)
+    try:
+        first, _ = a.store("acme", "mistral", label="first")
+        second, _ = a.store("acme", "mistral", label="second")
+        failure = ProviderFailure(FailureReason.RATE_LIMIT, WORKSPACE, key_id=first, status=429)
+        retry = a.resolve("acme", "mistral", "mistral-small-latest", failure=failure)
+        assert retry.key_id == second
+        assert not retry.fallback
+        # the other worker now skips the key in cooldown, every time
+        for _ in range(4):
+            credential = b_pm.hook.byok_resolve_credential(
+                request=CredentialRequest("acme", "mistral", "mistral-small-latest")
+            )
+            assert credential.key_id == second
+        with a.app.engine.connect() as conn:
+            until = conn.execute(
+                sa.select(workspace_keys.c.cooldown_until).where(workspace_keys.c.id == first)
+            ).scalar_one()
+        assert until is not None
+        assert "key.cooldown" in a.audit.actions()
+    finally:
+        a.app.close()
+        b_app.close()
+
+
+def test_a_failure_naming_another_workspaces_key_cools_nothing(world: World) -> None:
+    w = world
+    victim, _ = w.store("victim", "openai")
+    mine, _ = w.store("mine", "openai")
+    failure = ProviderFailure(FailureReason.AUTH, WORKSPACE, key_id=victim, status=401)
+    # the named key is not one of this workspace's: nothing is cooled, its own key serves
+    assert w.resolve("mine", "openai", "gpt-4o", failure=failure).key_id == mine
+    assert "key.cooldown" not in w.audit.actions()
+    assert w.resolve("victim", "openai", "gpt-4o").key_id == victim  # untouched
+
+
+def test_key_list_cache_expires_and_is_bounded() -> None:
+    now = [100.0]
+    cache = KeyListCache(2.0, max_entries=3, clock=lambda: now[0])
+    cache.put("w1", "openai", ())
+    assert cache.get("w1", "openai") == ()
+    now[0] += 2.01
+    assert cache.get("w1", "openai") is None
+    for i in range(5):
+        cache.put(f"w{i}", "openai", ())
+    assert len(cache) == 3
+    assert cache.get("w0", "openai") is None  # the oldest went first
+    assert cache.get("w4", "openai") == ()
+    cache.invalidate("w4")
+    assert cache.get("w4", "openai") is None
+    assert KeyListCache(0).get("w", "p") is None  # off
+
+
+# --- errors are errors, never a platform fallback ---------------------------------------------------
+
+
+def test_decryption_failure_is_an_error_not_a_fallback(database_url: str, tmp_path: Path) -> None:
+    w = _world(database_url, tmp_path, BYOK_KEY_CACHE_SECONDS="0")
+    key_id, _ = w.store("acme", "openai")
+    w.app.workspace_settings.set_fallback_policy("acme", "on_error", actor_id="test")
+    # the same database read by a worker holding another master key
+    other = App(
+        type(w.app.settings).from_environ(
+            {**w.app.settings.environ, "BYOK_ENCRYPTION_KEYS": keyring_value(master_key("k2"))}
+        )
+    )
+    _, other_pm = service_for(other)
+    try:
+        with pytest.raises(KeyDecryptionError) as info:
+            other_pm.hook.byok_resolve_credential(
+                request=CredentialRequest("acme", "openai", "gpt-4o")
+            )
+        assert isinstance(info.value, CredentialUnavailable)
+        assert key_id in str(info.value)
+        assert "acme" in str(info.value)
+        # a tampered ciphertext in the right worker: an error too, even with fallback on_error
+        with w.app.engine.begin() as conn:
+            stored = conn.execute(
+                sa.select(workspace_keys.c.ciphertext).where(workspace_keys.c.id == key_id)
+            ).scalar_one()
+            flipped = stored[:-6] + ("A" if stored[-6] != "A" else "B") + stored[-5:]
+            conn.execute(
+                sa.update(workspace_keys)
+                .where(workspace_keys.c.id == key_id)
+                .values(ciphertext=flipped)
+            )
+        with pytest.raises(CredentialUnavailable, match=key_id):
+            w.resolve("acme", "openai", "gpt-4o")
+    finally:
+        other.close()
+        w.app.close()
+
+
+def test_a_store_that_does_not_answer_is_an_error(sqlite_url: str, tmp_path: Path) -> None:
+    w = _world(sqlite_url, tmp_path, BYOK_KEY_CACHE_SECONDS="0")
+    try:
+        w.store("acme", "openai")
+        with w.app.engine.begin() as conn:  # the table vanishes under the running worker
+            conn.execute(sa.text("ALTER TABLE byok_workspace_keys RENAME TO gone"))
+        with pytest.raises(StoreUnavailable) as info:
+            w.resolve("acme", "openai", "gpt-4o")  # hosted, platform keys configured: no matter
+        assert isinstance(info.value, CredentialUnavailable)
+    finally:
+        w.app.close()
+
+
+def test_unreachable_database_is_an_error(tmp_path: Path) -> None:
+    app = make_app(
+        "postgresql+psycopg://nobody:x@127.0.0.1:9/none",
+        tmp_path,
+        keys=[master_key()],
+        extra={"BYOK_PLATFORM_KEYS_OPENAI": random_key("openai")},
+    )
+    pm = plugin_manager_for(app, load_entrypoints=False)
+    with pytest.raises(StoreUnavailable) as info:  # not the platform key
+        pm.hook.byok_resolve_credential(request=CredentialRequest("acme", "openai", "gpt-4o"))
+    assert isinstance(info.value, CredentialUnavailable)
+
+
+def test_unpriced_platform_call_is_refused_before_the_call(sqlite_url: str, tmp_path: Path) -> None:
+    catalog = tmp_path / "catalog.json"
+    catalog.write_text(json.dumps({"models": {"gpt-next": {"provider": "openai", "hosted": True}}}))
+    w = _world(sqlite_url, tmp_path, BYOK_CATALOG_FILE=str(catalog))
+    try:
+        with pytest.raises(UnpricedModel, match="gpt-next"):
+            w.resolve("acme", "openai", "gpt-next")
+        # the workspace's own key needs no price: the workspace pays the provider
+        key_id, _ = w.store("acme", "openai")
+        assert w.resolve("acme", "openai", "gpt-next").key_id == key_id
+    finally:
+        w.app.close()
+    allowed = _world(
+        sqlite_url.replace(".db", "2.db"),
+        tmp_path,
+        BYOK_CATALOG_FILE=str(catalog),
+        BYOK_ALLOW_UNPRICED="1",
+    )
+    try:
+        assert allowed.resolve("acme", "openai", "gpt-next").source is PLATFORM
+    finally:
+        allowed.app.close()
+
+
+# --- fallback policies ----------------------------------------------------------------------------
+
+POLICY_CASES = [
+    (FallbackPolicy.NEVER, FailureReason.RATE_LIMIT, False),
+    (FallbackPolicy.NEVER, FailureReason.AUTH, False),
+    (FallbackPolicy.NEVER, FailureReason.ERROR, False),
+    (FallbackPolicy.ON_RATE_LIMIT, FailureReason.RATE_LIMIT, True),
+    (FallbackPolicy.ON_RATE_LIMIT, FailureReason.AUTH, False),
+    (FallbackPolicy.ON_RATE_LIMIT, FailureReason.ERROR, False),
+    (FallbackPolicy.ON_ERROR, FailureReason.RATE_LIMIT, True),
+    (FallbackPolicy.ON_ERROR, FailureReason.AUTH, True),
+    (FallbackPolicy.ON_ERROR, FailureReason.ERROR, True),
+]
+
+
+@pytest.mark.parametrize(("policy", "reason", "falls_back"), POLICY_CASES)
+def test_fallback_policy(
+    sqlite_url: str, tmp_path: Path, policy: FallbackPolicy, reason: FailureReason, falls_back: bool
+) -> None:
+    w = _world(sqlite_url, tmp_path)
+    try:
+        key_id, _ = w.store("acme", "openai")
+        if policy is not FallbackPolicy.NEVER:
+            w.app.workspace_settings.set_fallback_policy("acme", policy, actor_id="admin")
+        status = {FailureReason.RATE_LIMIT: 429, FailureReason.AUTH: 401}.get(reason, 500)
+        failure = ProviderFailure(reason, WORKSPACE, key_id=key_id, status=status)
+        if falls_back:
+            credential = w.resolve("acme", "openai", "gpt-4o", failure=failure, run_id="r9")
+            assert credential.source is PLATFORM
+            assert credential.fallback
+            assert credential.api_key in w.platform["openai"]
+            event = next(e for e in w.audit.events if e.action == "fallback.used")
+            assert event.key_id == key_id
+            assert reason.value in event.detail
+            assert policy.value in event.detail
+            # until the cooldown ends, the platform keeps serving, still as a fallback
+            later = w.resolve("acme", "openai", "gpt-4o")
+            assert later.source is PLATFORM
+            assert later.fallback
+        else:
+            with pytest.raises(CredentialUnavailable) as info:
+                w.resolve("acme", "openai", "gpt-4o", failure=failure)
+            message = str(info.value)
+            assert key_id in message
+            assert f"'{policy.value}'" in message
+            assert f"HTTP {status}" in message
+            assert "byok fallback set --workspace acme" in message
+            assert "fallback.used" not in w.audit.actions()
+            # and while the key cools down, plain requests fail the same way
+            with pytest.raises(CredentialUnavailable, match="cooling down"):
+                w.resolve("acme", "openai", "gpt-4o")
+        assert "key.cooldown" in w.audit.actions()
+    finally:
+        w.app.close()
+
+
+def test_fallback_policy_is_stored_per_workspace(database_url: str, tmp_path: Path) -> None:
+    w = _world(database_url, tmp_path)
+    try:
+        store = w.app.workspace_settings
+        assert store.fallback_policy("acme") is FallbackPolicy.NEVER
+        store.set_fallback_policy("acme", "on-rate-limit", actor_id="admin")
+        store.set_fallback_policy("other", FallbackPolicy.ON_ERROR, actor_id="admin")
+        assert store.fallback_policy("acme") is FallbackPolicy.ON_RATE_LIMIT
+        store.set_fallback_policy("acme", "on_error", actor_id="admin2")
+        settings = store.get("acme")
+        assert settings.fallback_policy is FallbackPolicy.ON_ERROR
+        assert settings.updated_by == "admin2"
+        assert store.fallback_policy("other") is FallbackPolicy.ON_ERROR
+        with pytest.raises(ValueError, match="never, on_rate_limit, on_error"):
+            store.set_fallback_policy("acme", "sometimes", actor_id="admin")
+    finally:
+        w.app.close()
+
+
+def test_fallback_to_an_unhosted_model_is_no_credential(world: World) -> None:
+    w = world
+    key_id, _ = w.store("acme", "openai")
+    w.app.workspace_settings.set_fallback_policy("acme", "on_error", actor_id="admin")
+    failure = ProviderFailure(FailureReason.RATE_LIMIT, WORKSPACE, key_id=key_id, status=429)
+    with pytest.raises(NoCredential, match="does not host"):
+        w.resolve("acme", "openai", "o3", failure=failure)
+
+
+def test_a_block_key_is_never_replaced(world: World) -> None:
+    w = world
+    w.store("acme", "openai")
+    w.app.workspace_settings.set_fallback_policy("acme", "on_error", actor_id="admin")
+    failure = ProviderFailure(FailureReason.AUTH, BLOCK, key_id="block:b1", status=401)
+    with pytest.raises(CredentialUnavailable, match="never replaced"):
+        w.resolve(
+            "acme",
+            "openai",
+            "gpt-4o",
+            block_key=random_key("openai"),
+            block_id="b1",
+            failure=failure,
+        )
+
+
+def test_a_failed_platform_key_cools_down_and_the_next_serves(world: World) -> None:
+    w = world
+    first = w.resolve("acme", "google", "gemini-2.5-flash")
+    failure = ProviderFailure(FailureReason.RATE_LIMIT, PLATFORM, key_id=first.key_id, status=429)
+    second = w.resolve("acme", "google", "gemini-2.5-flash", failure=failure)
+    assert second.key_id != first.key_id
+    assert all(
+        w.resolve("acme", "google", "gemini-2.5-flash").key_id == second.key_id for _ in range(3)
+    )
+    with pytest.raises(CredentialUnavailable, match="all 2 platform google keys are cooling down"):
+        w.resolve(
+            "acme",
+            "google",
+            "gemini-2.5-flash",
+            failure=ProviderFailure(FailureReason.RATE_LIMIT, PLATFORM, key_id=second.key_id),
+        )
+
+
+# --- plugins, authorization, secrets --------------------------------------------------------------
+
+
+class Overrides:
+    """A plugin that decides hosting and hands out its own platform key."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    @hookimpl
+    def byok_is_hosted(self, provider: str, model: str) -> bool | None:
+        if model == "gpt-4o":
+            return False  # this platform stopped hosting gpt-4o
+        if model == "o3":
+            return True  # and hosts o3
+        return None
+
+    @hookimpl
+    def byok_platform_key(self, provider: str, model: str) -> str | None:
+        return self.key if provider == "openai" else None
+
+
+def test_resolution_asks_the_hosting_and_platform_key_hooks(world: World) -> None:
+    w = world
+    plugin_key = random_key("openai")
+    w.pm.register(Overrides(plugin_key))
+    with pytest.raises(NoCredential, match="does not host openai model 'gpt-4o'"):
+        w.resolve("acme", "openai", "gpt-4o")
+    credential = w.resolve("acme", "openai", "o3")
+    assert credential.source is PLATFORM
+    assert credential.api_key == plugin_key
+    assert credential.key_id is not None
+    assert credential.key_id.startswith("platform:")
+    assert plugin_key not in credential.key_id
+
+
+def test_an_actor_must_be_allowed_to_use_the_workspace_keys(world: World) -> None:
+    w = world
+    key_id, _ = w.store("acme", "openai")
+    member = Actor("ann", roles={"acme": Role.MEMBER})
+    assert w.resolve("acme", "openai", "gpt-4o", actor=member).key_id == key_id
+    stranger = Actor("eve", roles={"other": Role.ADMIN})
+    with pytest.raises(NotAuthorized, match="eve"):
+        w.resolve("acme", "openai", "gpt-4o", actor=stranger)
+    denied = [e for e in w.audit.events if e.action == "access.denied"]
+    assert denied
+    assert denied[-1].actor_id == "eve"
+    assert denied[-1].outcome == "denied"
+
+
+def test_keys_never_leak_into_reprs_errors_or_logs(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    w = world
+    secrets_ = []
+    with caplog.at_level(logging.DEBUG):
+        key_id, stored = w.store("acme", "openai")
+        secrets_.append(stored)
+        block = random_key("anthropic")
+        secrets_.append(block)
+        seen = [
+            w.resolve("acme", "openai", "gpt-4o"),
+            w.resolve("acme", "anthropic", "claude-haiku-4-5", block_key=block, block_id="b"),
+            w.resolve("acme", "google", "gemini-2.5-pro"),
+        ]
+        failure = ProviderFailure(FailureReason.AUTH, WORKSPACE, key_id=key_id, status=401)
+        with pytest.raises(CredentialUnavailable) as info:
+            w.resolve("acme", "openai", "gpt-4o", failure=failure)
+    secrets_ += [c.api_key for c in seen]
+    texts = [caplog.text, str(info.value), *map(repr, seen), *(repr(e) for e in w.audit.events)]
+    request = CredentialRequest("acme", "openai", "gpt-4o", block_key=block)
+    texts.append(repr(request))
+    for text in texts:
+        for secret in secrets_:
+            assert secret not in text
+            assert secret[6:-4] not in text  # not even the middle of it
+
+
+def test_last_used_times_are_written_in_a_batch(world: World) -> None:
+    w = world
+    key_id, _ = w.store("acme", "exa")
+    w.resolve("acme", "exa", "exa-search")
+    assert w.app.resolver.flush_last_used() == 1
+    with w.app.engine.connect() as conn:
+        used = conn.execute(
+            sa.select(workspace_keys.c.last_used_at).where(workspace_keys.c.id == key_id)
+        ).scalar_one()
+    assert used is not None
+    assert abs((datetime.now(UTC) - used).total_seconds()) < 60
+    assert w.app.resolver.flush_last_used() == 0  # nothing pending
