@@ -13,7 +13,7 @@ from byok_plugin.cli.emulator import emulator_command
 from byok_plugin.cli.init import init_command
 from byok_plugin.cli.keys import keys_group
 from byok_plugin.cli.plugins import plugins_command
-from byok_plugin.cli.run import validate_command
+from byok_plugin.cli.run import run_command, validate_command
 from byok_plugin.cli.serve import serve_command
 
 
@@ -31,3 +31,4 @@ main.add_command(init_command)
 main.add_command(keys_group)
 main.add_command(serve_command)
 main.add_command(validate_command)
+main.add_command(run_command)

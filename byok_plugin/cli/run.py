@@ -1,22 +1,58 @@
 """``byok validate WORKFLOW`` and ``byok run WORKFLOW``: check a JSON workflow, run it.
 
-A bad workflow exits with status 2 and one line per problem, each naming the JSON path of the
-value at fault; never a traceback.
+A bad workflow (or bad inputs) exits with status 2 and one line per problem, each naming the JSON
+path of the value at fault; never a traceback. A run whose block fails exits with status 1.
+
+``byok run`` shows each block as it starts and finishes: a live display on a terminal, plain
+lines when its error stream is piped; then a table of blocks (provider, model, key source, tokens,
+charge) and the run's total, on standard output (or the whole result as JSON with ``--json``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
+from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import click
 import pluggy
+from byok_hookspecs import ByokError
+from rich import box
+from rich.console import Console, Group
+from rich.live import Live
+from rich.spinner import Spinner
+from rich.table import Table
+from rich.text import Text
 
 from byok_plugin.cli.context import CliContext, pass_cli
-from byok_plugin.host.workflow import Workflow, WorkflowError, check_models, load_workflow
+from byok_plugin.host.run_result import BlockResult, BlockStatus, RunResult
+from byok_plugin.host.runner import RunEvent, RunnerOptions, WorkflowRunner
+from byok_plugin.host.workflow import (
+    AgentBlock,
+    InputsError,
+    ToolBlock,
+    Workflow,
+    WorkflowError,
+    check_models,
+    load_workflow,
+)
+from byok_plugin.settings import SettingsError
 
-__all__ = ["WorkflowInvalid", "load_checked", "validate_command"]
+__all__ = [
+    "RunProgress",
+    "WorkflowInvalid",
+    "console_for",
+    "cost_table",
+    "load_checked",
+    "money",
+    "run_command",
+    "run_workflow",
+    "validate_command",
+]
 
 
 class WorkflowInvalid(click.ClickException):
@@ -94,3 +130,311 @@ def validate_command(cli: CliContext, workflow: Path, as_json: bool) -> None:
         f"{workflow}: valid: {checked.name} {checked.version}, {len(checked.blocks)} blocks, "
         f"{len(checked.inputs)} inputs; models: {models}"
     )
+
+
+# --- byok run ------------------------------------------------------------------------------------
+
+
+def money(amount: Decimal) -> str:
+    """``$0.00``, ``$0.000123``: at least cents, at most millionths of a dollar."""
+    text = f"{amount.quantize(Decimal('0.000001')):f}".rstrip("0")
+    whole, _, cents = text.partition(".")
+    return f"${whole}.{cents.ljust(2, '0')}"
+
+
+def _target(workflow: Workflow, block_id: str) -> str:
+    block = workflow.blocks[block_id]
+    if isinstance(block, AgentBlock):
+        return f"{block.provider}/{block.model}"
+    if isinstance(block, ToolBlock):
+        return f"exa/{block.tool}"
+    return block.type
+
+
+class RunProgress:
+    """Shows a run as it goes: a live table on a terminal, one plain line per event otherwise."""
+
+    def __init__(self, workflow: Workflow, console: Console, *, live: bool) -> None:
+        self.workflow = workflow
+        self.console = console
+        self.live = live
+        self.started = time.monotonic()
+        self.state: dict[str, str] = dict.fromkeys(workflow.order, "waiting")
+        self.detail: dict[str, str] = dict.fromkeys(workflow.order, "")
+        self.streamed: dict[str, int] = dict.fromkeys(workflow.order, 0)
+        self._live: Live | None = None
+
+    def __enter__(self) -> RunProgress:
+        if self.live:
+            self._live = Live(
+                get_renderable=self.render,
+                console=self.console,
+                refresh_per_second=10,
+                transient=False,
+            )
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.refresh()
+            self._live.__exit__(None, None, None)
+
+    def __call__(self, event: RunEvent) -> None:
+        block = event.block_id
+        if event.kind == "started":
+            self.state[block] = "running"
+            self._line(block, "started", _target(self.workflow, block))
+        elif event.kind == "text":
+            self.streamed[block] += len(event.text)
+            self.detail[block] = f"streaming: {self.streamed[block]} characters"
+        elif event.kind == "retrying":
+            self.detail[block] = f"retrying after: {event.text}"
+            self._line(block, "retrying", event.text)
+        elif event.kind == "finished" and event.result is not None:
+            result = event.result
+            self.state[block] = result.status.value
+            self.detail[block] = _summary(result)
+            self._line(block, result.status.value, self.detail[block])
+
+    def _line(self, block: str, what: str, detail: str) -> None:
+        if self.live:
+            return
+        elapsed = time.monotonic() - self.started
+        self.console.print(
+            f"[{elapsed:7.2f}s] {block:<16} {what:<9} {detail}", markup=False, highlight=False
+        )
+
+    def render(self) -> Table:
+        table = Table(
+            title=f"{self.workflow.name} {self.workflow.version}", title_justify="left", box=None
+        )
+        table.add_column("", width=2)
+        table.add_column("block")
+        table.add_column("runs")
+        table.add_column("status")
+        for block in self.workflow.order:
+            state = self.state[block]
+            if state == "running":
+                mark: Any = Spinner("dots", style="cyan")
+            elif state == "waiting":
+                mark = Text("·", style="dim")
+            else:
+                mark = Text({"completed": "✓", "failed": "✗", "skipped": "–"}[state])
+            style = {
+                "completed": "green",
+                "failed": "red",
+                "skipped": "dim",
+                "running": "cyan",
+            }.get(state, "dim")
+            table.add_row(
+                mark,
+                block,
+                _target(self.workflow, block),
+                Text(self.detail[block] or state, style=style),
+            )
+        return table
+
+
+def _summary(result: BlockResult) -> str:
+    if result.status is BlockStatus.FAILED:
+        return result.error or "failed"
+    if result.status is BlockStatus.SKIPPED:
+        return result.reason or "skipped"
+    if not result.calls:
+        return f"{result.latency * 1000:.0f} ms"
+    return (
+        f"{result.source} key, {result.total_tokens} tokens, {money(result.charge)}, "
+        f"{result.latency * 1000:.0f} ms"
+    )
+
+
+def cost_table(result: RunResult, title: str | None = None) -> Table:
+    """The blocks of a run that called a provider (or did not complete): provider, model, key
+    source, tokens, charge; and the run's total."""
+    table = Table(
+        title=title or f"{result.workflow} for workspace {result.workspace_id!r}",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+    )
+    table.add_column("block")
+    table.add_column("provider")
+    table.add_column("model")
+    table.add_column("key")
+    table.add_column("tokens", justify="right")
+    table.add_column("charge", justify="right")
+    unfinished = not result.ok
+    if unfinished:
+        table.add_column("status")
+    for block in result.blocks.values():
+        if block.provider is None and block.status is BlockStatus.COMPLETED:
+            continue  # input, condition and output blocks call no provider
+        source = block.source if block.calls else "-"
+        if block.fallback:
+            source += " (fallback)"
+        tokens = str(block.total_tokens) if block.calls else "-"
+        if block.calls and block.total_tokens == 0:
+            requests = sum(c.usage.tool_requests for c in block.calls)
+            tokens = f"{requests} req"
+        row: list[Any] = [
+            block.block_id,
+            block.provider or "-",
+            block.model or "-",
+            source,
+            tokens,
+            money(block.charge) if block.calls else "-",
+        ]
+        if unfinished:
+            style = {"failed": "red", "skipped": "dim"}.get(block.status.value, "")
+            row.append(Text(block.status.value, style=style))
+        table.add_row(*row)
+    table.add_section()
+    total: list[Any] = ["total", "", "", "", str(result.total_tokens), money(result.total_charge)]
+    if unfinished:
+        total.append(result.status.value)
+    table.add_row(*total, style="bold")
+    return table
+
+
+def console_for(*, stderr: bool = False) -> Console:
+    """A console; when the stream is not a terminal, wide enough that tables are not cut."""
+    console = Console(stderr=stderr)
+    if not console.is_terminal:
+        console = Console(stderr=stderr, width=160)
+    return console
+
+
+def _parse_inputs(pairs: tuple[str, ...], inputs_file: Path | None) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    if inputs_file is not None:
+        try:
+            loaded = json.loads(inputs_file.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise WorkflowInvalid(
+                f"{inputs_file}: cannot be read ({exc.strerror or exc})"
+            ) from None
+        except ValueError as exc:
+            raise WorkflowInvalid(f"{inputs_file}: $: not valid JSON ({exc})") from None
+        if not isinstance(loaded, dict):
+            raise WorkflowInvalid(f"{inputs_file}: $: must be a JSON object of input name -> value")
+        values.update(loaded)
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise click.BadParameter(f"{pair!r} is not NAME=VALUE", param_hint="--input")
+        values[name.strip()] = value
+    return values
+
+
+async def run_workflow(
+    pm: pluggy.PluginManager,
+    workflow: Workflow,
+    *,
+    workspace_id: str,
+    inputs: Mapping[str, Any],
+    environ: Mapping[str, str],
+    actor: Any = None,
+    stream: bool | None = None,
+    on_event: Callable[[RunEvent], None] | None = None,
+    options: RunnerOptions | None = None,
+) -> RunResult:
+    """One run with a fresh runner (clients over one pooled HTTP client, closed afterwards)."""
+    async with WorkflowRunner.open(pm, environ=environ, options=options) as runner:
+        return await runner.run(
+            workflow,
+            workspace_id=workspace_id,
+            inputs=inputs,
+            actor=actor,
+            stream=stream,
+            on_event=on_event,
+        )
+
+
+@click.command("run")
+@click.argument("workflow", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--workspace", "-w", "workspace_id", required=True, help="The workspace the run is for."
+)
+@click.option(
+    "--input",
+    "-i",
+    "pairs",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="A workflow input (repeatable).",
+)
+@click.option(
+    "--inputs",
+    "inputs_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A JSON object of inputs; --input values override it.",
+)
+@click.option(
+    "--stream/--no-stream",
+    default=None,
+    help="Stream every agent block, or none (default: as each block says).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the run's result as JSON.")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 256),
+    default=8,
+    show_default=True,
+    help="Provider calls in flight at once.",
+)
+@pass_cli
+def run_command(
+    cli: CliContext,
+    workflow: Path,
+    workspace_id: str,
+    pairs: tuple[str, ...],
+    inputs_file: Path | None,
+    stream: bool | None,
+    as_json: bool,
+    concurrency: int,
+) -> None:
+    """Run WORKFLOW (a JSON file) for a workspace, on its keys or the platform's.
+
+    Each agent block's key is resolved by the installed plugins (block key, else the workspace's
+    BYOK key, else a platform key for hosted models), charged and recorded in the usage ledger.
+    Exits 2 for a bad workflow or inputs, 1 when a block fails.
+    """
+    inputs = _parse_inputs(pairs, inputs_file)
+    err = console_for(stderr=True)
+    try:
+        checked = load_checked(workflow, cli.pm)
+        with RunProgress(checked, err, live=err.is_terminal and not as_json) as progress:
+            result = asyncio.run(
+                run_workflow(
+                    cli.pm,
+                    checked,
+                    workspace_id=workspace_id,
+                    inputs=inputs,
+                    environ=cli.settings.environ,
+                    actor=cli.actor,
+                    stream=stream,
+                    on_event=progress,
+                    options=RunnerOptions(max_concurrent_calls=concurrency),
+                )
+            )
+    except InputsError as exc:
+        raise WorkflowInvalid(
+            f"{exc}\n(give inputs with --input NAME=VALUE or --inputs FILE.json)"
+        ) from None
+    except WorkflowError as exc:
+        raise WorkflowInvalid(str(exc)) from None
+    except (ByokError, SettingsError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        out = console_for()
+        out.print(cost_table(result))
+        for name, value in result.outputs.items():
+            shown = (
+                value if isinstance(value, str) else json.dumps(value, indent=2, ensure_ascii=False)
+            )
+            out.print(Group(Text(f"output {name}:", style="bold"), Text(shown)))
+    if not result.ok:
+        click.echo(f"Error: {result.error}", err=True)
+        raise SystemExit(1)

@@ -413,12 +413,7 @@ class WorkflowRunner:
                 while ready and failed is None:
                     block_id = ready.pop(0)
                     if not self._activated(run, block_id):
-                        skipped = BlockResult(
-                            block_id,
-                            workflow.blocks[block_id].type,
-                            BlockStatus.SKIPPED,
-                            reason="on a branch not taken",
-                        )
+                        skipped = _skipped(workflow.blocks[block_id], "on a branch not taken")
                         run.results[block_id] = skipped
                         run.emit(RunEvent("finished", block_id, skipped.type, result=skipped))
                         release(block_id)
@@ -445,11 +440,8 @@ class WorkflowRunner:
         if failed is not None:
             for block_id in workflow.order:
                 if block_id not in run.results:
-                    skipped = BlockResult(
-                        block_id,
-                        workflow.blocks[block_id].type,
-                        BlockStatus.SKIPPED,
-                        reason=f"not started: block {failed.block_id!r} failed",
+                    skipped = _skipped(
+                        workflow.blocks[block_id], f"not started: block {failed.block_id!r} failed"
                     )
                     run.results[block_id] = skipped
                     run.emit(RunEvent("finished", block_id, skipped.type, result=skipped))
@@ -835,6 +827,13 @@ class WorkflowRunner:
 
 
 # --- helpers -------------------------------------------------------------------------------------
+
+
+def _skipped(block: Block, reason: str) -> BlockResult:
+    provider, model = _target(block)
+    return BlockResult(
+        block.id, block.type, BlockStatus.SKIPPED, reason=reason, provider=provider, model=model
+    )
 
 
 def _target(block: Block) -> tuple[str | None, str | None]:
