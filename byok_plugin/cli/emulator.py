@@ -12,10 +12,6 @@ import sys
 
 import click
 
-from byok_plugin.host.emulator.keys import KeysFileError, parse_keys
-from byok_plugin.host.emulator.server import describe, serve_forever
-from byok_plugin.host.emulator.state import EmulatorState
-
 
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
@@ -51,6 +47,15 @@ def emulator_command(
         raise click.UsageError(
             f"--host {host} is not a loopback address; add --allow-remote to listen on it"
         )
+    try:  # starlette and uvicorn come with the ``server`` extra; the rest of ``byok`` needs neither
+        from byok_plugin.host.emulator.keys import KeysFileError, parse_keys
+        from byok_plugin.host.emulator.server import describe, serve_forever
+        from byok_plugin.host.emulator.state import EmulatorState
+    except ImportError as exc:
+        raise click.ClickException(
+            f"byok emulator needs the server extra ({exc.name} is missing): "
+            "pip install 'byok-plugin[server]'"
+        ) from None
     if keys_file is None and not accept_any_key:
         raise click.UsageError(
             "give the keys to accept with --keys-file PATH (or '-' for stdin), "
