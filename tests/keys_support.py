@@ -70,13 +70,19 @@ def windows(secret: str, size: int = 7) -> set[str]:
     return {secret[i : i + size] for i in range(len(secret) - size + 1)}
 
 
+#: the providers' public key prefixes: they show in messages ("anthropic keys start with ...")
+PUBLIC_PREFIXES = ("sk-ant-api03-", "sk-proj-", "AIza")
+
+
 def leaks(text: str | bytes, secrets_: Iterable[str], size: int = 7) -> list[str]:
-    """The substrings (of ``size`` characters or more) of any secret that occur in ``text``."""
+    """The substrings (of ``size`` characters or more) of any secret that occur in ``text``,
+    except runs wholly inside a public prefix such as ``sk-ant-api03-``."""
     haystack = text.decode("latin-1") if isinstance(text, bytes) else text
     found = []
     for secret in secrets_:
+        prefix = next((p for p in PUBLIC_PREFIXES if secret.startswith(p)), "")
         for window in windows(secret, size):
-            if window in haystack:
+            if window in haystack and window not in prefix:
                 found.append(window)
     return found
 
