@@ -9,6 +9,7 @@ import click
 
 from byok_plugin import __version__
 from byok_plugin.cli.context import CliContext
+from byok_plugin.cli.demo import demo_command
 from byok_plugin.cli.emulator import emulator_command
 from byok_plugin.cli.init import init_command
 from byok_plugin.cli.keys import keys_group
@@ -32,3 +33,4 @@ main.add_command(keys_group)
 main.add_command(serve_command)
 main.add_command(validate_command)
 main.add_command(run_command)
+main.add_command(demo_command)
