@@ -647,3 +647,34 @@ def test_inputs_are_bound_converted_and_checked() -> None:
         ("$.inputs.ratio", "must be a number, not 'lots'"),
         ("$.inputs.loud", "must be true or false"),
     }
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        ("gpt-4o-minii", "unknown openai model 'gpt-4o-minii'"),
+        ("claude-sonnet-9", "unknown anthropic model 'claude-sonnet-9'"),
+    ],
+)
+def test_byok_validate_rejects_a_model_the_catalog_does_not_know(
+    model: str, expected: str, tmp_path: Path, isolated_home: Path
+) -> None:
+    target = tmp_path / "wf.json"
+    target.write_text(json.dumps(mutated(lambda d: d["blocks"]["classify"].update(model=model))))
+    result = CliRunner().invoke(
+        main, ["validate", str(target)], env={"BYOK_HOME": str(isolated_home)}
+    )
+    assert result.exit_code == 2, result.output
+    assert f"$.blocks.classify.model: {expected}" in result.output
+
+
+def test_a_model_the_catalog_knows_but_does_not_host_is_valid(
+    tmp_path: Path, isolated_home: Path
+) -> None:
+    # o3 is in the catalog but not hosted: a BYOK workspace may run it
+    target = tmp_path / "wf.json"
+    target.write_text(json.dumps(mutated(lambda d: d["blocks"]["classify"].update(model="o3"))))
+    result = CliRunner().invoke(
+        main, ["validate", str(target)], env={"BYOK_HOME": str(isolated_home)}
+    )
+    assert result.exit_code == 0, result.output

@@ -43,6 +43,7 @@ from byok_plugin.cli.run import (
     RunProgress,
     console_for,
     cost_table,
+    hook_model_check,
     load_checked,
     money,
     run_workflow,
@@ -211,12 +212,14 @@ class DemoStack:
                 actor=OPERATOR,
                 stream=stream,
                 on_event=on_event,
+                model_check=hook_model_check(self.pm, self.app),
             )
         )
 
     def close(self) -> None:
-        if "app" in self.__dict__ and "engine" in self.app.__dict__:
-            self.app.engine.dispose()
+        """Release the store (its connections, the resolver's pending writes)."""
+        if "app" in self.__dict__:
+            self.app.close()
 
 
 @contextmanager
@@ -283,7 +286,7 @@ def demo_command(workflow_name: str, stream: bool | None) -> None:
     try:
         with demo_stack() as stack:
             stack.store_workspace_keys(BYOK_WORKSPACE)
-            workflow = load_checked(path, stack.pm)
+            workflow = load_checked(path, stack.pm, stack.app)
             inputs = dict(DEMO_INPUTS.get(path.stem, {}))
             for name, spec in workflow.inputs.items():
                 if name not in inputs and not spec.has_default:

@@ -28,6 +28,7 @@ from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
+from byok_plugin.app import App
 from byok_plugin.cli.context import CliContext, pass_cli
 from byok_plugin.host.run_result import BlockResult, BlockStatus, RunResult
 from byok_plugin.host.runner import RunEvent, RunnerOptions, WorkflowRunner
@@ -47,6 +48,7 @@ __all__ = [
     "WorkflowInvalid",
     "console_for",
     "cost_table",
+    "hook_model_check",
     "load_checked",
     "money",
     "run_command",
@@ -61,19 +63,29 @@ class WorkflowInvalid(click.ClickException):
     exit_code = 2
 
 
-def hook_model_check(pm: pluggy.PluginManager) -> Callable[[str, str], bool | None]:
-    """``byok_is_hosted`` as the ``is_known`` question of :func:`check_models`."""
+def hook_model_check(
+    pm: pluggy.PluginManager, app: App | None = None
+) -> Callable[[str, str], bool | None]:
+    """The ``is_known`` question of :func:`check_models`: ``None`` for a model nobody knows.
+
+    A model in the catalog is known (hosted or not). Any other is known only when a plugin says
+    ``byok_is_hosted`` is true: the built-in answer is ``False`` both for "known, not hosted" and
+    for "never heard of it", so a ``False`` is not taken as knowledge of a model the catalog lacks.
+    """
 
     def is_known(provider: str, model: str) -> bool | None:
-        return pm.hook.byok_is_hosted(provider=provider, model=model)
+        if app is not None and app.catalog.model(provider, model) is not None:
+            return bool(pm.hook.byok_is_hosted(provider=provider, model=model))
+        answer = pm.hook.byok_is_hosted(provider=provider, model=model)
+        return True if answer else None
 
     return is_known
 
 
-def load_checked(path: Path, pm: pluggy.PluginManager) -> Workflow:
+def load_checked(path: Path, pm: pluggy.PluginManager, app: App | None = None) -> Workflow:
     """The workflow in ``path``, checked against the schema, its graph and the known models."""
     workflow = load_workflow(path)
-    problems = check_models(workflow, hook_model_check(pm))
+    problems = check_models(workflow, hook_model_check(pm, app))
     if problems:
         raise WorkflowError(problems, str(path))
     return workflow
@@ -101,7 +113,7 @@ def validate_command(cli: CliContext, workflow: Path, as_json: bool) -> None:
     inputs) and that every model is known. Exits 2 and names the JSON path of each problem.
     """
     try:
-        checked = load_checked(workflow, cli.pm)
+        checked = load_checked(workflow, cli.pm, cli.app)
     except WorkflowError as exc:
         if as_json:
             click.echo(_problems_json(exc))
@@ -337,9 +349,12 @@ async def run_workflow(
     stream: bool | None = None,
     on_event: Callable[[RunEvent], None] | None = None,
     options: RunnerOptions | None = None,
+    model_check: Callable[[str, str], bool | None] | None = None,
 ) -> RunResult:
     """One run with a fresh runner (clients over one pooled HTTP client, closed afterwards)."""
-    async with WorkflowRunner.open(pm, environ=environ, options=options) as runner:
+    async with WorkflowRunner.open(
+        pm, environ=environ, options=options, model_check=model_check
+    ) as runner:
         return await runner.run(
             workflow,
             workspace_id=workspace_id,
@@ -402,7 +417,7 @@ def run_command(
     inputs = _parse_inputs(pairs, inputs_file)
     err = console_for(stderr=True)
     try:
-        checked = load_checked(workflow, cli.pm)
+        checked = load_checked(workflow, cli.pm, cli.app)
         with RunProgress(checked, err, live=err.is_terminal and not as_json) as progress:
             result = asyncio.run(
                 run_workflow(
@@ -415,6 +430,7 @@ def run_command(
                     stream=stream,
                     on_event=progress,
                     options=RunnerOptions(max_concurrent_calls=concurrency),
+                    model_check=hook_model_check(cli.pm, cli.app),
                 )
             )
     except InputsError as exc:

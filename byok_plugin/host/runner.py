@@ -212,6 +212,8 @@ class WorkflowRunner:
     :param environ: where block-level key references (``{"env": "VAR"}``) are read.
     :param options: concurrency, retries, hook threading.
     :param clock: a monotonic clock, for latencies.
+    :param model_check: ``(provider, model) -> True/False`` for a known model or tool (hosted or
+        not), ``None`` for an unknown one; ``byok_is_hosted`` by default.
     """
 
     def __init__(
@@ -222,6 +224,7 @@ class WorkflowRunner:
         environ: Mapping[str, str] | None = None,
         options: RunnerOptions | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        model_check: Callable[[str, str], bool | None] | None = None,
     ) -> None:
         self.pm = pm
         self.clients = dict(clients)
@@ -229,6 +232,7 @@ class WorkflowRunner:
         self.options = options or RunnerOptions()
         self._clock = clock
         self._limit = asyncio.Semaphore(self.options.max_concurrent_calls)
+        self._model_check = model_check
         self._known: dict[tuple[str, str], bool | None] = {}
 
     def __repr__(self) -> str:
@@ -245,6 +249,7 @@ class WorkflowRunner:
         http: httpx.AsyncClient | None = None,
         base_urls: Mapping[str, str] | None = None,
         retry: RetryPolicy | None = None,
+        model_check: Callable[[str, str], bool | None] | None = None,
     ) -> AsyncIterator[WorkflowRunner]:
         """A runner with a client for every provider over one pooled ``httpx.AsyncClient``.
 
@@ -258,17 +263,21 @@ class WorkflowRunner:
             http = new_http_client(max_connections=size, max_keepalive=size)
         try:
             clients = create_clients(http, environ=environ, base_urls=base_urls, retry=retry)
-            yield cls(pm, clients, environ=environ, options=opts)
+            yield cls(pm, clients, environ=environ, options=opts, model_check=model_check)
         finally:
             if own:
                 await http.aclose()
 
     # --- before anything runs --------------------------------------------------------------------
     def is_known(self, provider: str, model: str) -> bool | None:
-        """``byok_is_hosted``'s answer (``None``: no plugin knows the model), cached per runner."""
+        """``model_check``'s (else ``byok_is_hosted``'s) answer, cached per runner: ``None`` means
+        nobody knows the model."""
         key = (provider, model)
         if key not in self._known:
-            self._known[key] = self.pm.hook.byok_is_hosted(provider=provider, model=model)
+            if self._model_check is not None:
+                self._known[key] = self._model_check(provider, model)
+            else:
+                self._known[key] = self.pm.hook.byok_is_hosted(provider=provider, model=model)
         return self._known[key]
 
     def preflight(self, workflow: Workflow) -> list[Problem]:
