@@ -107,6 +107,9 @@ class App:
 
     def close(self) -> None:
         """Release the store's connections (if it was ever opened)."""
+        resolver = self.__dict__.pop("resolver", None)
+        if resolver is not None:
+            resolver.close()
         engine = self.__dict__.pop("engine", None)
         if engine is not None:
             engine.dispose()
@@ -167,10 +170,13 @@ class App:
     @cached_property
     def resolver(self) -> Resolver:
         """The default resolution policy (``byok_resolve_credential``)."""
+        from byok_plugin.key_reader import SqliteKeyReader, sqlite_file_of
         from byok_plugin.resolution import Resolver
 
+        path = sqlite_file_of(self.engine)
         return Resolver(
             keys=self.key_access,
+            reader=SqliteKeyReader(path) if path is not None else None,
             engine=self.engine,
             workspace_settings=self.workspace_settings,
             billing=self.billing,

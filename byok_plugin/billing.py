@@ -42,9 +42,8 @@ _REASONS = {
 
 def money(amount: Decimal) -> Decimal:
     """Round to :data:`MONEY_QUANTUM` (banker's rounding); exact amounts are unchanged."""
-    if amount.as_tuple().exponent >= -12:  # type: ignore[operator]
-        return amount
-    return amount.quantize(MONEY_QUANTUM, rounding=ROUND_HALF_EVEN)
+    rounded = amount.quantize(MONEY_QUANTUM, rounding=ROUND_HALF_EVEN)
+    return amount if rounded == amount else rounded
 
 
 @dataclass

@@ -32,7 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from importlib import resources
@@ -106,6 +106,20 @@ class TokenRates:
     cache_write: Decimal | None = None
     output: Decimal | None = None
     reasoning: Decimal | None = None
+
+    def billed(self) -> tuple[Decimal | None, ...]:
+        """The price each kind of token is billed at, in :data:`_ITEMS` order: cached input and
+        cache writes at the input price where they have none, reasoning at the output price."""
+        return (
+            self.input,
+            self.cached_input if self.cached_input is not None else self.input,
+            self.cache_write if self.cache_write is not None else self.input,
+            self.output,
+            self.reasoning if self.reasoning is not None else self.output,
+        )
+
+
+_ITEMS = ("input", "cached_input", "cache_write", "output", "reasoning")
 
 
 @dataclass(frozen=True, slots=True)
@@ -440,27 +454,6 @@ def prices_for(settings: Any) -> PriceTable:
     return table
 
 
-def _items(rates: TokenRates, usage: Usage) -> Iterable[tuple[str, int, Decimal | None]]:
-    fallback_in = rates.input
-    yield "input", usage.input_tokens, rates.input
-    yield (
-        "cached_input",
-        usage.cached_input_tokens,
-        (rates.cached_input if rates.cached_input is not None else fallback_in),
-    )
-    yield (
-        "cache_write",
-        usage.cache_write_tokens,
-        (rates.cache_write if rates.cache_write is not None else fallback_in),
-    )
-    yield "output", usage.output_tokens, rates.output
-    yield (
-        "reasoning",
-        usage.reasoning_tokens,
-        (rates.reasoning if rates.reasoning is not None else rates.output),
-    )
-
-
 class MissingRate(PriceError):
     """The call used a kind of token (or a tool request) its price entry has no price for."""
 
@@ -476,7 +469,14 @@ def list_cost(price: Price, usage: Usage) -> tuple[Decimal, tuple[tuple[str, Dec
     rates = price.rates_for(prompt)
     breakdown: list[tuple[str, Decimal]] = []
     total = Decimal(0)
-    for item, tokens, rate in _items(rates, usage):
+    counts = (
+        usage.input_tokens,
+        usage.cached_input_tokens,
+        usage.cache_write_tokens,
+        usage.output_tokens,
+        usage.reasoning_tokens,
+    )
+    for item, tokens, rate in zip(_ITEMS, counts, rates.billed(), strict=True):
         if tokens == 0:
             continue
         if rate is None:

@@ -147,8 +147,12 @@ class Resolver:
         cooldown_seconds: float = 30.0,
         cache_seconds: float = 2.0,
         monotonic: Callable[[], float] = time.monotonic,
+        reader: Callable[[str, str], Sequence[StoredKey]] | None = None,
     ) -> None:
+        """:param reader: reads a (workspace, provider)'s enabled keys (default:
+        ``keys.enabled_keys``; on SQLite, :class:`~byok_plugin.key_reader.SqliteKeyReader`)."""
         self._keys = keys
+        self._read = reader if reader is not None else keys.enabled_keys
         self._engine = engine
         self._settings = workspace_settings
         self._billing = billing
@@ -361,13 +365,20 @@ class Resolver:
             fallback=fallback,
         )
 
+    def close(self) -> None:
+        """Write the pending last-used times and release the reader's connections."""
+        self.flush_last_used()
+        close = getattr(self._read, "close", None)
+        if close is not None:
+            close()
+
     # --- workspace keys -------------------------------------------------------------------
 
     def enabled_keys(self, workspace_id: str, provider: str) -> tuple[StoredKey, ...]:
         """The (workspace, provider)'s enabled keys, from the cache or one read of the store."""
         keys = self.cache.get(workspace_id, provider)
         if keys is None:
-            keys = tuple(self._keys.enabled_keys(workspace_id, provider))
+            keys = tuple(self._read(workspace_id, provider))
             self.cache.put(workspace_id, provider, keys)
         return keys
 
