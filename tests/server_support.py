@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import os
 import secrets
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pluggy
+import pytest
 import uvicorn
 from byok_hookspecs import Actor, AuditEvent, KeyCheck, KeyCheckStatus, Role, hookimpl
 
@@ -139,3 +144,61 @@ def live_server(asgi: Any) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+def serve_environment(tmp_path: Path) -> dict[str, str]:
+    """The environment of a ``byok serve`` subprocess: its own home, a master key, no live check."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BYOK_")}
+    env.update(
+        BYOK_HOME=str(tmp_path / "home"),
+        BYOK_ENCRYPTION_KEYS=master_key_value(),
+        BYOK_VALIDATE_KEYS="0",
+        BYOK_LOAD_PLUGINS="byok_plugin",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+class Serve:
+    """``byok serve`` in a subprocess, its output collected in the background."""
+
+    def __init__(self, env: dict[str, str], *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "byok_plugin", "serve", *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        self._url = threading.Event()
+        threading.Thread(
+            target=self._pump, args=(self.proc.stdout, self.stdout), daemon=True
+        ).start()
+        threading.Thread(
+            target=self._pump, args=(self.proc.stderr, self.stderr), daemon=True
+        ).start()
+
+    def _pump(self, stream, lines: list[str]) -> None:
+        for line in stream:
+            lines.append(line)
+            if "byok serve: open " in line:
+                self._url.set()
+
+    def url(self) -> str:
+        if not self._url.wait(30):
+            self.stop()
+            pytest.fail("byok serve printed no URL:\n" + "".join(self.stdout + self.stderr))
+        line = next(line for line in self.stdout if "byok serve: open " in line)
+        return line.split("byok serve: open ", 1)[1].strip()
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return "".join(self.stdout + self.stderr)

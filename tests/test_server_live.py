@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -20,12 +17,14 @@ from server_support import (
     MEMBER_TOKEN,
     OTHER_ADMIN,
     OTHER_ADMIN_TOKEN,
+    Serve,
     Stack,
     free_port,
     live_server,
     make_stack,
     master_key_value,
     random_key,
+    serve_environment,
 )
 
 from byok_plugin.server import BearerTokens, create_app
@@ -160,62 +159,9 @@ def test_every_route_and_status_over_real_http(stack: Stack) -> None:
 # --- byok serve ---------------------------------------------------------------------------
 
 
-class Serve:
-    """``byok serve`` in a subprocess, its output collected in the background."""
-
-    def __init__(self, env: dict[str, str], *args: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "byok_plugin", "serve", *args],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.stdout: list[str] = []
-        self.stderr: list[str] = []
-        self._url = threading.Event()
-        threading.Thread(
-            target=self._pump, args=(self.proc.stdout, self.stdout), daemon=True
-        ).start()
-        threading.Thread(
-            target=self._pump, args=(self.proc.stderr, self.stderr), daemon=True
-        ).start()
-
-    def _pump(self, stream, lines: list[str]) -> None:
-        for line in stream:
-            lines.append(line)
-            if "byok serve: open " in line:
-                self._url.set()
-
-    def url(self) -> str:
-        if not self._url.wait(30):
-            self.stop()
-            pytest.fail("byok serve printed no URL:\n" + "".join(self.stdout + self.stderr))
-        line = next(line for line in self.stdout if "byok serve: open " in line)
-        return line.split("byok serve: open ", 1)[1].strip()
-
-    def stop(self) -> str:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return "".join(self.stdout + self.stderr)
-
-
 @pytest.fixture
 def serve_env(tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BYOK_")}
-    env.update(
-        BYOK_HOME=str(tmp_path / "home"),
-        BYOK_ENCRYPTION_KEYS=master_key_value(),
-        BYOK_VALIDATE_KEYS="0",
-        BYOK_LOAD_PLUGINS="byok_plugin",
-        PYTHONUNBUFFERED="1",
-    )
-    return env
+    return serve_environment(tmp_path)
 
 
 def test_byok_serve_signs_in_the_browser_once_and_manages_the_default_store(

@@ -65,8 +65,8 @@
 
   function describe(err) {
     if (err.code === "unauthenticated") {
-      return "You are not signed in. If you use byok serve, open the link it printed " +
-        "(each link works once; restart byok serve for a new one).";
+      return "You are not signed in. Sign in, then reload this page. " +
+        "(With byok serve, open the link it printed: each link works once.)";
     }
     if (err.code === "forbidden") return "You do not have access to this: " + err.message;
     return err.message;
@@ -132,12 +132,23 @@
     heading.id = headingId;
     heading.textContent = provider.name;
     node.setAttribute("aria-labelledby", headingId);
-    const hosted = provider.models.filter((m) => m.hosted).length;
-    $(".provider-meta", node).textContent = hosted
-      ? `${hosted} hosted model${hosted === 1 ? "" : "s"} · runs without a key are billed by the platform`
-      : "Not hosted by the platform: runs need a key";
+    const count = (n, word) => `${n} hosted ${word}${n === 1 ? "" : "s"}`;
+    const chats = provider.models.filter((m) => m.hosted && m.kind !== "tool").length;
+    const tools = provider.models.filter((m) => m.hosted && m.kind === "tool").length;
+    const hosted = chats + tools;
     const keys = state.keys.filter((k) => k.provider === provider.id)
       .sort((a, b) => a.label.localeCompare(b.label));
+    const enabled = keys.filter((k) => k.status === "enabled").length;
+    const models = [chats && count(chats, "model"), tools && count(tools, "tool")]
+      .filter(Boolean).join(" and ");
+    $(".provider-meta", node).textContent = enabled
+      ? "Runs use this workspace’s key; the provider bills you directly"
+      : keys.length
+        ? "Every key is disabled: runs do not use them"
+        : hosted ? models : "Not hosted by the platform";
+    $(".empty", node).textContent = hosted
+      ? `No key yet. Runs use the platform’s key for the ${models}, billed to the workspace.`
+      : "No key yet. Runs on this provider need one.";
     node.classList.toggle("has-keys", keys.length > 0);
     const list = $(".keys", node);
     for (const key of keys) list.append(renderKey(key, provider));
@@ -162,6 +173,10 @@
     meta.append(key.last_used_at ? timeEl("Last used ", key.last_used_at) : "Never used");
     meta.append(" · ");
     meta.append(timeEl(key.updated_at !== key.created_at ? "Updated " : "Added ", key.updated_at));
+    if (key.cooldown_until && new Date(key.cooldown_until) > new Date()) {
+      meta.append(" · ");
+      meta.append(timeEl("Paused after a provider refusal, until ", key.cooldown_until));
+    }
 
     const who = `${provider.name} key “${key.label}”`;
     const toggle = $(".act-toggle", node);
@@ -273,9 +288,10 @@
     for (const open of document.querySelectorAll(".key-form")) open.remove();
     const form = $("#form-template").content.firstElementChild.cloneNode(true);
     const replacing = key !== null;
+    const article = /^[aeiou]/i.test(provider.name) ? "an" : "a";
     $(".form-title", form).textContent = replacing
       ? `Replace the ${provider.name} key “${key.label}”`
-      : `Add a ${provider.name} key`;
+      : `Add ${article} ${provider.name} key`;
     const wire = (labelSel, inputSel, name) => {
       const id = nextId(name);
       $(inputSel, form).id = id;
@@ -356,7 +372,7 @@
     });
 
     $(".form-slot", providerNode).append(form);
-    (replacing ? keyIn : labelIn).focus();
+    keyIn.focus();
   }
 
   // ---- start ------------------------------------------------------------------------------

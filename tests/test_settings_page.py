@@ -1,0 +1,305 @@
+"""The settings page in real headless Chromium (Debian's ``chromium``), driven by playwright.
+
+Playwright only drives the browser: it uses ``/usr/bin/chromium`` and downloads nothing. Where
+Chromium or playwright is missing, the tests skip and say why (``.ci/run`` installs Chromium).
+Each state is saved as a screenshot under ``test-artifacts/settings-page/``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from server_support import (
+    ADMIN,
+    ADMIN_TOKEN,
+    MEMBER,
+    MEMBER_TOKEN,
+    Serve,
+    Stack,
+    live_server,
+    make_stack,
+    master_key_value,
+    random_key,
+    serve_environment,
+)
+
+from byok_plugin.server import BearerTokens, create_app
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = os.environ.get("BYOK_TEST_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "settings-page"
+LAUNCH_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+EXPECTED_HTTP_ERROR = re.compile(
+    r"Failed to load resource: the server responded with a status of (401|422)\b"
+)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    if not Path(CHROMIUM).exists():
+        pytest.skip(
+            f"headless Chromium not found at {CHROMIUM}: apt-get install chromium "
+            "(.ci/run installs it), or set BYOK_TEST_CHROMIUM"
+        )
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')"
+    )
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    with sync_api.sync_playwright() as playwright:
+        # a fresh user-data-dir per run: a persistent context is the way to give one
+        context = playwright.chromium.launch_persistent_context(
+            str(profile),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=LAUNCH_ARGS,
+            viewport={"width": 1100, "height": 900},
+        )
+        try:
+            yield context
+        finally:
+            context.close()
+
+
+@pytest.fixture
+def stack(tmp_path: Path, sqlite_url: str) -> Iterator[Stack]:
+    built = make_stack(tmp_path, sqlite_url, master_keys=master_key_value())
+    yield built
+    built.app.close()
+
+
+@pytest.fixture
+def base_url(stack: Stack) -> Iterator[str]:
+    identify = BearerTokens({ADMIN_TOKEN: ADMIN, MEMBER_TOKEN: MEMBER})
+    with live_server(create_app(stack.app, identify=identify, pm=stack.pm)) as url:
+        yield url
+
+
+class Page:
+    """One browser tab as one user, with its console errors and screenshots."""
+
+    def __init__(self, context, token: str | None, name: str) -> None:
+        self.page = context.new_page()
+        self.name = name
+        self.errors: list[str] = []
+        self.page.on("console", self._console)
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        if token is not None:
+            self.page.set_extra_http_headers({"Authorization": f"Bearer {token}"})
+
+    def _console(self, message) -> None:
+        # an API error the page shows in place is not a page error; a script error or a
+        # Content-Security-Policy violation is
+        if message.type == "error" and not EXPECTED_HTTP_ERROR.match(message.text):
+            self.errors.append(message.text)
+
+    def shot(self, state: str) -> Path:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        path = ARTIFACTS / f"{self.name}-{state}.png"
+        self.page.screenshot(path=str(path), full_page=True)
+        return path
+
+    def close(self) -> None:
+        self.page.close()
+
+
+@pytest.fixture
+def tabs(browser) -> Iterator[list[Page]]:
+    opened: list[Page] = []
+    yield opened
+    for tab in opened:
+        tab.close()
+
+
+def open_page(browser, tabs: list[Page], base_url: str, token: str | None, name: str) -> Page:
+    tab = Page(browser, token, name)
+    tabs.append(tab)
+    tab.page.goto(f"{base_url}/settings/?workspace=acme")
+    return tab
+
+
+def card(page, provider: str):
+    return page.locator(f'article.provider[data-provider="{provider}"]')
+
+
+def test_an_admin_adds_replaces_tests_disables_and_deletes_a_key(
+    browser, tabs: list[Page], base_url: str, stack: Stack
+) -> None:
+    from playwright.sync_api import expect
+
+    tab = open_page(browser, tabs, base_url, ADMIN_TOKEN, "admin")
+    page = tab.page
+    openai = card(page, "openai")
+    expect(openai.get_by_role("heading", name="OpenAI")).to_be_visible()
+    expect(page.locator("#whoami")).to_contain_text("alice")
+    expect(page.locator("#whoami")).to_contain_text("Admin")
+    expect(openai.locator(".empty")).to_contain_text("No key yet")
+    tab.shot("1-empty")
+
+    # add, with the keyboard only: focus the button, Enter, type, Enter
+    first = random_key("openai")
+    page.get_by_role("button", name="Add OpenAI key").focus()
+    page.keyboard.press("Enter")
+    key_input = openai.get_by_label("API key")
+    expect(key_input).to_be_focused()
+    expect(key_input).to_have_attribute("type", "password")
+    page.keyboard.type(first)
+    tab.shot("2-adding")
+    page.keyboard.press("Enter")
+    hint = openai.locator(".key-hint")
+    expect(hint).to_have_text(f"{first[:6]}...{first[-4:]}")
+    expect(page.locator("#notice")).to_contain_text("Saved the OpenAI key")
+    expect(openai.locator(".status-pill")).to_have_text("Enabled")
+    expect(openai.locator(".key-meta")).to_contain_text("Never used")
+    assert first not in page.content()
+    # focus lands on the new key's row, ready for the next action
+    expect(openai.get_by_role("button", name="Replace OpenAI key “default”")).to_be_focused()
+    tab.shot("3-added-masked")
+
+    # an error shows in place, next to the field, and nothing is stored
+    openai.get_by_role("button", name="Add OpenAI key").click()
+    openai.get_by_label("API key").fill(random_key("anthropic"))
+    openai.get_by_label("Label").fill("wrong")
+    openai.get_by_role("button", name="Save key").click()
+    field_error = openai.locator(".field-error")
+    expect(field_error).to_be_visible()
+    expect(field_error).to_contain_text("looks like an Anthropic key")
+    expect(openai.get_by_label("API key")).to_have_attribute("aria-invalid", "true")
+    tab.shot("4-error-in-place")
+    openai.get_by_role("button", name="Cancel").click()
+    expect(openai.locator(".key-form")).to_have_count(0)
+    expect(openai.locator("li.key")).to_have_count(1)
+
+    # replace
+    second = random_key("openai")
+    openai.get_by_role("button", name="Replace OpenAI key “default”").click()
+    expect(openai.get_by_role("heading", name="Replace the OpenAI key “default”")).to_be_visible()
+    openai.get_by_label("API key").fill(second)
+    openai.get_by_role("button", name="Replace key").click()
+    expect(hint).to_have_text(f"{second[:6]}...{second[-4:]}")
+    expect(page.locator("#notice")).to_contain_text("Replaced the OpenAI key")
+    expect(openai.locator("li.key")).to_have_count(1)
+    tab.shot("5-replaced")
+
+    # test, then a refusal shows in place
+    openai.get_by_role("button", name="Test OpenAI key “default”").click()
+    expect(openai.locator(".key-result")).to_have_text(
+        "The provider accepted this key. the provider accepted the key"
+    )
+    stack.checker.refused.add(second)
+    openai.get_by_role("button", name="Test OpenAI key “default”").click()
+    expect(openai.locator(".key-result")).to_contain_text("The provider refused this key.")
+    tab.shot("6-tested")
+
+    # disable, enable
+    openai.get_by_role("button", name="Disable OpenAI key “default”").click()
+    expect(openai.locator(".status-pill")).to_have_text("Disabled")
+    expect(openai.locator(".provider-meta")).to_contain_text("disabled")
+    tab.shot("7-disabled")
+    openai.get_by_role("button", name="Enable OpenAI key “default”").click()
+    expect(openai.locator(".status-pill")).to_have_text("Enabled")
+
+    # delete, after an inline confirmation (Cancel first: nothing happens)
+    openai.get_by_role("button", name="Delete OpenAI key “default”").click()
+    expect(openai.locator(".confirm")).to_be_visible()
+    expect(openai.get_by_role("button", name="Cancel")).to_be_focused()
+    tab.shot("8-confirm-delete")
+    page.keyboard.press("Escape")
+    expect(openai.locator(".confirm")).to_be_hidden()
+    expect(openai.locator("li.key")).to_have_count(1)
+    openai.get_by_role("button", name="Delete OpenAI key “default”").click()
+    openai.get_by_role("button", name="Delete key").click()
+    expect(openai.locator("li.key")).to_have_count(0)
+    expect(openai.locator(".empty")).to_be_visible()
+    expect(page.locator("#notice")).to_contain_text("Deleted the OpenAI key")
+    tab.shot("9-deleted")
+
+    actions = [e.action for e in stack.audit.events if e.actor_id == "alice"]
+    assert actions[:2] == ["key.created", "key.replaced"]
+    assert "key.deleted" in actions
+    assert tab.errors == []
+
+
+def test_a_member_sees_the_keys_without_any_edit_control(
+    browser, tabs: list[Page], base_url: str, stack: Stack
+) -> None:
+    from playwright.sync_api import expect
+
+    service = stack.app.key_service(stack.pm)
+    service.set_key(ADMIN, "acme", "openai", random_key("openai"), label="default", test=False)
+    service.set_key(ADMIN, "acme", "exa", random_key("exa"), label="search", test=False)
+    service.disable(ADMIN, "acme", "exa")
+
+    tab = open_page(browser, tabs, base_url, MEMBER_TOKEN, "member")
+    page = tab.page
+    expect(page.locator("li.key")).to_have_count(2)
+    expect(page.locator("#readonly-note")).to_be_visible()
+    expect(page.locator("#whoami")).to_contain_text("Member")
+    expect(card(page, "exa").locator(".status-pill")).to_have_text("Disabled")
+    # no button at all on the page's key list: no add, replace, test, disable or delete
+    expect(page.locator("#providers").get_by_role("button")).to_have_count(0)
+    for name in ("Add", "Replace", "Test", "Disable", "Enable", "Delete"):
+        expect(page.get_by_role("button", name=re.compile(name))).to_have_count(0)
+    tab.shot("read-only")
+    assert tab.errors == []
+
+
+def test_without_an_identity_the_page_says_so(browser, tabs: list[Page], base_url: str) -> None:
+    from playwright.sync_api import expect
+
+    tab = open_page(browser, tabs, base_url, None, "anonymous")
+    expect(tab.page.locator("#page-error")).to_contain_text("You are not signed in")
+    expect(tab.page.locator("li.key")).to_have_count(0)
+    tab.shot("not-signed-in")
+
+
+def test_byok_serve_and_a_browser_at_the_printed_address_manage_the_default_store(
+    browser, tabs: list[Page], tmp_path: Path
+) -> None:
+    """The issue's "done when": run byok serve, open the link it printed, manage a key."""
+    from playwright.sync_api import expect
+
+    serve = Serve(serve_environment(tmp_path), "--port", "0", "--workspace", "acme")
+    api_key = random_key("mistral")
+    try:
+        url = serve.url()
+        tab = Page(browser, None, "byok-serve")
+        tabs.append(tab)
+        page = tab.page
+        page.goto(url)
+        mistral = card(page, "mistral")
+        expect(mistral.get_by_role("button", name="Add Mistral AI key")).to_be_visible()
+        # the one-time token is gone from the address bar once used
+        assert "#login" not in page.url
+        expect(page.locator("#whoami")).to_contain_text("Local operator")
+        mistral.get_by_role("button", name="Add Mistral AI key").click()
+        mistral.get_by_label("API key").fill(api_key)
+        mistral.get_by_role("button", name="Save key").click()
+        expect(mistral.locator(".key-hint")).to_have_text(f"{api_key[:6]}...{api_key[-4:]}")
+        tab.shot("key-added")
+        # the session cookie survives a reload; the spent link does not sign anyone in again
+        page.reload()
+        expect(mistral.locator("li.key")).to_have_count(1)
+        assert tab.errors == []
+        browser.clear_cookies()
+        page.goto("about:blank")  # else the link is only a change of fragment: no new load
+        page.goto(url)
+        expect(page.locator("#page-error")).to_contain_text("already used")
+        expect(mistral.locator("li.key")).to_have_count(0)
+        tab.shot("link-already-used")
+    finally:
+        output = serve.stop()
+    assert api_key not in output
