@@ -11,11 +11,13 @@ from byok_plugin import __version__
 from byok_plugin.cli.context import CliContext
 from byok_plugin.cli.demo import demo_command
 from byok_plugin.cli.emulator import emulator_command
+from byok_plugin.cli.fallback import fallback_group
 from byok_plugin.cli.init import init_command
 from byok_plugin.cli.keys import keys_group
 from byok_plugin.cli.plugins import plugins_command
 from byok_plugin.cli.run import run_command, validate_command
 from byok_plugin.cli.serve import serve_command
+from byok_plugin.cli.usage import usage_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -34,3 +36,5 @@ main.add_command(serve_command)
 main.add_command(validate_command)
 main.add_command(run_command)
 main.add_command(demo_command)
+main.add_command(usage_command)
+main.add_command(fallback_group)

@@ -1,0 +1,175 @@
+"""Usage totals from the ledger: by workspace, provider, model, credential source and day.
+
+Every sum is a Decimal sum of the ledger's exact amounts. For each group and each workspace the
+report says how many calls ran on the workspace's own keys (the BYOK share) and what those calls
+would have cost at list price: what BYOK saved the workspace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+from byok_hookspecs import CredentialSource
+
+if TYPE_CHECKING:  # the ledger (and SQLAlchemy) load when a report is built, not for --help
+    from byok_plugin.ledger import LedgerRow
+
+__all__ = ["GROUP_KEYS", "Totals", "UsageReport", "build_report"]
+
+#: what rows can be grouped by, in display order
+GROUP_KEYS = ("day", "workspace", "provider", "model", "source")
+_SHARE = Decimal("0.0001")
+_TOKENS = (
+    "input_tokens",
+    "cached_input_tokens",
+    "cache_write_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "tool_requests",
+)
+
+
+@dataclass
+class Totals:
+    """Sums over a set of ledger rows."""
+
+    calls: int = 0
+    byok_calls: int = 0
+    platform_calls: int = 0
+    block_calls: int = 0
+    fallback_calls: int = 0
+    unpriced_calls: int = 0
+    input_tokens: int = 0
+    cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+    tool_requests: int = 0
+    list_cost: Decimal = field(default_factory=Decimal)
+    charged: Decimal = field(default_factory=Decimal)
+    byok_saved: Decimal = field(default_factory=Decimal)
+
+    def add(self, row: LedgerRow) -> None:
+        self.calls += 1
+        if row.source is CredentialSource.WORKSPACE:
+            self.byok_calls += 1
+            if row.list_cost is not None:
+                self.byok_saved += row.list_cost
+        elif row.source is CredentialSource.PLATFORM:
+            self.platform_calls += 1
+        else:
+            self.block_calls += 1
+        if row.fallback:
+            self.fallback_calls += 1
+        if row.list_cost is None:
+            self.unpriced_calls += 1
+        else:
+            self.list_cost += row.list_cost
+        self.charged += row.amount
+        for name in _TOKENS:
+            setattr(self, name, getattr(self, name) + getattr(row, name))
+
+    @property
+    def byok_share(self) -> Decimal:
+        """The fraction of calls that ran on the workspace's own keys (0 to 1, 4 places)."""
+        if not self.calls:
+            return Decimal(0).quantize(_SHARE)
+        return (Decimal(self.byok_calls) / Decimal(self.calls)).quantize(_SHARE)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: amounts as decimal strings (never floats)."""
+        return {
+            "calls": self.calls,
+            "byok_calls": self.byok_calls,
+            "platform_calls": self.platform_calls,
+            "block_key_calls": self.block_calls,
+            "fallback_calls": self.fallback_calls,
+            "unpriced_calls": self.unpriced_calls,
+            "byok_share": str(self.byok_share),
+            **{name: getattr(self, name) for name in _TOKENS},
+            "list_cost": str(self.list_cost),
+            "charged": str(self.charged),
+            "byok_saved": str(self.byok_saved),
+        }
+
+
+@dataclass
+class UsageReport:
+    """Grouped rows, per-workspace summaries and grand totals over a date range."""
+
+    since: datetime | None
+    until: datetime | None
+    group_by: tuple[str, ...]
+    currency: str = "USD"
+    rows: list[tuple[tuple[str, ...], Totals]] = field(default_factory=list)
+    workspaces: list[tuple[str, Totals]] = field(default_factory=list)
+    totals: Totals = field(default_factory=Totals)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "since": self.since.isoformat() if self.since else None,
+            "until": self.until.isoformat() if self.until else None,
+            "currency": self.currency,
+            "group_by": list(self.group_by),
+            "totals": self.totals.to_dict(),
+            "workspaces": [{"workspace": ws, **t.to_dict()} for ws, t in self.workspaces],
+            "rows": [
+                {**dict(zip(self.group_by, key, strict=True)), **t.to_dict()}
+                for key, t in self.rows
+            ],
+        }
+
+
+def _key_of(row: LedgerRow, group_by: Sequence[str]) -> tuple[str, ...]:
+    values = {
+        "day": row.occurred_at.date().isoformat(),
+        "workspace": row.workspace_id,
+        "provider": row.provider,
+        "model": row.model,
+        "source": row.source.value,
+    }
+    return tuple(values[name] for name in group_by)
+
+
+def build_report(
+    rows: Iterable[LedgerRow],
+    *,
+    group_by: Sequence[str] = GROUP_KEYS,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> UsageReport:
+    """Sum ledger rows into groups, workspaces and totals (one pass, exact).
+
+    :raises ValueError: an unknown grouping, or rows in more than one currency.
+    """
+    unknown = [name for name in group_by if name not in GROUP_KEYS]
+    if unknown:
+        raise ValueError(
+            f"cannot group by {', '.join(unknown)}: choose from {', '.join(GROUP_KEYS)}"
+        )
+    groups: dict[tuple[str, ...], Totals] = {}
+    workspaces: dict[str, Totals] = {}
+    totals = Totals()
+    currencies: set[str] = set()
+    for row in rows:
+        currencies.add(row.currency)
+        groups.setdefault(_key_of(row, group_by), Totals()).add(row)
+        workspaces.setdefault(row.workspace_id, Totals()).add(row)
+        totals.add(row)
+    if len(currencies) > 1:
+        raise ValueError(
+            f"the ledger rows in this range are in several currencies ({', '.join(sorted(currencies))})"
+        )
+    return UsageReport(
+        since=since,
+        until=until,
+        group_by=tuple(group_by),
+        currency=currencies.pop() if currencies else "USD",
+        rows=sorted(groups.items()),
+        workspaces=sorted(workspaces.items()),
+        totals=totals,
+    )
