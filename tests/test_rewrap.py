@@ -173,13 +173,14 @@ def test_a_row_changed_since_it_was_read_is_left_alone(database_url: str, tmp_pa
         service.set_key(OPERATOR, "acme", "openai", random_key("openai"), label="a", test=False)
         service.set_key(OPERATOR, "acme", "openai", random_key("openai"), label="b", test=False)
         rows = app.key_store.batch_not_under("k2", after_id=None, limit=10)
-        # meanwhile, an admin replaces key "a" (new row, new id) and rewrites key "b" in place
+        b = next(row for row in rows if row.label == "b")
+        # meanwhile, an admin replaces key "a" (new row, new id) and "b" changes in place
         service.set_key(OPERATOR, "acme", "openai", random_key("openai"), label="a", test=False)
         with app.engine.begin() as conn:
             conn.execute(
                 sa.update(workspace_keys)
-                .where(workspace_keys.c.id == rows[1].id)
-                .values(ciphertext=rows[1].ciphertext + "changed")
+                .where(workspace_keys.c.id == b.id)
+                .values(ciphertext=b.ciphertext + "changed")
             )
         updates = [(row, "byok:v1:k2:stale", "k2", "hs256:stale") for row in rows]
         assert app.key_store.swap_ciphertexts(updates) == 0
