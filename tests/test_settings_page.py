@@ -1,7 +1,8 @@
 """The settings page in real headless Chromium (Debian's ``chromium``), driven by playwright.
 
 Playwright only drives the browser: it uses ``/usr/bin/chromium`` and downloads nothing. Where
-Chromium or playwright is missing, the tests skip and say why (``.ci/run`` installs Chromium).
+Chromium or playwright is missing, the tests skip and say why; with ``BYOK_REQUIRE_BROWSER=1``
+(for ``.ci/run``, which installs Chromium) they fail instead.
 Each state is saved as a screenshot under ``test-artifacts/settings-page/``.
 """
 
@@ -48,16 +49,24 @@ EXPECTED_HTTP_ERROR = re.compile(
 )
 
 
+def _browser_unavailable(reason: str) -> None:
+    """Skip, on a laptop without Chromium; fail where it is required (BYOK_REQUIRE_BROWSER=1)."""
+    if os.environ.get("BYOK_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"headless Chromium is required here (BYOK_REQUIRE_BROWSER=1) but {reason}")
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     if not Path(CHROMIUM).exists():
-        pytest.skip(
+        _browser_unavailable(
             f"headless Chromium not found at {CHROMIUM}: apt-get install chromium "
             "(.ci/run installs it), or set BYOK_TEST_CHROMIUM"
         )
-    sync_api = pytest.importorskip(
-        "playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')"
-    )
+    try:
+        from playwright import sync_api
+    except ImportError:
+        _browser_unavailable("playwright is not installed (pip install -e '.[dev]')")
     profile = tmp_path_factory.mktemp("chromium-profile")
     with sync_api.sync_playwright() as playwright:
         # a fresh user-data-dir per run: a persistent context is the way to give one
