@@ -206,11 +206,13 @@ def test_an_admin_adds_replaces_tests_disables_and_deletes_a_key(
     # test, then a refusal shows in place
     openai.get_by_role("button", name="Test OpenAI key “default”").click()
     expect(openai.locator(".key-result")).to_have_text(
-        "The provider accepted this key. the provider accepted the key"
+        "The provider accepted this key — the provider accepted the key"
     )
     stack.checker.refused.add(second)
     openai.get_by_role("button", name="Test OpenAI key “default”").click()
-    expect(openai.locator(".key-result")).to_contain_text("The provider refused this key.")
+    expect(openai.locator(".key-result")).to_contain_text(
+        "The provider refused this key — incorrect API key provided"
+    )
     tab.shot("6-tested")
 
     # disable, enable

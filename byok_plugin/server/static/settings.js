@@ -225,12 +225,12 @@
       try {
         const check = await api("POST", `${wsPath()}/${encodeURIComponent(key.id)}/test`, {});
         const words = {
-          valid: "The provider accepted this key.",
-          invalid: "The provider refused this key.",
-          unreachable: "The provider could not be reached.",
-          skipped: "Not checked.",
+          valid: "The provider accepted this key",
+          invalid: "The provider refused this key",
+          unreachable: "The provider could not be reached",
+          skipped: "Not checked",
         };
-        const text = words[check.status] + (check.message ? ` ${check.message}` : "");
+        const text = words[check.status] + (check.message ? ` — ${check.message}` : ".");
         showResult(node, text, check.status === "valid");
       } catch (err) {
         showResult(node, describe(err), false);
