@@ -232,3 +232,59 @@ def test_the_real_command_reads_the_key_from_a_pipe(env: dict[str, str]) -> None
     )
     assert f"{key[:6]}...{key[-4:]}" in listed.stdout
     assert leaks(done.stdout + done.stderr + listed.stdout + listed.stderr, [key]) == []
+
+
+def test_on_a_terminal_the_key_is_asked_for_without_echo(
+    sqlite_url: str, isolated_home: Path
+) -> None:
+    """A real pseudo-terminal: the prompt shows, the typed key is not echoed, and it is stored."""
+    import select
+
+    env = {
+        **os.environ,
+        "BYOK_HOME": str(isolated_home),
+        "BYOK_DATABASE_URL": sqlite_url,
+        "BYOK_VALIDATE_KEYS": "0",
+    }
+    byok = [sys.executable, "-m", "byok_plugin"]
+    subprocess.run([*byok, "init"], env=env, check=True, capture_output=True)
+    key = random_key("mistral")
+    primary, secondary = os.openpty()
+    proc = subprocess.Popen(
+        [*byok, "keys", "set", "-w", "acme", "-p", "mistral"],
+        stdin=secondary,
+        stdout=secondary,
+        stderr=secondary,
+        env=env,
+        start_new_session=True,  # no controlling terminal: getpass uses this pty
+    )
+    os.close(secondary)
+
+    def read_until(marker: bytes | None, timeout: float = 30) -> bytes:
+        out = b""
+        while marker is None or marker not in out:
+            ready, _, _ = select.select([primary], [], [], timeout)
+            if not ready:
+                break
+            try:
+                chunk = os.read(primary, 4096)
+            except OSError:  # the other side closed
+                break
+            if not chunk:
+                break
+            out += chunk
+        return out
+
+    try:
+        shown = read_until(b"(input hidden)")
+        assert b"mistral API key for workspace acme (input hidden)" in shown
+        os.write(primary, key.encode() + b"\n")
+        shown += read_until(None)
+        assert proc.wait(timeout=30) == 0, shown
+    finally:
+        os.close(primary)
+        if proc.poll() is None:
+            proc.kill()
+    text = shown.decode(errors="replace")
+    assert "stored mistral key 'default'" in text
+    assert leaks(text, [key]) == []  # not echoed, not printed
