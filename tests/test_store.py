@@ -167,3 +167,15 @@ def test_no_plaintext_key_at_rest(database_url: str, tmp_path: Path) -> None:
     dump = dump_database(database_url)
     assert b"byok:v1:k1:" in dump  # the dump does hold the ciphertexts...
     assert leaks(dump, secrets_) == []  # ...and nothing of the keys
+
+
+def test_a_database_from_a_newer_version_is_refused_clearly(sqlite_url: str) -> None:
+    engine = create_store_engine(sqlite_url)
+    try:
+        ensure_migrated(engine)
+        with engine.begin() as conn:
+            conn.execute(sa.text(f"UPDATE {VERSION_TABLE} SET version_num = '9999'"))
+        with pytest.raises(StoreUnavailable, match=r"revision '9999'.*upgrade byok-plugin"):
+            ensure_migrated(engine)
+    finally:
+        engine.dispose()

@@ -20,6 +20,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection, Engine
 
+from byok_plugin.key_errors import StoreUnavailable
 from byok_plugin.store.engine import LOCK_NAMESPACE, is_postgres, store_errors, write_transaction
 
 __all__ = [
@@ -85,10 +86,19 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
 
 def ensure_migrated(engine: Engine) -> None:
     """Bring the database to the newest revision if it is not there yet (first use)."""
-    head = head_revision()
+    script = ScriptDirectory.from_config(alembic_config())
+    head = script.get_current_head()
     with store_errors("reading the schema version"):
         current = current_revision(engine)
     if current == head:
         return
+    if current is not None and current not in {rev.revision for rev in script.walk_revisions()}:
+        raise StoreUnavailable(
+            "checking the schema version",
+            cause=(
+                f"the database is at schema revision {current!r}, which this version of "
+                f"byok-plugin does not know (its newest is {head!r}); upgrade byok-plugin"
+            ),
+        )
     log.info("migrating the byok store from revision %s to %s", current, head)
     upgrade(engine)
