@@ -588,3 +588,30 @@ def test_last_used_times_are_written_in_a_batch(world: World) -> None:
     assert used is not None
     assert abs((datetime.now(UTC) - used).total_seconds()) < 60
     assert w.app.resolver.flush_last_used() == 0  # nothing pending
+
+
+def test_an_unbound_default_plugin_still_resolves_with_its_own_defaults(
+    sqlite_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A host that registers DefaultPlugin itself (no plugin_manager_for) and never binds it."""
+    from byok_hookspecs import PROJECT_NAME, add_to
+
+    from byok_plugin.defaults import DefaultPlugin
+
+    platform_key = random_key("openai")
+    app = make_app(
+        sqlite_url, tmp_path, keys=[master_key()], extra={"OPENAI_API_KEY_1": platform_key}
+    )
+    pm = pluggy.PluginManager(PROJECT_NAME)
+    add_to(pm, load_entrypoints=False)
+    pm.register(DefaultPlugin(app))
+    try:
+        with caplog.at_level(logging.WARNING, logger="byok.audit"):
+            credential = pm.hook.byok_resolve_credential(
+                request=CredentialRequest("acme", "openai", "gpt-4.1")
+            )
+        assert credential.api_key == platform_key
+        assert credential.key_id == "env:OPENAI_API_KEY_1"
+        assert "not bound to its plugin manager" in caplog.text
+    finally:
+        app.close()
