@@ -373,15 +373,17 @@ def create_key_file(path: Path) -> MasterKey:
 
     :raises KeyringError: if the file already exists (it may hold the only copy of a key).
     """
-    _make_private_dir(path.parent)
     key = generate_master_key()
     try:
+        _make_private_dir(path.parent)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         raise KeyringError(
             f"master key file {path} already exists; it is never overwritten (it may hold the "
             f"only copy of the key your stored API keys need)"
         ) from None
+    except OSError as exc:
+        raise KeyringError(f"cannot create master key file {path}: {exc.strerror or exc}") from None
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(KEY_FILE_HEADER)
         handle.write(_encode_line(key))

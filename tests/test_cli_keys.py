@@ -288,3 +288,16 @@ def test_on_a_terminal_the_key_is_asked_for_without_echo(
     text = shown.decode(errors="replace")
     assert "stored mistral key 'default'" in text
     assert leaks(text, [key]) == []  # not echoed, not printed
+
+
+def test_an_unusable_home_directory_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    env = {"BYOK_HOME": str(blocker / "home")}
+    init = _run(["init"], env)
+    assert init.exit_code == 1
+    assert "cannot create master key file" in init.output
+    env["BYOK_ENCRYPTION_KEYS"] = keyring_value(master_key())
+    listed = _run(["keys", "list", "-w", "acme"], env)
+    assert listed.exit_code == 1
+    assert "while creating the database file" in listed.output

@@ -97,7 +97,13 @@ def create_store_engine(url: str | URL, **kwargs: Any) -> Engine:
     :func:`byok_plugin.store.migrate.ensure_migrated`)."""
     parsed = normalize_url(url)
     if parsed.get_backend_name() == "sqlite":
-        _prepare_sqlite_file(parsed.database or "")
+        try:
+            _prepare_sqlite_file(parsed.database or "")
+        except OSError as exc:
+            raise StoreUnavailable(
+                f"creating the database file {parsed.database}",
+                cause=f"{type(exc).__name__}: {exc.strerror or exc}",
+            ) from None
         connect_args = {"timeout": 30, **kwargs.pop("connect_args", {})}
         engine = sa.create_engine(parsed, connect_args=connect_args, **kwargs)
         _install_sqlite_hooks(engine)
