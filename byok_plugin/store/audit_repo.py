@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from datetime import UTC, datetime
-
 import sqlalchemy as sa
 from byok_hookspecs import AuditEvent
 from sqlalchemy.engine import Engine
@@ -18,11 +15,8 @@ __all__ = ["AuditStore"]
 class AuditStore:
     """Writes and reads ``byok_audit_events``."""
 
-    def __init__(
-        self, engine: Engine, *, clock: Callable[[], datetime] = lambda: datetime.now(UTC)
-    ) -> None:
+    def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        self._clock = clock
 
     def __repr__(self) -> str:
         return f"AuditStore(dialect={self._engine.dialect.name!r})"
