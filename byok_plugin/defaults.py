@@ -41,10 +41,10 @@ class DefaultPlugin:
         self._app_factory = app_factory
         self._pm: Any = None
 
-    def bind(self, pm: Any) -> None:
-        """Tell the plugin the manager it is registered in, so that the default resolution asks
-        that manager's ``byok_is_hosted``, ``byok_platform_key``, ``byok_authorize`` and
-        ``byok_audit`` (any plugin's answers first). Unbound, it uses its own defaults only."""
+    @hookimpl(trylast=True)
+    def byok_manager_ready(self, pm: Any) -> None:
+        """Keep the manager, so that the default resolution asks its ``byok_is_hosted``,
+        ``byok_platform_key``, ``byok_authorize`` and ``byok_audit`` (any plugin's answers first)."""
         self._pm = pm
 
     def __repr__(self) -> str:
@@ -75,7 +75,7 @@ class DefaultPlugin:
         audit_log.warning(
             "the default byok plugin is not bound to its plugin manager: resolution uses its own "
             "byok_is_hosted, byok_platform_key, byok_authorize and byok_audit only (build the "
-            "manager with byok_plugin.plugin_manager_for, or call DefaultPlugin.bind(pm))"
+            "manager with byok_hookspecs.add_to(pm) or byok_plugin.plugin_manager_for)"
         )
         return SimpleNamespace(
             hook=SimpleNamespace(

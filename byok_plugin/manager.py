@@ -25,8 +25,6 @@ def plugin_manager_for(
     pm = pluggy.PluginManager(PROJECT_NAME)
     env = app.settings.environ if environ is None else environ
     if any(ep.name == DEFAULT_PLUGIN_NAME for ep in selected_plugins(env)):
-        default = DefaultPlugin(app)
-        default.bind(pm)
-        pm.register(default, name=DEFAULT_PLUGIN_NAME)
+        pm.register(DefaultPlugin(app), name=DEFAULT_PLUGIN_NAME)
     add_to(pm, load_entrypoints=load_entrypoints, environ=env)
     return pm

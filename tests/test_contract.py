@@ -122,12 +122,23 @@ def test_get_plugin_manager_loads_the_default_plugin_from_its_entry_point() -> N
 
 def test_default_implementations_are_all_trylast() -> None:
     pm = get_plugin_manager()
-    default = pm.get_plugin("byok_plugin")
-    callers = pm.get_hookcallers(default)
-    assert callers
-    for caller in callers:
-        (impl,) = [i for i in caller.get_hookimpls() if i.plugin is default]
-        assert impl.trylast, f"the default {caller.name} must be trylast"
+    builtins = [pm.get_plugin("byok_plugin"), pm.get_plugin("byok_plugin.defaults")]
+    assert None not in builtins
+    hooks = set()
+    for plugin in builtins:
+        for caller in pm.get_hookcallers(plugin):
+            (impl,) = [i for i in caller.get_hookimpls() if i.plugin is plugin]
+            assert impl.trylast, f"the default {caller.name} must be trylast"
+            hooks.add(caller.name)
+    assert hooks == set(HOOK_NAMES), "the default plugin implements every hook"
+
+
+def test_each_manager_gets_its_own_default_plugin_bound_to_it() -> None:
+    first, second = get_plugin_manager(), get_plugin_manager()
+    one, two = first.get_plugin("byok_plugin.defaults"), second.get_plugin("byok_plugin.defaults")
+    assert one is not two
+    assert one._pm is first
+    assert two._pm is second
 
 
 @pytest.mark.parametrize(

@@ -78,3 +78,41 @@ def test_hook_byok_audit_every_implementation_sees_the_event(pm, caplog) -> None
     assert "key.created" in line
     assert "workspace=acme" in line
     assert "key=k1" in line
+
+
+def test_hook_byok_manager_ready_reaches_plugins_registered_before_and_after() -> None:
+    seen: list[tuple[str, pluggy.PluginManager]] = []
+
+    class Early:
+        @hookimpl
+        def byok_manager_ready(self, pm):
+            seen.append(("early", pm))
+
+    class Late:
+        @hookimpl
+        def byok_manager_ready(self, pm):
+            seen.append(("late", pm))
+
+    pm = pluggy.PluginManager(PROJECT_NAME)
+    pm.register(Early())
+    add_to(pm, environ={"BYOK_LOAD_PLUGINS": ""})
+    assert seen == [("early", pm)]
+    pm.register(Late())  # historic: replayed on registration
+    assert seen == [("early", pm), ("late", pm)]
+
+
+def test_hook_byok_manager_ready_lets_resolution_ask_other_plugins(isolated_home) -> None:
+    """The entry-point default plugin, loaded by byok_hookspecs alone, asks the manager's hooks."""
+    from byok_hookspecs import CredentialRequest, NoCredential, get_plugin_manager
+
+    class NothingHosted:
+        @hookimpl(tryfirst=True)
+        def byok_is_hosted(self, provider, model):
+            return False
+
+    pm = get_plugin_manager()
+    pm.register(NothingHosted())
+    request = CredentialRequest(workspace_id="acme", provider="openai", model="gpt-4o-mini")
+    # gpt-4o-mini is hosted by default; the plugin says otherwise and the default resolution obeys
+    with pytest.raises(NoCredential):
+        pm.hook.byok_resolve_credential(request=request)

@@ -590,11 +590,14 @@ def test_last_used_times_are_written_in_a_batch(world: World) -> None:
     assert w.app.resolver.flush_last_used() == 0  # nothing pending
 
 
-def test_an_unbound_default_plugin_still_resolves_with_its_own_defaults(
-    sqlite_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("via_add_to", [True, False], ids=["add_to", "bare_hookspecs"])
+def test_a_default_plugin_registered_by_the_host_is_bound_or_says_it_is_not(
+    sqlite_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, via_add_to: bool
 ) -> None:
-    """A host that registers DefaultPlugin itself (no plugin_manager_for) and never binds it."""
-    from byok_hookspecs import PROJECT_NAME, add_to
+    """A host that registers DefaultPlugin itself after add_to() gets it bound through the
+    historic byok_manager_ready; one that adds the specs by hand gets a warning and the
+    plugin's own defaults."""
+    from byok_hookspecs import PROJECT_NAME, add_to, hookspecs
 
     from byok_plugin.defaults import DefaultPlugin
 
@@ -603,7 +606,10 @@ def test_an_unbound_default_plugin_still_resolves_with_its_own_defaults(
         sqlite_url, tmp_path, keys=[master_key()], extra={"OPENAI_API_KEY_1": platform_key}
     )
     pm = pluggy.PluginManager(PROJECT_NAME)
-    add_to(pm, load_entrypoints=False)
+    if via_add_to:
+        add_to(pm, load_entrypoints=False)
+    else:
+        pm.add_hookspecs(hookspecs)
     pm.register(DefaultPlugin(app))
     try:
         with caplog.at_level(logging.WARNING, logger="byok.audit"):
@@ -612,6 +618,6 @@ def test_an_unbound_default_plugin_still_resolves_with_its_own_defaults(
             )
         assert credential.api_key == platform_key
         assert credential.key_id == "env:OPENAI_API_KEY_1"
-        assert "not bound to its plugin manager" in caplog.text
+        assert ("not bound to its plugin manager" in caplog.text) is not via_add_to
     finally:
         app.close()

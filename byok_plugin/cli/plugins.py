@@ -36,8 +36,8 @@ def describe_plugins(pm: pluggy.PluginManager) -> list[dict[str, object]]:
         dist = dists.get(id(plugin))
         if dist is not None:
             dist_name, version = dist.project_name, dist.version
-        elif name in entry_dists:
-            dist_name, version = entry_dists[name]
+        elif name.split(".")[0] in entry_dists:  # also what an entry point registers itself
+            dist_name, version = entry_dists[name.split(".")[0]]
         else:
             dist_name = version = None
         rows.append(

@@ -6,6 +6,8 @@ Hooks are synchronous: an asyncio host calls the ones that touch a store from a 
 
 from __future__ import annotations
 
+import pluggy
+
 from byok_hookspecs import hookspec
 from byok_hookspecs.types import (
     Action,
@@ -18,6 +20,19 @@ from byok_hookspecs.types import (
     Usage,
     UsageRecord,
 )
+
+
+@hookspec(historic=True)
+def byok_manager_ready(pm: pluggy.PluginManager) -> None:
+    """Hand every plugin the manager it is registered in, once the byok hooks are added to it.
+
+    ``add_to`` makes this a historic call: a plugin registered later receives it on
+    registration. A plugin keeps ``pm`` to ask other hooks, as the default resolution asks
+    ``byok_is_hosted`` and ``byok_platform_key`` so that any plugin's answers come first.
+
+    :param pm: the plugin manager that holds the byok hooks.
+    :returns: nothing.
+    """
 
 
 @hookspec(firstresult=True)

@@ -55,6 +55,9 @@ def add_to(
 ) -> pluggy.PluginManager:
     """Add the ``byok`` hook specs to a host's own plugin manager and load the installed plugins.
 
+    Call it once per manager. Every plugin, including those registered afterwards, then receives
+    ``byok_manager_ready(pm)``.
+
     :param pm: the host's manager; its project name must be ``byok`` for the markers to match.
     :param load_entrypoints: load the plugins of entry-point group ``byok``.
     :param environ: where ``BYOK_LOAD_PLUGINS`` / ``BYOK_BLOCK_PLUGINS`` are read (``os.environ``).
@@ -80,4 +83,5 @@ def add_to(
             for name in skipped:
                 pm.unblock(name)
     pm.check_pending()
+    pm.hook.byok_manager_ready.call_historic(kwargs={"pm": pm})
     return pm
