@@ -113,3 +113,53 @@ def test_byok_plugins_lists_the_installed_plugin(plugin_site: Path, isolated_hom
         {"hook": "byok_compute_charge", "order": "tryfirst", "wrapper": True}
     ]
     assert rows["byok_plugin"]["distribution"] == "byok-plugin"
+
+
+RECORDING_HOST = textwrap.dedent(
+    """
+    from byok_hookspecs import (Credential, CredentialSource, Usage, UsageRecord,
+                                get_plugin_manager)
+
+    pm = get_plugin_manager()
+    usage = Usage(provider="anthropic", model="claude-sonnet-4-5",
+                  input_tokens=120_000, cached_input_tokens=40_000, output_tokens=9_000)
+    credential = Credential(api_key="k", provider="anthropic", source=CredentialSource.WORKSPACE,
+                            key_id="key_1")
+    charge = pm.hook.byok_compute_charge(usage=usage, credential=credential)
+    for attempt in (1, 1):  # the same record twice: written once
+        pm.hook.byok_record_usage(record=UsageRecord(
+            idempotency_key="run-1:draft:1", workspace_id="acme", usage=usage, charge=charge,
+            source=credential.source, key_id=credential.key_id, run_id="run-1",
+            block_id="draft", attempt=attempt))
+    print(charge.amount, charge.list_cost)
+    """
+)
+
+
+def test_the_ledger_records_the_installed_plugins_charge(
+    plugin_site: Path, isolated_home: Path
+) -> None:
+    environ = {**os.environ, "BYOK_HOME": str(isolated_home), "PYTHONPATH": str(plugin_site)}
+    done = subprocess.run(
+        [sys.executable, "-c", RECORDING_HOST],
+        env=environ,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    amount, list_cost = (Decimal(v) for v in done.stdout.split())
+    assert list_cost > 0
+    assert amount == (list_cost * Decimal("0.05")).quantize(Decimal("0.000001"))
+
+    report = subprocess.run(
+        [sys.executable, "-m", "byok_plugin", "usage", "--json", "--workspace", "acme"],
+        env=environ,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    totals = json.loads(report.stdout)["totals"]
+    assert totals["calls"] == 1
+    assert totals["byok_calls"] == 1
+    assert Decimal(totals["charged"]) == amount
+    assert Decimal(totals["list_cost"]) == list_cost
