@@ -32,7 +32,7 @@ from byok_hookspecs import (
 )
 
 from byok_plugin.host.emulator import EmulatorServer, Fault, FaultKind
-from byok_plugin.host.providers import RetryPolicy
+from byok_plugin.host.providers import RetryPolicy, create_clients, new_http_client
 from byok_plugin.host.run_result import BlockStatus, RunResult, RunStatus
 from byok_plugin.host.runner import RunEvent, RunnerOptions, WorkflowRunner
 from byok_plugin.host.workflow import (
@@ -340,16 +340,58 @@ def test_independent_blocks_run_concurrently(harness: Harness, plugin: StandIn) 
         assert f"Emulated {provider} reply" in judge_prompt
 
 
-def test_the_limit_on_concurrent_provider_calls_holds(harness: Harness, plugin: StandIn) -> None:
+class CountingClient:
+    """A provider client that counts the calls in flight through it (shared counter)."""
+
+    def __init__(self, inner: Any, counter: dict[str, int]) -> None:
+        self.inner = inner
+        self.counter = counter
+
+    async def _counted(self, call: Any) -> Any:
+        self.counter["now"] += 1
+        self.counter["max"] = max(self.counter["max"], self.counter["now"])
+        try:
+            return await call
+        finally:
+            self.counter["now"] -= 1
+
+    def complete(self, request: Any, *, api_key: str) -> Any:
+        return self._counted(self.inner.complete(request, api_key=api_key))
+
+    def complete_streamed(self, request: Any, *, api_key: str, on_text: Any = None) -> Any:
+        return self._counted(
+            self.inner.complete_streamed(request, api_key=api_key, on_text=on_text)
+        )
+
+    def search(self, request: Any, *, api_key: str) -> Any:
+        return self._counted(self.inner.search(request, api_key=api_key))
+
+
+@pytest.mark.parametrize("limit", [1, 2, 4])
+def test_the_limit_on_concurrent_provider_calls_holds(harness: Harness, limit: int) -> None:
     for provider in ("openai", "anthropic", "google", "mistral"):
         harness.emulator.add_fault(Fault(FaultKind.SLOW, provider=provider, delay=0.05, times=1))
-    result = harness.run(
-        sample("multi-provider-comparison"),
-        {"question": "Why?"},
-        options=RunnerOptions(max_concurrent_calls=2),
-    )
-    assert result.ok
-    assert plugin.max_in_flight == 2
+    counter = {"now": 0, "max": 0}
+
+    async def go() -> RunResult:
+        async with new_http_client() as http:
+            clients = create_clients(http, environ=harness.environ, retry=FAST_RETRY)
+            runner = WorkflowRunner(
+                harness.pm,
+                {name: CountingClient(c, counter) for name, c in clients.items()},
+                environ=harness.environ,
+                options=RunnerOptions(max_concurrent_calls=limit),
+            )
+            return await runner.run(
+                sample("multi-provider-comparison"),
+                workspace_id="acme",
+                inputs={"question": "Why?"},
+            )
+
+    result = asyncio.run(go())
+    assert result.ok, result.error
+    assert counter["max"] == limit
+    assert counter["now"] == 0
 
 
 # --- refused keys and the fallback policy ------------------------------------------------------

@@ -9,7 +9,8 @@ as any third-party engine would::
     print(result.total_charge, result.blocks["classify"].source)
 
 Blocks start as soon as every block with an edge into them has finished; independent branches run
-concurrently; at most ``max_concurrent_calls`` provider calls are in flight at once. Every provider
+concurrently; at most ``max_concurrent_calls`` provider calls are in flight at once (the hooks
+around a call do not hold a slot). Every provider
 call goes through the same four steps:
 
 1. ``byok_resolve_credential(request)``: which key (block, workspace or platform);
@@ -33,10 +34,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import secrets
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
@@ -189,9 +192,16 @@ class _Run:
     on_event: EventHandler | None
     results: dict[str, BlockResult] = field(default_factory=dict)
 
-    def emit(self, event: RunEvent) -> None:
+    def emit(
+        self,
+        kind: str,
+        block_id: str,
+        block_type: str,
+        text: str = "",
+        result: BlockResult | None = None,
+    ) -> None:
         if self.on_event is not None:
-            self.on_event(event)
+            self.on_event(RunEvent(kind, block_id, block_type, text, result))
 
     def lookup(self, ref: Ref) -> Any:
         if ref.is_input:
@@ -234,6 +244,7 @@ class WorkflowRunner:
         self._limit = asyncio.Semaphore(self.options.max_concurrent_calls)
         self._model_check = model_check
         self._known: dict[tuple[str, str], bool | None] = {}
+        self._checked: dict[int, weakref.ref[Workflow]] = {}
 
     def __repr__(self) -> str:
         return f"WorkflowRunner(providers={sorted(self.clients)}, options={self.options})"
@@ -346,13 +357,17 @@ class WorkflowRunner:
             whose variable is not set.
         """
         values = bind_inputs(workflow, inputs or {})
-        problems = (
-            await self._hook(self.preflight, workflow)
-            if self._needs_thread(workflow)
-            else self.preflight(workflow)
-        )
-        if problems:
-            raise WorkflowError(problems, workflow.source)
+        checked = self._checked.get(id(workflow))
+        if checked is None or checked() is not workflow:
+            problems = (
+                await self._hook(self.preflight, workflow)
+                if self._needs_thread(workflow)
+                else self.preflight(workflow)
+            )
+            if problems:
+                raise WorkflowError(problems, workflow.source)
+            # a workflow is frozen and so is this runner's environment: checked once is enough
+            self._checked[id(workflow)] = weakref.ref(workflow)
         run = _Run(
             workflow=workflow,
             workspace_id=workspace_id,
@@ -424,7 +439,7 @@ class WorkflowRunner:
                     if not self._activated(run, block_id):
                         skipped = _skipped(workflow.blocks[block_id], "on a branch not taken")
                         run.results[block_id] = skipped
-                        run.emit(RunEvent("finished", block_id, skipped.type, result=skipped))
+                        run.emit("finished", block_id, skipped.type, result=skipped)
                         release(block_id)
                         continue
                     task = asyncio.create_task(self._run_block(run, workflow.blocks[block_id]))
@@ -436,7 +451,7 @@ class WorkflowRunner:
                 del tasks[block_id]
                 result = task.result()
                 run.results[block_id] = result
-                run.emit(RunEvent("finished", block_id, result.type, result=result))
+                run.emit("finished", block_id, result.type, result=result)
                 if result.status is BlockStatus.FAILED:
                     failed = failed or result
                 else:
@@ -453,7 +468,7 @@ class WorkflowRunner:
                         workflow.blocks[block_id], f"not started: block {failed.block_id!r} failed"
                     )
                     run.results[block_id] = skipped
-                    run.emit(RunEvent("finished", block_id, skipped.type, result=skipped))
+                    run.emit("finished", block_id, skipped.type, result=skipped)
         return failed
 
     def _activated(self, run: _Run, block_id: str) -> bool:
@@ -475,7 +490,7 @@ class WorkflowRunner:
 
     # --- one block -------------------------------------------------------------------------------
     async def _run_block(self, run: _Run, block: Block) -> BlockResult:
-        run.emit(RunEvent("started", block.id, block.type))
+        run.emit("started", block.id, block.type)
         started = self._clock()
         calls: list[CallResult] = []
         provider, model = _target(block)
@@ -497,7 +512,7 @@ class WorkflowRunner:
                     log.info(
                         "block %s attempt %d failed, trying again: %s", block.id, attempts, exc
                     )
-                    run.emit(RunEvent("retrying", block.id, block.type, text=str(exc)))
+                    run.emit("retrying", block.id, block.type, text=str(exc))
         except (BlockFailed, ProviderError, UnsupportedRequest, ByokError, RenderError) as exc:
             return BlockResult(
                 block.id,
@@ -611,9 +626,7 @@ class WorkflowRunner:
                     return client.complete_streamed(
                         request,
                         api_key=api_key,
-                        on_text=lambda text: run.emit(
-                            RunEvent("text", block.id, "agent", text=text)
-                        ),
+                        on_text=lambda text: run.emit("text", block.id, "agent", text=text),
                     )
                 return client.complete(request, api_key=api_key)
 
@@ -709,64 +722,61 @@ class WorkflowRunner:
             stream=stream,
         )
         rejected: list[Rejection] = []
-        async with self._limit:
-            credential = await self._resolve(request)
-            for _ in range(self.options.max_key_rounds):
-                started = self._clock()
-                try:
+        credential = await self._resolve(request)
+        for _ in range(self.options.max_key_rounds):
+            try:
+                async with self._limit:  # the limit holds provider calls, not the hooks around them
+                    started = self._clock()
                     result = await invoke(credential.api_key)
-                except (AuthError, RateLimitError) as exc:
-                    refused = _refusal(run, provider, credential, exc)
-                    rejected.append(
-                        Rejection(
-                            source=credential.source,
-                            hint=credential.hint,
-                            key_id=credential.key_id,
-                            status=exc.status,
-                            reason=exc.kind,
-                        )
-                    )
-                    failure = ProviderFailure(
-                        reason=FailureReason.AUTH
-                        if isinstance(exc, AuthError)
-                        else FailureReason.RATE_LIMIT,
+                    latency = self._clock() - started
+            except (AuthError, RateLimitError) as exc:
+                refused = _refusal(run, provider, credential, exc)
+                rejected.append(
+                    Rejection(
                         source=credential.source,
+                        hint=credential.hint,
                         key_id=credential.key_id,
                         status=exc.status,
+                        reason=exc.kind,
                     )
-                    try:
-                        following = await self._hook(
-                            self.pm.hook.byok_resolve_credential,
-                            request=replace(request, failure=failure),
-                        )
-                    except ByokError as policy:
-                        raise BlockFailed(f"{refused}; {policy}") from None
-                    if following is None:
-                        raise BlockFailed(f"{refused}; no other key may serve the call") from None
-                    if any(
-                        r.source is following.source
-                        and r.key_id == following.key_id
-                        and r.hint == following.hint
-                        for r in rejected
-                    ):
-                        raise BlockFailed(
-                            f"{refused}; the fallback policy offered the same key again"
-                        ) from None
-                    credential = following
-                    continue
-                latency = self._clock() - started
-                break
-            else:
-                raise BlockFailed(
-                    f"workspace {run.workspace_id!r}: {provider} refused {len(rejected)} keys in a row; giving up"
                 )
-            charge = await self._hook(
-                self.pm.hook.byok_compute_charge, usage=result.usage, credential=credential
+                failure = ProviderFailure(
+                    reason=FailureReason.AUTH
+                    if isinstance(exc, AuthError)
+                    else FailureReason.RATE_LIMIT,
+                    source=credential.source,
+                    key_id=credential.key_id,
+                    status=exc.status,
+                )
+                try:
+                    following = await self._hook(
+                        self.pm.hook.byok_resolve_credential,
+                        request=replace(request, failure=failure),
+                    )
+                except ByokError as policy:
+                    raise BlockFailed(f"{refused}; {policy}") from None
+                if following is None:
+                    raise BlockFailed(f"{refused}; no other key may serve the call") from None
+                if any(
+                    r.source is following.source
+                    and r.key_id == following.key_id
+                    and r.hint == following.hint
+                    for r in rejected
+                ):
+                    raise BlockFailed(
+                        f"{refused}; the fallback policy offered the same key again"
+                    ) from None
+                credential = following
+                continue
+            break
+        else:
+            raise BlockFailed(
+                f"workspace {run.workspace_id!r}: {provider} refused {len(rejected)} keys in a row; giving up"
             )
-            if charge is None:
-                charge = Charge(amount=Decimal(0), reason="no billing plugin answered")
-            idempotency_key = f"{run.run_id}:{block_id}:{attempt}" + (f":{seq}" if seq > 1 else "")
-            record = UsageRecord(
+        idempotency_key = f"{run.run_id}:{block_id}:{attempt}" + (f":{seq}" if seq > 1 else "")
+
+        def make_record(charge: Charge) -> UsageRecord:
+            return UsageRecord(
                 idempotency_key=idempotency_key,
                 workspace_id=run.workspace_id,
                 usage=result.usage,
@@ -779,7 +789,13 @@ class WorkflowRunner:
                 block_id=block_id,
                 attempt=attempt,
             )
-            await self._record(record, provider)
+
+        # charge and record in one trip to the worker thread
+        charge, record, error = await self._hook(
+            self._settle, result.usage, credential, make_record
+        )
+        if error is not None:
+            await self._record_again(record, provider, error)
         return result, CallResult(
             provider=provider,
             model=model,
@@ -811,27 +827,43 @@ class WorkflowRunner:
             )
         return credential
 
-    async def _record(self, record: UsageRecord, provider: str) -> None:
-        """``byok_record_usage``, tried again on failure: the ledger is idempotent on the key."""
-        last: Exception | None = None
-        for attempt in range(self.options.record_attempts):
+    def _settle(
+        self, usage: Any, credential: Credential, make_record: Callable[[Charge], UsageRecord]
+    ) -> tuple[Charge, UsageRecord, Exception | None]:
+        """``byok_compute_charge`` then ``byok_record_usage`` (the record's failure is returned, to
+        be tried again; the charge's is raised: nothing is recorded without a charge)."""
+        charge = self.pm.hook.byok_compute_charge(usage=usage, credential=credential)
+        if charge is None:
+            charge = Charge(amount=Decimal(0), reason="no billing plugin answered")
+        record = make_record(charge)
+        try:
+            self.pm.hook.byok_record_usage(record=record)
+        except Exception as exc:
+            return charge, record, exc
+        return charge, record, None
+
+    async def _record_again(self, record: UsageRecord, provider: str, error: Exception) -> None:
+        """``byok_record_usage`` tried again after ``error``: the ledger is idempotent on the
+        record's key, so a write that did land before the error is not doubled."""
+        last = error
+        for attempt in range(1, self.options.record_attempts):
+            log.warning("recording %s failed (try %d): %s", record.idempotency_key, attempt, last)
+            await asyncio.sleep(0.05 * 2 ** (attempt - 1))
             try:
                 await self._hook(self.pm.hook.byok_record_usage, record=record)
                 return
             except Exception as exc:
                 last = exc
-                log.warning(
-                    "recording %s failed (try %d): %s", record.idempotency_key, attempt + 1, exc
-                )
-                await asyncio.sleep(0.05 * 2**attempt)
         raise BlockFailed(
             f"the {provider} call completed but its usage could not be recorded "
             f"({type(last).__name__}: {last})"
         )
 
     async def _hook(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Call a (synchronous) hook, in the loop's default executor unless told otherwise."""
         if self.options.hooks_in_thread:
-            return await asyncio.to_thread(fn, *args, **kwargs)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(None, functools.partial(fn, *args, **kwargs))
         return fn(*args, **kwargs)
 
 
