@@ -7,6 +7,7 @@ and the environment).
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from collections.abc import Iterator
@@ -15,11 +16,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from rich.console import Console
 
 from byok_plugin.cli import main
 from byok_plugin.cli.demo import BYOK_WORKSPACE, PLATFORM_WORKSPACE, DemoStack
-from byok_plugin.cli.run import money
+from byok_plugin.cli.run import RunProgress, money
 from byok_plugin.host.emulator import EmulatorServer
+from byok_plugin.host.workflow import load_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
 TRIAGE = str(ROOT / "sample_workflows" / "support-ticket-triage.json")
@@ -220,3 +223,21 @@ def test_run_and_demo_and_validate_have_help() -> None:
         result = CliRunner().invoke(main, [command, "--help"])
         assert result.exit_code == 0
         assert "Usage:" in result.output
+
+
+def test_a_terminal_gets_a_live_display_instead_of_lines(stack: DemoStack) -> None:
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=True, width=140, color_system=None)
+    workflow = load_workflow(TRIAGE)
+    with RunProgress(workflow, console, live=True) as progress:
+        result = stack.run(
+            workflow, BYOK_WORKSPACE, {"ticket": "x"}, stream=True, on_event=progress
+        )
+    assert result.ok, result.error
+    screen = buffer.getvalue()
+    final = screen[screen.rindex("support-ticket-triage 1.2.0") :]  # the last frame drawn
+    for block in workflow.order:
+        assert re.search(rf"✓\s+{block}\s", final), final
+    assert re.search(r"classify\s+openai/gpt-4o-mini\s+workspace key, \d+ tokens, \$0\.00", final)
+    assert "] classify" not in screen  # no plain progress lines on a terminal
+    assert progress.streamed["draft_reply"] > 0

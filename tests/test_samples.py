@@ -59,6 +59,15 @@ def stack(emulator: EmulatorServer, tmp_path: Path) -> Iterator[DemoStack]:
     built.close()
 
 
+@pytest.fixture
+def db_stack(emulator: EmulatorServer, tmp_path: Path, database_url: str) -> Iterator[DemoStack]:
+    """A stack on a real SQLite file, and on a real PostgreSQL database."""
+    built = DemoStack(tmp_path / "home", emulator, database_url=database_url)
+    built.store_workspace_keys(BYOK_WORKSPACE)
+    yield built
+    built.close()
+
+
 def inputs_for(path: Path) -> dict[str, Any]:
     return dict(DEMO_INPUTS[path.stem])
 
@@ -175,10 +184,10 @@ def refuse_workspace_anthropic_key(stack: DemoStack) -> str:
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
 def test_a_refused_byok_key_under_never_fails_the_block_and_never_touches_a_platform_key(
-    stack: DemoStack, stream: bool
+    db_stack: DemoStack, stream: bool
 ) -> None:
-    key = refuse_workspace_anthropic_key(stack)
-    result = stack.run(parse_workflow(ONE_BLOCK), BYOK_WORKSPACE, {}, stream=stream)
+    key = refuse_workspace_anthropic_key(db_stack)
+    result = db_stack.run(parse_workflow(ONE_BLOCK), BYOK_WORKSPACE, {}, stream=stream)
     assert result.status is RunStatus.FAILED
     answer = result.blocks["answer"]
     assert answer.status is BlockStatus.FAILED
@@ -190,26 +199,26 @@ def test_a_refused_byok_key_under_never_fails_the_block_and_never_touches_a_plat
     assert key not in message
     assert result.blocks["after"].status is BlockStatus.SKIPPED
     # the emulator received the workspace key once, and no platform key at all
-    seen = model_calls(stack.emulator)
+    seen = model_calls(db_stack.emulator)
     assert [c.key_label for c in seen] == [None]
     assert seen[0].used_key(key)
-    assert list(stack.app.ledger.rows(workspaces=[BYOK_WORKSPACE])) == []
+    assert list(db_stack.app.ledger.rows(workspaces=[BYOK_WORKSPACE])) == []
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
 def test_a_refused_byok_key_under_on_error_is_served_by_the_platform_and_the_ledger_says_so(
-    stack: DemoStack, stream: bool
+    db_stack: DemoStack, stream: bool
 ) -> None:
-    refuse_workspace_anthropic_key(stack)
-    stack.set_fallback_policy(BYOK_WORKSPACE, "on_error")
-    result = stack.run(parse_workflow(ONE_BLOCK), BYOK_WORKSPACE, {}, stream=stream)
+    refuse_workspace_anthropic_key(db_stack)
+    db_stack.set_fallback_policy(BYOK_WORKSPACE, "on_error")
+    result = db_stack.run(parse_workflow(ONE_BLOCK), BYOK_WORKSPACE, {}, stream=stream)
     assert result.ok, result.error
     (call,) = result.blocks["answer"].calls
     assert call.source is CredentialSource.PLATFORM
     assert call.fallback is True
     assert [(r.source, r.status) for r in call.rejected] == [(CredentialSource.WORKSPACE, 401)]
     assert call.charge.amount == list_price(call.usage) > 0
-    row = stack.app.ledger.get(call.idempotency_key)
+    row = db_stack.app.ledger.get(call.idempotency_key)
     assert row is not None
     assert row.source is CredentialSource.PLATFORM
     assert row.fallback is True
@@ -218,7 +227,7 @@ def test_a_refused_byok_key_under_on_error_is_served_by_the_platform_and_the_led
     (after,) = result.blocks["after"].calls
     assert after.source is CredentialSource.WORKSPACE
     assert after.charge.amount == 0
-    assert [c.key_label for c in model_calls(stack.emulator)] == [
+    assert [c.key_label for c in model_calls(db_stack.emulator)] == [
         None,
         "platform-anthropic",
         f"{BYOK_WORKSPACE}-openai",
@@ -228,32 +237,34 @@ def test_a_refused_byok_key_under_on_error_is_served_by_the_platform_and_the_led
 # --- retries and failures in the ledger -------------------------------------------------------
 
 
-def test_a_retried_block_is_charged_once_in_the_ledger(stack: DemoStack) -> None:
-    stack.emulator.add_fault(
-        Fault.for_key(FaultKind.TRUNCATED_STREAM, stack.platform_keys["anthropic"], times=1)
+def test_a_retried_block_is_charged_once_in_the_ledger(db_stack: DemoStack) -> None:
+    db_stack.emulator.add_fault(
+        Fault.for_key(FaultKind.TRUNCATED_STREAM, db_stack.platform_keys["anthropic"], times=1)
     )
-    result = stack.run(parse_workflow(ONE_BLOCK), PLATFORM_WORKSPACE, {}, stream=True)
+    result = db_stack.run(parse_workflow(ONE_BLOCK), PLATFORM_WORKSPACE, {}, stream=True)
     assert result.ok, result.error
     answer = result.blocks["answer"]
     assert answer.attempts == 2
     (call,) = answer.calls
     rows = [
-        r for r in stack.app.ledger.rows(workspaces=[PLATFORM_WORKSPACE]) if r.block_id == "answer"
+        r
+        for r in db_stack.app.ledger.rows(workspaces=[PLATFORM_WORKSPACE])
+        if r.block_id == "answer"
     ]
     assert [(r.idempotency_key, r.attempt, r.amount) for r in rows] == [
         (call.idempotency_key, 2, call.charge.amount)
     ]
-    assert len(stack.emulator.calls("anthropic")) == 2
+    assert len(db_stack.emulator.calls("anthropic")) == 2
 
 
-def test_a_rerun_under_the_same_run_id_is_not_charged_twice(stack: DemoStack) -> None:
+def test_a_rerun_under_the_same_run_id_is_not_charged_twice(db_stack: DemoStack) -> None:
     workflow = parse_workflow(ONE_BLOCK)
 
     async def twice() -> tuple[RunResult, RunResult]:
         from byok_plugin.cli.context import OPERATOR
         from byok_plugin.host.runner import WorkflowRunner
 
-        async with WorkflowRunner.open(stack.pm, environ=stack.environ) as runner:
+        async with WorkflowRunner.open(db_stack.pm, environ=db_stack.environ) as runner:
             first = await runner.run(
                 workflow, workspace_id=PLATFORM_WORKSPACE, run_id="run-1", actor=OPERATOR
             )
@@ -266,19 +277,19 @@ def test_a_rerun_under_the_same_run_id_is_not_charged_twice(stack: DemoStack) ->
 
     first, second = asyncio.run(twice())
     assert first.total_charge == second.total_charge > 0
-    rows = list(stack.app.ledger.rows(workspaces=[PLATFORM_WORKSPACE]))
+    rows = list(db_stack.app.ledger.rows(workspaces=[PLATFORM_WORKSPACE]))
     assert len(rows) == 2
     assert sum((r.amount for r in rows), Decimal(0)) == first.total_charge
 
 
-def test_a_failed_block_is_charged_nothing(stack: DemoStack) -> None:
-    stack.emulator.add_fault(Fault(FaultKind.SERVER_ERROR, provider="openai", times=None))
-    result = stack.run(parse_workflow(ONE_BLOCK), PLATFORM_WORKSPACE, {})
+def test_a_failed_block_is_charged_nothing(db_stack: DemoStack) -> None:
+    db_stack.emulator.add_fault(Fault(FaultKind.SERVER_ERROR, provider="openai", times=None))
+    result = db_stack.run(parse_workflow(ONE_BLOCK), PLATFORM_WORKSPACE, {})
     assert result.status is RunStatus.FAILED
     assert result.blocks["answer"].status is BlockStatus.COMPLETED
     after = result.blocks["after"]
     assert after.status is BlockStatus.FAILED
     assert after.calls == ()
-    rows = list(stack.app.ledger.rows(workspaces=[PLATFORM_WORKSPACE]))
+    rows = list(db_stack.app.ledger.rows(workspaces=[PLATFORM_WORKSPACE]))
     assert [r.block_id for r in rows] == ["answer"]
     assert result.total_charge == rows[0].amount > 0
