@@ -69,6 +69,7 @@ class StandIn:
         self.record_calls = 0
         self.fail_records = 0
         self.charge_answers = True
+        self.currency = "USD"
         self._lock = threading.Lock()
         self.in_flight = 0
         self.max_in_flight = 0
@@ -115,8 +116,8 @@ class StandIn:
             return None
         if credential.billed_by_platform:
             amount = PER_TOKEN * usage.total_tokens + Decimal("0.005") * usage.tool_requests
-            return Charge(amount, reason="platform", list_cost=amount)
-        return Charge(Decimal(0), reason=credential.source.value)
+            return Charge(amount, currency=self.currency, reason="platform", list_cost=amount)
+        return Charge(Decimal(0), currency=self.currency, reason=credential.source.value)
 
     @hookimpl
     def byok_record_usage(self, record: UsageRecord) -> None:
@@ -636,3 +637,17 @@ def test_the_result_serialises_to_json(harness: Harness) -> None:
     assert [b["block"] for b in document["blocks"]] == ["search", "brief", "claims", "report"]
     assert document["totals"]["calls"] == 3
     assert document["blocks"][1]["calls"][0]["source"] == "workspace"
+
+
+def test_a_billing_plugin_may_charge_in_another_currency(harness: Harness, plugin: StandIn) -> None:
+    plugin.currency = "EUR"
+    plugin.workspace_keys.clear()
+    result = harness.run(sample("multi-provider-comparison"), {"question": "q"})
+    assert result.ok, result.error
+    assert result.currency == "EUR"
+    assert result.charges_by_currency == {"EUR": result.total_charge}
+    assert result.to_dict()["totals"]["currency"] == "EUR"
+    from byok_plugin.cli.run import cost_table, money
+
+    assert money(result.total_charge, "EUR").endswith(" EUR")
+    assert cost_table(result).columns[5].header == "charge"

@@ -147,11 +147,13 @@ def validate_command(cli: CliContext, workflow: Path, as_json: bool) -> None:
 # --- byok run ------------------------------------------------------------------------------------
 
 
-def money(amount: Decimal) -> str:
-    """``$0.00``, ``$0.000123``: at least cents, at most millionths of a dollar."""
+def money(amount: Decimal, currency: str = "USD") -> str:
+    """``$0.00``, ``$0.000123`` (``0.50 EUR`` in another currency): at least cents, at most
+    millionths."""
     text = f"{amount.quantize(Decimal('0.000001')):f}".rstrip("0")
     whole, _, cents = text.partition(".")
-    return f"${whole}.{cents.ljust(2, '0')}"
+    number = f"{whole}.{cents.ljust(2, '0')}"
+    return f"${number}" if currency == "USD" else f"{number} {currency}"
 
 
 def _target(workflow: Workflow, block_id: str) -> str:
@@ -294,14 +296,18 @@ def cost_table(result: RunResult, title: str | None = None) -> Table:
             block.model or "-",
             source,
             tokens,
-            money(block.charge) if block.calls else "-",
+            money(block.charge, block.calls[0].charge.currency) if block.calls else "-",
         ]
         if unfinished:
             style = {"failed": "red", "skipped": "dim"}.get(block.status.value, "")
             row.append(Text(block.status.value, style=style))
         table.add_row(*row)
     table.add_section()
-    total: list[Any] = ["total", "", "", "", str(result.total_tokens), money(result.total_charge)]
+    if result.currency == "mixed":
+        total_charge = ", ".join(money(v, k) for k, v in result.charges_by_currency.items())
+    else:
+        total_charge = money(result.total_charge, result.currency)
+    total: list[Any] = ["total", "", "", "", str(result.total_tokens), total_charge]
     if unfinished:
         total.append(result.status.value)
     table.add_row(*total, style="bold")

@@ -188,7 +188,6 @@ class RunResult:
     outputs: Mapping[str, Any] = field(default_factory=dict)
     error: str | None = None
     latency: float = 0.0
-    currency: str = "USD"
 
     @property
     def ok(self) -> bool:
@@ -199,7 +198,26 @@ class RunResult:
         return tuple(c for b in self.blocks.values() for c in b.calls)
 
     @property
+    def charges_by_currency(self) -> dict[str, Decimal]:
+        totals: dict[str, Decimal] = {}
+        for call in self.calls:
+            totals[call.charge.currency] = (
+                totals.get(call.charge.currency, Decimal(0)) + call.charge.amount
+            )
+        return totals
+
+    @property
+    def currency(self) -> str:
+        """The currency of the charges (``USD`` when nothing was charged); ``mixed`` when a
+        billing plugin charged in several, in which case read :attr:`charges_by_currency`."""
+        currencies = {c.charge.currency for c in self.calls}
+        if len(currencies) > 1:
+            return "mixed"
+        return currencies.pop() if currencies else "USD"
+
+    @property
     def total_charge(self) -> Decimal:
+        """The sum of the charges; meaningful in one :attr:`currency`."""
         return sum((c.charge.amount for c in self.calls), Decimal(0))
 
     @property
@@ -232,6 +250,7 @@ class RunResult:
                 "charge": str(self.total_charge),
                 "list_cost": str(self.total_list_cost),
                 "currency": self.currency,
+                "by_currency": {k: str(v) for k, v in self.charges_by_currency.items()},
                 "latency_s": round(self.latency, 6),
             },
         }

@@ -33,6 +33,7 @@ calls them inline, for hooks known to be in-memory (see ``benchmarks/bench_runne
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import json
@@ -421,7 +422,7 @@ class WorkflowRunner:
         """Start each block when its predecessors are done; the first failed block, if any."""
         workflow = run.workflow
         waiting = {b: len(workflow.incoming[b]) for b in workflow.blocks}
-        ready = [b for b in workflow.order if waiting[b] == 0]
+        ready = collections.deque(b for b in workflow.order if waiting[b] == 0)
         done: asyncio.Queue[tuple[str, asyncio.Task[BlockResult]]] = asyncio.Queue()
         tasks: dict[str, asyncio.Task[BlockResult]] = {}
         failed: BlockResult | None = None
@@ -435,7 +436,7 @@ class WorkflowRunner:
         try:
             while True:
                 while ready and failed is None:
-                    block_id = ready.pop(0)
+                    block_id = ready.popleft()
                     if not self._activated(run, block_id):
                         skipped = _skipped(workflow.blocks[block_id], "on a branch not taken")
                         run.results[block_id] = skipped
