@@ -88,6 +88,10 @@ class DefaultPlugin:
 
     @hookimpl(trylast=True)
     def byok_is_hosted(self, provider: str, model: str) -> bool | None:
+        # no answer for a model the catalog has never heard of: a host can tell a typo from a
+        # model that is known but not hosted, and any plugin may still claim it
+        if self.app.catalog.model(provider, model) is None:
+            return None
         return self.app.catalog.is_hosted(provider, model)
 
     @hookimpl(trylast=True)

@@ -129,3 +129,14 @@ def test_unreadable_or_invalid_json_is_a_clear_error(tmp_path: Path) -> None:
     broken.write_text('{"models": {\n  "x": }')
     with pytest.raises(CatalogError, match=r"broken\.json: not valid JSON \(line 2"):
         load_catalog(broken)
+
+
+def test_hook_byok_is_hosted_has_no_answer_for_a_model_nobody_knows(isolated_home) -> None:
+    from byok_plugin import App, Settings, plugin_manager_for
+
+    app = App(Settings.from_environ({"BYOK_HOME": str(isolated_home)}))
+    pm = plugin_manager_for(app, environ={"BYOK_LOAD_PLUGINS": "byok_plugin"})
+    assert pm.hook.byok_is_hosted(provider="openai", model="gpt-4o-mini") is True
+    assert pm.hook.byok_is_hosted(provider="openai", model="o3") is False  # known, BYOK only
+    assert pm.hook.byok_is_hosted(provider="openai", model="gpt-4o-minii") is None
+    assert pm.hook.byok_is_hosted(provider="exa", model="exa-search") is True

@@ -43,7 +43,6 @@ from byok_plugin.cli.run import (
     RunProgress,
     console_for,
     cost_table,
-    hook_model_check,
     load_checked,
     money,
     run_workflow,
@@ -212,7 +211,6 @@ class DemoStack:
                 actor=OPERATOR,
                 stream=stream,
                 on_event=on_event,
-                model_check=hook_model_check(self.pm, self.app),
             )
         )
 
@@ -286,7 +284,7 @@ def demo_command(workflow_name: str, stream: bool | None) -> None:
     try:
         with demo_stack() as stack:
             stack.store_workspace_keys(BYOK_WORKSPACE)
-            workflow = load_checked(path, stack.pm, stack.app)
+            workflow = load_checked(path, stack.pm)
             inputs = dict(DEMO_INPUTS.get(path.stem, {}))
             for name, spec in workflow.inputs.items():
                 if name not in inputs and not spec.has_default:

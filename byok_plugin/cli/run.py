@@ -28,7 +28,6 @@ from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
-from byok_plugin.app import App
 from byok_plugin.cli.context import CliContext, pass_cli
 from byok_plugin.host.run_result import BlockResult, BlockStatus, RunResult
 from byok_plugin.host.runner import RunEvent, RunnerOptions, WorkflowRunner
@@ -48,7 +47,6 @@ __all__ = [
     "WorkflowInvalid",
     "console_for",
     "cost_table",
-    "hook_model_check",
     "load_checked",
     "money",
     "run_command",
@@ -63,29 +61,13 @@ class WorkflowInvalid(click.ClickException):
     exit_code = 2
 
 
-def hook_model_check(
-    pm: pluggy.PluginManager, app: App | None = None
-) -> Callable[[str, str], bool | None]:
-    """The ``is_known`` question of :func:`check_models`: ``None`` for a model nobody knows.
-
-    A model in the catalog is known (hosted or not). Any other is known only when a plugin says
-    ``byok_is_hosted`` is true: the built-in answer is ``False`` both for "known, not hosted" and
-    for "never heard of it", so a ``False`` is not taken as knowledge of a model the catalog lacks.
-    """
-
-    def is_known(provider: str, model: str) -> bool | None:
-        if app is not None and app.catalog.model(provider, model) is not None:
-            return bool(pm.hook.byok_is_hosted(provider=provider, model=model))
-        answer = pm.hook.byok_is_hosted(provider=provider, model=model)
-        return True if answer else None
-
-    return is_known
-
-
-def load_checked(path: Path, pm: pluggy.PluginManager, app: App | None = None) -> Workflow:
-    """The workflow in ``path``, checked against the schema, its graph and the known models."""
+def load_checked(path: Path, pm: pluggy.PluginManager) -> Workflow:
+    """The workflow in ``path``, checked against the schema, its graph and the known models
+    (a model no ``byok_is_hosted`` implementation answers for is unknown)."""
     workflow = load_workflow(path)
-    problems = check_models(workflow, hook_model_check(pm, app))
+    problems = check_models(
+        workflow, lambda provider, model: pm.hook.byok_is_hosted(provider=provider, model=model)
+    )
     if problems:
         raise WorkflowError(problems, str(path))
     return workflow
@@ -113,7 +95,7 @@ def validate_command(cli: CliContext, workflow: Path, as_json: bool) -> None:
     inputs) and that every model is known. Exits 2 and names the JSON path of each problem.
     """
     try:
-        checked = load_checked(workflow, cli.pm, cli.app)
+        checked = load_checked(workflow, cli.pm)
     except WorkflowError as exc:
         if as_json:
             click.echo(_problems_json(exc))
@@ -423,7 +405,7 @@ def run_command(
     inputs = _parse_inputs(pairs, inputs_file)
     err = console_for(stderr=True)
     try:
-        checked = load_checked(workflow, cli.pm, cli.app)
+        checked = load_checked(workflow, cli.pm)
         with RunProgress(checked, err, live=err.is_terminal and not as_json) as progress:
             result = asyncio.run(
                 run_workflow(
@@ -436,7 +418,6 @@ def run_command(
                     stream=stream,
                     on_event=progress,
                     options=RunnerOptions(max_concurrent_calls=concurrency),
-                    model_check=hook_model_check(cli.pm, cli.app),
                 )
             )
     except InputsError as exc:
