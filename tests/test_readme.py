@@ -1,0 +1,47 @@
+"""The README's Python examples run as written."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_block(heading: str) -> str:
+    """The first ```python block under a README heading."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index(heading) :]
+    match = re.search(r"```python\n(.*?)```", section, re.DOTALL)
+    assert match, f"no python block under {heading!r}"
+    return match.group(1)
+
+
+def test_embed_the_runner_example_runs_against_the_emulator(emulator, tmp_path: Path) -> None:
+    openai_key = emulator.new_key("openai", label="platform-openai")
+    anthropic_key = emulator.new_key("anthropic", label="platform-anthropic")
+    environ = {
+        **os.environ,
+        **emulator.environ(),
+        "BYOK_HOME": str(tmp_path / "home"),
+        "BYOK_PLATFORM_KEYS_OPENAI": openai_key,
+        "BYOK_PLATFORM_KEYS_ANTHROPIC": anthropic_key,
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", readme_block("## Embed the runner in your own engine")],
+        cwd=ROOT,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert any(line.startswith("classify completed platform") for line in lines), done.stdout
+    assert lines[-1].startswith("completed "), done.stdout
+    assert openai_key not in done.stdout + done.stderr
+    served = emulator.calls("openai", api_key=openai_key)
+    assert served, "the emulator saw no call on the platform key"
