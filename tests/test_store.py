@@ -179,3 +179,31 @@ def test_a_database_from_a_newer_version_is_refused_clearly(sqlite_url: str) -> 
             ensure_migrated(engine)
     finally:
         engine.dispose()
+
+
+def test_many_openers_of_a_fresh_sqlite_file_all_get_a_wal_database(tmp_path) -> None:
+    """Switching a fresh file to WAL needs an exclusive lock, and SQLite refuses it at once (no
+    busy handler) while another connection opens the same file: every opener must wait it out.
+    One round rarely loses the race, so run many."""
+    for round_ in range(60):
+        url = f"sqlite:///{tmp_path / f'race-{round_}.db'}"
+        engines = [create_store_engine(url) for _ in range(4)]
+        errors: list[BaseException] = []
+        start = threading.Barrier(len(engines))
+
+        def run(engine: sa.Engine, start: threading.Barrier, errors: list[BaseException]) -> None:
+            try:
+                start.wait(timeout=30)
+                with engine.connect() as conn:
+                    assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(e, start, errors)) for e in engines]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        for engine in engines:
+            engine.dispose()
+        assert errors == [], f"round {round_}"
