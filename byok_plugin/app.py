@@ -110,6 +110,9 @@ class App:
         resolver = self.__dict__.pop("resolver", None)
         if resolver is not None:
             resolver.close()
+        ledger = self.__dict__.pop("ledger", None)
+        if ledger is not None:
+            ledger.close()
         engine = self.__dict__.pop("engine", None)
         if engine is not None:
             engine.dispose()

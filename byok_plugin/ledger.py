@@ -10,15 +10,30 @@ Idempotency: ``INSERT ... ON CONFLICT (idempotency_key) DO NOTHING`` (SQLAlchemy
 PostgreSQL dialect inserts), so a retried block, a host that records twice, or several processes
 racing on the same key leave exactly one row. Money is stored exactly: ``NUMERIC(30, 12)`` on
 PostgreSQL, and the decimal's text on SQLite (whose numbers are binary floats).
+
+**Speed.** On a SQLite file, a record is one ``INSERT ... ON CONFLICT (idempotency_key) DO
+NOTHING`` in autocommit mode on a ``sqlite3`` connection of the calling thread (a statement that
+writes takes the write lock when it starts, as ``BEGIN IMMEDIATE`` does, and waits for it with
+the busy timeout; the row is committed when the statement returns). Going through SQLAlchemy
+(pooled connection, ``BEGIN``, the compiled insert, ``COMMIT``, result processing) cost about
+three times as much per row (0.2-0.3 ms against 0.08 ms), and every extra driver call hands the
+GIL back and forth, which hurts a host that records from worker threads. The values are
+converted by the table's own SQLAlchemy bind processors, so the stored text is what a SQLAlchemy
+insert would store; the connection has the store engine's pragmas (WAL, ``synchronous =
+NORMAL``, busy timeout). PostgreSQL and in-memory SQLite keep the SQLAlchemy insert.
 """
 
 from __future__ import annotations
 
 import json
+import sqlite3
+import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -27,7 +42,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect, Engine
 
 from byok_plugin.billing import money
-from byok_plugin.store.engine import store_errors, write_transaction
+from byok_plugin.key_errors import StoreUnavailable
+from byok_plugin.key_reader import sqlite_file_of
+from byok_plugin.store.engine import prepare_sqlite_connection, store_errors, write_transaction
 from byok_plugin.store.tables import UTCDateTime, metadata
 
 __all__ = ["ExactDecimal", "Ledger", "LedgerRow", "usage_ledger"]
@@ -169,6 +186,79 @@ def _check(record: UsageRecord) -> None:
         raise ValueError("UsageRecord.occurred_at must be an aware datetime")
 
 
+class _Connection(sqlite3.Connection):
+    """A ``sqlite3`` connection that can be weakly referenced (the writer's registry)."""
+
+
+class SqliteLedgerWriter:
+    """``writer(values) -> bool``: one autocommit ``INSERT ... ON CONFLICT DO NOTHING`` on a
+    ``sqlite3`` connection of the calling thread; ``False`` when the key was already recorded."""
+
+    def __init__(self, path: Path, dialect: Dialect) -> None:
+        self._path = str(path)
+        columns = [c for c in usage_ledger.c if c.name != "id"]
+        self._names = tuple(c.name for c in columns)
+        # the bind processors of the table's own types: the same text as a SQLAlchemy insert
+        self._processors = tuple(
+            (i, processor)
+            for i, c in enumerate(columns)
+            if (processor := c.type.dialect_impl(dialect).bind_processor(dialect)) is not None
+        )
+        self._sql = (
+            f"INSERT INTO {usage_ledger.name} ({', '.join(self._names)}) "  # noqa: S608 (names from the table)
+            f"VALUES ({', '.join('?' * len(self._names))}) "
+            "ON CONFLICT (idempotency_key) DO NOTHING"
+        )
+        self._local = threading.local()
+        # every thread's connection, closed by close(); a dead thread's goes with its locals
+        self._opened: weakref.WeakSet[_Connection] = weakref.WeakSet()
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"SqliteLedgerWriter(connections={len(self._opened)})"
+
+    def _connection(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(
+                self._path,
+                isolation_level=None,  # autocommit: each INSERT is its own transaction
+                check_same_thread=False,  # close() may run on another thread
+                timeout=30,
+                factory=_Connection,
+            )
+            prepare_sqlite_connection(conn)
+            self._local.conn = conn
+            with self._lock:
+                self._opened.add(conn)
+        return conn
+
+    def __call__(self, values: dict[str, Any]) -> bool:
+        row = [values[name] for name in self._names]
+        for i, processor in self._processors:
+            row[i] = processor(row[i])
+        try:
+            return self._connection().execute(self._sql, row).rowcount == 1
+        except sqlite3.IntegrityError as exc:  # as SQLAlchemy would raise it: the caller's to read
+            raise sa.exc.IntegrityError(self._sql, None, exc) from None
+        except sqlite3.Error as exc:
+            first_line = (str(exc).strip().splitlines() or [""])[0]
+            raise StoreUnavailable(
+                "recording usage",
+                workspace_id=values["workspace_id"],
+                cause=f"{type(exc).__name__}: {first_line[:300]}",
+            ) from None
+
+    def close(self) -> None:
+        """Close every thread's connection (a thread's next record opens a new one)."""
+        with self._lock:
+            opened = list(self._opened)
+            self._opened = weakref.WeakSet()
+            self._local = threading.local()
+        for conn in opened:
+            conn.close()
+
+
 class Ledger:
     """Writes and reads ``byok_usage_ledger``."""
 
@@ -189,6 +279,8 @@ class Ledger:
         self._insert = insert.on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(
             usage_ledger.c.id
         )
+        path = sqlite_file_of(engine)
+        self._writer = SqliteLedgerWriter(path, engine.dialect) if path is not None else None
 
     def __repr__(self) -> str:
         return f"Ledger(dialect={self._engine.dialect.name!r})"
@@ -228,12 +320,19 @@ class Ledger:
         """
         _check(record)
         values = self.values(record, self._clock())
+        if self._writer is not None:
+            return self._writer(values)
         with (
             store_errors("recording usage", workspace_id=record.workspace_id),
             write_transaction(self._engine) as conn,
         ):
             inserted = conn.execute(self._insert, values).first()
         return inserted is not None
+
+    def close(self) -> None:
+        """Release the direct SQLite writer's connections (the engine is its owner's to close)."""
+        if self._writer is not None:
+            self._writer.close()
 
     def get(self, idempotency_key: str) -> LedgerRow | None:
         query = sa.select(usage_ledger).where(usage_ledger.c.idempotency_key == idempotency_key)

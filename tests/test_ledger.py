@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import multiprocessing
+import sqlite3
 import sys
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -24,6 +25,7 @@ from byok_hookspecs import (
 from ledger_support import concurrent_record_worker, record_for
 
 from byok_plugin.app import App
+from byok_plugin.key_errors import StoreUnavailable
 from byok_plugin.ledger import usage_ledger
 from byok_plugin.manager import plugin_manager_for
 from byok_plugin.settings import Settings
@@ -171,6 +173,53 @@ def test_rows_filter_by_workspace_and_time(sqlite_url: str, tmp_path: Path) -> N
         rows = list(app.ledger.rows(workspaces=["ws-3"], since=since, until=until))
         assert [r.input_tokens for r in rows] == [n for n in range(24, 48) if n % 7 == 3]
         assert all(since <= r.occurred_at < until for r in rows)
+    finally:
+        app.close()
+
+
+def test_the_direct_sqlite_writer_stores_what_a_sqlalchemy_insert_stores(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    app = _app(sqlite_url, tmp_path)
+    try:
+        assert app.ledger._writer is not None  # a SQLite file: the direct sqlite3 insert
+        when = datetime(2026, 11, 27, 10, 30, 15, 123456, tzinfo=UTC)
+        for n in (1, 2, 3):  # a platform, a block and a workspace call
+            record = replace(record_for(n), fallback=n == 1)
+            assert app.ledger.record(record) is True
+            values = app.ledger.values(replace(record, idempotency_key=f"sa-{n}"), when)
+            with app.engine.begin() as conn:
+                conn.execute(usage_ledger.insert(), values)
+        assert app.ledger.record(record_for(1)) is False
+        with sqlite3.connect(app.engine.url.database) as raw:
+            stored = {
+                key: row
+                for key, *row in raw.execute(
+                    "SELECT idempotency_key, workspace_id, provider, source, key_id, fallback, "
+                    "input_tokens, reasoning_tokens, list_cost, amount, reported_cost, breakdown, "
+                    "occurred_at, typeof(occurred_at), typeof(amount), typeof(fallback) "
+                    f"FROM {usage_ledger.name}"
+                )
+            }
+        assert len(stored) == 6
+        for n in (1, 2, 3):
+            direct, through_sqlalchemy = stored[record_for(n).idempotency_key], stored[f"sa-{n}"]
+            # recorded_at differs (the ledger's clock): occurred_at is the record's in both
+            assert direct == through_sqlalchemy
+    finally:
+        app.close()
+
+
+def test_the_direct_sqlite_writer_reports_a_broken_store_as_unavailable(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    app = _app(sqlite_url, tmp_path)
+    try:
+        app.ledger.record(record_for(1))
+        with app.engine.begin() as conn:
+            conn.execute(sa.text(f"ALTER TABLE {usage_ledger.name} RENAME TO moved"))
+        with pytest.raises(StoreUnavailable, match=r"recording usage.*no such table"):
+            app.ledger.record(record_for(2))
     finally:
         app.close()
 

@@ -37,6 +37,7 @@ __all__ = [
     "describe_url",
     "is_postgres",
     "normalize_url",
+    "prepare_sqlite_connection",
     "read_connection",
     "store_errors",
     "write_transaction",
@@ -95,19 +96,26 @@ def _enable_wal(cursor: Any, timeout: float = 30.0) -> None:
             time.sleep(0.005 + random.random() * 0.02)  # noqa: S311 (jitter, not a secret)
 
 
+def prepare_sqlite_connection(dbapi_connection: sqlite3.Connection) -> None:
+    """The store's settings on a ``sqlite3`` connection: autocommit (``BEGIN`` is emitted by the
+    caller), busy timeout, WAL, ``synchronous = NORMAL``, foreign keys. Used by the engine's
+    connections and by the direct ``sqlite3`` readers and writers of the store's file."""
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA busy_timeout = 30000")
+        _enable_wal(cursor)
+        cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+    finally:
+        cursor.close()
+
+
 def _install_sqlite_hooks(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # We emit BEGIN ourselves (below), so that writers can ask for BEGIN IMMEDIATE.
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        try:
-            cursor.execute("PRAGMA busy_timeout = 30000")
-            _enable_wal(cursor)
-            cursor.execute("PRAGMA synchronous = NORMAL")
-            cursor.execute("PRAGMA foreign_keys = ON")
-        finally:
-            cursor.close()
+        prepare_sqlite_connection(dbapi_connection)
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
