@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
 
 import httpx
 import pytest
@@ -244,6 +245,22 @@ def test_slow_fault_delays_the_answer(emulator):
             json={"model": "mistral-small-latest", "messages": [{"role": "user", "content": "x"}]},
             timeout=httpx.Timeout(5, read=0.1),
         )
+
+
+def test_a_slow_answer_finishing_after_a_reset_is_not_recorded_into_the_next_log(emulator):
+    """A test's timed-out call must not show up in the next test's call log."""
+    key = emulator.new_key("mistral")
+    emulator.add_fault(Fault(FaultKind.SLOW, provider="mistral", delay=0.4))
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            emulator.base_url("mistral") + "/v1/chat/completions",
+            headers=auth_headers("mistral", key),
+            json={"model": "mistral-small-latest", "messages": [{"role": "user", "content": "x"}]},
+            timeout=httpx.Timeout(5, read=0.05),
+        )
+    emulator.state.reset()  # what the fixture does between tests
+    time.sleep(0.6)  # the slow answer finishes now
+    assert emulator.calls() == []
 
 
 def test_bad_requests_are_answered_400_in_the_providers_shape(emulator):

@@ -65,6 +65,7 @@ class EmulatorState:
         self._keys: dict[str, dict[str, str]] = {p: {} for p in PROVIDERS}
         self._faults: list[list[Any]] = []  # [fault, remaining]
         self._calls: list[RecordedCall] = []
+        self._epoch = 0
         self.accept_any_key = accept_any_key
 
     # keys ---------------------------------------------------------------------------------------
@@ -150,9 +151,17 @@ class EmulatorState:
             return [entry[0] for entry in self._faults]
 
     # call log -----------------------------------------------------------------------------------
-    def record(self, call: RecordedCall) -> None:
+    @property
+    def epoch(self) -> int:
+        """Bumped by every :meth:`clear_calls`: a request that arrived before the last clear (a
+        slow answer finishing late) is not recorded into the new log."""
         with self._lock:
-            self._calls.append(call)
+            return self._epoch
+
+    def record(self, call: RecordedCall, *, epoch: int | None = None) -> None:
+        with self._lock:
+            if epoch is None or epoch == self._epoch:
+                self._calls.append(call)
 
     def calls(
         self, provider: str | None = None, *, api_key: str | None = None, label: str | None = None
@@ -172,6 +181,7 @@ class EmulatorState:
     def clear_calls(self) -> None:
         with self._lock:
             self._calls.clear()
+            self._epoch += 1
 
     def reset(self, *, keys: bool = False) -> None:
         """Forget faults and calls (and keys, with ``keys=True``)."""

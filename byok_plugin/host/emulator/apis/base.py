@@ -140,6 +140,7 @@ class ProviderAPI:
         stream_of: Callable[[Request, Mapping[str, Any]], bool],
     ) -> Response:
         rel_path = request.url.path[len(self.name) + 1 :]
+        epoch = self.state.epoch
         raw = await request.body()
         body: Mapping[str, Any] = {}
         parse_error = None
@@ -171,7 +172,8 @@ class ProviderAPI:
                     status=status,
                     fault=fault,
                     body=body or None,
-                )
+                ),
+                epoch=epoch,
             )
 
         early = self.preflight(request)
