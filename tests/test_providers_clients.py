@@ -519,3 +519,41 @@ def test_one_shared_http_client_serves_every_provider(emulator):
     assert [r.provider for r in results] == list(MODEL_PROVIDERS)
     for provider, key in keys.items():
         assert [c.provider for c in emulator.calls(api_key=key)] == [provider]
+
+
+@pytest.mark.parametrize("provider", [*MODEL_PROVIDERS, "exa"])
+@pytest.mark.parametrize("tail", ["\n", "\r", " ", "\t", "é", "\x00"], ids=repr)
+def test_a_key_no_header_can_carry_is_refused_unsent_and_unquoted(emulator, provider, tail, caplog):
+    """A pasted key with a stray newline made h11 quote the whole header in its error."""
+    key = emulator.new_key(provider) + tail
+
+    async def go(clients):
+        if provider == "exa":
+            return await clients["exa"].search(SearchRequest("q"), api_key=key)
+        return await clients[provider].complete(rich_request(provider), api_key=key)
+
+    with caplog.at_level("DEBUG"), pytest.raises(AuthError) as info:
+        with_clients(emulator, go)
+    said = _everything_said_by(info.value)
+    assert info.value.provider == provider
+    assert "cannot be sent" in str(info.value)
+    assert key.strip() not in said
+    assert key.strip()[-12:] not in caplog.text
+    assert emulator.calls(provider) == []  # never sent, never retried
+
+
+@pytest.mark.parametrize("total", ["-0.01", "NaN", "Infinity", "1e9", "abc"])
+def test_an_exa_cost_that_is_not_a_cost_is_a_protocol_error(total):
+    from byok_plugin.host.providers.exa import exa_usage
+
+    with pytest.raises(ProtocolError, match=r"costDollars\.total"):
+        exa_usage({"costDollars": {"total": total}})
+
+
+def test_an_exa_cost_is_read_exactly():
+    from decimal import Decimal
+
+    from byok_plugin.host.providers.exa import exa_usage
+
+    assert exa_usage({"costDollars": {"total": 0.005}}).reported_cost == Decimal("0.005")
+    assert exa_usage({}).reported_cost is None

@@ -5,6 +5,7 @@ timeouts, error classification and stream reading. A provider module supplies th
 from __future__ import annotations
 
 import json
+import re
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -32,6 +33,9 @@ from byok_plugin.host.providers.errors import (
 )
 from byok_plugin.host.providers.retry import RetryPolicy, parse_retry_after
 from byok_plugin.host.providers.sse import ServerSentEvent, iter_sse
+
+#: what an API key may hold to travel in an HTTP header: printable ASCII, no spaces
+_SENDABLE_KEY = re.compile(r"[\x21-\x7e]+")
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -270,6 +274,13 @@ class ProviderClient(ABC):
         api_key: str,
         stream: bool,
     ) -> httpx.Response:
+        if not _SENDABLE_KEY.fullmatch(api_key):
+            # h11 would refuse the header, and its message quotes the whole key
+            raise AuthError(
+                self.provider,
+                "the key has characters an HTTP header cannot carry (whitespace, control or "
+                "non-ASCII characters): it cannot be sent",
+            )
         attempt = 0
         while True:
             attempt += 1
@@ -289,6 +300,11 @@ class ProviderClient(ABC):
                     self.provider, f"no answer in time ({type(exc).__name__})", attempts=attempt
                 )
                 retryable = self.retry.retry_timeouts
+            except httpx.LocalProtocolError as exc:
+                # our own request is malformed: retrying cannot help, and the text may quote headers
+                raise ProtocolError(
+                    self.provider, f"the request could not be sent ({type(exc).__name__})"
+                ) from None
             except httpx.TransportError as exc:
                 error = ProviderUnreachable(
                     self.provider,

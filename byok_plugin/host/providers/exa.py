@@ -29,10 +29,24 @@ from byok_plugin.host.providers.errors import ProtocolError
 EXA_SEARCH_MODEL = "exa-search"
 
 
+#: a search that reports more than this is not a cost Exa could bill for one request
+_MAX_REPORTED_COST = Decimal(100)
+
+
 def exa_usage(payload: Mapping[str, Any]) -> Usage:
     cost = (payload.get("costDollars") or {}).get("total")
-    if cost is not None and not isinstance(cost, Decimal):
-        cost = Decimal(str(cost))
+    if cost is not None:
+        try:
+            cost = cost if isinstance(cost, Decimal) else Decimal(str(cost))
+        except ArithmeticError:
+            cost = None
+            valid = False
+        else:
+            valid = cost.is_finite() and 0 <= cost <= _MAX_REPORTED_COST
+        if not valid:
+            raise ProtocolError(
+                "exa", "costDollars.total is not a cost (expected a number from 0 to 100 dollars)"
+            )
     return Usage(provider="exa", model=EXA_SEARCH_MODEL, tool_requests=1, reported_cost=cost)
 
 
