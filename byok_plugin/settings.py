@@ -55,6 +55,32 @@ def _positive_seconds(env: Mapping[str, str], name: str, default: float) -> floa
     return value
 
 
+_DATABASE_URL_EXAMPLES = (
+    "postgresql+psycopg://USER:PASSWORD@HOST:5432/DB or sqlite:////absolute/path/byok.db"
+)
+
+
+def _check_database_url(url: str) -> None:
+    """A URL SQLAlchemy can parse, for one of the two stores byok-plugin supports. The value is
+    never quoted back: it may hold a password."""
+    from sqlalchemy.engine import make_url  # only for a URL given by the user: keeps start-up fast
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+        parsed.port  # noqa: B018 (a port that is not a number fails here)
+        backend = parsed.get_backend_name()
+    except (ArgumentError, ValueError):
+        raise SettingsError(
+            f"BYOK_DATABASE_URL is not a database URL; expected {_DATABASE_URL_EXAMPLES}"
+        ) from None
+    if backend not in {"sqlite", "postgresql", "postgres"}:
+        raise SettingsError(
+            f"BYOK_DATABASE_URL names a {backend!r} database; byok-plugin stores keys in SQLite or "
+            f"PostgreSQL ({_DATABASE_URL_EXAMPLES})"
+        )
+
+
 def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     raw = env.get(name)
     if raw is None or raw.strip() == "":
@@ -91,6 +117,8 @@ class Settings:
         env = dict(os.environ if environ is None else environ)
         home = Path(env.get("BYOK_HOME") or platformdirs.user_data_dir(APP_NAME)).expanduser()
         database_url = env.get("BYOK_DATABASE_URL") or f"sqlite:///{home / 'byok.db'}"
+        if env.get("BYOK_DATABASE_URL"):
+            _check_database_url(database_url)
         key_file = Path(env.get("BYOK_KEY_FILE") or home / "master.keys").expanduser()
         price_file = (
             Path(env["BYOK_PRICE_FILE"]).expanduser() if env.get("BYOK_PRICE_FILE") else None

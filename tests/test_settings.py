@@ -58,3 +58,26 @@ def test_master_keys_stay_out_of_repr(tmp_path: Path) -> None:
     settings = Settings.from_environ({"BYOK_HOME": str(tmp_path), "BYOK_ENCRYPTION_KEYS": secret})
     assert settings.encryption_keys == secret
     assert "AAAA" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("notaurl", "not a database URL"),
+        ("postgresql://u:hunter2@h:abc/db", "not a database URL"),
+        ("foo://x", "SQLite or PostgreSQL"),
+        ("mysql://u:hunter2@h/db", "SQLite or PostgreSQL"),
+    ],
+)
+def test_a_bad_database_url_is_named_and_its_password_not_repeated(
+    tmp_path: Path, url: str, says: str
+) -> None:
+    with pytest.raises(SettingsError, match="BYOK_DATABASE_URL") as info:
+        Settings.from_environ({"BYOK_HOME": str(tmp_path), "BYOK_DATABASE_URL": url})
+    assert says in str(info.value)
+    assert "hunter2" not in str(info.value)
+
+
+@pytest.mark.parametrize("url", ["postgresql://u@h/db", "postgresql+psycopg://u:p@h:5432/db"])
+def test_postgresql_urls_are_accepted(tmp_path: Path, url: str) -> None:
+    assert Settings.from_environ({"BYOK_HOME": str(tmp_path), "BYOK_DATABASE_URL": url})
