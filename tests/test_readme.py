@@ -45,3 +45,36 @@ def test_embed_the_runner_example_runs_against_the_emulator(emulator, tmp_path: 
     assert openai_key not in done.stdout + done.stderr
     served = emulator.calls("openai", api_key=openai_key)
     assert served, "the emulator saw no call on the platform key"
+
+
+def test_the_billing_plugin_example_charges_five_percent_of_list_price(isolated_home) -> None:
+    from decimal import Decimal
+    from types import ModuleType
+
+    from byok_hookspecs import Charge, Credential, CredentialSource, Usage, hookimpl
+
+    from byok_plugin import App, Settings, plugin_manager_for
+
+    plugin = ModuleType("readme_fee_plugin")
+    exec(readme_block("## Write a plugin that changes billing"), plugin.__dict__)
+    app = App(Settings.from_environ({"BYOK_HOME": str(isolated_home)}))
+    pm = plugin_manager_for(app, environ={"BYOK_LOAD_PLUGINS": "byok_plugin"})
+    pm.register(plugin)
+    usage = Usage(provider="openai", model="gpt-4o-mini", input_tokens=2_000_000)
+    byok = Credential(api_key="k", provider="openai", source=CredentialSource.WORKSPACE)
+    platform = Credential(api_key="k", provider="openai", source=CredentialSource.PLATFORM)
+
+    charge = pm.hook.byok_compute_charge(usage=usage, credential=byok)
+    assert charge.reason == "byok_fee"
+    assert charge.list_cost > 0
+    assert charge.amount == (charge.list_cost * Decimal("0.05")).quantize(Decimal("0.000001"))
+    assert pm.hook.byok_compute_charge(usage=usage, credential=platform).reason == "platform"
+
+    class Unpriced:  # a BYOK charge without a list cost must not break the example
+        @hookimpl(trylast=True)
+        def byok_compute_charge(self, usage, credential):
+            return Charge(amount=Decimal(0), reason="byok")
+
+    pm.unregister(name="byok_plugin")
+    pm.register(Unpriced())
+    assert pm.hook.byok_compute_charge(usage=usage, credential=byok).amount == 0
