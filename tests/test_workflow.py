@@ -531,6 +531,13 @@ def test_a_key_pasted_in_the_workflow_is_never_echoed() -> None:
             "$.blocks.x",
             "more than once",
         ),
+        (
+            '{"name": "a", "version": "1", "blocks": {"c": {"type": "agent", "model": "gpt-4o",'
+            ' "prompt": "hi", "temperature": NaN}}}',
+            "$.blocks.c.temperature",
+            "NaN is not a JSON number",
+        ),
+        ('{"name": "a", "version": "1", "blocks": {}, "x": [-Infinity]}', "$.x[0]", "-Infinity"),
     ],
 )
 def test_unreadable_json_is_a_workflow_error(text: str, path: str, fragment: str) -> None:

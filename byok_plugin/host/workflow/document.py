@@ -84,7 +84,21 @@ def _pairs(pairs: list[tuple[str, Any]]) -> _Object:
     return obj
 
 
+class _NonFinite(float):
+    """``NaN``, ``Infinity`` or ``-Infinity``: Python's json reads them, JSON has no such numbers."""
+
+    def __new__(cls, name: str) -> _NonFinite:
+        obj = super().__new__(cls, name)
+        obj.name = name
+        return obj
+
+    name: str
+
+
 def _duplicate_problems(value: Any, parts: tuple[str | int, ...] = ()) -> Iterator[Problem]:
+    """Keys given twice, and the non-numbers NaN and Infinity, with their JSON paths."""
+    if isinstance(value, _NonFinite):
+        yield Problem(json_path(parts), f"{value.name} is not a JSON number")
     if isinstance(value, dict):
         for key in getattr(value, "duplicates", ()):
             yield Problem(
@@ -101,7 +115,7 @@ def _duplicate_problems(value: Any, parts: tuple[str | int, ...] = ()) -> Iterat
 def read_document(text: str | bytes, source: str = "<workflow>") -> Any:
     """Parse JSON text; a syntax error or a duplicated key is a :class:`WorkflowError`."""
     try:
-        document = json.loads(text, object_pairs_hook=_pairs)
+        document = json.loads(text, object_pairs_hook=_pairs, parse_constant=_NonFinite)
     except json.JSONDecodeError as exc:
         raise WorkflowError(
             [Problem("$", f"not valid JSON: line {exc.lineno}, column {exc.colno}: {exc.msg}")],
