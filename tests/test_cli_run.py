@@ -145,6 +145,8 @@ def test_inputs_from_a_file_with_command_line_overrides(stack: DemoStack, tmp_pa
         ),
         (["-w", BYOK_WORKSPACE, "-i", "ticket"], "'ticket' is not NAME=VALUE"),
         ([], "Missing option '--workspace'"),
+        (["-w", "", "-i", TICKET], "a workspace id is required"),
+        (["-w", " acme", "-i", TICKET], "must not start or end with whitespace"),
     ],
 )
 def test_bad_inputs_exit_2_before_anything_runs(

@@ -40,6 +40,8 @@ from byok_plugin.host.workflow import (
     check_models,
     load_workflow,
 )
+from byok_plugin.key_errors import InvalidInput
+from byok_plugin.key_format import check_workspace_id
 from byok_plugin.settings import SettingsError
 
 __all__ = [
@@ -402,6 +404,10 @@ def run_command(
     BYOK key, else a platform key for hosted models), charged and recorded in the usage ledger.
     Exits 2 for a bad workflow or inputs, 1 when a block fails.
     """
+    try:
+        check_workspace_id(workspace_id)
+    except InvalidInput as exc:
+        raise click.BadParameter(str(exc), param_hint="--workspace") from None
     inputs = _parse_inputs(pairs, inputs_file)
     err = console_for(stderr=True)
     try:
