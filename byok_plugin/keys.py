@@ -164,7 +164,9 @@ class KeyService:
             detail=f"{action.value}: {what}"
             + ("" if allowed is False else " (no authorization answer)"),
         )
-        raise NotAuthorized(_actor_id(actor), workspace_id, action.value)
+        raise NotAuthorized(
+            _actor_id(actor), workspace_id, action.value, _no_authorizer_hint(self._pm)
+        )
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -466,7 +468,7 @@ class KeyService:
                 outcome="denied",
                 detail="rewrap: only the local operator may rewrap keys",
             )
-            raise NotAuthorized(_actor_id(actor), "*", "keys.rewrap")
+            raise NotAuthorized(_actor_id(actor), "*", "keys.rewrap", _no_authorizer_hint(self._pm))
         keyring = self._keyring()
         report = rewrap_all(
             self._store,
@@ -531,3 +533,13 @@ class KeyService:
         if label is not None:
             return f"labelled {label!r}"
         return ""
+
+
+def _no_authorizer_hint(pm: pluggy.PluginManager) -> str:
+    """Why everything is denied when nothing answers ``byok_authorize`` at all."""
+    if pm.hook.byok_authorize.get_hookimpls():
+        return ""
+    return (
+        "no installed plugin implements byok_authorize, so every action is denied (is the "
+        "default plugin left out by BYOK_LOAD_PLUGINS or BYOK_BLOCK_PLUGINS?)"
+    )

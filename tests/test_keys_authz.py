@@ -109,7 +109,9 @@ def test_with_no_authorize_implementation_everything_is_denied(app: App) -> None
     for actor in (ADMIN_A, MEMBER_A, OPERATOR, None):
         for name, call in _calls(key_id).items():
             recorder.events.clear()
-            with pytest.raises(NotAuthorized):
+            with pytest.raises(
+                NotAuthorized, match="no installed plugin implements byok_authorize"
+            ):
                 call(service, actor)
             (event,) = recorder.events
             assert event.outcome == "denied", name
@@ -126,8 +128,9 @@ def test_an_explicit_refusal_from_a_plugin_wins(app: App) -> None:
 
     recorder = Recorder()
     service, _ = service_for(app, Deny(), recorder)
-    with pytest.raises(NotAuthorized):
+    with pytest.raises(NotAuthorized) as denied:
         service.list_keys(OPERATOR, "locked")
+    assert "no installed plugin" not in str(denied.value)  # a plugin did answer
     assert recorder.events[-1].detail == "keys.read: list keys"
     assert service.list_keys(OPERATOR, "open") == []
 

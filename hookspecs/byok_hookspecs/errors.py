@@ -59,10 +59,11 @@ class UnpricedModel(ByokError):
 class NotAuthorized(ByokError):
     """``byok_authorize`` did not allow the action."""
 
-    def __init__(self, actor_id: str | None, workspace_id: str, action: str) -> None:
+    def __init__(
+        self, actor_id: str | None, workspace_id: str, action: str, hint: str = ""
+    ) -> None:
         self.actor_id = actor_id
         self.workspace_id = workspace_id
         self.action = action
-        super().__init__(
-            f"{actor_id or 'anonymous'!s} may not {action} in workspace {workspace_id!r}"
-        )
+        message = f"{actor_id or 'anonymous'!s} may not {action} in workspace {workspace_id!r}"
+        super().__init__(f"{message}: {hint}" if hint else message)
