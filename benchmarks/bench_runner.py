@@ -18,7 +18,9 @@ of 4 x concurrency above), so drift in a shared machine's load hits them alike. 
 the time from a run's (or post's) start to its end, waiting included; blocks/s is calls over the
 chunks' wall time. The verdict uses the median over adjacent chunks of the runner's median per-call
 time over the raw posts' (the paired ratio), which the load of a shared machine moves far less than
-a ratio of two overall medians; both are printed.
+a ratio of two overall medians; both are printed. CPU is this process's CPU time per call (all its
+threads; the emulator's is not counted): at concurrency 16 and 64 the client process is busy all
+the time, so per-call time follows CPU per call.
 
 Target: the runner's median per-call time at most 1.25x the raw posts'.
 """
@@ -121,6 +123,7 @@ class Samples:
         self.times: list[float] = []
         self.chunks: list[list[float]] = []
         self.wall = 0.0
+        self.cpu = 0.0  # this process's CPU time (every thread), not the emulator's
         self.failures = 0
 
     @property
@@ -143,9 +146,10 @@ async def chunk(call: Call, n: int, concurrency: int, into: Samples) -> None:
                 return
             times.append(time.perf_counter() - start)
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(one() for _ in range(n)))
     into.wall += time.perf_counter() - start
+    into.cpu += time.process_time() - cpu
     into.times += times
     into.chunks.append(times)
 
@@ -271,6 +275,7 @@ def main() -> None:
                     print(
                         f"  {name:<22} median {median * 1e3:8.3f} ms   p90 {p90 * 1e3:8.3f} ms   "
                         f"{sample.calls / sample.wall:8.1f} blocks/s   "
+                        f"CPU {sample.cpu / max(sample.calls, 1) * 1e3:6.3f} ms/call   "
                         f"{median / raw_median:5.2f}x raw (paired {paired_ratio(sample, raw):5.2f}x)"
                         f"{failed}"
                     )
