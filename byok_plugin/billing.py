@@ -8,24 +8,39 @@
 Every charge carries the call's cost at list price (``list_cost``), whoever pays it, so that what
 BYOK saved a workspace can be summed from the ledger, and the version of the price table used.
 
-A platform-billed call on a model with no price is refused before the call by resolution (see
-:meth:`Billing.require_price`). Should one reach billing anyway, it raises
-:class:`~byok_hookspecs.UnpricedModel`, unless ``BYOK_ALLOW_UNPRICED=1``, in which case it is
-charged 0 with reason ``unpriced`` and a warning: visible in the ledger, never a silent $0.
+**Finding the price.** A model is looked up by its name, then by its catalog alias, then, for a
+dated snapshot the table does not list (``gpt-4o-mini-2024-07-18``, ``claude-sonnet-4-5-20250929``:
+the names providers answer with), by its base name without the trailing ``-YYYY-MM-DD`` or
+``-YYYYMMDD``.
+
+**Unpriced calls.** A platform-billed call that could not be priced is refused before the call by
+resolution (:meth:`Billing.require_price`): no entry, or an entry that lacks the input or output
+price a call produces (a partial ``BYOK_PRICE_FILE`` entry), raises
+:class:`~byok_hookspecs.UnpricedModel` unless ``BYOK_ALLOW_UNPRICED=1``.
+
+Should a completed platform call still be unpriceable when it is charged (a host that charges a
+model other than the one it asked resolution about, a price file changed in between, token kinds
+the entry lacks), :meth:`Billing.charge` does **not** raise: the call happened and the platform
+paid for it, and an exception there would leave no ledger row at all. It answers a charge of 0
+with reason ``unpriced`` and ``list_cost`` ``None``, logged as an error (a warning when
+``BYOK_ALLOW_UNPRICED=1`` asked for it): the row is in the ledger, and ``byok usage`` counts it
+in ``unpriced_calls`` (rows without a list cost), so it can be billed by hand. Never a silent $0,
+never a lost call.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_EVEN, Decimal
 
 from byok_hookspecs import Charge, Credential, CredentialSource, UnpricedModel, Usage
 
 from byok_plugin.catalog import Catalog
-from byok_plugin.pricing import MissingRate, Price, PriceTable, list_cost
+from byok_plugin.pricing import MissingRate, Price, PriceTable, TokenRates, list_cost
 
-__all__ = ["MONEY_QUANTUM", "Billing", "money"]
+__all__ = ["MONEY_QUANTUM", "Billing", "IncompletePrice", "money", "snapshot_base"]
 
 log = logging.getLogger("byok.billing")
 
@@ -33,11 +48,50 @@ log = logging.getLogger("byok.billing")
 #: reach 1e-9 USD and a multiplier adds digits; the ledger stores exactly this many
 MONEY_QUANTUM = Decimal("1e-12")
 _ZERO = Decimal(0)
+#: a dated snapshot's suffix: ``-2024-07-18`` (OpenAI) or ``-20250929`` (Anthropic)
+_SNAPSHOT_DATE = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{8})$")
 _REASONS = {
     CredentialSource.WORKSPACE: "byok",
     CredentialSource.BLOCK: "block_key",
     CredentialSource.PLATFORM: "platform",
 }
+
+
+def snapshot_base(model: str) -> str:
+    """A dated snapshot's base name (``gpt-4o-mini-2024-07-18`` -> ``gpt-4o-mini``); other names
+    unchanged."""
+    return _SNAPSHOT_DATE.sub("", model)
+
+
+class IncompletePrice(UnpricedModel):
+    """A platform-billed call on a model whose price entry lacks a price the call needs."""
+
+    def __init__(self, provider: str, model: str, entry: str, missing: tuple[str, ...]) -> None:
+        super().__init__(provider, model)
+        self.entry = entry
+        self.missing = missing
+        self.args = (
+            f"the price of {provider} model {model!r} (entry {entry!r}) has no "
+            f"{' or '.join(missing)} price, so a platform-billed call could not be charged; "
+            f"complete the entry in the price file (BYOK_PRICE_FILE) or allow unpriced models",
+        )
+
+
+def _missing_rates(price: Price) -> tuple[str, ...]:
+    """The prices a call on this entry may need and the entry lacks: a tool priced per request
+    needs nothing more; a model needs ``input`` and ``output`` (cached input, cache writes and
+    reasoning fall back to them), in its long-context tier too."""
+    if price.rates == TokenRates() and (price.per_request is not None or price.reported_cost):
+        return ()
+    tiers = [("", price.rates)]
+    if price.long_context is not None:
+        tiers.append(("long_context.", price.long_context))
+    return tuple(
+        f"{prefix}{name}"
+        for prefix, rates in tiers
+        for name in ("input", "output")
+        if getattr(rates, name) is None
+    )
 
 
 def money(amount: Decimal) -> Decimal:
@@ -63,29 +117,46 @@ class Billing:
         return self.prices.version
 
     def price_of(self, provider: str, model: str) -> Price | None:
-        """The list price of a model or tool, found by its name or its catalog alias."""
+        """The list price of a model or tool, found by its name, its catalog alias, or (a dated
+        snapshot) its base name."""
         key = (provider, model)
         try:
             return self._lookups[key]
         except KeyError:
             pass
+        price = self._named(provider, model)
+        if price is None:
+            base = snapshot_base(model)
+            if base != model:
+                price = self._named(provider, base)
+        if len(self._lookups) < 10_000:  # bounded: model names come from workflows
+            self._lookups[key] = price
+        return price
+
+    def _named(self, provider: str, model: str) -> Price | None:
         price = self.prices.price(provider, model)
         if price is None:
             canonical = self.catalog.canonical(provider, model)
             if canonical != model:
                 price = self.prices.price(provider, canonical)
-        if len(self._lookups) < 10_000:  # bounded: model names come from workflows
-            self._lookups[key] = price
         return price
 
     def require_price(self, provider: str, model: str) -> None:
         """Refuse, before the call, a platform-billed call that could not be priced.
 
         :raises UnpricedModel: no price, and ``BYOK_ALLOW_UNPRICED`` is off.
+        :raises IncompletePrice: (an ``UnpricedModel``) the entry lacks the input or output price
+            (or, for a tool, the per-request price) a call produces, and ``BYOK_ALLOW_UNPRICED``
+            is off.
         """
-        if self.allow_unpriced or self.price_of(provider, model) is not None:
+        if self.allow_unpriced:
             return
-        raise UnpricedModel(provider, model)
+        price = self.price_of(provider, model)
+        if price is None:
+            raise UnpricedModel(provider, model)
+        missing = _missing_rates(price)
+        if missing:
+            raise IncompletePrice(provider, model, price.key, missing)
 
     def list_cost(self, usage: Usage) -> tuple[Decimal | None, tuple[tuple[str, Decimal], ...]]:
         """The call's cost at list price and its breakdown; ``None`` when it cannot be priced."""
@@ -113,15 +184,19 @@ class Billing:
                 breakdown=breakdown,
                 price_version=self.prices.version,
             )
-        if cost is None:
-            if not self.allow_unpriced:
-                raise UnpricedModel(usage.provider, usage.model)
-            log.warning(
-                "platform-billed call on unpriced %s model %r charged 0 (BYOK_ALLOW_UNPRICED=1)",
+        if cost is None:  # recorded, never raised: the call happened (see the module docstring)
+            log.log(
+                logging.WARNING if self.allow_unpriced else logging.ERROR,
+                "platform-billed call on unpriced %s model %r charged 0 with reason 'unpriced'%s",
                 usage.provider,
                 usage.model,
+                " (BYOK_ALLOW_UNPRICED=1)"
+                if self.allow_unpriced
+                else ": the ledger row has no list cost; bill it by hand",
             )
-            return Charge(amount=_ZERO, reason="unpriced", price_version=self.prices.version)
+            return Charge(
+                amount=_ZERO, reason="unpriced", list_cost=None, price_version=self.prices.version
+            )
         return Charge(
             amount=money(cost * self.multiplier),
             reason=_REASONS[source],

@@ -6,19 +6,21 @@ price page (USD per 1M tokens), so a wrong price or a wrong rule fails here.
 
 from __future__ import annotations
 
+import json
 import logging
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from byok_hookspecs import Credential, CredentialSource, UnpricedModel, Usage
+from byok_hookspecs import Credential, CredentialSource, UnpricedModel, Usage, UsageRecord
 
 from byok_plugin.app import App
-from byok_plugin.billing import Billing, money
+from byok_plugin.billing import Billing, IncompletePrice, money
 from byok_plugin.catalog import shipped_catalog
 from byok_plugin.manager import plugin_manager_for
-from byok_plugin.pricing import shipped_prices
+from byok_plugin.pricing import load_price_file, shipped_prices
 from byok_plugin.settings import Settings
+from byok_plugin.usage_report import build_report
 
 D = Decimal
 
@@ -239,18 +241,88 @@ def test_amounts_keep_twelve_decimal_places() -> None:
     assert money(D("0.0000000000015")) == D("2E-12")
 
 
-def test_unpriced_platform_call_is_refused_not_billed_zero() -> None:
+def test_unpriced_platform_call_is_refused_before_the_call_and_recorded_after_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     usage = Usage("openai", "gpt-99-preview", input_tokens=10, output_tokens=10)
     billing = _billing()
     with pytest.raises(UnpricedModel, match="gpt-99-preview"):
         billing.require_price("openai", "gpt-99-preview")
-    with pytest.raises(UnpricedModel, match="openai model 'gpt-99-preview'"):
-        billing.charge(usage, _credential(PLATFORM))
     billing.require_price("openai", "gpt-4o-2024-08-06")  # an alias is priced
+    # a completed call that still cannot be priced is charged 0 as "unpriced", loudly, never
+    # raised: raising would leave the platform-paid call with no ledger row at all
+    with caplog.at_level(logging.ERROR, logger="byok.billing"):
+        charge = billing.charge(usage, _credential(PLATFORM))
+    assert (charge.amount, charge.reason, charge.list_cost) == (D(0), "unpriced", None)
+    assert charge.price_version == billing.price_version
+    assert [r.levelno for r in caplog.records] == [logging.ERROR]
+    assert "gpt-99-preview" in caplog.text
     # the workspace's own key on an unpriced model is fine: 0, and nothing to save
     byok = billing.charge(usage, _credential(CredentialSource.WORKSPACE))
     assert byok.amount == D(0)
     assert byok.list_cost is None
+
+
+@pytest.mark.parametrize(
+    ("provider", "snapshot", "base"),
+    [
+        ("openai", "gpt-4o-mini-2099-01-31", "gpt-4o-mini"),
+        ("anthropic", "claude-sonnet-4-5-20991231", "claude-sonnet-4-5"),
+    ],
+)
+def test_a_dated_snapshot_the_catalog_does_not_list_is_priced_as_its_base_model(
+    provider: str, snapshot: str, base: str
+) -> None:
+    billing = _billing("1.5")
+    assert billing.catalog.canonical(provider, snapshot) == snapshot  # not a known alias
+    billing.require_price(provider, snapshot)
+    counts = {"input_tokens": 1_234, "output_tokens": 567}
+    dated = billing.charge(Usage(provider, snapshot, **counts), _credential(PLATFORM, provider))
+    plain = billing.charge(Usage(provider, base, **counts), _credential(PLATFORM, provider))
+    assert dated.reason == "platform"
+    assert dated.list_cost == plain.list_cost > 0
+    assert dated.amount == plain.amount == money(plain.list_cost * D("1.5"))
+    # only a date suffix is stripped: another name is not guessed at
+    with pytest.raises(UnpricedModel):
+        billing.require_price(provider, f"{base}-2099")
+
+
+def _partial_prices(tmp_path: Path, entry: dict[str, object]) -> Billing:
+    path = tmp_path / "prices.json"
+    path.write_text(json.dumps({"version": "partial", "models": {"openai/gpt-half": entry}}))
+    return Billing(prices=load_price_file(path), catalog=shipped_catalog())
+
+
+@pytest.mark.parametrize(
+    ("entry", "missing"),
+    [
+        ({"input": 1}, "output"),
+        ({"output": 4}, "input"),
+        (
+            {"input": 1, "output": 4, "long_context": {"threshold": 1000, "input": 2}},
+            "long_context.output",
+        ),
+    ],
+)
+def test_a_price_entry_without_an_input_or_output_price_is_refused_before_the_call(
+    tmp_path: Path, entry: dict[str, object], missing: str
+) -> None:
+    billing = _partial_prices(tmp_path, entry)
+    with pytest.raises(UnpricedModel, match=missing) as info:
+        billing.require_price("openai", "gpt-half")
+    assert isinstance(info.value, IncompletePrice)
+    assert "gpt-half" in str(info.value)
+    assert "BYOK_PRICE_FILE" in str(info.value)
+
+
+def test_a_complete_entry_and_a_tool_priced_per_request_pass_the_price_check(
+    tmp_path: Path,
+) -> None:
+    billing = _partial_prices(tmp_path, {"input": 1, "output": 4})  # cached/reasoning fall back
+    billing.require_price("openai", "gpt-half")
+    usage = Usage("openai", "gpt-half", cached_input_tokens=10**6, reasoning_tokens=10**6)
+    assert billing.charge(usage, _credential(PLATFORM)).list_cost == D(5)
+    _billing().require_price("exa", "exa-search")
 
 
 def test_allowing_unpriced_models_is_loud_in_the_ledger_and_the_log(
@@ -270,3 +342,36 @@ def test_reported_cost_prices_a_tool_missing_from_the_table() -> None:
     charge = _billing().charge(usage, _credential(PLATFORM, "acme-search"))
     assert charge.amount == D("0.003")
     assert charge.breakdown == (("reported_cost", D("0.003")),)
+
+
+def test_an_unpriced_completed_call_is_in_the_ledger_and_counted_as_unpriced(
+    database_url: str, tmp_path: Path
+) -> None:
+    """The default hooks, one after the other as a host calls them after a completed call: the
+    charge does not raise, the record lands, ``byok usage`` counts the call as unpriced."""
+    settings = Settings.from_environ(
+        {"BYOK_HOME": str(tmp_path), "BYOK_DATABASE_URL": database_url}
+    )
+    app = App(settings)
+    try:
+        pm = plugin_manager_for(app, load_entrypoints=False, environ={})
+        usage = Usage("openai", "gpt-99-preview", input_tokens=10, output_tokens=10)
+        credential = _credential(PLATFORM)
+        charge = pm.hook.byok_compute_charge(usage=usage, credential=credential)
+        pm.hook.byok_record_usage(
+            record=UsageRecord(
+                idempotency_key="run-1:ask:1",
+                workspace_id="acme",
+                usage=usage,
+                charge=charge,
+                source=PLATFORM,
+                key_id="pool-0",
+            )
+        )
+        rows = list(app.ledger.rows(workspaces=["acme"]))
+        assert [(r.model, r.reason, r.amount, r.list_cost) for r in rows] == [
+            ("gpt-99-preview", "unpriced", D(0), None)
+        ]
+        assert build_report(rows).totals.unpriced_calls == 1
+    finally:
+        app.close()

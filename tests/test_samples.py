@@ -293,3 +293,45 @@ def test_a_failed_block_is_charged_nothing(db_stack: DemoStack) -> None:
     rows = list(db_stack.app.ledger.rows(workspaces=[PLATFORM_WORKSPACE]))
     assert [r.block_id for r in rows] == ["answer"]
     assert result.total_charge == rows[0].amount > 0
+
+
+# --- the provider names the model differently in its reply ---------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+@pytest.mark.parametrize(
+    ("provider", "asked", "answered"),
+    [
+        # a dated snapshot the catalog does not list as an alias
+        ("openai", "gpt-4o-mini", "gpt-4o-mini-2099-01-31"),
+        ("anthropic", "claude-haiku-4-5", "claude-haiku-4-5-20991231"),
+        # a version name no date rule maps back (Mistral answers -latest with the version)
+        ("mistral", "mistral-large-latest", "mistral-large-2411"),
+    ],
+)
+def test_a_platform_call_answered_under_another_model_name_is_charged_for_the_model_asked(
+    db_stack: DemoStack, provider: str, asked: str, answered: str, stream: bool
+) -> None:
+    db_stack.emulator.state.answer_model_as(provider, asked, answered)
+    workflow = parse_workflow(
+        {
+            "name": "renamed",
+            "version": "1",
+            "blocks": {"ask": {"type": "agent", "model": asked, "prompt": "Say hello."}},
+        }
+    )
+    result = db_stack.run(workflow, PLATFORM_WORKSPACE, {}, stream=stream)
+    assert result.status is RunStatus.COMPLETED, result.error
+    block = result.blocks["ask"]
+    assert block.output["model"] == answered  # the reply's name is kept for display
+    (call,) = block.calls
+    assert call.source is CredentialSource.PLATFORM
+    assert call.usage.model == asked
+    assert call.charge.reason == "platform"
+    assert call.charge.amount == list_price(call.usage) > 0
+    (row,) = [
+        r
+        for r in db_stack.app.ledger.rows(workspaces=[PLATFORM_WORKSPACE])
+        if r.run_id == result.run_id
+    ]
+    assert (row.model, row.reason, row.amount) == (asked, "platform", call.charge.amount)

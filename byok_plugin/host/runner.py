@@ -15,7 +15,9 @@ call goes through the same four steps:
 
 1. ``byok_resolve_credential(request)``: which key (block, workspace or platform);
 2. the call itself, over the provider client (streamed or not);
-3. ``byok_compute_charge(usage, credential)``: what the platform charges for it;
+3. ``byok_compute_charge(usage, credential)``: what the platform charges for it; ``usage.model``
+   is the model the block asked for (the one resolution checked the price of), not the dated
+   snapshot the provider may name in its reply (that name is the block output's ``model``);
 4. ``byok_record_usage(record)``, with the idempotency key ``run:block:attempt``.
 
 When the provider refuses a key (an authentication or rate-limit error that outlived the client's
@@ -57,6 +59,7 @@ from byok_hookspecs import (
     FailureReason,
     NoCredential,
     ProviderFailure,
+    Usage,
     UsageRecord,
 )
 from jsonschema import Draft202012Validator
@@ -775,12 +778,19 @@ class WorkflowRunner:
                 f"workspace {run.workspace_id!r}: {provider} refused {len(rejected)} keys in a row; giving up"
             )
         idempotency_key = f"{run.run_id}:{block_id}:{attempt}" + (f":{seq}" if seq > 1 else "")
+        # charged and recorded under the model resolution was asked about (and, for a platform
+        # key, checked the price of), not the name the provider answered with: providers answer
+        # with dated snapshots (gpt-4o-mini-2024-07-18) or versions (mistral-large-2411) that a
+        # price table need not list. The reply's name stays in the block's output ("model").
+        usage: Usage = result.usage
+        if usage.model != model:
+            usage = replace(usage, model=model)
 
         def make_record(charge: Charge) -> UsageRecord:
             return UsageRecord(
                 idempotency_key=idempotency_key,
                 workspace_id=run.workspace_id,
-                usage=result.usage,
+                usage=usage,
                 charge=charge,
                 source=credential.source,
                 key_id=credential.key_id,
@@ -792,9 +802,7 @@ class WorkflowRunner:
             )
 
         # charge and record in one trip to the worker thread
-        charge, record, error = await self._hook(
-            self._settle, result.usage, credential, make_record
-        )
+        charge, record, error = await self._hook(self._settle, usage, credential, make_record)
         if error is not None:
             await self._record_again(record, provider, error)
         return result, CallResult(
@@ -804,7 +812,7 @@ class WorkflowRunner:
             key_id=credential.key_id,
             hint=credential.hint,
             fallback=credential.fallback,
-            usage=result.usage,
+            usage=usage,
             charge=charge,
             latency=latency,
             attempt=attempt,

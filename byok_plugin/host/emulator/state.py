@@ -66,6 +66,7 @@ class EmulatorState:
         self._faults: list[list[Any]] = []  # [fault, remaining]
         self._calls: list[RecordedCall] = []
         self._epoch = 0
+        self._answered_as: dict[tuple[str, str], str] = {}
         self.accept_any_key = accept_any_key
 
     # keys ---------------------------------------------------------------------------------------
@@ -118,6 +119,27 @@ class EmulatorState:
         with self._lock:
             label = self._keys.get(provider, {}).get(fingerprint)
         return (label is not None or self.accept_any_key), label, fingerprint
+
+    # model names --------------------------------------------------------------------------------
+    def answer_model_as(self, provider: str, asked: str, answered: str) -> None:
+        """Name the model ``answered`` in replies to requests for ``asked``, as real providers
+        answer with a dated snapshot (``gpt-4o-mini`` -> ``gpt-4o-mini-2024-07-18``). By default
+        a reply echoes the model asked for."""
+        if provider not in self._keys:
+            raise ValueError(
+                f"unknown provider {provider!r}; expected one of {', '.join(PROVIDERS)}"
+            )
+        with self._lock:
+            self._answered_as[(provider, asked)] = answered
+
+    def answered_model(self, provider: str, asked: str) -> str:
+        """The model name a reply to a request for ``asked`` carries."""
+        with self._lock:
+            return self._answered_as.get((provider, asked), asked)
+
+    def clear_model_names(self) -> None:
+        with self._lock:
+            self._answered_as.clear()
 
     # faults -------------------------------------------------------------------------------------
     def add_fault(self, fault: Fault) -> Fault:
@@ -184,8 +206,9 @@ class EmulatorState:
             self._epoch += 1
 
     def reset(self, *, keys: bool = False) -> None:
-        """Forget faults and calls (and keys, with ``keys=True``)."""
+        """Forget faults, calls and model names (and keys, with ``keys=True``)."""
         self.clear_faults()
         self.clear_calls()
+        self.clear_model_names()
         if keys:
             self.clear_keys()

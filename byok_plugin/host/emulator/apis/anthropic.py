@@ -193,7 +193,7 @@ class AnthropicAPI(ProviderAPI):
             "id": new_id("msg_"),
             "type": "message",
             "role": "assistant",
-            "model": body["model"],
+            "model": self.state.answered_model(self.name, body["model"]),
             "content": content,
             "stop_reason": stop,
             "stop_sequence": None,

@@ -172,6 +172,7 @@ class GoogleAPI(ProviderAPI):
                 404, "not_found", f"Method {method!r} is not found for models/{model}."
             )
         reply = self.reply(model, ex.body)
+        model = self.state.answered_model(self.name, model)  # the reply's modelVersion
         function = _forced_function(ex.body)
         response_id = new_id("")[:22]
         if function is not None:

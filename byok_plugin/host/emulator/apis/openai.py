@@ -147,7 +147,7 @@ class OpenAIAPI(ProviderAPI):
     async def chat(self, ex: Exchange) -> Response:
         body = ex.body
         reply = chat_reply(self.name, body)
-        model = body["model"]
+        model = self.state.answered_model(self.name, body["model"])
         function = wanted_tool_call(body)
         tool_calls = [tool_call_payload(function, new_id("call_"))] if function else None
         finish = "tool_calls" if tool_calls else reply.finish
