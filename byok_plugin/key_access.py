@@ -10,7 +10,7 @@ authorization and no audit: the caller decides who may use a workspace's keys. A
     credential = access.reveal(key)                               # one AES-GCM decrypt
     ...
     access.mark_used(key.id)              # optional, one UPDATE
-    access.cool_down(key.id, until)       # after a 429 or an auth failure, for every worker
+    access.cool_down(key.id, until, FailureReason.RATE_LIMIT)  # after a 429, for every worker
 
 Errors are loud: a store that does not answer raises
 :class:`~byok_plugin.key_errors.StoreUnavailable`, a key that does not decrypt raises a
@@ -26,7 +26,7 @@ import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from byok_hookspecs import Credential, CredentialSource
+from byok_hookspecs import Credential, CredentialSource, FailureReason
 
 from byok_plugin.crypto import Keyring
 from byok_plugin.key_errors import (
@@ -155,10 +155,13 @@ class KeyAccess:
         """Record that a key served a call now (or at ``at``); ``False`` if the key is gone."""
         return self._store.mark_used(key_id, at or self._clock())
 
-    def cool_down(self, key_id: str, until: datetime) -> bool:
+    def cool_down(
+        self, key_id: str, until: datetime, reason: FailureReason = FailureReason.ERROR
+    ) -> bool:
         """Skip a key until ``until``, in every worker sharing the store (after a 429 or an auth
-        failure); ``False`` if the key is gone."""
-        return self._store.set_cooldown(key_id, until)
+        failure); ``False`` if the key is gone. The reason is stored with the cooldown, so every
+        worker's fallback policy decides on it (``key.cooldown_reason``)."""
+        return self._store.set_cooldown(key_id, until, FailureReason(reason).value)
 
     def end_cooldown(self, key_id: str) -> bool:
         return self._store.set_cooldown(key_id, None)

@@ -15,8 +15,9 @@ A stored key that does not decrypt, or a store that does not answer, raises
 
 **Asking again.** When the provider refuses a key, the host calls the hook again with
 ``request.failure`` set (reason ``rate_limit`` / ``auth`` / ``error``, the failed key's source and
-``key_id``). The failed key goes into cooldown (a workspace key's cooldown is stored, so every
-worker skips it; a platform key's is this process's), and resolution answers with another key of
+``key_id``). The failed key goes into cooldown (a workspace key's cooldown is stored with its
+reason, so every worker skips it and applies the fallback policy to the same reason; a platform
+key's is this process's), and resolution answers with another key of
 the same source if there is one. When the workspace has no usable key left, its fallback policy
 (``never`` by default, ``on_rate_limit``, ``on_error``) decides whether the platform key serves
 the call; such a credential has ``fallback=True``, source ``platform``, and the fallback is
@@ -79,6 +80,15 @@ class HookCaller(Protocol):
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+def _stored_reason(key: StoredKey) -> FailureReason:
+    """Why a key is cooling down, as stored with its cooldown (``error`` when unknown: a cooldown
+    written before the reason was stored, or set by hand)."""
+    try:
+        return FailureReason(key.cooldown_reason) if key.cooldown_reason else FailureReason.ERROR
+    except ValueError:
+        return FailureReason.ERROR
 
 
 class KeyListCache:
@@ -163,8 +173,6 @@ class Resolver:
         self.cache = KeyListCache(cache_seconds, clock=monotonic)
         self._turn: dict[tuple[str, str], int] = {}
         self._turn_lock = threading.Lock()
-        # why this process put a workspace key in cooldown (other workers' reasons are unknown)
-        self._cooled_for: dict[str, FailureReason] = {}
         self._used: dict[str, datetime] = {}
         self._used_lock = threading.Lock()
         self._flushing = False
@@ -250,12 +258,14 @@ class Resolver:
         self, request: CredentialRequest, pm: HookCaller, keys: Sequence[StoredKey], now: datetime
     ) -> Credential:
         """Every enabled key is cooling down: the fallback policy decides, as after a failure."""
-        reasons = [self._cooled_for.get(k.id) for k in keys]
+        # the reasons are stored with the cooldowns: every worker decides alike, whichever one
+        # saw the provider's refusal
+        reasons = [_stored_reason(k) for k in keys]
         if FailureReason.AUTH in reasons:
             reason = FailureReason.AUTH
         elif reasons and all(r is FailureReason.RATE_LIMIT for r in reasons):
             reason = FailureReason.RATE_LIMIT
-        else:  # cooled down by another worker for a reason this one does not know
+        else:
             reason = FailureReason.ERROR
         return self._fallback(request, pm, reason, None, cooling=keys, now=now)
 
@@ -407,10 +417,7 @@ class Resolver:
         pm: HookCaller,
     ) -> None:
         until = now + self._cooldown
-        self._keys.cool_down(key.id, until)  # stored: every worker skips it
-        self._cooled_for[key.id] = reason
-        if len(self._cooled_for) > 100_000:
-            self._cooled_for.clear()
+        self._keys.cool_down(key.id, until, reason)  # stored: every worker skips it, and knows why
         self.cache.invalidate(request.workspace_id, request.provider)
         self._audit(
             pm,

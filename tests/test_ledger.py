@@ -50,7 +50,7 @@ def test_revision_0002_creates_the_ledger_and_settings_tables_as_modelled(
     engine = create_store_engine(database_url)
     try:
         ensure_migrated(engine)
-        assert current_revision(engine) == head_revision() == "0002"
+        assert current_revision(engine) == head_revision()  # 0002 or a later revision
         with engine.connect() as conn:
             assert set(sa.inspect(conn).get_table_names()) >= MY_TABLES
             context = MigrationContext.configure(

@@ -262,6 +262,59 @@ def test_cooldown_is_shared_by_workers_through_the_store(database_url: str, tmp_
         b_app.close()
 
 
+@pytest.mark.parametrize(
+    ("reason", "status", "served"),
+    [(FailureReason.RATE_LIMIT, 429, True), (FailureReason.AUTH, 401, False)],
+    ids=["rate_limit", "auth"],
+)
+def test_every_worker_applies_the_fallback_policy_to_the_stored_cooldown_reason(
+    database_url: str, tmp_path: Path, reason: FailureReason, status: int, served: bool
+) -> None:
+    """Under ``on_rate_limit``, the worker that saw the 429 and a worker that did not both fall
+    back to the platform key; after a 401 neither does."""
+    a = _world(database_url, tmp_path / "a", BYOK_KEY_CACHE_SECONDS="0")
+    b_app = App(a.app.settings)
+    _, b_pm = service_for(b_app, Audit())
+    try:
+        a.app.workspace_settings.set_fallback_policy("acme", "on_rate_limit", actor_id="admin")
+        key_id, _ = a.store("acme", "openai")
+        failure = ProviderFailure(reason, WORKSPACE, key_id=key_id, status=status)
+        stored = b_app.key_access.enabled_keys("acme", "openai")
+        assert [(k.id, k.cooldown_reason) for k in stored] == [(key_id, None)]
+
+        def resolve_in_a() -> Credential:
+            return a.resolve("acme", "openai", "gpt-4o", failure=failure)
+
+        def resolve_in_b() -> Credential:
+            return b_pm.hook.byok_resolve_credential(
+                request=CredentialRequest("acme", "openai", "gpt-4o")
+            )
+
+        if not served:
+            with pytest.raises(CredentialUnavailable):
+                resolve_in_a()
+        else:
+            assert resolve_in_a().fallback
+        # the reason is stored with the cooldown (the SQLite fast reader included)
+        (cooling,) = b_app.resolver.enabled_keys("acme", "openai")
+        assert cooling.cooldown_reason == reason.value
+        assert cooling.cooldown_until is not None
+        for resolve in (resolve_in_b, lambda: a.resolve("acme", "openai", "gpt-4o")):
+            if served:
+                credential = resolve()
+                assert (credential.source, credential.fallback) == (PLATFORM, True)
+            else:
+                with pytest.raises(CredentialUnavailable, match="cooling down"):
+                    resolve()
+        # ending the cooldown forgets its reason
+        b_app.key_access.end_cooldown(key_id)
+        (ended,) = b_app.key_access.enabled_keys("acme", "openai")
+        assert (ended.cooldown_until, ended.cooldown_reason) == (None, None)
+    finally:
+        a.app.close()
+        b_app.close()
+
+
 def test_a_failure_naming_another_workspaces_key_cools_nothing(world: World) -> None:
     w = world
     victim, _ = w.store("victim", "openai")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import stat
 import threading
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from byok_hookspecs import Actor, CredentialUnavailable, KeyCheckStatus, Role
@@ -24,8 +26,14 @@ from keys_support import (
 
 from byok_plugin.key_errors import StoreUnavailable
 from byok_plugin.store import KeyStore, create_store_engine, ensure_migrated, normalize_url
-from byok_plugin.store.migrate import VERSION_TABLE, current_revision, head_revision
-from byok_plugin.store.tables import metadata
+from byok_plugin.store.migrate import (
+    VERSION_TABLE,
+    alembic_config,
+    current_revision,
+    head_revision,
+    upgrade,
+)
+from byok_plugin.store.tables import metadata, workspace_keys
 
 TABLES = {"byok_workspace_keys", "byok_audit_events", "byok_master_keys", VERSION_TABLE}
 
@@ -51,6 +59,45 @@ def test_migrations_create_the_tables_once_and_match_the_models(database_url: st
                 },
             )
             assert compare_metadata(context, metadata) == []
+    finally:
+        engine.dispose()
+
+
+def test_revision_0003_adds_the_cooldown_reason_to_keys_already_stored(database_url: str) -> None:
+    engine = create_store_engine(database_url)
+    try:
+        upgrade(engine, "0002")
+        now = datetime.now(UTC)
+        row = {
+            "id": "key_old",
+            "workspace_id": "acme",
+            "provider": "openai",
+            "label": "default",
+            "ciphertext": "byok:v1:k1:AAAA",
+            "master_key_id": "k1",
+            "hint": "sk-...abcd",
+            "fingerprint": "hs256:" + "0" * 32,
+            "created_at": now,
+            "updated_at": now,
+            "cooldown_until": now + timedelta(seconds=30),
+        }
+        with engine.begin() as conn:
+            conn.execute(sa.insert(workspace_keys).values(**row))
+        ensure_migrated(engine)
+        assert current_revision(engine) == head_revision()
+        with engine.connect() as conn:
+            until, reason = conn.execute(
+                sa.select(workspace_keys.c.cooldown_until, workspace_keys.c.cooldown_reason)
+            ).one()
+        assert (until, reason) == (row["cooldown_until"], None)  # kept; reason unknown
+        with engine.begin() as conn:  # and back down, keeping the row
+            command.downgrade(alembic_config(conn), "0002")
+        with engine.connect() as conn:
+            columns = {c["name"] for c in sa.inspect(conn).get_columns(workspace_keys.name)}
+            assert "cooldown_reason" not in columns
+            assert conn.execute(sa.text("SELECT id FROM byok_workspace_keys")).scalars().all() == [
+                "key_old"
+            ]
     finally:
         engine.dispose()
 

@@ -56,6 +56,7 @@ _INFO_COLUMNS = (
     _t.c.updated_at,
     _t.c.last_used_at,
     _t.c.cooldown_until,
+    _t.c.cooldown_reason,
 )
 _ORDER = (_t.c.created_at, _t.c.id)
 
@@ -87,6 +88,8 @@ class KeyInfo:
     updated_at: datetime
     last_used_at: datetime | None
     cooldown_until: datetime | None
+    #: why the key is cooling down (``rate_limit``, ``auth``, ``error``); ``None`` if unknown
+    cooldown_reason: str | None = None
 
     @property
     def enabled(self) -> bool:
@@ -371,6 +374,7 @@ class KeyStore:
         }
         if status == "enabled":
             values["cooldown_until"] = None
+            values["cooldown_reason"] = None
         with (
             store_errors(
                 "changing key status", workspace_id=workspace_id, provider=provider or "*"
@@ -400,14 +404,19 @@ class KeyStore:
             )
         return bool(result.rowcount)
 
-    def set_cooldown(self, key_id: str, until: datetime | None) -> bool:
-        """Put a key in cooldown until ``until`` (``None`` ends it), for every worker."""
+    def set_cooldown(self, key_id: str, until: datetime | None, reason: str | None = None) -> bool:
+        """Put a key in cooldown until ``until``, for ``reason`` (``None`` ends it), for every
+        worker."""
+        if until is None:
+            reason = None
         with (
             store_errors("setting a key cooldown", key_id=key_id),
             write_transaction(self._engine) as conn,
         ):
             result = conn.execute(
-                sa.update(_t).where(_t.c.id == key_id).values(cooldown_until=until)
+                sa.update(_t)
+                .where(_t.c.id == key_id)
+                .values(cooldown_until=until, cooldown_reason=reason)
             )
         return bool(result.rowcount)
 

@@ -82,6 +82,8 @@ workspace_keys = sa.Table(
     sa.Column("last_used_at", UTCDateTime, nullable=True),
     # shared by every worker: the key is skipped until then (after a 429 or an auth failure)
     sa.Column("cooldown_until", UTCDateTime, nullable=True),
+    # why (rate_limit, auth, error): the fallback policy of every worker reads it (revision 0003)
+    sa.Column("cooldown_reason", sa.String(16), nullable=True),
     sa.UniqueConstraint("workspace_id", "provider", "label"),
     sa.CheckConstraint("status IN ('enabled', 'disabled')", name="status"),
     sa.Index(None, "master_key_id"),
