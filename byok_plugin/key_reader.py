@@ -4,8 +4,10 @@ On a local SQLite file, SQLAlchemy's own work (a pooled connection, ``BEGIN``, t
 ``ROLLBACK``, result processing) costs several times the point select itself, and resolution
 does this read for every call it cannot serve from its cache. This reader runs the same
 ``SELECT`` (the columns of :class:`~byok_plugin.store.keys_repo.StoredKey`, from the store's own
-table definition) on a read-only ``sqlite3`` connection of each thread, in autocommit mode so
-each read sees every committed write (WAL readers never block writers).
+table definition) on a read-only ``sqlite3`` connection, in autocommit mode so
+each read sees every committed write (WAL readers never block writers). Connections are shared
+by the threads, one read at a time (:class:`~byok_plugin.store.sqlite_connections.SqliteConnections`),
+so short-lived threads leave none behind.
 
 PostgreSQL needs none of this: there the network round trip dominates, and resolution reads
 through :class:`~byok_plugin.key_access.KeyAccess`.
@@ -14,7 +16,6 @@ through :class:`~byok_plugin.key_access.KeyAccess`.
 from __future__ import annotations
 
 import sqlite3
-import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from sqlalchemy.engine import Engine
 
 from byok_plugin.key_errors import StoreUnavailable
 from byok_plugin.store.keys_repo import KeyInfo, StoredKey
+from byok_plugin.store.sqlite_connections import SqliteConnections
 from byok_plugin.store.tables import workspace_keys
 
 __all__ = ["SqliteKeyReader", "sqlite_file_of"]
@@ -39,6 +41,10 @@ def sqlite_file_of(engine: Engine) -> Path | None:
     if not database or database == ":memory:" or database.startswith("file:"):
         return None
     return Path(database).expanduser().resolve()
+
+
+def _busy_timeout(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA busy_timeout = 30000")
 
 
 def _datetime(value: Any) -> datetime | None:
@@ -58,28 +64,23 @@ class SqliteKeyReader:
             "WHERE workspace_id = ? AND provider = ? AND status = 'enabled' "
             "ORDER BY created_at, id"
         )
-        self._local = threading.local()
-        self._opened: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
+        # read-only connections, borrowed per read: no more than reads that ran at once
+        self._connections = SqliteConnections(self._uri, uri=True, prepare=_busy_timeout)
 
     def __repr__(self) -> str:
-        return f"SqliteKeyReader(connections={len(self._opened)})"
+        return f"SqliteKeyReader(connections={len(self._connections)})"
 
-    def _connection(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(
-                self._uri, uri=True, isolation_level=None, check_same_thread=False, timeout=30
-            )
-            conn.execute("PRAGMA busy_timeout = 30000")
-            self._local.conn = conn
-            with self._lock:
-                self._opened.append(conn)
-        return conn
+    @property
+    def open_connections(self) -> int:
+        return len(self._connections)
 
     def __call__(self, workspace_id: str, provider: str) -> list[StoredKey]:
         try:
-            rows = self._connection().execute(self._sql, (workspace_id, provider)).fetchall()
+            conn = self._connections.acquire()
+            try:
+                rows = conn.execute(self._sql, (workspace_id, provider)).fetchall()
+            finally:
+                self._connections.release(conn)
         except sqlite3.Error as exc:
             raise StoreUnavailable(
                 "reading enabled keys",
@@ -96,9 +97,5 @@ class SqliteKeyReader:
         return keys
 
     def close(self) -> None:
-        """Close every thread's connection (the next read opens a new one)."""
-        with self._lock:
-            opened, self._opened = self._opened, []
-        for conn in opened:
-            conn.close()
-        self._local = threading.local()
+        """Close the connections (the next read opens a new one)."""
+        self._connections.close()

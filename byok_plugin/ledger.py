@@ -12,7 +12,7 @@ racing on the same key leave exactly one row. Money is stored exactly: ``NUMERIC
 PostgreSQL, and the decimal's text on SQLite (whose numbers are binary floats).
 
 **Speed.** On a SQLite file, a record is one ``INSERT ... ON CONFLICT (idempotency_key) DO
-NOTHING`` in autocommit mode on a ``sqlite3`` connection of the calling thread (a statement that
+NOTHING`` in autocommit mode on a ``sqlite3`` connection the calling thread borrows (a statement that
 writes takes the write lock when it starts, as ``BEGIN IMMEDIATE`` does, and waits for it with
 the busy timeout; the row is committed when the statement returns). Going through SQLAlchemy
 (pooled connection, ``BEGIN``, the compiled insert, ``COMMIT``, result processing) cost about
@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -45,6 +43,7 @@ from byok_plugin.billing import money
 from byok_plugin.key_errors import StoreUnavailable
 from byok_plugin.key_reader import sqlite_file_of
 from byok_plugin.store.engine import prepare_sqlite_connection, store_errors, write_transaction
+from byok_plugin.store.sqlite_connections import SqliteConnections
 from byok_plugin.store.tables import UTCDateTime, metadata
 
 __all__ = ["ExactDecimal", "Ledger", "LedgerRow", "usage_ledger"]
@@ -186,13 +185,9 @@ def _check(record: UsageRecord) -> None:
         raise ValueError("UsageRecord.occurred_at must be an aware datetime")
 
 
-class _Connection(sqlite3.Connection):
-    """A ``sqlite3`` connection that can be weakly referenced (the writer's registry)."""
-
-
 class SqliteLedgerWriter:
     """``writer(values) -> bool``: one autocommit ``INSERT ... ON CONFLICT DO NOTHING`` on a
-    ``sqlite3`` connection of the calling thread; ``False`` when the key was already recorded."""
+    borrowed ``sqlite3`` connection; ``False`` when the key was already recorded."""
 
     def __init__(self, path: Path, dialect: Dialect) -> None:
         self._path = str(path)
@@ -209,36 +204,27 @@ class SqliteLedgerWriter:
             f"VALUES ({', '.join('?' * len(self._names))}) "
             "ON CONFLICT (idempotency_key) DO NOTHING"
         )
-        self._local = threading.local()
-        # every thread's connection, closed by close(); a dead thread's goes with its locals
-        self._opened: weakref.WeakSet[_Connection] = weakref.WeakSet()
-        self._lock = threading.Lock()
+        # connections borrowed per record (autocommit: each INSERT is its own transaction): no
+        # more than records that ran at once, whatever threads made them
+        self._connections = SqliteConnections(self._path, prepare=prepare_sqlite_connection)
 
     def __repr__(self) -> str:
-        return f"SqliteLedgerWriter(connections={len(self._opened)})"
+        return f"SqliteLedgerWriter(connections={len(self._connections)})"
 
-    def _connection(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(
-                self._path,
-                isolation_level=None,  # autocommit: each INSERT is its own transaction
-                check_same_thread=False,  # close() may run on another thread
-                timeout=30,
-                factory=_Connection,
-            )
-            prepare_sqlite_connection(conn)
-            self._local.conn = conn
-            with self._lock:
-                self._opened.add(conn)
-        return conn
+    @property
+    def open_connections(self) -> int:
+        return len(self._connections)
 
     def __call__(self, values: dict[str, Any]) -> bool:
         row = [values[name] for name in self._names]
         for i, processor in self._processors:
             row[i] = processor(row[i])
         try:
-            return self._connection().execute(self._sql, row).rowcount == 1
+            conn = self._connections.acquire()
+            try:
+                return conn.execute(self._sql, row).rowcount == 1
+            finally:
+                self._connections.release(conn)
         except sqlite3.IntegrityError as exc:  # as SQLAlchemy would raise it: the caller's to read
             raise sa.exc.IntegrityError(self._sql, None, exc) from None
         except sqlite3.Error as exc:
@@ -250,13 +236,8 @@ class SqliteLedgerWriter:
             ) from None
 
     def close(self) -> None:
-        """Close every thread's connection (a thread's next record opens a new one)."""
-        with self._lock:
-            opened = list(self._opened)
-            self._opened = weakref.WeakSet()
-            self._local = threading.local()
-        for conn in opened:
-            conn.close()
+        """Close the connections (the next record opens a new one)."""
+        self._connections.close()
 
 
 class Ledger:
