@@ -630,6 +630,28 @@ def test_no_charge_answer_is_recorded_as_uncharged_with_a_reason(
     assert result.ok
 
 
+def test_a_charge_that_fails_after_the_call_is_recorded_uncharged_and_fails_the_block(
+    harness: Harness, plugin: StandIn, pm: pluggy.PluginManager, emulator: EmulatorServer
+) -> None:
+    class BrokenBilling:
+        @hookimpl(tryfirst=True)
+        def byok_compute_charge(self, usage, credential):
+            raise RuntimeError("billing backend down")
+
+    pm.register(BrokenBilling())
+    doc = {
+        "name": "one",
+        "version": "1",
+        "blocks": {"a": {"type": "agent", "model": "gpt-4o-mini", "prompt": "hi"}},
+    }
+    result = harness.run(parse_workflow(doc))
+    assert not result.ok
+    assert "byok_compute_charge failed (RuntimeError: billing backend down)" in (result.error or "")
+    (record,) = plugin.ledger.values()  # the completed call is never lost
+    assert (record.charge.amount, record.charge.reason) == (0, "charge_failed")
+    assert len(emulator.calls("openai")) == 1  # and not called again
+
+
 def test_the_result_serialises_to_json(harness: Harness) -> None:
     result = harness.run(sample("research-brief"), {"topic": "x"})
     document = json.loads(json.dumps(result.to_dict()))

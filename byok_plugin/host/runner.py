@@ -119,6 +119,8 @@ __all__ = ["BlockFailed", "RunEvent", "RunnerOptions", "WorkflowRunner"]
 log = logging.getLogger("byok.host.runner")
 
 EXA_TOOL = "exa_search"
+#: the reason of the zero charge recorded for a completed call whose byok_compute_charge failed
+CHARGE_FAILED = "charge_failed"
 _SEARCH_FUNCTION = FunctionTool(
     name=EXA_TOOL,
     description="Search the web with Exa. Returns the most relevant pages: title, URL and text.",
@@ -802,9 +804,17 @@ class WorkflowRunner:
             )
 
         # charge and record in one trip to the worker thread
-        charge, record, error = await self._hook(self._settle, usage, credential, make_record)
+        charge, record, error, charge_error = await self._hook(
+            self._settle, usage, credential, make_record
+        )
         if error is not None:
             await self._record_again(record, provider, error)
+        if charge_error is not None:
+            raise BlockFailed(
+                f"the {provider} call completed but byok_compute_charge failed "
+                f"({type(charge_error).__name__}: {charge_error}); it is recorded uncharged, "
+                f"with reason {CHARGE_FAILED!r}"
+            )
         return result, CallResult(
             provider=provider,
             model=model,
@@ -838,18 +848,25 @@ class WorkflowRunner:
 
     def _settle(
         self, usage: Any, credential: Credential, make_record: Callable[[Charge], UsageRecord]
-    ) -> tuple[Charge, UsageRecord, Exception | None]:
-        """``byok_compute_charge`` then ``byok_record_usage`` (the record's failure is returned, to
-        be tried again; the charge's is raised: nothing is recorded without a charge)."""
-        charge = self.pm.hook.byok_compute_charge(usage=usage, credential=credential)
+    ) -> tuple[Charge, UsageRecord, Exception | None, Exception | None]:
+        """``byok_compute_charge`` then ``byok_record_usage``. The call has completed, so it is
+        recorded whatever happens: a charge that fails is recorded as 0 with reason
+        ``charge_failed`` (and the block fails), a record that fails is returned to be tried
+        again."""
+        charge_error: Exception | None = None
+        try:
+            charge = self.pm.hook.byok_compute_charge(usage=usage, credential=credential)
+        except Exception as exc:
+            charge_error = exc
+            charge = Charge(amount=Decimal(0), reason=CHARGE_FAILED)
         if charge is None:
             charge = Charge(amount=Decimal(0), reason="no billing plugin answered")
         record = make_record(charge)
         try:
             self.pm.hook.byok_record_usage(record=record)
         except Exception as exc:
-            return charge, record, exc
-        return charge, record, None
+            return charge, record, exc, charge_error
+        return charge, record, None, charge_error
 
     async def _record_again(self, record: UsageRecord, provider: str, error: Exception) -> None:
         """``byok_record_usage`` tried again after ``error``: the ledger is idempotent on the
