@@ -23,7 +23,11 @@ SAMPLES = {
 }
 
 json_scalars = (
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20)
 )
 json_values = st.recursive(
     json_scalars,
@@ -258,7 +262,7 @@ def test_byok_validate_exits_2_on_generated_defects(
     doc, path, _ = case
     with tempfile.TemporaryDirectory() as tmp:
         target = Path(tmp) / "generated.json"
-        target.write_text(json.dumps(doc))
+        target.write_text(json.dumps(doc, allow_nan=False))
         result = CliRunner().invoke(
             main, ["validate", str(target)], env={"BYOK_HOME": str(isolated_home)}
         )
