@@ -14,9 +14,17 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from hypothesis import settings
 from sqlalchemy.engine import make_url
 
 pytest_plugins = ["byok_plugin.host.emulator.testing"]
+
+# On a laptop hypothesis explores anew each run and remembers what failed; in CI (CI=true) the
+# examples are derived from each test, so a landing is never decided by a lucky draw. No deadline
+# on either: the machines are shared and noisy, and speed is the benchmarks' business.
+settings.register_profile("dev", deadline=None)
+settings.register_profile("ci", deadline=None, derandomize=True, database=None)
+settings.load_profile("ci" if os.environ.get("CI") == "true" else "dev")
 
 POSTGRES_URL_VAR = "BYOK_TEST_POSTGRES_URL"
 REQUIRE_POSTGRES_VAR = "BYOK_REQUIRE_POSTGRES"
