@@ -28,7 +28,7 @@ from decimal import Decimal
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import pluggy
@@ -48,12 +48,14 @@ from byok_plugin.cli.run import (
     run_workflow,
 )
 from byok_plugin.crypto import generate_master_key
-from byok_plugin.host.emulator import EmulatorServer
 from byok_plugin.host.run_result import RunResult
 from byok_plugin.host.workflow import Workflow, WorkflowError
 from byok_plugin.keys import KeyService
 from byok_plugin.manager import plugin_manager_for
 from byok_plugin.settings import Settings
+
+if TYPE_CHECKING:  # the emulator needs starlette and uvicorn, from the ``server`` extra
+    from byok_plugin.host.emulator import EmulatorServer
 
 __all__ = ["BYOK_WORKSPACE", "PLATFORM_WORKSPACE", "DemoStack", "demo_command", "sample_path"]
 
@@ -223,6 +225,13 @@ class DemoStack:
 @contextmanager
 def demo_stack() -> Iterator[DemoStack]:
     """A :class:`DemoStack` in a temporary directory with its own emulator, removed afterwards."""
+    try:
+        from byok_plugin.host.emulator import EmulatorServer
+    except ImportError as exc:
+        raise click.ClickException(
+            f"byok demo runs the provider emulator, which needs the server extra ({exc.name} is "
+            "missing): pip install 'byok-plugin[server]'"
+        ) from None
     with tempfile.TemporaryDirectory(prefix="byok-demo-") as tmp, EmulatorServer() as emulator:
         stack = DemoStack(Path(tmp) / "home", emulator)
         try:
