@@ -63,3 +63,29 @@ def test_a_malformed_setting_is_a_clear_error_not_a_traceback(isolated_home) -> 
     assert result.exit_code == 2
     assert "BYOK_CHARGE_MULTIPLIER" in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_warning_is_printed_once_and_errors_of_the_package_reach_stderr(isolated_home) -> None:
+    import logging
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "BYOK_HOME": str(isolated_home)}
+    byok = [sys.executable, "-m", "byok_plugin"]
+    subprocess.run([*byok, "init"], env=env, capture_output=True, check=True)
+    done = subprocess.run(
+        [*byok, "keys", "set", "-w", "acme", "-p", "mistral", "--no-test"],
+        input="MISTRALKEYSECRET0123456789abcdefXYQ",
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert done.stderr.count("unusual Mistral key shape") == 1, done.stderr
+
+    # in-process: the command's handler shows the package's errors, once, however often it runs
+    for _ in range(2):
+        CliRunner().invoke(main, ["plugins"], env={"BYOK_HOME": str(isolated_home)})
+    logger = logging.getLogger("byok")
+    assert sum(getattr(h, "_byok_cli", False) for h in logger.handlers) == 1

@@ -5,6 +5,10 @@ Each subcommand lives in its own module and is added to :data:`main` here.
 
 from __future__ import annotations
 
+import logging
+import sys
+from typing import TextIO
+
 import click
 
 from byok_plugin import __version__
@@ -25,7 +29,36 @@ from byok_plugin.cli.usage import usage_command
 @click.pass_context
 def main(ctx: click.Context) -> None:
     """Bring your own key (BYOK) for AI workflows: keys, runs, usage and plugins."""
+    _log_errors_to_stderr()
     ctx.obj = CliContext.from_environ()
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is at the time (test runners swap it)."""
+
+    _byok_cli = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("byok: %(levelname)s: %(message)s"))
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: TextIO) -> None:
+        pass
+
+
+def _log_errors_to_stderr() -> None:
+    """Show the package's errors (an audit row not written, a call left unpriced) on stderr;
+    warnings and information the commands print themselves. Installed once per process."""
+    logger = logging.getLogger("byok")
+    if not any(getattr(h, "_byok_cli", False) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setLevel(logging.ERROR)
+        logger.addHandler(handler)
 
 
 main.add_command(plugins_command)
