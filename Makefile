@@ -19,6 +19,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy hookspecs/byok_hookspecs
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)

@@ -30,7 +30,7 @@ __all__ = [
     "UsageRecord",
 ]
 
-_EMPTY: Mapping[str, str] = MappingProxyType({})
+_NO_ROLES: Mapping[str, Role | str] = MappingProxyType({})
 
 
 class CredentialSource(enum.StrEnum):
@@ -91,7 +91,7 @@ class Actor:
     """
 
     id: str
-    roles: Mapping[str, Role] = field(default_factory=lambda: _EMPTY)
+    roles: Mapping[str, Role | str] = field(default_factory=lambda: _NO_ROLES)
     operator: bool = False
 
     def role_in(self, workspace_id: str) -> Role | None:
