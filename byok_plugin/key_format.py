@@ -76,6 +76,7 @@ def check_provider(provider: str) -> str:
 
 
 def check_workspace_id(workspace_id: str) -> str:
+    """The workspace id, or :class:`InvalidInput`: required, unpadded, bounded, printable."""
     if not isinstance(workspace_id, str) or not workspace_id.strip():
         raise InvalidInput("a workspace id is required")
     if workspace_id != workspace_id.strip():
@@ -88,6 +89,7 @@ def check_workspace_id(workspace_id: str) -> str:
 
 
 def check_label(label: str | None) -> str:
+    """The label (``default`` when none is given), or :class:`InvalidInput`."""
     if label is None:
         return DEFAULT_LABEL
     if not isinstance(label, str) or not label.strip():
@@ -102,6 +104,7 @@ def check_label(label: str | None) -> str:
 
 
 def check_key_id(key_id: str) -> str:
+    """The key id (``key_`` and letters or digits), or :class:`InvalidInput`."""
     if not isinstance(key_id, str) or not _KEY_ID_RE.match(key_id):
         raise InvalidInput("a key id looks like 'key_' followed by letters and digits")
     return key_id
@@ -139,8 +142,8 @@ def check_api_key(provider: str, api_key: str) -> KeyFormatCheck:
     required = _REQUIRED_PREFIX.get(provider)
     if required is not None and not api_key.startswith(required):
         raise InvalidKeyFormat(
-            f"{provider} keys start with {required!r} and this one does not; check that it is a "
-            f"{provider} key"
+            f"{provider} keys start with {required!r} and this one does not; check that it is "
+            f"the {provider} key"
         )
     warnings: list[str] = []
     if provider == "openai":

@@ -94,6 +94,7 @@ class KeyService:
 
     @classmethod
     def for_app(cls, app: App, pm: pluggy.PluginManager) -> KeyService:
+        """The service over ``app``'s store and keyring, asking ``pm``'s hooks."""
         return cls(
             store=app.key_store,
             access=app.key_access,
@@ -118,6 +119,7 @@ class KeyService:
         key_id: str | None = None,
         detail: str = "",
     ) -> None:
+        """Emit one audit event through ``byok_audit`` (every implementation runs)."""
         self._pm.hook.byok_audit(
             event=AuditEvent(
                 action=action,

@@ -114,6 +114,8 @@ class Settings:
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read every variable of the table above from ``environ`` (``os.environ`` when None);
+        a malformed value raises :class:`SettingsError` naming the variable."""
         env = dict(os.environ if environ is None else environ)
         home = Path(env.get("BYOK_HOME") or platformdirs.user_data_dir(APP_NAME)).expanduser()
         database_url = env.get("BYOK_DATABASE_URL") or f"sqlite:///{home / 'byok.db'}"

@@ -95,6 +95,7 @@ class Actor:
     operator: bool = False
 
     def role_in(self, workspace_id: str) -> Role | None:
+        """The actor's role in a workspace, or None when not a member."""
         role = self.roles.get(workspace_id)
         return Role(role) if role is not None else None
 
