@@ -283,9 +283,9 @@ def test_byok_serve_listens_on_a_tcp_socket_that_gets_no_delay() -> None:
     keep-alive answer of uvicorn (headers and body written apart) waits ~40 ms for an ACK."""
     import socket
 
-    from byok_plugin.cli.serve import _bind
+    from byok_plugin.cli.listen import listen_on
 
-    sock = _bind("127.0.0.1", 0)
+    sock = listen_on("127.0.0.1", 0)
     try:
         assert sock.proto == socket.IPPROTO_TCP
         assert sock.getsockname()[0] == "127.0.0.1"

@@ -7,19 +7,11 @@ any key, when asked to explicitly with ``--accept-any-key``.
 
 from __future__ import annotations
 
-import ipaddress
 import sys
 
 import click
 
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+from byok_plugin.cli.listen import is_loopback, listen_on, url_host
 
 
 @click.command("emulator")
@@ -43,13 +35,16 @@ def emulator_command(
     allow_remote: bool,
 ) -> None:
     """Run the local emulator of OpenAI, Anthropic, Gemini, Mistral and Exa (Ctrl-C stops it)."""
-    if not _is_loopback(host) and not allow_remote:
+    if not is_loopback(host) and not allow_remote:
         raise click.UsageError(
             f"--host {host} is not a loopback address; add --allow-remote to listen on it"
         )
     try:  # starlette and uvicorn come with the ``server`` extra; the rest of ``byok`` needs neither
+        import uvicorn
+
+        from byok_plugin.host.emulator.app import build_app
         from byok_plugin.host.emulator.keys import KeysFileError, parse_keys
-        from byok_plugin.host.emulator.server import describe, serve_forever
+        from byok_plugin.host.emulator.server import describe
         from byok_plugin.host.emulator.state import EmulatorState
     except ImportError as exc:
         raise click.ClickException(
@@ -75,11 +70,18 @@ def emulator_command(
         click.echo(f"accepting {len(keys)} key(s) from {name}", err=True)
     if accept_any_key:
         click.echo("accepting any non-empty key (--accept-any-key)", err=True)
-    shown_host = f"[{host}]" if ":" in host else host
-    click.echo(
-        f"byok emulator on http://{shown_host}:{port}; point the clients at it with:", err=True
-    )
-    for var, url in describe(f"http://{shown_host}:{port}").items():
+    # bind first: the URLs printed name the port actually bound (--port 0 picks one), and a
+    # taken port is a one-line error, not a banner followed by the server's own failure
+    sock = listen_on(host, port)
+    base = f"http://{url_host(host)}:{sock.getsockname()[1]}"
+    click.echo(f"byok emulator on {base}; point the clients at it with:", err=True)
+    for var, url in describe(base).items():
         click.echo(f"  export {var}={url}", err=True)
     sys.stderr.flush()
-    serve_forever(state, host=host, port=port)
+    config = uvicorn.Config(build_app(state), log_level="info", lifespan="off")
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass  # uvicorn has shut down cleanly and re-raised the Ctrl+C it caught
+    finally:
+        sock.close()

@@ -2,42 +2,12 @@
 
 from __future__ import annotations
 
-import ipaddress
-import socket
-
 import click
 
 from byok_plugin.cli.context import CliContext, pass_cli
+from byok_plugin.cli.listen import is_loopback, listen_on
 
 DEFAULT_PORT = 8765
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say TCP, and without it
-    # every keep-alive answer waits ~40 ms for a delayed ACK (uvicorn writes headers and body apart)
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host.strip("[]"), port))
-    except OSError as exc:
-        sock.close()
-        raise click.ClickException(
-            f"cannot listen on {host}:{port}: {exc.strerror or exc}"
-            + ("; pick another port with --port, or --port 0 for any free one" if port else "")
-        ) from None
-    sock.listen(128)
-    sock.set_inheritable(True)
-    return sock
 
 
 @click.command("serve")
@@ -63,7 +33,7 @@ def serve_command(cli: CliContext, host: str, port: int, workspace: str | None) 
     workspace of this store). Serving to other people is a host's job: mount
     byok_plugin.server.create_app in your web app, with your own authentication.
     """
-    if not _is_loopback(host):
+    if not is_loopback(host):
         raise click.UsageError(
             f"--host {host} is not a loopback address: byok serve signs the browser in as the "
             "local operator, so it only listens on 127.0.0.1, ::1 or localhost. To serve the "
@@ -90,7 +60,7 @@ def serve_command(cli: CliContext, host: str, port: int, workspace: str | None) 
 
     login = LocalLogin(OPERATOR)
     asgi = create_local_app(cli.app, login, pm=cli.pm)
-    sock = _bind(host, port)
+    sock = listen_on(host, port)
     bound_port = sock.getsockname()[1]
     url = login_url(
         "localhost" if host == "localhost" else host, bound_port, login.issue_token(), workspace
