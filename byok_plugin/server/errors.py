@@ -90,6 +90,7 @@ class ApiError(Exception):
 
     @property
     def status(self) -> int:
+        """The HTTP status this error answers with."""
         return STATUS[self.code]
 
     def __str__(self) -> str:
@@ -97,6 +98,7 @@ class ApiError(Exception):
 
 
 def error_response(error: ApiError) -> JSONResponse:
+    """The JSON answer for ``error``: its status, its code and message, never cached."""
     body = {"error": {"code": str(error.code), "message": error.message, "field": error.field}}
     headers = dict(error.headers)
     headers.setdefault("Cache-Control", "no-store")

@@ -82,6 +82,7 @@ def key_json(info: KeyInfo) -> dict[str, Any]:
 
 
 def check_json(check: KeyCheck, key_id: str | None) -> dict[str, Any]:
+    """What the API shows of a key check: the provider's verdict and its message."""
     return {
         "key_id": key_id,
         "provider": check.provider,
@@ -91,6 +92,7 @@ def check_json(check: KeyCheck, key_id: str | None) -> dict[str, Any]:
 
 
 def ok(data: Any, status: int = 200) -> JSONResponse:
+    """A JSON answer with :data:`API_HEADERS` (never cached, never sniffed)."""
     return JSONResponse(data, status_code=status, headers=API_HEADERS)
 
 
@@ -150,6 +152,7 @@ class Api:
         return await run_in_threadpool(work)
 
     async def actor(self, request: Request) -> Actor:
+        """Who sent ``request``, as the host's ``identify`` says; 401 when nobody."""
         actor = await resolve_actor(self.identify, request)
         if actor is None:
             raise ApiError(
@@ -162,24 +165,29 @@ class Api:
     async def body(
         self, request: Request, schema: str, *, optional: bool = False
     ) -> dict[str, Any]:
+        """The request's JSON body, checked against the named schema of ``openapi.json``."""
         return await read_json_body(request, schema, limit=self.max_body_bytes, optional=optional)
 
     # --- the routes ------------------------------------------------------------------------
 
     async def health(self, request: Request) -> Response:
+        """``GET /api/byok/health``: up, and which version."""
         return ok({"status": "ok", "version": __version__})
 
     async def openapi(self, request: Request) -> Response:
+        """``GET /api/byok/openapi.json``: the shipped OpenAPI document."""
         return Response(
             openapi_text(), media_type="application/json", headers={"Cache-Control": "no-cache"}
         )
 
     async def me(self, request: Request) -> Response:
+        """``GET /api/byok/me``: the caller and its workspace roles."""
         actor = await self.actor(request)
         roles = {ws: Role(role).value for ws, role in actor.roles.items()}
         return ok({"id": actor.id, "operator": actor.operator, "workspaces": roles})
 
     async def providers(self, request: Request) -> Response:
+        """``GET /api/byok/providers``: the catalog's providers and their models."""
         await self.actor(request)
         catalog = self.app.catalog
         providers = [
@@ -196,6 +204,7 @@ class Api:
         return ok({"catalog_version": catalog.version, "providers": providers})
 
     async def list_keys(self, request: Request) -> Response:
+        """``GET .../byok-keys``: the workspace's keys, masked, and whether the caller may manage them."""
         actor = await self.actor(request)
         workspace_id = request.path_params["workspace_id"]
 
@@ -213,6 +222,7 @@ class Api:
         return ok(await self.call(work))
 
     async def set_key(self, request: Request) -> Response:
+        """``POST .../byok-keys``: store a key (201), or replace the one under its label (200)."""
         actor = await self.actor(request)
         workspace_id = request.path_params["workspace_id"]
         body = await self.body(request, "SetKeyRequest")
@@ -240,6 +250,7 @@ class Api:
         )
 
     async def delete_keys(self, request: Request) -> Response:
+        """``DELETE .../byok-keys``: delete a provider's keys, or one of them by id."""
         actor = await self.actor(request)
         workspace_id = request.path_params["workspace_id"]
         body = await self.body(request, "DeleteKeysRequest")
@@ -275,6 +286,7 @@ class Api:
         return found[0].provider
 
     async def update_key(self, request: Request) -> Response:
+        """``PATCH .../byok-keys/{key_id}``: enable or disable a key."""
         actor = await self.actor(request)
         workspace_id = request.path_params["workspace_id"]
         key_id = request.path_params["key_id"]
@@ -291,6 +303,7 @@ class Api:
         return ok({"key": key_json(changed[0])})
 
     async def test_key(self, request: Request) -> Response:
+        """``POST .../byok-keys/{key_id}/test``: check a stored key with its provider."""
         actor = await self.actor(request)
         workspace_id = request.path_params["workspace_id"]
         key_id = request.path_params["key_id"]

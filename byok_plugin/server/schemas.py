@@ -95,11 +95,3 @@ def check_body(schema_name: str, body: Any) -> None:
     if error is not None:
         field, message = _describe(error)
         raise ApiError(ErrorCode.VALIDATION_ERROR, message, field)
-
-
-def check_value(schema_name: str, value: Any, field: str) -> None:
-    """Check a path parameter against a named schema; the 422 names ``field``."""
-    error = jsonschema.exceptions.best_match(_validator(schema_name).iter_errors(value))
-    if error is not None:
-        _, message = _describe(error)
-        raise ApiError(ErrorCode.VALIDATION_ERROR, message.replace("the body", field, 1), field)
