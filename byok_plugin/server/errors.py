@@ -6,7 +6,9 @@ people and may change. ``field`` names the request field at fault (``api_key``, 
 ``workspace_id``...) when there is one.
 
 No message ever carries a plaintext key: library errors are written not to quote keys, and
-schema errors are described from the schema, never by quoting the value that failed.
+schema errors are described from the schema, never by quoting the value that failed. Nor does a
+message carry a database driver's words (a host, a port, a database name): a store that does not
+answer is ``store_unavailable`` with a fixed message, and the cause goes to the server's log.
 """
 
 from __future__ import annotations
@@ -70,6 +72,10 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.KEYRING_UNAVAILABLE: 503,
     ErrorCode.STORE_UNAVAILABLE: 503,
 }
+
+
+#: what a caller is told when the store does not answer (the details go to the server's log)
+STORE_UNAVAILABLE_MESSAGE = "the key store is not available; see the server's log"
 
 
 class ApiError(Exception):
@@ -139,7 +145,10 @@ def error_from_library(exc: ByokError) -> ApiError:
     if isinstance(exc, key_errors.KeyringError):
         return ApiError(ErrorCode.KEYRING_UNAVAILABLE, message)
     if isinstance(exc, key_errors.StoreUnavailable):
-        return ApiError(ErrorCode.STORE_UNAVAILABLE, message)
+        # the cause is the driver's (a host, a port, a database name): the operator's business,
+        # in the server's log; the caller learns only that the store is down
+        log.warning("%s", message)
+        return ApiError(ErrorCode.STORE_UNAVAILABLE, STORE_UNAVAILABLE_MESSAGE)
     if isinstance(exc, CredentialUnavailable):
         return ApiError(ErrorCode.KEY_UNDECRYPTABLE, message)
     log_unexpected(exc, "a key service error the API does not map")
