@@ -191,7 +191,8 @@ class Serve:
         if not self._url.wait(30):
             self.stop()
             pytest.fail("byok serve printed no URL:\n" + "".join(self.stdout + self.stderr))
-        line = next(line for line in self.stdout if "byok serve: open " in line)
+        # the link goes to stderr, apart from uvicorn's access log on stdout
+        line = next(line for line in self.stderr if "byok serve: open " in line)
         return line.split("byok serve: open ", 1)[1].strip()
 
     def stop(self) -> str:

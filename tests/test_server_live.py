@@ -235,6 +235,40 @@ def test_byok_serve_signs_in_the_browser_once_and_manages_the_default_store(
     assert "byok serve: stopped" in output
 
 
+def test_byok_serve_prints_the_link_to_stderr_with_its_lifetime(
+    serve_env: dict[str, str],
+) -> None:
+    """The sign-in link is a credential: not on stdout, where uvicorn writes its access log (and
+    which a user may redirect to a file); it says how long it works."""
+    serve = Serve(serve_env, "--port", "0", "--link-minutes", "3")
+    try:
+        url = serve.url()
+        token = urlsplit(url).fragment.removeprefix("login=")
+        with httpx.Client() as browser:  # a request, so that the access log has a line
+            parts = urlsplit(url)
+            assert browser.get(f"{parts.scheme}://{parts.netloc}/settings/").status_code == 200
+    finally:
+        serve.stop()
+    stdout, stderr = "".join(serve.stdout), "".join(serve.stderr)
+    assert "GET /settings/ HTTP/1.1" in stdout
+    assert token not in stdout
+    assert f"byok serve: open {url}\n" in stderr
+    assert "3 minutes" in stderr
+
+
+def test_byok_serve_refuses_a_link_lifetime_of_zero(serve_env: dict[str, str]) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "byok_plugin", "serve", "--port", "0", "--link-minutes", "0"],
+        env=serve_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "--link-minutes" in result.stderr
+    assert "not in the range" in result.stderr
+
+
 def test_byok_serve_listens_on_loopback_only(serve_env: dict[str, str]) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "byok_plugin", "serve", "--host", "0.0.0.0", "--port", "0"],

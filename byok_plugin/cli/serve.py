@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
+
 import click
 
 from byok_plugin.cli.context import CliContext, pass_cli
@@ -25,12 +27,21 @@ DEFAULT_PORT = 8765
     help="The port; 0 picks a free one.",
 )
 @click.option("--workspace", "-w", default=None, help="The workspace the printed link opens.")
+@click.option(
+    "--link-minutes",
+    type=click.IntRange(1, 24 * 60),
+    default=10,
+    show_default=True,
+    help="How long the printed sign-in link works, in minutes (it works once).",
+)
 @pass_cli
-def serve_command(cli: CliContext, host: str, port: int, workspace: str | None) -> None:
+def serve_command(
+    cli: CliContext, host: str, port: int, workspace: str | None, link_minutes: int
+) -> None:
     """Manage workspace keys in a browser: serve the settings page and the key API on loopback.
 
-    Prints a link that signs your browser in once, as the local operator (who may manage every
-    workspace of this store). Serving to other people is a host's job: mount
+    Prints a link (to stderr, apart from the access log) that signs your browser in once, within
+    --link-minutes, as the local operator (who may manage every workspace of this store). Serving to other people is a host's job: mount
     byok_plugin.server.create_app in your web app, with your own authentication.
     """
     if not is_loopback(host):
@@ -58,16 +69,21 @@ def serve_command(cli: CliContext, host: str, port: int, workspace: str | None) 
         click.secho(f"warning: {exc}", fg="yellow", err=True)
         click.secho("keys can be listed but not added until a master key exists", err=True)
 
-    login = LocalLogin(OPERATOR)
+    login = LocalLogin(OPERATOR, link_lifetime=timedelta(minutes=link_minutes))
     asgi = create_local_app(cli.app, login, pm=cli.pm)
     sock = listen_on(host, port)
     bound_port = sock.getsockname()[1]
     url = login_url(
         "localhost" if host == "localhost" else host, bound_port, login.issue_token(), workspace
     )
-    click.echo(f"byok serve: open {url}")
+    expires = (datetime.now() + timedelta(minutes=link_minutes)).strftime("%H:%M")
+    # stderr: the link is a credential, and stdout carries uvicorn's access log
+    click.echo(f"byok serve: open {url}", err=True)
     click.echo(
-        "The link signs in one browser, once; restart byok serve for a new one. Ctrl+C stops."
+        f"The link signs in one browser tab, once, within {link_minutes} "
+        f"minute{'s' if link_minutes != 1 else ''} (until {expires}); restart byok serve for a "
+        "new one. Ctrl+C stops.",
+        err=True,
     )
     config = uvicorn.Config(asgi, log_level="info", access_log=True, lifespan="off")
     server = uvicorn.Server(config)
@@ -78,4 +94,4 @@ def serve_command(cli: CliContext, host: str, port: int, workspace: str | None) 
     finally:
         sock.close()
         cli.app.close()
-    click.echo("byok serve: stopped")
+    click.echo("byok serve: stopped", err=True)

@@ -2,7 +2,9 @@
 
 How the browser authenticates: ``byok serve`` prints a URL whose fragment carries a random
 one-time token (``.../settings/?workspace=default#login=...``). A fragment is never sent in a
-request line, so the token is in no access log; the page posts it once to
+request line, so the token is in no access log (and ``byok serve`` prints it to stderr, apart
+from the access log on stdout). It works once, within minutes (``--link-minutes``, 10 by
+default); the page posts it to
 ``api/byok/session`` and gets a random session cookie (``HttpOnly``, ``SameSite=Strict``), then
 removes the fragment from the address bar and history. The token is then spent.
 
@@ -94,7 +96,8 @@ def create_local_app(
         if session_id is None:
             raise ApiError(
                 ErrorCode.UNAUTHENTICATED,
-                "this sign-in link was already used or is wrong; restart byok serve for a new one",
+                "this sign-in link has expired, was already used, or is wrong; "
+                "restart byok serve for a new one",
             )
         response = Response(status_code=204, headers=API_HEADERS)
         root = request.scope.get("root_path", "").rstrip("/")

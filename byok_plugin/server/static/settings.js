@@ -385,7 +385,7 @@
       await api("POST", "byok/session", { token: match[1] });
     } catch (err) {
       if (err.code !== "not_found") pageError(
-        "This sign-in link was already used or is wrong. Restart byok serve for a new link.");
+        "This sign-in link has expired or was already used. Restart byok serve for a new link.");
     }
   }
 
