@@ -189,10 +189,12 @@ def test_byok_serve_signs_in_the_browser_once_and_manages_the_default_store(
                 browser.post(f"{base}/api/byok/session", json={"token": "guess"}).status_code == 401
             )
             signed_in = browser.post(f"{base}/api/byok/session", json={"token": token})
-            assert signed_in.status_code == 204
-            cookie = signed_in.headers["set-cookie"]
-            assert "HttpOnly" in cookie
-            assert "SameSite=strict" in cookie or "SameSite=Strict" in cookie
+            assert signed_in.status_code == 200
+            # no cookie: it would reach every other server on 127.0.0.1, whatever its port
+            assert "set-cookie" not in signed_in.headers
+            session = signed_in.json()["session"]
+            assert browser.get(f"{base}/api/byok/me").status_code == 401
+            browser.headers["Authorization"] = f"Bearer {session}"
             assert browser.get(f"{base}/api/byok/me").json() == {
                 "id": "local-operator",
                 "operator": True,
@@ -214,7 +216,7 @@ def test_byok_serve_signs_in_the_browser_once_and_manages_the_default_store(
             # a DNS-rebinding page's requests carry its own host name
             rebound = browser.get(keys, headers={"Host": "attacker.example"})
             assert (rebound.status_code, code(rebound)) == (400, "invalid_host")
-            # a page of another local origin may not change anything, even with the cookie
+            # a page of another local origin may not change anything, even with the session
             cross = browser.request(
                 "DELETE",
                 keys,
@@ -229,9 +231,11 @@ def test_byok_serve_signs_in_the_browser_once_and_manages_the_default_store(
     finally:
         output = serve.stop()
     assert api_key not in output
-    # the token travels in the URL fragment only: printed once, never in an access log line
+    # the token travels in the URL fragment only: printed once, never in an access log line;
+    # the session only in a header and a response body, never in a log line either
     assert "POST /api/byok/session HTTP/1.1" in output
     assert [line for line in output.splitlines() if token in line] == [f"byok serve: open {url}"]
+    assert session not in output
     assert "byok serve: stopped" in output
 
 

@@ -90,3 +90,78 @@ async def test_the_sign_in_link_works_within_its_lifetime(browser, clock: Clock)
 def test_the_link_lifetime_must_be_positive() -> None:
     with pytest.raises(ValueError, match="link_lifetime"):
         LocalLogin(OPERATOR, link_lifetime=timedelta(0))
+
+
+async def _sign_in(client: httpx.AsyncClient, login: LocalLogin) -> str:
+    response = await client.post(SESSION, json={"token": login.issue_token()})
+    assert response.status_code == 200, response.text
+    assert "set-cookie" not in response.headers
+    assert response.headers["cache-control"] == "no-store"
+    body = response.json()
+    assert body["idle_timeout_seconds"] == 12 * 3600
+    return body["session"]
+
+
+def _bearer(session: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {session}"}
+
+
+async def test_the_session_is_a_bearer_token_not_a_cookie(browser) -> None:
+    """A cookie for 127.0.0.1 goes to every port on it (another user's server included); a token
+    the page keeps in sessionStorage goes only where the page sends it."""
+    client, login = browser
+    session = await _sign_in(client, login)
+    assert client.cookies == {}
+    me = await client.get(ME, headers=_bearer(session))
+    assert me.status_code == 200
+    assert me.json()["id"] == "local-operator"
+    assert (await client.get(ME)).status_code == 401
+    # the session id is no cookie either: sent as one, it is ignored
+    as_cookie = await client.get(ME, headers={"Cookie": f"byok_session={session}"})
+    assert as_cookie.status_code == 401
+    assert (await client.get(ME, headers=_bearer(session + "x"))).status_code == 401
+
+
+async def test_a_session_ends_after_12_hours_idle(browser, clock: Clock) -> None:
+    client, login = browser
+    session = await _sign_in(client, login)
+    for _ in range(3):  # each use keeps it alive for another 12 hours
+        clock.advance(timedelta(hours=11, minutes=59))
+        assert (await client.get(ME, headers=_bearer(session))).status_code == 200
+    clock.advance(timedelta(hours=12, seconds=1))
+    ended = await client.get(ME, headers=_bearer(session))
+    assert ended.status_code == 401
+    clock.advance(timedelta(seconds=-2))  # and it stays ended
+    assert (await client.get(ME, headers=_bearer(session))).status_code == 401
+
+
+async def test_signing_out_ends_the_session(browser) -> None:
+    client, login = browser
+    session = await _sign_in(client, login)
+    # a mutating request keeps the JSON and same-origin rules, sign-out included
+    not_json = await client.request("DELETE", SESSION, headers=_bearer(session))
+    assert not_json.status_code == 415
+    foreign = await client.request(
+        "DELETE",
+        SESSION,
+        json={},
+        headers={**_bearer(session), "Origin": "http://127.0.0.1:1"},
+    )
+    assert foreign.status_code == 403
+    assert (await client.get(ME, headers=_bearer(session))).status_code == 200
+
+    signed_out = await client.request("DELETE", SESSION, json={}, headers=_bearer(session))
+    assert signed_out.status_code == 204
+    assert (await client.get(ME, headers=_bearer(session))).status_code == 401
+    # signing out again (or without a session) is harmless
+    again = await client.request("DELETE", SESSION, json={}, headers=_bearer(session))
+    assert again.status_code == 204
+    assert (await client.request("DELETE", SESSION, json={})).status_code == 204
+
+
+async def test_signing_out_one_session_keeps_another(browser) -> None:
+    client, login = browser
+    first = await _sign_in(client, login)
+    second = await _sign_in(client, login)
+    await client.request("DELETE", SESSION, json={}, headers=_bearer(first))
+    assert (await client.get(ME, headers=_bearer(second))).status_code == 200

@@ -165,6 +165,7 @@ async def test_a_hosted_app_answers_only_documented_statuses(
                     )
             # the login route exists only under byok serve
             await c.post("/api/byok/session", json={"token": "x"})
+            await c.request("DELETE", "/api/byok/session", json={})
     finally:
         stack.app.close()
     keys = "/api/workspaces/{workspace_id}/byok-keys"
@@ -258,7 +259,13 @@ async def test_byok_serve_answers_only_documented_statuses(
             await c.post(
                 "/api/byok/session", content=b"{", headers={"Content-Type": "application/json"}
             )
-            await c.post("/api/byok/session", json={"token": token})
+            signed_in = await c.post("/api/byok/session", json={"token": token})
+            bearer = {"Authorization": f"Bearer {signed_in.json()['session']}"}
+            await c.request("DELETE", "/api/byok/session", json={}, headers={**bearer, **foreign})
+            await c.request("DELETE", "/api/byok/session", content=b"{}", headers=bearer)
+            await c.request("DELETE", "/api/byok/session", json={"x": 1}, headers=bearer)
+            await c.request("DELETE", "/api/byok/session", json={}, headers=bearer)
+            await rebound.request("DELETE", "/api/byok/session", json={})
             for path in ALL_GETS:
                 await rebound.get(path)
             await rebound.post("/api/byok/session", json={"token": token})
@@ -272,4 +279,5 @@ async def test_byok_serve_answers_only_documented_statuses(
     for (_method, _template), responses in answers.seen.items():
         if any(r.request.url.host == "attacker.example" for r in responses):
             assert 400 in {r.status_code for r in responses}
-    assert answers.statuses("post", "/api/byok/session") >= {400, 401, 403}
+    assert answers.statuses("post", "/api/byok/session") >= {200, 400, 401, 403}
+    assert answers.statuses("delete", "/api/byok/session") >= {204, 400, 403, 415, 422}

@@ -12,9 +12,12 @@ import os
 import re
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
+from byok_hookspecs import Actor
 from server_support import (
     ADMIN,
     ADMIN_TOKEN,
@@ -29,7 +32,8 @@ from server_support import (
     serve_environment,
 )
 
-from byok_plugin.server import BearerTokens, create_app
+from byok_plugin.server import BearerTokens, LocalLogin, create_app
+from byok_plugin.server.local import create_local_app
 
 pytestmark = pytest.mark.browser
 
@@ -47,6 +51,16 @@ LAUNCH_ARGS = [
 EXPECTED_HTTP_ERROR = re.compile(
     r"Failed to load resource: the server responded with a status of (401|422)\b"
 )
+
+
+@dataclass
+class Clock:
+    """Monotonic seconds the test moves on by hand."""
+
+    now: float = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def _browser_unavailable(reason: str) -> None:
@@ -155,6 +169,8 @@ def test_an_admin_adds_replaces_tests_disables_and_deletes_a_key(
     expect(openai.get_by_role("heading", name="OpenAI")).to_be_visible()
     expect(page.locator("#whoami")).to_contain_text("alice")
     expect(page.locator("#whoami")).to_contain_text("Admin")
+    # the host signs its users in and out, not this page
+    expect(page.get_by_role("button", name="Sign out")).to_be_hidden()
     expect(openai.locator(".empty")).to_contain_text("No key yet")
     tab.shot("1-empty")
 
@@ -296,16 +312,34 @@ def test_byok_serve_and_a_browser_at_the_printed_address_manage_the_default_stor
         # the one-time token is gone from the address bar once used
         assert "#login" not in page.url
         expect(page.locator("#whoami")).to_contain_text("Local operator")
+        # the session is in this origin's sessionStorage, sent as a header: no cookie at all
+        assert browser.cookies() == []
+        session = page.evaluate("sessionStorage.getItem('byok.session')")
+        assert isinstance(session, str)
+        assert len(session) >= 32
+        expect(page.get_by_role("button", name="Sign out")).to_be_visible()
         mistral.get_by_role("button", name="Add Mistral AI key").click()
         mistral.get_by_label("API key").fill(api_key)
         mistral.get_by_role("button", name="Save key").click()
         expect(mistral.locator(".key-hint")).to_have_text(f"{api_key[:6]}...{api_key[-4:]}")
         tab.shot("key-added")
-        # the session cookie survives a reload; the spent link does not sign anyone in again
+        # the session survives a reload
         page.reload()
         expect(mistral.locator("li.key")).to_have_count(1)
         assert tab.errors == []
-        browser.clear_cookies()
+
+        # sign out: the page forgets the session and the server ends it
+        page.get_by_role("button", name="Sign out").click()
+        expect(page.locator("#notice")).to_contain_text("You are signed out")
+        expect(page.get_by_role("button", name="Sign out")).to_be_hidden()
+        expect(mistral).to_have_count(0)
+        assert page.evaluate("sessionStorage.getItem('byok.session')") is None
+        tab.shot("signed-out")
+        base = url.split("/settings/", 1)[0]
+        replayed = httpx.get(f"{base}/api/byok/me", headers={"Authorization": f"Bearer {session}"})
+        assert replayed.status_code == 401
+
+        # the spent link does not sign anyone in again
         page.goto("about:blank")  # else the link is only a change of fragment: no new load
         page.goto(url)
         expect(page.locator("#page-error")).to_contain_text("already used")
@@ -314,3 +348,27 @@ def test_byok_serve_and_a_browser_at_the_printed_address_manage_the_default_stor
     finally:
         output = serve.stop()
     assert api_key not in output
+    assert session not in output
+
+
+def test_an_idle_session_ends_and_the_page_says_how_to_sign_in_again(
+    browser, tabs: list[Page], stack: Stack
+) -> None:
+    from playwright.sync_api import expect
+
+    clock = Clock()
+    login = LocalLogin(Actor("local-operator", operator=True), clock=clock)
+    with live_server(create_local_app(stack.app, login, pm=stack.pm)) as base:
+        tab = Page(browser, None, "byok-serve")
+        tabs.append(tab)
+        page = tab.page
+        page.goto(f"{base}/settings/?workspace=acme#login={login.issue_token()}")
+        expect(page.get_by_role("button", name="Sign out")).to_be_visible()
+        expect(card(page, "openai")).to_be_visible()
+        clock.now += 12 * 3600 + 1
+        page.reload()
+        expect(page.locator("#page-error")).to_contain_text("Your session has ended")
+        expect(page.get_by_role("button", name="Sign out")).to_be_hidden()
+        assert page.evaluate("sessionStorage.getItem('byok.session')") is None
+        tab.shot("session-ended")
+    assert tab.errors == []

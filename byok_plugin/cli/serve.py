@@ -40,9 +40,11 @@ def serve_command(
 ) -> None:
     """Manage workspace keys in a browser: serve the settings page and the key API on loopback.
 
-    Prints a link (to stderr, apart from the access log) that signs your browser in once, within
-    --link-minutes, as the local operator (who may manage every workspace of this store). Serving to other people is a host's job: mount
-    byok_plugin.server.create_app in your web app, with your own authentication.
+    Prints a link (to stderr, apart from the access log) that signs one browser tab in, once,
+    within --link-minutes, as the local operator (who may manage every workspace of this store).
+    The tab keeps its session until you sign out, it goes 12 hours unused, or byok serve stops.
+    Serving to other people is a host's job: mount byok_plugin.server.create_app in your web app,
+    with your own authentication.
     """
     if not is_loopback(host):
         raise click.UsageError(

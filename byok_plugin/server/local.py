@@ -4,17 +4,25 @@ How the browser authenticates: ``byok serve`` prints a URL whose fragment carrie
 one-time token (``.../settings/?workspace=default#login=...``). A fragment is never sent in a
 request line, so the token is in no access log (and ``byok serve`` prints it to stderr, apart
 from the access log on stdout). It works once, within minutes (``--link-minutes``, 10 by
-default); the page posts it to
-``api/byok/session`` and gets a random session cookie (``HttpOnly``, ``SameSite=Strict``), then
-removes the fragment from the address bar and history. The token is then spent.
+default): the page removes it from the address bar and history, posts it to
+``api/byok/session``, and gets a random session token back in the JSON body.
+
+The page keeps that token in ``sessionStorage`` and sends it as ``Authorization: Bearer`` on
+every API call. Not a cookie, on purpose: cookies are not port-scoped, so a cookie set by
+``127.0.0.1:8765`` would also go to every other server on ``127.0.0.1`` (another user's, on a
+shared machine), which could replay it. ``sessionStorage`` belongs to one origin (scheme, host
+and port) and one tab, and a header the page adds is sent nowhere else; nor does a browser add it
+to a cross-site request on its own, so there is no CSRF to defend against. A session ends after
+12 hours unused, when the page signs out (``DELETE api/byok/session``), or when
+``byok serve`` stops.
 
 Also, because other local programs and web pages can reach a loopback port:
 
 - only the loopback ``Host`` names are served (a DNS-rebinding page's requests carry its own
   host name and are refused);
 - a mutating request whose ``Origin`` is not this server's own is refused, besides the JSON
-  content type every mutating request needs (cookies ignore ports, so a page served by another
-  local port is "same-site").
+  content type every mutating request needs (defence in depth: a session is never sent by the
+  browser on its own).
 """
 
 from __future__ import annotations
@@ -26,15 +34,15 @@ import pluggy
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from byok_plugin.server.app import create_app
 from byok_plugin.server.bodies import MUTATING_METHODS, read_json_body
 from byok_plugin.server.errors import ApiError, ErrorCode, error_response
-from byok_plugin.server.identity import SESSION_COOKIE, LocalLogin
-from byok_plugin.server.routes import API_HEADERS, endpoint
+from byok_plugin.server.identity import LocalLogin, bearer_token
+from byok_plugin.server.routes import API_HEADERS, by_method, endpoint
 
 if TYPE_CHECKING:
     from byok_plugin.app import App
@@ -88,29 +96,34 @@ def create_local_app(
     pm: pluggy.PluginManager | None = None,
     allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS,
 ) -> Starlette:
-    """The app ``byok serve`` runs: :func:`create_app` with the one-time login and its cookie."""
+    """The app ``byok serve`` runs: :func:`create_app` with the one-time login, and the session
+    routes (sign in, sign out)."""
 
-    async def session(request: Request) -> Response:
+    async def sign_in(request: Request) -> Response:
         body = await read_json_body(request, "SessionRequest", limit=1024)
-        session_id = login.exchange(body["token"])
-        if session_id is None:
+        session = login.exchange(body["token"])
+        if session is None:
             raise ApiError(
                 ErrorCode.UNAUTHENTICATED,
                 "this sign-in link has expired, was already used, or is wrong; "
                 "restart byok serve for a new one",
             )
-        response = Response(status_code=204, headers=API_HEADERS)
-        root = request.scope.get("root_path", "").rstrip("/")
-        response.set_cookie(
-            SESSION_COOKIE, session_id, path=f"{root}/", httponly=True, samesite="strict"
-        )
-        return response
+        idle = int(login.session_idle.total_seconds())
+        return JSONResponse({"session": session, "idle_timeout_seconds": idle}, headers=API_HEADERS)
 
+    async def sign_out(request: Request) -> Response:
+        await read_json_body(request, "SignOutRequest", limit=1024)
+        session = bearer_token(request)
+        if session is not None:
+            login.sign_out(session)
+        return Response(status_code=204, headers=API_HEADERS)
+
+    session, session_methods = by_method(POST=sign_in, DELETE=sign_out)
     return create_app(
         app,
         identify=login,
         pm=pm,
-        extra_routes=[Route("/api/byok/session", endpoint(session), methods=["POST"])],
+        extra_routes=[Route("/api/byok/session", endpoint(session), methods=session_methods)],
         middleware=[Middleware(LocalGuardMiddleware, allowed_hosts=allowed_hosts)],
     )
 

@@ -1,5 +1,11 @@
 // BYOK settings page: a small script, no build step, no dependencies.
 // Every value from the server is written with textContent, never as HTML.
+//
+// Under byok serve the page signs in with the one-time token of the link's fragment and keeps
+// the session token it gets in sessionStorage (this origin -- scheme, host and port -- and this
+// tab only), sending it as "Authorization: Bearer". Never a cookie: a cookie for 127.0.0.1 would
+// go to every server on that address, whatever its port. Under a host, the host's own
+// authentication (its cookies, say) applies and nothing is stored here.
 "use strict";
 
 (function () {
@@ -9,6 +15,19 @@
   const $ = (sel, root = document) => root.querySelector(sel);
 
   const state = { me: null, catalog: [], keys: [], canManage: false };
+  const SESSION_KEY = "byok.session";
+  const session = {
+    get() {
+      try { return window.sessionStorage.getItem(SESSION_KEY); } catch (err) { return null; }
+    },
+    set(token) {
+      try { window.sessionStorage.setItem(SESSION_KEY, token); } catch (err) { /* no storage */ }
+    },
+    clear() {
+      try { window.sessionStorage.removeItem(SESSION_KEY); } catch (err) { /* no storage */ }
+    },
+  };
+  let sessionEnded = false;
   let uid = 0;
   const nextId = (prefix) => `${prefix}-${++uid}`;
 
@@ -23,6 +42,8 @@
 
   async function api(method, path, body) {
     const init = { method, credentials: "same-origin", headers: { Accept: "application/json" } };
+    const token = session.get();
+    if (token) init.headers.Authorization = `Bearer ${token}`;
     if (method !== "GET") {
       init.headers["Content-Type"] = "application/json";
       init.body = JSON.stringify(body === undefined ? {} : body);
@@ -41,6 +62,12 @@
     }
     if (!response.ok) {
       const e = (data && data.error) || {};
+      if (response.status === 401 && path !== "byok/session" && token && session.get() === token) {
+        // the session has ended (12 hours unused, signed out elsewhere, byok serve restarted)
+        session.clear();
+        sessionEnded = true;
+        $("#sign-out").hidden = true;
+      }
       throw new ApiError(response.status, e.code || "http_" + response.status,
         e.message || `The server answered ${response.status}.`, e.field);
     }
@@ -64,6 +91,10 @@
   }
 
   function describe(err) {
+    if (err.code === "unauthenticated" && sessionEnded) {
+      return "Your session has ended (after 12 hours unused, or byok serve was restarted). " +
+        "Restart byok serve for a new sign-in link.";
+    }
     if (err.code === "unauthenticated") {
       return "You are not signed in. Sign in, then reload this page. " +
         "(With byok serve, open the link it printed: each link works once.)";
@@ -382,11 +413,39 @@
     if (!match) return;
     history.replaceState(null, "", window.location.pathname + window.location.search);
     try {
-      await api("POST", "byok/session", { token: match[1] });
+      const signedIn = await api("POST", "byok/session", { token: match[1] });
+      session.set(signedIn.session);
     } catch (err) {
-      if (err.code !== "not_found") pageError(
+      // a spent link in a tab that is still signed in: nothing to say
+      if (err.code !== "not_found" && !session.get()) pageError(
         "This sign-in link has expired or was already used. Restart byok serve for a new link.");
     }
+  }
+
+  async function signOut(button) {
+    button.disabled = true;
+    try {
+      await api("DELETE", "byok/session", {});
+    } catch (err) {
+      // signed out here all the same: the token is forgotten below
+    }
+    session.clear();
+    button.hidden = true;
+    $("#whoami").hidden = true;
+    $("#keys-section").hidden = true;
+    $("#workspace-picker").hidden = true;
+    $("#providers").replaceChildren();
+    pageError("");
+    notify("You are signed out. To sign in again, restart byok serve for a new link.");
+    $("#main").focus();
+  }
+
+  function showSignOut() {
+    const button = $("#sign-out");
+    if (!session.get()) return; // a host's own sign-in: its sign-out is the host's
+    button.hidden = false;
+    button.disabled = false;
+    button.onclick = () => signOut(button);
   }
 
   function showWho(me) {
@@ -431,6 +490,7 @@
     }
     state.me = me;
     showWho(me);
+    showSignOut();
     if (!workspaceId) {
       showPicker(me);
       return;
