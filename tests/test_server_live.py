@@ -273,6 +273,20 @@ def test_byok_serve_refuses_a_link_lifetime_of_zero(serve_env: dict[str, str]) -
     assert "not in the range" in result.stderr
 
 
+@pytest.mark.parametrize("host", ["127.0.0.2", "::1", "localhost"])
+def test_byok_serve_answers_on_any_loopback_address_it_accepts(
+    serve_env: dict[str, str], host: str
+) -> None:
+    """--host takes any loopback address; the Host check must then accept that address too."""
+    serve = Serve(serve_env, "--host", host, "--port", "0")
+    try:
+        parts = urlsplit(serve.url())
+        response = httpx.get(f"{parts.scheme}://{parts.netloc}/api/byok/health")
+    finally:
+        serve.stop()
+    assert response.status_code == 200, response.text
+
+
 def test_byok_serve_listens_on_loopback_only(serve_env: dict[str, str]) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "byok_plugin", "serve", "--host", "0.0.0.0", "--port", "0"],

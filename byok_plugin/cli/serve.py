@@ -7,7 +7,7 @@ from datetime import datetime, timedelta
 import click
 
 from byok_plugin.cli.context import CliContext, pass_cli
-from byok_plugin.cli.listen import is_loopback, listen_on
+from byok_plugin.cli.listen import is_loopback, listen_on, url_host
 
 DEFAULT_PORT = 8765
 
@@ -57,7 +57,7 @@ def serve_command(
         import uvicorn
 
         from byok_plugin.server import LocalLogin
-        from byok_plugin.server.local import create_local_app, login_url
+        from byok_plugin.server.local import LOOPBACK_HOSTS, create_local_app, login_url
     except ImportError:
         raise click.ClickException(
             "byok serve needs the server extra: pip install 'byok-plugin[server]'"
@@ -72,7 +72,9 @@ def serve_command(
         click.secho("keys can be listed but not added until a master key exists", err=True)
 
     login = LocalLogin(OPERATOR, link_lifetime=timedelta(minutes=link_minutes))
-    asgi = create_local_app(cli.app, login, pm=cli.pm)
+    # the Host check: the usual loopback names, and the one asked for (127.0.0.2, say)
+    allowed_hosts = (*LOOPBACK_HOSTS, url_host(host))
+    asgi = create_local_app(cli.app, login, pm=cli.pm, allowed_hosts=allowed_hosts)
     sock = listen_on(host, port)
     bound_port = sock.getsockname()[1]
     url = login_url(
