@@ -153,13 +153,6 @@ class EmulatorServer(BackgroundServer):
         return self.state.calls(provider, api_key=api_key)
 
 
-def serve_forever(state: EmulatorState, *, host: str, port: int, log_level: str = "info") -> None:
-    """Run the emulator in the foreground until interrupted (Ctrl-C)."""
-    uvicorn.Server(
-        uvicorn.Config(build_app(state), host=host, port=port, log_level=log_level, lifespan="off")
-    ).run()
-
-
 def describe(server_url: str) -> Mapping[str, str]:
     """``BYOK_<PROVIDER>_BASE_URL`` values for an emulator at ``server_url``."""
     return {BASE_URL_VARS[p]: server_url.rstrip("/") + path for p, path in BASE_PATHS.items()}
