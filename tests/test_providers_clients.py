@@ -557,3 +557,24 @@ def test_an_exa_cost_is_read_exactly():
 
     assert exa_usage({"costDollars": {"total": 0.005}}).reported_cost == Decimal("0.005")
     assert exa_usage({}).reported_cost is None
+
+
+@pytest.mark.parametrize(
+    ("provider", "limit_field"), [("openai", "max_completion_tokens"), ("mistral", "max_tokens")]
+)
+def test_each_chat_completions_body_names_its_own_output_limit(emulator, provider, limit_field):
+    key = emulator.new_key(provider)
+    request = CompletionRequest(
+        model=MODELS[provider],
+        messages=(Message("user", "Classify this ticket."),),
+        temperature=0.3,
+        max_output_tokens=123,
+        response_schema={"type": "object", "properties": {"label": {"type": "string"}}},
+    )
+    with_clients(emulator, lambda c: c[provider].complete(request, api_key=key))
+    body = emulator.calls(provider)[0].body
+    assert body[limit_field] == 123
+    (other,) = {"max_tokens", "max_completion_tokens"} - {limit_field}
+    assert other not in body
+    assert body["temperature"] == 0.3
+    assert body["response_format"]["type"] == "json_schema"

@@ -24,11 +24,9 @@ from byok_plugin.host.providers.common import CompletionRequest, CompletionResul
 from byok_plugin.host.providers.errors import UnsupportedRequest
 from byok_plugin.host.providers.openai import (
     ChatChunkAccumulator,
-    chat_messages,
-    function_tools,
+    chat_body,
     openai_usage,
     parse_chat_completion,
-    tool_choice,
 )
 
 
@@ -55,25 +53,7 @@ class MistralClient(ProviderClient):
             raise UnsupportedRequest(
                 self.provider, "chat completions have no web search (it is an Agents API connector)"
             )
-        body: dict[str, Any] = {"model": request.model, "messages": chat_messages(request)}
-        if request.temperature is not None:
-            body["temperature"] = request.temperature
-        if request.max_output_tokens is not None:
-            body["max_tokens"] = request.max_output_tokens
-        if request.response_schema is not None:
-            body["response_format"] = {
-                "type": "json_schema",
-                "json_schema": {
-                    "name": request.schema_name,
-                    "schema": dict(request.response_schema),
-                    "strict": True,
-                },
-            }
-        tools = function_tools(request)
-        if tools:
-            body["tools"] = tools
-        if request.tool_choice is not None:
-            body["tool_choice"] = tool_choice(request.tool_choice)
+        body = chat_body(request, max_tokens_field="max_tokens")
         if stream:
             body["stream"] = True
         return body

@@ -230,6 +230,31 @@ def parse_chat_completion(provider: str, payload: Any, usage_of: Any) -> Complet
         ) from None
 
 
+def chat_body(request: CompletionRequest, *, max_tokens_field: str) -> dict[str, Any]:
+    """The parts of a chat-completions body that OpenAI and Mistral share; each names its own
+    output-token limit field (``max_completion_tokens``, ``max_tokens``)."""
+    body: dict[str, Any] = {"model": request.model, "messages": chat_messages(request)}
+    if request.temperature is not None:
+        body["temperature"] = request.temperature
+    if request.max_output_tokens is not None:
+        body[max_tokens_field] = request.max_output_tokens
+    if request.response_schema is not None:
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {
+                "name": request.schema_name,
+                "schema": dict(request.response_schema),
+                "strict": True,
+            },
+        }
+    tools = function_tools(request)
+    if tools:
+        body["tools"] = tools
+    if request.tool_choice is not None:
+        body["tool_choice"] = tool_choice(request.tool_choice)
+    return body
+
+
 class OpenAIClient(ProviderClient):
     provider = "openai"
     default_base_url = "https://api.openai.com/v1"
@@ -247,25 +272,7 @@ class OpenAIClient(ProviderClient):
         return code == "insufficient_quota"
 
     def body(self, request: CompletionRequest, *, stream: bool) -> dict[str, Any]:
-        body: dict[str, Any] = {"model": request.model, "messages": chat_messages(request)}
-        if request.temperature is not None:
-            body["temperature"] = request.temperature
-        if request.max_output_tokens is not None:
-            body["max_completion_tokens"] = request.max_output_tokens
-        if request.response_schema is not None:
-            body["response_format"] = {
-                "type": "json_schema",
-                "json_schema": {
-                    "name": request.schema_name,
-                    "schema": dict(request.response_schema),
-                    "strict": True,
-                },
-            }
-        tools = function_tools(request)
-        if tools:
-            body["tools"] = tools
-        if request.tool_choice is not None:
-            body["tool_choice"] = tool_choice(request.tool_choice)
+        body = chat_body(request, max_tokens_field="max_completion_tokens")
         if request.web_search is not None:
             if request.web_search.max_uses is not None:
                 raise UnsupportedRequest(
