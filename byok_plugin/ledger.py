@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from byok_hookspecs import CredentialSource, UsageRecord
+from byok_hookspecs import USAGE_COUNTS, CredentialSource, UsageRecord
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect, Engine
 
@@ -49,14 +49,7 @@ from byok_plugin.store.tables import UTCDateTime, metadata
 __all__ = ["ExactDecimal", "Ledger", "LedgerRow", "usage_ledger"]
 
 MAX_IDEMPOTENCY_KEY = 255
-_TOKEN_FIELDS = (
-    "input_tokens",
-    "cached_input_tokens",
-    "cache_write_tokens",
-    "output_tokens",
-    "reasoning_tokens",
-    "tool_requests",
-)
+_TOKEN_FIELDS = USAGE_COUNTS
 
 
 class ExactDecimal(sa.TypeDecorator[Decimal]):

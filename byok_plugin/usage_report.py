@@ -13,7 +13,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from byok_hookspecs import CredentialSource
+from byok_hookspecs import USAGE_COUNTS, CredentialSource
 
 if TYPE_CHECKING:  # the ledger (and SQLAlchemy) load when a report is built, not for --help
     from byok_plugin.ledger import LedgerRow
@@ -23,14 +23,7 @@ __all__ = ["GROUP_KEYS", "Totals", "UsageReport", "build_report"]
 #: what rows can be grouped by, in display order
 GROUP_KEYS = ("day", "workspace", "provider", "model", "source")
 _SHARE = Decimal("0.0001")
-_TOKENS = (
-    "input_tokens",
-    "cached_input_tokens",
-    "cache_write_tokens",
-    "output_tokens",
-    "reasoning_tokens",
-    "tool_requests",
-)
+_TOKENS = USAGE_COUNTS
 
 
 @dataclass

@@ -228,3 +228,12 @@ def test_actor_roles() -> None:
     assert actor.role_in("acme") == "admin"
     assert actor.role_in("other") is None
     assert Action.MANAGE_KEYS == "keys.manage"
+
+
+def test_usage_counts_names_every_count_of_a_usage() -> None:
+    from dataclasses import fields
+
+    from byok_hookspecs import USAGE_COUNTS
+
+    ints = tuple(f.name for f in fields(Usage) if f.type in ("int", int))
+    assert ints == USAGE_COUNTS

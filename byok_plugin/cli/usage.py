@@ -12,6 +12,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 
 import click
+from byok_hookspecs import USAGE_COUNTS
 from rich.console import Console
 from rich.table import Table
 
@@ -25,12 +26,7 @@ _COLUMNS = (
     "calls",
     "byok_calls",
     "byok_share",
-    "input_tokens",
-    "cached_input_tokens",
-    "cache_write_tokens",
-    "output_tokens",
-    "reasoning_tokens",
-    "tool_requests",
+    *USAGE_COUNTS,
     "list_cost",
     "charged",
     "byok_saved",

@@ -22,6 +22,7 @@ from byok_hookspecs.errors import (  # noqa: E402  (the markers must exist first
 )
 from byok_hookspecs.manager import add_to, get_plugin_manager, selected_plugins  # noqa: E402
 from byok_hookspecs.types import (  # noqa: E402
+    USAGE_COUNTS,
     Action,
     Actor,
     AuditEvent,
@@ -43,6 +44,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ENTRY_POINT_GROUP",
     "PROJECT_NAME",
+    "USAGE_COUNTS",
     "Action",
     "Actor",
     "AuditEvent",

@@ -14,6 +14,7 @@ from decimal import Decimal
 from types import MappingProxyType
 
 __all__ = [
+    "USAGE_COUNTS",
     "Action",
     "Actor",
     "AuditEvent",
@@ -29,6 +30,16 @@ __all__ = [
     "Usage",
     "UsageRecord",
 ]
+
+#: the counts a :class:`Usage` carries, in display order (each a non-negative int)
+USAGE_COUNTS = (
+    "input_tokens",
+    "cached_input_tokens",
+    "cache_write_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "tool_requests",
+)
 
 _NO_ROLES: Mapping[str, Role | str] = MappingProxyType({})
 
@@ -200,14 +211,7 @@ class Usage:
     reported_cost: Decimal | None = None
 
     def __post_init__(self) -> None:
-        for name in (
-            "input_tokens",
-            "cached_input_tokens",
-            "cache_write_tokens",
-            "output_tokens",
-            "reasoning_tokens",
-            "tool_requests",
-        ):
+        for name in USAGE_COUNTS:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"Usage.{name} must be a non-negative integer, got {value!r}")
