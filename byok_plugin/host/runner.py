@@ -448,6 +448,12 @@ class WorkflowRunner:
                         run.emit("finished", block_id, skipped.type, result=skipped)
                         release(block_id)
                         continue
+                    if not ready and not tasks:
+                        # the only block that can run now: awaited here, without a task and a
+                        # trip through the queue (a one-block run, or a chain of blocks)
+                        result = await self._run_block(run, workflow.blocks[block_id])
+                        failed = self._finished(run, block_id, result, failed, release)
+                        continue
                     task = asyncio.create_task(self._run_block(run, workflow.blocks[block_id]))
                     task.add_done_callback(lambda t, b=block_id: done.put_nowait((b, t)))
                     tasks[block_id] = task
@@ -455,13 +461,7 @@ class WorkflowRunner:
                     break
                 block_id, task = await done.get()
                 del tasks[block_id]
-                result = task.result()
-                run.results[block_id] = result
-                run.emit("finished", block_id, result.type, result=result)
-                if result.status is BlockStatus.FAILED:
-                    failed = failed or result
-                else:
-                    release(block_id)
+                failed = self._finished(run, block_id, task.result(), failed, release)
         finally:
             for task in tasks.values():
                 task.cancel()
@@ -475,6 +475,22 @@ class WorkflowRunner:
                     )
                     run.results[block_id] = skipped
                     run.emit("finished", block_id, skipped.type, result=skipped)
+        return failed
+
+    @staticmethod
+    def _finished(
+        run: _Run,
+        block_id: str,
+        result: BlockResult,
+        failed: BlockResult | None,
+        release: Callable[[str], None],
+    ) -> BlockResult | None:
+        """Keep a finished block's result; the run's first failed block so far."""
+        run.results[block_id] = result
+        run.emit("finished", block_id, result.type, result=result)
+        if result.status is BlockStatus.FAILED:
+            return failed or result
+        release(block_id)
         return failed
 
     def _activated(self, run: _Run, block_id: str) -> bool:
