@@ -48,6 +48,13 @@ class App:
     def __repr__(self) -> str:
         return f"App(database={self.settings.database_url.split('://', 1)[0]!r})"
 
+    @property
+    def store_is_local(self) -> bool:
+        """Whether the store is a SQLite database on this machine (its reads and writes never
+        wait on the network), not a PostgreSQL server."""
+        scheme = self.settings.database_url.split(":", 1)[0]
+        return scheme.split("+", 1)[0] == "sqlite"
+
     # -- key store (issue 3) ----------------------------------------------------------------
 
     @cached_property

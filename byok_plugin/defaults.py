@@ -30,6 +30,19 @@ from byok_plugin.settings import Settings
 
 audit_log = logging.getLogger("byok.audit")
 
+#: hooks answered from memory (the catalog, the price table, the platform key pool, roles)
+_IN_MEMORY_HOOKS = frozenset(
+    {
+        "byok_manager_ready",
+        "byok_is_hosted",
+        "byok_platform_key",
+        "byok_compute_charge",
+        "byok_authorize",
+    }
+)
+#: hooks that read or write the store: non-blocking when it is a local SQLite file
+_STORE_HOOKS = frozenset({"byok_resolve_credential", "byok_record_usage", "byok_audit"})
+
 
 class DefaultPlugin:
     """The default implementations, bound to one :class:`App` (built lazily when not given)."""
@@ -49,6 +62,18 @@ class DefaultPlugin:
 
     def __repr__(self) -> str:
         return "<byok_plugin DefaultPlugin>"
+
+    @property
+    def byok_nonblocking_hooks(self) -> frozenset[str]:
+        """The implementations an asyncio host may call on its event loop
+        (:mod:`byok_hookspecs.blocking`): those answered from memory, and those that use the store
+        when it is a local SQLite file (a fraction of a millisecond; no network). On PostgreSQL
+        the store hooks are a network round trip. ``byok_validate_key`` calls the provider."""
+        try:
+            local = self.app.store_is_local
+        except Exception:  # a configuration error: the hooks will report it, not this hint
+            local = False
+        return _IN_MEMORY_HOOKS | _STORE_HOOKS if local else _IN_MEMORY_HOOKS
 
     @cached_property
     def app(self) -> App:

@@ -27,9 +27,12 @@ that does not complete is neither charged nor recorded. A failed block fails the
 already running finish (their completed calls are recorded), blocks not started are reported as
 skipped.
 
-The hooks are synchronous and may read or write a database, so they run in a worker thread
-(:func:`asyncio.to_thread`) and never stall the event loop; ``RunnerOptions.hooks_in_thread=False``
-calls them inline, for hooks known to be in-memory (see ``benchmarks/bench_runner.py``).
+The hooks are synchronous and may wait on a database or a remote service, so by default they run
+in a worker thread and never stall the event loop, unless every implementation of the hooks a call
+goes through declares that it never waits on the network (:mod:`byok_hookspecs.blocking`): then
+they are called inline, which saves two thread switches per call. byok-plugin's own
+implementations declare it on a local SQLite store, not on PostgreSQL.
+``RunnerOptions.hooks_in_thread`` forces either way (see ``benchmarks/bench_runner.py``).
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ from byok_hookspecs import (
     ProviderFailure,
     Usage,
     UsageRecord,
+    blocking_implementations,
 )
 from jsonschema import Draft202012Validator
 
@@ -130,6 +134,16 @@ _SEARCH_FUNCTION = FunctionTool(
         "required": ["query"],
     },
 )
+#: the hooks a provider call goes through, with those the default resolution asks in turn
+RUN_HOOKS = (
+    "byok_resolve_credential",
+    "byok_is_hosted",
+    "byok_platform_key",
+    "byok_authorize",
+    "byok_audit",
+    "byok_compute_charge",
+    "byok_record_usage",
+)
 #: errors worth trying the block again for: the call did not complete, and may next time
 _TRANSIENT = (ServerError, ProviderTimeout, ProviderUnreachable, ProtocolError)
 
@@ -156,14 +170,17 @@ class RunnerOptions:
     :param max_key_rounds: keys tried for one call (the first included) when the provider refuses
         them, before the block fails.
     :param record_attempts: tries of ``byok_record_usage`` (idempotent) before the block fails.
-    :param hooks_in_thread: call the hooks in a worker thread (they may do blocking I/O).
+    :param hooks_in_thread: ``True`` calls the hooks in a worker thread, ``False`` on the event
+        loop; ``None`` (the default) on the event loop when every implementation of
+        :data:`RUN_HOOKS` declares it never waits on the network
+        (:func:`byok_hookspecs.blocking_implementations`), else in a worker thread.
     """
 
     max_concurrent_calls: int = 16
     block_retries: int = 1
     max_key_rounds: int = 4
     record_attempts: int = 3
-    hooks_in_thread: bool = True
+    hooks_in_thread: bool | None = None
 
     def __post_init__(self) -> None:
         if self.max_concurrent_calls < 1:
@@ -251,6 +268,7 @@ class WorkflowRunner:
         self._model_check = model_check
         self._known: dict[tuple[str, str], bool | None] = {}
         self._checked: dict[int, weakref.ref[Workflow]] = {}
+        self._threading: tuple[frozenset[int], bool] | None = None
 
     def __repr__(self) -> str:
         return f"WorkflowRunner(providers={sorted(self.clients)}, options={self.options})"
@@ -408,9 +426,23 @@ class WorkflowRunner:
             latency=self._clock() - started,
         )
 
+    def hooks_in_thread(self) -> bool:
+        """Whether the hooks are called in a worker thread: ``options.hooks_in_thread``, else
+        whether an implementation of :data:`RUN_HOOKS` may block (decided again when the
+        manager's plugins change)."""
+        if self.options.hooks_in_thread is not None:
+            return self.options.hooks_in_thread
+        plugins = frozenset(map(id, self.pm.get_plugins()))
+        if self._threading is None or self._threading[0] != plugins:
+            blocking = blocking_implementations(self.pm, RUN_HOOKS)
+            if blocking:
+                log.debug("hooks called in a worker thread: these may block: %s", blocking)
+            self._threading = (plugins, bool(blocking))
+        return self._threading[1]
+
     def _needs_thread(self, workflow: Workflow) -> bool:
         """Whether the preflight will call a hook (a model not yet in the cache)."""
-        if not self.options.hooks_in_thread:
+        if not self.hooks_in_thread():
             return False
         for block in workflow.blocks.values():
             if isinstance(block, AgentBlock) and (block.provider, block.model) not in self._known:
@@ -902,8 +934,9 @@ class WorkflowRunner:
         )
 
     async def _hook(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Call a (synchronous) hook, in the loop's default executor unless told otherwise."""
-        if self.options.hooks_in_thread:
+        """Call a (synchronous) hook, in the loop's default executor unless the hooks do not
+        block (:meth:`hooks_in_thread`)."""
+        if self.hooks_in_thread():
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(None, functools.partial(fn, *args, **kwargs))
         return fn(*args, **kwargs)

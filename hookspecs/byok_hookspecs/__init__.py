@@ -13,6 +13,10 @@ ENTRY_POINT_GROUP = "byok"
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
+from byok_hookspecs.blocking import (  # noqa: E402
+    NONBLOCKING_ATTRIBUTE,
+    blocking_implementations,
+)
 from byok_hookspecs.errors import (  # noqa: E402  (the markers must exist first)
     ByokError,
     CredentialUnavailable,
@@ -43,6 +47,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "NONBLOCKING_ATTRIBUTE",
     "PROJECT_NAME",
     "USAGE_COUNTS",
     "Action",
@@ -65,6 +70,7 @@ __all__ = [
     "Usage",
     "UsageRecord",
     "add_to",
+    "blocking_implementations",
     "get_plugin_manager",
     "hookimpl",
     "hookspec",

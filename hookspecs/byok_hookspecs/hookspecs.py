@@ -1,7 +1,8 @@
 """The hook specifications of the pluggy project ``byok``.
 
 Every hook is prefixed ``byok_`` because hosts add these specs to their own plugin manager.
-Hooks are synchronous: an asyncio host calls the ones that touch a store from a worker thread.
+Hooks are synchronous: an asyncio host calls the ones that may wait on the network from a worker
+thread (:mod:`byok_hookspecs.blocking` says which implementations never do).
 """
 
 from __future__ import annotations

@@ -1,0 +1,55 @@
+"""Which hook implementations never wait on the network: what lets an asyncio host call them inline.
+
+Hooks are synchronous. An asyncio host must not stall its event loop on an implementation that
+waits on the network (a PostgreSQL store, a secrets vault, a metering API), so by default it calls
+the hooks from a worker thread. That trip costs a thread switch each way, which is a large share
+of a fast provider call. A plugin whose implementations never wait on the network (they compute
+in memory, or read and write a local file in well under a millisecond) says so, and a host may
+then call them on the event loop::
+
+    class MyBilling:
+        byok_nonblocking_hooks = frozenset({"byok_compute_charge"})
+
+        @hookimpl(tryfirst=True)
+        def byok_compute_charge(self, usage, credential): ...
+
+The attribute holds the names of the plugin's hook implementations that do not block. It may be a
+property, computed per plugin instance: the default plugin's store hooks are non-blocking on a
+local SQLite file and blocking on PostgreSQL. A plugin that does not set it blocks, as far as a
+host knows. A module registered as a plugin sets it at module level.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import pluggy
+
+__all__ = ["NONBLOCKING_ATTRIBUTE", "blocking_implementations"]
+
+#: the plugin attribute that names its non-blocking hook implementations
+NONBLOCKING_ATTRIBUTE = "byok_nonblocking_hooks"
+
+
+def blocking_implementations(
+    pm: pluggy.PluginManager, hook_names: Iterable[str]
+) -> list[tuple[str, str]]:
+    """The implementations of ``hook_names`` in ``pm`` that may block (not declared otherwise).
+
+    :param pm: a plugin manager with the byok hooks.
+    :param hook_names: the hooks a host is about to call, including those their implementations
+        call in turn (the default ``byok_resolve_credential`` asks ``byok_is_hosted``,
+        ``byok_platform_key``, ``byok_authorize`` and ``byok_audit``).
+    :returns: ``(hook name, plugin name)`` of each implementation that may block, in hook order;
+        empty when every one may be called on an event loop.
+    """
+    found = []
+    for name in hook_names:
+        caller = getattr(pm.hook, name, None)
+        if caller is None:
+            continue
+        for impl in caller.get_hookimpls():
+            declared = getattr(impl.plugin, NONBLOCKING_ATTRIBUTE, ())
+            if name not in declared:
+                found.append((name, impl.plugin_name))
+    return found

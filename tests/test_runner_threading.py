@@ -1,0 +1,260 @@
+"""Where the runner calls the hooks: on the event loop when every implementation of the hooks a
+call goes through declares it never waits on the network (``byok_nonblocking_hooks``), else in a
+worker thread. Shown with the thread each hook really ran on, over real HTTP to the emulator, with
+the real default plugin on a SQLite file and on PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import types
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import pluggy
+import pytest
+from byok_hookspecs import (
+    NONBLOCKING_ATTRIBUTE,
+    PROJECT_NAME,
+    AuditEvent,
+    Charge,
+    Credential,
+    CredentialRequest,
+    CredentialSource,
+    Usage,
+    UsageRecord,
+    add_to,
+    blocking_implementations,
+    hookimpl,
+)
+
+from byok_plugin.app import App
+from byok_plugin.cli.demo import BYOK_WORKSPACE, DemoStack
+from byok_plugin.defaults import DefaultPlugin
+from byok_plugin.host.emulator import EmulatorServer
+from byok_plugin.host.run_result import RunStatus
+from byok_plugin.host.runner import RUN_HOOKS, RunnerOptions, WorkflowRunner
+from byok_plugin.host.workflow import parse_workflow
+from byok_plugin.settings import Settings
+
+STORE_HOOKS = {"byok_resolve_credential", "byok_record_usage", "byok_audit"}
+WORKFLOW = parse_workflow(
+    {
+        "name": "one",
+        "version": "1",
+        "blocks": {"answer": {"type": "agent", "model": "gpt-4o-mini", "prompt": "Say hi."}},
+    }
+)
+
+
+class ThreadSpy:
+    """Notes the thread of every hook call it sees; implements ``byok_record_usage`` (all
+    implementations run), so it sits beside the default plugin without changing any answer."""
+
+    def __init__(self, declared: frozenset[str] = frozenset()) -> None:
+        self.threads: dict[str, set[int]] = {}
+        if declared:
+            setattr(self, NONBLOCKING_ATTRIBUTE, declared)
+
+    def saw(self, hook: str) -> None:
+        self.threads.setdefault(hook, set()).add(threading.get_ident())
+
+    @hookimpl
+    def byok_record_usage(self, record: UsageRecord) -> None:
+        self.saw("byok_record_usage")
+
+
+class Answers(ThreadSpy):
+    """A whole stand-in for the run hooks: the emulator key as a workspace key, charged 0."""
+
+    def __init__(self, key: str, declared: frozenset[str] = frozenset()) -> None:
+        super().__init__(declared)
+        self.key = key
+
+    @hookimpl
+    def byok_is_hosted(self, provider: str, model: str) -> bool | None:
+        return True
+
+    @hookimpl
+    def byok_resolve_credential(self, request: CredentialRequest) -> Credential | None:
+        self.saw("byok_resolve_credential")
+        return Credential(
+            self.key, request.provider, CredentialSource.WORKSPACE, key_id="k1", hint="sk-...k1"
+        )
+
+    @hookimpl
+    def byok_compute_charge(self, usage: Usage, credential: Credential) -> Charge | None:
+        self.saw("byok_compute_charge")
+        return Charge(Decimal(0), reason="byok")
+
+
+def new_manager(*plugins: object) -> pluggy.PluginManager:
+    pm = pluggy.PluginManager(PROJECT_NAME)
+    add_to(pm, load_entrypoints=False)
+    for plugin in plugins:
+        pm.register(plugin)
+    return pm
+
+
+def run_once(pm: pluggy.PluginManager, environ: dict[str, str], **options: object) -> int:
+    """Run the one-block workflow; the event loop's thread."""
+
+    async def main() -> int:
+        async with WorkflowRunner.open(
+            pm,
+            environ=environ,
+            options=RunnerOptions(**options),  # type: ignore[arg-type]
+        ) as runner:
+            result = await runner.run(WORKFLOW, workspace_id=BYOK_WORKSPACE)
+        assert result.status is RunStatus.COMPLETED, result.error
+        return threading.get_ident()
+
+    return asyncio.run(main())
+
+
+@pytest.fixture
+def key(emulator: EmulatorServer) -> str:
+    return emulator.new_key("openai", label="spy")
+
+
+# --- the contract's helper ------------------------------------------------------------------------
+
+
+def test_blocking_implementations_names_each_undeclared_implementation() -> None:
+    class Declared:
+        byok_nonblocking_hooks = frozenset({"byok_compute_charge", "byok_record_usage"})
+
+        @hookimpl
+        def byok_compute_charge(self, usage: Usage, credential: Credential) -> Charge | None:
+            return None
+
+        @hookimpl
+        def byok_record_usage(self, record: UsageRecord) -> None:
+            return None
+
+    class PartlyDeclared:
+        byok_nonblocking_hooks = frozenset({"byok_compute_charge"})  # its audit hook may block
+
+        @hookimpl
+        def byok_audit(self, event: AuditEvent) -> None:
+            return None
+
+    module = types.ModuleType("metering_export")
+    module.byok_record_usage = hookimpl(lambda record: None)  # type: ignore[attr-defined]
+
+    pm = new_manager()
+    pm.register(Declared(), name="declared")
+    pm.register(PartlyDeclared(), name="partly")
+    pm.register(module, name="metering_export")
+    assert blocking_implementations(pm, ["byok_compute_charge"]) == []
+    assert blocking_implementations(pm, RUN_HOOKS) == [
+        ("byok_audit", "partly"),
+        ("byok_record_usage", "metering_export"),
+    ]
+    # a module declares at module level, as any plugin
+    module.byok_nonblocking_hooks = {"byok_record_usage"}  # type: ignore[attr-defined]
+    assert blocking_implementations(pm, RUN_HOOKS) == [("byok_audit", "partly")]
+    # a hook the manager does not have is no obstacle
+    assert blocking_implementations(pm, ["byok_no_such_hook"]) == []
+
+
+def test_the_default_plugin_declares_its_store_hooks_only_on_a_local_sqlite_file(
+    tmp_path: Path,
+) -> None:
+    home = {"BYOK_HOME": str(tmp_path)}
+    local = DefaultPlugin(App(Settings.from_environ(home)))
+    remote = DefaultPlugin(
+        App(
+            Settings.from_environ(
+                {**home, "BYOK_DATABASE_URL": "postgresql+psycopg://byok@db.internal:5432/byok"}
+            )
+        )
+    )
+    assert set(RUN_HOOKS) <= local.byok_nonblocking_hooks
+    assert "byok_validate_key" not in local.byok_nonblocking_hooks  # it calls the provider
+    assert STORE_HOOKS.isdisjoint(remote.byok_nonblocking_hooks)
+    assert "byok_compute_charge" in remote.byok_nonblocking_hooks  # in memory on any store
+    assert blocking_implementations(new_manager(local), RUN_HOOKS) == []
+    assert {h for h, _ in blocking_implementations(new_manager(remote), RUN_HOOKS)} == STORE_HOOKS
+
+
+def test_a_default_plugin_that_cannot_read_its_configuration_counts_as_blocking() -> None:
+    def broken() -> App:
+        raise RuntimeError("BYOK_DATABASE_URL is not a URL")
+
+    plugin = DefaultPlugin(app_factory=broken)
+    assert STORE_HOOKS.isdisjoint(plugin.byok_nonblocking_hooks)
+
+
+# --- the runner -----------------------------------------------------------------------------------
+
+
+def test_declared_hooks_run_on_the_event_loop(emulator: EmulatorServer, key: str) -> None:
+    answers = Answers(key, declared=frozenset(RUN_HOOKS))
+    loop_thread = run_once(new_manager(answers), emulator.environ())
+    assert answers.threads == {
+        hook: {loop_thread}
+        for hook in ("byok_resolve_credential", "byok_compute_charge", "byok_record_usage")
+    }
+
+
+def test_undeclared_hooks_run_in_a_worker_thread(emulator: EmulatorServer, key: str) -> None:
+    answers = Answers(key)
+    loop_thread = run_once(new_manager(answers), emulator.environ())
+    assert set(answers.threads) == {
+        "byok_resolve_credential",
+        "byok_compute_charge",
+        "byok_record_usage",
+    }
+    assert all(loop_thread not in threads for threads in answers.threads.values())
+
+
+def test_one_undeclared_plugin_sends_every_hook_to_a_thread(
+    emulator: EmulatorServer, key: str
+) -> None:
+    answers = Answers(key, declared=frozenset(RUN_HOOKS))
+    exporter = ThreadSpy()  # a metering export that may block, beside a declared plugin
+    loop_thread = run_once(new_manager(answers, exporter), emulator.environ())
+    assert loop_thread not in answers.threads["byok_resolve_credential"]
+    assert loop_thread not in exporter.threads["byok_record_usage"]
+
+
+def test_the_option_overrides_the_declarations(emulator: EmulatorServer, key: str) -> None:
+    answers = Answers(key, declared=frozenset(RUN_HOOKS))
+    loop_thread = run_once(new_manager(answers), emulator.environ(), hooks_in_thread=True)
+    assert loop_thread not in answers.threads["byok_resolve_credential"]
+    undeclared = Answers(key)
+    loop_thread = run_once(new_manager(undeclared), emulator.environ(), hooks_in_thread=False)
+    assert undeclared.threads["byok_resolve_credential"] == {loop_thread}
+
+
+def test_the_decision_follows_plugins_registered_later(key: str) -> None:
+    pm = new_manager(Answers(key, declared=frozenset(RUN_HOOKS)))
+    runner = WorkflowRunner(pm, {})
+    assert runner.hooks_in_thread() is False
+    late = ThreadSpy()
+    pm.register(late)
+    assert runner.hooks_in_thread() is True
+    pm.unregister(late)
+    assert runner.hooks_in_thread() is False
+
+
+@pytest.fixture
+def stack(emulator: EmulatorServer, tmp_path: Path, database_url: str) -> Iterator[DemoStack]:
+    built = DemoStack(tmp_path / "home", emulator, database_url=database_url)
+    built.store_workspace_keys(BYOK_WORKSPACE, providers=("openai",))
+    yield built
+    built.close()
+
+
+def test_the_default_plugin_runs_on_the_loop_on_sqlite_and_in_a_thread_on_postgresql(
+    stack: DemoStack,
+) -> None:
+    spy = ThreadSpy(declared=frozenset({"byok_record_usage"}))
+    stack.pm.register(spy)
+    loop_thread = run_once(stack.pm, stack.environ)
+    on_loop = spy.threads["byok_record_usage"] == {loop_thread}
+    assert on_loop is stack.app.store_is_local
+    assert on_loop is stack.settings.database_url.startswith("sqlite")
+    assert stack.app.ledger.count() == 1
