@@ -39,6 +39,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
@@ -91,8 +92,20 @@ def _stored_reason(key: StoredKey) -> FailureReason:
         return FailureReason.ERROR
 
 
+@dataclass(slots=True)
+class _Entry:
+    expires: float
+    keys: tuple[StoredKey, ...]
+    credentials: dict[tuple[str, str], Credential] = field(default_factory=dict)
+
+
 class KeyListCache:
-    """Each (workspace, provider)'s enabled keys, for a few seconds; bounded, thread-safe."""
+    """Each (workspace, provider)'s enabled keys, for a few seconds; bounded, thread-safe.
+
+    An entry also keeps the credentials decrypted from its keys (:meth:`credential`), so a key
+    served again within the same few seconds is not decrypted again; they go when the entry goes
+    (expiry, :meth:`invalidate`, eviction), so a plaintext is never held longer than its list.
+    """
 
     def __init__(
         self,
@@ -104,34 +117,50 @@ class KeyListCache:
         self.ttl = ttl_seconds
         self.max_entries = max_entries
         self._clock = clock
-        self._entries: OrderedDict[tuple[str, str], tuple[float, tuple[StoredKey, ...]]] = (
-            OrderedDict()
-        )
+        self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, workspace_id: str, provider: str) -> tuple[StoredKey, ...] | None:
+    def _live(self, workspace_id: str, provider: str) -> _Entry | None:
         if self.ttl <= 0:
             return None
         key = (workspace_id, provider)
         entry = self._entries.get(key)
         if entry is None:
             return None
-        if entry[0] <= self._clock():
+        if entry.expires <= self._clock():
             with self._lock:
-                self._entries.pop(key, None)
+                if self._entries.get(key) is entry:
+                    del self._entries[key]
             return None
-        return entry[1]
+        return entry
+
+    def get(self, workspace_id: str, provider: str) -> tuple[StoredKey, ...] | None:
+        entry = self._live(workspace_id, provider)
+        return entry.keys if entry is not None else None
 
     def put(self, workspace_id: str, provider: str, keys: Sequence[StoredKey]) -> None:
         if self.ttl <= 0:
             return
         with self._lock:
-            self._entries[(workspace_id, provider)] = (self._clock() + self.ttl, tuple(keys))
+            self._entries[(workspace_id, provider)] = _Entry(self._clock() + self.ttl, tuple(keys))
             while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)  # the oldest entry
+
+    def credential(self, key: StoredKey, reveal: Callable[[StoredKey], Credential]) -> Credential:
+        """``reveal(key)``, or the credential it gave for this very key (same id and ciphertext)
+        while the key's list is cached."""
+        entry = self._live(key.workspace_id, key.provider)
+        if entry is None or not any(k is key for k in entry.keys):
+            return reveal(key)  # a list read since, or not cached: no plaintext kept
+        slot = (key.id, key.ciphertext)
+        credential = entry.credentials.get(slot)
+        if credential is None:
+            credential = reveal(key)
+            entry.credentials[slot] = credential  # a race only decrypts twice
+        return credential
 
     def invalidate(self, workspace_id: str, provider: str | None = None) -> None:
         with self._lock:
@@ -404,7 +433,8 @@ class Resolver:
         return usable[turn % len(usable)]
 
     def _reveal(self, key: StoredKey) -> Credential:
-        credential = self._keys.reveal(key)  # raises if it does not decrypt: never a fallback
+        # raises if it does not decrypt: never a fallback
+        credential = self.cache.credential(key, self._keys.reveal)
         self._note_used(key.id)
         return credential
 

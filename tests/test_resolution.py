@@ -39,6 +39,7 @@ from byok_plugin.key_errors import KeyDecryptionError, StoreUnavailable
 from byok_plugin.keys import KeyService
 from byok_plugin.manager import plugin_manager_for
 from byok_plugin.resolution import KeyListCache
+from byok_plugin.store.keys_repo import StoredKey
 from byok_plugin.store.tables import workspace_keys
 from byok_plugin.workspace_settings import FallbackPolicy
 
@@ -341,6 +342,63 @@ def test_key_list_cache_expires_and_is_bounded() -> None:
     cache.invalidate("w4")
     assert cache.get("w4", "openai") is None
     assert KeyListCache(0).get("w", "p") is None  # off
+
+
+def _stored(key_id: str, ciphertext: str, workspace_id: str = "w1") -> StoredKey:
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    return StoredKey(
+        id=key_id,
+        workspace_id=workspace_id,
+        provider="openai",
+        label="",
+        hint="sk-...abcd",
+        fingerprint="f",
+        status="enabled",
+        master_key_id="m1",
+        created_by=None,
+        created_at=at,
+        updated_by=None,
+        updated_at=at,
+        last_used_at=None,
+        cooldown_until=None,
+        ciphertext=ciphertext,
+    )
+
+
+def test_key_list_cache_keeps_decrypted_credentials_only_as_long_as_their_list() -> None:
+    now = [100.0]
+    revealed: list[str] = []
+
+    def reveal(key: StoredKey) -> Credential:
+        revealed.append(key.id)
+        return Credential(f"sk-plain-{key.ciphertext}", "openai", CredentialSource.WORKSPACE)
+
+    cache = KeyListCache(2.0, clock=lambda: now[0])
+    first, second = _stored("k1", "c1"), _stored("k2", "c2")
+    cache.put("w1", "openai", (first, second))
+    assert cache.credential(first, reveal).api_key == "sk-plain-c1"
+    assert cache.credential(first, reveal) is cache.credential(first, reveal)
+    assert cache.credential(second, reveal).api_key == "sk-plain-c2"
+    assert revealed == ["k1", "k2"]  # each decrypted once while its list is cached
+    # a key read since (replaced: same id, new ciphertext) is not in the cached list: decrypted
+    replaced = _stored("k1", "c1-new")
+    assert cache.credential(replaced, reveal).api_key == "sk-plain-c1-new"
+    assert revealed == ["k1", "k2", "k1"]
+    # the credentials go with their list: invalidated, expired
+    cache.invalidate("w1", "openai")
+    cache.put("w1", "openai", (first,))
+    cache.credential(first, reveal)
+    assert revealed == ["k1", "k2", "k1", "k1"]
+    now[0] += 2.01
+    cache.credential(first, reveal)
+    assert revealed == ["k1", "k2", "k1", "k1", "k1"]
+    assert "sk-plain" not in repr(cache)
+    # with the cache off nothing is kept
+    off = KeyListCache(0)
+    off.put("w1", "openai", (first,))
+    off.credential(first, reveal)
+    off.credential(first, reveal)
+    assert len(revealed) == 7
 
 
 # --- errors are errors, never a platform fallback ---------------------------------------------------
