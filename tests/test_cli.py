@@ -40,7 +40,9 @@ def test_plugins_table(isolated_home) -> None:
     result = CliRunner().invoke(main, ["plugins"], env={"BYOK_HOME": str(isolated_home)})
     assert result.exit_code == 0, result.output
     assert "byok_plugin" in result.output
-    assert "byok_authorize (trylast)" in result.output
+    assert "byok_authorize (trylast) *" in result.output  # non-blocking
+    assert "byok_validate_key (trylast) " in result.output  # it calls the provider
+    assert "byok_validate_key (trylast) *" not in result.output
 
 
 def test_plugins_json_lists_every_default_hook(isolated_home) -> None:
@@ -52,6 +54,9 @@ def test_plugins_json_lists_every_default_hook(isolated_home) -> None:
     hooks = {h["hook"] for h in row["hooks"]}
     assert {"byok_authorize", "byok_audit"} <= hooks
     assert all(h["order"] == "trylast" for h in row["hooks"])
+    # on the default SQLite store every hook but the live key check never waits on the network
+    blocking = {h["hook"] for h in row["hooks"] if not h["nonblocking"]}
+    assert blocking == {"byok_validate_key"}
 
 
 def test_a_malformed_setting_is_a_clear_error_not_a_traceback(isolated_home) -> None:

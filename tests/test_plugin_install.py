@@ -110,9 +110,31 @@ def test_byok_plugins_lists_the_installed_plugin(plugin_site: Path, isolated_hom
     assert rows["byok_fee"]["distribution"] == "byok-fee-plugin"
     assert rows["byok_fee"]["version"] == "1.0.0"
     assert rows["byok_fee"]["hooks"] == [
-        {"hook": "byok_compute_charge", "order": "tryfirst", "wrapper": True}
+        {"hook": "byok_compute_charge", "order": "tryfirst", "wrapper": True, "nonblocking": True}
     ]
     assert rows["byok_plugin"]["distribution"] == "byok-plugin"
+
+
+def test_the_installed_plugin_keeps_the_runner_on_its_event_loop(
+    plugin_site: Path, isolated_home: Path
+) -> None:
+    """The fee plugin declares its wrapper non-blocking: with it installed beside the default
+    plugin (SQLite store), no implementation of the hooks a run goes through may block."""
+    environ = {**os.environ, "BYOK_HOME": str(isolated_home), "PYTHONPATH": str(plugin_site)}
+    host = textwrap.dedent(
+        """
+        from byok_hookspecs import blocking_implementations, get_plugin_manager
+        from byok_plugin.host.runner import RUN_HOOKS, WorkflowRunner
+
+        pm = get_plugin_manager()
+        assert pm.get_plugin("byok_fee") is not None
+        print(blocking_implementations(pm, RUN_HOOKS), WorkflowRunner(pm, {}).hooks_in_thread())
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", host], env=environ, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.split() == ["[]", "False"]
 
 
 RECORDING_HOST = textwrap.dedent(

@@ -7,7 +7,7 @@ from importlib import metadata
 
 import click
 import pluggy
-from byok_hookspecs import ENTRY_POINT_GROUP
+from byok_hookspecs import ENTRY_POINT_GROUP, NONBLOCKING_ATTRIBUTE
 from rich.console import Console
 from rich.table import Table
 
@@ -15,7 +15,9 @@ from byok_plugin.cli.context import CliContext, pass_cli
 
 
 def describe_plugins(pm: pluggy.PluginManager) -> list[dict[str, object]]:
-    """One entry per registered plugin: name, distribution, version and hooks."""
+    """One entry per registered plugin: name, distribution, version and hooks, each with its
+    order, whether it is a wrapper, and whether the plugin declares it never waits on the network
+    (``byok_nonblocking_hooks``: a host may call it on its event loop)."""
     dists = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
     # a plugin registered by hand under its entry-point name (as the default plugin is)
     entry_dists = {
@@ -28,11 +30,19 @@ def describe_plugins(pm: pluggy.PluginManager) -> list[dict[str, object]]:
         if plugin is None:
             continue
         hooks = []
+        nonblocking = getattr(plugin, NONBLOCKING_ATTRIBUTE, ())
         for caller in pm.get_hookcallers(plugin) or []:
             impl = next(i for i in caller.get_hookimpls() if i.plugin is plugin)
             order = "tryfirst" if impl.tryfirst else "trylast" if impl.trylast else ""
             wrapper = bool(impl.wrapper or impl.hookwrapper)
-            hooks.append({"hook": caller.name, "order": order, "wrapper": wrapper})
+            hooks.append(
+                {
+                    "hook": caller.name,
+                    "order": order,
+                    "wrapper": wrapper,
+                    "nonblocking": caller.name in nonblocking,
+                }
+            )
         dist = dists.get(id(plugin))
         if dist is not None:
             dist_name, version = dist.project_name, dist.version
@@ -60,20 +70,25 @@ def plugins_command(cli: CliContext, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    table = Table(title="byok plugins")
+    table = Table(
+        title="byok plugins",
+        caption="* non-blocking: a host may call it on its event loop",
+    )
     table.add_column("plugin")
     table.add_column("distribution")
     table.add_column("version")
     table.add_column("hooks")
     for row in rows:
-        hooks = "\n".join(
-            h["hook"]  # type: ignore[index]
+        hooks: list[dict[str, object]] = row["hooks"]  # type: ignore[assignment]
+        names = "\n".join(
+            str(h["hook"])
             + "".join(
                 f" ({word})" for word in (h["order"], "wrapper" if h["wrapper"] else "") if word
-            )  # type: ignore[index]
-            for h in row["hooks"]  # type: ignore[union-attr]
+            )
+            + (" *" if h["nonblocking"] else "")
+            for h in hooks
         )
         table.add_row(
-            str(row["name"]), str(row["distribution"] or "-"), str(row["version"] or "-"), hooks
+            str(row["name"]), str(row["distribution"] or "-"), str(row["version"] or "-"), names
         )
     Console().print(table)

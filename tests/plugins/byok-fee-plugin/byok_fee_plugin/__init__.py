@@ -12,6 +12,8 @@ from decimal import Decimal
 from byok_hookspecs import Charge, Credential, Usage, hookimpl
 
 FEE = Decimal("0.05")
+#: computed in memory: an asyncio host may call it on its event loop (byok_hookspecs.blocking)
+byok_nonblocking_hooks = frozenset({"byok_compute_charge"})
 
 
 @hookimpl(wrapper=True, tryfirst=True)
