@@ -11,7 +11,8 @@ Measured, call by call and alternating with the floor so that drift hits both al
 - ``resolve``: ``pm.hook.byok_resolve_credential(request)`` through the real plugin manager and the
   default plugin, for a random (workspace, provider) each call. Two configurations:
   ``cold``, the key-list cache off (every call reads the store: the worst case) and ``warm``,
-  the cache on and one workspace asked again and again (a running workflow).
+  the cache on and one workspace asked again and again (a running workflow: the key list and its
+  decrypted key both come from the cache).
 - ``floor``: a raw ``sqlite3`` point select of the same row + one AES-GCM decrypt of its
   ciphertext + one pluggy hook call with an empty implementation.
 
