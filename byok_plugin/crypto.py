@@ -393,6 +393,24 @@ def create_key_file(path: Path) -> MasterKey:
     return key
 
 
+def _replace_key_file(path: Path, keys: Sequence[MasterKey]) -> None:
+    """Write ``keys`` (the first encrypts) to ``path`` atomically, mode 0600: a temporary file in
+    the same directory, flushed to disk, then renamed over the old one."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(KEY_FILE_HEADER)
+            for key in keys:
+                handle.write(_encode_line(key))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def add_master_key_to_file(path: Path) -> MasterKey:
     """Put a fresh master key first in an existing key file (it encrypts from now on), keeping
     the others so that existing rows still decrypt. Replaces the file atomically, mode 0600."""
@@ -400,19 +418,29 @@ def add_master_key_to_file(path: Path) -> MasterKey:
     key = generate_master_key()
     while existing.get(key.id) is not None:  # pragma: no cover - 24 random bits, same day
         key = generate_master_key()
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(KEY_FILE_HEADER)
-            handle.write(_encode_line(key))
-            for old in existing._keys:
-                handle.write(_encode_line(old))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    _replace_key_file(path, [key, *existing._keys])
     log.info("added master key %s to %s", key.id, path)
     return key
+
+
+def remove_master_key_from_file(path: Path, key_id: str) -> None:
+    """Take a master key that is not the current one out of a key file, keeping the others in
+    their order. Replaces the file atomically, mode 0600. The caller checks first that no stored
+    key is encrypted under it (:meth:`byok_plugin.keys.KeyService.retire_master_key`).
+
+    :raises KeyringError: the file holds no such key, or it is the current (first) one.
+    """
+    existing = Keyring.from_file(path)
+    if existing.get(key_id) is None:
+        raise KeyringError(
+            f"master key file {path} holds no master key {key_id!r} (it holds "
+            f"{', '.join(existing.ids)})"
+        )
+    if existing.current.id == key_id:
+        raise KeyringError(
+            f"master key {key_id} is the current one in {path}: it encrypts every key stored "
+            f"from now on. Add a new one first (`byok init --new-master-key`), move the stored "
+            f"keys to it (`byok keys rewrap`), then retire {key_id}"
+        )
+    _replace_key_file(path, [k for k in existing._keys if k.id != key_id])
+    log.info("removed master key %s from %s", key_id, path)

@@ -18,12 +18,13 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pluggy
 from byok_hookspecs import Action, Actor, AuditEvent, KeyCheck, KeyCheckStatus, NotAuthorized
 
-from byok_plugin.crypto import KeyBinding, Keyring
+from byok_plugin.crypto import KeyBinding, Keyring, remove_master_key_from_file
 from byok_plugin.key_access import KeyAccess
 from byok_plugin.key_errors import InvalidInput, KeyNotFound, KeyRejected, KeyringError
 from byok_plugin.key_format import (
@@ -84,7 +85,11 @@ class KeyService:
         keyring: Callable[[], Keyring],
         pm: pluggy.PluginManager,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        key_file: Path | None = None,
     ) -> None:
+        """:param key_file: the master key file the keyring is read from; ``None`` when the
+        master keys come from ``BYOK_ENCRYPTION_KEYS`` (this service cannot edit those)."""
+        self._key_file = key_file
         self._store = store
         self._access = access
         self._keyring = keyring
@@ -101,6 +106,7 @@ class KeyService:
             keyring=lambda: app.keyring,
             pm=pm,
             clock=app.clock,
+            key_file=None if app.settings.encryption_keys else app.settings.key_file,
         )
 
     def __repr__(self) -> str:
@@ -495,6 +501,58 @@ class KeyService:
                 ),
             )
         return report
+
+    def retire_master_key(self, actor: Actor | None, master_key_id: str) -> Path:
+        """Take a master key out of the key file once no stored key is encrypted under it (after
+        ``byok keys rewrap``). Only the local operator, who holds the master keys, may.
+
+        :returns: the key file it was removed from.
+        :raises KeyringError: the key is not in the keyring, is the current one, still encrypts
+            stored keys, or comes from ``BYOK_ENCRYPTION_KEYS`` (remove it there by hand).
+        """
+        if actor is None or not actor.operator:
+            self.audit(
+                "access.denied",
+                actor,
+                "*",
+                outcome="denied",
+                detail="retire master key: only the local operator may",
+            )
+            raise NotAuthorized(
+                _actor_id(actor), "*", "keys.retire_master_key", _no_authorizer_hint(self._pm)
+            )
+        keyring = self._keyring()
+        if keyring.get(master_key_id) is None:
+            raise KeyringError(
+                f"{keyring.source} holds no master key {master_key_id!r} (it holds "
+                f"{', '.join(keyring.ids)})"
+            )
+        if keyring.current.id == master_key_id:
+            raise KeyringError(
+                f"master key {master_key_id} is the current one: it encrypts every key stored from "
+                f"now on. Add a new one first (`byok init --new-master-key`), move the stored keys "
+                f"to it (`byok keys rewrap`), then retire {master_key_id}"
+            )
+        in_use = self._store.count_by_master_key().get(master_key_id, 0)
+        if in_use:
+            raise KeyringError(
+                f"{in_use} stored keys are still encrypted under master key {master_key_id}; "
+                f"run `byok keys rewrap` first (they would no longer decrypt)"
+            )
+        if self._key_file is None:
+            raise KeyringError(
+                f"no stored key uses master key {master_key_id} any more, but the master keys "
+                f"come from BYOK_ENCRYPTION_KEYS: remove its entry from that variable wherever it "
+                f"is set"
+            )
+        remove_master_key_from_file(self._key_file, master_key_id)
+        self.audit(
+            "master_key.retired",
+            actor,
+            "*",
+            detail=f"master key {master_key_id} removed from {self._key_file}",
+        )
+        return self._key_file
 
     # --- helpers ---------------------------------------------------------------------------
 

@@ -67,6 +67,65 @@ def test_init_with_keys_in_the_environment_writes_no_file(
     assert "add the new key first in that variable" in refused.output
 
 
+def _master_ids(key_file: Path) -> list[str]:
+    lines = key_file.read_text().splitlines()
+    return [line.split(":", 1)[0] for line in lines if line and not line.startswith("#")]
+
+
+def test_a_rotation_ends_with_retiring_the_old_master_key(
+    env: dict[str, str], isolated_home: Path
+) -> None:
+    key_file = isolated_home / "master.keys"
+    assert _run(["init"], env).exit_code == 0
+    (old,) = _master_ids(key_file)
+    api_key = random_key("anthropic")
+    assert _run(["keys", "set", "-w", "acme", "-p", "anthropic"], env, api_key).exit_code == 0
+    assert _run(["init", "--new-master-key"], env).exit_code == 0
+    new, kept = _master_ids(key_file)
+    assert kept == old
+    secrets_in_file = [line.split(":", 1)[1] for line in key_file.read_text().splitlines()[-2:]]
+
+    too_early = _run(["keys", "retire-master-key", old], env)
+    assert too_early.exit_code == 1
+    assert f"1 stored keys are still encrypted under master key {old}" in too_early.output
+    assert "byok keys rewrap" in too_early.output
+    current = _run(["keys", "retire-master-key", new], env)
+    assert current.exit_code == 1
+    assert f"master key {new} is the current one" in current.output
+    unknown = _run(["keys", "retire-master-key", "mk_nope"], env)
+    assert unknown.exit_code == 1
+    assert f"holds no master key 'mk_nope' (it holds {new}, {old})" in unknown.output
+    assert _master_ids(key_file) == [new, old]  # nothing changed by a refusal
+
+    rewrap = _run(["keys", "rewrap"], env)
+    assert "retire them with `byok keys retire-master-key ID`" in rewrap.stdout
+    retired = _run(["keys", "retire-master-key", old], env)
+    assert retired.exit_code == 0, retired.output
+    assert f"retired master key {old}" in retired.stdout
+    assert _master_ids(key_file) == [new]
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    # the stored key still decrypts under what is left, and nothing printed a secret
+    listed = json.loads(_run(["keys", "list", "-w", "acme", "--json"], env).stdout)
+    assert listed[0]["master_key_id"] == new
+    outputs = "".join(r.output for r in (too_early, current, unknown, rewrap, retired))
+    assert leaks(outputs, [api_key, *secrets_in_file]) == []
+    audit = _run(["keys", "list", "-w", "acme"], env)  # the store still opens with one key
+    assert audit.exit_code == 0
+
+
+def test_retiring_a_master_key_from_the_environment_says_where_to_remove_it(
+    env: dict[str, str], isolated_home: Path
+) -> None:
+    first, second = master_key("mk_new"), master_key("mk_old")
+    env = {**env, "BYOK_ENCRYPTION_KEYS": f"{keyring_value(first)},{keyring_value(second)}"}
+    assert _run(["init"], env).exit_code == 0
+    refused = _run(["keys", "retire-master-key", "mk_old"], env)
+    assert refused.exit_code == 1
+    assert "no stored key uses master key mk_old any more" in refused.output
+    assert "remove its entry from that variable" in refused.output
+    assert not (isolated_home / "master.keys").exists()
+
+
 def test_the_whole_flow(env: dict[str, str]) -> None:
     assert _run(["init"], env).exit_code == 0
     key = random_key("openai")

@@ -144,3 +144,13 @@ def test_only_the_operator_may_rewrap(app: App) -> None:
     report = service.rewrap(OPERATOR)
     assert report.rewrapped == 0
     assert report.complete
+
+
+def test_only_the_operator_may_retire_a_master_key(app: App) -> None:
+    recorder = Recorder()
+    service, _ = service_for(app, recorder)
+    for actor in (ADMIN_A, MEMBER_A, None):
+        with pytest.raises(NotAuthorized):
+            service.retire_master_key(actor, "mk_anything")
+    assert recorder.actions("denied") == ["access.denied"] * 3
+    assert all("retire master key" in e.detail for e in recorder.events)

@@ -117,7 +117,7 @@ def test_rewrap_killed_part_way_and_run_again(database_url: str, tmp_path: Path)
     assert proc.returncode == 0, err
     assert f"rewrapped {counts['k1']} rows under k2" in out
     assert f"after: {ROWS} keys under master key k2" in out
-    assert "master key(s) k1 any more: they can be removed from the keyring" in out
+    assert "master key(s) k1 any more: retire them with `byok keys retire-master-key ID`" in out
 
     # 3. the old key is gone from the keyring: nothing is lost
     assert _decrypt_all(database_url, tmp_path, [k2]) == plain

@@ -1,4 +1,5 @@
-"""``byok keys``: set, list, delete, enable, disable, test and rewrap a workspace's stored keys.
+"""``byok keys``: set, list, delete, enable, disable, test and rewrap a workspace's stored keys,
+and retire a master key no stored key uses any more.
 
 The CLI acts as the local operator (:data:`~byok_plugin.cli.context.OPERATOR`) who holds the
 master key; everything goes through the same :class:`~byok_plugin.keys.KeyService` as the library
@@ -340,12 +341,36 @@ def rewrap_command(cli: CliContext, dry_run: bool, batch_size: int, pause: float
         click.echo(
             "no stored key uses master key(s) "
             + ", ".join(report.retirable)
-            + " any more: they can be removed from the keyring"
+            + " any more: retire them with `byok keys retire-master-key ID`"
         )
     if report.failures:
         raise click.ClickException(
             f"{len(report.failures)} stored keys could not be decrypted and were left as they are"
         )
+
+
+@keys_group.command("retire-master-key")
+@click.argument("master_key_id")
+@pass_cli
+@handles_errors
+def retire_master_key_command(cli: CliContext, master_key_id: str) -> None:
+    """Remove MASTER_KEY_ID from the master key file once no stored key uses it.
+
+    The last step of a rotation: `byok init --new-master-key`, restart every process that reads
+    the key file, `byok keys rewrap`, then this. It refuses while any stored key is still
+    encrypted under MASTER_KEY_ID, and never removes the current (first) key.
+    """
+    from byok_plugin.store import describe_url
+
+    path = _service(cli).retire_master_key(cli.actor, master_key_id)
+    click.echo(
+        f"retired master key {master_key_id}: no stored key in "
+        f"{describe_url(cli.settings.database_url)} used it; removed from {path}"
+    )
+    click.echo(
+        "Keep a backup of the old key file until you are sure no other database was encrypted "
+        "under that key."
+    )
 
 
 def _print_counts(when: str, counts: dict[str, int] | Any) -> None:

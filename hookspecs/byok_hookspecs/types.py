@@ -287,7 +287,8 @@ class AuditEvent:
     """Something that happened to a workspace's keys, or a refusal.
 
     :param action: ``key.created``, ``key.replaced``, ``key.deleted``, ``key.enabled``,
-        ``key.disabled``, ``key.tested``, ``key.rewrapped``, ``fallback.used``, ``access.denied``...
+        ``key.disabled``, ``key.tested``, ``key.rewrapped``, ``master_key.retired``,
+        ``fallback.used``, ``access.denied``...
     :param workspace_id: the workspace concerned.
     :param actor_id: who did it (``None`` for the system).
     :param outcome: ``ok`` or ``denied`` or ``error``.
