@@ -147,6 +147,19 @@ HAND_CHECKED = [
         id="mistral-large",
     ),
     pytest.param(
+        # mistral-small-latest with a prompt-cache hit: $0.06 in, $0.006 cached (10%), $0.18 out
+        Usage(
+            "mistral",
+            "mistral-small-latest",
+            input_tokens=1_000,
+            cached_input_tokens=64_000,
+            output_tokens=500,
+        ),
+        (1_000 * D("0.06") + 64_000 * D("0.006") + 500 * D("0.18")) / 10**6,
+        D("0.000534"),
+        id="mistral-small-cache-hit",
+    ),
+    pytest.param(
         # magistral-medium-latest: $2 in, $5 out, reasoning billed as output
         Usage(
             "mistral",

@@ -4,10 +4,9 @@ Base URL: ``https://api.mistral.ai`` (as the ``mistralai`` SDK's ``server_url``)
 
 Usage, from https://docs.mistral.ai/api/ (``ChatCompletionResponse.usage``): ``prompt_tokens``,
 ``completion_tokens``, ``total_tokens``. Mistral bills prompt-cache hits at 10% of the input price
-(https://docs.mistral.ai/inference/conversations/advanced/prompt-caching); the usage field that
-counts them could not be confirmed from the published reference, so the client reads the
-OpenAI-shaped ``prompt_tokens_details.cached_tokens`` (included in ``prompt_tokens``) when present
-and treats its absence as 0 — unverified against the live API. Reasoning (Magistral) tokens are
+and reports them in ``usage.prompt_tokens_details.cached_tokens``, part of ``prompt_tokens``
+(https://docs.mistral.ai/inference/conversations/advanced/prompt-caching); absent means 0 (no
+cache hit). The shipped price table prices them at ``cached_input``. Reasoning (Magistral) tokens are
 part of ``completion_tokens`` with no separate count, so they land in ``output_tokens``. Hence:
 ``input = prompt_tokens - cached_tokens``, ``output = completion_tokens``.
 A stream's last chunk carries ``finish_reason`` and ``usage`` together; then ``data: [DONE]``.
