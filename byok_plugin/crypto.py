@@ -290,6 +290,20 @@ class Keyring:
             return cls.from_environment_value(encryption_keys)
         return cls.from_file(key_file)
 
+    def check_retirable(self, key_id: str) -> None:
+        """Raise :class:`KeyringError` unless ``key_id`` is in the keyring and is not the current
+        (encrypting) key. Whether stored keys still use it is the store's to say."""
+        if self.get(key_id) is None:
+            raise KeyringError(
+                f"{self.source} holds no master key {key_id!r} (it holds {', '.join(self.ids)})"
+            )
+        if self.current.id == key_id:
+            raise KeyringError(
+                f"master key {key_id} is the current one: it encrypts every key stored from now "
+                f"on. Add a new one first (`byok init --new-master-key`), move the stored keys to "
+                f"it (`byok keys rewrap`), then retire {key_id}"
+            )
+
     # --- encryption ------------------------------------------------------------------------
 
     def encrypt(self, plaintext: str, binding: KeyBinding) -> str:
@@ -431,16 +445,6 @@ def remove_master_key_from_file(path: Path, key_id: str) -> None:
     :raises KeyringError: the file holds no such key, or it is the current (first) one.
     """
     existing = Keyring.from_file(path)
-    if existing.get(key_id) is None:
-        raise KeyringError(
-            f"master key file {path} holds no master key {key_id!r} (it holds "
-            f"{', '.join(existing.ids)})"
-        )
-    if existing.current.id == key_id:
-        raise KeyringError(
-            f"master key {key_id} is the current one in {path}: it encrypts every key stored "
-            f"from now on. Add a new one first (`byok init --new-master-key`), move the stored "
-            f"keys to it (`byok keys rewrap`), then retire {key_id}"
-        )
+    existing.check_retirable(key_id)
     _replace_key_file(path, [k for k in existing._keys if k.id != key_id])
     log.info("removed master key %s from %s", key_id, path)

@@ -468,15 +468,7 @@ class KeyService:
         """Re-encrypt every stored key under the current master key (see
         :mod:`byok_plugin.key_rewrap`). Only the local operator, who holds the master keys, may.
         """
-        if actor is None or not actor.operator:
-            self.audit(
-                "access.denied",
-                actor,
-                "*",
-                outcome="denied",
-                detail="rewrap: only the local operator may rewrap keys",
-            )
-            raise NotAuthorized(_actor_id(actor), "*", "keys.rewrap", _no_authorizer_hint(self._pm))
+        self._require_operator(actor, "keys.rewrap", "rewrap")
         keyring = self._keyring()
         report = rewrap_all(
             self._store,
@@ -510,29 +502,8 @@ class KeyService:
         :raises KeyringError: the key is not in the keyring, is the current one, still encrypts
             stored keys, or comes from ``BYOK_ENCRYPTION_KEYS`` (remove it there by hand).
         """
-        if actor is None or not actor.operator:
-            self.audit(
-                "access.denied",
-                actor,
-                "*",
-                outcome="denied",
-                detail="retire master key: only the local operator may",
-            )
-            raise NotAuthorized(
-                _actor_id(actor), "*", "keys.retire_master_key", _no_authorizer_hint(self._pm)
-            )
-        keyring = self._keyring()
-        if keyring.get(master_key_id) is None:
-            raise KeyringError(
-                f"{keyring.source} holds no master key {master_key_id!r} (it holds "
-                f"{', '.join(keyring.ids)})"
-            )
-        if keyring.current.id == master_key_id:
-            raise KeyringError(
-                f"master key {master_key_id} is the current one: it encrypts every key stored from "
-                f"now on. Add a new one first (`byok init --new-master-key`), move the stored keys "
-                f"to it (`byok keys rewrap`), then retire {master_key_id}"
-            )
+        self._require_operator(actor, "keys.retire_master_key", "retire master key")
+        self._keyring().check_retirable(master_key_id)
         in_use = self._store.count_by_master_key().get(master_key_id, 0)
         if in_use:
             raise KeyringError(
@@ -555,6 +526,18 @@ class KeyService:
         return self._key_file
 
     # --- helpers ---------------------------------------------------------------------------
+
+    def _require_operator(self, actor: Actor | None, action: str, what: str) -> None:
+        """Refuse (and audit) anyone but the local operator, who holds the master keys."""
+        if actor is None or not actor.operator:
+            self.audit(
+                "access.denied",
+                actor,
+                "*",
+                outcome="denied",
+                detail=f"{what}: only the local operator may",
+            )
+            raise NotAuthorized(_actor_id(actor), "*", action, _no_authorizer_hint(self._pm))
 
     def _validate(self, provider: str, api_key: str) -> KeyCheck:
         check = self._pm.hook.byok_validate_key(provider=provider, api_key=api_key)
