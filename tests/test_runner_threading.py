@@ -26,6 +26,7 @@ from byok_hookspecs import (
     UsageRecord,
     add_to,
     blocking_implementations,
+    declared_nonblocking,
     hookimpl,
 )
 
@@ -238,6 +239,49 @@ def test_the_decision_follows_plugins_registered_later(key: str) -> None:
     assert runner.hooks_in_thread() is True
     pm.unregister(late)
     assert runner.hooks_in_thread() is False
+
+
+def test_a_plugin_swapped_for_an_undeclared_one_is_seen(key: str) -> None:
+    """The decision is not keyed on ids a freed plugin could hand to its successor."""
+    pm = new_manager()
+    runner = WorkflowRunner(pm, {})
+    for _ in range(50):
+        declared = Answers(key, declared=frozenset(RUN_HOOKS))
+        pm.register(declared)
+        assert runner.hooks_in_thread() is False
+        pm.unregister(declared)
+        del declared
+        undeclared = Answers(key)
+        pm.register(undeclared)
+        assert runner.hooks_in_thread() is True
+        pm.unregister(undeclared)
+        del undeclared
+
+
+def test_a_declaration_that_is_not_a_collection_of_names_counts_as_blocking() -> None:
+    class Raising:
+        @property
+        def byok_nonblocking_hooks(self) -> frozenset[str]:
+            raise RuntimeError("the configuration is broken")
+
+        @hookimpl
+        def byok_record_usage(self, record: UsageRecord) -> None:
+            return None
+
+    class Spelled(Raising):
+        # a string: "byok_record_usage" in it would match a substring of another name
+        byok_nonblocking_hooks = "byok_record_usage_export byok_audit"  # type: ignore[assignment]
+
+    class Listed(Raising):
+        byok_nonblocking_hooks = ("byok_record_usage",)  # type: ignore[assignment]
+
+    assert declared_nonblocking(Raising()) == frozenset()
+    assert declared_nonblocking(Spelled()) == frozenset()
+    assert declared_nonblocking(Listed()) == {"byok_record_usage"}
+    for plugin, blocking in ((Raising(), True), (Spelled(), True), (Listed(), False)):
+        found = blocking_implementations(new_manager(plugin), ["byok_record_usage"])
+        assert bool(found) is blocking, type(plugin).__name__
+        assert WorkflowRunner(new_manager(plugin), {}).hooks_in_thread() is blocking
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from importlib import metadata
 
 import click
 import pluggy
-from byok_hookspecs import ENTRY_POINT_GROUP, NONBLOCKING_ATTRIBUTE
+from byok_hookspecs import ENTRY_POINT_GROUP, declared_nonblocking
 from rich.console import Console
 from rich.table import Table
 
@@ -30,7 +30,7 @@ def describe_plugins(pm: pluggy.PluginManager) -> list[dict[str, object]]:
         if plugin is None:
             continue
         hooks = []
-        nonblocking = getattr(plugin, NONBLOCKING_ATTRIBUTE, ())
+        nonblocking = declared_nonblocking(plugin)
         for caller in pm.get_hookcallers(plugin) or []:
             impl = next(i for i in caller.get_hookimpls() if i.plugin is plugin)
             order = "tryfirst" if impl.tryfirst else "trylast" if impl.trylast else ""

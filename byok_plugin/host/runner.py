@@ -268,7 +268,9 @@ class WorkflowRunner:
         self._model_check = model_check
         self._known: dict[tuple[str, str], bool | None] = {}
         self._checked: dict[int, weakref.ref[Workflow]] = {}
-        self._threading: tuple[frozenset[int], bool] | None = None
+        # (the plugins the decision was made for, held so that none is freed and its id reused;
+        # whether the hooks go to a worker thread)
+        self._threading: tuple[set[object], bool] | None = None
 
     def __repr__(self) -> str:
         return f"WorkflowRunner(providers={sorted(self.clients)}, options={self.options})"
@@ -432,7 +434,7 @@ class WorkflowRunner:
         manager's plugins change)."""
         if self.options.hooks_in_thread is not None:
             return self.options.hooks_in_thread
-        plugins = frozenset(map(id, self.pm.get_plugins()))
+        plugins = self.pm.get_plugins()
         if self._threading is None or self._threading[0] != plugins:
             blocking = blocking_implementations(self.pm, RUN_HOOKS)
             if blocking:

@@ -16,6 +16,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 from byok_hookspecs.blocking import (  # noqa: E402
     NONBLOCKING_ATTRIBUTE,
     blocking_implementations,
+    declared_nonblocking,
 )
 from byok_hookspecs.errors import (  # noqa: E402  (the markers must exist first)
     ByokError,
@@ -71,6 +72,7 @@ __all__ = [
     "UsageRecord",
     "add_to",
     "blocking_implementations",
+    "declared_nonblocking",
     "get_plugin_manager",
     "hookimpl",
     "hookspec",

@@ -13,10 +13,11 @@ then call them on the event loop::
         @hookimpl(tryfirst=True)
         def byok_compute_charge(self, usage, credential): ...
 
-The attribute holds the names of the plugin's hook implementations that do not block. It may be a
-property, computed per plugin instance: the default plugin's store hooks are non-blocking on a
-local SQLite file and blocking on PostgreSQL. A plugin that does not set it blocks, as far as a
-host knows. A module registered as a plugin sets it at module level.
+The attribute holds the names of the plugin's hook implementations that do not block: a set,
+frozenset, tuple or list of names. It may be a property, computed per plugin instance: the default
+plugin's store hooks are non-blocking on a local SQLite file and blocking on PostgreSQL. A plugin
+that does not set it blocks, as far as a host knows; so does one whose attribute is a plain string
+or raises when read. A module registered as a plugin sets it at module level.
 """
 
 from __future__ import annotations
@@ -25,10 +26,22 @@ from collections.abc import Iterable
 
 import pluggy
 
-__all__ = ["NONBLOCKING_ATTRIBUTE", "blocking_implementations"]
+__all__ = ["NONBLOCKING_ATTRIBUTE", "blocking_implementations", "declared_nonblocking"]
 
 #: the plugin attribute that names its non-blocking hook implementations
 NONBLOCKING_ATTRIBUTE = "byok_nonblocking_hooks"
+
+
+def declared_nonblocking(plugin: object) -> frozenset[str]:
+    """The hook names ``plugin`` declares non-blocking; empty when it declares none, or when its
+    declaration is not a collection of names (a string, a property that raises)."""
+    try:
+        declared = getattr(plugin, NONBLOCKING_ATTRIBUTE, ())
+    except Exception:  # a property that fails: the plugin may block, as far as anyone knows
+        return frozenset()
+    if not isinstance(declared, set | frozenset | tuple | list):
+        return frozenset()
+    return frozenset(name for name in declared if isinstance(name, str))
 
 
 def blocking_implementations(
@@ -49,7 +62,6 @@ def blocking_implementations(
         if caller is None:
             continue
         for impl in caller.get_hookimpls():
-            declared = getattr(impl.plugin, NONBLOCKING_ATTRIBUTE, ())
-            if name not in declared:
+            if name not in declared_nonblocking(impl.plugin):
                 found.append((name, impl.plugin_name))
     return found
