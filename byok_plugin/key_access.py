@@ -104,8 +104,8 @@ class KeyAccess:
         return None
 
     def decrypt(self, key: StoredKey) -> str:
-        """The plaintext of a stored key. Do not log it. The resolver keeps it no longer than the
-        key list it came from (``BYOK_KEY_CACHE_SECONDS``)."""
+        """The plaintext of a stored key. Do not log it. The resolver keeps it with the key list
+        it came from (``BYOK_KEY_CACHE_SECONDS``), dropped at the cache's next use after that."""
         where = {"workspace_id": key.workspace_id, "provider": key.provider, "key_id": key.id}
         try:
             keyring = self._keyring()

@@ -25,7 +25,9 @@ audited (``fallback.used``). A block's own key is never replaced by another key.
 
 **Speed.** A worker keeps each (workspace, provider)'s list of enabled keys, ciphertexts only, for
 ``BYOK_KEY_CACHE_SECONDS`` (2 s): a busy workspace costs one read per interval instead of one per
-call; keys are decrypted per call, so no plaintext is kept. Key changes made through this
+call. A key decrypted for a call is kept with its list and reused until the list expires; expired
+lists, and the plaintexts with them, are dropped at the next resolution or at ``close()``. Key
+changes made through this
 process's hooks (audited ``key.*`` events) drop the entry at once; other workers see changes and
 cooldowns within the interval. ``last_used_at`` is written in batches, at most every 30 s, off
 the calling thread. ``0`` turns the cache off.
@@ -104,7 +106,9 @@ class KeyListCache:
 
     An entry also keeps the credentials decrypted from its keys (:meth:`credential`), so a key
     served again within the same few seconds is not decrypted again; they go when the entry goes
-    (expiry, :meth:`invalidate`, eviction), so a plaintext is never held longer than its list.
+    (:meth:`invalidate`, eviction, :meth:`clear`, or expiry: every read or write of the cache
+    first drops the entries that have expired), so a plaintext is never held longer than its list
+    and the next use of the cache.
     """
 
     def __init__(
@@ -123,17 +127,30 @@ class KeyListCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    @property
+    def credentials_held(self) -> int:
+        """How many decrypted credentials the cache holds (for tests and diagnostics)."""
+        return sum(len(entry.credentials) for entry in list(self._entries.values()))
+
+    def _drop_expired(self, now: float) -> None:
+        """Drop the entries that have expired: the oldest first, as they were put (one ttl)."""
+        entries = self._entries
+        if not entries or next(iter(entries.values())).expires > now:
+            return
+        with self._lock:
+            while entries:
+                key, entry = next(iter(entries.items()))
+                if entry.expires > now:
+                    break
+                del entries[key]
+
     def _live(self, workspace_id: str, provider: str) -> _Entry | None:
         if self.ttl <= 0:
             return None
-        key = (workspace_id, provider)
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        if entry.expires <= self._clock():
-            with self._lock:
-                if self._entries.get(key) is entry:
-                    del self._entries[key]
+        now = self._clock()
+        self._drop_expired(now)
+        entry = self._entries.get((workspace_id, provider))
+        if entry is None or entry.expires <= now:
             return None
         return entry
 
@@ -144,8 +161,12 @@ class KeyListCache:
     def put(self, workspace_id: str, provider: str, keys: Sequence[StoredKey]) -> None:
         if self.ttl <= 0:
             return
+        now = self._clock()
+        self._drop_expired(now)
         with self._lock:
-            self._entries[(workspace_id, provider)] = _Entry(self._clock() + self.ttl, tuple(keys))
+            slot = (workspace_id, provider)
+            self._entries[slot] = _Entry(now + self.ttl, tuple(keys))
+            self._entries.move_to_end(slot)  # in expiry order
             while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)  # the oldest entry
 
@@ -161,6 +182,11 @@ class KeyListCache:
             credential = reveal(key)
             entry.credentials[slot] = credential  # a race only decrypts twice
         return credential
+
+    def clear(self) -> None:
+        """Drop every entry (and the credentials decrypted from it)."""
+        with self._lock:
+            self._entries.clear()
 
     def invalidate(self, workspace_id: str, provider: str | None = None) -> None:
         with self._lock:
@@ -405,7 +431,9 @@ class Resolver:
         )
 
     def close(self) -> None:
-        """Write the pending last-used times and release the reader's connections."""
+        """Write the pending last-used times, drop the cached keys (and the plaintexts decrypted
+        from them) and release the reader's connections."""
+        self.cache.clear()
         self.flush_last_used()
         close = getattr(self._read, "close", None)
         if close is not None:

@@ -392,13 +392,28 @@ def test_key_list_cache_keeps_decrypted_credentials_only_as_long_as_their_list()
     now[0] += 2.01
     cache.credential(first, reveal)
     assert revealed == ["k1", "k2", "k1", "k1", "k1"]
-    assert "sk-plain" not in repr(cache)
+    assert cache.credentials_held == 0  # its list had expired: nothing kept
+    # an entry nobody reads again goes at the next use of the cache, with its plaintext
+    idle = _stored("k9", "c9", workspace_id="w2")
+    cache.put("w2", "openai", (idle,))
+    cache.credential(idle, reveal)
+    assert cache.credentials_held == 1
+    now[0] += 2.01
+    assert cache.credentials_held == 1
+    cache.get("w3", "openai")  # any read drops what has expired
+    assert cache.credentials_held == 0
+    assert len(cache) == 0
+    cache.put("w1", "openai", (first,))
+    cache.credential(first, reveal)
+    cache.clear()
+    assert cache.credentials_held == 0
     # with the cache off nothing is kept
     off = KeyListCache(0)
     off.put("w1", "openai", (first,))
     off.credential(first, reveal)
     off.credential(first, reveal)
-    assert len(revealed) == 7
+    assert len(revealed) == 9
+    assert off.credentials_held == 0
 
 
 # --- errors are errors, never a platform fallback ---------------------------------------------------
