@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     import pluggy
     from sqlalchemy.engine import Engine
 
+    from byok_plugin.background_writes import BackgroundWrites
     from byok_plugin.billing import Billing
     from byok_plugin.catalog import Catalog
     from byok_plugin.crypto import Keyring
@@ -113,7 +114,11 @@ class App:
         return KeyService.for_app(self, pm)
 
     def close(self) -> None:
-        """Release the store's connections (if it was ever opened)."""
+        """Wait for the writes handed to the background, then release the store's connections
+        (if it was ever opened)."""
+        background = self.__dict__.get("background_writes")
+        if background is not None:
+            background.close()
         resolver = self.__dict__.pop("resolver", None)
         if resolver is not None:
             resolver.close()
@@ -178,6 +183,13 @@ class App:
         return Ledger(self.engine, clock=self.clock)
 
     @cached_property
+    def background_writes(self) -> BackgroundWrites:
+        """Audit events and cooldowns that a hook on an event loop could not write at once."""
+        from byok_plugin.background_writes import BackgroundWrites
+
+        return BackgroundWrites()
+
+    @cached_property
     def resolver(self) -> Resolver:
         """The default resolution policy (``byok_resolve_credential``)."""
         from byok_plugin.key_reader import SqliteKeyReader, sqlite_file_of
@@ -194,4 +206,5 @@ class App:
             clock=self.clock,
             cooldown_seconds=self.settings.key_cooldown_seconds,
             cache_seconds=self.settings.key_cache_seconds,
+            background=self.background_writes,
         )

@@ -26,6 +26,7 @@ from byok_hookspecs import (
 
 from byok_plugin.app import App
 from byok_plugin.authorization import role_decision
+from byok_plugin.background_writes import on_event_loop
 from byok_plugin.settings import Settings
 
 audit_log = logging.getLogger("byok.audit")
@@ -67,8 +68,11 @@ class DefaultPlugin:
     def byok_nonblocking_hooks(self) -> frozenset[str]:
         """The implementations an asyncio host may call on its event loop
         (:mod:`byok_hookspecs.blocking`): those answered from memory, and those that use the store
-        when it is a local SQLite file (a fraction of a millisecond; no network). On PostgreSQL
-        the store hooks are a network round trip. ``byok_validate_key`` calls the provider."""
+        when it is a local SQLite file (a fraction of a millisecond; no network). On an event
+        loop's thread they wait at most 25 ms for a lock another writer holds: then the ledger
+        write fails at once (the host retries it off the loop), and an audit event or a cooldown
+        is written by a background thread. On PostgreSQL the store hooks are a network round
+        trip. ``byok_validate_key`` calls the provider."""
         try:
             local = self.app.store_is_local
         except Exception:  # a configuration error: the hooks will report it, not this hint
@@ -152,6 +156,12 @@ class DefaultPlugin:
         try:
             self.app.audit_store.record(event)
         except Exception as exc:
+            if on_event_loop():  # locked by another writer: wait for it off the event loop
+                self.app.background_writes.submit(
+                    lambda: self.app.audit_store.record(event),
+                    f"audit event {event.action} of workspace {event.workspace_id}",
+                )
+                return
             audit_log.error(
                 "audit event %s of workspace %s not written to the store: %s: %s",
                 event.action,

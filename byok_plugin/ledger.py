@@ -39,10 +39,16 @@ from byok_hookspecs import USAGE_COUNTS, CredentialSource, UsageRecord
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect, Engine
 
+from byok_plugin.background_writes import on_event_loop
 from byok_plugin.billing import money
 from byok_plugin.key_errors import StoreUnavailable
 from byok_plugin.key_reader import sqlite_file_of
-from byok_plugin.store.engine import prepare_sqlite_connection, store_errors, write_transaction
+from byok_plugin.store.engine import (
+    LOOP_LOCK_WAIT_MS,
+    prepare_sqlite_connection,
+    store_errors,
+    write_transaction,
+)
 from byok_plugin.store.sqlite_connections import SqliteConnections
 from byok_plugin.store.tables import UTCDateTime, metadata
 
@@ -178,6 +184,11 @@ def _check(record: UsageRecord) -> None:
         raise ValueError("UsageRecord.occurred_at must be an aware datetime")
 
 
+def _prepare_prompt(conn: sqlite3.Connection) -> None:
+    prepare_sqlite_connection(conn)
+    conn.execute(f"PRAGMA busy_timeout = {LOOP_LOCK_WAIT_MS}")
+
+
 class SqliteLedgerWriter:
     """``writer(values) -> bool``: one autocommit ``INSERT ... ON CONFLICT DO NOTHING`` on a
     borrowed ``sqlite3`` connection; ``False`` when the key was already recorded."""
@@ -198,26 +209,29 @@ class SqliteLedgerWriter:
             "ON CONFLICT (idempotency_key) DO NOTHING"
         )
         # connections borrowed per record (autocommit: each INSERT is its own transaction): no
-        # more than records that ran at once, whatever threads made them
+        # more than records that ran at once, whatever threads made them; those lent on an event
+        # loop's thread wait LOOP_LOCK_WAIT_MS at most for another writer's lock
         self._connections = SqliteConnections(self._path, prepare=prepare_sqlite_connection)
+        self._prompt_connections = SqliteConnections(self._path, prepare=_prepare_prompt)
 
     def __repr__(self) -> str:
-        return f"SqliteLedgerWriter(connections={len(self._connections)})"
+        return f"SqliteLedgerWriter(connections={self.open_connections})"
 
     @property
     def open_connections(self) -> int:
-        return len(self._connections)
+        return len(self._connections) + len(self._prompt_connections)
 
     def __call__(self, values: dict[str, Any]) -> bool:
         row = [values[name] for name in self._names]
         for i, processor in self._processors:
             row[i] = processor(row[i])
+        pool = self._prompt_connections if on_event_loop() else self._connections
         try:
-            conn = self._connections.acquire()
+            conn = pool.acquire()
             try:
                 return conn.execute(self._sql, row).rowcount == 1
             finally:
-                self._connections.release(conn)
+                pool.release(conn)
         except sqlite3.IntegrityError as exc:  # as SQLAlchemy would raise it: the caller's to read
             raise sa.exc.IntegrityError(self._sql, None, exc) from None
         except sqlite3.Error as exc:
@@ -231,6 +245,7 @@ class SqliteLedgerWriter:
     def close(self) -> None:
         """Close the connections (the next record opens a new one)."""
         self._connections.close()
+        self._prompt_connections.close()
 
 
 class Ledger:

@@ -59,8 +59,10 @@ from byok_hookspecs import (
 )
 from sqlalchemy.engine import Engine
 
+from byok_plugin.background_writes import BackgroundWrites, on_event_loop
 from byok_plugin.billing import Billing
 from byok_plugin.key_access import KeyAccess
+from byok_plugin.key_errors import StoreUnavailable
 from byok_plugin.platform_keys import PlatformKeyPool, mask_key
 from byok_plugin.store.engine import write_transaction
 from byok_plugin.store.keys_repo import StoredKey
@@ -213,9 +215,13 @@ class Resolver:
         cache_seconds: float = 2.0,
         monotonic: Callable[[], float] = time.monotonic,
         reader: Callable[[str, str], Sequence[StoredKey]] | None = None,
+        background: BackgroundWrites | None = None,
     ) -> None:
         """:param reader: reads a (workspace, provider)'s enabled keys (default:
-        ``keys.enabled_keys``; on SQLite, :class:`~byok_plugin.key_reader.SqliteKeyReader`)."""
+        ``keys.enabled_keys``; on SQLite, :class:`~byok_plugin.key_reader.SqliteKeyReader`).
+        :param background: where a cooldown that could not be written at once on an event loop's
+            thread (the store locked by another writer) is written instead."""
+        self._background = background
         self._keys = keys
         self._read = reader if reader is not None else keys.enabled_keys
         self._engine = engine
@@ -475,7 +481,17 @@ class Resolver:
         pm: HookCaller,
     ) -> None:
         until = now + self._cooldown
-        self._keys.cool_down(key.id, until, reason)  # stored: every worker skips it, and knows why
+        try:  # stored: every worker skips it, and knows why
+            self._keys.cool_down(key.id, until, reason)
+        except StoreUnavailable:
+            if self._background is None or not on_event_loop():
+                raise
+            # the store is locked by another writer: wait for it off the event loop
+            self._background.submit(
+                lambda: self._keys.cool_down(key.id, until, reason),
+                f"the cooldown of {request.provider} key {key.id} of workspace "
+                f"{request.workspace_id!r}",
+            )
         self.cache.invalidate(request.workspace_id, request.provider)
         self._audit(
             pm,

@@ -6,7 +6,9 @@ the real default plugin on a SQLite file and on PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import threading
+import time
 import types
 from collections.abc import Iterator
 from decimal import Decimal
@@ -31,7 +33,8 @@ from byok_hookspecs import (
 )
 
 from byok_plugin.app import App
-from byok_plugin.cli.demo import BYOK_WORKSPACE, DemoStack
+from byok_plugin.cli.context import OPERATOR
+from byok_plugin.cli.demo import BYOK_WORKSPACE, DemoStack, realistic_key
 from byok_plugin.defaults import DefaultPlugin
 from byok_plugin.host.emulator import EmulatorServer
 from byok_plugin.host.run_result import RunStatus
@@ -302,3 +305,125 @@ def test_the_default_plugin_runs_on_the_loop_on_sqlite_and_in_a_thread_on_postgr
     assert on_loop is stack.app.store_is_local
     assert on_loop is stack.settings.database_url.startswith("sqlite")
     assert stack.app.ledger.count() == 1
+
+
+# --- a SQLite store locked by another writer while the hooks run on the event loop -------------
+
+
+class LoopWatch:
+    """The longest the event loop went without running a 10 ms heartbeat."""
+
+    def __init__(self) -> None:
+        self.longest = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _beat(self) -> None:
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(0.01)
+            now = time.perf_counter()
+            self.longest = max(self.longest, now - last)
+            last = now
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._beat())
+
+    async def stop(self) -> None:
+        """Let the heartbeat run once more (it notes a stall when it wakes after it), then stop."""
+        assert self._task is not None
+        await asyncio.sleep(0.05)
+        self._task.cancel()
+
+
+class WriteLock:
+    """Another process's writer: holds the SQLite write lock for ``seconds``."""
+
+    def __init__(self, database: str, seconds: float) -> None:
+        self.held = threading.Event()
+        self._thread = threading.Thread(target=self._hold, args=(database, seconds))
+
+    def _hold(self, database: str, seconds: float) -> None:
+        conn = sqlite3.connect(database, isolation_level=None)
+        conn.execute("BEGIN IMMEDIATE")
+        self.held.set()
+        time.sleep(seconds)
+        conn.execute("COMMIT")
+        conn.close()
+
+    def __enter__(self) -> WriteLock:
+        self._thread.start()
+        assert self.held.wait(5)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._thread.join()
+
+
+@pytest.fixture
+def sqlite_stack(emulator: EmulatorServer, tmp_path: Path) -> Iterator[DemoStack]:
+    built = DemoStack(tmp_path / "home", emulator)
+    built.store_workspace_keys(BYOK_WORKSPACE, providers=("openai",))
+    yield built
+    built.close()
+
+
+def _database(stack: DemoStack) -> str:
+    return stack.settings.database_url.split("///", 1)[1]
+
+
+def test_a_locked_store_does_not_stall_the_loop_and_the_record_lands_after(
+    sqlite_stack: DemoStack,
+) -> None:
+    stack = sqlite_stack
+
+    async def main() -> tuple[float, float, RunStatus]:
+        async with WorkflowRunner.open(stack.pm, environ=stack.environ) as runner:
+            await runner.run(WORKFLOW, workspace_id=BYOK_WORKSPACE)  # warm
+            assert runner.hooks_in_thread() is False
+            watch = LoopWatch()
+            watch.start()
+            with WriteLock(_database(stack), seconds=1.5):
+                started = time.perf_counter()
+                result = await runner.run(WORKFLOW, workspace_id=BYOK_WORKSPACE)
+                took = time.perf_counter() - started
+                await watch.stop()
+        return watch.longest, took, result.status
+
+    longest, took, status = asyncio.run(main())
+    assert status is RunStatus.COMPLETED
+    assert took > 1.0  # the record waited for the lock (in a worker thread)...
+    assert longest < 0.5  # ...and the event loop did not
+    assert stack.app.ledger.count() == 2
+
+
+def test_audit_and_cooldown_on_a_locked_store_are_written_once_it_is_released(
+    sqlite_stack: DemoStack, emulator: EmulatorServer
+) -> None:
+    """A refused workspace key under on_error: its cooldown and the audit events of the
+    fallback cannot be written while another writer holds the lock; the loop goes on."""
+    stack = sqlite_stack
+    refused = realistic_key("openai")  # the emulator does not know it: 401
+    stack.app.key_service(stack.pm).set_key(OPERATOR, "refused-ws", "openai", refused, test=False)
+    stack.set_fallback_policy("refused-ws", "on_error")
+
+    async def main() -> tuple[float, RunStatus, str | None]:
+        async with WorkflowRunner.open(stack.pm, environ=stack.environ) as runner:
+            await runner.run(WORKFLOW, workspace_id=BYOK_WORKSPACE)  # warm
+            watch = LoopWatch()
+            watch.start()
+            with WriteLock(_database(stack), seconds=1.5):
+                result = await runner.run(WORKFLOW, workspace_id="refused-ws")
+                await watch.stop()
+        source = result.blocks["answer"].calls[0].source.value
+        return watch.longest, result.status, source
+
+    longest, status, source = asyncio.run(main())
+    assert status is RunStatus.COMPLETED
+    assert source == "platform"  # the fallback served it
+    assert longest < 0.5
+    stack.app.close()  # waits for the background writes
+    actions = {e.action for e in stack.app.audit_store.events("refused-ws")}
+    assert {"key.cooldown", "fallback.used"} <= actions
+    (key,) = stack.app.key_store.list_keys("refused-ws")
+    assert key.cooldown_until is not None
+    assert key.cooldown_reason == "auth"

@@ -919,14 +919,19 @@ class WorkflowRunner:
         return charge, record, None, charge_error
 
     async def _record_again(self, record: UsageRecord, provider: str, error: Exception) -> None:
-        """``byok_record_usage`` tried again after ``error``: the ledger is idempotent on the
+        """``byok_record_usage`` tried again after ``error``, in a worker thread whatever the
+        hooks' threading: an implementation that gave up at once rather than stall the event loop
+        (a SQLite store locked by another writer) may wait there. The ledger is idempotent on the
         record's key, so a write that did land before the error is not doubled."""
+        loop = asyncio.get_running_loop()
         last = error
         for attempt in range(1, self.options.record_attempts):
             log.warning("recording %s failed (try %d): %s", record.idempotency_key, attempt, last)
             await asyncio.sleep(0.05 * 2 ** (attempt - 1))
             try:
-                await self._hook(self.pm.hook.byok_record_usage, record=record)
+                await loop.run_in_executor(
+                    None, functools.partial(self.pm.hook.byok_record_usage, record=record)
+                )
                 return
             except Exception as exc:
                 last = exc

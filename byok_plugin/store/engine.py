@@ -6,6 +6,11 @@
   before SQLite opens it; it runs in WAL mode with a busy timeout, and writers take the write lock
   when their transaction begins (``BEGIN IMMEDIATE``), so a read-then-write transaction never
   fails half-way with "database is locked".
+- On an asyncio event loop's thread a SQLite writer waits at most :data:`LOOP_LOCK_WAIT_MS` for
+  another writer's lock (:func:`write_transaction`, the ledger's direct writer) instead of the
+  usual 30 s, and fails with "database is locked": the caller retries off the loop, where
+  waiting stalls nothing (the runner retries a record in a worker thread; audit events and
+  cooldowns go to the app's background writer).
 - Any database error other than a constraint violation surfaces as
   :class:`~byok_plugin.key_errors.StoreUnavailable`, a ``CredentialUnavailable``: a store that
   does not answer is an error, never "no key".
@@ -29,9 +34,12 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
+from byok_plugin.background_writes import on_event_loop
 from byok_plugin.key_errors import StoreUnavailable
 
 __all__ = [
+    "BUSY_TIMEOUT_MS",
+    "LOOP_LOCK_WAIT_MS",
     "advisory_lock_key",
     "create_store_engine",
     "describe_url",
@@ -44,6 +52,9 @@ __all__ = [
 ]
 
 _SQLITE_BEGIN_OPTION = "byok_sqlite_begin"
+#: how long a SQLite writer waits for another writer's lock: off an event loop, and on one
+BUSY_TIMEOUT_MS = 30_000
+LOOP_LOCK_WAIT_MS = 25
 #: the first half of every PostgreSQL advisory lock key this package takes
 LOCK_NAMESPACE = struct.unpack(">i", hashlib.sha256(b"byok-plugin").digest()[:4])[0]
 
@@ -103,7 +114,7 @@ def prepare_sqlite_connection(dbapi_connection: sqlite3.Connection) -> None:
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     try:
-        cursor.execute("PRAGMA busy_timeout = 30000")
+        cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         _enable_wal(cursor)
         cursor.execute("PRAGMA synchronous = NORMAL")
         cursor.execute("PRAGMA foreign_keys = ON")
@@ -148,12 +159,27 @@ def create_store_engine(url: str | URL, **kwargs: Any) -> Engine:
 
 @contextmanager
 def write_transaction(engine: Engine) -> Iterator[Connection]:
-    """A transaction that will write: on SQLite it holds the write lock from its first statement."""
+    """A transaction that will write: on SQLite it holds the write lock from its first statement.
+
+    On an event loop's thread, SQLite waits at most :data:`LOOP_LOCK_WAIT_MS` for that lock.
+    """
     with engine.connect() as conn:
-        if conn.dialect.name == "sqlite":
-            conn = conn.execution_options(**{_SQLITE_BEGIN_OPTION: "IMMEDIATE"})
-        with conn.begin():
-            yield conn
+        if conn.dialect.name != "sqlite":
+            with conn.begin():
+                yield conn
+            return
+        conn = conn.execution_options(**{_SQLITE_BEGIN_OPTION: "IMMEDIATE"})
+        prompt = on_event_loop()
+        if prompt:  # on the DB-API connection: SQLAlchemy must not begin a transaction for it
+            conn.connection.dbapi_connection.execute(  # type: ignore[union-attr]
+                f"PRAGMA busy_timeout = {LOOP_LOCK_WAIT_MS}"
+            )
+        try:
+            with conn.begin():
+                yield conn
+        finally:
+            if prompt and conn.connection.dbapi_connection is not None:
+                conn.connection.dbapi_connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
 
 
 @contextmanager
