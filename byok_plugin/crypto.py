@@ -41,7 +41,8 @@ import secrets
 import stat
 import struct
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -407,44 +408,106 @@ def create_key_file(path: Path) -> MasterKey:
     return key
 
 
+@contextmanager
+def _key_file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock (``flock`` on ``.<name>.lock`` beside the key file) while the file
+    is read, changed and replaced, so that two commands editing it never lose each other's key."""
+    if sys.platform == "win32":  # pragma: no cover - POSIX locks only
+        yield
+        return
+    import fcntl
+
+    fd = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to a new file (never an existing one), mode 0600, flushed to disk."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _sync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (POSIX; a no-op elsewhere)."""
+    if sys.platform == "win32":  # pragma: no cover
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _replace_key_file(path: Path, keys: Sequence[MasterKey]) -> None:
     """Write ``keys`` (the first encrypts) to ``path`` atomically, mode 0600: a temporary file in
-    the same directory, flushed to disk, then renamed over the old one."""
+    the same directory, flushed to disk, renamed over the old one, the rename made durable."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(KEY_FILE_HEADER)
-            for key in keys:
-                handle.write(_encode_line(key))
-            handle.flush()
-            os.fsync(handle.fileno())
+        _write_private(tmp, KEY_FILE_HEADER + "".join(_encode_line(k) for k in keys))
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _sync_directory(path.parent)
 
 
 def add_master_key_to_file(path: Path) -> MasterKey:
     """Put a fresh master key first in an existing key file (it encrypts from now on), keeping
     the others so that existing rows still decrypt. Replaces the file atomically, mode 0600."""
-    existing = Keyring.from_file(path)
-    key = generate_master_key()
-    while existing.get(key.id) is not None:  # pragma: no cover - 24 random bits, same day
+    with _key_file_lock(path):
+        existing = Keyring.from_file(path)
         key = generate_master_key()
-    _replace_key_file(path, [key, *existing._keys])
+        while existing.get(key.id) is not None:  # pragma: no cover - 24 random bits, same day
+            key = generate_master_key()
+        _replace_key_file(path, [key, *existing._keys])
     log.info("added master key %s to %s", key.id, path)
     return key
 
 
-def remove_master_key_from_file(path: Path, key_id: str) -> None:
+def remove_master_key_from_file(path: Path, key_id: str) -> Path:
     """Take a master key that is not the current one out of a key file, keeping the others in
     their order. Replaces the file atomically, mode 0600. The caller checks first that no stored
     key is encrypted under it (:meth:`byok_plugin.keys.KeyService.retire_master_key`).
 
+    The removed key is first written alone to ``<file>.retired-<id>`` (mode 0600) beside the
+    file: a database the check did not see may still need it.
+
+    :returns: that file.
     :raises KeyringError: the file holds no such key, or it is the current (first) one.
     """
-    existing = Keyring.from_file(path)
-    existing.check_retirable(key_id)
-    _replace_key_file(path, [k for k in existing._keys if k.id != key_id])
-    log.info("removed master key %s from %s", key_id, path)
+    with _key_file_lock(path):
+        existing = Keyring.from_file(path)
+        existing.check_retirable(key_id)
+        retired = existing.get(key_id)
+        assert retired is not None
+        keep = path.with_name(f"{path.name}.retired-{key_id}")
+        text = (
+            f"# master key {key_id}, retired from {path} on {datetime.now(UTC):%Y-%m-%d %H:%M} "
+            f"UTC.\n# Keep it offline until no database can need it; put the line back in the "
+            f"key file to use it again.\n" + _encode_line(retired)
+        )
+        try:
+            _write_private(keep, text)
+        except FileExistsError:  # retired before, put back, retired again
+            keep = keep.with_name(f"{keep.name}-{secrets.token_hex(3)}")
+            _write_private(keep, text)
+        _sync_directory(path.parent)
+        _replace_key_file(path, [k for k in existing._keys if k.id != key_id])
+    log.info("removed master key %s from %s (kept in %s)", key_id, path, keep)
+    return keep
+
+
+def restore_master_key_to_file(path: Path, key: MasterKey) -> None:
+    """Put a retired master key back at the end of the key file (it decrypts, never encrypts)."""
+    with _key_file_lock(path):
+        existing = Keyring.from_file(path)
+        if existing.get(key.id) is None:
+            _replace_key_file(path, [*existing._keys, key])
+    log.info("put master key %s back in %s", key.id, path)

@@ -24,7 +24,12 @@ from typing import TYPE_CHECKING
 import pluggy
 from byok_hookspecs import Action, Actor, AuditEvent, KeyCheck, KeyCheckStatus, NotAuthorized
 
-from byok_plugin.crypto import KeyBinding, Keyring, remove_master_key_from_file
+from byok_plugin.crypto import (
+    KeyBinding,
+    Keyring,
+    remove_master_key_from_file,
+    restore_master_key_to_file,
+)
 from byok_plugin.key_access import KeyAccess
 from byok_plugin.key_errors import InvalidInput, KeyNotFound, KeyRejected, KeyringError
 from byok_plugin.key_format import (
@@ -498,12 +503,18 @@ class KeyService:
         """Take a master key out of the key file once no stored key is encrypted under it (after
         ``byok keys rewrap``). Only the local operator, who holds the master keys, may.
 
-        :returns: the key file it was removed from.
+        The key is kept alone in ``<key file>.retired-<id>`` (mode 0600) for a database this
+        store is not; the operator moves that file offline. If a stored key appears under the
+        master key while it is being retired (a process that still encrypts with it), the key is
+        put back and the retirement refused.
+
+        :returns: the file that keeps the retired key.
         :raises KeyringError: the key is not in the keyring, is the current one, still encrypts
             stored keys, or comes from ``BYOK_ENCRYPTION_KEYS`` (remove it there by hand).
         """
         self._require_operator(actor, "keys.retire_master_key", "retire master key")
-        self._keyring().check_retirable(master_key_id)
+        keyring = self._keyring()
+        keyring.check_retirable(master_key_id)
         in_use = self._store.count_by_master_key().get(master_key_id, 0)
         if in_use:
             raise KeyringError(
@@ -516,14 +527,25 @@ class KeyService:
                 f"come from BYOK_ENCRYPTION_KEYS: remove its entry from that variable wherever it "
                 f"is set"
             )
-        remove_master_key_from_file(self._key_file, master_key_id)
+        retired = keyring.get(master_key_id)
+        assert retired is not None
+        kept = remove_master_key_from_file(self._key_file, master_key_id)
+        arrived = self._store.count_by_master_key().get(master_key_id, 0)
+        if arrived:  # a process that was not restarted stored keys under it meanwhile
+            restore_master_key_to_file(self._key_file, retired)
+            raise KeyringError(
+                f"{arrived} stored keys were encrypted under master key {master_key_id} while it "
+                f"was being retired, by a process that still encrypts with it; the key is back in "
+                f"{self._key_file}. Restart every process that reads the key file, run `byok keys "
+                f"rewrap`, then retire it again"
+            )
         self.audit(
             "master_key.retired",
             actor,
             "*",
-            detail=f"master key {master_key_id} removed from {self._key_file}",
+            detail=f"master key {master_key_id} removed from {self._key_file}, kept in {kept}",
         )
-        return self._key_file
+        return kept
 
     # --- helpers ---------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from click.testing import CliRunner, Result
 from keys_support import keyring_value, leaks, master_key, random_key
 
 from byok_plugin.cli import main
+from byok_plugin.crypto import Keyring
 
 
 def _run(args: list[str], env: dict[str, str], stdin: str | None = None) -> Result:
@@ -104,6 +105,11 @@ def test_a_rotation_ends_with_retiring_the_old_master_key(
     assert f"retired master key {old}" in retired.stdout
     assert _master_ids(key_file) == [new]
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    # the retired key is kept alone beside the file, private, in the key file's own format
+    kept = isolated_home / f"master.keys.retired-{old}"
+    assert f"kept alone in {kept}" in retired.stderr
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+    assert Keyring.from_file(kept).ids == (old,)
     # the stored key still decrypts under what is left, and nothing printed a secret
     listed = json.loads(_run(["keys", "list", "-w", "acme", "--json"], env).stdout)
     assert listed[0]["master_key_id"] == new

@@ -7,6 +7,7 @@ import os
 import re
 import secrets
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,8 @@ from byok_plugin.crypto import (
     generate_master_key,
     master_key_id_of,
     parse_keyring,
+    remove_master_key_from_file,
+    restore_master_key_to_file,
 )
 from byok_plugin.key_errors import (
     CiphertextMismatch,
@@ -217,7 +220,11 @@ def test_a_new_master_key_goes_first_and_keeps_the_old_ones(tmp_path: Path) -> N
     assert ring.ids == (new.id, old.id)
     assert ring.decrypt(stored, ROW) == SECRET
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert [p.name for p in tmp_path.iterdir()] == ["master.keys"]
+    # no temporary file left behind; the (empty, private) lock file that serializes edits stays
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".master.keys.lock", "master.keys"]
+    lock = tmp_path / ".master.keys.lock"
+    assert lock.stat().st_size == 0
+    assert stat.S_IMODE(lock.stat().st_mode) == 0o600
 
 
 def test_fingerprints_are_keyed_and_scoped() -> None:
@@ -235,3 +242,49 @@ def test_fingerprints_are_keyed_and_scoped() -> None:
     import hashlib
 
     assert fp()[6:] not in hashlib.sha256(SECRET.encode()).hexdigest()
+
+
+def test_key_file_edits_at_the_same_time_lose_no_key(tmp_path: Path) -> None:
+    """Each edit reads, changes and replaces the file under one lock: none overwrites another."""
+    path = tmp_path / "master.keys"
+    first = create_key_file(path)
+    added: list[str] = []
+    errors: list[BaseException] = []
+
+    def add() -> None:
+        try:
+            added.append(add_master_key_to_file(path).id)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=add) for _ in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert set(Keyring.from_file(path).ids) == {first.id, *added}
+    assert len(added) == 12
+
+
+def test_retiring_from_a_file_keeps_the_key_aside_and_refuses_the_current_one(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "master.keys"
+    old = create_key_file(path)
+    new = add_master_key_to_file(path)
+    with pytest.raises(KeyringError, match=f"master key {new.id} is the current one"):
+        remove_master_key_from_file(path, new.id)
+    kept = remove_master_key_from_file(path, old.id)
+    assert Keyring.from_file(path).ids == (new.id,)
+    assert Keyring.from_file(kept).ids == (old.id,)
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+    # put back, retired again: the first kept file is not overwritten
+    restore_master_key_to_file(path, Keyring.from_file(kept).current)
+    assert Keyring.from_file(path).ids == (new.id, old.id)
+    again = remove_master_key_from_file(path, old.id)
+    assert again != kept
+    assert kept.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".master.keys.")) == [
+        ".master.keys.lock"
+    ]  # no temporary file left behind

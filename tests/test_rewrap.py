@@ -5,13 +5,25 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+import pytest
 import sqlalchemy as sa
 from keys_support import OPERATOR, keyring_value, make_app, master_key, random_key, service_for
 
-from byok_plugin.crypto import KeyBinding, Keyring, MasterKey
+from byok_plugin.crypto import (
+    KeyBinding,
+    Keyring,
+    MasterKey,
+    add_master_key_to_file,
+    create_key_file,
+)
+from byok_plugin.key_errors import KeyringError
+from byok_plugin.keys import KeyService
+from byok_plugin.manager import plugin_manager_for
 from byok_plugin.store.keys_repo import new_key_id
 from byok_plugin.store.tables import workspace_keys
 
@@ -189,4 +201,61 @@ def test_a_row_changed_since_it_was_read_is_left_alone(database_url: str, tmp_pa
         done = app.key_store.swap_ciphertexts([(fresh[0], "byok:v1:k2:new", "k2", "hs256:x")])
         assert done == 1
     finally:
+        app.close()
+
+
+class _StaleWriterAfterTheCheck:
+    """The real key store; right after retirement's first count, a process that still encrypts
+    under the old master key (it was not restarted after the rotation) stores a key."""
+
+    def __init__(self, store: Any, stale_write: Callable[[], None]) -> None:
+        self._store = store
+        self._stale_write: Callable[[], None] | None = stale_write
+
+    def count_by_master_key(self) -> dict[str, int]:
+        counts = self._store.count_by_master_key()
+        if self._stale_write is not None:
+            write, self._stale_write = self._stale_write, None
+            write()
+        return counts
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+def test_a_key_stored_under_the_master_key_while_it_is_retired_puts_it_back(
+    database_url: str, tmp_path: Path
+) -> None:
+    home = tmp_path / "home"
+    key_file = home / "master.keys"
+    old = create_key_file(key_file)
+    new = add_master_key_to_file(key_file)
+    app = make_app(database_url, home)  # reads the key file: new first
+    stale = make_app(database_url, home, keys=[old, new])  # still encrypts under the old key
+    try:
+        _, stale_pm = service_for(stale)
+
+        def stale_write() -> None:
+            stale.key_service(stale_pm).set_key(
+                OPERATOR, "ws-late", "openai", random_key("openai"), test=False
+            )
+
+        pm = plugin_manager_for(app, load_entrypoints=False)
+        service = KeyService(
+            store=_StaleWriterAfterTheCheck(app.key_store, stale_write),  # type: ignore[arg-type]
+            access=app.key_access,
+            keyring=lambda: app.keyring,
+            pm=pm,
+            key_file=key_file,
+        )
+        with pytest.raises(KeyringError, match="while it was being retired") as refused:
+            service.retire_master_key(OPERATOR, old.id)
+        assert "Restart every process" in str(refused.value)
+        assert Keyring.from_file(key_file).ids == (new.id, old.id)  # put back
+        assert app.key_store.count_by_master_key()[old.id] == 1
+        # and the key stored meanwhile still decrypts with the file as it is now
+        (row,) = app.key_store.batch_not_under(new.id, after_id=None, limit=10)
+        assert app.key_access.decrypt(row).startswith("sk-")
+    finally:
+        stale.close()
         app.close()

@@ -362,14 +362,15 @@ def retire_master_key_command(cli: CliContext, master_key_id: str) -> None:
     """
     from byok_plugin.store import describe_url
 
-    path = _service(cli).retire_master_key(cli.actor, master_key_id)
+    kept = _service(cli).retire_master_key(cli.actor, master_key_id)
     click.echo(
         f"retired master key {master_key_id}: no stored key in "
-        f"{describe_url(cli.settings.database_url)} used it; removed from {path}"
+        f"{describe_url(cli.settings.database_url)} used it; removed from {cli.settings.key_file}"
     )
     click.echo(
-        "Keep a backup of the old key file until you are sure no other database was encrypted "
-        "under that key."
+        f"It is kept alone in {kept} (mode 0600): move that file offline, and delete it once no "
+        f"other database or backup can need the key.",
+        err=True,
     )
 
 
