@@ -36,10 +36,10 @@ from byok_plugin.app import App
 from byok_plugin.cli.context import OPERATOR
 from byok_plugin.cli.demo import BYOK_WORKSPACE, DemoStack, realistic_key
 from byok_plugin.defaults import DefaultPlugin
-from byok_plugin.host.emulator import EmulatorServer
+from byok_plugin.host.emulator import EmulatorServer, Fault, FaultKind
 from byok_plugin.host.run_result import RunStatus
 from byok_plugin.host.runner import RUN_HOOKS, RunnerOptions, WorkflowRunner
-from byok_plugin.host.workflow import parse_workflow
+from byok_plugin.host.workflow import Workflow, parse_workflow
 from byok_plugin.settings import Settings
 
 STORE_HOOKS = {"byok_resolve_credential", "byok_record_usage", "byok_audit"}
@@ -427,3 +427,47 @@ def test_audit_and_cooldown_on_a_locked_store_are_written_once_it_is_released(
     (key,) = stack.app.key_store.list_keys("refused-ws")
     assert key.cooldown_until is not None
     assert key.cooldown_reason == "auth"
+
+
+# --- cancellation ----------------------------------------------------------------------------------
+
+PARALLEL = parse_workflow(
+    {
+        "name": "two",
+        "version": "1",
+        "blocks": {
+            "a": {"type": "agent", "model": "gpt-4o-mini", "prompt": "Say hi."},
+            "b": {"type": "agent", "model": "gpt-4o-mini", "prompt": "Say bye."},
+        },
+    }
+)
+
+
+@pytest.mark.parametrize(
+    "workflow", [WORKFLOW, PARALLEL], ids=["one block, awaited inline", "two blocks, tasks"]
+)
+def test_a_cancelled_run_stops_its_calls_and_records_nothing(
+    emulator: EmulatorServer, key: str, workflow: Workflow
+) -> None:
+    emulator.add_fault(Fault(FaultKind.SLOW, provider="openai", delay=5.0, times=None))
+    answers = Answers(key, declared=frozenset(RUN_HOOKS))
+    pm = new_manager(answers)
+
+    async def main() -> tuple[float, set[asyncio.Task[object]]]:
+        async with WorkflowRunner.open(pm, environ=emulator.environ()) as runner:
+            run = asyncio.create_task(runner.run(workflow, workspace_id=BYOK_WORKSPACE))
+            await asyncio.sleep(0.3)  # the calls are in flight, waiting on the slow provider
+            assert answers.threads["byok_resolve_credential"]
+            started = time.perf_counter()
+            run.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await run
+            took = time.perf_counter() - started
+            left = asyncio.all_tasks() - {asyncio.current_task()}
+        return took, left  # type: ignore[return-value]
+
+    took, left = asyncio.run(main())
+    assert took < 1.0  # not the 5 s the provider would have taken
+    assert left == set()  # no block task outlives its run
+    assert "byok_record_usage" not in answers.threads  # nothing completed, nothing recorded
+    assert "byok_compute_charge" not in answers.threads
