@@ -1,7 +1,8 @@
 """Store writes handed off an event loop's thread.
 
-A hook called inline by an asyncio host must not wait for a lock another process holds on a
-SQLite store (:data:`~byok_plugin.store.engine.LOOP_LOCK_WAIT_MS`). An audit event or a key
+A hook called inline on an asyncio host's event loop (:func:`byok_hookspecs.called_inline`) must
+not wait for a lock another process holds on a SQLite store
+(:data:`~byok_plugin.store.engine.LOOP_LOCK_WAIT_MS`). An audit event or a key
 cooldown that could not be written at once is written here instead, in one background thread
 that waits for the lock as long as any other writer: the hook returns, the loop goes on, and the
 row lands when the lock is released. A failure is logged, as a failed audit write always was.
@@ -10,25 +11,14 @@ row lands when the lock is released. A failure is logged, as a failed audit writ
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-__all__ = ["BackgroundWrites", "on_event_loop"]
+__all__ = ["BackgroundWrites"]
 
 log = logging.getLogger("byok.store")
-
-
-def on_event_loop() -> bool:
-    """Whether this thread is running an asyncio event loop (a hook called inline by an async
-    host), where waiting for a lock would stall every task of the loop."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
 
 
 class BackgroundWrites:

@@ -21,12 +21,12 @@ from byok_hookspecs import (
     KeyCheck,
     Usage,
     UsageRecord,
+    called_inline,
     hookimpl,
 )
 
 from byok_plugin.app import App
 from byok_plugin.authorization import role_decision
-from byok_plugin.background_writes import on_event_loop
 from byok_plugin.settings import Settings
 
 audit_log = logging.getLogger("byok.audit")
@@ -156,7 +156,7 @@ class DefaultPlugin:
         try:
             self.app.audit_store.record(event)
         except Exception as exc:
-            if on_event_loop():  # locked by another writer: wait for it off the event loop
+            if called_inline() and _locked(exc):  # another writer: wait for it off the loop
                 self.app.background_writes.submit(
                     lambda: self.app.audit_store.record(event),
                     f"audit event {event.action} of workspace {event.workspace_id}",
@@ -169,6 +169,12 @@ class DefaultPlugin:
                 type(exc).__name__,
                 exc,
             )
+
+
+def _locked(error: Exception) -> bool:
+    from byok_plugin.store.engine import store_busy  # the store's modules load at first use
+
+    return store_busy(error)
 
 
 def _app_from_environment() -> App:

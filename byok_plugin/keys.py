@@ -533,6 +533,7 @@ class KeyService:
         arrived = self._store.count_by_master_key().get(master_key_id, 0)
         if arrived:  # a process that was not restarted stored keys under it meanwhile
             restore_master_key_to_file(self._key_file, retired)
+            kept.unlink(missing_ok=True)  # the key is back in the file: no second copy
             raise KeyringError(
                 f"{arrived} stored keys were encrypted under master key {master_key_id} while it "
                 f"was being retired, by a process that still encrypts with it; the key is back in "

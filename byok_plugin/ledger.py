@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,17 +36,17 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from byok_hookspecs import USAGE_COUNTS, CredentialSource, UsageRecord
+from byok_hookspecs import USAGE_COUNTS, CredentialSource, UsageRecord, called_inline
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect, Engine
 
-from byok_plugin.background_writes import on_event_loop
 from byok_plugin.billing import money
 from byok_plugin.key_errors import StoreUnavailable
 from byok_plugin.key_reader import sqlite_file_of
 from byok_plugin.store.engine import (
     LOOP_LOCK_WAIT_MS,
     prepare_sqlite_connection,
+    store_busy,
     store_errors,
     write_transaction,
 )
@@ -184,6 +185,10 @@ def _check(record: UsageRecord) -> None:
         raise ValueError("UsageRecord.occurred_at must be an aware datetime")
 
 
+#: how long writes called inline on an event loop skip the store after finding it locked
+BUSY_BACKOFF_SECONDS = 0.5
+
+
 def _prepare_prompt(conn: sqlite3.Connection) -> None:
     prepare_sqlite_connection(conn)
     conn.execute(f"PRAGMA busy_timeout = {LOOP_LOCK_WAIT_MS}")
@@ -213,6 +218,9 @@ class SqliteLedgerWriter:
         # loop's thread wait LOOP_LOCK_WAIT_MS at most for another writer's lock
         self._connections = SqliteConnections(self._path, prepare=prepare_sqlite_connection)
         self._prompt_connections = SqliteConnections(self._path, prepare=_prepare_prompt)
+        # after a write on the loop found the store locked, the next ones on the loop give up at
+        # once until then (monotonic seconds): one 25 ms wait per lock, not one per call
+        self._busy_until = 0.0
 
     def __repr__(self) -> str:
         return f"SqliteLedgerWriter(connections={self.open_connections})"
@@ -225,7 +233,15 @@ class SqliteLedgerWriter:
         row = [values[name] for name in self._names]
         for i, processor in self._processors:
             row[i] = processor(row[i])
-        pool = self._prompt_connections if on_event_loop() else self._connections
+        prompt = called_inline()
+        if prompt and time.monotonic() < self._busy_until:
+            # locked a moment ago: do not make the event loop wait again, the host retries off it
+            raise StoreUnavailable(
+                "recording usage",
+                workspace_id=values["workspace_id"],
+                cause="database is locked (by another writer, a moment ago)",
+            )
+        pool = self._prompt_connections if prompt else self._connections
         try:
             conn = pool.acquire()
             try:
@@ -235,6 +251,8 @@ class SqliteLedgerWriter:
         except sqlite3.IntegrityError as exc:  # as SQLAlchemy would raise it: the caller's to read
             raise sa.exc.IntegrityError(self._sql, None, exc) from None
         except sqlite3.Error as exc:
+            if prompt and store_busy(exc):
+                self._busy_until = time.monotonic() + BUSY_BACKOFF_SECONDS
             first_line = (str(exc).strip().splitlines() or [""])[0]
             raise StoreUnavailable(
                 "recording usage",

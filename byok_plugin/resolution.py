@@ -35,13 +35,14 @@ the calling thread. ``0`` turns the cache off.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
@@ -56,15 +57,16 @@ from byok_hookspecs import (
     FailureReason,
     NoCredential,
     NotAuthorized,
+    called_inline,
 )
 from sqlalchemy.engine import Engine
 
-from byok_plugin.background_writes import BackgroundWrites, on_event_loop
+from byok_plugin.background_writes import BackgroundWrites
 from byok_plugin.billing import Billing
 from byok_plugin.key_access import KeyAccess
 from byok_plugin.key_errors import StoreUnavailable
 from byok_plugin.platform_keys import PlatformKeyPool, mask_key
-from byok_plugin.store.engine import write_transaction
+from byok_plugin.store.engine import store_busy, write_transaction
 from byok_plugin.store.keys_repo import StoredKey
 from byok_plugin.store.tables import workspace_keys
 from byok_plugin.workspace_settings import WorkspaceSettingsStore
@@ -136,10 +138,8 @@ class KeyListCache:
 
     def _drop_expired(self, now: float) -> None:
         """Drop the entries that have expired: the oldest first, as they were put (one ttl)."""
-        entries = self._entries
-        if not entries or next(iter(entries.values())).expires > now:
-            return
-        with self._lock:
+        with self._lock:  # another thread may be putting or invalidating
+            entries = self._entries
             while entries:
                 key, entry = next(iter(entries.items()))
                 if entry.expires > now:
@@ -222,6 +222,8 @@ class Resolver:
         :param background: where a cooldown that could not be written at once on an event loop's
             thread (the store locked by another writer) is written instead."""
         self._background = background
+        self._pending_cooldowns: dict[str, tuple[datetime, FailureReason]] = {}
+        self._pending_lock = threading.Lock()
         self._keys = keys
         self._read = reader if reader is not None else keys.enabled_keys
         self._engine = engine
@@ -448,12 +450,13 @@ class Resolver:
     # --- workspace keys -------------------------------------------------------------------
 
     def enabled_keys(self, workspace_id: str, provider: str) -> tuple[StoredKey, ...]:
-        """The (workspace, provider)'s enabled keys, from the cache or one read of the store."""
+        """The (workspace, provider)'s enabled keys, from the cache or one read of the store,
+        with the cooldowns this worker has yet to write applied."""
         keys = self.cache.get(workspace_id, provider)
         if keys is None:
             keys = tuple(self._read(workspace_id, provider))
             self.cache.put(workspace_id, provider, keys)
-        return keys
+        return self._with_pending(keys)
 
     def _pick(self, request: CredentialRequest, usable: Sequence[StoredKey]) -> StoredKey:
         if len(usable) == 1:
@@ -483,12 +486,15 @@ class Resolver:
         until = now + self._cooldown
         try:  # stored: every worker skips it, and knows why
             self._keys.cool_down(key.id, until, reason)
-        except StoreUnavailable:
-            if self._background is None or not on_event_loop():
+        except StoreUnavailable as exc:
+            if self._background is None or not called_inline() or not store_busy(exc):
                 raise
-            # the store is locked by another writer: wait for it off the event loop
+            # locked by another writer: written off the event loop once it is free; until then
+            # this worker applies it from memory, so it does not serve the refused key again
+            with self._pending_lock:
+                self._pending_cooldowns[key.id] = (until, reason)
             self._background.submit(
-                lambda: self._keys.cool_down(key.id, until, reason),
+                functools.partial(self._write_cooldown, key.id, until, reason),
                 f"the cooldown of {request.provider} key {key.id} of workspace "
                 f"{request.workspace_id!r}",
             )
@@ -499,6 +505,28 @@ class Resolver:
             "key.cooldown",
             key_id=key.id,
             detail=f"{self._why(request)}; skipped until {until:%Y-%m-%d %H:%M:%S} UTC",
+        )
+
+    def _write_cooldown(self, key_id: str, until: datetime, reason: FailureReason) -> None:
+        """A deferred cooldown, written in the background; applied from memory until then."""
+        try:
+            self._keys.cool_down(key_id, until, reason)
+        finally:
+            with self._pending_lock:
+                if self._pending_cooldowns.get(key_id) == (until, reason):
+                    del self._pending_cooldowns[key_id]
+
+    def _with_pending(self, keys: tuple[StoredKey, ...]) -> tuple[StoredKey, ...]:
+        """``keys`` with the cooldowns this worker has not been able to write yet applied."""
+        if not self._pending_cooldowns:
+            return keys
+        with self._pending_lock:
+            pending = dict(self._pending_cooldowns)
+        return tuple(
+            replace(k, cooldown_until=pending[k.id][0], cooldown_reason=pending[k.id][1].value)
+            if k.id in pending and (k.cooldown_until is None or k.cooldown_until < pending[k.id][0])
+            else k
+            for k in keys
         )
 
     # --- authorization, audit, last use ---------------------------------------------------

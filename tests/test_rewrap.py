@@ -252,6 +252,7 @@ def test_a_key_stored_under_the_master_key_while_it_is_retired_puts_it_back(
             service.retire_master_key(OPERATOR, old.id)
         assert "Restart every process" in str(refused.value)
         assert Keyring.from_file(key_file).ids == (new.id, old.id)  # put back
+        assert not (home / f"master.keys.retired-{old.id}").exists()  # and no copy left aside
         assert app.key_store.count_by_master_key()[old.id] == 1
         # and the key stored meanwhile still decrypts with the file as it is now
         (row,) = app.key_store.batch_not_under(new.id, after_id=None, limit=10)

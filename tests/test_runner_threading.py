@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pluggy
 import pytest
+import sqlalchemy as sa
 from byok_hookspecs import (
     NONBLOCKING_ATTRIBUTE,
     PROJECT_NAME,
@@ -28,6 +29,7 @@ from byok_hookspecs import (
     UsageRecord,
     add_to,
     blocking_implementations,
+    calling_inline,
     declared_nonblocking,
     hookimpl,
 )
@@ -41,6 +43,7 @@ from byok_plugin.host.run_result import RunStatus
 from byok_plugin.host.runner import RUN_HOOKS, RunnerOptions, WorkflowRunner
 from byok_plugin.host.workflow import Workflow, parse_workflow
 from byok_plugin.settings import Settings
+from byok_plugin.store.engine import write_transaction
 
 STORE_HOOKS = {"byok_resolve_credential", "byok_record_usage", "byok_audit"}
 WORKFLOW = parse_workflow(
@@ -471,3 +474,103 @@ def test_a_cancelled_run_stops_its_calls_and_records_nothing(
     assert left == set()  # no block task outlives its run
     assert "byok_record_usage" not in answers.threads  # nothing completed, nothing recorded
     assert "byok_compute_charge" not in answers.threads
+
+
+def test_only_hooks_called_inline_give_up_on_a_locked_store(tmp_path: Path) -> None:
+    """The 25 ms wait is for hooks a host calls on its event loop; other writes on the loop's
+    thread (an async host managing keys, a migration started by the first hook) wait."""
+    app = App(Settings.from_environ({"BYOK_HOME": str(tmp_path)}))
+    engine = app.engine
+    database = app.settings.database_url.split("///", 1)[1]
+
+    def write(**options: bool) -> None:
+        with write_transaction(engine, **options) as conn:
+            conn.exec_driver_sql("SELECT 1")
+
+    async def main() -> None:
+        with WriteLock(database, seconds=0.3):
+            write()  # on the loop's thread, not in a hook: waits for the lock
+        with WriteLock(database, seconds=0.3), calling_inline():
+            with pytest.raises(sa.exc.OperationalError, match="database is locked"):
+                write()  # in a hook called inline: gives up after 25 ms
+            write(prompt=False)  # asked to wait (a migration): waits
+
+    try:
+        asyncio.run(main())
+    finally:
+        app.close()
+
+
+def test_a_run_cancelled_while_its_record_waits_for_the_lock_still_records_it(
+    sqlite_stack: DemoStack, emulator: EmulatorServer
+) -> None:
+    stack = sqlite_stack
+
+    async def main() -> None:
+        async with WorkflowRunner.open(stack.pm, environ=stack.environ) as runner:
+            await runner.run(WORKFLOW, workspace_id=BYOK_WORKSPACE)  # warm
+            with WriteLock(_database(stack), seconds=1.0):
+                run = asyncio.create_task(runner.run(WORKFLOW, workspace_id=BYOK_WORKSPACE))
+                while len([c for c in emulator.calls() if c.method == "POST"]) < 2:
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0.2)  # the call is done; its record waits for the lock
+                run.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await run
+
+    asyncio.run(main())  # its end waits for the worker thread that holds the record
+    assert stack.app.ledger.count() == 2
+
+
+def test_one_record_attempt_still_gets_its_try_off_the_loop(sqlite_stack: DemoStack) -> None:
+    stack = sqlite_stack
+
+    async def main() -> RunStatus:
+        options = RunnerOptions(record_attempts=1)
+        async with WorkflowRunner.open(stack.pm, environ=stack.environ, options=options) as runner:
+            await runner.run(WORKFLOW, workspace_id=BYOK_WORKSPACE)  # warm
+            with WriteLock(_database(stack), seconds=0.3):
+                result = await runner.run(WORKFLOW, workspace_id=BYOK_WORKSPACE)
+        return result.status
+
+    assert asyncio.run(main()) is RunStatus.COMPLETED
+    assert stack.app.ledger.count() == 2
+
+
+def test_a_cooldown_waiting_for_the_lock_is_applied_meanwhile(
+    sqlite_stack: DemoStack, emulator: EmulatorServer
+) -> None:
+    """While the store is locked the refused key's cooldown cannot be written, but this worker
+    does not hand the refused key to the provider again."""
+    stack = sqlite_stack
+    refused = realistic_key("openai")
+    stack.app.key_service(stack.pm).set_key(OPERATOR, "refused-ws", "openai", refused, test=False)
+    stack.set_fallback_policy("refused-ws", "on_error")
+    seen_before = len(emulator.calls())
+
+    def posts() -> int:
+        return len([c for c in emulator.calls()[seen_before:] if c.method == "POST"])
+
+    async def main() -> list[str]:
+        async with WorkflowRunner.open(stack.pm, environ=stack.environ) as runner:
+            with WriteLock(_database(stack), seconds=1.5):
+                first = asyncio.create_task(runner.run(WORKFLOW, workspace_id="refused-ws"))
+                while posts() < 2:  # refused, then served by the platform; its cooldown waits
+                    await asyncio.sleep(0.01)
+                # these resolve while the store is still locked (their records wait for it)
+                later = [runner.run(WORKFLOW, workspace_id="refused-ws") for _ in range(3)]
+                results = await asyncio.gather(first, *later)
+        return [r.blocks["answer"].calls[-1].source.value for r in results]
+
+    sources = asyncio.run(main())
+    assert sources == ["platform"] * 4
+    calls = emulator.calls()[seen_before:]
+    refused_calls = [c for c in calls if c.method == "POST" and c.key_label is None]
+    assert len(refused_calls) == 1  # only the first run tried the refused key
+    stack.app.close()
+    (key,) = stack.app.key_store.list_keys("refused-ws")
+    assert key.cooldown_reason == "auth"
+    cooldowns = [
+        e for e in stack.app.audit_store.events("refused-ws") if e.action == "key.cooldown"
+    ]
+    assert len(cooldowns) == 1

@@ -369,7 +369,9 @@ def retire_master_key_command(cli: CliContext, master_key_id: str) -> None:
     )
     click.echo(
         f"It is kept alone in {kept} (mode 0600): move that file offline, and delete it once no "
-        f"other database or backup can need the key.",
+        f"other database or backup can need the key. A process that has not been restarted "
+        f"since the rotation still encrypts with it: restart every process that reads the key "
+        f"file.",
         err=True,
     )
 

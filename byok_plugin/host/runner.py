@@ -65,6 +65,7 @@ from byok_hookspecs import (
     Usage,
     UsageRecord,
     blocking_implementations,
+    calling_inline,
 )
 from jsonschema import Draft202012Validator
 
@@ -169,7 +170,8 @@ class RunnerOptions:
         unless the block sets its own ``retries``.
     :param max_key_rounds: keys tried for one call (the first included) when the provider refuses
         them, before the block fails.
-    :param record_attempts: tries of ``byok_record_usage`` (idempotent) before the block fails.
+    :param record_attempts: tries of ``byok_record_usage`` (idempotent) before the block fails;
+        a failure on the event loop always gets one more try in a worker thread.
     :param hooks_in_thread: ``True`` calls the hooks in a worker thread, ``False`` on the event
         loop; ``None`` (the default) on the event loop when every implementation of
         :data:`RUN_HOOKS` declares it never waits on the network
@@ -921,32 +923,52 @@ class WorkflowRunner:
     async def _record_again(self, record: UsageRecord, provider: str, error: Exception) -> None:
         """``byok_record_usage`` tried again after ``error``, in a worker thread whatever the
         hooks' threading: an implementation that gave up at once rather than stall the event loop
-        (a SQLite store locked by another writer) may wait there. The ledger is idempotent on the
-        record's key, so a write that did land before the error is not doubled."""
-        loop = asyncio.get_running_loop()
+        (a SQLite store locked by another writer) waits there as long as it must, so a failure
+        on the loop always gets one try off it. The tries run as one job that goes on if the run
+        is cancelled meanwhile (the call has completed: its usage must land). The ledger is
+        idempotent on the record's key, so a write that did land before an error is not
+        doubled."""
+        tries = self.options.record_attempts - 1
+        if not self.hooks_in_thread():
+            tries = max(tries, 1)
+        last: Exception | None = error
+        if tries:
+            job = asyncio.get_running_loop().run_in_executor(
+                None, self._record_retries, record, error, tries
+            )
+            last = await asyncio.shield(job)
+        if last is not None:
+            raise BlockFailed(
+                f"the {provider} call completed but its usage could not be recorded "
+                f"({type(last).__name__}: {last})"
+            )
+
+    def _record_retries(
+        self, record: UsageRecord, error: Exception, tries: int
+    ) -> Exception | None:
+        """Up to ``tries`` more ``byok_record_usage`` calls, backing off; the last error, or
+        ``None`` once one succeeds. Runs in a worker thread."""
         last = error
-        for attempt in range(1, self.options.record_attempts):
+        for attempt in range(1, tries + 1):
             log.warning("recording %s failed (try %d): %s", record.idempotency_key, attempt, last)
-            await asyncio.sleep(0.05 * 2 ** (attempt - 1))
+            time.sleep(0.05 * 2 ** (attempt - 1))
             try:
-                await loop.run_in_executor(
-                    None, functools.partial(self.pm.hook.byok_record_usage, record=record)
-                )
-                return
+                self.pm.hook.byok_record_usage(record=record)
+                return None
             except Exception as exc:
                 last = exc
-        raise BlockFailed(
-            f"the {provider} call completed but its usage could not be recorded "
-            f"({type(last).__name__}: {last})"
-        )
+        return last
 
     async def _hook(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Call a (synchronous) hook, in the loop's default executor unless the hooks do not
-        block (:meth:`hooks_in_thread`)."""
+        block (:meth:`hooks_in_thread`); inline, the call is marked as made on the event loop
+        (:func:`byok_hookspecs.calling_inline`), so that an implementation gives up rather than
+        wait."""
         if self.hooks_in_thread():
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(None, functools.partial(fn, *args, **kwargs))
-        return fn(*args, **kwargs)
+        with calling_inline():
+            return fn(*args, **kwargs)
 
 
 # --- helpers -------------------------------------------------------------------------------------

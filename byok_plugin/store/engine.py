@@ -6,11 +6,13 @@
   before SQLite opens it; it runs in WAL mode with a busy timeout, and writers take the write lock
   when their transaction begins (``BEGIN IMMEDIATE``), so a read-then-write transaction never
   fails half-way with "database is locked".
-- On an asyncio event loop's thread a SQLite writer waits at most :data:`LOOP_LOCK_WAIT_MS` for
-  another writer's lock (:func:`write_transaction`, the ledger's direct writer) instead of the
-  usual 30 s, and fails with "database is locked": the caller retries off the loop, where
-  waiting stalls nothing (the runner retries a record in a worker thread; audit events and
-  cooldowns go to the app's background writer).
+- In a hook a host calls on its event loop (:func:`byok_hookspecs.called_inline`) a SQLite
+  writer waits at most :data:`LOOP_LOCK_WAIT_MS` for another writer's lock
+  (:func:`write_transaction`, the ledger's direct writer) instead of the usual 30 s, and fails
+  with "database is locked": the work is retried off the loop, where waiting stalls nothing (the
+  runner retries a record in a worker thread; audit events and cooldowns go to the app's
+  background writer). Everything else (migrations, key management, an async host's own calls)
+  waits as usual.
 - Any database error other than a constraint violation surfaces as
   :class:`~byok_plugin.key_errors.StoreUnavailable`, a ``CredentialUnavailable``: a store that
   does not answer is an error, never "no key".
@@ -31,10 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from byok_hookspecs import called_inline
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
-from byok_plugin.background_writes import on_event_loop
 from byok_plugin.key_errors import StoreUnavailable
 
 __all__ = [
@@ -47,6 +49,7 @@ __all__ = [
     "normalize_url",
     "prepare_sqlite_connection",
     "read_connection",
+    "store_busy",
     "store_errors",
     "write_transaction",
 ]
@@ -158,10 +161,11 @@ def create_store_engine(url: str | URL, **kwargs: Any) -> Engine:
 
 
 @contextmanager
-def write_transaction(engine: Engine) -> Iterator[Connection]:
+def write_transaction(engine: Engine, *, prompt: bool | None = None) -> Iterator[Connection]:
     """A transaction that will write: on SQLite it holds the write lock from its first statement.
 
-    On an event loop's thread, SQLite waits at most :data:`LOOP_LOCK_WAIT_MS` for that lock.
+    :param prompt: wait at most :data:`LOOP_LOCK_WAIT_MS` for that lock (SQLite); by default, in
+        a hook called inline on a host's event loop (:func:`byok_hookspecs.called_inline`).
     """
     with engine.connect() as conn:
         if conn.dialect.name != "sqlite":
@@ -169,7 +173,8 @@ def write_transaction(engine: Engine) -> Iterator[Connection]:
                 yield conn
             return
         conn = conn.execution_options(**{_SQLITE_BEGIN_OPTION: "IMMEDIATE"})
-        prompt = on_event_loop()
+        if prompt is None:
+            prompt = called_inline()
         if prompt:  # on the DB-API connection: SQLAlchemy must not begin a transaction for it
             conn.connection.dbapi_connection.execute(  # type: ignore[union-attr]
                 f"PRAGMA busy_timeout = {LOOP_LOCK_WAIT_MS}"
@@ -213,6 +218,13 @@ def _cause(exc: sa.exc.SQLAlchemyError) -> str:
     source: BaseException = orig if isinstance(orig, BaseException) else exc
     first_line = (str(source).strip().splitlines() or [""])[0]
     return f"{type(source).__name__}: {first_line[:300]}"
+
+
+def store_busy(error: BaseException) -> bool:
+    """Whether ``error`` says a SQLite store was locked by another writer (worth waiting for off
+    the event loop), rather than broken."""
+    text = str(error).lower()
+    return "database is locked" in text or "database table is locked" in text
 
 
 @contextmanager

@@ -80,7 +80,9 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
                     )
                     conn.commit()
         else:
-            with write_transaction(engine) as conn:
+            # a migration waits for other writers, even when it starts inside a hook called on
+            # an event loop (the store opens at first use)
+            with write_transaction(engine, prompt=False) as conn:
                 command.upgrade(alembic_config(conn), revision)
 
 

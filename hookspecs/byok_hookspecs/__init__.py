@@ -16,6 +16,8 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 from byok_hookspecs.blocking import (  # noqa: E402
     NONBLOCKING_ATTRIBUTE,
     blocking_implementations,
+    called_inline,
+    calling_inline,
     declared_nonblocking,
 )
 from byok_hookspecs.errors import (  # noqa: E402  (the markers must exist first)
@@ -72,6 +74,8 @@ __all__ = [
     "UsageRecord",
     "add_to",
     "blocking_implementations",
+    "called_inline",
+    "calling_inline",
     "declared_nonblocking",
     "get_plugin_manager",
     "hookimpl",

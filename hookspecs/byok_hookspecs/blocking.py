@@ -13,6 +13,11 @@ then call them on the event loop::
         @hookimpl(tryfirst=True)
         def byok_compute_charge(self, usage, credential): ...
 
+A host that calls them on its loop says so for the duration of the call
+(``with calling_inline(): pm.hook...``), and a declared implementation that would have to wait
+(a lock another process holds) checks :func:`called_inline` and gives up at once, or hands the
+work to a thread of its own, instead of stalling the loop. Off the loop it waits as usual.
+
 The attribute holds the names of the plugin's hook implementations that do not block: a set,
 frozenset, tuple or list of names. It may be a property, computed per plugin instance: the default
 plugin's store hooks are non-blocking on a local SQLite file and blocking on PostgreSQL. A plugin
@@ -22,14 +27,47 @@ or raises when read. A module registered as a plugin sets it at module level.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import pluggy
 
-__all__ = ["NONBLOCKING_ATTRIBUTE", "blocking_implementations", "declared_nonblocking"]
+__all__ = [
+    "NONBLOCKING_ATTRIBUTE",
+    "blocking_implementations",
+    "called_inline",
+    "calling_inline",
+    "declared_nonblocking",
+]
 
 #: the plugin attribute that names its non-blocking hook implementations
 NONBLOCKING_ATTRIBUTE = "byok_nonblocking_hooks"
+
+_INLINE: ContextVar[bool] = ContextVar("byok_hooks_called_inline", default=False)
+
+
+@contextmanager
+def calling_inline(inline: bool = True) -> Iterator[None]:
+    """Mark the hook calls made inside the block as made on the host's event loop (``True``), or
+    as free to wait (``False``: work started from such a call that may wait, a migration say).
+
+    :param inline: what :func:`called_inline` answers inside the block.
+    """
+    token = _INLINE.set(inline)
+    try:
+        yield
+    finally:
+        _INLINE.reset(token)
+
+
+def called_inline() -> bool:
+    """Whether the hook being run was called on the host's event loop (:func:`calling_inline`):
+    waiting for anything then stalls every task of the loop.
+
+    :returns: ``False`` off the loop, in a worker thread, or when the host did not say.
+    """
+    return _INLINE.get()
 
 
 def declared_nonblocking(plugin: object) -> frozenset[str]:
