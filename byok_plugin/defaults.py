@@ -139,8 +139,10 @@ class DefaultPlugin:
     @hookimpl(trylast=True)
     def byok_audit(self, event: AuditEvent) -> None:
         if event.action.startswith("key.") and "resolver" in self.app.__dict__:
-            # a key changed through this process: resolution must not serve the old list
-            self.app.resolver.cache.invalidate(event.workspace_id, event.provider)
+            if event.action == "key.cooldown":  # resolution's own: it has updated itself
+                self.app.resolver.cache.invalidate(event.workspace_id, event.provider)
+            else:  # a key changed through this process: do not serve the old list or cooldown
+                self.app.resolver.key_changed(event.workspace_id, event.provider)
         audit_log.info(
             "%s workspace=%s actor=%s outcome=%s provider=%s key=%s %s",
             event.action,

@@ -157,12 +157,19 @@ class KeyAccess:
         return self._store.mark_used(key_id, at or self._clock())
 
     def cool_down(
-        self, key_id: str, until: datetime, reason: FailureReason = FailureReason.ERROR
+        self,
+        key_id: str,
+        until: datetime,
+        reason: FailureReason = FailureReason.ERROR,
+        *,
+        unchanged_since: datetime | None = None,
     ) -> bool:
         """Skip a key until ``until``, in every worker sharing the store (after a 429 or an auth
         failure); ``False`` if the key is gone. The reason is stored with the cooldown, so every
         worker's fallback policy decides on it (``key.cooldown_reason``)."""
-        return self._store.set_cooldown(key_id, until, FailureReason(reason).value)
+        return self._store.set_cooldown(
+            key_id, until, FailureReason(reason).value, unchanged_since=unchanged_since
+        )
 
     def end_cooldown(self, key_id: str) -> bool:
         return self._store.set_cooldown(key_id, None)

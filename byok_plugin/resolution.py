@@ -222,7 +222,8 @@ class Resolver:
         :param background: where a cooldown that could not be written at once on an event loop's
             thread (the store locked by another writer) is written instead."""
         self._background = background
-        self._pending_cooldowns: dict[str, tuple[datetime, FailureReason]] = {}
+        # key id -> (its workspace and provider, until, reason): cooldowns not written yet
+        self._pending_cooldowns: dict[str, tuple[tuple[str, str], datetime, FailureReason]] = {}
         self._pending_lock = threading.Lock()
         self._keys = keys
         self._read = reader if reader is not None else keys.enabled_keys
@@ -492,9 +493,9 @@ class Resolver:
             # locked by another writer: written off the event loop once it is free; until then
             # this worker applies it from memory, so it does not serve the refused key again
             with self._pending_lock:
-                self._pending_cooldowns[key.id] = (until, reason)
+                self._pending_cooldowns[key.id] = ((key.workspace_id, key.provider), until, reason)
             self._background.submit(
-                functools.partial(self._write_cooldown, key.id, until, reason),
+                functools.partial(self._write_cooldown, key, until, reason),
                 f"the cooldown of {request.provider} key {key.id} of workspace "
                 f"{request.workspace_id!r}",
             )
@@ -507,13 +508,27 @@ class Resolver:
             detail=f"{self._why(request)}; skipped until {until:%Y-%m-%d %H:%M:%S} UTC",
         )
 
-    def _write_cooldown(self, key_id: str, until: datetime, reason: FailureReason) -> None:
-        """A deferred cooldown, written in the background; applied from memory until then."""
+    def _write_cooldown(self, key: StoredKey, until: datetime, reason: FailureReason) -> None:
+        """A deferred cooldown, written in the background; applied from memory until then. It
+        is written only if nobody changed the key meanwhile (an operator's ``enable`` wins), and
+        the cached list is dropped before the memory of it, so no reader sees neither."""
         try:
-            self._keys.cool_down(key_id, until, reason)
+            self._keys.cool_down(key.id, until, reason, unchanged_since=key.updated_at)
         finally:
+            self.cache.invalidate(key.workspace_id, key.provider)
             with self._pending_lock:
-                if self._pending_cooldowns.get(key_id) == (until, reason):
+                pending = self._pending_cooldowns.get(key.id)
+                if pending is not None and pending[1:] == (until, reason):
+                    del self._pending_cooldowns[key.id]
+
+    def key_changed(self, workspace_id: str, provider: str | None) -> None:
+        """A key of the workspace was changed through this process (created, replaced, deleted,
+        enabled, disabled): drop its cached list and the cooldowns still waiting to be written
+        for it."""
+        self.cache.invalidate(workspace_id, provider)
+        with self._pending_lock:
+            for key_id, ((ws, prov), _until, _reason) in list(self._pending_cooldowns.items()):
+                if ws == workspace_id and provider in (None, prov):
                     del self._pending_cooldowns[key_id]
 
     def _with_pending(self, keys: tuple[StoredKey, ...]) -> tuple[StoredKey, ...]:
@@ -521,7 +536,9 @@ class Resolver:
         if not self._pending_cooldowns:
             return keys
         with self._pending_lock:
-            pending = dict(self._pending_cooldowns)
+            pending = {
+                k: (until, reason) for k, (_, until, reason) in self._pending_cooldowns.items()
+            }
         return tuple(
             replace(k, cooldown_until=pending[k.id][0], cooldown_reason=pending[k.id][1].value)
             if k.id in pending and (k.cooldown_until is None or k.cooldown_until < pending[k.id][0])

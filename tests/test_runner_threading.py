@@ -6,6 +6,7 @@ the real default plugin on a SQLite file and on PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import threading
 import time
@@ -29,6 +30,7 @@ from byok_hookspecs import (
     UsageRecord,
     add_to,
     blocking_implementations,
+    called_inline,
     calling_inline,
     declared_nonblocking,
     hookimpl,
@@ -341,15 +343,17 @@ class LoopWatch:
 class WriteLock:
     """Another process's writer: holds the SQLite write lock for ``seconds``."""
 
-    def __init__(self, database: str, seconds: float) -> None:
+    def __init__(self, database: str, seconds: float, *, then: str | None = None) -> None:
         self.held = threading.Event()
-        self._thread = threading.Thread(target=self._hold, args=(database, seconds))
+        self._thread = threading.Thread(target=self._hold, args=(database, seconds, then))
 
-    def _hold(self, database: str, seconds: float) -> None:
+    def _hold(self, database: str, seconds: float, then: str | None) -> None:
         conn = sqlite3.connect(database, isolation_level=None)
         conn.execute("BEGIN IMMEDIATE")
         self.held.set()
         time.sleep(seconds)
+        if then is not None:  # a write of its own, committed with the lock's release
+            conn.execute(then)
         conn.execute("COMMIT")
         conn.close()
 
@@ -574,3 +578,127 @@ def test_a_cooldown_waiting_for_the_lock_is_applied_meanwhile(
         e for e in stack.app.audit_store.events("refused-ws") if e.action == "key.cooldown"
     ]
     assert len(cooldowns) == 1
+
+
+def test_called_inline_is_true_only_in_the_call_itself() -> None:
+    seen: dict[str, bool] = {}
+
+    async def main() -> None:
+        seen["before"] = called_inline()
+        with calling_inline():
+            seen["in the call"] = called_inline()
+            task = asyncio.get_running_loop().create_task(_ask())  # copies the context
+            thread = asyncio.to_thread(called_inline)  # copies the context too
+            with calling_inline(False):
+                seen["asked to wait"] = called_inline()
+        seen["task started in the call"] = await task
+        seen["thread started in the call"] = await thread
+        seen["after"] = called_inline()
+
+    async def _ask() -> bool:
+        return called_inline()
+
+    asyncio.run(main())
+    assert seen == {
+        "before": False,
+        "in the call": True,
+        "asked to wait": False,
+        "task started in the call": False,
+        "thread started in the call": False,
+        "after": False,
+    }
+
+
+def test_a_record_that_never_lands_is_logged_even_if_its_run_was_cancelled(
+    emulator: EmulatorServer, key: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Failing(Answers):
+        @hookimpl
+        def byok_record_usage(self, record: UsageRecord) -> None:
+            raise RuntimeError("the ledger is gone")
+
+    plugin = Failing(key, declared=frozenset(RUN_HOOKS))
+    pm = new_manager(plugin)
+
+    async def main() -> None:
+        options = RunnerOptions(record_attempts=3)
+        async with WorkflowRunner.open(pm, environ=emulator.environ(), options=options) as runner:
+            run = asyncio.create_task(runner.run(WORKFLOW, workspace_id=BYOK_WORKSPACE))
+            while not [c for c in emulator.calls() if c.method == "POST"]:
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(0.03)  # the call is done, the retries are sleeping
+            run.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await run
+        # leaving open() waited for the retries
+
+    with caplog.at_level(logging.WARNING, logger="byok.host.runner"):
+        asyncio.run(main())
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    assert "is not recorded after 3 tries: RuntimeError: the ledger is gone" in errors[0].message
+    assert key not in caplog.text
+
+
+def test_a_deferred_cooldown_written_late_drops_the_cached_list(
+    sqlite_stack: DemoStack, emulator: EmulatorServer
+) -> None:
+    """Two keys, one refused while the store is locked: once the cooldown lands, the list cached
+    meanwhile (without it) is dropped, and the refused key is not handed out again."""
+    stack = sqlite_stack
+    service = stack.app.key_service(stack.pm)
+    service.set_key(OPERATOR, "two-keys", "openai", realistic_key("openai"), label="a", test=False)
+    good = emulator.new_key("openai", label="good")
+    service.set_key(OPERATOR, "two-keys", "openai", good, label="b", test=False)
+
+    seen_before = len(emulator.calls())
+
+    def posts() -> int:
+        return len([c for c in emulator.calls()[seen_before:] if c.method == "POST"])
+
+    async def main() -> list[str | None]:
+        async with WorkflowRunner.open(stack.pm, environ=stack.environ) as runner:
+            with WriteLock(_database(stack), seconds=0.8):
+                first = asyncio.create_task(runner.run(WORKFLOW, workspace_id="two-keys"))
+                while posts() < 2:  # a refused (its cooldown waits for the lock), b served
+                    await asyncio.sleep(0.01)
+                # resolved while locked: caches the list as the store has it, without the cooldown
+                await asyncio.gather(first, runner.run(WORKFLOW, workspace_id="two-keys"))
+            while stack.app.background_writes.pending:
+                await asyncio.sleep(0.01)
+            after_lock = len(emulator.calls())
+            results = [await runner.run(WORKFLOW, workspace_id="two-keys") for _ in range(4)]
+        refused_again = [
+            c for c in emulator.calls()[after_lock:] if c.method == "POST" and c.key_label is None
+        ]
+        assert refused_again == []  # key a is not handed to the provider again
+        return [r.blocks["answer"].calls[-1].hint for r in results]
+
+    hints = asyncio.run(main())
+    assert set(hints) == {f"{good[:6]}...{good[-4:]}"}  # key b served every run
+
+
+def test_a_deferred_cooldown_does_not_undo_an_enable_committed_first(
+    sqlite_stack: DemoStack,
+) -> None:
+    stack = sqlite_stack
+    refused = realistic_key("openai")
+    stack.app.key_service(stack.pm).set_key(OPERATOR, "refused-ws", "openai", refused, test=False)
+    stack.set_fallback_policy("refused-ws", "on_error")
+    (key,) = stack.app.key_store.list_keys("refused-ws")
+    # the lock holder is an operator's `keys enable`: it commits before any waiting writer
+    enable = (
+        "UPDATE byok_workspace_keys SET updated_at = '2031-01-01 00:00:00.000000', "
+        f"cooldown_until = NULL, cooldown_reason = NULL WHERE id = '{key.id}'"
+    )
+
+    async def main() -> None:
+        async with WorkflowRunner.open(stack.pm, environ=stack.environ) as runner:
+            with WriteLock(_database(stack), seconds=0.5, then=enable):
+                result = await runner.run(WORKFLOW, workspace_id="refused-ws")
+            assert result.status is RunStatus.COMPLETED
+
+    asyncio.run(main())
+    stack.app.close()  # the deferred cooldown has been tried
+    (after,) = stack.app.key_store.list_keys("refused-ws")
+    assert after.cooldown_until is None  # the enable stands

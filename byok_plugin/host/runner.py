@@ -273,6 +273,8 @@ class WorkflowRunner:
         # (the plugins the decision was made for, held so that none is freed and its id reused;
         # whether the hooks go to a worker thread)
         self._threading: tuple[set[object], bool] | None = None
+        # records still being tried in a worker thread (they outlive a cancelled run)
+        self._recording: set[asyncio.Future[Exception | None]] = set()
 
     def __repr__(self) -> str:
         return f"WorkflowRunner(providers={sorted(self.clients)}, options={self.options})"
@@ -300,12 +302,22 @@ class WorkflowRunner:
         if http is None:
             size = max(opts.max_concurrent_calls, 20)
             http = new_http_client(max_connections=size, max_keepalive=size)
+        runner: WorkflowRunner | None = None
         try:
             clients = create_clients(http, environ=environ, base_urls=base_urls, retry=retry)
-            yield cls(pm, clients, environ=environ, options=opts, model_check=model_check)
+            runner = cls(pm, clients, environ=environ, options=opts, model_check=model_check)
+            yield runner
         finally:
+            if runner is not None:
+                await runner.drain()
             if own:
                 await http.aclose()
+
+    async def drain(self) -> None:
+        """Wait for the records still being tried in a worker thread (those of runs cancelled
+        after their call completed); :meth:`open` does on exit."""
+        if self._recording:
+            await asyncio.gather(*self._recording, return_exceptions=True)
 
     # --- before anything runs --------------------------------------------------------------------
     def is_known(self, provider: str, model: str) -> bool | None:
@@ -936,6 +948,8 @@ class WorkflowRunner:
             job = asyncio.get_running_loop().run_in_executor(
                 None, self._record_retries, record, error, tries
             )
+            self._recording.add(job)
+            job.add_done_callback(self._recording.discard)
             last = await asyncio.shield(job)
         if last is not None:
             raise BlockFailed(
@@ -957,6 +971,16 @@ class WorkflowRunner:
                 return None
             except Exception as exc:
                 last = exc
+        # said here, not only by the block's error: a cancelled run no longer awaits this job
+        log.error(
+            "the completed %s call %s of workspace %r is not recorded after %d tries: %s: %s",
+            record.usage.provider,
+            record.idempotency_key,
+            record.workspace_id,
+            tries + 1,
+            type(last).__name__,
+            last,
+        )
         return last
 
     async def _hook(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

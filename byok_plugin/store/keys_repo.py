@@ -404,19 +404,32 @@ class KeyStore:
             )
         return bool(result.rowcount)
 
-    def set_cooldown(self, key_id: str, until: datetime | None, reason: str | None = None) -> bool:
+    def set_cooldown(
+        self,
+        key_id: str,
+        until: datetime | None,
+        reason: str | None = None,
+        *,
+        unchanged_since: datetime | None = None,
+    ) -> bool:
         """Put a key in cooldown until ``until``, for ``reason`` (``None`` ends it), for every
-        worker."""
+        worker.
+
+        :param unchanged_since: write only if the key is enabled and nobody has changed it since
+            it was read with this ``updated_at`` (a cooldown written late must not undo an
+            operator's ``enable``).
+        """
         if until is None:
             reason = None
+        clauses = [_t.c.id == key_id]
+        if unchanged_since is not None:
+            clauses += [_t.c.updated_at == unchanged_since, _t.c.status == "enabled"]
         with (
             store_errors("setting a key cooldown", key_id=key_id),
             write_transaction(self._engine) as conn,
         ):
             result = conn.execute(
-                sa.update(_t)
-                .where(_t.c.id == key_id)
-                .values(cooldown_until=until, cooldown_reason=reason)
+                sa.update(_t).where(*clauses).values(cooldown_until=until, cooldown_reason=reason)
             )
         return bool(result.rowcount)
 

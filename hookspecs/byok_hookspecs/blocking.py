@@ -27,6 +27,8 @@ or raises when read. A module registered as a plugin sets it at module level.
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -44,17 +46,30 @@ __all__ = [
 #: the plugin attribute that names its non-blocking hook implementations
 NONBLOCKING_ATTRIBUTE = "byok_nonblocking_hooks"
 
-_INLINE: ContextVar[bool] = ContextVar("byok_hooks_called_inline", default=False)
+# (thread, task) of the inline call in progress: a task or a thread started from inside the call
+# copies the context, but is not the call itself and may wait
+_INLINE: ContextVar[tuple[int, object] | None] = ContextVar(
+    "byok_hooks_called_inline", default=None
+)
+
+
+def _here() -> tuple[int, object]:
+    try:
+        task: object = asyncio.current_task()
+    except RuntimeError:  # no running loop in this thread
+        task = None
+    return threading.get_ident(), task
 
 
 @contextmanager
 def calling_inline(inline: bool = True) -> Iterator[None]:
-    """Mark the hook calls made inside the block as made on the host's event loop (``True``), or
-    as free to wait (``False``: work started from such a call that may wait, a migration say).
+    """Mark the hook calls made inside the block, on this thread and in this task, as made on the
+    host's event loop (``True``), or as free to wait (``False``: work started from such a call
+    that may wait, a migration say).
 
     :param inline: what :func:`called_inline` answers inside the block.
     """
-    token = _INLINE.set(inline)
+    token = _INLINE.set(_here() if inline else None)
     try:
         yield
     finally:
@@ -65,9 +80,14 @@ def called_inline() -> bool:
     """Whether the hook being run was called on the host's event loop (:func:`calling_inline`):
     waiting for anything then stalls every task of the loop.
 
-    :returns: ``False`` off the loop, in a worker thread, or when the host did not say.
+    :returns: ``False`` off the loop, in a worker thread or another task (even one started from
+        inside the call), or when the host did not say.
     """
-    return _INLINE.get()
+    marked = _INLINE.get()
+    if marked is None:
+        return False
+    thread, task = marked
+    return thread == threading.get_ident() and task is _here()[1]
 
 
 def declared_nonblocking(plugin: object) -> frozenset[str]:
