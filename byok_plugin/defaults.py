@@ -41,6 +41,8 @@ _IN_MEMORY_HOOKS = frozenset(
         "byok_authorize",
     }
 )
+#: audited key changes after which a cooldown not yet written must not be applied any more
+_KEY_STATE_CHANGES = frozenset({"key.enabled", "key.disabled", "key.deleted", "key.replaced"})
 #: hooks that read or write the store: non-blocking when it is a local SQLite file
 _STORE_HOOKS = frozenset({"byok_resolve_credential", "byok_record_usage", "byok_audit"})
 
@@ -139,10 +141,14 @@ class DefaultPlugin:
     @hookimpl(trylast=True)
     def byok_audit(self, event: AuditEvent) -> None:
         if event.action.startswith("key.") and "resolver" in self.app.__dict__:
-            if event.action == "key.cooldown":  # resolution's own: it has updated itself
-                self.app.resolver.cache.invalidate(event.workspace_id, event.provider)
-            else:  # a key changed through this process: do not serve the old list or cooldown
-                self.app.resolver.key_changed(event.workspace_id, event.provider)
+            # a key changed through this process: resolution must not serve the old list, nor
+            # a cooldown it has yet to write for a key an operator has since changed
+            self.app.resolver.key_changed(
+                event.workspace_id,
+                event.provider,
+                key_id=event.key_id if event.action in _KEY_STATE_CHANGES else None,
+                state_changed=event.action in _KEY_STATE_CHANGES,
+            )
         audit_log.info(
             "%s workspace=%s actor=%s outcome=%s provider=%s key=%s %s",
             event.action,

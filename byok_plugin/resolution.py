@@ -521,15 +521,27 @@ class Resolver:
                 if pending is not None and pending[1:] == (until, reason):
                     del self._pending_cooldowns[key.id]
 
-    def key_changed(self, workspace_id: str, provider: str | None) -> None:
-        """A key of the workspace was changed through this process (created, replaced, deleted,
-        enabled, disabled): drop its cached list and the cooldowns still waiting to be written
-        for it."""
+    def key_changed(
+        self,
+        workspace_id: str,
+        provider: str | None,
+        *,
+        key_id: str | None = None,
+        state_changed: bool = False,
+    ) -> None:
+        """A key of the workspace changed through this process: drop the cached list. When its
+        state changed (enabled, disabled, deleted, replaced), also forget the cooldown still
+        waiting to be written for it (``key_id``; every key of the workspace and provider when
+        ``None``): the late write will not apply either."""
         self.cache.invalidate(workspace_id, provider)
+        if not state_changed:
+            return
         with self._pending_lock:
-            for key_id, ((ws, prov), _until, _reason) in list(self._pending_cooldowns.items()):
+            for pending_id, ((ws, prov), _until, _reason) in list(self._pending_cooldowns.items()):
+                if key_id is not None and pending_id != key_id:
+                    continue
                 if ws == workspace_id and provider in (None, prov):
-                    del self._pending_cooldowns[key_id]
+                    del self._pending_cooldowns[pending_id]
 
     def _with_pending(self, keys: tuple[StoredKey, ...]) -> tuple[StoredKey, ...]:
         """``keys`` with the cooldowns this worker has not been able to write yet applied."""

@@ -6,6 +6,7 @@ the real default plugin on a SQLite file and on PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import sqlite3
 import threading
@@ -588,7 +589,11 @@ def test_called_inline_is_true_only_in_the_call_itself() -> None:
         with calling_inline():
             seen["in the call"] = called_inline()
             task = asyncio.get_running_loop().create_task(_ask())  # copies the context
-            thread = asyncio.to_thread(called_inline)  # copies the context too
+            thread = asyncio.get_running_loop().run_in_executor(
+                None,
+                contextvars.copy_context().run,
+                called_inline,  # as to_thread does
+            )
             with calling_inline(False):
                 seen["asked to wait"] = called_inline()
         seen["task started in the call"] = await task
@@ -630,7 +635,8 @@ def test_a_record_that_never_lands_is_logged_even_if_its_run_was_cancelled(
             run.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await run
-        # leaving open() waited for the retries
+        # leaving open() waited for the retries: their last error is already logged
+        assert [r for r in caplog.records if r.levelno == logging.ERROR]
 
     with caplog.at_level(logging.WARNING, logger="byok.host.runner"):
         asyncio.run(main())
@@ -702,3 +708,42 @@ def test_a_deferred_cooldown_does_not_undo_an_enable_committed_first(
     stack.app.close()  # the deferred cooldown has been tried
     (after,) = stack.app.key_store.list_keys("refused-ws")
     assert after.cooldown_until is None  # the enable stands
+
+
+def test_only_a_change_of_the_key_itself_forgets_its_waiting_cooldown(
+    sqlite_stack: DemoStack,
+) -> None:
+    stack = sqlite_stack
+    service = stack.app.key_service(stack.pm)
+    service.set_key(OPERATOR, "refused-ws", "openai", realistic_key("openai"), test=False)
+    stack.set_fallback_policy("refused-ws", "on_error")
+    (refused,) = stack.app.key_store.list_keys("refused-ws")
+
+    def cooling() -> bool:
+        (key,) = stack.app.resolver.enabled_keys("refused-ws", "openai")
+        return key.cooldown_until is not None
+
+    def audit(action: str, key_id: str | None) -> None:
+        with calling_inline():  # as the runner calls it: a locked store does not hold it up
+            stack.pm.hook.byok_audit(
+                event=AuditEvent(action, "refused-ws", None, provider="openai", key_id=key_id)
+            )
+
+    async def main() -> list[bool]:
+        seen = []
+        async with WorkflowRunner.open(stack.pm, environ=stack.environ) as runner:
+            with WriteLock(_database(stack), seconds=0.8):
+                run = asyncio.create_task(runner.run(WORKFLOW, workspace_id="refused-ws"))
+                while not stack.app.background_writes.pending:  # the cooldown waits
+                    await asyncio.sleep(0.005)
+                seen.append(cooling())
+                audit("key.tested", refused.id)  # changes nothing
+                seen.append(cooling())
+                audit("key.enabled", "key_someotherkey000")  # another key
+                seen.append(cooling())
+                audit("key.enabled", refused.id)  # this key: an operator re-enabled it
+                seen.append(cooling())
+                await run
+        return seen
+
+    assert asyncio.run(main()) == [True, True, True, False]

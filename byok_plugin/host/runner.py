@@ -308,16 +308,19 @@ class WorkflowRunner:
             runner = cls(pm, clients, environ=environ, options=opts, model_check=model_check)
             yield runner
         finally:
-            if runner is not None:
-                await runner.drain()
-            if own:
-                await http.aclose()
+            try:
+                if runner is not None:
+                    await runner.drain()
+            finally:
+                if own:
+                    await http.aclose()
 
     async def drain(self) -> None:
         """Wait for the records still being tried in a worker thread (those of runs cancelled
-        after their call completed); :meth:`open` does on exit."""
-        if self._recording:
-            await asyncio.gather(*self._recording, return_exceptions=True)
+        after their call completed); :meth:`open` does on exit. Cancelling the wait does not
+        cancel them."""
+        while self._recording:
+            await asyncio.wait(set(self._recording))
 
     # --- before anything runs --------------------------------------------------------------------
     def is_known(self, provider: str, model: str) -> bool | None:
