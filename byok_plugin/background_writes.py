@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -50,6 +51,8 @@ class BackgroundWrites:
         def done(finished: Future[object]) -> None:
             with self._lock:
                 self._pending -= 1
+            if finished.cancelled():  # dropped by close(), which said so
+                return
             error = finished.exception()
             if error is not None:
                 log.error(
@@ -58,9 +61,22 @@ class BackgroundWrites:
 
         future.add_done_callback(done)
 
-    def close(self) -> None:
-        """Wait for the pending writes, then stop the thread (a later write starts a new one)."""
+    def close(self, timeout: float = 30.0) -> None:
+        """Wait up to ``timeout`` seconds for the pending writes, then stop the thread (a later
+        write starts a new one). Writes still queued then (the store locked all along) are
+        dropped, and said so in the log; the one running finishes on its own."""
         with self._lock:
             executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown(wait=True)
+        if executor is None:
+            return
+        deadline = time.monotonic() + timeout
+        while self._pending and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if self._pending:
+            log.error(
+                "%d store writes (audit events, key cooldowns) were still waiting after %.0f s "
+                "and are dropped",
+                self._pending,
+                timeout,
+            )
+        executor.shutdown(wait=False, cancel_futures=True)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -45,6 +44,8 @@ from byok_plugin.key_errors import StoreUnavailable
 from byok_plugin.key_reader import sqlite_file_of
 from byok_plugin.store.engine import (
     LOOP_LOCK_WAIT_MS,
+    LockBackoff,
+    lock_backoff,
     prepare_sqlite_connection,
     store_busy,
     store_errors,
@@ -185,10 +186,6 @@ def _check(record: UsageRecord) -> None:
         raise ValueError("UsageRecord.occurred_at must be an aware datetime")
 
 
-#: how long writes called inline on an event loop skip the store after finding it locked
-BUSY_BACKOFF_SECONDS = 0.5
-
-
 def _prepare_prompt(conn: sqlite3.Connection) -> None:
     prepare_sqlite_connection(conn)
     conn.execute(f"PRAGMA busy_timeout = {LOOP_LOCK_WAIT_MS}")
@@ -198,7 +195,9 @@ class SqliteLedgerWriter:
     """``writer(values) -> bool``: one autocommit ``INSERT ... ON CONFLICT DO NOTHING`` on a
     borrowed ``sqlite3`` connection; ``False`` when the key was already recorded."""
 
-    def __init__(self, path: Path, dialect: Dialect) -> None:
+    def __init__(self, path: Path, dialect: Dialect, backoff: LockBackoff | None = None) -> None:
+        """:param backoff: the store's memory of being found locked (shared with its other
+        writers), so that inline hook calls give up at once for a moment after one wait."""
         self._path = str(path)
         columns = [c for c in usage_ledger.c if c.name != "id"]
         self._names = tuple(c.name for c in columns)
@@ -218,9 +217,7 @@ class SqliteLedgerWriter:
         # loop's thread wait LOOP_LOCK_WAIT_MS at most for another writer's lock
         self._connections = SqliteConnections(self._path, prepare=prepare_sqlite_connection)
         self._prompt_connections = SqliteConnections(self._path, prepare=_prepare_prompt)
-        # after a write on the loop found the store locked, the next ones on the loop give up at
-        # once until then (monotonic seconds): one 25 ms wait per lock, not one per call
-        self._busy_until = 0.0
+        self._backoff = backoff if backoff is not None else LockBackoff()
 
     def __repr__(self) -> str:
         return f"SqliteLedgerWriter(connections={self.open_connections})"
@@ -234,12 +231,12 @@ class SqliteLedgerWriter:
         for i, processor in self._processors:
             row[i] = processor(row[i])
         prompt = called_inline()
-        if prompt and time.monotonic() < self._busy_until:
+        if prompt and self._backoff.active:
             # locked a moment ago: do not make the event loop wait again, the host retries off it
             raise StoreUnavailable(
                 "recording usage",
                 workspace_id=values["workspace_id"],
-                cause="database is locked (by another writer, a moment ago)",
+                cause=str(self._backoff.refusal()),
             )
         pool = self._prompt_connections if prompt else self._connections
         try:
@@ -252,7 +249,7 @@ class SqliteLedgerWriter:
             raise sa.exc.IntegrityError(self._sql, None, exc) from None
         except sqlite3.Error as exc:
             if prompt and store_busy(exc):
-                self._busy_until = time.monotonic() + BUSY_BACKOFF_SECONDS
+                self._backoff.hit()
             first_line = (str(exc).strip().splitlines() or [""])[0]
             raise StoreUnavailable(
                 "recording usage",
@@ -287,7 +284,11 @@ class Ledger:
             usage_ledger.c.id
         )
         path = sqlite_file_of(engine)
-        self._writer = SqliteLedgerWriter(path, engine.dialect) if path is not None else None
+        self._writer = (
+            SqliteLedgerWriter(path, engine.dialect, lock_backoff(engine))
+            if path is not None
+            else None
+        )
 
     def __repr__(self) -> str:
         return f"Ledger(dialect={self._engine.dialect.name!r})"

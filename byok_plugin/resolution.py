@@ -99,6 +99,18 @@ def _stored_reason(key: StoredKey) -> FailureReason:
 
 
 @dataclass(slots=True)
+class _PendingCooldown:
+    """A cooldown a worker applies from memory: until written (``forget_at`` unset), then for one
+    cache interval more (monotonic ``forget_at``)."""
+
+    workspace_id: str
+    provider: str
+    until: datetime
+    reason: FailureReason
+    forget_at: float | None = None
+
+
+@dataclass(slots=True)
 class _Entry:
     expires: float
     keys: tuple[StoredKey, ...]
@@ -222,8 +234,8 @@ class Resolver:
         :param background: where a cooldown that could not be written at once on an event loop's
             thread (the store locked by another writer) is written instead."""
         self._background = background
-        # key id -> (its workspace and provider, until, reason): cooldowns not written yet
-        self._pending_cooldowns: dict[str, tuple[tuple[str, str], datetime, FailureReason]] = {}
+        # key id -> a cooldown this worker applies from memory (not written yet, or just written)
+        self._pending_cooldowns: dict[str, _PendingCooldown] = {}
         self._pending_lock = threading.Lock()
         self._keys = keys
         self._read = reader if reader is not None else keys.enabled_keys
@@ -493,7 +505,9 @@ class Resolver:
             # locked by another writer: written off the event loop once it is free; until then
             # this worker applies it from memory, so it does not serve the refused key again
             with self._pending_lock:
-                self._pending_cooldowns[key.id] = ((key.workspace_id, key.provider), until, reason)
+                self._pending_cooldowns[key.id] = _PendingCooldown(
+                    key.workspace_id, key.provider, until, reason
+                )
             self._background.submit(
                 functools.partial(self._write_cooldown, key, until, reason),
                 f"the cooldown of {request.provider} key {key.id} of workspace "
@@ -509,17 +523,25 @@ class Resolver:
         )
 
     def _write_cooldown(self, key: StoredKey, until: datetime, reason: FailureReason) -> None:
-        """A deferred cooldown, written in the background; applied from memory until then. It
-        is written only if nobody changed the key meanwhile (an operator's ``enable`` wins), and
-        the cached list is dropped before the memory of it, so no reader sees neither."""
+        """A deferred cooldown, written in the background; applied from memory meanwhile.
+
+        It is written only if nobody changed the key since it was read (an operator's
+        ``enable`` wins, and the memory of it goes). Written, it is still applied from memory for
+        one cache interval, over any list read before the write; not written (the store stayed
+        locked), it is applied until it ends.
+        """
+        written: bool | None = None
         try:
-            self._keys.cool_down(key.id, until, reason, unchanged_since=key.updated_at)
+            written = self._keys.cool_down(key.id, until, reason, unchanged_since=key.updated_at)
         finally:
             self.cache.invalidate(key.workspace_id, key.provider)
             with self._pending_lock:
                 pending = self._pending_cooldowns.get(key.id)
-                if pending is not None and pending[1:] == (until, reason):
-                    del self._pending_cooldowns[key.id]
+                if pending is not None and (pending.until, pending.reason) == (until, reason):
+                    if written is False:
+                        del self._pending_cooldowns[key.id]
+                    elif written:
+                        pending.forget_at = self._monotonic() + self.cache.ttl + 1.0
 
     def key_changed(
         self,
@@ -537,23 +559,30 @@ class Resolver:
         if not state_changed:
             return
         with self._pending_lock:
-            for pending_id, ((ws, prov), _until, _reason) in list(self._pending_cooldowns.items()):
+            for pending_id, pending in list(self._pending_cooldowns.items()):
                 if key_id is not None and pending_id != key_id:
                     continue
-                if ws == workspace_id and provider in (None, prov):
+                if pending.workspace_id == workspace_id and provider in (None, pending.provider):
                     del self._pending_cooldowns[pending_id]
 
     def _with_pending(self, keys: tuple[StoredKey, ...]) -> tuple[StoredKey, ...]:
-        """``keys`` with the cooldowns this worker has not been able to write yet applied."""
+        """``keys`` with the cooldowns this worker applies from memory."""
         if not self._pending_cooldowns:
             return keys
+        now, tick = self._clock(), self._monotonic()
         with self._pending_lock:
-            pending = {
-                k: (until, reason) for k, (_, until, reason) in self._pending_cooldowns.items()
-            }
+            for key_id, pending in list(self._pending_cooldowns.items()):
+                if pending.until <= now or (
+                    pending.forget_at is not None and pending.forget_at <= tick
+                ):
+                    del self._pending_cooldowns[key_id]
+            pending_now = {k: (p.until, p.reason) for k, p in self._pending_cooldowns.items()}
         return tuple(
-            replace(k, cooldown_until=pending[k.id][0], cooldown_reason=pending[k.id][1].value)
-            if k.id in pending and (k.cooldown_until is None or k.cooldown_until < pending[k.id][0])
+            replace(
+                k, cooldown_until=pending_now[k.id][0], cooldown_reason=pending_now[k.id][1].value
+            )
+            if k.id in pending_now
+            and (k.cooldown_until is None or k.cooldown_until < pending_now[k.id][0])
             else k
             for k in keys
         )

@@ -13,6 +13,7 @@ import threading
 import time
 import types
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from byok_hookspecs import (
     Credential,
     CredentialRequest,
     CredentialSource,
+    FailureReason,
     Usage,
     UsageRecord,
     add_to,
@@ -38,6 +40,7 @@ from byok_hookspecs import (
 )
 
 from byok_plugin.app import App
+from byok_plugin.background_writes import BackgroundWrites
 from byok_plugin.cli.context import OPERATOR
 from byok_plugin.cli.demo import BYOK_WORKSPACE, DemoStack, realistic_key
 from byok_plugin.defaults import DefaultPlugin
@@ -45,6 +48,7 @@ from byok_plugin.host.emulator import EmulatorServer, Fault, FaultKind
 from byok_plugin.host.run_result import RunStatus
 from byok_plugin.host.runner import RUN_HOOKS, RunnerOptions, WorkflowRunner
 from byok_plugin.host.workflow import Workflow, parse_workflow
+from byok_plugin.resolution import _PendingCooldown
 from byok_plugin.settings import Settings
 from byok_plugin.store.engine import write_transaction
 
@@ -747,3 +751,106 @@ def test_only_a_change_of_the_key_itself_forgets_its_waiting_cooldown(
         return seen
 
     assert asyncio.run(main()) == [True, True, True, False]
+
+
+def test_a_run_cancelled_while_its_hooks_run_in_a_thread_still_records(
+    emulator: EmulatorServer, key: str
+) -> None:
+    """Hooks in a worker thread (an undeclared plugin): the run is cancelled while the first
+    record fails slowly; the retry still happens, and leaving open() waits for it."""
+    entered = threading.Event()
+
+    class SlowFirstRecord(Answers):
+        def __init__(self) -> None:
+            super().__init__(key)
+            self.records: list[str] = []
+            self.failed = False
+
+        @hookimpl
+        def byok_record_usage(self, record: UsageRecord) -> None:
+            if not self.failed:
+                self.failed = True
+                entered.set()
+                time.sleep(0.2)
+                raise RuntimeError("the ledger blinked")
+            self.records.append(record.idempotency_key)
+
+    plugin = SlowFirstRecord()
+    pm = new_manager(plugin)
+
+    async def main() -> None:
+        async with WorkflowRunner.open(pm, environ=emulator.environ()) as runner:
+            assert runner.hooks_in_thread() is True
+            run = asyncio.create_task(runner.run(WORKFLOW, workspace_id=BYOK_WORKSPACE))
+            while not entered.is_set():
+                await asyncio.sleep(0.005)
+            run.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await run
+        assert len(plugin.records) == 1  # tried again, in the same job, before open() let go
+
+    asyncio.run(main())
+
+
+def test_inline_writes_give_up_at_once_for_a_moment_after_finding_the_store_locked(
+    sqlite_stack: DemoStack,
+) -> None:
+    stack = sqlite_stack
+    stack.app.ledger.count()  # the store is open
+
+    def audit() -> float:
+        started = time.perf_counter()
+        with calling_inline():
+            stack.pm.hook.byok_audit(
+                event=AuditEvent("fallback.used", BYOK_WORKSPACE, None, provider="openai")
+            )
+        return time.perf_counter() - started
+
+    async def main() -> list[float]:
+        with WriteLock(_database(stack), seconds=0.6):
+            return [audit() for _ in range(5)]
+
+    took = asyncio.run(main())
+    assert took[0] >= 0.02  # the first waited its 25 ms for the lock
+    assert max(took[1:]) < 0.015  # the others did not wait again
+    stack.app.close()  # the background writer wrote all five once the lock went
+    used = [e for e in stack.app.audit_store.events(BYOK_WORKSPACE) if e.action == "fallback.used"]
+    assert len(used) == 5
+
+
+def test_closing_waits_for_background_writes_only_so_long(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    writes = BackgroundWrites()
+    release = threading.Event()
+    done: list[int] = []
+    writes.submit(lambda: release.wait(5), "a write stuck on a lock")
+    for n in range(3):
+        writes.submit(lambda n=n: done.append(n), f"queued write {n}")
+    started = time.perf_counter()
+    with caplog.at_level(logging.ERROR, logger="byok.store"):
+        writes.close(timeout=0.2)
+    assert time.perf_counter() - started < 1.0
+    assert "4 store writes (audit events, key cooldowns) were still waiting" in caplog.text
+    release.set()
+    time.sleep(0.1)
+    assert done == []  # the queued ones were dropped, not run after close
+
+
+def test_a_late_cooldown_that_could_not_be_written_still_applies_until_it_ends(
+    sqlite_stack: DemoStack, tmp_path: Path
+) -> None:
+    stack = sqlite_stack
+    resolver = stack.app.resolver
+    (key,) = stack.app.resolver.enabled_keys(BYOK_WORKSPACE, "openai")
+    until = datetime.now(UTC) + timedelta(seconds=60)
+    resolver._pending_cooldowns[key.id] = _PendingCooldown(
+        BYOK_WORKSPACE, "openai", until, FailureReason.AUTH
+    )
+    stack.app.close()  # the store goes away: the late write fails
+    database = Path(_database(stack))
+    database.rename(tmp_path / "moved.db")
+    with pytest.raises(Exception, match="no such table"):
+        resolver._write_cooldown(key, until, FailureReason.AUTH)
+    (applied,) = resolver._with_pending((key,))
+    assert applied.cooldown_until == until  # not forgotten because the write failed

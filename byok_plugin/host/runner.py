@@ -870,12 +870,22 @@ class WorkflowRunner:
                 attempt=attempt,
             )
 
-        # charge and record in one trip to the worker thread
-        charge, record, error, charge_error = await self._hook(
-            self._settle, usage, credential, make_record
-        )
-        if error is not None:
-            await self._record_again(record, provider, error)
+        if self.hooks_in_thread():
+            # charge, record and any retries of the record in one job in a worker thread; a
+            # cancelled run does not stop it (the call has completed: its usage must land)
+            job = asyncio.get_running_loop().run_in_executor(
+                None, self._settle_and_retry, usage, credential, make_record
+            )
+            self._recording.add(job)
+            job.add_done_callback(self._recording.discard)
+            charge, record, error, charge_error = await asyncio.shield(job)
+            if error is not None:
+                raise _unrecorded(provider, error)
+        else:
+            with calling_inline():
+                charge, record, error, charge_error = self._settle(usage, credential, make_record)
+            if error is not None:
+                await self._record_again(record, provider, error)
         if charge_error is not None:
             raise BlockFailed(
                 f"the {provider} call completed but byok_compute_charge failed "
@@ -935,30 +945,33 @@ class WorkflowRunner:
             return charge, record, exc, charge_error
         return charge, record, None, charge_error
 
+    def _settle_and_retry(
+        self, usage: Any, credential: Credential, make_record: Callable[[Charge], UsageRecord]
+    ) -> tuple[Charge, UsageRecord, Exception | None, Exception | None]:
+        """:meth:`_settle`, then the record's remaining tries (in a worker thread): the error
+        returned is the last one, once every try has failed."""
+        charge, record, error, charge_error = self._settle(usage, credential, make_record)
+        if error is not None and self.options.record_attempts > 1:
+            error = self._record_retries(record, error, self.options.record_attempts - 1)
+        return charge, record, error, charge_error
+
     async def _record_again(self, record: UsageRecord, provider: str, error: Exception) -> None:
-        """``byok_record_usage`` tried again after ``error``, in a worker thread whatever the
-        hooks' threading: an implementation that gave up at once rather than stall the event loop
-        (a SQLite store locked by another writer) waits there as long as it must, so a failure
-        on the loop always gets one try off it. The tries run as one job that goes on if the run
+        """``byok_record_usage`` tried again after ``error`` on the event loop, in a worker
+        thread: an implementation that gave up at once rather than stall the loop (a SQLite store
+        locked by another writer) waits there as long as it must, so a failure on the loop always
+        gets one try off it. The tries run as one job that goes on if the run
         is cancelled meanwhile (the call has completed: its usage must land). The ledger is
         idempotent on the record's key, so a write that did land before an error is not
         doubled."""
-        tries = self.options.record_attempts - 1
-        if not self.hooks_in_thread():
-            tries = max(tries, 1)
-        last: Exception | None = error
-        if tries:
-            job = asyncio.get_running_loop().run_in_executor(
-                None, self._record_retries, record, error, tries
-            )
-            self._recording.add(job)
-            job.add_done_callback(self._recording.discard)
-            last = await asyncio.shield(job)
+        tries = max(self.options.record_attempts - 1, 1)
+        job = asyncio.get_running_loop().run_in_executor(
+            None, self._record_retries, record, error, tries
+        )
+        self._recording.add(job)
+        job.add_done_callback(self._recording.discard)
+        last = await asyncio.shield(job)
         if last is not None:
-            raise BlockFailed(
-                f"the {provider} call completed but its usage could not be recorded "
-                f"({type(last).__name__}: {last})"
-            )
+            raise _unrecorded(provider, last)
 
     def _record_retries(
         self, record: UsageRecord, error: Exception, tries: int
@@ -999,6 +1012,13 @@ class WorkflowRunner:
 
 
 # --- helpers -------------------------------------------------------------------------------------
+
+
+def _unrecorded(provider: str, error: Exception) -> BlockFailed:
+    return BlockFailed(
+        f"the {provider} call completed but its usage could not be recorded "
+        f"({type(error).__name__}: {error})"
+    )
 
 
 def _skipped(block: Block, reason: str) -> BlockResult:

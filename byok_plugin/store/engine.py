@@ -40,12 +40,15 @@ from sqlalchemy.engine import URL, Connection, Engine, make_url
 from byok_plugin.key_errors import StoreUnavailable
 
 __all__ = [
+    "BUSY_BACKOFF_SECONDS",
     "BUSY_TIMEOUT_MS",
     "LOOP_LOCK_WAIT_MS",
+    "LockBackoff",
     "advisory_lock_key",
     "create_store_engine",
     "describe_url",
     "is_postgres",
+    "lock_backoff",
     "normalize_url",
     "prepare_sqlite_connection",
     "read_connection",
@@ -58,6 +61,36 @@ _SQLITE_BEGIN_OPTION = "byok_sqlite_begin"
 #: how long a SQLite writer waits for another writer's lock: off an event loop, and on one
 BUSY_TIMEOUT_MS = 30_000
 LOOP_LOCK_WAIT_MS = 25
+#: after a write in an inline hook call found the file locked, how long the next such writes
+#: give up at once (one 25 ms wait per lock, not one per write)
+BUSY_BACKOFF_SECONDS = 0.5
+
+
+class LockBackoff:
+    """One SQLite store's memory of being found locked by a write in an inline hook call."""
+
+    def __init__(self) -> None:
+        self._until = 0.0
+
+    def __repr__(self) -> str:
+        return f"LockBackoff(active={self.active})"
+
+    @property
+    def active(self) -> bool:
+        return time.monotonic() < self._until
+
+    def hit(self) -> None:
+        self._until = time.monotonic() + BUSY_BACKOFF_SECONDS
+
+    def refusal(self) -> sqlite3.OperationalError:
+        return sqlite3.OperationalError("database is locked (by another writer, a moment ago)")
+
+
+def lock_backoff(engine: Engine) -> LockBackoff | None:
+    """The back-off of a SQLite store engine made by :func:`create_store_engine`."""
+    return getattr(engine, "_byok_lock_backoff", None)
+
+
 #: the first half of every PostgreSQL advisory lock key this package takes
 LOCK_NAMESPACE = struct.unpack(">i", hashlib.sha256(b"byok-plugin").digest()[:4])[0]
 
@@ -152,6 +185,7 @@ def create_store_engine(url: str | URL, **kwargs: Any) -> Engine:
         connect_args = {"timeout": 30, **kwargs.pop("connect_args", {})}
         engine = sa.create_engine(parsed, connect_args=connect_args, **kwargs)
         _install_sqlite_hooks(engine)
+        engine._byok_lock_backoff = LockBackoff()  # type: ignore[attr-defined]
         return engine
     if parsed.get_backend_name() == "postgresql":
         connect_args = {"connect_timeout": 10, **kwargs.pop("connect_args", {})}
@@ -175,6 +209,9 @@ def write_transaction(engine: Engine, *, prompt: bool | None = None) -> Iterator
         conn = conn.execution_options(**{_SQLITE_BEGIN_OPTION: "IMMEDIATE"})
         if prompt is None:
             prompt = called_inline()
+        backoff = lock_backoff(engine) if prompt else None
+        if backoff is not None and backoff.active:
+            raise sa.exc.OperationalError("BEGIN IMMEDIATE", None, backoff.refusal())
         if prompt:  # on the DB-API connection: SQLAlchemy must not begin a transaction for it
             conn.connection.dbapi_connection.execute(  # type: ignore[union-attr]
                 f"PRAGMA busy_timeout = {LOOP_LOCK_WAIT_MS}"
@@ -182,6 +219,10 @@ def write_transaction(engine: Engine, *, prompt: bool | None = None) -> Iterator
         try:
             with conn.begin():
                 yield conn
+        except sa.exc.OperationalError as exc:
+            if backoff is not None and store_busy(exc):
+                backoff.hit()
+            raise
         finally:
             if prompt and conn.connection.dbapi_connection is not None:
                 conn.connection.dbapi_connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
