@@ -28,29 +28,22 @@ class BackgroundWrites:
     def __init__(self) -> None:
         self._executor: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
-        self._pending = 0
+        self._futures: set[Future[object]] = set()
 
     def __repr__(self) -> str:
-        return f"BackgroundWrites(pending={self._pending})"
+        return f"BackgroundWrites(pending={self.pending})"
 
     @property
     def pending(self) -> int:
         """Writes handed over and not finished yet."""
-        return self._pending
+        return len(self._futures)
 
     def submit(self, write: Callable[[], object], what: str) -> None:
         """Run ``write()`` in the background thread; ``what`` names it in the log if it fails."""
-        with self._lock:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(
-                    max_workers=1, thread_name_prefix="byok-store-writes"
-                )
-            self._pending += 1
-            future = self._executor.submit(write)
 
         def done(finished: Future[object]) -> None:
             with self._lock:
-                self._pending -= 1
+                self._futures.discard(finished)
             if finished.cancelled():  # dropped by close(), which said so
                 return
             error = finished.exception()
@@ -59,6 +52,13 @@ class BackgroundWrites:
                     "%s was not written to the store: %s: %s", what, type(error).__name__, error
                 )
 
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix="byok-store-writes"
+                )
+            future = self._executor.submit(write)
+            self._futures.add(future)
         future.add_done_callback(done)
 
     def close(self, timeout: float = 30.0) -> None:
@@ -67,16 +67,19 @@ class BackgroundWrites:
         dropped, and said so in the log; the one running finishes on its own."""
         with self._lock:
             executor, self._executor = self._executor, None
+            mine = set(self._futures)
         if executor is None:
             return
         deadline = time.monotonic() + timeout
-        while self._pending and time.monotonic() < deadline:
+        while any(not f.done() for f in mine) and time.monotonic() < deadline:
             time.sleep(0.01)
-        if self._pending:
+        queued = [f for f in mine if not f.done() and not f.running()]
+        if queued:
             log.error(
-                "%d store writes (audit events, key cooldowns) were still waiting after %.0f s "
-                "and are dropped",
-                self._pending,
+                "%d queued store writes (audit events, key cooldowns) were still waiting after "
+                "%.1f s and are dropped%s",
+                len(queued),
                 timeout,
+                "; one is still running" if any(f.running() for f in mine) else "",
             )
         executor.shutdown(wait=False, cancel_futures=True)

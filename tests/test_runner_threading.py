@@ -831,7 +831,8 @@ def test_closing_waits_for_background_writes_only_so_long(
     with caplog.at_level(logging.ERROR, logger="byok.store"):
         writes.close(timeout=0.2)
     assert time.perf_counter() - started < 1.0
-    assert "4 store writes (audit events, key cooldowns) were still waiting" in caplog.text
+    assert "3 queued store writes (audit events, key cooldowns) were still waiting" in caplog.text
+    assert "one is still running" in caplog.text
     release.set()
     time.sleep(0.1)
     assert done == []  # the queued ones were dropped, not run after close
@@ -854,3 +855,62 @@ def test_a_late_cooldown_that_could_not_be_written_still_applies_until_it_ends(
         resolver._write_cooldown(key, until, FailureReason.AUTH)
     (applied,) = resolver._with_pending((key,))
     assert applied.cooldown_until == until  # not forgotten because the write failed
+
+
+def test_a_late_cooldown_once_written_is_still_applied_for_one_cache_interval(
+    sqlite_stack: DemoStack,
+) -> None:
+    """A key list read before the late write (without the cooldown) may still be cached: the
+    cooldown is applied from memory for one cache interval more, then forgotten."""
+    stack = sqlite_stack
+    resolver = stack.app.resolver
+    (key,) = resolver.enabled_keys(BYOK_WORKSPACE, "openai")
+    until = datetime.now(UTC) + timedelta(seconds=60)
+    resolver._pending_cooldowns[key.id] = _PendingCooldown(
+        BYOK_WORKSPACE, "openai", until, FailureReason.AUTH
+    )
+    tick = [1000.0]
+    resolver._monotonic = lambda: tick[0]
+    resolver._write_cooldown(key, until, FailureReason.AUTH)  # lands
+    (stored,) = stack.app.key_store.list_keys(BYOK_WORKSPACE)
+    assert stored.cooldown_until is not None
+    (applied,) = resolver._with_pending((key,))  # a list read before the write
+    assert applied.cooldown_until == until
+    tick[0] += resolver.cache.ttl + 1.5
+    (after,) = resolver._with_pending((key,))
+    assert after.cooldown_until is None  # forgotten: the store has it now
+    assert key.id not in resolver._pending_cooldowns
+
+
+def test_one_record_attempt_in_a_thread_that_fails_after_a_cancel_is_logged(
+    emulator: EmulatorServer, key: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    entered = threading.Event()
+
+    class SlowFailingRecord(Answers):
+        @hookimpl
+        def byok_record_usage(self, record: UsageRecord) -> None:
+            entered.set()
+            time.sleep(0.2)
+            raise RuntimeError("the ledger is gone")
+
+    pm = new_manager(SlowFailingRecord(key))
+
+    async def main() -> None:
+        options = RunnerOptions(record_attempts=1)
+        async with WorkflowRunner.open(pm, environ=emulator.environ(), options=options) as runner:
+            assert runner.hooks_in_thread() is True
+            run = asyncio.create_task(runner.run(WORKFLOW, workspace_id=BYOK_WORKSPACE))
+            while not entered.is_set():
+                await asyncio.sleep(0.005)
+            run.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await run
+        errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(errors) == 1
+        assert (
+            "is not recorded after 1 tries: RuntimeError: the ledger is gone" in errors[0].message
+        )
+
+    with caplog.at_level(logging.WARNING, logger="byok.host.runner"):
+        asyncio.run(main())

@@ -951,7 +951,7 @@ class WorkflowRunner:
         """:meth:`_settle`, then the record's remaining tries (in a worker thread): the error
         returned is the last one, once every try has failed."""
         charge, record, error, charge_error = self._settle(usage, credential, make_record)
-        if error is not None and self.options.record_attempts > 1:
+        if error is not None:  # with no tries left, this only logs it (no one may be waiting)
             error = self._record_retries(record, error, self.options.record_attempts - 1)
         return charge, record, error, charge_error
 
