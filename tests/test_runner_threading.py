@@ -12,10 +12,11 @@ import sqlite3
 import threading
 import time
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pluggy
 import pytest
@@ -101,6 +102,20 @@ class Answers(ThreadSpy):
     def byok_compute_charge(self, usage: Usage, credential: Credential) -> Charge | None:
         self.saw("byok_compute_charge")
         return Charge(Decimal(0), reason="byok")
+
+
+async def cancel_once(
+    work: Coroutine[Any, Any, object], ready: Callable[[], bool], *, delay: float = 0.0
+) -> None:
+    """Run ``work`` as a task, cancel it once ``ready()`` (and ``delay`` more seconds), and check
+    that it ends cancelled."""
+    task = asyncio.ensure_future(work)
+    while not ready():
+        await asyncio.sleep(0.005)
+    await asyncio.sleep(delay)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
 
 
 def new_manager(*plugins: object) -> pluggy.PluginManager:
@@ -632,13 +647,11 @@ def test_a_record_that_never_lands_is_logged_even_if_its_run_was_cancelled(
     async def main() -> None:
         options = RunnerOptions(record_attempts=3)
         async with WorkflowRunner.open(pm, environ=emulator.environ(), options=options) as runner:
-            run = asyncio.create_task(runner.run(WORKFLOW, workspace_id=BYOK_WORKSPACE))
-            while not [c for c in emulator.calls() if c.method == "POST"]:
-                await asyncio.sleep(0.005)
-            await asyncio.sleep(0.03)  # the call is done, the retries are sleeping
-            run.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await run
+            await cancel_once(  # once the call is done and the retries are sleeping
+                runner.run(WORKFLOW, workspace_id=BYOK_WORKSPACE),
+                lambda: any(c.method == "POST" for c in emulator.calls()),
+                delay=0.03,
+            )
         # leaving open() waited for the retries: their last error is already logged
         assert [r for r in caplog.records if r.levelno == logging.ERROR]
 
@@ -781,12 +794,7 @@ def test_a_run_cancelled_while_its_hooks_run_in_a_thread_still_records(
     async def main() -> None:
         async with WorkflowRunner.open(pm, environ=emulator.environ()) as runner:
             assert runner.hooks_in_thread() is True
-            run = asyncio.create_task(runner.run(WORKFLOW, workspace_id=BYOK_WORKSPACE))
-            while not entered.is_set():
-                await asyncio.sleep(0.005)
-            run.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await run
+            await cancel_once(runner.run(WORKFLOW, workspace_id=BYOK_WORKSPACE), entered.is_set)
         assert len(plugin.records) == 1  # tried again, in the same job, before open() let go
 
     asyncio.run(main())
@@ -900,12 +908,7 @@ def test_one_record_attempt_in_a_thread_that_fails_after_a_cancel_is_logged(
         options = RunnerOptions(record_attempts=1)
         async with WorkflowRunner.open(pm, environ=emulator.environ(), options=options) as runner:
             assert runner.hooks_in_thread() is True
-            run = asyncio.create_task(runner.run(WORKFLOW, workspace_id=BYOK_WORKSPACE))
-            while not entered.is_set():
-                await asyncio.sleep(0.005)
-            run.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await run
+            await cancel_once(runner.run(WORKFLOW, workspace_id=BYOK_WORKSPACE), entered.is_set)
         errors = [r for r in caplog.records if r.levelno == logging.ERROR]
         assert len(errors) == 1
         assert (
