@@ -49,7 +49,7 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pluggy
@@ -122,6 +122,7 @@ from byok_plugin.host.workflow.templates import step_into, to_text
 __all__ = ["BlockFailed", "RunEvent", "RunnerOptions", "WorkflowRunner"]
 
 log = logging.getLogger("byok.host.runner")
+_T = TypeVar("_T")
 
 EXA_TOOL = "exa_search"
 #: the reason of the zero charge recorded for a completed call whose byok_compute_charge failed
@@ -274,7 +275,7 @@ class WorkflowRunner:
         # whether the hooks go to a worker thread)
         self._threading: tuple[set[object], bool] | None = None
         # records still being tried in a worker thread (they outlive a cancelled run)
-        self._recording: set[asyncio.Future[Exception | None]] = set()
+        self._recording: set[asyncio.Future[Any]] = set()
 
     def __repr__(self) -> str:
         return f"WorkflowRunner(providers={sorted(self.clients)}, options={self.options})"
@@ -871,14 +872,10 @@ class WorkflowRunner:
             )
 
         if self.hooks_in_thread():
-            # charge, record and any retries of the record in one job in a worker thread; a
-            # cancelled run does not stop it (the call has completed: its usage must land)
-            job = asyncio.get_running_loop().run_in_executor(
-                None, self._settle_and_retry, usage, credential, make_record
+            # charge, record and any retries of the record in one job in a worker thread
+            charge, record, error, charge_error = await self._recording_job(
+                self._settle_and_retry, usage, credential, make_record
             )
-            self._recording.add(job)
-            job.add_done_callback(self._recording.discard)
-            charge, record, error, charge_error = await asyncio.shield(job)
             if error is not None:
                 raise _unrecorded(provider, error)
         else:
@@ -964,14 +961,17 @@ class WorkflowRunner:
         idempotent on the record's key, so a write that did land before an error is not
         doubled."""
         tries = max(self.options.record_attempts - 1, 1)
-        job = asyncio.get_running_loop().run_in_executor(
-            None, self._record_retries, record, error, tries
-        )
-        self._recording.add(job)
-        job.add_done_callback(self._recording.discard)
-        last = await asyncio.shield(job)
+        last = await self._recording_job(self._record_retries, record, error, tries)
         if last is not None:
             raise _unrecorded(provider, last)
+
+    async def _recording_job(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """``fn(*args)`` in a worker thread, as a job that a cancelled run does not stop (the call
+        has completed: its usage must land) and that :meth:`drain` waits for."""
+        job = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        self._recording.add(job)
+        job.add_done_callback(self._recording.discard)
+        return await asyncio.shield(job)
 
     def _record_retries(
         self, record: UsageRecord, error: Exception, tries: int
