@@ -17,6 +17,10 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from byok_hookspecs import called_inline
+
+from byok_plugin.store.engine import store_busy
+
 __all__ = ["BackgroundWrites"]
 
 log = logging.getLogger("byok.store")
@@ -32,6 +36,12 @@ class BackgroundWrites:
 
     def __repr__(self) -> str:
         return f"BackgroundWrites(pending={self.pending})"
+
+    @staticmethod
+    def takes(error: BaseException) -> bool:
+        """Whether a store write that failed with ``error`` is one to hand over: it found the
+        store locked by another writer, in a hook called on an event loop."""
+        return called_inline() and store_busy(error)
 
     @property
     def pending(self) -> int:

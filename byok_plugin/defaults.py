@@ -21,7 +21,6 @@ from byok_hookspecs import (
     KeyCheck,
     Usage,
     UsageRecord,
-    called_inline,
     hookimpl,
 )
 
@@ -146,7 +145,7 @@ class DefaultPlugin:
             self.app.resolver.key_changed(
                 event.workspace_id,
                 event.provider,
-                key_id=event.key_id if event.action in _KEY_STATE_CHANGES else None,
+                key_id=event.key_id,
                 state_changed=event.action in _KEY_STATE_CHANGES,
             )
         audit_log.info(
@@ -164,7 +163,7 @@ class DefaultPlugin:
         try:
             self.app.audit_store.record(event)
         except Exception as exc:
-            if called_inline() and _locked(exc):  # another writer: wait for it off the loop
+            if self.app.background_writes.takes(exc):  # locked: wait for it off the loop
                 self.app.background_writes.submit(
                     lambda: self.app.audit_store.record(event),
                     f"audit event {event.action} of workspace {event.workspace_id}",
@@ -177,12 +176,6 @@ class DefaultPlugin:
                 type(exc).__name__,
                 exc,
             )
-
-
-def _locked(error: Exception) -> bool:
-    from byok_plugin.store.engine import store_busy  # the store's modules load at first use
-
-    return store_busy(error)
 
 
 def _app_from_environment() -> App:

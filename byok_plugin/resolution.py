@@ -57,7 +57,6 @@ from byok_hookspecs import (
     FailureReason,
     NoCredential,
     NotAuthorized,
-    called_inline,
 )
 from sqlalchemy.engine import Engine
 
@@ -66,7 +65,7 @@ from byok_plugin.billing import Billing
 from byok_plugin.key_access import KeyAccess
 from byok_plugin.key_errors import StoreUnavailable
 from byok_plugin.platform_keys import PlatformKeyPool, mask_key
-from byok_plugin.store.engine import store_busy, write_transaction
+from byok_plugin.store.engine import write_transaction
 from byok_plugin.store.keys_repo import StoredKey
 from byok_plugin.store.tables import workspace_keys
 from byok_plugin.workspace_settings import WorkspaceSettingsStore
@@ -500,7 +499,7 @@ class Resolver:
         try:  # stored: every worker skips it, and knows why
             self._keys.cool_down(key.id, until, reason)
         except StoreUnavailable as exc:
-            if self._background is None or not called_inline() or not store_busy(exc):
+            if self._background is None or not self._background.takes(exc):
                 raise
             # locked by another writer: written off the event loop once it is free; until then
             # this worker applies it from memory, so it does not serve the refused key again
