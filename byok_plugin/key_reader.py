@@ -23,6 +23,7 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from byok_plugin.key_errors import StoreUnavailable
+from byok_plugin.store.engine import BUSY_TIMEOUT_MS
 from byok_plugin.store.keys_repo import KeyInfo, StoredKey
 from byok_plugin.store.sqlite_connections import SqliteConnections
 from byok_plugin.store.tables import workspace_keys
@@ -44,7 +45,7 @@ def sqlite_file_of(engine: Engine) -> Path | None:
 
 
 def _busy_timeout(conn: sqlite3.Connection) -> None:
-    conn.execute("PRAGMA busy_timeout = 30000")
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
 
 
 def _datetime(value: Any) -> datetime | None:

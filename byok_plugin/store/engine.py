@@ -182,7 +182,7 @@ def create_store_engine(url: str | URL, **kwargs: Any) -> Engine:
                 f"creating the database file {parsed.database}",
                 cause=f"{type(exc).__name__}: {exc.strerror or exc}",
             ) from None
-        connect_args = {"timeout": 30, **kwargs.pop("connect_args", {})}
+        connect_args = {"timeout": BUSY_TIMEOUT_MS / 1000, **kwargs.pop("connect_args", {})}
         engine = sa.create_engine(parsed, connect_args=connect_args, **kwargs)
         _install_sqlite_hooks(engine)
         engine._byok_lock_backoff = LockBackoff()  # type: ignore[attr-defined]

@@ -18,6 +18,8 @@ import sqlite3
 import threading
 from collections.abc import Callable
 
+from byok_plugin.store.engine import BUSY_TIMEOUT_MS
+
 __all__ = ["SqliteConnections"]
 
 
@@ -65,7 +67,7 @@ class SqliteConnections:
             uri=self._uri,
             isolation_level=None,
             check_same_thread=False,  # borrowed by any thread, one at a time
-            timeout=30,
+            timeout=BUSY_TIMEOUT_MS / 1000,
         )
         try:
             if self._prepare is not None:
