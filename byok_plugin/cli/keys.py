@@ -204,12 +204,21 @@ def _selection(label: str | None, key_id: str | None, all_keys: bool, verb: str)
         )
 
 
+def key_selection(command: F) -> F:
+    """The options that pick a workspace's keys of a provider: --label, --key-id or --all."""
+    for option in (
+        click.option("--all", "all_keys", is_flag=True, help="Every key of the provider."),
+        key_id_option,
+        label_option,
+        provider_option,
+        workspace_option,
+    ):
+        command = option(command)
+    return command
+
+
 @keys_group.command("delete")
-@workspace_option
-@provider_option
-@label_option
-@key_id_option
-@click.option("--all", "all_keys", is_flag=True, help="Every key of the provider.")
+@key_selection
 @pass_cli
 @handles_errors
 def delete_command(
@@ -232,11 +241,7 @@ def delete_command(
 def _status_command(status: str) -> Callable[..., None]:
     verb = "enable" if status == "enabled" else "disable"
 
-    @workspace_option
-    @provider_option
-    @label_option
-    @key_id_option
-    @click.option("--all", "all_keys", is_flag=True, help="Every key of the provider.")
+    @key_selection
     @pass_cli
     @handles_errors
     def command(
