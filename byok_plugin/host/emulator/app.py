@@ -96,7 +96,7 @@ def build_app(state: EmulatorState, *, allowed_hosts: Iterable[str] = LOOPBACK_H
     hosts = frozenset(h.lower() for h in allowed_hosts)
     routes: list[Route] = []
     for api_class in API_CLASSES:
-        routes += api_class(state).routes()
+        routes += api_class(state).all_routes()
 
     async def health(request: Request) -> Response:
         return JSONResponse({"ok": True, "providers": sorted(BASE_PATHS)})
