@@ -142,6 +142,9 @@ def test_openai_sdk_responses_api(emulator):
         {"city": "emulated", "days": 3},
     )
 
+    counted = client.responses.input_tokens.count(**kwargs)
+    assert counted.input_tokens == usage.input_tokens
+
     short = client.responses.create(model="gpt-4o-mini", input=PROMPT, max_output_tokens=2)
     assert short.status == "incomplete"
     assert short.incomplete_details.reason == "max_output_tokens"
@@ -330,6 +333,17 @@ def test_genai_sdk_thinking_budget_in_its_own_snake_case(emulator):
     assert on.usage_metadata.thoughts_token_count > 0
     assert on.candidates[0].content.parts[0].thought is True
     assert on.text.startswith("Emulated google reply")  # the thought is not part of the text
+    config = genai_types.GenerateContentConfig(
+        thinking_config=genai_types.ThinkingConfig(thinking_budget=512, include_thoughts=True)
+    )
+    chunks = list(
+        client.models.generate_content_stream(
+            model="gemini-2.0-flash", contents=PROMPT, config=config
+        )
+    )
+    assert chunks[0].candidates[0].content.parts[0].thought is True
+    assert "".join(c.text or "" for c in chunks[1:]) == on.text
+    assert chunks[-1].usage_metadata == on.usage_metadata
     with pytest.raises(genai_errors.ClientError) as info:
         generate("gemini-2.5-pro", thinking_budget=0)
     assert info.value.code == 400

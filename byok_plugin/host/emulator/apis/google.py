@@ -333,6 +333,9 @@ class GoogleAPI(ProviderAPI):
         chunks: list[list[dict[str, Any]]] = (
             [parts] if tool else [[{"text": p}] for p in reply.pieces] or [[{"text": ""}]]
         )
+        thoughts = [p for p in parts if p.get("thought")]
+        if thoughts and not tool:
+            chunks.insert(0, thoughts)  # the thought summary streams first, as its own chunk
         events = []
         for i, chunk_parts in enumerate(chunks):
             last = i == len(chunks) - 1

@@ -28,7 +28,7 @@ from byok_plugin.host.emulator.apis.base import (
     sse_response,
     stream_events,
 )
-from byok_plugin.host.emulator.apis.openai_responses import build_response
+from byok_plugin.host.emulator.apis.openai_responses import build_response, responses_reply
 from byok_plugin.host.emulator.apis.openai_responses import (
     stream_events as responses_stream_events,
 )
@@ -128,6 +128,7 @@ class OpenAIAPI(ProviderAPI):
             ),
             self.route("/v1/chat/completions", self.chat),
             self.route("/v1/responses", self.responses),
+            self.route("/v1/responses/input_tokens", self.count_input_tokens),
         ]
 
     @staticmethod
@@ -156,6 +157,14 @@ class OpenAIAPI(ProviderAPI):
             events = responses_stream_events(response, reply)
             return sse_response(stream_events(events, ex.stream_mode, terminal=1))
         return json_response(response)
+
+    async def count_input_tokens(self, ex: Exchange) -> Response:
+        """``POST /v1/responses/input_tokens``: the ``input_tokens`` the same request to
+        ``/v1/responses`` would report."""
+        reply = responses_reply(ex.body)
+        return json_response(
+            {"object": "response.input_tokens", "input_tokens": reply.prompt_tokens}
+        )
 
     def usage(self, reply: Reply) -> dict[str, Any]:
         completion = reply.output_tokens + reply.reasoning_tokens

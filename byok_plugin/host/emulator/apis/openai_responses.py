@@ -11,7 +11,8 @@ output_tokens_details.reasoning_tokens, total_tokens}`` with the cached tokens p
 ``response.created``, ``response.in_progress``, per item ``response.output_item.added`` ... ``.done``
 (with ``response.output_text.delta`` or ``response.function_call_arguments.delta`` events in
 between), then ``response.completed`` carrying the whole response; every event has a
-``sequence_number``. A reply cut at ``max_output_tokens`` is ``status: "incomplete"`` with
+``sequence_number``. ``POST /v1/responses/input_tokens`` counts a request's input tokens. A reply
+cut at ``max_output_tokens`` is ``status: "incomplete"`` with
 ``incomplete_details.reason: "max_output_tokens"`` and ends with ``response.incomplete``.
 """
 
