@@ -9,8 +9,12 @@ Retries are kept short: a ``Retry-After`` of 0.01 s, and no retries where a test
 
 from __future__ import annotations
 
+import ast
 import json
+import re
 from decimal import Decimal
+from importlib import metadata
+from pathlib import Path
 
 import anthropic
 import exa_py
@@ -501,3 +505,47 @@ def test_exa_sdk_sees_a_wrong_key(emulator):
     client = exa_py.Exa(api_key="exa-wrong", base_url=emulator.base_url("exa"))
     with pytest.raises(ValueError, match="401"):
         client.search("anything", num_results=1)
+
+
+# The README's emulator section -------------------------------------------------------------------
+SDK_OF_TEST = {
+    "openai": "openai",
+    "anthropic": "anthropic",
+    "genai": "google-genai",
+    "mistral": "mistralai",
+    "exa": "exa-py",
+}
+
+
+def test_the_readme_states_these_tests_checks_and_sdk_versions():
+    """The README's table (SDK, version, tests, checks) is this module's, for the SDKs installed."""
+    counted: dict[str, list[int]] = {}
+    for node in ast.parse(Path(__file__).read_text()).body:
+        if not isinstance(node, ast.FunctionDef) or not node.name.startswith("test_"):
+            continue
+        sdk = SDK_OF_TEST.get(node.name.split("_")[1])
+        if sdk is None:
+            continue
+        checks = sum(
+            isinstance(n, ast.Assert)
+            or (isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "raises")
+            for n in ast.walk(node)
+        )
+        entry = counted.setdefault(sdk, [0, 0])
+        entry[0] += 1
+        entry[1] += checks
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = {
+        m["sdk"]: (m["version"], int(m["tests"]), int(m["checks"]))
+        for m in re.finditer(
+            r"^\| `(?P<sdk>[\w-]+)` \| (?P<version>[\d.]+) \| (?P<tests>\d+) \| (?P<checks>\d+) \|$",
+            readme,
+            re.MULTILINE,
+        )
+    }
+    assert rows == {
+        sdk: (metadata.version(sdk), tests, checks) for sdk, (tests, checks) in counted.items()
+    }
+    total_tests = sum(t for t, _ in counted.values())
+    total_checks = sum(c for _, c in counted.values())
+    assert f"{total_tests} tests, {total_checks} checks" in readme
