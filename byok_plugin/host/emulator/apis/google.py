@@ -72,6 +72,10 @@ def _target(request: Request, body: Mapping[str, Any]) -> str | None:
     return request.path_params.get("target", "").split(":", 1)[0] or None
 
 
+def _no_model(request: Request, body: Mapping[str, Any]) -> str | None:
+    return None
+
+
 def _streamed(request: Request, body: Mapping[str, Any]) -> bool:
     return request.path_params.get("target", "").endswith(":streamGenerateContent")
 
@@ -142,13 +146,17 @@ class GoogleAPI(ProviderAPI):
         )
 
     def routes(self) -> list[Route]:
-        no_model = {"model_of": lambda r, b: None}
         routes = []
         for version in VERSIONS:
             routes += [
-                self.route(f"/{version}/models", self.list_models, methods=("GET",), **no_model),
                 self.route(
-                    f"/{version}/models/{{target}}", self.get_model, methods=("GET",), **no_model
+                    f"/{version}/models", self.list_models, methods=("GET",), model_of=_no_model
+                ),
+                self.route(
+                    f"/{version}/models/{{target}}",
+                    self.get_model,
+                    methods=("GET",),
+                    model_of=_no_model,
                 ),
                 self.route(
                     f"/{version}/models/{{target}}",
@@ -276,6 +284,7 @@ class GoogleAPI(ProviderAPI):
         reply = self.reply(model, ex.body)
         model = self.state.answered_model(self.name, model)  # the reply's modelVersion
         function = _forced_function(ex.body)
+        parts: list[dict[str, Any]]
         response_id = new_id("")[:22]
         if function is not None:
             parts = [
