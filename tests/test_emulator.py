@@ -393,3 +393,21 @@ def test_gemini_serves_v1_and_v1beta_and_reads_snake_case_fields(emulator):
         call = answer["candidates"][0]["content"]["parts"][0]["functionCall"]
         assert call == {"name": "f", "args": {"city": "emulated"}}
         assert "thoughtsTokenCount" not in answer["usageMetadata"]
+
+
+@pytest.mark.parametrize("kind", [FaultKind.TRUNCATED_STREAM, FaultKind.MALFORMED_JSON])
+def test_a_responses_api_stream_breaks_as_asked(emulator, kind):
+    key = emulator.new_key("openai")
+    url = emulator.base_url("openai") + "/responses"
+    body = {"model": "gpt-4o-mini", "input": "Summarise the report", "stream": True}
+    whole = httpx.post(url, headers=auth_headers("openai", key), json=body).text
+    assert whole.rstrip().endswith("}")
+    assert "event: response.completed" in whole
+    emulator.add_fault(Fault(kind, provider="openai"))
+    broken = httpx.post(url, headers=auth_headers("openai", key), json=body).text
+    if kind is FaultKind.TRUNCATED_STREAM:
+        assert "response.completed" not in broken
+    else:
+        assert "event: response.completed" in broken
+        assert 'data: {"broken": \n' in broken
+    assert [c.fault for c in emulator.calls("openai")] == [None, kind]
