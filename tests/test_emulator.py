@@ -286,7 +286,9 @@ def test_keys_file_parsing_names_the_line_never_the_key():
     assert [(k.provider, k.label) for k in keys] == [("openai", None), ("anthropic", "ws-b")]
     assert keys[1].api_key == secret
     assert secret not in repr(keys[1])
-    with pytest.raises(KeysFileError, match=r"keys.txt, line 2: unknown provider 'cohere'") as info:
+    with pytest.raises(
+        KeysFileError, match=r"keys.txt, line 2: unknown provider before '='"
+    ) as info:
         parse_keys(f"openai={secret}\ncohere={secret}\n", source="keys.txt")
     assert secret not in str(info.value)
     with pytest.raises(KeysFileError, match="line 1: expected provider") as info:
@@ -323,3 +325,89 @@ def test_the_control_api_drives_an_emulator_in_another_process(emulator):
     assert httpx.post(control + "/keys", json={"provider": "cohere", "key": "x"}).status_code == 400
     assert httpx.delete(control + "/calls").status_code == 200
     assert emulator.calls() == []
+
+
+# the shape of each provider's error for a path it does not serve, and for a method a path refuses
+UNKNOWN_ROUTE_ERRORS = {
+    "openai": lambda body: body["error"]["type"] == "invalid_request_error",
+    "mistral": lambda body: body["object"] == "error",
+    "anthropic": lambda body: (
+        body["type"] == "error"
+        and body["error"]["type"] in ("not_found_error", "invalid_request_error")
+    ),
+    "google": lambda body: body["error"]["status"] in ("NOT_FOUND", "UNIMPLEMENTED"),
+    "exa": lambda body: body["tag"] in ("NOT_FOUND", "INVALID_REQUEST"),
+}
+
+
+@pytest.mark.parametrize("provider", sorted(UNKNOWN_ROUTE_ERRORS))
+def test_unknown_routes_and_methods_answer_in_the_providers_error_json(emulator, provider):
+    key = emulator.new_key(provider)
+    headers = auth_headers(provider, key)
+    base = emulator.base_url(provider)
+    missing = httpx.get(base + "/no/such/route", headers=headers)
+    assert missing.status_code == 404
+    assert missing.headers["content-type"] == "application/json"
+    assert UNKNOWN_ROUTE_ERRORS[provider](missing.json()), missing.text
+    assert "/no/such/route" in missing.text
+    wrong_method = httpx.delete(base + LISTINGS[provider], headers=headers)
+    assert wrong_method.status_code == 405
+    assert wrong_method.headers["allow"].startswith("GET")
+    assert UNKNOWN_ROUTE_ERRORS[provider](wrong_method.json()), wrong_method.text
+    assert [(c.method, c.status) for c in emulator.calls(provider)] == [
+        ("GET", 404),
+        ("DELETE", 405),
+    ]
+
+
+def test_a_gemini_429_says_when_to_retry_in_its_body_as_google_does(emulator):
+    key = emulator.new_key("google")
+    emulator.add_fault(Fault(FaultKind.RATE_LIMIT, provider="google", retry_after=7))
+    response = chat_call(emulator, "google", key)
+    assert response.status_code == 429
+    assert "retry-after" not in response.headers
+    error = response.json()["error"]
+    assert error["status"] == "RESOURCE_EXHAUSTED"
+    kinds = {d["@type"].rsplit(".", 1)[1]: d for d in error["details"]}
+    assert kinds["RetryInfo"] == {
+        "@type": "type.googleapis.com/google.rpc.RetryInfo",
+        "retryDelay": "7s",
+    }
+    assert kinds["QuotaFailure"]["violations"][0]["quotaDimensions"]["model"] == "gemini-2.5-flash"
+    assert "Help" in kinds
+
+
+def test_gemini_serves_v1_and_v1beta_and_reads_snake_case_fields(emulator):
+    key = emulator.new_key("google")
+    headers = auth_headers("google", key)
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}}
+    body = {
+        "contents": [{"role": "user", "parts": [{"text": "weather?"}]}],
+        "generation_config": {"thinking_config": {"thinking_budget": 0}},
+        "tools": [{"function_declarations": [{"name": "f", "parameters_json_schema": schema}]}],
+        "tool_config": {"function_calling_config": {"mode": "ANY"}},
+    }
+    for version in ("v1", "v1beta"):
+        url = emulator.base_url("google") + f"/{version}/models/gemini-2.5-flash:generateContent"
+        answer = httpx.post(url, headers=headers, json=body).json()
+        call = answer["candidates"][0]["content"]["parts"][0]["functionCall"]
+        assert call == {"name": "f", "args": {"city": "emulated"}}
+        assert "thoughtsTokenCount" not in answer["usageMetadata"]
+
+
+@pytest.mark.parametrize("kind", [FaultKind.TRUNCATED_STREAM, FaultKind.MALFORMED_JSON])
+def test_a_responses_api_stream_breaks_as_asked(emulator, kind):
+    key = emulator.new_key("openai")
+    url = emulator.base_url("openai") + "/responses"
+    body = {"model": "gpt-4o-mini", "input": "Summarise the report", "stream": True}
+    whole = httpx.post(url, headers=auth_headers("openai", key), json=body).text
+    assert whole.rstrip().endswith("}")
+    assert "event: response.completed" in whole
+    emulator.add_fault(Fault(kind, provider="openai"))
+    broken = httpx.post(url, headers=auth_headers("openai", key), json=body).text
+    if kind is FaultKind.TRUNCATED_STREAM:
+        assert "response.completed" not in broken
+    else:
+        assert "event: response.completed" in broken
+        assert 'data: {"broken": \n' in broken
+    assert [c.fault for c in emulator.calls("openai")] == [None, kind]

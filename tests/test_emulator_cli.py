@@ -38,7 +38,8 @@ def test_a_malformed_keys_file_names_the_line_not_the_key(tmp_path):
     result = CliRunner().invoke(main, ["emulator", "--keys-file", str(keys)])
     assert result.exit_code == 2
     assert "line 2" in result.output
-    assert "not-a-provider" in result.output
+    assert "unknown provider" in result.output
+    assert "not-a-provider" not in result.output  # nothing of the line is echoed
     assert secret not in result.output
 
 

@@ -42,7 +42,7 @@ def emulator_command(
     try:  # starlette and uvicorn come with the ``server`` extra; the rest of ``byok`` needs neither
         import uvicorn
 
-        from byok_plugin.host.emulator.app import build_app
+        from byok_plugin.host.emulator.app import LOOPBACK_HOSTS, build_app
         from byok_plugin.host.emulator.keys import KeysFileError, parse_keys
         from byok_plugin.host.emulator.server import describe
         from byok_plugin.host.emulator.state import EmulatorState
@@ -65,6 +65,8 @@ def emulator_command(
             raise click.UsageError(str(exc)) from None
         except OSError as exc:
             raise click.UsageError(f"cannot read the keys file {name}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise click.UsageError(f"the keys file {name} is not UTF-8 text") from None
         for key in keys:
             state.add_key(key.provider, key.api_key, key.label)
         click.echo(f"accepting {len(keys)} key(s) from {name}", err=True)
@@ -78,7 +80,9 @@ def emulator_command(
     for var, url in describe(base).items():
         click.echo(f"  export {var}={url}", err=True)
     sys.stderr.flush()
-    config = uvicorn.Config(build_app(state), log_level="info", lifespan="off")
+    # the control API answers to the loopback names and the address asked for, as byok serve does
+    app = build_app(state, allowed_hosts=(*LOOPBACK_HOSTS, url_host(host)))
+    config = uvicorn.Config(app, log_level="info", lifespan="off")
     try:
         uvicorn.Server(config).run(sockets=[sock])
     except KeyboardInterrupt:

@@ -2,7 +2,8 @@
 
 Keys are never given on a command line; ``byok emulator --keys-file PATH`` (or ``-`` for stdin)
 reads them from here. Blank lines and lines starting with ``#`` are ignored. A malformed line is
-reported by file and line number, never by its content (it may hold a key).
+reported by file and line number, never by any part of its content (a bare key on a line, even one
+with ``=`` or ``:`` in it, must not be echoed).
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ def parse_keys(text: str, source: str = "<keys>") -> list[EmulatorKey]:
         if not sep or not api_key:
             raise KeysFileError(f"{source}, line {number}: expected provider[:label]=KEY")
         if provider not in PROVIDERS:
+            # the name is not repeated: a bare key holding "=" (base64) would be echoed as one
             raise KeysFileError(
-                f"{source}, line {number}: unknown provider {provider!r}; expected one of "
+                f"{source}, line {number}: unknown provider before '='; expected one of "
                 f"{', '.join(PROVIDERS)}"
             )
         keys.append(EmulatorKey(provider, api_key, label or None))

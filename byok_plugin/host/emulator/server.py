@@ -13,7 +13,7 @@ from typing import Self
 import uvicorn
 from starlette.types import ASGIApp
 
-from byok_plugin.host.emulator.app import BASE_PATHS, build_app
+from byok_plugin.host.emulator.app import BASE_PATHS, LOOPBACK_HOSTS, build_app
 from byok_plugin.host.emulator.faults import Fault
 from byok_plugin.host.emulator.state import EmulatorState, RecordedCall
 
@@ -122,7 +122,9 @@ class EmulatorServer(BackgroundServer):
         log_level: str = "warning",
     ) -> None:
         self.state = state if state is not None else EmulatorState()
-        super().__init__(build_app(self.state), host=host, port=port, log_level=log_level)
+        bound = f"[{host}]" if ":" in host else host
+        app = build_app(self.state, allowed_hosts=(*LOOPBACK_HOSTS, bound))
+        super().__init__(app, host=host, port=port, log_level=log_level)
 
     # addresses ----------------------------------------------------------------------------------
     def base_url(self, provider: str) -> str:

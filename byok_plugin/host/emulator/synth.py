@@ -12,7 +12,8 @@ can compare the two paths. The numbers are shaped like real ones, with simple do
 - output tokens: one per streamed piece of the reply (a word, or 4 characters of JSON), cut at the
   request's max output tokens (finish reason ``length``);
 - reasoning tokens: for reasoning models (``o1``/``o3``/``o4``/``gpt-5``, ``magistral``,
-  ``gemini-2.5``/``gemini-3``, or a request asking for reasoning/thinking), ``16 + hash % 48``.
+  ``gemini-2.5``/``gemini-3``, or a request asking for reasoning/thinking), ``16 + hash % 48``;
+  none when the request turns thinking off (Gemini's ``thinkingBudget: 0``).
 """
 
 from __future__ import annotations
@@ -117,10 +118,14 @@ def make_reply(
     last_user: str,
     max_tokens: int | None,
     schema: Mapping[str, Any] | None = None,
-    reasoning: bool = False,
+    reasoning: bool | None = None,
     cache_write: bool = False,
 ) -> Reply:
-    """The deterministic reply to a request whose text content is ``parts``."""
+    """The deterministic reply to a request whose text content is ``parts``.
+
+    :param reasoning: ``True`` when the request asks for reasoning/thinking, ``False`` when it
+        turns it off, ``None`` for the model's default (:func:`is_reasoning_model`).
+    """
     digest = int.from_bytes(hashlib.sha256("\x00".join([model, *parts]).encode()).digest()[:8])
     if schema is not None:
         text = json.dumps(schema_instance(schema), separators=(",", ":"))
@@ -137,7 +142,7 @@ def make_reply(
     total_prompt = prompt_tokens(parts)
     cached = (total_prompt // 2) // 8 * 8 if total_prompt >= 16 else 0
     writes = (total_prompt - cached) // 4 if cache_write else 0
-    thinks = reasoning or is_reasoning_model(model)
+    thinks = is_reasoning_model(model) if reasoning is None else reasoning
     return Reply(
         pieces=tuple(pieces),
         finish=finish,

@@ -38,6 +38,8 @@ _ERROR_TYPES = {
     "server": "api_error",
     "bad_request": "invalid_request_error",
     "not_found": "not_found_error",
+    "route": "not_found_error",
+    "method": "invalid_request_error",
 }
 _STOP = {"stop": "end_turn", "length": "max_tokens"}
 
@@ -50,7 +52,13 @@ def _has_cache_control(body: Mapping[str, Any]) -> bool:
             return any(walk(v) for v in value)
         return False
 
-    return walk(body.get("system")) or walk(body.get("messages")) or walk(body.get("tools"))
+    # a top-level ``cache_control`` (automatic caching) caches the request up to its last block
+    return (
+        "cache_control" in body
+        or walk(body.get("system"))
+        or walk(body.get("messages"))
+        or walk(body.get("tools"))
+    )
 
 
 class AnthropicAPI(ProviderAPI):
@@ -88,23 +96,48 @@ class AnthropicAPI(ProviderAPI):
     def routes(self) -> list[Route]:
         return [
             self.route("/v1/models", self.list_models, methods=("GET",)),
+            self.route(
+                "/v1/models/{model}",
+                self.get_model,
+                methods=("GET",),
+                model_of=lambda r, b: r.path_params.get("model"),
+            ),
             self.route("/v1/messages", self.messages),
+            self.route("/v1/messages/count_tokens", self.count_tokens),
         ]
 
+    @staticmethod
+    def model_info(model: str) -> dict[str, Any]:
+        return {
+            "type": "model",
+            "id": model,
+            "display_name": model,
+            "created_at": "2025-09-29T00:00:00Z",
+        }
+
     async def list_models(self, ex: Exchange) -> Response:
-        data = [
-            {"type": "model", "id": m, "display_name": m, "created_at": "2025-09-29T00:00:00Z"}
-            for m in self.models
-        ]
+        data = [self.model_info(m) for m in self.models]
         return json_response(
             {"data": data, "has_more": False, "first_id": data[0]["id"], "last_id": data[-1]["id"]}
         )
 
-    def reply(self, body: Mapping[str, Any]) -> Reply:
+    async def get_model(self, ex: Exchange) -> Response:
+        model = ex.request.path_params["model"]
+        if model not in self.models:
+            return self.error(404, "not_found", f"model: {model}")
+        return json_response(self.model_info(model))
+
+    async def count_tokens(self, ex: Exchange) -> Response:
+        """``POST /v1/messages/count_tokens``: what ``input_tokens`` plus the cache fields of the
+        same request to ``/v1/messages`` would add up to."""
+        reply = self.reply(ex.body, count_only=True)
+        return json_response({"input_tokens": reply.prompt_tokens})
+
+    def reply(self, body: Mapping[str, Any], *, count_only: bool = False) -> Reply:
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise BadRequest("model: Field required")
-        if not isinstance(body.get("max_tokens"), int):
+        if not count_only and not isinstance(body.get("max_tokens"), int):
             raise BadRequest("max_tokens: Field required")
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -128,9 +161,13 @@ class AnthropicAPI(ProviderAPI):
             model=model,
             parts=parts,
             last_user=users[-1] if users else "",
-            max_tokens=body["max_tokens"],
+            max_tokens=body.get("max_tokens"),
             schema=schema,
-            reasoning=isinstance(thinking, Mapping) and thinking.get("type") == "enabled",
+            reasoning=(
+                True
+                if isinstance(thinking, Mapping) and thinking.get("type") in ("enabled", "adaptive")
+                else None
+            ),
             cache_write=_has_cache_control(body),
         )
 

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
 from byok_plugin.host.emulator.faults import Fault, FaultKind
 from byok_plugin.host.emulator.state import EmulatorState, RecordedCall
@@ -52,6 +52,8 @@ class Exchange:
 
 
 Handler = Callable[[Exchange], Awaitable[Response]]
+
+ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 MALFORMED_BODY = b'{"id": "emulated", "object": "chat.completion", "choices": [{"index": 0, "mess'
 
@@ -101,7 +103,7 @@ class ProviderAPI:
 
     def error(self, status: int, kind: str, message: str) -> Response:
         """An error in the provider's own shape. ``kind``: auth, rate_limit, server, bad_request,
-        not_found."""
+        not_found (a model), route (no such path: 404), method (405)."""
         raise NotImplementedError
 
     def auth_failure(self, api_key: str | None) -> Response:
@@ -115,6 +117,45 @@ class ProviderAPI:
         return None
 
     # shared pipeline --------------------------------------------------------------------------
+    def all_routes(self) -> list[Route]:
+        """:meth:`routes`, then one that answers every other path under the provider's prefix in
+        the provider's own error shape: 404, or 405 with ``Allow`` for a known path."""
+        routes = self.routes()
+
+        async def unknown(request: Request) -> Response:
+            allowed = sorted(
+                {
+                    method
+                    for route in routes
+                    if route.matches(request.scope)[0] is Match.PARTIAL
+                    for method in route.methods or ()
+                }
+            )
+            rel_path = request.url.path[len(self.name) + 1 :]
+            if allowed:
+                response = self.error(
+                    405, "method", f"Method {request.method} is not allowed for {rel_path}."
+                )
+                response.headers["allow"] = ", ".join(allowed)
+            else:
+                response = self.error(404, "route", f"Invalid URL ({request.method} {rel_path})")
+            _, label, fingerprint = self.state.check_key(self.name, self.key_from(request))
+            self.state.record(
+                RecordedCall(
+                    provider=self.name,
+                    method=request.method,
+                    path=rel_path,
+                    model=None,
+                    key_label=label,
+                    key_fingerprint=fingerprint,
+                    stream=False,
+                    status=response.status_code,
+                )
+            )
+            return response
+
+        return [*routes, Route(f"/{self.name}/{{rest:path}}", unknown, methods=ALL_METHODS)]
+
     def route(
         self,
         path: str,

@@ -3,7 +3,9 @@
 Wire format as in https://exa.ai/docs/reference/search : the key in ``x-api-key`` (or
 ``Authorization: Bearer``); the answer carries ``requestId``, ``resolvedSearchType``, ``results``
 (``id``, ``url``, ``title``, ``publishedDate``, ``author``, ``score``, optional ``text``) and
-``costDollars`` (``total`` plus a breakdown). Errors: ``{"requestId", "error", "tag"}``
+``costDollars`` (``total``, ``search`` and ``contents`` by kind, as a live answer recorded in
+``shared/fixtures/provider-recordings/exa/recorded_search.json`` has it and exa-py reads it; the
+reference's ``breakDown`` list is not what the API sends). Errors: ``{"requestId", "error", "tag"}``
 (https://exa.ai/docs/admin/error-codes).
 
 Exa has no models to list. For a key check the emulator answers ``GET /websets/v0/websets`` (the
@@ -38,6 +40,8 @@ _TAGS = {
     "server": "INTERNAL_ERROR",
     "bad_request": "INVALID_REQUEST_BODY",
     "not_found": "NOT_FOUND",
+    "route": "NOT_FOUND",
+    "method": "INVALID_REQUEST",
 }
 
 
@@ -57,6 +61,17 @@ def search_cost(num_results: int, with_text: bool) -> tuple[Decimal, Decimal, De
     search = Decimal("0.005") if num_results <= 25 else Decimal("0.025")
     contents = Decimal("0.001") * num_results if with_text else Decimal(0)
     return search + contents, search, contents
+
+
+def search_cost_dollars(num_results: int, with_text: bool, search_type: str) -> dict[str, Any]:
+    """``costDollars`` as Exa answers it (and exa-py reads it into ``CostDollars``): ``total``, and
+    ``search`` and ``contents`` broken down by kind (``{"neural": 0.005}``, ``{"text": 0.01}``)."""
+    total, search, contents = search_cost(num_results, with_text)
+    kind = "keyword" if search_type == "keyword" else "neural"
+    cost: dict[str, Any] = {"total": float(total), "search": {kind: float(search)}}
+    if with_text:
+        cost["contents"] = {"text": float(contents)}
+    return cost
 
 
 class ExaAPI(ProviderAPI):
@@ -118,28 +133,12 @@ class ExaAPI(ProviderAPI):
             if with_text:
                 result["text"] = f"Emulated page text about {query}. Result {i + 1}."
             results.append(result)
-        total, search, contents = search_cost(num, with_text)
         return json_response(
             {
                 "requestId": new_id("")[:32],
                 "resolvedSearchType": resolved,
                 "searchType": resolved,
                 "results": results,
-                "costDollars": {
-                    "total": float(total),
-                    "breakDown": [
-                        {
-                            "search": float(search),
-                            "contents": float(contents),
-                            "breakdown": {
-                                "neuralSearch": float(search) if resolved != "keyword" else 0.0,
-                                "keywordSearch": float(search) if resolved == "keyword" else 0.0,
-                                "contentText": float(contents),
-                                "contentHighlight": 0.0,
-                                "contentSummary": 0.0,
-                            },
-                        }
-                    ],
-                },
+                "costDollars": search_cost_dollars(num, with_text, resolved),
             }
         )

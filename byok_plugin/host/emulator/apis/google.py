@@ -24,18 +24,28 @@ from byok_plugin.host.emulator.apis.base import (
     BadRequest,
     Exchange,
     ProviderAPI,
+    _seconds,
     json_response,
     new_id,
     sse,
     sse_response,
     stream_events,
 )
-from byok_plugin.host.emulator.synth import Reply, make_reply, schema_instance, text_of
+from byok_plugin.host.emulator.faults import Fault
+from byok_plugin.host.emulator.synth import (
+    Reply,
+    is_reasoning_model,
+    make_reply,
+    prompt_tokens,
+    schema_instance,
+    text_of,
+)
 
 _STATUS = {
     400: "INVALID_ARGUMENT",
     403: "PERMISSION_DENIED",
     404: "NOT_FOUND",
+    405: "UNIMPLEMENTED",
     429: "RESOURCE_EXHAUSTED",
     500: "INTERNAL",
     503: "UNAVAILABLE",
@@ -43,8 +53,27 @@ _STATUS = {
 _FINISH = {"stop": "STOP", "length": "MAX_TOKENS"}
 
 
+#: the API versions served: ``v1`` (google-genai's default) and ``v1beta`` (the REST docs')
+VERSIONS = ("v1", "v1beta")
+
+
+def field(mapping: Any, name: str) -> Any:
+    """``mapping[name]``, by its lowerCamelCase name or its snake_case one: the API takes both
+    (proto3 JSON), and google-genai sends some nested configs in snake_case
+    (``thinkingConfig: {"thinking_budget": 0}``, ``parameters_json_schema``)."""
+    if not isinstance(mapping, Mapping):
+        return None
+    if name in mapping:
+        return mapping[name]
+    return mapping.get("".join(f"_{c.lower()}" if c.isupper() else c for c in name))
+
+
 def _target(request: Request, body: Mapping[str, Any]) -> str | None:
     return request.path_params.get("target", "").split(":", 1)[0] or None
+
+
+def _no_model(request: Request, body: Mapping[str, Any]) -> str | None:
+    return None
 
 
 def _streamed(request: Request, body: Mapping[str, Any]) -> bool:
@@ -64,7 +93,30 @@ class GoogleAPI(ProviderAPI):
             "message": message,
             "status": _STATUS.get(status, "UNKNOWN"),
         }
+        if status == 429:
+            payload["details"] = _quota_details()
         return json_response({"error": payload}, status)
+
+    async def _apply_fault(self, fault: Fault, exchange: Exchange, stream: bool) -> Response | None:
+        response = await super()._apply_fault(fault, exchange, stream)
+        if response is not None and response.status_code == 429:
+            # Google says when to retry in the body (``RetryInfo.retryDelay``), not in a header
+            delay = _seconds(fault.retry_after)
+            response = json_response(
+                {
+                    "error": {
+                        "code": 429,
+                        "message": "You exceeded your current quota, please check your plan and "
+                        f"billing details. Please retry in {delay}s.",
+                        "status": "RESOURCE_EXHAUSTED",
+                        "details": _quota_details(
+                            _target(exchange.request, exchange.body), f"{delay}s"
+                        ),
+                    }
+                },
+                429,
+            )
+        return response
 
     def auth_failure(self, api_key: str | None) -> Response:
         if not api_key:
@@ -94,37 +146,71 @@ class GoogleAPI(ProviderAPI):
         )
 
     def routes(self) -> list[Route]:
-        return [
-            self.route(
-                "/v1beta/models", self.list_models, methods=("GET",), model_of=lambda r, b: None
-            ),
-            self.route(
-                "/v1beta/models/{target}", self.generate, model_of=_target, stream_of=_streamed
-            ),
-        ]
+        routes = []
+        for version in VERSIONS:
+            routes += [
+                self.route(
+                    f"/{version}/models", self.list_models, methods=("GET",), model_of=_no_model
+                ),
+                self.route(
+                    f"/{version}/models/{{target}}",
+                    self.get_model,
+                    methods=("GET",),
+                    model_of=_no_model,
+                ),
+                self.route(
+                    f"/{version}/models/{{target}}",
+                    self.generate,
+                    model_of=_target,
+                    stream_of=_streamed,
+                ),
+            ]
+        return routes
+
+    @staticmethod
+    def model_info(model: str) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "name": f"models/{model}",
+            "version": "001",
+            "displayName": model,
+            "description": f"The emulator's {model}.",
+            "inputTokenLimit": 1048576,
+            "outputTokenLimit": 65536,
+            "supportedGenerationMethods": ["generateContent", "countTokens"],
+            "temperature": 1,
+            "topP": 0.95,
+            "topK": 64,
+            "maxTemperature": 2,
+        }
+        if is_reasoning_model(model):
+            info["thinking"] = True
+        return info
 
     async def list_models(self, ex: Exchange) -> Response:
-        return json_response(
-            {
-                "models": [
-                    {
-                        "name": f"models/{m}",
-                        "version": "001",
-                        "displayName": m,
-                        "inputTokenLimit": 1048576,
-                        "outputTokenLimit": 65536,
-                        "supportedGenerationMethods": ["generateContent", "countTokens"],
-                    }
-                    for m in self.models
-                ]
-            }
-        )
+        # one page of ``pageSize`` (50 by default), the next one named by ``pageToken``
+        try:
+            size = max(1, min(int(ex.query.get("pageSize") or 50), 1000))
+            start = int(ex.query.get("pageToken") or 0)
+        except ValueError:
+            raise BadRequest("pageSize and pageToken must be integers") from None
+        page: dict[str, Any] = {
+            "models": [self.model_info(m) for m in self.models[start : start + size]]
+        }
+        if start + size < len(self.models):
+            page["nextPageToken"] = str(start + size)
+        return json_response(page)
+
+    async def get_model(self, ex: Exchange) -> Response:
+        model = ex.request.path_params["target"]
+        if model not in self.models:
+            return self.error(404, "not_found", f"models/{model} is not found for API version.")
+        return json_response(self.model_info(model))
 
     def reply(self, model: str, body: Mapping[str, Any]) -> Reply:
-        contents = body.get("contents")
+        contents = field(body, "contents")
         if not isinstance(contents, list) or not contents:
             raise BadRequest("* GenerateContentRequest.contents: contents is not specified")
-        system = body.get("systemInstruction") or body.get("system_instruction")
+        system = field(body, "systemInstruction")
         parts = [text_of(system)] if system else []
         parts += [text_of(c.get("parts")) for c in contents if isinstance(c, Mapping)]
         users = [
@@ -132,19 +218,41 @@ class GoogleAPI(ProviderAPI):
             for c in contents
             if isinstance(c, Mapping) and c.get("role", "user") == "user"
         ]
-        config = body.get("generationConfig") or {}
-        schema = config.get("responseJsonSchema") or config.get("responseSchema")
-        if schema is None and config.get("responseMimeType") == "application/json":
+        config = field(body, "generationConfig") or {}
+        schema = field(config, "responseJsonSchema") or field(config, "responseSchema")
+        if schema is None and field(config, "responseMimeType") == "application/json":
             schema = {"type": "object", "properties": {"answer": {"type": "string"}}}
-        thinking = config.get("thinkingConfig") or {}
+        budget = field(field(config, "thinkingConfig"), "thinkingBudget")
+        reasoning: bool | None = None
+        if isinstance(budget, int) and budget != -1:  # -1: the model decides (its default)
+            if budget == 0 and model.startswith("gemini-2.5-pro"):
+                raise BadRequest("Budget 0 is invalid. This model only works in thinking mode.")
+            reasoning = budget > 0
         return make_reply(
             provider=self.name,
             model=model,
             parts=parts,
             last_user=users[-1] if users else "",
-            max_tokens=config.get("maxOutputTokens"),
+            max_tokens=field(config, "maxOutputTokens"),
             schema=_lower_types(schema) if schema is not None else None,
-            reasoning=bool(thinking.get("thinkingBudget")),
+            reasoning=reasoning,
+        )
+
+    def count_tokens(self, body: Mapping[str, Any]) -> Response:
+        """``:countTokens``: ``contents``, or a whole ``generateContentRequest``."""
+        request = field(body, "generateContentRequest") or body
+        contents = field(request, "contents")
+        if not isinstance(contents, list) or not contents:
+            raise BadRequest("* CountTokensRequest.contents: contents is not specified")
+        system = field(request, "systemInstruction")
+        parts = [text_of(system)] if system else []
+        parts += [text_of(c.get("parts")) for c in contents if isinstance(c, Mapping)]
+        total = prompt_tokens(parts)
+        return json_response(
+            {
+                "totalTokens": total,
+                "promptTokensDetails": [{"modality": "TEXT", "tokenCount": total}],
+            }
         )
 
     @staticmethod
@@ -167,6 +275,8 @@ class GoogleAPI(ProviderAPI):
     async def generate(self, ex: Exchange) -> Response:
         target = ex.request.path_params["target"]
         model, _, method = target.partition(":")
+        if method == "countTokens":
+            return self.count_tokens(ex.body)
         if method not in ("generateContent", "streamGenerateContent"):
             return self.error(
                 404, "not_found", f"Method {method!r} is not found for models/{model}."
@@ -174,6 +284,7 @@ class GoogleAPI(ProviderAPI):
         reply = self.reply(model, ex.body)
         model = self.state.answered_model(self.name, model)  # the reply's modelVersion
         function = _forced_function(ex.body)
+        parts: list[dict[str, Any]]
         response_id = new_id("")[:22]
         if function is not None:
             parts = [
@@ -182,8 +293,8 @@ class GoogleAPI(ProviderAPI):
                         "name": function["name"],
                         "args": schema_instance(
                             _lower_types(
-                                function.get("parametersJsonSchema")
-                                or function.get("parameters")
+                                field(function, "parametersJsonSchema")
+                                or field(function, "parameters")
                                 or {}
                             )
                         ),
@@ -194,6 +305,9 @@ class GoogleAPI(ProviderAPI):
         else:
             parts = [{"text": reply.text}]
             finish = _FINISH[reply.finish]
+        thinking = field(field(ex.body, "generationConfig"), "thinkingConfig")
+        if reply.reasoning_tokens and field(thinking, "includeThoughts"):
+            parts = [{"text": "Emulated thought summary.", "thought": True}, *parts]
         if method == "streamGenerateContent":
             if ex.query.get("alt") != "sse":
                 raise BadRequest("the emulator streams only with ?alt=sse")
@@ -228,6 +342,9 @@ class GoogleAPI(ProviderAPI):
         chunks: list[list[dict[str, Any]]] = (
             [parts] if tool else [[{"text": p}] for p in reply.pieces] or [[{"text": ""}]]
         )
+        thoughts = [p for p in parts if p.get("thought")]
+        if thoughts and not tool:
+            chunks.insert(0, thoughts)  # the thought summary streams first, as its own chunk
         events = []
         for i, chunk_parts in enumerate(chunks):
             last = i == len(chunks) - 1
@@ -252,13 +369,44 @@ class GoogleAPI(ProviderAPI):
 
 
 def _forced_function(body: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    mode = ((body.get("toolConfig") or {}).get("functionCallingConfig") or {}).get("mode")
-    if mode != "ANY":
+    config = field(field(body, "toolConfig"), "functionCallingConfig")
+    if field(config, "mode") != "ANY":
         return None
-    for tool in body.get("tools") or []:
-        for declaration in (tool or {}).get("functionDeclarations") or []:
-            return declaration
+    allowed = field(config, "allowedFunctionNames") or None
+    for tool in field(body, "tools") or []:
+        for declaration in field(tool, "functionDeclarations") or []:
+            if allowed is None or field(declaration, "name") in allowed:
+                return declaration  # type: ignore[no-any-return]
     return None
+
+
+def _quota_details(model: str | None = None, retry_delay: str = "1s") -> list[dict[str, Any]]:
+    """The ``details`` of Google's 429: which quota (``QuotaFailure``), when to retry
+    (``RetryInfo``), and where to read about it (``Help``)."""
+    dimensions = {"location": "global", **({"model": model} if model else {})}
+    return [
+        {
+            "@type": "type.googleapis.com/google.rpc.QuotaFailure",
+            "violations": [
+                {
+                    "quotaMetric": "generativelanguage.googleapis.com/generate_content_free_tier_requests",
+                    "quotaId": "GenerateRequestsPerMinutePerProjectPerModel-FreeTier",
+                    "quotaDimensions": dimensions,
+                    "quotaValue": "10",
+                }
+            ],
+        },
+        {
+            "@type": "type.googleapis.com/google.rpc.Help",
+            "links": [
+                {
+                    "description": "Learn more about Gemini API quotas",
+                    "url": "https://ai.google.dev/gemini-api/docs/rate-limits",
+                }
+            ],
+        },
+        {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": retry_delay},
+    ]
 
 
 def _lower_types(schema: Any) -> Any:

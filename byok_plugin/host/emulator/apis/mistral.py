@@ -1,4 +1,5 @@
-"""Mistral's chat completions API (``/v1/chat/completions``, ``/v1/models``), streaming included.
+"""Mistral's chat completions API (``/v1/chat/completions``, ``/v1/models[/{id}]``), streaming
+included.
 
 Wire format as in https://docs.mistral.ai/api/ (``POST /v1/chat/completions``): OpenAI-shaped, with
 ``usage`` ``{prompt_tokens, completion_tokens, total_tokens}`` plus, when a prefix was served from
@@ -65,26 +66,34 @@ class MistralAPI(ProviderAPI):
     def routes(self) -> list[Route]:
         return [
             self.route("/v1/models", self.list_models, methods=("GET",)),
+            self.route(
+                "/v1/models/{model}",
+                self.get_model,
+                methods=("GET",),
+                model_of=lambda r, b: r.path_params.get("model"),
+            ),
             self.route("/v1/chat/completions", self.chat),
         ]
 
+    @staticmethod
+    def model_info(model: str) -> dict[str, Any]:
+        return {
+            "id": model,
+            "object": "model",
+            "created": 1727740800,
+            "owned_by": "mistralai",
+            "capabilities": {"completion_chat": True, "function_calling": True},
+            "type": "base",
+        }
+
     async def list_models(self, ex: Exchange) -> Response:
-        return json_response(
-            {
-                "object": "list",
-                "data": [
-                    {
-                        "id": m,
-                        "object": "model",
-                        "created": 1727740800,
-                        "owned_by": "mistralai",
-                        "capabilities": {"completion_chat": True, "function_calling": True},
-                        "type": "base",
-                    }
-                    for m in self.models
-                ],
-            }
-        )
+        return json_response({"object": "list", "data": [self.model_info(m) for m in self.models]})
+
+    async def get_model(self, ex: Exchange) -> Response:
+        model = ex.request.path_params["model"]
+        if model not in self.models:
+            return self.error(404, "not_found", f"Model '{model}' not found")
+        return json_response(self.model_info(model))
 
     def usage(self, reply: Reply) -> dict[str, Any]:
         completion = reply.output_tokens + reply.reasoning_tokens

@@ -1,4 +1,5 @@
-"""OpenAI's Chat Completions API (``/v1/chat/completions``, ``/v1/models``), streaming included.
+"""OpenAI's Chat Completions API (``/v1/chat/completions``, ``/v1/models``), streaming included,
+and the Responses API (``/v1/responses``, in :mod:`.openai_responses`).
 
 Wire format as in https://platform.openai.com/docs/api-reference/chat : usage carries
 ``prompt_tokens_details.cached_tokens`` and ``completion_tokens_details.reasoning_tokens``;
@@ -26,6 +27,10 @@ from byok_plugin.host.emulator.apis.base import (
     sse,
     sse_response,
     stream_events,
+)
+from byok_plugin.host.emulator.apis.openai_responses import build_response, responses_reply
+from byok_plugin.host.emulator.apis.openai_responses import (
+    stream_events as responses_stream_events,
 )
 from byok_plugin.host.emulator.synth import Reply, make_reply, text_of
 
@@ -66,7 +71,7 @@ def chat_reply(provider: str, body: Mapping[str, Any]) -> Reply:
         last_user=users[-1] if users else "",
         max_tokens=int(max_tokens) if max_tokens else None,
         schema=schema,
-        reasoning=bool(body.get("reasoning_effort")),
+        reasoning=True if body.get("reasoning_effort") else None,
     )
 
 
@@ -115,18 +120,50 @@ class OpenAIAPI(ProviderAPI):
     def routes(self) -> list[Route]:
         return [
             self.route("/v1/models", self.list_models, methods=("GET",)),
+            self.route(
+                "/v1/models/{model}",
+                self.get_model,
+                methods=("GET",),
+                model_of=lambda r, b: r.path_params.get("model"),
+            ),
             self.route("/v1/chat/completions", self.chat),
+            self.route("/v1/responses", self.responses),
+            self.route("/v1/responses/input_tokens", self.count_input_tokens),
         ]
 
+    @staticmethod
+    def model_info(model: str) -> dict[str, Any]:
+        return {"id": model, "object": "model", "created": 1715367049, "owned_by": "system"}
+
     async def list_models(self, ex: Exchange) -> Response:
+        return json_response({"object": "list", "data": [self.model_info(m) for m in self.models]})
+
+    async def get_model(self, ex: Exchange) -> Response:
+        model = ex.request.path_params["model"]
+        if model not in self.models:
+            return self.error(
+                404,
+                "not_found",
+                f"The model '{model}' does not exist or you do not have access to it.",
+            )
+        return json_response(self.model_info(model))
+
+    async def responses(self, ex: Exchange) -> Response:
+        body = ex.body
+        model = body.get("model")
+        answered = self.state.answered_model(self.name, model) if isinstance(model, str) else ""
+        response, reply = build_response(body, answered)
+        if body.get("stream"):
+            events = responses_stream_events(response, reply)
+            return sse_response(stream_events(events, ex.stream_mode, terminal=1))
+        return json_response(response)
+
+    async def count_input_tokens(self, ex: Exchange) -> Response:
+        """``POST /v1/responses/input_tokens``: the ``input_tokens`` the same request to
+        ``/v1/responses`` would report."""
+        reply = responses_reply(ex.body)
         return json_response(
-            {
-                "object": "list",
-                "data": [
-                    {"id": m, "object": "model", "created": 1715367049, "owned_by": "system"}
-                    for m in self.models
-                ],
-            }
+            {"object": "response.input_tokens", "input_tokens": reply.prompt_tokens}
         )
 
     def usage(self, reply: Reply) -> dict[str, Any]:
@@ -135,7 +172,11 @@ class OpenAIAPI(ProviderAPI):
             "prompt_tokens": reply.prompt_tokens,
             "completion_tokens": completion,
             "total_tokens": reply.prompt_tokens + completion,
-            "prompt_tokens_details": {"cached_tokens": reply.cached_tokens, "audio_tokens": 0},
+            "prompt_tokens_details": {
+                "cached_tokens": reply.cached_tokens,
+                "cache_write_tokens": 0,
+                "audio_tokens": 0,
+            },
             "completion_tokens_details": {
                 "reasoning_tokens": reply.reasoning_tokens,
                 "audio_tokens": 0,
