@@ -340,10 +340,11 @@ class ProviderClient(ABC):
         message = redact(message, api_key)
         request_id = response.headers.get("x-request-id") or response.headers.get("request-id")
         kind = self.classify(status, code, payload)
+        # an echoing provider or gateway may put the key anywhere, codes and ids included
         common: dict[str, Any] = {
             "status": status,
-            "code": code,
-            "request_id": request_id,
+            "code": redact(code, api_key) if code is not None else None,
+            "request_id": redact(request_id, api_key) if request_id is not None else None,
             "attempts": attempt,
         }
         if kind is RateLimitError:

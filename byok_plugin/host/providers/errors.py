@@ -1,7 +1,7 @@
 """What can go wrong in a provider call, as distinct exceptions.
 
 Each carries the provider, the HTTP status (``None`` when there was no answer) and the provider's
-own message, with any copy of the key removed from it. No error holds the key: not in its message,
+own message, with the key removed from it in any form (:func:`byok_hookspecs.redact`). No error holds the key: not in its message,
 its ``repr``, its attributes, or its ``__cause__`` (transport errors are re-raised ``from None``,
 because an ``httpx`` exception keeps the request and so the key header).
 
@@ -31,14 +31,7 @@ __all__ = [
     "redact",
 ]
 
-_REDACTED = "[redacted]"
-
-
-def redact(text: str, api_key: str | None) -> str:
-    """``text`` with every copy of ``api_key`` replaced, for messages echoed by a provider."""
-    if api_key and len(api_key) >= 4 and api_key in text:
-        return text.replace(api_key, _REDACTED)
-    return text
+from byok_hookspecs import redact  # one redaction for every boundary (re-exported here)
 
 
 class ProviderError(Exception):
