@@ -775,7 +775,8 @@ def test_a_label_selects_that_stored_key_as_byok(any_world: World) -> None:
     )
     assert charge.amount == 0
     assert charge.reason == "byok"
-    assert charge.list_cost is not None and charge.list_cost > 0
+    assert charge.list_cost is not None
+    assert charge.list_cost > 0
 
 
 @pytest.mark.parametrize("policy", ["never", "on_error"])
