@@ -277,6 +277,15 @@ class EchoProvider(BaseHTTPRequestHandler):
                 }
             }
         ).encode()
+        if self.status == 200:  # a streamed answer whose error event echoes the key
+            event = json.dumps({"error": json.loads(body)["error"]})
+            data = f"data: {event}\n\n".encode()
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
         self.send_response(self.status)
         self.send_header("content-type", "application/json")
         self.send_header("x-request-id", f"req_{key[:10]}")
@@ -316,7 +325,7 @@ def database_text(stack: DemoStack) -> str:
     return "\n".join(parts)
 
 
-@pytest.mark.parametrize("status", [401, 429, 500])
+@pytest.mark.parametrize("status", [401, 429, 500, 200], ids=["401", "429", "500", "stream-error"])
 @pytest.mark.parametrize("label", [False, True], ids=["workspace-key", "labelled-key"])
 def test_an_echoing_provider_leaks_the_key_nowhere(
     stack: DemoStack,
@@ -347,9 +356,10 @@ def test_an_echoing_provider_leaks_the_key_nowhere(
     outputs = []
     with caplog.at_level(logging.DEBUG):
         for as_json in ([], ["--json"]):
-            result = byok(env, "run", str(path), "-w", BYOK_WORKSPACE, *as_json)
+            stream = ["--stream"] if status == 200 else []
+            result = byok(env, "run", str(path), "-w", BYOK_WORKSPACE, *as_json, *stream)
             assert result.exit_code == 1, result.output
-            assert f"HTTP {status}" in result.output
+            assert (f"HTTP {status}" if status != 200 else "server error") in result.output
             assert "[redacted]" in result.output  # the provider's message is kept, scrubbed
             outputs += [result.stdout, result.stderr, result.output]
             stack.app.key_service(stack.pm).enable(OPERATOR, BYOK_WORKSPACE, "openai")  # cooldowns

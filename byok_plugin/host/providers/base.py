@@ -30,6 +30,7 @@ from byok_plugin.host.providers.errors import (
     RateLimitError,
     ServerError,
     redact,
+    scrubbed,
 )
 from byok_plugin.host.providers.retry import RetryPolicy, parse_retry_after
 from byok_plugin.host.providers.sse import ServerSentEvent, iter_sse
@@ -249,7 +250,10 @@ class ProviderClient(ABC):
         async with self.open_stream(path, api_key=api_key, body=body, params=params) as response:
             try:
                 async for event in iter_sse(response):
-                    text = accumulator.feed(event)
+                    try:
+                        text = accumulator.feed(event)
+                    except ProviderError as exc:  # an error event may echo the key too
+                        raise scrubbed(exc, api_key) from None
                     if text:
                         yield TextDelta(text)
             except httpx.TimeoutException as exc:

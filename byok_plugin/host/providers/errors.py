@@ -29,6 +29,7 @@ __all__ = [
     "ServerError",
     "UnsupportedRequest",
     "redact",
+    "scrubbed",
 ]
 
 from byok_hookspecs import redact  # one redaction for every boundary (re-exported here)
@@ -150,3 +151,14 @@ class UnsupportedRequest(ValueError):
     def __init__(self, provider: str, message: str) -> None:
         self.provider = provider
         super().__init__(f"{provider}: {message}")
+
+
+def scrubbed(error: ProviderError, api_key: str | None) -> ProviderError:
+    """``error`` with ``api_key`` redacted from its message, code and request id (in place)."""
+    error.message = redact(error.message, api_key)
+    if error.code is not None:
+        error.code = redact(error.code, api_key)
+    if error.request_id is not None:
+        error.request_id = redact(error.request_id, api_key)
+    error.args = (error.provider, error.message)
+    return error
