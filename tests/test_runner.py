@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import logging
 import threading
 from decimal import Decimal
 from pathlib import Path
@@ -726,6 +727,48 @@ def test_a_charge_that_fails_after_the_call_is_recorded_uncharged_and_fails_the_
     (record,) = plugin.ledger.values()  # the completed call is never lost
     assert (record.charge.amount, record.charge.reason) == (0, "charge_failed")
     assert len(emulator.calls("openai")) == 1  # and not called again
+
+
+def test_a_hook_error_that_quotes_the_key_is_redacted_in_the_result_events_and_logs(
+    harness: Harness,
+    plugin: StandIn,
+    pm: pluggy.PluginManager,
+    keys,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class LeakyHooks:
+        @hookimpl(tryfirst=True)
+        def byok_compute_charge(self, usage, credential):
+            raise RuntimeError(f"billing saw key={credential.api_key}")
+
+    class Crashing:
+        @hookimpl(tryfirst=True)
+        def byok_record_usage(self, record):
+            raise KeyError(f"Bearer {keys['workspace']['openai'].upper()}")
+
+    pm.register(LeakyHooks())
+    doc = {
+        "name": "one",
+        "version": "1",
+        "blocks": {"a": {"type": "agent", "model": "gpt-4o-mini", "prompt": "hi"}},
+    }
+    key = keys["workspace"]["openai"]
+    with caplog.at_level(logging.DEBUG):
+        first = harness.run(parse_workflow(doc))
+        pm.register(Crashing())
+        second = harness.run(parse_workflow(doc), options=RunnerOptions(record_attempts=1))
+    for result in (first, second):
+        assert not result.ok
+        assert "[redacted]" in (result.error or "")
+    texts = [
+        json.dumps(first.to_dict()),
+        json.dumps(second.to_dict()),
+        caplog.text,
+        *(e.text for e in harness.events),
+    ]
+    for text in texts:
+        assert key.lower() not in text.lower()
+        assert key[-12:].lower() not in text.lower()
 
 
 def test_the_result_serialises_to_json(harness: Harness) -> None:

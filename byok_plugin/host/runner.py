@@ -908,7 +908,7 @@ class WorkflowRunner:
             with calling_inline():
                 charge, record, error, charge_error = self._settle(usage, credential, make_record)
             if error is not None:
-                await self._record_again(record, provider, error)
+                await self._record_again(record, provider, error, credential.api_key)
         if charge_error is not None:
             raise BlockFailed(
                 f"the {provider} call completed but byok_compute_charge failed "
@@ -976,10 +976,14 @@ class WorkflowRunner:
         returned is the last one, once every try has failed."""
         charge, record, error, charge_error = self._settle(usage, credential, make_record)
         if error is not None:  # with no tries left, this only logs it (no one may be waiting)
-            error = self._record_retries(record, error, self.options.record_attempts - 1)
+            error = self._record_retries(
+                record, error, self.options.record_attempts - 1, (credential.api_key,)
+            )
         return charge, record, error, charge_error
 
-    async def _record_again(self, record: UsageRecord, provider: str, error: Exception) -> None:
+    async def _record_again(
+        self, record: UsageRecord, provider: str, error: Exception, api_key: str
+    ) -> None:
         """``byok_record_usage`` tried again after ``error`` on the event loop, in a worker
         thread: an implementation that gave up at once rather than stall the loop (a SQLite store
         locked by another writer) waits there as long as it must, so a failure on the loop always
@@ -988,7 +992,7 @@ class WorkflowRunner:
         idempotent on the record's key, so a write that did land before an error is not
         doubled."""
         tries = max(self.options.record_attempts - 1, 1)
-        last = await self._recording_job(self._record_retries, record, error, tries)
+        last = await self._recording_job(self._record_retries, record, error, tries, (api_key,))
         if last is not None:
             raise _unrecorded(provider, last)
 
@@ -1001,13 +1005,19 @@ class WorkflowRunner:
         return await asyncio.shield(job)
 
     def _record_retries(
-        self, record: UsageRecord, error: Exception, tries: int
+        self, record: UsageRecord, error: Exception, tries: int, keys: tuple[str, ...] = ()
     ) -> Exception | None:
         """Up to ``tries`` more ``byok_record_usage`` calls, backing off; the last error, or
-        ``None`` once one succeeds. Runs in a worker thread."""
+        ``None`` once one succeeds. Runs in a worker thread. The errors are logged redacted of
+        ``keys`` (the call's)."""
         last = error
         for attempt in range(1, tries + 1):
-            log.warning("recording %s failed (try %d): %s", record.idempotency_key, attempt, last)
+            log.warning(
+                "recording %s failed (try %d): %s",
+                record.idempotency_key,
+                attempt,
+                redact(str(last), *keys),
+            )
             time.sleep(0.05 * 2 ** (attempt - 1))
             try:
                 self.pm.hook.byok_record_usage(record=record)
@@ -1022,7 +1032,7 @@ class WorkflowRunner:
             record.workspace_id,
             tries + 1,
             type(last).__name__,
-            last,
+            redact(str(last), *keys),
         )
         return last
 
