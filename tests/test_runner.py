@@ -672,6 +672,33 @@ def test_a_missing_input_is_refused_before_anything_runs(harness: Harness) -> No
     assert harness.emulator.calls() == []
 
 
+def test_an_env_block_key_is_checked_again_at_run_time(
+    pm: pluggy.PluginManager, emulator: EmulatorServer, keys
+) -> None:
+    """The preflight is done once per workflow: a variable changed since (now holding a platform
+    key) is refused at the call, before the provider sees it."""
+    platform = keys["platform"]["anthropic"]
+    environ = {**emulator.environ(), "LOCALIZATION_ANTHROPIC_KEY": keys["block"]["anthropic"]}
+    allowance = EnvKeyAllowance(("LOCALIZATION_",), reserved=lambda value: value == platform)
+    workflow = with_env_key("LOCALIZATION_ANTHROPIC_KEY")
+
+    async def go() -> tuple[RunResult, RunResult]:
+        async with WorkflowRunner.open(
+            pm, environ=environ, env_keys=allowance, retry=FAST_RETRY
+        ) as runner:
+            first = await runner.run(workflow, workspace_id="acme", inputs={"changelog": "x"})
+            environ["LOCALIZATION_ANTHROPIC_KEY"] = platform
+            second = await runner.run(workflow, workspace_id="acme", inputs={"changelog": "x"})
+            return first, second
+
+    first, second = asyncio.run(go())
+    assert first.ok, first.error
+    assert not second.ok
+    assert "holds one of the platform's keys" in (second.error or "")
+    assert [c.key_label for c in emulator.calls("anthropic")] == ["block-anthropic"]
+    assert platform not in (second.error or "")
+
+
 def test_an_unset_block_key_variable_is_refused_before_anything_runs(harness: Harness) -> None:
     harness.env_keys = EnvKeyAllowance(("LOCALIZATION_",))
     with pytest.raises(WorkflowError) as info:
