@@ -41,6 +41,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import shlex
 import threading
 import time
 from collections import OrderedDict
@@ -315,7 +316,7 @@ class Resolver:
                 f"{where}; workspace {ws!r}'s key {failure.key_id} with that label was refused "
                 f"({self._why(request)}) and a block that names its key is never served by "
                 f"another (fix or replace it with `byok keys set --workspace {ws} "
-                f"--provider {provider} --label {label}`)",
+                f"--provider {provider} --label {shlex.quote(label or '')}`)",
                 workspace_id=ws,
                 provider=provider,
                 key_id=failure.key_id,
@@ -325,9 +326,9 @@ class Resolver:
             disabled = self._keys.has_label(ws, provider, label or "")
             state = "is disabled" if disabled else "does not exist"
             fix = (
-                f"`byok keys enable --workspace {ws} --provider {provider} --label {label}`"
+                f"`byok keys enable --workspace {ws} --provider {provider} --label {shlex.quote(label or '')}`"
                 if disabled
-                else f"`byok keys set --workspace {ws} --provider {provider} --label {label}`"
+                else f"`byok keys set --workspace {ws} --provider {provider} --label {shlex.quote(label or '')}`"
             )
             raise CredentialUnavailable(
                 f"{where}, and workspace {ws!r} has none enabled: that key {state} (the platform "
