@@ -80,6 +80,13 @@ class KeyAccess:
         """
         return self._store.usable_keys(workspace_id, provider)
 
+    def has_label(self, workspace_id: str, provider: str, label: str) -> bool:
+        """Whether the workspace has a key for the provider with this label, enabled or not.
+
+        :raises StoreUnavailable: the store did not answer.
+        """
+        return bool(self._store.find(workspace_id, provider, label=label))
+
     def reveal(self, key: StoredKey) -> Credential:
         """Decrypt a key read by :meth:`enabled_keys` into a workspace :class:`Credential`
         (``source=workspace``, ``key_id`` and ``hint`` set; the key is never in its ``repr``).

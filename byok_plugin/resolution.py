@@ -2,7 +2,10 @@
 
 One rule for models and tools, streamed or not:
 
-1. the block's own key (source ``block``; the platform does not bill it);
+1. the block's own key (source ``block``; the platform does not bill it), unless it is one of
+   the platform's keys (refused); or, when the block names a stored key by label
+   (``request.key_label``), the workspace's enabled key with that label (source ``workspace``),
+   else :class:`~byok_hookspecs.CredentialUnavailable`: never another key, never the platform;
 2. else the workspace's BYOK key for the provider: round-robin over its enabled keys, skipping
    keys in cooldown (source ``workspace``);
 3. else, for hosted models and tools only (``byok_is_hosted``), a platform key
@@ -38,6 +41,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import shlex
 import threading
 import time
 from collections import OrderedDict
@@ -270,6 +274,8 @@ class Resolver:
         if request.actor is not None:
             self._authorize(request, pm)
         failure = request.failure
+        if request.key_label is not None:
+            return self._labelled(request, pm)
         if failure is None:
             if request.block_key:
                 return self._block_credential(request)
@@ -292,8 +298,67 @@ class Resolver:
 
     # --- the steps ------------------------------------------------------------------------
 
+    def _labelled(self, request: CredentialRequest, pm: HookCaller) -> Credential:
+        """The workspace's enabled key with the block's label, or :class:`CredentialUnavailable`:
+        never another key, never the platform's. After a refusal, the key cools down (for every
+        worker, audited) and the block fails."""
+        label = request.key_label
+        ws, provider = request.workspace_id, request.provider
+        where = f"block {request.block_id or '?'} asks for the {provider} key labelled {label!r}"
+        keys = self.enabled_keys(ws, provider)
+        now = self._clock()
+        failure = request.failure
+        if failure is not None:
+            failed = next((k for k in keys if k.id == failure.key_id), None)
+            if failed is not None and failure.source is CredentialSource.WORKSPACE:
+                self._cool_down(request, failed, failure.reason, now, pm)
+            raise CredentialUnavailable(
+                f"{where}; workspace {ws!r}'s key {failure.key_id} with that label was refused "
+                f"({self._why(request)}) and a block that names its key is never served by "
+                f"another (fix or replace it with `byok keys set --workspace {ws} "
+                f"--provider {provider} --label {shlex.quote(label or '')}`)",
+                workspace_id=ws,
+                provider=provider,
+                key_id=failure.key_id,
+            )
+        matching = [k for k in keys if k.label == label]
+        if not matching:
+            disabled = self._keys.has_label(ws, provider, label or "")
+            state = "is disabled" if disabled else "does not exist"
+            fix = (
+                f"`byok keys enable --workspace {ws} --provider {provider} --label {shlex.quote(label or '')}`"
+                if disabled
+                else f"`byok keys set --workspace {ws} --provider {provider} --label {shlex.quote(label or '')}`"
+            )
+            raise CredentialUnavailable(
+                f"{where}, and workspace {ws!r} has none enabled: that key {state} (the platform "
+                f"key is not used in its place; {fix})",
+                workspace_id=ws,
+                provider=provider,
+            )
+        key = matching[0]
+        if key.cooldown_until is not None and key.cooldown_until > now:
+            raise CredentialUnavailable(
+                f"{where}; that key ({key.id}) of workspace {ws!r} is cooling down after a "
+                f"provider refusal until {key.cooldown_until:%Y-%m-%d %H:%M:%S} UTC, and a block "
+                f"that names its key is never served by another",
+                workspace_id=ws,
+                provider=provider,
+                key_id=key.id,
+            )
+        return self._reveal(key)
+
     def _block_credential(self, request: CredentialRequest) -> Credential:
         assert request.block_key is not None
+        if self._pool.lookup(api_key=request.block_key) is not None:
+            # the platform's own key, smuggled in as a block's key: it would run free of charge
+            raise CredentialUnavailable(
+                f"the key given to block {request.block_id or '?'} as its own {request.provider} "
+                f"key is one of the platform's keys; a block may not use a platform key as its "
+                f"own",
+                workspace_id=request.workspace_id,
+                provider=request.provider,
+            )
         return Credential(
             api_key=request.block_key,
             provider=request.provider,

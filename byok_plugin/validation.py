@@ -26,13 +26,13 @@ without any network call.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 from byok_hookspecs import KeyCheck, KeyCheckStatus
+from byok_hookspecs import redact as redact_secrets
 
 from byok_plugin.settings import Settings
 
@@ -94,18 +94,11 @@ CHECKS: Mapping[str, ProviderCheck] = {
 
 
 def redact(text: str, api_key: str) -> str:
-    """Remove anything resembling the key from a provider's message (some providers echo a
-    partly masked key): every word sharing five consecutive characters with the key goes."""
+    """A provider's message without the key in any form (:func:`byok_hookspecs.redact`), cut to
+    a readable length."""
     if not text:
         return ""
-    windows = {api_key[i : i + 5] for i in range(max(len(api_key) - 4, 1))} if api_key else set()
-    words = []
-    for word in re.split(r"(\s+)", text):
-        if word.strip() and any(w in word for w in windows):
-            words.append("[redacted]")
-        else:
-            words.append(word)
-    out = "".join(words)
+    out = redact_secrets(text, api_key)
     return out if len(out) <= _MAX_MESSAGE else out[: _MAX_MESSAGE - 3] + "..."
 
 

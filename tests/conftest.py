@@ -39,7 +39,12 @@ def isolated_home(
     home = tmp_path_factory.mktemp("byok-home")
     monkeypatch.setenv("BYOK_HOME", str(home))
     for name in list(os.environ):
-        if name in {"BYOK_DATABASE_URL", "BYOK_ENCRYPTION_KEYS", "BYOK_KEY_FILE"} or (
+        if name in {
+            "BYOK_DATABASE_URL",
+            "BYOK_ENCRYPTION_KEYS",
+            "BYOK_KEY_FILE",
+            "BYOK_BLOCK_KEY_ENV_ALLOW",
+        } or (
             name.startswith("BYOK_PLATFORM_KEYS_")
             or name.endswith("_API_KEY")
             or "_API_KEY_" in name

@@ -181,25 +181,23 @@ def test_a_bad_workflow_exits_2_with_the_path(stack: DemoStack, tmp_path: Path) 
     assert stack.emulator.calls() == []
 
 
-def test_an_unset_block_key_variable_exits_2_with_the_path(stack: DemoStack) -> None:
-    env = {**stack.environ, "LOCALIZATION_ANTHROPIC_KEY": None}
+def test_an_unset_block_key_variable_exits_2_with_the_path(
+    stack: DemoStack, tmp_path: Path
+) -> None:
+    doc = json.loads((ROOT / "sample_workflows" / "release-notes-translation.json").read_text())
+    doc["blocks"]["translate"]["key"] = {"env": "LOCALIZATION_ANTHROPIC_KEY"}
+    path = tmp_path / "env-key.json"
+    path.write_text(json.dumps(doc))
+    env = {**stack.environ, "BYOK_BLOCK_KEY_ENV_ALLOW": "LOCALIZATION_"}
     result = CliRunner().invoke(
-        main,
-        [
-            "run",
-            str(ROOT / "sample_workflows" / "release-notes-translation.json"),
-            "-w",
-            BYOK_WORKSPACE,
-            "-i",
-            "changelog=x",
-        ],
-        env=env,
+        main, ["run", str(path), "-w", BYOK_WORKSPACE, "-i", "changelog=x"], env=env
     )
     assert result.exit_code == 2
     assert (
         "$.blocks.translate.key.env: environment variable LOCALIZATION_ANTHROPIC_KEY is not set"
         in result.output
     )
+    assert stack.emulator.calls() == []
 
 
 def test_a_refused_key_exits_1_naming_workspace_provider_and_masked_key(stack: DemoStack) -> None:

@@ -30,6 +30,7 @@ from byok_hookspecs import (
     ProviderFailure,
     Role,
     UnpricedModel,
+    Usage,
     hookimpl,
 )
 from keys_support import OPERATOR, keyring_value, make_app, master_key, random_key, service_for
@@ -747,3 +748,93 @@ def test_a_default_plugin_registered_by_the_host_is_bound_or_says_it_is_not(
         assert ("not bound to its plugin manager" in caplog.text) is not via_add_to
     finally:
         app.close()
+
+
+# --- a block that names a stored key by label -----------------------------------------------------
+
+
+def test_a_label_selects_that_stored_key_as_byok(any_world: World) -> None:
+    w = any_world
+    w.store("acme", "anthropic")  # the workspace's default key
+    key_id, api_key = w.store("acme", "anthropic", label="localization")
+    w.store("other", "anthropic", label="localization")  # another workspace's: never served
+    for _ in range(3):  # not round-robin: always the named key
+        credential = w.resolve(
+            "acme", "anthropic", "claude-sonnet-4-5", key_label="localization", block_id="t"
+        )
+        assert (credential.source, credential.key_id, credential.api_key) == (
+            WORKSPACE,
+            key_id,
+            api_key,
+        )
+        assert credential.is_byok
+        assert not credential.fallback
+    charge = w.pm.hook.byok_compute_charge(
+        usage=Usage("anthropic", "claude-sonnet-4-5", input_tokens=1000, output_tokens=100),
+        credential=credential,
+    )
+    assert charge.amount == 0
+    assert charge.reason == "byok"
+    assert charge.list_cost is not None
+    assert charge.list_cost > 0
+
+
+@pytest.mark.parametrize("policy", ["never", "on_error"])
+def test_a_missing_or_disabled_label_fails_and_never_falls_back(
+    any_world: World, policy: str
+) -> None:
+    w = any_world
+    w.store("acme", "anthropic")  # another enabled key, and a platform pool: neither may serve
+    w.app.workspace_settings.set_fallback_policy("acme", policy, actor_id="admin")
+    with pytest.raises(CredentialUnavailable) as missing:
+        w.resolve("acme", "anthropic", "claude-sonnet-4-5", key_label="localization", block_id="t")
+    message = str(missing.value)
+    assert "block t asks for the anthropic key labelled 'localization'" in message
+    assert "does not exist" in message
+    assert "the platform key is not used" in message
+    assert "byok keys set --workspace acme --provider anthropic --label localization" in message
+    w.store("acme", "anthropic", label="localization")
+    w.service.disable(OPERATOR, "acme", "anthropic", label="localization")
+    w.app.resolver.key_changed("acme", "anthropic")
+    with pytest.raises(CredentialUnavailable) as disabled:
+        w.resolve("acme", "anthropic", "claude-sonnet-4-5", key_label="localization")
+    assert "is disabled" in str(disabled.value)
+    assert "byok keys enable --workspace acme --provider anthropic --label localization" in str(
+        disabled.value
+    )
+
+
+def test_a_refused_labelled_key_cools_down_audited_and_is_never_replaced(any_world: World) -> None:
+    w = any_world
+    w.store("acme", "openai")
+    key_id, _ = w.store("acme", "openai", label="team")
+    w.app.workspace_settings.set_fallback_policy("acme", "on_error", actor_id="admin")
+    failure = ProviderFailure(FailureReason.RATE_LIMIT, WORKSPACE, key_id=key_id, status=429)
+    with pytest.raises(CredentialUnavailable, match="never served by another"):
+        w.resolve("acme", "openai", "gpt-4o", key_label="team", failure=failure, block_id="b")
+    cooled = [e for e in w.audit.events if e.action == "key.cooldown"]
+    assert [(e.key_id, e.workspace_id) for e in cooled] == [(key_id, "acme")]
+    stored = w.app.key_access.enabled_keys("acme", "openai")
+    assert next(k for k in stored if k.id == key_id).cooldown_reason == "rate_limit"
+    with pytest.raises(CredentialUnavailable, match="is cooling down"):
+        w.resolve("acme", "openai", "gpt-4o", key_label="team")
+    # unlabelled blocks still have the workspace's other key
+    assert w.resolve("acme", "openai", "gpt-4o").key_id != key_id
+
+
+def test_a_labelled_key_needs_the_same_authorization(world: World) -> None:
+    w = world
+    key_id, _ = w.store("acme", "openai", label="team")
+    member = Actor("ann", roles={"acme": Role.MEMBER})
+    assert w.resolve("acme", "openai", "gpt-4o", key_label="team", actor=member).key_id == key_id
+    stranger = Actor("eve", roles={"other": Role.ADMIN})
+    with pytest.raises(NotAuthorized, match="eve"):
+        w.resolve("acme", "openai", "gpt-4o", key_label="team", actor=stranger)
+
+
+def test_a_platform_key_given_as_a_block_key_is_refused(world: World) -> None:
+    w = world
+    platform_key = w.platform["openai"][1]
+    with pytest.raises(CredentialUnavailable, match="is one of the platform's keys") as info:
+        w.resolve("acme", "openai", "gpt-4o", block_key=platform_key, block_id="b")
+    assert platform_key not in str(info.value)

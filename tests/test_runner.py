@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import logging
 import threading
 from decimal import Decimal
 from pathlib import Path
@@ -32,6 +33,7 @@ from byok_hookspecs import (
 )
 
 from byok_plugin.host.emulator import EmulatorServer, Fault, FaultKind
+from byok_plugin.host.env_keys import EnvKeyAllowance
 from byok_plugin.host.providers import RetryPolicy, create_clients, new_http_client
 from byok_plugin.host.run_result import BlockStatus, RunResult, RunStatus
 from byok_plugin.host.runner import RunEvent, RunnerOptions, WorkflowRunner
@@ -65,6 +67,10 @@ class StandIn:
         self.platform_keys = platform_keys
         self.policy = policy
         self.requests: list[CredentialRequest] = []
+        #: (provider, label) -> the stored key a block may name by label
+        self.labelled: dict[tuple[str, str], str] = {}
+        #: answer a labelled request with the platform key (a plugin that ignores key_label)
+        self.ignore_labels = False
         self.ledger: dict[str, UsageRecord] = {}
         self.record_calls = 0
         self.fail_records = 0
@@ -86,6 +92,20 @@ class StandIn:
                 self.in_flight += 1
                 self.max_in_flight = max(self.max_in_flight, self.in_flight)
         p = request.provider
+        if request.key_label is not None and not self.ignore_labels:
+            if request.failure is not None:
+                raise NoCredential(request.workspace_id, p, request.model, "labelled key refused")
+            key = self.labelled[(p, request.key_label)]
+            return Credential(
+                key,
+                p,
+                CredentialSource.WORKSPACE,
+                key_id=f"label-{request.key_label}",
+                hint=mask(key),
+            )
+        if request.key_label is not None:
+            key = self.platform_keys[p]
+            return Credential(key, p, CredentialSource.PLATFORM, key_id="pool-0", hint=mask(key))
         if request.block_key and request.failure is None:
             return Credential(
                 request.block_key, p, CredentialSource.BLOCK, hint=mask(request.block_key)
@@ -142,7 +162,9 @@ def keys(emulator: EmulatorServer) -> dict[str, dict[str, str]]:
 
 @pytest.fixture
 def plugin(keys: dict[str, dict[str, str]]) -> StandIn:
-    return StandIn(keys["workspace"], keys["platform"])
+    stand_in = StandIn(keys["workspace"], keys["platform"])
+    stand_in.labelled[("anthropic", "localization")] = keys["block"]["anthropic"]
+    return stand_in
 
 
 @pytest.fixture
@@ -158,6 +180,7 @@ class Harness:
         self.pm = pm
         self.emulator = emulator
         self.environ = environ
+        self.env_keys: EnvKeyAllowance | None = None
         self.events: list[RunEvent] = []
 
     def run(
@@ -170,7 +193,11 @@ class Harness:
     ) -> RunResult:
         async def go() -> RunResult:
             async with WorkflowRunner.open(
-                self.pm, environ=self.environ, options=options, retry=FAST_RETRY
+                self.pm,
+                environ=self.environ,
+                env_keys=self.env_keys,
+                options=options,
+                retry=FAST_RETRY,
             ) as runner:
                 return await runner.run(
                     workflow,
@@ -187,8 +214,7 @@ class Harness:
 def harness(
     pm: pluggy.PluginManager, emulator: EmulatorServer, keys: dict[str, dict[str, str]]
 ) -> Harness:
-    environ = {**emulator.environ(), "LOCALIZATION_ANTHROPIC_KEY": keys["block"]["anthropic"]}
-    return Harness(pm, emulator, environ)
+    return Harness(pm, emulator, {**emulator.environ()})
 
 
 def sample(name: str) -> Workflow:
@@ -262,14 +288,65 @@ def test_a_branch_not_taken_is_skipped_and_reads_as_empty(harness: Harness) -> N
     assert len(harness.emulator.calls()) == 2
 
 
-def test_a_block_level_key_serves_its_block(harness: Harness, keys) -> None:
+def test_a_key_named_by_label_serves_its_block(harness: Harness, plugin: StandIn, keys) -> None:
     result = harness.run(sample("release-notes-translation"), {"changelog": "fix: login loop"})
     assert result.ok, result.error
     translate = result.blocks["translate"]
-    assert translate.source == "block"
+    assert translate.source == "workspace"
+    assert translate.calls[0].key_id == "label-localization"
     assert result.blocks["notes"].source == "workspace"
+    asked = {r.block_id: r for r in plugin.requests}
+    assert asked["translate"].key_label == "localization"
+    assert asked["translate"].block_key is None
+    assert asked["notes"].key_label is None
     (call,) = harness.emulator.calls("anthropic")
     assert call.used_key(keys["block"]["anthropic"])
+
+
+def test_a_labelled_block_never_runs_on_a_platform_key_a_plugin_answers(
+    harness: Harness, plugin: StandIn
+) -> None:
+    plugin.ignore_labels = True  # a resolution plugin that does not know about labels
+    result = harness.run(sample("release-notes-translation"), {"changelog": "fix: login loop"})
+    assert not result.ok
+    assert "asks for the anthropic key labelled 'localization' of workspace 'acme'" in result.error
+    assert "answered a platform key" in result.error
+    assert harness.emulator.calls("anthropic") == []
+    assert not [k for k in plugin.ledger if ":translate:" in k]
+
+
+def with_env_key(name: str, tool_key: bool = False) -> Workflow:
+    doc = sample_doc("release-notes-translation")
+    doc["blocks"]["translate"]["key"] = {"env": name}
+    if tool_key:
+        doc["blocks"]["notes"]["tools"] = [{"type": "exa_search", "key": {"env": name}}]
+    return parse_workflow(doc)
+
+
+def test_an_env_block_key_serves_its_block_when_the_operator_allowed_it(
+    harness: Harness, keys
+) -> None:
+    harness.environ["LOCALIZATION_ANTHROPIC_KEY"] = keys["block"]["anthropic"]
+    harness.env_keys = EnvKeyAllowance(("LOCALIZATION_",))
+    result = harness.run(with_env_key("LOCALIZATION_ANTHROPIC_KEY"), {"changelog": "fix: x"})
+    assert result.ok, result.error
+    assert result.blocks["translate"].source == "block"
+    (call,) = harness.emulator.calls("anthropic")
+    assert call.used_key(keys["block"]["anthropic"])
+
+
+def test_an_embedded_runner_refuses_every_env_reference_with_its_path(
+    harness: Harness, keys
+) -> None:
+    harness.environ["LOCALIZATION_ANTHROPIC_KEY"] = keys["block"]["anthropic"]
+    with pytest.raises(WorkflowError) as info:
+        harness.run(with_env_key("LOCALIZATION_ANTHROPIC_KEY", tool_key=True), {"changelog": "x"})
+    assert sorted(p.path for p in info.value.problems) == [
+        "$.blocks.notes.tools[0].key.env",
+        "$.blocks.translate.key.env",
+    ]
+    assert all("reads no block key from the environment" in p.message for p in info.value.problems)
+    assert harness.emulator.calls() == []
 
 
 def test_a_search_block_feeds_the_summary_and_is_charged_per_request(
@@ -478,7 +555,7 @@ def test_a_retried_block_is_charged_once(harness: Harness, plugin: StandIn, keys
     )
     result = harness.run(
         sample("release-notes-translation"), {"changelog": "feat: dark mode"}, stream=True
-    )
+    )  # the translate block runs on the stored key labelled "localization"
     assert result.ok, result.error
     translate = result.blocks["translate"]
     assert translate.attempts == 2
@@ -595,10 +672,37 @@ def test_a_missing_input_is_refused_before_anything_runs(harness: Harness) -> No
     assert harness.emulator.calls() == []
 
 
+def test_an_env_block_key_is_checked_again_at_run_time(
+    pm: pluggy.PluginManager, emulator: EmulatorServer, keys
+) -> None:
+    """The preflight is done once per workflow: a variable changed since (now holding a platform
+    key) is refused at the call, before the provider sees it."""
+    platform = keys["platform"]["anthropic"]
+    environ = {**emulator.environ(), "LOCALIZATION_ANTHROPIC_KEY": keys["block"]["anthropic"]}
+    allowance = EnvKeyAllowance(("LOCALIZATION_",), reserved=lambda value: value == platform)
+    workflow = with_env_key("LOCALIZATION_ANTHROPIC_KEY")
+
+    async def go() -> tuple[RunResult, RunResult]:
+        async with WorkflowRunner.open(
+            pm, environ=environ, env_keys=allowance, retry=FAST_RETRY
+        ) as runner:
+            first = await runner.run(workflow, workspace_id="acme", inputs={"changelog": "x"})
+            environ["LOCALIZATION_ANTHROPIC_KEY"] = platform
+            second = await runner.run(workflow, workspace_id="acme", inputs={"changelog": "x"})
+            return first, second
+
+    first, second = asyncio.run(go())
+    assert first.ok, first.error
+    assert not second.ok
+    assert "holds one of the platform's keys" in (second.error or "")
+    assert [c.key_label for c in emulator.calls("anthropic")] == ["block-anthropic"]
+    assert platform not in (second.error or "")
+
+
 def test_an_unset_block_key_variable_is_refused_before_anything_runs(harness: Harness) -> None:
-    del harness.environ["LOCALIZATION_ANTHROPIC_KEY"]
+    harness.env_keys = EnvKeyAllowance(("LOCALIZATION_",))
     with pytest.raises(WorkflowError) as info:
-        harness.run(sample("release-notes-translation"), {"changelog": "x"})
+        harness.run(with_env_key("LOCALIZATION_ANTHROPIC_KEY"), {"changelog": "x"})
     (problem,) = info.value.problems
     assert problem.path == "$.blocks.translate.key.env"
     assert "LOCALIZATION_ANTHROPIC_KEY is not set" in problem.message
@@ -650,6 +754,48 @@ def test_a_charge_that_fails_after_the_call_is_recorded_uncharged_and_fails_the_
     (record,) = plugin.ledger.values()  # the completed call is never lost
     assert (record.charge.amount, record.charge.reason) == (0, "charge_failed")
     assert len(emulator.calls("openai")) == 1  # and not called again
+
+
+def test_a_hook_error_that_quotes_the_key_is_redacted_in_the_result_events_and_logs(
+    harness: Harness,
+    plugin: StandIn,
+    pm: pluggy.PluginManager,
+    keys,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class LeakyHooks:
+        @hookimpl(tryfirst=True)
+        def byok_compute_charge(self, usage, credential):
+            raise RuntimeError(f"billing saw key={credential.api_key}")
+
+    class Crashing:
+        @hookimpl(tryfirst=True)
+        def byok_record_usage(self, record):
+            raise KeyError(f"Bearer {keys['workspace']['openai'].upper()}")
+
+    pm.register(LeakyHooks())
+    doc = {
+        "name": "one",
+        "version": "1",
+        "blocks": {"a": {"type": "agent", "model": "gpt-4o-mini", "prompt": "hi"}},
+    }
+    key = keys["workspace"]["openai"]
+    with caplog.at_level(logging.DEBUG):
+        first = harness.run(parse_workflow(doc))
+        pm.register(Crashing())
+        second = harness.run(parse_workflow(doc), options=RunnerOptions(record_attempts=1))
+    for result in (first, second):
+        assert not result.ok
+        assert "[redacted]" in (result.error or "")
+    texts = [
+        json.dumps(first.to_dict()),
+        json.dumps(second.to_dict()),
+        caplog.text,
+        *(e.text for e in harness.events),
+    ]
+    for text in texts:
+        assert key.lower() not in text.lower()
+        assert key[-12:].lower() not in text.lower()
 
 
 def test_the_result_serialises_to_json(harness: Harness) -> None:

@@ -82,17 +82,14 @@ def test_a_sample_on_byok_keys_is_charged_nothing(
     stack: DemoStack, path: Path, stream: bool
 ) -> None:
     workflow = load_workflow(path)
+    stack.store_labelled_keys(workflow)
     result = stack.run(workflow, BYOK_WORKSPACE, inputs_for(path), stream=stream)
     assert result.status is RunStatus.COMPLETED, result.error
     assert result.calls
     for block in result.blocks.values():
         for call in block.calls:
-            expected = (
-                CredentialSource.BLOCK
-                if block.block_id == "translate"
-                else CredentialSource.WORKSPACE
-            )
-            assert call.source is expected, block.block_id
+            # the translate block names the stored key labelled "localization": a workspace key
+            assert call.source is CredentialSource.WORKSPACE, block.block_id
             assert call.charge.amount == Decimal(0)
             assert call.charge.list_cost == list_price(call.usage) > 0
             assert call.streamed is (stream and call.provider != "exa")
@@ -105,7 +102,7 @@ def test_a_sample_on_byok_keys_is_charged_nothing(
         c.idempotency_key for c in result.calls
     )
     assert all(r.amount == 0 for r in rows)
-    # and the providers received the workspace's own keys (the block key for its block)
+    # and the providers received the workspace's own keys (the labelled one for its block)
     seen = model_calls(stack.emulator)
     assert len(seen) == len(result.calls)
     labels = {c.key_label for c in seen}
@@ -123,14 +120,17 @@ def test_a_sample_on_platform_keys_is_charged_the_price_table(
     stack: DemoStack, path: Path, stream: bool
 ) -> None:
     workflow = load_workflow(path)
+    labelled = stack.store_labelled_keys(workflow)
     result = stack.run(workflow, PLATFORM_WORKSPACE, inputs_for(path), stream=stream)
     assert result.status is RunStatus.COMPLETED, result.error
     platform_calls = [c for c in result.calls if c.source is CredentialSource.PLATFORM]
     assert platform_calls
     expected_total = Decimal(0)
     for call in result.calls:
-        if call.source is CredentialSource.BLOCK:  # the localisation team's own key
+        if call.source is CredentialSource.WORKSPACE:  # the key the block names by label
+            assert (call.provider, "localization") in labelled
             assert call.charge.amount == 0
+            assert call.charge.list_cost == list_price(call.usage) > 0
             continue
         assert call.source is CredentialSource.PLATFORM
         assert call.charge.amount == list_price(call.usage) > 0

@@ -160,10 +160,22 @@ MALFORMED: list[tuple[str, Any, str, str]] = [
         "never written in a workflow",
     ),
     (
-        "a key object without env",
+        "a key object without a reference",
         lambda d: d["blocks"]["classify"].update(key={"value": KEY}),
-        "$.blocks.classify.key.env",
-        "is required",
+        "$.blocks.classify.key",
+        "needs one of: label, env",
+    ),
+    (
+        "a key object with both references",
+        lambda d: d["blocks"]["classify"].update(key={"label": "team", "env": "TEAM_KEY"}),
+        "$.blocks.classify.key",
+        "keep exactly one of label, env",
+    ),
+    (
+        "a label with a control character",
+        lambda d: d["blocks"]["classify"].update(key={"label": "team\nx"}),
+        "$.blocks.classify.key.label",
+        "a stored key's label",
     ),
     (
         "a bad env variable name",

@@ -49,7 +49,8 @@ from byok_plugin.cli.run import (
 )
 from byok_plugin.crypto import generate_master_key
 from byok_plugin.host.run_result import RunResult
-from byok_plugin.host.workflow import Workflow, WorkflowError
+from byok_plugin.host.workflow import AgentBlock, KeyRef, ToolBlock, Workflow, WorkflowError
+from byok_plugin.host.workflow.providers import TOOL_PROVIDERS
 from byok_plugin.keys import KeyService
 from byok_plugin.manager import plugin_manager_for
 from byok_plugin.settings import Settings
@@ -62,8 +63,8 @@ __all__ = ["BYOK_WORKSPACE", "PLATFORM_WORKSPACE", "DemoStack", "demo_command", 
 BYOK_WORKSPACE = "acme-byok"
 PLATFORM_WORKSPACE = "globex-platform"
 PROVIDERS = ("openai", "anthropic", "google", "mistral", "exa")
-#: the variable the block-level key of release-notes-translation.json is read from
-BLOCK_KEY_VARIABLE = "LOCALIZATION_ANTHROPIC_KEY"
+#: the label of the stored key the translate block of release-notes-translation.json names
+LOCALIZATION_LABEL = "localization"
 DEFAULT_WORKFLOW = "support-ticket-triage"
 DEMO_INPUTS: Mapping[str, Mapping[str, str]] = {
     "support-ticket-triage": {
@@ -154,7 +155,6 @@ class DemoStack:
             "BYOK_LOAD_PLUGINS": "byok_plugin",
             **self.emulator.environ(),
             **{f"BYOK_PLATFORM_KEYS_{p.upper()}": key for p, key in self.platform_keys.items()},
-            BLOCK_KEY_VARIABLE: self.block_key,
         }
         if self.database_url:
             env["BYOK_DATABASE_URL"] = self.database_url
@@ -191,6 +191,31 @@ class DemoStack:
                 OPERATOR, workspace_id, provider, self.workspace_keys[provider], test=False
             )
 
+    def store_labelled_keys(
+        self,
+        workflow: Workflow,
+        workspaces: tuple[str, ...] = (BYOK_WORKSPACE, PLATFORM_WORKSPACE),
+    ) -> list[tuple[str, str]]:
+        """Store, in each workspace, a key for every (provider, label) the workflow's blocks name
+        (``"key": {"label": ...}``): the localisation team's key (:attr:`block_key`) for
+        ``anthropic``/``localization``, a new emulator key for any other. Returns the pairs."""
+        named = sorted(
+            {
+                (provider, ref.label)
+                for provider, ref in _key_refs(workflow)
+                if ref is not None and ref.label is not None
+            }
+        )
+        service = KeyService.for_app(self.app, self.pm)
+        for provider, label in named:
+            if (provider, label) == ("anthropic", LOCALIZATION_LABEL):
+                key = self.block_key
+            else:
+                key = self._new_key(provider, f"block-{label}")
+            for workspace_id in workspaces:
+                service.set_key(OPERATOR, workspace_id, provider, key, label=label, test=False)
+        return named
+
     def set_fallback_policy(self, workspace_id: str, policy: str) -> None:
         self.app.workspace_settings.set_fallback_policy(workspace_id, policy, actor_id=OPERATOR.id)
 
@@ -220,6 +245,16 @@ class DemoStack:
         """Release the store (its connections, the resolver's pending writes)."""
         if "app" in self.__dict__:
             self.app.close()
+
+
+def _key_refs(workflow: Workflow) -> Iterator[tuple[str, KeyRef | None]]:
+    """(provider, key reference) of every block and agent tool that calls a provider."""
+    for block in workflow.blocks.values():
+        if isinstance(block, AgentBlock):
+            yield block.provider, block.key
+            yield from ((TOOL_PROVIDERS[t.type][0], t.key) for t in block.tools)
+        elif isinstance(block, ToolBlock):
+            yield TOOL_PROVIDERS[block.tool][0], block.key
 
 
 @contextmanager
@@ -294,6 +329,7 @@ def demo_command(workflow_name: str, stream: bool | None) -> None:
         with demo_stack() as stack:
             stack.store_workspace_keys(BYOK_WORKSPACE)
             workflow = load_checked(path, stack.pm)
+            labelled = stack.store_labelled_keys(workflow)
             inputs = dict(DEMO_INPUTS.get(path.stem, {}))
             for name, spec in workflow.inputs.items():
                 if name not in inputs and not spec.has_default:
@@ -307,6 +343,12 @@ def demo_command(workflow_name: str, stream: bool | None) -> None:
                 f"workspace {PLATFORM_WORKSPACE!r} has none (platform keys)",
                 highlight=False,
             )
+            for provider, label in labelled:
+                err.print(
+                    f"both workspaces stored their {provider} key labelled {label!r}, which a block "
+                    f"of {workflow.name} names",
+                    highlight=False,
+                )
             results: dict[str, RunResult] = {}
             for workspace_id in (BYOK_WORKSPACE, PLATFORM_WORKSPACE):
                 err.print(f"\nrunning {workflow.name} for {workspace_id}", highlight=False)

@@ -29,6 +29,7 @@ from rich.table import Table
 from rich.text import Text
 
 from byok_plugin.cli.context import CliContext, pass_cli
+from byok_plugin.host.env_keys import EnvKeyAllowance, env_key_problems
 from byok_plugin.host.run_result import BlockResult, BlockStatus, RunResult
 from byok_plugin.host.runner import RunEvent, RunnerOptions, WorkflowRunner
 from byok_plugin.host.workflow import (
@@ -94,10 +95,14 @@ def validate_command(cli: CliContext, workflow: Path, as_json: bool) -> None:
     """Check WORKFLOW (a JSON file) without running it.
 
     Checks the JSON Schema, the graph (no cycle, references only to upstream blocks, declared
-    inputs) and that every model is known. Exits 2 and names the JSON path of each problem.
+    inputs), that every model is known and that every {"env": ...} block key may be read here
+    (BYOK_BLOCK_KEY_ENV_ALLOW). Exits 2 and names the JSON path of each problem.
     """
     try:
         checked = load_checked(workflow, cli.pm)
+        refused = env_key_problems(checked, env_key_allowance(cli), cli.settings.environ)
+        if refused:
+            raise WorkflowError(refused, str(workflow))
     except WorkflowError as exc:
         if as_json:
             click.echo(_problems_json(exc))
@@ -340,10 +345,13 @@ async def run_workflow(
     on_event: Callable[[RunEvent], None] | None = None,
     options: RunnerOptions | None = None,
     model_check: Callable[[str, str], bool | None] | None = None,
+    env_keys: EnvKeyAllowance | None = None,
 ) -> RunResult:
-    """One run with a fresh runner (clients over one pooled HTTP client, closed afterwards)."""
+    """One run with a fresh runner (clients over one pooled HTTP client, closed afterwards).
+
+    :param env_keys: the ``env`` block keys the run may read (none by default)."""
     async with WorkflowRunner.open(
-        pm, environ=environ, options=options, model_check=model_check
+        pm, environ=environ, env_keys=env_keys, options=options, model_check=model_check
     ) as runner:
         return await runner.run(
             workflow,
@@ -353,6 +361,15 @@ async def run_workflow(
             stream=stream,
             on_event=on_event,
         )
+
+
+def env_key_allowance(cli: CliContext) -> EnvKeyAllowance | None:
+    """What ``BYOK_BLOCK_KEY_ENV_ALLOW`` allows this local run to read as ``env`` block keys
+    (``None``: nothing); a variable holding one of the platform's keys is refused."""
+    environ = cli.settings.environ
+    return EnvKeyAllowance.from_environ(
+        environ, reserved=lambda value: cli.app.platform_keys.lookup(api_key=value) is not None
+    )
 
 
 @click.command("run")
@@ -400,8 +417,10 @@ def run_command(
 ) -> None:
     """Run WORKFLOW (a JSON file) for a workspace, on its keys or the platform's.
 
-    Each agent block's key is resolved by the installed plugins (block key, else the workspace's
-    BYOK key, else a platform key for hosted models), charged and recorded in the usage ledger.
+    Each agent block's key is resolved by the installed plugins (the stored key a block names by
+    label, or its own key; else the workspace's BYOK key, else a platform key for hosted models),
+    charged and recorded in the usage ledger. A block reads its key from an environment variable
+    only if BYOK_BLOCK_KEY_ENV_ALLOW allows that variable's name.
     Exits 2 for a bad workflow or inputs, 1 when a block fails.
     """
     try:
@@ -424,6 +443,7 @@ def run_command(
                     stream=stream,
                     on_event=progress,
                     options=RunnerOptions(max_concurrent_calls=concurrency),
+                    env_keys=env_key_allowance(cli),
                 )
             )
     except InputsError as exc:

@@ -45,6 +45,7 @@ import json
 import logging
 import secrets
 import time
+import traceback
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -59,6 +60,7 @@ from byok_hookspecs import (
     Charge,
     Credential,
     CredentialRequest,
+    CredentialSource,
     FailureReason,
     NoCredential,
     ProviderFailure,
@@ -66,9 +68,11 @@ from byok_hookspecs import (
     UsageRecord,
     blocking_implementations,
     calling_inline,
+    redact,
 )
 from jsonschema import Draft202012Validator
 
+from byok_plugin.host.env_keys import EnvKeyAllowance, env_key_problems, env_key_refusal
 from byok_plugin.host.providers.common import (
     CompletionRequest,
     CompletionResult,
@@ -217,6 +221,12 @@ class _Run:
     stream: bool | None
     on_event: EventHandler | None
     results: dict[str, BlockResult] = field(default_factory=dict)
+    #: the keys this run's calls used (block keys and resolved credentials): every text that
+    #: leaves the runner (block errors, events, logs) is redacted of them
+    keys_used: set[str] = field(default_factory=set, repr=False)
+
+    def redact(self, text: str) -> str:
+        return redact(text, *self.keys_used)
 
     def emit(
         self,
@@ -245,7 +255,12 @@ class WorkflowRunner:
         implementation of at least ``byok_resolve_credential``.
     :param clients: provider name -> client (``openai``, ``anthropic``, ``google``, ``mistral``,
         ``exa``); see :meth:`open` for the default set over one shared ``httpx.AsyncClient``.
-    :param environ: where block-level key references (``{"env": "VAR"}``) are read.
+    :param environ: the process environment: provider base URLs, and the variables of
+        ``{"env": "VAR"}`` block keys when ``env_keys`` allows them.
+    :param env_keys: which variables ``{"env": ...}`` block keys may read (a local, single-user
+        ``byok run`` whose operator allowed them); ``None`` (a runner embedded in a server)
+        refuses every ``env`` reference before anything runs. ``{"label": ...}`` block keys name
+        a stored key and are always allowed.
     :param options: concurrency, retries, hook threading.
     :param clock: a monotonic clock, for latencies.
     :param model_check: ``(provider, model) -> True/False`` for a known model or tool (hosted or
@@ -258,6 +273,7 @@ class WorkflowRunner:
         clients: Mapping[str, Any],
         *,
         environ: Mapping[str, str] | None = None,
+        env_keys: EnvKeyAllowance | None = None,
         options: RunnerOptions | None = None,
         clock: Callable[[], float] = time.perf_counter,
         model_check: Callable[[str, str], bool | None] | None = None,
@@ -265,6 +281,7 @@ class WorkflowRunner:
         self.pm = pm
         self.clients = dict(clients)
         self.environ: Mapping[str, str] = environ if environ is not None else {}
+        self.env_keys = env_keys
         self.options = options or RunnerOptions()
         self._clock = clock
         self._limit = asyncio.Semaphore(self.options.max_concurrent_calls)
@@ -287,6 +304,7 @@ class WorkflowRunner:
         pm: pluggy.PluginManager,
         *,
         environ: Mapping[str, str] | None = None,
+        env_keys: EnvKeyAllowance | None = None,
         options: RunnerOptions | None = None,
         http: httpx.AsyncClient | None = None,
         base_urls: Mapping[str, str] | None = None,
@@ -306,7 +324,14 @@ class WorkflowRunner:
         runner: WorkflowRunner | None = None
         try:
             clients = create_clients(http, environ=environ, base_urls=base_urls, retry=retry)
-            runner = cls(pm, clients, environ=environ, options=opts, model_check=model_check)
+            runner = cls(
+                pm,
+                clients,
+                environ=environ,
+                env_keys=env_keys,
+                options=opts,
+                model_check=model_check,
+            )
             yield runner
         finally:
             try:
@@ -336,8 +361,8 @@ class WorkflowRunner:
         return self._known[key]
 
     def preflight(self, workflow: Workflow) -> list[Problem]:
-        """What stops ``workflow`` from running here: unknown models or tools, block keys whose
-        environment variable is not set, providers without a client."""
+        """What stops ``workflow`` from running here: unknown models or tools, ``env`` block keys
+        this runner may not read (or whose variable is not set), providers without a client."""
         problems = check_models(workflow, self.is_known)
         for block in workflow.blocks.values():
             base = ("blocks", block.id)
@@ -351,25 +376,14 @@ class WorkflowRunner:
                     problems.append(
                         Problem(json_path(base), f"this runner has no {provider} client")
                     )
-                problems.extend(self._key_problems(block.key, (*base, "key", "env")))
             if isinstance(block, AgentBlock):
                 for i, tool in enumerate(block.tools):
-                    problems.extend(self._key_problems(tool.key, (*base, "tools", i, "key", "env")))
                     if TOOL_PROVIDERS[tool.type][0] not in self.clients:
                         problems.append(
                             Problem(json_path((*base, "tools", i)), "this runner has no exa client")
                         )
+        problems.extend(env_key_problems(workflow, self.env_keys, self.environ))
         return problems
-
-    def _key_problems(self, ref: KeyRef | None, parts: tuple[str | int, ...]) -> list[Problem]:
-        if ref is None or self.environ.get(ref.env):
-            return []
-        return [
-            Problem(
-                json_path(parts),
-                f"environment variable {ref.env} is not set: the block's own key is read from it",
-            )
-        ]
 
     def check(self, workflow: Workflow) -> None:
         """Raise :class:`WorkflowError` with every :meth:`preflight` problem."""
@@ -397,8 +411,8 @@ class WorkflowRunner:
         :param stream: ``True``/``False`` streams every agent block, or none; ``None`` follows
             each block's ``stream``.
         :param on_event: called with each :class:`RunEvent`, on the event loop.
-        :raises WorkflowError: before anything runs: a missing input, an unknown model, a block key
-            whose variable is not set.
+        :raises WorkflowError: before anything runs: a missing input, an unknown model, an ``env``
+            block key this runner may not read or whose variable is not set.
         """
         values = bind_inputs(workflow, inputs or {})
         checked = self._checked.get(id(workflow))
@@ -411,6 +425,7 @@ class WorkflowRunner:
             if problems:
                 raise WorkflowError(problems, workflow.source)
             # a workflow is frozen and so is this runner's environment: checked once is enough
+            # (each call checks its env block key again before it reads it)
             self._checked[id(workflow)] = weakref.ref(workflow)
         run = _Run(
             workflow=workflow,
@@ -583,30 +598,36 @@ class WorkflowRunner:
                     retryable = exc.retryable if isinstance(exc, BlockFailed) else True
                     if not retryable or attempts >= max_attempts:
                         raise
+                    text = run.redact(str(exc))
                     log.info(
-                        "block %s attempt %d failed, trying again: %s", block.id, attempts, exc
+                        "block %s attempt %d failed, trying again: %s", block.id, attempts, text
                     )
-                    run.emit("retrying", block.id, block.type, text=str(exc))
+                    run.emit("retrying", block.id, block.type, text=text)
         except (BlockFailed, ProviderError, UnsupportedRequest, ByokError, RenderError) as exc:
             return BlockResult(
                 block.id,
                 block.type,
                 BlockStatus.FAILED,
                 calls=tuple(calls),
-                error=str(exc),
+                error=run.redact(str(exc)),
                 latency=self._clock() - started,
                 attempts=attempts,
                 provider=provider,
                 model=model,
             )
         except Exception as exc:  # a hook or client bug must fail the run, not crash the engine
-            log.exception("block %s failed unexpectedly", block.id)
+            # the traceback, redacted: a hook's exception text may quote a key
+            log.error(
+                "block %s failed unexpectedly:\n%s",
+                block.id,
+                run.redact("".join(traceback.format_exception(exc))),
+            )
             return BlockResult(
                 block.id,
                 block.type,
                 BlockStatus.FAILED,
                 calls=tuple(calls),
-                error=f"unexpected {type(exc).__name__}: {exc}",
+                error=run.redact(f"unexpected {type(exc).__name__}: {exc}"),
                 latency=self._clock() - started,
                 attempts=attempts,
                 provider=provider,
@@ -778,12 +799,14 @@ class WorkflowRunner:
         invoke: Callable[[str], Awaitable[Any]],
     ) -> tuple[Any, CallResult]:
         block_key = None
-        if key is not None:
-            block_key = self.environ.get(key.env)
-            if not block_key:
-                raise BlockFailed(
-                    f"environment variable {key.env} (the block's own key) is not set"
-                )
+        if key is not None and key.env is not None:
+            # again: the allowance was checked once per workflow, the environment may change
+            refused = env_key_refusal(key.env, self.env_keys, self.environ)
+            if refused:
+                raise BlockFailed(refused)
+            block_key = self.environ[key.env].strip()
+            run.keys_used.add(block_key)
+        label = key.label if key is not None else None
         request = CredentialRequest(
             workspace_id=run.workspace_id,
             provider=provider,
@@ -794,10 +817,12 @@ class WorkflowRunner:
             block_key=block_key,
             actor=run.actor,
             stream=stream,
+            key_label=label,
         )
         rejected: list[Rejection] = []
         credential = await self._resolve(request)
         for _ in range(self.options.max_key_rounds):
+            run.keys_used.add(credential.api_key)
             try:
                 async with self._limit:  # the limit holds provider calls, not the hooks around them
                     started = self._clock()
@@ -831,6 +856,7 @@ class WorkflowRunner:
                     raise BlockFailed(f"{refused}; {policy}") from None
                 if following is None:
                     raise BlockFailed(f"{refused}; no other key may serve the call") from None
+                _check_labelled(request, following)
                 if any(
                     r.source is following.source
                     and r.key_id == following.key_id
@@ -882,7 +908,7 @@ class WorkflowRunner:
             with calling_inline():
                 charge, record, error, charge_error = self._settle(usage, credential, make_record)
             if error is not None:
-                await self._record_again(record, provider, error)
+                await self._record_again(record, provider, error, credential.api_key)
         if charge_error is not None:
             raise BlockFailed(
                 f"the {provider} call completed but byok_compute_charge failed "
@@ -918,6 +944,7 @@ class WorkflowRunner:
             raise BlockFailed(
                 f"byok_resolve_credential answered a {credential.provider} key for a {request.provider} call"
             )
+        _check_labelled(request, credential)
         return credential
 
     def _settle(
@@ -949,10 +976,14 @@ class WorkflowRunner:
         returned is the last one, once every try has failed."""
         charge, record, error, charge_error = self._settle(usage, credential, make_record)
         if error is not None:  # with no tries left, this only logs it (no one may be waiting)
-            error = self._record_retries(record, error, self.options.record_attempts - 1)
+            error = self._record_retries(
+                record, error, self.options.record_attempts - 1, (credential.api_key,)
+            )
         return charge, record, error, charge_error
 
-    async def _record_again(self, record: UsageRecord, provider: str, error: Exception) -> None:
+    async def _record_again(
+        self, record: UsageRecord, provider: str, error: Exception, api_key: str
+    ) -> None:
         """``byok_record_usage`` tried again after ``error`` on the event loop, in a worker
         thread: an implementation that gave up at once rather than stall the loop (a SQLite store
         locked by another writer) waits there as long as it must, so a failure on the loop always
@@ -961,7 +992,7 @@ class WorkflowRunner:
         idempotent on the record's key, so a write that did land before an error is not
         doubled."""
         tries = max(self.options.record_attempts - 1, 1)
-        last = await self._recording_job(self._record_retries, record, error, tries)
+        last = await self._recording_job(self._record_retries, record, error, tries, (api_key,))
         if last is not None:
             raise _unrecorded(provider, last)
 
@@ -974,13 +1005,19 @@ class WorkflowRunner:
         return await asyncio.shield(job)
 
     def _record_retries(
-        self, record: UsageRecord, error: Exception, tries: int
+        self, record: UsageRecord, error: Exception, tries: int, keys: tuple[str, ...] = ()
     ) -> Exception | None:
         """Up to ``tries`` more ``byok_record_usage`` calls, backing off; the last error, or
-        ``None`` once one succeeds. Runs in a worker thread."""
+        ``None`` once one succeeds. Runs in a worker thread. The errors are logged redacted of
+        ``keys`` (the call's)."""
         last = error
         for attempt in range(1, tries + 1):
-            log.warning("recording %s failed (try %d): %s", record.idempotency_key, attempt, last)
+            log.warning(
+                "recording %s failed (try %d): %s",
+                record.idempotency_key,
+                attempt,
+                redact(str(last), *keys),
+            )
             time.sleep(0.05 * 2 ** (attempt - 1))
             try:
                 self.pm.hook.byok_record_usage(record=record)
@@ -995,7 +1032,7 @@ class WorkflowRunner:
             record.workspace_id,
             tries + 1,
             type(last).__name__,
-            last,
+            redact(str(last), *keys),
         )
         return last
 
@@ -1012,6 +1049,17 @@ class WorkflowRunner:
 
 
 # --- helpers -------------------------------------------------------------------------------------
+
+
+def _check_labelled(request: CredentialRequest, credential: Credential) -> None:
+    """A block that names a stored key by label runs on a workspace key, or not at all: never on
+    a platform key (billed) or another block's key, whatever the installed plugins answer."""
+    if request.key_label is not None and credential.source is not CredentialSource.WORKSPACE:
+        raise BlockFailed(
+            f"the block asks for the {request.provider} key labelled {request.key_label!r} of "
+            f"workspace {request.workspace_id!r}, but byok_resolve_credential answered a "
+            f"{credential.source.value} key; the block does not run on it"
+        )
 
 
 def _unrecorded(provider: str, error: Exception) -> BlockFailed:

@@ -28,6 +28,7 @@ from byok_hookspecs.errors import (  # noqa: E402  (the markers must exist first
     UnpricedModel,
 )
 from byok_hookspecs.manager import add_to, get_plugin_manager, selected_plugins  # noqa: E402
+from byok_hookspecs.redaction import redact  # noqa: E402
 from byok_hookspecs.types import (  # noqa: E402
     USAGE_COUNTS,
     Action,
@@ -80,5 +81,6 @@ __all__ = [
     "get_plugin_manager",
     "hookimpl",
     "hookspec",
+    "redact",
     "selected_plugins",
 ]

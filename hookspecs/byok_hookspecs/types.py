@@ -141,6 +141,9 @@ class CredentialRequest:
     :param actor: who started the run, if known.
     :param stream: whether the call is streamed (resolution does not depend on it).
     :param failure: set when the host asks again after the provider refused a credential.
+    :param key_label: the block asks for the workspace's stored key with this label
+        (``"key": {"label": ...}`` in a workflow): that key serves the call (source
+        ``workspace``), or resolution fails; never another key, never the platform's.
     """
 
     workspace_id: str
@@ -153,6 +156,7 @@ class CredentialRequest:
     actor: Actor | None = None
     stream: bool = False
     failure: ProviderFailure | None = None
+    key_label: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

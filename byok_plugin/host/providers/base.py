@@ -30,6 +30,7 @@ from byok_plugin.host.providers.errors import (
     RateLimitError,
     ServerError,
     redact,
+    scrubbed,
 )
 from byok_plugin.host.providers.retry import RetryPolicy, parse_retry_after
 from byok_plugin.host.providers.sse import ServerSentEvent, iter_sse
@@ -249,7 +250,10 @@ class ProviderClient(ABC):
         async with self.open_stream(path, api_key=api_key, body=body, params=params) as response:
             try:
                 async for event in iter_sse(response):
-                    text = accumulator.feed(event)
+                    try:
+                        text = accumulator.feed(event)
+                    except ProviderError as exc:  # an error event may echo the key too
+                        raise scrubbed(exc, api_key) from None
                     if text:
                         yield TextDelta(text)
             except httpx.TimeoutException as exc:
@@ -340,10 +344,11 @@ class ProviderClient(ABC):
         message = redact(message, api_key)
         request_id = response.headers.get("x-request-id") or response.headers.get("request-id")
         kind = self.classify(status, code, payload)
+        # an echoing provider or gateway may put the key anywhere, codes and ids included
         common: dict[str, Any] = {
             "status": status,
-            "code": code,
-            "request_id": request_id,
+            "code": redact(code, api_key) if code is not None else None,
+            "request_id": redact(request_id, api_key) if request_id is not None else None,
             "attempts": attempt,
         }
         if kind is RateLimitError:

@@ -1,7 +1,7 @@
 """What can go wrong in a provider call, as distinct exceptions.
 
 Each carries the provider, the HTTP status (``None`` when there was no answer) and the provider's
-own message, with any copy of the key removed from it. No error holds the key: not in its message,
+own message, with the key removed from it in any form (:func:`byok_hookspecs.redact`). No error holds the key: not in its message,
 its ``repr``, its attributes, or its ``__cause__`` (transport errors are re-raised ``from None``,
 because an ``httpx`` exception keeps the request and so the key header).
 
@@ -29,16 +29,10 @@ __all__ = [
     "ServerError",
     "UnsupportedRequest",
     "redact",
+    "scrubbed",
 ]
 
-_REDACTED = "[redacted]"
-
-
-def redact(text: str, api_key: str | None) -> str:
-    """``text`` with every copy of ``api_key`` replaced, for messages echoed by a provider."""
-    if api_key and len(api_key) >= 4 and api_key in text:
-        return text.replace(api_key, _REDACTED)
-    return text
+from byok_hookspecs import redact  # one redaction for every boundary (re-exported here)
 
 
 class ProviderError(Exception):
@@ -157,3 +151,14 @@ class UnsupportedRequest(ValueError):
     def __init__(self, provider: str, message: str) -> None:
         self.provider = provider
         super().__init__(f"{provider}: {message}")
+
+
+def scrubbed(error: ProviderError, api_key: str | None) -> ProviderError:
+    """``error`` with ``api_key`` redacted from its message, code and request id (in place)."""
+    error.message = redact(error.message, api_key)
+    if error.code is not None:
+        error.code = redact(error.code, api_key)
+    if error.request_id is not None:
+        error.request_id = redact(error.request_id, api_key)
+    error.args = (error.provider, error.message)
+    return error

@@ -277,7 +277,9 @@ class _Builder:
             return Template(source=text, parts=(text,))
 
     def _key(self, raw: Mapping[str, Any] | None) -> KeyRef | None:
-        return KeyRef(env=raw["env"]) if raw else None
+        if not raw:
+            return None
+        return KeyRef(label=raw["label"]) if "label" in raw else KeyRef(env=raw["env"])
 
     def _block(
         self, block_id: str, raw: Mapping[str, Any], inputs: Mapping[str, InputSpec]

@@ -43,8 +43,8 @@ _SCHEMA_TYPE_WORDS = {
     "null": "null",
 }
 _KEY_HELP = (
-    "a key is never written in a workflow file; name the environment variable that holds it: "
-    '{"env": "MY_PROVIDER_KEY"}'
+    "a key is never written in a workflow file; name the workspace's stored key by its label: "
+    '{"label": "my-team"}'
 )
 
 
@@ -277,6 +277,11 @@ def _bad_name(parts: tuple[str | int, ...], name: str, kind: str) -> Problem:
 
 
 def _pattern_help(parts: Sequence[str | int]) -> str:
+    if parts and parts[-1] == "label":
+        return (
+            ": a stored key's label (1 to 64 characters, no control characters, no space at "
+            "either end)"
+        )
     if parts and parts[-1] == "env":
         return ": an environment variable name (letters, digits and _, not starting with a digit)"
     if parts and parts[-1] == "version":

@@ -33,18 +33,34 @@ _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 @dataclass(frozen=True, slots=True)
 class KeyRef:
-    """Where a block's own key is read when the workflow runs: an environment variable.
+    """Which key serves a block, by reference: a key written in the workflow file would travel
+    with every copy of it (version control, logs, shared exports); a reference does not.
 
-    A key written in the workflow file would travel with every copy of it (version control, logs,
-    shared exports); a reference does not. The runner reads it at run time and hands it to
-    ``byok_resolve_credential`` as ``CredentialRequest.block_key``, so resolution decides, as for
-    any other key, and the ledger records source ``block``.
+    - ``label``: the workspace's stored key with that label for the block's provider. The runner
+      passes it to ``byok_resolve_credential`` as ``CredentialRequest.key_label``; resolution
+      serves that key (source ``workspace``: authorized, cooled down, audited and billed as any
+      workspace key) or fails the block.
+    - ``env``: an environment variable of the process, read at run time and passed as
+      ``CredentialRequest.block_key`` (source ``block``). A workflow file is untrusted input, so a
+      runner refuses it unless its operator allowed that variable (:class:`EnvKeyAllowance`).
+
+    Exactly one of the two is set.
     """
 
-    env: str
+    env: str | None = None
+    label: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.env is None) == (self.label is None):
+            raise ValueError("a KeyRef has exactly one of env and label")
+
+    @property
+    def member(self) -> str:
+        """The name of the reference's member in the workflow file: ``env`` or ``label``."""
+        return "env" if self.env is not None else "label"
 
     def __str__(self) -> str:
-        return f"${self.env}"
+        return f"${self.env}" if self.env is not None else f"label {self.label!r}"
 
 
 @dataclass(frozen=True, slots=True)
