@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from byok_plugin.cli.context import CliContext, pass_cli
+from byok_plugin.cli.text import plain
 from byok_plugin.key_format import KNOWN_PROVIDERS
 from byok_plugin.settings import SettingsError
 
@@ -180,18 +181,23 @@ def list_command(cli: CliContext, workspace_id: str, provider: str | None, as_js
     if not keys:
         click.echo(f"no keys stored for workspace {workspace_id!r}")
         return
-    table = Table(title=f"keys of workspace {workspace_id}")
+    table = Table(title=plain(f"keys of workspace {workspace_id}"))
     for column in ("provider", "label", "id", "key", "status", "last used", "cooldown until"):
         table.add_column(column, no_wrap=column in {"id", "key"})
     for info in keys:
         table.add_row(
-            info.provider,
-            info.label,
-            info.id,
-            info.hint,
-            info.status,
-            _when(info.last_used_at),
-            _when(info.cooldown_until),
+            *(
+                plain(cell)
+                for cell in (
+                    info.provider,
+                    info.label,
+                    info.id,
+                    info.hint,
+                    info.status,
+                    _when(info.last_used_at),
+                    _when(info.cooldown_until),
+                )
+            )
         )
     Console(width=max(Console().width, 110)).print(table)
 

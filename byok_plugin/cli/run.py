@@ -29,6 +29,7 @@ from rich.table import Table
 from rich.text import Text
 
 from byok_plugin.cli.context import CliContext, pass_cli
+from byok_plugin.cli.text import plain
 from byok_plugin.host.run_result import BlockResult, BlockStatus, RunResult
 from byok_plugin.host.runner import RunEvent, RunnerOptions, WorkflowRunner
 from byok_plugin.host.workflow import (
@@ -205,7 +206,9 @@ class RunProgress:
 
     def render(self) -> Table:
         table = Table(
-            title=f"{self.workflow.name} {self.workflow.version}", title_justify="left", box=None
+            title=plain(f"{self.workflow.name} {self.workflow.version}"),
+            title_justify="left",
+            box=None,
         )
         table.add_column("", width=2)
         table.add_column("block")
@@ -227,9 +230,9 @@ class RunProgress:
             }.get(state, "dim")
             table.add_row(
                 mark,
-                block,
-                _target(self.workflow, block),
-                Text(self.detail[block] or state, style=style),
+                plain(block),
+                plain(_target(self.workflow, block)),
+                plain(self.detail[block] or state, style=style),
             )
         return table
 
@@ -251,7 +254,7 @@ def cost_table(result: RunResult, title: str | None = None) -> Table:
     """The blocks of a run that called a provider (or did not complete): provider, model, key
     source, tokens, charge; and the run's total."""
     table = Table(
-        title=title or f"{result.workflow} for workspace {result.workspace_id!r}",
+        title=plain(title or f"{result.workflow} for workspace {result.workspace_id!r}"),
         title_justify="left",
         box=box.SIMPLE_HEAD,
     )
@@ -275,25 +278,28 @@ def cost_table(result: RunResult, title: str | None = None) -> Table:
             requests = sum(c.usage.tool_requests for c in block.calls)
             tokens = f"{requests} req"
         row: list[Any] = [
-            block.block_id,
-            block.provider or "-",
-            block.model or "-",
-            source,
-            tokens,
-            money(block.charge, block.calls[0].charge.currency) if block.calls else "-",
+            plain(cell)
+            for cell in (
+                block.block_id,
+                block.provider or "-",
+                block.model or "-",
+                source,
+                tokens,
+                money(block.charge, block.calls[0].charge.currency) if block.calls else "-",
+            )
         ]
         if unfinished:
             style = {"failed": "red", "skipped": "dim"}.get(block.status.value, "")
-            row.append(Text(block.status.value, style=style))
+            row.append(plain(block.status.value, style=style))
         table.add_row(*row)
     table.add_section()
     if result.currency == "mixed":
         total_charge = ", ".join(money(v, k) for k, v in result.charges_by_currency.items())
     else:
         total_charge = money(result.total_charge, result.currency)
-    total: list[Any] = ["total", "", "", "", str(result.total_tokens), total_charge]
+    total: list[Any] = ["total", "", "", "", str(result.total_tokens), plain(total_charge)]
     if unfinished:
-        total.append(result.status.value)
+        total.append(plain(result.status.value))
     table.add_row(*total, style="bold")
     return table
 
@@ -443,7 +449,7 @@ def run_command(
             shown = (
                 value if isinstance(value, str) else json.dumps(value, indent=2, ensure_ascii=False)
             )
-            out.print(Group(Text(f"output {name}:", style="bold"), Text(shown)))
+            out.print(Group(plain(f"output {name}:", style="bold"), plain(shown)))
     if not result.ok:
         click.echo(f"Error: {result.error}", err=True)
         raise SystemExit(1)
