@@ -21,7 +21,7 @@ from byok_plugin.cli.keys import handles_errors
 from byok_plugin.cli.text import plain
 from byok_plugin.usage_report import GROUP_KEYS, Totals, UsageReport, build_report
 
-__all__ = ["parse_when", "usage_command"]
+__all__ = ["csv_cell", "parse_when", "usage_command"]
 
 _COLUMNS = (
     "calls",
@@ -131,12 +131,26 @@ def _print_table(report: UsageReport) -> None:
     )
 
 
+#: what a spreadsheet reads as the start of a formula (OWASP "CSV injection")
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(text: str) -> str:
+    """A text cell a spreadsheet shows as text: one starting like a formula gets a leading
+    ``'``, as OWASP advises. Only for text (ids, models); numbers are written as they are."""
+    return f"'{text}" if text.startswith(_FORMULA_START) else text
+
+
 def _print_csv(report: UsageReport) -> None:
-    writer = csv.writer(sys.stdout, lineterminator="\n")
+    # RFC 4180 line ends: the csv module then quotes a cell holding a CR, which it writes bare
+    # with "\n" line ends (a spreadsheet would split the row there)
+    writer = csv.writer(sys.stdout, lineterminator="\r\n")
     writer.writerow([*report.group_by, *_COLUMNS, "currency"])
     for key, totals in report.rows:
         data = totals.to_dict()
-        writer.writerow([*key, *(data[name] for name in _COLUMNS), report.currency])
+        writer.writerow(
+            [*map(csv_cell, key), *(data[name] for name in _COLUMNS), csv_cell(report.currency)]
+        )
 
 
 @click.command("usage")
