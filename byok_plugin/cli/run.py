@@ -20,7 +20,7 @@ from typing import Any
 
 import click
 import pluggy
-from byok_hookspecs import ByokError
+from byok_hookspecs import ByokError, Charge, CredentialSource, Usage
 from rich import box
 from rich.console import Console, Group
 from rich.live import Live
@@ -30,8 +30,14 @@ from rich.text import Text
 
 from byok_plugin.cli.context import CliContext, pass_cli
 from byok_plugin.cli.text import plain
-from byok_plugin.host.run_result import BlockResult, BlockStatus, RunResult
-from byok_plugin.host.runner import RunEvent, RunnerOptions, WorkflowRunner
+from byok_plugin.host.run_result import (
+    BlockResult,
+    BlockStatus,
+    CallResult,
+    RunResult,
+    RunStatus,
+)
+from byok_plugin.host.runner import RunEvent, RunIdInUse, RunnerOptions, WorkflowRunner
 from byok_plugin.host.workflow import (
     AgentBlock,
     InputsError,
@@ -334,6 +340,90 @@ def _parse_inputs(pairs: tuple[str, ...], inputs_file: Path | None) -> dict[str,
     return values
 
 
+def _earlier_run(path: Path) -> RunResult:
+    """The ``byok run --json`` document in ``path``, as the :class:`RunResult` a replay needs:
+    each block's status and output, and its calls (usage and charge). :class:`WorkflowInvalid`
+    names the file and the JSON path of what is wrong."""
+    where = "$"
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+        blocks: dict[str, BlockResult] = {}
+        for i, block in enumerate(document["blocks"]):
+            where = f"$.blocks[{i}]"
+            calls = []
+            for j, call in enumerate(block["calls"]):
+                where = f"$.blocks[{i}].calls[{j}]"
+                usage, charge = call["usage"], call["charge"]
+                list_cost = charge["list_cost"]
+                calls.append(
+                    CallResult(
+                        provider=call["provider"],
+                        model=call["model"],
+                        source=CredentialSource(call["source"]),
+                        key_id=call["key_id"],
+                        hint=call["key_hint"],
+                        fallback=bool(call["fallback"]),
+                        usage=Usage(
+                            call["provider"],
+                            call["model"],
+                            input_tokens=usage["input_tokens"],
+                            cached_input_tokens=usage["cached_input_tokens"],
+                            cache_write_tokens=usage["cache_write_tokens"],
+                            output_tokens=usage["output_tokens"],
+                            reasoning_tokens=usage["reasoning_tokens"],
+                            tool_requests=usage["tool_requests"],
+                        ),
+                        charge=Charge(
+                            amount=Decimal(charge["amount"]),
+                            currency=charge["currency"],
+                            reason=charge["reason"],
+                            list_cost=None if list_cost is None else Decimal(list_cost),
+                        ),
+                        latency=float(call["latency_s"]),
+                        attempt=int(call["attempt"]),
+                        idempotency_key=call["idempotency_key"],
+                        streamed=bool(call["streamed"]),
+                    )
+                )
+            where = f"$.blocks[{i}]"
+            blocks[block["block"]] = BlockResult(
+                block_id=block["block"],
+                type=block["type"],
+                status=BlockStatus(block["status"]),
+                output=block["output"],
+                calls=tuple(calls),
+                error=block["error"],
+                reason=block["reason"],
+                attempts=int(block["attempts"]),
+                provider=block["provider"],
+                model=block["model"],
+            )
+        where = "$"
+        return RunResult(
+            run_id=document["run_id"],
+            workflow=document["workflow"],
+            workflow_version=document["workflow_version"],
+            workspace_id=document["workspace"],
+            status=RunStatus(document["status"]),
+            blocks=blocks,
+            outputs=document["outputs"],
+            error=document["error"],
+        )
+    except OSError as exc:
+        raise WorkflowInvalid(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    except json.JSONDecodeError as exc:
+        raise WorkflowInvalid(f"{path}: $: not valid JSON ({exc})") from None
+    except KeyError as exc:
+        raise WorkflowInvalid(
+            f"{path}: {where}: {exc.args[0]!r} is missing: give the `byok run --json` output "
+            "of the run to replay"
+        ) from None
+    except (TypeError, ValueError, ArithmeticError) as exc:
+        raise WorkflowInvalid(
+            f"{path}: {where}: not what `byok run --json` writes ({exc})"
+        ) from None
+
+
 async def run_workflow(
     pm: pluggy.PluginManager,
     workflow: Workflow,
@@ -346,8 +436,11 @@ async def run_workflow(
     on_event: Callable[[RunEvent], None] | None = None,
     options: RunnerOptions | None = None,
     model_check: Callable[[str, str], bool | None] | None = None,
+    run_id: str | None = None,
+    replay: RunResult | None = None,
 ) -> RunResult:
-    """One run with a fresh runner (clients over one pooled HTTP client, closed afterwards)."""
+    """One run with a fresh runner (clients over one pooled HTTP client, closed afterwards).
+    ``run_id`` and ``replay``: see :meth:`WorkflowRunner.run`."""
     async with WorkflowRunner.open(
         pm, environ=environ, options=options, model_check=model_check
     ) as runner:
@@ -358,6 +451,8 @@ async def run_workflow(
             actor=actor,
             stream=stream,
             on_event=on_event,
+            run_id=run_id,
+            replay=replay,
         )
 
 
@@ -387,6 +482,18 @@ async def run_workflow(
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the run's result as JSON.")
 @click.option(
+    "--run-id",
+    default=None,
+    help="The run's id (default: a new one). An id that already has recorded calls is refused.",
+)
+@click.option(
+    "--replay",
+    "replay_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Finish the run --run-id names: its `byok run --json` output; blocks it completed are "
+    "not called again.",
+)
+@click.option(
     "--concurrency",
     type=click.IntRange(1, 256),
     default=8,
@@ -402,6 +509,8 @@ def run_command(
     inputs_file: Path | None,
     stream: bool | None,
     as_json: bool,
+    run_id: str | None,
+    replay_file: Path | None,
     concurrency: int,
 ) -> None:
     """Run WORKFLOW (a JSON file) for a workspace, on its keys or the platform's.
@@ -409,12 +518,20 @@ def run_command(
     Each agent block's key is resolved by the installed plugins (block key, else the workspace's
     BYOK key, else a platform key for hosted models), charged and recorded in the usage ledger.
     Exits 2 for a bad workflow or inputs, 1 when a block fails.
+
+    \b
+    A --run-id that already has calls in the ledger is refused (exit 2): calls made again under
+    it would not be recorded. To finish such a run, give its earlier --json output:
+      byok run flow.json -w acme --run-id order-7 --replay order-7.json
     """
     try:
         check_workspace_id(workspace_id)
     except InvalidInput as exc:
         raise click.BadParameter(str(exc), param_hint="--workspace") from None
     inputs = _parse_inputs(pairs, inputs_file)
+    if replay_file is not None and run_id is None:
+        raise click.BadParameter("give the --run-id of the run to replay", param_hint="--replay")
+    replay = _earlier_run(replay_file) if replay_file is not None else None
     err = console_for(stderr=True)
     try:
         checked = load_checked(workflow, cli.pm)
@@ -430,6 +547,8 @@ def run_command(
                     stream=stream,
                     on_event=progress,
                     options=RunnerOptions(max_concurrent_calls=concurrency),
+                    run_id=run_id,
+                    replay=replay,
                 )
             )
     except InputsError as exc:
@@ -438,6 +557,13 @@ def run_command(
         ) from None
     except WorkflowError as exc:
         raise WorkflowInvalid(str(exc)) from None
+    except RunIdInUse as exc:
+        raise WorkflowInvalid(str(exc)) from None
+    except ValueError as exc:
+        if replay is None:
+            raise
+        # the runner's check: a replay file of another run, workspace or workflow
+        raise WorkflowInvalid(f"--replay {replay_file}: {exc}") from None
     except (ByokError, SettingsError) as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
