@@ -17,7 +17,7 @@ from pathlib import Path
 
 from byok_hookspecs import Charge, CredentialSource, Usage, UsageRecord
 from click.testing import CliRunner, Result
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
@@ -117,6 +117,7 @@ def test_the_reported_attacks_are_shown_as_text_in_keys_list(tmp_path: Path) -> 
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(workspace=HOSTILE, label=HOSTILE)
+@example(workspace="[/]evil", label="[link=https://evil.example/]support[/link]")
 def test_any_label_and_workspace_id_come_out_verbatim_in_keys_list(
     tmp_path: Path, workspace: str, label: str
 ) -> None:
@@ -146,6 +147,7 @@ def _pm(app: App):  # type: ignore[no-untyped-def]
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(workspace=HOSTILE, model=HOSTILE)
+@example(workspace="[/]", model="[conceal]gpt-4o[/conceal]")
 def test_any_workspace_id_and_model_come_out_verbatim_in_usage(
     tmp_path: Path, workspace: str, model: str
 ) -> None:
@@ -185,6 +187,7 @@ def _workflow(path: Path, name: str) -> Path:
     max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(workspace=HOSTILE, name=HOSTILE, text=HOSTILE)
+@example(workspace="[/]evil", name="[bold]flow[/]", text="[/]")
 def test_any_workflow_name_workspace_id_and_output_come_out_verbatim_in_run(
     tmp_path: Path, workspace: str, name: str, text: str
 ) -> None:
@@ -204,6 +207,7 @@ def test_any_workflow_name_workspace_id_and_output_come_out_verbatim_in_run(
 
 @settings(max_examples=40, deadline=None)
 @given(message=HOSTILE)
+@example(message="refused: [link=https://evil.example/]rotate your key here[/link] [/]")
 def test_any_provider_message_is_shown_verbatim_in_the_live_display(message: str) -> None:
     workflow = load_workflow(
         Path(__file__).resolve().parents[1] / "sample_workflows" / "support-ticket-triage.json"
@@ -221,3 +225,9 @@ def test_any_provider_message_is_shown_verbatim_in_the_live_display(message: str
     with plain.capture() as captured:
         plain.print(progress.render())
     assert message.strip() in captured.get()
+    # piped: one plain line per event, the message as it is (no emoji codes either)
+    lines = io.StringIO()
+    piped = Console(file=lines, width=1000)
+    with RunProgress(workflow, piped, live=False) as progress:
+        progress(RunEvent("finished", "classify", "agent", result=failed))
+    assert message.strip() in lines.getvalue()

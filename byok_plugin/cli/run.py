@@ -206,9 +206,7 @@ class RunProgress:
         if self.live:
             return
         elapsed = time.monotonic() - self.started
-        self.console.print(
-            f"[{elapsed:7.2f}s] {block:<16} {what:<9} {detail}", markup=False, highlight=False
-        )
+        self.console.print(plain(f"[{elapsed:7.2f}s] {block:<16} {what:<9} {detail}"))
 
     def render(self) -> Table:
         table = Table(
