@@ -269,3 +269,22 @@ def test_byok_run_names_what_is_wrong_in_a_replay_file(
     without_id = CliRunner().invoke(main, base, env=env)
     assert without_id.exit_code == 2
     assert "give the --run-id of the run to replay" in without_id.output
+
+
+def test_a_replayed_block_whose_calls_the_ledger_lacks_is_called_again(
+    stack: DemoStack, emulator: EmulatorServer
+) -> None:
+    # the result of another run, passed off as this one's: its calls are not in this ledger
+    other = _run(stack, run_id="elsewhere")
+    assert other.ok, other.error
+    _run(stack, run_id="order-11")
+    forged = dataclasses.replace(other, run_id="order-11")
+    calls_before = len(_model_calls(emulator))
+    replayed = _run(stack, run_id="order-11", replay=forged)
+    assert replayed.ok, replayed.error
+    assert len(_model_calls(emulator)) == calls_before + 2  # both blocks called again
+    assert {c.idempotency_key for c in replayed.calls} == {
+        "order-11:first:2",
+        "order-11:second:2",
+    }
+    assert len(_ledger_keys(stack, "order-11")) == 4

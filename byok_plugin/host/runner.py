@@ -409,9 +409,9 @@ class WorkflowRunner:
             :class:`RunIdInUse` unless ``replay`` is given: a call made again under the same
             idempotency key would be neither recorded nor charged.
         :param replay: the earlier :class:`RunResult` of this ``run_id`` (same workspace and
-            workflow), to finish it: agent and tool blocks it completed are taken as they were,
-            their calls not made again; the other blocks run, their attempts numbered after those
-            the ledger holds, so every new call is recorded.
+            workflow), to finish it: agent and tool blocks it completed, whose calls the ledger
+            holds, are taken as they were, their calls not made again; the other blocks run, their
+            attempts numbered after those the ledger holds, so every new call is recorded.
         :param stream: ``True``/``False`` streams every agent block, or none; ``None`` follows
             each block's ``stream``.
         :param on_event: called with each :class:`RunEvent`, on the event loop.
@@ -506,11 +506,17 @@ class WorkflowRunner:
                 attempts[call.block_id] = max(attempts.get(call.block_id, 0), call.attempt)
         reused = {}
         if replay is not None:
+            # a block is taken as it was only when the ledger holds every call it reports: the
+            # run's result then adds up to what was recorded, and a result from elsewhere (another
+            # store, an edited file) cannot skip a call that was never made here
+            keys = {call.idempotency_key for call in recorded}
             for block_id, result in replay.blocks.items():
                 block = workflow.blocks.get(block_id)
                 if (
                     isinstance(block, AgentBlock | ToolBlock)
                     and result.status is BlockStatus.COMPLETED
+                    and result.calls
+                    and all(call.idempotency_key in keys for call in result.calls)
                 ):
                     reused[block_id] = result
         return reused, attempts
