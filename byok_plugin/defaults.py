@@ -19,6 +19,7 @@ from byok_hookspecs import (
     Credential,
     CredentialRequest,
     KeyCheck,
+    RecordedCall,
     Usage,
     UsageRecord,
     hookimpl,
@@ -43,7 +44,9 @@ _IN_MEMORY_HOOKS = frozenset(
 #: audited key changes after which a cooldown not yet written must not be applied any more
 _KEY_STATE_CHANGES = frozenset({"key.enabled", "key.disabled", "key.deleted", "key.replaced"})
 #: hooks that read or write the store: non-blocking when it is a local SQLite file
-_STORE_HOOKS = frozenset({"byok_resolve_credential", "byok_record_usage", "byok_audit"})
+_STORE_HOOKS = frozenset(
+    {"byok_resolve_credential", "byok_record_usage", "byok_recorded_calls", "byok_audit"}
+)
 
 
 class DefaultPlugin:
@@ -99,6 +102,10 @@ class DefaultPlugin:
     @hookimpl(trylast=True)
     def byok_record_usage(self, record: UsageRecord) -> None:
         self.app.ledger.record(record)
+
+    @hookimpl(trylast=True)
+    def byok_recorded_calls(self, run_id: str) -> tuple[RecordedCall, ...] | None:
+        return self.app.ledger.recorded_calls(run_id)
 
     @cached_property
     def _own_hooks(self) -> Any:

@@ -35,7 +35,13 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from byok_hookspecs import USAGE_COUNTS, CredentialSource, UsageRecord, called_inline
+from byok_hookspecs import (
+    USAGE_COUNTS,
+    CredentialSource,
+    RecordedCall,
+    UsageRecord,
+    called_inline,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect, Engine
 
@@ -121,6 +127,7 @@ usage_ledger = sa.Table(
     sa.CheckConstraint("source IN ('block', 'workspace', 'platform')", name="source"),
     sa.Index(None, "workspace_id", "occurred_at"),
     sa.Index(None, "occurred_at"),
+    sa.Index(None, "run_id"),  # byok_recorded_calls: what a run id already recorded
 )
 
 
@@ -371,6 +378,25 @@ class Ledger:
             result = conn.execution_options(yield_per=batch).execute(query).mappings()
             for mapping in result:
                 yield _row(mapping)
+
+    def recorded_calls(self, run_id: str) -> tuple[RecordedCall, ...]:
+        """The calls recorded under ``run_id``, of any workspace, oldest first."""
+        t = usage_ledger
+        query = (
+            sa.select(t.c.idempotency_key, t.c.workspace_id, t.c.block_id, t.c.attempt)
+            .where(t.c.run_id == run_id)
+            .order_by(t.c.id)
+        )
+        with store_errors("reading the ledger"), self._engine.connect() as conn:
+            return tuple(
+                RecordedCall(
+                    idempotency_key=row.idempotency_key,
+                    workspace_id=row.workspace_id,
+                    block_id=row.block_id,
+                    attempt=row.attempt,
+                )
+                for row in conn.execute(query)
+            )
 
     def count(self) -> int:
         with store_errors("counting the ledger"), self._engine.connect() as conn:

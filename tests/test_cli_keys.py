@@ -214,11 +214,11 @@ def test_keys_test_checks_live_against_the_emulator(env: dict[str, str], emulato
         ),
         (["keys", "set", "-w", "acme", "-p", "openai"], "", 2, "no key given"),
         (["keys", "set", "-w", "acme", "-p", "azure"], "{key}", 2, "'azure' is not one of"),
-        (["keys", "set", "-w", "acme", "-p", "anthropic"], "{key}", 1, "start with 'sk-ant-'"),
+        (["keys", "set", "-w", "acme", "-p", "anthropic"], "{key}", 2, "start with 'sk-ant-'"),
         (
             ["keys", "set", "-w", "acme", "-p", "openai"],
             "{key} {key}",
-            1,
+            2,
             "whitespace at character",
         ),
         (["keys", "delete", "-w", "acme", "-p", "openai"], None, 2, "exactly one of --label"),
@@ -231,7 +231,7 @@ def test_keys_test_checks_live_against_the_emulator(env: dict[str, str], emulato
         (
             ["keys", "enable", "-w", "acme", "-p", "openai", "--key-id", "{key}"],
             None,
-            1,
+            2,
             "a key id looks like",
         ),
         (
@@ -242,7 +242,7 @@ def test_keys_test_checks_live_against_the_emulator(env: dict[str, str], emulato
         ),
     ],
 )
-def test_user_mistakes_are_clear_errors_without_the_key(
+def test_user_mistakes_are_clear_errors_without_the_key(  # exit 2: input; 1: not found
     env: dict[str, str], args: list[str], stdin: str | None, code: int, expected: str
 ) -> None:
     _run(["init"], env)

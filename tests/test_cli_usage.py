@@ -133,6 +133,52 @@ def test_grouping_and_csv(env: dict[str, str]) -> None:
     assert by_key[("beta", "platform")]["currency"] == "USD"
 
 
+FORMULAS = (
+    '=HYPERLINK("https://evil.example/","x")',
+    "+cmd|' /C calc'!A0",
+    "-2+3",
+    "@SUM(1+1)",
+    "\tleading tab",
+    "\rleading cr",
+)
+
+
+def test_csv_neutralises_cells_a_spreadsheet_would_run(tmp_path: Path) -> None:
+    environ = {
+        "BYOK_HOME": str(tmp_path),
+        "BYOK_DATABASE_URL": f"sqlite:///{tmp_path / 'byok.db'}",
+    }
+    app = App(Settings.from_environ(environ))
+    try:
+        for i, text in enumerate(FORMULAS):
+            # workspace ids are printable (no tab or CR); models come from providers and hosts
+            workspace = text if text[0] not in "\t\r" else f"ws-{i}"
+            app.ledger.record(
+                UsageRecord(
+                    idempotency_key=f"formula-{i}:b:1",
+                    workspace_id=workspace,
+                    usage=Usage("openai", text, input_tokens=1, output_tokens=1),
+                    charge=Charge(amount=D("0.5"), reason="platform", list_cost=D("0.5")),
+                    source=PF,
+                    occurred_at=datetime(2026, 11, 3, tzinfo=UTC),
+                )
+            )
+    finally:
+        app.close()
+    result = _run(environ, "usage", "--by", "workspace,model", "--csv")
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(io.StringIO(result.output)))
+    assert len(rows) == len(FORMULAS)
+    cells = [r["workspace"] for r in rows] + [r["model"] for r in rows]
+    for cell in cells:
+        assert not cell.startswith(("=", "+", "-", "@", "\t", "\r")), cell
+    # the text is kept after the quote, and numbers are untouched
+    assert {r["model"] for r in rows} == {f"'{text}" for text in FORMULAS}
+    assert {r["workspace"] for r in rows} >= {'\'=HYPERLINK("https://evil.example/","x")'}
+    assert all(D(r["charged"]) == D("0.5") for r in rows)
+    assert [r["workspace"] for r in rows if r["workspace"].startswith("ws-")] == ["ws-4", "ws-5"]
+
+
 def test_table_shows_the_share_and_the_savings(env: dict[str, str]) -> None:
     result = CliRunner().invoke(main, ["usage"], env={**env, "COLUMNS": "250"})
     assert result.exit_code == 0

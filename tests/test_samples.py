@@ -257,26 +257,31 @@ def test_a_retried_block_is_charged_once_in_the_ledger(db_stack: DemoStack) -> N
     assert len(db_stack.emulator.calls("anthropic")) == 2
 
 
-def test_a_rerun_under_the_same_run_id_is_not_charged_twice(db_stack: DemoStack) -> None:
+def test_a_rerun_under_the_same_run_id_is_refused_and_calls_nothing(db_stack: DemoStack) -> None:
+    # before, the second execution called the platform's key and recorded nothing
+    # (tests/test_run_ids.py covers the replay that finishes such a run)
     workflow = parse_workflow(ONE_BLOCK)
 
-    async def twice() -> tuple[RunResult, RunResult]:
+    async def twice() -> tuple[RunResult, int]:
         from byok_plugin.cli.context import OPERATOR
-        from byok_plugin.host.runner import WorkflowRunner
+        from byok_plugin.host.runner import RunIdInUse, WorkflowRunner
 
         async with WorkflowRunner.open(db_stack.pm, environ=db_stack.environ) as runner:
             first = await runner.run(
                 workflow, workspace_id=PLATFORM_WORKSPACE, run_id="run-1", actor=OPERATOR
             )
-            second = await runner.run(
-                workflow, workspace_id=PLATFORM_WORKSPACE, run_id="run-1", actor=OPERATOR
-            )
-        return first, second
+            calls = len(db_stack.emulator.calls())
+            with pytest.raises(RunIdInUse, match="'run-1' already has 2 recorded calls"):
+                await runner.run(
+                    workflow, workspace_id=PLATFORM_WORKSPACE, run_id="run-1", actor=OPERATOR
+                )
+        return first, calls
 
     import asyncio
 
-    first, second = asyncio.run(twice())
-    assert first.total_charge == second.total_charge > 0
+    first, calls = asyncio.run(twice())
+    assert first.total_charge > 0
+    assert len(db_stack.emulator.calls()) == calls
     rows = list(db_stack.app.ledger.rows(workspaces=[PLATFORM_WORKSPACE]))
     assert len(rows) == 2
     assert sum((r.amount for r in rows), Decimal(0)) == first.total_charge

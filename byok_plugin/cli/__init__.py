@@ -12,7 +12,6 @@ from typing import TextIO
 import click
 
 from byok_plugin import __version__
-from byok_plugin.cli.context import CliContext
 from byok_plugin.cli.demo import demo_command
 from byok_plugin.cli.emulator import emulator_command
 from byok_plugin.cli.fallback import fallback_group
@@ -23,14 +22,29 @@ from byok_plugin.cli.run import run_command, validate_command
 from byok_plugin.cli.serve import serve_command
 from byok_plugin.cli.usage import usage_command
 
+#: the exit status of a command stopped by Ctrl-C (128 + SIGINT), as shells report it
+INTERRUPTED = 130
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+class _ByokGroup(click.Group):
+    """Ctrl-C (or the end of input at a prompt) exits 130, not click's 1."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except (KeyboardInterrupt, click.Abort):
+            click.echo("\nbyok: interrupted", err=True)
+            ctx.exit(INTERRUPTED)
+
+
+@click.group(cls=_ByokGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="byok")
 @click.pass_context
 def main(ctx: click.Context) -> None:
     """Bring your own key (BYOK) for AI workflows: keys, runs, usage and plugins."""
     _log_errors_to_stderr()
-    ctx.obj = CliContext.from_environ()
+    # the settings are read when a command needs them (cli.context.pass_cli): a malformed
+    # variable must not stop --help, nor a command that reads none
 
 
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]

@@ -1,10 +1,17 @@
-"""What every subcommand shares: settings read once from the environment, and the app."""
+"""What every subcommand shares: settings read once from the environment, and the app.
+
+The settings are read and checked when a command that needs them starts (:data:`pass_cli`), not
+when ``byok`` itself does: a malformed variable stops that command with a message naming the
+variable (exit 2), and never ``--help`` or a command that reads no settings (``byok demo``).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any, TypeVar
 
 import click
 import pluggy
@@ -39,4 +46,20 @@ class CliContext:
         return plugin_manager_for(self.app)
 
 
-pass_cli = click.make_pass_decorator(CliContext)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def pass_cli(command: F) -> F:
+    """Pass the command the :class:`CliContext`, reading the settings from the environment the
+    first time a command of this process needs them (a caller may also give ``obj=``)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ctx = click.get_current_context()
+        cli = ctx.find_object(CliContext)
+        if cli is None:
+            cli = CliContext.from_environ()
+            ctx.find_root().obj = cli
+        return ctx.invoke(command, cli, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]

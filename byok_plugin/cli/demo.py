@@ -47,6 +47,7 @@ from byok_plugin.cli.run import (
     money,
     run_workflow,
 )
+from byok_plugin.cli.text import plain
 from byok_plugin.crypto import generate_master_key
 from byok_plugin.host.run_result import RunResult
 from byok_plugin.host.workflow import AgentBlock, KeyRef, ToolBlock, Workflow, WorkflowError
@@ -288,7 +289,9 @@ def _ledger_table(stack: DemoStack, results: Mapping[str, RunResult]) -> Table:
         sources = ", ".join(sorted({r.source.value for r in rows})) or "-"
         charged = sum((r.amount for r in rows), Decimal(0))
         listed = sum((r.list_cost or Decimal(0) for r in rows), Decimal(0))
-        table.add_row(workspace_id, str(len(rows)), sources, money(charged), money(listed))
+        table.add_row(
+            plain(workspace_id), str(len(rows)), plain(sources), money(charged), money(listed)
+        )
     return table
 
 
@@ -303,7 +306,7 @@ def _emulator_table(stack: DemoStack) -> Table:
         label = call.key_label or "unknown key"
         counts[label] = counts.get(label, 0) + 1
     for label, count in sorted(counts.items()):
-        table.add_row(label, str(count))
+        table.add_row(plain(label), str(count))
     return table
 
 
@@ -335,13 +338,16 @@ def demo_command(workflow_name: str, stream: bool | None) -> None:
                 if name not in inputs and not spec.has_default:
                     inputs[name] = f"demo {name}"
             err.print(
-                f"byok demo: temporary store in {stack.home}, provider emulator at {stack.emulator.url}",
-                highlight=False,
+                plain(
+                    f"byok demo: temporary store in {stack.home}, "
+                    f"provider emulator at {stack.emulator.url}"
+                )
             )
             err.print(
-                f"workspace {BYOK_WORKSPACE!r} stored its own keys for {', '.join(PROVIDERS)}; "
-                f"workspace {PLATFORM_WORKSPACE!r} has none (platform keys)",
-                highlight=False,
+                plain(
+                    f"workspace {BYOK_WORKSPACE!r} stored its own keys for {', '.join(PROVIDERS)}; "
+                    f"workspace {PLATFORM_WORKSPACE!r} has none (platform keys)"
+                )
             )
             for provider, label in labelled:
                 err.print(
@@ -351,7 +357,7 @@ def demo_command(workflow_name: str, stream: bool | None) -> None:
                 )
             results: dict[str, RunResult] = {}
             for workspace_id in (BYOK_WORKSPACE, PLATFORM_WORKSPACE):
-                err.print(f"\nrunning {workflow.name} for {workspace_id}", highlight=False)
+                err.print(plain(f"\nrunning {workflow.name} for {workspace_id}"))
                 with RunProgress(workflow, err, live=err.is_terminal) as progress:
                     results[workspace_id] = stack.run(
                         workflow, workspace_id, inputs, stream=stream, on_event=progress

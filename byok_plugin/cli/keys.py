@@ -25,7 +25,9 @@ from rich.console import Console
 from rich.table import Table
 
 from byok_plugin.cli.context import CliContext, pass_cli
-from byok_plugin.key_format import KNOWN_PROVIDERS
+from byok_plugin.cli.text import plain
+from byok_plugin.key_errors import InvalidInput, KeyNotFound
+from byok_plugin.key_format import DEFAULT_LABEL, KNOWN_PROVIDERS, check_key_id
 from byok_plugin.settings import SettingsError
 
 if TYPE_CHECKING:  # the store and its dependencies load when a command runs, not for --help
@@ -37,13 +39,23 @@ __all__ = ["keys_group", "read_api_key", "user_errors"]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class InputMistake(click.ClickException):
+    """A mistake in what the user typed or configured (a malformed workspace id, label, key id,
+    provider or variable): exit status 2, as click's own usage errors. Refusals, "not found" and
+    an unreachable store exit 1."""
+
+    exit_code = 2
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Turn the package's errors (user mistakes, refusals, an unreachable store) into click
-    errors: a clear message, a non-zero exit code, no traceback."""
+    errors: a clear message, exit 2 for a mistake in the input, 1 otherwise, no traceback."""
     try:
         yield
-    except (ByokError, SettingsError) as exc:
+    except (InvalidInput, SettingsError) as exc:
+        raise InputMistake(str(exc)) from None
+    except ByokError as exc:
         raise click.ClickException(str(exc)) from None
 
 
@@ -95,6 +107,44 @@ provider_option = click.option(
 )
 label_option = click.option("--label", "-l", default=None, help="The key's label.")
 key_id_option = click.option("--key-id", default=None, help="The key's id (key_...).")
+optional_provider_option = click.option(
+    "--provider",
+    "-p",
+    default=None,
+    type=click.Choice(KNOWN_PROVIDERS, case_sensitive=False),
+    help="The provider (not needed with --key-id).",
+)
+yes_option = click.option(
+    "--yes", "-y", is_flag=True, help="Do not ask for confirmation on a terminal."
+)
+
+
+def _on_terminal() -> bool:
+    return sys.stdin.isatty() and sys.stderr.isatty()
+
+
+def confirm(question: str, yes: bool) -> None:
+    """Ask ``question`` on a terminal, unless ``--yes``; a "no" stops the command (exit 1) with
+    nothing changed. Off a terminal (a script, a pipe) nothing is asked."""
+    if yes or not _on_terminal():
+        return
+    if not click.confirm(question, default=False, err=True):
+        raise click.ClickException("nothing was changed")
+
+
+def _provider_for(
+    cli: CliContext, workspace_id: str, provider: str | None, key_id: str | None
+) -> str:
+    """The provider given, or else the one of the key ``--key-id`` names."""
+    if provider is not None:
+        return provider
+    if key_id is None:
+        raise click.UsageError("--provider is required unless --key-id names the key")
+    key_id = check_key_id(key_id)
+    for info in _service(cli).list_keys(cli.actor, workspace_id):
+        if info.id == key_id:
+            return info.provider
+    raise KeyNotFound(workspace_id, None, f"with id {key_id!r}")
 
 
 def _when(value: datetime | None) -> str:
@@ -117,6 +167,7 @@ def keys_group() -> None:
 @click.option(
     "--no-test", is_flag=True, help="Store without checking the key live with the provider."
 )
+@yes_option
 @click.argument("extra", nargs=-1, required=False, metavar="")
 @pass_cli
 @handles_errors
@@ -126,6 +177,7 @@ def set_command(
     provider: str,
     label: str | None,
     no_test: bool,
+    yes: bool,
     extra: tuple[str, ...],
 ) -> None:
     """Store a workspace's key for a provider, or replace the one with the same label.
@@ -142,6 +194,19 @@ def set_command(
             "input or answer the hidden prompt. If you typed a key there, consider it exposed "
             "and rotate it."
         )
+    if _on_terminal() and not yes:
+        wanted = label if label is not None else DEFAULT_LABEL
+        current = [
+            info
+            for info in _service(cli).list_keys(cli.actor, workspace_id, provider)
+            if info.label == wanted
+        ]
+        if current:
+            confirm(
+                f"Replace {_describe(current[0])} of workspace {workspace_id!r}? The old key is "
+                "deleted",
+                yes,
+            )
     api_key = read_api_key(provider.lower(), workspace_id)
     result = _service(cli).set_key(
         cli.actor, workspace_id, provider, api_key, label=label, test=not no_test
@@ -180,18 +245,23 @@ def list_command(cli: CliContext, workspace_id: str, provider: str | None, as_js
     if not keys:
         click.echo(f"no keys stored for workspace {workspace_id!r}")
         return
-    table = Table(title=f"keys of workspace {workspace_id}")
+    table = Table(title=plain(f"keys of workspace {workspace_id}"))
     for column in ("provider", "label", "id", "key", "status", "last used", "cooldown until"):
         table.add_column(column, no_wrap=column in {"id", "key"})
     for info in keys:
         table.add_row(
-            info.provider,
-            info.label,
-            info.id,
-            info.hint,
-            info.status,
-            _when(info.last_used_at),
-            _when(info.cooldown_until),
+            *(
+                plain(cell)
+                for cell in (
+                    info.provider,
+                    info.label,
+                    info.id,
+                    info.hint,
+                    info.status,
+                    _when(info.last_used_at),
+                    _when(info.cooldown_until),
+                )
+            )
         )
     Console(width=max(Console().width, 110)).print(table)
 
@@ -210,7 +280,7 @@ def key_selection(command: F) -> F:
         click.option("--all", "all_keys", is_flag=True, help="Every key of the provider."),
         key_id_option,
         label_option,
-        provider_option,
+        optional_provider_option,
         workspace_option,
     ):
         command = option(command)
@@ -219,18 +289,27 @@ def key_selection(command: F) -> F:
 
 @keys_group.command("delete")
 @key_selection
+@yes_option
 @pass_cli
 @handles_errors
 def delete_command(
     cli: CliContext,
     workspace_id: str,
-    provider: str,
+    provider: str | None,
     label: str | None,
     key_id: str | None,
     all_keys: bool,
+    yes: bool,
 ) -> None:
-    """Delete a workspace's key (by label or id), or all its keys for a provider."""
+    """Delete a workspace's key (by label or id), or all its keys for a provider.
+
+    --all asks first on a terminal (--yes does not ask).
+    """
     _selection(label, key_id, all_keys, "delete")
+    provider = _provider_for(cli, workspace_id, provider, key_id)
+    if all_keys:
+        count = len(_service(cli).list_keys(cli.actor, workspace_id, provider))
+        confirm(f"Delete all {count} {provider} keys of workspace {workspace_id!r}?", yes)
     deleted = _service(cli).delete_keys(
         cli.actor, workspace_id, provider, key_id=key_id, label=label
     )
@@ -247,12 +326,13 @@ def _status_command(status: str) -> Callable[..., None]:
     def command(
         cli: CliContext,
         workspace_id: str,
-        provider: str,
+        provider: str | None,
         label: str | None,
         key_id: str | None,
         all_keys: bool,
     ) -> None:
         _selection(label, key_id, all_keys, verb)
+        provider = _provider_for(cli, workspace_id, provider, key_id)
         service = _service(cli)
         change = service.enable if status == "enabled" else service.disable
         for info in change(cli.actor, workspace_id, provider, key_id=key_id, label=label):
@@ -272,18 +352,23 @@ keys_group.command("disable")(_status_command("disabled"))
 
 @keys_group.command("test")
 @workspace_option
-@provider_option
+@optional_provider_option
 @label_option
 @key_id_option
 @pass_cli
 @handles_errors
 def test_command(
-    cli: CliContext, workspace_id: str, provider: str, label: str | None, key_id: str | None
+    cli: CliContext,
+    workspace_id: str,
+    provider: str | None,
+    label: str | None,
+    key_id: str | None,
 ) -> None:
     """Check stored keys live with the provider (all of the provider's keys by default).
 
     Exits with status 1 when a key is refused or the provider cannot be reached.
     """
+    provider = _provider_for(cli, workspace_id, provider, key_id)
     results = _service(cli).test_keys(cli.actor, workspace_id, provider, key_id=key_id, label=label)
     failed = 0
     for result in results:

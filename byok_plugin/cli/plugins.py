@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from byok_plugin.cli.context import CliContext, pass_cli
+from byok_plugin.cli.text import plain
 
 
 def describe_plugins(pm: pluggy.PluginManager) -> list[dict[str, object]]:
@@ -89,6 +90,9 @@ def plugins_command(cli: CliContext, as_json: bool) -> None:
             for h in hooks
         )
         table.add_row(
-            str(row["name"]), str(row["distribution"] or "-"), str(row["version"] or "-"), names
+            plain(row["name"]),
+            plain(row["distribution"] or "-"),
+            plain(row["version"] or "-"),
+            plain(names),
         )
     Console().print(table)

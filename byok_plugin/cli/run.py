@@ -20,7 +20,7 @@ from typing import Any
 
 import click
 import pluggy
-from byok_hookspecs import ByokError
+from byok_hookspecs import ByokError, Charge, CredentialSource, Usage
 from rich import box
 from rich.console import Console, Group
 from rich.live import Live
@@ -29,9 +29,16 @@ from rich.table import Table
 from rich.text import Text
 
 from byok_plugin.cli.context import CliContext, pass_cli
+from byok_plugin.cli.text import plain
 from byok_plugin.host.env_keys import EnvKeyAllowance, env_key_problems
-from byok_plugin.host.run_result import BlockResult, BlockStatus, RunResult
-from byok_plugin.host.runner import RunEvent, RunnerOptions, WorkflowRunner
+from byok_plugin.host.run_result import (
+    BlockResult,
+    BlockStatus,
+    CallResult,
+    RunResult,
+    RunStatus,
+)
+from byok_plugin.host.runner import RunEvent, RunIdInUse, RunnerOptions, WorkflowRunner
 from byok_plugin.host.workflow import (
     AgentBlock,
     InputsError,
@@ -204,13 +211,13 @@ class RunProgress:
         if self.live:
             return
         elapsed = time.monotonic() - self.started
-        self.console.print(
-            f"[{elapsed:7.2f}s] {block:<16} {what:<9} {detail}", markup=False, highlight=False
-        )
+        self.console.print(plain(f"[{elapsed:7.2f}s] {block:<16} {what:<9} {detail}"))
 
     def render(self) -> Table:
         table = Table(
-            title=f"{self.workflow.name} {self.workflow.version}", title_justify="left", box=None
+            title=plain(f"{self.workflow.name} {self.workflow.version}"),
+            title_justify="left",
+            box=None,
         )
         table.add_column("", width=2)
         table.add_column("block")
@@ -232,9 +239,9 @@ class RunProgress:
             }.get(state, "dim")
             table.add_row(
                 mark,
-                block,
-                _target(self.workflow, block),
-                Text(self.detail[block] or state, style=style),
+                plain(block),
+                plain(_target(self.workflow, block)),
+                plain(self.detail[block] or state, style=style),
             )
         return table
 
@@ -256,7 +263,7 @@ def cost_table(result: RunResult, title: str | None = None) -> Table:
     """The blocks of a run that called a provider (or did not complete): provider, model, key
     source, tokens, charge; and the run's total."""
     table = Table(
-        title=title or f"{result.workflow} for workspace {result.workspace_id!r}",
+        title=plain(title or f"{result.workflow} for workspace {result.workspace_id!r}"),
         title_justify="left",
         box=box.SIMPLE_HEAD,
     )
@@ -280,25 +287,28 @@ def cost_table(result: RunResult, title: str | None = None) -> Table:
             requests = sum(c.usage.tool_requests for c in block.calls)
             tokens = f"{requests} req"
         row: list[Any] = [
-            block.block_id,
-            block.provider or "-",
-            block.model or "-",
-            source,
-            tokens,
-            money(block.charge, block.calls[0].charge.currency) if block.calls else "-",
+            plain(cell)
+            for cell in (
+                block.block_id,
+                block.provider or "-",
+                block.model or "-",
+                source,
+                tokens,
+                money(block.charge, block.calls[0].charge.currency) if block.calls else "-",
+            )
         ]
         if unfinished:
             style = {"failed": "red", "skipped": "dim"}.get(block.status.value, "")
-            row.append(Text(block.status.value, style=style))
+            row.append(plain(block.status.value, style=style))
         table.add_row(*row)
     table.add_section()
     if result.currency == "mixed":
         total_charge = ", ".join(money(v, k) for k, v in result.charges_by_currency.items())
     else:
         total_charge = money(result.total_charge, result.currency)
-    total: list[Any] = ["total", "", "", "", str(result.total_tokens), total_charge]
+    total: list[Any] = ["total", "", "", "", str(result.total_tokens), plain(total_charge)]
     if unfinished:
-        total.append(result.status.value)
+        total.append(plain(result.status.value))
     table.add_row(*total, style="bold")
     return table
 
@@ -333,6 +343,90 @@ def _parse_inputs(pairs: tuple[str, ...], inputs_file: Path | None) -> dict[str,
     return values
 
 
+def _earlier_run(path: Path) -> RunResult:
+    """The ``byok run --json`` document in ``path``, as the :class:`RunResult` a replay needs:
+    each block's status and output, and its calls (usage and charge). :class:`WorkflowInvalid`
+    names the file and the JSON path of what is wrong."""
+    where = "$"
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+        blocks: dict[str, BlockResult] = {}
+        for i, block in enumerate(document["blocks"]):
+            where = f"$.blocks[{i}]"
+            calls = []
+            for j, call in enumerate(block["calls"]):
+                where = f"$.blocks[{i}].calls[{j}]"
+                usage, charge = call["usage"], call["charge"]
+                list_cost = charge["list_cost"]
+                calls.append(
+                    CallResult(
+                        provider=call["provider"],
+                        model=call["model"],
+                        source=CredentialSource(call["source"]),
+                        key_id=call["key_id"],
+                        hint=call["key_hint"],
+                        fallback=bool(call["fallback"]),
+                        usage=Usage(
+                            call["provider"],
+                            call["model"],
+                            input_tokens=usage["input_tokens"],
+                            cached_input_tokens=usage["cached_input_tokens"],
+                            cache_write_tokens=usage["cache_write_tokens"],
+                            output_tokens=usage["output_tokens"],
+                            reasoning_tokens=usage["reasoning_tokens"],
+                            tool_requests=usage["tool_requests"],
+                        ),
+                        charge=Charge(
+                            amount=Decimal(charge["amount"]),
+                            currency=charge["currency"],
+                            reason=charge["reason"],
+                            list_cost=None if list_cost is None else Decimal(list_cost),
+                        ),
+                        latency=float(call["latency_s"]),
+                        attempt=int(call["attempt"]),
+                        idempotency_key=call["idempotency_key"],
+                        streamed=bool(call["streamed"]),
+                    )
+                )
+            where = f"$.blocks[{i}]"
+            blocks[block["block"]] = BlockResult(
+                block_id=block["block"],
+                type=block["type"],
+                status=BlockStatus(block["status"]),
+                output=block["output"],
+                calls=tuple(calls),
+                error=block["error"],
+                reason=block["reason"],
+                attempts=int(block["attempts"]),
+                provider=block["provider"],
+                model=block["model"],
+            )
+        where = "$"
+        return RunResult(
+            run_id=document["run_id"],
+            workflow=document["workflow"],
+            workflow_version=document["workflow_version"],
+            workspace_id=document["workspace"],
+            status=RunStatus(document["status"]),
+            blocks=blocks,
+            outputs=document["outputs"],
+            error=document["error"],
+        )
+    except OSError as exc:
+        raise WorkflowInvalid(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    except json.JSONDecodeError as exc:
+        raise WorkflowInvalid(f"{path}: $: not valid JSON ({exc})") from None
+    except KeyError as exc:
+        raise WorkflowInvalid(
+            f"{path}: {where}: {exc.args[0]!r} is missing: give the `byok run --json` output "
+            "of the run to replay"
+        ) from None
+    except (TypeError, ValueError, ArithmeticError) as exc:
+        raise WorkflowInvalid(
+            f"{path}: {where}: not what `byok run --json` writes ({exc})"
+        ) from None
+
+
 async def run_workflow(
     pm: pluggy.PluginManager,
     workflow: Workflow,
@@ -346,10 +440,13 @@ async def run_workflow(
     options: RunnerOptions | None = None,
     model_check: Callable[[str, str], bool | None] | None = None,
     env_keys: EnvKeyAllowance | None = None,
+    run_id: str | None = None,
+    replay: RunResult | None = None,
 ) -> RunResult:
     """One run with a fresh runner (clients over one pooled HTTP client, closed afterwards).
 
-    :param env_keys: the ``env`` block keys the run may read (none by default)."""
+    :param env_keys: the ``env`` block keys the run may read (none by default).
+    ``run_id`` and ``replay``: see :meth:`WorkflowRunner.run`."""
     async with WorkflowRunner.open(
         pm, environ=environ, env_keys=env_keys, options=options, model_check=model_check
     ) as runner:
@@ -360,6 +457,8 @@ async def run_workflow(
             actor=actor,
             stream=stream,
             on_event=on_event,
+            run_id=run_id,
+            replay=replay,
         )
 
 
@@ -398,6 +497,18 @@ def env_key_allowance(cli: CliContext) -> EnvKeyAllowance | None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the run's result as JSON.")
 @click.option(
+    "--run-id",
+    default=None,
+    help="The run's id (default: a new one). An id that already has recorded calls is refused.",
+)
+@click.option(
+    "--replay",
+    "replay_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Finish the run --run-id names: its `byok run --json` output; blocks it completed are "
+    "not called again.",
+)
+@click.option(
     "--concurrency",
     type=click.IntRange(1, 256),
     default=8,
@@ -413,6 +524,8 @@ def run_command(
     inputs_file: Path | None,
     stream: bool | None,
     as_json: bool,
+    run_id: str | None,
+    replay_file: Path | None,
     concurrency: int,
 ) -> None:
     """Run WORKFLOW (a JSON file) for a workspace, on its keys or the platform's.
@@ -422,12 +535,20 @@ def run_command(
     charged and recorded in the usage ledger. A block reads its key from an environment variable
     only if BYOK_BLOCK_KEY_ENV_ALLOW allows that variable's name.
     Exits 2 for a bad workflow or inputs, 1 when a block fails.
+
+    \b
+    A --run-id that already has calls in the ledger is refused (exit 2): calls made again under
+    it would not be recorded. To finish such a run, give its earlier --json output:
+      byok run flow.json -w acme --run-id order-7 --replay order-7.json
     """
     try:
         check_workspace_id(workspace_id)
     except InvalidInput as exc:
         raise click.BadParameter(str(exc), param_hint="--workspace") from None
     inputs = _parse_inputs(pairs, inputs_file)
+    if replay_file is not None and run_id is None:
+        raise click.BadParameter("give the --run-id of the run to replay", param_hint="--replay")
+    replay = _earlier_run(replay_file) if replay_file is not None else None
     err = console_for(stderr=True)
     try:
         checked = load_checked(workflow, cli.pm)
@@ -444,6 +565,8 @@ def run_command(
                     on_event=progress,
                     options=RunnerOptions(max_concurrent_calls=concurrency),
                     env_keys=env_key_allowance(cli),
+                    run_id=run_id,
+                    replay=replay,
                 )
             )
     except InputsError as exc:
@@ -452,6 +575,13 @@ def run_command(
         ) from None
     except WorkflowError as exc:
         raise WorkflowInvalid(str(exc)) from None
+    except RunIdInUse as exc:
+        raise WorkflowInvalid(str(exc)) from None
+    except ValueError as exc:
+        if replay is None:
+            raise
+        # the runner's check: a replay file of another run, workspace or workflow
+        raise WorkflowInvalid(f"--replay {replay_file}: {exc}") from None
     except (ByokError, SettingsError) as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
@@ -463,7 +593,7 @@ def run_command(
             shown = (
                 value if isinstance(value, str) else json.dumps(value, indent=2, ensure_ascii=False)
             )
-            out.print(Group(Text(f"output {name}:", style="bold"), Text(shown)))
+            out.print(Group(plain(f"output {name}:", style="bold"), plain(shown)))
     if not result.ok:
         click.echo(f"Error: {result.error}", err=True)
         raise SystemExit(1)

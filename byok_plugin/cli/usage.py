@@ -18,9 +18,10 @@ from rich.table import Table
 
 from byok_plugin.cli.context import CliContext, pass_cli
 from byok_plugin.cli.keys import handles_errors
+from byok_plugin.cli.text import plain
 from byok_plugin.usage_report import GROUP_KEYS, Totals, UsageReport, build_report
 
-__all__ = ["parse_when", "usage_command"]
+__all__ = ["csv_cell", "parse_when", "usage_command"]
 
 _COLUMNS = (
     "calls",
@@ -100,40 +101,56 @@ def _range(report: UsageReport) -> str:
 def _print_table(report: UsageReport) -> None:
     console = Console()
     if not report.totals.calls:
-        console.print(f"No usage recorded {_range(report)}.")
+        console.print(plain(f"No usage recorded {_range(report)}."))
         return
-    rows = Table(title=f"byok usage {_range(report)}, amounts in {report.currency}")
+    rows = Table(title=plain(f"byok usage {_range(report)}, amounts in {report.currency}"))
     for name in report.group_by:
         rows.add_column(name)
     for header in _HEADERS:
         rows.add_column(header, justify="right")
     for key, totals in report.rows:
-        rows.add_row(*key, *_cells(totals))
+        rows.add_row(*map(plain, key), *_cells(totals))
     console.print(rows)
     summary = Table(title="by workspace: what BYOK saved at list price")
     summary.add_column("workspace")
     for header in _HEADERS:
         summary.add_column(header, justify="right")
     for workspace, totals in report.workspaces:
-        summary.add_row(workspace, *_cells(totals))
+        summary.add_row(plain(workspace), *_cells(totals))
     summary.add_row("total", *_cells(report.totals), style="bold")
     console.print(summary)
     t = report.totals
     console.print(
-        f"{t.calls} calls, {t.byok_share * 100:.1f}% on the workspaces' own keys "
-        f"({t.byok_calls} BYOK, {t.platform_calls} platform of which {t.fallback_calls} "
-        f"fallbacks, {t.block_calls} block keys); charged {_money(t.charged)} "
-        f"{report.currency}; BYOK saved {_money(t.byok_saved)} {report.currency} at list price"
-        + (f"; {t.unpriced_calls} calls had no price" if t.unpriced_calls else "")
+        plain(
+            f"{t.calls} calls, {t.byok_share * 100:.1f}% on the workspaces' own keys "
+            f"({t.byok_calls} BYOK, {t.platform_calls} platform of which {t.fallback_calls} "
+            f"fallbacks, {t.block_calls} block keys); charged {_money(t.charged)} "
+            f"{report.currency}; BYOK saved {_money(t.byok_saved)} {report.currency} at list price"
+            + (f"; {t.unpriced_calls} calls had no price" if t.unpriced_calls else "")
+        )
     )
 
 
+#: what a spreadsheet reads as the start of a formula (OWASP "CSV injection")
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(text: str) -> str:
+    """A text cell a spreadsheet shows as text: one starting like a formula gets a leading
+    ``'``, as OWASP advises. Only for text (ids, models); numbers are written as they are."""
+    return f"'{text}" if text.startswith(_FORMULA_START) else text
+
+
 def _print_csv(report: UsageReport) -> None:
-    writer = csv.writer(sys.stdout, lineterminator="\n")
+    # RFC 4180 line ends: the csv module then quotes a cell holding a CR, which it writes bare
+    # with "\n" line ends (a spreadsheet would split the row there)
+    writer = csv.writer(sys.stdout, lineterminator="\r\n")
     writer.writerow([*report.group_by, *_COLUMNS, "currency"])
     for key, totals in report.rows:
         data = totals.to_dict()
-        writer.writerow([*key, *(data[name] for name in _COLUMNS), report.currency])
+        writer.writerow(
+            [*map(csv_cell, key), *(data[name] for name in _COLUMNS), csv_cell(report.currency)]
+        )
 
 
 @click.command("usage")

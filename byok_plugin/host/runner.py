@@ -123,7 +123,7 @@ from byok_plugin.host.workflow import (
 from byok_plugin.host.workflow.providers import TOOL_PROVIDERS
 from byok_plugin.host.workflow.templates import step_into, to_text
 
-__all__ = ["BlockFailed", "RunEvent", "RunnerOptions", "WorkflowRunner"]
+__all__ = ["BlockFailed", "RunEvent", "RunIdInUse", "RunnerOptions", "WorkflowRunner"]
 
 log = logging.getLogger("byok.host.runner")
 _T = TypeVar("_T")
@@ -149,6 +149,7 @@ RUN_HOOKS = (
     "byok_audit",
     "byok_compute_charge",
     "byok_record_usage",
+    "byok_recorded_calls",
 )
 #: errors worth trying the block again for: the call did not complete, and may next time
 _TRANSIENT = (ServerError, ProviderTimeout, ProviderUnreachable, ProtocolError)
@@ -163,6 +164,12 @@ class BlockFailed(Exception):
     def __init__(self, message: str, *, retryable: bool = False) -> None:
         super().__init__(message)
         self.retryable = retryable
+
+
+class RunIdInUse(ByokError):
+    """A run id the caller gave that already has calls in the usage ledger, for a new execution
+    (or for another workspace). Raised before anything runs. The message names the run id and
+    the workspace, never another workspace."""
 
 
 @dataclass(frozen=True)
@@ -221,6 +228,10 @@ class _Run:
     stream: bool | None
     on_event: EventHandler | None
     results: dict[str, BlockResult] = field(default_factory=dict)
+    #: replayed: the earlier results of blocks whose calls completed, taken as they were
+    reused: Mapping[str, BlockResult] = field(default_factory=dict)
+    #: replayed: the highest attempt already recorded per block; new attempts come after it
+    recorded_attempts: Mapping[str, int] = field(default_factory=dict)
     #: the keys this run's calls used (block keys and resolved credentials): every text that
     #: leaves the runner (block errors, events, logs) is redacted of them
     keys_used: set[str] = field(default_factory=set, repr=False)
@@ -402,17 +413,25 @@ class WorkflowRunner:
         run_id: str | None = None,
         stream: bool | None = None,
         on_event: EventHandler | None = None,
+        replay: RunResult | None = None,
     ) -> RunResult:
         """Run ``workflow`` for ``workspace_id``.
 
         :param inputs: the workflow's inputs (strings are converted to the declared types).
-        :param run_id: a stable id makes a re-run record nothing twice (idempotency keys); a new
-            one by default.
+        :param run_id: the run's id; a new one by default. An id given here that already has
+            calls in the usage ledger (``byok_recorded_calls``) is refused with
+            :class:`RunIdInUse` unless ``replay`` is given: a call made again under the same
+            idempotency key would be neither recorded nor charged.
+        :param replay: the earlier :class:`RunResult` of this ``run_id`` (same workspace and
+            workflow), to finish it: agent and tool blocks it completed, whose calls the ledger
+            holds, are taken as they were, their calls not made again; the other blocks run, their
+            attempts numbered after those the ledger holds, so every new call is recorded.
         :param stream: ``True``/``False`` streams every agent block, or none; ``None`` follows
             each block's ``stream``.
         :param on_event: called with each :class:`RunEvent`, on the event loop.
         :raises WorkflowError: before anything runs: a missing input, an unknown model, an ``env``
             block key this runner may not read or whose variable is not set.
+        :raises RunIdInUse: before anything runs: see ``run_id``.
         """
         values = bind_inputs(workflow, inputs or {})
         checked = self._checked.get(id(workflow))
@@ -427,6 +446,14 @@ class WorkflowRunner:
             # a workflow is frozen and so is this runner's environment: checked once is enough
             # (each call checks its env block key again before it reads it)
             self._checked[id(workflow)] = weakref.ref(workflow)
+        reused: dict[str, BlockResult] = {}
+        recorded_attempts: dict[str, int] = {}
+        if run_id is not None:
+            reused, recorded_attempts = await self._check_run_id(
+                workflow, workspace_id, run_id, replay
+            )
+        elif replay is not None:
+            raise ValueError("replay= needs the run_id of the run it replays")
         run = _Run(
             workflow=workflow,
             workspace_id=workspace_id,
@@ -435,6 +462,8 @@ class WorkflowRunner:
             actor=actor,
             stream=stream,
             on_event=on_event,
+            reused=reused,
+            recorded_attempts=recorded_attempts,
         )
         started = self._clock()
         failed = await self._schedule(run)
@@ -460,6 +489,52 @@ class WorkflowRunner:
             error=error,
             latency=self._clock() - started,
         )
+
+    async def _check_run_id(
+        self, workflow: Workflow, workspace_id: str, run_id: str, replay: RunResult | None
+    ) -> tuple[dict[str, BlockResult], dict[str, int]]:
+        """What a replay takes as it was, and the attempts already recorded per block; or
+        :class:`RunIdInUse` for an id with recorded calls and no replay, or another workspace's."""
+        recorded = await self._hook(self.pm.hook.byok_recorded_calls, run_id=run_id) or ()
+        if any(call.workspace_id != workspace_id for call in recorded):
+            raise RunIdInUse(
+                f"run id {run_id!r} is already used by another workspace: give workspace "
+                f"{workspace_id!r} a run id of its own"
+            )
+        if replay is not None and (
+            replay.run_id != run_id
+            or replay.workspace_id != workspace_id
+            or replay.workflow != workflow.name
+        ):
+            raise ValueError(
+                "replay= must be the earlier result of the same run id, workspace and workflow"
+            )
+        if recorded and replay is None:
+            raise RunIdInUse(
+                f"run id {run_id!r} already has {len(recorded)} recorded calls in workspace "
+                f"{workspace_id!r}: give a new run id, or replay that run with its earlier result "
+                "(its completed calls are not made again)"
+            )
+        attempts: dict[str, int] = {}
+        for call in recorded:
+            if call.block_id is not None:
+                attempts[call.block_id] = max(attempts.get(call.block_id, 0), call.attempt)
+        reused = {}
+        if replay is not None:
+            # a block is taken as it was only when the ledger holds every call it reports: the
+            # run's result then adds up to what was recorded, and a result from elsewhere (another
+            # store, an edited file) cannot skip a call that was never made here
+            keys = {call.idempotency_key for call in recorded}
+            for block_id, result in replay.blocks.items():
+                block = workflow.blocks.get(block_id)
+                if (
+                    isinstance(block, AgentBlock | ToolBlock)
+                    and result.status is BlockStatus.COMPLETED
+                    and result.calls
+                    and all(call.idempotency_key in keys for call in result.calls)
+                ):
+                    reused[block_id] = result
+        return reused, attempts
 
     def hooks_in_thread(self) -> bool:
         """Whether the hooks are called in a worker thread: ``options.hooks_in_thread``, else
@@ -579,7 +654,11 @@ class WorkflowRunner:
 
     # --- one block -------------------------------------------------------------------------------
     async def _run_block(self, run: _Run, block: Block) -> BlockResult:
+        earlier = run.reused.get(block.id)
+        if earlier is not None:  # a replay: its calls completed and are recorded
+            return earlier
         run.emit("started", block.id, block.type)
+        recorded = run.recorded_attempts.get(block.id, 0)
         started = self._clock()
         calls: list[CallResult] = []
         provider, model = _target(block)
@@ -592,7 +671,7 @@ class WorkflowRunner:
             while True:
                 attempts += 1
                 try:
-                    output = await self._execute(run, block, attempts, calls)
+                    output = await self._execute(run, block, recorded + attempts, calls)
                     break
                 except (BlockFailed, *_TRANSIENT) as exc:
                     retryable = exc.retryable if isinstance(exc, BlockFailed) else True

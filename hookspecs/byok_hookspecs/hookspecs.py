@@ -18,6 +18,7 @@ from byok_hookspecs.types import (
     Credential,
     CredentialRequest,
     KeyCheck,
+    RecordedCall,
     Usage,
     UsageRecord,
 )
@@ -101,6 +102,23 @@ def byok_record_usage(record: UsageRecord) -> None:
 
     :param record: the call, its usage, its charge and the credential source that served it.
     :returns: nothing.
+    """
+
+
+@hookspec(firstresult=True)
+def byok_recorded_calls(run_id: str) -> tuple[RecordedCall, ...] | None:
+    """The calls already recorded in the usage ledger under a run id, of any workspace.
+
+    A host asks before it starts a run with an id its caller chose: calls already recorded mean
+    the id was used before, and a call made again under the same idempotency key would not be
+    recorded (nor charged). The host refuses the run, or, when its caller asks to replay it, makes
+    no completed call again and numbers new attempts after the recorded ones.
+
+    Stops at first non-None result.
+
+    :param run_id: the run id the caller gave.
+    :returns: the recorded calls, oldest first (empty when none), or ``None`` to let the next
+        implementation answer.
     """
 
 

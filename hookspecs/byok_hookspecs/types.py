@@ -287,6 +287,22 @@ class UsageRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class RecordedCall:
+    """A call already in the usage ledger under a run id (``byok_recorded_calls``).
+
+    :param idempotency_key: the record's key (``run_id:block_id:attempt``...).
+    :param workspace_id: the workspace it was charged to.
+    :param block_id: the block that made the call, if known.
+    :param attempt: the block's attempt that made it.
+    """
+
+    idempotency_key: str
+    workspace_id: str
+    block_id: str | None = None
+    attempt: int = 1
+
+
+@dataclass(frozen=True, slots=True)
 class AuditEvent:
     """Something that happened to a workspace's keys, or a refusal.
 

@@ -8,7 +8,6 @@ whose provider cannot be inferred, an invalid regular expression or response sch
 from __future__ import annotations
 
 import difflib
-import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -32,6 +31,7 @@ from byok_plugin.host.workflow.model import (
     ToolBlock,
     Workflow,
 )
+from byok_plugin.host.workflow.patterns import PatternError, compile_pattern
 from byok_plugin.host.workflow.providers import TOOL_PROVIDERS, infer_provider
 from byok_plugin.host.workflow.templates import Ref, Template, TemplateSyntaxError
 
@@ -306,9 +306,9 @@ class _Builder:
             pattern = None
             if operator == "matches":
                 try:
-                    pattern = re.compile(operand, re.IGNORECASE if ignore_case else 0)
-                except re.error as exc:
-                    self.fail((*base, "matches"), f"is not a valid regular expression: {exc}")
+                    pattern = compile_pattern(operand, ignore_case=ignore_case)
+                except PatternError as exc:
+                    self.fail((*base, "matches"), str(exc))
             return ConditionBlock(
                 id=block_id,
                 value=self._template((*base, "value"), raw["value"]),

@@ -6,12 +6,12 @@ semantic checks pass, so every field here is known to be well-formed.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar
 
+from byok_plugin.host.workflow.patterns import Pattern
 from byok_plugin.host.workflow.templates import Template
 
 __all__ = [
@@ -127,7 +127,8 @@ class ConditionBlock:
     operand: str | tuple[str, ...]
     ignore_case: bool = False
     description: str = ""
-    pattern: re.Pattern[str] | None = field(default=None, compare=False)
+    #: the ``matches`` pattern, compiled by RE2 (linear time; see ``patterns``)
+    pattern: Pattern | None = field(default=None, compare=False)
     type: ClassVar[str] = "condition"
 
     @property
@@ -153,7 +154,10 @@ class ConditionBlock:
         if self.operator == "contains":
             return isinstance(operand, str) and operand in value
         assert self.pattern is not None
-        return self.pattern.search(text) is not None
+        try:
+            return self.pattern.search(text) is not None
+        except UnicodeEncodeError:  # a lone surrogate (JSON allows one) has no UTF-8 form
+            return self.pattern.search(text.encode("utf-8", "replace").decode()) is not None
 
 
 @dataclass(frozen=True, slots=True)
