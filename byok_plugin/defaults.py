@@ -21,6 +21,7 @@ from byok_hookspecs import (
     KeyCheck,
     Usage,
     UsageRecord,
+    WrappedDataKey,
     hookimpl,
 )
 
@@ -59,8 +60,11 @@ class DefaultPlugin:
     @hookimpl(trylast=True)
     def byok_manager_ready(self, pm: Any) -> None:
         """Keep the manager, so that the default resolution asks its ``byok_is_hosted``,
-        ``byok_platform_key``, ``byok_authorize`` and ``byok_audit`` (any plugin's answers first)."""
+        ``byok_platform_key``, ``byok_authorize`` and ``byok_audit`` (any plugin's answers first),
+        and envelope encryption its ``byok_wrap_data_key`` and ``byok_unwrap_data_key``."""
         self._pm = pm
+        if self._app is not None or "app" in self.__dict__:  # else bound when it is built
+            self.app.bind_hooks(pm)
 
     def __repr__(self) -> str:
         return "<byok_plugin DefaultPlugin>"
@@ -83,9 +87,13 @@ class DefaultPlugin:
     @cached_property
     def app(self) -> App:
         if self._app is not None:
-            return self._app
-        assert self._app_factory is not None
-        return self._app_factory()
+            app = self._app
+        else:
+            assert self._app_factory is not None
+            app = self._app_factory()
+        if self._pm is not None:
+            app.bind_hooks(self._pm)
+        return app
 
     @hookimpl(trylast=True)
     def byok_authorize(self, actor: Actor | None, workspace_id: str, action: Action) -> bool | None:
@@ -136,6 +144,18 @@ class DefaultPlugin:
     @hookimpl(trylast=True)
     def byok_validate_key(self, provider: str, api_key: str) -> KeyCheck | None:
         return self.app.key_validator.check(provider, api_key)
+
+    @hookimpl(trylast=True)
+    def byok_wrap_data_key(self, workspace_id: str, data_key: bytes) -> WrappedDataKey | None:
+        return self.app.key_encryption.wrap(workspace_id, data_key)
+
+    @hookimpl(trylast=True)
+    def byok_unwrap_data_key(self, workspace_id: str, wrapped: WrappedDataKey) -> bytes | None:
+        return self.app.key_encryption.unwrap(workspace_id, wrapped)
+
+    @hookimpl(trylast=True)
+    def byok_key_provider(self) -> str | None:
+        return self.app.key_encryption.describe()
 
     @hookimpl(trylast=True)
     def byok_audit(self, event: AuditEvent) -> None:

@@ -314,15 +314,20 @@ def test_command(
 @pass_cli
 @handles_errors
 def rewrap_command(cli: CliContext, dry_run: bool, batch_size: int, pause: float) -> None:
-    """Re-encrypt every stored key under the current (first) master key.
+    """Re-encrypt every stored key under the current (first) master key, or, with
+    BYOK_KEY_ENVELOPES=1, under its workspace's data key (after moving every data key to the
+    current key-encryption key; rows are not touched for that).
 
     Safe to interrupt and run again; afterwards the old master keys can be removed from the
     keyring.
     """
     service = _service(cli)
     keyring = cli.app.keyring
+    envelopes = cli.app.settings.key_envelopes
     before = cli.app.key_store.count_by_master_key()
     click.echo(f"current master key: {keyring.current.id}")
+    if envelopes:
+        click.echo("envelope encryption: every key goes under its workspace's data key")
     _print_counts("before", before)
 
     def progress(done: int, total: int) -> None:
@@ -334,8 +339,14 @@ def rewrap_command(cli: CliContext, dry_run: bool, batch_size: int, pause: float
     if dry_run:
         click.echo(f"dry run: {report.rewrapped} rows would be rewrapped; nothing was changed")
     else:
-        click.echo(f"rewrapped {report.rewrapped} rows under {report.current_master_key}")
+        target = "their workspace's data key" if envelopes else report.current_master_key
+        click.echo(f"rewrapped {report.rewrapped} rows under {target}")
         _print_counts("after", report.after)
+    if report.kek is not None:
+        verb = "would be rewrapped" if dry_run else "rewrapped"
+        click.echo(f"data keys: {report.data_keys_rewrapped} {verb} under {report.kek}")
+        for kek, count in sorted(report.data_keys_after.items()):
+            click.echo(f"  {count} data keys wrapped by {kek}")
     for failure in report.failures:
         click.echo(
             f"cannot rewrap {failure.provider} key {failure.key_id} of workspace "
@@ -385,5 +396,10 @@ def _print_counts(when: str, counts: dict[str, int] | Any) -> None:
     if not counts:
         click.echo(f"{when}: no stored keys")
         return
+    from byok_plugin.crypto import ENVELOPE_MASTER_KEY_ID
+
     for kid, count in sorted(counts.items()):
-        click.echo(f"{when}: {count} keys under master key {kid}")
+        under = (
+            "their workspace's data key" if kid == ENVELOPE_MASTER_KEY_ID else f"master key {kid}"
+        )
+        click.echo(f"{when}: {count} keys under {under}")

@@ -150,14 +150,18 @@ def _stored(row: sa.Row[Any]) -> StoredKey:
     )
 
 
-def _insert_ignore(conn: Connection, table: sa.Table, values: dict[str, Any]) -> None:
+def _insert_ignore(
+    conn: Connection, table: sa.Table, values: dict[str, Any], *, key_column: str = "id"
+) -> None:
     if conn.dialect.name == "postgresql":
         conn.execute(postgresql.insert(table).values(**values).on_conflict_do_nothing())
     elif conn.dialect.name == "sqlite":
         conn.execute(sqlite.insert(table).values(**values).on_conflict_do_nothing())
     else:  # pragma: no cover - other backends
         exists = conn.execute(
-            sa.select(sa.literal(1)).select_from(table).where(table.c.id == values["id"])
+            sa.select(sa.literal(1))
+            .select_from(table)
+            .where(table.c[key_column] == values[key_column])
         ).first()
         if exists is None:
             conn.execute(table.insert().values(**values))

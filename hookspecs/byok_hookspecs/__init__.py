@@ -44,6 +44,7 @@ from byok_hookspecs.types import (  # noqa: E402
     Role,
     Usage,
     UsageRecord,
+    WrappedDataKey,
 )
 
 __version__ = "0.1.0"
@@ -72,6 +73,7 @@ __all__ = [
     "UnpricedModel",
     "Usage",
     "UsageRecord",
+    "WrappedDataKey",
     "add_to",
     "blocking_implementations",
     "called_inline",

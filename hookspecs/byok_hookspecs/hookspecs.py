@@ -20,6 +20,7 @@ from byok_hookspecs.types import (
     KeyCheck,
     Usage,
     UsageRecord,
+    WrappedDataKey,
 )
 
 
@@ -139,4 +140,51 @@ def byok_audit(event: AuditEvent) -> None:
 
     :param event: what happened, to which workspace, by whom; never a secret.
     :returns: nothing.
+    """
+
+
+@hookspec(firstresult=True)
+def byok_wrap_data_key(workspace_id: str, data_key: bytes) -> WrappedDataKey | None:
+    """Wrap a workspace's new data key with the active key-encryption key (envelope encryption).
+
+    Called when a workspace stores its first key under envelope encryption, and by
+    ``byok keys rewrap`` to move a data key to the current key-encryption key. The wrapping must
+    be bound to ``workspace_id`` (associated data, an encryption context), so that a wrapped data
+    key copied to another workspace does not unwrap there. Raise (naming the KMS) when the KMS
+    does not answer; never return a key wrapped by something else instead.
+
+    Stops at first non-None result.
+
+    :param workspace_id: the workspace the data key belongs to.
+    :param data_key: the 32 random bytes to wrap; implementations must never log them.
+    :returns: the wrapped key, or ``None`` to let the next implementation answer.
+    """
+
+
+@hookspec(firstresult=True)
+def byok_unwrap_data_key(workspace_id: str, wrapped: WrappedDataKey) -> bytes | None:
+    """Unwrap a workspace's data key, so that its stored provider keys can be decrypted.
+
+    An implementation answers only for ``wrapped.provider`` values it owns (``None`` otherwise),
+    and raises when it owns the key but cannot unwrap it: the KMS does not answer, the key was
+    tampered with or wrapped for another workspace. Resolution then fails loudly; it never falls
+    back to a platform key. The result is cached in memory for a bounded time
+    (``BYOK_DATA_KEY_CACHE_SECONDS``), so a resolution does not call the KMS.
+
+    Stops at first non-None result.
+
+    :param workspace_id: the workspace the data key must belong to.
+    :param wrapped: the wrapped data key, as :func:`byok_wrap_data_key` returned it.
+    :returns: the 32-byte data key, or ``None`` to let the next implementation answer.
+    """
+
+
+@hookspec(firstresult=True)
+def byok_key_provider() -> str | None:
+    """Describe the active key-encryption provider, for ``byok plugins`` and ``byok init``.
+
+    Stops at first non-None result.
+
+    :returns: a one-line description without secrets (``local keyring (key file ...)``,
+        ``OpenBao/Vault Transit key byok at https://...``), or ``None``.
     """
