@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from byok_plugin.billing import Billing
     from byok_plugin.catalog import Catalog
     from byok_plugin.crypto import Keyring
-    from byok_plugin.envelope import DataKeys, LocalKeyEncryption
+    from byok_plugin.envelope import BuiltinKeyEncryption, DataKeys
     from byok_plugin.key_access import KeyAccess
     from byok_plugin.keys import KeyService
     from byok_plugin.ledger import Ledger
@@ -126,11 +126,23 @@ class App:
         )
 
     @cached_property
-    def key_encryption(self) -> LocalKeyEncryption:
-        """The built-in key-encryption provider ``BYOK_KEY_PROVIDER`` names (``local``)."""
-        from byok_plugin.envelope import LocalKeyEncryption
+    def key_encryption(self) -> BuiltinKeyEncryption:
+        """The built-in key-encryption provider ``BYOK_KEY_PROVIDER`` names (``local``,
+        ``vault-transit``, ``aws-kms``); the local keyring still unwraps what it wrapped."""
+        from byok_plugin.envelope import BuiltinKeyEncryption, LocalKeyEncryption
 
-        return LocalKeyEncryption(lambda: self.keyring)
+        local = LocalKeyEncryption(lambda: self.keyring)
+        provider, env = self.settings.key_provider, self.settings.environ
+        active: Any = local
+        if provider == "vault-transit":
+            from byok_plugin.kms import VaultTransitKeyEncryption
+
+            active = VaultTransitKeyEncryption.from_environ(env, self.settings.kms_timeout)
+        elif provider == "aws-kms":
+            from byok_plugin.kms import AwsKmsKeyEncryption
+
+            active = AwsKmsKeyEncryption.from_environ(env, self.settings.kms_timeout)
+        return BuiltinKeyEncryption(active, local)
 
     @cached_property
     def data_keys(self) -> DataKeys:

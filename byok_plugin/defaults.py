@@ -39,8 +39,11 @@ _IN_MEMORY_HOOKS = frozenset(
         "byok_platform_key",
         "byok_compute_charge",
         "byok_authorize",
+        "byok_key_provider",
     }
 )
+#: the data-key hooks: non-blocking with the local keyring (a local file), not with a KMS
+_LOCAL_KEY_HOOKS = frozenset({"byok_wrap_data_key", "byok_unwrap_data_key"})
 #: audited key changes after which a cooldown not yet written must not be applied any more
 _KEY_STATE_CHANGES = frozenset({"key.enabled", "key.disabled", "key.deleted", "key.replaced"})
 #: hooks that read or write the store: non-blocking when it is a local SQLite file
@@ -77,12 +80,15 @@ class DefaultPlugin:
         loop's thread they wait at most 25 ms for a lock another writer holds: then the ledger
         write fails at once (the host retries it off the loop), and an audit event or a cooldown
         is written by a background thread. On PostgreSQL the store hooks are a network round
-        trip. ``byok_validate_key`` calls the provider."""
+        trip. ``byok_validate_key`` calls the provider; the data-key hooks call the KMS, unless
+        the local keyring wraps the data keys."""
         try:
             local = self.app.store_is_local
+            local_keys = self.app.settings.key_provider == "local"
         except Exception:  # a configuration error: the hooks will report it, not this hint
-            local = False
-        return _IN_MEMORY_HOOKS | _STORE_HOOKS if local else _IN_MEMORY_HOOKS
+            local = local_keys = False
+        hooks = _IN_MEMORY_HOOKS | _STORE_HOOKS if local else _IN_MEMORY_HOOKS
+        return hooks | _LOCAL_KEY_HOOKS if local_keys else hooks
 
     @cached_property
     def app(self) -> App:

@@ -29,7 +29,7 @@ from byok_plugin.crypto import KEY_BYTES, DataKey, Keyring
 from byok_plugin.key_errors import DataKeyUnavailable, KeyringError
 from byok_plugin.store.data_keys_repo import DataKeyStore, StoredDataKey
 
-__all__ = ["MAX_CACHED_DATA_KEYS", "DataKeys", "LocalKeyEncryption"]
+__all__ = ["MAX_CACHED_DATA_KEYS", "BuiltinKeyEncryption", "DataKeys", "LocalKeyEncryption"]
 
 log = logging.getLogger("byok.keys")
 
@@ -66,6 +66,31 @@ class LocalKeyEncryption:
         if wrapped.provider != self.name:
             return None
         return self._keyring().unwrap_data_key(workspace_id, wrapped.key_id, wrapped.blob)
+
+
+class BuiltinKeyEncryption:
+    """The provider ``BYOK_KEY_PROVIDER`` names wraps; it unwraps its own keys, and the local
+    keyring unwraps those it wrapped before (a store moving from the keyring to a KMS)."""
+
+    def __init__(self, active: Any, local: LocalKeyEncryption) -> None:
+        self.active = active
+        self.local = local
+        self.name: str = active.name
+
+    def __repr__(self) -> str:
+        return f"BuiltinKeyEncryption({self.active!r})"
+
+    def describe(self) -> str:
+        return str(self.active.describe())
+
+    def wrap(self, workspace_id: str, data_key: bytes) -> WrappedDataKey:
+        wrapped: WrappedDataKey = self.active.wrap(workspace_id, data_key)
+        return wrapped
+
+    def unwrap(self, workspace_id: str, wrapped: WrappedDataKey) -> bytes | None:
+        owner = self.active if wrapped.provider == self.active.name else self.local
+        result: bytes | None = owner.unwrap(workspace_id, wrapped)
+        return result
 
 
 def _cause(exc: BaseException) -> str:
@@ -151,6 +176,14 @@ class DataKeys:
         # another writer stored the workspace's data key first: use that one
         return self._remember(workspace_id, self.unwrap(stored))
 
+    def describe(self) -> str:
+        """The active key-encryption provider (``byok_key_provider``), for messages."""
+        try:
+            described = self._hooks().hook.byok_key_provider()
+        except Exception as exc:
+            return f"not usable: {_cause(exc)}"
+        return str(described) if described else "none answers byok_key_provider"
+
     def wrap(self, workspace_id: str, secret: bytes) -> WrappedDataKey:
         """Wrap a data key through ``byok_wrap_data_key``.
 
@@ -164,8 +197,8 @@ class DataKeys:
             raise
         except Exception as exc:
             raise DataKeyUnavailable(
-                f"the key-encryption provider did not wrap the data key of workspace "
-                f"{workspace_id!r}: {_cause(exc)}",
+                f"the key-encryption provider ({self.describe()}) did not wrap the data key of "
+                f"workspace {workspace_id!r}: {_cause(exc)}",
                 workspace_id=workspace_id,
             ) from None
         if not isinstance(wrapped, WrappedDataKey):

@@ -104,7 +104,7 @@ class RewrapReport:
 def rewrap_all(
     store: KeyStore,
     access: KeyAccess,
-    keyring: Keyring,
+    keyring: Keyring | None,
     *,
     batch_size: int = 100,
     dry_run: bool = False,
@@ -125,8 +125,10 @@ def rewrap_all(
         raise ValueError("batch_size must be at least 1")
     if envelopes and data_keys is None:
         raise ValueError("envelope encryption needs the data keys")
-    current = keyring.current
-    target = ENVELOPE_MASTER_KEY_ID if envelopes else current.id
+    if keyring is None and not envelopes:
+        raise ValueError("rewrapping to a master key needs the keyring")
+    current = keyring.current if keyring is not None else None
+    target = ENVELOPE_MASTER_KEY_ID if envelopes or current is None else current.id
     kek: str | None = None
     data_keys_done = 0
     if envelopes:
@@ -134,7 +136,7 @@ def rewrap_all(
         kek, data_keys_done = _rewrap_data_keys(
             data_keys, batch_size=batch_size, dry_run=dry_run, pause=pause
         )
-    elif not dry_run:
+    elif not dry_run and current is not None:
         store.record_master_key(current)
     before = store.count_by_master_key()
     total = 0
@@ -175,6 +177,8 @@ def rewrap_all(
                 ciphertext = data_key.encrypt(plain, row.binding)
                 fingerprint = data_key.fingerprint(plain, provider=row.provider)
             else:
+                assert keyring is not None
+                assert current is not None
                 ciphertext = keyring.encrypt(plain, row.binding)
                 fingerprint = keyring.fingerprint(
                     plain,
@@ -193,8 +197,8 @@ def rewrap_all(
             time.sleep(pause)
     after = dict(before) if dry_run else store.count_by_master_key()
     return RewrapReport(
-        current_master_key=current.id,
-        keyring_ids=keyring.ids,
+        current_master_key=current.id if current is not None else "",
+        keyring_ids=keyring.ids if keyring is not None else (),
         before=before,
         after=after,
         rewrapped=total,

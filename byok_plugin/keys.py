@@ -525,7 +525,13 @@ class KeyService:
         :mod:`byok_plugin.key_rewrap`). Only the local operator, who holds the master keys, may.
         """
         self._require_operator(actor, "keys.rewrap", "rewrap")
-        keyring = self._keyring()
+        keyring: Keyring | None
+        try:
+            keyring = self._keyring()
+        except KeyringError:
+            if not self._envelopes:
+                raise
+            keyring = None  # a KMS wraps the data keys: no local master key is needed
         report = rewrap_all(
             self._store,
             self._access,
@@ -538,7 +544,8 @@ class KeyService:
             envelopes=self._envelopes,
         )
         if not dry_run:
-            self._recorded_master_keys.add(keyring.current.id)
+            if keyring is not None and not self._envelopes:
+                self._recorded_master_keys.add(keyring.current.id)
             self.audit(
                 "key.rewrapped",
                 actor,

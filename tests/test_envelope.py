@@ -599,3 +599,28 @@ def test_data_key_store_keeps_the_first_writer(sqlite_url: str, tmp_path: Path) 
         assert "blob" not in repr(store.get("acme"))
     finally:
         app.close()
+
+
+def test_the_data_key_hooks_are_declared_non_blocking_only_with_the_local_keyring(
+    tmp_path: Path,
+) -> None:
+    from byok_hookspecs import blocking_implementations
+
+    from byok_plugin.defaults import DefaultPlugin
+    from byok_plugin.host.runner import RUN_HOOKS
+    from byok_plugin.settings import Settings
+
+    home = {"BYOK_HOME": str(tmp_path)}
+    local = DefaultPlugin(App(Settings.from_environ(home)))
+    assert {"byok_wrap_data_key", "byok_unwrap_data_key", "byok_key_provider"} <= (
+        local.byok_nonblocking_hooks
+    )
+    kms = App(Settings.from_environ({**home, "BYOK_KEY_PROVIDER": "aws-kms"}))
+    declared = DefaultPlugin(kms).byok_nonblocking_hooks
+    assert "byok_unwrap_data_key" not in declared
+    assert "byok_key_provider" in declared
+    # the runner asks about the unwrap hook too: a KMS plugin that blocks sends calls to threads
+    pm = plugin_manager_for(App(Settings.from_environ(home)), load_entrypoints=False)
+    assert blocking_implementations(pm, RUN_HOOKS) == []
+    pm.register(TestKms(), name="test-kms")
+    assert ("byok_unwrap_data_key", "test-kms") in blocking_implementations(pm, RUN_HOOKS)

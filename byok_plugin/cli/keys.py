@@ -322,12 +322,13 @@ def rewrap_command(cli: CliContext, dry_run: bool, batch_size: int, pause: float
     keyring.
     """
     service = _service(cli)
-    keyring = cli.app.keyring
     envelopes = cli.app.settings.key_envelopes
-    before = cli.app.key_store.count_by_master_key()
-    click.echo(f"current master key: {keyring.current.id}")
     if envelopes:
         click.echo("envelope encryption: every key goes under its workspace's data key")
+        click.echo(f"data keys wrapped by: {cli.app.key_encryption.describe()}")
+    else:
+        click.echo(f"current master key: {cli.app.keyring.current.id}")
+    before = cli.app.key_store.count_by_master_key()
     _print_counts("before", before)
 
     def progress(done: int, total: int) -> None:
