@@ -65,6 +65,7 @@ class App:
             hook=SimpleNamespace(
                 byok_wrap_data_key=kek.wrap,
                 byok_unwrap_data_key=kek.unwrap,
+                byok_rewrap_data_key=kek.rewrap,
                 byok_key_provider=kek.describe,
             )
         )

@@ -43,7 +43,7 @@ _IN_MEMORY_HOOKS = frozenset(
     }
 )
 #: the data-key hooks: non-blocking with the local keyring (a local file), not with a KMS
-_LOCAL_KEY_HOOKS = frozenset({"byok_wrap_data_key", "byok_unwrap_data_key"})
+_LOCAL_KEY_HOOKS = frozenset({"byok_wrap_data_key", "byok_unwrap_data_key", "byok_rewrap_data_key"})
 #: audited key changes after which a cooldown not yet written must not be applied any more
 _KEY_STATE_CHANGES = frozenset({"key.enabled", "key.disabled", "key.deleted", "key.replaced"})
 #: hooks that read or write the store: non-blocking when it is a local SQLite file
@@ -158,6 +158,12 @@ class DefaultPlugin:
     @hookimpl(trylast=True)
     def byok_unwrap_data_key(self, workspace_id: str, wrapped: WrappedDataKey) -> bytes | None:
         return self.app.key_encryption.unwrap(workspace_id, wrapped)
+
+    @hookimpl(trylast=True)
+    def byok_rewrap_data_key(
+        self, workspace_id: str, wrapped: WrappedDataKey
+    ) -> WrappedDataKey | None:
+        return self.app.key_encryption.rewrap(workspace_id, wrapped)
 
     @hookimpl(trylast=True)
     def byok_key_provider(self) -> str | None:

@@ -92,6 +92,13 @@ class BuiltinKeyEncryption:
         result: bytes | None = owner.unwrap(workspace_id, wrapped)
         return result
 
+    def rewrap(self, workspace_id: str, wrapped: WrappedDataKey) -> WrappedDataKey | None:
+        """Inside the KMS when the active provider can (its own older keys); else ``None``."""
+        if wrapped.provider != self.active.name or not hasattr(self.active, "rewrap"):
+            return None
+        result: WrappedDataKey | None = self.active.rewrap(workspace_id, wrapped)
+        return result
+
 
 def _cause(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -243,6 +250,35 @@ class DataKeys:
                 kms=wrapped.provider,
             )
         return DataKey(workspace_id, secret)
+
+    def rewrap(self, stored: StoredDataKey) -> WrappedDataKey:
+        """The stored data key wrapped by the current key-encryption key: inside the KMS through
+        ``byok_rewrap_data_key`` when an implementation can, else unwrapped and wrapped again.
+
+        :raises DataKeyUnavailable: naming the KMS and the workspace.
+        """
+        workspace_id, wrapped = stored.workspace_id, stored.wrapped
+        try:
+            moved = self._hooks().hook.byok_rewrap_data_key(
+                workspace_id=workspace_id, wrapped=wrapped
+            )
+        except Exception as exc:
+            raise DataKeyUnavailable(
+                f"the data key of workspace {workspace_id!r} could not be rewrapped from "
+                f"{wrapped.provider} key {wrapped.key_id!r}: {_cause(exc)}",
+                workspace_id=workspace_id,
+                kms=wrapped.provider,
+            ) from None
+        if moved is not None:
+            if not isinstance(moved, WrappedDataKey):
+                raise DataKeyUnavailable(
+                    f"byok_rewrap_data_key answered {type(moved).__name__} for the data key of "
+                    f"workspace {workspace_id!r}, not WrappedDataKey",
+                    workspace_id=workspace_id,
+                    kms=wrapped.provider,
+                )
+            return moved
+        return self.wrap(workspace_id, self.unwrap(stored).secret)
 
     def _remember(self, workspace_id: str, key: DataKey) -> DataKey:
         if self._cache_seconds <= 0:

@@ -2,7 +2,9 @@
 envelope encryption (``BYOK_KEY_ENVELOPES``), under its workspace's data key.
 
 Under envelope encryption a run first rewraps the data keys not wrapped by the current
-key-encryption key (unwrap with the old one, wrap with the new one; rows are not touched: a
+key-encryption key (inside the KMS through ``byok_rewrap_data_key`` when it can: Transit's
+rewrap, KMS ReEncrypt; else unwrapped with the old one and wrapped with the new one; rows are
+not touched: a
 rotation of the key-encryption key costs one KMS round trip per workspace, not one per row), then
 moves rows still encrypted directly under a master key to their workspace's data key. Without
 envelope encryption, rows under a data key move back to the current master key.
@@ -229,11 +231,11 @@ def _rewrap_data_keys(
             break
         after = batch[-1].workspace_id
         for stored in batch:
-            data_key = data_keys.unwrap(stored)  # raises, naming the KMS: stop here
             if dry_run:
+                data_keys.unwrap(stored)  # raises, naming the KMS: stop here
                 done += 1
                 continue
-            wrapped = data_keys.wrap(stored.workspace_id, data_key.secret)
+            wrapped = data_keys.rewrap(stored)  # inside the KMS when it can (raises: stop)
             if (wrapped.provider, wrapped.key_id) != (probe.provider, probe.key_id):
                 raise KeyringError(
                     f"the key-encryption provider changed during the rewrap (it wrapped with "
@@ -242,7 +244,6 @@ def _rewrap_data_keys(
                 )
             if data_keys.store.swap(stored, wrapped):
                 done += 1
-            del data_key
         log.debug("rewrap: %d data keys so far", done)
         if pause > 0:
             time.sleep(pause)

@@ -4,17 +4,24 @@ Each wraps and unwraps workspace data keys (:mod:`byok_plugin.envelope`) and nev
 provider key. Chosen with ``BYOK_KEY_PROVIDER``; each needs its extra installed:
 
 - ``vault-transit`` (``pip install 'byok-plugin[vault]'``, ``hvac``): the Transit key
-  ``BYOK_VAULT_TRANSIT_KEY`` (default ``byok``, type ``aes256-gcm96``) at ``BYOK_VAULT_ADDR`` (or
-  ``VAULT_ADDR``), mount ``BYOK_VAULT_TRANSIT_MOUNT`` (default ``transit``), with the token in
-  ``VAULT_TOKEN`` (never on a command line). The workspace id goes into the associated data, so a
-  wrapped key moved to another workspace does not decrypt. The stored blob is Transit's own
-  ``vault:vN:...`` ciphertext, and its key id is ``<key>:vN``: rotating the Transit key
-  (``bao write -f transit/keys/byok/rotate``) then ``byok keys rewrap`` moves every data key to
-  the new version.
+  ``BYOK_VAULT_TRANSIT_KEY`` (default ``byok``) at ``BYOK_VAULT_ADDR`` (or ``VAULT_ADDR``), mount
+  ``BYOK_VAULT_TRANSIT_MOUNT`` (default ``transit``), with the token in ``VAULT_TOKEN`` (never on
+  a command line). The key must be a *derived* key (``bao write transit/keys/byok
+  type=aes256-gcm96 derived=true``): the workspace id is its key-derivation context, so a wrapped
+  key moved to another workspace does not decrypt, and Transit's ``rewrap`` keeps that binding
+  (its associated data is not accepted by ``rewrap``, and a non-derived key would silently ignore
+  the context, so a non-derived key is refused). The stored blob is Transit's own ``vault:vN:...``
+  ciphertext, its key id ``<key>:vN``: rotating the Transit key (``bao write -f
+  transit/keys/byok/rotate``) then ``byok keys rewrap`` moves every data key to the new version
+  inside Transit; the data keys never leave it. The token needs ``update`` on
+  ``transit/encrypt/<key>``, ``transit/decrypt/<key>``, ``transit/rewrap/<key>`` and ``read`` on
+  ``transit/keys/<key>``.
 - ``aws-kms`` (``pip install 'byok-plugin[aws]'``, ``boto3``): the KMS key
   ``BYOK_AWS_KMS_KEY_ID`` (id, ARN or alias), with the encryption context
   ``{"byok:workspace": <workspace id>}``; region and credentials from the usual AWS chain
-  (``AWS_REGION``...), endpoint ``BYOK_AWS_KMS_ENDPOINT_URL`` if set (a VPC endpoint).
+  (``AWS_REGION``...), endpoint ``BYOK_AWS_KMS_ENDPOINT_URL`` if set (a VPC endpoint). Moving to
+  another KMS key (a new ``BYOK_AWS_KMS_KEY_ID``) then ``byok keys rewrap`` uses ``ReEncrypt``:
+  the data keys never leave KMS. (KMS's own automatic rotation keeps the key id: nothing to do.)
 
 A KMS that does not answer within ``BYOK_KMS_TIMEOUT`` seconds (default 5) raises; the caller
 (:class:`~byok_plugin.envelope.DataKeys`) names the KMS and the workspace in the error.
@@ -78,6 +85,7 @@ class VaultTransitKeyEncryption:
         self.key = key
         self.mount = mount
         self._client = hvac.Client(url=url, token=token, timeout=timeout)
+        self._checked = False  # the key is a derived key (read once, on first use)
 
     @classmethod
     def from_environ(cls, env: Mapping[str, str], timeout: float) -> VaultTransitKeyEncryption:
@@ -107,14 +115,20 @@ class VaultTransitKeyEncryption:
     def describe(self) -> str:
         return f"OpenBao/Vault Transit key {self.key!r} (mount {self.mount!r}) at {self.url}"
 
-    def wrap(self, workspace_id: str, data_key: bytes) -> WrappedDataKey:
-        response = self._client.secrets.transit.encrypt_data(
-            name=self.key,
-            plaintext=_b64(data_key),
-            associated_data=_b64(workspace_context(workspace_id)),
-            mount_point=self.mount,
-        )
-        ciphertext = str(response["data"]["ciphertext"])
+    def _check_derived(self) -> None:
+        if self._checked:
+            return
+        info = self._client.secrets.transit.read_key(name=self.key, mount_point=self.mount)
+        if not info["data"].get("derived"):
+            raise KeyringError(
+                f"{self.describe()} is not a derived key: byok-plugin binds each data key to its "
+                f"workspace through Transit's key-derivation context, which a non-derived key "
+                f"ignores. Create one with `bao write {self.mount}/keys/<name> "
+                f"type=aes256-gcm96 derived=true` and set BYOK_VAULT_TRANSIT_KEY to it"
+            )
+        self._checked = True
+
+    def _wrapped(self, ciphertext: str) -> WrappedDataKey:
         version = _VAULT_VERSION.match(ciphertext)
         if version is None:
             raise KeyringError(f"{self.describe()} answered a ciphertext without a key version")
@@ -122,9 +136,30 @@ class VaultTransitKeyEncryption:
             self.name, f"{self.key}:v{version.group(1)}", ciphertext.encode("ascii")
         )
 
-    def unwrap(self, workspace_id: str, wrapped: WrappedDataKey) -> bytes | None:
-        if wrapped.provider != self.name:
-            return None
+    def wrap(self, workspace_id: str, data_key: bytes) -> WrappedDataKey:
+        self._check_derived()
+        response = self._client.secrets.transit.encrypt_data(
+            name=self.key,
+            plaintext=_b64(data_key),
+            context=_b64(workspace_context(workspace_id)),
+            mount_point=self.mount,
+        )
+        return self._wrapped(str(response["data"]["ciphertext"]))
+
+    def rewrap(self, workspace_id: str, wrapped: WrappedDataKey) -> WrappedDataKey:
+        """Transit's ``rewrap``: the same data key under the Transit key's latest version,
+        without it leaving Transit."""
+        self._check_derived()
+        response = self._client.secrets.transit.rewrap_data(
+            name=self.key,
+            ciphertext=self._ciphertext(workspace_id, wrapped),
+            context=_b64(workspace_context(workspace_id)),
+            mount_point=self.mount,
+        )
+        return self._wrapped(str(response["data"]["ciphertext"]))
+
+    def _ciphertext(self, workspace_id: str, wrapped: WrappedDataKey) -> str:
+        """The Transit ciphertext of a wrapped key, checked against the key id it is stored with."""
         key, _, version = wrapped.key_id.rpartition(":v")
         ciphertext = wrapped.blob.decode("ascii", errors="replace")
         found = _VAULT_VERSION.match(ciphertext)
@@ -135,10 +170,17 @@ class VaultTransitKeyEncryption:
                 f"{self.key + ':v' + found.group(1) if found else 'no key version'}: it was "
                 f"altered (or {self.describe()} is not the Transit key that wrapped it)"
             )
+        return ciphertext
+
+    def unwrap(self, workspace_id: str, wrapped: WrappedDataKey) -> bytes | None:
+        if wrapped.provider != self.name:
+            return None
+        ciphertext = self._ciphertext(workspace_id, wrapped)
+        self._check_derived()
         response = self._client.secrets.transit.decrypt_data(
             name=self.key,
             ciphertext=ciphertext,
-            associated_data=_b64(workspace_context(workspace_id)),
+            context=_b64(workspace_context(workspace_id)),
             mount_point=self.mount,
         )
         return base64.b64decode(response["data"]["plaintext"])
@@ -206,6 +248,17 @@ class AwsKmsKeyEncryption:
     def wrap(self, workspace_id: str, data_key: bytes) -> WrappedDataKey:
         response = self._client.encrypt(
             KeyId=self.key_id, Plaintext=data_key, EncryptionContext=self._context(workspace_id)
+        )
+        return WrappedDataKey(self.name, str(response["KeyId"]), bytes(response["CiphertextBlob"]))
+
+    def rewrap(self, workspace_id: str, wrapped: WrappedDataKey) -> WrappedDataKey:
+        """KMS ``ReEncrypt`` to the configured key, without the data key leaving KMS."""
+        response = self._client.re_encrypt(
+            CiphertextBlob=wrapped.blob,
+            SourceKeyId=wrapped.key_id,
+            SourceEncryptionContext=self._context(workspace_id),
+            DestinationKeyId=self.key_id,
+            DestinationEncryptionContext=self._context(workspace_id),
         )
         return WrappedDataKey(self.name, str(response["KeyId"]), bytes(response["CiphertextBlob"]))
 

@@ -56,19 +56,32 @@ class TestKms:
     name = "test-kms"
 
     def __init__(self) -> None:
-        self._key = AESGCM(secrets.token_bytes(32))
+        self._keys = {"kek-1": AESGCM(secrets.token_bytes(32))}
+        self.current = "kek-1"
         self.wraps = 0
         self.unwraps = 0
+        self.rewraps = 0
         self.down = False
+
+    def rotate(self) -> None:
+        self.current = f"kek-{len(self._keys) + 1}"
+        self._keys[self.current] = AESGCM(secrets.token_bytes(32))
+
+    def _seal(self, workspace_id: str, data_key: bytes) -> WrappedDataKey:
+        nonce = os.urandom(12)
+        sealed = self._keys[self.current].encrypt(nonce, data_key, workspace_id.encode())
+        return WrappedDataKey(self.name, self.current, nonce + sealed)
+
+    def _open(self, workspace_id: str, wrapped: WrappedDataKey) -> bytes:
+        key = self._keys[wrapped.key_id]
+        return key.decrypt(wrapped.blob[:12], wrapped.blob[12:], workspace_id.encode())
 
     @hookimpl(tryfirst=True)
     def byok_wrap_data_key(self, workspace_id: str, data_key: bytes) -> WrappedDataKey | None:
         if self.down:
             raise ConnectionError("test-kms at 127.0.0.1:1 refused the connection")
         self.wraps += 1
-        nonce = os.urandom(12)
-        blob = nonce + self._key.encrypt(nonce, data_key, workspace_id.encode())
-        return WrappedDataKey(self.name, "kek-1", blob)
+        return self._seal(workspace_id, data_key)
 
     @hookimpl(tryfirst=True)
     def byok_unwrap_data_key(self, workspace_id: str, wrapped: WrappedDataKey) -> bytes | None:
@@ -77,7 +90,16 @@ class TestKms:
         if self.down:
             raise ConnectionError("test-kms at 127.0.0.1:1 refused the connection")
         self.unwraps += 1
-        return self._key.decrypt(wrapped.blob[:12], wrapped.blob[12:], workspace_id.encode())
+        return self._open(workspace_id, wrapped)
+
+    @hookimpl(tryfirst=True)
+    def byok_rewrap_data_key(
+        self, workspace_id: str, wrapped: WrappedDataKey
+    ) -> WrappedDataKey | None:
+        if wrapped.provider != self.name:
+            return None
+        self.rewraps += 1  # inside the "KMS": the data key is never returned
+        return self._seal(workspace_id, self._open(workspace_id, wrapped))
 
     @hookimpl(tryfirst=True)
     def byok_key_provider(self) -> str | None:
@@ -624,3 +646,33 @@ def test_the_data_key_hooks_are_declared_non_blocking_only_with_the_local_keyrin
     assert blocking_implementations(pm, RUN_HOOKS) == []
     pm.register(TestKms(), name="test-kms")
     assert ("byok_unwrap_data_key", "test-kms") in blocking_implementations(pm, RUN_HOOKS)
+
+
+def test_hook_byok_rewrap_data_key_moves_data_keys_inside_the_kms(
+    database_url: str, tmp_path: Path
+) -> None:
+    kms = TestKms()
+    app = make_app(database_url, tmp_path, keys=[master_key()], extra=ENVELOPES)
+    try:
+        service, pm = service_for(app, kms)
+        plain = {}
+        for workspace in ("acme", "globex", "initech"):
+            plain[workspace] = random_key("openai")
+            service.set_key(OPERATOR, workspace, "openai", plain[workspace], test=False)
+        kms.rotate()
+        unwraps = kms.unwraps
+        report = service.rewrap(OPERATOR, batch_size=2)
+        assert (report.data_keys_rewrapped, report.kek) == (3, "test-kms:kek-2")
+        assert kms.rewraps == 3
+        assert kms.unwraps == unwraps  # no data key left the KMS
+        assert app.data_keys.store.count_by_kek() == {"test-kms:kek-2": 3}
+        for workspace, api_key in plain.items():
+            app.data_keys.forget()
+            credential = pm.hook.byok_resolve_credential(
+                request=CredentialRequest(workspace, "openai", "gpt-4o")
+            )
+            assert credential.api_key == api_key
+        # the default (local keyring) has no KMS-side rewrap: it answers None
+        assert app.key_encryption.rewrap("acme", WrappedDataKey("local", "k1", b"x")) is None
+    finally:
+        app.close()

@@ -26,6 +26,7 @@ import sqlalchemy as sa
 from byok_hookspecs import CredentialRequest, CredentialSource, CredentialUnavailable
 from click.testing import CliRunner
 from keys_support import OPERATOR, make_app, master_key, random_key, service_for
+from test_envelope import CountUnwraps
 
 from byok_plugin.app import App
 from byok_plugin.cli import main
@@ -121,7 +122,7 @@ def bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bao]:
                 pytest.fail("bao server -dev did not unseal")
             time.sleep(0.1)
         client.sys.enable_secrets_engine("transit")
-        client.secrets.transit.create_key(name="byok", key_type="aes256-gcm96")
+        client.secrets.transit.create_key(name="byok", key_type="aes256-gcm96", derived=True)
         yield server
     finally:
         _stop(proc)
@@ -356,7 +357,7 @@ def test_transit_key_rotation_rewraps_data_keys_only(
     sqlite_url: str, tmp_path: Path, bao: Bao
 ) -> None:
     client = bao.client()
-    client.secrets.transit.create_key(name="rotating", key_type="aes256-gcm96")
+    client.secrets.transit.create_key(name="rotating", key_type="aes256-gcm96", derived=True)
     env = bao.env("rotating")
     app = make_app(sqlite_url, tmp_path, extra=env)
     try:
@@ -364,8 +365,10 @@ def test_transit_key_rotation_rewraps_data_keys_only(
         with app.engine.connect() as conn:
             rows_before = conn.execute(sa.select(workspace_keys.c.ciphertext)).scalars().all()
         client.secrets.transit.rotate_key(name="rotating")
-        service, _ = service_for(app)
+        counter = CountUnwraps()
+        service, _ = service_for(app, counter)
         report = service.rewrap(OPERATOR)
+        assert counter.calls == 0  # Transit's rewrap: the data keys never left it
         assert (report.rewrapped, report.data_keys_rewrapped) == (0, 2)
         assert report.data_keys_after == {"vault-transit:rotating:v2": 2}
         assert service.rewrap(OPERATOR).data_keys_rewrapped == 0  # idempotent
@@ -441,3 +444,41 @@ def test_byok_init_and_plugins_show_and_check_the_key_provider(
     assert result.exit_code != 0
     assert "did not wrap the data key" in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_transit_key_that_is_not_derived_is_refused_with_how_to_fix_it(
+    sqlite_url: str, tmp_path: Path, bao: Bao
+) -> None:
+    bao.client().secrets.transit.create_key(name="flat", key_type="aes256-gcm96")
+    app = make_app(sqlite_url, tmp_path, extra=bao.env("flat"))
+    try:
+        service, _ = service_for(app)
+        with pytest.raises(DataKeyUnavailable, match="is not a derived key") as info:
+            service.set_key(OPERATOR, "acme", "openai", random_key("openai"), test=False)
+        assert "derived=true" in str(info.value)
+        assert app.key_store.list_keys("acme") == []
+    finally:
+        app.close()
+
+
+def test_moving_to_another_aws_kms_key_re_encrypts_inside_kms(
+    sqlite_url: str, tmp_path: Path, moto_kms: Moto, aws_credentials: None
+) -> None:
+    app = make_app(sqlite_url, tmp_path, extra=moto_kms.env())
+    try:
+        plain = _store_two(app)
+    finally:
+        app.close()
+    moved = make_app(
+        sqlite_url, tmp_path, extra={**moto_kms.env(), "BYOK_AWS_KMS_KEY_ID": moto_kms.other_key_id}
+    )
+    try:
+        counter = CountUnwraps()
+        service, _ = service_for(moved, counter)
+        report = service.rewrap(OPERATOR)
+        assert counter.calls == 0  # ReEncrypt: the data keys never left KMS
+        assert report.data_keys_after == {f"aws-kms:{moto_kms.other_key_id}": 2}
+        for workspace, api_key in plain.items():
+            assert _resolve(moved, workspace).api_key == api_key
+    finally:
+        moved.close()

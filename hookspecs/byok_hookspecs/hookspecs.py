@@ -180,6 +180,24 @@ def byok_unwrap_data_key(workspace_id: str, wrapped: WrappedDataKey) -> bytes | 
 
 
 @hookspec(firstresult=True)
+def byok_rewrap_data_key(workspace_id: str, wrapped: WrappedDataKey) -> WrappedDataKey | None:
+    """Move a wrapped data key to the current key-encryption key inside the KMS.
+
+    Called by ``byok keys rewrap`` for each data key not wrapped by the current key-encryption
+    key (after a rotation), so that the data key never leaves the KMS (Transit's ``rewrap``, AWS
+    KMS's ``ReEncrypt``). Return ``None`` when you cannot (``wrapped.provider`` is not yours, or
+    your KMS has no such operation): byok-plugin then unwraps and wraps it again through the two
+    hooks above. Keep the binding to ``workspace_id``.
+
+    Stops at first non-None result.
+
+    :param workspace_id: the workspace the data key belongs to.
+    :param wrapped: the data key as wrapped by an older key-encryption key (or key version).
+    :returns: the data key wrapped by the current key-encryption key, or ``None``.
+    """
+
+
+@hookspec(firstresult=True)
 def byok_key_provider() -> str | None:
     """Describe the active key-encryption provider, for ``byok plugins`` and ``byok init``.
 
