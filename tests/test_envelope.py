@@ -676,3 +676,84 @@ def test_hook_byok_rewrap_data_key_moves_data_keys_inside_the_kms(
         assert app.key_encryption.rewrap("acme", WrappedDataKey("local", "k1", b"x")) is None
     finally:
         app.close()
+
+
+def test_byok_keys_delete_workspace_shreds_it_and_asks_for_confirmation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from byok_plugin.cli import main
+
+    k1 = master_key("k1")
+    database = f"sqlite:///{tmp_path / 'byok.db'}"
+    app = make_app(database, tmp_path, keys=[k1], extra=ENVELOPES)
+    try:
+        service, _ = service_for(app)
+        for provider in ("openai", "exa"):
+            service.set_key(OPERATOR, "acme", provider, random_key(provider), test=False)
+    finally:
+        app.close()
+    for name, value in {
+        "BYOK_HOME": str(tmp_path),
+        "BYOK_DATABASE_URL": database,
+        "BYOK_ENCRYPTION_KEYS": f"k1:{base64.b64encode(k1.secret).decode()}",
+        **ENVELOPES,
+    }.items():
+        monkeypatch.setenv(name, value)
+    runner = CliRunner()
+    refused = runner.invoke(main, ["keys", "delete-workspace", "-w", "acme"])
+    assert refused.exit_code == 2
+    assert "add --yes" in refused.output
+    result = runner.invoke(main, ["keys", "delete-workspace", "-w", "acme", "--yes"])
+    assert result.exit_code == 0, result.output
+    assert "deleted 2 keys of workspace 'acme'" in result.output
+    assert "its data key was destroyed" in result.output
+    after = make_app(database, tmp_path, keys=[k1], extra=ENVELOPES)
+    try:
+        assert after.key_store.list_keys("acme") == []
+        assert after.data_keys.store.get("acme") is None
+    finally:
+        after.close()
+
+
+def test_no_data_key_or_api_key_reaches_a_log_line_or_an_error(
+    sqlite_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    kms = TestKms()
+    app = make_app(sqlite_url, tmp_path, keys=[master_key("k1")], extra=ENVELOPES)
+    texts: list[str] = []
+    try:
+        service, pm = service_for(app)
+        api_keys = [random_key("openai"), random_key("exa")]
+        service.set_key(OPERATOR, "acme", "openai", api_keys[0], test=False)
+        service.set_key(OPERATOR, "acme", "exa", api_keys[1], test=False)
+        data_key = app.data_keys.get("acme")
+        assert data_key is not None
+        secret = data_key.secret
+        texts.append(repr(data_key))
+        texts.append(repr(app.data_keys.store.get("acme")))
+        # a tampered data key, then a KMS that does not answer
+        raw = bytearray(base64.b64decode(_data_key_row(app, "acme")["wrapped"]))
+        raw[-1] ^= 1
+        _set_data_key_row(app, "acme", wrapped=base64.b64encode(bytes(raw)).decode())
+        app.data_keys.forget()
+        with pytest.raises(DataKeyUnreadable) as info:
+            pm.hook.byok_resolve_credential(request=CredentialRequest("acme", "openai", "gpt-4o"))
+        texts.append(str(info.value))
+        pm.register(kms)
+        kms.down = True
+        with pytest.raises(DataKeyUnavailable) as down:
+            service.set_key(OPERATOR, "globex", "openai", random_key("openai"), test=False)
+        texts.append(str(down.value))
+    finally:
+        app.close()
+    texts.append(caplog.text)
+    haystack = "\n".join(texts)
+    for form in (secret.hex(), base64.b64encode(secret).decode(), secret.decode("latin-1")):
+        assert form not in haystack
+    for api_key in api_keys:
+        assert api_key[8:24] not in haystack

@@ -1,5 +1,6 @@
 """``byok keys``: set, list, delete, enable, disable, test and rewrap a workspace's stored keys,
-and retire a master key no stored key uses any more.
+delete a whole workspace's keys (destroying its data key), and retire a master key no stored key
+uses any more.
 
 The CLI acts as the local operator (:data:`~byok_plugin.cli.context.OPERATOR`) who holds the
 master key; everything goes through the same :class:`~byok_plugin.keys.KeyService` as the library
@@ -236,6 +237,30 @@ def delete_command(
     )
     for info in deleted:
         click.echo(f"deleted {_describe(info)} from workspace {workspace_id!r}")
+
+
+@keys_group.command("delete-workspace")
+@workspace_option
+@click.option("--yes", is_flag=True, help="Confirm: this cannot be undone.")
+@pass_cli
+@handles_errors
+def delete_workspace_command(cli: CliContext, workspace_id: str, yes: bool) -> None:
+    """Delete every key of a workspace and destroy its data key (crypto-shredding).
+
+    Copies of its keys that survive elsewhere (a backup, a dump) can no longer be decrypted
+    either, whatever master key one holds.
+    """
+    if not yes:
+        raise click.UsageError(
+            f"this deletes every key of workspace {workspace_id!r} for good; add --yes"
+        )
+    deleted, shredded = _service(cli).delete_workspace(cli.actor, workspace_id)
+    click.echo(f"deleted {deleted} keys of workspace {workspace_id!r}")
+    if shredded:
+        click.echo(
+            "its data key was destroyed: copies of its keys (backups, dumps) can no longer be "
+            "decrypted"
+        )
 
 
 def _status_command(status: str) -> Callable[..., None]:
