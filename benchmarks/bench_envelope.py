@@ -63,7 +63,8 @@ def _build(root: Path, master: MasterKey, *, envelopes: bool) -> Settings:
             secret = secrets.token_bytes(32)
             data_key = DataKey(workspace, secret)
             kek, blob = keyring.wrap_data_key(workspace, secret)
-            wrapped.append((workspace, "local", kek, base64.b64encode(blob).decode(), stamp, stamp))
+            encoded = base64.b64encode(blob).decode()
+            wrapped.append((workspace, "local", kek, encoded, data_key.check_value, stamp, stamp))
         for provider in PROVIDERS:
             key_id = f"key_{secrets.token_urlsafe(12)}"
             api_key = _key_for(provider)
@@ -86,7 +87,7 @@ def _build(root: Path, master: MasterKey, *, envelopes: bool) -> Settings:
         )
         db.executemany(
             "INSERT INTO byok_data_keys (workspace_id, kek_provider, kek_id, wrapped, "
-            "created_at, wrapped_at) VALUES (?, ?, ?, ?, ?, ?)",
+            "check_value, created_at, wrapped_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
             wrapped,
         )
     db.execute("ANALYZE")

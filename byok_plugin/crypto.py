@@ -100,6 +100,7 @@ _AAD_DOMAIN = b"byok-plugin/workspace-key/v1"
 _CHECK_MESSAGE = b"byok-plugin master key check v1"
 _FINGERPRINT_INFO = b"byok-plugin fingerprint v1"
 _WRAP_DOMAIN = b"byok-plugin/data-key/v1"
+_DATA_KEY_CHECK_MESSAGE = b"byok-plugin data key check v1"
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 KEY_FILE_HEADER = (
@@ -226,6 +227,13 @@ class DataKey:
     def secret(self) -> bytes:
         """The raw key, to wrap it again (``byok keys rewrap``). Never log it."""
         return self._secret
+
+    @property
+    def check_value(self) -> str:
+        """Identifies this data key without revealing it (an HMAC of a fixed message under it):
+        stored next to the wrapped key, so that a KMS answering another key is caught, and a key
+        is never stored under a data key that was replaced or destroyed meanwhile."""
+        return hmac.new(self._secret, _DATA_KEY_CHECK_MESSAGE, hashlib.sha256).hexdigest()[:32]
 
     def encrypt(self, plaintext: str, binding: KeyBinding) -> str:
         """Encrypt a row of this workspace, bound to ``binding`` exactly as the keyring does."""

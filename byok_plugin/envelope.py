@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 import secrets
 import time
@@ -171,7 +172,8 @@ class DataKeys:
             return existing
         secret = secrets.token_bytes(KEY_BYTES)
         wrapped = self.wrap(workspace_id, secret)
-        stored = self.store.add(workspace_id, wrapped)
+        created = DataKey(workspace_id, secret)
+        stored = self.store.add(workspace_id, wrapped, created.check_value)
         if stored.wrapped == wrapped:
             log.info(
                 "created the data key of workspace %s, wrapped by %s key %s",
@@ -179,7 +181,7 @@ class DataKeys:
                 wrapped.provider,
                 wrapped.key_id,
             )
-            return self._remember(workspace_id, DataKey(workspace_id, secret))
+            return self._remember(workspace_id, created)
         # another writer stored the workspace's data key first: use that one
         return self._remember(workspace_id, self.unwrap(stored))
 
@@ -249,7 +251,15 @@ class DataKeys:
                 workspace_id=workspace_id,
                 kms=wrapped.provider,
             )
-        return DataKey(workspace_id, secret)
+        key = DataKey(workspace_id, secret)
+        if not hmac.compare_digest(key.check_value, stored.check_value):
+            raise DataKeyUnavailable(
+                f"{kms} unwrapped the data key of workspace {workspace_id!r} into another key "
+                f"than the one stored (its check value differs): the wrapped key was replaced",
+                workspace_id=workspace_id,
+                kms=wrapped.provider,
+            )
+        return key
 
     def rewrap(self, stored: StoredDataKey) -> WrappedDataKey:
         """The stored data key wrapped by the current key-encryption key: inside the KMS through

@@ -32,7 +32,13 @@ from byok_plugin.crypto import (
     restore_master_key_to_file,
 )
 from byok_plugin.key_access import KeyAccess
-from byok_plugin.key_errors import InvalidInput, KeyNotFound, KeyRejected, KeyringError
+from byok_plugin.key_errors import (
+    DataKeyUnavailable,
+    InvalidInput,
+    KeyNotFound,
+    KeyRejected,
+    KeyringError,
+)
 from byok_plugin.key_format import (
     check_api_key,
     check_key_id,
@@ -300,7 +306,16 @@ class KeyService:
             except KeyringError:
                 return None
 
-        stored, replaced = self._store.put(new, fingerprint_of=fingerprint_of)
+        try:
+            stored, replaced = self._store.put(
+                new,
+                fingerprint_of=fingerprint_of,
+                data_key_check=data_key.check_value if self._envelopes else None,
+            )
+        except DataKeyUnavailable:
+            if self._data_keys is not None:
+                self._data_keys.forget(workspace_id)  # a stale cached data key: read it again
+            raise
         detail = f"label {label!r}, {stored.hint}"
         if result_check is not None:
             detail += f", live check {result_check.status.value}"

@@ -78,7 +78,7 @@ class VaultTransitKeyEncryption:
         timeout: float = 5.0,
     ) -> None:
         try:
-            import hvac
+            import hvac  # type: ignore[import-untyped]
         except ImportError:
             raise _missing_extra(self.name, "hvac") from None
         self.url = url
@@ -205,8 +205,8 @@ class AwsKmsKeyEncryption:
         self.endpoint_url = endpoint_url
         if client is None:
             try:
-                import boto3
-                from botocore.config import Config
+                import boto3  # type: ignore[import-untyped]
+                from botocore.config import Config  # type: ignore[import-untyped]
             except ImportError:
                 raise _missing_extra(self.name, "boto3") from None
             client = boto3.client(

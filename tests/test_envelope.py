@@ -29,7 +29,13 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from keys_support import OPERATOR, make_app, master_key, random_key, service_for
 
 from byok_plugin.app import App
-from byok_plugin.crypto import ENVELOPE_MASTER_KEY_ID, ENVELOPE_PREFIX, STORED_PREFIX, MasterKey
+from byok_plugin.crypto import (
+    ENVELOPE_MASTER_KEY_ID,
+    ENVELOPE_PREFIX,
+    STORED_PREFIX,
+    Keyring,
+    MasterKey,
+)
 from byok_plugin.envelope import DataKeys
 from byok_plugin.key_errors import (
     CiphertextMismatch,
@@ -612,8 +618,9 @@ def test_data_key_store_keeps_the_first_writer(sqlite_url: str, tmp_path: Path) 
     app = make_app(sqlite_url, tmp_path, keys=[master_key()])
     try:
         store = DataKeyStore(app.engine)
-        first = store.add("acme", WrappedDataKey("local", "k1", b"first-blob"))
-        second = store.add("acme", WrappedDataKey("local", "k1", b"second-blob"))
+        first = store.add("acme", WrappedDataKey("local", "k1", b"first-blob"), "c1")
+        second = store.add("acme", WrappedDataKey("local", "k1", b"second-blob"), "c2")
+        assert second.check_value == "c1"
         assert first.wrapped.blob == second.wrapped.blob == b"first-blob"
         assert store.swap(first, WrappedDataKey("local", "k2", b"new")) is True
         assert store.swap(first, WrappedDataKey("local", "k3", b"newer")) is False  # stale
@@ -757,3 +764,44 @@ def test_no_data_key_or_api_key_reaches_a_log_line_or_an_error(
         assert form not in haystack
     for api_key in api_keys:
         assert api_key[8:24] not in haystack
+
+
+def test_a_wrapped_data_key_replaced_by_another_valid_one_is_refused(
+    database_url: str, tmp_path: Path
+) -> None:
+    k1 = master_key("k1")
+    app, _ = _two_workspaces(database_url, tmp_path, [k1])
+    try:
+        # a well-formed wrapping, for the right workspace and master key, of ANOTHER data key
+        kek, blob = Keyring([k1]).wrap_data_key("acme", secrets.token_bytes(32))
+        _set_data_key_row(app, "acme", kek_id=kek, wrapped=base64.b64encode(blob).decode())
+        with pytest.raises(DataKeyUnreadable, match="another key than the one stored"):
+            _reveal_fresh(app, "acme")
+    finally:
+        app.close()
+
+
+def test_a_key_is_not_stored_under_a_data_key_destroyed_meanwhile(
+    database_url: str, tmp_path: Path
+) -> None:
+    k1 = master_key("k1")
+    first = make_app(database_url, tmp_path, keys=[k1], extra=ENVELOPES)
+    other = make_app(database_url, tmp_path, keys=[k1], extra=ENVELOPES)  # another process
+    try:
+        service, _ = service_for(first)
+        service.set_key(OPERATOR, "acme", "openai", random_key("openai"), label="a", test=False)
+        assert first.data_keys.cached == 1
+        other_service, _ = service_for(other)
+        assert other_service.delete_workspace(OPERATOR, "acme") == (1, True)
+        # the first process still holds the destroyed data key in its cache
+        with pytest.raises(DataKeyUnavailable, match="was destroyed or replaced"):
+            service.set_key(OPERATOR, "acme", "openai", random_key("openai"), label="b", test=False)
+        assert first.key_store.list_keys("acme") == []
+        # tried again: a new data key, and the key decrypts
+        api_key = random_key("openai")
+        service.set_key(OPERATOR, "acme", "openai", api_key, label="b", test=False)
+        (row,) = other.key_store.find("acme", "openai")
+        assert other.key_access.decrypt(row) == api_key
+    finally:
+        first.close()
+        other.close()

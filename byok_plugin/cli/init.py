@@ -98,7 +98,7 @@ def _check_key_provider(cli: CliContext) -> None:
     import secrets
 
     from byok_plugin.cli.plugins import key_provider_summary
-    from byok_plugin.crypto import KEY_BYTES
+    from byok_plugin.crypto import KEY_BYTES, DataKey
 
     click.echo(key_provider_summary(cli))
     if not cli.settings.key_envelopes:
@@ -109,7 +109,8 @@ def _check_key_provider(cli: CliContext) -> None:
     data_keys = cli.app.data_keys
     wrapped = data_keys.wrap(workspace, probe)
     now = cli.app.clock()
-    back = data_keys.unwrap(StoredDataKey(workspace, wrapped, now, now))
+    check = DataKey(workspace, probe).check_value
+    back = data_keys.unwrap(StoredDataKey(workspace, wrapped, now, now, check))
     if back.secret != probe:  # pragma: no cover - a provider that answers wrongly
         raise click.ClickException(
             f"the key provider {wrapped.provider} unwrapped a test data key into other bytes"

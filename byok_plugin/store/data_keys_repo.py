@@ -39,6 +39,8 @@ class StoredDataKey:
     wrapped: WrappedDataKey
     created_at: datetime
     wrapped_at: datetime
+    #: identifies the data key without revealing it (:attr:`byok_plugin.crypto.DataKey.check_value`)
+    check_value: str = ""
 
 
 def _stored(row: sa.Row[Any]) -> StoredDataKey:
@@ -51,7 +53,9 @@ def _stored(row: sa.Row[Any]) -> StoredDataKey:
             f"the stored data key of workspace {m['workspace_id']!r} is malformed (not base64 "
             f"of a wrapped key); it was altered in the database"
         ) from None
-    return StoredDataKey(m["workspace_id"], wrapped, m["created_at"], m["wrapped_at"])
+    return StoredDataKey(
+        m["workspace_id"], wrapped, m["created_at"], m["wrapped_at"], m["check_value"]
+    )
 
 
 def _encoded(wrapped: WrappedDataKey) -> str:
@@ -80,7 +84,7 @@ class DataKeyStore:
             row = conn.execute(sa.select(_d).where(_d.c.workspace_id == workspace_id)).first()
         return _stored(row) if row is not None else None
 
-    def add(self, workspace_id: str, wrapped: WrappedDataKey) -> StoredDataKey:
+    def add(self, workspace_id: str, wrapped: WrappedDataKey, check_value: str) -> StoredDataKey:
         """Store a workspace's first data key, unless another writer stored one first: the
         stored one (the first) is returned either way, and the caller uses that one."""
         now = self._clock()
@@ -96,6 +100,7 @@ class DataKeyStore:
                     "kek_provider": wrapped.provider,
                     "kek_id": wrapped.key_id,
                     "wrapped": _encoded(wrapped),
+                    "check_value": check_value,
                     "created_at": now,
                     "wrapped_at": now,
                 },
@@ -111,10 +116,12 @@ class DataKeyStore:
             store_errors("deleting the workspace's keys", workspace_id=workspace_id),
             write_transaction(self._engine) as conn,
         ):
+            # the data key first: a key being stored under it holds its row (FOR SHARE, see
+            # KeyStore.put) until it commits, and is then deleted by the statement below
+            shredded = conn.execute(sa.delete(_d).where(_d.c.workspace_id == workspace_id))
             keys = conn.execute(
                 sa.delete(workspace_keys).where(workspace_keys.c.workspace_id == workspace_id)
             ).rowcount
-            shredded = conn.execute(sa.delete(_d).where(_d.c.workspace_id == workspace_id))
         return int(keys), bool(shredded.rowcount)
 
     def count_by_kek(self) -> dict[str, int]:

@@ -133,6 +133,8 @@ data_keys = sa.Table(
     sa.Column("kek_id", sa.String(200), nullable=False),
     # base64 of the wrapped bytes
     sa.Column("wrapped", sa.Text, nullable=False),
+    # an HMAC of a fixed message under the data key: which data key, without revealing it
+    sa.Column("check_value", sa.String(64), nullable=False),
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("wrapped_at", UTCDateTime, nullable=False),
     sa.Index(None, "kek_provider", "kek_id"),

@@ -26,6 +26,7 @@ def upgrade() -> None:
         sa.Column("kek_provider", sa.String(40), nullable=False),
         sa.Column("kek_id", sa.String(200), nullable=False),
         sa.Column("wrapped", sa.Text(), nullable=False),
+        sa.Column("check_value", sa.String(64), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("wrapped_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("workspace_id", name="pk_byok_data_keys"),
