@@ -11,8 +11,11 @@
 - A KMS that does not answer, or a wrapped key that does not unwrap, raises
   :class:`~byok_plugin.key_errors.DataKeyUnavailable` naming the KMS and the workspace; resolution
   turns it into a :class:`~byok_hookspecs.CredentialUnavailable`, never a platform-key fallback.
-- Deleting a workspace (:meth:`DataKeys.shred`) deletes its data key: its rows, wherever copies
-  of them survive (a backup, a dump), can no longer be decrypted, whatever master keys one holds.
+- Deleting a workspace (:meth:`byok_plugin.keys.KeyService.delete_workspace`) deletes its data
+  key: its rows, wherever copies of them survive (a backup, a dump), can no longer be decrypted,
+  whatever master keys one holds. Another process that cached the data key keeps it in memory
+  until its cache time runs out, but cannot store a key under it any more (``KeyStore.put``
+  checks the data key's check value in the insert's transaction).
 """
 
 from __future__ import annotations

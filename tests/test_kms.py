@@ -482,3 +482,49 @@ def test_moving_to_another_aws_kms_key_re_encrypts_inside_kms(
             assert _resolve(moved, workspace).api_key == api_key
     finally:
         moved.close()
+
+
+# A fresh interpreter in which hvac cannot be imported, as after a plain `pip install byok-plugin`
+WITHOUT_VAULT_EXTRA = """
+import sys
+from importlib.abc import MetaPathFinder
+
+class NotInstalled(MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "hvac":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, NotInstalled())
+from byok_plugin.cli import main
+main(sys.argv[1:], prog_name="byok")
+"""
+
+
+def test_without_the_vault_extra_the_cli_says_what_to_install(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "BYOK_HOME": str(tmp_path),
+        "BYOK_KEY_PROVIDER": "vault-transit",
+        "BYOK_VAULT_ADDR": "http://127.0.0.1:1",
+        "VAULT_TOKEN": "not-a-real-token",
+    }
+
+    def byok(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", WITHOUT_VAULT_EXTRA, *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    plugins = byok("plugins")
+    assert plugins.returncode == 0, plugins.stderr
+    assert "pip install 'byok-plugin[vault]'" in plugins.stdout
+    init = byok("init")
+    assert init.returncode == 1
+    assert "pip install 'byok-plugin[vault]'" in init.stderr
+    assert "Traceback" not in init.stderr
+    assert "not-a-real-token" not in init.stdout + init.stderr
