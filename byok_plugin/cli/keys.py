@@ -350,7 +350,7 @@ def rewrap_command(cli: CliContext, dry_run: bool, batch_size: int, pause: float
     envelopes = cli.app.settings.key_envelopes
     if envelopes:
         click.echo("envelope encryption: every key goes under its workspace's data key")
-        click.echo(f"data keys wrapped by: {cli.app.key_encryption.describe()}")
+        click.echo(f"data keys wrapped by: {cli.pm.hook.byok_key_provider() or 'no provider'}")
     else:
         click.echo(f"current master key: {cli.app.keyring.current.id}")
     before = cli.app.key_store.count_by_master_key()
