@@ -805,3 +805,104 @@ def test_a_key_is_not_stored_under_a_data_key_destroyed_meanwhile(
     finally:
         first.close()
         other.close()
+
+
+def test_rewrap_to_envelopes_killed_part_way_and_run_again(
+    database_url: str, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+    from datetime import UTC, datetime
+
+    from keys_support import keyring_value
+
+    from byok_plugin.crypto import KeyBinding
+    from byok_plugin.store.keys_repo import new_key_id
+
+    k1, rows_count = master_key("k1"), 400
+    ring = Keyring([k1])
+    now = datetime.now(UTC)
+    plain: dict[str, str] = {}
+    rows = []
+    for i in range(rows_count):
+        workspace, provider = f"ws-{i // 5:03d}", PROVIDERS[i % 5]
+        key_id, api_key = new_key_id(), random_key(provider)
+        plain[key_id] = api_key
+        rows.append(
+            {
+                "id": key_id,
+                "workspace_id": workspace,
+                "provider": provider,
+                "label": "default",
+                "ciphertext": ring.encrypt(api_key, KeyBinding(workspace, provider, key_id)),
+                "master_key_id": k1.id,
+                "hint": "x",
+                "fingerprint": "hs256:x",
+                "status": "enabled",
+                "created_at": now,
+                "updated_at": now,
+            }
+        )
+    seed = make_app(database_url, tmp_path, keys=[k1])
+    try:
+        seed.key_store.record_master_key(k1)
+        with seed.engine.begin() as conn:
+            conn.execute(sa.insert(workspace_keys), rows)
+    finally:
+        seed.close()
+    env = {
+        **os.environ,
+        "BYOK_HOME": str(tmp_path),
+        "BYOK_DATABASE_URL": database_url,
+        "BYOK_ENCRYPTION_KEYS": keyring_value(k1),
+        "PYTHONUNBUFFERED": "1",
+        **ENVELOPES,
+    }
+    command = [sys.executable, "-m", "byok_plugin", "keys", "rewrap"]
+    proc = subprocess.Popen(
+        [*command, "--batch-size", "20", "--pause", "0.05"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    batches = 0
+    for line in proc.stdout:
+        if line.startswith("  batch:"):
+            batches += 1
+            if batches == 3:
+                proc.kill()  # SIGKILL: no clean-up of any kind
+                break
+    proc.wait(timeout=30)
+    assert proc.returncode == -9
+
+    def decrypt_all() -> dict[str, str]:
+        app = make_app(database_url, tmp_path, keys=[k1], extra=ENVELOPES)
+        try:
+            found = app.key_store.batch_not_under("-", after_id=None, limit=2 * rows_count)
+            return {row.id: app.key_access.decrypt(row) for row in found}
+        finally:
+            app.close()
+
+    check = make_app(database_url, tmp_path, keys=[k1])
+    try:
+        counts = check.key_store.count_by_master_key()
+    finally:
+        check.close()
+    assert counts[ENVELOPE_MASTER_KEY_ID] >= 3 * 20  # the committed batches stayed...
+    assert counts["k1"] > 0  # ...and it really was interrupted
+    assert decrypt_all() == plain  # every row, either side of the kill
+
+    done = subprocess.run([*command, "--batch-size", "100"], env=env, capture_output=True,
+                          text=True, timeout=300, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert f"rewrapped {counts['k1']} rows under their workspace's data key" in done.stdout
+    assert f"after: {rows_count} keys under their workspace's data key" in done.stdout
+    assert "80 data keys wrapped by local:k1" in done.stdout
+    assert decrypt_all() == plain
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120,
+                           check=False)  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert "rewrapped 0 rows under their workspace's data key" in again.stdout
+    assert "data keys: 0 rewrapped under local:k1" in again.stdout
