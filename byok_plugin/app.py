@@ -10,7 +10,7 @@ import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from byok_plugin.settings import Settings
 
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from byok_plugin.billing import Billing
     from byok_plugin.catalog import Catalog
     from byok_plugin.crypto import Keyring
+    from byok_plugin.envelope import BuiltinKeyEncryption, DataKeys
     from byok_plugin.key_access import KeyAccess
     from byok_plugin.keys import KeyService
     from byok_plugin.ledger import Ledger
@@ -45,6 +46,29 @@ class App:
     def __init__(self, settings: Settings, *, clock: Callable[[], datetime] = utc_now) -> None:
         self.settings = settings
         self.clock = clock
+        # the plugin manager whose byok_wrap_data_key / byok_unwrap_data_key hooks envelope
+        # encryption asks (bind_hooks); until bound, the configured built-in provider alone
+        self._hooks: Any = None
+
+    def bind_hooks(self, pm: Any) -> None:
+        """Ask ``pm``'s hooks (any plugin's first) for wrapping and unwrapping data keys."""
+        self._hooks = pm
+
+    def key_hooks(self) -> Any:
+        """The hooks envelope encryption asks: the bound manager's, else the built-in ones."""
+        if self._hooks is not None:
+            return self._hooks
+        from types import SimpleNamespace
+
+        kek = self.key_encryption
+        return SimpleNamespace(
+            hook=SimpleNamespace(
+                byok_wrap_data_key=kek.wrap,
+                byok_unwrap_data_key=kek.unwrap,
+                byok_rewrap_data_key=kek.rewrap,
+                byok_key_provider=kek.describe,
+            )
+        )
 
     def __repr__(self) -> str:
         return f"App(database={self.settings.database_url.split('://', 1)[0]!r})"
@@ -98,7 +122,41 @@ class App:
         """What credential resolution reads stored keys through (see :mod:`byok_plugin.key_access`)."""
         from byok_plugin.key_access import KeyAccess
 
-        return KeyAccess(self.key_store, lambda: self.keyring, clock=self.clock)
+        return KeyAccess(
+            self.key_store, lambda: self.keyring, clock=self.clock, data_keys=self.data_keys
+        )
+
+    @cached_property
+    def key_encryption(self) -> BuiltinKeyEncryption:
+        """The built-in key-encryption provider ``BYOK_KEY_PROVIDER`` names (``local``,
+        ``vault-transit``, ``aws-kms``); the local keyring still unwraps what it wrapped."""
+        from byok_plugin.envelope import BuiltinKeyEncryption, LocalKeyEncryption
+
+        local = LocalKeyEncryption(lambda: self.keyring)
+        provider, env = self.settings.key_provider, self.settings.environ
+        active: Any = local
+        if provider == "vault-transit":
+            from byok_plugin.kms import VaultTransitKeyEncryption
+
+            active = VaultTransitKeyEncryption.from_environ(env, self.settings.kms_timeout)
+        elif provider == "aws-kms":
+            from byok_plugin.kms import AwsKmsKeyEncryption
+
+            active = AwsKmsKeyEncryption.from_environ(env, self.settings.kms_timeout)
+        return BuiltinKeyEncryption(active, local)
+
+    @cached_property
+    def data_keys(self) -> DataKeys:
+        """The workspaces' data keys (envelope encryption), unwrapped through the hooks and
+        cached for ``BYOK_DATA_KEY_CACHE_SECONDS``."""
+        from byok_plugin.envelope import DataKeys
+        from byok_plugin.store.data_keys_repo import DataKeyStore
+
+        return DataKeys(
+            DataKeyStore(self.engine, clock=self.clock),
+            self.key_hooks,
+            cache_seconds=self.settings.data_key_cache_seconds,
+        )
 
     @cached_property
     def key_validator(self) -> KeyValidator:

@@ -25,6 +25,16 @@ key, and whoever has the master key can decrypt anyway. Binding the workspace an
 equal fingerprints only ever show up within one workspace's keys for one provider, where they are
 used to refuse storing the same key twice.
 
+Envelope encryption (opt-in, ``BYOK_KEY_ENVELOPES``, see :mod:`byok_plugin.envelope`): each
+workspace gets a random 256-bit data key, stored only wrapped by a key-encryption key (the local
+keyring here, or a KMS through the ``byok_wrap_data_key`` / ``byok_unwrap_data_key`` hooks). Its
+rows are then encrypted exactly as above, under the data key instead of a master key, with the
+same row-bound associated data, stored as ``byok:e1:<base64(nonce || ciphertext || tag)>`` with
+``master_key_id`` = :data:`ENVELOPE_MASTER_KEY_ID`. The local keyring wraps a data key with
+AES-256-GCM under its current master key, bound to the workspace and the master key id, so a
+wrapped data key moved to another workspace or relabelled with another master key id does not
+unwrap.
+
 Master keys never appear in a ``repr``, a log line or an exception message.
 """
 
@@ -61,8 +71,11 @@ from byok_plugin.key_errors import (
 )
 
 __all__ = [
+    "ENVELOPE_MASTER_KEY_ID",
+    "ENVELOPE_PREFIX",
     "KEY_FILE_HEADER",
     "STORED_PREFIX",
+    "DataKey",
     "KeyBinding",
     "Keyring",
     "MasterKey",
@@ -76,12 +89,18 @@ __all__ = [
 log = logging.getLogger("byok.crypto")
 
 STORED_PREFIX = "byok:v1:"
+ENVELOPE_PREFIX = "byok:e1:"
+#: the ``master_key_id`` of a row encrypted under its workspace's data key: not a valid master
+#: key id (those start with a letter or a digit), so it never names a key of the keyring
+ENVELOPE_MASTER_KEY_ID = "@data-key"
 KEY_BYTES = 32
 NONCE_BYTES = 12
 TAG_BYTES = 16
 _AAD_DOMAIN = b"byok-plugin/workspace-key/v1"
 _CHECK_MESSAGE = b"byok-plugin master key check v1"
 _FINGERPRINT_INFO = b"byok-plugin fingerprint v1"
+_WRAP_DOMAIN = b"byok-plugin/data-key/v1"
+_DATA_KEY_CHECK_MESSAGE = b"byok-plugin data key check v1"
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 KEY_FILE_HEADER = (
@@ -149,6 +168,110 @@ class MasterKey:
         return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_FINGERPRINT_INFO).derive(
             self.secret
         )
+
+
+def _seal(aead: AESGCM, plaintext: bytes, associated_data: bytes) -> bytes:
+    nonce = os.urandom(NONCE_BYTES)
+    return nonce + aead.encrypt(nonce, plaintext, associated_data)
+
+
+def _open_row(aead: AESGCM, encoded: str, binding: KeyBinding, *, under: str) -> str:
+    """Decrypt a row's base64 ``nonce || ciphertext || tag`` or raise a decryption error naming
+    the row; ``under`` says which key it should open with (for the tamper message)."""
+    where = {
+        "workspace_id": binding.workspace_id,
+        "provider": binding.provider,
+        "key_id": binding.key_id,
+    }
+    try:
+        raw = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise MalformedCiphertext("the stored ciphertext is not valid base64", **where) from None
+    if len(raw) < NONCE_BYTES + TAG_BYTES:
+        raise MalformedCiphertext("the stored ciphertext is too short", **where)
+    try:
+        plain = aead.decrypt(raw[:NONCE_BYTES], raw[NONCE_BYTES:], binding.associated_data())
+    except InvalidTag:
+        raise CiphertextMismatch(
+            "the ciphertext does not authenticate for this row: it was altered, copied from "
+            f"another row, workspace or provider, or encrypted under another {under}",
+            **where,
+        ) from None
+    try:
+        return plain.decode("utf-8")
+    except UnicodeDecodeError:  # pragma: no cover - authenticated, so written by us
+        raise MalformedCiphertext("the decrypted key is not UTF-8", **where) from None
+
+
+class DataKey:
+    """A workspace's unwrapped 256-bit data key (envelope encryption). Never in ``repr``."""
+
+    __slots__ = ("_aead", "_fingerprint_key", "_secret", "workspace_id")
+
+    def __init__(self, workspace_id: str, secret: bytes) -> None:
+        if not isinstance(secret, bytes) or len(secret) != KEY_BYTES:
+            raise KeyringError(
+                f"the data key of workspace {workspace_id!r} must be {KEY_BYTES} bytes"
+            )
+        self.workspace_id = workspace_id
+        self._secret = secret
+        self._aead = AESGCM(secret)
+        self._fingerprint_key = HKDF(
+            algorithm=hashes.SHA256(), length=32, salt=None, info=_FINGERPRINT_INFO
+        ).derive(secret)
+
+    def __repr__(self) -> str:
+        return f"DataKey(workspace_id={self.workspace_id!r})"
+
+    @property
+    def secret(self) -> bytes:
+        """The raw key, to wrap it again (``byok keys rewrap``). Never log it."""
+        return self._secret
+
+    @property
+    def check_value(self) -> str:
+        """Identifies this data key without revealing it (an HMAC of a fixed message under it):
+        stored next to the wrapped key, so that a KMS answering another key is caught, and a key
+        is never stored under a data key that was replaced or destroyed meanwhile."""
+        return hmac.new(self._secret, _DATA_KEY_CHECK_MESSAGE, hashlib.sha256).hexdigest()[:32]
+
+    def encrypt(self, plaintext: str, binding: KeyBinding) -> str:
+        """Encrypt a row of this workspace, bound to ``binding`` exactly as the keyring does."""
+        if binding.workspace_id != self.workspace_id:
+            raise KeyringError(
+                f"the data key of workspace {self.workspace_id!r} does not encrypt keys of "
+                f"workspace {binding.workspace_id!r}"
+            )
+        sealed = _seal(self._aead, plaintext.encode("utf-8"), binding.associated_data())
+        return f"{ENVELOPE_PREFIX}{base64.b64encode(sealed).decode('ascii')}"
+
+    def decrypt(self, stored: str, binding: KeyBinding) -> str:
+        if not stored.startswith(ENVELOPE_PREFIX):
+            raise MalformedCiphertext(
+                f"the stored value is not in the '{ENVELOPE_PREFIX}<base64>' form",
+                workspace_id=binding.workspace_id,
+                provider=binding.provider,
+                key_id=binding.key_id,
+            )
+        return _open_row(
+            self._aead,
+            stored[len(ENVELOPE_PREFIX) :],
+            binding,
+            under="data key (was the workspace's data key replaced or moved?)",
+        )
+
+    def fingerprint(self, api_key: str, *, provider: str) -> str:
+        """The keyed fingerprint of an API key of this workspace (see the module doc)."""
+        digest = hmac.new(
+            self._fingerprint_key,
+            _length_prefixed((self.workspace_id, provider, api_key)),
+            hashlib.sha256,
+        ).hexdigest()
+        return f"hs256:{digest[:32]}"
+
+
+def _wrap_associated_data(workspace_id: str, master_key_id: str) -> bytes:
+    return _WRAP_DOMAIN + _length_prefixed((workspace_id, master_key_id))
 
 
 def generate_master_key(key_id: str | None = None) -> MasterKey:
@@ -355,6 +478,41 @@ class Keyring:
             return plain.decode("utf-8")
         except UnicodeDecodeError:  # pragma: no cover - authenticated, so written by us
             raise MalformedCiphertext("the decrypted key is not UTF-8", **where) from None
+
+    def wrap_data_key(self, workspace_id: str, data_key: bytes) -> tuple[str, bytes]:
+        """Wrap a workspace's data key under the current master key, bound to the workspace and
+        the master key id. :returns: ``(master key id, nonce || ciphertext || tag)``."""
+        key = self.current
+        return key.id, _seal(key._aead, data_key, _wrap_associated_data(workspace_id, key.id))
+
+    def unwrap_data_key(self, workspace_id: str, master_key_id: str, blob: bytes) -> bytes:
+        """Unwrap a data key wrapped by :meth:`wrap_data_key` for ``workspace_id``.
+
+        :raises KeyringError: the master key is not in the keyring, or the wrapped key does not
+            authenticate (altered, moved from another workspace, or labelled with another master
+            key id). The message names the workspace and master key, never key material.
+        """
+        key = self._by_id.get(master_key_id)
+        if key is None:
+            raise KeyringError(
+                f"the data key of workspace {workspace_id!r} is wrapped under master key "
+                f"{master_key_id!r}, which is not in {self.source} (it holds "
+                f"{', '.join(self.ids)}); add that master key back"
+            )
+        if len(blob) < NONCE_BYTES + TAG_BYTES:
+            raise KeyringError(f"the wrapped data key of workspace {workspace_id!r} is too short")
+        try:
+            return key._aead.decrypt(
+                blob[:NONCE_BYTES],
+                blob[NONCE_BYTES:],
+                _wrap_associated_data(workspace_id, master_key_id),
+            )
+        except InvalidTag:
+            raise KeyringError(
+                f"the wrapped data key of workspace {workspace_id!r} does not authenticate under "
+                f"master key {master_key_id!r}: it was altered, moved from another workspace, or "
+                f"wrapped under another master key"
+            ) from None
 
     def fingerprint(
         self, api_key: str, *, workspace_id: str, provider: str, master_key_id: str

@@ -22,6 +22,7 @@ from byok_hookspecs import (
     RecordedCall,
     Usage,
     UsageRecord,
+    WrappedDataKey,
     hookimpl,
 )
 
@@ -39,8 +40,11 @@ _IN_MEMORY_HOOKS = frozenset(
         "byok_platform_key",
         "byok_compute_charge",
         "byok_authorize",
+        "byok_key_provider",
     }
 )
+#: the data-key hooks: non-blocking with the local keyring (a local file), not with a KMS
+_LOCAL_KEY_HOOKS = frozenset({"byok_wrap_data_key", "byok_unwrap_data_key", "byok_rewrap_data_key"})
 #: audited key changes after which a cooldown not yet written must not be applied any more
 _KEY_STATE_CHANGES = frozenset({"key.enabled", "key.disabled", "key.deleted", "key.replaced"})
 #: hooks that read or write the store: non-blocking when it is a local SQLite file
@@ -62,8 +66,11 @@ class DefaultPlugin:
     @hookimpl(trylast=True)
     def byok_manager_ready(self, pm: Any) -> None:
         """Keep the manager, so that the default resolution asks its ``byok_is_hosted``,
-        ``byok_platform_key``, ``byok_authorize`` and ``byok_audit`` (any plugin's answers first)."""
+        ``byok_platform_key``, ``byok_authorize`` and ``byok_audit`` (any plugin's answers first),
+        and envelope encryption its ``byok_wrap_data_key`` and ``byok_unwrap_data_key``."""
         self._pm = pm
+        if self._app is not None or "app" in self.__dict__:  # else bound when it is built
+            self.app.bind_hooks(pm)
 
     def __repr__(self) -> str:
         return "<byok_plugin DefaultPlugin>"
@@ -76,19 +83,26 @@ class DefaultPlugin:
         loop's thread they wait at most 25 ms for a lock another writer holds: then the ledger
         write fails at once (the host retries it off the loop), and an audit event or a cooldown
         is written by a background thread. On PostgreSQL the store hooks are a network round
-        trip. ``byok_validate_key`` calls the provider."""
+        trip. ``byok_validate_key`` calls the provider; the data-key hooks call the KMS, unless
+        the local keyring wraps the data keys."""
         try:
             local = self.app.store_is_local
+            local_keys = self.app.settings.key_provider == "local"
         except Exception:  # a configuration error: the hooks will report it, not this hint
-            local = False
-        return _IN_MEMORY_HOOKS | _STORE_HOOKS if local else _IN_MEMORY_HOOKS
+            local = local_keys = False
+        hooks = _IN_MEMORY_HOOKS | _STORE_HOOKS if local else _IN_MEMORY_HOOKS
+        return hooks | _LOCAL_KEY_HOOKS if local_keys else hooks
 
     @cached_property
     def app(self) -> App:
         if self._app is not None:
-            return self._app
-        assert self._app_factory is not None
-        return self._app_factory()
+            app = self._app
+        else:
+            assert self._app_factory is not None
+            app = self._app_factory()
+        if self._pm is not None:
+            app.bind_hooks(self._pm)
+        return app
 
     @hookimpl(trylast=True)
     def byok_authorize(self, actor: Actor | None, workspace_id: str, action: Action) -> bool | None:
@@ -143,6 +157,24 @@ class DefaultPlugin:
     @hookimpl(trylast=True)
     def byok_validate_key(self, provider: str, api_key: str) -> KeyCheck | None:
         return self.app.key_validator.check(provider, api_key)
+
+    @hookimpl(trylast=True)
+    def byok_wrap_data_key(self, workspace_id: str, data_key: bytes) -> WrappedDataKey | None:
+        return self.app.key_encryption.wrap(workspace_id, data_key)
+
+    @hookimpl(trylast=True)
+    def byok_unwrap_data_key(self, workspace_id: str, wrapped: WrappedDataKey) -> bytes | None:
+        return self.app.key_encryption.unwrap(workspace_id, wrapped)
+
+    @hookimpl(trylast=True)
+    def byok_rewrap_data_key(
+        self, workspace_id: str, wrapped: WrappedDataKey
+    ) -> WrappedDataKey | None:
+        return self.app.key_encryption.rewrap(workspace_id, wrapped)
+
+    @hookimpl(trylast=True)
+    def byok_key_provider(self) -> str | None:
+        return self.app.key_encryption.describe()
 
     @hookimpl(trylast=True)
     def byok_audit(self, event: AuditEvent) -> None:

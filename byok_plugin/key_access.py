@@ -25,19 +25,26 @@ import hmac
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from byok_hookspecs import Credential, CredentialSource, FailureReason
 
-from byok_plugin.crypto import Keyring
+from byok_plugin.crypto import ENVELOPE_PREFIX, Keyring
 from byok_plugin.key_errors import (
     CiphertextCopied,
     CiphertextMismatch,
+    DataKeyDestroyed,
+    DataKeyUnavailable,
+    DataKeyUnreadable,
     KeyDecryptionError,
     KeyringError,
     StoreUnavailable,
     WrongMasterKey,
 )
 from byok_plugin.store.keys_repo import KeyStore, StoredKey
+
+if TYPE_CHECKING:
+    from byok_plugin.envelope import DataKeys
 
 __all__ = ["KeyAccess"]
 
@@ -56,6 +63,8 @@ class KeyAccess:
         decrypts needs no master key; raising :class:`~byok_plugin.key_errors.KeyringError` there
         becomes a :class:`~byok_plugin.key_errors.KeyDecryptionError` naming the key).
     :param clock: returns the current aware UTC datetime.
+    :param data_keys: the workspaces' data keys, for rows under envelope encryption
+        (``byok:e1:``); without them such rows do not decrypt.
     """
 
     def __init__(
@@ -64,10 +73,12 @@ class KeyAccess:
         keyring: Callable[[], Keyring],
         *,
         clock: Callable[[], datetime] = _utc_now,
+        data_keys: DataKeys | None = None,
     ) -> None:
         self._store = store
         self._keyring = keyring
         self._clock = clock
+        self.data_keys = data_keys
 
     def __repr__(self) -> str:
         return f"KeyAccess({self._store!r})"
@@ -113,6 +124,8 @@ class KeyAccess:
     def decrypt(self, key: StoredKey) -> str:
         """The plaintext of a stored key. Do not log it. The resolver keeps it with the key list
         it came from (``BYOK_KEY_CACHE_SECONDS``), dropped at the cache's next use after that."""
+        if key.ciphertext.startswith(ENVELOPE_PREFIX):
+            return self._decrypt_envelope(key)
         where = {"workspace_id": key.workspace_id, "provider": key.provider, "key_id": key.id}
         try:
             keyring = self._keyring()
@@ -139,6 +152,48 @@ class KeyAccess:
                 exc.reason,
             )
             raise
+
+    def _decrypt_envelope(self, key: StoredKey) -> str:
+        where = {"workspace_id": key.workspace_id, "provider": key.provider, "key_id": key.id}
+        if self.data_keys is None:
+            raise DataKeyUnreadable(
+                "it is encrypted under its workspace's data key, and this process has no data "
+                "key service",
+                **where,
+            )
+        try:
+            data_key = self.data_keys.get(key.workspace_id)
+        except DataKeyUnavailable as exc:
+            log.error(
+                "stored %s key %s of workspace %s does not decrypt: %s",
+                key.provider,
+                key.id,
+                key.workspace_id,
+                exc,
+            )
+            raise DataKeyUnreadable(str(exc), **where) from None
+        if data_key is None:
+            raise DataKeyDestroyed(
+                "it is encrypted under its workspace's data key, which was destroyed (the "
+                "workspace was deleted); set the key again",
+                **where,
+            )
+        try:
+            return data_key.decrypt(key.ciphertext, key.binding)
+        except CiphertextMismatch as exc:
+            try:
+                source = self._store.find_copy(key.ciphertext, exclude_key_id=key.id)
+            except StoreUnavailable:
+                source = None
+            refined = CiphertextCopied(source, **where) if source is not None else exc
+            log.warning(
+                "stored %s key %s of workspace %s does not decrypt (%s)",
+                key.provider,
+                key.id,
+                key.workspace_id,
+                refined.reason,
+            )
+            raise refined from None
 
     def _diagnose(self, key: StoredKey, keyring: Keyring) -> KeyDecryptionError | None:
         """Tell a wrong master key and a copied row apart from plain tampering, if we can."""

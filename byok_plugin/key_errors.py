@@ -15,6 +15,9 @@ from byok_hookspecs import ByokError, CredentialUnavailable
 __all__ = [
     "CiphertextCopied",
     "CiphertextMismatch",
+    "DataKeyDestroyed",
+    "DataKeyUnavailable",
+    "DataKeyUnreadable",
     "DuplicateKey",
     "InvalidInput",
     "InvalidKeyFormat",
@@ -42,6 +45,22 @@ class KeyringError(ByokError):
 
 class NoMasterKey(KeyringError):
     """No master key is configured at all. There is no built-in default key, on purpose."""
+
+
+class DataKeyUnavailable(KeyringError):
+    """A workspace's data key could not be wrapped or unwrapped (envelope encryption): the KMS
+    did not answer, refused, or the wrapped key does not authenticate. The message names the
+    workspace and the key-encryption provider.
+
+    :ivar workspace_id: the workspace whose data key it is.
+    :ivar kms: the key-encryption provider (``local``, ``vault-transit``, ``aws-kms``...), when
+        known.
+    """
+
+    def __init__(self, message: str, *, workspace_id: str, kms: str | None = None) -> None:
+        super().__init__(message)
+        self.workspace_id = workspace_id
+        self.kms = kms
 
 
 # --- decryption --------------------------------------------------------------------------------
@@ -135,6 +154,20 @@ class CiphertextCopied(CiphertextMismatch):
             provider=provider,
             key_id=key_id,
         )
+
+
+class DataKeyUnreadable(KeyDecryptionError):
+    """The row is encrypted under its workspace's data key, which could not be unwrapped (the
+    message names the KMS)."""
+
+    reason = "data-key-unavailable"
+
+
+class DataKeyDestroyed(KeyDecryptionError):
+    """The row is encrypted under its workspace's data key, and that data key no longer exists:
+    the workspace was deleted (crypto-shredded). No master key can decrypt it."""
+
+    reason = "data-key-destroyed"
 
 
 # --- the store ---------------------------------------------------------------------------------

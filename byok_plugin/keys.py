@@ -25,13 +25,20 @@ import pluggy
 from byok_hookspecs import Action, Actor, AuditEvent, KeyCheck, KeyCheckStatus, NotAuthorized
 
 from byok_plugin.crypto import (
+    ENVELOPE_MASTER_KEY_ID,
     KeyBinding,
     Keyring,
     remove_master_key_from_file,
     restore_master_key_to_file,
 )
 from byok_plugin.key_access import KeyAccess
-from byok_plugin.key_errors import InvalidInput, KeyNotFound, KeyRejected, KeyringError
+from byok_plugin.key_errors import (
+    DataKeyUnavailable,
+    InvalidInput,
+    KeyNotFound,
+    KeyRejected,
+    KeyringError,
+)
 from byok_plugin.key_format import (
     check_api_key,
     check_key_id,
@@ -45,6 +52,7 @@ from byok_plugin.store.keys_repo import KeyInfo, KeyStore, NewKey, new_key_id
 
 if TYPE_CHECKING:
     from byok_plugin.app import App
+    from byok_plugin.envelope import DataKeys
 
 __all__ = ["KeyService", "KeyTestResult", "SetKeyResult"]
 
@@ -91,9 +99,18 @@ class KeyService:
         pm: pluggy.PluginManager,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         key_file: Path | None = None,
+        data_keys: DataKeys | None = None,
+        envelopes: bool = False,
     ) -> None:
         """:param key_file: the master key file the keyring is read from; ``None`` when the
-        master keys come from ``BYOK_ENCRYPTION_KEYS`` (this service cannot edit those)."""
+        master keys come from ``BYOK_ENCRYPTION_KEYS`` (this service cannot edit those).
+        :param data_keys: the workspaces' data keys (envelope encryption).
+        :param envelopes: encrypt new keys under their workspace's data key (``data_keys``
+            required), not directly under the current master key."""
+        if envelopes and data_keys is None:
+            raise ValueError("envelope encryption needs the data keys")
+        self._data_keys = data_keys
+        self._envelopes = envelopes
         self._key_file = key_file
         self._store = store
         self._access = access
@@ -112,6 +129,8 @@ class KeyService:
             pm=pm,
             clock=app.clock,
             key_file=None if app.settings.encryption_keys else app.settings.key_file,
+            data_keys=app.data_keys,
+            envelopes=app.settings.key_envelopes,
         )
 
     def __repr__(self) -> str:
@@ -221,8 +240,12 @@ class KeyService:
         fmt = check_api_key(provider, api_key)
         for warning in fmt.warnings:
             log.warning("%s key for workspace %s: %s", provider, workspace_id, warning)
-        keyring = self._keyring()
-        self._record_master_key(keyring)
+        if self._envelopes:
+            assert self._data_keys is not None
+            data_key = self._data_keys.get_or_create(workspace_id)  # a KMS that fails: now
+        else:
+            keyring = self._keyring()
+            self._record_master_key(keyring)
 
         result_check: KeyCheck | None = None
         if test:
@@ -246,24 +269,35 @@ class KeyService:
                 )
 
         key_id = new_key_id()
-        current = keyring.current
+        binding = KeyBinding(workspace_id, provider, key_id)
+        if self._envelopes:
+            ciphertext = data_key.encrypt(api_key, binding)
+            master_key_id = ENVELOPE_MASTER_KEY_ID
+            fingerprint = data_key.fingerprint(api_key, provider=provider)
+        else:
+            ciphertext = keyring.encrypt(api_key, binding)
+            master_key_id = keyring.current.id
+            fingerprint = keyring.fingerprint(
+                api_key, workspace_id=workspace_id, provider=provider, master_key_id=master_key_id
+            )
         new = NewKey(
             id=key_id,
             workspace_id=workspace_id,
             provider=provider,
             label=label,
-            ciphertext=keyring.encrypt(api_key, KeyBinding(workspace_id, provider, key_id)),
-            master_key_id=current.id,
+            ciphertext=ciphertext,
+            master_key_id=master_key_id,
             hint=mask(api_key),
-            fingerprint=keyring.fingerprint(
-                api_key, workspace_id=workspace_id, provider=provider, master_key_id=current.id
-            ),
+            fingerprint=fingerprint,
             actor_id=_actor_id(actor),
         )
 
         def fingerprint_of(master_key_id: str) -> str | None:
             try:
-                return keyring.fingerprint(
+                if master_key_id == ENVELOPE_MASTER_KEY_ID:
+                    found = self._data_keys.get(workspace_id) if self._data_keys else None
+                    return found.fingerprint(api_key, provider=provider) if found else None
+                return self._keyring().fingerprint(
                     api_key,
                     workspace_id=workspace_id,
                     provider=provider,
@@ -272,7 +306,16 @@ class KeyService:
             except KeyringError:
                 return None
 
-        stored, replaced = self._store.put(new, fingerprint_of=fingerprint_of)
+        try:
+            stored, replaced = self._store.put(
+                new,
+                fingerprint_of=fingerprint_of,
+                data_key_check=data_key.check_value if self._envelopes else None,
+            )
+        except DataKeyUnavailable:
+            if self._data_keys is not None:
+                self._data_keys.forget(workspace_id)  # a stale cached data key: read it again
+            raise
         detail = f"label {label!r}, {stored.hint}"
         if result_check is not None:
             detail += f", live check {result_check.status.value}"
@@ -336,6 +379,29 @@ class KeyService:
                 detail=f"label {info.label!r}, {info.hint}",
             )
         return deleted
+
+    def delete_workspace(self, actor: Actor | None, workspace_id: str) -> tuple[int, bool]:
+        """Delete every stored key of a workspace and destroy its data key (crypto-shredding):
+        copies of its rows (a backup, a dump) can no longer be decrypted, with any master key.
+
+        :returns: ``(keys deleted, whether a data key was destroyed)``.
+        """
+        workspace_id = check_workspace_id(workspace_id)
+        self.authorize(actor, workspace_id, Action.MANAGE_KEYS, what="delete the workspace's keys")
+        if self._data_keys is None:
+            deleted = len(self._store.delete(workspace_id, None))
+            shredded = False
+        else:
+            deleted, shredded = self._data_keys.store.delete_workspace(workspace_id)
+            self._data_keys.forget(workspace_id)
+        self.audit(
+            "key.deleted",
+            actor,
+            workspace_id,
+            detail=f"workspace deleted: {deleted} keys"
+            + (", data key destroyed" if shredded else ""),
+        )
+        return deleted, shredded
 
     def enable(
         self,
@@ -474,7 +540,13 @@ class KeyService:
         :mod:`byok_plugin.key_rewrap`). Only the local operator, who holds the master keys, may.
         """
         self._require_operator(actor, "keys.rewrap", "rewrap")
-        keyring = self._keyring()
+        keyring: Keyring | None
+        try:
+            keyring = self._keyring()
+        except KeyringError:
+            if not self._envelopes:
+                raise
+            keyring = None  # a KMS wraps the data keys: no local master key is needed
         report = rewrap_all(
             self._store,
             self._access,
@@ -483,17 +555,26 @@ class KeyService:
             dry_run=dry_run,
             pause=pause,
             progress=progress,
+            data_keys=self._data_keys,
+            envelopes=self._envelopes,
         )
         if not dry_run:
-            self._recorded_master_keys.add(keyring.current.id)
+            if keyring is not None and not self._envelopes:
+                self._recorded_master_keys.add(keyring.current.id)
             self.audit(
                 "key.rewrapped",
                 actor,
                 "*",
                 outcome="ok" if not report.failures else "error",
                 detail=(
-                    f"{report.rewrapped} rewrapped under {report.current_master_key}, "
-                    f"{len(report.failures)} failed; now "
+                    f"{report.rewrapped} rewrapped under "
+                    f"{ENVELOPE_MASTER_KEY_ID if self._envelopes else report.current_master_key}, "
+                    + (
+                        f"{report.data_keys_rewrapped} data keys rewrapped under {report.kek}, "
+                        if report.kek
+                        else ""
+                    )
+                    + f"{len(report.failures)} failed; now "
                     + ", ".join(f"{k}={v}" for k, v in sorted(report.after.items()))
                 ),
             )
@@ -516,6 +597,16 @@ class KeyService:
         keyring = self._keyring()
         keyring.check_retirable(master_key_id)
         in_use = self._store.count_by_master_key().get(master_key_id, 0)
+        wrapping = (
+            self._data_keys.store.count_by_kek().get(f"local:{master_key_id}", 0)
+            if self._data_keys is not None
+            else 0
+        )
+        if wrapping:
+            raise KeyringError(
+                f"{wrapping} workspace data keys are still wrapped under master key "
+                f"{master_key_id}; run `byok keys rewrap` first (they would no longer unwrap)"
+            )
         if in_use:
             raise KeyringError(
                 f"{in_use} stored keys are still encrypted under master key {master_key_id}; "

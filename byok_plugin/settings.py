@@ -6,6 +6,10 @@
 | ``BYOK_DATABASE_URL`` | any SQLAlchemy URL (``postgresql+psycopg://...``) | SQLite file in ``BYOK_HOME`` |
 | ``BYOK_ENCRYPTION_KEYS`` | master keys, ``id:base64`` comma-separated, the first encrypts | none |
 | ``BYOK_KEY_FILE`` | the master key file ``byok init`` writes (mode 0600) | ``BYOK_HOME/master.keys`` |
+| ``BYOK_KEY_ENVELOPES`` | ``1``: new keys are encrypted under a per-workspace data key (envelope) | off (on with a KMS) |
+| ``BYOK_KEY_PROVIDER`` | who wraps data keys: ``local`` (the master keys), ``vault-transit``, ``aws-kms`` (:mod:`byok_plugin.kms`) | ``local`` |
+| ``BYOK_DATA_KEY_CACHE_SECONDS`` | how long an unwrapped data key stays in memory | ``300`` |
+| ``BYOK_KMS_TIMEOUT`` | seconds a KMS call waits | ``5`` |
 | ``BYOK_VALIDATE_KEYS`` | ``0`` turns off live key checks (offline use) | on |
 | ``BYOK_VALIDATE_TIMEOUT`` | seconds a live key check waits for the provider | ``5`` |
 | ``BYOK_<PROVIDER>_BASE_URL`` | a provider's API base URL (key checks, provider clients, emulator) | the provider's own |
@@ -29,6 +33,8 @@ from pathlib import Path
 import platformdirs
 
 APP_NAME = "byok"
+#: the key-encryption providers byok-plugin itself implements (``BYOK_KEY_PROVIDER``)
+KEY_PROVIDERS = ("local", "vault-transit", "aws-kms")
 
 
 class SettingsError(ValueError):
@@ -109,6 +115,10 @@ class Settings:
     key_cooldown_seconds: float = 30.0
     key_cache_seconds: float = 2.0
     validate_timeout: float = 5.0
+    key_envelopes: bool = False
+    key_provider: str = "local"
+    data_key_cache_seconds: float = 300.0
+    kms_timeout: float = 5.0
     #: the whole environment, for provider-specific variables (platform keys, base URLs)
     environ: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
@@ -134,6 +144,12 @@ class Settings:
             ) from None
         if not multiplier.is_finite() or multiplier < 0:
             raise SettingsError("BYOK_CHARGE_MULTIPLIER must be a finite number >= 0")
+        key_provider = (env.get("BYOK_KEY_PROVIDER") or "local").strip().lower()
+        if key_provider not in KEY_PROVIDERS:
+            raise SettingsError(
+                f"BYOK_KEY_PROVIDER must be one of {', '.join(KEY_PROVIDERS)}, not "
+                f"{env.get('BYOK_KEY_PROVIDER')!r}"
+            )
         return cls(
             home=home,
             database_url=database_url,
@@ -151,5 +167,9 @@ class Settings:
             key_cooldown_seconds=_seconds(env, "BYOK_KEY_COOLDOWN_SECONDS", 30.0),
             key_cache_seconds=_seconds(env, "BYOK_KEY_CACHE_SECONDS", 2.0),
             validate_timeout=_positive_seconds(env, "BYOK_VALIDATE_TIMEOUT", 5.0),
+            key_envelopes=_flag(env, "BYOK_KEY_ENVELOPES", key_provider != "local"),
+            key_provider=key_provider,
+            data_key_cache_seconds=_seconds(env, "BYOK_DATA_KEY_CACHE_SECONDS", 300.0),
+            kms_timeout=_positive_seconds(env, "BYOK_KMS_TIMEOUT", 5.0),
             environ=env,
         )

@@ -88,9 +88,39 @@ def init_command(cli: CliContext, new_master_key: bool) -> None:
             f"(schema revision {current_revision(engine)})"
         )
         _check_keyring_against_database(cli, keyring)
+        _check_key_provider(cli)
+
+
+def _check_key_provider(cli: CliContext) -> None:
+    """Show the active key-encryption provider and, under envelope encryption, check that it
+    wraps and unwraps a throw-away data key (a KMS that does not answer is reported now, not at
+    the first resolution)."""
+    import secrets
+
+    from byok_plugin.cli.plugins import key_provider_summary
+    from byok_plugin.crypto import KEY_BYTES, DataKey
+
+    click.echo(key_provider_summary(cli))
+    if not cli.settings.key_envelopes:
+        return
+    from byok_plugin.store.data_keys_repo import StoredDataKey
+
+    probe, workspace = secrets.token_bytes(KEY_BYTES), "byok-init-probe"
+    data_keys = cli.app.data_keys
+    wrapped = data_keys.wrap(workspace, probe)
+    now = cli.app.clock()
+    check = DataKey(workspace, probe).check_value
+    back = data_keys.unwrap(StoredDataKey(workspace, wrapped, now, now, check))
+    if back.secret != probe:  # pragma: no cover - a provider that answers wrongly
+        raise click.ClickException(
+            f"the key provider {wrapped.provider} unwrapped a test data key into other bytes"
+        )
+    click.echo(f"key provider check: wrapped and unwrapped a test data key with {wrapped.key_id}")
 
 
 def _check_keyring_against_database(cli: CliContext, keyring: Keyring) -> None:
+    from byok_plugin.crypto import ENVELOPE_MASTER_KEY_ID
+
     store = cli.app.key_store
     recorded = store.master_key_check_values()
     counts = store.count_by_master_key()
@@ -106,7 +136,11 @@ def _check_keyring_against_database(cli: CliContext, keyring: Keyring) -> None:
             + " differ from the ones this database was encrypted with under the same id; "
             "restore the original key file (or BYOK_ENCRYPTION_KEYS)"
         )
-    missing = {kid: n for kid, n in counts.items() if n and keyring.get(kid) is None}
+    missing = {
+        kid: n
+        for kid, n in counts.items()
+        if n and kid != ENVELOPE_MASTER_KEY_ID and keyring.get(kid) is None
+    }
     for kid, count in sorted(missing.items()):
         click.echo(
             click.style(

@@ -1,5 +1,6 @@
 """``byok keys``: set, list, delete, enable, disable, test and rewrap a workspace's stored keys,
-and retire a master key no stored key uses any more.
+delete a whole workspace's keys (destroying its data key), and retire a master key no stored key
+uses any more.
 
 The CLI acts as the local operator (:data:`~byok_plugin.cli.context.OPERATOR`) who holds the
 master key; everything goes through the same :class:`~byok_plugin.keys.KeyService` as the library
@@ -317,6 +318,30 @@ def delete_command(
         click.echo(f"deleted {_describe(info)} from workspace {workspace_id!r}")
 
 
+@keys_group.command("delete-workspace")
+@workspace_option
+@click.option("--yes", is_flag=True, help="Confirm: this cannot be undone.")
+@pass_cli
+@handles_errors
+def delete_workspace_command(cli: CliContext, workspace_id: str, yes: bool) -> None:
+    """Delete every key of a workspace and destroy its data key (crypto-shredding).
+
+    Copies of its keys that survive elsewhere (a backup, a dump) can no longer be decrypted
+    either, whatever master key one holds.
+    """
+    if not yes:
+        raise click.UsageError(
+            f"this deletes every key of workspace {workspace_id!r} for good; add --yes"
+        )
+    deleted, shredded = _service(cli).delete_workspace(cli.actor, workspace_id)
+    click.echo(f"deleted {deleted} keys of workspace {workspace_id!r}")
+    if shredded:
+        click.echo(
+            "its data key was destroyed: copies of its keys (backups, dumps) can no longer be "
+            "decrypted"
+        )
+
+
 def _status_command(status: str) -> Callable[..., None]:
     verb = "enable" if status == "enabled" else "disable"
 
@@ -399,15 +424,21 @@ def test_command(
 @pass_cli
 @handles_errors
 def rewrap_command(cli: CliContext, dry_run: bool, batch_size: int, pause: float) -> None:
-    """Re-encrypt every stored key under the current (first) master key.
+    """Re-encrypt every stored key under the current (first) master key, or, with
+    BYOK_KEY_ENVELOPES=1, under its workspace's data key (after moving every data key to the
+    current key-encryption key; rows are not touched for that).
 
     Safe to interrupt and run again; afterwards the old master keys can be removed from the
     keyring.
     """
     service = _service(cli)
-    keyring = cli.app.keyring
+    envelopes = cli.app.settings.key_envelopes
+    if envelopes:
+        click.echo("envelope encryption: every key goes under its workspace's data key")
+        click.echo(f"data keys wrapped by: {cli.pm.hook.byok_key_provider() or 'no provider'}")
+    else:
+        click.echo(f"current master key: {cli.app.keyring.current.id}")
     before = cli.app.key_store.count_by_master_key()
-    click.echo(f"current master key: {keyring.current.id}")
     _print_counts("before", before)
 
     def progress(done: int, total: int) -> None:
@@ -419,8 +450,14 @@ def rewrap_command(cli: CliContext, dry_run: bool, batch_size: int, pause: float
     if dry_run:
         click.echo(f"dry run: {report.rewrapped} rows would be rewrapped; nothing was changed")
     else:
-        click.echo(f"rewrapped {report.rewrapped} rows under {report.current_master_key}")
+        target = "their workspace's data key" if envelopes else report.current_master_key
+        click.echo(f"rewrapped {report.rewrapped} rows under {target}")
         _print_counts("after", report.after)
+    if report.kek is not None:
+        verb = "would be rewrapped" if dry_run else "rewrapped"
+        click.echo(f"data keys: {report.data_keys_rewrapped} {verb} under {report.kek}")
+        for kek, count in sorted(report.data_keys_after.items()):
+            click.echo(f"  {count} data keys wrapped by {kek}")
     for failure in report.failures:
         click.echo(
             f"cannot rewrap {failure.provider} key {failure.key_id} of workspace "
@@ -470,5 +507,10 @@ def _print_counts(when: str, counts: dict[str, int] | Any) -> None:
     if not counts:
         click.echo(f"{when}: no stored keys")
         return
+    from byok_plugin.crypto import ENVELOPE_MASTER_KEY_ID
+
     for kid, count in sorted(counts.items()):
-        click.echo(f"{when}: {count} keys under master key {kid}")
+        under = (
+            "their workspace's data key" if kid == ENVELOPE_MASTER_KEY_ID else f"master key {kid}"
+        )
+        click.echo(f"{when}: {count} keys under {under}")

@@ -15,6 +15,18 @@ from byok_plugin.cli.context import CliContext, pass_cli
 from byok_plugin.cli.text import plain
 
 
+def key_provider_summary(cli: CliContext) -> str:
+    """One line: the active key-encryption provider (``byok_key_provider``) and whether keys are
+    stored under envelope encryption. A provider that cannot be set up is described by its
+    error, not a traceback."""
+    mode = "on" if cli.settings.key_envelopes else "off: keys under the master keys directly"
+    try:
+        described = cli.pm.hook.byok_key_provider()
+    except Exception as exc:  # a misconfigured KMS: say what is wrong, here as everywhere
+        described = f"{cli.settings.key_provider} (not usable: {exc})"
+    return f"key provider: {described or 'none'} (envelope encryption {mode})"
+
+
 def describe_plugins(pm: pluggy.PluginManager) -> list[dict[str, object]]:
     """One entry per registered plugin: name, distribution, version and hooks, each with its
     order, whether it is a wrapper, and whether the plugin declares it never waits on the network
@@ -96,3 +108,4 @@ def plugins_command(cli: CliContext, as_json: bool) -> None:
             plain(names),
         )
     Console().print(table)
+    click.echo(key_provider_summary(cli))

@@ -143,6 +143,7 @@ _SEARCH_FUNCTION = FunctionTool(
 #: the hooks a provider call goes through, with those the default resolution asks in turn
 RUN_HOOKS = (
     "byok_resolve_credential",
+    "byok_unwrap_data_key",  # resolution asks it on a cold data-key cache (a KMS: the network)
     "byok_is_hosted",
     "byok_platform_key",
     "byok_authorize",

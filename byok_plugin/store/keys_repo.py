@@ -25,9 +25,14 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from byok_plugin.crypto import KeyBinding, MasterKey
-from byok_plugin.key_errors import DuplicateKey, KeyLimitReached, KeyringError
+from byok_plugin.key_errors import (
+    DataKeyUnavailable,
+    DuplicateKey,
+    KeyLimitReached,
+    KeyringError,
+)
 from byok_plugin.store.engine import lock_in_transaction, store_errors, write_transaction
-from byok_plugin.store.tables import master_keys, workspace_keys
+from byok_plugin.store.tables import data_keys, master_keys, workspace_keys
 
 __all__ = [
     "MAX_KEYS_PER_PROVIDER",
@@ -150,14 +155,18 @@ def _stored(row: sa.Row[Any]) -> StoredKey:
     )
 
 
-def _insert_ignore(conn: Connection, table: sa.Table, values: dict[str, Any]) -> None:
+def _insert_ignore(
+    conn: Connection, table: sa.Table, values: dict[str, Any], *, key_column: str = "id"
+) -> None:
     if conn.dialect.name == "postgresql":
         conn.execute(postgresql.insert(table).values(**values).on_conflict_do_nothing())
     elif conn.dialect.name == "sqlite":
         conn.execute(sqlite.insert(table).values(**values).on_conflict_do_nothing())
     else:  # pragma: no cover - other backends
         exists = conn.execute(
-            sa.select(sa.literal(1)).select_from(table).where(table.c.id == values["id"])
+            sa.select(sa.literal(1))
+            .select_from(table)
+            .where(table.c[key_column] == values[key_column])
         ).first()
         if exists is None:
             conn.execute(table.insert().values(**values))
@@ -276,12 +285,20 @@ class KeyStore:
     # --- writes ----------------------------------------------------------------------------
 
     def put(
-        self, new: NewKey, *, fingerprint_of: Callable[[str], str | None]
+        self,
+        new: NewKey,
+        *,
+        fingerprint_of: Callable[[str], str | None],
+        data_key_check: str | None = None,
     ) -> tuple[StoredKey, KeyInfo | None]:
         """Insert a key, replacing the one with the same label if there is one.
 
         :param fingerprint_of: the new key's fingerprint under a given master key id (``None`` if
             that master key is not at hand), to refuse the same key under another label.
+        :param data_key_check: for a key encrypted under its workspace's data key, that data
+            key's check value: the insert happens only if the workspace still has that data key
+            (it holds the data key's row until it commits, so a concurrent crypto-shredding
+            deletes the new key too), else :class:`DataKeyUnavailable` and nothing is stored.
         :returns: the stored row, and the row it replaced (deleted), if any.
         :raises KeyLimitReached: a new label beyond the limit.
         :raises DuplicateKey: the same key is stored under another label.
@@ -290,6 +307,8 @@ class KeyStore:
         where = {"workspace_id": new.workspace_id, "provider": new.provider}
         with store_errors("storing a key", **where), write_transaction(self._engine) as conn:
             lock_in_transaction(conn, "workspace-keys", new.workspace_id, new.provider)
+            if data_key_check is not None:
+                self._check_data_key(conn, new, data_key_check)
             rows = [
                 _info(row)
                 for row in conn.execute(
@@ -331,6 +350,21 @@ class KeyStore:
             **{k: v for k, v in values.items() if k != "ciphertext"}, ciphertext=new.ciphertext
         )
         return stored, replaced
+
+    @staticmethod
+    def _check_data_key(conn: Connection, new: NewKey, check_value: str) -> None:
+        current = conn.execute(
+            sa.select(data_keys.c.check_value)
+            .where(data_keys.c.workspace_id == new.workspace_id)
+            .with_for_update(read=True)  # FOR SHARE on PostgreSQL; SQLite's write lock is held
+        ).scalar()
+        if current is None or not hmac.compare_digest(current, check_value):
+            raise DataKeyUnavailable(
+                f"the data key of workspace {new.workspace_id!r} was destroyed or replaced while "
+                f"its {new.provider} key was being stored (was the workspace deleted?); nothing "
+                f"was stored",
+                workspace_id=new.workspace_id,
+            )
 
     def delete(
         self,

@@ -20,6 +20,7 @@ __all__ = [
     "KEY_STATUSES",
     "UTCDateTime",
     "audit_events",
+    "data_keys",
     "master_keys",
     "metadata",
     "workspace_keys",
@@ -118,4 +119,23 @@ master_keys = sa.Table(
     sa.Column("id", sa.String(64), primary_key=True),
     sa.Column("check_value", sa.String(64), nullable=False),
     sa.Column("first_used_at", UTCDateTime, nullable=False),
+)
+
+# Envelope encryption (revision 0006): each workspace's data key, stored only wrapped by a
+# key-encryption key (the local keyring, OpenBao/Vault Transit, AWS KMS...). Deleting a
+# workspace's row destroys its data key: its stored provider keys can no longer be decrypted.
+data_keys = sa.Table(
+    "byok_data_keys",
+    metadata,
+    sa.Column("workspace_id", sa.String(200), primary_key=True),
+    # who wrapped it (local, vault-transit, aws-kms, a plugin's name) and with which key
+    sa.Column("kek_provider", sa.String(40), nullable=False),
+    sa.Column("kek_id", sa.String(200), nullable=False),
+    # base64 of the wrapped bytes
+    sa.Column("wrapped", sa.Text, nullable=False),
+    # an HMAC of a fixed message under the data key: which data key, without revealing it
+    sa.Column("check_value", sa.String(64), nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("wrapped_at", UTCDateTime, nullable=False),
+    sa.Index(None, "kek_provider", "kek_id"),
 )

@@ -46,6 +46,7 @@ from byok_hookspecs.types import (  # noqa: E402
     Role,
     Usage,
     UsageRecord,
+    WrappedDataKey,
 )
 
 __version__ = "0.1.0"
@@ -75,6 +76,7 @@ __all__ = [
     "UnpricedModel",
     "Usage",
     "UsageRecord",
+    "WrappedDataKey",
     "add_to",
     "blocking_implementations",
     "called_inline",

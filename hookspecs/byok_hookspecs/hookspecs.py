@@ -21,6 +21,7 @@ from byok_hookspecs.types import (
     RecordedCall,
     Usage,
     UsageRecord,
+    WrappedDataKey,
 )
 
 
@@ -157,4 +158,69 @@ def byok_audit(event: AuditEvent) -> None:
 
     :param event: what happened, to which workspace, by whom; never a secret.
     :returns: nothing.
+    """
+
+
+@hookspec(firstresult=True)
+def byok_wrap_data_key(workspace_id: str, data_key: bytes) -> WrappedDataKey | None:
+    """Wrap a workspace's new data key with the active key-encryption key (envelope encryption).
+
+    Called when a workspace stores its first key under envelope encryption, and by
+    ``byok keys rewrap`` to move a data key to the current key-encryption key. The wrapping must
+    be bound to ``workspace_id`` (associated data, an encryption context), so that a wrapped data
+    key copied to another workspace does not unwrap there. Raise (naming the KMS) when the KMS
+    does not answer; never return a key wrapped by something else instead.
+
+    Stops at first non-None result.
+
+    :param workspace_id: the workspace the data key belongs to.
+    :param data_key: the 32 random bytes to wrap; implementations must never log them.
+    :returns: the wrapped key, or ``None`` to let the next implementation answer.
+    """
+
+
+@hookspec(firstresult=True)
+def byok_unwrap_data_key(workspace_id: str, wrapped: WrappedDataKey) -> bytes | None:
+    """Unwrap a workspace's data key, so that its stored provider keys can be decrypted.
+
+    An implementation answers only for ``wrapped.provider`` values it owns (``None`` otherwise),
+    and raises when it owns the key but cannot unwrap it: the KMS does not answer, the key was
+    tampered with or wrapped for another workspace. Resolution then fails loudly; it never falls
+    back to a platform key. The result is cached in memory for a bounded time
+    (``BYOK_DATA_KEY_CACHE_SECONDS``), so a resolution does not call the KMS.
+
+    Stops at first non-None result.
+
+    :param workspace_id: the workspace the data key must belong to.
+    :param wrapped: the wrapped data key, as :func:`byok_wrap_data_key` returned it.
+    :returns: the 32-byte data key, or ``None`` to let the next implementation answer.
+    """
+
+
+@hookspec(firstresult=True)
+def byok_rewrap_data_key(workspace_id: str, wrapped: WrappedDataKey) -> WrappedDataKey | None:
+    """Move a wrapped data key to the current key-encryption key inside the KMS.
+
+    Called by ``byok keys rewrap`` for each data key not wrapped by the current key-encryption
+    key (after a rotation), so that the data key never leaves the KMS (Transit's ``rewrap``, AWS
+    KMS's ``ReEncrypt``). Return ``None`` when you cannot (``wrapped.provider`` is not yours, or
+    your KMS has no such operation): byok-plugin then unwraps and wraps it again through the two
+    hooks above. Keep the binding to ``workspace_id``.
+
+    Stops at first non-None result.
+
+    :param workspace_id: the workspace the data key belongs to.
+    :param wrapped: the data key as wrapped by an older key-encryption key (or key version).
+    :returns: the data key wrapped by the current key-encryption key, or ``None``.
+    """
+
+
+@hookspec(firstresult=True)
+def byok_key_provider() -> str | None:
+    """Describe the active key-encryption provider, for ``byok plugins`` and ``byok init``.
+
+    Stops at first non-None result.
+
+    :returns: a one-line description without secrets (``local keyring (key file ...)``,
+        ``OpenBao/Vault Transit key byok at https://...``), or ``None``.
     """

@@ -29,6 +29,7 @@ __all__ = [
     "Role",
     "Usage",
     "UsageRecord",
+    "WrappedDataKey",
 ]
 
 #: the counts a :class:`Usage` carries, in display order (each a non-negative int)
@@ -343,3 +344,28 @@ class KeyCheck:
     @property
     def ok(self) -> bool:
         return self.status is KeyCheckStatus.VALID
+
+
+@dataclass(frozen=True, slots=True)
+class WrappedDataKey:
+    """A workspace's data key as stored: encrypted (wrapped) by a key-encryption key.
+
+    Not a secret on its own (only the key-encryption key opens it), but its bytes are still kept
+    out of ``repr``.
+
+    :param provider: who wrapped it and can unwrap it: ``local`` (the master keyring),
+        ``vault-transit``, ``aws-kms`` or a plugin's own name.
+    :param key_id: which key-encryption key, and version, wrapped it (a master key id, a Transit
+        key name, a KMS key id); shown in errors and by ``byok keys rewrap``.
+    :param blob: the wrapped bytes, as the provider returned them.
+    """
+
+    provider: str
+    key_id: str
+    blob: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.provider or not self.key_id:
+            raise ValueError("a wrapped data key names its provider and key-encryption key")
+        if not isinstance(self.blob, bytes) or not self.blob:
+            raise ValueError("a wrapped data key's blob is non-empty bytes")
