@@ -7,24 +7,33 @@ How one call is priced (:func:`list_cost`), with the disjoint token counts of
 :class:`~byok_hookspecs.Usage`:
 
 - ``input_tokens`` at ``input``; ``cached_input_tokens`` at ``cached_input`` (else ``input``);
-  ``cache_write_tokens`` at ``cache_write`` (else ``input``); ``output_tokens`` at ``output``;
+  ``cache_write_tokens`` at ``cache_write`` (else ``input``); ``cache_write_1h_tokens`` at
+  ``cache_write_1h`` (no fallback: Anthropic bills them at twice the input price);
+  ``output_tokens`` at ``output``;
   ``reasoning_tokens`` at ``reasoning`` where the provider prices them apart, else at ``output``
   (OpenAI, Anthropic, Google and Mistral all bill hidden reasoning as output);
-- ``tool_requests`` at ``per_request``;
+- ``tool_requests`` at ``per_request``; each of ``tool_uses`` (a model's server-side tools:
+  Anthropic ``web_search``/``web_fetch``, Gemini ``google_search``, OpenAI ``web_search``) at the
+  ``per_request`` of the table's ``tools`` entry ``provider/tool``;
 - when the prompt (input + cached input + cache writes) exceeds ``long_context.threshold``, the
   long-context prices apply to the whole call (Anthropic's and Google's rule);
 - a cost the provider reported itself (Exa's ``costDollars``) is used instead of the table.
 
+A part of the call the table has no price for does not make the whole call unpriceable:
+:func:`price_call` prices what it can and names the rest in ``unpriced``.
+
 Price files (``BYOK_PRICE_FILE``) come in two shapes, told apart by their content:
 
 - this package's own (``byok_plugin/data/prices.json``): ``{"version", "models": {"provider/model":
-  {"input", "cached_input", "cache_write", "output", "reasoning", "per_request", "long_context"}}}``;
+  {"input", "cached_input", "cache_write", "cache_write_1h", "output", "reasoning", "per_request",
+  "long_context"}}, "tools": {"provider/tool": {"per_request", "as_of", "source", "note"}}}``;
 - LiteLLM's ``model_prices_and_context_window.json``: ``{"model": {"litellm_provider",
   "input_cost_per_token", "cache_read_input_token_cost", "cache_creation_input_token_cost",
-  "output_cost_per_token", "output_cost_per_reasoning_token", "*_above_200k_tokens", ...}}``.
+  "output_cost_per_token", "output_cost_per_reasoning_token", "*_above_200k_tokens",
+  "cache_creation_input_token_cost_above_1hr", ...}}``.
 
 Entries of the user's file replace whole entries of the shipped table; the version recorded in the
-ledger then names both (``2026-11-27+<file version or content hash>``).
+ledger then names both (``2026-12-04+<file version or content hash>``).
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ from byok_hookspecs import Usage
 __all__ = [
     "LITELLM_PROVIDERS",
     "MILLION",
+    "CallCost",
     "MissingRate",
     "Price",
     "PriceError",
@@ -54,6 +64,7 @@ __all__ = [
     "load_price_file",
     "parse_litellm_prices",
     "parse_price_table",
+    "price_call",
     "prices_for",
     "shipped_prices",
 ]
@@ -77,7 +88,7 @@ _LITELLM_TOOL_NAMES: Mapping[str, str] = MappingProxyType({"exa_ai/search": "exa
 #: LiteLLM entries of these modes are priced per token or per query; others (images, audio,
 #: embeddings, OCR) use units this package does not bill
 _LITELLM_MODES = frozenset({"chat", "completion", "responses", "search"})
-_RATE_FIELDS = ("input", "cached_input", "cache_write", "output", "reasoning")
+_RATE_FIELDS = ("input", "cached_input", "cache_write", "cache_write_1h", "output", "reasoning")
 _ENTRY_FIELDS = frozenset(
     {
         *_RATE_FIELDS,
@@ -106,20 +117,23 @@ class TokenRates:
     cache_write: Decimal | None = None
     output: Decimal | None = None
     reasoning: Decimal | None = None
+    cache_write_1h: Decimal | None = None
 
     def billed(self) -> tuple[Decimal | None, ...]:
         """The price each kind of token is billed at, in :data:`_ITEMS` order: cached input and
-        cache writes at the input price where they have none, reasoning at the output price."""
+        cache writes at the input price where they have none, reasoning at the output price;
+        1-hour cache writes only at their own price."""
         return (
             self.input,
             self.cached_input if self.cached_input is not None else self.input,
             self.cache_write if self.cache_write is not None else self.input,
+            self.cache_write_1h,
             self.output,
             self.reasoning if self.reasoning is not None else self.output,
         )
 
 
-_ITEMS = ("input", "cached_input", "cache_write", "output", "reasoning")
+_ITEMS = ("input", "cached_input", "cache_write", "cache_write_1h", "output", "reasoning")
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,9 +179,15 @@ class PriceTable:
     entries: Mapping[tuple[str, str], Price]
     currency: str = "USD"
     source: str = "<prices>"
+    #: the per-request prices of the providers' own tools, by ``(provider, tool)``
+    tools: Mapping[tuple[str, str], Price] = field(default_factory=lambda: MappingProxyType({}))
 
     def price(self, provider: str, model: str) -> Price | None:
         return self.entries.get((provider, model))
+
+    def tool(self, provider: str, tool: str) -> Price | None:
+        """The per-request price of ``provider``'s own tool ``tool`` (``web_search``), if any."""
+        return self.tools.get((provider, tool))
 
     def __contains__(self, key: object) -> bool:
         return key in self.entries
@@ -183,11 +203,14 @@ class PriceTable:
             )
         merged = dict(self.entries)
         merged.update(other.entries)
+        tools = dict(self.tools)
+        tools.update(other.tools)
         return PriceTable(
             version=f"{self.version}+{other.version}",
             entries=MappingProxyType(merged),
             currency=self.currency,
             source=f"{self.source}+{other.source}",
+            tools=MappingProxyType(tools),
         )
 
 
@@ -282,6 +305,10 @@ def parse_price_table(
     for key, entry in models.items():
         price = _parse_entry(source, key, entry)
         entries[(price.provider, price.model)] = price
+    tools = _parse_tools(source, data.get("tools", {}))
+    unknown = set(data) - {"version", "currency", "description", "models", "tools"}
+    if unknown:
+        raise _fail(source, "$", f"unknown fields {sorted(unknown)}")
     declared = data.get("version")
     if declared is not None and (not isinstance(declared, str) or not declared.strip()):
         raise _fail(source, "version", f"must be a non-empty string, not {declared!r}")
@@ -290,7 +317,40 @@ def parse_price_table(
         entries=MappingProxyType(entries),
         currency=currency,
         source=source,
+        tools=MappingProxyType(tools),
     )
+
+
+_TOOL_FIELDS = frozenset({"per_request", "as_of", "source", "note"})
+
+
+def _parse_tools(source: str, raw: Any) -> dict[tuple[str, str], Price]:
+    """The ``tools`` object: ``"provider/tool" -> {"per_request", "as_of", "source", "note"}``."""
+    if not isinstance(raw, Mapping):
+        raise _fail(source, "tools", "must be an object of 'provider/tool' -> price")
+    tools: dict[tuple[str, str], Price] = {}
+    for key, entry in raw.items():
+        path = f"tools.{key}"
+        provider, sep, name = str(key).partition("/")
+        if not sep or not provider or not name:
+            raise _fail(
+                source, path, "the key must be 'provider/tool', e.g. 'anthropic/web_search'"
+            )
+        if not isinstance(entry, Mapping):
+            raise _fail(source, path, "must be an object")
+        unknown = set(entry) - _TOOL_FIELDS
+        if unknown:
+            raise _fail(source, path, f"unknown fields {sorted(unknown)}")
+        if entry.get("per_request") is None:
+            raise _fail(source, f"{path}.per_request", "is required (USD per request)")
+        tools[(provider, name)] = Price(
+            provider=provider,
+            model=name,
+            per_request=_decimal(source, f"{path}.per_request", entry["per_request"]),
+            as_of=entry.get("as_of"),
+            source=entry.get("source"),
+        )
+    return tools
 
 
 def _per_million(source: str, path: str, value: Any) -> Decimal:
@@ -312,6 +372,7 @@ _LITELLM_FIELDS = {
     "input": "input_cost_per_token",
     "cached_input": "cache_read_input_token_cost",
     "cache_write": "cache_creation_input_token_cost",
+    "cache_write_1h": "cache_creation_input_token_cost_above_1hr",
     "output": "output_cost_per_token",
     "reasoning": "output_cost_per_reasoning_token",
 }
@@ -458,21 +519,40 @@ class MissingRate(PriceError):
     """The call used a kind of token (or a tool request) its price entry has no price for."""
 
 
-def list_cost(price: Price, usage: Usage) -> tuple[Decimal, tuple[tuple[str, Decimal], ...]]:
-    """The call's cost at list price, exact, and its ``(item, amount)`` breakdown.
+@dataclass(frozen=True, slots=True)
+class CallCost:
+    """A call's cost at list price: the total of what could be priced, its ``(item, amount)``
+    breakdown, and the parts that had no price (``cache_write_1h``, ``tool:web_fetch``)."""
 
-    :raises MissingRate: the usage has tokens of a kind the entry does not price.
+    total: Decimal
+    breakdown: tuple[tuple[str, Decimal], ...]
+    unpriced: tuple[str, ...] = ()
+
+
+def price_call(
+    price: Price, usage: Usage, tools: Mapping[tuple[str, str], Price] | None = None
+) -> CallCost:
+    """Price what can be priced of one call; name what cannot in ``unpriced``.
+
+    :param tools: the table's tool prices (:attr:`PriceTable.tools`), for ``usage.tool_uses``.
     """
     if usage.reported_cost is not None and price.reported_cost:
-        return usage.reported_cost, (("reported_cost", usage.reported_cost),)
-    prompt = usage.input_tokens + usage.cached_input_tokens + usage.cache_write_tokens
+        return CallCost(usage.reported_cost, (("reported_cost", usage.reported_cost),))
+    prompt = (
+        usage.input_tokens
+        + usage.cached_input_tokens
+        + usage.cache_write_tokens
+        + usage.cache_write_1h_tokens
+    )
     rates = price.rates_for(prompt)
     breakdown: list[tuple[str, Decimal]] = []
+    unpriced: list[str] = []
     total = Decimal(0)
     counts = (
         usage.input_tokens,
         usage.cached_input_tokens,
         usage.cache_write_tokens,
+        usage.cache_write_1h_tokens,
         usage.output_tokens,
         usage.reasoning_tokens,
     )
@@ -480,17 +560,35 @@ def list_cost(price: Price, usage: Usage) -> tuple[Decimal, tuple[tuple[str, Dec
         if tokens == 0:
             continue
         if rate is None:
-            raise MissingRate(f"{price.key} has no {item} price but the call used {tokens} tokens")
+            unpriced.append(item)
+            continue
         amount = rate * tokens / MILLION
         breakdown.append((item, amount))
         total += amount
     if usage.tool_requests:
         if price.per_request is None:
-            raise MissingRate(
-                f"{price.key} has no per-request price but the call made "
-                f"{usage.tool_requests} tool requests"
-            )
-        amount = price.per_request * usage.tool_requests
-        breakdown.append(("requests", amount))
+            unpriced.append("requests")
+        else:
+            amount = price.per_request * usage.tool_requests
+            breakdown.append(("requests", amount))
+            total += amount
+    for name, count in usage.tool_uses:
+        tool = (tools or {}).get((price.provider, name))
+        if tool is None or tool.per_request is None:
+            unpriced.append(f"tool:{name}")
+            continue
+        amount = tool.per_request * count
+        breakdown.append((f"tool:{name}", amount))
         total += amount
-    return total, tuple(breakdown)
+    return CallCost(total, tuple(breakdown), tuple(unpriced))
+
+
+def list_cost(price: Price, usage: Usage) -> tuple[Decimal, tuple[tuple[str, Decimal], ...]]:
+    """The call's cost at list price, exact, and its ``(item, amount)`` breakdown.
+
+    :raises MissingRate: the usage has tokens of a kind the entry does not price.
+    """
+    cost = price_call(price, usage)
+    if cost.unpriced:
+        raise MissingRate(f"{price.key} has no price for {', '.join(cost.unpriced)} of the call")
+    return cost.total, cost.breakdown

@@ -39,6 +39,7 @@ USAGE_COUNTS = (
     "output_tokens",
     "reasoning_tokens",
     "tool_requests",
+    "cache_write_1h_tokens",
 )
 
 _NO_ROLES: Mapping[str, Role | str] = MappingProxyType({})
@@ -141,6 +142,9 @@ class CredentialRequest:
     :param actor: who started the run, if known.
     :param stream: whether the call is streamed (resolution does not depend on it).
     :param failure: set when the host asks again after the provider refused a credential.
+    :param tools: the provider's own tools the call may use, each billed per request
+        (``web_search``): a platform-billed call is refused before it is sent when one of them
+        has no price.
     """
 
     workspace_id: str
@@ -153,6 +157,7 @@ class CredentialRequest:
     actor: Actor | None = None
     stream: bool = False
     failure: ProviderFailure | None = None
+    tools: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,12 +196,17 @@ class Usage:
 
     The token counts are disjoint, so that each is priced once:
     ``input_tokens`` are fresh (uncached) input tokens, ``cached_input_tokens`` are cache reads,
-    ``cache_write_tokens`` are tokens written to a prompt cache, ``output_tokens`` are visible output
-    tokens and ``reasoning_tokens`` are hidden reasoning ("thinking") tokens.
+    ``cache_write_tokens`` are tokens written to a prompt cache (Anthropic's 5-minute cache),
+    ``cache_write_1h_tokens`` those written to Anthropic's 1-hour cache (billed higher),
+    ``output_tokens`` are visible output tokens and ``reasoning_tokens`` are hidden reasoning
+    ("thinking") tokens.
 
     :param provider: the provider that served the call.
     :param model: the model, or the tool for tool calls.
-    :param tool_requests: billable tool requests (an Exa search is one).
+    :param tool_requests: billable requests of a tool called on its own (an Exa search is one),
+        priced at the tool's ``per_request``.
+    :param tool_uses: the provider's own tools a model call used, each billed per request:
+        ``(("web_search", 3), ("web_fetch", 1))``, sorted by name, counts > 0.
     :param reported_cost: the cost the provider itself reported, in USD, where it reports one.
     """
 
@@ -208,13 +218,29 @@ class Usage:
     output_tokens: int = 0
     reasoning_tokens: int = 0
     tool_requests: int = 0
+    cache_write_1h_tokens: int = 0
     reported_cost: Decimal | None = None
+    tool_uses: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         for name in USAGE_COUNTS:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"Usage.{name} must be a non-negative integer, got {value!r}")
+        uses = dict(self.tool_uses)
+        if len(uses) != len(self.tool_uses) or any(
+            not isinstance(k, str)
+            or not k
+            or not isinstance(v, int)
+            or isinstance(v, bool)
+            or v < 1
+            for k, v in uses.items()
+        ):
+            raise ValueError(
+                "Usage.tool_uses must be (tool name, count > 0) pairs, each tool once, got "
+                f"{self.tool_uses!r}"
+            )
+        object.__setattr__(self, "tool_uses", tuple(sorted(uses.items())))
         if self.reported_cost is not None and not isinstance(self.reported_cost, Decimal):
             raise TypeError("Usage.reported_cost must be a Decimal")
 
@@ -224,6 +250,7 @@ class Usage:
             self.input_tokens
             + self.cached_input_tokens
             + self.cache_write_tokens
+            + self.cache_write_1h_tokens
             + self.output_tokens
             + self.reasoning_tokens
         )
@@ -239,6 +266,8 @@ class Charge:
     :param list_cost: the call's cost at list price, whoever pays it (what BYOK saved).
     :param breakdown: ``(item, amount)`` pairs that add up to ``list_cost`` or ``amount``.
     :param price_version: the version of the price table used, if any.
+    :param unpriced: the parts of the call the price table has no price for (``cache_write_1h``,
+        ``tool:web_fetch``): they are not in ``list_cost`` or ``amount``, to be billed by hand.
     """
 
     amount: Decimal
@@ -247,6 +276,7 @@ class Charge:
     list_cost: Decimal | None = None
     breakdown: tuple[tuple[str, Decimal], ...] = ()
     price_version: str | None = None
+    unpriced: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.amount, Decimal):

@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from typing import Any, ClassVar
 
 import httpx
+from byok_hookspecs import Usage
 
 from byok_plugin.host.providers.common import (
     CompletionRequest,
@@ -77,6 +78,13 @@ class StreamAccumulator(ABC):
 
     @abstractmethod
     def result(self) -> CompletionResult: ...
+
+    def partial_usage(self) -> Usage | None:
+        """What the provider is known to bill for the stream read so far, should it break now:
+        the input the start event reported, the output counted from the deltas received (or the
+        provider's own running count where it sends one); ``None`` before anything billable was
+        seen. Each provider's accumulator says what it knows."""
+        return None
 
 
 class ProviderClient(ABC):
@@ -252,16 +260,28 @@ class ProviderClient(ABC):
                     text = accumulator.feed(event)
                     if text:
                         yield TextDelta(text)
+            except ProviderError as exc:  # an error event in the stream, or an unreadable one
+                exc.partial_usage = accumulator.partial_usage()
+                raise
             except httpx.TimeoutException as exc:
-                raise ProviderTimeout(
+                error: ProviderError = ProviderTimeout(
                     self.provider, f"the stream stalled ({type(exc).__name__})"
-                ) from None
+                )
+                error.partial_usage = accumulator.partial_usage()
+                raise error from None
             except httpx.TransportError as exc:
-                raise ProtocolError(
+                error = ProtocolError(
                     self.provider,
                     f"the stream broke off ({type(exc).__name__}: {redact(str(exc), api_key)})",
-                ) from None
-        yield StreamDone(accumulator.result())
+                )
+                error.partial_usage = accumulator.partial_usage()
+                raise error from None
+        try:
+            result = accumulator.result()
+        except ProviderError as exc:  # the stream ended early
+            exc.partial_usage = accumulator.partial_usage()
+            raise
+        yield StreamDone(result)
 
     async def _send_with_retries(
         self,
