@@ -51,6 +51,8 @@ from typing import Any
 
 from byok_hookspecs import Usage
 
+from byok_plugin.json_file import JsonFileError, read_json_file
+
 __all__ = [
     "LITELLM_PROVIDERS",
     "MILLION",
@@ -102,6 +104,11 @@ _ENTRY_FIELDS = frozenset(
         "litellm_difference",
     }
 )
+
+
+#: no list price is higher (USD per 1M tokens, or per request); amounts stay within the ledger's
+#: NUMERIC(30, 12) and Decimal's default precision
+_MAX_PRICE = Decimal(1_000_000)
 
 
 class PriceError(ValueError):
@@ -227,7 +234,15 @@ def _decimal(source: str, path: str, value: Any) -> Decimal:
         raise _fail(source, path, f"must be a number, not {value!r}") from None
     if not number.is_finite() or number < 0:
         raise _fail(source, path, f"must be a finite number >= 0, not {value!r}")
+    if number > _MAX_PRICE:
+        raise _fail(source, path, f"must be at most {_MAX_PRICE} (USD), not {value!r}")
     return number
+
+
+def _text(source: str, path: str, value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise _fail(source, path, f"must be a string, not {value!r}")
+    return value
 
 
 def _rates(source: str, path: str, entry: Mapping[str, Any]) -> TokenRates:
@@ -284,8 +299,8 @@ def _parse_entry(source: str, key: str, entry: Any) -> Price:
         long_context_threshold=threshold,
         long_context=long_rates,
         reported_cost=reported,
-        as_of=entry.get("as_of"),
-        source=entry.get("source"),
+        as_of=_text(source, f"{path}.as_of", entry.get("as_of")),
+        source=_text(source, f"{path}.source", entry.get("source")),
     )
 
 
@@ -347,8 +362,8 @@ def _parse_tools(source: str, raw: Any) -> dict[tuple[str, str], Price]:
             provider=provider,
             model=name,
             per_request=_decimal(source, f"{path}.per_request", entry["per_request"]),
-            as_of=entry.get("as_of"),
-            source=entry.get("source"),
+            as_of=_text(source, f"{path}.as_of", entry.get("as_of")),
+            source=_text(source, f"{path}.source", entry.get("source")),
         )
     return tools
 
@@ -382,16 +397,22 @@ _ABOVE = re.compile(r"^(?P<base>.+)_above_(?P<n>\d+)k_tokens$")
 def _litellm_entry(source: str, key: str, entry: Mapping[str, Any]) -> Price | None:
     mode = entry.get("mode", "chat")
     litellm_provider = entry.get("litellm_provider")
-    if mode not in _LITELLM_MODES or not isinstance(litellm_provider, str):
+    if not isinstance(mode, str) or mode not in _LITELLM_MODES:
+        return None
+    if not isinstance(litellm_provider, str):
         return None
     provider, model = _litellm_name(key, litellm_provider)
     path = key
     if mode == "search":
         per_query = entry.get("input_cost_per_query")
         if per_query is None and isinstance(entry.get("tiered_pricing"), list):
-            tiers = [t for t in entry["tiered_pricing"] if isinstance(t, Mapping)]
+            tiers = [
+                t
+                for t in entry["tiered_pricing"]
+                if isinstance(t, Mapping) and _tier_start(t.get("max_results_range")) is not None
+            ]
             # the tier that covers the fewest results is what a default search costs
-            tiers.sort(key=lambda t: (t.get("max_results_range") or [0])[0])
+            tiers.sort(key=lambda t: _tier_start(t.get("max_results_range")) or 0)
             per_query = tiers[0].get("input_cost_per_query") if tiers else None
         if per_query is None:
             return None
@@ -440,6 +461,17 @@ def _litellm_entry(source: str, key: str, entry: Mapping[str, Any]) -> Price | N
     )
 
 
+def _tier_start(results_range: Any) -> Decimal | int | None:
+    """The first number of a tier's ``max_results_range`` (``[1, 25]``); None if it has none."""
+    if results_range is None:
+        return 0
+    if isinstance(results_range, list) and results_range:
+        first = results_range[0]
+        if isinstance(first, int | Decimal) and not isinstance(first, bool):
+            return first
+    return None
+
+
 def parse_litellm_prices(
     data: Any, source: str = "<litellm>", version: str | None = None
 ) -> PriceTable:
@@ -479,20 +511,15 @@ def _is_litellm(data: Any) -> bool:
 
 
 def load_price_file(path: Path) -> PriceTable:
-    """Read a price file of either shape; its version defaults to a hash of its content."""
+    """Read a price file of either shape; its version defaults to a hash of its content.
+
+    :raises PriceError: one line naming the file and, for a fault in the document, its JSON
+        path (see :func:`byok_plugin.json_file.read_json_file` for what a file must be).
+    """
     try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise PriceError(f"prices {path}: cannot be read ({exc.strerror or exc})") from None
-    try:
-        data = json.loads(raw, parse_float=Decimal)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        detail = (
-            f"line {exc.lineno}, column {exc.colno}: {exc.msg}"
-            if isinstance(exc, json.JSONDecodeError)
-            else str(exc)
-        )
-        raise PriceError(f"prices {path}: not valid JSON ({detail})") from None
+        raw, data = read_json_file(path, "prices", parse_float=Decimal)
+    except JsonFileError as exc:
+        raise PriceError(str(exc)) from None
     digest = "sha256:" + hashlib.sha256(raw).hexdigest()[:12]
     if _is_litellm(data):
         return parse_litellm_prices(data, source=str(path), version=f"litellm@{digest}")
