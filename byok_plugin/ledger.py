@@ -119,6 +119,8 @@ usage_ledger = sa.Table(
     sa.Column("tool_uses", sa.Text, nullable=False, server_default="{}"),
     # ["cache_write_1h", "tool:web_fetch"]: the parts of the call without a price (revision 0004)
     sa.Column("unpriced", sa.Text, nullable=False, server_default="[]"),
+    # complete, interrupted or uncertain (UsageRecord.status; revision 0004)
+    sa.Column("status", sa.String(16), nullable=False, server_default="complete"),
     sa.Column("occurred_at", UTCDateTime, nullable=False),
     sa.Column("recorded_at", UTCDateTime, nullable=False),
     sa.UniqueConstraint("idempotency_key"),
@@ -162,6 +164,7 @@ class LedgerRow:
     cache_write_1h_tokens: int = 0
     tool_uses: tuple[tuple[str, int], ...] = ()
     unpriced: tuple[str, ...] = ()
+    status: str = "complete"
 
     @property
     def is_byok(self) -> bool:
@@ -329,6 +332,7 @@ class Ledger:
             "breakdown": json.dumps([[item, str(amount)] for item, amount in charge.breakdown]),
             "tool_uses": json.dumps(dict(usage.tool_uses)),
             "unpriced": json.dumps(list(charge.unpriced)),
+            "status": record.status,
             "occurred_at": record.occurred_at,
             "recorded_at": recorded_at,
         }

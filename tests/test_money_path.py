@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from byok_hookspecs import (
+    Charge,
     Credential,
     CredentialRequest,
     CredentialSource,
@@ -151,6 +152,7 @@ def test_the_ledger_keeps_tool_uses_1h_writes_and_unpriced_parts(
                 usage=usage,
                 charge=charge,
                 source=CredentialSource.PLATFORM,
+                status="interrupted",
             )
         )
         priced = Usage("anthropic", "claude-sonnet-4-5", input_tokens=10)
@@ -169,6 +171,8 @@ def test_the_ledger_keeps_tool_uses_1h_writes_and_unpriced_parts(
         assert row.tool_uses == (("web_fetch", 1), ("web_search", 3))
         assert row.unpriced == ("cache_write_1h", "tool:web_fetch", "tool:web_search")
         assert row.amount == D("0.0045")
+        assert row.status == "interrupted"
+        assert ledger.get("run:b2:1").status == "complete"
         report = build_report(ledger.rows(), group_by=("workspace",))
         assert report.totals.unpriced_calls == 1
         assert report.totals.calls == 2
@@ -268,6 +272,12 @@ def test_fuzz_charges(usage: Usage) -> None:
     own = SHIPPED.charge(usage, byok)
     assert own.amount == 0
     assert own.list_cost == charge.list_cost
+
+
+def test_a_record_status_is_one_of_three() -> None:
+    usage = Usage("openai", "gpt-5")
+    with pytest.raises(ValueError, match="complete, interrupted, uncertain"):
+        UsageRecord("k", "acme", usage, Charge(D(0)), CredentialSource.PLATFORM, status="partial")
 
 
 def test_a_usage_refuses_malformed_tool_uses() -> None:

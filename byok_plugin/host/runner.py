@@ -842,6 +842,26 @@ class WorkflowRunner:
                     ) from None
                 credential = following
                 continue
+            except ProviderError as exc:
+                await self._record_unfinished(run, block_id, attempt, seq, model, credential, exc)
+                if (
+                    exc.maybe_executed
+                    and exc.partial_usage is None
+                    and credential.billed_by_platform
+                ):
+                    raise BlockFailed(
+                        f"the {provider} call on the platform key may have been executed by the "
+                        f"provider without an answer ({exc}); it is recorded 'uncertain' and not "
+                        f"tried again"
+                    ) from None
+                raise
+            except asyncio.CancelledError as exc:  # a stream cut by the run's cancellation
+                partial = getattr(exc, "partial_usage", None)
+                if isinstance(partial, Usage):
+                    self._start_recording_unfinished(
+                        run, block_id, attempt, seq, model, credential, partial, "interrupted"
+                    )
+                raise
             break
         else:
             raise BlockFailed(
@@ -904,6 +924,75 @@ class WorkflowRunner:
             streamed=stream,
             rejected=tuple(rejected),
         )
+
+    async def _record_unfinished(
+        self,
+        run: _Run,
+        block_id: str,
+        attempt: int,
+        seq: int,
+        model: str,
+        credential: Credential,
+        exc: ProviderError,
+    ) -> None:
+        """The row of a call that failed after the provider may have acted on it: ``interrupted``
+        (a stream that broke after it started: what the provider is known to bill, charged as
+        any call) or ``uncertain`` (sent, no answer: not charged, for reconciliation). A failure
+        the provider certainly did not act on leaves no row. Never raises: the call's own error
+        is what the block reports."""
+        if exc.partial_usage is not None:
+            usage, status = exc.partial_usage, "interrupted"
+        elif exc.maybe_executed:
+            usage, status = Usage(provider=exc.provider, model=model), "uncertain"
+        else:
+            return
+        job = self._start_recording_unfinished(
+            run, block_id, attempt, seq, model, credential, usage, status
+        )
+        with contextlib.suppress(Exception):
+            await asyncio.shield(job)
+
+    def _start_recording_unfinished(
+        self,
+        run: _Run,
+        block_id: str,
+        attempt: int,
+        seq: int,
+        model: str,
+        credential: Credential,
+        usage: Usage,
+        status: str,
+    ) -> asyncio.Future[Any]:
+        """Charge and record an unfinished call in a worker thread, as a job a cancelled run does
+        not stop and :meth:`drain` waits for; under the key the completed call would have had."""
+        idempotency_key = f"{run.run_id}:{block_id}:{attempt}" + (f":{seq}" if seq > 1 else "")
+        if usage.model != model:
+            usage = replace(usage, model=model)
+
+        def make_record(charge: Charge) -> UsageRecord:
+            if status == "uncertain":
+                charge = replace(charge, amount=Decimal(0), reason="uncertain")
+            return UsageRecord(
+                idempotency_key=idempotency_key,
+                workspace_id=run.workspace_id,
+                usage=usage,
+                charge=charge,
+                source=credential.source,
+                key_id=credential.key_id,
+                fallback=credential.fallback,
+                workflow_id=run.workflow.name,
+                run_id=run.run_id,
+                block_id=block_id,
+                attempt=attempt,
+                status=status,
+            )
+
+        job = asyncio.get_running_loop().run_in_executor(
+            None, self._settle_and_retry, usage, credential, make_record
+        )
+        self._recording.add(job)
+        job.add_done_callback(self._recording.discard)
+        return job
 
     async def _resolve(self, request: CredentialRequest) -> Credential:
         credential = await self._hook(self.pm.hook.byok_resolve_credential, request=request)

@@ -14,6 +14,7 @@ from decimal import Decimal
 from types import MappingProxyType
 
 __all__ = [
+    "RECORD_STATUSES",
     "USAGE_COUNTS",
     "Action",
     "Actor",
@@ -296,6 +297,11 @@ class UsageRecord:
     :param source: which credential source served the call.
     :param key_id: the safe reference of the key that served it.
     :param fallback: True when the platform served the call after the workspace key failed.
+    :param status: ``complete``; ``interrupted`` for a stream that broke (or whose run was
+        cancelled) after the provider started answering: the usage is what the provider is known
+        to bill for it, charged as any call; ``uncertain`` for a request the provider may have
+        executed without the client seeing its answer (a timeout or a reset after the request
+        was sent): not charged, kept for reconciliation.
     """
 
     idempotency_key: str
@@ -310,6 +316,17 @@ class UsageRecord:
     block_id: str | None = None
     attempt: int = 1
     occurred_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    status: str = "complete"
+
+    def __post_init__(self) -> None:
+        if self.status not in RECORD_STATUSES:
+            raise ValueError(
+                f"UsageRecord.status must be one of {', '.join(RECORD_STATUSES)}, not {self.status!r}"
+            )
+
+
+#: what a :class:`UsageRecord`'s ``status`` may be
+RECORD_STATUSES = ("complete", "interrupted", "uncertain")
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,7 @@ timeouts, error classification and stream reading. A provider module supplies th
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from abc import ABC, abstractmethod
@@ -261,25 +262,28 @@ class ProviderClient(ABC):
                     if text:
                         yield TextDelta(text)
             except ProviderError as exc:  # an error event in the stream, or an unreadable one
-                exc.partial_usage = accumulator.partial_usage()
+                _broke_off(exc, accumulator)
                 raise
             except httpx.TimeoutException as exc:
-                error: ProviderError = ProviderTimeout(
-                    self.provider, f"the stream stalled ({type(exc).__name__})"
-                )
-                error.partial_usage = accumulator.partial_usage()
-                raise error from None
+                raise _broke_off(
+                    ProviderTimeout(self.provider, f"the stream stalled ({type(exc).__name__})"),
+                    accumulator,
+                ) from None
             except httpx.TransportError as exc:
-                error = ProtocolError(
-                    self.provider,
-                    f"the stream broke off ({type(exc).__name__}: {redact(str(exc), api_key)})",
-                )
-                error.partial_usage = accumulator.partial_usage()
-                raise error from None
+                raise _broke_off(
+                    ProtocolError(
+                        self.provider,
+                        f"the stream broke off ({type(exc).__name__}: {redact(str(exc), api_key)})",
+                    ),
+                    accumulator,
+                ) from None
+            except asyncio.CancelledError as exc:  # the run was cancelled mid-stream
+                exc.partial_usage = accumulator.partial_usage()  # type: ignore[attr-defined]
+                raise
         try:
             result = accumulator.result()
         except ProviderError as exc:  # the stream ended early
-            exc.partial_usage = accumulator.partial_usage()
+            _broke_off(exc, accumulator)
             raise
         yield StreamDone(result)
 
@@ -319,6 +323,8 @@ class ProviderClient(ABC):
                 error: ProviderError = ProviderTimeout(
                     self.provider, f"no answer in time ({type(exc).__name__})", attempts=attempt
                 )
+                # sent, then no answer: the provider may be executing it
+                error.maybe_executed = isinstance(exc, httpx.ReadTimeout | httpx.WriteTimeout)
                 retryable = self.retry.retry_timeouts
             except httpx.LocalProtocolError as exc:
                 # our own request is malformed: retrying cannot help, and the text may quote headers
@@ -331,6 +337,8 @@ class ProviderClient(ABC):
                     f"cannot reach {self.base_url} ({type(exc).__name__}: {redact(str(exc), api_key)})",
                     attempts=attempt,
                 )
+                # a reset after the request went out (not a refused connection): maybe executed
+                error.maybe_executed = not isinstance(exc, httpx.ConnectError)
                 retryable = self.retry.retry_timeouts
             else:
                 if response.is_success:
@@ -383,6 +391,14 @@ class ProviderClient(ABC):
             raise ProtocolError(
                 self.provider, f"a stream event is not valid JSON ({exc.msg})"
             ) from None
+
+
+def _broke_off(error: ProviderError, accumulator: StreamAccumulator) -> ProviderError:
+    """``error``, for a stream that had started: the provider executed the request, and bills
+    what the accumulator saw of it."""
+    error.partial_usage = accumulator.partial_usage()
+    error.maybe_executed = True
+    return error
 
 
 def as_int(value: Any) -> int:

@@ -65,6 +65,9 @@ class ProviderError(Exception):
     kind = "error"
     retryable = False
     partial_usage: Usage | None = None
+    #: the provider may have executed the request: it was sent, and the answer was lost (a read
+    #: timeout, a connection reset) or broke off midway
+    maybe_executed = False
 
     def __init__(
         self,

@@ -1,4 +1,5 @@
-"""The ledger keeps 1-hour cache writes, the provider tools a call used, and what had no price.
+"""The ledger keeps 1-hour cache writes, the provider tools a call used, what had no price, and
+whether the call completed (``status``: complete, interrupted, uncertain).
 
 Revision ID: 0004
 Revises: 0003
@@ -33,10 +34,15 @@ def upgrade() -> None:
         "byok_usage_ledger",
         sa.Column("unpriced", sa.Text(), nullable=False, server_default="[]"),
     )
+    op.add_column(
+        "byok_usage_ledger",
+        sa.Column("status", sa.String(16), nullable=False, server_default="complete"),
+    )
 
 
 def downgrade() -> None:
     with op.batch_alter_table("byok_usage_ledger") as batch:  # SQLite rebuilds the table
+        batch.drop_column("status")
         batch.drop_column("unpriced")
         batch.drop_column("tool_uses")
         batch.drop_column("cache_write_1h_tokens")
