@@ -127,7 +127,7 @@ def test_a_read_timeout_on_the_platform_key_is_uncertain_and_not_retried(
     (row,) = rows(stack)
     assert (row.status, row.amount, row.reason) == ("uncertain", Decimal(0), "uncertain")
     assert row.source is CredentialSource.PLATFORM
-    assert row.idempotency_key == f"{result.run_id}:a:1"
+    assert row.idempotency_key == f"{result.run_id}:a:1:uncertain:0"
 
 
 def test_a_refused_connection_leaves_no_row(stack: DemoStack, emulator: EmulatorServer) -> None:
@@ -141,3 +141,43 @@ def test_a_refused_connection_leaves_no_row(stack: DemoStack, emulator: Emulator
     assert not result.ok
     assert result.blocks["a"].attempts == 2  # nothing was sent: trying again is safe
     assert rows(stack) == []
+
+
+# --- on_error: a workspace key that fails after the client's own retries -------------------------
+
+
+@pytest.mark.parametrize("kind", ["server_error", "timeout"])
+@pytest.mark.parametrize("policy", ["never", "on_rate_limit", "on_error"])
+def test_the_fallback_policy_decides_after_a_5xx_or_a_timeout_on_the_workspace_key(
+    stack: DemoStack, emulator: EmulatorServer, policy: str, kind: str
+) -> None:
+    workspace_key = stack.workspace_keys["anthropic"]
+    if kind == "server_error":
+        emulator.add_fault(Fault.for_key(FaultKind.SERVER_ERROR, workspace_key, times=None))
+    else:
+        emulator.add_fault(Fault.for_key(FaultKind.SLOW, workspace_key, delay=1.0, times=None))
+    stack.set_fallback_policy(BYOK_WORKSPACE, policy)
+    result = run(stack, BYOK_WORKSPACE, stream=False, retries=0, timeout=0.3)
+    recorded = rows(stack)
+    # a timeout may have been executed by the provider: its row says so, uncharged
+    uncertain = [r for r in recorded if r.status == "uncertain"]
+    assert [(r.source, r.amount) for r in uncertain] == (
+        [(CredentialSource.WORKSPACE, Decimal(0))] if kind == "timeout" else []
+    )
+    completed = [r for r in recorded if r.status == "complete"]
+    if policy == "on_error":
+        assert result.ok, result.error
+        (call,) = result.calls
+        assert (call.source, call.fallback) == (CredentialSource.PLATFORM, True)
+        (row,) = completed
+        assert row.idempotency_key == f"{result.run_id}:a:1"
+        assert (row.source, row.fallback) == (CredentialSource.PLATFORM, True)
+        assert row.amount > 0
+        served = [c.key_label for c in emulator.calls("anthropic")]
+        assert "platform-anthropic" in served
+    else:
+        assert not result.ok
+        error = result.blocks["a"].error or ""
+        assert ("server error" if kind == "server_error" else "timeout") in error, error
+        assert completed == []
+        assert all(c.key_label != "platform-anthropic" for c in emulator.calls("anthropic"))
