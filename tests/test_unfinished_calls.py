@@ -12,15 +12,22 @@ a SQLite file), the runner and the emulator over loopback HTTP:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 from byok_hookspecs import CredentialSource
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.routing import Route
 
 from byok_plugin.cli.demo import BYOK_WORKSPACE, PLATFORM_WORKSPACE, DemoStack
 from byok_plugin.host.emulator import EmulatorServer, Fault, FaultKind
+from byok_plugin.host.emulator.server import BackgroundServer
 from byok_plugin.host.providers import NO_RETRY, create_clients, new_http_client
 from byok_plugin.host.run_result import RunResult
 from byok_plugin.host.runner import RunnerOptions, WorkflowRunner
@@ -181,3 +188,80 @@ def test_the_fallback_policy_decides_after_a_5xx_or_a_timeout_on_the_workspace_k
         assert ("server error" if kind == "server_error" else "timeout") in error, error
         assert completed == []
         assert all(c.key_label != "platform-anthropic" for c in emulator.calls("anthropic"))
+
+
+# --- a run cancelled while the provider streams ---------------------------------------------------
+
+
+async def _stalling_stream(request: Request) -> StreamingResponse:
+    """An Anthropic stream that starts (input reported, two deltas) and then stalls."""
+
+    async def events():
+        start = {
+            "type": "message_start",
+            "message": {
+                "id": "msg_1",
+                "model": "claude-sonnet-4-5",
+                "usage": {"input_tokens": 120, "output_tokens": 1},
+            },
+        }
+        yield f"event: message_start\ndata: {json.dumps(start)}\n\n".encode()
+        block = {"type": "content_block_start", "index": 0, "content_block": {"type": "text"}}
+        yield f"event: content_block_start\ndata: {json.dumps(block)}\n\n".encode()
+        for text in ("Hello", " there"):
+            delta = {
+                "type": "content_block_delta",
+                "index": 0,
+                "delta": {"type": "text_delta", "text": text},
+            }
+            yield f"event: content_block_delta\ndata: {json.dumps(delta)}\n\n".encode()
+        await asyncio.sleep(30)  # the run is cancelled meanwhile; the client disconnects
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def test_a_run_cancelled_mid_stream_records_what_was_streamed(stack: DemoStack) -> None:
+    app = Starlette(routes=[Route("/v1/messages", _stalling_stream, methods=["POST"])])
+    with BackgroundServer(app) as server:
+
+        async def go() -> None:
+            async with new_http_client() as http:
+                clients = create_clients(
+                    http,
+                    environ=stack.environ,
+                    base_urls={"anthropic": server.url},
+                    retry=NO_RETRY,
+                )
+                runner = WorkflowRunner(
+                    stack.pm,
+                    clients,
+                    environ=stack.environ,
+                    options=RunnerOptions(block_retries=0),
+                )
+                streaming = asyncio.Event()
+
+                def on_event(event) -> None:
+                    if event.kind == "text":
+                        streaming.set()
+
+                task = asyncio.create_task(
+                    runner.run(
+                        ONE_CALL,
+                        workspace_id=PLATFORM_WORKSPACE,
+                        inputs={},
+                        stream=True,
+                        on_event=on_event,
+                    )
+                )
+                await streaming.wait()
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                await runner.drain()
+
+        asyncio.run(go())
+    (row,) = rows(stack)
+    assert row.status == "interrupted"
+    assert row.source is CredentialSource.PLATFORM
+    assert (row.input_tokens, row.output_tokens) == (120, 2)  # two deltas received
+    assert row.amount == (Decimal(3) * 120 + Decimal(15) * 2) / 1_000_000
