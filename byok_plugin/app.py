@@ -203,6 +203,14 @@ class App:
 
         return prices_for(self.settings)
 
+    def load_billing_data(self) -> None:
+        """Read and check the catalog and the price table now (each is read once).
+
+        :raises CatalogError: ``BYOK_CATALOG_FILE`` cannot be used (one line: file, JSON path).
+        :raises PriceError: ``BYOK_PRICE_FILE`` cannot be used (one line: file, JSON path).
+        """
+        _ = self.billing
+
     @cached_property
     def billing(self) -> Billing:
         from byok_plugin.billing import Billing

@@ -15,8 +15,14 @@ the names providers answer with), by its base name without the trailing ``-YYYY-
 
 **Unpriced calls.** A platform-billed call that could not be priced is refused before the call by
 resolution (:meth:`Billing.require_price`): no entry, or an entry that lacks the input or output
-price a call produces (a partial ``BYOK_PRICE_FILE`` entry), raises
-:class:`~byok_hookspecs.UnpricedModel` unless ``BYOK_ALLOW_UNPRICED=1``.
+price a call produces (a partial ``BYOK_PRICE_FILE`` entry), or a provider tool the block enables
+(``CredentialRequest.tools``: web search) without a per-request price in the table's ``tools``,
+raises :class:`~byok_hookspecs.UnpricedModel` unless ``BYOK_ALLOW_UNPRICED=1``.
+
+**A part without a price.** A completed call some part of which has no price (1-hour cache writes
+on an entry without ``cache_write_1h``, a tool use the table does not price) is charged what can
+be priced; the charge's ``unpriced`` names the rest, the ledger row keeps it, and ``byok usage``
+counts the row in ``unpriced_calls``. A part without a price never makes the whole call $0.
 
 Should a completed platform call still be unpriceable when it is charged (a host that charges a
 model other than the one it asked resolution about, a price file changed in between, token kinds
@@ -38,7 +44,7 @@ from decimal import ROUND_HALF_EVEN, Decimal
 from byok_hookspecs import Charge, Credential, CredentialSource, UnpricedModel, Usage
 
 from byok_plugin.catalog import Catalog
-from byok_plugin.pricing import MissingRate, Price, PriceTable, TokenRates, list_cost
+from byok_plugin.pricing import Price, PriceTable, TokenRates, price_call
 
 __all__ = ["MONEY_QUANTUM", "Billing", "IncompletePrice", "money", "snapshot_base"]
 
@@ -141,8 +147,11 @@ class Billing:
                 price = self.prices.price(provider, canonical)
         return price
 
-    def require_price(self, provider: str, model: str) -> None:
+    def require_price(self, provider: str, model: str, tools: tuple[str, ...] = ()) -> None:
         """Refuse, before the call, a platform-billed call that could not be priced.
+
+        :param tools: the provider's own tools the call may use (``web_search``); each needs a
+            per-request price in the table's ``tools``.
 
         :raises UnpricedModel: no price, and ``BYOK_ALLOW_UNPRICED`` is off.
         :raises IncompletePrice: (an ``UnpricedModel``) the entry lacks the input or output price
@@ -154,27 +163,39 @@ class Billing:
         price = self.price_of(provider, model)
         if price is None:
             raise UnpricedModel(provider, model)
-        missing = _missing_rates(price)
+        missing = _missing_rates(price) + tuple(
+            f"tool {provider}/{tool} per_request"
+            for tool in tools
+            if self.prices.tool(provider, tool) is None
+        )
         if missing:
             raise IncompletePrice(provider, model, price.key, missing)
 
-    def list_cost(self, usage: Usage) -> tuple[Decimal | None, tuple[tuple[str, Decimal], ...]]:
-        """The call's cost at list price and its breakdown; ``None`` when it cannot be priced."""
+    def list_cost(
+        self, usage: Usage
+    ) -> tuple[Decimal | None, tuple[tuple[str, Decimal], ...], tuple[str, ...]]:
+        """The call's cost at list price, its breakdown and the parts without a price; ``None``
+        when nothing of it can be priced (no entry)."""
         price = self.price_of(usage.provider, usage.model)
         if price is None:
             if usage.reported_cost is not None:
-                return money(usage.reported_cost), (("reported_cost", usage.reported_cost),)
-            return None, ()
-        try:
-            total, breakdown = list_cost(price, usage)
-        except MissingRate as exc:
-            log.warning("cannot price %s/%s: %s", usage.provider, usage.model, exc)
-            return None, ()
-        return money(total), breakdown
+                return money(usage.reported_cost), (("reported_cost", usage.reported_cost),), ()
+            return None, (), ()
+        cost = price_call(price, usage, self.prices.tools)
+        if cost.unpriced:
+            log.warning(
+                "%s/%s: no price for %s of the call; the rest is charged",
+                usage.provider,
+                usage.model,
+                ", ".join(cost.unpriced),
+            )
+            if not cost.breakdown:  # nothing of it had a price
+                return None, (), cost.unpriced
+        return money(cost.total), cost.breakdown, cost.unpriced
 
     def charge(self, usage: Usage, credential: Credential) -> Charge:
         """The default charge for one completed call (see the module docstring)."""
-        cost, breakdown = self.list_cost(usage)
+        cost, breakdown, unpriced = self.list_cost(usage)
         source = credential.source
         if source is not CredentialSource.PLATFORM:
             return Charge(
@@ -183,6 +204,7 @@ class Billing:
                 list_cost=cost,
                 breakdown=breakdown,
                 price_version=self.prices.version,
+                unpriced=unpriced,
             )
         if cost is None:  # recorded, never raised: the call happened (see the module docstring)
             log.log(
@@ -195,7 +217,11 @@ class Billing:
                 else ": the ledger row has no list cost; bill it by hand",
             )
             return Charge(
-                amount=_ZERO, reason="unpriced", list_cost=None, price_version=self.prices.version
+                amount=_ZERO,
+                reason="unpriced",
+                list_cost=None,
+                price_version=self.prices.version,
+                unpriced=unpriced,
             )
         return Charge(
             amount=money(cost * self.multiplier),
@@ -203,4 +229,5 @@ class Billing:
             list_cost=cost,
             breakdown=breakdown,
             price_version=self.prices.version,
+            unpriced=unpriced,
         )

@@ -17,6 +17,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from byok_plugin.json_file import JsonFileError, read_json_file
+
 __all__ = [
     "Catalog",
     "CatalogError",
@@ -104,16 +106,11 @@ def _fail(source: str, path: str, message: str) -> CatalogError:
 
 
 def _read_json(path: Path) -> Any:
+    """The document of an operator's catalog file (see :mod:`byok_plugin.json_file`)."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise CatalogError(f"catalog {path}: cannot be read ({exc.strerror or exc})") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise CatalogError(
-            f"catalog {path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
-        ) from None
+        return read_json_file(path, "catalog")[1]
+    except JsonFileError as exc:
+        raise CatalogError(str(exc)) from None
 
 
 def _str(source: str, path: str, value: Any) -> str:
@@ -190,7 +187,7 @@ def parse_catalog(data: Any, source: str = "<catalog>") -> Catalog:
                 f"unknown provider {provider!r} (known: {', '.join(sorted(providers))})",
             )
         kind = entry.get("kind", "chat")
-        if kind not in MODEL_KINDS:
+        if not isinstance(kind, str) or kind not in MODEL_KINDS:
             raise _fail(
                 source, f"{path}.kind", f"must be one of {sorted(MODEL_KINDS)}, not {kind!r}"
             )

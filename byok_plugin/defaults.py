@@ -67,10 +67,16 @@ class DefaultPlugin:
     def byok_manager_ready(self, pm: Any) -> None:
         """Keep the manager, so that the default resolution asks its ``byok_is_hosted``,
         ``byok_platform_key``, ``byok_authorize`` and ``byok_audit`` (any plugin's answers first),
-        and envelope encryption its ``byok_wrap_data_key`` and ``byok_unwrap_data_key``."""
+        and envelope encryption its ``byok_wrap_data_key`` and ``byok_unwrap_data_key``.
+
+        The catalog and the price table (with ``BYOK_CATALOG_FILE`` and ``BYOK_PRICE_FILE``) are
+        read and checked here, once, as the host starts: a malformed file stops it with one line
+        (:class:`~byok_plugin.catalog.CatalogError`, :class:`~byok_plugin.pricing.PriceError`)
+        rather than failing a run later, after a provider call."""
         self._pm = pm
         if self._app is not None or "app" in self.__dict__:  # else bound when it is built
             self.app.bind_hooks(pm)
+        self.app.load_billing_data()
 
     def __repr__(self) -> str:
         return "<byok_plugin DefaultPlugin>"

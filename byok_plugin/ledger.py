@@ -121,6 +121,12 @@ usage_ledger = sa.Table(
     sa.Column("price_version", sa.String(200), nullable=True),
     # [["input", "0.0015"], ...]: the charge's breakdown, amounts as decimal text
     sa.Column("breakdown", sa.Text, nullable=False),
+    # {"web_search": 2}: the provider's own tools the call used (revision 0004)
+    sa.Column("tool_uses", sa.Text, nullable=False, server_default="{}"),
+    # ["cache_write_1h", "tool:web_fetch"]: the parts of the call without a price (revision 0004)
+    sa.Column("unpriced", sa.Text, nullable=False, server_default="[]"),
+    # complete, interrupted or uncertain (UsageRecord.status; revision 0004)
+    sa.Column("status", sa.String(16), nullable=False, server_default="complete"),
     sa.Column("occurred_at", UTCDateTime, nullable=False),
     sa.Column("recorded_at", UTCDateTime, nullable=False),
     sa.UniqueConstraint("idempotency_key"),
@@ -162,6 +168,10 @@ class LedgerRow:
     breakdown: tuple[tuple[str, Decimal], ...]
     occurred_at: datetime
     recorded_at: datetime
+    cache_write_1h_tokens: int = 0
+    tool_uses: tuple[tuple[str, int], ...] = ()
+    unpriced: tuple[str, ...] = ()
+    status: str = "complete"
 
     @property
     def is_byok(self) -> bool:
@@ -175,6 +185,10 @@ def _row(mapping: Any) -> LedgerRow:
     values["breakdown"] = tuple(
         (str(item), Decimal(amount)) for item, amount in json.loads(values["breakdown"])
     )
+    values["tool_uses"] = tuple(
+        sorted((str(k), int(v)) for k, v in json.loads(values["tool_uses"]).items())
+    )
+    values["unpriced"] = tuple(str(item) for item in json.loads(values["unpriced"]))
     return LedgerRow(**values)
 
 
@@ -323,6 +337,9 @@ class Ledger:
             "reason": charge.reason,
             "price_version": charge.price_version,
             "breakdown": json.dumps([[item, str(amount)] for item, amount in charge.breakdown]),
+            "tool_uses": json.dumps(dict(usage.tool_uses)),
+            "unpriced": json.dumps(list(charge.unpriced)),
+            "status": record.status,
             "occurred_at": record.occurred_at,
             "recorded_at": recorded_at,
         }

@@ -7,24 +7,33 @@ How one call is priced (:func:`list_cost`), with the disjoint token counts of
 :class:`~byok_hookspecs.Usage`:
 
 - ``input_tokens`` at ``input``; ``cached_input_tokens`` at ``cached_input`` (else ``input``);
-  ``cache_write_tokens`` at ``cache_write`` (else ``input``); ``output_tokens`` at ``output``;
+  ``cache_write_tokens`` at ``cache_write`` (else ``input``); ``cache_write_1h_tokens`` at
+  ``cache_write_1h`` (no fallback: Anthropic bills them at twice the input price);
+  ``output_tokens`` at ``output``;
   ``reasoning_tokens`` at ``reasoning`` where the provider prices them apart, else at ``output``
   (OpenAI, Anthropic, Google and Mistral all bill hidden reasoning as output);
-- ``tool_requests`` at ``per_request``;
+- ``tool_requests`` at ``per_request``; each of ``tool_uses`` (a model's server-side tools:
+  Anthropic ``web_search``/``web_fetch``, Gemini ``google_search``, OpenAI ``web_search``) at the
+  ``per_request`` of the table's ``tools`` entry ``provider/tool``;
 - when the prompt (input + cached input + cache writes) exceeds ``long_context.threshold``, the
   long-context prices apply to the whole call (Anthropic's and Google's rule);
 - a cost the provider reported itself (Exa's ``costDollars``) is used instead of the table.
 
+A part of the call the table has no price for does not make the whole call unpriceable:
+:func:`price_call` prices what it can and names the rest in ``unpriced``.
+
 Price files (``BYOK_PRICE_FILE``) come in two shapes, told apart by their content:
 
 - this package's own (``byok_plugin/data/prices.json``): ``{"version", "models": {"provider/model":
-  {"input", "cached_input", "cache_write", "output", "reasoning", "per_request", "long_context"}}}``;
+  {"input", "cached_input", "cache_write", "cache_write_1h", "output", "reasoning", "per_request",
+  "long_context"}}, "tools": {"provider/tool": {"per_request", "as_of", "source", "note"}}}``;
 - LiteLLM's ``model_prices_and_context_window.json``: ``{"model": {"litellm_provider",
   "input_cost_per_token", "cache_read_input_token_cost", "cache_creation_input_token_cost",
-  "output_cost_per_token", "output_cost_per_reasoning_token", "*_above_200k_tokens", ...}}``.
+  "output_cost_per_token", "output_cost_per_reasoning_token", "*_above_200k_tokens",
+  "cache_creation_input_token_cost_above_1hr", ...}}``.
 
 Entries of the user's file replace whole entries of the shipped table; the version recorded in the
-ledger then names both (``2026-11-27+<file version or content hash>``).
+ledger then names both (``2026-12-04+<file version or content hash>``).
 """
 
 from __future__ import annotations
@@ -42,9 +51,12 @@ from typing import Any
 
 from byok_hookspecs import Usage
 
+from byok_plugin.json_file import JsonFileError, read_json_file
+
 __all__ = [
     "LITELLM_PROVIDERS",
     "MILLION",
+    "CallCost",
     "MissingRate",
     "Price",
     "PriceError",
@@ -54,6 +66,7 @@ __all__ = [
     "load_price_file",
     "parse_litellm_prices",
     "parse_price_table",
+    "price_call",
     "prices_for",
     "shipped_prices",
 ]
@@ -77,7 +90,7 @@ _LITELLM_TOOL_NAMES: Mapping[str, str] = MappingProxyType({"exa_ai/search": "exa
 #: LiteLLM entries of these modes are priced per token or per query; others (images, audio,
 #: embeddings, OCR) use units this package does not bill
 _LITELLM_MODES = frozenset({"chat", "completion", "responses", "search"})
-_RATE_FIELDS = ("input", "cached_input", "cache_write", "output", "reasoning")
+_RATE_FIELDS = ("input", "cached_input", "cache_write", "cache_write_1h", "output", "reasoning")
 _ENTRY_FIELDS = frozenset(
     {
         *_RATE_FIELDS,
@@ -93,6 +106,11 @@ _ENTRY_FIELDS = frozenset(
 )
 
 
+#: no list price is higher (USD per 1M tokens, or per request); amounts stay within the ledger's
+#: NUMERIC(30, 12) and Decimal's default precision
+_MAX_PRICE = Decimal(1_000_000)
+
+
 class PriceError(ValueError):
     """A price file is malformed; the message names the file and the JSON path."""
 
@@ -106,20 +124,23 @@ class TokenRates:
     cache_write: Decimal | None = None
     output: Decimal | None = None
     reasoning: Decimal | None = None
+    cache_write_1h: Decimal | None = None
 
     def billed(self) -> tuple[Decimal | None, ...]:
         """The price each kind of token is billed at, in :data:`_ITEMS` order: cached input and
-        cache writes at the input price where they have none, reasoning at the output price."""
+        cache writes at the input price where they have none, reasoning at the output price;
+        1-hour cache writes only at their own price."""
         return (
             self.input,
             self.cached_input if self.cached_input is not None else self.input,
             self.cache_write if self.cache_write is not None else self.input,
+            self.cache_write_1h,
             self.output,
             self.reasoning if self.reasoning is not None else self.output,
         )
 
 
-_ITEMS = ("input", "cached_input", "cache_write", "output", "reasoning")
+_ITEMS = ("input", "cached_input", "cache_write", "cache_write_1h", "output", "reasoning")
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,9 +186,15 @@ class PriceTable:
     entries: Mapping[tuple[str, str], Price]
     currency: str = "USD"
     source: str = "<prices>"
+    #: the per-request prices of the providers' own tools, by ``(provider, tool)``
+    tools: Mapping[tuple[str, str], Price] = field(default_factory=lambda: MappingProxyType({}))
 
     def price(self, provider: str, model: str) -> Price | None:
         return self.entries.get((provider, model))
+
+    def tool(self, provider: str, tool: str) -> Price | None:
+        """The per-request price of ``provider``'s own tool ``tool`` (``web_search``), if any."""
+        return self.tools.get((provider, tool))
 
     def __contains__(self, key: object) -> bool:
         return key in self.entries
@@ -183,11 +210,14 @@ class PriceTable:
             )
         merged = dict(self.entries)
         merged.update(other.entries)
+        tools = dict(self.tools)
+        tools.update(other.tools)
         return PriceTable(
             version=f"{self.version}+{other.version}",
             entries=MappingProxyType(merged),
             currency=self.currency,
             source=f"{self.source}+{other.source}",
+            tools=MappingProxyType(tools),
         )
 
 
@@ -204,7 +234,15 @@ def _decimal(source: str, path: str, value: Any) -> Decimal:
         raise _fail(source, path, f"must be a number, not {value!r}") from None
     if not number.is_finite() or number < 0:
         raise _fail(source, path, f"must be a finite number >= 0, not {value!r}")
+    if number > _MAX_PRICE:
+        raise _fail(source, path, f"must be at most {_MAX_PRICE} (USD), not {value!r}")
     return number
+
+
+def _text(source: str, path: str, value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise _fail(source, path, f"must be a string, not {value!r}")
+    return value
 
 
 def _rates(source: str, path: str, entry: Mapping[str, Any]) -> TokenRates:
@@ -261,8 +299,8 @@ def _parse_entry(source: str, key: str, entry: Any) -> Price:
         long_context_threshold=threshold,
         long_context=long_rates,
         reported_cost=reported,
-        as_of=entry.get("as_of"),
-        source=entry.get("source"),
+        as_of=_text(source, f"{path}.as_of", entry.get("as_of")),
+        source=_text(source, f"{path}.source", entry.get("source")),
     )
 
 
@@ -282,6 +320,10 @@ def parse_price_table(
     for key, entry in models.items():
         price = _parse_entry(source, key, entry)
         entries[(price.provider, price.model)] = price
+    tools = _parse_tools(source, data.get("tools", {}))
+    unknown = set(data) - {"version", "currency", "description", "models", "tools"}
+    if unknown:
+        raise _fail(source, "$", f"unknown fields {sorted(unknown)}")
     declared = data.get("version")
     if declared is not None and (not isinstance(declared, str) or not declared.strip()):
         raise _fail(source, "version", f"must be a non-empty string, not {declared!r}")
@@ -290,7 +332,40 @@ def parse_price_table(
         entries=MappingProxyType(entries),
         currency=currency,
         source=source,
+        tools=MappingProxyType(tools),
     )
+
+
+_TOOL_FIELDS = frozenset({"per_request", "as_of", "source", "note"})
+
+
+def _parse_tools(source: str, raw: Any) -> dict[tuple[str, str], Price]:
+    """The ``tools`` object: ``"provider/tool" -> {"per_request", "as_of", "source", "note"}``."""
+    if not isinstance(raw, Mapping):
+        raise _fail(source, "tools", "must be an object of 'provider/tool' -> price")
+    tools: dict[tuple[str, str], Price] = {}
+    for key, entry in raw.items():
+        path = f"tools.{key}"
+        provider, sep, name = str(key).partition("/")
+        if not sep or not provider or not name:
+            raise _fail(
+                source, path, "the key must be 'provider/tool', e.g. 'anthropic/web_search'"
+            )
+        if not isinstance(entry, Mapping):
+            raise _fail(source, path, "must be an object")
+        unknown = set(entry) - _TOOL_FIELDS
+        if unknown:
+            raise _fail(source, path, f"unknown fields {sorted(unknown)}")
+        if entry.get("per_request") is None:
+            raise _fail(source, f"{path}.per_request", "is required (USD per request)")
+        tools[(provider, name)] = Price(
+            provider=provider,
+            model=name,
+            per_request=_decimal(source, f"{path}.per_request", entry["per_request"]),
+            as_of=_text(source, f"{path}.as_of", entry.get("as_of")),
+            source=_text(source, f"{path}.source", entry.get("source")),
+        )
+    return tools
 
 
 def _per_million(source: str, path: str, value: Any) -> Decimal:
@@ -312,6 +387,7 @@ _LITELLM_FIELDS = {
     "input": "input_cost_per_token",
     "cached_input": "cache_read_input_token_cost",
     "cache_write": "cache_creation_input_token_cost",
+    "cache_write_1h": "cache_creation_input_token_cost_above_1hr",
     "output": "output_cost_per_token",
     "reasoning": "output_cost_per_reasoning_token",
 }
@@ -321,16 +397,22 @@ _ABOVE = re.compile(r"^(?P<base>.+)_above_(?P<n>\d+)k_tokens$")
 def _litellm_entry(source: str, key: str, entry: Mapping[str, Any]) -> Price | None:
     mode = entry.get("mode", "chat")
     litellm_provider = entry.get("litellm_provider")
-    if mode not in _LITELLM_MODES or not isinstance(litellm_provider, str):
+    if not isinstance(mode, str) or mode not in _LITELLM_MODES:
+        return None
+    if not isinstance(litellm_provider, str):
         return None
     provider, model = _litellm_name(key, litellm_provider)
     path = key
     if mode == "search":
         per_query = entry.get("input_cost_per_query")
         if per_query is None and isinstance(entry.get("tiered_pricing"), list):
-            tiers = [t for t in entry["tiered_pricing"] if isinstance(t, Mapping)]
+            tiers = [
+                t
+                for t in entry["tiered_pricing"]
+                if isinstance(t, Mapping) and _tier_start(t.get("max_results_range")) is not None
+            ]
             # the tier that covers the fewest results is what a default search costs
-            tiers.sort(key=lambda t: (t.get("max_results_range") or [0])[0])
+            tiers.sort(key=lambda t: _tier_start(t.get("max_results_range")) or 0)
             per_query = tiers[0].get("input_cost_per_query") if tiers else None
         if per_query is None:
             return None
@@ -379,6 +461,17 @@ def _litellm_entry(source: str, key: str, entry: Mapping[str, Any]) -> Price | N
     )
 
 
+def _tier_start(results_range: Any) -> Decimal | int | None:
+    """The first number of a tier's ``max_results_range`` (``[1, 25]``); None if it has none."""
+    if results_range is None:
+        return 0
+    if isinstance(results_range, list) and results_range:
+        first = results_range[0]
+        if isinstance(first, int | Decimal) and not isinstance(first, bool):
+            return first
+    return None
+
+
 def parse_litellm_prices(
     data: Any, source: str = "<litellm>", version: str | None = None
 ) -> PriceTable:
@@ -418,20 +511,15 @@ def _is_litellm(data: Any) -> bool:
 
 
 def load_price_file(path: Path) -> PriceTable:
-    """Read a price file of either shape; its version defaults to a hash of its content."""
+    """Read a price file of either shape; its version defaults to a hash of its content.
+
+    :raises PriceError: one line naming the file and, for a fault in the document, its JSON
+        path (see :func:`byok_plugin.json_file.read_json_file` for what a file must be).
+    """
     try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise PriceError(f"prices {path}: cannot be read ({exc.strerror or exc})") from None
-    try:
-        data = json.loads(raw, parse_float=Decimal)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        detail = (
-            f"line {exc.lineno}, column {exc.colno}: {exc.msg}"
-            if isinstance(exc, json.JSONDecodeError)
-            else str(exc)
-        )
-        raise PriceError(f"prices {path}: not valid JSON ({detail})") from None
+        raw, data = read_json_file(path, "prices", parse_float=Decimal)
+    except JsonFileError as exc:
+        raise PriceError(str(exc)) from None
     digest = "sha256:" + hashlib.sha256(raw).hexdigest()[:12]
     if _is_litellm(data):
         return parse_litellm_prices(data, source=str(path), version=f"litellm@{digest}")
@@ -458,21 +546,40 @@ class MissingRate(PriceError):
     """The call used a kind of token (or a tool request) its price entry has no price for."""
 
 
-def list_cost(price: Price, usage: Usage) -> tuple[Decimal, tuple[tuple[str, Decimal], ...]]:
-    """The call's cost at list price, exact, and its ``(item, amount)`` breakdown.
+@dataclass(frozen=True, slots=True)
+class CallCost:
+    """A call's cost at list price: the total of what could be priced, its ``(item, amount)``
+    breakdown, and the parts that had no price (``cache_write_1h``, ``tool:web_fetch``)."""
 
-    :raises MissingRate: the usage has tokens of a kind the entry does not price.
+    total: Decimal
+    breakdown: tuple[tuple[str, Decimal], ...]
+    unpriced: tuple[str, ...] = ()
+
+
+def price_call(
+    price: Price, usage: Usage, tools: Mapping[tuple[str, str], Price] | None = None
+) -> CallCost:
+    """Price what can be priced of one call; name what cannot in ``unpriced``.
+
+    :param tools: the table's tool prices (:attr:`PriceTable.tools`), for ``usage.tool_uses``.
     """
     if usage.reported_cost is not None and price.reported_cost:
-        return usage.reported_cost, (("reported_cost", usage.reported_cost),)
-    prompt = usage.input_tokens + usage.cached_input_tokens + usage.cache_write_tokens
+        return CallCost(usage.reported_cost, (("reported_cost", usage.reported_cost),))
+    prompt = (
+        usage.input_tokens
+        + usage.cached_input_tokens
+        + usage.cache_write_tokens
+        + usage.cache_write_1h_tokens
+    )
     rates = price.rates_for(prompt)
     breakdown: list[tuple[str, Decimal]] = []
+    unpriced: list[str] = []
     total = Decimal(0)
     counts = (
         usage.input_tokens,
         usage.cached_input_tokens,
         usage.cache_write_tokens,
+        usage.cache_write_1h_tokens,
         usage.output_tokens,
         usage.reasoning_tokens,
     )
@@ -480,17 +587,35 @@ def list_cost(price: Price, usage: Usage) -> tuple[Decimal, tuple[tuple[str, Dec
         if tokens == 0:
             continue
         if rate is None:
-            raise MissingRate(f"{price.key} has no {item} price but the call used {tokens} tokens")
+            unpriced.append(item)
+            continue
         amount = rate * tokens / MILLION
         breakdown.append((item, amount))
         total += amount
     if usage.tool_requests:
         if price.per_request is None:
-            raise MissingRate(
-                f"{price.key} has no per-request price but the call made "
-                f"{usage.tool_requests} tool requests"
-            )
-        amount = price.per_request * usage.tool_requests
-        breakdown.append(("requests", amount))
+            unpriced.append("requests")
+        else:
+            amount = price.per_request * usage.tool_requests
+            breakdown.append(("requests", amount))
+            total += amount
+    for name, count in usage.tool_uses:
+        tool = (tools or {}).get((price.provider, name))
+        if tool is None or tool.per_request is None:
+            unpriced.append(f"tool:{name}")
+            continue
+        amount = tool.per_request * count
+        breakdown.append((f"tool:{name}", amount))
         total += amount
-    return total, tuple(breakdown)
+    return CallCost(total, tuple(breakdown), tuple(unpriced))
+
+
+def list_cost(price: Price, usage: Usage) -> tuple[Decimal, tuple[tuple[str, Decimal], ...]]:
+    """The call's cost at list price, exact, and its ``(item, amount)`` breakdown.
+
+    :raises MissingRate: the usage has tokens of a kind the entry does not price.
+    """
+    cost = price_call(price, usage)
+    if cost.unpriced:
+        raise MissingRate(f"{price.key} has no price for {', '.join(cost.unpriced)} of the call")
+    return cost.total, cost.breakdown

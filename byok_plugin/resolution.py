@@ -481,7 +481,7 @@ class Resolver:
                 f"bring its own key: store one with `byok keys set --workspace {ws} --provider {provider}`, or give the "
                 f"block its own key",
             )
-        self._billing.require_price(provider, model)
+        self._billing.require_price(provider, model, request.tools)
         api_key = pm.hook.byok_platform_key(provider=provider, model=model)
         if not api_key:
             cooling, wait = self._pool.cooling(provider)

@@ -39,6 +39,7 @@ class Totals:
     input_tokens: int = 0
     cached_input_tokens: int = 0
     cache_write_tokens: int = 0
+    cache_write_1h_tokens: int = 0
     output_tokens: int = 0
     reasoning_tokens: int = 0
     tool_requests: int = 0
@@ -58,9 +59,9 @@ class Totals:
             self.block_calls += 1
         if row.fallback:
             self.fallback_calls += 1
-        if row.list_cost is None:
+        if row.list_cost is None or row.unpriced:  # wholly, or some part of it, without a price
             self.unpriced_calls += 1
-        else:
+        if row.list_cost is not None:
             self.list_cost += row.list_cost
         self.charged += row.amount
         for name in _TOKENS:

@@ -276,7 +276,7 @@ def test_hook_byok_record_usage_writes_the_default_charge(sqlite_url: str, tmp_p
             Decimal("0.0021"),
         )
         assert (platform.amount, platform.reason) == (Decimal("0.00315"), "platform")
-        assert platform.price_version == "2026-11-27"
+        assert platform.price_version == "2026-12-04"
     finally:
         app.close()
 

@@ -25,7 +25,7 @@ from byok_plugin.settings import Settings
 FIXTURES = Path(__file__).parent / "fixtures"
 LITELLM_EXCERPT = FIXTURES / "litellm_prices_excerpt.json"
 SHIPPED_JSON = Path(__file__).parents[1] / "byok_plugin" / "data" / "prices.json"
-RATE_NAMES = ("input", "cached_input", "cache_write", "output", "reasoning")
+RATE_NAMES = ("input", "cached_input", "cache_write", "cache_write_1h", "output", "reasoning")
 
 
 def _shipped_raw() -> dict:
@@ -35,7 +35,7 @@ def _shipped_raw() -> dict:
 def test_every_catalog_model_and_tool_has_a_dated_price() -> None:
     catalog = shipped_catalog()
     table = shipped_prices()
-    assert table.version == "2026-11-27"
+    assert table.version == "2026-12-04"
     for info in catalog.models.values():
         price = table.price(info.provider, info.id)
         assert price is not None, f"no price for {info.provider}/{info.id}"
@@ -119,6 +119,7 @@ def test_litellm_loader_converts_per_token_to_per_million_exactly() -> None:
         input=Decimal("3"),
         cached_input=Decimal("0.3"),
         cache_write=Decimal("3.75"),
+        cache_write_1h=Decimal("6"),
         output=Decimal("15"),
     )
     assert sonnet.long_context_threshold == 200_000
@@ -126,6 +127,7 @@ def test_litellm_loader_converts_per_token_to_per_million_exactly() -> None:
         input=Decimal("6"),
         cached_input=Decimal("0.6"),
         cache_write=Decimal("7.5"),
+        cache_write_1h=Decimal("12"),
         output=Decimal("22.5"),
     )
     nano = table.price("openai", "gpt-5-nano")
@@ -153,7 +155,7 @@ def test_litellm_file_as_the_price_source(tmp_path: Path) -> None:
         {"BYOK_HOME": str(tmp_path), "BYOK_PRICE_FILE": str(LITELLM_EXCERPT)}
     )
     table = prices_for(settings)
-    assert table.version.startswith("2026-11-27+litellm@sha256:")
+    assert table.version.startswith("2026-12-04+litellm@sha256:")
     codestral = table.price("mistral", "codestral-latest")
     assert codestral is not None
     assert codestral.rates.input == Decimal("1")
@@ -175,7 +177,7 @@ def test_user_price_file_replaces_whole_entries_and_is_versioned(tmp_path: Path)
     table = prices_for(
         Settings.from_environ({"BYOK_HOME": str(tmp_path), "BYOK_PRICE_FILE": str(path)})
     )
-    assert table.version == "2026-11-27+acme-2026-12"
+    assert table.version == "2026-12-04+acme-2026-12"
     gpt4o = table.price("openai", "gpt-4o")
     assert gpt4o is not None
     assert gpt4o.rates == TokenRates(input=Decimal("2.00"), output=Decimal("8.00"))  # no cached

@@ -561,7 +561,14 @@ def test_a_retried_block_is_charged_once(harness: Harness, plugin: StandIn, keys
     assert translate.attempts == 2
     (call,) = translate.calls
     assert call.idempotency_key.endswith(":translate:2")
-    assert [k for k in plugin.ledger if ":translate:" in k] == [call.idempotency_key]
+    # the cut first try is recorded once, flagged interrupted, with what the provider billed
+    first = call.idempotency_key.removesuffix(":2") + ":1"
+    assert sorted(k for k in plugin.ledger if ":translate:" in k) == [first, call.idempotency_key]
+    interrupted = plugin.ledger[first]
+    assert interrupted.status == "interrupted"
+    assert interrupted.usage.total_tokens > 0
+    assert interrupted.charge.amount == 0  # the block's own key
+    assert plugin.ledger[call.idempotency_key].status == "complete"
     assert len(harness.emulator.calls("anthropic")) == 2  # the provider saw both tries
     assert [e.kind for e in harness.events if e.block_id == "translate"][-2:] == [
         "text",

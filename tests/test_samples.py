@@ -251,9 +251,17 @@ def test_a_retried_block_is_charged_once_in_the_ledger(db_stack: DemoStack) -> N
         for r in db_stack.app.ledger.rows(workspaces=[PLATFORM_WORKSPACE])
         if r.block_id == "answer"
     ]
-    assert [(r.idempotency_key, r.attempt, r.amount) for r in rows] == [
-        (call.idempotency_key, 2, call.charge.amount)
-    ]
+    # the completed call once; the cut first try once too, flagged, with what the provider billed
+    cut, done = sorted(rows, key=lambda r: r.attempt)
+    assert (done.idempotency_key, done.attempt, done.amount, done.status) == (
+        call.idempotency_key,
+        2,
+        call.charge.amount,
+        "complete",
+    )
+    assert (cut.attempt, cut.status) == (1, "interrupted")
+    assert cut.idempotency_key == call.idempotency_key.removesuffix(":2") + ":1"
+    assert 0 < cut.amount <= done.amount
     assert len(db_stack.emulator.calls("anthropic")) == 2
 
 

@@ -18,6 +18,7 @@ from byok_plugin.cli.fallback import fallback_group
 from byok_plugin.cli.init import init_command
 from byok_plugin.cli.keys import keys_group
 from byok_plugin.cli.plugins import plugins_command
+from byok_plugin.cli.reconcile import reconcile_command
 from byok_plugin.cli.run import run_command, validate_command
 from byok_plugin.cli.serve import serve_command
 from byok_plugin.cli.usage import usage_command
@@ -84,4 +85,5 @@ main.add_command(validate_command)
 main.add_command(run_command)
 main.add_command(demo_command)
 main.add_command(usage_command)
+main.add_command(reconcile_command)
 main.add_command(fallback_group)

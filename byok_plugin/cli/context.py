@@ -43,7 +43,13 @@ class CliContext:
 
     @cached_property
     def pm(self) -> pluggy.PluginManager:
-        return plugin_manager_for(self.app)
+        from byok_plugin.catalog import CatalogError
+        from byok_plugin.pricing import PriceError
+
+        try:
+            return plugin_manager_for(self.app)
+        except (CatalogError, PriceError) as exc:  # read at start-up: one line, no traceback
+            raise click.ClickException(str(exc)) from None
 
 
 F = TypeVar("F", bound=Callable[..., Any])

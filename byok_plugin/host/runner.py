@@ -21,9 +21,14 @@ call goes through the same four steps:
 4. ``byok_record_usage(record)``, with the idempotency key ``run:block:attempt``.
 
 When the provider refuses a key (an authentication or rate-limit error that outlived the client's
-own retries), the runner asks ``byok_resolve_credential`` again with ``request.failure`` set, so the
-workspace's fallback policy decides whether another key (or the platform's) serves the call. A call
-that does not complete is neither charged nor recorded. A failed block fails the run: blocks
+own retries), or fails on a workspace key (a 5xx, a timeout, unreachable, after the client's own
+retries: reason ``error``), the runner asks ``byok_resolve_credential`` again with
+``request.failure`` set, so the workspace's fallback policy decides whether another key (or the
+platform's, under ``on_error``) serves the call. A call that does not complete is not charged as
+a completed one: a stream cut after it started is recorded once, ``interrupted``, with what the
+provider is known to bill (charged as any call); a request sent and never answered is recorded
+``uncertain`` (not charged) and, on the platform's key, not tried again; a call the provider
+never received leaves no row. A failed block fails the run: blocks
 already running finish (their completed calls are recorded), blocks not started are reported as
 skipped.
 
@@ -154,6 +159,9 @@ RUN_HOOKS = (
 )
 #: errors worth trying the block again for: the call did not complete, and may next time
 _TRANSIENT = (ServerError, ProviderTimeout, ProviderUnreachable, ProtocolError)
+#: failures of a workspace key after which resolution is asked again (reason ``error``): the
+#: fallback policy ``on_error`` may then serve the call with the platform key
+_ASK_AGAIN_ON_ERROR = (ServerError, ProviderTimeout, ProviderUnreachable)
 
 
 class BlockFailed(Exception):
@@ -908,7 +916,29 @@ class WorkflowRunner:
                     started = self._clock()
                     result = await invoke(credential.api_key)
                     latency = self._clock() - started
-            except (AuthError, RateLimitError) as exc:
+            except ProviderError as exc:
+                if not isinstance(exc, AuthError | RateLimitError):
+                    await self._record_unfinished(
+                        run, block_id, attempt, seq, model, credential, exc, len(rejected)
+                    )
+                    if (
+                        exc.maybe_executed
+                        and exc.partial_usage is None
+                        and credential.billed_by_platform
+                    ):
+                        raise BlockFailed(
+                            f"the {provider} call on the platform key may have been executed by "
+                            f"the provider without an answer ({exc}); it is recorded 'uncertain' "
+                            f"and not tried again"
+                        ) from None
+                    # a workspace key whose provider failed after the client's own retries (5xx,
+                    # timeout, unreachable): resolution decides, with reason 'error' (on_error)
+                    if not (
+                        credential.is_byok
+                        and isinstance(exc, _ASK_AGAIN_ON_ERROR)
+                        and exc.partial_usage is None
+                    ):
+                        raise
                 refused = _refusal(run, provider, credential, exc)
                 rejected.append(
                     Rejection(
@@ -922,7 +952,9 @@ class WorkflowRunner:
                 failure = ProviderFailure(
                     reason=FailureReason.AUTH
                     if isinstance(exc, AuthError)
-                    else FailureReason.RATE_LIMIT,
+                    else FailureReason.RATE_LIMIT
+                    if isinstance(exc, RateLimitError)
+                    else FailureReason.ERROR,
                     source=credential.source,
                     key_id=credential.key_id,
                     status=exc.status,
@@ -933,8 +965,14 @@ class WorkflowRunner:
                         request=replace(request, failure=failure),
                     )
                 except ByokError as policy:
+                    if failure.reason is FailureReason.ERROR:
+                        # no fallback: the provider's own (transient) error stands, and the
+                        # block may be tried again as before
+                        raise exc from None
                     raise BlockFailed(f"{refused}; {policy}") from None
                 if following is None:
+                    if failure.reason is FailureReason.ERROR:
+                        raise exc from None
                     raise BlockFailed(f"{refused}; no other key may serve the call") from None
                 _check_labelled(request, following)
                 if any(
@@ -948,6 +986,13 @@ class WorkflowRunner:
                     ) from None
                 credential = following
                 continue
+            except asyncio.CancelledError as exc:  # a stream cut by the run's cancellation
+                partial = getattr(exc, "partial_usage", None)
+                if isinstance(partial, Usage):
+                    self._start_recording_unfinished(
+                        run, block_id, attempt, seq, model, credential, partial, "interrupted"
+                    )
+                raise
             break
         else:
             raise BlockFailed(
@@ -1010,6 +1055,83 @@ class WorkflowRunner:
             streamed=stream,
             rejected=tuple(rejected),
         )
+
+    async def _record_unfinished(
+        self,
+        run: _Run,
+        block_id: str,
+        attempt: int,
+        seq: int,
+        model: str,
+        credential: Credential,
+        exc: ProviderError,
+        round_no: int = 0,
+    ) -> None:
+        """The row of a call that failed after the provider may have acted on it: ``interrupted``
+        (a stream that broke after it started: what the provider is known to bill, charged as
+        any call) or ``uncertain`` (sent, no answer: not charged, for reconciliation). A failure
+        the provider certainly did not act on leaves no row. Never raises: the call's own error
+        is what the block reports.
+
+        An interrupted call takes the key the completed call would have had (the block is tried
+        again under the next attempt's); an uncertain one adds ``:uncertain:<round>``, because
+        another key may still complete the same call under the call's own key (``on_error``)."""
+        if exc.partial_usage is not None:
+            usage, status = exc.partial_usage, "interrupted"
+        elif exc.maybe_executed:
+            usage, status = Usage(provider=exc.provider, model=model), "uncertain"
+        else:
+            return
+        job = self._start_recording_unfinished(
+            run, block_id, attempt, seq, model, credential, usage, status, round_no
+        )
+        with contextlib.suppress(Exception):
+            await asyncio.shield(job)
+
+    def _start_recording_unfinished(
+        self,
+        run: _Run,
+        block_id: str,
+        attempt: int,
+        seq: int,
+        model: str,
+        credential: Credential,
+        usage: Usage,
+        status: str,
+        round_no: int = 0,
+    ) -> asyncio.Future[Any]:
+        """Charge and record an unfinished call in a worker thread, as a job a cancelled run does
+        not stop and :meth:`drain` waits for; under the key the completed call would have had."""
+        idempotency_key = f"{run.run_id}:{block_id}:{attempt}" + (f":{seq}" if seq > 1 else "")
+        if status == "uncertain":
+            idempotency_key += f":uncertain:{round_no}"
+        if usage.model != model:
+            usage = replace(usage, model=model)
+
+        def make_record(charge: Charge) -> UsageRecord:
+            if status == "uncertain":
+                charge = replace(charge, amount=Decimal(0), reason="uncertain")
+            return UsageRecord(
+                idempotency_key=idempotency_key,
+                workspace_id=run.workspace_id,
+                usage=usage,
+                charge=charge,
+                source=credential.source,
+                key_id=credential.key_id,
+                fallback=credential.fallback,
+                workflow_id=run.workflow.name,
+                run_id=run.run_id,
+                block_id=block_id,
+                attempt=attempt,
+                status=status,
+            )
+
+        job = asyncio.get_running_loop().run_in_executor(
+            None, self._settle_and_retry, usage, credential, make_record
+        )
+        self._recording.add(job)
+        job.add_done_callback(self._recording.discard)
+        return job
 
     async def _resolve(self, request: CredentialRequest) -> Credential:
         credential = await self._hook(self.pm.hook.byok_resolve_credential, request=request)

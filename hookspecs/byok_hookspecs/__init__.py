@@ -30,6 +30,7 @@ from byok_hookspecs.errors import (  # noqa: E402  (the markers must exist first
 from byok_hookspecs.manager import add_to, get_plugin_manager, selected_plugins  # noqa: E402
 from byok_hookspecs.redaction import redact  # noqa: E402
 from byok_hookspecs.types import (  # noqa: E402
+    RECORD_STATUSES,
     USAGE_COUNTS,
     Action,
     Actor,
@@ -55,6 +56,7 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "NONBLOCKING_ATTRIBUTE",
     "PROJECT_NAME",
+    "RECORD_STATUSES",
     "USAGE_COUNTS",
     "Action",
     "Actor",

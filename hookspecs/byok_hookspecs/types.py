@@ -14,6 +14,7 @@ from decimal import Decimal
 from types import MappingProxyType
 
 __all__ = [
+    "RECORD_STATUSES",
     "USAGE_COUNTS",
     "Action",
     "Actor",
@@ -40,6 +41,7 @@ USAGE_COUNTS = (
     "output_tokens",
     "reasoning_tokens",
     "tool_requests",
+    "cache_write_1h_tokens",
 )
 
 _NO_ROLES: Mapping[str, Role | str] = MappingProxyType({})
@@ -145,6 +147,9 @@ class CredentialRequest:
     :param key_label: the block asks for the workspace's stored key with this label
         (``"key": {"label": ...}`` in a workflow): that key serves the call (source
         ``workspace``), or resolution fails; never another key, never the platform's.
+    :param tools: the provider's own tools the call may use, each billed per request
+        (``web_search``): a platform-billed call is refused before it is sent when one of them
+        has no price.
     """
 
     workspace_id: str
@@ -158,6 +163,7 @@ class CredentialRequest:
     stream: bool = False
     failure: ProviderFailure | None = None
     key_label: str | None = None
+    tools: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,12 +202,17 @@ class Usage:
 
     The token counts are disjoint, so that each is priced once:
     ``input_tokens`` are fresh (uncached) input tokens, ``cached_input_tokens`` are cache reads,
-    ``cache_write_tokens`` are tokens written to a prompt cache, ``output_tokens`` are visible output
-    tokens and ``reasoning_tokens`` are hidden reasoning ("thinking") tokens.
+    ``cache_write_tokens`` are tokens written to a prompt cache (Anthropic's 5-minute cache),
+    ``cache_write_1h_tokens`` those written to Anthropic's 1-hour cache (billed higher),
+    ``output_tokens`` are visible output tokens and ``reasoning_tokens`` are hidden reasoning
+    ("thinking") tokens.
 
     :param provider: the provider that served the call.
     :param model: the model, or the tool for tool calls.
-    :param tool_requests: billable tool requests (an Exa search is one).
+    :param tool_requests: billable requests of a tool called on its own (an Exa search is one),
+        priced at the tool's ``per_request``.
+    :param tool_uses: the provider's own tools a model call used, each billed per request:
+        ``(("web_search", 3), ("web_fetch", 1))``, sorted by name, counts > 0.
     :param reported_cost: the cost the provider itself reported, in USD, where it reports one.
     """
 
@@ -213,13 +224,29 @@ class Usage:
     output_tokens: int = 0
     reasoning_tokens: int = 0
     tool_requests: int = 0
+    cache_write_1h_tokens: int = 0
     reported_cost: Decimal | None = None
+    tool_uses: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         for name in USAGE_COUNTS:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"Usage.{name} must be a non-negative integer, got {value!r}")
+        uses = dict(self.tool_uses)
+        if len(uses) != len(self.tool_uses) or any(
+            not isinstance(k, str)
+            or not k
+            or not isinstance(v, int)
+            or isinstance(v, bool)
+            or v < 1
+            for k, v in uses.items()
+        ):
+            raise ValueError(
+                "Usage.tool_uses must be (tool name, count > 0) pairs, each tool once, got "
+                f"{self.tool_uses!r}"
+            )
+        object.__setattr__(self, "tool_uses", tuple(sorted(uses.items())))
         if self.reported_cost is not None and not isinstance(self.reported_cost, Decimal):
             raise TypeError("Usage.reported_cost must be a Decimal")
 
@@ -229,6 +256,7 @@ class Usage:
             self.input_tokens
             + self.cached_input_tokens
             + self.cache_write_tokens
+            + self.cache_write_1h_tokens
             + self.output_tokens
             + self.reasoning_tokens
         )
@@ -244,6 +272,8 @@ class Charge:
     :param list_cost: the call's cost at list price, whoever pays it (what BYOK saved).
     :param breakdown: ``(item, amount)`` pairs that add up to ``list_cost`` or ``amount``.
     :param price_version: the version of the price table used, if any.
+    :param unpriced: the parts of the call the price table has no price for (``cache_write_1h``,
+        ``tool:web_fetch``): they are not in ``list_cost`` or ``amount``, to be billed by hand.
     """
 
     amount: Decimal
@@ -252,6 +282,7 @@ class Charge:
     list_cost: Decimal | None = None
     breakdown: tuple[tuple[str, Decimal], ...] = ()
     price_version: str | None = None
+    unpriced: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.amount, Decimal):
@@ -271,6 +302,11 @@ class UsageRecord:
     :param source: which credential source served the call.
     :param key_id: the safe reference of the key that served it.
     :param fallback: True when the platform served the call after the workspace key failed.
+    :param status: ``complete``; ``interrupted`` for a stream that broke (or whose run was
+        cancelled) after the provider started answering: the usage is what the provider is known
+        to bill for it, charged as any call; ``uncertain`` for a request the provider may have
+        executed without the client seeing its answer (a timeout or a reset after the request
+        was sent): not charged, kept for reconciliation.
     """
 
     idempotency_key: str
@@ -285,6 +321,17 @@ class UsageRecord:
     block_id: str | None = None
     attempt: int = 1
     occurred_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    status: str = "complete"
+
+    def __post_init__(self) -> None:
+        if self.status not in RECORD_STATUSES:
+            raise ValueError(
+                f"UsageRecord.status must be one of {', '.join(RECORD_STATUSES)}, not {self.status!r}"
+            )
+
+
+#: what a :class:`UsageRecord`'s ``status`` may be
+RECORD_STATUSES = ("complete", "interrupted", "uncertain")
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,12 +6,19 @@ Usage, from https://docs.anthropic.com/en/api/messages (``usage``) and the promp
 (https://docs.anthropic.com/en/docs/build-with-claude/prompt-caching#tracking-cache-performance):
 ``input_tokens`` already excludes the cache — the input is ``input_tokens +
 cache_creation_input_tokens + cache_read_input_tokens`` — so ``input = input_tokens``,
-``cache_write = cache_creation_input_tokens``, ``cached_input = cache_read_input_tokens``.
+``cached_input = cache_read_input_tokens``, and the cache writes are split by lifetime as
+``usage.cache_creation`` reports them (``ephemeral_5m_input_tokens``,
+``ephemeral_1h_input_tokens``; the 1-hour cache is billed at twice the input price, the 5-minute
+one at 1.25 times, https://docs.anthropic.com/en/docs/build-with-claude/prompt-caching#pricing):
+``cache_write_1h = ephemeral_1h_input_tokens``, ``cache_write = cache_creation_input_tokens -
+cache_write_1h`` (all of them 5-minute writes when ``cache_creation`` is absent).
 ``output_tokens`` includes extended-thinking tokens; where the API breaks them out
 (``output_tokens_details.thinking_tokens``, "always ≤ output_tokens" per the SDK's ``Usage`` type)
 ``reasoning = thinking_tokens`` and ``output = output_tokens - thinking_tokens``; otherwise all of
-them are output. ``server_tool_use.web_search_requests`` are the billable searches
-(``tool_requests``).
+them are output. ``server_tool_use`` counts the server tools' requests
+(https://docs.anthropic.com/en/api/messages#response-usage): ``web_search_requests`` (billed per
+search) and ``web_fetch_requests`` (free; the fetched text is billed as input), kept in
+``Usage.tool_uses`` as ``web_search`` and ``web_fetch`` and priced by the table's tools.
 
 Streamed (https://docs.anthropic.com/en/docs/build-with-claude/streaming): ``message_start`` carries
 the input usage; ``message_delta`` the cumulative ``output_tokens`` (and, in newer API versions, the
@@ -70,16 +77,25 @@ def anthropic_usage(model: str, usage: Mapping[str, Any]) -> Usage:
     """``Usage`` from an Anthropic ``usage`` object (disjoint counts; see the module doc)."""
     output = as_int(usage.get("output_tokens"))
     thinking = as_int((usage.get("output_tokens_details") or {}).get("thinking_tokens"))
-    searches = as_int((usage.get("server_tool_use") or {}).get("web_search_requests"))
+    server_tools = usage.get("server_tool_use") or {}
+    uses = {
+        "web_search": as_int(server_tools.get("web_search_requests")),
+        "web_fetch": as_int(server_tools.get("web_fetch_requests")),
+    }
+    writes = as_int(usage.get("cache_creation_input_tokens"))
+    writes_1h = min(
+        as_int((usage.get("cache_creation") or {}).get("ephemeral_1h_input_tokens")), writes
+    )
     return Usage(
         provider="anthropic",
         model=model,
         input_tokens=as_int(usage.get("input_tokens")),
         cached_input_tokens=as_int(usage.get("cache_read_input_tokens")),
-        cache_write_tokens=as_int(usage.get("cache_creation_input_tokens")),
+        cache_write_tokens=writes - writes_1h,
+        cache_write_1h_tokens=writes_1h,
         output_tokens=nonneg(output - thinking),
         reasoning_tokens=min(thinking, output),
-        tool_requests=searches,
+        tool_uses=tuple((name, count) for name, count in uses.items() if count),
     )
 
 
@@ -93,6 +109,20 @@ class AnthropicStream(StreamAccumulator):
         self.stop_reason: str | None = None
         self.response_id: str | None = None
         self.done = False
+        #: content deltas received (text, thinking, tool input): one output token each, at least
+        self.deltas = 0
+
+    def partial_usage(self) -> Usage | None:
+        """The input ``message_start`` reported (and any later counts), with the output at least
+        the number of content deltas received."""
+        if self.usage is None:
+            return None
+        usage = dict(self.usage)
+        try:
+            usage["output_tokens"] = max(as_int(usage.get("output_tokens")), self.deltas)
+            return anthropic_usage(self.model, usage)
+        except (TypeError, ValueError):
+            return None
 
     def feed(self, event: ServerSentEvent) -> str:
         data = self.client.decode_event(event)
@@ -109,6 +139,7 @@ class AnthropicStream(StreamAccumulator):
                 "partial_json": ""
             }
         elif kind == "content_block_delta":
+            self.deltas += 1
             delta = data.get("delta") or {}
             block = self.blocks.setdefault(
                 int(data.get("index", 0)), {"type": "text", "partial_json": ""}

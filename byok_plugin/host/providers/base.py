@@ -4,6 +4,7 @@ timeouts, error classification and stream reading. A provider module supplies th
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from abc import ABC, abstractmethod
@@ -12,6 +13,7 @@ from contextlib import asynccontextmanager
 from typing import Any, ClassVar
 
 import httpx
+from byok_hookspecs import Usage
 
 from byok_plugin.host.providers.common import (
     CompletionRequest,
@@ -78,6 +80,13 @@ class StreamAccumulator(ABC):
 
     @abstractmethod
     def result(self) -> CompletionResult: ...
+
+    def partial_usage(self) -> Usage | None:
+        """What the provider is known to bill for the stream read so far, should it break now:
+        the input the start event reported, the output counted from the deltas received (or the
+        provider's own running count where it sends one); ``None`` before anything billable was
+        seen. Each provider's accumulator says what it knows."""
+        return None
 
 
 class ProviderClient(ABC):
@@ -256,16 +265,31 @@ class ProviderClient(ABC):
                         raise scrubbed(exc, api_key) from None
                     if text:
                         yield TextDelta(text)
+            except ProviderError as exc:  # an error event in the stream, or an unreadable one
+                _broke_off(exc, accumulator)
+                raise
             except httpx.TimeoutException as exc:
-                raise ProviderTimeout(
-                    self.provider, f"the stream stalled ({type(exc).__name__})"
+                raise _broke_off(
+                    ProviderTimeout(self.provider, f"the stream stalled ({type(exc).__name__})"),
+                    accumulator,
                 ) from None
             except httpx.TransportError as exc:
-                raise ProtocolError(
-                    self.provider,
-                    f"the stream broke off ({type(exc).__name__}: {redact(str(exc), api_key)})",
+                raise _broke_off(
+                    ProtocolError(
+                        self.provider,
+                        f"the stream broke off ({type(exc).__name__}: {redact(str(exc), api_key)})",
+                    ),
+                    accumulator,
                 ) from None
-        yield StreamDone(accumulator.result())
+            except asyncio.CancelledError as exc:  # the run was cancelled mid-stream
+                exc.partial_usage = accumulator.partial_usage()  # type: ignore[attr-defined]
+                raise
+        try:
+            result = accumulator.result()
+        except ProviderError as exc:  # the stream ended early
+            _broke_off(exc, accumulator)
+            raise
+        yield StreamDone(result)
 
     async def _send_with_retries(
         self,
@@ -303,6 +327,8 @@ class ProviderClient(ABC):
                 error: ProviderError = ProviderTimeout(
                     self.provider, f"no answer in time ({type(exc).__name__})", attempts=attempt
                 )
+                # sent, then no answer: the provider may be executing it
+                error.maybe_executed = isinstance(exc, httpx.ReadTimeout | httpx.WriteTimeout)
                 retryable = self.retry.retry_timeouts
             except httpx.LocalProtocolError as exc:
                 # our own request is malformed: retrying cannot help, and the text may quote headers
@@ -315,6 +341,8 @@ class ProviderClient(ABC):
                     f"cannot reach {self.base_url} ({type(exc).__name__}: {redact(str(exc), api_key)})",
                     attempts=attempt,
                 )
+                # a reset after the request went out (not a refused connection): maybe executed
+                error.maybe_executed = not isinstance(exc, httpx.ConnectError)
                 retryable = self.retry.retry_timeouts
             else:
                 if response.is_success:
@@ -368,6 +396,14 @@ class ProviderClient(ABC):
             raise ProtocolError(
                 self.provider, f"a stream event is not valid JSON ({exc.msg})"
             ) from None
+
+
+def _broke_off(error: ProviderError, accumulator: StreamAccumulator) -> ProviderError:
+    """``error``, for a stream that had started: the provider executed the request, and bills
+    what the accumulator saw of it."""
+    error.partial_usage = accumulator.partial_usage()
+    error.maybe_executed = True
+    return error
 
 
 def as_int(value: Any) -> int:

@@ -18,6 +18,11 @@ because an ``httpx`` exception keeps the request and so the key header).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from byok_hookspecs import Usage
+
 __all__ = [
     "AuthError",
     "BadRequestError",
@@ -44,10 +49,19 @@ class ProviderError(Exception):
     :param code: the provider's machine-readable code or type (``invalid_api_key``...), if any.
     :param request_id: the provider's request id, if it sent one.
     :param attempts: how many attempts were made before giving up.
+
+    ``partial_usage`` is set on the error of a stream that broke after the provider started
+    answering (an error event, a cut connection, a stall, a stream that ended early): what the
+    provider is known to bill for it (see :meth:`StreamAccumulator.partial_usage`); ``None``
+    otherwise.
     """
 
     kind = "error"
     retryable = False
+    partial_usage: Usage | None = None
+    #: the provider may have executed the request: it was sent, and the answer was lost (a read
+    #: timeout, a connection reset) or broke off midway
+    maybe_executed = False
 
     def __init__(
         self,

@@ -10,7 +10,12 @@ generated answer and ``thoughtsTokenCount`` the thinking tokens, reported apart 
 of tool results (Google Search) fed back as input. So, disjoint: ``input = promptTokenCount -
 cachedContentTokenCount + toolUsePromptTokenCount``, ``cached_input = cachedContentTokenCount``,
 ``output = candidatesTokenCount``, ``reasoning = thoughtsTokenCount``. A grounded answer (its
-candidate has ``groundingMetadata.webSearchQueries``) counts one tool request.
+candidate has ``groundingMetadata.webSearchQueries``) is one grounded prompt, the unit Gemini 2.5
+bills Grounding with Google Search in (https://ai.google.dev/gemini-api/docs/pricing): it counts
+``google_search`` once in ``Usage.tool_uses``, priced by the table's ``google/google_search``.
+``promptTokensDetails``/``cacheTokensDetails`` split the prompt by modality; audio input is billed
+higher than text by some models, which this package does not price apart (the models it prices
+are text models; an audio-priced model needs its own entry).
 
 Streamed, every chunk is a ``GenerateContentResponse``; there is no end marker, so the stream is
 complete only when a candidate carried a ``finishReason``, and the usage is the last chunk's
@@ -73,7 +78,7 @@ def gemini_usage(model: str, metadata: Mapping[str, Any], *, grounded: bool = Fa
         cached_input_tokens=cached,
         output_tokens=as_int(metadata.get("candidatesTokenCount")),
         reasoning_tokens=as_int(metadata.get("thoughtsTokenCount")),
-        tool_requests=1 if grounded else 0,
+        tool_uses=(("google_search", 1),) if grounded else (),
     )
 
 
@@ -152,6 +157,15 @@ class GeminiStream(StreamAccumulator):
         self.collector = _Collector()
         self.metadata: Mapping[str, Any] | None = None
         self.response_id: str | None = None
+
+    def partial_usage(self) -> Usage | None:
+        """The last ``usageMetadata`` received: every chunk carries the running counts."""
+        if self.metadata is None:
+            return None
+        try:
+            return gemini_usage(self.model, self.metadata, grounded=self.collector.grounded)
+        except (TypeError, ValueError):
+            return None
 
     def feed(self, event: ServerSentEvent) -> str:
         payload = self.client.decode_event(event)

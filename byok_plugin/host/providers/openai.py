@@ -3,11 +3,20 @@
 Base URL: ``https://api.openai.com/v1`` (``/v1`` included, as the OpenAI SDK's ``base_url``).
 
 Usage, from https://platform.openai.com/docs/api-reference/chat/object (``usage``):
-``prompt_tokens`` counts every input token and ``prompt_tokens_details.cached_tokens`` the ones read
-from the prompt cache; ``completion_tokens`` counts every generated token and
+``prompt_tokens`` counts every input token, ``prompt_tokens_details.cached_tokens`` the ones read
+from the prompt cache and ``prompt_tokens_details.cache_write_tokens`` (reported by newer models,
+e.g. the ``gpt-5.6`` recording in pydantic-ai's ``test_openai_chat_prompt_cache_e2e`` cassette) the
+ones written to it; ``completion_tokens`` counts every generated token and
 ``completion_tokens_details.reasoning_tokens`` the hidden reasoning among them. So, disjoint:
-``input = prompt_tokens - cached_tokens``, ``cached_input = cached_tokens``,
-``output = completion_tokens - reasoning_tokens``, ``reasoning = reasoning_tokens``.
+``input = prompt_tokens - cached_tokens - cache_write_tokens``, ``cached_input = cached_tokens``,
+``cache_write = cache_write_tokens``, ``output = completion_tokens - reasoning_tokens``,
+``reasoning = reasoning_tokens``. ``accepted_prediction_tokens`` and ``rejected_prediction_tokens``
+are part of ``completion_tokens`` and billed as output. ``audio_tokens`` (both details) are part of
+the prompt and completion counts; the models this package prices are text models, whose audio
+tokens are 0, so they are billed with the text tokens (an audio model needs its own entry).
+A request with ``web_search_options`` (search models; https://platform.openai.com/docs/guides/tools-
+web-search?api-mode=chat) makes one web search tool call, counted in ``Usage.tool_uses`` as
+``web_search`` and priced per call by the table's ``openai/web_search`` tool.
 Streamed, the usage comes in one last chunk with empty ``choices`` when the request sets
 ``stream_options.include_usage`` (https://platform.openai.com/docs/api-reference/chat/create
 #chat-create-stream_options), then ``data: [DONE]``.
@@ -16,6 +25,7 @@ Streamed, the usage comes in one last chunk with empty ``choices`` when the requ
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import replace
 from typing import Any
 
 from byok_hookspecs import Usage
@@ -47,16 +57,29 @@ def openai_usage(provider: str, model: str, usage: Mapping[str, Any]) -> Usage:
     """``Usage`` from an OpenAI-shaped ``usage`` object (disjoint counts; see the module doc)."""
     prompt = as_int(usage.get("prompt_tokens"))
     completion = as_int(usage.get("completion_tokens"))
-    cached = as_int((usage.get("prompt_tokens_details") or {}).get("cached_tokens"))
+    prompt_details = usage.get("prompt_tokens_details") or {}
+    cached = as_int(prompt_details.get("cached_tokens"))
+    writes = as_int(prompt_details.get("cache_write_tokens"))
     reasoning = as_int((usage.get("completion_tokens_details") or {}).get("reasoning_tokens"))
     return Usage(
         provider=provider,
         model=model,
-        input_tokens=nonneg(prompt - cached),
+        input_tokens=nonneg(prompt - cached - writes),
         cached_input_tokens=cached,
+        cache_write_tokens=writes,
         output_tokens=nonneg(completion - reasoning),
         reasoning_tokens=reasoning,
     )
+
+
+def with_web_search(usage_of: Any) -> Any:
+    """``usage_of``, adding the one ``web_search`` tool call of a request that searched."""
+
+    def usage_with_search(provider: str, model: str, usage: Mapping[str, Any]) -> Usage:
+        found: Usage = usage_of(provider, model, usage)
+        return replace(found, tool_uses=(("web_search", 1),))
+
+    return usage_with_search
 
 
 def chat_messages(request: CompletionRequest) -> list[dict[str, Any]]:
@@ -129,6 +152,21 @@ class ChatChunkAccumulator(StreamAccumulator):
         self.usage: Mapping[str, Any] | None = None
         self.response_id: str | None = None
         self.done = False
+        #: chunks that carried generated text or tool-call arguments (one token each, at least)
+        self.deltas = 0
+
+    def partial_usage(self) -> Usage | None:
+        """The usage chunk if it arrived; else the output counted from the deltas (the input of
+        an OpenAI-shaped stream is reported only in its last chunk, so it is not known)."""
+        if self.usage is not None:
+            try:
+                found: Usage = self.usage_of(self.client.provider, self.model, self.usage)
+                return found
+            except (TypeError, ValueError):
+                pass
+        if not self.deltas:
+            return None
+        return Usage(provider=self.client.provider, model=self.model, output_tokens=self.deltas)
 
     def feed(self, event: ServerSentEvent) -> str:
         if event.data.strip() == "[DONE]":
@@ -169,6 +207,8 @@ class ChatChunkAccumulator(StreamAccumulator):
                     slot["arguments"] += json.dumps(arguments)
             if choice.get("finish_reason"):
                 self.finish = choice["finish_reason"]
+            if delta.get("content") or delta.get("tool_calls") or delta.get("reasoning_content"):
+                self.deltas += 1
         if text:
             self.text.append(text)
         return text
@@ -288,12 +328,16 @@ class OpenAIClient(ProviderClient):
         payload = await self.request_json(
             "POST", "/chat/completions", api_key=api_key, body=self.body(request, stream=False)
         )
-        return parse_chat_completion(self.provider, payload, openai_usage)
+        return parse_chat_completion(self.provider, payload, self.usage_of(request))
+
+    @staticmethod
+    def usage_of(request: CompletionRequest) -> Any:
+        return with_web_search(openai_usage) if request.web_search is not None else openai_usage
 
     def stream(self, request: CompletionRequest, *, api_key: str) -> AsyncIterator[StreamEvent]:
         return self.iter_stream(
             "/chat/completions",
-            ChatChunkAccumulator(self, request.model, openai_usage),
+            ChatChunkAccumulator(self, request.model, self.usage_of(request)),
             api_key=api_key,
             body=self.body(request, stream=True),
         )
