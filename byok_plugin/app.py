@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from byok_plugin.platform_keys import PlatformKeyPool
     from byok_plugin.pricing import PriceTable
     from byok_plugin.resolution import Resolver
+    from byok_plugin.spool import DurableLedger
     from byok_plugin.store import AuditStore, KeyStore
     from byok_plugin.validation import KeyValidator
     from byok_plugin.workspace_settings import WorkspaceSettingsStore
@@ -122,6 +123,7 @@ class App:
         resolver = self.__dict__.pop("resolver", None)
         if resolver is not None:
             resolver.close()
+        self.__dict__.pop("durable_ledger", None)
         ledger = self.__dict__.pop("ledger", None)
         if ledger is not None:
             ledger.close()
@@ -181,6 +183,17 @@ class App:
         from byok_plugin.ledger import Ledger
 
         return Ledger(self.engine, clock=self.clock)
+
+    @cached_property
+    def durable_ledger(self) -> DurableLedger:
+        """The ledger with the local spool behind it (``byok_record_usage``): a record the store
+        refuses is kept in ``BYOK_LEDGER_SPOOL`` and replayed when the store answers again."""
+        from byok_plugin.spool import DurableLedger, LedgerSpool
+
+        path = self.settings.ledger_spool or self.settings.home / "ledger-spool.db"
+        return DurableLedger(
+            self.ledger.record, LedgerSpool(path), background=self.background_writes.submit
+        )
 
     @cached_property
     def background_writes(self) -> BackgroundWrites:

@@ -94,11 +94,29 @@ class DefaultPlugin:
     @hookimpl(trylast=True)
     def byok_resolve_credential(self, request: CredentialRequest) -> Credential | None:
         pm = self._pm if self._pm is not None else self._own_hooks
-        return self.app.resolver.resolve(request, pm)
+        credential = self.app.resolver.resolve(request, pm)
+        if credential is not None and self.app.durable_ledger.recording_down():
+            # spend stops when recording stops: the call is not sent
+            from byok_plugin.spool import RecordingDown
+
+            if credential.billed_by_platform or not self.app.settings.allow_unrecorded_byok:
+                raise RecordingDown(
+                    f"workspace {request.workspace_id!r}: the {request.provider} call is refused "
+                    f"before it is sent: its usage could be recorded neither in the store nor in "
+                    f"the local spool {self.app.durable_ledger.spool.path}"
+                    + (
+                        ""
+                        if credential.billed_by_platform
+                        else " (BYOK_ALLOW_UNRECORDED_BYOK=1 lets calls on the workspace's own "
+                        "keys run meanwhile)"
+                    )
+                )
+        return credential
 
     @hookimpl(trylast=True)
     def byok_record_usage(self, record: UsageRecord) -> None:
-        self.app.ledger.record(record)
+        # into the store, else into the local spool (replayed when the store answers again)
+        self.app.durable_ledger.record(record)
 
     @cached_property
     def _own_hooks(self) -> Any:

@@ -15,6 +15,8 @@
 | ``BYOK_CATALOG_FILE`` | a JSON catalog merged over the shipped one (which models are hosted) | none |
 | ``BYOK_KEY_COOLDOWN_SECONDS`` | how long a key the provider refused (429, auth) is skipped | ``30`` |
 | ``BYOK_KEY_CACHE_SECONDS`` | how long a worker reuses a workspace's key list read from the store | ``2`` |
+| ``BYOK_LEDGER_SPOOL`` | the local file where usage the store refused waits to be replayed | ``BYOK_HOME/ledger-spool.db`` |
+| ``BYOK_ALLOW_UNRECORDED_BYOK`` | ``1`` lets BYOK calls run while no usage can be recorded (platform calls never do) | off |
 | ``BYOK_PLATFORM_KEYS_<PROVIDER>`` | the platform's keys, comma-separated (also ``OPENAI_API_KEY_1..N``) | none |
 """
 
@@ -109,6 +111,9 @@ class Settings:
     key_cooldown_seconds: float = 30.0
     key_cache_seconds: float = 2.0
     validate_timeout: float = 5.0
+    #: where usage the store refused is kept until it is replayed (default: BYOK_HOME)
+    ledger_spool: Path | None = None
+    allow_unrecorded_byok: bool = False
     #: the whole environment, for provider-specific variables (platform keys, base URLs)
     environ: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
@@ -151,5 +156,9 @@ class Settings:
             key_cooldown_seconds=_seconds(env, "BYOK_KEY_COOLDOWN_SECONDS", 30.0),
             key_cache_seconds=_seconds(env, "BYOK_KEY_CACHE_SECONDS", 2.0),
             validate_timeout=_positive_seconds(env, "BYOK_VALIDATE_TIMEOUT", 5.0),
+            ledger_spool=Path(
+                env.get("BYOK_LEDGER_SPOOL") or home / "ledger-spool.db"
+            ).expanduser(),
+            allow_unrecorded_byok=_flag(env, "BYOK_ALLOW_UNRECORDED_BYOK", False),
             environ=env,
         )

@@ -154,11 +154,16 @@ class BlockFailed(Exception):
     """A block could not complete. The message is safe to show: it never carries a key.
 
     :param retryable: trying the block again may succeed (a broken stream, a malformed reply).
+    :param call: a provider call that completed before the block failed (its usage not
+        recorded, or its charge failed): the block's result lists it.
     """
 
-    def __init__(self, message: str, *, retryable: bool = False) -> None:
+    def __init__(
+        self, message: str, *, retryable: bool = False, call: CallResult | None = None
+    ) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.call = call
 
 
 @dataclass(frozen=True)
@@ -580,6 +585,8 @@ class WorkflowRunner:
                     output = await self._execute(run, block, attempts, calls)
                     break
                 except (BlockFailed, *_TRANSIENT) as exc:
+                    if isinstance(exc, BlockFailed) and exc.call is not None:
+                        calls.append(exc.call)  # completed: the result must carry its usage
                     retryable = exc.retryable if isinstance(exc, BlockFailed) else True
                     if not retryable or attempts >= max_attempts:
                         raise
@@ -876,20 +883,12 @@ class WorkflowRunner:
             charge, record, error, charge_error = await self._recording_job(
                 self._settle_and_retry, usage, credential, make_record
             )
-            if error is not None:
-                raise _unrecorded(provider, error)
         else:
             with calling_inline():
                 charge, record, error, charge_error = self._settle(usage, credential, make_record)
             if error is not None:
-                await self._record_again(record, provider, error)
-        if charge_error is not None:
-            raise BlockFailed(
-                f"the {provider} call completed but byok_compute_charge failed "
-                f"({type(charge_error).__name__}: {charge_error}); it is recorded uncharged, "
-                f"with reason {CHARGE_FAILED!r}"
-            )
-        return result, CallResult(
+                error = await self._record_again(record, error)
+        call = CallResult(
             provider=provider,
             model=model,
             source=credential.source,
@@ -903,7 +902,25 @@ class WorkflowRunner:
             idempotency_key=idempotency_key,
             streamed=stream,
             rejected=tuple(rejected),
+            recorded=error is None,
+            record=record,
         )
+        if error is not None:
+            # the call completed: the result carries its usage and charge, for the host to
+            # re-submit (CallResult.recorded is False)
+            raise BlockFailed(
+                f"the {provider} call completed but its usage could not be recorded "
+                f"({type(error).__name__}: {error})",
+                call=call,
+            )
+        if charge_error is not None:
+            raise BlockFailed(
+                f"the {provider} call completed but byok_compute_charge failed "
+                f"({type(charge_error).__name__}: {charge_error}); it is recorded uncharged, "
+                f"with reason {CHARGE_FAILED!r}",
+                call=call,
+            )
+        return result, call
 
     async def _resolve(self, request: CredentialRequest) -> Credential:
         credential = await self._hook(self.pm.hook.byok_resolve_credential, request=request)
@@ -952,18 +969,16 @@ class WorkflowRunner:
             error = self._record_retries(record, error, self.options.record_attempts - 1)
         return charge, record, error, charge_error
 
-    async def _record_again(self, record: UsageRecord, provider: str, error: Exception) -> None:
+    async def _record_again(self, record: UsageRecord, error: Exception) -> Exception | None:
         """``byok_record_usage`` tried again after ``error`` on the event loop, in a worker
         thread: an implementation that gave up at once rather than stall the loop (a SQLite store
         locked by another writer) waits there as long as it must, so a failure on the loop always
         gets one try off it. The tries run as one job that goes on if the run
         is cancelled meanwhile (the call has completed: its usage must land). The ledger is
         idempotent on the record's key, so a write that did land before an error is not
-        doubled."""
+        doubled. The last error, or ``None`` once a try succeeded."""
         tries = max(self.options.record_attempts - 1, 1)
-        last = await self._recording_job(self._record_retries, record, error, tries)
-        if last is not None:
-            raise _unrecorded(provider, last)
+        return await self._recording_job(self._record_retries, record, error, tries)
 
     async def _recording_job(self, fn: Callable[..., _T], *args: Any) -> _T:
         """``fn(*args)`` in a worker thread, as a job that a cancelled run does not stop (the call
@@ -1012,13 +1027,6 @@ class WorkflowRunner:
 
 
 # --- helpers -------------------------------------------------------------------------------------
-
-
-def _unrecorded(provider: str, error: Exception) -> BlockFailed:
-    return BlockFailed(
-        f"the {provider} call completed but its usage could not be recorded "
-        f"({type(error).__name__}: {error})"
-    )
 
 
 def _skipped(block: Block, reason: str) -> BlockResult:

@@ -164,10 +164,24 @@ def _install_sqlite_hooks(engine: Engine) -> None:
         # We emit BEGIN ourselves (below), so that writers can ask for BEGIN IMMEDIATE.
         prepare_sqlite_connection(dbapi_connection)
 
+    @event.listens_for(engine, "handle_error")
+    def _on_error(context: Any) -> None:
+        # a connection opened while the file was unwritable stays read-only (and one that hit an
+        # I/O error may stay broken): the pool drops it instead of lending it again
+        error = context.original_exception
+        if isinstance(error, sqlite3.Error) and _stuck(error):
+            context.is_disconnect = True
+
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
         mode = conn.get_execution_options().get(_SQLITE_BEGIN_OPTION, "DEFERRED")
         conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def _stuck(error: BaseException) -> bool:
+    """Whether a SQLite error may stay with the connection that raised it (read-only, I/O)."""
+    text = str(error).lower()
+    return "readonly" in text or "read-only" in text or "disk i/o error" in text
 
 
 def create_store_engine(url: str | URL, **kwargs: Any) -> Engine:
