@@ -65,7 +65,7 @@ from byok_plugin.billing import Billing
 from byok_plugin.key_access import KeyAccess
 from byok_plugin.key_errors import StoreUnavailable
 from byok_plugin.platform_keys import PlatformKeyPool, mask_key
-from byok_plugin.store.engine import write_transaction
+from byok_plugin.store.engine import retry_deadlocks, write_transaction
 from byok_plugin.store.keys_repo import StoredKey
 from byok_plugin.store.tables import workspace_keys
 from byok_plugin.workspace_settings import WorkspaceSettingsStore
@@ -663,9 +663,17 @@ class Resolver:
                 )
                 .values(last_used_at=sa.bindparam("at"))
             )
-            try:
+            # rows locked in key id order, as every multi-row update of the keys table does:
+            # two workers flushing the same keys at once then wait for each other, never
+            # deadlock (and a deadlock victim all the same is tried again)
+            params = [{"key_id": k, "at": pending[k]} for k in sorted(pending)]
+
+            def flush() -> None:
                 with write_transaction(self._engine) as conn:
-                    conn.execute(statement, [{"key_id": k, "at": at} for k, at in pending.items()])
+                    conn.execute(statement, params)
+
+            try:
+                retry_deadlocks(flush)
             except sa.exc.SQLAlchemyError as exc:  # informational only: never fail a call on it
                 log.warning("could not record the last use of %d keys: %s", len(pending), exc)
                 return 0

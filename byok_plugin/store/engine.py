@@ -27,10 +27,10 @@ import random
 import sqlite3
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from byok_hookspecs import called_inline
@@ -52,6 +52,7 @@ __all__ = [
     "normalize_url",
     "prepare_sqlite_connection",
     "read_connection",
+    "retry_deadlocks",
     "store_busy",
     "store_errors",
     "write_transaction",
@@ -273,6 +274,35 @@ def _cause(exc: sa.exc.SQLAlchemyError) -> str:
     source: BaseException = orig if isinstance(orig, BaseException) else exc
     first_line = (str(source).strip().splitlines() or [""])[0]
     return f"{type(source).__name__}: {first_line[:300]}"
+
+
+#: PostgreSQL's "deadlock detected" and "could not serialize access": the server rolled the
+#: transaction back, and running it again may succeed
+_RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})
+DEADLOCK_TRIES = 5
+_R = TypeVar("_R")
+
+
+def is_deadlock(error: BaseException) -> bool:
+    """Whether ``error`` made this transaction a deadlock (or serialization) victim."""
+    orig = getattr(error, "orig", error)
+    return getattr(orig, "sqlstate", None) in _RETRYABLE_SQLSTATES
+
+
+def retry_deadlocks(transaction: Callable[[], _R], *, tries: int = DEADLOCK_TRIES) -> _R:
+    """Run ``transaction()`` (a whole transaction that may be repeated) again when PostgreSQL
+    chose it as a deadlock victim, after a short random pause; other errors pass through.
+
+    Multi-row updates take their row locks in one order (sorted key ids) so that two of them
+    do not deadlock; this covers what another order (a foreign key, an index page) still can."""
+    for attempt in range(1, tries + 1):
+        try:
+            return transaction()
+        except sa.exc.DBAPIError as exc:
+            if attempt == tries or not is_deadlock(exc):
+                raise
+            time.sleep(random.uniform(0.005, 0.02) * attempt)  # noqa: S311 (jitter)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def store_busy(error: BaseException) -> bool:
