@@ -63,8 +63,18 @@ class App:
     def engine(self) -> Engine:
         """The store's engine, migrated to the newest revision on first use."""
         from byok_plugin.store import create_store_engine, ensure_migrated
+        from byok_plugin.store.engine import PostgresOptions
 
-        engine = create_store_engine(self.settings.database_url)
+        s = self.settings
+        postgres = PostgresOptions(
+            pool_size=s.db_pool_size,
+            max_overflow=s.db_max_overflow,
+            pool_timeout=s.db_pool_timeout,
+            statement_timeout=s.db_statement_timeout,
+            connect_timeout=s.db_connect_timeout,
+            tcp_timeout=s.db_tcp_timeout,
+        )
+        engine = create_store_engine(s.database_url, postgres=postgres)
         try:
             ensure_migrated(engine)
         except BaseException:

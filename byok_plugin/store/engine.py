@@ -29,6 +29,7 @@ import struct
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -44,6 +45,7 @@ __all__ = [
     "BUSY_TIMEOUT_MS",
     "LOOP_LOCK_WAIT_MS",
     "LockBackoff",
+    "PostgresOptions",
     "advisory_lock_key",
     "create_store_engine",
     "describe_url",
@@ -185,9 +187,60 @@ def _stuck(error: BaseException) -> bool:
     return "readonly" in text or "read-only" in text or "disk i/o error" in text
 
 
-def create_store_engine(url: str | URL, **kwargs: Any) -> Engine:
+@dataclass(frozen=True, slots=True)
+class PostgresOptions:
+    """How a PostgreSQL store engine bounds its waits and its connections (see the README's
+    deployment section for sizing them against ``max_connections``).
+
+    :param pool_size: connections kept open per process.
+    :param max_overflow: more connections opened under load, closed when given back.
+    :param pool_timeout: seconds a thread waits for a free connection before the store is
+        reported unavailable.
+    :param statement_timeout: seconds the server lets one statement run (lock waits included)
+        before it cancels it; 0 for no limit.
+    :param connect_timeout: seconds a new connection may take.
+    :param tcp_timeout: seconds of network silence after which the connection is dropped: TCP
+        keepalive probes start after a third of it, and data the server has not acknowledged
+        for that long fails the connection (``tcp_user_timeout``).
+    """
+
+    pool_size: int = 5
+    max_overflow: int = 10
+    pool_timeout: float = 30.0
+    statement_timeout: float = 30.0
+    connect_timeout: float = 10.0
+    tcp_timeout: float = 30.0
+
+    def engine_arguments(self) -> dict[str, Any]:
+        """``connect_args`` and pool arguments for :func:`sqlalchemy.create_engine`."""
+        idle = max(1, round(self.tcp_timeout / 3))
+        connect_args: dict[str, Any] = {
+            "connect_timeout": max(1, round(self.connect_timeout)),
+            "keepalives": 1,
+            "keepalives_idle": idle,
+            "keepalives_interval": max(1, round(self.tcp_timeout / 9)),
+            "keepalives_count": 3,
+            "tcp_user_timeout": max(1, round(self.tcp_timeout * 1000)),
+        }
+        if self.statement_timeout > 0:
+            ms = max(1, round(self.statement_timeout * 1000))
+            connect_args["options"] = f"-c statement_timeout={ms}"
+        return {
+            "connect_args": connect_args,
+            "pool_size": self.pool_size,
+            "max_overflow": self.max_overflow,
+            "pool_timeout": self.pool_timeout,
+        }
+
+
+def create_store_engine(
+    url: str | URL, *, postgres: PostgresOptions | None = None, **kwargs: Any
+) -> Engine:
     """An engine for the store at ``url`` (no migration here: see
-    :func:`byok_plugin.store.migrate.ensure_migrated`)."""
+    :func:`byok_plugin.store.migrate.ensure_migrated`).
+
+    :param postgres: timeouts and pool sizes of a PostgreSQL engine (defaults when ``None``).
+    """
     parsed = normalize_url(url)
     if parsed.get_backend_name() == "sqlite":
         try:
@@ -203,7 +256,9 @@ def create_store_engine(url: str | URL, **kwargs: Any) -> Engine:
         engine._byok_lock_backoff = LockBackoff()  # type: ignore[attr-defined]
         return engine
     if parsed.get_backend_name() == "postgresql":
-        connect_args = {"connect_timeout": 10, **kwargs.pop("connect_args", {})}
+        arguments = (postgres or PostgresOptions()).engine_arguments()
+        connect_args = {**arguments.pop("connect_args"), **kwargs.pop("connect_args", {})}
+        kwargs = {**arguments, **kwargs}
         kwargs.setdefault("pool_pre_ping", True)
         return sa.create_engine(parsed, connect_args=connect_args, **kwargs)
     return sa.create_engine(parsed, **kwargs)
