@@ -282,6 +282,9 @@ class DurableLedger:
         # when this process last looked for spooled rows (-inf: at its first record)
         self._checked_at = float("-inf")
         self._spooled_here = False
+        #: rows this instance spooled, and replayed into the store (for reports and load tests)
+        self.spooled = 0
+        self.replayed = 0
 
     def __repr__(self) -> str:
         return f"DurableLedger(spool={self.spool!r}, down={self._down_since is not None})"
@@ -323,6 +326,7 @@ class DurableLedger:
             )
             raise SpoolUnavailable(f"{cause}; and {exc}") from None
         self._spooled_here = True
+        self.spooled += added
         self._recovered()
         log.warning(
             "usage %s of workspace %r kept in the local spool %s: %s",
@@ -379,6 +383,7 @@ class DurableLedger:
             return ReplayResult(0, 0, -1, str(exc))
         finally:
             self._replaying.release()
+        self.replayed += result.replayed
         if result.error is None:
             self._spooled_here = False
         if result.replayed or result.already_recorded:
