@@ -216,6 +216,7 @@ class App:
     def resolver(self) -> Resolver:
         """The default resolution policy (``byok_resolve_credential``)."""
         from byok_plugin.key_reader import SqliteKeyReader, sqlite_file_of
+        from byok_plugin.platform_cooldowns import PlatformCooldowns
         from byok_plugin.resolution import Resolver
 
         path = sqlite_file_of(self.engine)
@@ -230,4 +231,5 @@ class App:
             cooldown_seconds=self.settings.key_cooldown_seconds,
             cache_seconds=self.settings.key_cache_seconds,
             background=self.background_writes,
+            platform_cooldowns=PlatformCooldowns(self.engine),
         )
