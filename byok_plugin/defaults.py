@@ -114,6 +114,13 @@ class DefaultPlugin:
         return credential
 
     @hookimpl(trylast=True)
+    def byok_prepare(self) -> None:
+        # the store (opened and migrated), the ledger and its spool, the catalog, the prices,
+        # the platform keys: loaded here, off a host's event loop, not by its first call
+        _ = self.app.durable_ledger
+        _ = self.app.resolver
+
+    @hookimpl(trylast=True)
     def byok_record_usage(self, record: UsageRecord) -> None:
         # into the store, else into the local spool (replayed when the store answers again)
         self.app.durable_ledger.record(record)

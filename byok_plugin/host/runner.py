@@ -281,6 +281,8 @@ class WorkflowRunner:
         self._threading: tuple[set[object], bool] | None = None
         # records still being tried in a worker thread (they outlive a cancelled run)
         self._recording: set[asyncio.Future[Any]] = set()
+        self._prepared = False
+        self._preparing = asyncio.Lock()
 
     def __repr__(self) -> str:
         return f"WorkflowRunner(providers={sorted(self.clients)}, options={self.options})"
@@ -312,6 +314,7 @@ class WorkflowRunner:
         try:
             clients = create_clients(http, environ=environ, base_urls=base_urls, retry=retry)
             runner = cls(pm, clients, environ=environ, options=opts, model_check=model_check)
+            await runner.prepare()
             yield runner
         finally:
             try:
@@ -320,6 +323,20 @@ class WorkflowRunner:
             finally:
                 if own:
                     await http.aclose()
+
+    async def prepare(self) -> None:
+        """``byok_prepare`` once, in a worker thread: the plugins load their store, catalog and
+        prices there, not on the event loop during a first run. :meth:`open` calls it, and so
+        does the first :meth:`run` of a runner built otherwise. A failure is logged: the hooks
+        that need what was not loaded report it."""
+        async with self._preparing:
+            if self._prepared:
+                return
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, self.pm.hook.byok_prepare)
+            except Exception as exc:
+                log.warning("byok_prepare failed: %s: %s", type(exc).__name__, exc)
+            self._prepared = True
 
     async def drain(self) -> None:
         """Wait for the records still being tried in a worker thread (those of runs cancelled
@@ -406,6 +423,8 @@ class WorkflowRunner:
             whose variable is not set.
         """
         values = bind_inputs(workflow, inputs or {})
+        if not self._prepared:
+            await self.prepare()
         checked = self._checked.get(id(workflow))
         if checked is None or checked() is not workflow:
             problems = (
