@@ -43,7 +43,9 @@ _IN_MEMORY_HOOKS = frozenset(
 #: audited key changes after which a cooldown not yet written must not be applied any more
 _KEY_STATE_CHANGES = frozenset({"key.enabled", "key.disabled", "key.deleted", "key.replaced"})
 #: hooks that read or write the store: non-blocking when it is a local SQLite file
-_STORE_HOOKS = frozenset({"byok_resolve_credential", "byok_record_usage", "byok_audit"})
+_STORE_HOOKS = frozenset(
+    {"byok_resolve_credential", "byok_record_usage", "byok_audit", "byok_prepare"}
+)
 
 
 class DefaultPlugin:
