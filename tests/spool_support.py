@@ -8,6 +8,11 @@ writes into a table that has been dropped, so every insert fails with an ``Opera
 
 from __future__ import annotations
 
+import os
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
 import sqlalchemy as sa
 
 from byok_plugin.store.engine import create_store_engine
@@ -54,3 +59,19 @@ def accept_ledger_writes(database_url: str) -> None:
                 conn.execute(sa.text("DROP TRIGGER byok_test_refuse"))
     finally:
         engine.dispose()
+
+
+def make_unwritable(path: Path) -> Callable[[], None]:
+    """Make a file unwritable (``chmod``; ``chattr +i`` for root, whom modes do not stop);
+    returns the function that undoes it. Where root may not set the immutable flag (no
+    ``CAP_LINUX_IMMUTABLE``), the test is skipped, saying why."""
+    import pytest
+
+    if os.geteuid() != 0:
+        mode = path.stat().st_mode
+        path.chmod(0o444)
+        return lambda: path.chmod(mode)
+    done = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot make a file unwritable as root here: {done.stderr.strip()}")
+    return lambda: subprocess.run(["chattr", "-i", str(path)], check=True)

@@ -34,7 +34,7 @@ from byok_plugin.spool import (
     record_to_json,
 )
 from tests.ledger_support import record_for
-from tests.spool_support import accept_ledger_writes, refuse_ledger_writes
+from tests.spool_support import accept_ledger_writes, make_unwritable, refuse_ledger_writes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -151,6 +151,31 @@ def test_a_new_process_replays_what_an_earlier_one_spooled_at_its_first_record(
         assert ledger_keys(second) == sorted(record_for(n).idempotency_key for n in range(7))
     finally:
         second.close()
+
+
+def test_a_sqlite_file_unwritable_when_the_ledger_connected_does_not_stay_read_only(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    first = app_for(tmp_path, sqlite_url)
+    first.ledger.count()  # created and migrated
+    first.close()
+    database = Path(sqlite_url.removeprefix("sqlite:///"))
+    app = app_for(tmp_path, sqlite_url, BYOK_LEDGER_SPOOL=str(tmp_path / "spool" / "s.db"))
+    undo = make_unwritable(database)
+    try:
+        # SQLite opens the file read-only: the row goes to the spool
+        assert app.durable_ledger.record(record_for(1)) is True
+        assert app.durable_ledger.spool.pending() == 1
+    finally:
+        undo()
+    try:
+        # writable again: the read-only connection is not lent again, the row lands and the
+        # spooled one is replayed
+        assert app.durable_ledger.record(record_for(2)) is True
+        assert app.durable_ledger.spool.pending() == 0
+        assert ledger_keys(app) == sorted(record_for(n).idempotency_key for n in (1, 2))
+    finally:
+        app.close()
 
 
 def test_replay_with_the_store_still_refusing_says_so_and_keeps_every_row(
