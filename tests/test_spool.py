@@ -18,8 +18,10 @@ from pathlib import Path
 
 import pytest
 from byok_hookspecs import CredentialSource
+from click.testing import CliRunner
 
 from byok_plugin.app import App
+from byok_plugin.cli import main
 from byok_plugin.cli.demo import BYOK_WORKSPACE, PLATFORM_WORKSPACE, DemoStack
 from byok_plugin.host.emulator import EmulatorServer
 from byok_plugin.host.run_result import BlockStatus, RunStatus
@@ -203,6 +205,14 @@ def test_replay_with_the_store_still_refusing_says_so_and_keeps_every_row(
     assert "Traceback" not in done.stderr
     assert "3 still spooled" in done.stdout
     assert LedgerSpool(tmp_path / "ledger-spool.db").pending() == 3
+    # what waits, even with the store down (the spool alone is read)
+    shown = CliRunner().invoke(
+        main,
+        ["ledger", "spool", "--json"],
+        env={"BYOK_HOME": str(tmp_path), "BYOK_DATABASE_URL": "postgresql://u@127.0.0.1:1/x"},
+    )
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.output)["pending"] == 3
 
 
 def test_when_neither_store_nor_spool_takes_a_row_the_record_fails_and_names_both(

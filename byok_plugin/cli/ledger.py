@@ -28,7 +28,10 @@ def ledger_group() -> None:
 @handles_errors
 def spool_command(cli: CliContext, as_json: bool) -> None:
     """How many usage rows wait in the local spool for the store."""
-    spool = cli.app.durable_ledger.spool
+    from byok_plugin.spool import LedgerSpool
+
+    settings = cli.settings  # the spool only: the store need not answer
+    spool = LedgerSpool(settings.ledger_spool or settings.home / "ledger-spool.db")
     pending = spool.pending()
     if as_json:
         click.echo(json.dumps({"spool": str(spool.path), "pending": pending}))
