@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from byok_hookspecs import CredentialSource
 from click.testing import CliRunner
+from sqlalchemy.engine import make_url
 
 from byok_plugin.app import App
 from byok_plugin.cli import main
@@ -36,7 +37,12 @@ from byok_plugin.spool import (
     record_to_json,
 )
 from tests.ledger_support import record_for
-from tests.spool_support import accept_ledger_writes, make_unwritable, refuse_ledger_writes
+from tests.spool_support import (
+    TcpProxy,
+    accept_ledger_writes,
+    make_unwritable,
+    refuse_ledger_writes,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -178,6 +184,29 @@ def test_a_sqlite_file_unwritable_when_the_ledger_connected_does_not_stay_read_o
         assert ledger_keys(app) == sorted(record_for(n).idempotency_key for n in (1, 2))
     finally:
         app.close()
+
+
+@pytest.mark.postgres
+def test_the_postgres_server_gone_spools_every_record_and_they_land_once_it_is_back(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    target = make_url(postgres_url)
+    proxy = TcpProxy(target.host or "127.0.0.1", target.port or 5432)
+    proxy.start()
+    app = app_for(tmp_path, proxy.url(postgres_url), BYOK_DB_CONNECT_TIMEOUT="2")
+    try:
+        assert app.durable_ledger.record(record_for(0)) is True
+        proxy.kill()  # every connection reset, no new one accepted
+        for n in range(1, 11):
+            assert app.durable_ledger.record(record_for(n)) is True
+        assert app.durable_ledger.spool.pending() == 10
+        proxy.start()  # back, on the same port
+        assert app.durable_ledger.record(record_for(11)) is True
+        assert app.durable_ledger.spool.pending() == 0
+        assert ledger_keys(app) == sorted(record_for(n).idempotency_key for n in range(12))
+    finally:
+        app.close()
+        proxy.kill()
 
 
 def test_replay_with_the_store_still_refusing_says_so_and_keeps_every_row(
