@@ -22,7 +22,7 @@
 | ``BYOK_DB_POOL_TIMEOUT`` | seconds a thread waits for a free connection | ``30`` |
 | ``BYOK_DB_STATEMENT_TIMEOUT`` | seconds PostgreSQL lets one statement run (``0``: no limit) | ``30`` |
 | ``BYOK_DB_CONNECT_TIMEOUT`` | seconds a new PostgreSQL connection may take | ``10`` |
-| ``BYOK_DB_TCP_TIMEOUT`` | seconds of network silence before a PostgreSQL connection is dropped | ``30`` |
+| ``BYOK_DB_TCP_TIMEOUT`` | seconds of network silence before a PostgreSQL connection is dropped; a statement waits at most the statement timeout plus this for an answer | ``30`` |
 | ``BYOK_PLATFORM_KEYS_<PROVIDER>`` | the platform's keys, comma-separated (also ``OPENAI_API_KEY_1..N``) | none |
 """
 

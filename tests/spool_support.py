@@ -83,7 +83,7 @@ def make_unwritable(path: Path) -> Callable[[], None]:
 class TcpProxy:
     """A loopback TCP proxy to a database server: :meth:`kill` closes every connection and
     refuses new ones (the server gone, as a restart or a crash looks to a client), :meth:`start`
-    listens again on the same port. Threads, one pair per connection; for tests only."""
+    listens again on the same port; :meth:`freeze` stops forwarding (a silent server). Threads, one pair per connection; for tests only."""
 
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
@@ -91,6 +91,16 @@ class TcpProxy:
         self._listener: socket.socket | None = None
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
+        self._flowing = threading.Event()
+        self._flowing.set()
+
+    def freeze(self) -> None:
+        """Stop forwarding, connections left open (a server that stops answering, without a
+        reset): what is sent waits here, and is delivered after :meth:`thaw`."""
+        self._flowing.clear()
+
+    def thaw(self) -> None:
+        self._flowing.set()
 
     def start(self) -> None:
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -117,10 +127,10 @@ class TcpProxy:
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
         try:
             while data := source.recv(65536):
+                self._flowing.wait()
                 sink.sendall(data)
         except OSError:
             pass

@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.engine import make_url
 
 from byok_plugin.app import App
 from byok_plugin.key_errors import StoreUnavailable
 from byok_plugin.settings import Settings, SettingsError
 from byok_plugin.store.engine import create_store_engine, store_errors
 from tests.ledger_support import record_for
+from tests.spool_support import TcpProxy
 
 pytestmark = pytest.mark.postgres
 
@@ -56,6 +59,57 @@ def test_a_statement_blocked_by_a_lock_fails_within_the_timeout_and_recovers(
     finally:
         holder.dispose()
         app.close()
+
+
+def in_thread(fn: Callable[[], object]) -> tuple[object, BaseException | None]:
+    """``fn()`` in a thread, given up on after a minute (it must not hang the suite)."""
+    outcome: list[object] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(fn())
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "still waiting for a server that stopped answering"
+    return (outcome[0] if outcome else None), (errors[0] if errors else None)
+
+
+def test_a_server_that_stops_answering_fails_calls_within_the_timeouts_and_recovers(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    target = make_url(postgres_url)
+    proxy = TcpProxy(target.host or "127.0.0.1", target.port or 5432)
+    proxy.start()
+    app = app_for(
+        tmp_path,
+        proxy.url(postgres_url),
+        BYOK_DB_STATEMENT_TIMEOUT="1",
+        BYOK_DB_TCP_TIMEOUT="1",
+        BYOK_DB_CONNECT_TIMEOUT="1",
+    )
+    try:
+        assert app.durable_ledger.record(record_for(0)) is True
+        proxy.freeze()  # connections stay open, nothing comes back
+        _, error = in_thread(lambda: app.ledger.record(record_for(1)))
+        assert isinstance(error, StoreUnavailable), error
+        assert "recording usage" in str(error)
+        # through the plugin the usage is kept in the spool meanwhile
+        spooled, error = in_thread(lambda: app.durable_ledger.record(record_for(2)))
+        assert (spooled, error) == (True, None)
+        assert app.durable_ledger.spool.pending() == 1
+        proxy.thaw()
+        assert app.durable_ledger.record(record_for(1)) is True  # and the spool is replayed
+        assert app.durable_ledger.spool.pending() == 0
+        assert app.ledger.count() == 3
+    finally:
+        proxy.thaw()
+        app.close()
+        proxy.kill()
 
 
 def test_the_pool_size_comes_from_settings_and_an_exhausted_pool_fails_clearly(

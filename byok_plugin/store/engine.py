@@ -211,6 +211,14 @@ class PostgresOptions:
     connect_timeout: float = 10.0
     tcp_timeout: float = 30.0
 
+    @property
+    def answer_timeout(self) -> float | None:
+        """Seconds a client waits for any answer of the server: the statement timeout (which
+        the server enforces) plus the TCP timeout; ``None`` when statements are unbounded."""
+        if self.statement_timeout <= 0:
+            return None
+        return self.statement_timeout + self.tcp_timeout
+
     def engine_arguments(self) -> dict[str, Any]:
         """``connect_args`` and pool arguments for :func:`sqlalchemy.create_engine`."""
         idle = max(1, round(self.tcp_timeout / 3))
@@ -260,8 +268,32 @@ def create_store_engine(
         connect_args = {**arguments.pop("connect_args"), **kwargs.pop("connect_args", {})}
         kwargs = {**arguments, **kwargs}
         kwargs.setdefault("pool_pre_ping", True)
-        return sa.create_engine(parsed, connect_args=connect_args, **kwargs)
+        engine = sa.create_engine(parsed, connect_args=connect_args, **kwargs)
+        _install_postgres_hooks(engine, (postgres or PostgresOptions()).answer_timeout)
+        return engine
     return sa.create_engine(parsed, **kwargs)
+
+
+def _install_postgres_hooks(engine: Engine, answer_timeout: float | None) -> None:
+    """A server that stops answering without closing the connection (frozen, or a network
+    path that still acknowledges packets) fails a statement after ``answer_timeout`` seconds
+    instead of hanging its thread; the connection is then dropped from the pool."""
+    if answer_timeout is None:
+        return
+    import psycopg
+
+    class _AnsweringConnection(psycopg.Connection):  # type: ignore[type-arg]
+        def wait(self, gen: Any, interval: float = 0.1, timeout: float | None = None) -> Any:
+            return super().wait(gen, interval, answer_timeout if timeout is None else timeout)
+
+    @event.listens_for(engine, "do_connect")
+    def _connect(_dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
+        return _AnsweringConnection.connect(*cargs, **cparams)
+
+    @event.listens_for(engine, "handle_error")
+    def _on_error(context: Any) -> None:
+        if isinstance(context.original_exception, psycopg.errors._WaitTimeout):
+            context.is_disconnect = True  # mid-protocol: never lend this connection again
 
 
 @contextmanager
