@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from byok_plugin.platform_keys import PlatformKeyPool
     from byok_plugin.pricing import PriceTable
     from byok_plugin.resolution import Resolver
+    from byok_plugin.spool import DurableLedger
     from byok_plugin.store import AuditStore, KeyStore
     from byok_plugin.validation import KeyValidator
     from byok_plugin.workspace_settings import WorkspaceSettingsStore
@@ -86,8 +87,18 @@ class App:
     def engine(self) -> Engine:
         """The store's engine, migrated to the newest revision on first use."""
         from byok_plugin.store import create_store_engine, ensure_migrated
+        from byok_plugin.store.engine import PostgresOptions
 
-        engine = create_store_engine(self.settings.database_url)
+        s = self.settings
+        postgres = PostgresOptions(
+            pool_size=s.db_pool_size,
+            max_overflow=s.db_max_overflow,
+            pool_timeout=s.db_pool_timeout,
+            statement_timeout=s.db_statement_timeout,
+            connect_timeout=s.db_connect_timeout,
+            tcp_timeout=s.db_tcp_timeout,
+        )
+        engine = create_store_engine(s.database_url, postgres=postgres)
         try:
             ensure_migrated(engine)
         except BaseException:
@@ -180,6 +191,7 @@ class App:
         resolver = self.__dict__.pop("resolver", None)
         if resolver is not None:
             resolver.close()
+        self.__dict__.pop("durable_ledger", None)
         ledger = self.__dict__.pop("ledger", None)
         if ledger is not None:
             ledger.close()
@@ -249,6 +261,17 @@ class App:
         return Ledger(self.engine, clock=self.clock)
 
     @cached_property
+    def durable_ledger(self) -> DurableLedger:
+        """The ledger with the local spool behind it (``byok_record_usage``): a record the store
+        refuses is kept in ``BYOK_LEDGER_SPOOL`` and replayed when the store answers again."""
+        from byok_plugin.spool import DurableLedger, LedgerSpool
+
+        path = self.settings.ledger_spool or self.settings.home / "ledger-spool.db"
+        return DurableLedger(
+            self.ledger.record, LedgerSpool(path), background=self.background_writes.submit
+        )
+
+    @cached_property
     def background_writes(self) -> BackgroundWrites:
         """Audit events and cooldowns that a hook on an event loop could not write at once."""
         from byok_plugin.background_writes import BackgroundWrites
@@ -259,6 +282,7 @@ class App:
     def resolver(self) -> Resolver:
         """The default resolution policy (``byok_resolve_credential``)."""
         from byok_plugin.key_reader import SqliteKeyReader, sqlite_file_of
+        from byok_plugin.platform_cooldowns import PlatformCooldowns
         from byok_plugin.resolution import Resolver
 
         path = sqlite_file_of(self.engine)
@@ -273,4 +297,5 @@ class App:
             cooldown_seconds=self.settings.key_cooldown_seconds,
             cache_seconds=self.settings.key_cache_seconds,
             background=self.background_writes,
+            platform_cooldowns=PlatformCooldowns(self.engine),
         )

@@ -49,7 +49,13 @@ _LOCAL_KEY_HOOKS = frozenset({"byok_wrap_data_key", "byok_unwrap_data_key", "byo
 _KEY_STATE_CHANGES = frozenset({"key.enabled", "key.disabled", "key.deleted", "key.replaced"})
 #: hooks that read or write the store: non-blocking when it is a local SQLite file
 _STORE_HOOKS = frozenset(
-    {"byok_resolve_credential", "byok_record_usage", "byok_recorded_calls", "byok_audit"}
+    {
+        "byok_resolve_credential",
+        "byok_record_usage",
+        "byok_recorded_calls",
+        "byok_audit",
+        "byok_prepare",
+    }
 )
 
 
@@ -117,11 +123,36 @@ class DefaultPlugin:
     @hookimpl(trylast=True)
     def byok_resolve_credential(self, request: CredentialRequest) -> Credential | None:
         pm = self._pm if self._pm is not None else self._own_hooks
-        return self.app.resolver.resolve(request, pm)
+        credential = self.app.resolver.resolve(request, pm)
+        if credential is not None and self.app.durable_ledger.recording_down():
+            # spend stops when recording stops: the call is not sent
+            from byok_plugin.spool import RecordingDown
+
+            if credential.billed_by_platform or not self.app.settings.allow_unrecorded_byok:
+                raise RecordingDown(
+                    f"workspace {request.workspace_id!r}: the {request.provider} call is refused "
+                    f"before it is sent: its usage could be recorded neither in the store nor in "
+                    f"the local spool {self.app.durable_ledger.spool.path}"
+                    + (
+                        ""
+                        if credential.billed_by_platform
+                        else " (BYOK_ALLOW_UNRECORDED_BYOK=1 lets calls on the workspace's own "
+                        "keys run meanwhile)"
+                    )
+                )
+        return credential
+
+    @hookimpl(trylast=True)
+    def byok_prepare(self) -> None:
+        # the store (opened and migrated), the ledger and its spool, the catalog, the prices,
+        # the platform keys: loaded here, off a host's event loop, not by its first call
+        _ = self.app.durable_ledger
+        _ = self.app.resolver
 
     @hookimpl(trylast=True)
     def byok_record_usage(self, record: UsageRecord) -> None:
-        self.app.ledger.record(record)
+        # into the store, else into the local spool (replayed when the store answers again)
+        self.app.durable_ledger.record(record)
 
     @hookimpl(trylast=True)
     def byok_recorded_calls(self, run_id: str) -> tuple[RecordedCall, ...] | None:

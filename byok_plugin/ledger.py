@@ -263,9 +263,15 @@ class SqliteLedgerWriter:
         try:
             conn = pool.acquire()
             try:
-                return conn.execute(self._sql, row).rowcount == 1
-            finally:
-                pool.release(conn)
+                inserted = conn.execute(self._sql, row).rowcount == 1
+            except sqlite3.Error as exc:
+                if store_busy(exc) or isinstance(exc, sqlite3.IntegrityError):
+                    pool.release(conn)
+                else:  # read-only, I/O error, a stale schema: never lend this one again
+                    pool.discard(conn)
+                raise
+            pool.release(conn)
+            return inserted
         except sqlite3.IntegrityError as exc:  # as SQLAlchemy would raise it: the caller's to read
             raise sa.exc.IntegrityError(self._sql, None, exc) from None
         except sqlite3.Error as exc:

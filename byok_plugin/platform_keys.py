@@ -91,8 +91,9 @@ def keys_from_environ(
 class PlatformKeyPool:
     """Round-robin over each provider's platform keys, skipping keys in cooldown.
 
-    Thread-safe; its state (the next index, the cooldowns) belongs to one process. Cooldowns of
-    platform keys are not shared between workers: each worker learns of a refusal itself.
+    Thread-safe; its state (the next index, the cooldowns) belongs to one process. The default
+    resolution shares cooldowns between workers through the store
+    (:mod:`byok_plugin.platform_cooldowns`) and applies those of others here.
     """
 
     def __init__(

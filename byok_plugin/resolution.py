@@ -68,8 +68,9 @@ from byok_plugin.background_writes import BackgroundWrites
 from byok_plugin.billing import Billing
 from byok_plugin.key_access import KeyAccess
 from byok_plugin.key_errors import StoreUnavailable
+from byok_plugin.platform_cooldowns import PlatformCooldowns
 from byok_plugin.platform_keys import PlatformKeyPool, mask_key
-from byok_plugin.store.engine import write_transaction
+from byok_plugin.store.engine import retry_deadlocks, write_transaction
 from byok_plugin.store.keys_repo import StoredKey
 from byok_plugin.store.tables import workspace_keys
 from byok_plugin.workspace_settings import WorkspaceSettingsStore
@@ -231,12 +232,18 @@ class Resolver:
         monotonic: Callable[[], float] = time.monotonic,
         reader: Callable[[str, str], Sequence[StoredKey]] | None = None,
         background: BackgroundWrites | None = None,
+        platform_cooldowns: PlatformCooldowns | None = None,
     ) -> None:
         """:param reader: reads a (workspace, provider)'s enabled keys (default:
         ``keys.enabled_keys``; on SQLite, :class:`~byok_plugin.key_reader.SqliteKeyReader`).
         :param background: where a cooldown that could not be written at once on an event loop's
-            thread (the store locked by another writer) is written instead."""
+            thread (the store locked by another writer) is written instead.
+        :param platform_cooldowns: where platform-key cooldowns are shared with other workers
+            (read at most once per ``cache_seconds`` per provider); per process without it."""
         self._background = background
+        self._shared_cooldowns = platform_cooldowns
+        # provider -> when this worker last read the shared platform-key cooldowns
+        self._cooldowns_read: dict[str, float] = {}
         # key id -> a cooldown this worker applies from memory (not written yet, or just written)
         self._pending_cooldowns: dict[str, _PendingCooldown] = {}
         self._pending_lock = threading.Lock()
@@ -291,9 +298,9 @@ class Resolver:
             )
         if failure.source is CredentialSource.WORKSPACE:
             return self._after_workspace_failure(request, pm)
-        # a platform key failed: skip it for a while and resolve again
-        if failure.key_id is not None:
-            self._pool.cool_down(failure.key_id)
+        # a platform key failed: skip it for a while (in every worker) and resolve again
+        if failure.key_id is not None and self._pool.cool_down(failure.key_id):
+            self._share_platform_cooldown(request.provider, failure.key_id, failure.reason)
         return self._resolve(request, pm)
 
     # --- the steps ------------------------------------------------------------------------
@@ -482,6 +489,7 @@ class Resolver:
                 f"block its own key",
             )
         self._billing.require_price(provider, model, request.tools)
+        self._read_platform_cooldowns(provider)
         api_key = pm.hook.byok_platform_key(provider=provider, model=model)
         if not api_key:
             cooling, wait = self._pool.cooling(provider)
@@ -585,6 +593,43 @@ class Resolver:
             key_id=key.id,
             detail=f"{self._why(request)}; skipped until {until:%Y-%m-%d %H:%M:%S} UTC",
         )
+
+    def _share_platform_cooldown(self, provider: str, key_id: str, reason: FailureReason) -> None:
+        """Store a platform key's cooldown for the other workers (this one applies it from
+        memory already); a store that does not take it is logged, not raised: the call goes on."""
+        if self._shared_cooldowns is None:
+            return
+        shared = self._shared_cooldowns
+        until = self._clock() + self._cooldown
+
+        def write() -> None:
+            shared.cool_down(provider, key_id, until, reason.value)
+
+        try:
+            write()
+        except StoreUnavailable as exc:
+            if self._background is not None and self._background.takes(exc):
+                self._background.submit(write, f"the cooldown of platform key {key_id}")
+                return
+            log.warning("platform key %s cools down in this worker only: %s", key_id, exc)
+
+    def _read_platform_cooldowns(self, provider: str) -> None:
+        """Apply the platform-key cooldowns other workers stored (at most once per cache
+        interval and provider)."""
+        if self._shared_cooldowns is None or self._pool.size(provider) == 0:
+            return
+        now = self._monotonic()
+        if now - self._cooldowns_read.get(provider, float("-inf")) < self.cache.ttl:
+            return
+        self._cooldowns_read[provider] = now
+        wall = self._clock()
+        try:
+            active = self._shared_cooldowns.active(provider, wall)
+        except StoreUnavailable as exc:  # this worker's own cooldowns still apply
+            log.warning("could not read the shared platform key cooldowns: %s", exc)
+            return
+        for key_id, until in active.items():
+            self._pool.cool_down(key_id, (until - wall).total_seconds())
 
     def _write_cooldown(self, key: StoredKey, until: datetime, reason: FailureReason) -> None:
         """A deferred cooldown, written in the background; applied from memory meanwhile.
@@ -728,9 +773,17 @@ class Resolver:
                 )
                 .values(last_used_at=sa.bindparam("at"))
             )
-            try:
+            # rows locked in key id order, as every multi-row update of the keys table does:
+            # two workers flushing the same keys at once then wait for each other, never
+            # deadlock (and a deadlock victim all the same is tried again)
+            params = [{"key_id": k, "at": pending[k]} for k in sorted(pending)]
+
+            def flush() -> None:
                 with write_transaction(self._engine) as conn:
-                    conn.execute(statement, [{"key_id": k, "at": at} for k, at in pending.items()])
+                    conn.execute(statement, params)
+
+            try:
+                retry_deadlocks(flush)
             except sa.exc.SQLAlchemyError as exc:  # informational only: never fail a call on it
                 log.warning("could not record the last use of %d keys: %s", len(pending), exc)
                 return 0

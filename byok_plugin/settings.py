@@ -19,6 +19,14 @@
 | ``BYOK_CATALOG_FILE`` | a JSON catalog merged over the shipped one (which models are hosted) | none |
 | ``BYOK_KEY_COOLDOWN_SECONDS`` | how long a key the provider refused (429, auth) is skipped | ``30`` |
 | ``BYOK_KEY_CACHE_SECONDS`` | how long a worker reuses a workspace's key list read from the store | ``2`` |
+| ``BYOK_LEDGER_SPOOL`` | the local file where usage the store refused waits to be replayed | ``BYOK_HOME/ledger-spool.db`` |
+| ``BYOK_ALLOW_UNRECORDED_BYOK`` | ``1`` lets BYOK calls run while no usage can be recorded (platform calls never do) | off |
+| ``BYOK_DB_POOL_SIZE`` | PostgreSQL connections kept open per process | ``5`` |
+| ``BYOK_DB_MAX_OVERFLOW`` | more PostgreSQL connections per process under load | ``10`` |
+| ``BYOK_DB_POOL_TIMEOUT`` | seconds a thread waits for a free connection | ``30`` |
+| ``BYOK_DB_STATEMENT_TIMEOUT`` | seconds PostgreSQL lets one statement run (``0``: no limit) | ``30`` |
+| ``BYOK_DB_CONNECT_TIMEOUT`` | seconds a new PostgreSQL connection may take | ``10`` |
+| ``BYOK_DB_TCP_TIMEOUT`` | seconds of network silence before a PostgreSQL connection is dropped; a statement waits at most the statement timeout plus this for an answer | ``30`` |
 | ``BYOK_PLATFORM_KEYS_<PROVIDER>`` | the platform's keys, comma-separated (also ``OPENAI_API_KEY_1..N``) | none |
 """
 
@@ -87,6 +95,19 @@ def _check_database_url(url: str) -> None:
         )
 
 
+def _count(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise SettingsError(f"{name} must be a whole number, not {raw!r}") from None
+    if value < minimum:
+        raise SettingsError(f"{name} must be at least {minimum}, not {raw!r}")
+    return value
+
+
 def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     raw = env.get(name)
     if raw is None or raw.strip() == "":
@@ -119,6 +140,15 @@ class Settings:
     key_provider: str = "local"
     data_key_cache_seconds: float = 300.0
     kms_timeout: float = 5.0
+    #: where usage the store refused is kept until it is replayed (default: BYOK_HOME)
+    ledger_spool: Path | None = None
+    allow_unrecorded_byok: bool = False
+    db_pool_size: int = 5
+    db_max_overflow: int = 10
+    db_pool_timeout: float = 30.0
+    db_statement_timeout: float = 30.0
+    db_connect_timeout: float = 10.0
+    db_tcp_timeout: float = 30.0
     #: the whole environment, for provider-specific variables (platform keys, base URLs)
     environ: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
@@ -171,5 +201,15 @@ class Settings:
             key_provider=key_provider,
             data_key_cache_seconds=_seconds(env, "BYOK_DATA_KEY_CACHE_SECONDS", 300.0),
             kms_timeout=_positive_seconds(env, "BYOK_KMS_TIMEOUT", 5.0),
+            ledger_spool=Path(
+                env.get("BYOK_LEDGER_SPOOL") or home / "ledger-spool.db"
+            ).expanduser(),
+            allow_unrecorded_byok=_flag(env, "BYOK_ALLOW_UNRECORDED_BYOK", False),
+            db_pool_size=_count(env, "BYOK_DB_POOL_SIZE", 5, minimum=1),
+            db_max_overflow=_count(env, "BYOK_DB_MAX_OVERFLOW", 10, minimum=0),
+            db_pool_timeout=_positive_seconds(env, "BYOK_DB_POOL_TIMEOUT", 30.0),
+            db_statement_timeout=_seconds(env, "BYOK_DB_STATEMENT_TIMEOUT", 30.0),
+            db_connect_timeout=_positive_seconds(env, "BYOK_DB_CONNECT_TIMEOUT", 10.0),
+            db_tcp_timeout=_positive_seconds(env, "BYOK_DB_TCP_TIMEOUT", 30.0),
             environ=env,
         )

@@ -602,7 +602,9 @@ def test_a_ledger_hiccup_is_retried_under_the_same_idempotency_key(
     assert list(plugin.ledger) == [result.calls[0].idempotency_key]
 
 
-def test_a_ledger_that_stays_down_fails_the_block(harness: Harness, plugin: StandIn) -> None:
+def test_a_ledger_that_stays_down_fails_the_block(
+    harness: Harness, plugin: StandIn, pm: pluggy.PluginManager
+) -> None:
     plugin.fail_records = 99
     doc = {
         "name": "one",
@@ -613,6 +615,15 @@ def test_a_ledger_that_stays_down_fails_the_block(harness: Harness, plugin: Stan
     assert not result.ok
     assert "could not be recorded" in (result.error or "")
     assert plugin.ledger == {}
+    # the call completed: the result carries its usage, charge and key for the host to re-submit
+    (call,) = result.unrecorded
+    assert call.recorded is False
+    assert call.usage.total_tokens > 0
+    assert (call.charge.reason, call.source.value) == ("workspace", "workspace")
+    plugin.fail_records = 0
+    pm.hook.byok_record_usage(record=call.usage_record())
+    assert list(plugin.ledger) == [call.idempotency_key]
+    assert plugin.ledger[call.idempotency_key].charge == call.charge
 
 
 def test_a_failed_block_is_charged_nothing_and_the_rest_is_skipped(
@@ -760,6 +771,9 @@ def test_a_charge_that_fails_after_the_call_is_recorded_uncharged_and_fails_the_
     assert "byok_compute_charge failed (RuntimeError: billing backend down)" in (result.error or "")
     (record,) = plugin.ledger.values()  # the completed call is never lost
     assert (record.charge.amount, record.charge.reason) == (0, "charge_failed")
+    (call,) = result.calls  # and the result lists it, recorded
+    assert call.recorded is True
+    assert call.idempotency_key == record.idempotency_key
     assert len(emulator.calls("openai")) == 1  # and not called again
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from byok_hookspecs import Charge, CredentialSource, Usage
+from byok_hookspecs import Charge, CredentialSource, Usage, UsageRecord
 
 __all__ = ["BlockResult", "BlockStatus", "CallResult", "Rejection", "RunResult", "RunStatus"]
 
@@ -39,10 +39,14 @@ class Rejection:
 
 @dataclass(frozen=True, slots=True)
 class CallResult:
-    """One provider call that completed: it was charged and recorded exactly once.
+    """One provider call that completed: it was charged and recorded exactly once, unless
+    ``recorded`` is false.
 
     :param idempotency_key: ``run:block:attempt`` (``:n`` added for the n-th call of a block that
         called its tools); the ledger writes one row per key.
+    :param recorded: ``byok_record_usage`` took it. ``False`` when every try failed: the block
+        failed, and the host holds the only copy of the usage and charge (re-submit it with
+        :meth:`usage_record`; the ledger ignores a key it already has).
     :param fallback: the platform served it after the workspace's key was refused.
     :param rejected: the keys refused before this one served the call.
     """
@@ -60,6 +64,15 @@ class CallResult:
     idempotency_key: str
     streamed: bool = False
     rejected: tuple[Rejection, ...] = ()
+    recorded: bool = True
+    #: the record given to ``byok_record_usage`` (the same fields, plus who and when)
+    record: UsageRecord | None = field(default=None, repr=False, compare=False)
+
+    def usage_record(self) -> UsageRecord:
+        """The :class:`UsageRecord` ``byok_record_usage`` was (or should have been) given."""
+        if self.record is None:
+            raise ValueError(f"call {self.idempotency_key} carries no usage record")
+        return self.record
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -72,6 +85,7 @@ class CallResult:
             "streamed": self.streamed,
             "attempt": self.attempt,
             "idempotency_key": self.idempotency_key,
+            "recorded": self.recorded,
             "latency_s": round(self.latency, 6),
             "usage": {
                 "input_tokens": self.usage.input_tokens,
@@ -198,6 +212,12 @@ class RunResult:
         return tuple(c for b in self.blocks.values() for c in b.calls)
 
     @property
+    def unrecorded(self) -> tuple[CallResult, ...]:
+        """Completed calls ``byok_record_usage`` did not take: re-submit their
+        :meth:`CallResult.usage_record`."""
+        return tuple(c for c in self.calls if not c.recorded)
+
+    @property
     def charges_by_currency(self) -> dict[str, Decimal]:
         totals: dict[str, Decimal] = {}
         for call in self.calls:
@@ -246,6 +266,7 @@ class RunResult:
             "blocks": [b.to_dict() for b in self.blocks.values()],
             "totals": {
                 "calls": len(self.calls),
+                "unrecorded": len(self.unrecorded),
                 "tokens": self.total_tokens,
                 "charge": str(self.total_charge),
                 "list_cost": str(self.total_list_cost),

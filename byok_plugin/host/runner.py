@@ -168,11 +168,16 @@ class BlockFailed(Exception):
     """A block could not complete. The message is safe to show: it never carries a key.
 
     :param retryable: trying the block again may succeed (a broken stream, a malformed reply).
+    :param call: a provider call that completed before the block failed (its usage not
+        recorded, or its charge failed): the block's result lists it.
     """
 
-    def __init__(self, message: str, *, retryable: bool = False) -> None:
+    def __init__(
+        self, message: str, *, retryable: bool = False, call: CallResult | None = None
+    ) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.call = call
 
 
 class RunIdInUse(ByokError):
@@ -313,6 +318,8 @@ class WorkflowRunner:
         self._threading: tuple[set[object], bool] | None = None
         # records still being tried in a worker thread (they outlive a cancelled run)
         self._recording: set[asyncio.Future[Any]] = set()
+        self._prepared = False
+        self._preparing = asyncio.Lock()
 
     def __repr__(self) -> str:
         return f"WorkflowRunner(providers={sorted(self.clients)}, options={self.options})"
@@ -352,6 +359,7 @@ class WorkflowRunner:
                 options=opts,
                 model_check=model_check,
             )
+            await runner.prepare()
             yield runner
         finally:
             try:
@@ -360,6 +368,20 @@ class WorkflowRunner:
             finally:
                 if own:
                     await http.aclose()
+
+    async def prepare(self) -> None:
+        """``byok_prepare`` once, in a worker thread: the plugins load their store, catalog and
+        prices there, not on the event loop during a first run. :meth:`open` calls it, and so
+        does the first :meth:`run` of a runner built otherwise. A failure is logged: the hooks
+        that need what was not loaded report it."""
+        async with self._preparing:
+            if self._prepared:
+                return
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, self.pm.hook.byok_prepare)
+            except Exception as exc:
+                log.warning("byok_prepare failed: %s: %s", type(exc).__name__, exc)
+            self._prepared = True
 
     async def drain(self) -> None:
         """Wait for the records still being tried in a worker thread (those of runs cancelled
@@ -443,6 +465,8 @@ class WorkflowRunner:
         :raises RunIdInUse: before anything runs: see ``run_id``.
         """
         values = bind_inputs(workflow, inputs or {})
+        if not self._prepared:
+            await self.prepare()
         checked = self._checked.get(id(workflow))
         if checked is None or checked() is not workflow:
             problems = (
@@ -683,6 +707,8 @@ class WorkflowRunner:
                     output = await self._execute(run, block, recorded + attempts, calls)
                     break
                 except (BlockFailed, *_TRANSIENT) as exc:
+                    if isinstance(exc, BlockFailed) and exc.call is not None:
+                        calls.append(exc.call)  # completed: the result must carry its usage
                     retryable = exc.retryable if isinstance(exc, BlockFailed) else True
                     if not retryable or attempts >= max_attempts:
                         raise
@@ -1027,20 +1053,12 @@ class WorkflowRunner:
             charge, record, error, charge_error = await self._recording_job(
                 self._settle_and_retry, usage, credential, make_record
             )
-            if error is not None:
-                raise _unrecorded(provider, error)
         else:
             with calling_inline():
                 charge, record, error, charge_error = self._settle(usage, credential, make_record)
             if error is not None:
-                await self._record_again(record, provider, error, credential.api_key)
-        if charge_error is not None:
-            raise BlockFailed(
-                f"the {provider} call completed but byok_compute_charge failed "
-                f"({type(charge_error).__name__}: {charge_error}); it is recorded uncharged, "
-                f"with reason {CHARGE_FAILED!r}"
-            )
-        return result, CallResult(
+                error = await self._record_again(record, error, credential.api_key)
+        call = CallResult(
             provider=provider,
             model=model,
             source=credential.source,
@@ -1054,7 +1072,25 @@ class WorkflowRunner:
             idempotency_key=idempotency_key,
             streamed=stream,
             rejected=tuple(rejected),
+            recorded=error is None,
+            record=record,
         )
+        if error is not None:
+            # the call completed: the result carries its usage and charge, for the host to
+            # re-submit (CallResult.recorded is False)
+            raise BlockFailed(
+                f"the {provider} call completed but its usage could not be recorded "
+                f"({type(error).__name__}: {redact(str(error), credential.api_key)})",
+                call=call,
+            )
+        if charge_error is not None:
+            raise BlockFailed(
+                f"the {provider} call completed but byok_compute_charge failed "
+                f"({type(charge_error).__name__}: {charge_error}); it is recorded uncharged, "
+                f"with reason {CHARGE_FAILED!r}",
+                call=call,
+            )
+        return result, call
 
     async def _record_unfinished(
         self,
@@ -1184,19 +1220,17 @@ class WorkflowRunner:
         return charge, record, error, charge_error
 
     async def _record_again(
-        self, record: UsageRecord, provider: str, error: Exception, api_key: str
-    ) -> None:
+        self, record: UsageRecord, error: Exception, api_key: str
+    ) -> Exception | None:
         """``byok_record_usage`` tried again after ``error`` on the event loop, in a worker
         thread: an implementation that gave up at once rather than stall the loop (a SQLite store
         locked by another writer) waits there as long as it must, so a failure on the loop always
         gets one try off it. The tries run as one job that goes on if the run
         is cancelled meanwhile (the call has completed: its usage must land). The ledger is
         idempotent on the record's key, so a write that did land before an error is not
-        doubled."""
+        doubled. The last error, or ``None`` once a try succeeded."""
         tries = max(self.options.record_attempts - 1, 1)
-        last = await self._recording_job(self._record_retries, record, error, tries, (api_key,))
-        if last is not None:
-            raise _unrecorded(provider, last)
+        return await self._recording_job(self._record_retries, record, error, tries, (api_key,))
 
     async def _recording_job(self, fn: Callable[..., _T], *args: Any) -> _T:
         """``fn(*args)`` in a worker thread, as a job that a cancelled run does not stop (the call
@@ -1262,13 +1296,6 @@ def _check_labelled(request: CredentialRequest, credential: Credential) -> None:
             f"workspace {request.workspace_id!r}, but byok_resolve_credential answered a "
             f"{credential.source.value} key; the block does not run on it"
         )
-
-
-def _unrecorded(provider: str, error: Exception) -> BlockFailed:
-    return BlockFailed(
-        f"the {provider} call completed but its usage could not be recorded "
-        f"({type(error).__name__}: {error})"
-    )
 
 
 def _skipped(block: Block, reason: str) -> BlockResult:

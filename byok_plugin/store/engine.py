@@ -27,10 +27,11 @@ import random
 import sqlite3
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from byok_hookspecs import called_inline
@@ -44,6 +45,7 @@ __all__ = [
     "BUSY_TIMEOUT_MS",
     "LOOP_LOCK_WAIT_MS",
     "LockBackoff",
+    "PostgresOptions",
     "advisory_lock_key",
     "create_store_engine",
     "describe_url",
@@ -52,6 +54,7 @@ __all__ = [
     "normalize_url",
     "prepare_sqlite_connection",
     "read_connection",
+    "retry_deadlocks",
     "store_busy",
     "store_errors",
     "write_transaction",
@@ -164,15 +167,88 @@ def _install_sqlite_hooks(engine: Engine) -> None:
         # We emit BEGIN ourselves (below), so that writers can ask for BEGIN IMMEDIATE.
         prepare_sqlite_connection(dbapi_connection)
 
+    @event.listens_for(engine, "handle_error")
+    def _on_error(context: Any) -> None:
+        # a connection opened while the file was unwritable stays read-only (and one that hit an
+        # I/O error may stay broken): the pool drops it instead of lending it again
+        error = context.original_exception
+        if isinstance(error, sqlite3.Error) and _stuck(error):
+            context.is_disconnect = True
+
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
         mode = conn.get_execution_options().get(_SQLITE_BEGIN_OPTION, "DEFERRED")
         conn.exec_driver_sql(f"BEGIN {mode}")
 
 
-def create_store_engine(url: str | URL, **kwargs: Any) -> Engine:
+def _stuck(error: BaseException) -> bool:
+    """Whether a SQLite error may stay with the connection that raised it (read-only, I/O)."""
+    text = str(error).lower()
+    return "readonly" in text or "read-only" in text or "disk i/o error" in text
+
+
+@dataclass(frozen=True, slots=True)
+class PostgresOptions:
+    """How a PostgreSQL store engine bounds its waits and its connections (see the README's
+    deployment section for sizing them against ``max_connections``).
+
+    :param pool_size: connections kept open per process.
+    :param max_overflow: more connections opened under load, closed when given back.
+    :param pool_timeout: seconds a thread waits for a free connection before the store is
+        reported unavailable.
+    :param statement_timeout: seconds the server lets one statement run (lock waits included)
+        before it cancels it; 0 for no limit.
+    :param connect_timeout: seconds a new connection may take.
+    :param tcp_timeout: seconds of network silence after which the connection is dropped: TCP
+        keepalive probes start after a third of it, and data the server has not acknowledged
+        for that long fails the connection (``tcp_user_timeout``).
+    """
+
+    pool_size: int = 5
+    max_overflow: int = 10
+    pool_timeout: float = 30.0
+    statement_timeout: float = 30.0
+    connect_timeout: float = 10.0
+    tcp_timeout: float = 30.0
+
+    @property
+    def answer_timeout(self) -> float | None:
+        """Seconds a client waits for any answer of the server: the statement timeout (which
+        the server enforces) plus the TCP timeout; ``None`` when statements are unbounded."""
+        if self.statement_timeout <= 0:
+            return None
+        return self.statement_timeout + self.tcp_timeout
+
+    def engine_arguments(self) -> dict[str, Any]:
+        """``connect_args`` and pool arguments for :func:`sqlalchemy.create_engine`."""
+        idle = max(1, round(self.tcp_timeout / 3))
+        connect_args: dict[str, Any] = {
+            "connect_timeout": max(1, round(self.connect_timeout)),
+            "keepalives": 1,
+            "keepalives_idle": idle,
+            "keepalives_interval": max(1, round(self.tcp_timeout / 9)),
+            "keepalives_count": 3,
+            "tcp_user_timeout": max(1, round(self.tcp_timeout * 1000)),
+        }
+        if self.statement_timeout > 0:
+            ms = max(1, round(self.statement_timeout * 1000))
+            connect_args["options"] = f"-c statement_timeout={ms}"
+        return {
+            "connect_args": connect_args,
+            "pool_size": self.pool_size,
+            "max_overflow": self.max_overflow,
+            "pool_timeout": self.pool_timeout,
+        }
+
+
+def create_store_engine(
+    url: str | URL, *, postgres: PostgresOptions | None = None, **kwargs: Any
+) -> Engine:
     """An engine for the store at ``url`` (no migration here: see
-    :func:`byok_plugin.store.migrate.ensure_migrated`)."""
+    :func:`byok_plugin.store.migrate.ensure_migrated`).
+
+    :param postgres: timeouts and pool sizes of a PostgreSQL engine (defaults when ``None``).
+    """
     parsed = normalize_url(url)
     if parsed.get_backend_name() == "sqlite":
         try:
@@ -188,10 +264,36 @@ def create_store_engine(url: str | URL, **kwargs: Any) -> Engine:
         engine._byok_lock_backoff = LockBackoff()  # type: ignore[attr-defined]
         return engine
     if parsed.get_backend_name() == "postgresql":
-        connect_args = {"connect_timeout": 10, **kwargs.pop("connect_args", {})}
+        arguments = (postgres or PostgresOptions()).engine_arguments()
+        connect_args = {**arguments.pop("connect_args"), **kwargs.pop("connect_args", {})}
+        kwargs = {**arguments, **kwargs}
         kwargs.setdefault("pool_pre_ping", True)
-        return sa.create_engine(parsed, connect_args=connect_args, **kwargs)
+        engine = sa.create_engine(parsed, connect_args=connect_args, **kwargs)
+        _install_postgres_hooks(engine, (postgres or PostgresOptions()).answer_timeout)
+        return engine
     return sa.create_engine(parsed, **kwargs)
+
+
+def _install_postgres_hooks(engine: Engine, answer_timeout: float | None) -> None:
+    """A server that stops answering without closing the connection (frozen, or a network
+    path that still acknowledges packets) fails a statement after ``answer_timeout`` seconds
+    instead of hanging its thread; the connection is then dropped from the pool."""
+    if answer_timeout is None:
+        return
+    import psycopg
+
+    class _AnsweringConnection(psycopg.Connection):  # type: ignore[type-arg]
+        def wait(self, gen: Any, interval: float = 0.1, timeout: float | None = None) -> Any:
+            return super().wait(gen, interval, answer_timeout if timeout is None else timeout)
+
+    @event.listens_for(engine, "do_connect")
+    def _connect(_dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
+        return _AnsweringConnection.connect(*cargs, **cparams)
+
+    @event.listens_for(engine, "handle_error")
+    def _on_error(context: Any) -> None:
+        if isinstance(context.original_exception, psycopg.errors._WaitTimeout):
+            context.is_disconnect = True  # mid-protocol: never lend this connection again
 
 
 @contextmanager
@@ -259,6 +361,35 @@ def _cause(exc: sa.exc.SQLAlchemyError) -> str:
     source: BaseException = orig if isinstance(orig, BaseException) else exc
     first_line = (str(source).strip().splitlines() or [""])[0]
     return f"{type(source).__name__}: {first_line[:300]}"
+
+
+#: PostgreSQL's "deadlock detected" and "could not serialize access": the server rolled the
+#: transaction back, and running it again may succeed
+_RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})
+DEADLOCK_TRIES = 5
+_R = TypeVar("_R")
+
+
+def is_deadlock(error: BaseException) -> bool:
+    """Whether ``error`` made this transaction a deadlock (or serialization) victim."""
+    orig = getattr(error, "orig", error)
+    return getattr(orig, "sqlstate", None) in _RETRYABLE_SQLSTATES
+
+
+def retry_deadlocks(transaction: Callable[[], _R], *, tries: int = DEADLOCK_TRIES) -> _R:
+    """Run ``transaction()`` (a whole transaction that may be repeated) again when PostgreSQL
+    chose it as a deadlock victim, after a short random pause; other errors pass through.
+
+    Multi-row updates take their row locks in one order (sorted key ids) so that two of them
+    do not deadlock; this covers what another order (a foreign key, an index page) still can."""
+    for attempt in range(1, tries + 1):
+        try:
+            return transaction()
+        except sa.exc.DBAPIError as exc:
+            if attempt == tries or not is_deadlock(exc):
+                raise
+            time.sleep(random.uniform(0.005, 0.02) * attempt)  # noqa: S311 (jitter)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def store_busy(error: BaseException) -> bool:

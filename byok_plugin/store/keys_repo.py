@@ -31,7 +31,12 @@ from byok_plugin.key_errors import (
     KeyLimitReached,
     KeyringError,
 )
-from byok_plugin.store.engine import lock_in_transaction, store_errors, write_transaction
+from byok_plugin.store.engine import (
+    lock_in_transaction,
+    retry_deadlocks,
+    store_errors,
+    write_transaction,
+)
 from byok_plugin.store.tables import data_keys, master_keys, workspace_keys
 
 __all__ = [
@@ -547,9 +552,14 @@ class KeyStore:
             }
             for row, ciphertext, master_key_id, fingerprint in updates
         ]
-        with store_errors("rewrapping keys"), write_transaction(self._engine) as conn:
-            if conn.dialect.supports_sane_multi_rowcount:
-                done = conn.execute(statement, params).rowcount
-            else:  # pragma: no cover - drivers that cannot count an executemany
-                done = sum(conn.execute(statement, p).rowcount for p in params)
-        return done
+        params.sort(key=lambda p: p["b_id"])  # row locks in key id order (see retry_deadlocks)
+
+        def swap() -> int:
+            with write_transaction(self._engine) as conn:
+                if conn.dialect.supports_sane_multi_rowcount:
+                    return int(conn.execute(statement, params).rowcount)
+                # pragma: no cover - drivers that cannot count an executemany
+                return sum(conn.execute(statement, p).rowcount for p in params)
+
+        with store_errors("rewrapping keys"):
+            return retry_deadlocks(swap)

@@ -87,6 +87,14 @@ class SqliteConnections:
                 return
         conn.close()
 
+    def discard(self, conn: sqlite3.Connection) -> None:
+        """Close a borrowed connection instead of giving it back: one that failed for another
+        reason than a lock (opened read-only while the file was unwritable, an I/O error) is
+        never lent again; the next :meth:`acquire` opens a fresh one."""
+        with self._lock:
+            self._open.discard(conn)
+        conn.close()
+
     def close(self) -> None:
         """Close the idle connections now, and those in use when they are given back."""
         with self._lock:

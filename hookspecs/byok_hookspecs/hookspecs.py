@@ -224,3 +224,16 @@ def byok_key_provider() -> str | None:
     :returns: a one-line description without secrets (``local keyring (key file ...)``,
         ``OpenBao/Vault Transit key byok at https://...``), or ``None``.
     """
+
+
+@hookspec
+def byok_prepare() -> None:
+    """Load what the other hooks need (the store, the catalog, the prices) before a first call.
+
+    Every implementation runs. A host calls it once, off its event loop (the reference runner
+    does in ``WorkflowRunner.open``, in a worker thread), so that a first run does not stall the
+    loop while a database is opened and migrated or files are read. An implementation that
+    fails is logged by the host; the hooks that need what it could not load report it.
+
+    :returns: nothing.
+    """
