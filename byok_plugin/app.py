@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
     from byok_plugin.background_writes import BackgroundWrites
     from byok_plugin.billing import Billing
+    from byok_plugin.budgets import BudgetStore
     from byok_plugin.catalog import Catalog
     from byok_plugin.crypto import Keyring
     from byok_plugin.key_access import KeyAccess
@@ -181,6 +182,13 @@ class App:
         from byok_plugin.ledger import Ledger
 
         return Ledger(self.engine, clock=self.clock)
+
+    @cached_property
+    def budgets(self) -> BudgetStore:
+        """Workspace budgets (``byok_reserve_budget``, ``byok_settle_budget``)."""
+        from byok_plugin.budgets import BudgetStore
+
+        return BudgetStore(self.engine, clock=self.clock)
 
     @cached_property
     def background_writes(self) -> BackgroundWrites:

@@ -15,6 +15,9 @@ from byok_hookspecs import (
     Action,
     Actor,
     AuditEvent,
+    BudgetHold,
+    BudgetReservation,
+    BudgetSettlement,
     Charge,
     Credential,
     CredentialRequest,
@@ -43,7 +46,15 @@ _IN_MEMORY_HOOKS = frozenset(
 #: audited key changes after which a cooldown not yet written must not be applied any more
 _KEY_STATE_CHANGES = frozenset({"key.enabled", "key.disabled", "key.deleted", "key.replaced"})
 #: hooks that read or write the store: non-blocking when it is a local SQLite file
-_STORE_HOOKS = frozenset({"byok_resolve_credential", "byok_record_usage", "byok_audit"})
+_STORE_HOOKS = frozenset(
+    {
+        "byok_resolve_credential",
+        "byok_record_usage",
+        "byok_audit",
+        "byok_reserve_budget",
+        "byok_settle_budget",
+    }
+)
 
 
 class DefaultPlugin:
@@ -99,6 +110,20 @@ class DefaultPlugin:
     @hookimpl(trylast=True)
     def byok_record_usage(self, record: UsageRecord) -> None:
         self.app.ledger.record(record)
+
+    @hookimpl(trylast=True)
+    def byok_reserve_budget(self, reservation: BudgetReservation) -> BudgetHold | None:
+        return self.app.budgets.reserve(reservation)
+
+    @hookimpl(trylast=True)
+    def byok_settle_budget(self, settlement: BudgetSettlement) -> bool | None:
+        changed, events = self.app.budgets.settle(settlement)
+        for event in events:  # thresholds crossed: announced once per period each
+            if self._pm is not None:
+                self._pm.hook.byok_audit(event=event)
+            else:
+                self.byok_audit(event)
+        return changed
 
     @cached_property
     def _own_hooks(self) -> Any:
