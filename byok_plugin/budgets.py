@@ -39,6 +39,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
+from functools import cached_property
+from types import SimpleNamespace
 from typing import Any
 
 import sqlalchemy as sa
@@ -402,46 +404,110 @@ class BudgetStore:
         return [_budget(row, now, amounts) for row in rows]
 
     # --- reserve and settle --------------------------------------------------------------------
-    def _applicable(self, conn: Connection, reservation: BudgetReservation) -> list[Any]:
-        t = budgets
-        query = sa.select(t.c.id, t.c.name, t.c.metric, t.c.hard).where(
-            t.c.workspace_id == reservation.workspace_id,
-            sa.or_(t.c.key_id.is_(None), t.c.key_id == reservation.key_id),
-            sa.or_(t.c.workflow_id.is_(None), t.c.workflow_id == reservation.workflow_id),
-        )
-        if reservation.source is not CredentialSource.WORKSPACE:
-            query = query.where(t.c.metric == BudgetMetric.CHARGE.value)
-        return sorted(conn.execute(query).all(), key=lambda r: r.id)
-
-    def _tidy(self, conn: Connection, workspace_id: str, now: datetime) -> None:
-        """Expire the workspace's lapsed holds, and start the periods that began."""
-        h, t = budget_holds, budgets
-        lapsed = conn.execute(
-            sa.update(h)
-            .where(h.c.workspace_id == workspace_id, h.c.state == "held", h.c.expires_at < now)
+    @cached_property
+    def _sql(self) -> SimpleNamespace:
+        """The statements of a reservation and a settlement, built once (they run on every call)."""
+        t, h = budgets, budget_holds
+        p = sa.bindparam
+        return SimpleNamespace(
+            budgets=sa.select(
+                t.c.id,
+                t.c.name,
+                t.c.metric,
+                t.c.hard,
+                t.c.period,
+                t.c.period_start,
+                t.c.key_id,
+                t.c.workflow_id,
+            ).where(t.c.workspace_id == p("b_ws")),
+            expire=sa.update(h)
+            .where(h.c.workspace_id == p("b_ws"), h.c.state == "held", h.c.expires_at < p("b_now"))
             .values(state="expired")
-            .returning(h.c.budget_id, h.c.amount_units)
-        ).all()
+            .returning(h.c.budget_id, h.c.amount_units),
+            free=sa.update(t)
+            .where(t.c.id == p("b_id"))
+            .values(reserved_units=t.c.reserved_units - p("b_amount", type_=sa.BigInteger)),
+            rollover=sa.update(t)
+            .where(
+                t.c.workspace_id == p("b_ws"),
+                t.c.period == p("b_period"),
+                t.c.period_start < p("b_start"),
+            )
+            .values(spent_units=0, alerted="", period_start=p("b_start")),
+            previous=sa.select(h.c.budget_id, h.c.state, h.c.amount_units).where(
+                h.c.idempotency_key == p("b_key")
+            ),
+            forget=sa.delete(h).where(h.c.idempotency_key == p("b_key")),
+            admit_hard=sa.update(t)
+            .where(
+                t.c.id == p("b_id"),
+                t.c.spent_units + t.c.reserved_units + p("b_need", type_=sa.BigInteger)
+                <= t.c.limit_units,
+            )
+            .values(reserved_units=t.c.reserved_units + p("b_need", type_=sa.BigInteger))
+            .returning(t.c.id),
+            admit_soft=sa.update(t)
+            .where(t.c.id == p("b_id"))
+            .values(reserved_units=t.c.reserved_units + p("b_need", type_=sa.BigInteger))
+            .returning(t.c.id),
+            hold=sa.insert(h),
+            held=sa.select(
+                h.c.budget_id, h.c.state, h.c.amount_units, t.c.metric, t.c.period, t.c.period_start
+            )
+            .join(t, t.c.id == h.c.budget_id)
+            .where(h.c.idempotency_key == p("b_key"), h.c.state.in_(("held", "expired"))),
+            spend=sa.update(t)
+            .where(t.c.id == p("b_id"))
+            .values(
+                spent_units=t.c.spent_units + p("b_spent", type_=sa.BigInteger),
+                reserved_units=t.c.reserved_units - p("b_release", type_=sa.BigInteger),
+            )
+            .returning(
+                t.c.id,
+                t.c.name,
+                t.c.metric,
+                t.c.hard,
+                t.c.limit_units,
+                t.c.spent_units,
+                t.c.thresholds,
+                t.c.alerted,
+            ),
+            settle=sa.update(h)
+            .where(h.c.idempotency_key == p("b_key"), h.c.budget_id == p("b_id"))
+            .values(state="settled", settled_at=p("b_now"), spent_units=p("b_spent")),
+        )
+
+    def _rollover(self, conn: Connection, ws: str, rows: Iterable[Any], now: datetime) -> None:
+        """Start the periods that began since these budgets' (a conditional update: once)."""
+        for period in {BudgetPeriod(r.period) for r in rows} - {BudgetPeriod.NONE}:
+            start = period.start(now)
+            if any(r.period == period.value and r.period_start < start for r in rows):
+                conn.execute(
+                    self._sql.rollover, {"b_ws": ws, "b_period": period.value, "b_start": start}
+                )
+
+    def _expire(self, conn: Connection, ws: str, now: datetime) -> None:
+        """Expire the workspace's lapsed holds: their amounts leave ``reserved``."""
+        lapsed = conn.execute(self._sql.expire, {"b_ws": ws, "b_now": now}).all()
         freed: dict[str, int] = {}
         for budget_id, amount in lapsed:
             freed[budget_id] = freed.get(budget_id, 0) + int(amount)
         for budget_id in sorted(freed):
-            conn.execute(
-                sa.update(t)
-                .where(t.c.id == budget_id)
-                .values(reserved_units=t.c.reserved_units - freed[budget_id])
-            )
-        for period in (BudgetPeriod.DAY, BudgetPeriod.MONTH):
-            start = period.start(now)
-            conn.execute(
-                sa.update(t)
-                .where(
-                    t.c.workspace_id == workspace_id,
-                    t.c.period == period.value,
-                    t.c.period_start < start,
-                )
-                .values(spent_units=0, alerted="", period_start=start)
-            )
+            conn.execute(self._sql.free, {"b_id": budget_id, "b_amount": freed[budget_id]})
+
+    def _applicable(self, rows: Iterable[Any], reservation: BudgetReservation) -> list[Any]:
+        """The budgets that count this call, in id order (the order rows are locked in)."""
+        byok = reservation.source is CredentialSource.WORKSPACE
+        return sorted(
+            (
+                r
+                for r in rows
+                if (r.metric == BudgetMetric.CHARGE.value or byok)
+                and r.key_id in (None, reservation.key_id)
+                and r.workflow_id in (None, reservation.workflow_id)
+            ),
+            key=lambda r: r.id,
+        )
 
     def reserve(self, reservation: BudgetReservation) -> BudgetHold | None:
         """Hold the call's worst case on every budget that applies to it, or refuse it.
@@ -453,10 +519,12 @@ class BudgetStore:
         ws = reservation.workspace_id
         key = reservation.idempotency_key
         now = self._clock()
-        t, h = budgets, budget_holds
+        sql = self._sql
         with store_errors("reading budgets", workspace_id=ws), self._engine.connect() as conn:
-            if not conn.execute(sa.select(t.c.id).where(t.c.workspace_id == ws).limit(1)).first():
-                return None  # the common case costs one read, and no write lock
+            rows = conn.execute(sql.budgets, {"b_ws": ws}).all()
+        if not rows:
+            return None  # the common case costs one read, and no write lock
+        applicable = self._applicable(rows, reservation)
         expires_at = now + timedelta(seconds=reservation.hold_seconds)
         needs = {
             BudgetMetric.CHARGE.value: to_units(reservation.amount),
@@ -467,38 +535,24 @@ class BudgetStore:
             write_transaction(self._engine) as conn,
         ):
             lock_in_transaction(conn, "budgets", ws)
-            self._tidy(conn, ws, now)
-            previous = conn.execute(
-                sa.select(h.c.budget_id, h.c.state, h.c.amount_units).where(
-                    h.c.idempotency_key == key
-                )
-            ).all()
+            self._expire(conn, ws, now)
+            self._rollover(conn, ws, applicable, now)
+            previous = conn.execute(sql.previous, {"b_key": key}).all()
             if any(p.state == "settled" for p in previous):
                 # settled already (a run repeated under the same run id): nothing more to hold
                 return BudgetHold(key, ws, (), Decimal(0), now)
-            for p in sorted(previous, key=lambda p: p.budget_id):
-                if p.state == "held":  # another credential for the same call: the new one counts
-                    conn.execute(
-                        sa.update(t)
-                        .where(t.c.id == p.budget_id)
-                        .values(reserved_units=t.c.reserved_units - p.amount_units)
-                    )
-            conn.execute(sa.delete(h).where(h.c.idempotency_key == key))
-            applicable = self._applicable(conn, reservation)
+            if previous:  # another credential for the same call: the new hold replaces the old
+                for p in sorted(previous, key=lambda p: p.budget_id):
+                    if p.state == "held":
+                        conn.execute(sql.free, {"b_id": p.budget_id, "b_amount": p.amount_units})
+                conn.execute(sql.forget, {"b_key": key})
             held: list[str] = []
             largest = 0
             for budget in applicable:
                 need = needs[budget.metric]
-                admit = sa.update(t).where(t.c.id == budget.id)
-                if budget.hard:
-                    admit = admit.where(
-                        t.c.spent_units + t.c.reserved_units + need <= t.c.limit_units
-                    )
-                done = conn.execute(
-                    admit.values(reserved_units=t.c.reserved_units + need).returning(t.c.id)
-                ).first()
-                if done is None:
-                    row = conn.execute(sa.select(t).where(t.c.id == budget.id)).first()
+                admit = sql.admit_hard if budget.hard else sql.admit_soft
+                if conn.execute(admit, {"b_id": budget.id, "b_need": need}).first() is None:
+                    row = conn.execute(sa.select(budgets).where(budgets.c.id == budget.id)).first()
                     if row is None:  # deleted meanwhile
                         continue
                     raise BudgetExceeded(
@@ -510,15 +564,16 @@ class BudgetStore:
                         needed=from_units(need),
                     )
                 conn.execute(
-                    sa.insert(h).values(
-                        idempotency_key=key,
-                        budget_id=budget.id,
-                        workspace_id=ws,
-                        state="held",
-                        amount_units=need,
-                        expires_at=expires_at,
-                        created_at=now,
-                    )
+                    sql.hold,
+                    {
+                        "idempotency_key": key,
+                        "budget_id": budget.id,
+                        "workspace_id": ws,
+                        "state": "held",
+                        "amount_units": need,
+                        "expires_at": expires_at,
+                        "created_at": now,
+                    },
                 )
                 held.append(budget.name)
                 largest = max(largest, need)
@@ -535,58 +590,35 @@ class BudgetStore:
         ws = settlement.workspace_id
         key = settlement.idempotency_key
         now = self._clock()
-        t, h = budgets, budget_holds
-        charge = to_units(settlement.amount) if settlement.completed else 0
-        listed = (
-            to_units(settlement.list_cost)
-            if settlement.completed and settlement.source is CredentialSource.WORKSPACE
-            else 0
-        )
-        spent_expr = sa.case((t.c.metric == BudgetMetric.CHARGE.value, charge), else_=listed)
+        sql = self._sql
+        spent = {
+            BudgetMetric.CHARGE.value: to_units(settlement.amount) if settlement.completed else 0,
+            BudgetMetric.LIST_COST.value: (
+                to_units(settlement.list_cost)
+                if settlement.completed and settlement.source is CredentialSource.WORKSPACE
+                else 0
+            ),
+        }
         events: list[AuditEvent] = []
         with (
             store_errors("settling budget", workspace_id=ws),
             write_transaction(self._engine) as conn,
         ):
             lock_in_transaction(conn, "budgets", ws)
-            self._tidy(conn, ws, now)
-            rows = conn.execute(
-                sa.select(h.c.budget_id, h.c.state, h.c.amount_units).where(
-                    h.c.idempotency_key == key, h.c.state.in_(("held", "expired"))
-                )
-            ).all()
+            rows = conn.execute(sql.held, {"b_key": key}).all()
             if not rows:
                 return False, []
+            self._rollover(conn, ws, rows, now)
             for row in sorted(rows, key=lambda r: r.budget_id):
+                amount = spent[row.metric]
+                # a hold still marked held past its expiry was never freed: it is freed here
                 release = int(row.amount_units) if row.state == "held" else 0
                 updated = conn.execute(
-                    sa.update(t)
-                    .where(t.c.id == row.budget_id)
-                    .values(
-                        spent_units=t.c.spent_units + spent_expr,
-                        reserved_units=t.c.reserved_units - release,
-                    )
-                    .returning(
-                        t.c.id,
-                        t.c.name,
-                        t.c.metric,
-                        t.c.hard,
-                        t.c.limit_units,
-                        t.c.spent_units,
-                        t.c.thresholds,
-                        t.c.alerted,
-                    )
+                    sql.spend, {"b_id": row.budget_id, "b_spent": amount, "b_release": release}
                 ).first()
                 conn.execute(
-                    sa.update(h)
-                    .where(h.c.idempotency_key == key, h.c.budget_id == row.budget_id)
-                    .values(
-                        state="settled",
-                        settled_at=now,
-                        spent_units=charge
-                        if updated is None or updated.metric == "charge"
-                        else listed,
-                    )
+                    sql.settle,
+                    {"b_key": key, "b_id": row.budget_id, "b_now": now, "b_spent": amount},
                 )
                 if updated is not None:
                     event = self._crossed(conn, ws, updated, now)
