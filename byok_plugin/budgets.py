@@ -115,7 +115,8 @@ def to_units(amount: Decimal) -> int:
 
 
 def from_units(units: int) -> Decimal:
-    return (Decimal(int(units)) * UNIT).normalize() if units else Decimal(0)
+    """``units`` of :data:`UNIT` in USD, without trailing zeros or an exponent."""
+    return Decimal(format((Decimal(int(units)) * UNIT).normalize(), "f")) if units else Decimal(0)
 
 
 budgets = sa.Table(
@@ -308,6 +309,16 @@ class BudgetStore:
                 f"a budget name is 1-64 letters, digits, '.', '_' or '-' (starting with a letter "
                 f"or digit), not {name!r}"
             )
+        for what, value, longest in (("key id", key_id, 120), ("workflow id", workflow_id, 200)):
+            if value is not None and (
+                not isinstance(value, str)
+                or len(value) > longest
+                or any(ord(c) < 32 or ord(c) == 127 for c in value)
+            ):
+                raise BudgetError(
+                    f"a budget's {what} is text of at most {longest} characters, without control "
+                    "characters"
+                )
         chosen_limit = parse_limit(limit)
         chosen_metric: BudgetMetric = _enum(BudgetMetric, metric, "metric")
         chosen_period: BudgetPeriod = _enum(BudgetPeriod, period, "period")
