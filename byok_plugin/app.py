@@ -126,6 +126,9 @@ class App:
         ledger = self.__dict__.pop("ledger", None)
         if ledger is not None:
             ledger.close()
+        budgets = self.__dict__.pop("budgets", None)
+        if budgets is not None:
+            budgets.close()
         engine = self.__dict__.pop("engine", None)
         if engine is not None:
             engine.dispose()

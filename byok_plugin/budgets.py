@@ -24,6 +24,14 @@ rows from ``held`` (or ``expired``) to ``settled`` and moves the amount from ``r
 settles (a worker killed between the two) is marked ``expired`` by the next operation on the
 workspace after its ``expires_at``, and its amount leaves ``reserved``.
 
+**Speed.** The statements are built once. On a SQLite file they are also compiled once and run on
+``sqlite3`` connections of the file (as the ledger's writer does), with the values bound by the
+columns' own SQLAlchemy processors: a reservation plus a settlement costs about 0.16 ms there,
+against 0.9 ms through SQLAlchemy's connection and result machinery. A workspace without budgets
+costs one indexed read per call. In a hook called on an event loop a SQLite write waits at most
+``LOOP_LOCK_WAIT_MS`` for another writer's lock and then fails, and the runner tries it again in a
+worker thread.
+
 Holds are rounded up to the unit, and so are settled amounts, so a budget's ``spent`` is never
 below what the ledger charged. A call that outlives its hold (``hold_seconds``) still counts what
 it spent when it settles, so it may push a budget past its limit: keep the hold longer than any
@@ -32,14 +40,18 @@ provider call (the runner's default is 15 minutes).
 
 from __future__ import annotations
 
+import collections
 import enum
 import re
 import secrets
-from collections.abc import Callable, Iterable
+import sqlite3
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from functools import cached_property
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -51,10 +63,23 @@ from byok_hookspecs import (
     BudgetReservation,
     BudgetSettlement,
     CredentialSource,
+    called_inline,
 )
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Dialect, Engine
 
-from byok_plugin.store.engine import lock_in_transaction, store_errors, write_transaction
+from byok_plugin.key_errors import StoreUnavailable
+from byok_plugin.key_reader import sqlite_file_of
+from byok_plugin.store.engine import (
+    LOOP_LOCK_WAIT_MS,
+    LockBackoff,
+    lock_backoff,
+    lock_in_transaction,
+    prepare_sqlite_connection,
+    store_busy,
+    store_errors,
+    write_transaction,
+)
+from byok_plugin.store.sqlite_connections import SqliteConnections
 from byok_plugin.store.tables import UTCDateTime, metadata
 
 __all__ = [
@@ -287,6 +312,12 @@ class BudgetStore:
     def __repr__(self) -> str:
         return f"BudgetStore(dialect={self._engine.dialect.name!r})"
 
+    def close(self) -> None:
+        """Release the direct SQLite connections (the engine is its owner's to close)."""
+        direct = self.__dict__.pop("_direct", None)
+        if direct is not None:
+            direct.close()
+
     # --- definitions ------------------------------------------------------------------------------
     def set_budget(
         self,
@@ -466,7 +497,7 @@ class BudgetStore:
                 h.c.budget_id, h.c.state, h.c.amount_units, t.c.metric, t.c.period, t.c.period_start
             )
             .join(t, t.c.id == h.c.budget_id)
-            .where(h.c.idempotency_key == p("b_key"), h.c.state.in_(("held", "expired"))),
+            .where(h.c.idempotency_key == p("b_key"), h.c.state != "settled"),
             spend=sa.update(t)
             .where(t.c.id == p("b_id"))
             .values(
@@ -483,28 +514,65 @@ class BudgetStore:
                 t.c.thresholds,
                 t.c.alerted,
             ),
+            row=sa.select(t.c.name, t.c.limit_units, t.c.spent_units, t.c.reserved_units).where(
+                t.c.id == p("b_id")
+            ),
+            alert=sa.update(t)
+            .where(t.c.id == p("b_id"), t.c.alerted == p("b_was"))
+            .values(alerted=p("b_alerted"))
+            .returning(t.c.id),
             settle=sa.update(h)
             .where(h.c.idempotency_key == p("b_key"), h.c.budget_id == p("b_id"))
             .values(state="settled", settled_at=p("b_now"), spent_units=p("b_spent")),
         )
 
-    def _rollover(self, conn: Connection, ws: str, rows: Iterable[Any], now: datetime) -> None:
+    @cached_property
+    def _direct(self) -> _SqliteStatements | None:
+        """On a SQLite file, the statements compiled once and run on ``sqlite3`` connections of
+        the store's file (SQLAlchemy's own work per statement cost several times the statement's):
+        the same SQL, the same values."""
+        path = sqlite_file_of(self._engine)
+        if path is None:
+            return None
+        return _SqliteStatements(path, self._engine.dialect, self._sql, lock_backoff(self._engine))
+
+    @contextmanager
+    def _reading(self, what: str, ws: str) -> Iterator[Query]:
+        direct = self._direct
+        if direct is not None:
+            with direct.reading(what, ws) as q:
+                yield q
+            return
+        with store_errors(what, workspace_id=ws), self._engine.connect() as conn:
+            yield _sqlalchemy_query(conn, self._sql)
+
+    @contextmanager
+    def _writing(self, what: str, ws: str) -> Iterator[Query]:
+        direct = self._direct
+        if direct is not None:
+            with direct.writing(what, ws) as q:
+                yield q
+            return
+        with store_errors(what, workspace_id=ws), write_transaction(self._engine) as conn:
+            lock_in_transaction(conn, "budgets", ws)
+            yield _sqlalchemy_query(conn, self._sql)
+
+    @staticmethod
+    def _rollover(q: Query, ws: str, rows: Iterable[Any], now: datetime) -> None:
         """Start the periods that began since these budgets' (a conditional update: once)."""
         for period in {BudgetPeriod(r.period) for r in rows} - {BudgetPeriod.NONE}:
             start = period.start(now)
             if any(r.period == period.value and r.period_start < start for r in rows):
-                conn.execute(
-                    self._sql.rollover, {"b_ws": ws, "b_period": period.value, "b_start": start}
-                )
+                q("rollover", {"b_ws": ws, "b_period": period.value, "b_start": start})
 
-    def _expire(self, conn: Connection, ws: str, now: datetime) -> None:
+    @staticmethod
+    def _expire(q: Query, ws: str, now: datetime) -> None:
         """Expire the workspace's lapsed holds: their amounts leave ``reserved``."""
-        lapsed = conn.execute(self._sql.expire, {"b_ws": ws, "b_now": now}).all()
         freed: dict[str, int] = {}
-        for budget_id, amount in lapsed:
+        for budget_id, amount in q("expire", {"b_ws": ws, "b_now": now}):
             freed[budget_id] = freed.get(budget_id, 0) + int(amount)
         for budget_id in sorted(freed):
-            conn.execute(self._sql.free, {"b_id": budget_id, "b_amount": freed[budget_id]})
+            q("free", {"b_id": budget_id, "b_amount": freed[budget_id]})
 
     def _applicable(self, rows: Iterable[Any], reservation: BudgetReservation) -> list[Any]:
         """The budgets that count this call, in id order (the order rows are locked in)."""
@@ -530,9 +598,8 @@ class BudgetStore:
         ws = reservation.workspace_id
         key = reservation.idempotency_key
         now = self._clock()
-        sql = self._sql
-        with store_errors("reading budgets", workspace_id=ws), self._engine.connect() as conn:
-            rows = conn.execute(sql.budgets, {"b_ws": ws}).all()
+        with self._reading("reading budgets", ws) as q:
+            rows = q("budgets", {"b_ws": ws})
         if not rows:
             return None  # the common case costs one read, and no write lock
         applicable = self._applicable(rows, reservation)
@@ -541,31 +608,28 @@ class BudgetStore:
             BudgetMetric.CHARGE.value: to_units(reservation.amount),
             BudgetMetric.LIST_COST.value: to_units(reservation.list_cost),
         }
-        with (
-            store_errors("reserving budget", workspace_id=ws),
-            write_transaction(self._engine) as conn,
-        ):
-            lock_in_transaction(conn, "budgets", ws)
-            self._expire(conn, ws, now)
-            self._rollover(conn, ws, applicable, now)
-            previous = conn.execute(sql.previous, {"b_key": key}).all()
+        held: list[str] = []
+        largest = 0
+        with self._writing("reserving budget", ws) as q:
+            self._expire(q, ws, now)
+            self._rollover(q, ws, applicable, now)
+            previous = q("previous", {"b_key": key})
             if any(p.state == "settled" for p in previous):
                 # settled already (a run repeated under the same run id): nothing more to hold
                 return BudgetHold(key, ws, (), Decimal(0), now)
             if previous:  # another credential for the same call: the new hold replaces the old
                 for p in sorted(previous, key=lambda p: p.budget_id):
                     if p.state == "held":
-                        conn.execute(sql.free, {"b_id": p.budget_id, "b_amount": p.amount_units})
-                conn.execute(sql.forget, {"b_key": key})
-            held: list[str] = []
-            largest = 0
+                        q("free", {"b_id": p.budget_id, "b_amount": p.amount_units})
+                q("forget", {"b_key": key})
             for budget in applicable:
                 need = needs[budget.metric]
-                admit = sql.admit_hard if budget.hard else sql.admit_soft
-                if conn.execute(admit, {"b_id": budget.id, "b_need": need}).first() is None:
-                    row = conn.execute(sa.select(budgets).where(budgets.c.id == budget.id)).first()
-                    if row is None:  # deleted meanwhile
+                admit = "admit_hard" if budget.hard else "admit_soft"
+                if not q(admit, {"b_id": budget.id, "b_need": need}):
+                    found = q("row", {"b_id": budget.id})
+                    if not found:  # deleted meanwhile
                         continue
+                    row = found[0]
                     raise BudgetExceeded(
                         ws,
                         row.name,
@@ -574,16 +638,18 @@ class BudgetStore:
                         reserved=from_units(row.reserved_units),
                         needed=from_units(need),
                     )
-                conn.execute(
-                    sql.hold,
+                q(
+                    "hold",
                     {
                         "idempotency_key": key,
                         "budget_id": budget.id,
                         "workspace_id": ws,
                         "state": "held",
                         "amount_units": need,
+                        "spent_units": None,
                         "expires_at": expires_at,
                         "created_at": now,
+                        "settled_at": None,
                     },
                 )
                 held.append(budget.name)
@@ -601,7 +667,6 @@ class BudgetStore:
         ws = settlement.workspace_id
         key = settlement.idempotency_key
         now = self._clock()
-        sql = self._sql
         spent = {
             BudgetMetric.CHARGE.value: to_units(settlement.amount) if settlement.completed else 0,
             BudgetMetric.LIST_COST.value: (
@@ -611,34 +676,27 @@ class BudgetStore:
             ),
         }
         events: list[AuditEvent] = []
-        with (
-            store_errors("settling budget", workspace_id=ws),
-            write_transaction(self._engine) as conn,
-        ):
-            lock_in_transaction(conn, "budgets", ws)
-            rows = conn.execute(sql.held, {"b_key": key}).all()
+        with self._writing("settling budget", ws) as q:
+            rows = q("held", {"b_key": key})
             if not rows:
                 return False, []
-            self._rollover(conn, ws, rows, now)
+            self._rollover(q, ws, rows, now)
             for row in sorted(rows, key=lambda r: r.budget_id):
                 amount = spent[row.metric]
                 # a hold still marked held past its expiry was never freed: it is freed here
                 release = int(row.amount_units) if row.state == "held" else 0
-                updated = conn.execute(
-                    sql.spend, {"b_id": row.budget_id, "b_spent": amount, "b_release": release}
-                ).first()
-                conn.execute(
-                    sql.settle,
-                    {"b_key": key, "b_id": row.budget_id, "b_now": now, "b_spent": amount},
+                updated = q(
+                    "spend", {"b_id": row.budget_id, "b_spent": amount, "b_release": release}
                 )
-                if updated is not None:
-                    event = self._crossed(conn, ws, updated, now)
+                q("settle", {"b_key": key, "b_id": row.budget_id, "b_now": now, "b_spent": amount})
+                if updated:
+                    event = self._crossed(q, ws, updated[0], now)
                     if event is not None:
                         events.append(event)
         return True, events
 
     @staticmethod
-    def _crossed(conn: Connection, ws: str, row: Any, now: datetime) -> AuditEvent | None:
+    def _crossed(q: Query, ws: str, row: Any, now: datetime) -> AuditEvent | None:
         """The audit event of the thresholds this settlement crossed, marked as announced."""
         thresholds = parse_thresholds(row.thresholds)
         announced = set(parse_thresholds(row.alerted))
@@ -647,14 +705,7 @@ class BudgetStore:
         if not crossed:
             return None
         alerted = ",".join(str(p) for p in sorted(announced | set(crossed)))
-        t = budgets
-        changed = conn.execute(
-            sa.update(t)
-            .where(t.c.id == row.id, t.c.alerted == row.alerted)
-            .values(alerted=alerted)
-            .returning(t.c.id)
-        ).first()
-        if changed is None:
+        if not q("alert", {"b_id": row.id, "b_was": row.alerted, "b_alerted": alerted}):
             return None
         kind = "hard" if row.hard else "soft"
         return AuditEvent(
@@ -668,3 +719,113 @@ class BudgetStore:
             ),
             occurred_at=now,
         )
+
+
+#: ``q(statement name, parameters) -> rows``: one statement of :attr:`BudgetStore._sql`
+Query = Callable[[str, dict[str, Any]], list[Any]]
+
+
+def _sqlalchemy_query(conn: Connection, sql: SimpleNamespace) -> Query:
+    def q(name: str, params: dict[str, Any]) -> list[Any]:
+        result = conn.execute(getattr(sql, name), params)
+        return list(result.all()) if result.returns_rows else []
+
+    return q
+
+
+class _SqliteStatements:
+    """The budget statements compiled once for SQLite, run on ``sqlite3`` connections of the
+    store's file: the values bound and read back by the columns' own SQLAlchemy processors."""
+
+    def __init__(
+        self, path: Path, dialect: Dialect, sql: SimpleNamespace, backoff: LockBackoff | None
+    ) -> None:
+        self._compiled: dict[str, tuple[str, tuple[str, ...], dict[str, Any], dict[str, Any]]] = {}
+        for name, statement in vars(sql).items():
+            compiled = statement.compile(dialect=dialect)
+            processors = {
+                key: processor
+                for key, bind in compiled.binds.items()
+                if (processor := bind.type._cached_bind_processor(dialect)) is not None
+            }
+            order = tuple(compiled.positiontup or ())
+            self._compiled[name] = (str(compiled), order, dict(compiled.params), processors)
+        # the one column read back that needs converting: a period's start (a UTC datetime)
+        self._period_start = budgets.c.period_start.type._cached_result_processor(dialect, None)
+        self._rows: dict[tuple[str, ...], Any] = {}
+        self._connections = SqliteConnections(str(path), prepare=prepare_sqlite_connection)
+        self._prompt_connections = SqliteConnections(str(path), prepare=_prepare_prompt)
+        self._backoff = backoff if backoff is not None else LockBackoff()
+
+    def __repr__(self) -> str:
+        return f"_SqliteStatements(statements={len(self._compiled)})"
+
+    def _query(self, conn: sqlite3.Connection) -> Query:
+        def q(name: str, params: dict[str, Any]) -> list[Any]:
+            text, order, defaults, processors = self._compiled[name]
+            values = []
+            for key in order:
+                value = params[key] if key in params else defaults.get(key)
+                processor = processors.get(key)
+                values.append(processor(value) if processor is not None else value)
+            cursor = conn.execute(text, values)
+            if cursor.description is None:
+                return []
+            fields = tuple(d[0] for d in cursor.description)
+            row_type = self._rows.get(fields)
+            if row_type is None:
+                row_type = self._rows[fields] = collections.namedtuple("Row", fields)
+            found = cursor.fetchall()
+            if "period_start" in fields and self._period_start is not None:
+                at = fields.index("period_start")
+                found = [(*r[:at], self._period_start(r[at]), *r[at + 1 :]) for r in found]
+            return [row_type(*r) for r in found]
+
+        return q
+
+    @contextmanager
+    def _connection(self, what: str, ws: str) -> Iterator[sqlite3.Connection]:
+        prompt = called_inline()
+        if prompt and self._backoff.active:
+            raise StoreUnavailable(what, workspace_id=ws, cause=str(self._backoff.refusal()))
+        pool = self._prompt_connections if prompt else self._connections
+        try:
+            conn = pool.acquire()
+            try:
+                yield conn
+            finally:
+                pool.release(conn)
+        except sqlite3.Error as exc:
+            if prompt and store_busy(exc):
+                self._backoff.hit()
+            first_line = (str(exc).strip().splitlines() or [""])[0]
+            raise StoreUnavailable(
+                what, workspace_id=ws, cause=f"{type(exc).__name__}: {first_line[:300]}"
+            ) from None
+
+    @contextmanager
+    def reading(self, what: str, ws: str) -> Iterator[Query]:
+        with self._connection(what, ws) as conn:
+            yield self._query(conn)
+
+    @contextmanager
+    def writing(self, what: str, ws: str) -> Iterator[Query]:
+        """One ``BEGIN IMMEDIATE`` transaction, committed when the block ends, rolled back when it
+        raises (a refusal holds nothing)."""
+        with self._connection(what, ws) as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._query(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def close(self) -> None:
+        self._connections.close()
+        self._prompt_connections.close()
+
+
+def _prepare_prompt(conn: sqlite3.Connection) -> None:
+    prepare_sqlite_connection(conn)
+    conn.execute(f"PRAGMA busy_timeout = {LOOP_LOCK_WAIT_MS}")
