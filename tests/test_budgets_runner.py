@@ -3,6 +3,7 @@ ledger) on a SQLite file and on PostgreSQL, over real HTTP against the emulator.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -15,6 +16,7 @@ from byok_plugin.budgets import UNIT, budget_holds
 from byok_plugin.cli.demo import BYOK_WORKSPACE, PLATFORM_WORKSPACE, DemoStack
 from byok_plugin.host.emulator import EmulatorServer, Fault, FaultKind
 from byok_plugin.host.run_result import BlockStatus, RunStatus
+from byok_plugin.host.runner import WorkflowRunner
 from byok_plugin.host.workflow import Workflow, parse_workflow
 
 ONE_CALL: Workflow = parse_workflow(
@@ -136,3 +138,69 @@ def test_the_worst_case_covers_max_tokens_at_the_output_price(stack: DemoStack) 
     output_only = stack.app.billing.list_cost(Usage("openai", "gpt-4o-mini", output_tokens=64))[0]
     assert output_only is not None
     assert worst_case(stack) > output_only
+
+
+ANTHROPIC_CALL: Workflow = parse_workflow(
+    {
+        "name": "one-anthropic-call",
+        "version": "1",
+        "blocks": {
+            "answer": {
+                "type": "agent",
+                "model": "claude-haiku-4-5",
+                "prompt": "Say hello.",
+                "max_tokens": 64,
+            }
+        },
+    }
+)
+
+
+def test_a_fallback_to_the_platform_key_replaces_the_hold_and_settles_once(
+    stack: DemoStack,
+) -> None:
+    budgets = stack.app.budgets
+    budgets.set_budget(BYOK_WORKSPACE, "charges", limit="1000")
+    # the workspace's own key is refused; on_error lets the platform serve (and bill) the call
+    stack.emulator.state.remove_key("anthropic", stack.workspace_keys["anthropic"])
+    stack.set_fallback_policy(BYOK_WORKSPACE, "on_error")
+    result = stack.run(ANTHROPIC_CALL, BYOK_WORKSPACE, {})
+    assert result.ok, result.error
+    (call,) = result.calls
+    assert call.fallback is True
+    assert call.charge.amount > 0
+    status = budgets.get(BYOK_WORKSPACE, "charges")
+    assert status is not None
+    assert status.reserved == 0
+    assert call.charge.amount <= status.spent < call.charge.amount + UNIT
+    with stack.app.engine.connect() as conn:
+        holds = conn.execute(sa.select(budget_holds.c.idempotency_key, budget_holds.c.state)).all()
+    assert [tuple(h) for h in holds] == [(call.idempotency_key, "settled")]
+
+
+def test_a_cancelled_run_releases_the_hold_of_its_call_in_flight(stack: DemoStack) -> None:
+    budgets = stack.app.budgets
+    budgets.set_budget(PLATFORM_WORKSPACE, "monthly", limit="1000")
+    stack.emulator.add_fault(Fault(FaultKind.SLOW, provider="openai", delay=3.0, times=1))
+
+    async def go() -> None:
+        async with WorkflowRunner.open(stack.pm, environ=stack.environ) as runner:
+            task = asyncio.create_task(
+                runner.run(ONE_CALL, workspace_id=PLATFORM_WORKSPACE, inputs={"name": "Ada"})
+            )
+            for _ in range(200):
+                await asyncio.sleep(0.01)
+                held = budgets.get(PLATFORM_WORKSPACE, "monthly")
+                if held is not None and held.reserved > 0:
+                    break
+            else:
+                pytest.fail("the call was never held")
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    asyncio.run(go())
+    status = budgets.get(PLATFORM_WORKSPACE, "monthly")
+    assert status is not None
+    assert (status.spent, status.reserved) == (0, 0)
+    assert list(stack.app.ledger.rows(workspaces=[PLATFORM_WORKSPACE])) == []
