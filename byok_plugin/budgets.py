@@ -816,10 +816,11 @@ class _SqliteStatements:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self._query(conn)
+                conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:  # never lend the connection on with a transaction open
+                    conn.execute("ROLLBACK")
                 raise
-            conn.execute("COMMIT")
 
     def close(self) -> None:
         self._connections.close()
