@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
     from byok_plugin.background_writes import BackgroundWrites
     from byok_plugin.billing import Billing
+    from byok_plugin.budgets import BudgetStore
     from byok_plugin.catalog import Catalog
     from byok_plugin.crypto import Keyring
     from byok_plugin.envelope import BuiltinKeyEncryption, DataKeys
@@ -195,6 +196,9 @@ class App:
         ledger = self.__dict__.pop("ledger", None)
         if ledger is not None:
             ledger.close()
+        budgets = self.__dict__.pop("budgets", None)
+        if budgets is not None:
+            budgets.close()
         engine = self.__dict__.pop("engine", None)
         if engine is not None:
             engine.dispose()
@@ -270,6 +274,13 @@ class App:
         return DurableLedger(
             self.ledger.record, LedgerSpool(path), background=self.background_writes.submit
         )
+
+    @cached_property
+    def budgets(self) -> BudgetStore:
+        """Workspace budgets (``byok_reserve_budget``, ``byok_settle_budget``)."""
+        from byok_plugin.budgets import BudgetStore
+
+        return BudgetStore(self.engine, clock=self.clock)
 
     @cached_property
     def background_writes(self) -> BackgroundWrites:

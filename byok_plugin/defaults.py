@@ -15,6 +15,9 @@ from byok_hookspecs import (
     Action,
     Actor,
     AuditEvent,
+    BudgetHold,
+    BudgetReservation,
+    BudgetSettlement,
     Charge,
     Credential,
     CredentialRequest,
@@ -55,6 +58,8 @@ _STORE_HOOKS = frozenset(
         "byok_recorded_calls",
         "byok_audit",
         "byok_prepare",
+        "byok_reserve_budget",
+        "byok_settle_budget",
     }
 )
 
@@ -157,6 +162,20 @@ class DefaultPlugin:
     @hookimpl(trylast=True)
     def byok_recorded_calls(self, run_id: str) -> tuple[RecordedCall, ...] | None:
         return self.app.ledger.recorded_calls(run_id)
+
+    @hookimpl(trylast=True)
+    def byok_reserve_budget(self, reservation: BudgetReservation) -> BudgetHold | None:
+        return self.app.budgets.reserve(reservation)
+
+    @hookimpl(trylast=True)
+    def byok_settle_budget(self, settlement: BudgetSettlement) -> bool | None:
+        changed, events = self.app.budgets.settle(settlement)
+        for event in events:  # thresholds crossed: announced once per period each
+            if self._pm is not None:
+                self._pm.hook.byok_audit(event=event)
+            else:
+                self.byok_audit(event)
+        return changed
 
     @cached_property
     def _own_hooks(self) -> Any:

@@ -53,7 +53,14 @@ from byok_plugin.resolution import _PendingCooldown
 from byok_plugin.settings import Settings
 from byok_plugin.store.engine import write_transaction
 
-STORE_HOOKS = {"byok_resolve_credential", "byok_record_usage", "byok_recorded_calls", "byok_audit"}
+STORE_HOOKS = {
+    "byok_resolve_credential",
+    "byok_record_usage",
+    "byok_recorded_calls",
+    "byok_audit",
+    "byok_reserve_budget",
+    "byok_settle_budget",
+}
 WORKFLOW = parse_workflow(
     {
         "name": "one",

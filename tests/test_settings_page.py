@@ -372,3 +372,41 @@ def test_an_idle_session_ends_and_the_page_says_how_to_sign_in_again(
         assert page.evaluate("sessionStorage.getItem('byok.session')") is None
         tab.shot("session-ended")
     assert tab.errors == []
+
+
+def test_a_member_sees_each_budget_with_spent_reserved_and_left(
+    browser, tabs: list[Page], base_url: str, stack: Stack
+) -> None:
+    from decimal import Decimal
+
+    from byok_hookspecs import BudgetReservation, BudgetSettlement, CredentialSource
+    from playwright.sync_api import expect
+
+    stack.app.budgets.set_budget("acme", "monthly", limit="20")
+    stack.app.budgets.set_budget("acme", "own-keys", limit="5", metric="list_cost", hard=False)
+    held = BudgetReservation(
+        "run:a:1", "acme", "openai", "gpt-4o-mini", CredentialSource.PLATFORM, Decimal("3")
+    )
+    stack.pm.hook.byok_reserve_budget(reservation=held)
+    stack.pm.hook.byok_settle_budget(
+        settlement=BudgetSettlement("run:a:1", "acme", Decimal("1.25"))
+    )
+    stack.pm.hook.byok_reserve_budget(
+        reservation=BudgetReservation(
+            "run:b:1", "acme", "openai", "gpt-4o-mini", CredentialSource.PLATFORM, Decimal("2")
+        )
+    )
+
+    tab = open_page(browser, tabs, base_url, MEMBER_TOKEN, "member-budgets")
+    page = tab.page
+    monthly = page.locator('li.budget[data-budget="monthly"]')
+    expect(monthly.locator(".budget-spent")).to_have_text("$1.25")
+    expect(monthly.locator(".budget-reserved")).to_have_text("$2.00")
+    expect(monthly.locator(".budget-left")).to_have_text("$16.75")
+    expect(monthly.locator(".budget-kind")).to_have_text("Hard limit")
+    expect(monthly.locator(".budget-meta")).to_have_text("$20.00 per month, platform charges")
+    own = page.locator('li.budget[data-budget="own-keys"]')
+    expect(own.locator(".budget-kind")).to_have_text("Soft limit")
+    expect(own.locator(".budget-left")).to_have_text("$5.00")
+    tab.shot("budgets")
+    assert tab.errors == []

@@ -12,6 +12,7 @@ from typing import TextIO
 import click
 
 from byok_plugin import __version__
+from byok_plugin.cli.budget import budget_group
 from byok_plugin.cli.demo import demo_command
 from byok_plugin.cli.emulator import emulator_command
 from byok_plugin.cli.fallback import fallback_group
@@ -89,3 +90,4 @@ main.add_command(usage_command)
 main.add_command(reconcile_command)
 main.add_command(fallback_group)
 main.add_command(ledger_group)
+main.add_command(budget_group)

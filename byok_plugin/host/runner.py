@@ -20,6 +20,13 @@ call goes through the same four steps:
    snapshot the provider may name in its reply (that name is the block output's ``model``);
 4. ``byok_record_usage(record)``, with the idempotency key ``run:block:attempt``.
 
+Around the call, budgets: after step 1 the runner holds the call's worst case with
+``byok_reserve_budget`` (its cost by ``byok_compute_charge`` of a worst-case usage: the request's
+text as input tokens, one per UTF-8 byte, ``max_tokens`` output tokens, one request for a tool
+call); a call that does not fit a hard budget fails its block before anything is sent
+(``BudgetExceeded``). After step 4 it settles the actual charge with ``byok_settle_budget``; a
+call that does not complete releases its hold.
+
 When the provider refuses a key (an authentication or rate-limit error that outlived the client's
 own retries), or fails on a workspace key (a 5xx, a timeout, unreachable, after the client's own
 retries: reason ``error``), the runner asks ``byok_resolve_credential`` again with
@@ -61,11 +68,16 @@ import httpx
 import pluggy
 from byok_hookspecs import (
     Actor,
+    BudgetExceeded,
+    BudgetHold,
+    BudgetReservation,
+    BudgetSettlement,
     ByokError,
     Charge,
     Credential,
     CredentialRequest,
     CredentialSource,
+    CredentialUnavailable,
     FailureReason,
     NoCredential,
     ProviderFailure,
@@ -86,6 +98,7 @@ from byok_plugin.host.providers.common import (
     SearchHit,
     SearchRequest,
     SearchResult,
+    WebSearchTool,
 )
 from byok_plugin.host.providers.errors import (
     AuthError,
@@ -156,6 +169,8 @@ RUN_HOOKS = (
     "byok_compute_charge",
     "byok_record_usage",
     "byok_recorded_calls",
+    "byok_reserve_budget",
+    "byok_settle_budget",
 )
 #: errors worth trying the block again for: the call did not complete, and may next time
 _TRANSIENT = (ServerError, ProviderTimeout, ProviderUnreachable, ProtocolError)
@@ -202,6 +217,10 @@ class RunnerOptions:
         loop; ``None`` (the default) on the event loop when every implementation of
         :data:`RUN_HOOKS` declares it never waits on the network
         (:func:`byok_hookspecs.blocking_implementations`), else in a worker thread.
+    :param budget_hold_seconds: how long a call's budget hold lasts if it is never settled (a
+        crashed worker); longer than any provider call.
+    :param budget_output_tokens: the output tokens a block without ``max_tokens`` is assumed to
+        use at most, for its budget hold (Anthropic's client sends the same default).
     """
 
     max_concurrent_calls: int = 16
@@ -209,12 +228,16 @@ class RunnerOptions:
     max_key_rounds: int = 4
     record_attempts: int = 3
     hooks_in_thread: bool | None = None
+    budget_hold_seconds: float = 900.0
+    budget_output_tokens: int = 4096
 
     def __post_init__(self) -> None:
         if self.max_concurrent_calls < 1:
             raise ValueError("max_concurrent_calls must be at least 1")
         if self.block_retries < 0 or self.max_key_rounds < 1 or self.record_attempts < 1:
             raise ValueError("block_retries >= 0, max_key_rounds >= 1 and record_attempts >= 1")
+        if not self.budget_hold_seconds > 0 or self.budget_output_tokens < 1:
+            raise ValueError("budget_hold_seconds > 0 and budget_output_tokens >= 1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -839,8 +862,26 @@ class WorkflowRunner:
                     )
                 return client.complete(request, api_key=api_key)
 
+            worst = Usage(
+                block.provider,
+                block.model,
+                input_tokens=_input_bound(request),
+                output_tokens=block.max_tokens or self.options.budget_output_tokens,
+                tool_requests=sum(
+                    t.max_uses or 1 for t in request.tools if isinstance(t, WebSearchTool)
+                ),
+            )
             result, call = await self._call(
-                run, block.id, attempt, seq, block.provider, block.model, block.key, stream, invoke
+                run,
+                block.id,
+                attempt,
+                seq,
+                block.provider,
+                block.model,
+                block.key,
+                stream,
+                invoke,
+                worst,
             )
             calls.append(call)
             if not result.tool_calls or search is None:
@@ -897,7 +938,10 @@ class WorkflowRunner:
         def invoke(api_key: str) -> Awaitable[SearchResult]:
             return client.search(request, api_key=api_key)
 
-        return await self._call(run, block_id, attempt, seq, provider, tool, key, False, invoke)
+        worst = Usage(provider, tool, tool_requests=1)
+        return await self._call(
+            run, block_id, attempt, seq, provider, tool, key, False, invoke, worst
+        )
 
     # --- one provider call: resolve, call, charge, record ---------------------------------------
     async def _call(
@@ -911,6 +955,34 @@ class WorkflowRunner:
         key: KeyRef | None,
         stream: bool,
         invoke: Callable[[str], Awaitable[Any]],
+        worst: Usage | None = None,
+    ) -> tuple[Any, CallResult]:
+        """:meth:`_call_held`, whose budget hold is released if the call does not complete."""
+        idempotency_key = f"{run.run_id}:{block_id}:{attempt}" + (f":{seq}" if seq > 1 else "")
+        budget = _Budget(idempotency_key, run.workspace_id, run.workflow.name, run.run_id, block_id)
+        if self.pm.hook.byok_reserve_budget.get_hookimpls():  # else nothing to hold it against
+            budget.worst = worst
+        try:
+            return await self._call_held(
+                run, block_id, attempt, seq, provider, model, key, stream, invoke, budget
+            )
+        except BaseException:
+            if budget.hold is not None and not budget.settled:
+                self._release_soon(budget)
+            raise
+
+    async def _call_held(
+        self,
+        run: _Run,
+        block_id: str,
+        attempt: int,
+        seq: int,
+        provider: str,
+        model: str,
+        key: KeyRef | None,
+        stream: bool,
+        invoke: Callable[[str], Awaitable[Any]],
+        budget: _Budget,
     ) -> tuple[Any, CallResult]:
         block_key = None
         if key is not None and key.env is not None:
@@ -934,7 +1006,7 @@ class WorkflowRunner:
             key_label=label,
         )
         rejected: list[Rejection] = []
-        credential = await self._resolve(request)
+        credential = await self._resolve(request, budget)
         for _ in range(self.options.max_key_rounds):
             run.keys_used.add(credential.api_key)
             try:
@@ -1011,6 +1083,8 @@ class WorkflowRunner:
                         f"{refused}; the fallback policy offered the same key again"
                     ) from None
                 credential = following
+                if budget.hold is not None:  # the new credential's hold replaces the old one
+                    await self._reserve(credential, budget)
                 continue
             except asyncio.CancelledError as exc:  # a stream cut by the run's cancellation
                 partial = getattr(exc, "partial_usage", None)
@@ -1024,7 +1098,7 @@ class WorkflowRunner:
             raise BlockFailed(
                 f"workspace {run.workspace_id!r}: {provider} refused {len(rejected)} keys in a row; giving up"
             )
-        idempotency_key = f"{run.run_id}:{block_id}:{attempt}" + (f":{seq}" if seq > 1 else "")
+        idempotency_key = budget.idempotency_key
         # charged and recorded under the model resolution was asked about (and, for a platform
         # key, checked the price of), not the name the provider answered with: providers answer
         # with dated snapshots (gpt-4o-mini-2024-07-18) or versions (mistral-large-2411) that a
@@ -1058,6 +1132,8 @@ class WorkflowRunner:
                 charge, record, error, charge_error = self._settle(usage, credential, make_record)
             if error is not None:
                 error = await self._record_again(record, error, credential.api_key)
+        if budget.hold is not None:
+            await self._settle_budget(budget, charge, credential)
         call = CallResult(
             provider=provider,
             model=model,
@@ -1169,8 +1245,19 @@ class WorkflowRunner:
         job.add_done_callback(self._recording.discard)
         return job
 
-    async def _resolve(self, request: CredentialRequest) -> Credential:
-        credential = await self._hook(self.pm.hook.byok_resolve_credential, request=request)
+    async def _resolve(
+        self, request: CredentialRequest, budget: _Budget | None = None
+    ) -> Credential:
+        """The credential for the call, then its budget hold (in one trip to a worker thread when
+        the hooks run there)."""
+        held = budget is not None and budget.worst is not None
+        if held and self.hooks_in_thread():
+            credential = await self._hook(self._resolve_and_reserve, request, budget)
+        else:
+            credential = await self._hook(self.pm.hook.byok_resolve_credential, request=request)
+            if held and credential is not None and credential.provider == request.provider:
+                assert budget is not None
+                await self._reserve(credential, budget)
         if credential is None:
             raise NoCredential(
                 request.workspace_id,
@@ -1184,6 +1271,112 @@ class WorkflowRunner:
             )
         _check_labelled(request, credential)
         return credential
+
+    # --- budgets: hold the worst case before the call, settle the charge after it ---------------
+    def _resolve_and_reserve(
+        self, request: CredentialRequest, budget: _Budget
+    ) -> Credential | None:
+        credential: Credential | None = self.pm.hook.byok_resolve_credential(request=request)
+        if credential is not None and credential.provider == request.provider:
+            self._reserve_now(credential, budget)
+        return credential
+
+    def _reserve_now(self, credential: Credential, budget: _Budget) -> None:
+        """``byok_reserve_budget`` of the call's worst case, priced by ``byok_compute_charge``;
+        raises ``BudgetExceeded`` when it does not fit."""
+        assert budget.worst is not None
+        estimate = self.pm.hook.byok_compute_charge(usage=budget.worst, credential=credential)
+        amount = estimate.amount if estimate is not None else Decimal(0)
+        list_cost = estimate.list_cost if estimate is not None else None
+        budget.hold = self.pm.hook.byok_reserve_budget(
+            reservation=BudgetReservation(
+                idempotency_key=budget.idempotency_key,
+                workspace_id=budget.workspace_id,
+                provider=credential.provider,
+                model=budget.worst.model,
+                source=credential.source,
+                amount=amount,
+                list_cost=list_cost or Decimal(0),
+                hold_seconds=self.options.budget_hold_seconds,
+                key_id=credential.key_id,
+                workflow_id=budget.workflow_id,
+                run_id=budget.run_id,
+                block_id=budget.block_id,
+            )
+        )
+
+    async def _reserve(self, credential: Credential, budget: _Budget) -> None:
+        """:meth:`_reserve_now`; on the event loop, a failure other than a refusal (a SQLite
+        store locked by another writer) is tried once more in a worker thread, where it waits."""
+        if self.hooks_in_thread():
+            await self._hook(self._reserve_now, credential, budget)
+            return
+        try:
+            with calling_inline():
+                self._reserve_now(credential, budget)
+        except Exception as exc:
+            if isinstance(exc, ByokError) and not _store_trouble(exc):
+                raise  # a decision (the budget refuses the call), not a store that did not answer
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, self._reserve_now, credential, budget)
+
+    async def _settle_budget(self, budget: _Budget, charge: Charge, credential: Credential) -> None:
+        """``byok_settle_budget`` of what the completed call was charged. A settlement that keeps
+        failing is logged, not raised: the call is done and recorded, and its hold lapses."""
+        budget.settled = True  # from here on, a cancelled run must not release the hold instead
+        settlement = BudgetSettlement(
+            idempotency_key=budget.idempotency_key,
+            workspace_id=budget.workspace_id,
+            amount=charge.amount,
+            list_cost=charge.list_cost or Decimal(0),
+            source=credential.source,
+        )
+        if not self.hooks_in_thread():
+            try:
+                with calling_inline():
+                    self.pm.hook.byok_settle_budget(settlement=settlement)
+                return
+            except Exception as exc:
+                log.info(
+                    "settling budget of %s on the loop failed: %s", settlement.idempotency_key, exc
+                )
+        await self._recording_job(self._settle_budget_now, settlement)
+
+    def _release_soon(self, budget: _Budget) -> None:
+        """Release the hold of a call that did not complete, in a worker thread (not awaited: the
+        block is failing or its run is cancelled)."""
+        budget.settled = True
+        settlement = BudgetSettlement(
+            idempotency_key=budget.idempotency_key,
+            workspace_id=budget.workspace_id,
+            amount=Decimal(0),
+            completed=False,
+        )
+        job = asyncio.get_running_loop().run_in_executor(None, self._settle_budget_now, settlement)
+        self._recording.add(job)
+        job.add_done_callback(self._recording.discard)
+
+    def _settle_budget_now(self, settlement: BudgetSettlement) -> None:
+        """``byok_settle_budget`` with up to ``record_attempts`` tries (idempotent), in a worker
+        thread; the last failure is logged (the hold then lapses at its expiry)."""
+        tries = max(self.options.record_attempts, 2)
+        for attempt in range(1, tries + 1):
+            try:
+                self.pm.hook.byok_settle_budget(settlement=settlement)
+                return
+            except Exception as exc:
+                if attempt == tries:
+                    log.error(
+                        "the budget hold of call %s of workspace %r is not settled after %d "
+                        "tries (it lapses at its expiry): %s: %s",
+                        settlement.idempotency_key,
+                        settlement.workspace_id,
+                        tries,
+                        type(exc).__name__,
+                        exc,
+                    )
+                    return
+                time.sleep(0.05 * 2 ** (attempt - 1))
 
     def _settle(
         self, usage: Any, credential: Credential, make_record: Callable[[Charge], UsageRecord]
@@ -1296,6 +1489,43 @@ def _check_labelled(request: CredentialRequest, credential: Credential) -> None:
             f"workspace {request.workspace_id!r}, but byok_resolve_credential answered a "
             f"{credential.source.value} key; the block does not run on it"
         )
+
+
+@dataclass
+class _Budget:
+    """One provider call's budget hold, as the call goes (the worst case, the hold, whether it
+    has been settled or released)."""
+
+    idempotency_key: str
+    workspace_id: str
+    workflow_id: str | None
+    run_id: str | None
+    block_id: str | None
+    worst: Usage | None = None
+    hold: BudgetHold | None = None
+    settled: bool = False
+
+
+def _input_bound(request: CompletionRequest) -> int:
+    """An upper bound of a request's input tokens: one per UTF-8 byte of its text (a token is at
+    least a byte in every provider's tokenizer), with its tools and schema, and some for each
+    message's framing."""
+    parts: list[str] = [request.system or ""]
+    for message in request.messages:
+        parts.append(message.content)
+        parts.extend(call.arguments + call.name for call in message.tool_calls)
+    for tool in request.tools:
+        if isinstance(tool, FunctionTool):
+            parts.append(tool.name + tool.description + json.dumps(tool.parameters, default=dict))
+    if request.response_schema is not None:
+        parts.append(json.dumps(request.response_schema, default=dict))
+    return sum(len(p.encode("utf-8")) for p in parts) + 16 * (len(request.messages) + 2)
+
+
+def _store_trouble(exc: ByokError) -> bool:
+    """Whether a hook's error is a store that did not answer (worth a try off the loop), not a
+    decision (a refused budget, a missing key)."""
+    return isinstance(exc, CredentialUnavailable) and not isinstance(exc, BudgetExceeded)
 
 
 def _skipped(block: Block, reason: str) -> BlockResult:

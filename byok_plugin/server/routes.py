@@ -16,7 +16,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 import pluggy
-from byok_hookspecs import Action, Actor, ByokError, KeyCheck, Role
+from byok_hookspecs import Action, Actor, AuditEvent, ByokError, KeyCheck, NotAuthorized, Role
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -317,6 +317,120 @@ class Api:
         return ok(check_json(results[0].check, results[0].key.id))
 
 
+class BudgetRoutes:
+    """The budget routes: members read a workspace's budgets, admins set and delete them (the
+    same rules as ``byok budget``); changes are audited through ``byok_audit``."""
+
+    def __init__(self, api: Api) -> None:
+        self.api = api
+
+    def _allowed(self, actor: Actor, workspace_id: str, action: Action) -> bool:
+        answer = self.api.pm.hook.byok_authorize(
+            actor=actor, workspace_id=workspace_id, action=action
+        )
+        return answer is True
+
+    def _authorize(self, actor: Actor, workspace_id: str, action: Action) -> str:
+        """The checked workspace id; 422 when malformed, 403 (audited) when not allowed."""
+        try:
+            workspace_id = check_workspace_id(workspace_id)
+        except InvalidInput as exc:
+            raise ApiError(ErrorCode.VALIDATION_ERROR, str(exc), "workspace_id") from None
+        if not self._allowed(actor, workspace_id, action):
+            self.api.pm.hook.byok_audit(
+                event=AuditEvent(
+                    action="access.denied",
+                    workspace_id=workspace_id,
+                    actor_id=actor.id,
+                    outcome="denied",
+                    detail=f"{action.value} (budgets)",
+                )
+            )
+            raise NotAuthorized(actor.id, workspace_id, action.value)
+        return workspace_id
+
+    async def list_budgets(self, request: Request) -> Response:
+        """``GET .../byok-budgets``: the workspace's budgets, spent, reserved and left."""
+        actor = await self.api.actor(request)
+
+        def work() -> dict[str, Any]:
+            workspace_id = self._authorize(
+                actor, request.path_params["workspace_id"], Action.READ_USAGE
+            )
+            found = self.api.app.budgets.list_budgets(workspace_id)
+            return {
+                "workspace_id": workspace_id,
+                "can_manage": self._allowed(actor, workspace_id, Action.MANAGE_KEYS),
+                "budgets": [b.as_dict() for b in found],
+            }
+
+        return ok(await run_in_threadpool(work))
+
+    async def set_budget(self, request: Request) -> Response:
+        """``PUT .../byok-budgets/{name}``: create or change a budget."""
+        from byok_plugin.budgets import BudgetError
+
+        actor = await self.api.actor(request)
+        body = await self.api.body(request, "SetBudgetRequest")
+
+        def work() -> dict[str, Any]:
+            workspace_id = self._authorize(
+                actor, request.path_params["workspace_id"], Action.MANAGE_KEYS
+            )
+            try:
+                budget = self.api.app.budgets.set_budget(
+                    workspace_id,
+                    request.path_params["name"],
+                    limit=body["limit"],
+                    metric=body.get("metric", "charge"),
+                    period=body.get("period", "month"),
+                    hard=body.get("hard", True),
+                    thresholds=body.get("thresholds", (50, 80, 100)),
+                    key_id=body.get("key_id"),
+                    workflow_id=body.get("workflow_id"),
+                    actor_id=actor.id,
+                )
+            except BudgetError as exc:
+                raise ApiError(ErrorCode.VALIDATION_ERROR, str(exc)) from None
+            self.api.pm.hook.byok_audit(
+                event=AuditEvent(
+                    action="budget.set",
+                    workspace_id=workspace_id,
+                    actor_id=actor.id,
+                    key_id=budget.key_id,
+                    detail=f"budget {budget.name!r}: limit {budget.limit} USD",
+                )
+            )
+            return {"budget": budget.as_dict()}
+
+        return ok(await run_in_threadpool(work))
+
+    async def delete_budget(self, request: Request) -> Response:
+        """``DELETE .../byok-budgets/{name}``: delete a budget."""
+        actor = await self.api.actor(request)
+        name = request.path_params["name"]
+
+        def work() -> dict[str, Any]:
+            workspace_id = self._authorize(
+                actor, request.path_params["workspace_id"], Action.MANAGE_KEYS
+            )
+            if not self.api.app.budgets.delete(workspace_id, name):
+                raise ApiError(
+                    ErrorCode.NOT_FOUND, f"workspace {workspace_id!r} has no budget {name!r}"
+                )
+            self.api.pm.hook.byok_audit(
+                event=AuditEvent(
+                    action="budget.deleted",
+                    workspace_id=workspace_id,
+                    actor_id=actor.id,
+                    detail=f"budget {name!r}",
+                )
+            )
+            return {"deleted": name}
+
+        return ok(await run_in_threadpool(work))
+
+
 def _static_file(name: str, media_type: str) -> Handler:
     """One file of the settings page, read from the package once."""
     content = resources.files("byok_plugin.server").joinpath("static", name).read_bytes()
@@ -343,6 +457,9 @@ def build_routes(api: Api) -> list[BaseRoute]:
     keys_handler, keys_methods = by_method(
         GET=api.list_keys, POST=api.set_key, DELETE=api.delete_keys
     )
+    budgets = BudgetRoutes(api)
+    budget = "/api/workspaces/{workspace_id}/byok-budgets"
+    budget_handler, budget_methods = by_method(PUT=budgets.set_budget, DELETE=budgets.delete_budget)
     return [
         Route("/api/byok/health", endpoint(api.health), methods=["GET"]),
         Route("/api/byok/openapi.json", endpoint(api.openapi), methods=["GET"]),
@@ -351,6 +468,8 @@ def build_routes(api: Api) -> list[BaseRoute]:
         Route(keys, endpoint(keys_handler), methods=keys_methods),
         Route(keys + "/{key_id}", endpoint(api.update_key), methods=["PATCH"]),
         Route(keys + "/{key_id}/test", endpoint(api.test_key), methods=["POST"]),
+        Route(budget, endpoint(budgets.list_budgets), methods=["GET"]),
+        Route(budget + "/{name}", endpoint(budget_handler), methods=budget_methods),
         Route(
             "/settings/", _static_file("index.html", "text/html; charset=utf-8"), methods=["GET"]
         ),

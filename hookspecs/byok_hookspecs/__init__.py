@@ -21,6 +21,7 @@ from byok_hookspecs.blocking import (  # noqa: E402
     declared_nonblocking,
 )
 from byok_hookspecs.errors import (  # noqa: E402  (the markers must exist first)
+    BudgetExceeded,
     ByokError,
     CredentialUnavailable,
     NoCredential,
@@ -35,6 +36,9 @@ from byok_hookspecs.types import (  # noqa: E402
     Action,
     Actor,
     AuditEvent,
+    BudgetHold,
+    BudgetReservation,
+    BudgetSettlement,
     Charge,
     Credential,
     CredentialRequest,
@@ -61,6 +65,10 @@ __all__ = [
     "Action",
     "Actor",
     "AuditEvent",
+    "BudgetExceeded",
+    "BudgetHold",
+    "BudgetReservation",
+    "BudgetSettlement",
     "ByokError",
     "Charge",
     "Credential",

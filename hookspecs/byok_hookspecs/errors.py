@@ -5,7 +5,10 @@ No message ever carries a key: they name the workspace, the provider and a safe 
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 __all__ = [
+    "BudgetExceeded",
     "ByokError",
     "CredentialUnavailable",
     "NoCredential",
@@ -67,3 +70,31 @@ class NotAuthorized(ByokError):
         self.action = action
         message = f"{actor_id or 'anonymous'!s} may not {action} in workspace {workspace_id!r}"
         super().__init__(f"{message}: {hint}" if hint else message)
+
+
+class BudgetExceeded(ByokError):
+    """A call's worst case does not fit a hard budget: refused before it is sent."""
+
+    def __init__(
+        self,
+        workspace_id: str,
+        budget: str,
+        *,
+        limit: Decimal,
+        spent: Decimal,
+        reserved: Decimal,
+        needed: Decimal,
+        currency: str = "USD",
+    ) -> None:
+        self.workspace_id = workspace_id
+        self.budget = budget
+        self.limit = limit
+        self.spent = spent
+        self.reserved = reserved
+        self.needed = needed
+        self.left = max(limit - spent - reserved, Decimal(0))
+        super().__init__(
+            f"workspace {workspace_id!r}: budget {budget!r} refuses the call: it may cost up to "
+            f"{needed} {currency}, and of {limit} {currency} {spent} is spent, {reserved} "
+            f"reserved by calls in flight, {self.left} left"
+        )

@@ -19,6 +19,9 @@ __all__ = [
     "Action",
     "Actor",
     "AuditEvent",
+    "BudgetHold",
+    "BudgetReservation",
+    "BudgetSettlement",
     "Charge",
     "Credential",
     "CredentialRequest",
@@ -356,7 +359,7 @@ class AuditEvent:
 
     :param action: ``key.created``, ``key.replaced``, ``key.deleted``, ``key.enabled``,
         ``key.disabled``, ``key.tested``, ``key.rewrapped``, ``master_key.retired``,
-        ``fallback.used``, ``access.denied``...
+        ``fallback.used``, ``access.denied``, ``budget.threshold``...
     :param workspace_id: the workspace concerned.
     :param actor_id: who did it (``None`` for the system).
     :param outcome: ``ok`` or ``denied`` or ``error``.
@@ -416,3 +419,90 @@ class WrappedDataKey:
             raise ValueError("a wrapped data key names its provider and key-encryption key")
         if not isinstance(self.blob, bytes) or not self.blob:
             raise ValueError("a wrapped data key's blob is non-empty bytes")
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetReservation:
+    """A host's request to hold a provider call's worst-case cost against the workspace's budgets,
+    before the call is sent.
+
+    :param idempotency_key: the call's key, the one its :class:`UsageRecord` will carry; reserving
+        again under a key still held replaces the hold (another credential after a refused key).
+    :param workspace_id: whose budgets.
+    :param provider: the provider called.
+    :param model: the model, or the tool.
+    :param source: the credential source that will serve the call (a BYOK list-cost budget counts
+        ``workspace`` calls only).
+    :param amount: the worst-case platform charge (``byok_compute_charge`` of the worst-case usage).
+    :param list_cost: the worst-case cost at list price.
+    :param hold_seconds: how long the hold lasts if the call is never settled (a crashed worker).
+    :param key_id: the safe reference of the key that will serve it, for per-key budgets.
+    :param workflow_id: the workflow, for per-workflow budgets.
+    :param run_id: the run.
+    :param block_id: the block.
+    """
+
+    idempotency_key: str
+    workspace_id: str
+    provider: str
+    model: str
+    source: CredentialSource
+    amount: Decimal
+    list_cost: Decimal = Decimal(0)
+    hold_seconds: float = 900.0
+    key_id: str | None = None
+    workflow_id: str | None = None
+    run_id: str | None = None
+    block_id: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("amount", "list_cost"):
+            value = getattr(self, name)
+            if not isinstance(value, Decimal) or not value.is_finite() or value < 0:
+                raise ValueError(f"BudgetReservation.{name} must be a finite Decimal >= 0")
+        if not self.hold_seconds > 0:
+            raise ValueError("BudgetReservation.hold_seconds must be > 0")
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetHold:
+    """What a reservation holds: the answer of ``byok_reserve_budget``.
+
+    :param idempotency_key: the call's key.
+    :param workspace_id: whose budgets.
+    :param budgets: the names of the budgets holding something for the call.
+    :param amount: the largest amount held on any one of them.
+    :param expires_at: when the hold lapses if the call is never settled.
+    """
+
+    idempotency_key: str
+    workspace_id: str
+    budgets: tuple[str, ...]
+    amount: Decimal
+    expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetSettlement:
+    """A call's actual cost, replacing its hold; a call that did not complete settles at zero.
+
+    :param idempotency_key: the call's key (a second settlement under it changes nothing).
+    :param workspace_id: whose budgets.
+    :param amount: the platform charge actually computed (0 for a call that did not complete).
+    :param list_cost: the cost at list price.
+    :param source: the credential source that served the call.
+    :param completed: False when the call never completed: the hold is released, nothing spent.
+    """
+
+    idempotency_key: str
+    workspace_id: str
+    amount: Decimal
+    list_cost: Decimal = Decimal(0)
+    source: CredentialSource = CredentialSource.PLATFORM
+    completed: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("amount", "list_cost"):
+            value = getattr(self, name)
+            if not isinstance(value, Decimal) or not value.is_finite() or value < 0:
+                raise ValueError(f"BudgetSettlement.{name} must be a finite Decimal >= 0")

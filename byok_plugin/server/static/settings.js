@@ -233,6 +233,54 @@
     el.hidden = false;
   }
 
+  // ---- budgets (read-only: set them with byok budget or the API) ---------------------------
+
+  const money = (text) => {
+    const value = Number(text);
+    if (!Number.isFinite(value)) return `$${text}`;
+    const digits = value !== 0 && Math.abs(value) < 0.01 ? 6 : 2;
+    return `$${value.toFixed(digits)}`;
+  };
+
+  function renderBudgets(budgets) {
+    const list = $("#budgets");
+    const items = budgets.map((budget) => {
+      const node = $("#budget-template").content.firstElementChild.cloneNode(true);
+      node.dataset.budget = budget.name;
+      $(".budget-name", node).textContent = budget.name;
+      $(".budget-kind", node).textContent = budget.hard ? "Hard limit" : "Soft limit";
+      const what = budget.metric === "list_cost" ? "own keys at list price" : "platform charges";
+      const period = budget.period === "none" ? "in total" : `per ${budget.period}`;
+      const scope = [
+        budget.key_id ? `key ${budget.key_id}` : "",
+        budget.workflow_id ? `workflow ${budget.workflow_id}` : "",
+      ].filter(Boolean).join(", ");
+      $(".budget-meta", node).textContent =
+        `${money(budget.limit)} ${period}, ${what}${scope ? ` (${scope})` : ""}`;
+      $(".budget-spent", node).textContent = money(budget.spent);
+      $(".budget-reserved", node).textContent = money(budget.reserved);
+      $(".budget-left", node).textContent = money(budget.left);
+      return node;
+    });
+    list.replaceChildren(...items);
+    $("#budgets-empty").hidden = budgets.length > 0;
+  }
+
+  async function loadBudgets() {
+    const section = $("#budgets-section");
+    section.hidden = false;
+    try {
+      const data = await api("GET", `workspaces/${encodeURIComponent(workspaceId)}/byok-budgets`);
+      $("#budgets-error").hidden = true;
+      renderBudgets(data.budgets);
+    } catch (err) {
+      $("#budgets").replaceChildren();
+      $("#budgets-empty").hidden = true;
+      $("#budgets-error").textContent = describe(err);
+      $("#budgets-error").hidden = false;
+    }
+  }
+
   // ---- actions ----------------------------------------------------------------------------
 
   async function reload(focusSelector) {
@@ -503,6 +551,7 @@
       const [catalog] = await Promise.all([api("GET", "byok/providers"), reload()]);
       state.catalog = catalog.providers;
       render();
+      await loadBudgets();
     } catch (err) {
       $("#providers").replaceChildren();
       $("#providers").setAttribute("aria-busy", "false");

@@ -1,0 +1,832 @@
+"""Workspace budgets that hold under concurrency: reserve a call's worst case, then settle it.
+
+What ``byok_reserve_budget`` and ``byok_settle_budget`` do by default. A budget belongs to a
+workspace (optionally narrowed to one stored key or one workflow) and limits, over a period (a UTC
+day, a UTC month, or none), one of two amounts:
+
+- ``charge``: what the platform charges the workspace (its platform-billed calls);
+- ``list_cost``: what the workspace's own keys (BYOK) spent at list price, a shadow budget the
+  workspace's admin sets as a guard against a runaway workflow on their key.
+
+A ``hard`` budget refuses a call whose worst case does not fit (:class:`BudgetExceeded`); a soft
+one never refuses. Both emit the audit event ``budget.threshold`` once per period for each of
+their thresholds (percentages of the limit) that spending crosses.
+
+**Atomicity.** Amounts are integers of :data:`UNIT` (a nano-dollar), so that the database adds and
+compares them exactly. A reservation is one write transaction: on PostgreSQL under a
+transaction advisory lock per workspace, on SQLite under ``BEGIN IMMEDIATE`` (both serialize the
+budget operations of one workspace, which all update the same budget rows anyway); the admission
+itself is a conditional ``UPDATE ... SET reserved = reserved + :need WHERE spent + reserved +
+:need <= limit``, never a read followed by a write decided in Python. Each held amount is a row of
+``byok_budget_holds`` keyed by the call's idempotency key and the budget: a settlement flips the
+rows from ``held`` (or ``expired``) to ``settled`` and moves the amount from ``reserved`` to
+``spent``; a second settlement finds nothing to flip and changes nothing. A hold whose call never
+settles (a worker killed between the two) is marked ``expired`` by the next operation on the
+workspace after its ``expires_at``, and its amount leaves ``reserved``.
+
+**Speed.** The statements are built once. On a SQLite file they are also compiled once and run on
+``sqlite3`` connections of the file (as the ledger's writer does), with the values bound by the
+columns' own SQLAlchemy processors: a reservation plus a settlement costs about 0.16 ms there,
+against 0.9 ms through SQLAlchemy's connection and result machinery. A workspace without budgets
+costs one indexed read per call. In a hook called on an event loop a SQLite write waits at most
+``LOOP_LOCK_WAIT_MS`` for another writer's lock and then fails, and the runner tries it again in a
+worker thread.
+
+Holds are rounded up to the unit, and so are settled amounts, so a budget's ``spent`` is never
+below what the ledger charged. A call that outlives its hold (``hold_seconds``) still counts what
+it spent when it settles, so it may push a budget past its limit: keep the hold longer than any
+provider call (the runner's default is 15 minutes).
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import re
+import secrets
+import sqlite3
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import ROUND_CEILING, Decimal, InvalidOperation
+from functools import cached_property
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import sqlalchemy as sa
+from byok_hookspecs import (
+    AuditEvent,
+    BudgetExceeded,
+    BudgetHold,
+    BudgetReservation,
+    BudgetSettlement,
+    CredentialSource,
+    called_inline,
+)
+from sqlalchemy.engine import Connection, Dialect, Engine
+
+from byok_plugin.key_errors import StoreUnavailable
+from byok_plugin.key_reader import sqlite_file_of
+from byok_plugin.store.engine import (
+    LOOP_LOCK_WAIT_MS,
+    LockBackoff,
+    lock_backoff,
+    lock_in_transaction,
+    prepare_sqlite_connection,
+    store_busy,
+    store_errors,
+    write_transaction,
+)
+from byok_plugin.store.sqlite_connections import SqliteConnections
+from byok_plugin.store.tables import UTCDateTime, metadata
+
+__all__ = [
+    "UNIT",
+    "Budget",
+    "BudgetError",
+    "BudgetMetric",
+    "BudgetPeriod",
+    "BudgetStore",
+    "budget_holds",
+    "budgets",
+    "from_units",
+    "to_units",
+]
+
+#: the smallest amount a budget counts: a nano-dollar (amounts are stored as integers of it)
+UNIT = Decimal("0.000000001")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+DEFAULT_THRESHOLDS = (50, 80, 100)
+#: the largest limit: a BIGINT of nano-dollars
+MAX_LIMIT = Decimal(2**63 - 1) * UNIT
+
+
+class BudgetError(ValueError):
+    """A budget definition is malformed, or names a budget that does not exist."""
+
+
+class BudgetMetric(enum.StrEnum):
+    """What a budget limits."""
+
+    #: the platform's charge to the workspace
+    CHARGE = "charge"
+    #: the list cost of the calls the workspace's own keys served (a BYOK shadow budget)
+    LIST_COST = "list_cost"
+
+
+class BudgetPeriod(enum.StrEnum):
+    """Over what a budget's spending adds up (UTC calendar periods)."""
+
+    DAY = "day"
+    MONTH = "month"
+    NONE = "none"
+
+    def start(self, now: datetime) -> datetime:
+        """The start of the period that contains ``now``."""
+        now = now.astimezone(UTC)
+        if self is BudgetPeriod.DAY:
+            return now.replace(hour=0, minute=0, second=0, microsecond=0)
+        if self is BudgetPeriod.MONTH:
+            return now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        return _EPOCH
+
+
+def to_units(amount: Decimal) -> int:
+    """``amount`` in :data:`UNIT`, rounded up."""
+    return int((amount / UNIT).to_integral_value(rounding=ROUND_CEILING))
+
+
+def from_units(units: int) -> Decimal:
+    """``units`` of :data:`UNIT` in USD, without trailing zeros or an exponent."""
+    return Decimal(format((Decimal(int(units)) * UNIT).normalize(), "f")) if units else Decimal(0)
+
+
+budgets = sa.Table(
+    "byok_budgets",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("workspace_id", sa.String(200), nullable=False),
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("metric", sa.String(16), nullable=False),
+    sa.Column("period", sa.String(8), nullable=False),
+    sa.Column("hard", sa.Boolean, nullable=False),
+    sa.Column("limit_units", sa.BigInteger, nullable=False),
+    sa.Column("spent_units", sa.BigInteger, nullable=False),
+    sa.Column("reserved_units", sa.BigInteger, nullable=False),
+    # "50,80,100": percentages of the limit that emit budget.threshold once per period
+    sa.Column("thresholds", sa.String(64), nullable=False),
+    # the thresholds already announced in this period
+    sa.Column("alerted", sa.String(64), nullable=False),
+    sa.Column("key_id", sa.String(120), nullable=True),
+    sa.Column("workflow_id", sa.String(200), nullable=True),
+    sa.Column("period_start", UTCDateTime, nullable=False),
+    sa.Column("updated_by", sa.String(200), nullable=True),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+    sa.UniqueConstraint("workspace_id", "name"),
+    sa.CheckConstraint("metric IN ('charge', 'list_cost')", name="metric"),
+    sa.CheckConstraint("period IN ('day', 'month', 'none')", name="period"),
+)
+
+budget_holds = sa.Table(
+    "byok_budget_holds",
+    metadata,
+    sa.Column("idempotency_key", sa.String(255), primary_key=True),
+    sa.Column(
+        "budget_id",
+        sa.String(40),
+        sa.ForeignKey(budgets.c.id, ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("workspace_id", sa.String(200), nullable=False),
+    # held, expired (the call never settled in time), settled
+    sa.Column("state", sa.String(10), nullable=False),
+    sa.Column("amount_units", sa.BigInteger, nullable=False),
+    sa.Column("spent_units", sa.BigInteger, nullable=True),
+    sa.Column("expires_at", UTCDateTime, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("settled_at", UTCDateTime, nullable=True),
+    sa.CheckConstraint("state IN ('held', 'expired', 'settled')", name="state"),
+    sa.Index(None, "workspace_id", "state", "expires_at"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """A budget and where it stands now (the current period; holds that lapsed left out)."""
+
+    workspace_id: str
+    name: str
+    metric: BudgetMetric
+    period: BudgetPeriod
+    limit: Decimal
+    hard: bool
+    thresholds: tuple[int, ...]
+    key_id: str | None
+    workflow_id: str | None
+    spent: Decimal
+    reserved: Decimal
+    period_start: datetime
+    updated_by: str | None
+    updated_at: datetime
+
+    @property
+    def left(self) -> Decimal:
+        """What may still be reserved (0 once spent and reserved reach the limit)."""
+        return max(self.limit - self.spent - self.reserved, Decimal(0))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "workspace_id": self.workspace_id,
+            "name": self.name,
+            "metric": self.metric.value,
+            "period": self.period.value,
+            "limit": str(self.limit),
+            "hard": self.hard,
+            "thresholds": list(self.thresholds),
+            "key_id": self.key_id,
+            "workflow_id": self.workflow_id,
+            "spent": str(self.spent),
+            "reserved": str(self.reserved),
+            "left": str(self.left),
+            "period_start": self.period_start.isoformat(),
+            "updated_by": self.updated_by,
+            "updated_at": self.updated_at.isoformat(),
+        }
+
+
+def parse_limit(value: Decimal | str) -> Decimal:
+    """A limit in USD: a finite decimal > 0."""
+    try:
+        limit = value if isinstance(value, Decimal) else Decimal(str(value).strip())
+    except InvalidOperation:
+        raise BudgetError(
+            f"a budget limit is an amount in USD such as 25.00, not {value!r}"
+        ) from None
+    if not limit.is_finite() or limit <= 0 or limit > MAX_LIMIT:
+        raise BudgetError(f"a budget limit must be more than 0 and at most {MAX_LIMIT} USD")
+    return limit
+
+
+def parse_thresholds(value: str | Iterable[int]) -> tuple[int, ...]:
+    """``"50,80,100"`` (or numbers): percentages of the limit, 1 to 1000, each once."""
+    parts = [p.strip() for p in value.split(",")] if isinstance(value, str) else list(value)
+    found = set()
+    for part in parts:
+        if part == "":
+            continue
+        try:
+            number = int(part)
+        except (TypeError, ValueError):
+            raise BudgetError(
+                f"budget thresholds are whole percentages such as 50,80,100, not {part!r}"
+            ) from None
+        if not 1 <= number <= 1000:
+            raise BudgetError(f"a budget threshold is a percentage from 1 to 1000, not {number}")
+        found.add(number)
+    return tuple(sorted(found))
+
+
+def _enum(kind: type[enum.StrEnum], value: Any, what: str) -> Any:
+    try:
+        return kind(str(value).strip().lower().replace("-", "_"))
+    except ValueError:
+        raise BudgetError(
+            f"a budget {what} is one of {', '.join(m.value for m in kind)}, not {value!r}"
+        ) from None
+
+
+def _budget(row: Any, now: datetime, held: dict[str, int]) -> Budget:
+    period = BudgetPeriod(row.period)
+    current = period.start(now)
+    return Budget(
+        workspace_id=row.workspace_id,
+        name=row.name,
+        metric=BudgetMetric(row.metric),
+        period=period,
+        limit=from_units(row.limit_units),
+        hard=bool(row.hard),
+        thresholds=parse_thresholds(row.thresholds),
+        key_id=row.key_id,
+        workflow_id=row.workflow_id,
+        # a period that ended but that no operation has rolled over yet starts at zero
+        spent=from_units(row.spent_units) if row.period_start >= current else Decimal(0),
+        reserved=from_units(held.get(row.id, 0)),
+        period_start=max(row.period_start, current),
+        updated_by=row.updated_by,
+        updated_at=row.updated_at,
+    )
+
+
+class BudgetStore:
+    """Defines budgets, and reserves and settles calls against them."""
+
+    def __init__(
+        self, engine: Engine, *, clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    ) -> None:
+        self._engine = engine
+        self._clock = clock
+
+    def __repr__(self) -> str:
+        return f"BudgetStore(dialect={self._engine.dialect.name!r})"
+
+    def close(self) -> None:
+        """Release the direct SQLite connections (the engine is its owner's to close)."""
+        direct = self.__dict__.pop("_direct", None)
+        if direct is not None:
+            direct.close()
+
+    # --- definitions ------------------------------------------------------------------------------
+    def set_budget(
+        self,
+        workspace_id: str,
+        name: str,
+        *,
+        limit: Decimal | str,
+        metric: BudgetMetric | str = BudgetMetric.CHARGE,
+        period: BudgetPeriod | str = BudgetPeriod.MONTH,
+        hard: bool = True,
+        thresholds: str | Iterable[int] = DEFAULT_THRESHOLDS,
+        key_id: str | None = None,
+        workflow_id: str | None = None,
+        actor_id: str | None = None,
+    ) -> Budget:
+        """Create or change a budget. What is spent is kept, unless the metric, period or scope
+        changes (then it starts again from zero); the calls in flight keep their holds."""
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise BudgetError(
+                f"a budget name is 1-64 letters, digits, '.', '_' or '-' (starting with a letter "
+                f"or digit), not {name!r}"
+            )
+        for what, value, longest in (("key id", key_id, 120), ("workflow id", workflow_id, 200)):
+            if value is not None and (
+                not isinstance(value, str)
+                or len(value) > longest
+                or any(ord(c) < 32 or ord(c) == 127 for c in value)
+            ):
+                raise BudgetError(
+                    f"a budget's {what} is text of at most {longest} characters, without control "
+                    "characters"
+                )
+        chosen_limit = parse_limit(limit)
+        chosen_metric: BudgetMetric = _enum(BudgetMetric, metric, "metric")
+        chosen_period: BudgetPeriod = _enum(BudgetPeriod, period, "period")
+        chosen_thresholds = parse_thresholds(thresholds)
+        now = self._clock()
+        values = {
+            "metric": chosen_metric.value,
+            "period": chosen_period.value,
+            "hard": bool(hard),
+            "limit_units": to_units(chosen_limit),
+            "thresholds": ",".join(str(t) for t in chosen_thresholds),
+            "key_id": key_id or None,
+            "workflow_id": workflow_id or None,
+            "updated_by": actor_id,
+            "updated_at": now,
+        }
+        t = budgets
+        with (
+            store_errors("writing a budget", workspace_id=workspace_id),
+            write_transaction(self._engine) as conn,
+        ):
+            lock_in_transaction(conn, "budgets", workspace_id)
+            row = conn.execute(
+                sa.select(t).where(t.c.workspace_id == workspace_id, t.c.name == name)
+            ).first()
+            if row is None:
+                conn.execute(
+                    sa.insert(t).values(
+                        id=f"bud_{secrets.token_hex(8)}",
+                        workspace_id=workspace_id,
+                        name=name,
+                        spent_units=0,
+                        reserved_units=0,
+                        alerted="",
+                        period_start=chosen_period.start(now),
+                        **values,
+                    )
+                )
+            else:
+                reset = (row.metric, row.period, row.key_id, row.workflow_id) != (
+                    values["metric"],
+                    values["period"],
+                    values["key_id"],
+                    values["workflow_id"],
+                )
+                if reset:
+                    values.update(spent_units=0, alerted="", period_start=chosen_period.start(now))
+                conn.execute(sa.update(t).where(t.c.id == row.id).values(**values))
+        found = self.get(workspace_id, name)
+        assert found is not None
+        return found
+
+    def delete(self, workspace_id: str, name: str) -> bool:
+        """Delete a budget (and its holds); ``False`` when there was none of that name."""
+        t = budgets
+        with (
+            store_errors("deleting a budget", workspace_id=workspace_id),
+            write_transaction(self._engine) as conn,
+        ):
+            lock_in_transaction(conn, "budgets", workspace_id)
+            ids = [
+                r.id
+                for r in conn.execute(
+                    sa.select(t.c.id).where(t.c.workspace_id == workspace_id, t.c.name == name)
+                )
+            ]
+            if not ids:
+                return False
+            # explicit, not only ON DELETE CASCADE: the same on a SQLite file opened elsewhere
+            conn.execute(sa.delete(budget_holds).where(budget_holds.c.budget_id.in_(ids)))
+            conn.execute(sa.delete(t).where(t.c.id.in_(ids)))
+        return True
+
+    def get(self, workspace_id: str, name: str) -> Budget | None:
+        found = [b for b in self.list_budgets(workspace_id) if b.name == name]
+        return found[0] if found else None
+
+    def list_budgets(self, workspace_id: str | None = None) -> list[Budget]:
+        """The budgets of a workspace (of all when ``None``), by workspace and name."""
+        now = self._clock()
+        t, h = budgets, budget_holds
+        query = sa.select(t).order_by(t.c.workspace_id, t.c.name)
+        held = (
+            sa.select(h.c.budget_id, sa.func.sum(h.c.amount_units))
+            .where(h.c.state == "held", h.c.expires_at >= now)
+            .group_by(h.c.budget_id)
+        )
+        if workspace_id is not None:
+            query = query.where(t.c.workspace_id == workspace_id)
+            held = held.where(h.c.workspace_id == workspace_id)
+        with store_errors("reading budgets"), self._engine.connect() as conn:
+            rows = conn.execute(query).all()
+            amounts = {bid: int(total or 0) for bid, total in conn.execute(held)}
+        return [_budget(row, now, amounts) for row in rows]
+
+    # --- reserve and settle --------------------------------------------------------------------
+    @cached_property
+    def _sql(self) -> SimpleNamespace:
+        """The statements of a reservation and a settlement, built once (they run on every call)."""
+        t, h = budgets, budget_holds
+        p = sa.bindparam
+        return SimpleNamespace(
+            budgets=sa.select(
+                t.c.id,
+                t.c.name,
+                t.c.metric,
+                t.c.hard,
+                t.c.period,
+                t.c.period_start,
+                t.c.key_id,
+                t.c.workflow_id,
+            ).where(t.c.workspace_id == p("b_ws")),
+            expire=sa.update(h)
+            .where(h.c.workspace_id == p("b_ws"), h.c.state == "held", h.c.expires_at < p("b_now"))
+            .values(state="expired")
+            .returning(h.c.budget_id, h.c.amount_units),
+            free=sa.update(t)
+            .where(t.c.id == p("b_id"))
+            .values(reserved_units=t.c.reserved_units - p("b_amount", type_=sa.BigInteger)),
+            rollover=sa.update(t)
+            .where(
+                t.c.workspace_id == p("b_ws"),
+                t.c.period == p("b_period"),
+                t.c.period_start < p("b_start"),
+            )
+            .values(spent_units=0, alerted="", period_start=p("b_start")),
+            previous=sa.select(h.c.budget_id, h.c.state, h.c.amount_units).where(
+                h.c.idempotency_key == p("b_key")
+            ),
+            forget=sa.delete(h).where(h.c.idempotency_key == p("b_key")),
+            admit_hard=sa.update(t)
+            .where(
+                t.c.id == p("b_id"),
+                t.c.spent_units + t.c.reserved_units + p("b_need", type_=sa.BigInteger)
+                <= t.c.limit_units,
+            )
+            .values(reserved_units=t.c.reserved_units + p("b_need", type_=sa.BigInteger))
+            .returning(t.c.id),
+            admit_soft=sa.update(t)
+            .where(t.c.id == p("b_id"))
+            .values(reserved_units=t.c.reserved_units + p("b_need", type_=sa.BigInteger))
+            .returning(t.c.id),
+            hold=sa.insert(h),
+            held=sa.select(
+                h.c.budget_id, h.c.state, h.c.amount_units, t.c.metric, t.c.period, t.c.period_start
+            )
+            .join(t, t.c.id == h.c.budget_id)
+            .where(h.c.idempotency_key == p("b_key"), h.c.state != "settled"),
+            spend=sa.update(t)
+            .where(t.c.id == p("b_id"))
+            .values(
+                spent_units=t.c.spent_units + p("b_spent", type_=sa.BigInteger),
+                reserved_units=t.c.reserved_units - p("b_release", type_=sa.BigInteger),
+            )
+            .returning(
+                t.c.id,
+                t.c.name,
+                t.c.metric,
+                t.c.hard,
+                t.c.limit_units,
+                t.c.spent_units,
+                t.c.thresholds,
+                t.c.alerted,
+            ),
+            row=sa.select(t.c.name, t.c.limit_units, t.c.spent_units, t.c.reserved_units).where(
+                t.c.id == p("b_id")
+            ),
+            alert=sa.update(t)
+            .where(t.c.id == p("b_id"), t.c.alerted == p("b_was"))
+            .values(alerted=p("b_alerted"))
+            .returning(t.c.id),
+            settle=sa.update(h)
+            .where(h.c.idempotency_key == p("b_key"), h.c.budget_id == p("b_id"))
+            .values(state="settled", settled_at=p("b_now"), spent_units=p("b_spent")),
+        )
+
+    @cached_property
+    def _direct(self) -> _SqliteStatements | None:
+        """On a SQLite file, the statements compiled once and run on ``sqlite3`` connections of
+        the store's file (SQLAlchemy's own work per statement cost several times the statement's):
+        the same SQL, the same values."""
+        path = sqlite_file_of(self._engine)
+        if path is None:
+            return None
+        return _SqliteStatements(path, self._engine.dialect, self._sql, lock_backoff(self._engine))
+
+    @contextmanager
+    def _reading(self, what: str, ws: str) -> Iterator[Query]:
+        direct = self._direct
+        if direct is not None:
+            with direct.reading(what, ws) as q:
+                yield q
+            return
+        with store_errors(what, workspace_id=ws), self._engine.connect() as conn:
+            yield _sqlalchemy_query(conn, self._sql)
+
+    @contextmanager
+    def _writing(self, what: str, ws: str) -> Iterator[Query]:
+        direct = self._direct
+        if direct is not None:
+            with direct.writing(what, ws) as q:
+                yield q
+            return
+        with store_errors(what, workspace_id=ws), write_transaction(self._engine) as conn:
+            lock_in_transaction(conn, "budgets", ws)
+            yield _sqlalchemy_query(conn, self._sql)
+
+    @staticmethod
+    def _rollover(q: Query, ws: str, rows: Iterable[Any], now: datetime) -> None:
+        """Start the periods that began since these budgets' (a conditional update: once)."""
+        for period in {BudgetPeriod(r.period) for r in rows} - {BudgetPeriod.NONE}:
+            start = period.start(now)
+            if any(r.period == period.value and r.period_start < start for r in rows):
+                q("rollover", {"b_ws": ws, "b_period": period.value, "b_start": start})
+
+    @staticmethod
+    def _expire(q: Query, ws: str, now: datetime) -> None:
+        """Expire the workspace's lapsed holds: their amounts leave ``reserved``."""
+        freed: dict[str, int] = {}
+        for budget_id, amount in q("expire", {"b_ws": ws, "b_now": now}):
+            freed[budget_id] = freed.get(budget_id, 0) + int(amount)
+        for budget_id in sorted(freed):
+            q("free", {"b_id": budget_id, "b_amount": freed[budget_id]})
+
+    def _applicable(self, rows: Iterable[Any], reservation: BudgetReservation) -> list[Any]:
+        """The budgets that count this call, in id order (the order rows are locked in)."""
+        byok = reservation.source is CredentialSource.WORKSPACE
+        return sorted(
+            (
+                r
+                for r in rows
+                if (r.metric == BudgetMetric.CHARGE.value or byok)
+                and r.key_id in (None, reservation.key_id)
+                and r.workflow_id in (None, reservation.workflow_id)
+            ),
+            key=lambda r: r.id,
+        )
+
+    def reserve(self, reservation: BudgetReservation) -> BudgetHold | None:
+        """Hold the call's worst case on every budget that applies to it, or refuse it.
+
+        :returns: the hold, or ``None`` when no budget applies.
+        :raises BudgetExceeded: a hard budget has not room for it (nothing is held then).
+        :raises StoreUnavailable: the store did not answer.
+        """
+        ws = reservation.workspace_id
+        key = reservation.idempotency_key
+        now = self._clock()
+        with self._reading("reading budgets", ws) as q:
+            rows = q("budgets", {"b_ws": ws})
+        if not rows:
+            return None  # the common case costs one read, and no write lock
+        applicable = self._applicable(rows, reservation)
+        expires_at = now + timedelta(seconds=reservation.hold_seconds)
+        needs = {
+            BudgetMetric.CHARGE.value: to_units(reservation.amount),
+            BudgetMetric.LIST_COST.value: to_units(reservation.list_cost),
+        }
+        held: list[str] = []
+        largest = 0
+        with self._writing("reserving budget", ws) as q:
+            self._expire(q, ws, now)
+            self._rollover(q, ws, applicable, now)
+            previous = q("previous", {"b_key": key})
+            if any(p.state == "settled" for p in previous):
+                # settled already (a run repeated under the same run id): nothing more to hold
+                return BudgetHold(key, ws, (), Decimal(0), now)
+            if previous:  # another credential for the same call: the new hold replaces the old
+                for p in sorted(previous, key=lambda p: p.budget_id):
+                    if p.state == "held":
+                        q("free", {"b_id": p.budget_id, "b_amount": p.amount_units})
+                q("forget", {"b_key": key})
+            for budget in applicable:
+                need = needs[budget.metric]
+                admit = "admit_hard" if budget.hard else "admit_soft"
+                if not q(admit, {"b_id": budget.id, "b_need": need}):
+                    found = q("row", {"b_id": budget.id})
+                    if not found:  # deleted meanwhile
+                        continue
+                    row = found[0]
+                    raise BudgetExceeded(
+                        ws,
+                        row.name,
+                        limit=from_units(row.limit_units),
+                        spent=from_units(row.spent_units),
+                        reserved=from_units(row.reserved_units),
+                        needed=from_units(need),
+                    )
+                q(
+                    "hold",
+                    {
+                        "idempotency_key": key,
+                        "budget_id": budget.id,
+                        "workspace_id": ws,
+                        "state": "held",
+                        "amount_units": need,
+                        "spent_units": None,
+                        "expires_at": expires_at,
+                        "created_at": now,
+                        "settled_at": None,
+                    },
+                )
+                held.append(budget.name)
+                largest = max(largest, need)
+        if not held:
+            return None
+        return BudgetHold(key, ws, tuple(held), from_units(largest), expires_at)
+
+    def settle(self, settlement: BudgetSettlement) -> tuple[bool, list[AuditEvent]]:
+        """Replace the call's holds by what it cost.
+
+        :returns: whether anything changed (``False`` when settled already, or nothing held),
+            and the threshold events to audit (once the transaction has committed).
+        """
+        ws = settlement.workspace_id
+        key = settlement.idempotency_key
+        now = self._clock()
+        spent = {
+            BudgetMetric.CHARGE.value: to_units(settlement.amount) if settlement.completed else 0,
+            BudgetMetric.LIST_COST.value: (
+                to_units(settlement.list_cost)
+                if settlement.completed and settlement.source is CredentialSource.WORKSPACE
+                else 0
+            ),
+        }
+        events: list[AuditEvent] = []
+        with self._writing("settling budget", ws) as q:
+            rows = q("held", {"b_key": key})
+            if not rows:
+                return False, []
+            self._rollover(q, ws, rows, now)
+            for row in sorted(rows, key=lambda r: r.budget_id):
+                amount = spent[row.metric]
+                # a hold still marked held past its expiry was never freed: it is freed here
+                release = int(row.amount_units) if row.state == "held" else 0
+                updated = q(
+                    "spend", {"b_id": row.budget_id, "b_spent": amount, "b_release": release}
+                )
+                q("settle", {"b_key": key, "b_id": row.budget_id, "b_now": now, "b_spent": amount})
+                if updated:
+                    event = self._crossed(q, ws, updated[0], now)
+                    if event is not None:
+                        events.append(event)
+        return True, events
+
+    @staticmethod
+    def _crossed(q: Query, ws: str, row: Any, now: datetime) -> AuditEvent | None:
+        """The audit event of the thresholds this settlement crossed, marked as announced."""
+        thresholds = parse_thresholds(row.thresholds)
+        announced = set(parse_thresholds(row.alerted))
+        spent, limit = int(row.spent_units), int(row.limit_units)
+        crossed = [p for p in thresholds if p not in announced and spent * 100 >= p * limit]
+        if not crossed:
+            return None
+        alerted = ",".join(str(p) for p in sorted(announced | set(crossed)))
+        if not q("alert", {"b_id": row.id, "b_was": row.alerted, "b_alerted": alerted}):
+            return None
+        kind = "hard" if row.hard else "soft"
+        return AuditEvent(
+            action="budget.threshold",
+            workspace_id=ws,
+            actor_id=None,
+            outcome="ok",
+            detail=(
+                f"{kind} budget {row.name!r} ({row.metric}) reached {max(crossed)}% of its "
+                f"limit: {from_units(spent)} of {from_units(limit)} USD spent"
+            ),
+            occurred_at=now,
+        )
+
+
+#: ``q(statement name, parameters) -> rows``: one statement of :attr:`BudgetStore._sql`
+Query = Callable[[str, dict[str, Any]], list[Any]]
+
+
+def _sqlalchemy_query(conn: Connection, sql: SimpleNamespace) -> Query:
+    def q(name: str, params: dict[str, Any]) -> list[Any]:
+        result = conn.execute(getattr(sql, name), params)
+        return list(result.all()) if result.returns_rows else []
+
+    return q
+
+
+class _SqliteStatements:
+    """The budget statements compiled once for SQLite, run on ``sqlite3`` connections of the
+    store's file: the values bound and read back by the columns' own SQLAlchemy processors."""
+
+    def __init__(
+        self, path: Path, dialect: Dialect, sql: SimpleNamespace, backoff: LockBackoff | None
+    ) -> None:
+        self._compiled: dict[str, tuple[str, tuple[str, ...], dict[str, Any], dict[str, Any]]] = {}
+        for name, statement in vars(sql).items():
+            compiled = statement.compile(dialect=dialect)
+            processors = {
+                key: processor
+                for key, bind in compiled.binds.items()
+                if (processor := bind.type._cached_bind_processor(dialect)) is not None
+            }
+            order = tuple(compiled.positiontup or ())
+            self._compiled[name] = (str(compiled), order, dict(compiled.params), processors)
+        # the one column read back that needs converting: a period's start (a UTC datetime)
+        self._period_start = budgets.c.period_start.type._cached_result_processor(dialect, None)
+        self._rows: dict[tuple[str, ...], Any] = {}
+        self._connections = SqliteConnections(str(path), prepare=prepare_sqlite_connection)
+        self._prompt_connections = SqliteConnections(str(path), prepare=_prepare_prompt)
+        self._backoff = backoff if backoff is not None else LockBackoff()
+
+    def __repr__(self) -> str:
+        return f"_SqliteStatements(statements={len(self._compiled)})"
+
+    def _query(self, conn: sqlite3.Connection) -> Query:
+        def q(name: str, params: dict[str, Any]) -> list[Any]:
+            text, order, defaults, processors = self._compiled[name]
+            values = []
+            for key in order:
+                value = params[key] if key in params else defaults.get(key)
+                processor = processors.get(key)
+                values.append(processor(value) if processor is not None else value)
+            cursor = conn.execute(text, values)
+            if cursor.description is None:
+                return []
+            fields = tuple(d[0] for d in cursor.description)
+            row_type = self._rows.get(fields)
+            if row_type is None:
+                row_type = self._rows[fields] = collections.namedtuple("Row", fields)
+            found = cursor.fetchall()
+            if "period_start" in fields and self._period_start is not None:
+                at = fields.index("period_start")
+                found = [(*r[:at], self._period_start(r[at]), *r[at + 1 :]) for r in found]
+            return [row_type(*r) for r in found]
+
+        return q
+
+    @contextmanager
+    def _connection(self, what: str, ws: str) -> Iterator[sqlite3.Connection]:
+        prompt = called_inline()
+        if prompt and self._backoff.active:
+            raise StoreUnavailable(what, workspace_id=ws, cause=str(self._backoff.refusal()))
+        pool = self._prompt_connections if prompt else self._connections
+        try:
+            conn = pool.acquire()
+            try:
+                yield conn
+            finally:
+                pool.release(conn)
+        except sqlite3.Error as exc:
+            if prompt and store_busy(exc):
+                self._backoff.hit()
+            first_line = (str(exc).strip().splitlines() or [""])[0]
+            raise StoreUnavailable(
+                what, workspace_id=ws, cause=f"{type(exc).__name__}: {first_line[:300]}"
+            ) from None
+
+    @contextmanager
+    def reading(self, what: str, ws: str) -> Iterator[Query]:
+        with self._connection(what, ws) as conn:
+            yield self._query(conn)
+
+    @contextmanager
+    def writing(self, what: str, ws: str) -> Iterator[Query]:
+        """One ``BEGIN IMMEDIATE`` transaction, committed when the block ends, rolled back when it
+        raises (a refusal holds nothing)."""
+        with self._connection(what, ws) as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._query(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:  # never lend the connection on with a transaction open
+                    conn.execute("ROLLBACK")
+                raise
+
+    def close(self) -> None:
+        self._connections.close()
+        self._prompt_connections.close()
+
+
+def _prepare_prompt(conn: sqlite3.Connection) -> None:
+    prepare_sqlite_connection(conn)
+    conn.execute(f"PRAGMA busy_timeout = {LOOP_LOCK_WAIT_MS}")

@@ -1,0 +1,292 @@
+"""Workspace budgets in the store, through the hooks: reserve, settle, expiry, periods, thresholds.
+
+Every test runs on a real SQLite file and a real PostgreSQL database (``database_url``). The clock
+is the app's own (a value the test moves), so expiry and periods need no sleeping.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import pluggy
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from byok_hookspecs import (
+    BudgetExceeded,
+    BudgetHold,
+    BudgetReservation,
+    BudgetSettlement,
+    CredentialSource,
+)
+
+from byok_plugin.app import App
+from byok_plugin.budgets import BudgetError, budget_holds, budgets, to_units
+from byok_plugin.manager import plugin_manager_for
+from byok_plugin.settings import Settings
+from byok_plugin.store import create_store_engine, ensure_migrated
+from byok_plugin.store.migrate import VERSION_TABLE
+from byok_plugin.store.tables import metadata
+
+WS = "acme"
+START = datetime(2026, 12, 4, 10, 0, tzinfo=UTC)
+
+
+class Clock:
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **delta: float) -> None:
+        self.now += timedelta(**delta)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock(START)
+
+
+@pytest.fixture
+def app(database_url: str, tmp_path: Path, clock: Clock) -> Iterator[App]:
+    settings = Settings.from_environ(
+        {
+            "BYOK_HOME": str(tmp_path),
+            "BYOK_DATABASE_URL": database_url,
+            "BYOK_LOAD_PLUGINS": "byok_plugin",
+        }
+    )
+    built = App(settings, clock=clock)
+    yield built
+    built.close()
+
+
+@pytest.fixture
+def pm(app: App) -> pluggy.PluginManager:
+    return plugin_manager_for(app, load_entrypoints=False)
+
+
+def reservation(key: str, amount: str, **kw: object) -> BudgetReservation:
+    values: dict[str, object] = {
+        "idempotency_key": key,
+        "workspace_id": WS,
+        "provider": "openai",
+        "model": "gpt-4o-mini",
+        "source": CredentialSource.PLATFORM,
+        "amount": Decimal(amount),
+        "list_cost": Decimal(amount),
+    }
+    values.update(kw)
+    return BudgetReservation(**values)  # type: ignore[arg-type]
+
+
+def settlement(key: str, amount: str, **kw: object) -> BudgetSettlement:
+    values: dict[str, object] = {
+        "idempotency_key": key,
+        "workspace_id": WS,
+        "amount": Decimal(amount),
+        "list_cost": Decimal(amount),
+    }
+    values.update(kw)
+    return BudgetSettlement(**values)  # type: ignore[arg-type]
+
+
+def test_revision_0007_creates_the_budget_tables_as_modelled(database_url: str) -> None:
+    mine = {budgets.name, budget_holds.name}
+    engine = create_store_engine(database_url)
+    try:
+        ensure_migrated(engine)
+        with engine.connect() as conn:
+            assert set(sa.inspect(conn).get_table_names()) >= mine
+            context = MigrationContext.configure(
+                conn,
+                opts={
+                    "compare_type": True,
+                    "version_table": VERSION_TABLE,
+                    "include_object": lambda _o, name, kind, _r, _other: (
+                        kind != "table" or name in mine
+                    ),
+                },
+            )
+            assert compare_metadata(context, metadata) == []
+    finally:
+        engine.dispose()
+
+
+def test_hook_byok_reserve_budget_without_budgets_holds_nothing(pm: pluggy.PluginManager) -> None:
+    assert pm.hook.byok_reserve_budget(reservation=reservation("r:a:1", "5")) is None
+    assert pm.hook.byok_settle_budget(settlement=settlement("r:a:1", "1")) is False
+
+
+def test_hook_byok_reserve_budget_holds_then_refuses_what_does_not_fit(
+    app: App, pm: pluggy.PluginManager
+) -> None:
+    app.budgets.set_budget(WS, "monthly", limit="1.00", actor_id="admin")
+    hold = pm.hook.byok_reserve_budget(reservation=reservation("r:a:1", "0.60"))
+    assert isinstance(hold, BudgetHold)
+    assert hold.budgets == ("monthly",)
+    assert hold.amount == Decimal("0.6")
+    assert hold.expires_at == START + timedelta(seconds=900)
+    with pytest.raises(BudgetExceeded) as refused:
+        pm.hook.byok_reserve_budget(reservation=reservation("r:b:1", "0.50"))
+    message = str(refused.value)
+    assert "workspace 'acme'" in message
+    assert "budget 'monthly'" in message
+    assert "0.6 reserved" in message
+    assert "0 is spent" in message
+    assert "0.4 left" in message
+    assert "up to 0.5 USD" in message
+    assert refused.value.left == Decimal("0.4")
+    # the refusal held nothing; a call that fits still goes
+    status = app.budgets.get(WS, "monthly")
+    assert status is not None
+    assert (status.spent, status.reserved, status.left) == (0, Decimal("0.6"), Decimal("0.4"))
+    assert pm.hook.byok_reserve_budget(reservation=reservation("r:c:1", "0.40")) is not None
+    with pytest.raises(BudgetExceeded):
+        pm.hook.byok_reserve_budget(reservation=reservation("r:d:1", "0.000000001"))
+
+
+def test_hook_byok_settle_budget_moves_the_hold_to_spent_once(
+    app: App, pm: pluggy.PluginManager
+) -> None:
+    app.budgets.set_budget(WS, "monthly", limit="1.00")
+    pm.hook.byok_reserve_budget(reservation=reservation("r:a:1", "0.60"))
+    assert pm.hook.byok_settle_budget(settlement=settlement("r:a:1", "0.25")) is True
+    status = app.budgets.get(WS, "monthly")
+    assert status is not None
+    assert (status.spent, status.reserved, status.left) == (Decimal("0.25"), 0, Decimal("0.75"))
+    # idempotent on the call's key
+    assert pm.hook.byok_settle_budget(settlement=settlement("r:a:1", "0.25")) is False
+    assert app.budgets.get(WS, "monthly").spent == Decimal("0.25")  # type: ignore[union-attr]
+    # a settled call reserved again (a run repeated under its run id) holds nothing more
+    again = pm.hook.byok_reserve_budget(reservation=reservation("r:a:1", "0.60"))
+    assert again is not None
+    assert again.amount == 0
+    assert app.budgets.get(WS, "monthly").reserved == 0  # type: ignore[union-attr]
+    # a call that never completed releases its hold and spends nothing
+    pm.hook.byok_reserve_budget(reservation=reservation("r:b:1", "0.70"))
+    pm.hook.byok_settle_budget(settlement=settlement("r:b:1", "0", completed=False))
+    status = app.budgets.get(WS, "monthly")
+    assert (status.spent, status.reserved) == (Decimal("0.25"), 0)  # type: ignore[union-attr]
+
+
+def test_reserving_again_under_the_same_key_replaces_the_hold(
+    app: App, pm: pluggy.PluginManager
+) -> None:
+    app.budgets.set_budget(WS, "monthly", limit="1.00")
+    pm.hook.byok_reserve_budget(reservation=reservation("r:a:1", "0.90"))
+    # the provider refused the key, another credential serves the same call
+    pm.hook.byok_reserve_budget(reservation=reservation("r:a:1", "0.30"))
+    assert app.budgets.get(WS, "monthly").reserved == Decimal("0.3")  # type: ignore[union-attr]
+    with pytest.raises(BudgetExceeded):  # a replacement that does not fit keeps the old hold
+        pm.hook.byok_reserve_budget(reservation=reservation("r:a:1", "1.50"))
+    assert app.budgets.get(WS, "monthly").reserved == Decimal("0.3")  # type: ignore[union-attr]
+
+
+def test_a_hold_never_settled_lapses_and_its_capacity_comes_back(
+    app: App, pm: pluggy.PluginManager, clock: Clock
+) -> None:
+    app.budgets.set_budget(WS, "monthly", limit="1.00")
+    pm.hook.byok_reserve_budget(reservation=reservation("r:a:1", "0.80", hold_seconds=60))
+    with pytest.raises(BudgetExceeded):
+        pm.hook.byok_reserve_budget(reservation=reservation("r:b:1", "0.80"))
+    clock.advance(seconds=61)
+    assert app.budgets.get(WS, "monthly").reserved == 0  # type: ignore[union-attr]
+    assert pm.hook.byok_reserve_budget(reservation=reservation("r:b:1", "0.80")) is not None
+    with app.engine.connect() as conn:
+        row = conn.execute(
+            sa.select(budgets.c.reserved_units).where(budgets.c.workspace_id == WS)
+        ).one()
+    assert row.reserved_units == to_units(Decimal("0.80"))  # the lapsed hold left reserved
+    # the late call still counts what it spent when it settles
+    assert pm.hook.byok_settle_budget(settlement=settlement("r:a:1", "0.10")) is True
+    status = app.budgets.get(WS, "monthly")
+    assert (status.spent, status.reserved) == (Decimal("0.1"), Decimal("0.8"))  # type: ignore[union-attr]
+
+
+def test_a_byok_shadow_budget_counts_list_cost_of_workspace_keys_only(
+    app: App, pm: pluggy.PluginManager
+) -> None:
+    app.budgets.set_budget(WS, "own-keys", limit="1.00", metric="list_cost")
+    platform = reservation("r:p:1", "5", source=CredentialSource.PLATFORM)
+    assert pm.hook.byok_reserve_budget(reservation=platform) is None
+    byok = reservation("r:w:1", "0", list_cost=Decimal("0.9"), source=CredentialSource.WORKSPACE)
+    assert pm.hook.byok_reserve_budget(reservation=byok).budgets == ("own-keys",)
+    done = settlement("r:w:1", "0", list_cost=Decimal("0.4"), source=CredentialSource.WORKSPACE)
+    pm.hook.byok_settle_budget(settlement=done)
+    assert app.budgets.get(WS, "own-keys").spent == Decimal("0.4")  # type: ignore[union-attr]
+
+
+def test_budgets_scoped_to_a_key_or_a_workflow(app: App, pm: pluggy.PluginManager) -> None:
+    app.budgets.set_budget(WS, "triage", limit="1", workflow_id="triage")
+    app.budgets.set_budget(WS, "pool-0", limit="1", key_id="pool-0")
+    other = reservation("r:a:1", "5", workflow_id="other", key_id="pool-1")
+    assert pm.hook.byok_reserve_budget(reservation=other) is None
+    hold = pm.hook.byok_reserve_budget(
+        reservation=reservation("r:b:1", "0.5", workflow_id="triage", key_id="pool-0")
+    )
+    assert set(hold.budgets) == {"triage", "pool-0"}
+    with pytest.raises(BudgetExceeded, match="budget 'triage'"):
+        pm.hook.byok_reserve_budget(reservation=reservation("r:c:1", "0.6", workflow_id="triage"))
+
+
+def test_a_soft_budget_never_refuses_and_thresholds_are_audited_once_per_period(
+    app: App, pm: pluggy.PluginManager, clock: Clock
+) -> None:
+    app.budgets.set_budget(WS, "daily", limit="1.00", hard=False, period="day")
+    for n, amount in enumerate(["0.30", "0.30", "0.30", "0.30", "0.30"]):
+        key = f"r:{n}:1"
+        assert pm.hook.byok_reserve_budget(reservation=reservation(key, "0.60")) is not None
+        pm.hook.byok_settle_budget(settlement=settlement(key, amount))
+    status = app.budgets.get(WS, "daily")
+    assert status is not None
+    assert status.spent == Decimal("1.5")
+    assert status.left == 0
+    events = [e for e in app.audit_store.events(WS) if e.action == "budget.threshold"]
+    assert sorted(e.detail.split(" reached ")[1].split("%")[0] for e in events) == [
+        "100",
+        "50",
+        "80",
+    ]
+    assert all("soft budget 'daily'" in e.detail for e in events)
+    # the next day starts from zero, and announces again
+    clock.advance(days=1)
+    assert app.budgets.get(WS, "daily").spent == 0  # type: ignore[union-attr]
+    pm.hook.byok_reserve_budget(reservation=reservation("r:next:1", "0.60"))
+    pm.hook.byok_settle_budget(settlement=settlement("r:next:1", "0.55"))
+    events = [e for e in app.audit_store.events(WS) if e.action == "budget.threshold"]
+    assert len(events) == 4
+    assert app.budgets.get(WS, "daily").spent == Decimal("0.55")  # type: ignore[union-attr]
+
+
+def test_budget_definitions_are_checked_and_kept(app: App) -> None:
+    for bad, message in [
+        ({"limit": "-1"}, "more than 0"),
+        ({"limit": "ten"}, "amount in USD"),
+        ({"limit": "1", "metric": "tokens"}, "metric is one of charge, list_cost"),
+        ({"limit": "1", "period": "week"}, "period is one of day, month, none"),
+        ({"limit": "1", "thresholds": "50,abc"}, "whole percentages"),
+    ]:
+        with pytest.raises(BudgetError, match=message):
+            app.budgets.set_budget(WS, "b", **bad)  # type: ignore[arg-type]
+    with pytest.raises(BudgetError, match="budget name"):
+        app.budgets.set_budget(WS, "no spaces", limit="1")
+    made = app.budgets.set_budget(WS, "b", limit="2.5", period="none", thresholds="90")
+    assert (made.limit, made.period.value, made.thresholds, made.hard) == (
+        Decimal("2.5"),
+        "none",
+        (90,),
+        True,
+    )
+    changed = app.budgets.set_budget(WS, "b", limit="3", period="none", hard=False)
+    assert (changed.limit, changed.hard) == (Decimal(3), False)
+    assert [b.name for b in app.budgets.list_budgets(WS)] == ["b"]
+    assert app.budgets.list_budgets("other") == []
+    assert app.budgets.delete(WS, "b") is True
+    assert app.budgets.delete(WS, "b") is False
+    assert app.budgets.list_budgets(WS) == []

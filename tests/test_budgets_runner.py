@@ -1,0 +1,206 @@
+"""Budgets around real provider calls: the reference runner, the real plugin (store, billing,
+ledger) on a SQLite file and on PostgreSQL, over real HTTP against the emulator."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from byok_hookspecs import Usage
+
+from byok_plugin.budgets import UNIT, budget_holds
+from byok_plugin.cli.demo import BYOK_WORKSPACE, PLATFORM_WORKSPACE, DemoStack
+from byok_plugin.host.emulator import EmulatorServer, Fault, FaultKind
+from byok_plugin.host.run_result import BlockStatus, RunStatus
+from byok_plugin.host.runner import WorkflowRunner
+from byok_plugin.host.workflow import Workflow, parse_workflow
+
+ONE_CALL: Workflow = parse_workflow(
+    {
+        "name": "one-call",
+        "version": "1",
+        "blocks": {
+            "answer": {
+                "type": "agent",
+                "model": "gpt-4o-mini",
+                "prompt": "Say hello to {{inputs.name}}.",
+                "max_tokens": 64,
+            }
+        },
+        "inputs": {"name": {"type": "string"}},
+    }
+)
+
+
+@pytest.fixture
+def stack(emulator: EmulatorServer, tmp_path: Path, database_url: str) -> Iterator[DemoStack]:
+    built = DemoStack(tmp_path / "home", emulator, database_url=database_url)
+    built.store_workspace_keys(BYOK_WORKSPACE)
+    yield built
+    built.close()
+
+
+def model_calls(emulator: EmulatorServer) -> int:
+    return len([c for c in emulator.calls() if c.method == "POST"])
+
+
+def worst_case(stack: DemoStack) -> Decimal:
+    """The hold of one call of ONE_CALL, as the store recorded it."""
+    with stack.app.engine.connect() as conn:
+        amounts = {r.amount_units for r in conn.execute(sa.select(budget_holds.c.amount_units))}
+    assert len(amounts) == 1, amounts
+    return Decimal(amounts.pop()) * UNIT
+
+
+def test_a_hard_budget_refuses_the_call_that_does_not_fit_before_it_is_sent(
+    stack: DemoStack,
+) -> None:
+    budgets = stack.app.budgets
+    budgets.set_budget(PLATFORM_WORKSPACE, "monthly", limit="1000")
+    first = stack.run(ONE_CALL, PLATFORM_WORKSPACE, {"name": "Ada"})
+    assert first.ok, first.error
+    hold = worst_case(stack)
+    (call,) = first.calls
+    assert 0 < call.charge.amount <= hold  # the worst case covers what the call cost
+    # room for two and a half worst cases: calls go until what is left is less than one
+    spent = budgets.get(PLATFORM_WORKSPACE, "monthly").spent  # type: ignore[union-attr]
+    assert spent >= call.charge.amount
+    budgets.set_budget(PLATFORM_WORKSPACE, "monthly", limit=spent + 2 * hold + hold / 2)
+    completed = 0
+    for n in range(40):
+        sent = model_calls(stack.emulator)
+        refused = stack.run(ONE_CALL, PLATFORM_WORKSPACE, {"name": f"user {n}"})
+        if not refused.ok:
+            break
+        completed += 1
+    assert completed >= 2  # every call that fitted went
+    assert refused.status is RunStatus.FAILED
+    answer = refused.blocks["answer"]
+    assert answer.status is BlockStatus.FAILED
+    assert answer.calls == ()
+    message = answer.error or ""
+    assert f"workspace {PLATFORM_WORKSPACE!r}" in message
+    assert "budget 'monthly'" in message
+    for word in ("spent", "reserved", "left"):
+        assert word in message
+    assert model_calls(stack.emulator) == sent  # never sent
+    status = budgets.get(PLATFORM_WORKSPACE, "monthly")
+    assert status is not None
+    assert status.reserved == 0
+    assert status.left < hold
+    # spent is the ledger's charges, each rounded up to the unit
+    rows = list(stack.app.ledger.rows(workspaces=[PLATFORM_WORKSPACE]))
+    assert len(rows) == completed + 1
+    charged = sum((r.amount for r in rows), Decimal(0))
+    assert charged <= status.spent < charged + len(rows) * UNIT
+    assert status.spent <= status.limit
+
+
+def test_a_call_that_fails_releases_its_hold(stack: DemoStack) -> None:
+    budgets = stack.app.budgets
+    budgets.set_budget(PLATFORM_WORKSPACE, "monthly", limit="10")
+    stack.emulator.add_fault(Fault(FaultKind.SERVER_ERROR, provider="openai", times=None))
+    result = stack.run(ONE_CALL, PLATFORM_WORKSPACE, {"name": "Ada"})
+    assert result.status is RunStatus.FAILED
+    assert result.blocks["answer"].calls == ()
+    # the block's two attempts were held and released (the runner waits for that on exit)
+    status = budgets.get(PLATFORM_WORKSPACE, "monthly")
+    assert status is not None
+    assert (status.spent, status.reserved) == (0, 0)
+    with stack.app.engine.connect() as conn:
+        states = [r.state for r in conn.execute(sa.select(budget_holds.c.state))]
+    assert states == ["settled", "settled"]
+
+
+def test_a_byok_shadow_budget_counts_the_list_cost_of_the_workspace_keys(
+    stack: DemoStack,
+) -> None:
+    budgets = stack.app.budgets
+    budgets.set_budget(BYOK_WORKSPACE, "own-keys", limit="1000", metric="list_cost")
+    result = stack.run(ONE_CALL, BYOK_WORKSPACE, {"name": "Ada"})
+    assert result.ok, result.error
+    (call,) = result.calls
+    assert call.charge.amount == 0
+    assert call.charge.list_cost is not None
+    status = budgets.get(BYOK_WORKSPACE, "own-keys")
+    assert status is not None
+    assert call.charge.list_cost <= status.spent < call.charge.list_cost + UNIT
+    assert status.reserved == 0
+
+
+def test_the_worst_case_covers_max_tokens_at_the_output_price(stack: DemoStack) -> None:
+    stack.app.budgets.set_budget(PLATFORM_WORKSPACE, "monthly", limit="1000")
+    assert stack.run(ONE_CALL, PLATFORM_WORKSPACE, {"name": "Ada"}).ok
+    output_only = stack.app.billing.list_cost(Usage("openai", "gpt-4o-mini", output_tokens=64))[0]
+    assert output_only is not None
+    assert worst_case(stack) > output_only
+
+
+ANTHROPIC_CALL: Workflow = parse_workflow(
+    {
+        "name": "one-anthropic-call",
+        "version": "1",
+        "blocks": {
+            "answer": {
+                "type": "agent",
+                "model": "claude-haiku-4-5",
+                "prompt": "Say hello.",
+                "max_tokens": 64,
+            }
+        },
+    }
+)
+
+
+def test_a_fallback_to_the_platform_key_replaces_the_hold_and_settles_once(
+    stack: DemoStack,
+) -> None:
+    budgets = stack.app.budgets
+    budgets.set_budget(BYOK_WORKSPACE, "charges", limit="1000")
+    # the workspace's own key is refused; on_error lets the platform serve (and bill) the call
+    stack.emulator.state.remove_key("anthropic", stack.workspace_keys["anthropic"])
+    stack.set_fallback_policy(BYOK_WORKSPACE, "on_error")
+    result = stack.run(ANTHROPIC_CALL, BYOK_WORKSPACE, {})
+    assert result.ok, result.error
+    (call,) = result.calls
+    assert call.fallback is True
+    assert call.charge.amount > 0
+    status = budgets.get(BYOK_WORKSPACE, "charges")
+    assert status is not None
+    assert status.reserved == 0
+    assert call.charge.amount <= status.spent < call.charge.amount + UNIT
+    with stack.app.engine.connect() as conn:
+        holds = conn.execute(sa.select(budget_holds.c.idempotency_key, budget_holds.c.state)).all()
+    assert [tuple(h) for h in holds] == [(call.idempotency_key, "settled")]
+
+
+def test_a_cancelled_run_releases_the_hold_of_its_call_in_flight(stack: DemoStack) -> None:
+    budgets = stack.app.budgets
+    budgets.set_budget(PLATFORM_WORKSPACE, "monthly", limit="1000")
+    stack.emulator.add_fault(Fault(FaultKind.SLOW, provider="openai", delay=3.0, times=1))
+
+    async def go() -> None:
+        async with WorkflowRunner.open(stack.pm, environ=stack.environ) as runner:
+            task = asyncio.create_task(
+                runner.run(ONE_CALL, workspace_id=PLATFORM_WORKSPACE, inputs={"name": "Ada"})
+            )
+            for _ in range(200):
+                await asyncio.sleep(0.01)
+                held = budgets.get(PLATFORM_WORKSPACE, "monthly")
+                if held is not None and held.reserved > 0:
+                    break
+            else:
+                pytest.fail("the call was never held")
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    asyncio.run(go())
+    status = budgets.get(PLATFORM_WORKSPACE, "monthly")
+    assert status is not None
+    assert (status.spent, status.reserved) == (0, 0)
+    assert list(stack.app.ledger.rows(workspaces=[PLATFORM_WORKSPACE])) == []

@@ -1,0 +1,86 @@
+"""``byok budget set|show|list|delete``: through click's runner, on a real store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from byok_plugin.app import App
+from byok_plugin.cli import main
+from byok_plugin.settings import Settings
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    return {"BYOK_HOME": str(tmp_path), "BYOK_DATABASE_URL": f"sqlite:///{tmp_path / 'byok.db'}"}
+
+
+def _run(env: dict[str, str], *args: str, ok: bool = True) -> Result:
+    result = CliRunner().invoke(main, list(args), env=env)
+    assert (result.exit_code == 0) is ok, result.output
+    return result
+
+
+def test_budget_set_show_list_delete(env: dict[str, str]) -> None:
+    assert "has no budgets" in _run(env, "budget", "list", "-w", "acme").output
+    made = _run(env, "budget", "set", "-w", "acme", "monthly", "--limit", "25.50").output
+    assert "monthly: hard charge limit $25.5 per month: spent $0, reserved $0, left $25.5" in made
+    _run(
+        env,
+        "budget",
+        "set",
+        "-w",
+        "acme",
+        "own-keys",
+        "--limit",
+        "100",
+        "--metric",
+        "list_cost",
+        "--period",
+        "day",
+        "--soft",
+        "--workflow",
+        "triage",
+    )
+    listed = _run(env, "budget", "list", "-w", "acme").output.splitlines()
+    assert listed[0].startswith("monthly: hard charge")
+    assert listed[1].startswith("own-keys: soft list_cost limit $100 per day workflow triage")
+    shown = json.loads(_run(env, "budget", "show", "-w", "acme", "monthly", "--json").output)
+    assert shown["limit"] == "25.5"
+    assert shown["left"] == "25.5"
+    assert shown["thresholds"] == [50, 80, 100]
+    everything = json.loads(_run(env, "budget", "list", "-w", "acme", "--json").output)
+    assert [b["name"] for b in everything] == ["monthly", "own-keys"]
+    assert (
+        "budget 'monthly' deleted" in _run(env, "budget", "delete", "-w", "acme", "monthly").output
+    )
+    gone = _run(env, "budget", "delete", "-w", "acme", "monthly", ok=False).output
+    assert "workspace 'acme' has no budget 'monthly'" in gone
+    assert "has no budget" in _run(env, "budget", "show", "-w", "acme", "monthly", ok=False).output
+    app = App(Settings.from_environ(env))
+    try:
+        actions = [e.action for e in app.audit_store.events("acme")]
+    finally:
+        app.close()
+    assert actions == ["budget.deleted", "budget.set", "budget.set"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--limit", "abc"], "amount in USD such as 25.00"),
+        (["--limit", "0"], "more than 0"),
+        (["--limit", "5", "--thresholds", "50,x"], "whole percentages"),
+        (["--limit", "5", "--period", "week"], "Invalid value for '--period'"),
+    ],
+)
+def test_budget_set_refuses_bad_input_clearly(
+    env: dict[str, str], args: list[str], message: str
+) -> None:
+    result = _run(env, "budget", "set", "-w", "acme", "b", *args, ok=False)
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert "has no budgets" in _run(env, "budget", "list", "-w", "acme").output
