@@ -8,6 +8,9 @@ One rule for models and tools, streamed or not:
    else :class:`~byok_hookspecs.CredentialUnavailable`: never another key, never the platform;
 2. else the workspace's BYOK key for the provider: round-robin over its enabled keys, skipping
    keys in cooldown (source ``workspace``);
+2b. else, unless the workspace opted out, its organization's keys, by the same rule (source
+   ``organization``, BYOK; :mod:`byok_plugin.organizations`). A block's ``key_label`` the
+   workspace has no key for may name one of them;
 3. else, for hosted models and tools only (``byok_is_hosted``), a platform key
    (``byok_platform_key``; source ``platform``, billed). A platform-billed call on a model with no
    price is refused here, before the call (:class:`~byok_hookspecs.UnpricedModel`);
@@ -68,6 +71,7 @@ from byok_plugin.background_writes import BackgroundWrites
 from byok_plugin.billing import Billing
 from byok_plugin.key_access import KeyAccess
 from byok_plugin.key_errors import StoreUnavailable
+from byok_plugin.organizations import OrganizationStore, is_org_owner
 from byok_plugin.platform_keys import PlatformKeyPool, mask_key
 from byok_plugin.store.engine import write_transaction
 from byok_plugin.store.keys_repo import StoredKey
@@ -231,12 +235,14 @@ class Resolver:
         monotonic: Callable[[], float] = time.monotonic,
         reader: Callable[[str, str], Sequence[StoredKey]] | None = None,
         background: BackgroundWrites | None = None,
+        organizations: OrganizationStore | None = None,
     ) -> None:
         """:param reader: reads a (workspace, provider)'s enabled keys (default:
         ``keys.enabled_keys``; on SQLite, :class:`~byok_plugin.key_reader.SqliteKeyReader`).
         :param background: where a cooldown that could not be written at once on an event loop's
             thread (the store locked by another writer) is written instead."""
         self._background = background
+        self._orgs = organizations
         # key id -> a cooldown this worker applies from memory (not written yet, or just written)
         self._pending_cooldowns: dict[str, _PendingCooldown] = {}
         self._pending_lock = threading.Lock()
@@ -271,6 +277,13 @@ class Resolver:
         :raises UnpricedModel: the platform would bill a model it has no price for.
         :raises NotAuthorized: the request's actor may not use the workspace's keys.
         """
+        if is_org_owner(request.workspace_id):
+            raise CredentialUnavailable(
+                f"{request.workspace_id!r} is an organization's key pool, not a workspace: a run "
+                f"takes place in a workspace, which inherits its organization's keys",
+                workspace_id=request.workspace_id,
+                provider=request.provider,
+            )
         if request.actor is not None:
             self._authorize(request, pm)
         failure = request.failure
@@ -291,6 +304,8 @@ class Resolver:
             )
         if failure.source is CredentialSource.WORKSPACE:
             return self._after_workspace_failure(request, pm)
+        if failure.source is CredentialSource.ORGANIZATION:
+            return self._after_organization_failure(request, pm)
         # a platform key failed: skip it for a while and resolve again
         if failure.key_id is not None:
             self._pool.cool_down(failure.key_id)
@@ -308,9 +323,18 @@ class Resolver:
         keys = self.enabled_keys(ws, provider)
         now = self._clock()
         failure = request.failure
+        if (failure is not None and failure.source is CredentialSource.ORGANIZATION) or not any(
+            k.label == label for k in keys
+        ):
+            owner = self._pool_owner(ws)
+            if owner is not None:  # the workspace's own keys first, then its organization's
+                keys = keys + self.enabled_keys(owner, provider)
         if failure is not None:
             failed = next((k for k in keys if k.id == failure.key_id), None)
-            if failed is not None and failure.source is CredentialSource.WORKSPACE:
+            if failed is not None and failure.source in (
+                CredentialSource.WORKSPACE,
+                CredentialSource.ORGANIZATION,
+            ):
                 self._cool_down(request, failed, failure.reason, now, pm)
             raise CredentialUnavailable(
                 f"{where}; workspace {ws!r}'s key {failure.key_id} with that label was refused "
@@ -339,9 +363,9 @@ class Resolver:
         key = matching[0]
         if key.cooldown_until is not None and key.cooldown_until > now:
             raise CredentialUnavailable(
-                f"{where}; that key ({key.id}) of workspace {ws!r} is cooling down after a "
-                f"provider refusal until {key.cooldown_until:%Y-%m-%d %H:%M:%S} UTC, and a block "
-                f"that names its key is never served by another",
+                f"{where}; that key ({key.id}) of {self._owner_name(key)} is cooling down after "
+                f"a provider refusal until {key.cooldown_until:%Y-%m-%d %H:%M:%S} UTC, and a "
+                f"block that names its key is never served by another",
                 workspace_id=ws,
                 provider=provider,
                 key_id=key.id,
@@ -369,13 +393,55 @@ class Resolver:
 
     def _resolve(self, request: CredentialRequest, pm: HookCaller) -> Credential:
         keys = self.enabled_keys(request.workspace_id, request.provider)
-        if keys:
-            now = self._clock()
-            usable = [k for k in keys if k.cooldown_until is None or k.cooldown_until <= now]
-            if usable:
-                return self._reveal(self._pick(request, usable))
-            return self._all_cooling(request, pm, keys, now)
+        now = self._clock()
+        usable = [k for k in keys if k.cooldown_until is None or k.cooldown_until <= now]
+        if usable:
+            return self._reveal(self._pick(request, usable))
+        pooled = self._organization_keys(request)
+        usable = [k for k in pooled if k.cooldown_until is None or k.cooldown_until <= now]
+        if usable:
+            return self._reveal(self._pick(request, usable))
+        if keys or pooled:
+            return self._all_cooling(request, pm, keys + pooled, now)
         return self._platform(request, pm, fallback=False)
+
+    def _pool_owner(self, workspace_id: str) -> str | None:
+        """The owner id of the workspace's organization's keys, unless it has none or opted
+        out (one indexed read of the store)."""
+        if self._orgs is None:
+            return None
+        membership = self._orgs.membership(workspace_id)
+        return membership.owner_id if membership is not None and membership.uses_pool else None
+
+    def _organization_keys(self, request: CredentialRequest) -> tuple[StoredKey, ...]:
+        owner = self._pool_owner(request.workspace_id)
+        return self.enabled_keys(owner, request.provider) if owner is not None else ()
+
+    @staticmethod
+    def _owner_name(key: StoredKey) -> str:
+        if is_org_owner(key.workspace_id):
+            return f"organization {key.workspace_id.removeprefix('org:')!r}"
+        return f"workspace {key.workspace_id!r}"
+
+    def _after_organization_failure(self, request: CredentialRequest, pm: HookCaller) -> Credential:
+        """An organization key was refused: it cools down (for every worker and every workspace
+        of the organization), another of the organization's keys serves, else the fallback
+        policy decides."""
+        failure = request.failure
+        assert failure is not None
+        keys = self._organization_keys(request)
+        failed = next((k for k in keys if k.id == failure.key_id), None)
+        now = self._clock()
+        if failed is not None:
+            self._cool_down(request, failed, failure.reason, now, pm)
+        usable = [
+            k
+            for k in keys
+            if k.id != failure.key_id and (k.cooldown_until is None or k.cooldown_until <= now)
+        ]
+        if usable:
+            return self._reveal(self._pick(request, usable))
+        return self._fallback(request, pm, failure.reason, failure.key_id)
 
     def _after_workspace_failure(self, request: CredentialRequest, pm: HookCaller) -> Credential:
         failure = request.failure
@@ -392,6 +458,13 @@ class Resolver:
         ]
         if usable:  # another of the workspace's own keys: not a fallback
             return self._reveal(self._pick(request, usable))
+        pooled = [
+            k
+            for k in self._organization_keys(request)
+            if k.cooldown_until is None or k.cooldown_until <= now
+        ]
+        if pooled:  # the organization's keys come before the platform's: not a fallback
+            return self._reveal(self._pick(request, pooled))
         return self._fallback(request, pm, failure.reason, failure.key_id)
 
     def _all_cooling(
@@ -538,7 +611,7 @@ class Resolver:
     def _pick(self, request: CredentialRequest, usable: Sequence[StoredKey]) -> StoredKey:
         if len(usable) == 1:
             return usable[0]
-        slot = (request.workspace_id, request.provider)
+        slot = (usable[0].workspace_id, request.provider)
         with self._turn_lock:
             turn = self._turn.get(slot, 0)
             self._turn[slot] = turn + 1
@@ -550,6 +623,8 @@ class Resolver:
         # raises if it does not decrypt: never a fallback
         credential = self.cache.credential(key, self._keys.reveal)
         self._note_used(key.id)
+        if is_org_owner(key.workspace_id):
+            return replace(credential, source=CredentialSource.ORGANIZATION)
         return credential
 
     def _cool_down(
@@ -577,7 +652,7 @@ class Resolver:
                 f"the cooldown of {request.provider} key {key.id} of workspace "
                 f"{request.workspace_id!r}",
             )
-        self.cache.invalidate(request.workspace_id, request.provider)
+        self.cache.invalidate(key.workspace_id, request.provider)
         self._audit(
             pm,
             request,

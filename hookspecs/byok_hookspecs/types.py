@@ -51,6 +51,9 @@ class CredentialSource(enum.StrEnum):
     BLOCK = "block"
     #: the workspace's stored BYOK key; the workspace pays the provider directly
     WORKSPACE = "workspace"
+    #: a key of the workspace's organization, inherited by the workspace; BYOK as well (the
+    #: organization pays the provider directly, the platform does not bill it)
+    ORGANIZATION = "organization"
     #: the platform's own key; the platform bills the workspace
     PLATFORM = "platform"
 
@@ -165,7 +168,7 @@ class Credential:
 
     :param api_key: the secret (never in repr).
     :param provider: the provider it is for.
-    :param source: block, workspace or platform.
+    :param source: block, workspace, organization or platform.
     :param key_id: a safe reference for logs and the ledger (a stored key's id, or a pool slot).
     :param hint: the masked form, such as ``sk-pro...abcd``.
     :param fallback: True when the platform serves a call after the workspace key failed.
@@ -180,8 +183,9 @@ class Credential:
 
     @property
     def is_byok(self) -> bool:
-        """True for the workspace's own stored key: the workspace pays the provider."""
-        return self.source is CredentialSource.WORKSPACE
+        """True for a stored BYOK key, the workspace's or its organization's: they pay the
+        provider."""
+        return self.source in (CredentialSource.WORKSPACE, CredentialSource.ORGANIZATION)
 
     @property
     def billed_by_platform(self) -> bool:
