@@ -17,6 +17,7 @@ from byok_plugin.cli.emulator import emulator_command
 from byok_plugin.cli.fallback import fallback_group
 from byok_plugin.cli.init import init_command
 from byok_plugin.cli.keys import keys_group
+from byok_plugin.cli.org import org_group
 from byok_plugin.cli.plugins import plugins_command
 from byok_plugin.cli.run import run_command, validate_command
 from byok_plugin.cli.serve import serve_command
@@ -85,3 +86,4 @@ main.add_command(run_command)
 main.add_command(demo_command)
 main.add_command(usage_command)
 main.add_command(fallback_group)
+main.add_command(org_group)
