@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from byok_hookspecs import CredentialSource
 from click.testing import CliRunner, Result
 from keys_support import leaks, random_key
 
 from byok_plugin.cli import main
+from byok_plugin.cli.demo import DemoStack
+from byok_plugin.host.emulator import EmulatorServer
+
+TRIAGE = str(
+    Path(__file__).resolve().parents[1] / "sample_workflows" / "support-ticket-triage.json"
+)
 
 
 def _run(args: list[str], env: dict[str, str], stdin: str | None = None) -> Result:
@@ -85,3 +93,41 @@ def test_mistakes_get_a_clear_message_and_nothing_is_written(env: dict[str, str]
     assert unknown.exit_code == 1
     assert "no organization 'nope'" in unknown.output
     assert "belongs to no organization" in _run(["org", "inherited", "-w", "team-z"], env).output
+
+
+def test_a_run_on_inherited_keys_is_byok_and_recorded_as_organization(
+    emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    """``byok run`` through the real plugin and the emulator: a workspace with no key of its own
+    runs on its organization's keys, charged 0, recorded with source ``organization``."""
+    stack = DemoStack(tmp_path / "home", emulator)
+    try:
+        env = stack.environ
+        assert _run(["org", "create", "acme"], env).exit_code == 0
+        assert _run(["org", "attach", "acme", "-w", "team-a"], env).exit_code == 0
+        for provider in ("openai", "anthropic"):
+            stored = _run(
+                ["org", "set-key", "acme", "-p", provider, "--no-test"],
+                env,
+                stdin=stack.workspace_keys[provider],
+            )
+            assert stored.exit_code == 0, stored.output
+        result = _run(
+            ["run", TRIAGE, "-w", "team-a", "-i", "ticket=My invoice is wrong", "--json"], env
+        )
+        assert result.exit_code == 0, result.output
+        document = json.loads(result.stdout)
+        agents = [b for b in document["blocks"] if b["type"] == "agent" and b["source"]]
+        assert agents
+        assert {b["source"] for b in agents} == {"organization"}
+        assert all(Decimal(b["charge"]) == 0 for b in agents)
+        rows = list(stack.app.ledger.rows(workspaces=["team-a"]))
+        assert rows
+        assert {r.source for r in rows} == {CredentialSource.ORGANIZATION}
+        assert all(r.amount == 0 and r.list_cost is not None and r.list_cost > 0 for r in rows)
+        # the emulator saw the organization's keys
+        seen = {c.provider for c in emulator.calls() if c.method == "POST"}
+        assert seen <= {"openai", "anthropic"}
+        assert leaks(result.output, list(stack.workspace_keys.values())) == []
+    finally:
+        stack.close()
