@@ -21,7 +21,9 @@ A stored key that does not decrypt, or a store that does not answer, raises
 
 **Asking again.** When the provider refuses a key, the host calls the hook again with
 ``request.failure`` set (reason ``rate_limit`` / ``auth`` / ``error``, the failed key's source and
-``key_id``). The failed key goes into cooldown (a workspace key's cooldown is stored with its
+``key_id``). The failed key goes into cooldown for as long as the provider said
+(``failure.retry_after``: ``Retry-After`` or Gemini's ``RetryInfo``; at most
+:data:`MAX_COOLDOWN_SECONDS`), else for the fixed cooldown (a workspace key's cooldown is stored with its
 reason, so every worker skips it and applies the fallback policy to the same reason; a platform
 key's is this process's), and resolution answers with another key of
 the same source if there is one. When the workspace has no usable key left, its fallback policy
@@ -84,6 +86,8 @@ log = logging.getLogger("byok.resolution")
 
 #: how often the last-used times of keys are written (one batch, off the calling thread)
 LAST_USED_FLUSH_SECONDS = 30.0
+#: the longest cooldown a provider's ``Retry-After`` may set (a longer one is cut to this)
+MAX_COOLDOWN_SECONDS = 3600.0
 
 
 class HookCaller(Protocol):
@@ -231,6 +235,7 @@ class Resolver:
         platform_keys: PlatformKeyPool,
         clock: Callable[[], datetime] = _utc_now,
         cooldown_seconds: float = 30.0,
+        max_cooldown_seconds: float = MAX_COOLDOWN_SECONDS,
         cache_seconds: float = 2.0,
         monotonic: Callable[[], float] = time.monotonic,
         reader: Callable[[str, str], Sequence[StoredKey]] | None = None,
@@ -254,6 +259,7 @@ class Resolver:
         self._pool = platform_keys
         self._clock = clock
         self._cooldown = timedelta(seconds=cooldown_seconds)
+        self._max_cooldown = max(cooldown_seconds, max_cooldown_seconds)
         self._monotonic = monotonic
         self.cache = KeyListCache(cache_seconds, clock=monotonic)
         self._turn: dict[tuple[str, str], int] = {}
@@ -635,7 +641,7 @@ class Resolver:
         now: datetime,
         pm: HookCaller,
     ) -> None:
-        until = now + self._cooldown
+        until = now + self._cooldown_for(request)
         try:  # stored: every worker skips it, and knows why
             self._keys.cool_down(key.id, until, reason)
         except StoreUnavailable as exc:
@@ -660,6 +666,15 @@ class Resolver:
             key_id=key.id,
             detail=f"{self._why(request)}; skipped until {until:%Y-%m-%d %H:%M:%S} UTC",
         )
+
+    def _cooldown_for(self, request: CredentialRequest) -> timedelta:
+        """As long as the provider said (``failure.retry_after``), within
+        [0, ``max_cooldown_seconds``]; the fixed cooldown when it said nothing."""
+        failure = request.failure
+        wait = failure.retry_after if failure is not None else None
+        if wait is None or wait != wait or wait < 0:  # absent, NaN or negative: not a hint
+            return self._cooldown
+        return timedelta(seconds=min(float(wait), self._max_cooldown))
 
     def _write_cooldown(self, key: StoredKey, until: datetime, reason: FailureReason) -> None:
         """A deferred cooldown, written in the background; applied from memory meanwhile.

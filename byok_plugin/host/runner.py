@@ -925,6 +925,7 @@ class WorkflowRunner:
                     source=credential.source,
                     key_id=credential.key_id,
                     status=exc.status,
+                    retry_after=exc.retry_after if isinstance(exc, RateLimitError) else None,
                 )
                 try:
                     following = await self._hook(

@@ -122,12 +122,15 @@ class ProviderFailure:
     :param source: the source of the credential that failed.
     :param key_id: the safe reference of the key that failed, if it had one.
     :param status: the HTTP status the provider answered, if any.
+    :param retry_after: how many seconds the provider asked to wait before using the key again
+        (``Retry-After``, ``retry-after-ms``, Gemini's ``RetryInfo.retryDelay``), if it said.
     """
 
     reason: FailureReason
     source: CredentialSource
     key_id: str | None = None
     status: int | None = None
+    retry_after: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
