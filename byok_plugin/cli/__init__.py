@@ -15,6 +15,7 @@ from byok_plugin import __version__
 from byok_plugin.cli.demo import demo_command
 from byok_plugin.cli.emulator import emulator_command
 from byok_plugin.cli.fallback import fallback_group
+from byok_plugin.cli.health import check_command as _check_command  # noqa: F401 (byok keys check)
 from byok_plugin.cli.init import init_command
 from byok_plugin.cli.keys import keys_group
 from byok_plugin.cli.org import org_group

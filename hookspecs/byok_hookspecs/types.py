@@ -90,9 +90,13 @@ class KeyCheckStatus(enum.StrEnum):
     """The outcome of a live key check."""
 
     VALID = "valid"
+    #: the provider refused the key itself (revoked, deleted, malformed)
     INVALID = "invalid"
     UNREACHABLE = "unreachable"
     SKIPPED = "skipped"
+    #: the key authenticated, but its account has no credit left (OpenAI ``insufficient_quota``,
+    #: Anthropic's "credit balance is too low"): neither an auth failure nor a rate limit
+    NO_CREDIT = "no_credit"
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,6 @@
-"""Organizations: an organization owns workspaces, which inherit its keys (stored in
+"""Organizations, and the last live check of every stored key (``byok_key_health``).
+
+Organizations: an organization owns workspaces, which inherit its keys (stored in
 ``byok_workspace_keys`` under the owner id ``org:<id>``), and the ledger's ``organization`` source.
 
 Revision ID: 0010
@@ -44,6 +46,15 @@ def upgrade() -> None:
         "byok_organization_workspaces",
         ["organization_id"],
     )
+    op.create_table(
+        "byok_key_health",
+        sa.Column("key_id", sa.String(80), nullable=False),
+        sa.Column("checked_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("message", sa.String(500), nullable=False),
+        sa.Column("auth_failures", sa.Integer(), nullable=False),
+        sa.PrimaryKeyConstraint("key_id", name="pk_byok_key_health"),
+    )
     # the ledger accepts the new credential source (SQLite rebuilds the table)
     with op.batch_alter_table("byok_usage_ledger") as batch:
         batch.drop_constraint("ck_byok_usage_ledger_source", type_="check")
@@ -54,6 +65,7 @@ def downgrade() -> None:
     with op.batch_alter_table("byok_usage_ledger") as batch:
         batch.drop_constraint("ck_byok_usage_ledger_source", type_="check")
         batch.create_check_constraint("ck_byok_usage_ledger_source", sa.text(_SOURCES_BEFORE))
+    op.drop_table("byok_key_health")
     op.drop_index("ix_byok_organization_workspaces_organization_id", "byok_organization_workspaces")
     op.drop_table("byok_organization_workspaces")
     op.drop_table("byok_organizations")
