@@ -219,6 +219,7 @@ class App:
             platform_keys=self.platform_keys,
             clock=self.clock,
             cooldown_seconds=self.settings.key_cooldown_seconds,
+            max_wait_seconds=self.settings.key_wait_seconds,
             cache_seconds=self.settings.key_cache_seconds,
             background=self.background_writes,
             organizations=self.organization_store,

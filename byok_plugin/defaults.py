@@ -81,7 +81,11 @@ class DefaultPlugin:
             local = self.app.store_is_local
         except Exception:  # a configuration error: the hooks will report it, not this hint
             local = False
-        return _IN_MEMORY_HOOKS | _STORE_HOOKS if local else _IN_MEMORY_HOOKS
+        if not local:
+            return _IN_MEMORY_HOOKS
+        if self.app.settings.key_wait_seconds > 0:  # resolution may wait for a cooling key
+            return _IN_MEMORY_HOOKS | (_STORE_HOOKS - {"byok_resolve_credential"})
+        return _IN_MEMORY_HOOKS | _STORE_HOOKS
 
     @cached_property
     def app(self) -> App:

@@ -66,6 +66,7 @@ from byok_hookspecs import (
     FailureReason,
     NoCredential,
     NotAuthorized,
+    called_inline,
 )
 from sqlalchemy.engine import Engine
 
@@ -236,6 +237,8 @@ class Resolver:
         clock: Callable[[], datetime] = _utc_now,
         cooldown_seconds: float = 30.0,
         max_cooldown_seconds: float = MAX_COOLDOWN_SECONDS,
+        max_wait_seconds: float = 0.0,
+        sleep: Callable[[float], None] = time.sleep,
         cache_seconds: float = 2.0,
         monotonic: Callable[[], float] = time.monotonic,
         reader: Callable[[str, str], Sequence[StoredKey]] | None = None,
@@ -260,6 +263,8 @@ class Resolver:
         self._clock = clock
         self._cooldown = timedelta(seconds=cooldown_seconds)
         self._max_cooldown = max(cooldown_seconds, max_cooldown_seconds)
+        self._max_wait = max_wait_seconds
+        self._sleep = sleep
         self._monotonic = monotonic
         self.cache = KeyListCache(cache_seconds, clock=monotonic)
         self._turn: dict[tuple[str, str], int] = {}
@@ -408,8 +413,43 @@ class Resolver:
         if usable:
             return self._reveal(self._pick(request, usable))
         if keys or pooled:
+            served = self._wait_for_cooling(request, keys + pooled, now)
+            if served is not None:
+                return served
             return self._all_cooling(request, pm, keys + pooled, now)
         return self._platform(request, pm, fallback=False)
+
+    def _wait_for_cooling(
+        self, request: CredentialRequest, cooling: Sequence[StoredKey], now: datetime
+    ) -> Credential | None:
+        """Every key is cooling: when the first comes back within ``max_wait_seconds``, wait for
+        it (never on a host's event loop) and serve it, saying how long it waited
+        (``Credential.waited``); else ``None``."""
+        ends = [k.cooldown_until for k in cooling if k.cooldown_until is not None]
+        if self._max_wait <= 0 or not ends or called_inline():
+            return None
+        wait = max(0.0, (min(ends) - now).total_seconds())
+        if wait > self._max_wait:
+            return None
+        self._sleep(wait)
+        for owner in {k.workspace_id for k in cooling}:  # read again: other workers write too
+            self.cache.invalidate(owner, request.provider)
+        later = self._clock()
+        for tier in (
+            self.enabled_keys(request.workspace_id, request.provider),
+            self._organization_keys(request),
+        ):
+            usable = [k for k in tier if k.cooldown_until is None or k.cooldown_until <= later]
+            if usable:
+                credential = self._reveal(self._pick(request, usable))
+                log.info(
+                    "waited %.1f s for a cooling %s key of workspace %s",
+                    wait,
+                    request.provider,
+                    request.workspace_id,
+                )
+                return replace(credential, waited=round(wait, 3))
+        return None
 
     def _pool_owner(self, workspace_id: str) -> str | None:
         """The owner id of the workspace's organization's keys, unless it has none or opted

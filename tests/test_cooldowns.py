@@ -7,8 +7,10 @@ emulator and its fault API. No timed assertion: the test checks the ``cooldown_u
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
-from datetime import datetime, timedelta
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -19,12 +21,13 @@ from byok_hookspecs import (
     CredentialUnavailable,
     FailureReason,
     ProviderFailure,
+    calling_inline,
 )
 from cooldown_support import call_with_resolved_keys
 from keys_support import OPERATOR, keyring_value, make_app, master_key, service_for
 
 from byok_plugin.host.emulator import EmulatorServer, Fault, FaultKind
-from byok_plugin.resolution import MAX_COOLDOWN_SECONDS
+from byok_plugin.resolution import MAX_COOLDOWN_SECONDS, Resolver
 from byok_plugin.store.tables import workspace_keys
 
 MODELS = {"openai": "gpt-4o-mini", "google": "gemini-2.5-flash"}
@@ -117,4 +120,76 @@ def test_a_retry_after_is_bounded_and_absent_means_the_fixed_cooldown(
             assert before + timedelta(seconds=expected) <= until
             assert until <= app.clock() + timedelta(seconds=expected)
     finally:
+        app.close()
+
+
+class FakeTime:
+    """A clock that only moves when resolution sleeps: what it waited is exact, never timed."""
+
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC)
+        self.slept: list[float] = []
+
+    def clock(self) -> datetime:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += timedelta(seconds=seconds)
+
+
+@pytest.mark.parametrize("max_wait", [10.0, 3.0])
+def test_when_every_key_is_cooling_resolution_waits_up_to_its_bound(
+    database_url: str, tmp_path: Path, max_wait: float
+) -> None:
+    app = make_app(database_url, tmp_path, keys=[master_key()])
+    service, pm = service_for(app)
+    fake = FakeTime()
+    resolver = Resolver(
+        keys=app.key_access,
+        engine=app.engine,
+        workspace_settings=app.workspace_settings,
+        billing=app.billing,
+        platform_keys=app.platform_keys,
+        clock=fake.clock,
+        cache_seconds=0,
+        max_wait_seconds=max_wait,
+        sleep=fake.sleep,
+        organizations=app.organization_store,
+    )
+    try:
+        a, b = (
+            service.set_key(OPERATOR, "ws", "openai", "sk-proj-" + c * 40, label=c, test=False).key
+            for c in "ab"
+        )
+        for key, retry_after in ((a, 8.0), (b, 5.0)):
+            failure = ProviderFailure(
+                FailureReason.RATE_LIMIT, CredentialSource.WORKSPACE, key.id, 429, retry_after
+            )
+            with contextlib.suppress(CredentialUnavailable):  # b's refusal leaves no key
+                resolver.resolve(CredentialRequest("ws", "openai", "gpt-4o", failure=failure), pm)
+        request = CredentialRequest("ws", "openai", "gpt-4o")
+        if max_wait < 5:  # the first key comes back in 5 s: longer than the bound, no wait
+            with pytest.raises(CredentialUnavailable, match="cooling down"):
+                resolver.resolve(request, pm)
+            assert fake.slept == []
+            return
+        credential = resolver.resolve(request, pm)
+        assert credential.key_id == b.id  # the first to come back
+        assert fake.slept == [5.0]
+        assert credential.waited == 5.0
+        # on a host's event loop, resolution never waits
+        failure = ProviderFailure(
+            FailureReason.RATE_LIMIT, CredentialSource.WORKSPACE, b.id, 429, 5.0
+        )
+        with contextlib.suppress(CredentialUnavailable):
+            resolver.resolve(replace(request, failure=failure), pm)
+        with calling_inline(), pytest.raises(CredentialUnavailable, match="cooling down"):
+            resolver.resolve(request, pm)
+        assert fake.slept == [5.0]
+        # a credential that did not wait says 0
+        fake.sleep(10)
+        assert resolver.resolve(request, pm).waited == 0.0
+    finally:
+        resolver.close()
         app.close()

@@ -179,6 +179,7 @@ class Credential:
     :param key_id: a safe reference for logs and the ledger (a stored key's id, or a pool slot).
     :param hint: the masked form, such as ``sk-pro...abcd``.
     :param fallback: True when the platform serves a call after the workspace key failed.
+    :param waited: seconds resolution waited for a cooling key to come back (0 when it did not).
     """
 
     api_key: str = field(repr=False)
@@ -187,6 +188,7 @@ class Credential:
     key_id: str | None = None
     hint: str = ""
     fallback: bool = False
+    waited: float = 0.0
 
     @property
     def is_byok(self) -> bool:
