@@ -159,6 +159,9 @@ class DefaultPlugin:
                 key_id=event.key_id,
                 state_changed=event.action in _KEY_STATE_CHANGES,
             )
+        elif event.action.startswith("org.") and "resolver" in self.app.__dict__:
+            # attached to an organization, opted out or back in: its key pool changes
+            self.app.resolver.key_changed(event.workspace_id, None)
         audit_log.info(
             "%s workspace=%s actor=%s outcome=%s provider=%s key=%s %s",
             event.action,

@@ -37,7 +37,8 @@ call. A key decrypted for a call is kept with its list and reused until the list
 lists, and the plaintexts with them, are dropped at the next resolution or at ``close()``. Key
 changes made through this
 process's hooks (audited ``key.*`` events) drop the entry at once; other workers see changes and
-cooldowns within the interval. ``last_used_at`` is written in batches, at most every 30 s, off
+cooldowns within the interval. Which organization pool a workspace uses (if any) is kept as long,
+and dropped at once on this process's ``org.*`` events. ``last_used_at`` is written in batches, at most every 30 s, off
 the calling thread. ``0`` turns the cache off.
 """
 
@@ -251,6 +252,9 @@ class Resolver:
             thread (the store locked by another writer) is written instead."""
         self._background = background
         self._orgs = organizations
+        # workspace id -> (monotonic expiry, owner id of its organization's pool or None)
+        self._pools: dict[str, tuple[float, str | None]] = {}
+        self._pools_lock = threading.Lock()
         # key id -> a cooldown this worker applies from memory (not written yet, or just written)
         self._pending_cooldowns: dict[str, _PendingCooldown] = {}
         self._pending_lock = threading.Lock()
@@ -456,8 +460,20 @@ class Resolver:
         out (one indexed read of the store)."""
         if self._orgs is None:
             return None
+        ttl = self.cache.ttl
+        tick = self._monotonic()
+        if ttl > 0:  # kept as long as a key list: other workers' changes show within the interval
+            cached = self._pools.get(workspace_id)
+            if cached is not None and cached[0] > tick:
+                return cached[1]
         membership = self._orgs.membership(workspace_id)
-        return membership.owner_id if membership is not None and membership.uses_pool else None
+        owner = membership.owner_id if membership is not None and membership.uses_pool else None
+        if ttl > 0:
+            with self._pools_lock:
+                if len(self._pools) > 100_000:
+                    self._pools.clear()
+                self._pools[workspace_id] = (tick + ttl, owner)
+        return owner
 
     def _organization_keys(self, request: CredentialRequest) -> tuple[StoredKey, ...]:
         owner = self._pool_owner(request.workspace_id)
@@ -750,6 +766,8 @@ class Resolver:
         waiting to be written for it (``key_id``; every key of the workspace and provider when
         ``None``): the late write will not apply either."""
         self.cache.invalidate(workspace_id, provider)
+        with self._pools_lock:
+            self._pools.pop(workspace_id, None)
         if not state_changed:
             return
         with self._pending_lock:

@@ -353,3 +353,24 @@ def test_an_organization_key_is_charged_nothing_and_recorded_as_such(world: Worl
         charge.list_cost,
     )
     assert row.is_byok
+
+
+def test_with_the_cache_on_an_opt_out_through_this_process_applies_at_once(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    app = make_app(sqlite_url, tmp_path, keys=[master_key()])  # the 2 s key-list cache
+    keys, pm = service_for(app)
+    orgs = app.organizations(pm)
+    try:
+        orgs.create(OPERATOR, "acme")
+        orgs.attach(OPERATOR, "acme", "ws")
+        keys.set_key(OPERATOR, org_owner("acme"), "anthropic", random_key("anthropic"), test=False)
+        request = CredentialRequest("ws", "anthropic", "claude-opus-4-1")
+        assert pm.hook.byok_resolve_credential(request=request).source is ORG
+        orgs.set_opt_out(OPERATOR, "ws", True)
+        with pytest.raises(NoCredential):
+            pm.hook.byok_resolve_credential(request=request)
+        orgs.set_opt_out(OPERATOR, "ws", False)
+        assert pm.hook.byok_resolve_credential(request=request).source is ORG
+    finally:
+        app.close()
