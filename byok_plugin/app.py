@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from byok_plugin.key_access import KeyAccess
     from byok_plugin.keys import KeyService
     from byok_plugin.ledger import Ledger
+    from byok_plugin.organizations import Organizations, OrganizationStore
     from byok_plugin.platform_keys import PlatformKeyPool
     from byok_plugin.pricing import PriceTable
     from byok_plugin.resolution import Resolver
@@ -183,6 +184,19 @@ class App:
 
         return KeyService.for_app(self, pm)
 
+    @cached_property
+    def organization_store(self) -> OrganizationStore:
+        """Organizations and their workspaces (the keys they inherit)."""
+        from byok_plugin.organizations import OrganizationStore
+
+        return OrganizationStore(self.engine, clock=self.clock)
+
+    def organizations(self, pm: pluggy.PluginManager) -> Organizations:
+        """Organizations, deciding and auditing through ``pm``'s hooks."""
+        from byok_plugin.organizations import Organizations
+
+        return Organizations(self.organization_store, self.key_service(pm), self.key_store)
+
     def close(self) -> None:
         """Wait for the writes handed to the background, then release the store's connections
         (if it was ever opened)."""
@@ -306,7 +320,9 @@ class App:
             platform_keys=self.platform_keys,
             clock=self.clock,
             cooldown_seconds=self.settings.key_cooldown_seconds,
+            max_wait_seconds=self.settings.key_wait_seconds,
             cache_seconds=self.settings.key_cache_seconds,
             background=self.background_writes,
             platform_cooldowns=PlatformCooldowns(self.engine),
+            organizations=self.organization_store,
         )

@@ -58,6 +58,7 @@ _ZERO = Decimal(0)
 _SNAPSHOT_DATE = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{8})$")
 _REASONS = {
     CredentialSource.WORKSPACE: "byok",
+    CredentialSource.ORGANIZATION: "byok",
     CredentialSource.BLOCK: "block_key",
     CredentialSource.PLATFORM: "platform",
 }

@@ -100,6 +100,8 @@ UNIT = Decimal("0.000000001")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 DEFAULT_THRESHOLDS = (50, 80, 100)
+#: the sources a BYOK list-cost budget counts: the workspace's own keys and those it inherits
+_BYOK_SOURCES = (CredentialSource.WORKSPACE, CredentialSource.ORGANIZATION)
 #: the largest limit: a BIGINT of nano-dollars
 MAX_LIMIT = Decimal(2**63 - 1) * UNIT
 
@@ -576,7 +578,7 @@ class BudgetStore:
 
     def _applicable(self, rows: Iterable[Any], reservation: BudgetReservation) -> list[Any]:
         """The budgets that count this call, in id order (the order rows are locked in)."""
-        byok = reservation.source is CredentialSource.WORKSPACE
+        byok = reservation.source in _BYOK_SOURCES
         return sorted(
             (
                 r
@@ -671,7 +673,7 @@ class BudgetStore:
             BudgetMetric.CHARGE.value: to_units(settlement.amount) if settlement.completed else 0,
             BudgetMetric.LIST_COST.value: (
                 to_units(settlement.list_cost)
-                if settlement.completed and settlement.source is CredentialSource.WORKSPACE
+                if settlement.completed and settlement.source in _BYOK_SOURCES
                 else 0
             ),
         }

@@ -107,7 +107,12 @@ class DefaultPlugin:
             local_keys = self.app.settings.key_provider == "local"
         except Exception:  # a configuration error: the hooks will report it, not this hint
             local = local_keys = False
-        hooks = _IN_MEMORY_HOOKS | _STORE_HOOKS if local else _IN_MEMORY_HOOKS
+        hooks = _IN_MEMORY_HOOKS
+        if local:
+            store_hooks = _STORE_HOOKS
+            if self.app.settings.key_wait_seconds > 0:  # resolution may wait for a cooling key
+                store_hooks = store_hooks - {"byok_resolve_credential"}
+            hooks = hooks | store_hooks
         return hooks | _LOCAL_KEY_HOOKS if local_keys else hooks
 
     @cached_property
@@ -243,6 +248,9 @@ class DefaultPlugin:
                 key_id=event.key_id,
                 state_changed=event.action in _KEY_STATE_CHANGES,
             )
+        elif event.action.startswith("org.") and "resolver" in self.app.__dict__:
+            # attached to an organization, opted out or back in: its key pool changes
+            self.app.resolver.key_changed(event.workspace_id, None)
         audit_log.info(
             "%s workspace=%s actor=%s outcome=%s provider=%s key=%s %s",
             event.action,

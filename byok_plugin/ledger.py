@@ -130,7 +130,9 @@ usage_ledger = sa.Table(
     sa.Column("occurred_at", UTCDateTime, nullable=False),
     sa.Column("recorded_at", UTCDateTime, nullable=False),
     sa.UniqueConstraint("idempotency_key"),
-    sa.CheckConstraint("source IN ('block', 'workspace', 'platform')", name="source"),
+    sa.CheckConstraint(
+        "source IN ('block', 'workspace', 'organization', 'platform')", name="source"
+    ),
     sa.Index(None, "workspace_id", "occurred_at"),
     sa.Index(None, "occurred_at"),
     sa.Index(None, "run_id"),  # byok_recorded_calls: what a run id already recorded
@@ -175,7 +177,7 @@ class LedgerRow:
 
     @property
     def is_byok(self) -> bool:
-        return self.source is CredentialSource.WORKSPACE
+        return self.source in (CredentialSource.WORKSPACE, CredentialSource.ORGANIZATION)
 
 
 def _row(mapping: Any) -> LedgerRow:

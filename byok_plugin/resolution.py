@@ -8,6 +8,9 @@ One rule for models and tools, streamed or not:
    else :class:`~byok_hookspecs.CredentialUnavailable`: never another key, never the platform;
 2. else the workspace's BYOK key for the provider: round-robin over its enabled keys, skipping
    keys in cooldown (source ``workspace``);
+2b. else, unless the workspace opted out, its organization's keys, by the same rule (source
+   ``organization``, BYOK; :mod:`byok_plugin.organizations`). A block's ``key_label`` the
+   workspace has no key for may name one of them;
 3. else, for hosted models and tools only (``byok_is_hosted``), a platform key
    (``byok_platform_key``; source ``platform``, billed). A platform-billed call on a model with no
    price is refused here, before the call (:class:`~byok_hookspecs.UnpricedModel`);
@@ -18,7 +21,9 @@ A stored key that does not decrypt, or a store that does not answer, raises
 
 **Asking again.** When the provider refuses a key, the host calls the hook again with
 ``request.failure`` set (reason ``rate_limit`` / ``auth`` / ``error``, the failed key's source and
-``key_id``). The failed key goes into cooldown (a workspace key's cooldown is stored with its
+``key_id``). The failed key goes into cooldown for as long as the provider said
+(``failure.retry_after``: ``Retry-After`` or Gemini's ``RetryInfo``; at most
+:data:`MAX_COOLDOWN_SECONDS`), else for the fixed cooldown (a workspace key's cooldown is stored with its
 reason, so every worker skips it and applies the fallback policy to the same reason; a platform
 key's is this process's), and resolution answers with another key of
 the same source if there is one. When the workspace has no usable key left, its fallback policy
@@ -32,7 +37,8 @@ call. A key decrypted for a call is kept with its list and reused until the list
 lists, and the plaintexts with them, are dropped at the next resolution or at ``close()``. Key
 changes made through this
 process's hooks (audited ``key.*`` events) drop the entry at once; other workers see changes and
-cooldowns within the interval. ``last_used_at`` is written in batches, at most every 30 s, off
+cooldowns within the interval. Which organization pool a workspace uses (if any) is kept as long,
+and dropped at once on this process's ``org.*`` events. ``last_used_at`` is written in batches, at most every 30 s, off
 the calling thread. ``0`` turns the cache off.
 """
 
@@ -61,6 +67,7 @@ from byok_hookspecs import (
     FailureReason,
     NoCredential,
     NotAuthorized,
+    called_inline,
 )
 from sqlalchemy.engine import Engine
 
@@ -68,6 +75,7 @@ from byok_plugin.background_writes import BackgroundWrites
 from byok_plugin.billing import Billing
 from byok_plugin.key_access import KeyAccess
 from byok_plugin.key_errors import StoreUnavailable
+from byok_plugin.organizations import OrganizationStore, is_org_owner
 from byok_plugin.platform_cooldowns import PlatformCooldowns
 from byok_plugin.platform_keys import PlatformKeyPool, mask_key
 from byok_plugin.store.engine import retry_deadlocks, write_transaction
@@ -81,6 +89,8 @@ log = logging.getLogger("byok.resolution")
 
 #: how often the last-used times of keys are written (one batch, off the calling thread)
 LAST_USED_FLUSH_SECONDS = 30.0
+#: the longest cooldown a provider's ``Retry-After`` may set (a longer one is cut to this)
+MAX_COOLDOWN_SECONDS = 3600.0
 
 
 class HookCaller(Protocol):
@@ -228,11 +238,15 @@ class Resolver:
         platform_keys: PlatformKeyPool,
         clock: Callable[[], datetime] = _utc_now,
         cooldown_seconds: float = 30.0,
+        max_cooldown_seconds: float = MAX_COOLDOWN_SECONDS,
+        max_wait_seconds: float = 0.0,
+        sleep: Callable[[float], None] = time.sleep,
         cache_seconds: float = 2.0,
         monotonic: Callable[[], float] = time.monotonic,
         reader: Callable[[str, str], Sequence[StoredKey]] | None = None,
         background: BackgroundWrites | None = None,
         platform_cooldowns: PlatformCooldowns | None = None,
+        organizations: OrganizationStore | None = None,
     ) -> None:
         """:param reader: reads a (workspace, provider)'s enabled keys (default:
         ``keys.enabled_keys``; on SQLite, :class:`~byok_plugin.key_reader.SqliteKeyReader`).
@@ -244,6 +258,10 @@ class Resolver:
         self._shared_cooldowns = platform_cooldowns
         # provider -> when this worker last read the shared platform-key cooldowns
         self._cooldowns_read: dict[str, float] = {}
+        self._orgs = organizations
+        # workspace id -> (monotonic expiry, owner id of its organization's pool or None)
+        self._pools: dict[str, tuple[float, str | None]] = {}
+        self._pools_lock = threading.Lock()
         # key id -> a cooldown this worker applies from memory (not written yet, or just written)
         self._pending_cooldowns: dict[str, _PendingCooldown] = {}
         self._pending_lock = threading.Lock()
@@ -255,6 +273,9 @@ class Resolver:
         self._pool = platform_keys
         self._clock = clock
         self._cooldown = timedelta(seconds=cooldown_seconds)
+        self._max_cooldown = max(cooldown_seconds, max_cooldown_seconds)
+        self._max_wait = max_wait_seconds
+        self._sleep = sleep
         self._monotonic = monotonic
         self.cache = KeyListCache(cache_seconds, clock=monotonic)
         self._turn: dict[tuple[str, str], int] = {}
@@ -278,6 +299,13 @@ class Resolver:
         :raises UnpricedModel: the platform would bill a model it has no price for.
         :raises NotAuthorized: the request's actor may not use the workspace's keys.
         """
+        if is_org_owner(request.workspace_id):
+            raise CredentialUnavailable(
+                f"{request.workspace_id!r} is an organization's key pool, not a workspace: a run "
+                f"takes place in a workspace, which inherits its organization's keys",
+                workspace_id=request.workspace_id,
+                provider=request.provider,
+            )
         if request.actor is not None:
             self._authorize(request, pm)
         failure = request.failure
@@ -298,6 +326,8 @@ class Resolver:
             )
         if failure.source is CredentialSource.WORKSPACE:
             return self._after_workspace_failure(request, pm)
+        if failure.source is CredentialSource.ORGANIZATION:
+            return self._after_organization_failure(request, pm)
         # a platform key failed: skip it for a while (in every worker) and resolve again
         if failure.key_id is not None and self._pool.cool_down(failure.key_id):
             self._share_platform_cooldown(request.provider, failure.key_id, failure.reason)
@@ -315,9 +345,18 @@ class Resolver:
         keys = self.enabled_keys(ws, provider)
         now = self._clock()
         failure = request.failure
+        if (failure is not None and failure.source is CredentialSource.ORGANIZATION) or not any(
+            k.label == label for k in keys
+        ):
+            owner = self._pool_owner(ws)
+            if owner is not None:  # the workspace's own keys first, then its organization's
+                keys = keys + self.enabled_keys(owner, provider)
         if failure is not None:
             failed = next((k for k in keys if k.id == failure.key_id), None)
-            if failed is not None and failure.source is CredentialSource.WORKSPACE:
+            if failed is not None and failure.source in (
+                CredentialSource.WORKSPACE,
+                CredentialSource.ORGANIZATION,
+            ):
                 self._cool_down(request, failed, failure.reason, now, pm)
             raise CredentialUnavailable(
                 f"{where}; workspace {ws!r}'s key {failure.key_id} with that label was refused "
@@ -346,9 +385,9 @@ class Resolver:
         key = matching[0]
         if key.cooldown_until is not None and key.cooldown_until > now:
             raise CredentialUnavailable(
-                f"{where}; that key ({key.id}) of workspace {ws!r} is cooling down after a "
-                f"provider refusal until {key.cooldown_until:%Y-%m-%d %H:%M:%S} UTC, and a block "
-                f"that names its key is never served by another",
+                f"{where}; that key ({key.id}) of {self._owner_name(key)} is cooling down after "
+                f"a provider refusal until {key.cooldown_until:%Y-%m-%d %H:%M:%S} UTC, and a "
+                f"block that names its key is never served by another",
                 workspace_id=ws,
                 provider=provider,
                 key_id=key.id,
@@ -376,13 +415,102 @@ class Resolver:
 
     def _resolve(self, request: CredentialRequest, pm: HookCaller) -> Credential:
         keys = self.enabled_keys(request.workspace_id, request.provider)
-        if keys:
-            now = self._clock()
-            usable = [k for k in keys if k.cooldown_until is None or k.cooldown_until <= now]
-            if usable:
-                return self._reveal(self._pick(request, usable))
-            return self._all_cooling(request, pm, keys, now)
+        now = self._clock()
+        usable = [k for k in keys if k.cooldown_until is None or k.cooldown_until <= now]
+        if usable:
+            return self._reveal(self._pick(request, usable))
+        pooled = self._organization_keys(request)
+        usable = [k for k in pooled if k.cooldown_until is None or k.cooldown_until <= now]
+        if usable:
+            return self._reveal(self._pick(request, usable))
+        if keys or pooled:
+            served = self._wait_for_cooling(request, keys + pooled, now)
+            if served is not None:
+                return served
+            return self._all_cooling(request, pm, keys + pooled, now)
         return self._platform(request, pm, fallback=False)
+
+    def _wait_for_cooling(
+        self, request: CredentialRequest, cooling: Sequence[StoredKey], now: datetime
+    ) -> Credential | None:
+        """Every key is cooling: when the first comes back within ``max_wait_seconds``, wait for
+        it (never on a host's event loop) and serve it, saying how long it waited
+        (``Credential.waited``); else ``None``."""
+        ends = [k.cooldown_until for k in cooling if k.cooldown_until is not None]
+        if self._max_wait <= 0 or not ends or called_inline():
+            return None
+        wait = max(0.0, (min(ends) - now).total_seconds())
+        if wait > self._max_wait:
+            return None
+        self._sleep(wait)
+        for owner in {k.workspace_id for k in cooling}:  # read again: other workers write too
+            self.cache.invalidate(owner, request.provider)
+        later = self._clock()
+        for tier in (
+            self.enabled_keys(request.workspace_id, request.provider),
+            self._organization_keys(request),
+        ):
+            usable = [k for k in tier if k.cooldown_until is None or k.cooldown_until <= later]
+            if usable:
+                credential = self._reveal(self._pick(request, usable))
+                log.info(
+                    "waited %.1f s for a cooling %s key of workspace %s",
+                    wait,
+                    request.provider,
+                    request.workspace_id,
+                )
+                return replace(credential, waited=round(wait, 3))
+        return None
+
+    def _pool_owner(self, workspace_id: str) -> str | None:
+        """The owner id of the workspace's organization's keys, unless it has none or opted
+        out (one indexed read of the store)."""
+        if self._orgs is None:
+            return None
+        ttl = self.cache.ttl
+        tick = self._monotonic()
+        if ttl > 0:  # kept as long as a key list: other workers' changes show within the interval
+            cached = self._pools.get(workspace_id)
+            if cached is not None and cached[0] > tick:
+                return cached[1]
+        membership = self._orgs.membership(workspace_id)
+        owner = membership.owner_id if membership is not None and membership.uses_pool else None
+        if ttl > 0:
+            with self._pools_lock:
+                if len(self._pools) > 100_000:
+                    self._pools.clear()
+                self._pools[workspace_id] = (tick + ttl, owner)
+        return owner
+
+    def _organization_keys(self, request: CredentialRequest) -> tuple[StoredKey, ...]:
+        owner = self._pool_owner(request.workspace_id)
+        return self.enabled_keys(owner, request.provider) if owner is not None else ()
+
+    @staticmethod
+    def _owner_name(key: StoredKey) -> str:
+        if is_org_owner(key.workspace_id):
+            return f"organization {key.workspace_id.removeprefix('org:')!r}"
+        return f"workspace {key.workspace_id!r}"
+
+    def _after_organization_failure(self, request: CredentialRequest, pm: HookCaller) -> Credential:
+        """An organization key was refused: it cools down (for every worker and every workspace
+        of the organization), another of the organization's keys serves, else the fallback
+        policy decides."""
+        failure = request.failure
+        assert failure is not None
+        keys = self._organization_keys(request)
+        failed = next((k for k in keys if k.id == failure.key_id), None)
+        now = self._clock()
+        if failed is not None:
+            self._cool_down(request, failed, failure.reason, now, pm)
+        usable = [
+            k
+            for k in keys
+            if k.id != failure.key_id and (k.cooldown_until is None or k.cooldown_until <= now)
+        ]
+        if usable:
+            return self._reveal(self._pick(request, usable))
+        return self._fallback(request, pm, failure.reason, failure.key_id)
 
     def _after_workspace_failure(self, request: CredentialRequest, pm: HookCaller) -> Credential:
         failure = request.failure
@@ -399,6 +527,13 @@ class Resolver:
         ]
         if usable:  # another of the workspace's own keys: not a fallback
             return self._reveal(self._pick(request, usable))
+        pooled = [
+            k
+            for k in self._organization_keys(request)
+            if k.cooldown_until is None or k.cooldown_until <= now
+        ]
+        if pooled:  # the organization's keys come before the platform's: not a fallback
+            return self._reveal(self._pick(request, pooled))
         return self._fallback(request, pm, failure.reason, failure.key_id)
 
     def _all_cooling(
@@ -546,7 +681,7 @@ class Resolver:
     def _pick(self, request: CredentialRequest, usable: Sequence[StoredKey]) -> StoredKey:
         if len(usable) == 1:
             return usable[0]
-        slot = (request.workspace_id, request.provider)
+        slot = (usable[0].workspace_id, request.provider)
         with self._turn_lock:
             turn = self._turn.get(slot, 0)
             self._turn[slot] = turn + 1
@@ -558,6 +693,8 @@ class Resolver:
         # raises if it does not decrypt: never a fallback
         credential = self.cache.credential(key, self._keys.reveal)
         self._note_used(key.id)
+        if is_org_owner(key.workspace_id):
+            return replace(credential, source=CredentialSource.ORGANIZATION)
         return credential
 
     def _cool_down(
@@ -568,7 +705,7 @@ class Resolver:
         now: datetime,
         pm: HookCaller,
     ) -> None:
-        until = now + self._cooldown
+        until = now + self._cooldown_for(request)
         try:  # stored: every worker skips it, and knows why
             self._keys.cool_down(key.id, until, reason)
         except StoreUnavailable as exc:
@@ -585,7 +722,7 @@ class Resolver:
                 f"the cooldown of {request.provider} key {key.id} of workspace "
                 f"{request.workspace_id!r}",
             )
-        self.cache.invalidate(request.workspace_id, request.provider)
+        self.cache.invalidate(key.workspace_id, request.provider)
         self._audit(
             pm,
             request,
@@ -631,6 +768,15 @@ class Resolver:
         for key_id, until in active.items():
             self._pool.cool_down(key_id, (until - wall).total_seconds())
 
+    def _cooldown_for(self, request: CredentialRequest) -> timedelta:
+        """As long as the provider said (``failure.retry_after``), within
+        [0, ``max_cooldown_seconds``]; the fixed cooldown when it said nothing."""
+        failure = request.failure
+        wait = failure.retry_after if failure is not None else None
+        if wait is None or wait != wait or wait < 0:  # absent, NaN or negative: not a hint
+            return self._cooldown
+        return timedelta(seconds=min(float(wait), self._max_cooldown))
+
     def _write_cooldown(self, key: StoredKey, until: datetime, reason: FailureReason) -> None:
         """A deferred cooldown, written in the background; applied from memory meanwhile.
 
@@ -665,6 +811,8 @@ class Resolver:
         waiting to be written for it (``key_id``; every key of the workspace and provider when
         ``None``): the late write will not apply either."""
         self.cache.invalidate(workspace_id, provider)
+        with self._pools_lock:
+            self._pools.pop(workspace_id, None)
         if not state_changed:
             return
         with self._pending_lock:

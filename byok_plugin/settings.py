@@ -134,6 +134,8 @@ class Settings:
     charge_multiplier: Decimal = Decimal(1)
     catalog_file: Path | None = None
     key_cooldown_seconds: float = 30.0
+    #: how long resolution may wait for a cooling key when every key is cooling (0: never)
+    key_wait_seconds: float = 0.0
     key_cache_seconds: float = 2.0
     validate_timeout: float = 5.0
     key_envelopes: bool = False
@@ -195,6 +197,7 @@ class Settings:
                 else None
             ),
             key_cooldown_seconds=_seconds(env, "BYOK_KEY_COOLDOWN_SECONDS", 30.0),
+            key_wait_seconds=_seconds(env, "BYOK_KEY_WAIT_SECONDS", 0.0),
             key_cache_seconds=_seconds(env, "BYOK_KEY_CACHE_SECONDS", 2.0),
             validate_timeout=_positive_seconds(env, "BYOK_VALIDATE_TIMEOUT", 5.0),
             key_envelopes=_flag(env, "BYOK_KEY_ENVELOPES", key_provider != "local"),

@@ -49,7 +49,7 @@ class Totals:
 
     def add(self, row: LedgerRow) -> None:
         self.calls += 1
-        if row.source is CredentialSource.WORKSPACE:
+        if row.is_byok:
             self.byok_calls += 1
             if row.list_cost is not None:
                 self.byok_saved += row.list_cost

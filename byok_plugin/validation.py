@@ -17,7 +17,8 @@ emulator), defaulting to the providers' own. A base URL may or may not end in th
 (``https://api.openai.com/v1`` and ``https://api.openai.com`` both work).
 
 Outcomes: 2xx is ``valid``; 401/403 (and Gemini's 400 ``API_KEY_INVALID``) is ``invalid``, with the
-provider's message with anything resembling the key removed; 429 is ``valid`` (the key
+provider's message with anything resembling the key removed; OpenAI's 429 ``insufficient_quota``
+and Anthropic's 400 "credit balance is too low" are ``no_credit``; another 429 is ``valid`` (the key
 authenticated, it is only rate-limited or out of quota; the message says so); anything else, a
 timeout or a connection error is ``unreachable``. ``BYOK_VALIDATE_KEYS=0`` answers ``skipped``
 without any network call.
@@ -121,6 +122,14 @@ def _provider_message(response: httpx.Response) -> str:
     return response.reason_phrase or ""
 
 
+def _no_credit(response: httpx.Response) -> bool:
+    """OpenAI's 429 ``insufficient_quota``, or Anthropic's 400 about the credit balance."""
+    status, text = response.status_code, response.text
+    return (status == 429 and "insufficient_quota" in text) or (
+        status == 400 and "credit balance is too low" in text
+    )
+
+
 def _gemini_invalid_key(response: httpx.Response) -> bool:
     return response.status_code == 400 and (
         "API_KEY_INVALID" in response.text or "API key not valid" in response.text
@@ -218,6 +227,13 @@ class KeyValidator:
                 provider,
                 KeyCheckStatus.INVALID,
                 f"{provider} refused the key (HTTP {status})" + (f": {message}" if message else ""),
+            )
+        if _no_credit(response):
+            return KeyCheck(
+                provider,
+                KeyCheckStatus.NO_CREDIT,
+                f"{provider} accepted the key but its account has no credit left (HTTP {status})"
+                + (f": {message}" if message else ""),
             )
         if status == 429:
             return KeyCheck(

@@ -214,6 +214,7 @@ def test_charge_is_decimal_and_never_negative() -> None:
     [
         (CredentialSource.BLOCK, False, False),
         (CredentialSource.WORKSPACE, True, False),
+        (CredentialSource.ORGANIZATION, True, False),
         (CredentialSource.PLATFORM, False, True),
     ],
 )

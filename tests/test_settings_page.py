@@ -284,6 +284,37 @@ def test_a_member_sees_the_keys_without_any_edit_control(
     assert tab.errors == []
 
 
+def test_a_member_sees_the_keys_the_workspace_inherits_masked(
+    browser, tabs: list[Page], base_url: str, stack: Stack
+) -> None:
+    from playwright.sync_api import expect
+
+    from byok_plugin.organizations import org_owner
+
+    operator = Actor("root", operator=True)
+    orgs = stack.app.organizations(stack.pm)
+    orgs.create(operator, "acme-org")
+    orgs.attach(operator, "acme-org", "acme")
+    secret = random_key("anthropic")
+    stored = stack.app.key_service(stack.pm).set_key(
+        operator, org_owner("acme-org"), "anthropic", secret, label="shared", test=False
+    )
+
+    tab = open_page(browser, tabs, base_url, MEMBER_TOKEN, "member")
+    page = tab.page
+    inherited = card(page, "anthropic").locator("li.key.inherited")
+    expect(inherited).to_have_count(1)
+    expect(inherited).to_contain_text("Inherited from organization acme-org")
+    expect(inherited.locator(".key-hint")).to_have_text(stored.key.hint)
+    expect(card(page, "anthropic").locator(".provider-meta")).to_contain_text(
+        "Runs use the key of organization acme-org"
+    )
+    expect(inherited.get_by_role("button")).to_have_count(0)
+    assert secret not in page.content()
+    tab.shot("inherited")
+    assert tab.errors == []
+
+
 def test_without_an_identity_the_page_says_so(browser, tabs: list[Page], base_url: str) -> None:
     from playwright.sync_api import expect
 

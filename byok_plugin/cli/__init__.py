@@ -16,9 +16,11 @@ from byok_plugin.cli.budget import budget_group
 from byok_plugin.cli.demo import demo_command
 from byok_plugin.cli.emulator import emulator_command
 from byok_plugin.cli.fallback import fallback_group
+from byok_plugin.cli.health import check_command as _check_command  # noqa: F401 (byok keys check)
 from byok_plugin.cli.init import init_command
 from byok_plugin.cli.keys import keys_group
 from byok_plugin.cli.ledger import ledger_group
+from byok_plugin.cli.org import org_group
 from byok_plugin.cli.plugins import plugins_command
 from byok_plugin.cli.reconcile import reconcile_command
 from byok_plugin.cli.run import run_command, validate_command
@@ -91,3 +93,4 @@ main.add_command(reconcile_command)
 main.add_command(fallback_group)
 main.add_command(ledger_group)
 main.add_command(budget_group)
+main.add_command(org_group)

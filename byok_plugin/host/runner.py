@@ -1056,6 +1056,7 @@ class WorkflowRunner:
                     source=credential.source,
                     key_id=credential.key_id,
                     status=exc.status,
+                    retry_after=exc.retry_after if isinstance(exc, RateLimitError) else None,
                 )
                 try:
                     following = await self._hook(
@@ -1483,7 +1484,10 @@ class WorkflowRunner:
 def _check_labelled(request: CredentialRequest, credential: Credential) -> None:
     """A block that names a stored key by label runs on a workspace key, or not at all: never on
     a platform key (billed) or another block's key, whatever the installed plugins answer."""
-    if request.key_label is not None and credential.source is not CredentialSource.WORKSPACE:
+    if request.key_label is not None and credential.source not in (
+        CredentialSource.WORKSPACE,
+        CredentialSource.ORGANIZATION,
+    ):
         raise BlockFailed(
             f"the block asks for the {request.provider} key labelled {request.key_label!r} of "
             f"workspace {request.workspace_id!r}, but byok_resolve_credential answered a "

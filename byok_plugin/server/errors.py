@@ -21,6 +21,7 @@ from byok_hookspecs import ByokError, CredentialUnavailable, NotAuthorized
 from starlette.responses import JSONResponse
 
 from byok_plugin import key_errors
+from byok_plugin.organizations import OrganizationNotFound
 
 log = logging.getLogger("byok.server")
 
@@ -151,6 +152,8 @@ def error_from_library(exc: ByokError) -> ApiError:
         return ApiError(ErrorCode.STORE_UNAVAILABLE, STORE_UNAVAILABLE_MESSAGE)
     if isinstance(exc, CredentialUnavailable):
         return ApiError(ErrorCode.KEY_UNDECRYPTABLE, message)
+    if isinstance(exc, OrganizationNotFound):
+        return ApiError(ErrorCode.NOT_FOUND, message)
     log_unexpected(exc, "a key service error the API does not map")
     return ApiError(ErrorCode.INTERNAL_ERROR, "the server failed; see its log")
 

@@ -34,6 +34,7 @@ from byok_plugin.server.errors import (
     log_unexpected,
 )
 from byok_plugin.server.identity import Identify, resolve_actor
+from byok_plugin.server.org_routes import organization_routes
 from byok_plugin.server.schemas import openapi_text
 
 if TYPE_CHECKING:
@@ -470,6 +471,7 @@ def build_routes(api: Api) -> list[BaseRoute]:
         Route(keys + "/{key_id}/test", endpoint(api.test_key), methods=["POST"]),
         Route(budget, endpoint(budgets.list_budgets), methods=["GET"]),
         Route(budget + "/{name}", endpoint(budget_handler), methods=budget_methods),
+        *organization_routes(api, endpoint, by_method),
         Route(
             "/settings/", _static_file("index.html", "text/html; charset=utf-8"), methods=["GET"]
         ),

@@ -57,6 +57,9 @@ class CredentialSource(enum.StrEnum):
     BLOCK = "block"
     #: the workspace's stored BYOK key; the workspace pays the provider directly
     WORKSPACE = "workspace"
+    #: a key of the workspace's organization, inherited by the workspace; BYOK as well (the
+    #: organization pays the provider directly, the platform does not bill it)
+    ORGANIZATION = "organization"
     #: the platform's own key; the platform bills the workspace
     PLATFORM = "platform"
 
@@ -93,9 +96,13 @@ class KeyCheckStatus(enum.StrEnum):
     """The outcome of a live key check."""
 
     VALID = "valid"
+    #: the provider refused the key itself (revoked, deleted, malformed)
     INVALID = "invalid"
     UNREACHABLE = "unreachable"
     SKIPPED = "skipped"
+    #: the key authenticated, but its account has no credit left (OpenAI ``insufficient_quota``,
+    #: Anthropic's "credit balance is too low"): neither an auth failure nor a rate limit
+    NO_CREDIT = "no_credit"
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,12 +132,15 @@ class ProviderFailure:
     :param source: the source of the credential that failed.
     :param key_id: the safe reference of the key that failed, if it had one.
     :param status: the HTTP status the provider answered, if any.
+    :param retry_after: how many seconds the provider asked to wait before using the key again
+        (``Retry-After``, ``retry-after-ms``, Gemini's ``RetryInfo.retryDelay``), if it said.
     """
 
     reason: FailureReason
     source: CredentialSource
     key_id: str | None = None
     status: int | None = None
+    retry_after: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,10 +185,11 @@ class Credential:
 
     :param api_key: the secret (never in repr).
     :param provider: the provider it is for.
-    :param source: block, workspace or platform.
+    :param source: block, workspace, organization or platform.
     :param key_id: a safe reference for logs and the ledger (a stored key's id, or a pool slot).
     :param hint: the masked form, such as ``sk-pro...abcd``.
     :param fallback: True when the platform serves a call after the workspace key failed.
+    :param waited: seconds resolution waited for a cooling key to come back (0 when it did not).
     """
 
     api_key: str = field(repr=False)
@@ -187,11 +198,13 @@ class Credential:
     key_id: str | None = None
     hint: str = ""
     fallback: bool = False
+    waited: float = 0.0
 
     @property
     def is_byok(self) -> bool:
-        """True for the workspace's own stored key: the workspace pays the provider."""
-        return self.source is CredentialSource.WORKSPACE
+        """True for a stored BYOK key, the workspace's or its organization's: they pay the
+        provider."""
+        return self.source in (CredentialSource.WORKSPACE, CredentialSource.ORGANIZATION)
 
     @property
     def billed_by_platform(self) -> bool:

@@ -20,6 +20,9 @@ class FaultKind(enum.StrEnum):
     TRUNCATED_STREAM = "truncated_stream"
     #: HTTP 200 whose body (or one stream event) is not valid JSON
     MALFORMED_JSON = "malformed_json"
+    #: the account has no credit left, in the provider's own shape (OpenAI: 429
+    #: ``insufficient_quota``; Anthropic: 400 "Your credit balance is too low")
+    NO_CREDIT = "no_credit"
 
 
 def key_fingerprint(api_key: str) -> str:

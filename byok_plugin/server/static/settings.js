@@ -14,7 +14,7 @@
   const workspaceId = params.get("workspace");
   const $ = (sel, root = document) => root.querySelector(sel);
 
-  const state = { me: null, catalog: [], keys: [], canManage: false };
+  const state = { me: null, catalog: [], keys: [], canManage: false, inherited: null };
   const SESSION_KEY = "byok.session";
   const session = {
     get() {
@@ -170,19 +170,26 @@
     const keys = state.keys.filter((k) => k.provider === provider.id)
       .sort((a, b) => a.label.localeCompare(b.label));
     const enabled = keys.filter((k) => k.status === "enabled").length;
+    const inherited = state.inherited
+      ? state.inherited.keys.filter((k) => k.provider === provider.id) : [];
+    const pooled = inherited.filter((k) => k.active && k.status === "enabled").length;
+    const org = state.inherited ? state.inherited.organization_id : null;
     const models = [chats && count(chats, "model"), tools && count(tools, "tool")]
       .filter(Boolean).join(" and ");
     $(".provider-meta", node).textContent = enabled
       ? "Runs use this workspace’s key; the provider bills you directly"
-      : keys.length
-        ? "Every key is disabled: runs do not use them"
-        : hosted ? models : "Not hosted by the platform";
+      : pooled
+        ? `Runs use the key of organization ${org}; the provider bills it directly`
+        : keys.length
+          ? "Every key is disabled: runs do not use them"
+          : hosted ? models : "Not hosted by the platform";
     $(".empty", node).textContent = hosted
       ? `No key yet. Runs use the platform’s key for the ${models}, billed to the workspace.`
       : "No key yet. Runs on this provider need one.";
-    node.classList.toggle("has-keys", keys.length > 0);
     const list = $(".keys", node);
     for (const key of keys) list.append(renderKey(key, provider));
+    for (const key of inherited) list.append(renderInherited(key, org));
+    node.classList.toggle("has-keys", keys.length + inherited.length > 0);
     const add = $(".add-key", node);
     add.setAttribute("aria-label", `Add ${provider.name} key`);
     add.addEventListener("click", () => openForm(node, provider, null, add));
@@ -222,6 +229,27 @@
     $(".act-replace", node).addEventListener("click", (ev) =>
       openForm(node.closest(".provider"), provider, key, ev.currentTarget));
     $(".act-delete", node).addEventListener("click", (ev) => askDelete(node, key, provider, ev.currentTarget));
+    return node;
+  }
+
+  function renderInherited(key, org) {
+    // masked and read-only: a workspace never sees nor changes its organization's keys
+    const node = document.createElement("li");
+    node.className = "key inherited";
+    node.dataset.keyId = key.id;
+    const label = document.createElement("span");
+    label.className = "key-label";
+    label.textContent = key.label;
+    const hint = document.createElement("code");
+    hint.className = "key-hint";
+    hint.textContent = key.hint;
+    hint.setAttribute("aria-label", `Masked key ${key.hint}`);
+    const meta = document.createElement("span");
+    meta.className = "key-meta";
+    meta.textContent = `Inherited from organization ${org}` +
+      (key.active ? "" : " · not used: this workspace opted out") +
+      (key.status === "enabled" ? "" : " · disabled");
+    node.append(label, " ", hint, " ", meta);
     return node;
   }
 
@@ -287,6 +315,9 @@
     const data = await api("GET", wsPath());
     state.keys = data.keys;
     state.canManage = data.can_manage;
+    // the keys the workspace inherits from its organization, masked (read-only here)
+    state.inherited = await api(
+      "GET", `workspaces/${encodeURIComponent(workspaceId)}/byok-inherited-keys`);
     render(focusSelector);
   }
 

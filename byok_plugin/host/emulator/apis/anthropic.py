@@ -93,6 +93,14 @@ class AnthropicAPI(ProviderAPI):
             {"request-id": request_id},
         )
 
+    def no_credit(self) -> Response:
+        return self.error(
+            400,
+            "bad_request",
+            "Your credit balance is too low to access the Anthropic API. Please go to Plans & "
+            "Billing to upgrade or purchase credits.",
+        )
+
     def routes(self) -> list[Route]:
         return [
             self.route("/v1/models", self.list_models, methods=("GET",)),

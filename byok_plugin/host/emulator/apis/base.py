@@ -244,7 +244,13 @@ class ProviderAPI:
         record(response.status_code, fault.kind if fault else None)
         return response
 
+    def no_credit(self) -> Response:
+        """The provider's answer when the key's account has no credit left."""
+        return self.error(429, "rate_limit", "You exceeded your current quota.")
+
     async def _apply_fault(self, fault: Fault, exchange: Exchange, stream: bool) -> Response | None:
+        if fault.kind is FaultKind.NO_CREDIT:
+            return self.no_credit()
         if fault.kind is FaultKind.RATE_LIMIT:
             response = self.error(429, "rate_limit", "Rate limit reached; please try again later.")
             response.headers["retry-after"] = _seconds(fault.retry_after)

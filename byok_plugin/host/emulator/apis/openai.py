@@ -117,6 +117,21 @@ class OpenAIAPI(ProviderAPI):
             {"x-request-id": new_id("req_")},
         )
 
+    def no_credit(self) -> Response:
+        return json_response(
+            {
+                "error": {
+                    "message": "You exceeded your current quota, please check your plan and "
+                    "billing details.",
+                    "type": "insufficient_quota",
+                    "param": None,
+                    "code": "insufficient_quota",
+                }
+            },
+            429,
+            {"x-request-id": new_id("req_")},
+        )
+
     def routes(self) -> list[Route]:
         return [
             self.route("/v1/models", self.list_models, methods=("GET",)),

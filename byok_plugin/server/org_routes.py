@@ -1,0 +1,123 @@
+"""The organization routes: an organization's key pool, and the keys a workspace inherits.
+
+- ``GET /api/workspaces/{workspace_id}/byok-inherited-keys``: what the workspace inherits from its
+  organization, masked (the workspace's members);
+- ``GET|POST|DELETE /api/organizations/{org_id}/byok-keys``: the organization's keys, through the
+  workspace key routes on the owner id ``org:<org_id>`` (its members list them, its admins change
+  them; ``byok_authorize`` decides on ``org:<org_id>``).
+
+Authorization comes before the organization is looked up, so that an outsider cannot tell an
+existing organization from a missing one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from byok_hookspecs import Action
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from byok_plugin.key_errors import InvalidInput
+from byok_plugin.organizations import (
+    OrganizationNotFound,
+    Organizations,
+    check_org_id,
+    org_owner,
+)
+from byok_plugin.server.errors import ApiError, ErrorCode
+
+if TYPE_CHECKING:
+    from byok_plugin.keys import KeyService
+    from byok_plugin.server.routes import Api, Handler
+
+__all__ = ["organization_routes"]
+
+
+def organization_routes(
+    api: Api,
+    endpoint: Callable[[Handler], Handler],
+    by_method: Callable[..., tuple[Handler, list[str]]],
+) -> list[BaseRoute]:
+    """The organization routes, answered through ``api`` (``endpoint`` and ``by_method`` are
+    :mod:`byok_plugin.server.routes`' own, passed in to keep the imports one-way)."""
+    from byok_plugin.server.routes import ok
+
+    async def inherited(request: Request) -> Response:
+        actor = await api.actor(request)
+        workspace_id = request.path_params["workspace_id"]
+
+        def work(service: KeyService) -> dict[str, Any]:
+            orgs = Organizations(api.app.organization_store, service, api.app.key_store)
+            membership, keys = orgs.inherited_keys(actor, workspace_id)
+            return {
+                "workspace_id": workspace_id,
+                "organization_id": membership.organization_id if membership else None,
+                "opted_out": membership.opted_out if membership else None,
+                "keys": [_inherited_json(k.to_dict()) for k in keys],
+            }
+
+        return ok(await api.call(work))
+
+    def as_owner(handler: Handler, action: Action) -> Handler:
+        """Run a workspace key route on the organization's owner id."""
+
+        async def run(request: Request) -> Response:
+            actor = await api.actor(request)
+            try:
+                org_id = check_org_id(request.path_params["org_id"])
+            except InvalidInput as exc:
+                raise ApiError(ErrorCode.VALIDATION_ERROR, str(exc), "org_id") from None
+            owner = org_owner(org_id)
+
+            def check(service: KeyService) -> bool:
+                service.authorize(actor, owner, action, what="organization keys")
+                return api.app.organization_store.exists(org_id)
+
+            if not await api.call(check):
+                raise OrganizationNotFound(org_id)
+            request.scope["path_params"] = {**request.path_params, "workspace_id": owner}
+            return await handler(request)
+
+        return run
+
+    keys_handler, keys_methods = by_method(
+        GET=as_owner(api.list_keys, Action.READ_KEYS),
+        POST=as_owner(api.set_key, Action.MANAGE_KEYS),
+        DELETE=as_owner(api.delete_keys, Action.MANAGE_KEYS),
+    )
+    return [
+        Route(
+            "/api/workspaces/{workspace_id}/byok-inherited-keys",
+            endpoint(inherited),
+            methods=["GET"],
+        ),
+        Route(
+            "/api/organizations/{org_id}/byok-keys", endpoint(keys_handler), methods=keys_methods
+        ),
+    ]
+
+
+_INHERITED_FIELDS = (
+    "id",
+    "provider",
+    "label",
+    "hint",
+    "status",
+    "created_at",
+    "created_by",
+    "updated_at",
+    "updated_by",
+    "last_used_at",
+    "cooldown_until",
+    "organization_id",
+    "inherited",
+    "active",
+)
+
+
+def _inherited_json(values: dict[str, Any]) -> dict[str, Any]:
+    """What the API shows of an inherited key: the masked fields only (no fingerprint)."""
+    return {name: values[name] for name in _INHERITED_FIELDS}
