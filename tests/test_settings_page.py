@@ -410,3 +410,106 @@ def test_a_member_sees_each_budget_with_spent_reserved_and_left(
     expect(own.locator(".budget-left")).to_have_text("$5.00")
     tab.shot("budgets")
     assert tab.errors == []
+
+
+# --- accessibility helpers for the sections below ----------------------------------------------
+
+CONTRAST_JS = """(selector) => {
+  const parse = (c) => (c.match(/[\\d.]+/g) || []).slice(0, 3).map(Number);
+  const lum = ([r, g, b]) => {
+    const f = (v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; };
+    return 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b);
+  };
+  const background = (el) => {
+    for (; el; el = el.parentElement) {
+      const c = getComputedStyle(el).backgroundColor;
+      if (c && !c.startsWith("rgba(0, 0, 0, 0)") && c !== "transparent") return parse(c);
+    }
+    return [255, 255, 255];
+  };
+  return [...document.querySelectorAll(selector)].filter((el) => el.offsetParent !== null)
+    .map((el) => {
+      const a = lum(parse(getComputedStyle(el).color)), b = lum(background(el));
+      return [el.textContent.trim().slice(0, 40), (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05)];
+    });
+}"""
+
+
+def assert_readable(page, selector: str) -> None:
+    """Every visible text matched has WCAG AA contrast (4.5:1) against what is behind it."""
+    measured = page.evaluate(CONTRAST_JS, selector)
+    assert measured, f"nothing visible matches {selector}"
+    low = [(text, round(ratio, 2)) for text, ratio in measured if ratio < 4.5]
+    assert low == []
+
+
+def assert_fits_width(page) -> None:
+    """Nothing makes the page scroll sideways (wide tables scroll inside their own region)."""
+    overflow = page.evaluate(
+        "document.documentElement.scrollWidth - document.documentElement.clientWidth"
+    )
+    assert overflow <= 0
+
+
+def test_an_admin_reads_the_audit_log_newest_first_on_a_phone_and_in_dark_mode(
+    browser, tabs: list[Page], base_url: str, stack: Stack
+) -> None:
+    from playwright.sync_api import expect
+
+    service = stack.app.key_service(stack.pm)
+    service.set_key(ADMIN, "acme", "openai", random_key("openai"), label="default", test=False)
+    service.disable(ADMIN, "acme", "openai")
+    with pytest.raises(Exception, match="may not"):
+        service.set_key(MEMBER, "acme", "openai", random_key("openai"), test=False)
+
+    tab = open_page(browser, tabs, base_url, ADMIN_TOKEN, "admin-audit")
+    page = tab.page
+    section = page.get_by_role("region", name="Audit log")
+    expect(section).to_be_visible()
+    rows = section.locator("tbody tr")
+    expect(rows).to_have_count(3)
+    expect(rows.nth(0).locator(".audit-what")).to_have_text("Access refusedRefused")
+    expect(rows.nth(0).locator(".audit-who")).to_have_text("bob")
+    expect(rows.nth(1).locator(".audit-what")).to_have_text("Key disabled")
+    expect(rows.nth(2).locator(".audit-what")).to_have_text("Key added")
+    expect(rows.nth(2).locator(".audit-who")).to_have_text("alice")
+    expect(rows.nth(2).locator(".audit-key")).to_contain_text("openai · key_")
+    for name in ("When", "What", "Who", "Key", "Details"):
+        expect(section.get_by_role("columnheader", name=name)).to_be_visible()
+    # the page's own change appears in the log without a reload
+    card(page, "openai").get_by_role("button", name="Enable OpenAI key “default”").click()
+    expect(rows).to_have_count(4)
+    expect(rows.nth(0).locator(".audit-what")).to_have_text("Key enabled")
+    assert_readable(page, ".audit-table th, .audit-table td, .audit-lede")
+    tab.shot("audit")
+
+    page.set_viewport_size({"width": 390, "height": 844})
+    expect(rows).to_have_count(4)
+    assert_fits_width(page)
+    # the table scrolls inside its own region, which a keyboard user can reach
+    scroller = page.locator("#audit-scroll")
+    scroller.focus()
+    expect(scroller).to_be_focused()
+    tab.shot("audit-390px")
+
+    page.emulate_media(color_scheme="dark")
+    assert_readable(page, ".audit-table th, .audit-table td, .audit-lede, h2")
+    tab.shot("audit-390px-dark")
+    page.set_viewport_size({"width": 1100, "height": 900})
+    tab.shot("audit-dark")
+    page.emulate_media(color_scheme="light")
+    assert tab.errors == []
+
+
+def test_a_member_sees_no_audit_log(browser, tabs: list[Page], base_url: str, stack: Stack) -> None:
+    from playwright.sync_api import expect
+
+    service = stack.app.key_service(stack.pm)
+    service.set_key(ADMIN, "acme", "openai", random_key("openai"), test=False)
+    tab = open_page(browser, tabs, base_url, MEMBER_TOKEN, "member-audit")
+    expect(tab.page.locator("li.key")).to_have_count(1)
+    expect(tab.page.locator("#audit-section")).to_be_hidden()
+    expect(tab.page.locator("#audit-rows tr")).to_have_count(0)
+    # and the member's page asked for nothing it may not read
+    assert [e for e in stack.audit.events if e.action == "access.denied"] == []
+    assert tab.errors == []

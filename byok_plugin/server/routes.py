@@ -431,6 +431,62 @@ class BudgetRoutes:
         return ok(await run_in_threadpool(work))
 
 
+def _query_since(request: Request) -> datetime | None:
+    """The ``since`` query parameter: an ISO 8601 date or time (naive means UTC); 422 if not."""
+    from datetime import UTC
+
+    text = request.query_params.get("since")
+    if text is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ApiError(
+            ErrorCode.VALIDATION_ERROR,
+            "since must be an ISO 8601 date or time, such as 2026-11-01 or 2026-11-01T09:30:00Z",
+            "since",
+        ) from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
+def _query_limit(request: Request) -> int:
+    """The ``limit`` query parameter: a whole number from 1 to the most one read returns."""
+    from byok_plugin.audit_log import DEFAULT_LIMIT, MAX_LIMIT
+
+    text = request.query_params.get("limit")
+    if text is None:
+        return DEFAULT_LIMIT
+    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+        raise ApiError(
+            ErrorCode.VALIDATION_ERROR,
+            f"limit must be a whole number from 1 to {MAX_LIMIT}",
+            "limit",
+        )
+    return int(text)
+
+
+async def read_audit(api: Api, request: Request) -> Response:
+    """``GET .../byok-audit``: the workspace's audit log, newest first, for its admins and
+    operators (a refusal is audited)."""
+    from byok_plugin.audit_log import AuditQuery, event_json, read_audit_log
+
+    actor = await api.actor(request)
+    workspace_id = request.path_params["workspace_id"]
+    try:
+        workspace_id = check_workspace_id(workspace_id)
+    except InvalidInput as exc:
+        raise ApiError(ErrorCode.VALIDATION_ERROR, str(exc), "workspace_id") from None
+    query = AuditQuery(
+        workspace_id=workspace_id, since=_query_since(request), limit=_query_limit(request)
+    )
+
+    def work() -> dict[str, Any]:
+        events = read_audit_log(api.pm, api.app.audit_store, actor, query)
+        return {"workspace_id": workspace_id, "events": [event_json(e) for e in events]}
+
+    return ok(await run_in_threadpool(work))
+
+
 def _static_file(name: str, media_type: str) -> Handler:
     """One file of the settings page, read from the package once."""
     content = resources.files("byok_plugin.server").joinpath("static", name).read_bytes()
@@ -470,6 +526,11 @@ def build_routes(api: Api) -> list[BaseRoute]:
         Route(keys + "/{key_id}/test", endpoint(api.test_key), methods=["POST"]),
         Route(budget, endpoint(budgets.list_budgets), methods=["GET"]),
         Route(budget + "/{name}", endpoint(budget_handler), methods=budget_methods),
+        Route(
+            "/api/workspaces/{workspace_id}/byok-audit",
+            endpoint(lambda request: read_audit(api, request)),
+            methods=["GET"],
+        ),
         Route(
             "/settings/", _static_file("index.html", "text/html; charset=utf-8"), methods=["GET"]
         ),

@@ -281,6 +281,73 @@
     }
   }
 
+  // ---- audit log (admins and operators) ----------------------------------------------------
+
+  const AUDIT_ACTIONS = {
+    "key.created": "Key added",
+    "key.replaced": "Key replaced",
+    "key.deleted": "Key deleted",
+    "key.enabled": "Key enabled",
+    "key.disabled": "Key disabled",
+    "key.tested": "Key tested",
+    "key.rewrapped": "Key re-encrypted",
+    "key.cooldown": "Key paused after a refusal",
+    "access.denied": "Access refused",
+    "fallback.used": "Platform key used instead",
+    "budget.set": "Budget set",
+    "budget.deleted": "Budget deleted",
+    "budget.threshold": "Budget threshold crossed",
+    "settings.fallback_policy": "Fallback policy changed",
+  };
+  const OUTCOMES = { denied: "Refused", error: "Failed" };
+
+  function auditRow(event) {
+    const row = document.createElement("tr");
+    row.dataset.action = event.action;
+    const cell = (cls) => {
+      const td = document.createElement("td");
+      td.className = cls;
+      row.append(td);
+      return td;
+    };
+    cell("audit-when").append(timeEl("", event.occurred_at));
+    const what = cell("audit-what");
+    what.textContent = AUDIT_ACTIONS[event.action] || event.action;
+    if (OUTCOMES[event.outcome]) {
+      const pill = document.createElement("span");
+      pill.className = "status-pill disabled audit-outcome";
+      pill.textContent = OUTCOMES[event.outcome];
+      what.append(pill);
+    }
+    cell("audit-who").textContent = event.actor_id || "the system";
+    const key = cell("audit-key mono");
+    key.textContent = [event.provider, event.key_id].filter(Boolean).join(" · ");
+    cell("audit-detail").textContent = event.detail;
+    return row;
+  }
+
+  async function loadAudit() {
+    if (!state.canManage) {
+      $("#audit-section").hidden = true;
+      return;
+    }
+    $("#audit-section").hidden = false;
+    try {
+      const data = await api("GET",
+        `workspaces/${encodeURIComponent(workspaceId)}/byok-audit?limit=100`);
+      $("#audit-error").hidden = true;
+      $("#audit-rows").replaceChildren(...data.events.map(auditRow));
+      $("#audit-scroll").hidden = data.events.length === 0;
+      $("#audit-empty").hidden = data.events.length > 0;
+    } catch (err) {
+      $("#audit-rows").replaceChildren();
+      $("#audit-scroll").hidden = true;
+      $("#audit-empty").hidden = true;
+      $("#audit-error").textContent = describe(err);
+      $("#audit-error").hidden = false;
+    }
+  }
+
   // ---- actions ----------------------------------------------------------------------------
 
   async function reload(focusSelector) {
@@ -288,6 +355,7 @@
     state.keys = data.keys;
     state.canManage = data.can_manage;
     render(focusSelector);
+    await loadAudit(); // a key change is in the log at once
   }
 
   async function busy(button, work) {
