@@ -35,6 +35,7 @@ from byok_plugin.server.errors import (
 )
 from byok_plugin.server.identity import Identify, resolve_actor
 from byok_plugin.server.schemas import openapi_text
+from byok_plugin.server.workspace_views import WorkspaceViews
 
 if TYPE_CHECKING:
     from byok_plugin.app import App
@@ -516,6 +517,8 @@ def build_routes(api: Api) -> list[BaseRoute]:
     budgets = BudgetRoutes(api)
     budget = "/api/workspaces/{workspace_id}/byok-budgets"
     budget_handler, budget_methods = by_method(PUT=budgets.set_budget, DELETE=budgets.delete_budget)
+    views = WorkspaceViews(api)
+    fallback_handler, fallback_methods = by_method(GET=views.get_fallback, PUT=views.set_fallback)
     return [
         Route("/api/byok/health", endpoint(api.health), methods=["GET"]),
         Route("/api/byok/openapi.json", endpoint(api.openapi), methods=["GET"]),
@@ -526,6 +529,16 @@ def build_routes(api: Api) -> list[BaseRoute]:
         Route(keys + "/{key_id}/test", endpoint(api.test_key), methods=["POST"]),
         Route(budget, endpoint(budgets.list_budgets), methods=["GET"]),
         Route(budget + "/{name}", endpoint(budget_handler), methods=budget_methods),
+        Route(
+            "/api/workspaces/{workspace_id}/byok-usage",
+            endpoint(views.usage),
+            methods=["GET"],
+        ),
+        Route(
+            "/api/workspaces/{workspace_id}/byok-fallback",
+            endpoint(fallback_handler),
+            methods=fallback_methods,
+        ),
         Route(
             "/api/workspaces/{workspace_id}/byok-audit",
             endpoint(lambda request: read_audit(api, request)),
