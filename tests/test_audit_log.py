@@ -155,7 +155,10 @@ def test_byok_audit_prints_a_table_and_versioned_json(cli_env: dict[str, str]) -
     denied_line = next(i for i, line in enumerate(lines) if "access.denied" in line)
     created_line = next(i for i, line in enumerate(lines) if "key.created" in line)
     assert denied_line < created_line  # newest first
-    assert "2026-11-02 09:00:00" in lines[denied_line]
+    assert lines[denied_line] == (
+        "2026-11-02 09:00:00Z  access.denied (denied)  by bob  key_000000000001"
+    )
+    assert lines[denied_line + 1] == "    event 1"
     assert "globex" not in table.output
 
     every = runner.invoke(main, ["audit"], env=cli_env)
@@ -184,6 +187,22 @@ def test_byok_audit_prints_a_table_and_versioned_json(cli_env: dict[str, str]) -
     empty = runner.invoke(main, ["audit", "-w", "initech"], env=cli_env)
     assert empty.exit_code == 0
     assert "No audit events in workspace initech." in empty.output
+
+
+@pytest.mark.parametrize("columns", ["80", "40"])
+def test_byok_audit_cuts_nothing_on_a_narrow_terminal(
+    cli_env: dict[str, str], columns: str
+) -> None:
+    long_id = "key_" + "x" * 60
+    _record(cli_env, _event(0, key_id=long_id, workspace="a-rather-long-workspace-name"))
+    result = CliRunner().invoke(main, ["audit"], env={**cli_env, "COLUMNS": columns})
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.output.splitlines() if "key.created" in line)
+    # one line, whole: time, workspace, action, actor, provider and the full key id
+    assert line == (
+        f"2026-11-01 09:00:00Z  a-rather-long-workspace-name  key.created  by alice  openai {long_id}"
+    )
+    assert "…" not in result.output
 
 
 def test_byok_audit_rejects_bad_options_with_exit_2(cli_env: dict[str, str]) -> None:

@@ -12,7 +12,6 @@ import json
 
 import click
 from rich.console import Console
-from rich.table import Table
 
 from byok_plugin.audit_log import DEFAULT_LIMIT, MAX_LIMIT, AuditQuery, event_json, read_audit_log
 from byok_plugin.cli.context import CliContext, pass_cli
@@ -69,24 +68,17 @@ def audit_command(
     if not events:
         console.print(plain(f"No audit events in {where}" + (f" since {since}." if since else ".")))
         return
-    table = Table(title=plain(f"audit log of {where}, newest first"))
-    table.add_column("time (UTC)", no_wrap=True)
-    if workspace_id is None:
-        table.add_column("workspace", overflow="fold")
-    for name in ("action", "outcome", "actor", "provider", "key id"):
-        table.add_column(name, overflow="fold")
-    table.add_column("detail", overflow="fold")
+    # one event per line and its detail below it, never a table: at any width nothing (an id,
+    # a time) is cut, and a pipe gets the same lines, unwrapped
+    console.print(plain(f"audit log of {where}, newest first:"), soft_wrap=True)
     for event in events:
-        cells = [event.occurred_at.strftime("%Y-%m-%d %H:%M:%S")]
+        parts = [f"{event.occurred_at:%Y-%m-%d %H:%M:%S}Z"]
         if workspace_id is None:
-            cells.append(event.workspace_id)
-        cells += [
-            event.action,
-            event.outcome,
-            event.actor_id or "system",
-            event.provider or "",
-            event.key_id or "",
-            event.detail,
-        ]
-        table.add_row(*(plain(cell) for cell in cells))
-    console.print(table)
+            parts.append(event.workspace_id)
+        parts.append(event.action if event.outcome == "ok" else f"{event.action} ({event.outcome})")
+        parts.append(f"by {event.actor_id or 'the system'}")
+        if event.provider or event.key_id:
+            parts.append(" ".join(p for p in (event.provider, event.key_id) if p))
+        console.print(plain("  ".join(parts)), soft_wrap=True)
+        if event.detail:
+            console.print(plain(f"    {event.detail}"), soft_wrap=True)
