@@ -277,6 +277,8 @@ async def test_the_route_gives_admins_the_log_newest_first(
     ("params", "field"),
     [
         ({"since": "last tuesday"}, "since"),
+        ({"since": "9999-12-31T23:30:00-01:00"}, "since"),
+        ({"since": "0001-01-01T00:00:00+01:00"}, "since"),
         ({"limit": "0"}, "limit"),
         ({"limit": "1001"}, "limit"),
         ({"limit": "ten"}, "limit"),

@@ -441,13 +441,15 @@ def _query_since(request: Request) -> datetime | None:
         return None
     try:
         moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError:
+        # in UTC now: a time at the very edge of the calendar fails here, not in the store
+        moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    except (ValueError, OverflowError):
         raise ApiError(
             ErrorCode.VALIDATION_ERROR,
             "since must be an ISO 8601 date or time, such as 2026-11-01 or 2026-11-01T09:30:00Z",
             "since",
         ) from None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+    return moment
 
 
 def _query_limit(request: Request) -> int:
