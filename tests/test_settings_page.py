@@ -673,6 +673,23 @@ def test_the_page_says_which_key_runs_use_and_a_refused_key_is_not_green(
     assert_readable(page, "li.key .status-pill")
     tab.shot("refused-pill")
 
+    # a key the provider refused during a run (in cooldown) is shown paused, not green
+    from datetime import UTC, datetime, timedelta
+
+    default_id = openai.locator("li.key", has=page.get_by_text("default", exact=True))
+    key_id = default_id.get_attribute("data-key-id")
+    assert key_id
+    stack.app.key_store.set_cooldown(key_id, datetime.now(UTC) + timedelta(minutes=5), "auth")
+    page.reload()
+    paused = openai.locator(f'li.key[data-key-id="{key_id}"]')
+    expect(paused.locator(".status-pill")).to_have_text("Paused")
+    expect(paused.locator(".key-meta")).to_contain_text("Paused after a provider refusal")
+    stack.app.key_store.set_cooldown(key_id, None)
+    page.reload()
+    expect(paused.locator(".status-pill")).to_have_text("Enabled")
+    # the refusal is remembered (from the audit log) across a reload
+    expect(backup.locator(".status-pill")).to_have_text("Refused by the provider")
+
     # one of two enabled: the page names the key runs use
     openai.get_by_role("button", name="Disable OpenAI key “backup”").click()
     expect(openai.locator(".provider-meta")).to_contain_text("Runs use the key “default”")

@@ -575,7 +575,26 @@
     return row;
   }
 
-  async function loadAudit() {
+  // which keys the provider refused at their last test, from the log (so that a reload, or
+  // another admin's page, still shows it): a later test that passed, a replacement, or an
+  // admin's enable or disable clears it
+  function refusedFrom(events) {
+    const refused = new Set();
+    for (const event of [...events].reverse()) { // oldest first
+      if (!event.key_id) continue;
+      if (event.action === "key.tested" && event.detail === "live check invalid") {
+        refused.add(event.key_id);
+      } else if (["key.tested", "key.replaced", "key.enabled", "key.disabled", "key.deleted"]
+        .includes(event.action)) {
+        refused.delete(event.key_id);
+      }
+    }
+    return refused;
+  }
+
+  const sameSet = (a, b) => a.size === b.size && [...a].every((x) => b.has(x));
+
+  async function loadAudit(focusSelector) {
     if (!state.canManage) {
       $("#audit-section").hidden = true;
       return;
@@ -588,6 +607,11 @@
       $("#audit-rows").replaceChildren(...data.events.map(auditRow));
       $("#audit-scroll").hidden = data.events.length === 0;
       $("#audit-empty").hidden = data.events.length > 0;
+      const refused = refusedFrom(data.events);
+      if (!sameSet(refused, state.refused)) {
+        state.refused = refused;
+        render(focusSelector);
+      }
     } catch (err) {
       $("#audit-rows").replaceChildren();
       $("#audit-scroll").hidden = true;
@@ -604,7 +628,7 @@
     state.keys = data.keys;
     state.canManage = data.can_manage;
     render(focusSelector);
-    await loadAudit(); // a key change is in the log at once
+    await loadAudit(focusSelector); // a key change is in the log at once
   }
 
   async function busy(button, work) {
@@ -632,6 +656,7 @@
         if (check.status === "valid") state.refused.delete(key.id);
         render(`[data-key-id="${CSS.escape(key.id)}"] .act-test`);
         showResult($(`[data-key-id="${CSS.escape(key.id)}"]`), text, check.status === "valid");
+        await loadAudit(`[data-key-id="${CSS.escape(key.id)}"] .act-test`);
       } catch (err) {
         showResult(node, describe(err), false);
       }
