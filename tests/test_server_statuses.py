@@ -111,6 +111,10 @@ def _calls(key_id: str) -> list[tuple[str, str, Any]]:
         ("PATCH", f"{KEYS}/{key_id}", {"status": "disabled"}),
         ("POST", f"{KEYS}/{key_id}/test", {}),
         ("DELETE", KEYS, {"provider": "openai", "key_id": key_id}),
+        ("GET", "/api/workspaces/acme/byok-audit?limit=5", None),
+        ("GET", "/api/workspaces/acme/byok-usage?days=7", None),
+        ("GET", "/api/workspaces/acme/byok-fallback", None),
+        ("PUT", "/api/workspaces/acme/byok-fallback", {"policy": "on_rate_limit"}),
     ]
 
 

@@ -49,7 +49,7 @@ LAUNCH_ARGS = [
     "--disable-sync",
 ]
 EXPECTED_HTTP_ERROR = re.compile(
-    r"Failed to load resource: the server responded with a status of (401|422)\b"
+    r"Failed to load resource: the server responded with a status of (401|409|422)\b"
 )
 
 
@@ -440,4 +440,333 @@ def test_a_member_sees_each_budget_with_spent_reserved_and_left(
     expect(own.locator(".budget-kind")).to_have_text("Soft limit")
     expect(own.locator(".budget-left")).to_have_text("$5.00")
     tab.shot("budgets")
+    assert tab.errors == []
+
+
+# --- accessibility helpers for the sections below ----------------------------------------------
+
+CONTRAST_JS = """(selector) => {
+  const parse = (c) => (c.match(/[\\d.]+/g) || []).slice(0, 3).map(Number);
+  const lum = ([r, g, b]) => {
+    const f = (v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; };
+    return 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b);
+  };
+  const background = (el) => {
+    for (; el; el = el.parentElement) {
+      const c = getComputedStyle(el).backgroundColor;
+      if (c && !c.startsWith("rgba(0, 0, 0, 0)") && c !== "transparent") return parse(c);
+    }
+    return [255, 255, 255];
+  };
+  return [...document.querySelectorAll(selector)].filter((el) => el.offsetParent !== null)
+    .map((el) => {
+      const a = lum(parse(getComputedStyle(el).color)), b = lum(background(el));
+      return [el.textContent.trim().slice(0, 40), (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05)];
+    });
+}"""
+
+
+def assert_readable(page, selector: str) -> None:
+    """Every visible text matched has WCAG AA contrast (4.5:1) against what is behind it."""
+    measured = page.evaluate(CONTRAST_JS, selector)
+    assert measured, f"nothing visible matches {selector}"
+    low = [(text, round(ratio, 2)) for text, ratio in measured if ratio < 4.5]
+    assert low == []
+
+
+def assert_fits_width(page) -> None:
+    """Nothing makes the page scroll sideways (wide tables scroll inside their own region)."""
+    overflow = page.evaluate(
+        "document.documentElement.scrollWidth - document.documentElement.clientWidth"
+    )
+    assert overflow <= 0
+
+
+def test_an_admin_reads_the_audit_log_newest_first_on_a_phone_and_in_dark_mode(
+    browser, tabs: list[Page], base_url: str, stack: Stack
+) -> None:
+    from playwright.sync_api import expect
+
+    service = stack.app.key_service(stack.pm)
+    service.set_key(ADMIN, "acme", "openai", random_key("openai"), label="default", test=False)
+    service.disable(ADMIN, "acme", "openai")
+    with pytest.raises(Exception, match="may not"):
+        service.set_key(MEMBER, "acme", "openai", random_key("openai"), test=False)
+
+    tab = open_page(browser, tabs, base_url, ADMIN_TOKEN, "admin-audit")
+    page = tab.page
+    section = page.get_by_role("region", name="Audit log")
+    expect(section).to_be_visible()
+    rows = section.locator("tbody tr")
+    expect(rows).to_have_count(3)
+    expect(rows.nth(0).locator(".audit-what")).to_have_text("Access refusedRefused")
+    expect(rows.nth(0).locator(".audit-who")).to_have_text("bob")
+    expect(rows.nth(1).locator(".audit-what")).to_have_text("Key disabled")
+    expect(rows.nth(2).locator(".audit-what")).to_have_text("Key added")
+    expect(rows.nth(2).locator(".audit-who")).to_have_text("alice")
+    expect(rows.nth(2).locator(".audit-key")).to_contain_text("openai · key_")
+    for name in ("When", "What", "Who", "Key", "Details"):
+        expect(section.get_by_role("columnheader", name=name)).to_be_visible()
+    # the page's own change appears in the log without a reload
+    card(page, "openai").get_by_role("button", name="Enable OpenAI key “default”").click()
+    expect(rows).to_have_count(4)
+    expect(rows.nth(0).locator(".audit-what")).to_have_text("Key enabled")
+    assert_readable(page, ".audit-table th, .audit-table td, .audit-lede")
+    tab.shot("audit")
+
+    page.set_viewport_size({"width": 390, "height": 844})
+    expect(rows).to_have_count(4)
+    assert_fits_width(page)
+    # the table scrolls inside its own region, which a keyboard user can reach
+    scroller = page.locator("#audit-scroll")
+    scroller.focus()
+    expect(scroller).to_be_focused()
+    tab.shot("audit-390px")
+
+    page.emulate_media(color_scheme="dark")
+    assert_readable(page, ".audit-table th, .audit-table td, .audit-lede, h2")
+    tab.shot("audit-390px-dark")
+    page.set_viewport_size({"width": 1100, "height": 900})
+    tab.shot("audit-dark")
+    page.emulate_media(color_scheme="light")
+    assert tab.errors == []
+
+
+def test_a_member_sees_no_audit_log(browser, tabs: list[Page], base_url: str, stack: Stack) -> None:
+    from playwright.sync_api import expect
+
+    service = stack.app.key_service(stack.pm)
+    service.set_key(ADMIN, "acme", "openai", random_key("openai"), test=False)
+    tab = open_page(browser, tabs, base_url, MEMBER_TOKEN, "member-audit")
+    expect(tab.page.locator("li.key")).to_have_count(1)
+    expect(tab.page.locator("#audit-section")).to_be_hidden()
+    expect(tab.page.locator("#audit-rows tr")).to_have_count(0)
+    # and the member's page asked for nothing it may not read
+    assert [e for e in stack.audit.events if e.action == "access.denied"] == []
+    assert tab.errors == []
+
+
+def _ledger_call(n: int, days_ago: int, *, own: bool, cost: str, model: str = "gpt-4o"):
+    from datetime import UTC, datetime, timedelta
+    from decimal import Decimal
+
+    from byok_hookspecs import Charge, CredentialSource, Usage, UsageRecord
+
+    return UsageRecord(
+        idempotency_key=f"run-{n}:block-{n}:attempt-1",
+        workspace_id="acme",
+        usage=Usage("openai", model, input_tokens=1000, output_tokens=100),
+        charge=Charge(
+            amount=Decimal(0) if own else Decimal(cost),
+            reason="byok" if own else "platform",
+            list_cost=Decimal(cost),
+            breakdown=(("input", Decimal(cost)),),
+            price_version="test-1",
+        ),
+        source=CredentialSource.WORKSPACE if own else CredentialSource.PLATFORM,
+        key_id="key_own0000001" if own else None,
+        workflow_id="support-triage",
+        run_id=f"run-{n}",
+        block_id="summarize" if own else "classify",
+        attempt=1,
+        occurred_at=datetime.now(UTC) - timedelta(days=days_ago),
+    )
+
+
+def test_an_admin_sees_usage_as_a_chart_and_changes_the_fallback_policy(
+    browser, tabs: list[Page], base_url: str, stack: Stack
+) -> None:
+    from playwright.sync_api import expect
+
+    stack.app.ledger.record(_ledger_call(1, 0, own=True, cost="1.50"))
+    stack.app.ledger.record(_ledger_call(2, 0, own=False, cost="0.50", model="gpt-4o-mini"))
+    stack.app.ledger.record(_ledger_call(3, 3, own=True, cost="2.25"))
+    stack.app.ledger.record(_ledger_call(4, 45, own=False, cost="99"))  # outside the 30 days
+
+    tab = open_page(browser, tabs, base_url, ADMIN_TOKEN, "admin-usage")
+    page = tab.page
+    usage = page.get_by_role("region", name="Usage, last 30 days")
+    expect(usage).to_be_visible()
+    expect(page.locator("#usage-byok")).to_have_text("$3.75")
+    expect(page.locator("#usage-platform")).to_have_text("$0.50")
+    expect(page.locator("#usage-saved")).to_have_text("$3.75")
+    expect(page.locator("#usage-share")).to_have_text("2 of 3")
+    # the chart: one group per day, bars only where something was spent, stacked
+    chart = page.locator("#usage-chart svg")
+    expect(chart).to_have_attribute("role", "img")
+    expect(chart.locator("g.bar")).to_have_count(30)
+    expect(chart.locator("rect.bar-byok")).to_have_count(2)
+    expect(chart.locator("rect.bar-platform")).to_have_count(1)
+    today = chart.locator("g.bar").last
+    own_top = float(today.locator("rect.bar-byok").get_attribute("y"))
+    platform = today.locator("rect.bar-platform")
+    # the platform's part sits on top of the own keys' part
+    assert float(platform.get_attribute("y")) + float(platform.get_attribute("height")) == (
+        pytest.approx(own_top)
+    )
+    title = page.locator("#usage-chart-title")
+    expect(title).to_contain_text("2 days with spend")
+    assert page.locator("script[src^='http'], link[href^='http']").count() == 0  # no CDN
+    models = page.locator("#usage-models tr")
+    expect(models).to_have_count(2)
+    expect(models.first).to_contain_text("gpt-4o")
+    expect(models.first).to_contain_text("$3.75")
+    blocks = page.locator("#usage-blocks tr")
+    expect(blocks).to_have_count(2)
+    expect(blocks.first).to_contain_text("support-triage")
+    expect(blocks.first).to_contain_text("summarize")
+    expect(blocks.first).to_contain_text("key_own0000001")
+    expect(blocks.last).to_contain_text("platform’s key")
+    assert_readable(
+        page, "#usage-section dt, #usage-section dd, #usage-section td, .chart-box text"
+    )
+    tab.shot("usage")
+
+    # the fallback policy: shown, and an admin changes it
+    fallback = page.get_by_role("region", name="When an own key fails")
+    expect(fallback.locator("#fallback-current")).to_contain_text("Never")
+    fallback.get_by_label("Only when the provider’s rate limit or quota is hit").check()
+    fallback.get_by_role("button", name="Save").click()
+    expect(fallback.locator("#fallback-current")).to_contain_text("rate limit or quota")
+    expect(fallback.locator("#fallback-current")).to_contain_text("Set by alice")
+    notice = page.locator("#notice")
+    expect(notice).to_contain_text("Fallback saved")
+    expect(notice).to_be_in_viewport()
+    assert stack.app.workspace_settings.fallback_policy("acme").value == "on_rate_limit"
+    expect(page.locator("#audit-rows tr").first.locator(".audit-what")).to_have_text(
+        "Fallback policy changed"
+    )
+    tab.shot("fallback-saved")
+
+    page.set_viewport_size({"width": 390, "height": 844})
+    expect(chart.locator("g.bar")).to_have_count(30)
+    assert_fits_width(page)
+    box = chart.bounding_box()
+    assert box is not None
+    assert box["width"] <= 390
+    tab.shot("usage-390px")
+    page.emulate_media(color_scheme="dark")
+    assert_readable(
+        page, "#usage-section dt, #usage-section dd, #usage-section td, .chart-box text"
+    )
+    assert_readable(page, "#fallback-section label, #fallback-current")
+    tab.shot("usage-390px-dark")
+    usage.screenshot(path=str(ARTIFACTS / "admin-usage-section-390px-dark.png"))
+    page.set_viewport_size({"width": 1100, "height": 900})
+    tab.shot("usage-dark")
+    page.emulate_media(color_scheme="light")
+    assert tab.errors == []
+
+
+def test_a_member_reads_usage_and_the_fallback_policy_without_changing_it(
+    browser, tabs: list[Page], base_url: str, stack: Stack
+) -> None:
+    from playwright.sync_api import expect
+
+    stack.app.workspace_settings.set_fallback_policy("acme", "on_error", actor_id="alice")
+    tab = open_page(browser, tabs, base_url, MEMBER_TOKEN, "member-usage")
+    page = tab.page
+    expect(page.locator("#usage-share")).to_have_text("0 of 0")
+    expect(page.locator("#usage-empty")).to_be_visible()
+    expect(page.locator("#usage-chart svg g.bar")).to_have_count(30)
+    expect(page.locator("#usage-chart svg rect")).to_have_count(0)
+    expect(page.locator("#fallback-current")).to_contain_text("On any refusal")
+    expect(page.locator("#fallback-form")).to_be_hidden()
+    expect(page.get_by_role("radio")).to_have_count(0)
+    tab.shot("usage-and-fallback")
+    assert tab.errors == []
+
+
+def test_the_page_says_which_key_runs_use_and_a_refused_key_is_not_green(
+    browser, tabs: list[Page], base_url: str, stack: Stack
+) -> None:
+    from playwright.sync_api import expect
+
+    service = stack.app.key_service(stack.pm)
+    refused = random_key("openai")
+    service.set_key(ADMIN, "acme", "openai", random_key("openai"), label="default", test=False)
+    service.set_key(ADMIN, "acme", "openai", refused, label="backup", test=False)
+    tab = open_page(browser, tabs, base_url, ADMIN_TOKEN, "admin-two-keys")
+    page = tab.page
+    openai = card(page, "openai")
+    expect(openai.locator(".provider-meta")).to_contain_text(
+        "Runs take turns between the 2 enabled keys"
+    )
+    expect(openai.locator(".in-use")).to_have_text(["In rotation", "In rotation"])
+
+    stack.checker.refused.add(refused)
+    openai.get_by_role("button", name="Test OpenAI key “backup”").click()
+    backup = openai.locator("li.key", has=page.get_by_text("backup", exact=True))
+    expect(backup.locator(".status-pill")).to_have_text("Refused by the provider")
+    expect(backup.locator(".status-pill")).not_to_have_class(re.compile(r"\benabled\b"))
+    expect(backup.locator(".key-result")).to_contain_text("The provider refused this key")
+    expect(openai.get_by_role("button", name="Test OpenAI key “backup”")).to_be_focused()
+    assert_readable(page, "li.key .status-pill")
+    tab.shot("refused-pill")
+
+    # a key the provider refused during a run (in cooldown) is shown paused, not green
+    from datetime import UTC, datetime, timedelta
+
+    default_id = openai.locator("li.key", has=page.get_by_text("default", exact=True))
+    key_id = default_id.get_attribute("data-key-id")
+    assert key_id
+    stack.app.key_store.set_cooldown(key_id, datetime.now(UTC) + timedelta(minutes=5), "auth")
+    page.reload()
+    paused = openai.locator(f'li.key[data-key-id="{key_id}"]')
+    expect(paused.locator(".status-pill")).to_have_text("Paused")
+    expect(paused.locator(".key-meta")).to_contain_text("Paused after a provider refusal")
+    stack.app.key_store.set_cooldown(key_id, None)
+    page.reload()
+    expect(paused.locator(".status-pill")).to_have_text("Enabled")
+    # the refusal is remembered (from the audit log) across a reload
+    expect(backup.locator(".status-pill")).to_have_text("Refused by the provider")
+
+    # one of two enabled: the page names the key runs use
+    openai.get_by_role("button", name="Disable OpenAI key “backup”").click()
+    expect(openai.locator(".provider-meta")).to_contain_text("Runs use the key “default”")
+    expect(openai.locator(".in-use")).to_have_text(["Used by runs"])
+    notice = page.locator("#notice")
+    expect(notice).to_contain_text("disabled")
+    expect(notice).to_be_in_viewport()
+    # the next action clears the notice
+    openai.get_by_role("button", name="Test OpenAI key “default”").click()
+    expect(notice).to_be_hidden()
+    tab.shot("one-used")
+    assert tab.errors == []
+
+
+def test_page_errors_are_in_the_pages_words_not_the_command_lines(
+    browser, tabs: list[Page], base_url: str, stack: Stack
+) -> None:
+    from playwright.sync_api import expect
+
+    api_key = random_key("openai")
+    service = stack.app.key_service(stack.pm)
+    service.set_key(ADMIN, "acme", "openai", api_key, label="default", test=False)
+    tab = open_page(browser, tabs, base_url, ADMIN_TOKEN, "admin-words")
+    page = tab.page
+    openai = card(page, "openai")
+    openai.get_by_role("button", name="Add OpenAI key").click()
+    openai.get_by_label("API key").fill(api_key)
+    openai.get_by_role("button", name="Save key").click()
+    error = openai.locator(".field-error")
+    expect(error).to_contain_text("already saved in this workspace under another label")
+    expect(error).to_contain_text("Replace button")
+    assert "--label" not in error.inner_text()
+
+    rejected = random_key("openai")
+    stack.checker.refused.add(rejected)
+    openai.get_by_label("API key").fill(rejected)
+    openai.get_by_role("button", name="Save key").click()
+    expect(error).to_have_text(
+        "The provider refused this key (incorrect API key provided). Nothing was saved."
+    )
+    unreachable = random_key("openai")
+    stack.checker.unreachable.add(unreachable)
+    openai.get_by_label("API key").fill(unreachable)
+    openai.get_by_role("button", name="Save key").click()
+    expect(error).to_contain_text("could not be reached")
+    expect(error).to_contain_text("untick the check")
+    assert "--no-test" not in error.inner_text()
+    tab.shot("words")
     assert tab.errors == []

@@ -12,6 +12,7 @@ from typing import TextIO
 import click
 
 from byok_plugin import __version__
+from byok_plugin.cli.audit import audit_command
 from byok_plugin.cli.budget import budget_group
 from byok_plugin.cli.demo import demo_command
 from byok_plugin.cli.emulator import emulator_command
@@ -94,3 +95,4 @@ main.add_command(fallback_group)
 main.add_command(ledger_group)
 main.add_command(budget_group)
 main.add_command(org_group)
+main.add_command(audit_command)

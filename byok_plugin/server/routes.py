@@ -36,6 +36,7 @@ from byok_plugin.server.errors import (
 from byok_plugin.server.identity import Identify, resolve_actor
 from byok_plugin.server.org_routes import organization_routes
 from byok_plugin.server.schemas import openapi_text
+from byok_plugin.server.workspace_views import WorkspaceViews
 
 if TYPE_CHECKING:
     from byok_plugin.app import App
@@ -432,6 +433,64 @@ class BudgetRoutes:
         return ok(await run_in_threadpool(work))
 
 
+def _query_since(request: Request) -> datetime | None:
+    """The ``since`` query parameter: an ISO 8601 date or time (naive means UTC); 422 if not."""
+    from datetime import UTC
+
+    text = request.query_params.get("since")
+    if text is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+        # in UTC now: a time at the very edge of the calendar fails here, not in the store
+        moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    except (ValueError, OverflowError):
+        raise ApiError(
+            ErrorCode.VALIDATION_ERROR,
+            "since must be an ISO 8601 date or time, such as 2026-11-01 or 2026-11-01T09:30:00Z",
+            "since",
+        ) from None
+    return moment
+
+
+def _query_limit(request: Request) -> int:
+    """The ``limit`` query parameter: a whole number from 1 to the most one read returns."""
+    from byok_plugin.audit_log import DEFAULT_LIMIT, MAX_LIMIT
+
+    text = request.query_params.get("limit")
+    if text is None:
+        return DEFAULT_LIMIT
+    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+        raise ApiError(
+            ErrorCode.VALIDATION_ERROR,
+            f"limit must be a whole number from 1 to {MAX_LIMIT}",
+            "limit",
+        )
+    return int(text)
+
+
+async def read_audit(api: Api, request: Request) -> Response:
+    """``GET .../byok-audit``: the workspace's audit log, newest first, for its admins and
+    operators (a refusal is audited)."""
+    from byok_plugin.audit_log import AuditQuery, event_json, read_audit_log
+
+    actor = await api.actor(request)
+    workspace_id = request.path_params["workspace_id"]
+    try:
+        workspace_id = check_workspace_id(workspace_id)
+    except InvalidInput as exc:
+        raise ApiError(ErrorCode.VALIDATION_ERROR, str(exc), "workspace_id") from None
+    query = AuditQuery(
+        workspace_id=workspace_id, since=_query_since(request), limit=_query_limit(request)
+    )
+
+    def work() -> dict[str, Any]:
+        events = read_audit_log(api.pm, api.app.audit_store, actor, query)
+        return {"workspace_id": workspace_id, "events": [event_json(e) for e in events]}
+
+    return ok(await run_in_threadpool(work))
+
+
 def _static_file(name: str, media_type: str) -> Handler:
     """One file of the settings page, read from the package once."""
     content = resources.files("byok_plugin.server").joinpath("static", name).read_bytes()
@@ -461,6 +520,8 @@ def build_routes(api: Api) -> list[BaseRoute]:
     budgets = BudgetRoutes(api)
     budget = "/api/workspaces/{workspace_id}/byok-budgets"
     budget_handler, budget_methods = by_method(PUT=budgets.set_budget, DELETE=budgets.delete_budget)
+    views = WorkspaceViews(api)
+    fallback_handler, fallback_methods = by_method(GET=views.get_fallback, PUT=views.set_fallback)
     return [
         Route("/api/byok/health", endpoint(api.health), methods=["GET"]),
         Route("/api/byok/openapi.json", endpoint(api.openapi), methods=["GET"]),
@@ -472,6 +533,21 @@ def build_routes(api: Api) -> list[BaseRoute]:
         Route(budget, endpoint(budgets.list_budgets), methods=["GET"]),
         Route(budget + "/{name}", endpoint(budget_handler), methods=budget_methods),
         *organization_routes(api, endpoint, by_method),
+        Route(
+            "/api/workspaces/{workspace_id}/byok-usage",
+            endpoint(views.usage),
+            methods=["GET"],
+        ),
+        Route(
+            "/api/workspaces/{workspace_id}/byok-fallback",
+            endpoint(fallback_handler),
+            methods=fallback_methods,
+        ),
+        Route(
+            "/api/workspaces/{workspace_id}/byok-audit",
+            endpoint(lambda request: read_audit(api, request)),
+            methods=["GET"],
+        ),
         Route(
             "/settings/", _static_file("index.html", "text/html; charset=utf-8"), methods=["GET"]
         ),

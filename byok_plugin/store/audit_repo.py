@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import sqlalchemy as sa
 from byok_hookspecs import AuditEvent
 from sqlalchemy.engine import Engine
@@ -40,15 +42,32 @@ class AuditStore:
             )
 
     def events(
-        self, workspace_id: str | None = None, *, action: str | None = None, limit: int = 1000
+        self,
+        workspace_id: str | None = None,
+        *,
+        action: str | None = None,
+        since: datetime | None = None,
+        limit: int = 1000,
     ) -> list[AuditEvent]:
-        """The most recent events first."""
+        """The newest events first (by time, then by the order they were written).
+
+        :param workspace_id: one workspace's events; ``None`` for every workspace's.
+        :param action: only this action (``key.created``...).
+        :param since: only events at or after this (timezone-aware) time.
+        :param limit: at most this many events.
+        """
+        if since is not None and since.tzinfo is None:
+            raise ValueError("since must be timezone-aware")
         query = sa.select(audit_events)
         if workspace_id is not None:
             query = query.where(audit_events.c.workspace_id == workspace_id)
         if action is not None:
             query = query.where(audit_events.c.action == action)
-        query = query.order_by(audit_events.c.id.desc()).limit(limit)
+        if since is not None:
+            query = query.where(audit_events.c.occurred_at >= since)
+        query = query.order_by(audit_events.c.occurred_at.desc(), audit_events.c.id.desc()).limit(
+            limit
+        )
         with store_errors("reading audit events"), self._engine.connect() as conn:
             rows = conn.execute(query).all()
         return [

@@ -14,7 +14,10 @@
   const workspaceId = params.get("workspace");
   const $ = (sel, root = document) => root.querySelector(sel);
 
-  const state = { me: null, catalog: [], keys: [], canManage: false, inherited: null };
+  // refused: ids of keys the provider refused at their last test on this page
+  const state = {
+    me: null, catalog: [], keys: [], canManage: false, inherited: null, refused: new Set(),
+  };
   const SESSION_KEY = "byok.session";
   const session = {
     get() {
@@ -78,10 +81,24 @@
 
   // ---- messages ---------------------------------------------------------------------------
 
+  let noticeTimer = 0;
+  const NOTICE_SECONDS = 10;
+
+  function clearNotice() {
+    window.clearTimeout(noticeTimer);
+    const el = $("#notice");
+    el.textContent = "";
+    el.hidden = true;
+  }
+
+  // a notice shows at the bottom of the window, wherever the page is scrolled, and clears
+  // itself after a few seconds or at the next action
   function notify(text) {
+    clearNotice();
     const el = $("#notice");
     el.textContent = text;
     el.hidden = false;
+    noticeTimer = window.setTimeout(clearNotice, NOTICE_SECONDS * 1000);
   }
 
   function pageError(text) {
@@ -90,7 +107,34 @@
     el.hidden = !text;
   }
 
+  // the server's messages are written for the byok command line ("--label", "byok init"):
+  // the page says the same in its own words
+  const PAGE_WORDS = {
+    duplicate_key: "This key is already saved in this workspace under another label. " +
+      "To change that one, use its Replace button.",
+    key_limit_reached: "This provider already has as many keys as a workspace may keep. " +
+      "Delete one, or replace one with its Replace button.",
+    keyring_unavailable: "The server cannot encrypt or decrypt keys: its master key is not " +
+      "set up. Ask whoever runs the server.",
+    key_undecryptable: "The server can no longer decrypt this key. Replace it with its Replace " +
+      "button.",
+    store_unavailable: "The server cannot reach its database. Try again in a moment.",
+    internal_error: "Something went wrong on the server. Try again; if it keeps failing, ask " +
+      "whoever runs the server to look at its log.",
+  };
+
   function describe(err) {
+    if (err.code === "key_rejected") {
+      // "...: the live check said invalid (message); store it without ... --no-test ..."
+      const said = /the live check said (\w+)(?: \((.*?)(?:; store it without.*)?\))?$/.exec(err.message);
+      const status = said ? said[1] : "";
+      const why = said && said[2] ? ` (${said[2]})` : "";
+      if (status === "unreachable") {
+        return `The provider could not be reached to check this key${why}. Nothing was saved. ` +
+          "Try again, or untick the check to save it without one.";
+      }
+      return `The provider refused this key${why}. Nothing was saved.`;
+    }
     if (err.code === "unauthenticated" && sessionEnded) {
       return "Your session has ended (after 12 hours unused, or byok serve was restarted). " +
         "Restart byok serve for a new sign-in link.";
@@ -99,8 +143,10 @@
       return "You are not signed in. Sign in, then reload this page. " +
         "(With byok serve, open the link it printed: each link works once.)";
     }
-    if (err.code === "forbidden") return "You do not have access to this: " + err.message;
-    return err.message;
+    if (err.code === "forbidden") {
+      return "You do not have access to this. Only this workspace’s admins can do it.";
+    }
+    return PAGE_WORDS[err.code] || err.message;
   }
 
   // ---- formatting -------------------------------------------------------------------------
@@ -169,20 +215,29 @@
     const hosted = chats + tools;
     const keys = state.keys.filter((k) => k.provider === provider.id)
       .sort((a, b) => a.label.localeCompare(b.label));
-    const enabled = keys.filter((k) => k.status === "enabled").length;
+    const usable = keys.filter((k) => k.status === "enabled");
+    const enabled = usable.length;
+    for (const key of keys) key.in_use = "";
+    if (enabled === 1 && keys.length > 1) usable[0].in_use = "Used by runs";
+    if (enabled > 1) for (const key of usable) key.in_use = "In rotation";
     const inherited = state.inherited
       ? state.inherited.keys.filter((k) => k.provider === provider.id) : [];
     const pooled = inherited.filter((k) => k.active && k.status === "enabled").length;
     const org = state.inherited ? state.inherited.organization_id : null;
     const models = [chats && count(chats, "model"), tools && count(tools, "tool")]
       .filter(Boolean).join(" and ");
-    $(".provider-meta", node).textContent = enabled
-      ? "Runs use this workspace’s key; the provider bills you directly"
-      : pooled
-        ? `Runs use the key of organization ${org}; the provider bills it directly`
-        : keys.length
-          ? "Every key is disabled: runs do not use them"
-          : hosted ? models : "Not hosted by the platform";
+    $(".provider-meta", node).textContent = enabled > 1
+      ? `Runs take turns between the ${enabled} enabled keys (a block can name one by its ` +
+        "label), skipping a key paused after a refusal; the provider bills you directly"
+      : enabled === 1 && keys.length > 1
+        ? `Runs use the key “${usable[0].label}” (the others are disabled); the provider bills you directly`
+        : enabled
+          ? "Runs use this workspace’s key; the provider bills you directly"
+          : pooled
+            ? `Runs use the key of organization ${org}; the provider bills it directly`
+            : keys.length
+              ? "Every key is disabled: runs do not use them"
+              : hosted ? models : "Not hosted by the platform";
     $(".empty", node).textContent = hosted
       ? `No key yet. Runs use the platform’s key for the ${models}, billed to the workspace.`
       : "No key yet. Runs on this provider need one.";
@@ -202,8 +257,26 @@
     node.classList.toggle("disabled", key.status !== "enabled");
     $(".key-label", node).textContent = key.label;
     const pill = $(".status-pill", node);
-    pill.textContent = key.status === "enabled" ? "Enabled" : "Disabled";
-    pill.classList.add(key.status);
+    const paused = key.cooldown_until && new Date(key.cooldown_until) > new Date();
+    if (key.status !== "enabled") {
+      pill.textContent = "Disabled";
+      pill.classList.add("disabled");
+    } else if (state.refused.has(key.id)) {
+      pill.textContent = "Refused by the provider";
+      pill.classList.add("refused");
+    } else if (paused) {
+      pill.textContent = "Paused";
+      pill.classList.add("paused");
+    } else {
+      pill.textContent = "Enabled";
+      pill.classList.add("enabled");
+    }
+    if (key.in_use) {
+      const using = document.createElement("span");
+      using.className = "in-use";
+      using.textContent = key.in_use;
+      $(".key-title", node).append(using);
+    }
     const hint = $(".key-hint", node);
     hint.textContent = key.hint;
     hint.setAttribute("aria-label", `Masked key ${key.hint}`);
@@ -309,6 +382,275 @@
     }
   }
 
+  // ---- usage: figures, a stacked bar chart in inline SVG, and tables ----------------------
+
+  const SVG = "http://www.w3.org/2000/svg";
+  function svgEl(name, attrs, text) {
+    const el = document.createElementNS(SVG, name);
+    for (const [k, v] of Object.entries(attrs)) el.setAttribute(k, String(v));
+    if (text !== undefined) el.textContent = text;
+    return el;
+  }
+
+  const shortDay = new Intl.DateTimeFormat(undefined, { month: "short", day: "numeric", timeZone: "UTC" });
+  const dayName = (iso) => shortDay.format(new Date(`${iso}T00:00:00Z`));
+
+  // a step for the y axis: 1, 2 or 5 times a power of ten, so that ~4 steps cover the top
+  function niceStep(top) {
+    const raw = top / 4;
+    const power = 10 ** Math.floor(Math.log10(raw));
+    return [1, 2, 5, 10].map((m) => m * power).find((step) => step >= raw);
+  }
+
+  // drawn at the width it is shown at (so that its labels keep their size on a phone), and
+  // again when that width changes
+  let chartData = null;
+  let chartWidth = 0;
+  window.addEventListener("resize", () => {
+    const box = $("#usage-chart");
+    if (chartData && box.clientWidth && Math.abs(box.clientWidth - chartWidth) > 8) {
+      renderChart(...chartData);
+    }
+  });
+
+  function renderChart(days, currency) {
+    chartData = [days, currency];
+    chartWidth = $("#usage-chart").clientWidth || 720;
+    const width = Math.max(300, Math.min(900, chartWidth));
+    const height = width < 500 ? 200 : 240, left = 56, right = 8, top = 10, bottom = 28;
+    const plotW = width - left - right, plotH = height - top - bottom;
+    const totals = days.map((d) => Number(d.byok_cost) + Number(d.platform_charged));
+    const most = Math.max(...totals, 0);
+    const step = most > 0 ? niceStep(most) : 1;
+    const ceiling = most > 0 ? Math.ceil(most / step) * step : 1;
+    const y = (v) => top + plotH - (v / ceiling) * plotH;
+    const spent = totals.filter((t) => t > 0).length;
+    const svg = svgEl("svg", {
+      viewBox: `0 0 ${width} ${height}`, role: "img", "aria-labelledby": "usage-chart-title",
+    });
+    svg.append(svgEl("title", { id: "usage-chart-title" },
+      `Spend by day over ${days.length} days: ${spent} day${spent === 1 ? "" : "s"} with spend, ` +
+      `highest ${money(String(most))} ${currency}. The table below has every day.`));
+    for (let v = 0; v <= ceiling + step / 2; v += step) {
+      svg.append(svgEl("line", { class: "axis", x1: left, x2: width - right, y1: y(v), y2: y(v), "stroke-opacity": v ? 0.5 : 1 }));
+      svg.append(svgEl("text", { x: left - 6, y: y(v) + 4, "text-anchor": "end" }, money(String(v))));
+    }
+    const slot = plotW / days.length;
+    const barW = Math.max(2, slot * 0.7);
+    days.forEach((d, i) => {
+      const x = left + i * slot + (slot - barW) / 2;
+      const own = Number(d.byok_cost), platform = Number(d.platform_charged);
+      const group = svgEl("g", { class: "bar", "data-day": d.day });
+      group.append(svgEl("title", {},
+        `${dayName(d.day)}: own keys ${money(d.byok_cost)}, platform ${money(d.platform_charged)}`));
+      if (own > 0) {
+        group.append(svgEl("rect", { class: "bar-byok", x, width: barW, y: y(own), height: y(0) - y(own) }));
+      }
+      if (platform > 0) {
+        group.append(svgEl("rect", {
+          class: "bar-platform", x, width: barW, y: y(own + platform), height: y(own) - y(own + platform),
+        }));
+      }
+      svg.append(group);
+      const every = Math.ceil(days.length / (width < 500 ? 3 : 6));
+      if ((days.length - 1 - i) % every === 0) {
+        const last = i === days.length - 1;
+        svg.append(svgEl("text", {
+          x: last ? x + barW : x + barW / 2, y: height - 8, "text-anchor": last ? "end" : "middle",
+        }, dayName(d.day)));
+      }
+    });
+    $("#usage-chart").replaceChildren(svg);
+  }
+
+  function cells(row, values) {
+    for (const [text, numeric] of values) {
+      const td = document.createElement("td");
+      td.textContent = text;
+      if (numeric) td.className = "num";
+      row.append(td);
+    }
+    return row;
+  }
+
+  function tableRows(target, items, columns) {
+    $(target).replaceChildren(...items.map((item) => cells(document.createElement("tr"), columns(item))));
+  }
+
+  async function loadUsage() {
+    $("#usage-section").hidden = false;
+    try {
+      const data = await api("GET", `workspaces/${encodeURIComponent(workspaceId)}/byok-usage?days=30`);
+      $("#usage-error").hidden = true;
+      $("#usage-currency").textContent = data.currency;
+      const t = data.totals;
+      $("#usage-byok").textContent = money(t.byok_cost);
+      $("#usage-platform").textContent = money(t.platform_charged);
+      $("#usage-saved").textContent = money(t.byok_saved);
+      $("#usage-share").textContent = `${t.byok_calls} of ${t.calls}`;
+      renderChart(data.by_day, data.currency);
+      const spend = (x) => [[String(x.calls), true], [money(x.byok_cost), true], [money(x.platform_charged), true]];
+      tableRows("#usage-days", [...data.by_day].reverse(), (d) => [[dayName(d.day), false], ...spend(d)]);
+      tableRows("#usage-models", data.by_model, (m) => [[m.provider, false], [m.model, false], ...spend(m)]);
+      tableRows("#usage-blocks", data.by_block, (b) => [
+        [b.workflow_id || "—", false], [b.block_id || "—", false],
+        [b.key_id || "platform’s key", false], ...spend(b)]);
+      $("#usage-empty").hidden = t.calls > 0;
+      for (const id of ["#usage-models-table", "#usage-blocks-table"]) $(id).hidden = t.calls === 0;
+    } catch (err) {
+      $("#usage-error").textContent = describe(err);
+      $("#usage-error").hidden = false;
+      $("#usage-figures").hidden = true;
+      $("#usage-chart-figure").hidden = true;
+    }
+  }
+
+  // ---- fallback policy (members read, admins change) ---------------------------------------
+
+  const POLICY_WORDS = {
+    never: "Never: a call whose own key fails, fails.",
+    on_rate_limit: "Only when the provider’s rate limit or quota is hit.",
+    on_error: "On any refusal of the own key.",
+  };
+
+  function showFallback(data) {
+    const by = data.updated_at ? ` Set by ${data.updated_by || "someone"}, ` : " The default.";
+    const current = $("#fallback-current");
+    current.replaceChildren(`Platform key: ${POLICY_WORDS[data.policy] || data.policy}`);
+    if (data.updated_at) {
+      const span = document.createElement("span");
+      span.className = "fallback-by";
+      span.append(by, timeEl("", data.updated_at), ".");
+      current.append(span);
+    } else {
+      current.append(by);
+    }
+    const form = $("#fallback-form");
+    form.hidden = !data.can_manage;
+    const chosen = $(`#policy-${data.policy}`);
+    if (chosen) chosen.checked = true;
+  }
+
+  async function loadFallback() {
+    $("#fallback-section").hidden = false;
+    const path = `workspaces/${encodeURIComponent(workspaceId)}/byok-fallback`;
+    try {
+      showFallback(await api("GET", path));
+      $("#fallback-error").hidden = true;
+    } catch (err) {
+      $("#fallback-error").textContent = describe(err);
+      $("#fallback-error").hidden = false;
+      return;
+    }
+    $("#fallback-form").onsubmit = (ev) => {
+      ev.preventDefault();
+      const picked = $("#fallback-form input[name=policy]:checked");
+      if (!picked) return;
+      busy($("#fallback-save"), async () => {
+        try {
+          showFallback(await api("PUT", path, { policy: picked.value }));
+          $("#fallback-error").hidden = true;
+          notify(`Fallback saved: ${POLICY_WORDS[picked.value]}`);
+          await loadAudit();
+        } catch (err) {
+          $("#fallback-error").textContent = describe(err);
+          $("#fallback-error").hidden = false;
+        }
+      });
+    };
+  }
+
+  // ---- audit log (admins and operators) ----------------------------------------------------
+
+  const AUDIT_ACTIONS = {
+    "key.created": "Key added",
+    "key.replaced": "Key replaced",
+    "key.deleted": "Key deleted",
+    "key.enabled": "Key enabled",
+    "key.disabled": "Key disabled",
+    "key.tested": "Key tested",
+    "key.rewrapped": "Key re-encrypted",
+    "key.cooldown": "Key paused after a refusal",
+    "access.denied": "Access refused",
+    "fallback.used": "Platform key used instead",
+    "budget.set": "Budget set",
+    "budget.deleted": "Budget deleted",
+    "budget.threshold": "Budget threshold crossed",
+    "settings.fallback_policy": "Fallback policy changed",
+  };
+  const OUTCOMES = { denied: "Refused", error: "Failed" };
+
+  function auditRow(event) {
+    const row = document.createElement("tr");
+    row.dataset.action = event.action;
+    const cell = (cls) => {
+      const td = document.createElement("td");
+      td.className = cls;
+      row.append(td);
+      return td;
+    };
+    cell("audit-when").append(timeEl("", event.occurred_at));
+    const what = cell("audit-what");
+    what.textContent = AUDIT_ACTIONS[event.action] || event.action;
+    if (OUTCOMES[event.outcome]) {
+      const pill = document.createElement("span");
+      pill.className = "status-pill disabled audit-outcome";
+      pill.textContent = OUTCOMES[event.outcome];
+      what.append(pill);
+    }
+    cell("audit-who").textContent = event.actor_id || "the system";
+    const key = cell("audit-key mono");
+    key.textContent = [event.provider, event.key_id].filter(Boolean).join(" · ");
+    cell("audit-detail").textContent = event.detail;
+    return row;
+  }
+
+  // which keys the provider refused at their last test, from the log (so that a reload, or
+  // another admin's page, still shows it): a later test that passed, a replacement, or an
+  // admin's enable or disable clears it
+  function refusedFrom(events) {
+    const refused = new Set();
+    for (const event of [...events].reverse()) { // oldest first
+      if (!event.key_id) continue;
+      if (event.action === "key.tested" && event.detail === "live check invalid") {
+        refused.add(event.key_id);
+      } else if (["key.tested", "key.replaced", "key.enabled", "key.disabled", "key.deleted"]
+        .includes(event.action)) {
+        refused.delete(event.key_id);
+      }
+    }
+    return refused;
+  }
+
+  const sameSet = (a, b) => a.size === b.size && [...a].every((x) => b.has(x));
+
+  async function loadAudit(focusSelector) {
+    if (!state.canManage) {
+      $("#audit-section").hidden = true;
+      return;
+    }
+    $("#audit-section").hidden = false;
+    try {
+      const data = await api("GET",
+        `workspaces/${encodeURIComponent(workspaceId)}/byok-audit?limit=100`);
+      $("#audit-error").hidden = true;
+      $("#audit-rows").replaceChildren(...data.events.map(auditRow));
+      $("#audit-scroll").hidden = data.events.length === 0;
+      $("#audit-empty").hidden = data.events.length > 0;
+      const refused = refusedFrom(data.events);
+      if (!sameSet(refused, state.refused)) {
+        state.refused = refused;
+        render(focusSelector);
+      }
+    } catch (err) {
+      $("#audit-rows").replaceChildren();
+      $("#audit-scroll").hidden = true;
+      $("#audit-empty").hidden = true;
+      $("#audit-error").textContent = describe(err);
+      $("#audit-error").hidden = false;
+    }
+  }
+
   // ---- actions ----------------------------------------------------------------------------
 
   async function reload(focusSelector) {
@@ -319,9 +661,11 @@
     state.inherited = await api(
       "GET", `workspaces/${encodeURIComponent(workspaceId)}/byok-inherited-keys`);
     render(focusSelector);
+    await loadAudit(focusSelector); // a key change is in the log at once
   }
 
   async function busy(button, work) {
+    clearNotice();
     button.disabled = true;
     try {
       return await work();
@@ -341,7 +685,11 @@
           skipped: "Not checked",
         };
         const text = words[check.status] + (check.message ? ` — ${check.message}` : ".");
-        showResult(node, text, check.status === "valid");
+        if (check.status === "invalid") state.refused.add(key.id);
+        if (check.status === "valid") state.refused.delete(key.id);
+        render(`[data-key-id="${CSS.escape(key.id)}"] .act-test`);
+        showResult($(`[data-key-id="${CSS.escape(key.id)}"]`), text, check.status === "valid");
+        await loadAudit(`[data-key-id="${CSS.escape(key.id)}"] .act-test`);
       } catch (err) {
         showResult(node, describe(err), false);
       }
@@ -353,6 +701,7 @@
     await busy(button, async () => {
       try {
         await api("PATCH", `${wsPath()}/${encodeURIComponent(key.id)}`, { status });
+        state.refused.delete(key.id); // the admin has decided about this key
         notify(`Key “${key.label}” ${status}.`);
         await reload(`[data-key-id="${CSS.escape(key.id)}"] .act-toggle`);
       } catch (err) {
@@ -472,6 +821,7 @@
             { provider: provider.id, api_key: apiKey, label, test: testIn.checked });
           keyIn.value = "";
           const verb = result.created ? "Saved" : "Replaced";
+          state.refused.delete(result.key.id);
           const extra = result.warnings && result.warnings.length ? ` Note: ${result.warnings.join("; ")}.` : "";
           notify(`${verb} the ${provider.name} key “${result.key.label}” (${result.key.hint}).${extra}`);
           await reload(`[data-key-id="${CSS.escape(result.key.id)}"] .act-replace`);
@@ -582,7 +932,7 @@
       const [catalog] = await Promise.all([api("GET", "byok/providers"), reload()]);
       state.catalog = catalog.providers;
       render();
-      await loadBudgets();
+      await Promise.all([loadUsage(), loadFallback(), loadBudgets()]);
     } catch (err) {
       $("#providers").replaceChildren();
       $("#providers").setAttribute("aria-busy", "false");
