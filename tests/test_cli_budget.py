@@ -52,15 +52,14 @@ def test_budget_set_show_list_delete(env: dict[str, str]) -> None:
     assert listed[0] == "budgets of workspace acme, amounts in USD"
     rows = [line.split() for line in listed if line.startswith(("monthly", "own-keys"))]
     assert rows == [
-        ["monthly", "hard", "charge", "month", "all", "calls", "$25.50", "$0.00", "$0.00", "$25.50"],
-        ["own-keys", "soft", "list_cost", "day", "workflow", "triage"]
-        + ["$100.00", "$0.00", "$0.00", "$100.00"],
+        "monthly hard charge month all calls $25.50 $0.00 $0.00 $25.50".split(),
+        "own-keys soft list_cost day workflow triage $100.00 $0.00 $0.00 $100.00".split(),
     ]
     shown = json.loads(_run(env, "budget", "show", "-w", "acme", "monthly", "--json").output)
     assert shown["limit"] == "25.5"
     assert shown["left"] == "25.5"
     assert shown["thresholds"] == [50, 80, 100]
-    everything = json.loads(_run(env, "budget", "list", "-w", "acme", "--json").output)
+    everything = json.loads(_run(env, "budget", "list", "-w", "acme", "--json").output)["budgets"]
     assert [b["name"] for b in everything] == ["monthly", "own-keys"]
     assert (
         "budget 'monthly' deleted" in _run(env, "budget", "delete", "-w", "acme", "monthly").output

@@ -57,7 +57,7 @@ def _labels(env: dict[str, str]) -> list[str]:
     import json
 
     listed = _run(["keys", "list", "-w", "acme", "--json"], env)
-    return sorted(k["label"] for k in json.loads(listed.output))
+    return sorted(k["label"] for k in json.loads(listed.output)["keys"])
 
 
 # --- settings ----------------------------------------------------------------------------------

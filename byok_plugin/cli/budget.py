@@ -7,13 +7,13 @@ managing keys (``keys.manage``: admins may); changes are audited (``budget.set``
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING
 
 import click
 from byok_hookspecs import Action, AuditEvent, NotAuthorized
 
 from byok_plugin.cli.context import CliContext, pass_cli
+from byok_plugin.cli.json_output import echo_json
 from byok_plugin.cli.keys import handles_errors, workspace_option
 from byok_plugin.cli.tables import Column, TableSpec, console_for, show
 from byok_plugin.cli.text import money
@@ -133,7 +133,7 @@ def show_command(cli: CliContext, workspace_id: str, name: str, as_json: bool) -
     if budget is None:
         raise click.ClickException(f"workspace {workspace_id!r} has no budget {name!r}")
     if as_json:
-        click.echo(json.dumps(budget.as_dict(), indent=2))
+        echo_json(budget.as_dict())
     else:
         click.echo(f"workspace {workspace_id!r}: {_line(budget)}")
 
@@ -148,7 +148,7 @@ def list_command(cli: CliContext, workspace_id: str, as_json: bool) -> None:
     _authorize(cli, workspace_id, Action.READ_USAGE)
     found = cli.app.budgets.list_budgets(workspace_id)
     if as_json:
-        click.echo(json.dumps([b.as_dict() for b in found], indent=2))
+        echo_json({"workspace": workspace_id, "budgets": [b.as_dict() for b in found]})
         return
     if not found:
         click.echo(f"workspace {workspace_id!r} has no budgets")

@@ -13,7 +13,6 @@ from the command line, where it would stay in the shell history and the process 
 from __future__ import annotations
 
 import functools
-import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,6 +23,7 @@ import click
 from byok_hookspecs import ByokError, KeyCheckStatus
 
 from byok_plugin.cli.context import CliContext, pass_cli
+from byok_plugin.cli.json_output import echo_json
 from byok_plugin.cli.tables import Column, TableSpec, console_for, show
 from byok_plugin.key_errors import InvalidInput, KeyNotFound
 from byok_plugin.key_format import DEFAULT_LABEL, KNOWN_PROVIDERS, check_key_id
@@ -239,7 +239,7 @@ def list_command(cli: CliContext, workspace_id: str, provider: str | None, as_js
     """List a workspace's keys, masked (the keys are never decrypted to list them)."""
     keys = _service(cli).list_keys(cli.actor, workspace_id, provider)
     if as_json:
-        click.echo(json.dumps([info.to_dict() for info in keys], indent=2))
+        echo_json({"workspace": workspace_id, "keys": [info.to_dict() for info in keys]})
         return
     if not keys:
         click.echo(f"no keys stored for workspace {workspace_id!r}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from importlib import metadata
 
 import click
@@ -12,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from byok_plugin.cli.context import CliContext, pass_cli
+from byok_plugin.cli.json_output import echo_json
 from byok_plugin.cli.text import plain
 
 
@@ -81,7 +81,7 @@ def plugins_command(cli: CliContext, as_json: bool) -> None:
     """List the installed plugins, their versions and the hooks each implements."""
     rows = describe_plugins(cli.pm)
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        echo_json({"plugins": rows})
         return
     table = Table(
         title="byok plugins",

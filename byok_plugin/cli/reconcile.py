@@ -3,11 +3,10 @@ with the differences and the calls left to settle (``uncertain``, ``interrupted`
 
 from __future__ import annotations
 
-import json
-
 import click
 
 from byok_plugin.cli.context import CliContext, pass_cli
+from byok_plugin.cli.json_output import echo_json
 from byok_plugin.cli.keys import handles_errors
 from byok_plugin.cli.tables import Column, TableSpec, console_for, show
 from byok_plugin.cli.text import money
@@ -46,14 +45,11 @@ def reconcile_command(
     lines = reconcile(rows, cli.app.billing, provider)
     differing = [line for line in lines if line.difference]
     if as_json:
-        click.echo(
-            json.dumps(
-                {
-                    "lines": [line.to_dict() for line in lines],
-                    "differences": [line.to_dict() for line in differing],
-                },
-                indent=2,
-            )
+        echo_json(
+            {
+                "lines": [line.to_dict() for line in lines],
+                "differences": [line.to_dict() for line in differing],
+            }
         )
         return
     console = console_for()

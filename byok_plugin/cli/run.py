@@ -28,6 +28,7 @@ from rich.table import Table
 from rich.text import Text
 
 from byok_plugin.cli.context import CliContext, pass_cli
+from byok_plugin.cli.json_output import JSON_VERSION, echo_json
 from byok_plugin.cli.tables import Column, TableSpec, console_for, show
 from byok_plugin.cli.text import money, plain
 from byok_plugin.host.env_keys import EnvKeyAllowance, env_key_problems
@@ -87,6 +88,7 @@ def load_checked(path: Path, pm: pluggy.PluginManager) -> Workflow:
 def _problems_json(exc: WorkflowError) -> str:
     return json.dumps(
         {
+            "version": JSON_VERSION,
             "valid": False,
             "source": exc.source,
             "problems": [{"path": p.path, "message": p.message} for p in exc.problems],
@@ -118,20 +120,17 @@ def validate_command(cli: CliContext, workflow: Path, as_json: bool) -> None:
         raise WorkflowInvalid(str(exc)) from None
     agents = checked.agent_blocks
     if as_json:
-        click.echo(
-            json.dumps(
-                {
-                    "valid": True,
-                    "source": str(workflow),
-                    "name": checked.name,
-                    "version": checked.version,
-                    "blocks": len(checked.blocks),
-                    "agents": [
-                        {"block": a.id, "provider": a.provider, "model": a.model} for a in agents
-                    ],
-                },
-                indent=2,
-            )
+        echo_json(
+            {
+                "valid": True,
+                "source": str(workflow),
+                "name": checked.name,
+                "workflow_version": checked.version,
+                "blocks": len(checked.blocks),
+                "agents": [
+                    {"block": a.id, "provider": a.provider, "model": a.model} for a in agents
+                ],
+            }
         )
         return
     models = ", ".join(sorted({f"{a.provider}/{a.model}" for a in agents})) or "none"
@@ -576,7 +575,7 @@ def run_command(
     except (ByokError, SettingsError) as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+        echo_json(result.to_dict())
     else:
         out = console_for()
         show(out, cost_spec(result))

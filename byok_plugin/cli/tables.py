@@ -31,6 +31,9 @@ from byok_plugin.cli.text import plain
 
 __all__ = ["Column", "TableSpec", "console_for", "show"]
 
+#: the least width a wrapping ("text") column is given before columns are dropped instead
+TEXT_MIN = 16
+
 Kind = Literal["text", "id", "model", "money", "number"]
 
 
@@ -73,6 +76,15 @@ class TableSpec:
         cells = [row[index] for row in (*self.rows, *self.footer)]
         return max(*(cell_len(w) for w in words), *(_cell_width(c) for c in cells), 1)
 
+    def _narrowest(self, index: int) -> int:
+        """A wrapping column's least width: its longest word, and no fewer than
+        :data:`TEXT_MIN` characters unless all of it is narrower (a text squeezed to a word per
+        line is worse than a column dropped)."""
+        cells = [_cell_text(row[index]) for row in (*self.rows, *self.footer)]
+        natural = max((cell_len(c) for c in cells), default=1)
+        longest = max((cell_len(w) for c in cells for w in c.split()), default=1)
+        return max(longest, min(natural, TEXT_MIN))
+
     def table(self, keep: Sequence[int] | None = None) -> Table:
         """A Rich table of the columns at the indexes ``keep`` (default: all)."""
         indexes = list(range(len(self.columns))) if keep is None else list(keep)
@@ -87,7 +99,7 @@ class TableSpec:
                 no_wrap=column.whole,
                 overflow="fold",  # never an ellipsis: if all else fails a value folds, whole
                 # Rich measures a no_wrap column by its longest word: say it needs its widest cell
-                min_width=self._widest(i) if column.whole else None,
+                min_width=self._widest(i) if column.whole else self._narrowest(i),
             )
         for row in self.rows:
             table.add_row(*(_cell(row[i]) for i in indexes))
@@ -107,8 +119,12 @@ def console_for(*, stderr: bool = False) -> Console:
     return console
 
 
+def _cell_text(value: str | Text) -> str:
+    return value.plain if isinstance(value, Text) else value
+
+
 def _cell_width(value: str | Text) -> int:
-    return cell_len(value.plain if isinstance(value, Text) else value)
+    return cell_len(_cell_text(value))
 
 
 def _cell(value: str | Text) -> RenderableType:

@@ -6,7 +6,6 @@ each workspace at list price. A table, ``--json`` or ``--csv``.
 from __future__ import annotations
 
 import csv
-import json
 import re
 import sys
 from datetime import UTC, date, datetime, time, timedelta
@@ -14,6 +13,7 @@ from datetime import UTC, date, datetime, time, timedelta
 import click
 
 from byok_plugin.cli.context import CliContext, pass_cli
+from byok_plugin.cli.json_output import echo_json
 from byok_plugin.cli.keys import handles_errors
 from byok_plugin.cli.tables import Column, TableSpec, console_for, show
 from byok_plugin.cli.text import money, plain
@@ -273,7 +273,7 @@ def usage_command(
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2))
+        echo_json(report.to_dict())
     elif as_csv:
         _print_csv(report)
     else:
