@@ -50,10 +50,10 @@ def test_budget_set_show_list_delete(env: dict[str, str]) -> None:
     )
     listed = _run(env, "budget", "list", "-w", "acme").output.splitlines()
     assert listed[0] == "budgets of workspace acme, amounts in USD"
-    rows = [line.split() for line in listed if line.startswith(("monthly", "own-keys"))]
+    rows = [" ".join(line.split()) for line in listed if line.startswith(("monthly", "own-"))]
     assert rows == [
-        "monthly hard charge month all calls $25.50 $0.00 $0.00 $25.50".split(),
-        "own-keys soft list_cost day workflow triage $100.00 $0.00 $0.00 $100.00".split(),
+        "monthly hard charge month all calls $25.50 $0.00 $0.00 $25.50",
+        "own-keys soft list_cost day workflow triage $100.00 $0.00 $0.00 $100.00",
     ]
     shown = json.loads(_run(env, "budget", "show", "-w", "acme", "monthly", "--json").output)
     assert shown["limit"] == "25.5"
