@@ -22,6 +22,7 @@ from rich.text import Text
 
 from byok_plugin.cli import main
 from byok_plugin.cli.demo import BYOK_WORKSPACE, PLATFORM_WORKSPACE, DemoStack
+from byok_plugin.cli.json_output import JSON_VERSION
 from byok_plugin.cli.tables import Column, TableSpec, show
 from byok_plugin.cli.text import money
 from byok_plugin.host.emulator import EmulatorServer
@@ -127,6 +128,7 @@ def test_run_keeps_blocks_models_and_charges_whole(
     assert result.exit_code == 0, result.output
     output = ANSI.sub("", result.stdout)
     run = json.loads(byok(stack.environ, *args, "--json").stdout)
+    assert run["version"] == JSON_VERSION
     agents = [b for b in run["blocks"] if b["calls"]]
     assert agents
     # a second run charges what the first did: the table's charges are those of the JSON's run
