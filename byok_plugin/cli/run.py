@@ -189,6 +189,10 @@ class RunProgress:
         elif event.kind == "text":
             self.streamed[block] += len(event.text)
             self.detail[block] = f"streaming: {self.streamed[block]} characters"
+        elif event.kind == "waiting":
+            # a provider client waits before trying the call again (Retry-After or backoff)
+            self.detail[block] = event.text
+            self._line(block, "waiting", event.text)
         elif event.kind == "retrying":
             self.detail[block] = f"retrying after: {event.text}"
             self._line(block, "retrying", event.text)
@@ -432,13 +436,20 @@ async def run_workflow(
     env_keys: EnvKeyAllowance | None = None,
     run_id: str | None = None,
     replay: RunResult | None = None,
+    timeout: float | None = None,
 ) -> RunResult:
     """One run with a fresh runner (clients over one pooled HTTP client, closed afterwards).
 
     :param env_keys: the ``env`` block keys the run may read (none by default).
+    :param timeout: seconds each provider request may take (default: the clients' own).
     ``run_id`` and ``replay``: see :meth:`WorkflowRunner.run`."""
     async with WorkflowRunner.open(
-        pm, environ=environ, env_keys=env_keys, options=options, model_check=model_check
+        pm,
+        environ=environ,
+        env_keys=env_keys,
+        options=options,
+        model_check=model_check,
+        timeout=timeout,
     ) as runner:
         return await runner.run(
             workflow,
@@ -505,6 +516,14 @@ def env_key_allowance(cli: CliContext) -> EnvKeyAllowance | None:
     show_default=True,
     help="Provider calls in flight at once.",
 )
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0, 3600, min_open=True),
+    default=None,
+    metavar="SECONDS",
+    help="Seconds each provider request may take before it is retried or fails "
+    "(default: 60, and 5 to connect).",
+)
 @pass_cli
 def run_command(
     cli: CliContext,
@@ -517,6 +536,7 @@ def run_command(
     run_id: str | None,
     replay_file: Path | None,
     concurrency: int,
+    timeout: float | None,
 ) -> None:
     """Run WORKFLOW (a JSON file) for a workspace, on its keys or the platform's.
 
@@ -557,6 +577,7 @@ def run_command(
                     env_keys=env_key_allowance(cli),
                     run_id=run_id,
                     replay=replay,
+                    timeout=timeout,
                 )
             )
     except InputsError as exc:
