@@ -41,7 +41,7 @@ def test_plugins_table(isolated_home) -> None:
     assert result.exit_code == 0, result.output
     assert "byok_plugin" in result.output
     assert "byok_authorize (trylast) *" in result.output  # non-blocking
-    assert "byok_validate_key (trylast) " in result.output  # it calls the provider
+    assert "byok_validate_key (trylast)" in result.output  # it calls the provider
     assert "byok_validate_key (trylast) *" not in result.output
 
 

@@ -259,3 +259,17 @@ def test_user_text_in_cells_is_never_markup() -> None:
 )
 def test_money_is_printed_one_way_and_never_rounded(amount: str, currency: str, text: str) -> None:
     assert money(Decimal(amount), currency) == text
+
+
+@pytest.mark.parametrize(("layout_name", "layout"), LAYOUTS, ids=[n for n, _ in LAYOUTS])
+def test_plugins_keeps_names_whole_and_its_hooks_on_one_line_when_piped(
+    stack: DemoStack, layout_name: str, layout: dict[str, str]
+) -> None:
+    plugins = json_of(stack, "plugins")["plugins"]
+    output = shown(stack, layout, "plugins")
+    assert_whole(output, [p["name"] for p in plugins] + [p["distribution"] for p in plugins])
+    assert_whole(output, [h["hook"] for p in plugins for h in p["hooks"]])  # wrapped between words
+    if layout_name == "piped":
+        (row,) = [line for line in output.splitlines() if line.startswith("byok_plugin ")]
+        assert all(h["hook"] in row for h in plugins[0]["hooks"])
+        assert all(line == line.rstrip() for line in output.splitlines())  # no padding after

@@ -194,7 +194,6 @@ def _budget_table(workspace_id: str, found: list[Budget]) -> TableSpec:
         ),
         rows=tuple(rows),
         title=f"budgets of workspace {workspace_id}, amounts in USD",
-        noun="budget",
     )
 
 

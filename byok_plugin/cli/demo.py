@@ -293,7 +293,6 @@ def _ledger_table(stack: DemoStack, results: Mapping[str, RunResult]) -> TableSp
         ),
         rows=tuple(rows),
         title="what the ledger recorded",
-        noun="workspace",
     )
 
 
@@ -306,7 +305,6 @@ def _emulator_table(stack: DemoStack) -> TableSpec:
         columns=(Column("key", "id"), Column("calls", "number")),
         rows=tuple((label, str(count)) for label, count in sorted(counts.items())),
         title="keys the emulated providers received",
-        noun="key",
     )
 
 

@@ -267,7 +267,6 @@ def list_command(cli: CliContext, workspace_id: str, provider: str | None, as_js
             for info in keys
         ),
         title=f"keys of workspace {workspace_id}",
-        noun="key",
     )
     show(console_for(), spec)
 

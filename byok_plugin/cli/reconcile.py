@@ -91,7 +91,6 @@ def reconcile_command(
                 for line in lines
             ),
             title="byok reconcile, amounts in USD",
-            noun="key-day",
         ),
     )
     if differing:

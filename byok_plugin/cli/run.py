@@ -303,7 +303,6 @@ def cost_spec(result: RunResult, title: str | None = None) -> TableSpec:
         rows=tuple(rows),
         footer=(tuple(total),),
         title=title or f"{result.workflow} for workspace {result.workspace_id!r}",
-        noun="block",
     )
 
 

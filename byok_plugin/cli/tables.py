@@ -1,5 +1,6 @@
 """The one rule every table of the CLI follows (``byok usage``, ``keys list``, ``run``,
-``budget list``, ``reconcile``, ``demo``), so that a table fits the terminal it is shown on.
+``budget list``, ``reconcile``, ``demo``, ``plugins``), so that a table fits the terminal it is
+shown on.
 
 - A cell a user needs whole (money, ids, models, numbers: a :class:`Column` whose ``kind`` is
   not ``"text"``) is never cut, wrapped or folded.
@@ -8,7 +9,8 @@
   a line under the table names what was left out. If even the columns that are never dropped do
   not fit, each row is printed as ``header: value`` lines instead of a table.
 - When the output is not a terminal (piped, redirected), every column is printed at its natural
-  width: no colour, no line break inside a value, whatever ``COLUMNS`` says. ``--json`` is the
+  width: no colour, no line break inside a value, no padding at the end of a line, whatever
+  ``COLUMNS`` says. ``--json`` is the
   machine format; this is for people and ``grep``.
 
 Titles are printed as a line of their own above the table (a table's width never wraps them).
@@ -17,7 +19,7 @@ Titles are printed as a line of their own above the table (a table's width never
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from rich import box
@@ -60,9 +62,6 @@ class TableSpec:
     rows: tuple[tuple[str | Text, ...], ...]
     title: str | None = None
     footer: tuple[tuple[str | Text, ...], ...] = ()
-    #: says what the table stands for when a row is printed as lines ("block", "key")
-    noun: str = "row"
-    _style: str = field(default="bold", repr=False)
 
     def __post_init__(self) -> None:
         for row in (*self.rows, *self.footer):
@@ -106,7 +105,7 @@ class TableSpec:
         if self.footer:
             table.add_section()
             for row in self.footer:
-                table.add_row(*(_cell(row[i]) for i in indexes), style=self._style)
+                table.add_row(*(_cell(row[i]) for i in indexes), style="bold")
         return table
 
 
@@ -166,13 +165,15 @@ def show(console: Console, spec: TableSpec) -> None:
     if not console.is_terminal:
         table = spec.table()
         piped = Console(
-            file=console.file,
             width=max(_natural_width(console, table), 20),
             color_system=None,
             highlight=False,
             emoji=False,
         )
-        piped.print(table)
+        with piped.capture() as captured:
+            piped.print(table)
+        # no padding after the last value of a line
+        console.file.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
         return
     keep = fitting_columns(spec, console, console.width)
     if keep is None:
@@ -194,11 +195,11 @@ def show(console: Console, spec: TableSpec) -> None:
 def _print_records(console: Console, spec: TableSpec) -> None:
     """Each row as ``header: value`` lines: for a terminal too narrow for any table."""
     width = max(len(c.header) for c in spec.columns)
-    rows = [(spec.noun, row) for row in spec.rows] + [("total", row) for row in spec.footer]
-    for n, (noun, row) in enumerate(rows):
+    rows = [(row, "dim") for row in spec.rows] + [(row, "bold") for row in spec.footer]
+    for n, (row, style) in enumerate(rows):
         if n:
             console.print()
         for column, value in zip(spec.columns, row, strict=True):
-            line = Text(f"{column.header:>{width}}: ", style="dim" if noun != "total" else "bold")
+            line = Text(f"{column.header:>{width}}: ", style=style)
             line.append_text(value if isinstance(value, Text) else plain(value))
             console.print(line, soft_wrap=True)

@@ -149,7 +149,6 @@ def _print_table(report: UsageReport) -> None:
                 for key, totals in report.rows
             ),
             title=f"byok usage {_range(report)}",
-            noun="group",
         ),
     )
     console.print()
@@ -163,7 +162,6 @@ def _print_table(report: UsageReport) -> None:
             ),
             footer=(("total", *_cells(report.totals, report.currency)),),
             title="by workspace: what BYOK saved at list price",
-            noun="workspace",
         ),
     )
     t = report.totals
