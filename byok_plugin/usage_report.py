@@ -1,4 +1,5 @@
-"""Usage totals from the ledger: by workspace, provider, model, credential source and day.
+"""Usage totals from the ledger: by workspace, provider, model, credential source and day, and by
+workflow, block and stored key.
 
 Every sum is a Decimal sum of the ledger's exact amounts. For each group and each workspace the
 report says how many calls ran on the workspace's own keys (the BYOK share) and what those calls
@@ -18,10 +19,14 @@ from byok_hookspecs import USAGE_COUNTS, CredentialSource
 if TYPE_CHECKING:  # the ledger (and SQLAlchemy) load when a report is built, not for --help
     from byok_plugin.ledger import LedgerRow
 
-__all__ = ["GROUP_KEYS", "Totals", "UsageReport", "build_report"]
+__all__ = ["DEFAULT_GROUPS", "GROUP_KEYS", "Totals", "UsageReport", "build_report"]
 
 #: what rows can be grouped by, in display order
-GROUP_KEYS = ("day", "workspace", "provider", "model", "source")
+GROUP_KEYS = ("day", "workspace", "provider", "model", "source", "workflow", "block", "key")
+#: the grouping when none is asked for
+DEFAULT_GROUPS = ("day", "workspace", "provider", "model", "source")
+#: the groupings a call may have no value for (no workflow, no block, a platform key): JSON null
+_OPTIONAL = frozenset({"workflow", "block", "key"})
 _SHARE = Decimal("0.0001")
 _TOKENS = USAGE_COUNTS
 
@@ -103,6 +108,14 @@ class UsageReport:
     workspaces: list[tuple[str, Totals]] = field(default_factory=list)
     totals: Totals = field(default_factory=Totals)
 
+    def group_values(self, key: tuple[str, ...]) -> dict[str, str | None]:
+        """A row's grouping values by name; ``None`` for a call without workflow, block or
+        stored key (a platform key has no key id)."""
+        return {
+            name: (value if value or name not in _OPTIONAL else None)
+            for name, value in zip(self.group_by, key, strict=True)
+        }
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "since": self.since.isoformat() if self.since else None,
@@ -111,10 +124,7 @@ class UsageReport:
             "group_by": list(self.group_by),
             "totals": self.totals.to_dict(),
             "workspaces": [{"workspace": ws, **t.to_dict()} for ws, t in self.workspaces],
-            "rows": [
-                {**dict(zip(self.group_by, key, strict=True)), **t.to_dict()}
-                for key, t in self.rows
-            ],
+            "rows": [{**self.group_values(key), **t.to_dict()} for key, t in self.rows],
         }
 
 
@@ -125,6 +135,9 @@ def _key_of(row: LedgerRow, group_by: Sequence[str]) -> tuple[str, ...]:
         "provider": row.provider,
         "model": row.model,
         "source": row.source.value,
+        "workflow": row.workflow_id or "",
+        "block": row.block_id or "",
+        "key": row.key_id or "",
     }
     return tuple(values[name] for name in group_by)
 
@@ -132,7 +145,7 @@ def _key_of(row: LedgerRow, group_by: Sequence[str]) -> tuple[str, ...]:
 def build_report(
     rows: Iterable[LedgerRow],
     *,
-    group_by: Sequence[str] = GROUP_KEYS,
+    group_by: Sequence[str] = DEFAULT_GROUPS,
     since: datetime | None = None,
     until: datetime | None = None,
 ) -> UsageReport:

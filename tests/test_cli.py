@@ -41,14 +41,14 @@ def test_plugins_table(isolated_home) -> None:
     assert result.exit_code == 0, result.output
     assert "byok_plugin" in result.output
     assert "byok_authorize (trylast) *" in result.output  # non-blocking
-    assert "byok_validate_key (trylast) " in result.output  # it calls the provider
+    assert "byok_validate_key (trylast)" in result.output  # it calls the provider
     assert "byok_validate_key (trylast) *" not in result.output
 
 
 def test_plugins_json_lists_every_default_hook(isolated_home) -> None:
     result = CliRunner().invoke(main, ["plugins", "--json"], env={"BYOK_HOME": str(isolated_home)})
     assert result.exit_code == 0, result.output
-    (row,) = [r for r in json.loads(result.output) if r["name"] == "byok_plugin"]
+    (row,) = [r for r in json.loads(result.output)["plugins"] if r["name"] == "byok_plugin"]
     assert row["distribution"] == "byok-plugin"
     assert row["version"] == __version__
     hooks = {h["hook"] for h in row["hooks"]}

@@ -27,7 +27,10 @@ def _run(env: dict[str, str], *args: str, ok: bool = True) -> Result:
 def test_budget_set_show_list_delete(env: dict[str, str]) -> None:
     assert "has no budgets" in _run(env, "budget", "list", "-w", "acme").output
     made = _run(env, "budget", "set", "-w", "acme", "monthly", "--limit", "25.50").output
-    assert "monthly: hard charge limit $25.5 per month: spent $0, reserved $0, left $25.5" in made
+    assert (
+        "monthly: hard charge limit $25.50 per month: spent $0.00, reserved $0.00, left $25.50"
+        in made
+    )
     _run(
         env,
         "budget",
@@ -46,13 +49,17 @@ def test_budget_set_show_list_delete(env: dict[str, str]) -> None:
         "triage",
     )
     listed = _run(env, "budget", "list", "-w", "acme").output.splitlines()
-    assert listed[0].startswith("monthly: hard charge")
-    assert listed[1].startswith("own-keys: soft list_cost limit $100 per day workflow triage")
+    assert listed[0] == "budgets of workspace acme, amounts in USD"
+    rows = [" ".join(line.split()) for line in listed if line.startswith(("monthly", "own-"))]
+    assert rows == [
+        "monthly hard charge month all calls $25.50 $0.00 $0.00 $25.50",
+        "own-keys soft list_cost day workflow triage $100.00 $0.00 $0.00 $100.00",
+    ]
     shown = json.loads(_run(env, "budget", "show", "-w", "acme", "monthly", "--json").output)
     assert shown["limit"] == "25.5"
     assert shown["left"] == "25.5"
     assert shown["thresholds"] == [50, 80, 100]
-    everything = json.loads(_run(env, "budget", "list", "-w", "acme", "--json").output)
+    everything = json.loads(_run(env, "budget", "list", "-w", "acme", "--json").output)["budgets"]
     assert [b["name"] for b in everything] == ["monthly", "own-keys"]
     assert (
         "budget 'monthly' deleted" in _run(env, "budget", "delete", "-w", "acme", "monthly").output

@@ -57,7 +57,7 @@ def _labels(env: dict[str, str]) -> list[str]:
     import json
 
     listed = _run(["keys", "list", "-w", "acme", "--json"], env)
-    return sorted(k["label"] for k in json.loads(listed.output))
+    return sorted(k["label"] for k in json.loads(listed.output)["keys"])
 
 
 # --- settings ----------------------------------------------------------------------------------
@@ -87,7 +87,7 @@ def test_a_bad_variable_stops_a_command_that_reads_settings_naming_it() -> None:
         (["keys", "delete", "-w", "acme", "--key-id", "nope"], 2, "a key id looks like"),
         (["keys", "delete", "-w", "acme", "--label", "x"], 2, "--provider is required"),
         (["keys", "disable", "-w", "acme", "--key-id", "key_abcdefgh123"], 1, "no stored key"),
-        (["usage", "--since", "yesterday"], 2, "is not a date"),
+        (["usage", "--since", "last-week"], 2, "is not a date"),
         (["fallback", "set", "-w", "acme", "sometimes"], 2, "is not one of"),
     ],
 )

@@ -111,7 +111,7 @@ def test_a_rotation_ends_with_retiring_the_old_master_key(
     assert stat.S_IMODE(kept.stat().st_mode) == 0o600
     assert Keyring.from_file(kept).ids == (old,)
     # the stored key still decrypts under what is left, and nothing printed a secret
-    listed = json.loads(_run(["keys", "list", "-w", "acme", "--json"], env).stdout)
+    listed = json.loads(_run(["keys", "list", "-w", "acme", "--json"], env).stdout)["keys"]
     assert listed[0]["master_key_id"] == new
     outputs = "".join(r.output for r in (too_early, current, unknown, rewrap, retired))
     assert leaks(outputs, [api_key, *secrets_in_file]) == []
@@ -147,7 +147,7 @@ def test_the_whole_flow(env: dict[str, str]) -> None:
     assert "default" in table.stdout
     assert "backup" in table.stdout
     assert f"{second[:6]}...{second[-4:]}" in table.stdout
-    listed = json.loads(_run(["keys", "list", "-w", "acme", "--json"], env).stdout)
+    listed = json.loads(_run(["keys", "list", "-w", "acme", "--json"], env).stdout)["keys"]
     assert [k["label"] for k in listed] == ["default", "backup"]
     assert all(k["hint"].startswith("sk-pro...") for k in listed)
 

@@ -106,7 +106,7 @@ def test_byok_plugins_lists_the_installed_plugin(plugin_site: Path, isolated_hom
         text=True,
         check=True,
     )
-    rows = {row["name"]: row for row in json.loads(done.stdout)}
+    rows = {row["name"]: row for row in json.loads(done.stdout)["plugins"]}
     assert rows["byok_fee"]["distribution"] == "byok-fee-plugin"
     assert rows["byok_fee"]["version"] == "1.0.0"
     assert rows["byok_fee"]["hooks"] == [

@@ -45,10 +45,17 @@ class _ByokGroup(click.Group):
 
 @click.group(cls=_ByokGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="byok")
+@click.option(
+    "--verbose",
+    "-v",
+    count=True,
+    help="Show the package's log on stderr: -v its information (a block tried again, a key "
+    "cooled down), -vv its debug messages too. Errors are always shown.",
+)
 @click.pass_context
-def main(ctx: click.Context) -> None:
+def main(ctx: click.Context, verbose: int) -> None:
     """Bring your own key (BYOK) for AI workflows: keys, runs, usage and plugins."""
-    _log_errors_to_stderr()
+    _log_errors_to_stderr(verbose)
     # the settings are read when a command needs them (cli.context.pass_cli): a malformed
     # variable must not stop --help, nor a command that reads none
 
@@ -71,14 +78,22 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
 
-def _log_errors_to_stderr() -> None:
+#: the level of the package's log shown on stderr, by the number of -v
+_LEVELS = (logging.ERROR, logging.INFO, logging.DEBUG)
+
+
+def _log_errors_to_stderr(verbose: int = 0) -> None:
     """Show the package's errors (an audit row not written, a call left unpriced) on stderr;
-    warnings and information the commands print themselves. Installed once per process."""
+    with ``-v`` its information too (a block tried again, a key in cooldown), with ``-vv`` its
+    debug messages. The handler is installed once per process; each command sets its level."""
+    level = _LEVELS[min(verbose, len(_LEVELS) - 1)]
     logger = logging.getLogger("byok")
-    if not any(getattr(h, "_byok_cli", False) for h in logger.handlers):
+    handler = next((h for h in logger.handlers if getattr(h, "_byok_cli", False)), None)
+    if handler is None:
         handler = _StderrHandler()
-        handler.setLevel(logging.ERROR)
         logger.addHandler(handler)
+    handler.setLevel(level)
+    logger.setLevel(level if verbose else logging.NOTSET)
 
 
 main.add_command(plugins_command)

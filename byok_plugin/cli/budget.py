@@ -7,15 +7,16 @@ managing keys (``keys.manage``: admins may); changes are audited (``budget.set``
 
 from __future__ import annotations
 
-import json
-from decimal import Decimal
 from typing import TYPE_CHECKING
 
 import click
 from byok_hookspecs import Action, AuditEvent, NotAuthorized
 
 from byok_plugin.cli.context import CliContext, pass_cli
+from byok_plugin.cli.json_output import echo_json
 from byok_plugin.cli.keys import handles_errors, workspace_option
+from byok_plugin.cli.tables import Column, TableSpec, console_for, show
+from byok_plugin.cli.text import money
 
 if TYPE_CHECKING:
     from byok_plugin.budgets import Budget
@@ -33,10 +34,6 @@ def _authorize(cli: CliContext, workspace_id: str, action: Action) -> None:
         raise NotAuthorized(cli.actor.id, workspace_id, action.value)
 
 
-def _usd(amount: Decimal) -> str:
-    return f"${amount:,.6f}".rstrip("0").rstrip(".") if amount else "$0"
-
-
 def _line(budget: Budget) -> str:
     scope = ""
     if budget.key_id:
@@ -46,9 +43,9 @@ def _line(budget: Budget) -> str:
     kind = "hard" if budget.hard else "soft"
     period = "no period" if budget.period.value == "none" else f"per {budget.period.value}"
     return (
-        f"{budget.name}: {kind} {budget.metric.value} limit {_usd(budget.limit)} {period}"
-        f"{scope}: spent {_usd(budget.spent)}, reserved {_usd(budget.reserved)}, "
-        f"left {_usd(budget.left)}"
+        f"{budget.name}: {kind} {budget.metric.value} limit {money(budget.limit)} {period}"
+        f"{scope}: spent {money(budget.spent)}, reserved {money(budget.reserved)}, "
+        f"left {money(budget.left)}"
     )
 
 
@@ -136,7 +133,7 @@ def show_command(cli: CliContext, workspace_id: str, name: str, as_json: bool) -
     if budget is None:
         raise click.ClickException(f"workspace {workspace_id!r} has no budget {name!r}")
     if as_json:
-        click.echo(json.dumps(budget.as_dict(), indent=2))
+        echo_json(budget.as_dict())
     else:
         click.echo(f"workspace {workspace_id!r}: {_line(budget)}")
 
@@ -151,12 +148,53 @@ def list_command(cli: CliContext, workspace_id: str, as_json: bool) -> None:
     _authorize(cli, workspace_id, Action.READ_USAGE)
     found = cli.app.budgets.list_budgets(workspace_id)
     if as_json:
-        click.echo(json.dumps([b.as_dict() for b in found], indent=2))
+        echo_json({"workspace": workspace_id, "budgets": [b.as_dict() for b in found]})
         return
     if not found:
         click.echo(f"workspace {workspace_id!r} has no budgets")
+        return
+    show(console_for(), _budget_table(workspace_id, found))
+
+
+def _budget_table(workspace_id: str, found: list[Budget]) -> TableSpec:
+    rows = []
     for budget in found:
-        click.echo(_line(budget))
+        scope = " ".join(
+            part
+            for part in (
+                f"key {budget.key_id}" if budget.key_id else "",
+                f"workflow {budget.workflow_id}" if budget.workflow_id else "",
+            )
+            if part
+        )
+        rows.append(
+            (
+                budget.name,
+                "hard" if budget.hard else "soft",
+                budget.metric.value,
+                budget.period.value,
+                scope or "all calls",
+                money(budget.limit),
+                money(budget.spent),
+                money(budget.reserved),
+                money(budget.left),
+            )
+        )
+    return TableSpec(
+        columns=(
+            Column("name", "id"),
+            Column("kind", "id", priority=2),
+            Column("metric", "id", priority=3),
+            Column("period", "id", priority=1),
+            Column("applies to", "text", priority=4),
+            Column("limit", "money"),
+            Column("spent", "money"),
+            Column("reserved", "money", priority=5),
+            Column("left", "money"),
+        ),
+        rows=tuple(rows),
+        title=f"budgets of workspace {workspace_id}, amounts in USD",
+    )
 
 
 @budget_group.command("delete")

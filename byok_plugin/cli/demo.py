@@ -33,21 +33,18 @@ from typing import TYPE_CHECKING, Any
 import click
 import pluggy
 from byok_hookspecs import ByokError
-from rich import box
-from rich.columns import Columns
-from rich.table import Table
 
 from byok_plugin.app import App
 from byok_plugin.cli.context import OPERATOR
 from byok_plugin.cli.run import (
     RunProgress,
     console_for,
-    cost_table,
+    cost_spec,
     load_checked,
-    money,
     run_workflow,
 )
-from byok_plugin.cli.text import plain
+from byok_plugin.cli.tables import Column, TableSpec, show
+from byok_plugin.cli.text import money, plain
 from byok_plugin.crypto import generate_master_key
 from byok_plugin.host.run_result import RunResult
 from byok_plugin.host.workflow import AgentBlock, KeyRef, ToolBlock, Workflow, WorkflowError
@@ -276,38 +273,39 @@ def demo_stack() -> Iterator[DemoStack]:
             stack.close()
 
 
-def _ledger_table(stack: DemoStack, results: Mapping[str, RunResult]) -> Table:
-    table = Table(title="what the ledger recorded", title_justify="left", box=box.SIMPLE_HEAD)
-    for column in ("workspace", "calls", "key sources", "charged", "list cost"):
-        table.add_column(
-            column, justify="right" if column in {"calls", "charged", "list cost"} else "left"
-        )
+def _ledger_table(stack: DemoStack, results: Mapping[str, RunResult]) -> TableSpec:
+    rows = []
     for workspace_id, result in results.items():
-        rows = [
+        recorded = [
             r for r in stack.app.ledger.rows(workspaces=[workspace_id]) if r.run_id == result.run_id
         ]
-        sources = ", ".join(sorted({r.source.value for r in rows})) or "-"
-        charged = sum((r.amount for r in rows), Decimal(0))
-        listed = sum((r.list_cost or Decimal(0) for r in rows), Decimal(0))
-        table.add_row(
-            plain(workspace_id), str(len(rows)), plain(sources), money(charged), money(listed)
-        )
-    return table
-
-
-def _emulator_table(stack: DemoStack) -> Table:
-    table = Table(
-        title="keys the emulated providers received", title_justify="left", box=box.SIMPLE_HEAD
+        sources = ", ".join(sorted({r.source.value for r in recorded})) or "-"
+        charged = sum((r.amount for r in recorded), Decimal(0))
+        listed = sum((r.list_cost or Decimal(0) for r in recorded), Decimal(0))
+        rows.append((workspace_id, str(len(recorded)), sources, money(charged), money(listed)))
+    return TableSpec(
+        columns=(
+            Column("workspace", "id"),
+            Column("calls", "number"),
+            Column("key sources", "text", priority=1),
+            Column("charged", "money"),
+            Column("list cost", "money"),
+        ),
+        rows=tuple(rows),
+        title="what the ledger recorded",
     )
-    table.add_column("key")
-    table.add_column("calls", justify="right")
+
+
+def _emulator_table(stack: DemoStack) -> TableSpec:
     counts: dict[str, int] = {}
     for call in stack.emulator.calls():
         label = call.key_label or "unknown key"
         counts[label] = counts.get(label, 0) + 1
-    for label, count in sorted(counts.items()):
-        table.add_row(plain(label), str(count))
-    return table
+    return TableSpec(
+        columns=(Column("key", "id"), Column("calls", "number")),
+        rows=tuple((label, str(count)) for label, count in sorted(counts.items())),
+        title="keys the emulated providers received",
+    )
 
 
 @click.command("demo")
@@ -362,13 +360,9 @@ def demo_command(workflow_name: str, stream: bool | None) -> None:
                     results[workspace_id] = stack.run(
                         workflow, workspace_id, inputs, stream=stream, on_event=progress
                     )
-            console.print()
-            console.print(
-                Columns(
-                    [cost_table(results[w], title=f"{w}: {workflow.name}") for w in results],
-                    padding=(0, 4),
-                )
-            )
+            for w in results:
+                console.print()
+                show(console, cost_spec(results[w], title=f"{w}: {workflow.name}"))
             byok, platform = results[BYOK_WORKSPACE], results[PLATFORM_WORKSPACE]
             console.print(
                 f"\n{BYOK_WORKSPACE} charged [bold]{money(byok.total_charge)}[/bold] "
@@ -376,9 +370,9 @@ def demo_command(workflow_name: str, stream: bool | None) -> None:
                 f"{PLATFORM_WORKSPACE} charged [bold]{money(platform.total_charge)}[/bold] "
                 f"at list price on the platform's keys.\n"
             )
-            console.print(
-                Columns([_ledger_table(stack, results), _emulator_table(stack)], padding=(0, 4))
-            )
+            show(console, _ledger_table(stack, results))
+            console.print()
+            show(console, _emulator_table(stack))
             failed = [r for r in results.values() if not r.ok]
     except WorkflowError as exc:
         raise click.ClickException(str(exc)) from None

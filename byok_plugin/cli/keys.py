@@ -13,7 +13,6 @@ from the command line, where it would stay in the shell history and the process 
 from __future__ import annotations
 
 import functools
-import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,11 +21,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from byok_hookspecs import ByokError, KeyCheckStatus
-from rich.console import Console
-from rich.table import Table
 
 from byok_plugin.cli.context import CliContext, pass_cli
-from byok_plugin.cli.text import plain
+from byok_plugin.cli.json_output import echo_json
+from byok_plugin.cli.tables import Column, TableSpec, console_for, show
 from byok_plugin.key_errors import InvalidInput, KeyNotFound
 from byok_plugin.key_format import DEFAULT_LABEL, KNOWN_PROVIDERS, check_key_id
 from byok_plugin.settings import SettingsError
@@ -241,30 +239,36 @@ def list_command(cli: CliContext, workspace_id: str, provider: str | None, as_js
     """List a workspace's keys, masked (the keys are never decrypted to list them)."""
     keys = _service(cli).list_keys(cli.actor, workspace_id, provider)
     if as_json:
-        click.echo(json.dumps([info.to_dict() for info in keys], indent=2))
+        echo_json({"workspace": workspace_id, "keys": [info.to_dict() for info in keys]})
         return
     if not keys:
         click.echo(f"no keys stored for workspace {workspace_id!r}")
         return
-    table = Table(title=plain(f"keys of workspace {workspace_id}"))
-    for column in ("provider", "label", "id", "key", "status", "last used", "cooldown until"):
-        table.add_column(column, no_wrap=column in {"id", "key"})
-    for info in keys:
-        table.add_row(
-            *(
-                plain(cell)
-                for cell in (
-                    info.provider,
-                    info.label,
-                    info.id,
-                    info.hint,
-                    info.status,
-                    _when(info.last_used_at),
-                    _when(info.cooldown_until),
-                )
+    spec = TableSpec(
+        columns=(
+            Column("provider", "id"),
+            Column("label", "id"),
+            Column("id", "id"),
+            Column("key", "id", priority=1),
+            Column("status", "id"),
+            Column("last used", "text", priority=3),
+            Column("cooldown until", "text", priority=2),
+        ),
+        rows=tuple(
+            (
+                info.provider,
+                info.label,
+                info.id,
+                info.hint,
+                info.status,
+                _when(info.last_used_at),
+                _when(info.cooldown_until),
             )
-        )
-    Console(width=max(Console().width, 110)).print(table)
+            for info in keys
+        ),
+        title=f"keys of workspace {workspace_id}",
+    )
+    show(console_for(), spec)
 
 
 def _selection(label: str | None, key_id: str | None, all_keys: bool, verb: str) -> None:

@@ -7,11 +7,10 @@ says how many rows wait there.
 
 from __future__ import annotations
 
-import json
-
 import click
 
 from byok_plugin.cli.context import CliContext, pass_cli
+from byok_plugin.cli.json_output import echo_json
 from byok_plugin.cli.keys import handles_errors
 
 __all__ = ["ledger_group"]
@@ -34,7 +33,7 @@ def spool_command(cli: CliContext, as_json: bool) -> None:
     spool = LedgerSpool(settings.ledger_spool or settings.home / "ledger-spool.db")
     pending = spool.pending()
     if as_json:
-        click.echo(json.dumps({"spool": str(spool.path), "pending": pending}))
+        echo_json({"spool": str(spool.path), "pending": pending}, indent=None)
     else:
         click.echo(f"{pending} usage rows waiting in {spool.path}")
 
@@ -51,16 +50,15 @@ def replay_command(cli: CliContext, as_json: bool) -> None:
     finally:
         cli.app.close()
     if as_json:
-        click.echo(
-            json.dumps(
-                {
-                    "spool": str(durable.spool.path),
-                    "replayed": result.replayed,
-                    "already_recorded": result.already_recorded,
-                    "remaining": result.remaining,
-                    "error": result.error,
-                }
-            )
+        echo_json(
+            {
+                "spool": str(durable.spool.path),
+                "replayed": result.replayed,
+                "already_recorded": result.already_recorded,
+                "remaining": result.remaining,
+                "error": result.error,
+            },
+            indent=None,
         )
     else:
         click.echo(

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from importlib import metadata
 
 import click
 import pluggy
 from byok_hookspecs import ENTRY_POINT_GROUP, declared_nonblocking
-from rich.console import Console
-from rich.table import Table
 
 from byok_plugin.cli.context import CliContext, pass_cli
-from byok_plugin.cli.text import plain
+from byok_plugin.cli.json_output import echo_json
+from byok_plugin.cli.tables import Column, TableSpec, console_for, show
 
 
 def key_provider_summary(cli: CliContext) -> str:
@@ -74,6 +72,16 @@ def describe_plugins(pm: pluggy.PluginManager) -> list[dict[str, object]]:
     return rows
 
 
+def _hook_name(hook: dict[str, object]) -> str:
+    """``byok_authorize (trylast) *``: the hook, its order, ``wrapper``, ``*`` if non-blocking."""
+    words = (hook["order"], "wrapper" if hook["wrapper"] else "")
+    return (
+        str(hook["hook"])
+        + "".join(f" ({word})" for word in words if word)
+        + (" *" if hook["nonblocking"] else "")
+    )
+
+
 @click.command("plugins")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @pass_cli
@@ -81,31 +89,27 @@ def plugins_command(cli: CliContext, as_json: bool) -> None:
     """List the installed plugins, their versions and the hooks each implements."""
     rows = describe_plugins(cli.pm)
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        echo_json({"plugins": rows})
         return
-    table = Table(
-        title="byok plugins",
-        caption="* non-blocking: a host may call it on its event loop",
-    )
-    table.add_column("plugin")
-    table.add_column("distribution")
-    table.add_column("version")
-    table.add_column("hooks")
-    for row in rows:
-        hooks: list[dict[str, object]] = row["hooks"]  # type: ignore[assignment]
-        names = "\n".join(
-            str(h["hook"])
-            + "".join(
-                f" ({word})" for word in (h["order"], "wrapper" if h["wrapper"] else "") if word
+    console = console_for()
+    spec = TableSpec(
+        columns=(
+            Column("plugin", "id"),
+            Column("distribution", "id", priority=2),
+            Column("version", "id", priority=1),
+            Column("hooks", "text"),
+        ),
+        rows=tuple(
+            (
+                str(row["name"]),
+                str(row["distribution"] or "-"),
+                str(row["version"] or "-"),
+                ", ".join(_hook_name(h) for h in row["hooks"]),  # type: ignore[attr-defined]
             )
-            + (" *" if h["nonblocking"] else "")
-            for h in hooks
-        )
-        table.add_row(
-            plain(row["name"]),
-            plain(row["distribution"] or "-"),
-            plain(row["version"] or "-"),
-            plain(names),
-        )
-    Console().print(table)
+            for row in rows
+        ),
+        title="byok plugins",
+    )
+    show(console, spec)
+    console.print("* non-blocking: a host may call it on its event loop", style="dim")
     click.echo(key_provider_summary(cli))

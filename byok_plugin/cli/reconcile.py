@@ -3,23 +3,17 @@ with the differences and the calls left to settle (``uncertain``, ``interrupted`
 
 from __future__ import annotations
 
-import json
-
 import click
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
 from byok_plugin.cli.context import CliContext, pass_cli
+from byok_plugin.cli.json_output import echo_json
 from byok_plugin.cli.keys import handles_errors
+from byok_plugin.cli.tables import Column, TableSpec, console_for, show
+from byok_plugin.cli.text import money
 from byok_plugin.cli.usage import parse_when
 from byok_plugin.reconcile import reconcile
 
 __all__ = ["reconcile_command"]
-
-
-def _money(amount: object) -> str:
-    return f"{amount:f}" if amount else "0"
 
 
 @click.command("reconcile")
@@ -51,43 +45,54 @@ def reconcile_command(
     lines = reconcile(rows, cli.app.billing, provider)
     differing = [line for line in lines if line.difference]
     if as_json:
-        click.echo(
-            json.dumps(
-                {
-                    "lines": [line.to_dict() for line in lines],
-                    "differences": [line.to_dict() for line in differing],
-                },
-                indent=2,
-            )
+        echo_json(
+            {
+                "lines": [line.to_dict() for line in lines],
+                "differences": [line.to_dict() for line in differing],
+            }
         )
         return
-    console = Console()
+    console = console_for()
     if not lines:
         console.print("No calls recorded.")
         return
-    table = Table(title="byok reconcile, amounts in USD")
-    for header in ("provider", "key", "day", "calls", "reported", "uncertain", "interrupted"):
-        table.add_column(
-            header, justify="left" if header in ("provider", "key", "day") else "right"
-        )
-    for header in ("unpriced", "list cost", "reported cost", "table price", "difference"):
-        table.add_column(header, justify="right")
-    for line in lines:
-        table.add_row(
-            escape(line.provider),
-            escape(line.key_id),
-            line.day,
-            str(line.calls),
-            str(line.reported_calls),
-            str(line.uncertain_calls),
-            str(line.interrupted_calls),
-            str(line.unpriced_calls),
-            _money(line.list_cost),
-            _money(line.reported_cost),
-            _money(line.table_cost),
-            _money(line.difference),
-        )
-    console.print(table)
+    show(
+        console,
+        TableSpec(
+            columns=(
+                Column("provider", "id"),
+                Column("key", "id"),
+                Column("day", "id"),
+                Column("calls", "number", priority=3),
+                Column("reported", "number", priority=4),
+                Column("uncertain", "number", priority=2),
+                Column("interrupted", "number", priority=5),
+                Column("unpriced", "number", priority=6),
+                Column("list cost", "money", priority=7),
+                Column("reported cost", "money"),
+                Column("table price", "money"),
+                Column("difference", "money"),
+            ),
+            rows=tuple(
+                (
+                    line.provider,
+                    line.key_id,
+                    line.day,
+                    str(line.calls),
+                    str(line.reported_calls),
+                    str(line.uncertain_calls),
+                    str(line.interrupted_calls),
+                    str(line.unpriced_calls),
+                    money(line.list_cost),
+                    money(line.reported_cost),
+                    money(line.table_cost),
+                    money(line.difference),
+                )
+                for line in lines
+            ),
+            title="byok reconcile, amounts in USD",
+        ),
+    )
     if differing:
         console.print(f"{len(differing)} key-days where the provider's cost differs from the table")
     unsettled = sum(line.uncertain_calls for line in lines)

@@ -21,15 +21,16 @@ from typing import Any
 import click
 import pluggy
 from byok_hookspecs import ByokError, Charge, CredentialSource, Usage
-from rich import box
-from rich.console import Console, Group
+from rich.console import Console
 from rich.live import Live
 from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
 from byok_plugin.cli.context import CliContext, pass_cli
-from byok_plugin.cli.text import plain
+from byok_plugin.cli.json_output import JSON_VERSION, echo_json
+from byok_plugin.cli.tables import Column, TableSpec, console_for, show
+from byok_plugin.cli.text import money, plain
 from byok_plugin.host.env_keys import EnvKeyAllowance, env_key_problems
 from byok_plugin.host.run_result import (
     BlockResult,
@@ -56,6 +57,7 @@ __all__ = [
     "RunProgress",
     "WorkflowInvalid",
     "console_for",
+    "cost_spec",
     "cost_table",
     "load_checked",
     "money",
@@ -86,6 +88,7 @@ def load_checked(path: Path, pm: pluggy.PluginManager) -> Workflow:
 def _problems_json(exc: WorkflowError) -> str:
     return json.dumps(
         {
+            "version": JSON_VERSION,
             "valid": False,
             "source": exc.source,
             "problems": [{"path": p.path, "message": p.message} for p in exc.problems],
@@ -117,20 +120,17 @@ def validate_command(cli: CliContext, workflow: Path, as_json: bool) -> None:
         raise WorkflowInvalid(str(exc)) from None
     agents = checked.agent_blocks
     if as_json:
-        click.echo(
-            json.dumps(
-                {
-                    "valid": True,
-                    "source": str(workflow),
-                    "name": checked.name,
-                    "version": checked.version,
-                    "blocks": len(checked.blocks),
-                    "agents": [
-                        {"block": a.id, "provider": a.provider, "model": a.model} for a in agents
-                    ],
-                },
-                indent=2,
-            )
+        echo_json(
+            {
+                "valid": True,
+                "source": str(workflow),
+                "name": checked.name,
+                "workflow_version": checked.version,
+                "blocks": len(checked.blocks),
+                "agents": [
+                    {"block": a.id, "provider": a.provider, "model": a.model} for a in agents
+                ],
+            }
         )
         return
     models = ", ".join(sorted({f"{a.provider}/{a.model}" for a in agents})) or "none"
@@ -141,15 +141,6 @@ def validate_command(cli: CliContext, workflow: Path, as_json: bool) -> None:
 
 
 # --- byok run ------------------------------------------------------------------------------------
-
-
-def money(amount: Decimal, currency: str = "USD") -> str:
-    """``$0.00``, ``$0.000123`` (``0.50 EUR`` in another currency): at least cents, at most
-    millionths."""
-    text = f"{amount.quantize(Decimal('0.000001')):f}".rstrip("0")
-    whole, _, cents = text.partition(".")
-    number = f"{whole}.{cents.ljust(2, '0')}"
-    return f"${number}" if currency == "USD" else f"{number} {currency}"
 
 
 def _target(workflow: Workflow, block_id: str) -> str:
@@ -198,6 +189,10 @@ class RunProgress:
         elif event.kind == "text":
             self.streamed[block] += len(event.text)
             self.detail[block] = f"streaming: {self.streamed[block]} characters"
+        elif event.kind == "waiting":
+            # a provider client waits before trying the call again (Retry-After or backoff)
+            self.detail[block] = event.text
+            self._line(block, "waiting", event.text)
         elif event.kind == "retrying":
             self.detail[block] = f"retrying after: {event.text}"
             self._line(block, "retrying", event.text)
@@ -259,23 +254,21 @@ def _summary(result: BlockResult) -> str:
     )
 
 
-def cost_table(result: RunResult, title: str | None = None) -> Table:
+def cost_spec(result: RunResult, title: str | None = None) -> TableSpec:
     """The blocks of a run that called a provider (or did not complete): provider, model, key
     source, tokens, charge; and the run's total."""
-    table = Table(
-        title=plain(title or f"{result.workflow} for workspace {result.workspace_id!r}"),
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-    )
-    table.add_column("block")
-    table.add_column("provider")
-    table.add_column("model")
-    table.add_column("key")
-    table.add_column("tokens", justify="right")
-    table.add_column("charge", justify="right")
     unfinished = not result.ok
+    columns = [
+        Column("block", "id"),
+        Column("provider", "id", priority=2),
+        Column("model", "model"),
+        Column("key", "text", priority=1),
+        Column("tokens", "number", priority=3),
+        Column("charge", "money"),
+    ]
     if unfinished:
-        table.add_column("status")
+        columns.append(Column("status", "id"))
+    rows: list[tuple[str | Text, ...]] = []
     for block in result.blocks.values():
         if block.provider is None and block.status is BlockStatus.COMPLETED:
             continue  # input, condition and output blocks call no provider
@@ -286,39 +279,39 @@ def cost_table(result: RunResult, title: str | None = None) -> Table:
         if block.calls and block.total_tokens == 0:
             requests = sum(c.usage.tool_requests for c in block.calls)
             tokens = f"{requests} req"
-        row: list[Any] = [
-            plain(cell)
-            for cell in (
-                block.block_id,
-                block.provider or "-",
-                block.model or "-",
-                source,
-                tokens,
-                money(block.charge, block.calls[0].charge.currency) if block.calls else "-",
-            )
+        row: list[str | Text] = [
+            block.block_id,
+            block.provider or "-",
+            block.model or "-",
+            source,
+            tokens,
+            money(block.charge, block.calls[0].charge.currency) if block.calls else "-",
         ]
         if unfinished:
             style = {"failed": "red", "skipped": "dim"}.get(block.status.value, "")
             row.append(plain(block.status.value, style=style))
-        table.add_row(*row)
-    table.add_section()
+        rows.append(tuple(row))
     if result.currency == "mixed":
         total_charge = ", ".join(money(v, k) for k, v in result.charges_by_currency.items())
     else:
         total_charge = money(result.total_charge, result.currency)
-    total: list[Any] = ["total", "", "", "", str(result.total_tokens), plain(total_charge)]
+    total: list[str | Text] = ["total", "", "", "", str(result.total_tokens), total_charge]
     if unfinished:
-        total.append(plain(result.status.value))
-    table.add_row(*total, style="bold")
+        total.append(result.status.value)
+    return TableSpec(
+        columns=tuple(columns),
+        rows=tuple(rows),
+        footer=(tuple(total),),
+        title=title or f"{result.workflow} for workspace {result.workspace_id!r}",
+    )
+
+
+def cost_table(result: RunResult, title: str | None = None) -> Table:
+    """:func:`cost_spec` as a Rich table with every column (its title is the spec's)."""
+    spec = cost_spec(result, title)
+    table = spec.table()
+    table.title = plain(spec.title or "")
     return table
-
-
-def console_for(*, stderr: bool = False) -> Console:
-    """A console; when the stream is not a terminal, wide enough that tables are not cut."""
-    console = Console(stderr=stderr)
-    if not console.is_terminal:
-        console = Console(stderr=stderr, width=160)
-    return console
 
 
 def _parse_inputs(pairs: tuple[str, ...], inputs_file: Path | None) -> dict[str, Any]:
@@ -442,13 +435,20 @@ async def run_workflow(
     env_keys: EnvKeyAllowance | None = None,
     run_id: str | None = None,
     replay: RunResult | None = None,
+    timeout: float | None = None,
 ) -> RunResult:
     """One run with a fresh runner (clients over one pooled HTTP client, closed afterwards).
 
     :param env_keys: the ``env`` block keys the run may read (none by default).
+    :param timeout: seconds each provider request may take (default: the clients' own).
     ``run_id`` and ``replay``: see :meth:`WorkflowRunner.run`."""
     async with WorkflowRunner.open(
-        pm, environ=environ, env_keys=env_keys, options=options, model_check=model_check
+        pm,
+        environ=environ,
+        env_keys=env_keys,
+        options=options,
+        model_check=model_check,
+        timeout=timeout,
     ) as runner:
         return await runner.run(
             workflow,
@@ -515,6 +515,14 @@ def env_key_allowance(cli: CliContext) -> EnvKeyAllowance | None:
     show_default=True,
     help="Provider calls in flight at once.",
 )
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0, 3600, min_open=True),
+    default=None,
+    metavar="SECONDS",
+    help="Seconds each provider request may take before it is retried or fails "
+    "(default: 60, and 5 to connect).",
+)
 @pass_cli
 def run_command(
     cli: CliContext,
@@ -527,6 +535,7 @@ def run_command(
     run_id: str | None,
     replay_file: Path | None,
     concurrency: int,
+    timeout: float | None,
 ) -> None:
     """Run WORKFLOW (a JSON file) for a workspace, on its keys or the platform's.
 
@@ -567,6 +576,7 @@ def run_command(
                     env_keys=env_key_allowance(cli),
                     run_id=run_id,
                     replay=replay,
+                    timeout=timeout,
                 )
             )
     except InputsError as exc:
@@ -585,15 +595,17 @@ def run_command(
     except (ByokError, SettingsError) as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+        echo_json(result.to_dict())
     else:
         out = console_for()
-        out.print(cost_table(result))
+        show(out, cost_spec(result))
         for name, value in result.outputs.items():
             shown = (
                 value if isinstance(value, str) else json.dumps(value, indent=2, ensure_ascii=False)
             )
-            out.print(Group(plain(f"output {name}:", style="bold"), plain(shown)))
+            # soft wrap: the terminal folds long lines, no line break is written inside a value
+            out.print(plain(f"output {name}:", style="bold"), soft_wrap=True)
+            out.print(plain(shown), soft_wrap=True)
     if not result.ok:
         click.echo(f"Error: {result.error}", err=True)
         raise SystemExit(1)

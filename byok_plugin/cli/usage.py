@@ -1,45 +1,67 @@
 """``byok usage``: what the ledger says was used and charged, by workspace, provider, model,
-credential source and day, over a date range; with the BYOK share of calls and what BYOK saved
+credential source and day (or workflow, block and stored key), over a date range; with the BYOK share of calls and what BYOK saved
 each workspace at list price. A table, ``--json`` or ``--csv``.
 """
 
 from __future__ import annotations
 
 import csv
-import json
+import re
 import sys
 from datetime import UTC, date, datetime, time, timedelta
-from decimal import Decimal
 
 import click
-from byok_hookspecs import USAGE_COUNTS
-from rich.console import Console
-from rich.table import Table
 
 from byok_plugin.cli.context import CliContext, pass_cli
+from byok_plugin.cli.json_output import echo_json
 from byok_plugin.cli.keys import handles_errors
-from byok_plugin.cli.text import plain
-from byok_plugin.usage_report import GROUP_KEYS, Totals, UsageReport, build_report
+from byok_plugin.cli.tables import Column, TableSpec, console_for, show
+from byok_plugin.cli.text import money, plain
+from byok_plugin.usage_report import DEFAULT_GROUPS, GROUP_KEYS, Totals, UsageReport, build_report
 
 __all__ = ["csv_cell", "parse_when", "usage_command"]
 
-_COLUMNS = (
-    "calls",
-    "byok_calls",
-    "byok_share",
-    *USAGE_COUNTS,
-    "list_cost",
-    "charged",
-    "byok_saved",
-)
+#: the relative dates --since and --until take besides dates and times (UTC)
+RELATIVE = ("today", "yesterday", "this-month", "last-month", "Nd (N days before now)")
+_DAYS_AGO = re.compile(r"(\d{1,5})d")
 
 
-def parse_when(value: str | None, option: str, *, end: bool) -> datetime | None:
-    """A date (``2026-11-27``) or an ISO 8601 time; naive times are UTC. A date given to
-    ``--until`` includes that whole day."""
+def _month_start(day: date, months_back: int = 0) -> datetime:
+    month = day.month - 1 - months_back
+    return datetime(day.year + month // 12, month % 12 + 1, 1, tzinfo=UTC)
+
+
+def _relative(text: str, *, end: bool, now: datetime) -> datetime | None:
+    today = datetime.combine(now.date(), time.min, tzinfo=UTC)
+    day = timedelta(days=1)
+    spans = {
+        "today": (today, today + day),
+        "yesterday": (today - day, today),
+        "this-month": (_month_start(now.date()), _month_start(now.date(), -1)),
+        "last-month": (_month_start(now.date(), 1), _month_start(now.date())),
+    }
+    if text in spans:
+        start, stop = spans[text]
+        return stop if end else start
+    match = _DAYS_AGO.fullmatch(text)
+    if match:
+        return now - timedelta(days=int(match.group(1)))
+    return None
+
+
+def parse_when(
+    value: str | None, option: str, *, end: bool, now: datetime | None = None
+) -> datetime | None:
+    """A date (``2026-11-27``), an ISO 8601 time (naive times are UTC) or a relative date:
+    ``today``, ``yesterday``, ``this-month``, ``last-month`` (whole UTC days and months: given to
+    ``--until`` they include that day or month) or ``7d`` (7 days before ``now``). A date given
+    to ``--until`` includes that whole day."""
     if value is None:
         return None
     text = value.strip()
+    moment = _relative(text.lower(), end=end, now=now or datetime.now(UTC))
+    if moment is not None:
+        return moment
     try:
         if len(text) == 10:
             day = date.fromisoformat(text)
@@ -48,48 +70,59 @@ def parse_when(value: str | None, option: str, *, end: bool) -> datetime | None:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         raise click.BadParameter(
-            f"{value!r} is not a date (YYYY-MM-DD) or an ISO 8601 time", param_hint=option
+            f"{value!r} is not a date (YYYY-MM-DD), an ISO 8601 time or one of "
+            f"{', '.join(RELATIVE)}",
+            param_hint=option,
         ) from None
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
-def _money(amount: Decimal) -> str:
-    if amount == 0:
-        return "0"
-    return f"{amount.normalize():f}"
-
-
-def _cells(totals: Totals) -> list[str]:
-    return [
-        str(totals.calls),
-        str(totals.byok_calls),
-        f"{totals.byok_share * 100:.1f}%",
-        f"{totals.input_tokens:,}",
-        f"{totals.cached_input_tokens:,}",
-        f"{totals.cache_write_tokens:,}",
-        f"{totals.output_tokens:,}",
-        f"{totals.reasoning_tokens:,}",
-        f"{totals.tool_requests:,}",
-        _money(totals.list_cost),
-        _money(totals.charged),
-        _money(totals.byok_saved),
-    ]
-
-
-_HEADERS = (
-    "calls",
-    "BYOK calls",
-    "BYOK share",
-    "input",
-    "cached in",
-    "cache write",
-    "output",
-    "reasoning",
-    "tool req.",
-    "list cost",
-    "charged",
-    "BYOK saved",
+#: the table's columns after the groups: (header, JSON field, kind, priority; 0 always shown)
+_NUMBERS = (
+    ("calls", "calls", "number", 0),
+    ("BYOK calls", "byok_calls", "number", 8),
+    ("BYOK share", "byok_share", "number", 5),
+    ("input", "input_tokens", "number", 4),
+    ("cached in", "cached_input_tokens", "number", 11),
+    ("cache write", "cache_write_tokens", "number", 10),
+    ("output", "output_tokens", "number", 4),
+    ("reasoning", "reasoning_tokens", "number", 9),
+    ("tool req.", "tool_requests", "number", 7),
+    ("list cost", "list_cost", "money", 3),
+    ("charged", "charged", "money", 0),
+    ("BYOK saved", "byok_saved", "money", 2),
 )
+#: the groups' columns: kind and priority (the credential source may go on a narrow terminal)
+_GROUPS = {
+    "day": ("id", 0),
+    "workspace": ("id", 0),
+    "provider": ("id", 6),
+    "model": ("model", 0),
+    "source": ("id", 1),
+    "workflow": ("id", 0),
+    "block": ("id", 0),
+    "key": ("id", 0),
+}
+
+
+def _cells(totals: Totals, currency: str) -> tuple[str, ...]:
+    cells: list[str] = []
+    for _header, name, kind, _priority in _NUMBERS:
+        value = getattr(totals, name)
+        if kind == "money":
+            cells.append(money(value, currency))
+        elif name == "byok_share":
+            cells.append(f"{value * 100:.1f}%")
+        else:
+            cells.append(f"{value:,}")
+    return tuple(cells)
+
+
+def _number_columns() -> tuple[Column, ...]:
+    return tuple(
+        Column(header, kind, priority)  # type: ignore[arg-type]
+        for header, _name, kind, priority in _NUMBERS
+    )
 
 
 def _range(report: UsageReport) -> str:
@@ -99,35 +132,48 @@ def _range(report: UsageReport) -> str:
 
 
 def _print_table(report: UsageReport) -> None:
-    console = Console()
+    console = console_for()
     if not report.totals.calls:
         console.print(plain(f"No usage recorded {_range(report)}."))
         return
-    rows = Table(title=plain(f"byok usage {_range(report)}, amounts in {report.currency}"))
-    for name in report.group_by:
-        rows.add_column(name)
-    for header in _HEADERS:
-        rows.add_column(header, justify="right")
-    for key, totals in report.rows:
-        rows.add_row(*map(plain, key), *_cells(totals))
-    console.print(rows)
-    summary = Table(title="by workspace: what BYOK saved at list price")
-    summary.add_column("workspace")
-    for header in _HEADERS:
-        summary.add_column(header, justify="right")
-    for workspace, totals in report.workspaces:
-        summary.add_row(plain(workspace), *_cells(totals))
-    summary.add_row("total", *_cells(report.totals), style="bold")
-    console.print(summary)
+    groups = tuple(
+        Column(name, _GROUPS[name][0], _GROUPS[name][1])  # type: ignore[arg-type]
+        for name in report.group_by
+    )
+    show(
+        console,
+        TableSpec(
+            columns=groups + _number_columns(),
+            rows=tuple(
+                tuple(value or "-" for value in key) + _cells(totals, report.currency)
+                for key, totals in report.rows
+            ),
+            title=f"byok usage {_range(report)}",
+        ),
+    )
+    console.print()
+    show(
+        console,
+        TableSpec(
+            columns=(Column("workspace", "id"), *_number_columns()),
+            rows=tuple(
+                (workspace, *_cells(totals, report.currency))
+                for workspace, totals in report.workspaces
+            ),
+            footer=(("total", *_cells(report.totals, report.currency)),),
+            title="by workspace: what BYOK saved at list price",
+        ),
+    )
     t = report.totals
     console.print(
         plain(
             f"{t.calls} calls, {t.byok_share * 100:.1f}% on the workspaces' own keys "
             f"({t.byok_calls} BYOK, {t.platform_calls} platform of which {t.fallback_calls} "
-            f"fallbacks, {t.block_calls} block keys); charged {_money(t.charged)} "
-            f"{report.currency}; BYOK saved {_money(t.byok_saved)} {report.currency} at list price"
+            f"fallbacks, {t.block_calls} block keys); charged {money(t.charged, report.currency)}; "
+            f"BYOK saved {money(t.byok_saved, report.currency)} at list price"
             + (f"; {t.unpriced_calls} calls had no price" if t.unpriced_calls else "")
-        )
+        ),
+        soft_wrap=True,
     )
 
 
@@ -145,11 +191,17 @@ def _print_csv(report: UsageReport) -> None:
     # RFC 4180 line ends: the csv module then quotes a cell holding a CR, which it writes bare
     # with "\n" line ends (a spreadsheet would split the row there)
     writer = csv.writer(sys.stdout, lineterminator="\r\n")
-    writer.writerow([*report.group_by, *_COLUMNS, "currency"])
+    fields = list(Totals().to_dict())  # every field a JSON row has, in the same order
+    writer.writerow([*report.group_by, *fields, "currency"])
     for key, totals in report.rows:
         data = totals.to_dict()
+        groups = report.group_values(key)
         writer.writerow(
-            [*map(csv_cell, key), *(data[name] for name in _COLUMNS), csv_cell(report.currency)]
+            [
+                *(csv_cell(groups[name] or "") for name in report.group_by),
+                *(data[name] for name in fields),
+                csv_cell(report.currency),
+            ]
         )
 
 
@@ -161,12 +213,21 @@ def _print_csv(report: UsageReport) -> None:
     multiple=True,
     help="Only this workspace (repeat for several). Default: all.",
 )
-@click.option("--since", metavar="DATE", help="From this date or time (UTC), inclusive.")
-@click.option("--until", metavar="DATE", help="Until this date (inclusive) or time (exclusive).")
+@click.option(
+    "--since",
+    metavar="WHEN",
+    help="From this date or time (UTC), inclusive; or today, yesterday, this-month, last-month, "
+    "7d (7 days before now).",
+)
+@click.option(
+    "--until",
+    metavar="WHEN",
+    help="Until this date (inclusive), time (exclusive) or relative date (as --since).",
+)
 @click.option(
     "--by",
     "group_by",
-    default=",".join(GROUP_KEYS),
+    default=",".join(DEFAULT_GROUPS),
     show_default=True,
     help=f"Group rows by these, comma-separated: {', '.join(GROUP_KEYS)}.",
 )
@@ -187,7 +248,8 @@ def usage_command(
 
     \b
     byok usage --since 2026-11-01 --until 2026-11-30
-    byok usage -w acme --by workspace,provider --json
+    byok usage --since this-month --by workflow,block,key
+    byok usage -w acme --since 7d --by workspace,provider --json
     """
     if as_json and as_csv:
         raise click.UsageError("choose one of --json and --csv")
@@ -209,7 +271,7 @@ def usage_command(
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2))
+        echo_json(report.to_dict())
     elif as_csv:
         _print_csv(report)
     else:

@@ -111,7 +111,7 @@ from byok_plugin.host.providers.errors import (
     UnsupportedRequest,
 )
 from byok_plugin.host.providers.registry import create_clients, new_http_client
-from byok_plugin.host.providers.retry import RetryPolicy
+from byok_plugin.host.providers.retry import RetryPolicy, RetryWait, retry_listener
 from byok_plugin.host.run_result import (
     BlockResult,
     BlockStatus,
@@ -243,13 +243,16 @@ class RunnerOptions:
 @dataclass(frozen=True, slots=True)
 class RunEvent:
     """Progress of a run, for a live display. ``kind``: ``started``, ``text`` (a streamed piece),
-    ``retrying``, ``finished`` (``result`` set, completed, failed or skipped)."""
+    ``waiting`` (a provider client waits before trying a call again: ``wait`` set, ``text`` says
+    attempt n of m and why), ``retrying`` (the block runs again), ``finished`` (``result`` set,
+    completed, failed or skipped)."""
 
     kind: str
     block_id: str
     block_type: str
     text: str = ""
     result: BlockResult | None = None
+    wait: RetryWait | None = None
 
 
 EventHandler = Callable[[RunEvent], None]
@@ -286,6 +289,12 @@ class _Run:
     ) -> None:
         if self.on_event is not None:
             self.on_event(RunEvent(kind, block_id, block_type, text, result))
+
+    def emit_wait(self, block_id: str, block_type: str, wait: RetryWait) -> None:
+        text = self.redact(wait.describe())
+        log.info("block %s: %s", block_id, text)
+        if self.on_event is not None:
+            self.on_event(RunEvent("waiting", block_id, block_type, text, wait=wait))
 
     def lookup(self, ref: Ref) -> Any:
         if ref.is_input:
@@ -360,11 +369,14 @@ class WorkflowRunner:
         base_urls: Mapping[str, str] | None = None,
         retry: RetryPolicy | None = None,
         model_check: Callable[[str, str], bool | None] | None = None,
+        timeout: float | None = None,
     ) -> AsyncIterator[WorkflowRunner]:
         """A runner with a client for every provider over one pooled ``httpx.AsyncClient``.
 
         Base URLs come from ``base_urls``, else ``BYOK_<PROVIDER>_BASE_URL`` in ``environ``, else
         the providers' public APIs. The HTTP client is closed on exit unless it was given.
+        ``timeout``: seconds each provider request may take (connect, send, each read), instead
+        of the clients' default.
         """
         opts = options or RunnerOptions()
         own = http is None
@@ -373,7 +385,9 @@ class WorkflowRunner:
             http = new_http_client(max_connections=size, max_keepalive=size)
         runner: WorkflowRunner | None = None
         try:
-            clients = create_clients(http, environ=environ, base_urls=base_urls, retry=retry)
+            clients = create_clients(
+                http, environ=environ, base_urls=base_urls, retry=retry, timeout=timeout
+            )
             runner = cls(
                 pm,
                 clients,
@@ -723,6 +737,8 @@ class WorkflowRunner:
         if isinstance(block, AgentBlock | ToolBlock):
             retries = block.retries if block.retries is not None else self.options.block_retries
             max_attempts = 1 + retries
+        # the provider clients' waits before a retry, told as this block's events
+        listening = retry_listener.set(functools.partial(run.emit_wait, block.id, block.type))
         try:
             while True:
                 attempts += 1
@@ -770,6 +786,8 @@ class WorkflowRunner:
                 provider=provider,
                 model=model,
             )
+        finally:
+            retry_listener.reset(listening)
         return BlockResult(
             block.id,
             block.type,

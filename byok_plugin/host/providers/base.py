@@ -34,7 +34,12 @@ from byok_plugin.host.providers.errors import (
     redact,
     scrubbed,
 )
-from byok_plugin.host.providers.retry import RetryPolicy, parse_retry_after
+from byok_plugin.host.providers.retry import (
+    RetryPolicy,
+    RetryWait,
+    parse_retry_after,
+    retry_listener,
+)
 from byok_plugin.host.providers.sse import ServerSentEvent, iter_sse
 
 #: what an API key may hold to travel in an HTTP header: printable ASCII, no spaces
@@ -357,6 +362,19 @@ class ProviderClient(ABC):
             wait = self.retry.delay(attempt, retry_after) if retryable else None
             if wait is None:
                 raise error
+            listener = retry_listener.get()
+            if listener is not None:
+                status = getattr(error, "status", None)
+                listener(
+                    RetryWait(
+                        provider=self.provider,
+                        attempt=attempt,
+                        max_attempts=self.retry.max_attempts,
+                        wait=wait,
+                        retry_after=retry_after,
+                        reason=error.kind + (f" {status}" if status else ""),
+                    )
+                )
             await self.retry.sleep(wait)
 
     def status_error(self, response: httpx.Response, api_key: str, attempt: int) -> ProviderError:

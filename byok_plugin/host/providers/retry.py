@@ -1,7 +1,8 @@
 """Retries: bounded attempts, exponential backoff with jitter, the provider's ``Retry-After`` honoured.
 
 The policy holds its own ``sleep`` and ``random`` so that tests inject fakes and run instantly and
-deterministically; there is no module-level state.
+deterministically; there is no module-level state. Whoever waits for a call may learn of each wait
+before it starts (:data:`retry_listener`, a context variable: each task sees its own listener).
 """
 
 from __future__ import annotations
@@ -10,10 +11,45 @@ import asyncio
 import random as _random
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 
-__all__ = ["NO_RETRY", "RetryPolicy", "parse_retry_after"]
+__all__ = ["NO_RETRY", "RetryPolicy", "RetryWait", "parse_retry_after", "retry_listener"]
+
+
+@dataclass(frozen=True, slots=True)
+class RetryWait:
+    """A provider client is about to wait before trying a call again.
+
+    :param attempt: the attempt that failed (1-based), of ``max_attempts`` in all.
+    :param wait: the seconds it will wait now.
+    :param retry_after: the provider's own ``Retry-After`` hint, when the wait is that.
+    :param reason: the failure's kind (``rate limit``, ``timeout``, ``unreachable``, ``server
+        error``…) and its HTTP status if any; never the provider's message.
+    """
+
+    provider: str
+    attempt: int
+    max_attempts: int
+    wait: float
+    retry_after: float | None
+    reason: str
+
+    def describe(self) -> str:
+        """``openai attempt 1 of 4 failed (rate limit 429): waiting 2.0 s (Retry-After)``."""
+        why = " (Retry-After)" if self.retry_after is not None else ""
+        return (
+            f"{self.provider} attempt {self.attempt} of {self.max_attempts} failed "
+            f"({self.reason}): waiting {self.wait:.1f} s{why}"
+        )
+
+
+#: who hears of a client's waits in the current task (``None``: nobody); the runner sets it
+#: around each block's calls
+retry_listener: ContextVar[Callable[[RetryWait], None] | None] = ContextVar(
+    "byok_retry_listener", default=None
+)
 
 
 def parse_retry_after(
