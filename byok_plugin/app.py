@@ -286,7 +286,7 @@ class App:
         from byok_plugin.resolution import Resolver
 
         path = sqlite_file_of(self.engine)
-        return Resolver(
+        resolver = Resolver(
             keys=self.key_access,
             reader=SqliteKeyReader(path) if path is not None else None,
             engine=self.engine,
@@ -299,3 +299,6 @@ class App:
             background=self.background_writes,
             platform_cooldowns=PlatformCooldowns(self.engine),
         )
+        if self.engine.dialect.name == "postgresql":  # key changes announced at commit
+            resolver.listen_for_changes(self.engine.url)
+        return resolver
