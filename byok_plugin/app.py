@@ -268,7 +268,10 @@ class App:
 
         path = self.settings.ledger_spool or self.settings.home / "ledger-spool.db"
         return DurableLedger(
-            self.ledger.record, LedgerSpool(path), background=self.background_writes.submit
+            self.ledger.record,
+            LedgerSpool(path),
+            background=self.background_writes.submit,
+            write_many=self.ledger.record_many,
         )
 
     @cached_property

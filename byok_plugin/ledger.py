@@ -310,6 +310,8 @@ class Ledger:
         self._insert = insert.on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(
             usage_ledger.c.id
         )
+        # several rows in one statement execution (another process may add a key meanwhile)
+        self._insert_many = insert.on_conflict_do_nothing(index_elements=["idempotency_key"])
         path = sqlite_file_of(engine)
         self._writer = (
             SqliteLedgerWriter(path, engine.dialect, lock_backoff(engine))
@@ -366,6 +368,39 @@ class Ledger:
         ):
             inserted = conn.execute(self._insert, values).first()
         return inserted is not None
+
+    def record_many(self, records: Sequence[UsageRecord]) -> int:
+        """Write several calls in one transaction (a group commit: the calls that finished
+        together); a key already recorded is skipped, as :meth:`record` skips it.
+
+        :returns: how many rows were new.
+        :raises StoreUnavailable: the store did not take the transaction: no row of it is
+            written (the caller writes them one by one, and spools those the store refuses).
+        """
+        if not records:
+            return 0
+        for record in records:
+            _check(record)
+        now = self._clock()
+        rows = [self.values(record, now) for record in records]
+        workspaces = sorted({record.workspace_id for record in records})
+        with (
+            store_errors("recording usage", workspace_id=",".join(workspaces)[:200]),
+            write_transaction(self._engine) as conn,
+        ):
+            # the keys already there, then the new rows: an executemany with RETURNING is not
+            # portable, and the count is what callers want
+            keys = [row["idempotency_key"] for row in rows]
+            t = usage_ledger
+            existing = set(
+                conn.execute(
+                    sa.select(t.c.idempotency_key).where(t.c.idempotency_key.in_(keys))
+                ).scalars()
+            )
+            fresh = [row for row in rows if row["idempotency_key"] not in existing]
+            if fresh:
+                conn.execute(self._insert_many, fresh)
+        return len(fresh)
 
     def close(self) -> None:
         """Release the direct SQLite writer's connections (the engine is its owner's to close)."""
