@@ -52,6 +52,7 @@ _STORE_HOOKS = frozenset(
     {
         "byok_resolve_credential",
         "byok_record_usage",
+        "byok_record_usage_batch",
         "byok_recorded_calls",
         "byok_audit",
         "byok_prepare",

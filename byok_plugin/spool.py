@@ -313,14 +313,16 @@ class DurableLedger:
         return inserted
 
     def record_many(self, records: Sequence[UsageRecord]) -> int:
-        """Write ``records`` to the store in one transaction; when the store refuses it, each
-        record as :meth:`record` does (into the store, else into the spool).
+        """Write ``records`` to the store in one transaction; when the store refuses it (or on an
+        event loop's thread), each record as :meth:`record` does (into the store, else into the
+        spool).
 
         :returns: how many rows (or spooled rows) were new.
         :raises SpoolUnavailable: some record was taken by neither (the first such error, once
             every record was tried): those records' usage is in the caller's hands.
         """
-        if self._write_many is not None:
+        # on an event loop's thread, row by row: each write then gives up at once on a lock
+        if self._write_many is not None and not called_inline():
             try:
                 written = self._write_many(records)
             except StoreUnavailable as exc:

@@ -250,3 +250,25 @@ def test_a_worker_killed_between_call_and_commit_loses_no_completed_row_and_doub
         assert len(stored) <= calls_made
     finally:
         stack.close()
+
+
+def test_a_group_is_written_in_one_transaction_and_a_key_already_there_is_skipped(
+    tmp_path: Path, database_url: str
+) -> None:
+    from byok_plugin.app import App
+    from byok_plugin.settings import Settings
+    from tests.ledger_support import record_for
+
+    app = App(
+        Settings.from_environ({"BYOK_HOME": str(tmp_path), "BYOK_DATABASE_URL": database_url})
+    )
+    try:
+        records = [record_for(n) for n in range(12)]
+        assert app.ledger.record(records[3])  # already there: skipped, not doubled
+        assert app.durable_ledger.record_many(records) == 11
+        assert app.durable_ledger.record_many(records) == 0
+        assert sorted(r.idempotency_key for r in app.ledger.rows()) == sorted(
+            r.idempotency_key for r in records
+        )
+    finally:
+        app.close()
