@@ -252,7 +252,7 @@ def test_a_worker_killed_between_call_and_commit_loses_no_completed_row_and_doub
         stack.close()
 
 
-def test_a_group_is_written_in_one_transaction_and_a_key_already_there_is_skipped(
+def test_a_group_write_skips_the_keys_already_there_and_is_idempotent(
     tmp_path: Path, database_url: str
 ) -> None:
     from byok_plugin.app import App
