@@ -310,8 +310,6 @@ class Ledger:
         self._insert = insert.on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(
             usage_ledger.c.id
         )
-        # several rows in one statement execution (another process may add a key meanwhile)
-        self._insert_many = insert.on_conflict_do_nothing(index_elements=["idempotency_key"])
         path = sqlite_file_of(engine)
         self._writer = (
             SqliteLedgerWriter(path, engine.dialect, lock_backoff(engine))
@@ -388,19 +386,10 @@ class Ledger:
             store_errors("recording usage", workspace_id=",".join(workspaces)[:200]),
             write_transaction(self._engine) as conn,
         ):
-            # the keys already there, then the new rows: an executemany with RETURNING is not
-            # portable, and the count is what callers want
-            keys = [row["idempotency_key"] for row in rows]
-            t = usage_ledger
-            existing = set(
-                conn.execute(
-                    sa.select(t.c.idempotency_key).where(t.c.idempotency_key.in_(keys))
-                ).scalars()
-            )
-            fresh = [row for row in rows if row["idempotency_key"] not in existing]
-            if fresh:
-                conn.execute(self._insert_many, fresh)
-        return len(fresh)
+            # one statement for the group (SQLAlchemy's "insertmanyvalues"); RETURNING gives
+            # the rows that were new (a key already recorded returns nothing)
+            inserted = conn.execute(self._insert, rows).all()
+        return len(inserted)
 
     def close(self) -> None:
         """Release the direct SQLite writer's connections (the engine is its owner's to close)."""

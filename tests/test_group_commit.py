@@ -109,10 +109,11 @@ def test_hook_byok_record_usage_batch_calls_that_finish_together_are_one_group(
         keys = sorted(c.idempotency_key for r in results for c in r.calls)
         assert len(keys) == CALLS
         assert all(c.recorded for r in results for c in r.calls)
-        # one group for the first call(s) to finish, one for all that finished meanwhile
+        # one group for the first call(s) to finish, one for all that finished meanwhile (or
+        # one group of all, when every call finished before the writer first ran)
         assert sum(groups.sizes) == CALLS
-        assert len(groups.sizes) == 2, groups.sizes
-        assert groups.sizes[1] == CALLS - groups.sizes[0]
+        assert len(groups.sizes) in (1, 2), groups.sizes
+        assert max(groups.sizes) > 1
         # the default plugin wrote every row (in the group's transaction), and the plugin with
         # the single form only saw every record, once
         assert sorted(r.idempotency_key for r in stack.app.ledger.rows()) == keys
