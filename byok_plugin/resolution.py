@@ -31,8 +31,11 @@ audited (``fallback.used``). A block's own key is never replaced by another key.
 call. A key decrypted for a call is kept with its list and reused until the list expires; expired
 lists, and the plaintexts with them, are dropped at the next resolution or at ``close()``. Key
 changes made through this
-process's hooks (audited ``key.*`` events) drop the entry at once; other workers see changes and
-cooldowns within the interval. ``last_used_at`` is written in batches, at most every 30 s, off
+process's hooks (audited ``key.*`` events) drop the entry at once; on SQLite, other workers see
+changes and cooldowns within the interval. On PostgreSQL every such change sends ``NOTIFY
+byok_keys`` with its commit and each worker listens (:mod:`byok_plugin.key_listener`): the entry
+goes as the change commits, lists are kept 60 s meanwhile, and the interval is the safety net
+while the listening connection is down. ``last_used_at`` is written in batches, at most every 30 s, off
 the calling thread. ``0`` turns the cache off.
 """
 
