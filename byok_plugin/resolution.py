@@ -516,15 +516,20 @@ class Resolver:
         if self._orgs is None:
             return None
         ttl = self.cache.ttl
+        if ttl > 0 and self.cache.listening:  # every membership change is announced
+            ttl = self.cache.listening_ttl
         tick = self._monotonic()
         if ttl > 0:  # kept as long as a key list: other workers' changes show within the interval
             cached = self._pools.get(workspace_id)
             if cached is not None and cached[0] > tick:
                 return cached[1]
+        generation = self.cache.generation  # a drop meanwhile: the read may predate the change
         membership = self._orgs.membership(workspace_id)
         owner = membership.owner_id if membership is not None and membership.uses_pool else None
         if ttl > 0:
             with self._pools_lock:
+                if generation != self.cache.generation:
+                    return owner
                 if len(self._pools) > 100_000:
                     self._pools.clear()
                 self._pools[workspace_id] = (tick + ttl, owner)
@@ -715,7 +720,7 @@ class Resolver:
         from byok_plugin.key_listener import KeyChangeListener
 
         self._listener = KeyChangeListener(
-            url, changed=self._changed_elsewhere, listening=self.cache.set_listening
+            url, changed=self._changed_elsewhere, listening=self._set_listening
         )
         self._listener.start()
 
@@ -725,7 +730,18 @@ class Resolver:
         return self._listener
 
     def _changed_elsewhere(self, workspace_id: str, provider: str | None) -> None:
+        """Another worker's change committed: drop the workspace's lists and which organization
+        pool it uses (an attach, detach or opt-out announces the workspace, every provider)."""
         self.cache.invalidate(workspace_id, provider)
+        with self._pools_lock:
+            self._pools.pop(workspace_id, None)
+
+    def _set_listening(self, listening: bool) -> None:
+        """The listener connected or lost its connection: drop every list and every pool
+        membership (either may have changed unannounced)."""
+        self.cache.set_listening(listening)
+        with self._pools_lock:
+            self._pools.clear()
 
     def close(self) -> None:
         """Write the pending last-used times, drop the cached keys (and the plaintexts decrypted

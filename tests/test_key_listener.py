@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from byok_hookspecs import Credential, CredentialRequest
+from byok_hookspecs import Credential, CredentialRequest, CredentialSource, NoCredential
 from keys_support import OPERATOR, keyring_value, make_app, master_key, random_key, service_for
 
 from byok_plugin.key_listener import KeyChangeListener
+from byok_plugin.organizations import org_owner
 from byok_plugin.resolution import KeyListCache
 from byok_plugin.store.key_events import notify_key_change, parse_key_change
 from byok_plugin.store.keys_repo import StoredKey
@@ -127,6 +128,70 @@ def test_a_key_disabled_or_deleted_in_another_process_is_never_served_after_the_
             other.stdin.close()
         other.wait(timeout=30)
         w.app.close()
+
+
+def test_organization_changes_in_one_worker_reach_another_at_commit(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """Organization pools (issue 17) on PostgreSQL: attach, detach, opt-out and the pool's own
+    keys, changed through worker A, reach worker B at commit, though B keeps both its lists and
+    which pool a workspace uses for a minute while it listens."""
+    a = Worker(postgres_url, tmp_path / "a")
+    b = Worker(postgres_url, tmp_path / "b", a.keyring)
+    orgs = a.app.organizations(a.pm)
+    owner = org_owner("acme")
+    listener = b.app.resolver.listener
+    try:
+        assert listener is not None
+        assert listener.wait_listening()
+
+        def change(what: str, apply: object) -> None:
+            before = listener.received
+            apply()  # type: ignore[operator]
+            _wait(lambda: listener.received > before, f"the notification of {what}")
+
+        def served() -> set[str | None]:
+            """The key ids B serves workspace ws (None: no key at all)."""
+            ids: set[str | None] = set()
+            for _ in range(6):
+                try:
+                    credential = b.resolve("ws", "anthropic", "claude-opus-4-1")
+                except NoCredential:
+                    ids.add(None)
+                else:
+                    assert credential.source is CredentialSource.ORGANIZATION
+                    ids.add(credential.key_id)
+            return ids
+
+        orgs.create(OPERATOR, "acme")
+        first, _ = a.store(owner, "anthropic", label="first")
+        assert served() == {None}  # not attached yet: B now keeps "no pool" for ws
+        assert b.app.resolver.cache.listening
+
+        change("the attach", lambda: orgs.attach(OPERATOR, "acme", "ws"))
+        assert served() == {first}  # B also keeps the pool's list now
+        second = ""
+
+        def add_second() -> None:
+            nonlocal second
+            second, _ = a.store(owner, "anthropic", label="second")
+
+        change("a key added to the pool", add_second)
+        assert served() == {first, second}
+        change(
+            "a pool key disabled",
+            lambda: a.service.disable(OPERATOR, owner, "anthropic", key_id=first),
+        )
+        assert served() == {second}
+        change("the opt-out", lambda: orgs.set_opt_out(OPERATOR, "ws", True))
+        assert served() == {None}
+        change("the opt-in", lambda: orgs.set_opt_out(OPERATOR, "ws", False))
+        assert served() == {second}
+        change("the detach", lambda: a.app.organization_store.detach("ws"))
+        assert served() == {None}
+    finally:
+        a.app.close()
+        b.app.close()
 
 
 def test_notification_latency_from_commit_to_a_dropped_list(
