@@ -20,7 +20,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from byok_hookspecs import UsageRecord, hookimpl
 
-from byok_plugin.cli.demo import BYOK_WORKSPACE, DemoStack
+from byok_plugin.cli.demo import BYOK_WORKSPACE, PLATFORM_WORKSPACE, DemoStack
 from byok_plugin.host.emulator import EmulatorServer
 from byok_plugin.host.runner import RunnerOptions, WorkflowRunner
 from byok_plugin.host.workflow import parse_workflow
@@ -79,7 +79,9 @@ def _stack(emulator: EmulatorServer, home: Path, database_url: str) -> DemoStack
     return stack
 
 
-async def _run_together(stack: DemoStack, meter: Meter | None = None) -> list:
+async def _run_together(
+    stack: DemoStack, meter: Meter | None = None, workspace_id: str = BYOK_WORKSPACE
+) -> list:
     workflow = parse_workflow(ONE_BLOCK)
     options = RunnerOptions(hooks_in_thread=True, max_concurrent_calls=CALLS)
     async with WorkflowRunner.open(stack.pm, environ=stack.environ, options=options) as runner:
@@ -87,10 +89,7 @@ async def _run_together(stack: DemoStack, meter: Meter | None = None) -> list:
             meter.runner = runner
         return list(
             await asyncio.gather(
-                *(
-                    runner.run(workflow, workspace_id=BYOK_WORKSPACE, inputs={})
-                    for _ in range(CALLS)
-                )
+                *(runner.run(workflow, workspace_id=workspace_id, inputs={}) for _ in range(CALLS))
             )
         )
 
@@ -118,6 +117,37 @@ def test_hook_byok_record_usage_batch_calls_that_finish_together_are_one_group(
         # the single form only saw every record, once
         assert sorted(r.idempotency_key for r in stack.app.ledger.rows()) == keys
         assert sorted(meter.seen) == keys
+    finally:
+        stack.close()
+
+
+def test_calls_recorded_in_one_group_each_settle_their_own_budget_hold(
+    emulator: EmulatorServer, tmp_path: Path, database_url: str
+) -> None:
+    """Budgets (issue 16) with group commit: every call's hold is settled with its own charge
+    once its group is recorded; nothing stays reserved, and what is spent is what was charged."""
+    stack = _stack(emulator, tmp_path / "home", database_url)
+    groups = Groups()
+    meter = Meter(groups)
+    stack.pm.register(groups)
+    stack.pm.register(meter)
+    budgets = stack.app.budgets
+    budgets.set_budget(PLATFORM_WORKSPACE, "monthly", limit="1000")
+    try:
+        results = asyncio.run(_run_together(stack, meter, PLATFORM_WORKSPACE))
+        assert all(r.ok for r in results), [r.error for r in results]
+        calls = [c for r in results for c in r.calls]
+        assert len(calls) == CALLS
+        assert all(c.recorded for c in calls)
+        assert sum(groups.sizes) == CALLS, groups.sizes
+        assert max(groups.sizes) > 1, groups.sizes
+        charged = sum(c.charge.amount for c in calls)
+        assert charged > 0
+        status = budgets.get(PLATFORM_WORKSPACE, "monthly")
+        assert status is not None
+        assert (status.spent, status.reserved) == (charged, 0)
+        rows = stack.app.ledger.rows()
+        assert sorted(r.idempotency_key for r in rows) == sorted(c.idempotency_key for c in calls)
     finally:
         stack.close()
 
