@@ -286,7 +286,10 @@ class App:
 
         path = self.settings.ledger_spool or self.settings.home / "ledger-spool.db"
         return DurableLedger(
-            self.ledger.record, LedgerSpool(path), background=self.background_writes.submit
+            self.ledger.record,
+            LedgerSpool(path),
+            background=self.background_writes.submit,
+            write_many=self.ledger.record_many,
         )
 
     @cached_property
@@ -311,7 +314,7 @@ class App:
         from byok_plugin.resolution import Resolver
 
         path = sqlite_file_of(self.engine)
-        return Resolver(
+        resolver = Resolver(
             keys=self.key_access,
             reader=SqliteKeyReader(path) if path is not None else None,
             engine=self.engine,
@@ -326,3 +329,6 @@ class App:
             platform_cooldowns=PlatformCooldowns(self.engine),
             organizations=self.organization_store,
         )
+        if self.engine.dialect.name == "postgresql":  # key changes announced at commit
+            resolver.listen_for_changes(self.engine.url)
+        return resolver

@@ -6,7 +6,7 @@ Every one is ``trylast``: anything a user installs runs before them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import cached_property
 from types import SimpleNamespace
 from typing import Any
@@ -55,6 +55,7 @@ _STORE_HOOKS = frozenset(
     {
         "byok_resolve_credential",
         "byok_record_usage",
+        "byok_record_usage_batch",
         "byok_recorded_calls",
         "byok_audit",
         "byok_prepare",
@@ -163,6 +164,11 @@ class DefaultPlugin:
     def byok_record_usage(self, record: UsageRecord) -> None:
         # into the store, else into the local spool (replayed when the store answers again)
         self.app.durable_ledger.record(record)
+
+    @hookimpl(trylast=True)
+    def byok_record_usage_batch(self, records: Sequence[UsageRecord]) -> None:
+        # one transaction for the group; if the store refuses it, row by row (store or spool)
+        self.app.durable_ledger.record_many(records)
 
     @hookimpl(trylast=True)
     def byok_recorded_calls(self, run_id: str) -> tuple[RecordedCall, ...] | None:

@@ -369,6 +369,30 @@ class Ledger:
             inserted = conn.execute(self._insert, values).first()
         return inserted is not None
 
+    def record_many(self, records: Sequence[UsageRecord]) -> int:
+        """Write several calls in one transaction (a group commit: the calls that finished
+        together); a key already recorded is skipped, as :meth:`record` skips it.
+
+        :returns: how many rows were new.
+        :raises StoreUnavailable: the store did not take the transaction: no row of it is
+            written (the caller writes them one by one, and spools those the store refuses).
+        """
+        if not records:
+            return 0
+        for record in records:
+            _check(record)
+        now = self._clock()
+        rows = [self.values(record, now) for record in records]
+        workspaces = sorted({record.workspace_id for record in records})
+        with (
+            store_errors("recording usage", workspace_id=",".join(workspaces)[:200]),
+            write_transaction(self._engine) as conn,
+        ):
+            # one statement for the group (SQLAlchemy's "insertmanyvalues"); RETURNING gives
+            # the rows that were new (a key already recorded returns nothing)
+            inserted = conn.execute(self._insert, rows).all()
+        return len(inserted)
+
     def close(self) -> None:
         """Release the direct SQLite writer's connections (the engine is its owner's to close)."""
         if self._writer is not None:

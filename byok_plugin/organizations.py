@@ -33,6 +33,7 @@ from sqlalchemy.engine import Engine
 from byok_plugin.key_errors import ByokError, InvalidInput
 from byok_plugin.key_format import check_provider, check_workspace_id
 from byok_plugin.store.engine import store_errors, write_transaction
+from byok_plugin.store.key_events import notify_key_change
 from byok_plugin.store.keys_repo import KeyInfo, KeyStore
 from byok_plugin.store.tables import UTCDateTime, metadata
 
@@ -211,6 +212,8 @@ class OrganizationStore:
                 conn.execute(t.insert().values(workspace_id=workspace_id, **values))
             else:
                 conn.execute(t.update().where(t.c.workspace_id == workspace_id).values(**values))
+            # the workspace's pool changed: every worker's resolution, at commit
+            notify_key_change(conn, workspace_id, None)
         return Membership(workspace_id, org_id, opted_out)
 
     def detach(self, workspace_id: str) -> bool:
@@ -219,7 +222,10 @@ class OrganizationStore:
             store_errors("detaching a workspace", workspace_id=workspace_id),
             write_transaction(self._engine) as conn,
         ):
-            return conn.execute(t.delete().where(t.c.workspace_id == workspace_id)).rowcount > 0
+            detached = conn.execute(t.delete().where(t.c.workspace_id == workspace_id)).rowcount > 0
+            if detached:
+                notify_key_change(conn, workspace_id, None)
+            return detached
 
     def membership(self, workspace_id: str) -> Membership | None:
         """The workspace's organization, or None (one indexed read).
@@ -255,6 +261,7 @@ class OrganizationStore:
                 .where(t.c.workspace_id == workspace_id)
                 .values(opted_out=opted_out, updated_by=actor_id, updated_at=self._clock())
             )
+            notify_key_change(conn, workspace_id, None)
         return Membership(workspace_id, row.organization_id, opted_out)
 
     def workspaces(self, org_id: str) -> list[Membership]:

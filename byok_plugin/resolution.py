@@ -36,9 +36,13 @@ audited (``fallback.used``). A block's own key is never replaced by another key.
 call. A key decrypted for a call is kept with its list and reused until the list expires; expired
 lists, and the plaintexts with them, are dropped at the next resolution or at ``close()``. Key
 changes made through this
-process's hooks (audited ``key.*`` events) drop the entry at once; other workers see changes and
-cooldowns within the interval. Which organization pool a workspace uses (if any) is kept as long,
-and dropped at once on this process's ``org.*`` events. ``last_used_at`` is written in batches, at most every 30 s, off
+process's hooks (audited ``key.*`` events) drop the entry at once; on SQLite, other workers see
+changes and cooldowns within the interval. On PostgreSQL every such change (organization changes
+included) sends ``NOTIFY byok_keys`` with its commit and each worker listens
+(:mod:`byok_plugin.key_listener`): the entry goes as the change commits, lists are kept 60 s
+meanwhile, and the interval is the safety net while the listening connection is down. Which
+organization pool a workspace uses (if any) is kept as long, and dropped at once on this
+process's ``org.*`` events or on a notification. ``last_used_at`` is written in batches, at most every 30 s, off
 the calling thread. ``0`` turns the cache off.
 """
 
@@ -91,6 +95,8 @@ log = logging.getLogger("byok.resolution")
 LAST_USED_FLUSH_SECONDS = 30.0
 #: the longest cooldown a provider's ``Retry-After`` may set (a longer one is cut to this)
 MAX_COOLDOWN_SECONDS = 3600.0
+#: how long a key list is kept while every key change is announced (PostgreSQL ``LISTEN``)
+LISTENING_CACHE_SECONDS = 60.0
 
 
 class HookCaller(Protocol):
@@ -147,12 +153,39 @@ class KeyListCache:
         *,
         max_entries: int = 20_000,
         clock: Callable[[], float] = time.monotonic,
+        listening_seconds: float = LISTENING_CACHE_SECONDS,
     ) -> None:
+        """:param ttl_seconds: how long a list is kept (``0``: not at all).
+        :param listening_seconds: how long instead while every change is announced
+            (:meth:`set_listening`, PostgreSQL's ``LISTEN``); never less than ``ttl_seconds``."""
         self.ttl = ttl_seconds
+        self.listening_ttl = max(listening_seconds, ttl_seconds)
         self.max_entries = max_entries
         self._clock = clock
         self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
         self._lock = threading.Lock()
+        self._listening = False
+        # bumped by every drop: a list read before a drop is not put after it
+        self._generation = 0
+
+    @property
+    def listening(self) -> bool:
+        """Whether every change reaches the cache as it commits (then lists live longer)."""
+        return self._listening
+
+    @property
+    def generation(self) -> int:
+        """Take it before reading a list from the store, and give it to :meth:`put`."""
+        return self._generation
+
+    def set_listening(self, listening: bool) -> None:
+        """Changes are announced (``True``) or may no longer be (``False``): either way every
+        list goes (one may have changed unannounced), and the next ones live ``listening_ttl``
+        or ``ttl``."""
+        with self._lock:
+            self._listening = listening
+            self._generation += 1
+            self._entries.clear()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -186,14 +219,26 @@ class KeyListCache:
         entry = self._live(workspace_id, provider)
         return entry.keys if entry is not None else None
 
-    def put(self, workspace_id: str, provider: str, keys: Sequence[StoredKey]) -> None:
+    def put(
+        self,
+        workspace_id: str,
+        provider: str,
+        keys: Sequence[StoredKey],
+        *,
+        generation: int | None = None,
+    ) -> None:
+        """Keep ``keys``; not when the cache dropped anything since ``generation`` was taken
+        (the list may predate the change that was announced)."""
         if self.ttl <= 0:
             return
         now = self._clock()
         self._drop_expired(now)
         with self._lock:
+            if generation is not None and generation != self._generation:
+                return
             slot = (workspace_id, provider)
-            self._entries[slot] = _Entry(now + self.ttl, tuple(keys))
+            ttl = self.listening_ttl if self._listening else self.ttl
+            self._entries[slot] = _Entry(now + ttl, tuple(keys))
             self._entries.move_to_end(slot)  # in expiry order
             while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)  # the oldest entry
@@ -214,10 +259,12 @@ class KeyListCache:
     def clear(self) -> None:
         """Drop every entry (and the credentials decrypted from it)."""
         with self._lock:
+            self._generation += 1
             self._entries.clear()
 
     def invalidate(self, workspace_id: str, provider: str | None = None) -> None:
         with self._lock:
+            self._generation += 1
             if provider is not None:
                 self._entries.pop((workspace_id, provider), None)
                 return
@@ -278,6 +325,7 @@ class Resolver:
         self._sleep = sleep
         self._monotonic = monotonic
         self.cache = KeyListCache(cache_seconds, clock=monotonic)
+        self._listener: Any = None  # a KeyChangeListener, on PostgreSQL (listen_for_changes)
         self._turn: dict[tuple[str, str], int] = {}
         self._turn_lock = threading.Lock()
         self._used: dict[str, datetime] = {}
@@ -468,15 +516,20 @@ class Resolver:
         if self._orgs is None:
             return None
         ttl = self.cache.ttl
+        if ttl > 0 and self.cache.listening:  # every membership change is announced
+            ttl = self.cache.listening_ttl
         tick = self._monotonic()
         if ttl > 0:  # kept as long as a key list: other workers' changes show within the interval
             cached = self._pools.get(workspace_id)
             if cached is not None and cached[0] > tick:
                 return cached[1]
+        generation = self.cache.generation  # a drop meanwhile: the read may predate the change
         membership = self._orgs.membership(workspace_id)
         owner = membership.owner_id if membership is not None and membership.uses_pool else None
         if ttl > 0:
             with self._pools_lock:
+                if generation != self.cache.generation:
+                    return owner
                 if len(self._pools) > 100_000:
                     self._pools.clear()
                 self._pools[workspace_id] = (tick + ttl, owner)
@@ -658,9 +711,44 @@ class Resolver:
             fallback=fallback,
         )
 
+    def listen_for_changes(self, url: Any) -> None:
+        """On PostgreSQL: drop a cached list as soon as any worker's change to it commits
+        (:class:`~byok_plugin.key_listener.KeyChangeListener`), and keep lists longer meanwhile;
+        the TTL is the safety net while the listening connection is down."""
+        if self._listener is not None or self.cache.ttl <= 0:
+            return
+        from byok_plugin.key_listener import KeyChangeListener
+
+        self._listener = KeyChangeListener(
+            url, changed=self._changed_elsewhere, listening=self._set_listening
+        )
+        self._listener.start()
+
+    @property
+    def listener(self) -> Any:
+        """The :class:`~byok_plugin.key_listener.KeyChangeListener`, if this resolver listens."""
+        return self._listener
+
+    def _changed_elsewhere(self, workspace_id: str, provider: str | None) -> None:
+        """Another worker's change committed: drop the workspace's lists and which organization
+        pool it uses (an attach, detach or opt-out announces the workspace, every provider)."""
+        self.cache.invalidate(workspace_id, provider)
+        with self._pools_lock:
+            self._pools.pop(workspace_id, None)
+
+    def _set_listening(self, listening: bool) -> None:
+        """The listener connected or lost its connection: drop every list and every pool
+        membership (either may have changed unannounced)."""
+        self.cache.set_listening(listening)
+        with self._pools_lock:
+            self._pools.clear()
+
     def close(self) -> None:
         """Write the pending last-used times, drop the cached keys (and the plaintexts decrypted
         from them) and release the reader's connections."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
         self.cache.clear()
         self.flush_last_used()
         close = getattr(self._read, "close", None)
@@ -674,8 +762,9 @@ class Resolver:
         with the cooldowns this worker has yet to write applied."""
         keys = self.cache.get(workspace_id, provider)
         if keys is None:
+            generation = self.cache.generation
             keys = tuple(self._read(workspace_id, provider))
-            self.cache.put(workspace_id, provider, keys)
+            self.cache.put(workspace_id, provider, keys, generation=generation)
         return self._with_pending(keys)
 
     def _pick(self, request: CredentialRequest, usable: Sequence[StoredKey]) -> StoredKey:

@@ -22,7 +22,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from datetime import datetime
@@ -266,11 +266,15 @@ class DurableLedger:
         *,
         clock: Callable[[], float] = time.monotonic,
         background: Callable[[Callable[[], object], str], None] | None = None,
+        write_many: Callable[[Sequence[UsageRecord]], int] | None = None,
     ) -> None:
         """:param background: runs a replay off an event loop's thread
         (:meth:`byok_plugin.background_writes.BackgroundWrites.submit`); without it, a record
-        made on an event loop never replays."""
+        made on an event loop never replays.
+        :param write_many: the store's write of several records in one transaction
+        (:meth:`byok_plugin.ledger.Ledger.record_many`), for :meth:`record_many`."""
         self._write = write
+        self._write_many = write_many
         self._background = background
         self.spool = spool
         self._clock = clock
@@ -307,6 +311,39 @@ class DurableLedger:
         self._recovered()
         self._replay_if_due()
         return inserted
+
+    def record_many(self, records: Sequence[UsageRecord]) -> int:
+        """Write ``records`` to the store in one transaction; when the store refuses it (or on an
+        event loop's thread), each record as :meth:`record` does (into the store, else into the
+        spool).
+
+        :returns: how many rows (or spooled rows) were new.
+        :raises SpoolUnavailable: some record was taken by neither (the first such error, once
+            every record was tried): those records' usage is in the caller's hands.
+        """
+        # on an event loop's thread, row by row: each write then gives up at once on a lock
+        if self._write_many is not None and not called_inline():
+            try:
+                written = self._write_many(records)
+            except StoreUnavailable as exc:
+                log.warning(
+                    "the group commit of %d usage rows failed (%s); writing them one by one",
+                    len(records),
+                    exc,
+                )
+            else:
+                self._recovered()
+                self._replay_if_due()
+                return written
+        added, failure = 0, None
+        for record in records:  # one by one: a row the store refuses goes to the spool
+            try:
+                added += bool(self.record(record))
+            except (StoreUnavailable, SpoolUnavailable) as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+        return added
 
     def _spool(self, record: UsageRecord, cause: StoreUnavailable) -> bool:
         try:

@@ -23,6 +23,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
 from byok_plugin.store.engine import store_errors, write_transaction
+from byok_plugin.store.key_events import notify_key_change
 from byok_plugin.store.tables import UTCDateTime, metadata
 
 __all__ = [
@@ -141,4 +142,5 @@ class WorkspaceSettingsStore:
                     set_={k: v for k, v in values.items() if k != "workspace_id"},
                 )
             )
+            notify_key_change(conn, workspace_id, None)  # every worker's resolution, at commit
         return WorkspaceSettings(workspace_id, chosen, actor_id, now)

@@ -172,6 +172,10 @@ RUN_HOOKS = (
     "byok_reserve_budget",
     "byok_settle_budget",
 )
+#: a completed call waiting to be charged and recorded: (usage, credential, make_record)
+_Settling = tuple[Any, Credential, Callable[[Charge], UsageRecord]]
+#: what settling it gave: (charge, record, record error, charge error)
+_Settled = tuple[Charge, UsageRecord, Exception | None, Exception | None]
 #: errors worth trying the block again for: the call did not complete, and may next time
 _TRANSIENT = (ServerError, ProviderTimeout, ProviderUnreachable, ProtocolError)
 #: failures of a workspace key after which resolution is asked again (reason ``error``): the
@@ -221,6 +225,10 @@ class RunnerOptions:
         crashed worker); longer than any provider call.
     :param budget_output_tokens: the output tokens a block without ``max_tokens`` is assumed to
         use at most, for its budget hold (Anthropic's client sends the same default).
+    :param group_commit: when the hooks run in a worker thread, charge and record the calls that
+        finish together as one group (``byok_record_usage_batch``: one transaction on the
+        default plugin), by one writer per runner; each call awaits its own group without
+        holding a thread. ``False``: one worker-thread job per call.
     """
 
     max_concurrent_calls: int = 16
@@ -230,6 +238,7 @@ class RunnerOptions:
     hooks_in_thread: bool | None = None
     budget_hold_seconds: float = 900.0
     budget_output_tokens: int = 4096
+    group_commit: bool = True
 
     def __post_init__(self) -> None:
         if self.max_concurrent_calls < 1:
@@ -350,6 +359,9 @@ class WorkflowRunner:
         self._threading: tuple[set[object], bool] | None = None
         # records still being tried in a worker thread (they outlive a cancelled run)
         self._recording: set[asyncio.Future[Any]] = set()
+        # group commit: the calls waiting for the writer, and the writer (one per runner)
+        self._group: list[tuple[_Settling, asyncio.Future[_Settled]]] = []
+        self._writer: asyncio.Task[None] | None = None
         self._prepared = False
         self._preparing = asyncio.Lock()
 
@@ -1141,7 +1153,12 @@ class WorkflowRunner:
                 attempt=attempt,
             )
 
-        if self.hooks_in_thread():
+        if self.hooks_in_thread() and self.options.group_commit:
+            # charged and recorded with the calls that finish meanwhile, by the runner's writer
+            charge, record, error, charge_error = await self._group_settle(
+                (usage, credential, make_record)
+            )
+        elif self.hooks_in_thread():
             # charge, record and any retries of the record in one job in a worker thread
             charge, record, error, charge_error = await self._recording_job(
                 self._settle_and_retry, usage, credential, make_record
@@ -1396,6 +1413,101 @@ class WorkflowRunner:
                     )
                     return
                 time.sleep(0.05 * 2 ** (attempt - 1))
+
+    async def _group_settle(self, item: _Settling) -> _Settled:
+        """Hand a completed call to the runner's writer and wait for its group to be recorded
+        (no thread held meanwhile). The writer takes everything that waits, charges and records
+        it as one group in one worker-thread job, and takes what came meanwhile next: calls that
+        finish together are committed together, with no timer. A cancelled run does not stop
+        the writer (the call has completed: its usage must land); :meth:`drain` waits for it."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[_Settled] = loop.create_future()
+        self._group.append((item, done))
+        if self._writer is None or self._writer.done():
+            self._writer = loop.create_task(self._write_groups())
+            self._recording.add(self._writer)
+            self._writer.add_done_callback(self._recording.discard)
+        return await asyncio.shield(done)
+
+    async def _write_groups(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._group:
+            group, self._group = self._group, []
+            try:
+                settled = await loop.run_in_executor(
+                    None, self._settle_group, [item for item, _ in group]
+                )
+            except BaseException as exc:  # pragma: no cover - _settle_group catches hook errors
+                for _, done in group:
+                    if not done.done():
+                        done.set_exception(exc)
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            for (_, done), result in zip(group, settled, strict=True):
+                if not done.done():
+                    done.set_result(result)
+
+    def _settle_group(self, items: list[_Settling]) -> list[_Settled]:
+        """:meth:`_settle_and_retry` for a group of calls (in a worker thread): every charge, then
+        ``byok_record_usage_batch`` for all the records (and ``byok_record_usage`` for each on
+        the plugins without the batch form); a record that fails is tried again on its own."""
+        charged = [self._charge(usage, credential) for usage, credential, _ in items]
+        records = [
+            make_record(charge)
+            for (_, _, make_record), (charge, _) in zip(items, charged, strict=True)
+        ]
+        errors = self._record_group(records)
+        settled: list[_Settled] = []
+        for (_, credential, _), (charge, charge_error), record, error in zip(
+            items, charged, records, errors, strict=True
+        ):
+            if error is not None:
+                error = self._record_retries(
+                    record, error, self.options.record_attempts - 1, (credential.api_key,)
+                )
+            settled.append((charge, record, error, charge_error))
+        return settled
+
+    def _record_group(self, records: list[UsageRecord]) -> list[Exception | None]:
+        """Record a group: the batch form on the plugins that implement it, the single form on
+        the others, record by record. If a batch implementation raises, no record of the group
+        is taken as recorded: every plugin is asked again, record by record (idempotent)."""
+        batch = getattr(self.pm.hook, "byok_record_usage_batch", None)
+        batch_plugins = [impl.plugin for impl in batch.get_hookimpls()] if batch is not None else []
+        single = self.pm.hook.byok_record_usage
+        if batch_plugins:
+            try:
+                batch(records=records)
+            except Exception as exc:
+                log.warning(
+                    "recording a group of %d calls failed (%s); recording them one by one",
+                    len(records),
+                    type(exc).__name__,
+                )
+            else:
+                single = self.pm.subset_hook_caller(
+                    "byok_record_usage", remove_plugins=batch_plugins
+                )
+        errors: list[Exception | None] = []
+        for record in records:
+            try:
+                single(record=record)
+            except Exception as exc:
+                errors.append(exc)
+            else:
+                errors.append(None)
+        return errors
+
+    def _charge(self, usage: Any, credential: Credential) -> tuple[Charge, Exception | None]:
+        """``byok_compute_charge``; a charge that fails is 0 with reason ``charge_failed``."""
+        try:
+            charge = self.pm.hook.byok_compute_charge(usage=usage, credential=credential)
+        except Exception as exc:
+            return Charge(amount=Decimal(0), reason=CHARGE_FAILED), exc
+        if charge is None:
+            charge = Charge(amount=Decimal(0), reason="no billing plugin answered")
+        return charge, None
 
     def _settle(
         self, usage: Any, credential: Credential, make_record: Callable[[Charge], UsageRecord]

@@ -19,6 +19,7 @@ from sqlalchemy.engine import Engine
 
 from byok_plugin.key_errors import KeyringError
 from byok_plugin.store.engine import store_errors, write_transaction
+from byok_plugin.store.key_events import notify_key_change
 from byok_plugin.store.keys_repo import _insert_ignore
 from byok_plugin.store.tables import data_keys, workspace_keys
 
@@ -122,6 +123,8 @@ class DataKeyStore:
             keys = conn.execute(
                 sa.delete(workspace_keys).where(workspace_keys.c.workspace_id == workspace_id)
             ).rowcount
+            if keys:
+                notify_key_change(conn, workspace_id, None)
         return int(keys), bool(shredded.rowcount)
 
     def count_by_kek(self) -> dict[str, int]:

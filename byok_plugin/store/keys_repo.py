@@ -37,6 +37,7 @@ from byok_plugin.store.engine import (
     store_errors,
     write_transaction,
 )
+from byok_plugin.store.key_events import notify_key_change, notify_keys_changed
 from byok_plugin.store.tables import data_keys, master_keys, workspace_keys
 
 __all__ = [
@@ -351,6 +352,7 @@ class KeyStore:
                 "cooldown_until": None,
             }
             conn.execute(sa.insert(_t).values(**values))
+            notify_key_change(conn, new.workspace_id, new.provider)
         stored = StoredKey(
             **{k: v for k, v in values.items() if k != "ciphertext"}, ciphertext=new.ciphertext
         )
@@ -390,6 +392,8 @@ class KeyStore:
             rows = [_info(r) for r in conn.execute(sa.select(*_INFO_COLUMNS).where(*clauses))]
             if rows:
                 conn.execute(sa.delete(_t).where(_t.c.id.in_([r.id for r in rows])))
+                for slot in sorted({(r.workspace_id, r.provider) for r in rows}):
+                    notify_key_change(conn, *slot)
         return rows
 
     def set_status(
@@ -424,6 +428,7 @@ class KeyStore:
             if not ids:
                 return []
             conn.execute(sa.update(_t).where(_t.c.id.in_(ids)).values(**values))
+            notify_keys_changed(conn, ids)
             rows = conn.execute(
                 sa.select(*_INFO_COLUMNS).where(_t.c.id.in_(ids)).order_by(*_ORDER)
             ).all()
@@ -470,6 +475,8 @@ class KeyStore:
             result = conn.execute(
                 sa.update(_t).where(*clauses).values(cooldown_until=until, cooldown_reason=reason)
             )
+            if result.rowcount:
+                notify_keys_changed(conn, [key_id])
         return bool(result.rowcount)
 
     # --- master keys -----------------------------------------------------------------------
@@ -556,6 +563,7 @@ class KeyStore:
 
         def swap() -> int:
             with write_transaction(self._engine) as conn:
+                notify_keys_changed(conn, [p["b_id"] for p in params])
                 if conn.dialect.supports_sane_multi_rowcount:
                     return int(conn.execute(statement, params).rowcount)
                 # pragma: no cover - drivers that cannot count an executemany

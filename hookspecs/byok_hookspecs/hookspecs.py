@@ -7,6 +7,8 @@ thread (:mod:`byok_hookspecs.blocking` says which implementations never do).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pluggy
 
 from byok_hookspecs import hookspec
@@ -105,6 +107,24 @@ def byok_record_usage(record: UsageRecord) -> None:
     ``record.idempotency_key``, so that a retried block is never charged twice.
 
     :param record: the call, its usage, its charge and the credential source that served it.
+    :returns: nothing.
+    """
+
+
+@hookspec
+def byok_record_usage_batch(records: Sequence[UsageRecord]) -> None:
+    """Record several provider calls that finished together, in one go (one transaction).
+
+    The batch form of :func:`byok_record_usage`, an addition to it: a host that groups the records
+    of concurrent calls (the reference runner does when the hooks run in a worker thread) calls
+    this hook with the group, and :func:`byok_record_usage` for each record on the plugins that do
+    not implement this one, so every plugin sees every record once. Every implementation runs.
+
+    Implementations must be idempotent on each ``record.idempotency_key``, as
+    ``byok_record_usage``'s are. Raising means that none of the records may be taken as recorded:
+    the host then calls ``byok_record_usage`` for each record, on every plugin (idempotent).
+
+    :param records: the calls, in the order they finished; never empty.
     :returns: nothing.
     """
 
