@@ -14,8 +14,9 @@ from byok_hookspecs import Usage
 
 from byok_plugin.budgets import UNIT, budget_holds
 from byok_plugin.cli.demo import BYOK_WORKSPACE, PLATFORM_WORKSPACE, DemoStack
+from byok_plugin.cli.run import run_workflow
 from byok_plugin.host.emulator import EmulatorServer, Fault, FaultKind
-from byok_plugin.host.run_result import BlockStatus, RunStatus
+from byok_plugin.host.run_result import BlockStatus, RunResult, RunStatus
 from byok_plugin.host.runner import WorkflowRunner
 from byok_plugin.host.workflow import Workflow, parse_workflow
 
@@ -113,7 +114,8 @@ def test_a_call_that_fails_releases_its_hold(stack: DemoStack) -> None:
     assert (status.spent, status.reserved) == (0, 0)
     with stack.app.engine.connect() as conn:
         states = [r.state for r in conn.execute(sa.select(budget_holds.c.state))]
-    assert states == ["settled", "settled"]
+    # released, not settled: a run made again under the same run id holds its calls again
+    assert states == ["expired", "expired"]
 
 
 def test_a_byok_shadow_budget_counts_the_list_cost_of_the_workspace_keys(
@@ -204,3 +206,38 @@ def test_a_cancelled_run_releases_the_hold_of_its_call_in_flight(stack: DemoStac
     assert status is not None
     assert (status.spent, status.reserved) == (0, 0)
     assert list(stack.app.ledger.rows(workspaces=[PLATFORM_WORKSPACE])) == []
+
+
+def run_with_id(stack: DemoStack, run_id: str) -> RunResult:
+    return asyncio.run(
+        run_workflow(
+            stack.pm,
+            ONE_CALL,
+            workspace_id=PLATFORM_WORKSPACE,
+            inputs={"name": "Ada"},
+            environ=stack.environ,
+            run_id=run_id,
+        )
+    )
+
+
+def test_a_run_id_made_again_after_a_call_that_left_no_row_is_held_and_spent_again(
+    stack: DemoStack,
+) -> None:
+    budgets = stack.app.budgets
+    budgets.set_budget(PLATFORM_WORKSPACE, "monthly", limit="100")
+    stack.emulator.add_fault(Fault(FaultKind.SERVER_ERROR, provider="openai", times=None))
+    first = run_with_id(stack, "run-fixed-1")
+    assert not first.ok
+    assert list(stack.app.ledger.rows(workspaces=[PLATFORM_WORKSPACE])) == []
+    stack.emulator.state.clear_faults()
+    # no call recorded: the run id may be used again, and its calls count in the budget again
+    second = run_with_id(stack, "run-fixed-1")
+    assert second.ok, second.error
+    charged = sum(
+        (r.amount for r in stack.app.ledger.rows(workspaces=[PLATFORM_WORKSPACE])), Decimal(0)
+    )
+    status = budgets.get(PLATFORM_WORKSPACE, "monthly")
+    assert status is not None
+    assert status.spent >= charged > 0
+    assert status.reserved == 0
