@@ -38,7 +38,13 @@ from byok_plugin.host.run_result import (
     RunResult,
     RunStatus,
 )
-from byok_plugin.host.runner import RunEvent, RunIdInUse, RunnerOptions, WorkflowRunner
+from byok_plugin.host.runner import (
+    RunEvent,
+    RunIdInUse,
+    RunIdInvalid,
+    RunnerOptions,
+    WorkflowRunner,
+)
 from byok_plugin.host.workflow import (
     AgentBlock,
     InputsError,
@@ -577,6 +583,8 @@ def run_command(
         raise WorkflowInvalid(str(exc)) from None
     except RunIdInUse as exc:
         raise WorkflowInvalid(str(exc)) from None
+    except RunIdInvalid as exc:
+        raise WorkflowInvalid(f"--run-id: {exc}") from None
     except ValueError as exc:
         if replay is None:
             raise

@@ -141,7 +141,14 @@ from byok_plugin.host.workflow import (
 from byok_plugin.host.workflow.providers import TOOL_PROVIDERS
 from byok_plugin.host.workflow.templates import step_into, to_text
 
-__all__ = ["BlockFailed", "RunEvent", "RunIdInUse", "RunnerOptions", "WorkflowRunner"]
+__all__ = [
+    "BlockFailed",
+    "RunEvent",
+    "RunIdInUse",
+    "RunIdInvalid",
+    "RunnerOptions",
+    "WorkflowRunner",
+]
 
 log = logging.getLogger("byok.host.runner")
 _T = TypeVar("_T")
@@ -149,6 +156,11 @@ _T = TypeVar("_T")
 EXA_TOOL = "exa_search"
 #: the reason of the zero charge recorded for a completed call whose byok_compute_charge failed
 CHARGE_FAILED = "charge_failed"
+#: the longest idempotency key the usage ledger stores (``run:block:attempt[:seq][:uncertain:n]``)
+IDEMPOTENCY_KEY_ROOM = 255
+#: the longest run id: with a block id (at most 64 characters) and what a call's key adds after
+#: it (``:attempt:seq:uncertain:n``, under 40 characters), every key fits the ledger's 255
+MAX_RUN_ID = 150
 _SEARCH_FUNCTION = FunctionTool(
     name=EXA_TOOL,
     description="Search the web with Exa. Returns the most relevant pages: title, URL and text.",
@@ -199,6 +211,11 @@ class RunIdInUse(ByokError):
     """A run id the caller gave that already has calls in the usage ledger, for a new execution
     (or for another workspace). Raised before anything runs. The message names the run id and
     the workspace, never another workspace."""
+
+
+class RunIdInvalid(ByokError):
+    """A run id the caller gave that the ledger could not store under (too long for this
+    workflow's idempotency keys, or with control characters). Raised before anything runs."""
 
 
 @dataclass(frozen=True)
@@ -343,6 +360,9 @@ class WorkflowRunner:
         self._recording: set[asyncio.Future[Any]] = set()
         self._prepared = False
         self._preparing = asyncio.Lock()
+        # the run ids the caller gave of the runs in flight, and their workspaces: another run
+        # under one of them would make calls under the same idempotency keys
+        self._running: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"WorkflowRunner(providers={sorted(self.clients)}, options={self.options})"
@@ -485,7 +505,10 @@ class WorkflowRunner:
         :param on_event: called with each :class:`RunEvent`, on the event loop.
         :raises WorkflowError: before anything runs: a missing input, an unknown model, an ``env``
             block key this runner may not read or whose variable is not set.
-        :raises RunIdInUse: before anything runs: see ``run_id``.
+        :raises RunIdInUse: before anything runs: see ``run_id``; also a run id of a run of this
+            runner still in flight (in any workspace).
+        :raises RunIdInvalid: before anything runs: an empty run id, one longer than
+            :data:`MAX_RUN_ID` or with control characters.
         """
         values = bind_inputs(workflow, inputs or {})
         if not self._prepared:
@@ -502,14 +525,47 @@ class WorkflowRunner:
             # a workflow is frozen and so is this runner's environment: checked once is enough
             # (each call checks its env block key again before it reads it)
             self._checked[id(workflow)] = weakref.ref(workflow)
-        reused: dict[str, BlockResult] = {}
-        recorded_attempts: dict[str, int] = {}
-        if run_id is not None:
+        if run_id is None:
+            if replay is not None:
+                raise ValueError("replay= needs the run_id of the run it replays")
+            return await self._run(workflow, workspace_id, None, values, actor, stream, on_event)
+        _check_run_id_form(run_id)
+        if run_id in self._running:  # checked and taken with no await in between: atomic
+            raise RunIdInUse(
+                f"run id {run_id!r} is in use by a run still in flight: give workspace "
+                f"{workspace_id!r} a run id of its own"
+            )
+        self._running[run_id] = workspace_id
+        try:
             reused, recorded_attempts = await self._check_run_id(
                 workflow, workspace_id, run_id, replay
             )
-        elif replay is not None:
-            raise ValueError("replay= needs the run_id of the run it replays")
+            return await self._run(
+                workflow,
+                workspace_id,
+                run_id,
+                values,
+                actor,
+                stream,
+                on_event,
+                reused,
+                recorded_attempts,
+            )
+        finally:
+            del self._running[run_id]
+
+    async def _run(
+        self,
+        workflow: Workflow,
+        workspace_id: str,
+        run_id: str | None,
+        values: dict[str, Any],
+        actor: Actor | None,
+        stream: bool | None,
+        on_event: EventHandler | None,
+        reused: dict[str, BlockResult] | None = None,
+        recorded_attempts: dict[str, int] | None = None,
+    ) -> RunResult:
         run = _Run(
             workflow=workflow,
             workspace_id=workspace_id,
@@ -518,8 +574,8 @@ class WorkflowRunner:
             actor=actor,
             stream=stream,
             on_event=on_event,
-            reused=reused,
-            recorded_attempts=recorded_attempts,
+            reused=reused or {},
+            recorded_attempts=recorded_attempts or {},
         )
         started = self._clock()
         failed = await self._schedule(run)
@@ -1488,6 +1544,21 @@ def _check_labelled(request: CredentialRequest, credential: Credential) -> None:
             f"the block asks for the {request.provider} key labelled {request.key_label!r} of "
             f"workspace {request.workspace_id!r}, but byok_resolve_credential answered a "
             f"{credential.source.value} key; the block does not run on it"
+        )
+
+
+def _check_run_id_form(run_id: str) -> None:
+    """:class:`RunIdInvalid` for a run id the ledger could not record calls under."""
+    if (
+        not isinstance(run_id, str)
+        or not run_id
+        or any(ord(c) < 32 or ord(c) == 127 for c in run_id)
+    ):
+        raise RunIdInvalid("a run id is non-empty text without control characters")
+    if len(run_id) > MAX_RUN_ID:
+        raise RunIdInvalid(
+            f"a run id has at most {MAX_RUN_ID} characters (its calls' idempotency keys must "
+            f"fit the ledger's {IDEMPOTENCY_KEY_ROOM}); this one has {len(run_id)}"
         )
 
 
