@@ -311,12 +311,14 @@ def test_the_same_idempotency_key_in_two_workspaces_touches_only_its_own_holds(
     again = pm.hook.byok_reserve_budget(
         reservation=reservation("nightly:a:1", "0.30", workspace_id="initech")
     )
-    assert again is not None and again.amount == Decimal("0.3")
+    assert again is not None
+    assert again.amount == Decimal("0.3")
     assert pm.hook.byok_settle_budget(
         settlement=settlement("nightly:a:1", "0.20", workspace_id="initech")
     )
     mine, other = app.budgets.get(WS, "monthly"), app.budgets.get("initech", "monthly")
-    assert mine is not None and other is not None
+    assert mine is not None
+    assert other is not None
     assert (mine.spent, mine.reserved) == (Decimal("0.1"), 0)
     assert (other.spent, other.reserved) == (Decimal("0.2"), 0)
 
@@ -330,14 +332,17 @@ def test_a_released_hold_is_held_again_and_a_late_completion_still_spends(
     assert pm.hook.byok_settle_budget(settlement=settlement("r:a:1", "0", completed=False))
     assert not pm.hook.byok_settle_budget(settlement=settlement("r:a:1", "0", completed=False))
     status = app.budgets.get(WS, "monthly")
-    assert status is not None and (status.spent, status.reserved) == (0, 0)
+    assert status is not None
+    assert (status.spent, status.reserved) == (0, 0)
     # the run is made again under the same run id: the call is held again, not skipped
     again = pm.hook.byok_reserve_budget(reservation=reservation("r:a:1", "0.60"))
-    assert again is not None and again.amount == Decimal("0.6")
+    assert again is not None
+    assert again.amount == Decimal("0.6")
     assert app.budgets.get(WS, "monthly").reserved == Decimal("0.6")  # type: ignore[union-attr]
     # released again (a cancelled run), then its record completes: what it cost is spent
     pm.hook.byok_settle_budget(settlement=settlement("r:a:1", "0", completed=False))
     assert pm.hook.byok_settle_budget(settlement=settlement("r:a:1", "0.25")) is True
     status = app.budgets.get(WS, "monthly")
-    assert status is not None and (status.spent, status.reserved) == (Decimal("0.25"), 0)
+    assert status is not None
+    assert (status.spent, status.reserved) == (Decimal("0.25"), 0)
     assert pm.hook.byok_settle_budget(settlement=settlement("r:a:1", "0.25")) is False
