@@ -1073,7 +1073,7 @@ class WorkflowRunner:
             except ProviderError as exc:
                 if not isinstance(exc, AuthError | RateLimitError):
                     await self._record_unfinished(
-                        run, block_id, attempt, seq, model, credential, exc, len(rejected)
+                        run, block_id, attempt, seq, model, credential, exc, len(rejected), budget
                     )
                     if (
                         exc.maybe_executed
@@ -1146,7 +1146,16 @@ class WorkflowRunner:
                 partial = getattr(exc, "partial_usage", None)
                 if isinstance(partial, Usage):
                     self._start_recording_unfinished(
-                        run, block_id, attempt, seq, model, credential, partial, "interrupted"
+                        run,
+                        block_id,
+                        attempt,
+                        seq,
+                        model,
+                        credential,
+                        partial,
+                        "interrupted",
+                        0,
+                        budget,
                     )
                 raise
             break
@@ -1179,17 +1188,23 @@ class WorkflowRunner:
             )
 
         if self.hooks_in_thread():
-            # charge, record and any retries of the record in one job in a worker thread
+            # charge, record, budget settlement and any retries of the record in one job in a
+            # worker thread, which a cancelled run does not stop
+            settle = None
+            if budget.hold is not None:
+                budget.settled = True  # the job settles it: a cancelled run must not release it
+                settle = functools.partial(self._settlement, budget, credential)
             charge, record, error, charge_error = await self._recording_job(
-                self._settle_and_retry, usage, credential, make_record
+                self._settle_and_retry, usage, credential, make_record, settle
             )
         else:
             with calling_inline():
                 charge, record, error, charge_error = self._settle(usage, credential, make_record)
+            # settled before the record's retries are awaited (a cancelled run would stop there)
+            if budget.hold is not None:
+                await self._settle_budget(budget, charge, credential)
             if error is not None:
                 error = await self._record_again(record, error, credential.api_key)
-        if budget.hold is not None:
-            await self._settle_budget(budget, charge, credential)
         call = CallResult(
             provider=provider,
             model=model,
@@ -1234,6 +1249,7 @@ class WorkflowRunner:
         credential: Credential,
         exc: ProviderError,
         round_no: int = 0,
+        budget: _Budget | None = None,
     ) -> None:
         """The row of a call that failed after the provider may have acted on it: ``interrupted``
         (a stream that broke after it started: what the provider is known to bill, charged as
@@ -1243,7 +1259,9 @@ class WorkflowRunner:
 
         An interrupted call takes the key the completed call would have had (the block is tried
         again under the next attempt's); an uncertain one adds ``:uncertain:<round>``, because
-        another key may still complete the same call under the call's own key (``on_error``)."""
+        another key may still complete the same call under the call's own key (``on_error``).
+        An interrupted call settles ``budget`` with its charge (it is spent, as a completed
+        call's); an uncertain one leaves the hold to be released (it is charged nothing)."""
         if exc.partial_usage is not None:
             usage, status = exc.partial_usage, "interrupted"
         elif exc.maybe_executed:
@@ -1251,7 +1269,7 @@ class WorkflowRunner:
         else:
             return
         job = self._start_recording_unfinished(
-            run, block_id, attempt, seq, model, credential, usage, status, round_no
+            run, block_id, attempt, seq, model, credential, usage, status, round_no, budget
         )
         with contextlib.suppress(Exception):
             await asyncio.shield(job)
@@ -1267,6 +1285,7 @@ class WorkflowRunner:
         usage: Usage,
         status: str,
         round_no: int = 0,
+        budget: _Budget | None = None,
     ) -> asyncio.Future[Any]:
         """Charge and record an unfinished call in a worker thread, as a job a cancelled run does
         not stop and :meth:`drain` waits for; under the key the completed call would have had."""
@@ -1294,8 +1313,13 @@ class WorkflowRunner:
                 status=status,
             )
 
+        settle = None
+        if status == "interrupted" and budget is not None and budget.hold is not None:
+            # charged as a completed call: its hold is settled with the charge, in the same job
+            budget.settled = True  # so that the failing block does not release it instead
+            settle = functools.partial(self._settlement, budget, credential)
         job = asyncio.get_running_loop().run_in_executor(
-            None, self._settle_and_retry, usage, credential, make_record
+            None, self._settle_and_retry, usage, credential, make_record, settle
         )
         self._recording.add(job)
         job.add_done_callback(self._recording.discard)
@@ -1380,13 +1404,7 @@ class WorkflowRunner:
         """``byok_settle_budget`` of what the completed call was charged. A settlement that keeps
         failing is logged, not raised: the call is done and recorded, and its hold lapses."""
         budget.settled = True  # from here on, a cancelled run must not release the hold instead
-        settlement = BudgetSettlement(
-            idempotency_key=budget.idempotency_key,
-            workspace_id=budget.workspace_id,
-            amount=charge.amount,
-            list_cost=charge.list_cost or Decimal(0),
-            source=credential.source,
-        )
+        settlement = self._settlement(budget, credential, charge)
         if not self.hooks_in_thread():
             try:
                 with calling_inline():
@@ -1397,6 +1415,17 @@ class WorkflowRunner:
                     "settling budget of %s on the loop failed: %s", settlement.idempotency_key, exc
                 )
         await self._recording_job(self._settle_budget_now, settlement)
+
+    @staticmethod
+    def _settlement(budget: _Budget, credential: Credential, charge: Charge) -> BudgetSettlement:
+        """The settlement of a call that was charged ``charge`` (a completed or interrupted one)."""
+        return BudgetSettlement(
+            idempotency_key=budget.idempotency_key,
+            workspace_id=budget.workspace_id,
+            amount=charge.amount,
+            list_cost=charge.list_cost or Decimal(0),
+            source=credential.source,
+        )
 
     def _release_soon(self, budget: _Budget) -> None:
         """Release the hold of a call that did not complete, in a worker thread (not awaited: the
@@ -1457,11 +1486,18 @@ class WorkflowRunner:
         return charge, record, None, charge_error
 
     def _settle_and_retry(
-        self, usage: Any, credential: Credential, make_record: Callable[[Charge], UsageRecord]
+        self,
+        usage: Any,
+        credential: Credential,
+        make_record: Callable[[Charge], UsageRecord],
+        settle: Callable[[Charge], BudgetSettlement] | None = None,
     ) -> tuple[Charge, UsageRecord, Exception | None, Exception | None]:
-        """:meth:`_settle`, then the record's remaining tries (in a worker thread): the error
-        returned is the last one, once every try has failed."""
+        """:meth:`_settle`, then the budget settlement ``settle`` makes of the charge, then the
+        record's remaining tries (in a worker thread): the error returned is the last one, once
+        every try has failed."""
         charge, record, error, charge_error = self._settle(usage, credential, make_record)
+        if settle is not None:
+            self._settle_budget_now(settle(charge))
         if error is not None:  # with no tries left, this only logs it (no one may be waiting)
             error = self._record_retries(
                 record, error, self.options.record_attempts - 1, (credential.api_key,)
