@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from byok_hookspecs import Usage, UsageRecord, hookimpl
 
 from byok_plugin.budgets import UNIT, budget_holds
-from byok_plugin.cli.demo import BYOK_WORKSPACE, PLATFORM_WORKSPACE, DemoStack
+from byok_plugin.cli.demo import BYOK_WORKSPACE, OPERATOR, PLATFORM_WORKSPACE, DemoStack
 from byok_plugin.cli.run import run_workflow
 from byok_plugin.host.emulator import EmulatorServer, Fault, FaultKind
 from byok_plugin.host.run_result import BlockStatus, RunResult, RunStatus
@@ -320,3 +320,35 @@ def test_a_run_cancelled_while_its_completed_call_is_recorded_spends_its_charge(
     assert status is not None
     assert status.spent >= rows[0].amount
     assert status.reserved == 0
+
+
+def test_a_key_rotated_to_after_a_429_is_held_even_when_the_first_key_was_not(
+    stack: DemoStack,
+) -> None:
+    # two keys of the workspace; a hard budget on one only
+    service = stack.app.key_service(stack.pm)
+    second_key = stack.emulator.new_key("anthropic")
+    second = service.set_key(
+        OPERATOR, BYOK_WORKSPACE, "anthropic", second_key, label="second", test=False
+    )
+    first = stack.run(ANTHROPIC_CALL, BYOK_WORKSPACE, {})
+    assert first.ok, first.error
+    guarded = first.calls[0].key_id
+    other_key = second_key if guarded != second.key.id else stack.workspace_keys["anthropic"]
+    stack.app.budgets.set_budget(
+        BYOK_WORKSPACE, "guard", limit="0.000000001", metric="list_cost", key_id=guarded
+    )
+    # the next call goes to the other key first (it holds nothing there), which is rate limited:
+    # the call rotates to the guarded key, which must be held, and so refused
+    stack.emulator.add_fault(
+        Fault.for_key(FaultKind.RATE_LIMIT, other_key, provider="anthropic", times=None)
+    )
+    sent, rows = model_calls(stack.emulator), len(list(stack.app.ledger.rows()))
+    refused = stack.run(ANTHROPIC_CALL, BYOK_WORKSPACE, {})
+    assert model_calls(stack.emulator) > sent  # the other key was tried first (its 429s)
+    assert not refused.ok
+    assert "budget 'guard' refuses the call" in (refused.error or "")
+    assert len(list(stack.app.ledger.rows())) == rows
+    status = stack.app.budgets.get(BYOK_WORKSPACE, "guard")
+    assert status is not None
+    assert (status.spent, status.reserved) == (0, 0)

@@ -1139,7 +1139,7 @@ class WorkflowRunner:
                         f"{refused}; the fallback policy offered the same key again"
                     ) from None
                 credential = following
-                if budget.hold is not None:  # the new credential's hold replaces the old one
+                if budget.worst is not None:  # held again: a budget may apply to this key only
                     await self._reserve(credential, budget)
                 continue
             except asyncio.CancelledError as exc:  # a stream cut by the run's cancellation
