@@ -346,3 +346,14 @@ def test_a_released_hold_is_held_again_and_a_late_completion_still_spends(
     assert status is not None
     assert (status.spent, status.reserved) == (Decimal("0.25"), 0)
     assert pm.hook.byok_settle_budget(settlement=settlement("r:a:1", "0.25")) is False
+
+
+def test_amounts_are_shown_without_an_exponent(app: App, pm: pluggy.PluginManager) -> None:
+    budget = app.budgets.set_budget(WS, "tiny", limit="0.000000001")
+    shown = budget.as_dict()
+    assert (shown["limit"], shown["left"], shown["spent"]) == ("0.000000001", "0.000000001", "0")
+    with pytest.raises(BudgetExceeded) as refused:
+        pm.hook.byok_reserve_budget(reservation=reservation("r:a:1", "0.000378"))
+    message = str(refused.value)
+    assert "of 0.000000001 USD 0 is spent" in message
+    assert "E-" not in message

@@ -7,11 +7,11 @@ import json
 
 import click
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from byok_plugin.cli.context import CliContext, pass_cli
 from byok_plugin.cli.keys import handles_errors
+from byok_plugin.cli.text import plain
 from byok_plugin.cli.usage import parse_when
 from byok_plugin.reconcile import reconcile
 
@@ -74,8 +74,8 @@ def reconcile_command(
         table.add_column(header, justify="right")
     for line in lines:
         table.add_row(
-            escape(line.provider),
-            escape(line.key_id),
+            plain(line.provider),
+            plain(line.key_id),
             line.day,
             str(line.calls),
             str(line.reported_calls),
