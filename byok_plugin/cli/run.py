@@ -505,7 +505,8 @@ def env_key_allowance(cli: CliContext) -> EnvKeyAllowance | None:
 @click.option(
     "--run-id",
     default=None,
-    help="The run's id (default: a new one). An id that already has recorded calls is refused.",
+    help="The run's id (default: a new one), at most 150 characters. An id that already has "
+    "recorded calls is refused.",
 )
 @click.option(
     "--replay",
