@@ -20,7 +20,9 @@ itself is a conditional ``UPDATE ... SET reserved = reserved + :need WHERE spent
 :need <= limit``, never a read followed by a write decided in Python. Each held amount is a row of
 ``byok_budget_holds`` keyed by the call's idempotency key and the budget: a settlement flips the
 rows from ``held`` (or ``expired``) to ``settled`` and moves the amount from ``reserved`` to
-``spent``; a second settlement finds nothing to flip and changes nothing. A hold whose call never
+``spent``; a second settlement finds nothing to flip and changes nothing. A call that did not
+complete releases its holds: they become ``expired`` (not ``settled``), so the same call made again
+is held again. Every statement on holds names the workspace as well as the key. A hold whose call never
 settles (a worker killed between the two) is marked ``expired`` by the next operation on the
 workspace after its ``expires_at``, and its amount leaves ``reserved``.
 
@@ -225,14 +227,14 @@ class Budget:
             "name": self.name,
             "metric": self.metric.value,
             "period": self.period.value,
-            "limit": str(self.limit),
+            "limit": format(self.limit, "f"),
             "hard": self.hard,
             "thresholds": list(self.thresholds),
             "key_id": self.key_id,
             "workflow_id": self.workflow_id,
-            "spent": str(self.spent),
-            "reserved": str(self.reserved),
-            "left": str(self.left),
+            "spent": format(self.spent, "f"),
+            "reserved": format(self.reserved, "f"),
+            "left": format(self.left, "f"),
             "period_start": self.period_start.isoformat(),
             "updated_by": self.updated_by,
             "updated_at": self.updated_at.isoformat(),
@@ -478,10 +480,14 @@ class BudgetStore:
                 t.c.period_start < p("b_start"),
             )
             .values(spent_units=0, alerted="", period_start=p("b_start")),
+            # every statement on holds names the workspace: a run id (and so an idempotency key)
+            # chosen by two workspaces never reaches the other's holds
             previous=sa.select(h.c.budget_id, h.c.state, h.c.amount_units).where(
-                h.c.idempotency_key == p("b_key")
+                h.c.workspace_id == p("b_ws"), h.c.idempotency_key == p("b_key")
             ),
-            forget=sa.delete(h).where(h.c.idempotency_key == p("b_key")),
+            forget=sa.delete(h).where(
+                h.c.workspace_id == p("b_ws"), h.c.idempotency_key == p("b_key")
+            ),
             admit_hard=sa.update(t)
             .where(
                 t.c.id == p("b_id"),
@@ -499,7 +505,11 @@ class BudgetStore:
                 h.c.budget_id, h.c.state, h.c.amount_units, t.c.metric, t.c.period, t.c.period_start
             )
             .join(t, t.c.id == h.c.budget_id)
-            .where(h.c.idempotency_key == p("b_key"), h.c.state != "settled"),
+            .where(
+                h.c.workspace_id == p("b_ws"),
+                h.c.idempotency_key == p("b_key"),
+                h.c.state != "settled",
+            ),
             spend=sa.update(t)
             .where(t.c.id == p("b_id"))
             .values(
@@ -524,8 +534,12 @@ class BudgetStore:
             .values(alerted=p("b_alerted"))
             .returning(t.c.id),
             settle=sa.update(h)
-            .where(h.c.idempotency_key == p("b_key"), h.c.budget_id == p("b_id"))
-            .values(state="settled", settled_at=p("b_now"), spent_units=p("b_spent")),
+            .where(
+                h.c.workspace_id == p("b_ws"),
+                h.c.idempotency_key == p("b_key"),
+                h.c.budget_id == p("b_id"),
+            )
+            .values(state=p("b_state"), settled_at=p("b_now"), spent_units=p("b_spent")),
         )
 
     @cached_property
@@ -615,15 +629,17 @@ class BudgetStore:
         with self._writing("reserving budget", ws) as q:
             self._expire(q, ws, now)
             self._rollover(q, ws, applicable, now)
-            previous = q("previous", {"b_key": key})
+            previous = q("previous", {"b_ws": ws, "b_key": key})
             if any(p.state == "settled" for p in previous):
-                # settled already (a run repeated under the same run id): nothing more to hold
+                # the call completed and was settled already (a run repeated under the same run
+                # id): nothing more to hold. A released hold (the call did not complete) is
+                # "expired", not "settled": the call is held again below.
                 return BudgetHold(key, ws, (), Decimal(0), now)
             if previous:  # another credential for the same call: the new hold replaces the old
                 for p in sorted(previous, key=lambda p: p.budget_id):
                     if p.state == "held":
                         q("free", {"b_id": p.budget_id, "b_amount": p.amount_units})
-                q("forget", {"b_key": key})
+                q("forget", {"b_ws": ws, "b_key": key})
             for budget in applicable:
                 need = needs[budget.metric]
                 admit = "admit_hard" if budget.hard else "admit_soft"
@@ -679,7 +695,13 @@ class BudgetStore:
         }
         events: list[AuditEvent] = []
         with self._writing("settling budget", ws) as q:
-            rows = q("held", {"b_key": key})
+            rows = q("held", {"b_ws": ws, "b_key": key})
+            if not settlement.completed:
+                # a release: the amount leaves ``reserved`` and the hold is marked ``expired``,
+                # not ``settled``, so that the same call made again is held again, and a
+                # completed settlement arriving later (a record that outlived a cancelled run)
+                # still spends what the call cost
+                rows = [r for r in rows if r.state == "held"]
             if not rows:
                 return False, []
             self._rollover(q, ws, rows, now)
@@ -690,7 +712,17 @@ class BudgetStore:
                 updated = q(
                     "spend", {"b_id": row.budget_id, "b_spent": amount, "b_release": release}
                 )
-                q("settle", {"b_key": key, "b_id": row.budget_id, "b_now": now, "b_spent": amount})
+                q(
+                    "settle",
+                    {
+                        "b_ws": ws,
+                        "b_key": key,
+                        "b_id": row.budget_id,
+                        "b_now": now,
+                        "b_spent": amount,
+                        "b_state": "settled" if settlement.completed else "expired",
+                    },
+                )
                 if updated:
                     event = self._crossed(q, ws, updated[0], now)
                     if event is not None:

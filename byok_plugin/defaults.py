@@ -172,7 +172,11 @@ class DefaultPlugin:
 
     @hookimpl(trylast=True)
     def byok_recorded_calls(self, run_id: str) -> tuple[RecordedCall, ...] | None:
-        return self.app.ledger.recorded_calls(run_id)
+        # the ledger's, and the spool's not yet replayed into it (their calls were made too)
+        stored = self.app.ledger.recorded_calls(run_id)
+        keys = {call.idempotency_key for call in stored}
+        spooled = self.app.durable_ledger.spool.recorded_calls(run_id)
+        return stored + tuple(c for c in spooled if c.idempotency_key not in keys)
 
     @hookimpl(trylast=True)
     def byok_reserve_budget(self, reservation: BudgetReservation) -> BudgetHold | None:

@@ -23,7 +23,10 @@ A stored key that does not decrypt, or a store that does not answer, raises
 ``request.failure`` set (reason ``rate_limit`` / ``auth`` / ``error``, the failed key's source and
 ``key_id``). The failed key goes into cooldown for as long as the provider said
 (``failure.retry_after``: ``Retry-After`` or Gemini's ``RetryInfo``; at most
-:data:`MAX_COOLDOWN_SECONDS`), else for the fixed cooldown (a workspace key's cooldown is stored with its
+:data:`MAX_COOLDOWN_SECONDS`), else for the fixed cooldown; a workspace or organization key
+only after a refusal (auth or rate limit), or after an ``error`` when the fallback policy is
+``on_error``: a 5xx or a timeout is not a refusal, and the block's own retry may use the key
+again (a workspace key's cooldown is stored with its
 reason, so every worker skips it and applies the fallback policy to the same reason; a platform
 key's is this process's), and resolution answers with another key of
 the same source if there is one. When the workspace has no usable key left, its fallback policy
@@ -107,6 +110,12 @@ class HookCaller(Protocol):
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+def _refused(reason: FailureReason) -> bool:
+    """Whether the provider refused the key (auth, rate limit), rather than failed (a 5xx, a
+    timeout, unreachable: ``error``), which puts no key in cooldown."""
+    return reason is not FailureReason.ERROR
 
 
 def _stored_reason(key: StoredKey) -> FailureReason:
@@ -401,11 +410,21 @@ class Resolver:
                 keys = keys + self.enabled_keys(owner, provider)
         if failure is not None:
             failed = next((k for k in keys if k.id == failure.key_id), None)
-            if failed is not None and failure.source in (
-                CredentialSource.WORKSPACE,
-                CredentialSource.ORGANIZATION,
+            if (
+                failed is not None
+                and failure.source in (CredentialSource.WORKSPACE, CredentialSource.ORGANIZATION)
+                and _refused(failure.reason)
             ):
                 self._cool_down(request, failed, failure.reason, now, pm)
+            if not _refused(failure.reason):  # a 5xx, a timeout: the block may try the key again
+                raise CredentialUnavailable(
+                    f"{where}; the provider failed on workspace {ws!r}'s key {failure.key_id} with "
+                    f"that label ({self._why(request)}: not a refusal, the key is not put in "
+                    f"cooldown) and a block that names its key is never served by another",
+                    workspace_id=ws,
+                    provider=provider,
+                    key_id=failure.key_id,
+                )
             raise CredentialUnavailable(
                 f"{where}; workspace {ws!r}'s key {failure.key_id} with that label was refused "
                 f"({self._why(request)}) and a block that names its key is never served by "
@@ -571,7 +590,13 @@ class Resolver:
         keys = self.enabled_keys(request.workspace_id, request.provider)
         failed = next((k for k in keys if k.id == failure.key_id), None)
         now = self._clock()
-        if failed is not None:  # only a key of this workspace and provider is put in cooldown
+        # only a key of this workspace and provider is put in cooldown, and after a 5xx or a
+        # timeout only when the platform key may serve meanwhile (on_error): otherwise the key is
+        # skipped for this call only, and the block's own retry may use it again
+        if failed is not None and (
+            _refused(failure.reason)
+            or self._settings.fallback_policy(request.workspace_id).allows(failure.reason)
+        ):
             self._cool_down(request, failed, failure.reason, now, pm)
         usable = [
             k
@@ -625,8 +650,9 @@ class Resolver:
                     f"UTC)"
                 )
             else:
+                what = "was refused" if _refused(reason) else "failed (not a refusal: no cooldown)"
                 situation = (
-                    f"the {provider} key {failed_key_id} of workspace {ws!r} was refused "
+                    f"the {provider} key {failed_key_id} of workspace {ws!r} {what} "
                     f"({self._why(request)}) and the workspace has no other usable {provider} key"
                 )
             raise CredentialUnavailable(

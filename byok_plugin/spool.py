@@ -30,7 +30,15 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from byok_hookspecs import ByokError, Charge, CredentialSource, Usage, UsageRecord, called_inline
+from byok_hookspecs import (
+    ByokError,
+    Charge,
+    CredentialSource,
+    RecordedCall,
+    Usage,
+    UsageRecord,
+    called_inline,
+)
 
 from byok_plugin.key_errors import StoreUnavailable
 from byok_plugin.store.engine import BUSY_TIMEOUT_MS, store_busy
@@ -215,6 +223,20 @@ class LedgerSpool:
         with self._connect("reading it") as conn:
             rows = conn.execute("SELECT record FROM spooled_usage ORDER BY spooled_at").fetchall()
         return [record_from_json(text) for (text,) in rows]
+
+    def recorded_calls(self, run_id: str) -> tuple[RecordedCall, ...]:
+        """The spooled calls of ``run_id`` (of any workspace), oldest first: recorded, not yet in
+        the store (a run id with calls here is as used as one with calls in the ledger)."""
+        return tuple(
+            RecordedCall(
+                idempotency_key=r.idempotency_key,
+                workspace_id=r.workspace_id,
+                block_id=r.block_id,
+                attempt=r.attempt,
+            )
+            for r in self.records()
+            if r.run_id == run_id
+        )
 
     def replay_into(self, write: Callable[[UsageRecord], bool]) -> ReplayResult:
         """Write every spooled record with ``write`` (``True`` for a new ledger row, ``False``

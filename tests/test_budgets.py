@@ -290,3 +290,70 @@ def test_budget_definitions_are_checked_and_kept(app: App) -> None:
     assert app.budgets.delete(WS, "b") is True
     assert app.budgets.delete(WS, "b") is False
     assert app.budgets.list_budgets(WS) == []
+
+
+def test_the_same_idempotency_key_in_two_workspaces_touches_only_its_own_holds(
+    app: App, pm: pluggy.PluginManager
+) -> None:
+    # two tenants chose the same run id: their calls share idempotency keys
+    app.budgets.set_budget(WS, "monthly", limit="1.00")
+    app.budgets.set_budget("initech", "monthly", limit="1.00")
+    pm.hook.byok_reserve_budget(reservation=reservation("nightly:a:1", "0.40"))
+    pm.hook.byok_reserve_budget(
+        reservation=reservation("nightly:a:1", "0.50", workspace_id="initech")
+    )
+    # settling one tenant's call leaves the other's hold as it was
+    assert pm.hook.byok_settle_budget(settlement=settlement("nightly:a:1", "0.10")) is True
+    other = app.budgets.get("initech", "monthly")
+    assert other is not None
+    assert (other.spent, other.reserved) == (0, Decimal("0.5"))
+    # and a settled key in one workspace does not make the other's call "settled already"
+    again = pm.hook.byok_reserve_budget(
+        reservation=reservation("nightly:a:1", "0.30", workspace_id="initech")
+    )
+    assert again is not None
+    assert again.amount == Decimal("0.3")
+    assert pm.hook.byok_settle_budget(
+        settlement=settlement("nightly:a:1", "0.20", workspace_id="initech")
+    )
+    mine, other = app.budgets.get(WS, "monthly"), app.budgets.get("initech", "monthly")
+    assert mine is not None
+    assert other is not None
+    assert (mine.spent, mine.reserved) == (Decimal("0.1"), 0)
+    assert (other.spent, other.reserved) == (Decimal("0.2"), 0)
+
+
+def test_a_released_hold_is_held_again_and_a_late_completion_still_spends(
+    app: App, pm: pluggy.PluginManager
+) -> None:
+    app.budgets.set_budget(WS, "monthly", limit="1.00")
+    pm.hook.byok_reserve_budget(reservation=reservation("r:a:1", "0.60"))
+    # the call did not complete: released, nothing spent
+    assert pm.hook.byok_settle_budget(settlement=settlement("r:a:1", "0", completed=False))
+    assert not pm.hook.byok_settle_budget(settlement=settlement("r:a:1", "0", completed=False))
+    status = app.budgets.get(WS, "monthly")
+    assert status is not None
+    assert (status.spent, status.reserved) == (0, 0)
+    # the run is made again under the same run id: the call is held again, not skipped
+    again = pm.hook.byok_reserve_budget(reservation=reservation("r:a:1", "0.60"))
+    assert again is not None
+    assert again.amount == Decimal("0.6")
+    assert app.budgets.get(WS, "monthly").reserved == Decimal("0.6")  # type: ignore[union-attr]
+    # released again (a cancelled run), then its record completes: what it cost is spent
+    pm.hook.byok_settle_budget(settlement=settlement("r:a:1", "0", completed=False))
+    assert pm.hook.byok_settle_budget(settlement=settlement("r:a:1", "0.25")) is True
+    status = app.budgets.get(WS, "monthly")
+    assert status is not None
+    assert (status.spent, status.reserved) == (Decimal("0.25"), 0)
+    assert pm.hook.byok_settle_budget(settlement=settlement("r:a:1", "0.25")) is False
+
+
+def test_amounts_are_shown_without_an_exponent(app: App, pm: pluggy.PluginManager) -> None:
+    budget = app.budgets.set_budget(WS, "tiny", limit="0.000000001")
+    shown = budget.as_dict()
+    assert (shown["limit"], shown["left"], shown["spent"]) == ("0.000000001", "0.000000001", "0")
+    with pytest.raises(BudgetExceeded) as refused:
+        pm.hook.byok_reserve_budget(reservation=reservation("r:a:1", "0.000378"))
+    message = str(refused.value)
+    assert "of 0.000000001 USD 0 is spent" in message
+    assert "E-" not in message

@@ -4,19 +4,21 @@ ledger) on a SQLite file and on PostgreSQL, over real HTTP against the emulator.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from byok_hookspecs import Usage
+from byok_hookspecs import Usage, UsageRecord, hookimpl
 
 from byok_plugin.budgets import UNIT, budget_holds
-from byok_plugin.cli.demo import BYOK_WORKSPACE, PLATFORM_WORKSPACE, DemoStack
+from byok_plugin.cli.demo import BYOK_WORKSPACE, OPERATOR, PLATFORM_WORKSPACE, DemoStack
+from byok_plugin.cli.run import run_workflow
 from byok_plugin.host.emulator import EmulatorServer, Fault, FaultKind
-from byok_plugin.host.run_result import BlockStatus, RunStatus
-from byok_plugin.host.runner import WorkflowRunner
+from byok_plugin.host.run_result import BlockStatus, RunResult, RunStatus
+from byok_plugin.host.runner import RunnerOptions, WorkflowRunner
 from byok_plugin.host.workflow import Workflow, parse_workflow
 
 ONE_CALL: Workflow = parse_workflow(
@@ -113,7 +115,8 @@ def test_a_call_that_fails_releases_its_hold(stack: DemoStack) -> None:
     assert (status.spent, status.reserved) == (0, 0)
     with stack.app.engine.connect() as conn:
         states = [r.state for r in conn.execute(sa.select(budget_holds.c.state))]
-    assert states == ["settled", "settled"]
+    # released, not settled: a run made again under the same run id holds its calls again
+    assert states == ["expired", "expired"]
 
 
 def test_a_byok_shadow_budget_counts_the_list_cost_of_the_workspace_keys(
@@ -204,3 +207,148 @@ def test_a_cancelled_run_releases_the_hold_of_its_call_in_flight(stack: DemoStac
     assert status is not None
     assert (status.spent, status.reserved) == (0, 0)
     assert list(stack.app.ledger.rows(workspaces=[PLATFORM_WORKSPACE])) == []
+
+
+def run_with_id(stack: DemoStack, run_id: str) -> RunResult:
+    return asyncio.run(
+        run_workflow(
+            stack.pm,
+            ONE_CALL,
+            workspace_id=PLATFORM_WORKSPACE,
+            inputs={"name": "Ada"},
+            environ=stack.environ,
+            run_id=run_id,
+        )
+    )
+
+
+def test_a_run_id_made_again_after_a_call_that_left_no_row_is_held_and_spent_again(
+    stack: DemoStack,
+) -> None:
+    budgets = stack.app.budgets
+    budgets.set_budget(PLATFORM_WORKSPACE, "monthly", limit="100")
+    stack.emulator.add_fault(Fault(FaultKind.SERVER_ERROR, provider="openai", times=None))
+    first = run_with_id(stack, "run-fixed-1")
+    assert not first.ok
+    assert list(stack.app.ledger.rows(workspaces=[PLATFORM_WORKSPACE])) == []
+    stack.emulator.state.clear_faults()
+    # no call recorded: the run id may be used again, and its calls count in the budget again
+    second = run_with_id(stack, "run-fixed-1")
+    assert second.ok, second.error
+    charged = sum(
+        (r.amount for r in stack.app.ledger.rows(workspaces=[PLATFORM_WORKSPACE])), Decimal(0)
+    )
+    status = budgets.get(PLATFORM_WORKSPACE, "monthly")
+    assert status is not None
+    assert status.spent >= charged > 0
+    assert status.reserved == 0
+
+
+CLAUDE_CALL: Workflow = parse_workflow(
+    {
+        "name": "claude-call",
+        "version": "1",
+        "blocks": {"answer": {"type": "agent", "model": "claude-sonnet-4-5", "prompt": "Hello."}},
+    }
+)
+
+
+@pytest.mark.parametrize(
+    ("workspace", "metric"), [(PLATFORM_WORKSPACE, "charge"), (BYOK_WORKSPACE, "list_cost")]
+)
+def test_an_interrupted_stream_spends_its_charge_in_the_budget(
+    stack: DemoStack, workspace: str, metric: str
+) -> None:
+    budgets = stack.app.budgets
+    budgets.set_budget(workspace, "monthly", limit="100", metric=metric)
+    stack.emulator.add_fault(Fault(FaultKind.TRUNCATED_STREAM, provider="anthropic", times=1))
+
+    async def go() -> RunResult:
+        options = RunnerOptions(block_retries=1)
+        async with WorkflowRunner.open(stack.pm, environ=stack.environ, options=options) as runner:
+            return await runner.run(CLAUDE_CALL, workspace_id=workspace, inputs={}, stream=True)
+
+    result = asyncio.run(go())
+    assert result.ok, result.error
+    rows = list(stack.app.ledger.rows(workspaces=[workspace]))
+    assert sorted(r.status for r in rows) == ["complete", "interrupted"]
+    counted = sum(
+        ((r.amount if metric == "charge" else r.list_cost or Decimal(0)) for r in rows), Decimal(0)
+    )
+    interrupted = next(r for r in rows if r.status == "interrupted")
+    assert (interrupted.amount if metric == "charge" else interrupted.list_cost or 0) > 0
+    status = budgets.get(workspace, "monthly")
+    assert status is not None
+    assert status.spent >= counted
+    assert status.reserved == 0
+
+
+def test_a_run_cancelled_while_its_completed_call_is_recorded_spends_its_charge(
+    stack: DemoStack,
+) -> None:
+    budgets = stack.app.budgets
+    budgets.set_budget(PLATFORM_WORKSPACE, "monthly", limit="100")
+    recording, go_on = threading.Event(), threading.Event()
+
+    class SlowRecorder:
+        @hookimpl(tryfirst=True)
+        def byok_record_usage(self, record: UsageRecord) -> None:
+            recording.set()
+            go_on.wait(10)
+
+    stack.pm.register(SlowRecorder(), name="slow-recorder")
+
+    async def go() -> None:
+        options = RunnerOptions(block_retries=0, hooks_in_thread=True)
+        async with WorkflowRunner.open(stack.pm, environ=stack.environ, options=options) as runner:
+            task = asyncio.create_task(
+                runner.run(ONE_CALL, workspace_id=PLATFORM_WORKSPACE, inputs={"name": "Ada"})
+            )
+            while not recording.is_set():  # the call completed: its record is being written
+                await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            go_on.set()
+            await runner.drain()
+
+    asyncio.run(go())
+    rows = list(stack.app.ledger.rows(workspaces=[PLATFORM_WORKSPACE]))
+    assert len(rows) == 1
+    assert rows[0].amount > 0
+    status = budgets.get(PLATFORM_WORKSPACE, "monthly")
+    assert status is not None
+    assert status.spent >= rows[0].amount
+    assert status.reserved == 0
+
+
+def test_a_key_rotated_to_after_a_429_is_held_even_when_the_first_key_was_not(
+    stack: DemoStack,
+) -> None:
+    # two keys of the workspace; a hard budget on one only
+    service = stack.app.key_service(stack.pm)
+    second_key = stack.emulator.new_key("anthropic")
+    second = service.set_key(
+        OPERATOR, BYOK_WORKSPACE, "anthropic", second_key, label="second", test=False
+    )
+    first = stack.run(ANTHROPIC_CALL, BYOK_WORKSPACE, {})
+    assert first.ok, first.error
+    guarded = first.calls[0].key_id
+    other_key = second_key if guarded != second.key.id else stack.workspace_keys["anthropic"]
+    stack.app.budgets.set_budget(
+        BYOK_WORKSPACE, "guard", limit="0.000000001", metric="list_cost", key_id=guarded
+    )
+    # the next call goes to the other key first (it holds nothing there), which is rate limited:
+    # the call rotates to the guarded key, which must be held, and so refused
+    stack.emulator.add_fault(
+        Fault.for_key(FaultKind.RATE_LIMIT, other_key, provider="anthropic", times=None)
+    )
+    sent, rows = model_calls(stack.emulator), len(list(stack.app.ledger.rows()))
+    refused = stack.run(ANTHROPIC_CALL, BYOK_WORKSPACE, {})
+    assert model_calls(stack.emulator) > sent  # the other key was tried first (its 429s)
+    assert not refused.ok
+    assert "budget 'guard' refuses the call" in (refused.error or "")
+    assert len(list(stack.app.ledger.rows())) == rows
+    status = stack.app.budgets.get(BYOK_WORKSPACE, "guard")
+    assert status is not None
+    assert (status.spent, status.reserved) == (0, 0)

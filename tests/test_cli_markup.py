@@ -231,3 +231,28 @@ def test_any_provider_message_is_shown_verbatim_in_the_live_display(message: str
     with RunProgress(workflow, piped, live=False) as progress:
         progress(RunEvent("finished", "classify", "agent", result=failed))
     assert message.strip() in lines.getvalue()
+
+
+def test_a_key_id_with_emoji_codes_and_markup_comes_out_verbatim_in_reconcile(
+    tmp_path: Path,
+) -> None:
+    environ = _environ(tmp_path)
+    key_id = ":smile: [bold]pool[/bold] :thumbs_up:"
+    app = App(Settings.from_environ(environ))
+    try:
+        app.ledger.record(
+            UsageRecord(
+                idempotency_key="markup:reconcile",
+                workspace_id="acme",
+                usage=Usage("openai", "gpt-4o-mini", input_tokens=10, output_tokens=5),
+                charge=Charge(amount=Decimal("0.01"), reason="platform", list_cost=Decimal("0.01")),
+                source=CredentialSource.PLATFORM,
+                key_id=key_id,
+                occurred_at=datetime(2026, 11, 3, tzinfo=UTC),
+            )
+        )
+    finally:
+        app.close()
+    result = _invoke(environ, "reconcile", "--since", "2026-11-01")
+    _assert_shown(result, key_id)
+    assert "😄" not in result.output

@@ -555,6 +555,13 @@ def test_fallback_policy(
             assert f"HTTP {status}" in message
             assert "byok fallback set --workspace acme" in message
             assert "fallback.used" not in w.audit.actions()
+            if reason is FailureReason.ERROR:
+                # a 5xx is not a refusal: no cooldown, the block's retry may use the key again
+                assert "refused" not in message
+                assert "not a refusal" in message
+                assert w.resolve("acme", "openai", "gpt-4o").key_id == key_id
+                assert "key.cooldown" not in w.audit.actions()
+                return
             # and while the key cools down, plain requests fail the same way
             with pytest.raises(CredentialUnavailable, match="cooling down"):
                 w.resolve("acme", "openai", "gpt-4o")

@@ -288,3 +288,89 @@ def test_a_replayed_block_whose_calls_the_ledger_lacks_is_called_again(
         "order-11:second:2",
     }
     assert len(_ledger_keys(stack, "order-11")) == 4
+
+
+def test_a_run_id_in_flight_is_refused_to_another_run_in_any_workspace(
+    stack: DemoStack, emulator: EmulatorServer
+) -> None:
+    # two tenants chose the same run id: while the first run is in flight, the second is refused
+    # before any call (its calls would share the first's idempotency keys, ledger and holds)
+    from byok_plugin.host.providers import NO_RETRY, create_clients, new_http_client
+    from byok_plugin.host.runner import RunnerOptions, WorkflowRunner
+
+    stack.app.budgets.set_budget(PLATFORM_WORKSPACE, "monthly", limit="100")
+    emulator.add_fault(Fault(FaultKind.SLOW, provider="openai", delay=1.0, times=1))
+
+    def held() -> bool:
+        budget = stack.app.budgets.get(PLATFORM_WORKSPACE, "monthly")
+        return budget is not None and budget.reserved > 0
+
+    async def go() -> tuple[RunResult, BaseException | RunResult]:
+        async with new_http_client() as http:
+            clients = create_clients(http, environ=stack.environ, retry=NO_RETRY)
+            runner = WorkflowRunner(
+                stack.pm, clients, environ=stack.environ, options=RunnerOptions(block_retries=0)
+            )
+            try:
+                first = asyncio.create_task(
+                    runner.run(
+                        _workflow(),
+                        workspace_id=PLATFORM_WORKSPACE,
+                        inputs=INPUTS,
+                        run_id="nightly",
+                    )
+                )
+                while not held():  # the first run's first call is in flight, nothing recorded
+                    await asyncio.sleep(0.01)
+                assert _ledger_keys(stack, "nightly") == []
+                try:
+                    second: BaseException | RunResult = await runner.run(
+                        _workflow(), workspace_id="initech", inputs=INPUTS, run_id="nightly"
+                    )
+                except RunIdInUse as exc:
+                    second = exc
+                return await first, second
+            finally:
+                await runner.drain()
+
+    first, second = asyncio.run(go())
+    assert isinstance(second, RunIdInUse), second
+    assert "'nightly' is in use by a run still in flight" in str(second)
+    assert first.ok, first.error
+    assert len(_model_calls(emulator)) == 2  # the first run's two calls, none of the second's
+    rows = [r for r in stack.app.ledger.rows() if r.run_id == "nightly"]
+    assert {r.workspace_id for r in rows} == {PLATFORM_WORKSPACE}
+    budget = stack.app.budgets.get(PLATFORM_WORKSPACE, "monthly")
+    assert budget is not None
+    assert budget.spent >= sum((r.amount for r in rows), Decimal(0)) > 0
+    assert budget.reserved == 0
+    # once it has finished, the id is the first workspace's: still refused to the other
+    with pytest.raises(RunIdInUse, match="another workspace"):
+        _run(stack, run_id="nightly", workspace="initech")
+
+
+def test_a_run_id_too_long_for_the_ledger_is_refused_before_any_call(
+    stack: DemoStack, emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    from byok_plugin.host.runner import RunIdInvalid
+
+    for bad in ("r" * 260, "r" * 151, "bad\nid", ""):
+        with pytest.raises(RunIdInvalid):
+            _run(stack, run_id=bad)
+    assert _model_calls(emulator) == []
+    # the longest accepted id records every call under it
+    longest = "r" * 150
+    done = _run(stack, run_id=longest)
+    assert done.ok, done.error
+    assert len(_ledger_keys(stack, longest)) == 2
+    flow = tmp_path / "two-steps.json"
+    flow.write_text(json.dumps(DOCUMENT), encoding="utf-8")
+    refused = CliRunner().invoke(
+        main,
+        ["run", str(flow), "-w", BYOK_WORKSPACE, "-i", "topic=x", "--run-id", "r" * 260],
+        env=stack.environ,
+    )
+    assert refused.exit_code == 2, refused.output
+    assert "--run-id: a run id has at most 150 characters" in refused.output
+    assert "Traceback" not in refused.output
+    assert len(_model_calls(emulator)) == 2

@@ -9,6 +9,7 @@ are sent, and the run's result carries the usage of the call that could not be r
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -25,7 +26,7 @@ from byok_plugin.app import App
 from byok_plugin.cli import main
 from byok_plugin.cli.demo import BYOK_WORKSPACE, PLATFORM_WORKSPACE, DemoStack
 from byok_plugin.host.emulator import EmulatorServer
-from byok_plugin.host.run_result import BlockStatus, RunStatus
+from byok_plugin.host.run_result import BlockStatus, RunResult, RunStatus
 from byok_plugin.host.workflow import parse_workflow
 from byok_plugin.key_errors import StoreUnavailable
 from byok_plugin.settings import Settings
@@ -389,5 +390,48 @@ def test_byok_calls_may_run_unrecorded_when_the_operator_allows_it(
         platform = stack.run(workflow, PLATFORM_WORKSPACE, {})
         assert "refused before it is sent" in (platform.blocks["answer"].error or "")
         assert model_calls(emulator) == 2
+    finally:
+        stack.close()
+
+
+def test_a_run_id_whose_calls_went_to_the_spool_is_refused_when_reused(
+    emulator: EmulatorServer, tmp_path: Path, database_url: str
+) -> None:
+    from byok_plugin.cli.run import run_workflow
+    from byok_plugin.host.runner import RunIdInUse
+
+    stack = DemoStack(tmp_path / "home", emulator, database_url=database_url)
+    try:
+        workflow = parse_workflow(ONE_BLOCK)
+        stack.app.ledger.count()  # migrated before the trigger goes in
+        refuse_ledger_writes(database_url)
+
+        def run(workspace: str) -> RunResult:
+            return asyncio.run(
+                run_workflow(
+                    stack.pm,
+                    workflow,
+                    workspace_id=workspace,
+                    inputs={},
+                    environ=stack.environ,
+                    run_id="run-spooled",
+                )
+            )
+
+        first = run(PLATFORM_WORKSPACE)
+        assert first.ok, first.error
+        assert stack.app.durable_ledger.spool.pending() == 1
+        sent = model_calls(emulator)
+        # the call is in the spool, not the ledger: the run id is used all the same
+        with pytest.raises(RunIdInUse, match="already has 1 recorded calls"):
+            run(PLATFORM_WORKSPACE)
+        with pytest.raises(RunIdInUse, match="another workspace"):
+            run("initech")
+        assert model_calls(emulator) == sent
+        accept_ledger_writes(database_url)
+        assert stack.app.durable_ledger.replay().replayed == 1
+        assert ledger_keys(stack.app) == ["run-spooled:answer:1"]
+        with pytest.raises(RunIdInUse, match="already has 1 recorded calls"):
+            run(PLATFORM_WORKSPACE)
     finally:
         stack.close()

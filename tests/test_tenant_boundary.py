@@ -372,3 +372,42 @@ def test_an_echoing_provider_leaks_the_key_nowhere(
         low = text.lower()
         for secret in forbidden:
             assert secret.lower() not in low, f"{where} holds the key or a part of it"
+
+
+# --- a 5xx is not a refusal: the block's own retry may use the key again -------------------------
+
+
+@pytest.mark.parametrize("labelled", [True, False])
+def test_one_5xx_on_a_workspace_key_puts_it_in_no_cooldown_and_the_retry_succeeds(
+    stack: DemoStack, labelled: bool
+) -> None:
+    import asyncio
+
+    from byok_plugin.host.emulator import Fault, FaultKind
+    from byok_plugin.host.providers import NO_RETRY
+    from byok_plugin.host.runner import RunnerOptions, WorkflowRunner
+    from byok_plugin.host.workflow import parse_workflow
+
+    block: dict[str, Any] = {"type": "agent", "model": "claude-sonnet-4-5", "prompt": "Hello."}
+    workspace = BYOK_WORKSPACE
+    if labelled:
+        workspace = PLATFORM_WORKSPACE
+        block["key"] = {"label": "localization"}
+        stack.app.key_service(stack.pm).set_key(
+            OPERATOR, workspace, "anthropic", stack.block_key, label="localization", test=False
+        )
+    workflow = parse_workflow({"name": "one", "version": "1", "blocks": {"a": block}})
+    stack.emulator.add_fault(Fault(FaultKind.SERVER_ERROR, provider="anthropic", times=1))
+
+    async def go() -> Any:
+        options = RunnerOptions(block_retries=2)
+        async with WorkflowRunner.open(
+            stack.pm, environ=stack.environ, options=options, retry=NO_RETRY
+        ) as runner:
+            return await runner.run(workflow, workspace_id=workspace, inputs={})
+
+    result = asyncio.run(go())
+    assert result.ok, result.error
+    assert result.blocks["a"].attempts == 2
+    assert len(stack.emulator.calls("anthropic")) == 2  # the 5xx, then the retry on the same key
+    assert stack.app.audit_store.events(workspace, action="key.cooldown") == []

@@ -39,7 +39,13 @@ from byok_plugin.host.run_result import (
     RunResult,
     RunStatus,
 )
-from byok_plugin.host.runner import RunEvent, RunIdInUse, RunnerOptions, WorkflowRunner
+from byok_plugin.host.runner import (
+    RunEvent,
+    RunIdInUse,
+    RunIdInvalid,
+    RunnerOptions,
+    WorkflowRunner,
+)
 from byok_plugin.host.workflow import (
     AgentBlock,
     InputsError,
@@ -499,7 +505,8 @@ def env_key_allowance(cli: CliContext) -> EnvKeyAllowance | None:
 @click.option(
     "--run-id",
     default=None,
-    help="The run's id (default: a new one). An id that already has recorded calls is refused.",
+    help="The run's id (default: a new one), at most 150 characters. An id that already has "
+    "recorded calls is refused.",
 )
 @click.option(
     "--replay",
@@ -587,6 +594,8 @@ def run_command(
         raise WorkflowInvalid(str(exc)) from None
     except RunIdInUse as exc:
         raise WorkflowInvalid(str(exc)) from None
+    except RunIdInvalid as exc:
+        raise WorkflowInvalid(f"--run-id: {exc}") from None
     except ValueError as exc:
         if replay is None:
             raise

@@ -141,7 +141,14 @@ from byok_plugin.host.workflow import (
 from byok_plugin.host.workflow.providers import TOOL_PROVIDERS
 from byok_plugin.host.workflow.templates import step_into, to_text
 
-__all__ = ["BlockFailed", "RunEvent", "RunIdInUse", "RunnerOptions", "WorkflowRunner"]
+__all__ = [
+    "BlockFailed",
+    "RunEvent",
+    "RunIdInUse",
+    "RunIdInvalid",
+    "RunnerOptions",
+    "WorkflowRunner",
+]
 
 log = logging.getLogger("byok.host.runner")
 _T = TypeVar("_T")
@@ -149,6 +156,11 @@ _T = TypeVar("_T")
 EXA_TOOL = "exa_search"
 #: the reason of the zero charge recorded for a completed call whose byok_compute_charge failed
 CHARGE_FAILED = "charge_failed"
+#: the longest idempotency key the usage ledger stores (``run:block:attempt[:seq][:uncertain:n]``)
+IDEMPOTENCY_KEY_ROOM = 255
+#: the longest run id: with a block id (at most 64 characters) and what a call's key adds after
+#: it (``:attempt:seq:uncertain:n``, under 40 characters), every key fits the ledger's 255
+MAX_RUN_ID = 150
 _SEARCH_FUNCTION = FunctionTool(
     name=EXA_TOOL,
     description="Search the web with Exa. Returns the most relevant pages: title, URL and text.",
@@ -172,8 +184,14 @@ RUN_HOOKS = (
     "byok_reserve_budget",
     "byok_settle_budget",
 )
-#: a completed call waiting to be charged and recorded: (usage, credential, make_record)
-_Settling = tuple[Any, Credential, Callable[[Charge], UsageRecord]]
+#: a completed call waiting to be charged and recorded: (usage, credential, make_record, and
+#: what makes its budget settlement of the charge, when it holds one)
+_Settling = tuple[
+    Any,
+    Credential,
+    Callable[[Charge], UsageRecord],
+    Callable[[Charge], BudgetSettlement] | None,
+]
 #: what settling it gave: (charge, record, record error, charge error)
 _Settled = tuple[Charge, UsageRecord, Exception | None, Exception | None]
 #: errors worth trying the block again for: the call did not complete, and may next time
@@ -203,6 +221,11 @@ class RunIdInUse(ByokError):
     """A run id the caller gave that already has calls in the usage ledger, for a new execution
     (or for another workspace). Raised before anything runs. The message names the run id and
     the workspace, never another workspace."""
+
+
+class RunIdInvalid(ByokError):
+    """A run id the caller gave that the ledger could not store under (too long for this
+    workflow's idempotency keys, or with control characters). Raised before anything runs."""
 
 
 @dataclass(frozen=True)
@@ -364,6 +387,9 @@ class WorkflowRunner:
         self._writer: asyncio.Task[None] | None = None
         self._prepared = False
         self._preparing = asyncio.Lock()
+        # the run ids the caller gave of the runs in flight, and their workspaces: another run
+        # under one of them would make calls under the same idempotency keys
+        self._running: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"WorkflowRunner(providers={sorted(self.clients)}, options={self.options})"
@@ -511,7 +537,10 @@ class WorkflowRunner:
         :param on_event: called with each :class:`RunEvent`, on the event loop.
         :raises WorkflowError: before anything runs: a missing input, an unknown model, an ``env``
             block key this runner may not read or whose variable is not set.
-        :raises RunIdInUse: before anything runs: see ``run_id``.
+        :raises RunIdInUse: before anything runs: see ``run_id``; also a run id of a run of this
+            runner still in flight (in any workspace).
+        :raises RunIdInvalid: before anything runs: an empty run id, one longer than
+            :data:`MAX_RUN_ID` or with control characters.
         """
         values = bind_inputs(workflow, inputs or {})
         if not self._prepared:
@@ -528,14 +557,47 @@ class WorkflowRunner:
             # a workflow is frozen and so is this runner's environment: checked once is enough
             # (each call checks its env block key again before it reads it)
             self._checked[id(workflow)] = weakref.ref(workflow)
-        reused: dict[str, BlockResult] = {}
-        recorded_attempts: dict[str, int] = {}
-        if run_id is not None:
+        if run_id is None:
+            if replay is not None:
+                raise ValueError("replay= needs the run_id of the run it replays")
+            return await self._run(workflow, workspace_id, None, values, actor, stream, on_event)
+        _check_run_id_form(run_id)
+        if run_id in self._running:  # checked and taken with no await in between: atomic
+            raise RunIdInUse(
+                f"run id {run_id!r} is in use by a run still in flight: give workspace "
+                f"{workspace_id!r} a run id of its own"
+            )
+        self._running[run_id] = workspace_id
+        try:
             reused, recorded_attempts = await self._check_run_id(
                 workflow, workspace_id, run_id, replay
             )
-        elif replay is not None:
-            raise ValueError("replay= needs the run_id of the run it replays")
+            return await self._run(
+                workflow,
+                workspace_id,
+                run_id,
+                values,
+                actor,
+                stream,
+                on_event,
+                reused,
+                recorded_attempts,
+            )
+        finally:
+            del self._running[run_id]
+
+    async def _run(
+        self,
+        workflow: Workflow,
+        workspace_id: str,
+        run_id: str | None,
+        values: dict[str, Any],
+        actor: Actor | None,
+        stream: bool | None,
+        on_event: EventHandler | None,
+        reused: dict[str, BlockResult] | None = None,
+        recorded_attempts: dict[str, int] | None = None,
+    ) -> RunResult:
         run = _Run(
             workflow=workflow,
             workspace_id=workspace_id,
@@ -544,8 +606,8 @@ class WorkflowRunner:
             actor=actor,
             stream=stream,
             on_event=on_event,
-            reused=reused,
-            recorded_attempts=recorded_attempts,
+            reused=reused or {},
+            recorded_attempts=recorded_attempts or {},
         )
         started = self._clock()
         failed = await self._schedule(run)
@@ -1047,7 +1109,7 @@ class WorkflowRunner:
             except ProviderError as exc:
                 if not isinstance(exc, AuthError | RateLimitError):
                     await self._record_unfinished(
-                        run, block_id, attempt, seq, model, credential, exc, len(rejected)
+                        run, block_id, attempt, seq, model, credential, exc, len(rejected), budget
                     )
                     if (
                         exc.maybe_executed
@@ -1114,14 +1176,23 @@ class WorkflowRunner:
                         f"{refused}; the fallback policy offered the same key again"
                     ) from None
                 credential = following
-                if budget.hold is not None:  # the new credential's hold replaces the old one
+                if budget.worst is not None:  # held again: a budget may apply to this key only
                     await self._reserve(credential, budget)
                 continue
             except asyncio.CancelledError as exc:  # a stream cut by the run's cancellation
                 partial = getattr(exc, "partial_usage", None)
                 if isinstance(partial, Usage):
                     self._start_recording_unfinished(
-                        run, block_id, attempt, seq, model, credential, partial, "interrupted"
+                        run,
+                        block_id,
+                        attempt,
+                        seq,
+                        model,
+                        credential,
+                        partial,
+                        "interrupted",
+                        0,
+                        budget,
                     )
                 raise
             break
@@ -1153,23 +1224,31 @@ class WorkflowRunner:
                 attempt=attempt,
             )
 
+        settle = None
+        if budget.hold is not None and self.hooks_in_thread():
+            # the recording job settles it with the charge: a cancelled run must not release it
+            budget.settled = True
+            settle = functools.partial(self._settlement, budget, credential)
         if self.hooks_in_thread() and self.options.group_commit:
-            # charged and recorded with the calls that finish meanwhile, by the runner's writer
+            # charged, recorded and settled with the calls that finish meanwhile, by the
+            # runner's writer, which a cancelled run does not stop
             charge, record, error, charge_error = await self._group_settle(
-                (usage, credential, make_record)
+                (usage, credential, make_record, settle)
             )
         elif self.hooks_in_thread():
-            # charge, record and any retries of the record in one job in a worker thread
+            # charge, record, budget settlement and any retries of the record in one job in a
+            # worker thread, which a cancelled run does not stop
             charge, record, error, charge_error = await self._recording_job(
-                self._settle_and_retry, usage, credential, make_record
+                self._settle_and_retry, usage, credential, make_record, settle
             )
         else:
             with calling_inline():
                 charge, record, error, charge_error = self._settle(usage, credential, make_record)
+            # settled before the record's retries are awaited (a cancelled run would stop there)
+            if budget.hold is not None:
+                await self._settle_budget(budget, charge, credential)
             if error is not None:
                 error = await self._record_again(record, error, credential.api_key)
-        if budget.hold is not None:
-            await self._settle_budget(budget, charge, credential)
         call = CallResult(
             provider=provider,
             model=model,
@@ -1214,6 +1293,7 @@ class WorkflowRunner:
         credential: Credential,
         exc: ProviderError,
         round_no: int = 0,
+        budget: _Budget | None = None,
     ) -> None:
         """The row of a call that failed after the provider may have acted on it: ``interrupted``
         (a stream that broke after it started: what the provider is known to bill, charged as
@@ -1223,7 +1303,9 @@ class WorkflowRunner:
 
         An interrupted call takes the key the completed call would have had (the block is tried
         again under the next attempt's); an uncertain one adds ``:uncertain:<round>``, because
-        another key may still complete the same call under the call's own key (``on_error``)."""
+        another key may still complete the same call under the call's own key (``on_error``).
+        An interrupted call settles ``budget`` with its charge (it is spent, as a completed
+        call's); an uncertain one leaves the hold to be released (it is charged nothing)."""
         if exc.partial_usage is not None:
             usage, status = exc.partial_usage, "interrupted"
         elif exc.maybe_executed:
@@ -1231,7 +1313,7 @@ class WorkflowRunner:
         else:
             return
         job = self._start_recording_unfinished(
-            run, block_id, attempt, seq, model, credential, usage, status, round_no
+            run, block_id, attempt, seq, model, credential, usage, status, round_no, budget
         )
         with contextlib.suppress(Exception):
             await asyncio.shield(job)
@@ -1247,6 +1329,7 @@ class WorkflowRunner:
         usage: Usage,
         status: str,
         round_no: int = 0,
+        budget: _Budget | None = None,
     ) -> asyncio.Future[Any]:
         """Charge and record an unfinished call in a worker thread, as a job a cancelled run does
         not stop and :meth:`drain` waits for; under the key the completed call would have had."""
@@ -1274,8 +1357,13 @@ class WorkflowRunner:
                 status=status,
             )
 
+        settle = None
+        if status == "interrupted" and budget is not None and budget.hold is not None:
+            # charged as a completed call: its hold is settled with the charge, in the same job
+            budget.settled = True  # so that the failing block does not release it instead
+            settle = functools.partial(self._settlement, budget, credential)
         job = asyncio.get_running_loop().run_in_executor(
-            None, self._settle_and_retry, usage, credential, make_record
+            None, self._settle_and_retry, usage, credential, make_record, settle
         )
         self._recording.add(job)
         job.add_done_callback(self._recording.discard)
@@ -1360,13 +1448,7 @@ class WorkflowRunner:
         """``byok_settle_budget`` of what the completed call was charged. A settlement that keeps
         failing is logged, not raised: the call is done and recorded, and its hold lapses."""
         budget.settled = True  # from here on, a cancelled run must not release the hold instead
-        settlement = BudgetSettlement(
-            idempotency_key=budget.idempotency_key,
-            workspace_id=budget.workspace_id,
-            amount=charge.amount,
-            list_cost=charge.list_cost or Decimal(0),
-            source=credential.source,
-        )
+        settlement = self._settlement(budget, credential, charge)
         if not self.hooks_in_thread():
             try:
                 with calling_inline():
@@ -1377,6 +1459,17 @@ class WorkflowRunner:
                     "settling budget of %s on the loop failed: %s", settlement.idempotency_key, exc
                 )
         await self._recording_job(self._settle_budget_now, settlement)
+
+    @staticmethod
+    def _settlement(budget: _Budget, credential: Credential, charge: Charge) -> BudgetSettlement:
+        """The settlement of a call that was charged ``charge`` (a completed or interrupted one)."""
+        return BudgetSettlement(
+            idempotency_key=budget.idempotency_key,
+            workspace_id=budget.workspace_id,
+            amount=charge.amount,
+            list_cost=charge.list_cost or Decimal(0),
+            source=credential.source,
+        )
 
     def _release_soon(self, budget: _Budget) -> None:
         """Release the hold of a call that did not complete, in a worker thread (not awaited: the
@@ -1452,16 +1545,18 @@ class WorkflowRunner:
         """:meth:`_settle_and_retry` for a group of calls (in a worker thread): every charge, then
         ``byok_record_usage_batch`` for all the records (and ``byok_record_usage`` for each on
         the plugins without the batch form); a record that fails is tried again on its own."""
-        charged = [self._charge(usage, credential) for usage, credential, _ in items]
+        charged = [self._charge(usage, credential) for usage, credential, _, _ in items]
         records = [
             make_record(charge)
-            for (_, _, make_record), (charge, _) in zip(items, charged, strict=True)
+            for (_, _, make_record, _), (charge, _) in zip(items, charged, strict=True)
         ]
         errors = self._record_group(records)
         settled: list[_Settled] = []
-        for (_, credential, _), (charge, charge_error), record, error in zip(
+        for (_, credential, _, settle), (charge, charge_error), record, error in zip(
             items, charged, records, errors, strict=True
         ):
+            if settle is not None:  # the call's own budget hold, with its own charge
+                self._settle_budget_now(settle(charge))
             if error is not None:
                 error = self._record_retries(
                     record, error, self.options.record_attempts - 1, (credential.api_key,)
@@ -1532,11 +1627,18 @@ class WorkflowRunner:
         return charge, record, None, charge_error
 
     def _settle_and_retry(
-        self, usage: Any, credential: Credential, make_record: Callable[[Charge], UsageRecord]
+        self,
+        usage: Any,
+        credential: Credential,
+        make_record: Callable[[Charge], UsageRecord],
+        settle: Callable[[Charge], BudgetSettlement] | None = None,
     ) -> tuple[Charge, UsageRecord, Exception | None, Exception | None]:
-        """:meth:`_settle`, then the record's remaining tries (in a worker thread): the error
-        returned is the last one, once every try has failed."""
+        """:meth:`_settle`, then the budget settlement ``settle`` makes of the charge, then the
+        record's remaining tries (in a worker thread): the error returned is the last one, once
+        every try has failed."""
         charge, record, error, charge_error = self._settle(usage, credential, make_record)
+        if settle is not None:
+            self._settle_budget_now(settle(charge))
         if error is not None:  # with no tries left, this only logs it (no one may be waiting)
             error = self._record_retries(
                 record, error, self.options.record_attempts - 1, (credential.api_key,)
@@ -1622,6 +1724,21 @@ def _check_labelled(request: CredentialRequest, credential: Credential) -> None:
             f"the block asks for the {request.provider} key labelled {request.key_label!r} of "
             f"workspace {request.workspace_id!r}, but byok_resolve_credential answered a "
             f"{credential.source.value} key; the block does not run on it"
+        )
+
+
+def _check_run_id_form(run_id: str) -> None:
+    """:class:`RunIdInvalid` for a run id the ledger could not record calls under."""
+    if (
+        not isinstance(run_id, str)
+        or not run_id
+        or any(ord(c) < 32 or ord(c) == 127 for c in run_id)
+    ):
+        raise RunIdInvalid("a run id is non-empty text without control characters")
+    if len(run_id) > MAX_RUN_ID:
+        raise RunIdInvalid(
+            f"a run id has at most {MAX_RUN_ID} characters (its calls' idempotency keys must "
+            f"fit the ledger's {IDEMPOTENCY_KEY_ROOM}); this one has {len(run_id)}"
         )
 
 

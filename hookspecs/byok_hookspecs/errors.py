@@ -95,6 +95,6 @@ class BudgetExceeded(ByokError):
         self.left = max(limit - spent - reserved, Decimal(0))
         super().__init__(
             f"workspace {workspace_id!r}: budget {budget!r} refuses the call: it may cost up to "
-            f"{needed} {currency}, and of {limit} {currency} {spent} is spent, {reserved} "
-            f"reserved by calls in flight, {self.left} left"
+            f"{needed:f} {currency}, and of {limit:f} {currency} {spent:f} is spent, "
+            f"{reserved:f} reserved by calls in flight, {self.left:f} left"
         )
