@@ -573,7 +573,12 @@ class Resolver:
         keys = self._organization_keys(request)
         failed = next((k for k in keys if k.id == failure.key_id), None)
         now = self._clock()
-        if failed is not None:
+        # as for a workspace key: a 5xx or a timeout is not a refusal, and puts the key in
+        # cooldown only when the platform key may serve meanwhile (on_error)
+        if failed is not None and (
+            _refused(failure.reason)
+            or self._settings.fallback_policy(request.workspace_id).allows(failure.reason)
+        ):
             self._cool_down(request, failed, failure.reason, now, pm)
         usable = [
             k

@@ -223,6 +223,22 @@ def test_refused_keys_cool_down_then_the_next_tier_serves(world: World) -> None:
         world.resolve("anthropic", model)
 
 
+def test_an_organization_key_a_provider_failed_on_is_not_cooled_down(world: World) -> None:
+    """A 5xx or a timeout is not a refusal: under the default policy (never) the organization key
+    is not put in cooldown, so the block's own retry may use it again."""
+    org_a, key_a = world.store(org_owner(world.org), "anthropic", "a")
+    model = "claude-opus-4-1"
+    failure = ProviderFailure(FailureReason.ERROR, ORG, org_a, 503)
+    with pytest.raises(CredentialUnavailable):  # no other key; the policy does not fall back
+        world.resolve("anthropic", model, failure=failure)
+    with world.app.engine.connect() as conn:
+        until = conn.execute(
+            sa.select(workspace_keys.c.cooldown_until).where(workspace_keys.c.id == org_a)
+        ).scalar_one()
+    assert until is None
+    assert world.resolve("anthropic", model).api_key == key_a
+
+
 def test_a_block_label_may_name_an_organization_key(world: World) -> None:
     org_key_id, org_key = world.store(org_owner(world.org), "openai", "shared")
     ws_key_id, ws_key = world.store(world.ws, "openai", "own")
