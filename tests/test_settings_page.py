@@ -639,6 +639,12 @@ def test_an_admin_sees_usage_as_a_chart_and_changes_the_fallback_policy(
     tab.shot("fallback-saved")
 
     page.set_viewport_size({"width": 390, "height": 844})
+    # the page draws the chart again at its new width (on "resize"): wait for that drawing, not
+    # the one the resize is replacing (seen once under load: the old one was gone, box None)
+    page.wait_for_function(
+        "() => { const r = document.querySelector('#usage-chart svg')?.getBoundingClientRect();"
+        " return !!r && r.width > 0 && r.width <= 390; }"
+    )
     expect(chart.locator("g.bar")).to_have_count(30)
     assert_fits_width(page)
     box = chart.bounding_box()
