@@ -46,11 +46,15 @@ def test_an_organization_key_is_inherited_and_shown_masked(env: dict[str, str]) 
     assert stored.exit_code == 0, stored.output
     assert "for organization 'acme'" in stored.output
     listed = _run(["org", "keys", "acme", "--json"], env)
-    (key,) = json.loads(listed.output)
+    listed_document = json.loads(listed.output)
+    assert listed_document["version"] == 1
+    assert listed_document["organization"] == "acme"
+    (key,) = listed_document["keys"]
     assert key["provider"] == "openai"
     assert key["workspace_id"] == "org:acme"
     inherited = _run(["org", "inherited", "--workspace", "team-a", "--json"], env)
     shown = json.loads(inherited.output)
+    assert next(iter(shown)) == "version"
     assert shown["organization_id"] == "acme"
     assert shown["opted_out"] is False
     assert [(k["id"], k["inherited"], k["active"]) for k in shown["keys"]] == [

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.text import Text
 
 from byok_plugin.cli import main
-from byok_plugin.cli.demo import BYOK_WORKSPACE, PLATFORM_WORKSPACE, DemoStack
+from byok_plugin.cli.demo import BYOK_WORKSPACE, PLATFORM_WORKSPACE, DemoStack, realistic_key
 from byok_plugin.cli.json_output import JSON_VERSION
 from byok_plugin.cli.tables import Column, TableSpec, show
 from byok_plugin.cli.text import money
@@ -273,3 +273,66 @@ def test_plugins_keeps_names_whole_and_its_hooks_on_one_line_when_piped(
         (row,) = [line for line in output.splitlines() if line.startswith("byok_plugin ")]
         assert all(h["hook"] in row for h in plugins[0]["hooks"])
         assert all(line == line.rstrip() for line in output.splitlines())  # no padding after
+
+
+ORG, ORG_WORKSPACE = "acme-org", "acme-team"
+
+
+@pytest.fixture(scope="module")
+def org(stack: DemoStack) -> str:
+    """An organization with a key per provider (registered with the emulator) and a workspace
+    that inherits them."""
+    for args in (("org", "create", ORG), ("org", "attach", ORG, "-w", ORG_WORKSPACE)):
+        made = byok(stack.environ, *args)
+        assert made.exit_code == 0, made.output
+    for provider in ("openai", "anthropic"):
+        key = realistic_key(provider)
+        stack.emulator.add_key(provider, key, label=f"{ORG}-{provider}")
+        args = ["org", "set-key", ORG, "-p", provider, "-l", f"shared-{provider}-pool", "--no-test"]
+        stored = CliRunner().invoke(main, args, input=key, env=stack.environ)
+        assert stored.exit_code == 0, stored.output
+    return ORG
+
+
+@pytest.mark.parametrize(("layout_name", "layout"), LAYOUTS, ids=[n for n, _ in LAYOUTS])
+@pytest.mark.parametrize(
+    "args", [("org", "keys", ORG), ("org", "inherited", "-w", ORG_WORKSPACE)], ids=["keys", "inh"]
+)
+def test_org_keys_keep_ids_labels_and_hints_whole(
+    stack: DemoStack, org: str, layout_name: str, layout: dict[str, str], args: tuple[str, ...]
+) -> None:
+    keys = json_of(stack, *args)["keys"]
+    assert len(keys) == 2
+    output = shown(stack, layout, *args)
+    assert_whole(output, [k["id"] for k in keys] + [k["label"] for k in keys])
+    if layout_name != "80 columns":  # the masked key may give way to the ids at 80 columns
+        assert_whole(output, [k["hint"] for k in keys])
+    assert sum(1 for line in output.splitlines() if any(k["id"] in line for k in keys)) == 2
+    assert f"organization {org}" in output.splitlines()[0]  # the title, on a line of its own
+    if layout_name == "piped":
+        assert output.splitlines()[1].split()[:3] == ["provider", "label", "id"]
+        assert "cooldown until" in output
+        assert all(line == line.rstrip() for line in output.splitlines())
+
+
+@pytest.mark.parametrize(("layout_name", "layout"), LAYOUTS, ids=[n for n, _ in LAYOUTS])
+def test_keys_check_prints_a_whole_line_per_key(
+    stack: DemoStack, layout_name: str, layout: dict[str, str]
+) -> None:
+    # checked live against the emulator (the stack stores keys unchecked)
+    live = {**stack.environ, "BYOK_VALIDATE_KEYS": "1"}
+    args = ("keys", "check", "-w", BYOK_WORKSPACE)
+    checked = json.loads(byok(live, *args, "--json").stdout)["keys"]
+    assert checked
+    assert {r["status"] for r in checked} == {"valid"}
+    result = byok({**live, **layout}, *args)
+    assert result.exit_code == 0, result.output
+    lines = ANSI.sub("", result.stdout).splitlines()
+    assert len(lines) == len(checked)  # one line per key, never wrapped, whatever the width
+    for checked_key in checked:
+        (line,) = [line for line in lines if checked_key["key_id"] in line]
+        assert line.startswith(f"{BYOK_WORKSPACE} {checked_key['provider']} ")
+        assert f" {checked_key['label']!r} {checked_key['key_id']} " in line
+        assert f"({checked_key['hint']}): valid" in line
+    if layout_name == "80 columns":  # a line longer than the terminal is still one line
+        assert max(len(line) for line in lines) > 80

@@ -161,9 +161,16 @@ def test_a_bad_relative_date_is_a_clear_error(value: str) -> None:
         ["plugins"],
         ["ledger", "spool"],
         ["validate", str(Path(__file__).parents[1] / "sample_workflows/research-brief.json")],
+        ["org", "keys", "acme-org"],
+        ["org", "inherited", "-w", "acme"],
+        ["keys", "check", "-w", "acme"],
+        ["audit", "-w", "acme"],
     ],
 )
 def test_every_json_output_is_a_versioned_object(env: dict[str, str], args: list[str]) -> None:
+    if args[0] == "org":
+        _run(env, "org", "create", "acme-org")
+        _run(env, "org", "attach", "acme-org", "-w", "acme")
     document = json.loads(_run(env, *args, "--json").stdout)
     assert isinstance(document, dict)
     assert next(iter(document)) == "version"

@@ -125,7 +125,8 @@ def test_byok_keys_check_reports_and_exits_1_on_a_failure(
     result = runner.invoke(main, ["keys", "check", "-w", "ws", "--json"], env=env)
     assert result.exit_code == 1
     document = json.loads(result.stdout)
-    assert sorted((r["label"], r["status"]) for r in document) == [
+    assert document["version"] == 1
+    assert sorted((r["label"], r["status"]) for r in document["keys"]) == [
         ("broke", "no_credit"),
         ("good", "valid"),
     ]

@@ -8,21 +8,17 @@ workspace's events, which only an operator may read. The CLI acts as the local o
 
 from __future__ import annotations
 
-import json
-
 import click
-from rich.console import Console
 
 from byok_plugin.audit_log import DEFAULT_LIMIT, MAX_LIMIT, AuditQuery, event_json, read_audit_log
 from byok_plugin.cli.context import CliContext, pass_cli
+from byok_plugin.cli.json_output import echo_json
 from byok_plugin.cli.keys import handles_errors
+from byok_plugin.cli.tables import console_for
 from byok_plugin.cli.text import plain
 from byok_plugin.cli.usage import parse_when
 
-__all__ = ["JSON_VERSION", "audit_command"]
-
-#: the ``"version"`` of ``byok audit --json``'s document; raised when a field changes meaning
-JSON_VERSION = 1
+__all__ = ["audit_command"]
 
 
 @click.command("audit")
@@ -55,18 +51,21 @@ def audit_command(
     )
     events = read_audit_log(cli.pm, cli.app.audit_store, cli.actor, query)
     if as_json:
-        document = {
-            "version": JSON_VERSION,
-            "workspace_id": workspace_id,
-            "since": query.since.isoformat() if query.since else None,
-            "events": [event_json(event) for event in events],
-        }
-        click.echo(json.dumps(document, indent=2))
+        echo_json(
+            {
+                "workspace_id": workspace_id,
+                "since": query.since.isoformat() if query.since else None,
+                "events": [event_json(event) for event in events],
+            }
+        )
         return
     where = f"workspace {workspace_id}" if workspace_id is not None else "every workspace"
-    console = Console()
+    console = console_for()
     if not events:
-        console.print(plain(f"No audit events in {where}" + (f" since {since}." if since else ".")))
+        console.print(
+            plain(f"No audit events in {where}" + (f" since {since}." if since else ".")),
+            soft_wrap=True,
+        )
         return
     # one event per line and its detail below it, never a table: at any width nothing (an id,
     # a time) is cut, and a pipe gets the same lines, unwrapped

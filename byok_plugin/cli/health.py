@@ -7,13 +7,13 @@ cron or its own scheduler. It exits 1 when a key was refused (``invalid``), ran 
 
 from __future__ import annotations
 
-import json
-
 import click
 from byok_hookspecs import KeyCheckStatus
 
 from byok_plugin.cli.context import CliContext, pass_cli
+from byok_plugin.cli.json_output import echo_json
 from byok_plugin.cli.keys import handles_errors, keys_group
+from byok_plugin.cli.tables import console_for
 from byok_plugin.cli.text import plain
 
 __all__ = ["check_command"]
@@ -44,15 +44,13 @@ def check_command(
 ) -> None:
     """Check every enabled stored key live with its provider; disable the ones refused
     --disable-after times in a row (audited: key.disabled, key.unhealthy)."""
-    from rich.console import Console
-
     from byok_plugin.key_health import check_key_health
 
     results = check_key_health(cli.app, cli.pm, owners=owners or None, disable_after=disable_after)
     if as_json:
-        click.echo(json.dumps([r.to_dict() for r in results], indent=2))
+        echo_json({"keys": [r.to_dict() for r in results]})
     else:
-        console = Console(highlight=False, soft_wrap=True)
+        console = console_for()
         if not results:
             click.echo("no enabled keys to check")
         for r in results:
@@ -62,7 +60,7 @@ def check_command(
                 + (", DISABLED" if r.disabled else "")
                 + (f": {r.message}" if r.message else "")
             )
-            console.print(line)
+            console.print(line, soft_wrap=True)
     failed = sum(r.status in _FAILED for r in results)
     if failed:
         raise click.ClickException(f"{failed} of {len(results)} keys did not pass the live check")

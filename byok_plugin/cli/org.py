@@ -9,14 +9,12 @@ the command line. ``byok org inherited`` shows what a workspace inherits, masked
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 from byok_plugin.cli.context import CliContext, pass_cli
+from byok_plugin.cli.json_output import echo_json
 from byok_plugin.cli.keys import (
     handles_errors,
     label_option,
@@ -24,7 +22,7 @@ from byok_plugin.cli.keys import (
     read_api_key,
     workspace_option,
 )
-from byok_plugin.cli.text import plain
+from byok_plugin.cli.tables import Column, TableSpec, console_for, show
 from byok_plugin.key_format import KNOWN_PROVIDERS
 
 if TYPE_CHECKING:
@@ -48,23 +46,30 @@ def _when(value: object) -> str:
     return f"{value:%Y-%m-%d %H:%M:%SZ}" if value is not None else "-"
 
 
-def _print_keys(title: str, keys: list[KeyInfo], extra: dict[str, str] | None = None) -> None:
-    table = Table(title=plain(title))
-    columns = ["provider", "label", "id", "key", "status", "cooldown until", *(extra or {})]
-    for column in columns:
-        table.add_column(column, no_wrap=column in {"id", "key"})
-    for info in keys:
-        cells = [
-            info.provider,
-            info.label,
-            info.id,
-            info.hint,
-            info.status,
-            _when(info.cooldown_until),
-            *(extra or {}).values(),
-        ]
-        table.add_row(*(plain(cell) for cell in cells))
-    Console(width=max(Console().width, 110)).print(table)
+def _print_keys(title: str, keys: list[KeyInfo]) -> None:
+    spec = TableSpec(
+        columns=(
+            Column("provider", "id"),
+            Column("label", "id"),
+            Column("id", "id"),
+            Column("key", "id", priority=1),
+            Column("status", "id"),
+            Column("cooldown until", "text", priority=2),
+        ),
+        rows=tuple(
+            (
+                info.provider,
+                info.label,
+                info.id,
+                info.hint,
+                info.status,
+                _when(info.cooldown_until),
+            )
+            for info in keys
+        ),
+        title=title,
+    )
+    show(console_for(), spec)
 
 
 org_option = click.argument("org_id", metavar="ORG")
@@ -130,7 +135,7 @@ def keys_command(cli: CliContext, org_id: str, provider: str | None, as_json: bo
     """List an organization's keys, masked."""
     keys = _orgs(cli).list_keys(cli.actor, org_id, provider)
     if as_json:
-        click.echo(json.dumps([info.to_dict() for info in keys], indent=2))
+        echo_json({"organization": org_id, "keys": [info.to_dict() for info in keys]})
     elif not keys:
         click.echo(f"no keys stored for organization {org_id!r}")
     else:
@@ -202,16 +207,13 @@ def inherited_command(
     """List the keys a workspace inherits from its organization, masked."""
     membership, inherited = _orgs(cli).inherited_keys(cli.actor, workspace_id, provider)
     if as_json:
-        click.echo(
-            json.dumps(
-                {
-                    "workspace_id": workspace_id,
-                    "organization_id": membership.organization_id if membership else None,
-                    "opted_out": membership.opted_out if membership else None,
-                    "keys": [k.to_dict() for k in inherited],
-                },
-                indent=2,
-            )
+        echo_json(
+            {
+                "workspace_id": workspace_id,
+                "organization_id": membership.organization_id if membership else None,
+                "opted_out": membership.opted_out if membership else None,
+                "keys": [k.to_dict() for k in inherited],
+            }
         )
         return
     if membership is None:
