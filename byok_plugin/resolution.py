@@ -570,34 +570,23 @@ class Resolver:
         policy decides."""
         failure = request.failure
         assert failure is not None
-        keys = self._organization_keys(request)
-        failed = next((k for k in keys if k.id == failure.key_id), None)
-        now = self._clock()
-        # as for a workspace key: a 5xx or a timeout is not a refusal, and puts the key in
-        # cooldown only when the platform key may serve meanwhile (on_error)
-        if failed is not None and (
-            _refused(failure.reason)
-            or self._settings.fallback_policy(request.workspace_id).allows(failure.reason)
-        ):
-            self._cool_down(request, failed, failure.reason, now, pm)
-        usable = [
-            k
-            for k in keys
-            if k.id != failure.key_id and (k.cooldown_until is None or k.cooldown_until <= now)
-        ]
+        usable, _ = self._skip_failed(request, self._organization_keys(request), pm)
         if usable:
             return self._reveal(self._pick(request, usable))
         return self._fallback(request, pm, failure.reason, failure.key_id)
 
-    def _after_workspace_failure(self, request: CredentialRequest, pm: HookCaller) -> Credential:
+    def _skip_failed(
+        self, request: CredentialRequest, keys: Sequence[StoredKey], pm: HookCaller
+    ) -> tuple[list[StoredKey], datetime]:
+        """The keys of ``keys`` that may serve after ``request.failure`` (not the failed one, none
+        cooling), and the time they were judged at. The failed key goes into cooldown after a
+        refusal, and after a 5xx or a timeout only when the platform key may serve meanwhile
+        (``on_error``): otherwise it is skipped for this call only, and the block's own retry may
+        use it again."""
         failure = request.failure
         assert failure is not None
-        keys = self.enabled_keys(request.workspace_id, request.provider)
         failed = next((k for k in keys if k.id == failure.key_id), None)
         now = self._clock()
-        # only a key of this workspace and provider is put in cooldown, and after a 5xx or a
-        # timeout only when the platform key may serve meanwhile (on_error): otherwise the key is
-        # skipped for this call only, and the block's own retry may use it again
         if failed is not None and (
             _refused(failure.reason)
             or self._settings.fallback_policy(request.workspace_id).allows(failure.reason)
@@ -608,6 +597,14 @@ class Resolver:
             for k in keys
             if k.id != failure.key_id and (k.cooldown_until is None or k.cooldown_until <= now)
         ]
+        return usable, now
+
+    def _after_workspace_failure(self, request: CredentialRequest, pm: HookCaller) -> Credential:
+        failure = request.failure
+        assert failure is not None
+        # only a key of this workspace and provider is put in cooldown
+        keys = self.enabled_keys(request.workspace_id, request.provider)
+        usable, now = self._skip_failed(request, keys, pm)
         if usable:  # another of the workspace's own keys: not a fallback
             return self._reveal(self._pick(request, usable))
         pooled = [
