@@ -283,9 +283,12 @@ def test_an_interrupted_stream_spends_its_charge_in_the_budget(
     assert status.reserved == 0
 
 
+@pytest.mark.parametrize("group_commit", [True, False], ids=["group-writer", "one-job"])
 def test_a_run_cancelled_while_its_completed_call_is_recorded_spends_its_charge(
-    stack: DemoStack,
+    stack: DemoStack, group_commit: bool
 ) -> None:
+    # group_commit=True: the runner's group writer (_settle_group) settles the hold;
+    # False: the call's own recording job (_settle_and_retry) does
     budgets = stack.app.budgets
     budgets.set_budget(PLATFORM_WORKSPACE, "monthly", limit="100")
     recording, go_on = threading.Event(), threading.Event()
@@ -299,7 +302,7 @@ def test_a_run_cancelled_while_its_completed_call_is_recorded_spends_its_charge(
     stack.pm.register(SlowRecorder(), name="slow-recorder")
 
     async def go() -> None:
-        options = RunnerOptions(block_retries=0, hooks_in_thread=True)
+        options = RunnerOptions(block_retries=0, hooks_in_thread=True, group_commit=group_commit)
         async with WorkflowRunner.open(stack.pm, environ=stack.environ, options=options) as runner:
             task = asyncio.create_task(
                 runner.run(ONE_CALL, workspace_id=PLATFORM_WORKSPACE, inputs={"name": "Ada"})
