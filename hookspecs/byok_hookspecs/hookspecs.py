@@ -203,24 +203,6 @@ def byok_wrap_data_key(workspace_id: str, data_key: bytes) -> WrappedDataKey | N
 
 
 @hookspec(firstresult=True)
-def byok_reserve_budget(reservation: BudgetReservation) -> BudgetHold | None:
-    """Hold a provider call's worst-case cost against the workspace's budgets, before the call.
-
-    A call that does not fit a hard budget is refused: raise
-    :class:`~byok_hookspecs.BudgetExceeded` (it names the workspace, the budget, what is spent,
-    reserved and left). The check and the hold must be one atomic step, so that calls in flight
-    in many workers never overshoot. A hold the host never settles lapses after
-    ``reservation.hold_seconds``. A platform with its own credit system answers here and in
-    ``byok_settle_budget``.
-
-    Stops at first non-None result.
-
-    :param reservation: the call's key, workspace, credential source and worst-case amounts.
-    :returns: what is held, or ``None`` when no budget applies (the host need not settle).
-    """
-
-
-@hookspec(firstresult=True)
 def byok_unwrap_data_key(workspace_id: str, wrapped: WrappedDataKey) -> bytes | None:
     """Unwrap a workspace's data key, so that its stored provider keys can be decrypted.
 
@@ -277,6 +259,24 @@ def byok_prepare() -> None:
     fails is logged by the host; the hooks that need what it could not load report it.
 
     :returns: nothing.
+    """
+
+
+@hookspec(firstresult=True)
+def byok_reserve_budget(reservation: BudgetReservation) -> BudgetHold | None:
+    """Hold a provider call's worst-case cost against the workspace's budgets, before the call.
+
+    A call that does not fit a hard budget is refused: raise
+    :class:`~byok_hookspecs.BudgetExceeded` (it names the workspace, the budget, what is spent,
+    reserved and left). The check and the hold must be one atomic step, so that calls in flight
+    in many workers never overshoot. A hold the host never settles lapses after
+    ``reservation.hold_seconds``. A platform with its own credit system answers here and in
+    ``byok_settle_budget``.
+
+    Stops at first non-None result.
+
+    :param reservation: the call's key, workspace, credential source and worst-case amounts.
+    :returns: what is held, or ``None`` when no budget applies (the host need not settle).
     """
 
 
