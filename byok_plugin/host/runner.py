@@ -1050,7 +1050,7 @@ class WorkflowRunner:
         worst: Usage | None = None,
     ) -> tuple[Any, CallResult]:
         """:meth:`_call_held`, whose budget hold is released if the call does not complete."""
-        idempotency_key = f"{run.run_id}:{block_id}:{attempt}" + (f":{seq}" if seq > 1 else "")
+        idempotency_key = _call_key(run.run_id, block_id, attempt, seq)
         budget = _Budget(idempotency_key, run.workspace_id, run.workflow.name, run.run_id, block_id)
         if self.pm.hook.byok_reserve_budget.get_hookimpls():  # else nothing to hold it against
             budget.worst = worst
@@ -1209,20 +1209,7 @@ class WorkflowRunner:
         if usage.model != model:
             usage = replace(usage, model=model)
 
-        def make_record(charge: Charge) -> UsageRecord:
-            return UsageRecord(
-                idempotency_key=idempotency_key,
-                workspace_id=run.workspace_id,
-                usage=usage,
-                charge=charge,
-                source=credential.source,
-                key_id=credential.key_id,
-                fallback=credential.fallback,
-                workflow_id=run.workflow.name,
-                run_id=run.run_id,
-                block_id=block_id,
-                attempt=attempt,
-            )
+        make_record = _recorder(run, block_id, attempt, idempotency_key, usage, credential)
 
         settle = None
         if budget.hold is not None and self.hooks_in_thread():
@@ -1333,29 +1320,15 @@ class WorkflowRunner:
     ) -> asyncio.Future[Any]:
         """Charge and record an unfinished call in a worker thread, as a job a cancelled run does
         not stop and :meth:`drain` waits for; under the key the completed call would have had."""
-        idempotency_key = f"{run.run_id}:{block_id}:{attempt}" + (f":{seq}" if seq > 1 else "")
+        idempotency_key = _call_key(run.run_id, block_id, attempt, seq)
         if status == "uncertain":
             idempotency_key += f":uncertain:{round_no}"
         if usage.model != model:
             usage = replace(usage, model=model)
 
-        def make_record(charge: Charge) -> UsageRecord:
-            if status == "uncertain":
-                charge = replace(charge, amount=Decimal(0), reason="uncertain")
-            return UsageRecord(
-                idempotency_key=idempotency_key,
-                workspace_id=run.workspace_id,
-                usage=usage,
-                charge=charge,
-                source=credential.source,
-                key_id=credential.key_id,
-                fallback=credential.fallback,
-                workflow_id=run.workflow.name,
-                run_id=run.run_id,
-                block_id=block_id,
-                attempt=attempt,
-                status=status,
-            )
+        make_record = _recorder(
+            run, block_id, attempt, idempotency_key, usage, credential, status=status
+        )
 
         settle = None
         if status == "interrupted" and budget is not None and budget.hold is not None:
@@ -1711,6 +1684,45 @@ class WorkflowRunner:
 
 
 # --- helpers -------------------------------------------------------------------------------------
+
+
+def _call_key(run_id: str, block_id: str, attempt: int, seq: int) -> str:
+    """A provider call's idempotency key: ``run:block:attempt``, and ``:seq`` for a block's
+    second and later calls in one attempt."""
+    return f"{run_id}:{block_id}:{attempt}" + (f":{seq}" if seq > 1 else "")
+
+
+def _recorder(
+    run: _Run,
+    block_id: str,
+    attempt: int,
+    idempotency_key: str,
+    usage: Usage,
+    credential: Credential,
+    status: str = "complete",
+) -> Callable[[Charge], UsageRecord]:
+    """What makes a call's :class:`UsageRecord` of its charge; an ``uncertain`` call is recorded
+    uncharged (for reconciliation)."""
+
+    def make_record(charge: Charge) -> UsageRecord:
+        if status == "uncertain":
+            charge = replace(charge, amount=Decimal(0), reason="uncertain")
+        return UsageRecord(
+            idempotency_key=idempotency_key,
+            workspace_id=run.workspace_id,
+            usage=usage,
+            charge=charge,
+            source=credential.source,
+            key_id=credential.key_id,
+            fallback=credential.fallback,
+            workflow_id=run.workflow.name,
+            run_id=run.run_id,
+            block_id=block_id,
+            attempt=attempt,
+            status=status,
+        )
+
+    return make_record
 
 
 def _check_labelled(request: CredentialRequest, credential: Credential) -> None:
