@@ -45,7 +45,10 @@ included) sends ``NOTIFY byok_keys`` with its commit and each worker listens
 (:mod:`byok_plugin.key_listener`): the entry goes as the change commits, lists are kept 60 s
 meanwhile, and the interval is the safety net while the listening connection is down. Which
 organization pool a workspace uses (if any) is kept as long, and dropped at once on this
-process's ``org.*`` events or on a notification. ``last_used_at`` is written in batches, at most every 30 s, off
+process's ``org.*`` events or on a notification; while listening, so is the fallback policy
+(:attr:`Resolver.served_from_memory`). Then, called on an event loop, resolution sends no
+statement on a warm list: its cooldown and audit writes go to the background writer, and a miss is
+one indexed read. ``last_used_at`` is written in batches, at most every 30 s, off
 the calling thread. ``0`` turns the cache off.
 """
 

@@ -43,7 +43,9 @@ The hooks are synchronous and may wait on a database or a remote service, so by 
 in a worker thread and never stall the event loop, unless every implementation of the hooks a call
 goes through declares that it never waits on the network (:mod:`byok_hookspecs.blocking`): then
 they are called inline, which saves two thread switches per call. byok-plugin's own
-implementations declare it on a local SQLite store, not on PostgreSQL.
+implementations declare it on a local SQLite store, not on PostgreSQL, except resolution (and its
+audit events) while its key-change listener is connected. Resolution is asked on the loop whenever
+the hooks it goes through (:data:`RESOLVE_HOOKS`) are declared, even when recording is not.
 ``RunnerOptions.hooks_in_thread`` forces either way (see ``benchmarks/bench_runner.py``).
 """
 
