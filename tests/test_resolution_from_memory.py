@@ -274,3 +274,38 @@ def test_a_run_on_postgresql_sends_no_statement_from_the_loop_and_asks_again_on_
         assert len(jobs) <= 3 * calls, jobs
     finally:
         stack.close()
+
+
+def test_thread_trips_per_call(emulator: EmulatorServer, tmp_path: Path, database_url: str) -> None:
+    """Counted, not timed (issue 18's async question): one call at a time, on PostgreSQL each call
+    takes two thread trips, the budget reservation (resolution rides in it) and its group's
+    write; on SQLite none. ``-s`` prints the counts."""
+    stack = DemoStack(tmp_path / "home", emulator, database_url=database_url)
+    stack.store_workspace_keys(BYOK_WORKSPACE, providers=("openai",))
+    workflow = parse_workflow(ONE_BLOCK)
+    runs = 10
+
+    async def sequential() -> tuple[list[Any], list[str]]:
+        executor = CountingExecutor()
+        asyncio.get_running_loop().set_default_executor(executor)
+        async with WorkflowRunner.open(stack.pm, environ=stack.environ) as runner:
+            await runner.run(workflow, workspace_id=BYOK_WORKSPACE, inputs={})  # warm
+            executor.jobs.clear()
+            results = [
+                await runner.run(workflow, workspace_id=BYOK_WORKSPACE, inputs={})
+                for _ in range(runs)
+            ]
+        return results, list(executor.jobs)
+
+    try:
+        results, jobs = asyncio.run(sequential())
+        assert all(r.ok for r in results), [r.error for r in results]
+        print(f"\n{stack.app.engine.dialect.name}: {len(jobs) / runs:.2f} thread trips per call")
+        if stack.app.store_is_local:
+            assert jobs == []
+        else:
+            assert len(jobs) == 2 * runs, jobs
+            assert sum("_resolve_and_reserve" in j for j in jobs) == runs
+            assert sum("_settle_group" in j for j in jobs) == runs
+    finally:
+        stack.close()
