@@ -102,14 +102,25 @@ async def _worker(environ: dict[str, str], api_key: str, group_commit: bool) -> 
         url = client.url("/chat/completions")
         headers = {**client.headers(api_key), "content-type": "application/json"}
 
+        errors: list[str] = []  # the first few failures, said after the table
+
+        def failed(path: str, error: object) -> None:
+            if len(errors) < 3:
+                errors.append(f"{path}: {str(error)[:300]}")
+
         async def raw() -> None:
-            response = await http.post(url, content=content, headers=headers, timeout=60.0)
-            response.raise_for_status()
+            try:
+                response = await http.post(url, content=content, headers=headers, timeout=60.0)
+                response.raise_for_status()
+            except httpx.HTTPError as exc:
+                failed(RAW, f"{type(exc).__name__}: {exc}")
+                raise
             response.json()
 
         async def run() -> None:
             result = await runner.run(WORKFLOW, workspace_id=WORKSPACE, actor=OPERATOR)
             if not result.ok:
+                failed(RUNNER, result.error)
                 raise RuntimeError(result.error)
 
         paths = {RUNNER: run, RAW: raw}
@@ -132,6 +143,7 @@ async def _worker(environ: dict[str, str], api_key: str, group_commit: bool) -> 
     app.close()
     return {
         "threaded": runner.hooks_in_thread(),
+        "errors": errors,
         "ratio": paired_ratio(results[RUNNER], results[RAW]),
         **{
             f"{name}_{what}": value
@@ -185,6 +197,8 @@ def _start(n: int, environ: dict[str, str], api_key: str, group_commit: bool) ->
         "raw_ms": statistics.median(o["raw_median"] * 1e3 for o in outs),
         "ratio": statistics.median(o["ratio"] for o in outs),
         "failures": sum(o["runner_failures"] + o["raw_failures"] for o in outs),
+        "runner_failures": sum(o["runner_failures"] for o in outs),
+        "errors": [e for o in outs for e in o["errors"]][:3],
     }
 
 
@@ -245,8 +259,15 @@ def main() -> None:
                     f"{store:<28}{r['workers']:>8}{'thread' if r['threaded'] else 'loop':>8}"
                     f"{r['calls_per_s']:>10.1f}{r['raw_per_s']:>9.1f}{r['runner_ms']:>11.2f}"
                     f"{r['raw_ms']:>8.2f}{r['overhead_ms']:>13.3f}{r['ratio']:>7.2f}x"
-                    + (f"  {r['failures']} failed" if r["failures"] else "")
+                    + (
+                        f"  {r['failures']} failed ({r['runner_failures']} runner)"
+                        if r["failures"]
+                        else ""
+                    )
                 )
+            for store, r in rows:
+                for error in r["errors"]:
+                    print(f"  failed, {store}, {r['workers']} workers: {error}")
             sqlite_overhead = rows[0][1]["overhead_ms"]
             pg_one = rows[1][1]["overhead_ms"]
             print(

@@ -26,6 +26,7 @@ from byok_hookspecs import (
     Usage,
     UsageRecord,
     WrappedDataKey,
+    called_inline,
     hookimpl,
 )
 
@@ -63,6 +64,9 @@ _STORE_HOOKS = frozenset(
         "byok_settle_budget",
     }
 )
+#: on PostgreSQL, while the resolver is served from memory (its key-change listener connected):
+#: resolution, and the audit events it writes (handed to the background writer on an event loop)
+_MEMORY_RESOLUTION_HOOKS = frozenset({"byok_resolve_credential", "byok_audit"})
 
 
 class DefaultPlugin:
@@ -101,16 +105,22 @@ class DefaultPlugin:
         loop's thread they wait at most 25 ms for a lock another writer holds: then the ledger
         write fails at once (the host retries it off the loop), and an audit event or a cooldown
         is written by a background thread. On PostgreSQL the store hooks are a network round
-        trip. ``byok_validate_key`` calls the provider; the data-key hooks call the KMS, unless
-        the local keyring wraps the data keys."""
+        trip, except resolution and its audit events while the resolver is served from memory
+        (:attr:`~byok_plugin.resolution.Resolver.served_from_memory`: its key-change listener is
+        connected; declared blocking again the moment it is not): its lists come from memory, a
+        miss is one indexed read, and on an event loop its audit and cooldown writes go to the
+        background writer. ``byok_validate_key`` calls the provider; the data-key hooks call the
+        KMS, unless the local keyring wraps the data keys."""
         try:
             local = self.app.store_is_local
             local_keys = self.app.settings.key_provider == "local"
+            resolver = self.app.__dict__.get("resolver")  # built by byok_prepare, not here
+            from_memory = resolver is not None and resolver.served_from_memory
         except Exception:  # a configuration error: the hooks will report it, not this hint
-            local = local_keys = False
+            local = local_keys = from_memory = False
         hooks = _IN_MEMORY_HOOKS
-        if local:
-            store_hooks = _STORE_HOOKS
+        if local or from_memory:
+            store_hooks = _STORE_HOOKS if local else _MEMORY_RESOLUTION_HOOKS
             if self.app.settings.key_wait_seconds > 0:  # resolution may wait for a cooling key
                 store_hooks = store_hooks - {"byok_resolve_credential"}
             hooks = hooks | store_hooks
@@ -273,6 +283,12 @@ class DefaultPlugin:
         )
         # The audit table. An audit hook runs after the change it records: failing here would
         # report an error for a change that did happen, so a store failure is logged loudly.
+        if called_inline() and not self.app.store_is_local:  # on an event loop: no round trip
+            self.app.background_writes.submit(
+                lambda: self.app.audit_store.record(event),
+                f"audit event {event.action} of workspace {event.workspace_id}",
+            )
+            return
         try:
             self.app.audit_store.record(event)
         except Exception as exc:

@@ -45,7 +45,10 @@ included) sends ``NOTIFY byok_keys`` with its commit and each worker listens
 (:mod:`byok_plugin.key_listener`): the entry goes as the change commits, lists are kept 60 s
 meanwhile, and the interval is the safety net while the listening connection is down. Which
 organization pool a workspace uses (if any) is kept as long, and dropped at once on this
-process's ``org.*`` events or on a notification. ``last_used_at`` is written in batches, at most every 30 s, off
+process's ``org.*`` events or on a notification; while listening, so is the fallback policy
+(:attr:`Resolver.served_from_memory`). Then, called on an event loop, resolution sends no
+statement on a warm list: its cooldown and audit writes go to the background writer, and a miss is
+one indexed read. ``last_used_at`` is written in batches, at most every 30 s, off
 the calling thread. ``0`` turns the cache off.
 """
 
@@ -88,7 +91,7 @@ from byok_plugin.platform_keys import PlatformKeyPool, mask_key
 from byok_plugin.store.engine import retry_deadlocks, write_transaction
 from byok_plugin.store.keys_repo import StoredKey
 from byok_plugin.store.tables import workspace_keys
-from byok_plugin.workspace_settings import WorkspaceSettingsStore
+from byok_plugin.workspace_settings import FallbackPolicy, WorkspaceSettingsStore
 
 __all__ = ["KeyListCache", "Resolver"]
 
@@ -311,6 +314,10 @@ class Resolver:
         :param platform_cooldowns: where platform-key cooldowns are shared with other workers
             (read at most once per ``cache_seconds`` per provider); per process without it."""
         self._background = background
+        # a store across the network: on an event loop's thread, writes go to ``background``
+        self._remote = engine.dialect.name == "postgresql"
+        # workspace id -> (monotonic expiry, fallback policy): kept only while listening
+        self._policies: dict[str, tuple[float, FallbackPolicy]] = {}
         self._shared_cooldowns = platform_cooldowns
         # provider -> when this worker last read the shared platform-key cooldowns
         self._cooldowns_read: dict[str, float] = {}
@@ -344,6 +351,28 @@ class Resolver:
 
     def __repr__(self) -> str:
         return f"Resolver(cached={len(self.cache)})"
+
+    @property
+    def served_from_memory(self) -> bool:
+        """Whether every change to what resolution serves reaches this worker as it commits (on
+        PostgreSQL, the listener is connected) with the cache on: then a call finds its lists,
+        pool membership and fallback policy in memory, and its audit events and cooldowns are
+        written by the background writer when it is called on an event loop. A miss (the first
+        call of a (workspace, provider) after a change, or in 60 s) is one indexed read.
+        ``False`` on SQLite (whose reads are local anyway) and while the listener is down."""
+        listener = self._listener
+        return (
+            self._remote
+            and listener is not None
+            and listener.is_listening
+            and self.cache.listening
+            and self.cache.ttl > 0
+        )
+
+    def _writes_off_loop(self) -> bool:
+        """Whether a write must be handed to the background writer: called on an event loop's
+        thread with the store across the network."""
+        return self._remote and self._background is not None and called_inline()
 
     # --- the entry point ------------------------------------------------------------------
 
@@ -554,6 +583,24 @@ class Resolver:
                 self._pools[workspace_id] = (tick + ttl, owner)
         return owner
 
+    def _fallback_policy(self, workspace_id: str) -> FallbackPolicy:
+        """The workspace's fallback policy: read each time, except while every change to it is
+        announced (:attr:`served_from_memory`), when it is kept as long as a key list."""
+        if not self.served_from_memory:
+            return self._settings.fallback_policy(workspace_id)
+        tick = self._monotonic()
+        cached = self._policies.get(workspace_id)
+        if cached is not None and cached[0] > tick:
+            return cached[1]
+        generation = self.cache.generation
+        policy = self._settings.fallback_policy(workspace_id)
+        with self._pools_lock:
+            if generation == self.cache.generation:
+                if len(self._policies) > 100_000:
+                    self._policies.clear()
+                self._policies[workspace_id] = (tick + self.cache.listening_ttl, policy)
+        return policy
+
     def _organization_keys(self, request: CredentialRequest) -> tuple[StoredKey, ...]:
         owner = self._pool_owner(request.workspace_id)
         return self.enabled_keys(owner, request.provider) if owner is not None else ()
@@ -589,7 +636,7 @@ class Resolver:
         now = self._clock()
         if failed is not None and (
             _refused(failure.reason)
-            or self._settings.fallback_policy(request.workspace_id).allows(failure.reason)
+            or self._fallback_policy(request.workspace_id).allows(failure.reason)
         ):
             self._cool_down(request, failed, failure.reason, now, pm)
         usable = [
@@ -641,7 +688,7 @@ class Resolver:
         cooling: Sequence[StoredKey] = (),
         now: datetime | None = None,
     ) -> Credential:
-        policy = self._settings.fallback_policy(request.workspace_id)
+        policy = self._fallback_policy(request.workspace_id)
         ws, provider = request.workspace_id, request.provider
         if not policy.allows(reason):
             if cooling:
@@ -763,6 +810,7 @@ class Resolver:
         self.cache.invalidate(workspace_id, provider)
         with self._pools_lock:
             self._pools.pop(workspace_id, None)
+            self._policies.pop(workspace_id, None)
 
     def _set_listening(self, listening: bool) -> None:
         """The listener connected or lost its connection: drop every list and every pool
@@ -770,6 +818,7 @@ class Resolver:
         self.cache.set_listening(listening)
         with self._pools_lock:
             self._pools.clear()
+            self._policies.clear()
 
     def close(self) -> None:
         """Write the pending last-used times, drop the cached keys (and the plaintexts decrypted
@@ -823,29 +872,40 @@ class Resolver:
         pm: HookCaller,
     ) -> None:
         until = now + self._cooldown_for(request)
-        try:  # stored: every worker skips it, and knows why
-            self._keys.cool_down(key.id, until, reason)
-        except StoreUnavailable as exc:
-            if self._background is None or not self._background.takes(exc):
-                raise
-            # locked by another writer: written off the event loop once it is free; until then
-            # this worker applies it from memory, so it does not serve the refused key again
-            with self._pending_lock:
-                self._pending_cooldowns[key.id] = _PendingCooldown(
-                    key.workspace_id, key.provider, until, reason
-                )
-            self._background.submit(
-                functools.partial(self._write_cooldown, key, until, reason),
-                f"the cooldown of {request.provider} key {key.id} of workspace "
-                f"{request.workspace_id!r}",
-            )
-        self.cache.invalidate(key.workspace_id, request.provider)
+        if self._writes_off_loop():  # PostgreSQL, on the event loop: no round trip here
+            # applied from memory over the cached list until written (then announced)
+            self._defer_cooldown(request, key, until, reason)
+        else:
+            try:  # stored: every worker skips it, and knows why
+                self._keys.cool_down(key.id, until, reason)
+            except StoreUnavailable as exc:
+                if self._background is None or not self._background.takes(exc):
+                    raise
+                # locked by another writer: written off the event loop once it is free
+                self._defer_cooldown(request, key, until, reason)
+            self.cache.invalidate(key.workspace_id, request.provider)
         self._audit(
             pm,
             request,
             "key.cooldown",
             key_id=key.id,
             detail=f"{self._why(request)}; skipped until {until:%Y-%m-%d %H:%M:%S} UTC",
+        )
+
+    def _defer_cooldown(
+        self, request: CredentialRequest, key: StoredKey, until: datetime, reason: FailureReason
+    ) -> None:
+        """Have the background writer store the cooldown; until then this worker applies it from
+        memory, so it does not serve the refused key again."""
+        assert self._background is not None
+        with self._pending_lock:
+            self._pending_cooldowns[key.id] = _PendingCooldown(
+                key.workspace_id, key.provider, until, reason
+            )
+        self._background.submit(
+            functools.partial(self._write_cooldown, key, until, reason),
+            f"the cooldown of {request.provider} key {key.id} of workspace "
+            f"{request.workspace_id!r}",
         )
 
     def _share_platform_cooldown(self, provider: str, key_id: str, reason: FailureReason) -> None:
@@ -859,6 +919,10 @@ class Resolver:
         def write() -> None:
             shared.cool_down(provider, key_id, until, reason.value)
 
+        if self._writes_off_loop():
+            assert self._background is not None
+            self._background.submit(write, f"the cooldown of platform key {key_id}")
+            return
         try:
             write()
         except StoreUnavailable as exc:
@@ -876,6 +940,17 @@ class Resolver:
         if now - self._cooldowns_read.get(provider, float("-inf")) < self.cache.ttl:
             return
         self._cooldowns_read[provider] = now
+        if self._writes_off_loop():  # read by the background thread: applied once it is in
+            assert self._background is not None
+            self._background.submit(
+                functools.partial(self._apply_platform_cooldowns, provider),
+                f"reading the shared {provider} platform key cooldowns",
+            )
+            return
+        self._apply_platform_cooldowns(provider)
+
+    def _apply_platform_cooldowns(self, provider: str) -> None:
+        assert self._shared_cooldowns is not None
         wall = self._clock()
         try:
             active = self._shared_cooldowns.active(provider, wall)
@@ -930,6 +1005,7 @@ class Resolver:
         self.cache.invalidate(workspace_id, provider)
         with self._pools_lock:
             self._pools.pop(workspace_id, None)
+            self._policies.pop(workspace_id, None)
         if not state_changed:
             return
         with self._pending_lock:

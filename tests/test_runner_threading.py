@@ -87,6 +87,14 @@ class ThreadSpy:
         self.saw("byok_record_usage")
 
 
+class AuditSpy(ThreadSpy):
+    """A :class:`ThreadSpy` that also implements ``byok_audit`` (a hook resolution asks)."""
+
+    @hookimpl
+    def byok_audit(self, event: AuditEvent) -> None:
+        self.saw("byok_audit")
+
+
 class Answers(ThreadSpy):
     """A whole stand-in for the run hooks: the emulator key as a workspace key, charged 0."""
 
@@ -250,9 +258,21 @@ def test_one_undeclared_plugin_sends_every_hook_to_a_thread(
     emulator: EmulatorServer, key: str
 ) -> None:
     answers = Answers(key, declared=frozenset(RUN_HOOKS))
-    exporter = ThreadSpy()  # a metering export that may block, beside a declared plugin
+    exporter = AuditSpy()  # an audit export that may block, beside a declared plugin
     loop_thread = run_once(new_manager(answers, exporter), emulator.environ())
     assert loop_thread not in answers.threads["byok_resolve_credential"]
+    assert loop_thread not in answers.threads["byok_record_usage"]
+
+
+def test_an_undeclared_recording_plugin_leaves_a_declared_resolution_on_the_loop(
+    emulator: EmulatorServer, key: str
+) -> None:
+    """Resolution goes to a thread only when one of :data:`RESOLVE_HOOKS` may block (issue 18:
+    PostgreSQL's recording blocks while its resolution is served from memory)."""
+    answers = Answers(key, declared=frozenset(RUN_HOOKS))
+    exporter = ThreadSpy()  # a metering export that may block, beside a declared plugin
+    loop_thread = run_once(new_manager(answers, exporter), emulator.environ())
+    assert answers.threads["byok_resolve_credential"] == {loop_thread}
     assert loop_thread not in exporter.threads["byok_record_usage"]
 
 

@@ -43,7 +43,9 @@ The hooks are synchronous and may wait on a database or a remote service, so by 
 in a worker thread and never stall the event loop, unless every implementation of the hooks a call
 goes through declares that it never waits on the network (:mod:`byok_hookspecs.blocking`): then
 they are called inline, which saves two thread switches per call. byok-plugin's own
-implementations declare it on a local SQLite store, not on PostgreSQL.
+implementations declare it on a local SQLite store, not on PostgreSQL, except resolution (and its
+audit events) while its key-change listener is connected. Resolution is asked on the loop whenever
+the hooks it goes through (:data:`RESOLVE_HOOKS`) are declared, even when recording is not.
 ``RunnerOptions.hooks_in_thread`` forces either way (see ``benchmarks/bench_runner.py``).
 """
 
@@ -184,6 +186,9 @@ RUN_HOOKS = (
     "byok_reserve_budget",
     "byok_settle_budget",
 )
+#: the hooks a resolution goes through: called on the event loop when they declare they never
+#: block, even when recording blocks (PostgreSQL, with the resolver served from memory)
+RESOLVE_HOOKS = RUN_HOOKS[:6]
 #: a completed call waiting to be charged and recorded: (usage, credential, make_record, and
 #: what makes its budget settlement of the charge, when it holds one)
 _Settling = tuple[
@@ -1151,10 +1156,7 @@ class WorkflowRunner:
                     retry_after=exc.retry_after if isinstance(exc, RateLimitError) else None,
                 )
                 try:
-                    following = await self._hook(
-                        self.pm.hook.byok_resolve_credential,
-                        request=replace(request, failure=failure),
-                    )
+                    following = await self._resolve_hook(replace(request, failure=failure))
                 except ByokError as policy:
                     if failure.reason is FailureReason.ERROR:
                         # no fallback: the provider's own (transient) error stands, and the
@@ -1351,7 +1353,7 @@ class WorkflowRunner:
         if held and self.hooks_in_thread():
             credential = await self._hook(self._resolve_and_reserve, request, budget)
         else:
-            credential = await self._hook(self.pm.hook.byok_resolve_credential, request=request)
+            credential = await self._resolve_hook(request)
             if held and credential is not None and credential.provider == request.provider:
                 assert budget is not None
                 await self._reserve(credential, budget)
@@ -1401,6 +1403,22 @@ class WorkflowRunner:
                 block_id=budget.block_id,
             )
         )
+
+    async def _resolve_hook(self, request: CredentialRequest) -> Credential | None:
+        """``byok_resolve_credential``: on the event loop when :data:`RESOLVE_HOOKS` do not block
+        (asked at each call: a declaration may change, as the default plugin's does when its
+        PostgreSQL listener connects or drops), else as :meth:`_hook` decides."""
+        if (
+            self.hooks_in_thread()
+            and self.options.hooks_in_thread is None
+            and not blocking_implementations(self.pm, RESOLVE_HOOKS)
+        ):
+            with calling_inline():
+                credential: Credential | None = self.pm.hook.byok_resolve_credential(
+                    request=request
+                )
+                return credential
+        return await self._hook(self.pm.hook.byok_resolve_credential, request=request)
 
     async def _reserve(self, credential: Credential, budget: _Budget) -> None:
         """:meth:`_reserve_now`; on the event loop, a failure other than a refusal (a SQLite
