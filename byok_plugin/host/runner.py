@@ -188,7 +188,14 @@ RUN_HOOKS = (
 )
 #: the hooks a resolution goes through: called on the event loop when they declare they never
 #: block, even when recording blocks (PostgreSQL, with the resolver served from memory)
-RESOLVE_HOOKS = RUN_HOOKS[:6]
+RESOLVE_HOOKS = (
+    "byok_resolve_credential",
+    "byok_unwrap_data_key",
+    "byok_is_hosted",
+    "byok_platform_key",
+    "byok_authorize",
+    "byok_audit",
+)
 #: a completed call waiting to be charged and recorded: (usage, credential, make_record, and
 #: what makes its budget settlement of the charge, when it holds one)
 _Settling = tuple[
