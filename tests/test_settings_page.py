@@ -831,7 +831,7 @@ def test_an_admin_picks_the_usage_period_and_the_chart_follows(
     period.focus()
     expect(period).to_be_focused()
     page.emulate_media(color_scheme="dark")
-    assert_readable(page, "#usage-section h2, .usage-period label")
+    assert_readable(page, "#usage-section h2, .usage-period label, .usage-period select")
     tab.shot("usage-90-days-390px-dark")
     page.emulate_media(color_scheme="light")
     assert tab.errors == []
@@ -865,6 +865,10 @@ def test_an_admin_reads_older_audit_events_page_by_page(
     expect(rows.first.locator(".audit-detail")).to_have_text("event 229")
     expect(section.locator("#audit-count")).to_have_text("The latest 100 events shown.")
     older = section.get_by_role("button", name="Show older events")
+    assert_readable(page, "#audit-count, #audit-older")
+    page.emulate_media(color_scheme="dark")
+    assert_readable(page, "#audit-count, #audit-older")
+    page.emulate_media(color_scheme="light")
     older.click()
     expect(rows).to_have_count(200)
     # the next page continues where the first one stopped, newest first
