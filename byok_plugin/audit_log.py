@@ -23,16 +23,21 @@ from byok_plugin.store.audit_repo import AuditStore
 __all__ = [
     "ALL_WORKSPACES",
     "DEFAULT_LIMIT",
+    "MAX_CURSOR",
     "MAX_LIMIT",
+    "AuditPage",
     "AuditQuery",
     "event_json",
     "read_audit_log",
+    "read_audit_page",
 ]
 
 #: how many events a reader gets unless it asks for another number
 DEFAULT_LIMIT = 100
 #: the most events one read returns
 MAX_LIMIT = 1000
+#: the largest ``before`` cursor (the audit table's ids are 64-bit)
+MAX_CURSOR = 2**63 - 1
 #: the workspace id a refusal to read every workspace's log is recorded under
 ALL_WORKSPACES = "*"
 
@@ -44,11 +49,13 @@ class AuditQuery:
     :param workspace_id: one workspace's events; ``None`` for every workspace's (operators only).
     :param since: only events at or after this timezone-aware time.
     :param limit: at most this many, newest first (1 to :data:`MAX_LIMIT`).
+    :param before: the cursor of an older page, as :class:`AuditPage` gave it.
     """
 
     workspace_id: str | None = None
     since: datetime | None = None
     limit: int = DEFAULT_LIMIT
+    before: int | None = None
 
     def __post_init__(self) -> None:
         if self.workspace_id is not None:
@@ -59,12 +66,36 @@ class AuditQuery:
             raise InvalidInput("the limit must be a whole number")
         if not 1 <= self.limit <= MAX_LIMIT:
             raise InvalidInput(f"the limit must be between 1 and {MAX_LIMIT}, not {self.limit}")
+        if self.before is not None and (
+            isinstance(self.before, bool)
+            or not isinstance(self.before, int)
+            or not 1 <= self.before <= MAX_CURSOR
+        ):
+            raise InvalidInput(f"the before cursor must be a whole number from 1 to {MAX_CURSOR}")
+
+
+@dataclass(frozen=True, slots=True)
+class AuditPage:
+    """Events newest first, and ``older``: the cursor of the next, older page (``None`` when
+    there is none), to pass as :attr:`AuditQuery.before`."""
+
+    events: list[AuditEvent]
+    older: int | None
 
 
 def read_audit_log(
     pm: pluggy.PluginManager, store: AuditStore, actor: Actor, query: AuditQuery
 ) -> list[AuditEvent]:
-    """The events ``query`` asks for, newest first, if ``actor`` may read them.
+    """The events ``query`` asks for, newest first, if ``actor`` may read them (see
+    :func:`read_audit_page`)."""
+    return read_audit_page(pm, store, actor, query).events
+
+
+def read_audit_page(
+    pm: pluggy.PluginManager, store: AuditStore, actor: Actor, query: AuditQuery
+) -> AuditPage:
+    """The events ``query`` asks for, newest first, and the cursor of the older ones, if
+    ``actor`` may read them.
 
     :raises NotAuthorized: when the actor is not an admin of the workspace nor an operator (or,
         for every workspace, not an operator); the refusal is audited.
@@ -89,7 +120,8 @@ def read_audit_log(
             )
         )
         raise NotAuthorized(actor.id, denied_in, "read the audit log")
-    return store.events(workspace, since=query.since, limit=query.limit)
+    events, older = store.page(workspace, since=query.since, before=query.before, limit=query.limit)
+    return AuditPage(events, older)
 
 
 def event_json(event: AuditEvent) -> dict[str, Any]:

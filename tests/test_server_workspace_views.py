@@ -220,3 +220,50 @@ async def test_a_bad_fallback_body_is_refused_and_nothing_changes(
     assert answer.status_code == 422, answer.text
     assert answer.json()["error"]["code"] == "validation_error"
     assert stack.app.workspace_settings.get("acme").updated_at is None
+
+
+async def test_usage_of_this_month_starts_on_its_first_day(
+    client: httpx.AsyncClient, stack: Stack
+) -> None:
+    from dataclasses import replace
+
+    now = datetime.now(UTC)
+    month_start = datetime(now.year, now.month, 1, tzinfo=UTC)
+    ledger = stack.app.ledger
+    first = call(1, days_ago=0, source=OWN, list_cost="0.10", key_id="key_own")
+    ledger.record(replace(first, occurred_at=month_start + timedelta(seconds=1)))
+    before = call(2, days_ago=0, source=PLATFORM, list_cost="5", charged="5")
+    ledger.record(replace(before, occurred_at=month_start - timedelta(seconds=1)))
+
+    answer = await client.get(USAGE, params={"period": "month"}, headers=AS_MEMBER)
+    assert answer.status_code == 200, answer.text
+    usage = answer.json()
+    assert usage["since"] == month_start.date().isoformat()
+    assert usage["days"] == now.day == len(usage["by_day"])
+    assert usage["by_day"][0]["day"] == month_start.date().isoformat()
+    assert usage["by_day"][-1]["day"] == now.date().isoformat()
+    assert usage["totals"]["calls"] == 1
+    assert Decimal(usage["totals"]["byok_cost"]) == Decimal("0.10")
+    # the same days asked for as a number give the same answer
+    same = (await client.get(USAGE, params={"days": str(now.day)}, headers=AS_MEMBER)).json()
+    assert same == usage
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"period": "week"}, "period must be month (or ask for days=N)"),
+        ({"period": ""}, "period must be month (or ask for days=N)"),
+        ({"period": "month", "days": "7"}, "ask for days=N or period=month, not both"),
+    ],
+)
+async def test_usage_names_a_bad_period(
+    client: httpx.AsyncClient, params: dict[str, str], message: str
+) -> None:
+    answer = await client.get(USAGE, params=params, headers=AS_ADMIN)
+    assert answer.status_code == 422
+    assert answer.json()["error"] == {
+        "code": "validation_error",
+        "message": message,
+        "field": "period",
+    }

@@ -776,3 +776,119 @@ def test_page_errors_are_in_the_pages_words_not_the_command_lines(
     assert "--no-test" not in error.inner_text()
     tab.shot("words")
     assert tab.errors == []
+
+
+def test_an_admin_picks_the_usage_period_and_the_chart_follows(
+    browser, tabs: list[Page], base_url: str, stack: Stack
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from playwright.sync_api import expect
+
+    days_ago = [0, 3, 20, 60, 200]
+    for n, ago in enumerate(days_ago):
+        stack.app.ledger.record(_ledger_call(n, ago, own=n % 2 == 0, cost="1"))
+    today = datetime.now(UTC).date()
+    this_month = sum(
+        1
+        for ago in days_ago
+        if (today - timedelta(days=ago)).month == today.month
+        and (today - timedelta(days=ago)).year == today.year
+    )
+
+    tab = open_page(browser, tabs, base_url, ADMIN_TOKEN, "admin-usage-period")
+    page = tab.page
+    chart = page.locator("#usage-chart svg")
+    expect(page.get_by_role("region", name="Usage, last 30 days")).to_be_visible()
+    expect(chart.locator("g.bar")).to_have_count(30)
+    expect(page.locator("#usage-share")).to_have_text("2 of 3")
+
+    period = page.get_by_label("Period")
+    period.select_option(label="Last 7 days")
+    expect(page.get_by_role("region", name="Usage, last 7 days")).to_be_visible()
+    expect(chart.locator("g.bar")).to_have_count(7)
+    expect(page.locator("#usage-share")).to_have_text("1 of 2")
+
+    period.select_option(label="Last 90 days")
+    expect(page.get_by_role("region", name="Usage, last 90 days")).to_be_visible()
+    expect(chart.locator("g.bar")).to_have_count(90)
+    expect(page.locator("#usage-share")).to_have_text("2 of 4")
+    tab.shot("usage-90-days")
+
+    period.select_option(label="This month")
+    expect(page.get_by_role("region", name="Usage, this month")).to_be_visible()
+    expect(chart.locator("g.bar")).to_have_count(today.day)
+    expect(page.locator("#usage-share")).to_contain_text(f"of {this_month}")
+    expect(chart.locator("g.bar").first).to_have_attribute(
+        "data-day", today.replace(day=1).isoformat()
+    )
+
+    # on a phone, 90 days still fit, and the choice is a keyboard-reachable control
+    page.set_viewport_size({"width": 390, "height": 844})
+    period.select_option(label="Last 90 days")
+    expect(chart.locator("g.bar")).to_have_count(90)
+    assert_fits_width(page)
+    period.focus()
+    expect(period).to_be_focused()
+    page.emulate_media(color_scheme="dark")
+    assert_readable(page, "#usage-section h2, .usage-period label, .usage-period select")
+    tab.shot("usage-90-days-390px-dark")
+    page.emulate_media(color_scheme="light")
+    assert tab.errors == []
+
+
+def test_an_admin_reads_older_audit_events_page_by_page(
+    browser, tabs: list[Page], base_url: str, stack: Stack
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from byok_hookspecs import AuditEvent
+    from playwright.sync_api import expect
+
+    start = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)
+    for n in range(230):
+        stack.app.audit_store.record(
+            AuditEvent(
+                action="key.tested",
+                workspace_id="acme",
+                actor_id="alice",
+                detail=f"event {n}",
+                occurred_at=start + timedelta(minutes=n),
+            )
+        )
+
+    tab = open_page(browser, tabs, base_url, ADMIN_TOKEN, "admin-audit-pages")
+    page = tab.page
+    section = page.get_by_role("region", name="Audit log")
+    rows = section.locator("tbody tr")
+    expect(rows).to_have_count(100)
+    expect(rows.first.locator(".audit-detail")).to_have_text("event 229")
+    expect(section.locator("#audit-count")).to_have_text("The latest 100 events shown.")
+    older = section.get_by_role("button", name="Show older events")
+    assert_readable(page, "#audit-count, #audit-older")
+    page.emulate_media(color_scheme="dark")
+    assert_readable(page, "#audit-count, #audit-older")
+    page.emulate_media(color_scheme="light")
+    older.click()
+    expect(rows).to_have_count(200)
+    # the next page continues where the first one stopped, newest first
+    expect(rows.nth(99).locator(".audit-detail")).to_have_text("event 130")
+    expect(rows.nth(100).locator(".audit-detail")).to_have_text("event 129")
+    expect(older).to_be_focused()
+    older.press("Enter")
+    expect(rows).to_have_count(230)
+    expect(rows.last.locator(".audit-detail")).to_have_text("event 0")
+    expect(older).to_be_hidden()
+    expect(section.locator("#audit-count")).to_have_text("All 230 events shown.")
+    expect(page.locator("#audit-scroll")).to_be_focused()
+    tab.shot("audit-all-pages")
+
+    # a change on the page shows the newest page again
+    stack.app.key_service(stack.pm).set_key(
+        ADMIN, "acme", "openai", random_key("openai"), label="default", test=False
+    )
+    page.reload()
+    expect(rows).to_have_count(100)
+    expect(rows.first.locator(".audit-what")).to_have_text("Key added")
+    expect(older).to_be_visible()
+    assert tab.errors == []

@@ -469,10 +469,26 @@ def _query_limit(request: Request) -> int:
     return int(text)
 
 
+def _query_before(request: Request) -> int | None:
+    """The ``before`` query parameter: the cursor of an older page, as ``older`` gave it."""
+    from byok_plugin.audit_log import MAX_CURSOR
+
+    text = request.query_params.get("before")
+    if text is None:
+        return None
+    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= MAX_CURSOR:
+        raise ApiError(
+            ErrorCode.VALIDATION_ERROR,
+            "before must be the older cursor of a previous page (a whole number)",
+            "before",
+        )
+    return int(text)
+
+
 async def read_audit(api: Api, request: Request) -> Response:
     """``GET .../byok-audit``: the workspace's audit log, newest first, for its admins and
-    operators (a refusal is audited)."""
-    from byok_plugin.audit_log import AuditQuery, event_json, read_audit_log
+    operators (a refusal is audited); ``older`` is the cursor of the next page (``before=``)."""
+    from byok_plugin.audit_log import AuditQuery, event_json, read_audit_page
 
     actor = await api.actor(request)
     workspace_id = request.path_params["workspace_id"]
@@ -481,12 +497,19 @@ async def read_audit(api: Api, request: Request) -> Response:
     except InvalidInput as exc:
         raise ApiError(ErrorCode.VALIDATION_ERROR, str(exc), "workspace_id") from None
     query = AuditQuery(
-        workspace_id=workspace_id, since=_query_since(request), limit=_query_limit(request)
+        workspace_id=workspace_id,
+        since=_query_since(request),
+        limit=_query_limit(request),
+        before=_query_before(request),
     )
 
     def work() -> dict[str, Any]:
-        events = read_audit_log(api.pm, api.app.audit_store, actor, query)
-        return {"workspace_id": workspace_id, "events": [event_json(e) for e in events]}
+        page = read_audit_page(api.pm, api.app.audit_store, actor, query)
+        return {
+            "workspace_id": workspace_id,
+            "events": [event_json(e) for e in page.events],
+            "older": page.older,
+        }
 
     return ok(await run_in_threadpool(work))
 

@@ -121,6 +121,24 @@ def _query_days(request: Request) -> int:
     return int(text)
 
 
+def _query_period(request: Request, today: date) -> tuple[date, int]:
+    """The first day and the number of days the usage request asks for: ``days=N`` (the last N
+    days, today included; 30 by default) or ``period=month`` (this calendar month, in UTC)."""
+    period = request.query_params.get("period")
+    if period is None:
+        days = _query_days(request)
+        return today - timedelta(days=days - 1), days
+    if period != "month":
+        raise ApiError(
+            ErrorCode.VALIDATION_ERROR, "period must be month (or ask for days=N)", "period"
+        )
+    if "days" in request.query_params:
+        raise ApiError(
+            ErrorCode.VALIDATION_ERROR, "ask for days=N or period=month, not both", "period"
+        )
+    return today.replace(day=1), today.day
+
+
 class WorkspaceViews:
     """The usage and fallback routes."""
 
@@ -155,17 +173,16 @@ class WorkspaceViews:
             raise ApiError(ErrorCode.VALIDATION_ERROR, str(exc), "workspace_id") from None
 
     async def usage(self, request: Request) -> Response:
-        """``GET .../byok-usage?days=N``: the last N days (UTC, today included)."""
+        """``GET .../byok-usage?days=N``: the last N days (UTC, today included); or
+        ``?period=month``: this month (UTC) so far."""
         from byok_plugin.server.routes import ok
 
         actor = await self.api.actor(request)
         workspace_id = self._workspace(request)
-        days = _query_days(request)
+        first_day, days = _query_period(request, datetime.now(UTC).date())
 
         def work() -> dict[str, Any]:
             self._authorize(actor, workspace_id, Action.READ_USAGE, "usage")
-            today = datetime.now(UTC).date()
-            first_day = today - timedelta(days=days - 1)
             since = datetime.combine(first_day, time.min, tzinfo=UTC)
             rows = self.api.app.ledger.rows(workspaces=[workspace_id], since=since)
             return {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 from byok_hookspecs import AuditEvent
@@ -70,16 +71,54 @@ class AuditStore:
         )
         with store_errors("reading audit events"), self._engine.connect() as conn:
             rows = conn.execute(query).all()
-        return [
-            AuditEvent(
-                action=row.action,
-                workspace_id=row.workspace_id,
-                actor_id=row.actor_id,
-                outcome=row.outcome,
-                provider=row.provider,
-                key_id=row.key_id,
-                detail=row.detail,
-                occurred_at=row.occurred_at,
+        return [_event(row) for row in rows]
+
+    def page(
+        self,
+        workspace_id: str | None = None,
+        *,
+        since: datetime | None = None,
+        before: int | None = None,
+        limit: int = 1000,
+    ) -> tuple[list[AuditEvent], int | None]:
+        """One page of the newest events first, in the order of :meth:`events`, and the cursor
+        of the next (older) page: pass it back as ``before``; ``None`` when there is no more.
+
+        :param before: a cursor a previous page returned: only the events after it in this
+            order (older, or as old and written before it). An unknown cursor gives no events.
+        """
+        if since is not None and since.tzinfo is None:
+            raise ValueError("since must be timezone-aware")
+        table = audit_events
+        query = sa.select(table)
+        if workspace_id is not None:
+            query = query.where(table.c.workspace_id == workspace_id)
+        if since is not None:
+            query = query.where(table.c.occurred_at >= since)
+        if before is not None:
+            at = sa.select(table.c.occurred_at).where(table.c.id == before).scalar_subquery()
+            query = query.where(
+                sa.or_(
+                    table.c.occurred_at < at,
+                    sa.and_(table.c.occurred_at == at, table.c.id < before),
+                )
             )
-            for row in rows
-        ]
+        # one more than asked for, to know whether an older page exists
+        query = query.order_by(table.c.occurred_at.desc(), table.c.id.desc()).limit(limit + 1)
+        with store_errors("reading audit events"), self._engine.connect() as conn:
+            rows = conn.execute(query).all()
+        older = rows[limit - 1].id if len(rows) > limit else None
+        return [_event(row) for row in rows[:limit]], older
+
+
+def _event(row: sa.Row[Any]) -> AuditEvent:
+    return AuditEvent(
+        action=row.action,
+        workspace_id=row.workspace_id,
+        actor_id=row.actor_id,
+        outcome=row.outcome,
+        provider=row.provider,
+        key_id=row.key_id,
+        detail=row.detail,
+        occurred_at=row.occurred_at,
+    )

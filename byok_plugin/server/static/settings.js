@@ -477,11 +477,27 @@
     $(target).replaceChildren(...items.map((item) => cells(document.createElement("tr"), columns(item))));
   }
 
+  // the period the usage section shows: a query of the usage route, and the heading's words
+  const USAGE_PERIODS = {
+    "days=7": "last 7 days",
+    "days=30": "last 30 days",
+    "days=90": "last 90 days",
+    "period=month": "this month",
+  };
+  let usageRequest = 0; // only the answer to the latest choice is shown
+
   async function loadUsage() {
     $("#usage-section").hidden = false;
+    const period = USAGE_PERIODS[$("#usage-period").value] ? $("#usage-period").value : "days=30";
+    const request = ++usageRequest;
+    $("#usage-title").textContent = `Usage, ${USAGE_PERIODS[period]}`;
+    $("#usage-section").setAttribute("aria-busy", "true");
     try {
-      const data = await api("GET", `workspaces/${encodeURIComponent(workspaceId)}/byok-usage?days=30`);
+      const data = await api("GET", `workspaces/${encodeURIComponent(workspaceId)}/byok-usage?${period}`);
+      if (request !== usageRequest) return;
       $("#usage-error").hidden = true;
+      $("#usage-figures").hidden = false;
+      $("#usage-chart-figure").hidden = false;
       $("#usage-currency").textContent = data.currency;
       const t = data.totals;
       $("#usage-byok").textContent = money(t.byok_cost);
@@ -498,12 +514,16 @@
       $("#usage-empty").hidden = t.calls > 0;
       for (const id of ["#usage-models-table", "#usage-blocks-table"]) $(id).hidden = t.calls === 0;
     } catch (err) {
+      if (request !== usageRequest) return;
       $("#usage-error").textContent = describe(err);
       $("#usage-error").hidden = false;
       $("#usage-figures").hidden = true;
       $("#usage-chart-figure").hidden = true;
+    } finally {
+      if (request === usageRequest) $("#usage-section").removeAttribute("aria-busy");
     }
   }
+  $("#usage-period").addEventListener("change", () => loadUsage());
 
   // ---- fallback policy (members read, admins change) ---------------------------------------
 
@@ -624,19 +644,60 @@
 
   const sameSet = (a, b) => a.size === b.size && [...a].every((x) => b.has(x));
 
+  // the audit log pages: 100 events at a time, "Show older events" appends the next page
+  const AUDIT_PAGE = 100;
+  let auditOlder = null; // the cursor of the next, older page; null when there is none
+  const auditPath = (before) => `workspaces/${encodeURIComponent(workspaceId)}/byok-audit` +
+    `?limit=${AUDIT_PAGE}` + (before === null ? "" : `&before=${encodeURIComponent(before)}`);
+
+  function showAuditMore(older, counted = true) {
+    auditOlder = older;
+    $("#audit-older").hidden = older === null;
+    const shown = $("#audit-rows").children.length;
+    $("#audit-count").textContent = !counted || shown === 0 ? ""
+      : older === null ? `All ${shown} events shown.` : `The latest ${shown} events shown.`;
+  }
+
+  let auditLoading = false;
+  let auditGeneration = 0; // a fresh first page makes an older page on its way stale
+  $("#audit-older").addEventListener("click", async () => {
+    const button = $("#audit-older");
+    if (auditOlder === null || auditLoading) return;
+    // not disabled while it loads: a disabled button would lose the keyboard focus
+    auditLoading = true;
+    button.setAttribute("aria-disabled", "true");
+    const generation = auditGeneration;
+    try {
+      const data = await api("GET", auditPath(auditOlder));
+      if (generation !== auditGeneration) return;
+      $("#audit-error").hidden = true;
+      $("#audit-rows").append(...data.events.map(auditRow));
+      showAuditMore(data.older);
+      // the button goes when the log's first event is shown: focus stays in the section
+      if (data.older === null) $("#audit-scroll").focus();
+    } catch (err) {
+      $("#audit-error").textContent = describe(err);
+      $("#audit-error").hidden = false;
+    } finally {
+      auditLoading = false;
+      button.removeAttribute("aria-disabled");
+    }
+  });
+
   async function loadAudit(focusSelector) {
     if (!state.canManage) {
       $("#audit-section").hidden = true;
       return;
     }
     $("#audit-section").hidden = false;
+    auditGeneration += 1;
     try {
-      const data = await api("GET",
-        `workspaces/${encodeURIComponent(workspaceId)}/byok-audit?limit=100`);
+      const data = await api("GET", auditPath(null));
       $("#audit-error").hidden = true;
       $("#audit-rows").replaceChildren(...data.events.map(auditRow));
       $("#audit-scroll").hidden = data.events.length === 0;
       $("#audit-empty").hidden = data.events.length > 0;
+      showAuditMore(data.older);
       const refused = refusedFrom(data.events);
       if (!sameSet(refused, state.refused)) {
         state.refused = refused;
@@ -646,6 +707,7 @@
       $("#audit-rows").replaceChildren();
       $("#audit-scroll").hidden = true;
       $("#audit-empty").hidden = true;
+      showAuditMore(null, false);
       $("#audit-error").textContent = describe(err);
       $("#audit-error").hidden = false;
     }
