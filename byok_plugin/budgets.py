@@ -614,6 +614,8 @@ class BudgetStore:
         ws = reservation.workspace_id
         key = reservation.idempotency_key
         now = self._clock()
+        if self._postgresql:
+            return self._reserve_postgresql(reservation, now)
         with self._reading("reading budgets", ws) as q:
             rows = q("budgets", {"b_ws": ws})
         if not rows:
@@ -693,6 +695,8 @@ class BudgetStore:
                 else 0
             ),
         }
+        if self._postgresql:
+            return self._settle_postgresql(settlement, now, spent)
         events: list[AuditEvent] = []
         with self._writing("settling budget", ws) as q:
             rows = q("held", {"b_ws": ws, "b_key": key})
@@ -729,6 +733,119 @@ class BudgetStore:
                         events.append(event)
         return True, events
 
+    @cached_property
+    def _postgresql(self) -> bool:
+        return self._engine.dialect.name == "postgresql"
+
+    def _one_statement(self, what: str, ws: str, sql: str, params: dict[str, Any]) -> list[Any]:
+        """``sql`` as one autocommitted statement: one round trip (after the pool's ping)."""
+        with (
+            store_errors(what, workspace_id=ws),
+            self._engine.connect() as conn,
+        ):
+            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+            return list(conn.exec_driver_sql(sql, params).all())
+
+    @staticmethod
+    def _period_starts(now: datetime) -> dict[str, datetime]:
+        return {"day": BudgetPeriod.DAY.start(now), "month": BudgetPeriod.MONTH.start(now)}
+
+    def _reserve_postgresql(
+        self, reservation: BudgetReservation, now: datetime
+    ) -> BudgetHold | None:
+        """:meth:`reserve` as one statement (:data:`_PG_RESERVE`)."""
+        ws = reservation.workspace_id
+        key = reservation.idempotency_key
+        expires_at = now + timedelta(seconds=reservation.hold_seconds)
+        rows = self._one_statement(
+            "reserving budget",
+            ws,
+            _PG_RESERVE,
+            {
+                "ws": ws,
+                "key": key,
+                "byok": reservation.source in _BYOK_SOURCES,
+                "key_id": reservation.key_id,
+                "workflow_id": reservation.workflow_id,
+                "need_charge": to_units(reservation.amount),
+                "need_list": to_units(reservation.list_cost),
+                "now": now,
+                "expires_at": expires_at,
+                **self._period_starts(now),
+            },
+        )
+        applicable = [r for r in rows if r.applies]
+        if not rows:
+            return None
+        if not rows[0].fresh:  # settled already (a run repeated under the same run id)
+            return BudgetHold(key, ws, (), Decimal(0), now)
+        if not rows[0].fits:
+            row = next(
+                r
+                for r in applicable
+                if r.hard and r.spent_now + r.reserved + r.need > r.limit_units
+            )
+            raise BudgetExceeded(
+                ws,
+                row.name,
+                limit=from_units(row.limit_units),
+                spent=from_units(row.spent_now),
+                reserved=from_units(row.reserved),
+                needed=from_units(row.need),
+            )
+        if not applicable:
+            return None
+        return BudgetHold(
+            key,
+            ws,
+            tuple(r.name for r in applicable),
+            from_units(max(int(r.need) for r in applicable)),
+            expires_at,
+        )
+
+    def _settle_postgresql(
+        self, settlement: BudgetSettlement, now: datetime, spent: dict[str, int]
+    ) -> tuple[bool, list[AuditEvent]]:
+        """:meth:`settle` as one statement (:data:`_PG_SETTLE`)."""
+        ws = settlement.workspace_id
+        rows = self._one_statement(
+            "settling budget",
+            ws,
+            _PG_SETTLE,
+            {
+                "ws": ws,
+                "key": settlement.idempotency_key,
+                "completed": settlement.completed,
+                "state": "settled" if settlement.completed else "expired",
+                "spent_charge": spent[BudgetMetric.CHARGE.value],
+                "spent_list": spent[BudgetMetric.LIST_COST.value],
+                "now": now,
+                **self._period_starts(now),
+            },
+        )
+        events: list[AuditEvent] = []
+        for row in rows:
+            crossed = set(parse_thresholds(row.alerted)) - set(parse_thresholds(row.was))
+            if crossed:
+                events.append(self._threshold_event(ws, row, crossed, now))
+        return bool(rows), events
+
+    @staticmethod
+    def _threshold_event(ws: str, row: Any, crossed: Iterable[int], now: datetime) -> AuditEvent:
+        kind = "hard" if row.hard else "soft"
+        return AuditEvent(
+            action="budget.threshold",
+            workspace_id=ws,
+            actor_id=None,
+            outcome="ok",
+            detail=(
+                f"{kind} budget {row.name!r} ({row.metric}) reached {max(crossed)}% of its "
+                f"limit: {from_units(int(row.spent_units))} of "
+                f"{from_units(int(row.limit_units))} USD spent"
+            ),
+            occurred_at=now,
+        )
+
     @staticmethod
     def _crossed(q: Query, ws: str, row: Any, now: datetime) -> AuditEvent | None:
         """The audit event of the thresholds this settlement crossed, marked as announced."""
@@ -741,18 +858,148 @@ class BudgetStore:
         alerted = ",".join(str(p) for p in sorted(announced | set(crossed)))
         if not q("alert", {"b_id": row.id, "b_was": row.alerted, "b_alerted": alerted}):
             return None
-        kind = "hard" if row.hard else "soft"
-        return AuditEvent(
-            action="budget.threshold",
-            workspace_id=ws,
-            actor_id=None,
-            outcome="ok",
-            detail=(
-                f"{kind} budget {row.name!r} ({row.metric}) reached {max(crossed)}% of its "
-                f"limit: {from_units(spent)} of {from_units(limit)} USD spent"
-            ),
-            occurred_at=now,
-        )
+        return BudgetStore._threshold_event(ws, row, crossed, now)
+
+
+# --- PostgreSQL: a reservation and a settlement are one statement each -------------------------
+#: A reservation on PostgreSQL, one statement: lock the budgets that apply to the call (and those
+#: a previous hold of the same call is on) in id order; expire their lapsed holds; decide whether
+#: every hard one has room (under the row locks, on the rows' latest versions); then, only if all
+#: fit and the call was not settled already, move the amounts into ``reserved`` and write the
+#: holds. A refusal changes nothing but the lapsed holds (expired and freed) and a period rollover.
+_PG_RESERVE = """
+WITH prev AS (
+  SELECT budget_id, state, amount_units FROM byok_budget_holds
+  WHERE workspace_id = %(ws)s AND idempotency_key = %(key)s
+), target AS (
+  SELECT b.id, b.name, b.hard, b.limit_units, b.spent_units, b.reserved_units, b.period_start,
+    ((b.metric = 'charge' OR %(byok)s)
+      AND (b.key_id IS NULL OR b.key_id = %(key_id)s)
+      AND (b.workflow_id IS NULL OR b.workflow_id = %(workflow_id)s)) AS applies,
+    CASE b.metric WHEN 'charge' THEN %(need_charge)s::bigint ELSE %(need_list)s::bigint END
+      AS need_if,
+    CASE b.period WHEN 'day' THEN %(day)s::timestamptz WHEN 'month' THEN %(month)s::timestamptz
+      ELSE b.period_start END AS cur_start
+  FROM byok_budgets b
+  WHERE b.workspace_id = %(ws)s AND (
+    ((b.metric = 'charge' OR %(byok)s)
+      AND (b.key_id IS NULL OR b.key_id = %(key_id)s)
+      AND (b.workflow_id IS NULL OR b.workflow_id = %(workflow_id)s))
+    OR b.id IN (SELECT budget_id FROM prev WHERE state = 'held'))
+  ORDER BY b.id
+  FOR UPDATE
+), lapsed AS (
+  UPDATE byok_budget_holds h SET state = 'expired'
+  WHERE h.workspace_id = %(ws)s AND h.state = 'held' AND h.expires_at < %(now)s
+    AND h.idempotency_key <> %(key)s AND h.budget_id IN (SELECT id FROM target)
+  RETURNING h.budget_id, h.amount_units
+), calc AS (
+  SELECT t.id, t.name, t.hard, t.applies, t.limit_units, t.period_start, t.cur_start,
+    CASE WHEN t.period_start < t.cur_start THEN 0 ELSE t.spent_units END AS spent_now,
+    t.reserved_units
+      - COALESCE((SELECT sum(l.amount_units) FROM lapsed l WHERE l.budget_id = t.id), 0)
+      AS reserved_now,
+    COALESCE((SELECT sum(p.amount_units) FROM prev p
+              WHERE p.budget_id = t.id AND p.state = 'held'), 0) AS replaced,
+    CASE WHEN t.applies THEN t.need_if ELSE 0 END AS need
+  FROM target t
+), verdict AS (
+  SELECT NOT EXISTS (SELECT 1 FROM prev WHERE state = 'settled') AS fresh,
+    COALESCE(bool_and(NOT c.hard OR NOT c.applies
+                      OR c.spent_now + c.reserved_now - c.replaced + c.need <= c.limit_units),
+             true) AS fits
+  FROM calc c
+), moved AS (
+  UPDATE byok_budgets b SET
+    spent_units = c.spent_now,
+    reserved_units = c.reserved_now
+      - CASE WHEN v.fresh AND v.fits THEN c.replaced - c.need ELSE 0 END,
+    alerted = CASE WHEN c.period_start < c.cur_start THEN '' ELSE b.alerted END,
+    period_start = greatest(c.period_start, c.cur_start)
+  FROM calc c, verdict v
+  WHERE b.id = c.id
+  RETURNING b.id
+), gone AS (
+  DELETE FROM byok_budget_holds h USING verdict v
+  WHERE h.workspace_id = %(ws)s AND h.idempotency_key = %(key)s AND v.fresh AND v.fits
+    AND h.budget_id NOT IN (SELECT id FROM calc WHERE applies)
+  RETURNING h.budget_id
+), held AS (
+  INSERT INTO byok_budget_holds (idempotency_key, budget_id, workspace_id, state, amount_units,
+    spent_units, expires_at, created_at, settled_at)
+  SELECT %(key)s, c.id, %(ws)s, 'held', c.need, NULL, %(expires_at)s, %(now)s, NULL
+  FROM calc c, verdict v WHERE c.applies AND v.fresh AND v.fits
+  ON CONFLICT (idempotency_key, budget_id) DO UPDATE SET state = 'held',
+    amount_units = excluded.amount_units, spent_units = NULL, expires_at = excluded.expires_at,
+    created_at = excluded.created_at, settled_at = NULL
+  RETURNING budget_id
+)
+SELECT c.id, c.name, c.applies, c.hard, c.limit_units, c.spent_now,
+  c.reserved_now - c.replaced AS reserved, c.need, v.fresh, v.fits,
+  (SELECT count(*) FROM moved) + (SELECT count(*) FROM gone) + (SELECT count(*) FROM held)
+    AS written
+FROM calc c, verdict v
+ORDER BY c.id
+"""
+
+#: A settlement on PostgreSQL, one statement: lock the budgets the call's unsettled holds are on
+#: (id order), lock those holds (a concurrent settlement of the same call finds them settled
+#: then), mark them, and move the amounts from ``reserved`` to ``spent``, announcing in
+#: ``alerted`` the thresholds crossed (under the row lock: each once).
+_PG_SETTLE = """
+WITH mine AS (
+  SELECT budget_id FROM byok_budget_holds
+  WHERE workspace_id = %(ws)s AND idempotency_key = %(key)s AND state <> 'settled'
+), target AS (
+  SELECT b.id, b.metric, b.limit_units, b.spent_units, b.alerted, b.period_start,
+    CASE b.period WHEN 'day' THEN %(day)s::timestamptz WHEN 'month' THEN %(month)s::timestamptz
+      ELSE b.period_start END AS cur_start
+  FROM byok_budgets b WHERE b.id IN (SELECT budget_id FROM mine)
+  ORDER BY b.id
+  FOR UPDATE
+), cur AS (
+  SELECT h.budget_id, h.state, h.amount_units FROM byok_budget_holds h
+  WHERE h.workspace_id = %(ws)s AND h.idempotency_key = %(key)s
+    AND h.budget_id IN (SELECT id FROM target)
+    AND h.state <> 'settled' AND (%(completed)s OR h.state = 'held')
+  FOR UPDATE
+), calc AS (
+  SELECT t.id, t.limit_units, t.period_start, t.cur_start,
+    CASE t.metric WHEN 'charge' THEN %(spent_charge)s::bigint ELSE %(spent_list)s::bigint END
+      AS amount,
+    CASE WHEN t.period_start < t.cur_start THEN 0 ELSE t.spent_units END
+      + CASE t.metric WHEN 'charge' THEN %(spent_charge)s::bigint
+          ELSE %(spent_list)s::bigint END AS new_spent,
+    CASE WHEN cur.state = 'held' THEN cur.amount_units ELSE 0 END AS release,
+    CASE WHEN t.period_start < t.cur_start THEN '' ELSE t.alerted END AS was
+  FROM target t JOIN cur ON cur.budget_id = t.id
+), marked AS (
+  UPDATE byok_budget_holds h SET state = %(state)s, settled_at = %(now)s,
+    spent_units = c.amount
+  FROM calc c
+  WHERE h.workspace_id = %(ws)s AND h.idempotency_key = %(key)s AND h.budget_id = c.id
+  RETURNING h.budget_id
+), moved AS (
+  UPDATE byok_budgets b SET
+    spent_units = c.new_spent,
+    reserved_units = b.reserved_units - c.release,
+    period_start = greatest(c.period_start, c.cur_start),
+    alerted = (
+      SELECT COALESCE(string_agg(s.p::text, ',' ORDER BY s.p), '') FROM (
+        SELECT a::int AS p FROM unnest(string_to_array(c.was, ',')) a WHERE a <> ''
+        UNION
+        SELECT a::int FROM unnest(string_to_array(b.thresholds, ',')) a
+        WHERE a <> '' AND c.new_spent * 100 >= a::bigint * c.limit_units
+      ) s)
+  FROM calc c
+  WHERE b.id = c.id
+  RETURNING b.id, b.name, b.metric, b.hard, b.limit_units, b.spent_units, b.alerted
+)
+SELECT m.id, m.name, m.metric, m.hard, m.limit_units, m.spent_units, m.alerted, c.was,
+  (SELECT count(*) FROM marked) AS marked
+FROM moved m JOIN calc c ON c.id = m.id
+ORDER BY m.id
+"""
 
 
 #: ``q(statement name, parameters) -> rows``: one statement of :attr:`BudgetStore._sql`
