@@ -47,7 +47,7 @@ import enum
 import re
 import secrets
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -687,16 +687,9 @@ class BudgetStore:
         ws = settlement.workspace_id
         key = settlement.idempotency_key
         now = self._clock()
-        spent = {
-            BudgetMetric.CHARGE.value: to_units(settlement.amount) if settlement.completed else 0,
-            BudgetMetric.LIST_COST.value: (
-                to_units(settlement.list_cost)
-                if settlement.completed and settlement.source in _BYOK_SOURCES
-                else 0
-            ),
-        }
+        spent = _settled_units(settlement)
         if self._postgresql:
-            return self._settle_postgresql(settlement, now, spent)
+            return self._settle_postgresql(settlement)
         events: list[AuditEvent] = []
         with self._writing("settling budget", ws) as q:
             rows = q("held", {"b_ws": ws, "b_key": key})
@@ -803,32 +796,48 @@ class BudgetStore:
             expires_at,
         )
 
-    def _settle_postgresql(
-        self, settlement: BudgetSettlement, now: datetime, spent: dict[str, int]
-    ) -> tuple[bool, list[AuditEvent]]:
+    def _settle_postgresql(self, settlement: BudgetSettlement) -> tuple[bool, list[AuditEvent]]:
         """:meth:`settle` as one statement (:data:`_PG_SETTLE`)."""
-        ws = settlement.workspace_id
-        rows = self._one_statement(
-            "settling budget",
-            ws,
+        with (
+            store_errors("settling budget", workspace_id=settlement.workspace_id),
+            self._engine.connect() as conn,
+        ):
+            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+            changed, events = self.settle_in(conn, [settlement])
+        return bool(changed), events
+
+    def settle_in(
+        self, conn: Connection, settlements: Sequence[BudgetSettlement]
+    ) -> tuple[set[tuple[str, str]], list[AuditEvent]]:
+        """Settle a group of calls in one statement on ``conn`` (PostgreSQL), inside whatever
+        transaction ``conn`` is in: the ledger's group commit settles its calls in its own.
+
+        :returns: the ``(workspace, idempotency key)`` of the calls this changed, and the
+            threshold events to audit once the transaction has committed.
+        """
+        now = self._clock()
+        unique = list({(s.workspace_id, s.idempotency_key): s for s in settlements}.values())
+        units = [_settled_units(s) for s in unique]
+        rows = conn.exec_driver_sql(
             _PG_SETTLE,
             {
-                "ws": ws,
-                "key": settlement.idempotency_key,
-                "completed": settlement.completed,
-                "state": "settled" if settlement.completed else "expired",
-                "spent_charge": spent[BudgetMetric.CHARGE.value],
-                "spent_list": spent[BudgetMetric.LIST_COST.value],
+                "wss": [s.workspace_id for s in unique],
+                "keys": [s.idempotency_key for s in unique],
+                "completed": [s.completed for s in unique],
+                "charges": [u[BudgetMetric.CHARGE.value] for u in units],
+                "lists": [u[BudgetMetric.LIST_COST.value] for u in units],
                 "now": now,
                 **self._period_starts(now),
             },
-        )
+        ).all()
+        changed: set[tuple[str, str]] = set()
         events: list[AuditEvent] = []
         for row in rows:
+            changed.update(zip(row.settled_workspaces or (), row.settled_keys or (), strict=True))
             crossed = set(parse_thresholds(row.alerted)) - set(parse_thresholds(row.was))
             if crossed:
-                events.append(self._threshold_event(ws, row, crossed, now))
-        return bool(rows), events
+                events.append(self._threshold_event(row.workspace_id, row, crossed, now))
+        return changed, events
 
     @staticmethod
     def _threshold_event(ws: str, row: Any, crossed: Iterable[int], now: datetime) -> AuditEvent:
@@ -942,14 +951,19 @@ FROM calc c, verdict v
 ORDER BY c.id
 """
 
-#: A settlement on PostgreSQL, one statement: lock the budgets the call's unsettled holds are on
-#: (id order), lock those holds (a concurrent settlement of the same call finds them settled
-#: then), mark them, and move the amounts from ``reserved`` to ``spent``, announcing in
-#: ``alerted`` the thresholds crossed (under the row lock: each once).
+#: Settlements on PostgreSQL (one call's, or a group's), one statement: lock the budgets the
+#: calls' unsettled holds are on (id order), lock those holds (a concurrent settlement of the same
+#: call finds them settled then), mark them, and move the amounts from ``reserved`` to ``spent``
+#: (summed per budget), announcing in ``alerted`` the thresholds crossed (under the row lock: once
+#: each). It returns the budgets changed, each with every settled call's workspace and key.
 _PG_SETTLE = """
-WITH mine AS (
-  SELECT budget_id FROM byok_budget_holds
-  WHERE workspace_id = %(ws)s AND idempotency_key = %(key)s AND state <> 'settled'
+WITH s AS (
+  SELECT * FROM unnest(%(wss)s::text[], %(keys)s::text[], %(completed)s::boolean[],
+    %(charges)s::bigint[], %(lists)s::bigint[]) AS s(ws, key, completed, charge, list)
+), mine AS (
+  SELECT h.budget_id FROM byok_budget_holds h JOIN s
+    ON h.workspace_id = s.ws AND h.idempotency_key = s.key
+  WHERE h.state <> 'settled'
 ), target AS (
   SELECT b.id, b.metric, b.limit_units, b.spent_units, b.alerted, b.period_start,
     CASE b.period WHEN 'day' THEN %(day)s::timestamptz WHEN 'month' THEN %(month)s::timestamptz
@@ -958,27 +972,32 @@ WITH mine AS (
   ORDER BY b.id
   FOR UPDATE
 ), cur AS (
-  SELECT h.budget_id, h.state, h.amount_units FROM byok_budget_holds h
-  WHERE h.workspace_id = %(ws)s AND h.idempotency_key = %(key)s
-    AND h.budget_id IN (SELECT id FROM target)
-    AND h.state <> 'settled' AND (%(completed)s OR h.state = 'held')
-  FOR UPDATE
+  SELECT h.workspace_id, h.idempotency_key, h.budget_id, h.state, h.amount_units,
+    s.completed, s.charge, s.list
+  FROM byok_budget_holds h JOIN s ON h.workspace_id = s.ws AND h.idempotency_key = s.key
+  WHERE h.budget_id IN (SELECT id FROM target)
+    AND h.state <> 'settled' AND (s.completed OR h.state = 'held')
+  FOR UPDATE OF h
+), each AS (
+  SELECT cur.workspace_id, cur.idempotency_key, cur.budget_id, cur.completed,
+    CASE t.metric WHEN 'charge' THEN cur.charge ELSE cur.list END AS amount,
+    CASE WHEN cur.state = 'held' THEN cur.amount_units ELSE 0 END AS release
+  FROM cur JOIN target t ON t.id = cur.budget_id
 ), calc AS (
-  SELECT t.id, t.limit_units, t.period_start, t.cur_start,
-    CASE t.metric WHEN 'charge' THEN %(spent_charge)s::bigint ELSE %(spent_list)s::bigint END
-      AS amount,
-    CASE WHEN t.period_start < t.cur_start THEN 0 ELSE t.spent_units END
-      + CASE t.metric WHEN 'charge' THEN %(spent_charge)s::bigint
-          ELSE %(spent_list)s::bigint END AS new_spent,
-    CASE WHEN cur.state = 'held' THEN cur.amount_units ELSE 0 END AS release,
+  SELECT t.id, t.limit_units, t.period_start, t.cur_start, e.release,
+    CASE WHEN t.period_start < t.cur_start THEN 0 ELSE t.spent_units END + e.amount AS new_spent,
     CASE WHEN t.period_start < t.cur_start THEN '' ELSE t.alerted END AS was
-  FROM target t JOIN cur ON cur.budget_id = t.id
+  FROM target t JOIN (
+    SELECT budget_id, sum(amount) AS amount, sum(release) AS release FROM each GROUP BY budget_id
+  ) e ON e.budget_id = t.id
 ), marked AS (
-  UPDATE byok_budget_holds h SET state = %(state)s, settled_at = %(now)s,
-    spent_units = c.amount
-  FROM calc c
-  WHERE h.workspace_id = %(ws)s AND h.idempotency_key = %(key)s AND h.budget_id = c.id
-  RETURNING h.budget_id
+  UPDATE byok_budget_holds h SET
+    state = CASE WHEN e.completed THEN 'settled' ELSE 'expired' END,
+    settled_at = %(now)s, spent_units = e.amount
+  FROM each e
+  WHERE h.workspace_id = e.workspace_id AND h.idempotency_key = e.idempotency_key
+    AND h.budget_id = e.budget_id
+  RETURNING h.workspace_id, h.idempotency_key
 ), moved AS (
   UPDATE byok_budgets b SET
     spent_units = c.new_spent,
@@ -993,13 +1012,27 @@ WITH mine AS (
       ) s)
   FROM calc c
   WHERE b.id = c.id
-  RETURNING b.id, b.name, b.metric, b.hard, b.limit_units, b.spent_units, b.alerted
+  RETURNING b.id, b.workspace_id, b.name, b.metric, b.hard, b.limit_units, b.spent_units,
+    b.alerted
 )
-SELECT m.id, m.name, m.metric, m.hard, m.limit_units, m.spent_units, m.alerted, c.was,
-  (SELECT count(*) FROM marked) AS marked
+SELECT m.id, m.workspace_id, m.name, m.metric, m.hard, m.limit_units, m.spent_units, m.alerted,
+  c.was, (SELECT array_agg(workspace_id) FROM marked) AS settled_workspaces,
+  (SELECT array_agg(idempotency_key) FROM marked) AS settled_keys
 FROM moved m JOIN calc c ON c.id = m.id
 ORDER BY m.id
 """
+
+
+def _settled_units(settlement: BudgetSettlement) -> dict[str, int]:
+    """What a settlement spends, per metric, in :data:`UNIT` (nothing for a release)."""
+    return {
+        BudgetMetric.CHARGE.value: to_units(settlement.amount) if settlement.completed else 0,
+        BudgetMetric.LIST_COST.value: (
+            to_units(settlement.list_cost)
+            if settlement.completed and settlement.source in _BYOK_SOURCES
+            else 0
+        ),
+    }
 
 
 #: ``q(statement name, parameters) -> rows``: one statement of :attr:`BudgetStore._sql`

@@ -442,3 +442,39 @@ def test_reserve_and_settle_are_one_statement_each_on_postgresql(
     status = app.budgets.get(WS, "triage")
     assert status is not None
     assert (status.spent, status.reserved) == (Decimal("0.3"), 0)
+
+
+def test_hook_byok_record_usage_and_settle_commits_rows_and_settlements_together(
+    app: App, pm: pluggy.PluginManager, database_url: str
+) -> None:
+    from ledger_support import record_for
+
+    app.budgets.set_budget(WS, "monthly", limit="1.00")
+    records = [record_for(n, workspace=WS) for n in (1, 4)]  # two platform-billed calls
+    keys = [r.idempotency_key for r in records]
+    for key in keys:
+        pm.hook.byok_reserve_budget(reservation=reservation(key, "0.30"))
+    together = [settlement(key, "0.10") for key in keys]
+    answer = pm.hook.byok_record_usage_and_settle(records=records, settlements=together)
+    if not database_url.startswith("postgresql"):
+        # SQLite: declined (calls are not grouped there); nothing was written
+        assert answer is None
+        assert app.ledger.get(keys[0]) is None
+        return
+    assert answer is True
+    assert all(app.ledger.get(key) is not None for key in keys)
+    status = app.budgets.get(WS, "monthly")
+    assert status is not None
+    assert (status.spent, status.reserved) == (Decimal("0.2"), 0)
+    # idempotent on each key: the same group again changes nothing
+    assert pm.hook.byok_record_usage_and_settle(records=records, settlements=together) is True
+    assert app.budgets.get(WS, "monthly").spent == Decimal("0.2")  # type: ignore[union-attr]
+    # one transaction: a settlement the store refuses (more than a BIGINT of nano-dollars)
+    # leaves no row of the group either
+    late = [record_for(n, workspace=WS) for n in (7,)]
+    pm.hook.byok_reserve_budget(reservation=reservation(late[0].idempotency_key, "0.30"))
+    refused = [settlement(late[0].idempotency_key, "1E+12")]
+    with pytest.raises(Exception, match="recording usage"):
+        pm.hook.byok_record_usage_and_settle(records=late, settlements=refused)
+    assert app.ledger.get(late[0].idempotency_key) is None
+    assert app.budgets.get(WS, "monthly").reserved == Decimal("0.3")  # type: ignore[union-attr]
