@@ -13,24 +13,30 @@ one never refuses. Both emit the audit event ``budget.threshold`` once per perio
 their thresholds (percentages of the limit) that spending crosses.
 
 **Atomicity.** Amounts are integers of :data:`UNIT` (a nano-dollar), so that the database adds and
-compares them exactly. A reservation is one write transaction: on PostgreSQL under a
-transaction advisory lock per workspace, on SQLite under ``BEGIN IMMEDIATE`` (both serialize the
-budget operations of one workspace, which all update the same budget rows anyway); the admission
-itself is a conditional ``UPDATE ... SET reserved = reserved + :need WHERE spent + reserved +
-:need <= limit``, never a read followed by a write decided in Python. Each held amount is a row of
-``byok_budget_holds`` keyed by the call's idempotency key and the budget: a settlement flips the
+compares them exactly. On PostgreSQL a reservation is one autocommitted statement
+(:data:`_PG_RESERVE`): it locks the budget rows that apply in id order (``FOR UPDATE``, which
+hands back their latest versions), expires their lapsed holds, checks that every hard one has room
+and only then adds to ``reserved`` and writes the holds; a settlement is one statement too
+(:data:`_PG_SETTLE`, for one call or a group, run inside the ledger's group commit by
+``byok_record_usage_and_settle``). On SQLite a reservation is one ``BEGIN IMMEDIATE`` transaction
+whose admission is a conditional ``UPDATE ... SET reserved = reserved + :need WHERE spent +
+reserved + :need <= limit``. Neither is a read followed by a write decided in Python.
+
+Each held amount is a row of ``byok_budget_holds`` keyed by the call's idempotency key and the
+budget: a settlement flips the
 rows from ``held`` (or ``expired``) to ``settled`` and moves the amount from ``reserved`` to
 ``spent``; a second settlement finds nothing to flip and changes nothing. A call that did not
 complete releases its holds: they become ``expired`` (not ``settled``), so the same call made again
 is held again. Every statement on holds names the workspace as well as the key. A hold whose call never
-settles (a worker killed between the two) is marked ``expired`` by the next operation on the
-workspace after its ``expires_at``, and its amount leaves ``reserved``.
+settles (a worker killed between the two) is marked ``expired`` by the next reservation on its
+budget (on SQLite: the next operation on the workspace) after its ``expires_at``, and its amount
+leaves ``reserved``.
 
 **Speed.** The statements are built once. On a SQLite file they are also compiled once and run on
 ``sqlite3`` connections of the file (as the ledger's writer does), with the values bound by the
 columns' own SQLAlchemy processors: a reservation plus a settlement costs about 0.16 ms there,
 against 0.9 ms through SQLAlchemy's connection and result machinery. A workspace without budgets
-costs one indexed read per call. In a hook called on an event loop a SQLite write waits at most
+costs one indexed read per call (on PostgreSQL, the reservation's one statement finding no row). In a hook called on an event loop a SQLite write waits at most
 ``LOOP_LOCK_WAIT_MS`` for another writer's lock and then fails, and the runner tries it again in a
 worker thread.
 
