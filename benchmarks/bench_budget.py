@@ -3,9 +3,11 @@
 Two platform-billed workspaces in one store: ``plain`` has no budget, ``budgeted`` a hard monthly
 budget large enough never to refuse. Each run is one agent block through :class:`WorkflowRunner`
 and the real plugin, against the emulator in its own process. With a budget every call adds
-``byok_compute_charge`` of its worst case, ``byok_reserve_budget`` (one write transaction: expire
-lapsed holds, the conditional admission, the hold's row) and ``byok_settle_budget`` (another);
-without one, the reserve is a single read that finds no budget. The paths alternate in adjacent
+``byok_compute_charge`` of its worst case, ``byok_reserve_budget`` (on SQLite one write
+transaction: expire lapsed holds, the conditional admission, the hold's row; on PostgreSQL one
+statement) and its settlement (on SQLite ``byok_settle_budget``, another transaction; on
+PostgreSQL inside the group commit's transaction); without one, the reserve finds no budget (a
+read on SQLite, the same one statement on PostgreSQL). The paths alternate in adjacent
 chunks, as in ``bench_runner``; the verdict is the paired ratio of median per-call times.
 
 The store is a SQLite file, or ``BENCH_BUDGET_DATABASE_URL`` (a PostgreSQL database, say).

@@ -13,24 +13,30 @@ one never refuses. Both emit the audit event ``budget.threshold`` once per perio
 their thresholds (percentages of the limit) that spending crosses.
 
 **Atomicity.** Amounts are integers of :data:`UNIT` (a nano-dollar), so that the database adds and
-compares them exactly. A reservation is one write transaction: on PostgreSQL under a
-transaction advisory lock per workspace, on SQLite under ``BEGIN IMMEDIATE`` (both serialize the
-budget operations of one workspace, which all update the same budget rows anyway); the admission
-itself is a conditional ``UPDATE ... SET reserved = reserved + :need WHERE spent + reserved +
-:need <= limit``, never a read followed by a write decided in Python. Each held amount is a row of
-``byok_budget_holds`` keyed by the call's idempotency key and the budget: a settlement flips the
+compares them exactly. On PostgreSQL a reservation is one autocommitted statement
+(:data:`_PG_RESERVE`): it locks the budget rows that apply in id order (``FOR UPDATE``, which
+hands back their latest versions), expires their lapsed holds, checks that every hard one has room
+and only then adds to ``reserved`` and writes the holds; a settlement is one statement too
+(:data:`_PG_SETTLE`, for one call or a group, run inside the ledger's group commit by
+``byok_record_usage_and_settle``). On SQLite a reservation is one ``BEGIN IMMEDIATE`` transaction
+whose admission is a conditional ``UPDATE ... SET reserved = reserved + :need WHERE spent +
+reserved + :need <= limit``. Neither is a read followed by a write decided in Python.
+
+Each held amount is a row of ``byok_budget_holds`` keyed by the call's idempotency key and the
+budget: a settlement flips the
 rows from ``held`` (or ``expired``) to ``settled`` and moves the amount from ``reserved`` to
 ``spent``; a second settlement finds nothing to flip and changes nothing. A call that did not
 complete releases its holds: they become ``expired`` (not ``settled``), so the same call made again
 is held again. Every statement on holds names the workspace as well as the key. A hold whose call never
-settles (a worker killed between the two) is marked ``expired`` by the next operation on the
-workspace after its ``expires_at``, and its amount leaves ``reserved``.
+settles (a worker killed between the two) is marked ``expired`` by the next reservation on its
+budget (on SQLite: the next operation on the workspace) after its ``expires_at``, and its amount
+leaves ``reserved``.
 
 **Speed.** The statements are built once. On a SQLite file they are also compiled once and run on
 ``sqlite3`` connections of the file (as the ledger's writer does), with the values bound by the
 columns' own SQLAlchemy processors: a reservation plus a settlement costs about 0.16 ms there,
 against 0.9 ms through SQLAlchemy's connection and result machinery. A workspace without budgets
-costs one indexed read per call. In a hook called on an event loop a SQLite write waits at most
+costs one indexed read per call (on PostgreSQL, the reservation's one statement finding no row). In a hook called on an event loop a SQLite write waits at most
 ``LOOP_LOCK_WAIT_MS`` for another writer's lock and then fails, and the runner tries it again in a
 worker thread.
 
@@ -47,7 +53,7 @@ import enum
 import re
 import secrets
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -614,6 +620,8 @@ class BudgetStore:
         ws = reservation.workspace_id
         key = reservation.idempotency_key
         now = self._clock()
+        if self._postgresql:
+            return self._reserve_postgresql(reservation, now)
         with self._reading("reading budgets", ws) as q:
             rows = q("budgets", {"b_ws": ws})
         if not rows:
@@ -685,14 +693,9 @@ class BudgetStore:
         ws = settlement.workspace_id
         key = settlement.idempotency_key
         now = self._clock()
-        spent = {
-            BudgetMetric.CHARGE.value: to_units(settlement.amount) if settlement.completed else 0,
-            BudgetMetric.LIST_COST.value: (
-                to_units(settlement.list_cost)
-                if settlement.completed and settlement.source in _BYOK_SOURCES
-                else 0
-            ),
-        }
+        spent = _settled_units(settlement)
+        if self._postgresql:
+            return self._settle_postgresql(settlement)
         events: list[AuditEvent] = []
         with self._writing("settling budget", ws) as q:
             rows = q("held", {"b_ws": ws, "b_key": key})
@@ -729,6 +732,135 @@ class BudgetStore:
                         events.append(event)
         return True, events
 
+    @cached_property
+    def _postgresql(self) -> bool:
+        return self._engine.dialect.name == "postgresql"
+
+    def _one_statement(self, what: str, ws: str, sql: str, params: dict[str, Any]) -> list[Any]:
+        """``sql`` as one autocommitted statement: one round trip (after the pool's ping)."""
+        with (
+            store_errors(what, workspace_id=ws),
+            self._engine.connect() as conn,
+        ):
+            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+            return list(conn.exec_driver_sql(sql, params).all())
+
+    @staticmethod
+    def _period_starts(now: datetime) -> dict[str, datetime]:
+        return {"day": BudgetPeriod.DAY.start(now), "month": BudgetPeriod.MONTH.start(now)}
+
+    def _reserve_postgresql(
+        self, reservation: BudgetReservation, now: datetime
+    ) -> BudgetHold | None:
+        """:meth:`reserve` as one statement (:data:`_PG_RESERVE`)."""
+        ws = reservation.workspace_id
+        key = reservation.idempotency_key
+        expires_at = now + timedelta(seconds=reservation.hold_seconds)
+        rows = self._one_statement(
+            "reserving budget",
+            ws,
+            _PG_RESERVE,
+            {
+                "ws": ws,
+                "key": key,
+                "byok": reservation.source in _BYOK_SOURCES,
+                "key_id": reservation.key_id,
+                "workflow_id": reservation.workflow_id,
+                "need_charge": to_units(reservation.amount),
+                "need_list": to_units(reservation.list_cost),
+                "now": now,
+                "expires_at": expires_at,
+                **self._period_starts(now),
+            },
+        )
+        applicable = [r for r in rows if r.applies]
+        if not rows:
+            return None
+        if not rows[0].fresh:  # settled already (a run repeated under the same run id)
+            return BudgetHold(key, ws, (), Decimal(0), now)
+        if not rows[0].fits:
+            row = next(
+                r
+                for r in applicable
+                if r.hard and r.spent_now + r.reserved + r.need > r.limit_units
+            )
+            raise BudgetExceeded(
+                ws,
+                row.name,
+                limit=from_units(row.limit_units),
+                spent=from_units(row.spent_now),
+                reserved=from_units(row.reserved),
+                needed=from_units(row.need),
+            )
+        if not applicable:
+            return None
+        return BudgetHold(
+            key,
+            ws,
+            tuple(r.name for r in applicable),
+            from_units(max(int(r.need) for r in applicable)),
+            expires_at,
+        )
+
+    def _settle_postgresql(self, settlement: BudgetSettlement) -> tuple[bool, list[AuditEvent]]:
+        """:meth:`settle` as one statement (:data:`_PG_SETTLE`)."""
+        with (
+            store_errors("settling budget", workspace_id=settlement.workspace_id),
+            self._engine.connect() as conn,
+        ):
+            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+            changed, events = self.settle_in(conn, [settlement])
+        return bool(changed), events
+
+    def settle_in(
+        self, conn: Connection, settlements: Sequence[BudgetSettlement]
+    ) -> tuple[set[tuple[str, str]], list[AuditEvent]]:
+        """Settle a group of calls in one statement on ``conn`` (PostgreSQL), inside whatever
+        transaction ``conn`` is in: the ledger's group commit settles its calls in its own.
+
+        :returns: the ``(workspace, idempotency key)`` of the calls this changed, and the
+            threshold events to audit once the transaction has committed.
+        """
+        now = self._clock()
+        unique = list({(s.workspace_id, s.idempotency_key): s for s in settlements}.values())
+        units = [_settled_units(s) for s in unique]
+        rows = conn.exec_driver_sql(
+            _PG_SETTLE,
+            {
+                "wss": [s.workspace_id for s in unique],
+                "keys": [s.idempotency_key for s in unique],
+                "completed": [s.completed for s in unique],
+                "charges": [u[BudgetMetric.CHARGE.value] for u in units],
+                "lists": [u[BudgetMetric.LIST_COST.value] for u in units],
+                "now": now,
+                **self._period_starts(now),
+            },
+        ).all()
+        changed: set[tuple[str, str]] = set()
+        events: list[AuditEvent] = []
+        for row in rows:
+            changed.update(zip(row.settled_workspaces or (), row.settled_keys or (), strict=True))
+            crossed = set(parse_thresholds(row.alerted)) - set(parse_thresholds(row.was))
+            if crossed:
+                events.append(self._threshold_event(row.workspace_id, row, crossed, now))
+        return changed, events
+
+    @staticmethod
+    def _threshold_event(ws: str, row: Any, crossed: Iterable[int], now: datetime) -> AuditEvent:
+        kind = "hard" if row.hard else "soft"
+        return AuditEvent(
+            action="budget.threshold",
+            workspace_id=ws,
+            actor_id=None,
+            outcome="ok",
+            detail=(
+                f"{kind} budget {row.name!r} ({row.metric}) reached {max(crossed)}% of its "
+                f"limit: {from_units(int(row.spent_units))} of "
+                f"{from_units(int(row.limit_units))} USD spent"
+            ),
+            occurred_at=now,
+        )
+
     @staticmethod
     def _crossed(q: Query, ws: str, row: Any, now: datetime) -> AuditEvent | None:
         """The audit event of the thresholds this settlement crossed, marked as announced."""
@@ -741,18 +873,172 @@ class BudgetStore:
         alerted = ",".join(str(p) for p in sorted(announced | set(crossed)))
         if not q("alert", {"b_id": row.id, "b_was": row.alerted, "b_alerted": alerted}):
             return None
-        kind = "hard" if row.hard else "soft"
-        return AuditEvent(
-            action="budget.threshold",
-            workspace_id=ws,
-            actor_id=None,
-            outcome="ok",
-            detail=(
-                f"{kind} budget {row.name!r} ({row.metric}) reached {max(crossed)}% of its "
-                f"limit: {from_units(spent)} of {from_units(limit)} USD spent"
-            ),
-            occurred_at=now,
-        )
+        return BudgetStore._threshold_event(ws, row, crossed, now)
+
+
+# --- PostgreSQL: a reservation and a settlement are one statement each -------------------------
+#: A reservation on PostgreSQL, one statement: lock the budgets that apply to the call (and those
+#: a previous hold of the same call is on) in id order; expire their lapsed holds; decide whether
+#: every hard one has room (under the row locks, on the rows' latest versions); then, only if all
+#: fit and the call was not settled already, move the amounts into ``reserved`` and write the
+#: holds. A refusal changes nothing but the lapsed holds (expired and freed) and a period rollover.
+_PG_RESERVE = """
+WITH prev AS (
+  SELECT budget_id, state, amount_units FROM byok_budget_holds
+  WHERE workspace_id = %(ws)s AND idempotency_key = %(key)s
+), target AS (
+  SELECT b.id, b.name, b.hard, b.limit_units, b.spent_units, b.reserved_units, b.period_start,
+    ((b.metric = 'charge' OR %(byok)s)
+      AND (b.key_id IS NULL OR b.key_id = %(key_id)s)
+      AND (b.workflow_id IS NULL OR b.workflow_id = %(workflow_id)s)) AS applies,
+    CASE b.metric WHEN 'charge' THEN %(need_charge)s::bigint ELSE %(need_list)s::bigint END
+      AS need_if,
+    CASE b.period WHEN 'day' THEN %(day)s::timestamptz WHEN 'month' THEN %(month)s::timestamptz
+      ELSE b.period_start END AS cur_start
+  FROM byok_budgets b
+  WHERE b.workspace_id = %(ws)s AND (
+    ((b.metric = 'charge' OR %(byok)s)
+      AND (b.key_id IS NULL OR b.key_id = %(key_id)s)
+      AND (b.workflow_id IS NULL OR b.workflow_id = %(workflow_id)s))
+    OR b.id IN (SELECT budget_id FROM prev WHERE state = 'held'))
+  ORDER BY b.id
+  FOR UPDATE
+), lapsed AS (
+  UPDATE byok_budget_holds h SET state = 'expired'
+  WHERE h.workspace_id = %(ws)s AND h.state = 'held' AND h.expires_at < %(now)s
+    AND h.idempotency_key <> %(key)s AND h.budget_id IN (SELECT id FROM target)
+  RETURNING h.budget_id, h.amount_units
+), calc AS (
+  SELECT t.id, t.name, t.hard, t.applies, t.limit_units, t.period_start, t.cur_start,
+    CASE WHEN t.period_start < t.cur_start THEN 0 ELSE t.spent_units END AS spent_now,
+    t.reserved_units
+      - COALESCE((SELECT sum(l.amount_units) FROM lapsed l WHERE l.budget_id = t.id), 0)
+      AS reserved_now,
+    COALESCE((SELECT sum(p.amount_units) FROM prev p
+              WHERE p.budget_id = t.id AND p.state = 'held'), 0) AS replaced,
+    CASE WHEN t.applies THEN t.need_if ELSE 0 END AS need
+  FROM target t
+), verdict AS (
+  SELECT NOT EXISTS (SELECT 1 FROM prev WHERE state = 'settled') AS fresh,
+    COALESCE(bool_and(NOT c.hard OR NOT c.applies
+                      OR c.spent_now + c.reserved_now - c.replaced + c.need <= c.limit_units),
+             true) AS fits
+  FROM calc c
+), moved AS (
+  UPDATE byok_budgets b SET
+    spent_units = c.spent_now,
+    reserved_units = c.reserved_now
+      - CASE WHEN v.fresh AND v.fits THEN c.replaced - c.need ELSE 0 END,
+    alerted = CASE WHEN c.period_start < c.cur_start THEN '' ELSE b.alerted END,
+    period_start = greatest(c.period_start, c.cur_start)
+  FROM calc c, verdict v
+  WHERE b.id = c.id
+  RETURNING b.id
+), gone AS (
+  DELETE FROM byok_budget_holds h USING verdict v
+  WHERE h.workspace_id = %(ws)s AND h.idempotency_key = %(key)s AND v.fresh AND v.fits
+    AND h.budget_id NOT IN (SELECT id FROM calc WHERE applies)
+  RETURNING h.budget_id
+), held AS (
+  INSERT INTO byok_budget_holds (idempotency_key, budget_id, workspace_id, state, amount_units,
+    spent_units, expires_at, created_at, settled_at)
+  SELECT %(key)s, c.id, %(ws)s, 'held', c.need, NULL, %(expires_at)s, %(now)s, NULL
+  FROM calc c, verdict v WHERE c.applies AND v.fresh AND v.fits
+  ON CONFLICT (idempotency_key, budget_id) DO UPDATE SET state = 'held',
+    amount_units = excluded.amount_units, spent_units = NULL, expires_at = excluded.expires_at,
+    created_at = excluded.created_at, settled_at = NULL
+  RETURNING budget_id
+)
+SELECT c.id, c.name, c.applies, c.hard, c.limit_units, c.spent_now,
+  c.reserved_now - c.replaced AS reserved, c.need, v.fresh, v.fits,
+  (SELECT count(*) FROM moved) + (SELECT count(*) FROM gone) + (SELECT count(*) FROM held)
+    AS written
+FROM calc c, verdict v
+ORDER BY c.id
+"""
+
+#: Settlements on PostgreSQL (one call's, or a group's), one statement: lock the budgets the
+#: calls' unsettled holds are on (id order), lock those holds (a concurrent settlement of the same
+#: call finds them settled then), mark them, and move the amounts from ``reserved`` to ``spent``
+#: (summed per budget), announcing in ``alerted`` the thresholds crossed (under the row lock: once
+#: each). It returns the budgets changed, each with every settled call's workspace and key.
+_PG_SETTLE = """
+WITH s AS (
+  SELECT * FROM unnest(%(wss)s::text[], %(keys)s::text[], %(completed)s::boolean[],
+    %(charges)s::bigint[], %(lists)s::bigint[]) AS s(ws, key, completed, charge, list)
+), mine AS (
+  SELECT h.budget_id FROM byok_budget_holds h JOIN s
+    ON h.workspace_id = s.ws AND h.idempotency_key = s.key
+  WHERE h.state <> 'settled'
+), target AS (
+  SELECT b.id, b.metric, b.limit_units, b.spent_units, b.alerted, b.period_start,
+    CASE b.period WHEN 'day' THEN %(day)s::timestamptz WHEN 'month' THEN %(month)s::timestamptz
+      ELSE b.period_start END AS cur_start
+  FROM byok_budgets b WHERE b.id IN (SELECT budget_id FROM mine)
+  ORDER BY b.id
+  FOR UPDATE
+), cur AS (
+  SELECT h.workspace_id, h.idempotency_key, h.budget_id, h.state, h.amount_units,
+    s.completed, s.charge, s.list
+  FROM byok_budget_holds h JOIN s ON h.workspace_id = s.ws AND h.idempotency_key = s.key
+  WHERE h.budget_id IN (SELECT id FROM target)
+    AND h.state <> 'settled' AND (s.completed OR h.state = 'held')
+  FOR UPDATE OF h
+), each AS (
+  SELECT cur.workspace_id, cur.idempotency_key, cur.budget_id, cur.completed,
+    CASE t.metric WHEN 'charge' THEN cur.charge ELSE cur.list END AS amount,
+    CASE WHEN cur.state = 'held' THEN cur.amount_units ELSE 0 END AS release
+  FROM cur JOIN target t ON t.id = cur.budget_id
+), calc AS (
+  SELECT t.id, t.limit_units, t.period_start, t.cur_start, e.release,
+    CASE WHEN t.period_start < t.cur_start THEN 0 ELSE t.spent_units END + e.amount AS new_spent,
+    CASE WHEN t.period_start < t.cur_start THEN '' ELSE t.alerted END AS was
+  FROM target t JOIN (
+    SELECT budget_id, sum(amount) AS amount, sum(release) AS release FROM each GROUP BY budget_id
+  ) e ON e.budget_id = t.id
+), marked AS (
+  UPDATE byok_budget_holds h SET
+    state = CASE WHEN e.completed THEN 'settled' ELSE 'expired' END,
+    settled_at = %(now)s, spent_units = e.amount
+  FROM each e
+  WHERE h.workspace_id = e.workspace_id AND h.idempotency_key = e.idempotency_key
+    AND h.budget_id = e.budget_id
+  RETURNING h.workspace_id, h.idempotency_key
+), moved AS (
+  UPDATE byok_budgets b SET
+    spent_units = c.new_spent,
+    reserved_units = b.reserved_units - c.release,
+    period_start = greatest(c.period_start, c.cur_start),
+    alerted = (
+      SELECT COALESCE(string_agg(s.p::text, ',' ORDER BY s.p), '') FROM (
+        SELECT a::int AS p FROM unnest(string_to_array(c.was, ',')) a WHERE a <> ''
+        UNION
+        SELECT a::int FROM unnest(string_to_array(b.thresholds, ',')) a
+        WHERE a <> '' AND c.new_spent * 100 >= a::bigint * c.limit_units
+      ) s)
+  FROM calc c
+  WHERE b.id = c.id
+  RETURNING b.id, b.workspace_id, b.name, b.metric, b.hard, b.limit_units, b.spent_units,
+    b.alerted
+)
+SELECT m.id, m.workspace_id, m.name, m.metric, m.hard, m.limit_units, m.spent_units, m.alerted,
+  c.was, (SELECT array_agg(workspace_id) FROM marked) AS settled_workspaces,
+  (SELECT array_agg(idempotency_key) FROM marked) AS settled_keys
+FROM moved m JOIN calc c ON c.id = m.id
+ORDER BY m.id
+"""
+
+
+def _settled_units(settlement: BudgetSettlement) -> dict[str, int]:
+    """What a settlement spends, per metric, in :data:`UNIT` (nothing for a release)."""
+    return {
+        BudgetMetric.CHARGE.value: to_units(settlement.amount) if settlement.completed else 0,
+        BudgetMetric.LIST_COST.value: (
+            to_units(settlement.list_cost)
+            if settlement.completed and settlement.source in _BYOK_SOURCES
+            else 0
+        ),
+    }
 
 
 #: ``q(statement name, parameters) -> rows``: one statement of :attr:`BudgetStore._sql`

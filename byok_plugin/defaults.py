@@ -181,6 +181,26 @@ class DefaultPlugin:
         self.app.durable_ledger.record_many(records)
 
     @hookimpl(trylast=True)
+    def byok_record_usage_and_settle(
+        self, records: Sequence[UsageRecord], settlements: Sequence[BudgetSettlement]
+    ) -> bool | None:
+        # on PostgreSQL, the group's rows and its settlements in one transaction (one commit);
+        # on SQLite the runner does not group calls: declined, each is recorded and settled
+        if self.app.engine.dialect.name != "postgresql":
+            return None
+        settled: list[list[AuditEvent]] = []
+        self.app.ledger.record_many(
+            records,
+            also=lambda conn: settled.append(self.app.budgets.settle_in(conn, settlements)[1]),
+        )
+        for event in settled[0] if settled else ():  # thresholds crossed, once committed
+            if self._pm is not None:
+                self._pm.hook.byok_audit(event=event)
+            else:
+                self.byok_audit(event)
+        return True
+
+    @hookimpl(trylast=True)
     def byok_recorded_calls(self, run_id: str) -> tuple[RecordedCall, ...] | None:
         # the ledger's, and the spool's not yet replayed into it (their calls were made too)
         stored = self.app.ledger.recorded_calls(run_id)

@@ -43,7 +43,7 @@ from byok_hookspecs import (
     called_inline,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Dialect, Engine
+from sqlalchemy.engine import Connection, Dialect, Engine
 
 from byok_plugin.billing import money
 from byok_plugin.key_errors import StoreUnavailable
@@ -369,9 +369,12 @@ class Ledger:
             inserted = conn.execute(self._insert, values).first()
         return inserted is not None
 
-    def record_many(self, records: Sequence[UsageRecord]) -> int:
+    def record_many(
+        self, records: Sequence[UsageRecord], *, also: Callable[[Connection], object] | None = None
+    ) -> int:
         """Write several calls in one transaction (a group commit: the calls that finished
-        together); a key already recorded is skipped, as :meth:`record` skips it.
+        together); a key already recorded is skipped, as :meth:`record` skips it. ``also`` runs
+        in the same transaction, after the rows (the group's budget settlements).
 
         :returns: how many rows were new.
         :raises StoreUnavailable: the store did not take the transaction: no row of it is
@@ -391,6 +394,8 @@ class Ledger:
             # one statement for the group (SQLAlchemy's "insertmanyvalues"); RETURNING gives
             # the rows that were new (a key already recorded returns nothing)
             inserted = conn.execute(self._insert, rows).all()
+            if also is not None:
+                also(conn)
         return len(inserted)
 
     def close(self) -> None:

@@ -7,9 +7,11 @@ is the app's own (a value the test moves), so expiry and periods need no sleepin
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pluggy
 import pytest
@@ -357,3 +359,122 @@ def test_amounts_are_shown_without_an_exponent(app: App, pm: pluggy.PluginManage
     message = str(refused.value)
     assert "of 0.000000001 USD 0 is spent" in message
     assert "E-" not in message
+
+
+def test_a_refusal_by_one_budget_holds_nothing_on_the_others(
+    app: App, pm: pluggy.PluginManager
+) -> None:
+    app.budgets.set_budget(WS, "wide", limit="10")
+    app.budgets.set_budget(WS, "narrow", limit="1", workflow_id="triage")
+    hold = pm.hook.byok_reserve_budget(
+        reservation=reservation("r:a:1", "0.6", workflow_id="triage")
+    )
+    assert set(hold.budgets) == {"wide", "narrow"}
+    with pytest.raises(BudgetExceeded, match="budget 'narrow'"):
+        pm.hook.byok_reserve_budget(reservation=reservation("r:b:1", "0.6", workflow_id="triage"))
+    # all or nothing: the budget that had room holds nothing for the refused call either
+    assert app.budgets.get(WS, "wide").reserved == Decimal("0.6")  # type: ignore[union-attr]
+    assert app.budgets.get(WS, "narrow").reserved == Decimal("0.6")  # type: ignore[union-attr]
+    with app.engine.connect() as conn:
+        keys = conn.execute(sa.select(budget_holds.c.idempotency_key)).scalars().all()
+    assert sorted(keys) == ["r:a:1", "r:a:1"]
+    # a replacement hold under another key scope moves off the budget that no longer applies
+    pm.hook.byok_reserve_budget(reservation=reservation("r:a:1", "0.2", workflow_id="other"))
+    assert app.budgets.get(WS, "wide").reserved == Decimal("0.2")  # type: ignore[union-attr]
+    assert app.budgets.get(WS, "narrow").reserved == 0  # type: ignore[union-attr]
+    with app.engine.connect() as conn:
+        rows = conn.execute(sa.select(budget_holds.c.budget_id)).all()
+    assert len(rows) == 1
+
+
+def test_concurrent_settlements_announce_each_threshold_once(
+    app: App, pm: pluggy.PluginManager
+) -> None:
+    app.budgets.set_budget(WS, "soft", limit="1.00", hard=False)
+    keys = [f"r:{n}:1" for n in range(24)]
+    for key in keys:
+        pm.hook.byok_reserve_budget(reservation=reservation(key, "0.10"))
+    # settlements racing on one budget row: each crosses thresholds under the row's lock
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        done = list(
+            pool.map(lambda k: pm.hook.byok_settle_budget(settlement=settlement(k, "0.05")), keys)
+        )
+    assert done == [True] * len(keys)
+    status = app.budgets.get(WS, "soft")
+    assert status is not None
+    assert (status.spent, status.reserved) == (Decimal("1.2"), 0)
+    events = [e for e in app.audit_store.events(WS) if e.action == "budget.threshold"]
+    announced = [int(e.detail.split(" reached ")[1].split("%")[0]) for e in events]
+    # one event per settlement that crossed; together they name each threshold once at most,
+    # and the last one crossed (100) is named
+    assert len(announced) == len(set(announced))
+    assert 100 in announced
+    with app.engine.connect() as conn:
+        alerted = conn.execute(sa.select(budgets.c.alerted)).scalar_one()
+    assert alerted == "50,80,100"
+
+
+def test_reserve_and_settle_are_one_statement_each_on_postgresql(
+    app: App, pm: pluggy.PluginManager, database_url: str
+) -> None:
+    if not database_url.startswith("postgresql"):
+        pytest.skip("SQLite serializes writers with BEGIN IMMEDIATE on a local file instead")
+    app.budgets.set_budget(WS, "monthly", limit="1.00")
+    app.budgets.set_budget(WS, "triage", limit="1.00", workflow_id="triage")
+    statements: list[str] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement)
+
+    sa.event.listen(app.engine, "before_cursor_execute", seen)
+    try:
+        pm.hook.byok_reserve_budget(reservation=reservation("r:a:1", "0.4", workflow_id="triage"))
+        assert len(statements) == 1
+        assert pm.hook.byok_settle_budget(settlement=settlement("r:a:1", "0.3")) is True
+        assert len(statements) == 2
+        with pytest.raises(BudgetExceeded):
+            pm.hook.byok_reserve_budget(reservation=reservation("r:b:1", "0.8"))
+        assert len(statements) == 3
+    finally:
+        sa.event.remove(app.engine, "before_cursor_execute", seen)
+    # no BEGIN/COMMIT around them: each statement commits on its own
+    assert not any(s.strip().upper() in ("BEGIN", "COMMIT") for s in statements)
+    status = app.budgets.get(WS, "triage")
+    assert status is not None
+    assert (status.spent, status.reserved) == (Decimal("0.3"), 0)
+
+
+def test_hook_byok_record_usage_and_settle_commits_rows_and_settlements_together(
+    app: App, pm: pluggy.PluginManager, database_url: str
+) -> None:
+    from ledger_support import record_for
+
+    app.budgets.set_budget(WS, "monthly", limit="1.00")
+    records = [record_for(n, workspace=WS) for n in (1, 4)]  # two platform-billed calls
+    keys = [r.idempotency_key for r in records]
+    for key in keys:
+        pm.hook.byok_reserve_budget(reservation=reservation(key, "0.30"))
+    together = [settlement(key, "0.10") for key in keys]
+    answer = pm.hook.byok_record_usage_and_settle(records=records, settlements=together)
+    if not database_url.startswith("postgresql"):
+        # SQLite: declined (calls are not grouped there); nothing was written
+        assert answer is None
+        assert app.ledger.get(keys[0]) is None
+        return
+    assert answer is True
+    assert all(app.ledger.get(key) is not None for key in keys)
+    status = app.budgets.get(WS, "monthly")
+    assert status is not None
+    assert (status.spent, status.reserved) == (Decimal("0.2"), 0)
+    # idempotent on each key: the same group again changes nothing
+    assert pm.hook.byok_record_usage_and_settle(records=records, settlements=together) is True
+    assert app.budgets.get(WS, "monthly").spent == Decimal("0.2")  # type: ignore[union-attr]
+    # one transaction: a settlement the store refuses (more than a BIGINT of nano-dollars)
+    # leaves no row of the group either
+    late = [record_for(n, workspace=WS) for n in (7,)]
+    pm.hook.byok_reserve_budget(reservation=reservation(late[0].idempotency_key, "0.30"))
+    refused = [settlement(late[0].idempotency_key, "1E+12")]
+    with pytest.raises(Exception, match="recording usage"):
+        pm.hook.byok_record_usage_and_settle(records=late, settlements=refused)
+    assert app.ledger.get(late[0].idempotency_key) is None
+    assert app.budgets.get(WS, "monthly").reserved == Decimal("0.3")  # type: ignore[union-attr]

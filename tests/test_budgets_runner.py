@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from byok_hookspecs import Usage, UsageRecord, hookimpl
+from byok_hookspecs import BudgetSettlement, Usage, UsageRecord, hookimpl
 
 from byok_plugin.budgets import UNIT, budget_holds
 from byok_plugin.cli.demo import BYOK_WORKSPACE, OPERATOR, PLATFORM_WORKSPACE, DemoStack
@@ -356,3 +356,28 @@ def test_a_key_rotated_to_after_a_429_is_held_even_when_the_first_key_was_not(
     status = stack.app.budgets.get(BYOK_WORKSPACE, "guard")
     assert status is not None
     assert (status.spent, status.reserved) == (0, 0)
+
+
+def test_a_plugin_settling_budgets_beside_the_default_gets_every_settlement(
+    stack: DemoStack,
+) -> None:
+    # on PostgreSQL the runner's writer records and settles a group in one transaction only
+    # when the default plugin is the sole byok_settle_budget implementation: here it is not
+    seen: list[str] = []
+
+    class Credits:
+        @hookimpl(tryfirst=True)
+        def byok_settle_budget(self, settlement: BudgetSettlement) -> bool | None:
+            seen.append(settlement.idempotency_key)
+            return None  # let the default settle the store's budget too
+
+    stack.pm.register(Credits())
+    stack.app.budgets.set_budget(PLATFORM_WORKSPACE, "monthly", limit="1000")
+    results = [stack.run(ONE_CALL, PLATFORM_WORKSPACE, {"name": f"user {n}"}) for n in range(3)]
+    assert all(r.ok for r in results), [r.error for r in results]
+    keys = [call.idempotency_key for r in results for call in r.calls]
+    assert sorted(seen) == sorted(keys)
+    spent = stack.app.budgets.get(PLATFORM_WORKSPACE, "monthly")
+    assert spent is not None
+    assert spent.spent == sum((call.charge.amount for r in results for call in r.calls), Decimal(0))
+    assert spent.reserved == 0

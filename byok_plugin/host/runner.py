@@ -1548,13 +1548,19 @@ class WorkflowRunner:
             make_record(charge)
             for (_, _, make_record, _), (charge, _) in zip(items, charged, strict=True)
         ]
-        errors = self._record_group(records)
+        # each call's own budget hold, settled with its own charge: in the group's transaction
+        # when one plugin records and settles (byok_record_usage_and_settle), else one by one
+        settlements = [
+            settle(charge) if settle is not None else None
+            for (_, _, _, settle), (charge, _) in zip(items, charged, strict=True)
+        ]
+        errors, together = self._record_group(records, [s for s in settlements if s is not None])
         settled: list[_Settled] = []
-        for (_, credential, _, settle), (charge, charge_error), record, error in zip(
-            items, charged, records, errors, strict=True
+        for (_, credential, _, _), (charge, charge_error), record, error, settlement in zip(
+            items, charged, records, errors, settlements, strict=True
         ):
-            if settle is not None:  # the call's own budget hold, with its own charge
-                self._settle_budget_now(settle(charge))
+            if settlement is not None and not together:
+                self._settle_budget_now(settlement)
             if error is not None:
                 error = self._record_retries(
                     record, error, self.options.record_attempts - 1, (credential.api_key,)
@@ -1562,13 +1568,27 @@ class WorkflowRunner:
             settled.append((charge, record, error, charge_error))
         return settled
 
-    def _record_group(self, records: list[UsageRecord]) -> list[Exception | None]:
+    def _record_group(
+        self, records: list[UsageRecord], settlements: list[BudgetSettlement]
+    ) -> tuple[list[Exception | None], bool]:
         """Record a group: the batch form on the plugins that implement it, the single form on
         the others, record by record. If a batch implementation raises, no record of the group
-        is taken as recorded: every plugin is asked again, record by record (idempotent)."""
+        is taken as recorded: every plugin is asked again, record by record (idempotent).
+
+        With ``settlements``, and one plugin that implements ``byok_record_usage_and_settle``
+        and is the only one settling budgets, that plugin records and settles in one
+        transaction. :returns: each record's error, and whether the settlements were made."""
         batch = getattr(self.pm.hook, "byok_record_usage_batch", None)
         batch_plugins = [impl.plugin for impl in batch.get_hookimpls()] if batch is not None else []
         single = self.pm.hook.byok_record_usage
+        together = self._record_and_settle(records, settlements) if settlements else None
+        if together is not None:  # the others still get every record, in their own form
+            batch_plugins = [p for p in batch_plugins if p is not together]
+            if batch_plugins:
+                batch = self.pm.subset_hook_caller(
+                    "byok_record_usage_batch", remove_plugins=[together]
+                )
+            single = self.pm.subset_hook_caller("byok_record_usage", remove_plugins=[together])
         if batch_plugins:
             try:
                 batch(records=records)
@@ -1580,7 +1600,8 @@ class WorkflowRunner:
                 )
             else:
                 single = self.pm.subset_hook_caller(
-                    "byok_record_usage", remove_plugins=batch_plugins
+                    "byok_record_usage",
+                    remove_plugins=batch_plugins + ([together] if together is not None else []),
                 )
         errors: list[Exception | None] = []
         for record in records:
@@ -1590,7 +1611,31 @@ class WorkflowRunner:
                 errors.append(exc)
             else:
                 errors.append(None)
-        return errors
+        return errors, together is not None
+
+    def _record_and_settle(
+        self, records: list[UsageRecord], settlements: list[BudgetSettlement]
+    ) -> object | None:
+        """``byok_record_usage_and_settle`` when one plugin implements it and is the only one
+        settling budgets; :returns: that plugin when it recorded and settled the group."""
+        hook = getattr(self.pm.hook, "byok_record_usage_and_settle", None)
+        if hook is None:
+            return None
+        plugins = [impl.plugin for impl in hook.get_hookimpls()]
+        settling = [impl.plugin for impl in self.pm.hook.byok_settle_budget.get_hookimpls()]
+        if len(plugins) != 1 or settling != plugins:
+            return None
+        try:
+            done = hook(records=records, settlements=settlements)
+        except Exception as exc:
+            log.warning(
+                "recording and settling a group of %d calls together failed (%s); doing both "
+                "separately",
+                len(records),
+                type(exc).__name__,
+            )
+            return None
+        return plugins[0] if done else None
 
     def _charge(self, usage: Any, credential: Credential) -> tuple[Charge, Exception | None]:
         """``byok_compute_charge``; a charge that fails is 0 with reason ``charge_failed``."""

@@ -130,6 +130,29 @@ def byok_record_usage_batch(records: Sequence[UsageRecord]) -> None:
 
 
 @hookspec(firstresult=True)
+def byok_record_usage_and_settle(
+    records: Sequence[UsageRecord], settlements: Sequence[BudgetSettlement]
+) -> bool | None:
+    """Record a group of calls and settle their budget holds together, in one transaction.
+
+    :func:`byok_record_usage_batch` and :func:`byok_settle_budget` at once, so that a call's
+    ledger row and its settlement land together (one commit for the group). A host calls it only
+    when exactly one plugin implements it and that plugin is the only one implementing
+    ``byok_settle_budget``; the plugins that implement the batch or single recording hooks get
+    the records through those hooks as well.
+
+    Stops at first non-None result.
+
+    :param records: the calls, in the order they finished; never empty.
+    :param settlements: the budget settlements of those of the calls that hold something;
+        idempotent on each ``idempotency_key`` as ``byok_settle_budget`` is.
+    :returns: ``True`` when the records and the settlements were committed together; ``None``
+        to decline (the host then records and settles them separately, as without this hook).
+        Raising means neither was done: the host then does both separately (idempotent).
+    """
+
+
+@hookspec(firstresult=True)
 def byok_recorded_calls(run_id: str) -> tuple[RecordedCall, ...] | None:
     """The calls already recorded in the usage ledger under a run id, of any workspace.
 
