@@ -51,9 +51,16 @@ class Totals:
     list_cost: Decimal = field(default_factory=Decimal)
     charged: Decimal = field(default_factory=Decimal)
     byok_saved: Decimal = field(default_factory=Decimal)
+    #: calls sent and never answered (not charged) and their estimated input's list cost, kept
+    #: apart from the tokens and costs above, which are what the provider reported
+    uncertain_calls: int = 0
+    uncertain_estimated_cost: Decimal = field(default_factory=Decimal)
 
     def add(self, row: LedgerRow) -> None:
         self.calls += 1
+        if row.status == "uncertain":
+            self._add_uncertain(row)
+            return
         if row.is_byok:
             self.byok_calls += 1
             if row.list_cost is not None:
@@ -71,6 +78,22 @@ class Totals:
         self.charged += row.amount
         for name in _TOKENS:
             setattr(self, name, getattr(self, name) + getattr(row, name))
+
+    def _add_uncertain(self, row: LedgerRow) -> None:
+        """A call the provider may have run: counted by source, charged what the ledger says (0),
+        its estimated cost apart; its estimated tokens are not added to the reported ones."""
+        self.uncertain_calls += 1
+        if row.is_byok:
+            self.byok_calls += 1
+        elif row.source is CredentialSource.PLATFORM:
+            self.platform_calls += 1
+        else:
+            self.block_calls += 1
+        if row.fallback:
+            self.fallback_calls += 1
+        if row.list_cost is not None:
+            self.uncertain_estimated_cost += row.list_cost
+        self.charged += row.amount
 
     @property
     def byok_share(self) -> Decimal:
@@ -93,6 +116,8 @@ class Totals:
             "list_cost": str(self.list_cost),
             "charged": str(self.charged),
             "byok_saved": str(self.byok_saved),
+            "uncertain_calls": self.uncertain_calls,
+            "uncertain_estimated_cost": str(self.uncertain_estimated_cost),
         }
 
 

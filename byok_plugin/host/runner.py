@@ -1052,6 +1052,7 @@ class WorkflowRunner:
         """:meth:`_call_held`, whose budget hold is released if the call does not complete."""
         idempotency_key = _call_key(run.run_id, block_id, attempt, seq)
         budget = _Budget(idempotency_key, run.workspace_id, run.workflow.name, run.run_id, block_id)
+        budget.estimate = _estimate_of(worst)
         if self.pm.hook.byok_reserve_budget.get_hookimpls():  # else nothing to hold it against
             budget.worst = worst
         try:
@@ -1296,7 +1297,10 @@ class WorkflowRunner:
         if exc.partial_usage is not None:
             usage, status = exc.partial_usage, "interrupted"
         elif exc.maybe_executed:
-            usage, status = Usage(provider=exc.provider, model=model), "uncertain"
+            # not charged, but its estimated input's list cost is kept for reconciliation
+            estimate = budget.estimate if budget is not None else None
+            usage = estimate or Usage(provider=exc.provider, model=model)
+            status = "uncertain"
         else:
             return
         job = self._start_recording_unfinished(
@@ -1767,6 +1771,18 @@ class _Budget:
     worst: Usage | None = None
     hold: BudgetHold | None = None
     settled: bool = False
+    #: the request's estimated input (an ``uncertain`` row's usage), whether or not budgets apply
+    estimate: Usage | None = None
+
+
+def _estimate_of(worst: Usage | None) -> Usage | None:
+    """What a call sent and never answered is estimated to have used: the input bound of the
+    request (as its budget hold), or, for a call priced per request (a search), the request."""
+    if worst is None:
+        return None
+    if worst.output_tokens:
+        return Usage(worst.provider, worst.model, input_tokens=worst.input_tokens)
+    return Usage(worst.provider, worst.model, tool_requests=worst.tool_requests)
 
 
 def _input_bound(request: CompletionRequest) -> int:
