@@ -111,7 +111,12 @@ from byok_plugin.host.providers.errors import (
     UnsupportedRequest,
 )
 from byok_plugin.host.providers.registry import create_clients, new_http_client
-from byok_plugin.host.providers.retry import RetryPolicy, RetryWait, retry_listener
+from byok_plugin.host.providers.retry import (
+    RetryPolicy,
+    RetryWait,
+    retry_listener,
+    retrying_once_sent,
+)
 from byok_plugin.host.run_result import (
     BlockResult,
     BlockStatus,
@@ -1105,7 +1110,9 @@ class WorkflowRunner:
             try:
                 async with self._limit:  # the limit holds provider calls, not the hooks around them
                     started = self._clock()
-                    result = await invoke(credential.api_key)
+                    # the platform pays each execution: its client does not retry a maybe-run one
+                    with retrying_once_sent(not credential.billed_by_platform):
+                        result = await invoke(credential.api_key)
                     latency = self._clock() - started
             except ProviderError as exc:
                 if not isinstance(exc, AuthError | RateLimitError):
