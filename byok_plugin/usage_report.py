@@ -55,6 +55,8 @@ class Totals:
     #: apart from the tokens and costs above, which are what the provider reported
     uncertain_calls: int = 0
     uncertain_estimated_cost: Decimal = field(default_factory=Decimal)
+    #: answered-in-part calls (interrupted streams) charged on an input estimated from the request
+    estimated_calls: int = 0
 
     def add(self, row: LedgerRow) -> None:
         self.calls += 1
@@ -71,6 +73,8 @@ class Totals:
             self.block_calls += 1
         if row.fallback:
             self.fallback_calls += 1
+        if row.estimated:
+            self.estimated_calls += 1
         if row.list_cost is None or row.unpriced:  # wholly, or some part of it, without a price
             self.unpriced_calls += 1
         if row.list_cost is not None:
@@ -118,6 +122,7 @@ class Totals:
             "byok_saved": str(self.byok_saved),
             "uncertain_calls": self.uncertain_calls,
             "uncertain_estimated_cost": str(self.uncertain_estimated_cost),
+            "estimated_calls": self.estimated_calls,
         }
 
 

@@ -71,6 +71,7 @@ def test_an_uncertain_row_carries_its_estimated_input_cost_and_the_reports_show_
     # the estimate is the budget's bound of the request: never below what the provider counted
     assert uncertain.input_tokens >= done.input_tokens > 0
     assert uncertain.output_tokens == 0
+    assert (uncertain.estimated, done.estimated) == (("input_tokens",), ())
     # not charged; its list cost is the estimate at 3 USD per 1M input tokens (claude-sonnet-4-5)
     assert (uncertain.amount, uncertain.reason) == (0, "uncertain")
     assert uncertain.list_cost == Decimal(3) * uncertain.input_tokens / 1_000_000
@@ -109,3 +110,59 @@ def test_an_uncertain_row_carries_its_estimated_input_cost_and_the_reports_show_
     assert shown.exit_code == 0, shown.output
     assert "1 uncertain calls" in shown.output
     assert "(estimated $" in shown.output
+
+
+# --- interrupted OpenAI-shaped streams: the input is reported only in the last chunk -------------
+
+
+@pytest.mark.parametrize(
+    ("model", "input_price", "output_price"),
+    [("gpt-4o-mini", "0.15", "0.60"), ("mistral-small-latest", "0.06", "0.18")],
+)
+def test_a_cut_openai_shaped_stream_counts_its_estimated_input_and_the_deltas(
+    stack: DemoStack, emulator: EmulatorServer, model: str, input_price: str, output_price: str
+) -> None:
+    workflow = parse_workflow(
+        {
+            "name": "one",
+            "version": "1",
+            "blocks": {"a": {"type": "agent", "model": model, "prompt": "Say hello"}},
+        }
+    )
+    provider = "openai" if model.startswith("gpt") else "mistral"
+    emulator.add_fault(Fault(FaultKind.TRUNCATED_STREAM, provider=provider, times=1))
+
+    async def go() -> RunResult:
+        async with new_http_client() as http:
+            clients = create_clients(http, environ=stack.environ, retry=NO_RETRY)
+            runner = WorkflowRunner(
+                stack.pm, clients, environ=stack.environ, options=RunnerOptions(block_retries=1)
+            )
+            try:
+                return await runner.run(
+                    workflow, workspace_id=PLATFORM_WORKSPACE, inputs={}, stream=True
+                )
+            finally:
+                await runner.drain()
+
+    result = asyncio.run(go())
+    assert result.ok, result.error
+    cut, done = sorted(stack.app.ledger.rows(), key=lambda r: r.idempotency_key)
+    assert (cut.status, done.status) == ("interrupted", "complete")
+    assert (cut.estimated, done.estimated) == (("input_tokens",), ())
+    # the input bound of the request, never below what the provider counted for the same request
+    assert cut.input_tokens >= done.input_tokens > 0
+    assert 0 < cut.output_tokens <= done.output_tokens  # the deltas received before the cut
+    expected = (
+        Decimal(input_price) * cut.input_tokens + Decimal(output_price) * cut.output_tokens
+    ) / 1_000_000
+    assert cut.amount == cut.list_cost == expected > 0
+    assert cut.reason == "platform"
+    stack.app.close()
+    usage = CliRunner().invoke(main, ["usage", "--json"], env=stack.environ)
+    assert usage.exit_code == 0, usage.output
+    totals = json.loads(usage.output)["totals"]
+    assert (totals["calls"], totals["estimated_calls"]) == (2, 1)
+    assert totals["input_tokens"] == cut.input_tokens + done.input_tokens  # charged, so counted
+    table = CliRunner().invoke(main, ["usage"], env={**stack.environ, "COLUMNS": "300"})
+    assert "1 calls charged on an estimated input (streams cut" in table.output

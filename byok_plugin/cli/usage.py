@@ -175,6 +175,12 @@ def _print_table(report: UsageReport) -> None:
             f"BYOK saved {money(t.byok_saved, report.currency)} at list price"
             + (f"; {t.unpriced_calls} calls had no price" if t.unpriced_calls else "")
             + (
+                f"; {t.estimated_calls} calls charged on an estimated input (streams cut "
+                "before the provider reported it)"
+                if t.estimated_calls
+                else ""
+            )
+            + (
                 f"; {t.uncertain_calls} uncertain calls (sent, never answered, not charged): "
                 f"estimated {money(t.uncertain_estimated_cost, report.currency)} at list price"
                 if t.uncertain_calls

@@ -67,6 +67,7 @@ from typing import Any, TypeVar
 import httpx
 import pluggy
 from byok_hookspecs import (
+    USAGE_COUNTS,
     Actor,
     BudgetExceeded,
     BudgetHold,
@@ -1304,10 +1305,7 @@ class WorkflowRunner:
         if exc.partial_usage is not None:
             usage, status = exc.partial_usage, "interrupted"
         elif exc.maybe_executed:
-            # not charged, but its estimated input's list cost is kept for reconciliation
-            estimate = budget.estimate if budget is not None else None
-            usage = estimate or Usage(provider=exc.provider, model=model)
-            status = "uncertain"
+            usage, status = Usage(provider=exc.provider, model=model), "uncertain"
         else:
             return
         job = self._start_recording_unfinished(
@@ -1334,11 +1332,26 @@ class WorkflowRunner:
         idempotency_key = _call_key(run.run_id, block_id, attempt, seq)
         if status == "uncertain":
             idempotency_key += f":uncertain:{round_no}"
+        estimated: tuple[str, ...] = ()
+        estimate = budget.estimate if budget is not None else None
+        if status == "uncertain" and estimate is not None:
+            # not charged, but its estimated input's list cost is kept for reconciliation
+            usage = estimate
+            estimated = tuple(name for name in USAGE_COUNTS if getattr(estimate, name))
+        elif (
+            status == "interrupted"
+            and not usage.input_tokens
+            and estimate
+            and estimate.input_tokens
+        ):
+            # an OpenAI-shaped stream reports its input only in its last chunk: estimated
+            usage = replace(usage, input_tokens=estimate.input_tokens)
+            estimated = ("input_tokens",)
         if usage.model != model:
             usage = replace(usage, model=model)
 
         make_record = _recorder(
-            run, block_id, attempt, idempotency_key, usage, credential, status=status
+            run, block_id, attempt, idempotency_key, usage, credential, status, estimated
         )
 
         settle = None
@@ -1711,6 +1724,7 @@ def _recorder(
     usage: Usage,
     credential: Credential,
     status: str = "complete",
+    estimated: tuple[str, ...] = (),
 ) -> Callable[[Charge], UsageRecord]:
     """What makes a call's :class:`UsageRecord` of its charge; an ``uncertain`` call is recorded
     uncharged (for reconciliation)."""
@@ -1731,6 +1745,7 @@ def _recorder(
             block_id=block_id,
             attempt=attempt,
             status=status,
+            estimated=estimated,
         )
 
     return make_record

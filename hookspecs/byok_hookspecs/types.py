@@ -323,6 +323,9 @@ class UsageRecord:
         to bill for it, charged as any call; ``uncertain`` for a request the provider may have
         executed without the client seeing its answer (a timeout or a reset after the request
         was sent): not charged, kept for reconciliation.
+    :param estimated: the usage counts (names from ``USAGE_COUNTS``) that are estimated from the
+        request, not reported by the provider: ``input_tokens`` of an ``uncertain`` call, or of
+        an ``interrupted`` stream whose provider reports the input only at its end.
     """
 
     idempotency_key: str
@@ -338,11 +341,17 @@ class UsageRecord:
     attempt: int = 1
     occurred_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     status: str = "complete"
+    estimated: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.status not in RECORD_STATUSES:
             raise ValueError(
                 f"UsageRecord.status must be one of {', '.join(RECORD_STATUSES)}, not {self.status!r}"
+            )
+        unknown = [name for name in self.estimated if name not in USAGE_COUNTS]
+        if unknown:
+            raise ValueError(
+                f"UsageRecord.estimated names no usage count: {', '.join(map(repr, unknown))}"
             )
 
 
