@@ -173,6 +173,8 @@ class LedgerRow:
     occurred_at: datetime
     recorded_at: datetime
     cache_write_1h_tokens: int = 0
+    input_audio_tokens: int = 0
+    output_audio_tokens: int = 0
     tool_uses: tuple[tuple[str, int], ...] = ()
     unpriced: tuple[str, ...] = ()
     status: str = "complete"

@@ -90,7 +90,16 @@ _LITELLM_TOOL_NAMES: Mapping[str, str] = MappingProxyType({"exa_ai/search": "exa
 #: LiteLLM entries of these modes are priced per token or per query; others (images, audio,
 #: embeddings, OCR) use units this package does not bill
 _LITELLM_MODES = frozenset({"chat", "completion", "responses", "search"})
-_RATE_FIELDS = ("input", "cached_input", "cache_write", "cache_write_1h", "output", "reasoning")
+_RATE_FIELDS = (
+    "input",
+    "cached_input",
+    "cache_write",
+    "cache_write_1h",
+    "output",
+    "reasoning",
+    "input_audio",
+    "output_audio",
+)
 _ENTRY_FIELDS = frozenset(
     {
         *_RATE_FIELDS,
@@ -125,11 +134,13 @@ class TokenRates:
     output: Decimal | None = None
     reasoning: Decimal | None = None
     cache_write_1h: Decimal | None = None
+    input_audio: Decimal | None = None
+    output_audio: Decimal | None = None
 
     def billed(self) -> tuple[Decimal | None, ...]:
         """The price each kind of token is billed at, in :data:`_ITEMS` order: cached input and
         cache writes at the input price where they have none, reasoning at the output price;
-        1-hour cache writes only at their own price."""
+        1-hour cache writes and audio tokens only at their own price."""
         return (
             self.input,
             self.cached_input if self.cached_input is not None else self.input,
@@ -137,10 +148,21 @@ class TokenRates:
             self.cache_write_1h,
             self.output,
             self.reasoning if self.reasoning is not None else self.output,
+            self.input_audio,
+            self.output_audio,
         )
 
 
-_ITEMS = ("input", "cached_input", "cache_write", "cache_write_1h", "output", "reasoning")
+_ITEMS = (
+    "input",
+    "cached_input",
+    "cache_write",
+    "cache_write_1h",
+    "output",
+    "reasoning",
+    "input_audio",
+    "output_audio",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -390,6 +412,8 @@ _LITELLM_FIELDS = {
     "cache_write_1h": "cache_creation_input_token_cost_above_1hr",
     "output": "output_cost_per_token",
     "reasoning": "output_cost_per_reasoning_token",
+    "input_audio": "input_cost_per_audio_token",
+    "output_audio": "output_cost_per_audio_token",
 }
 _ABOVE = re.compile(r"^(?P<base>.+)_above_(?P<n>\d+)k_tokens$")
 
@@ -582,6 +606,8 @@ def price_call(
         usage.cache_write_1h_tokens,
         usage.output_tokens,
         usage.reasoning_tokens,
+        usage.input_audio_tokens,
+        usage.output_audio_tokens,
     )
     for item, tokens, rate in zip(_ITEMS, counts, rates.billed(), strict=True):
         if tokens == 0:

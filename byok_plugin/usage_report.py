@@ -48,6 +48,8 @@ class Totals:
     output_tokens: int = 0
     reasoning_tokens: int = 0
     tool_requests: int = 0
+    input_audio_tokens: int = 0
+    output_audio_tokens: int = 0
     list_cost: Decimal = field(default_factory=Decimal)
     charged: Decimal = field(default_factory=Decimal)
     byok_saved: Decimal = field(default_factory=Decimal)

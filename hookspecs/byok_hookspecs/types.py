@@ -45,6 +45,8 @@ USAGE_COUNTS = (
     "reasoning_tokens",
     "tool_requests",
     "cache_write_1h_tokens",
+    "input_audio_tokens",
+    "output_audio_tokens",
 )
 
 _NO_ROLES: Mapping[str, Role | str] = MappingProxyType({})
@@ -221,7 +223,8 @@ class Usage:
     ``cache_write_tokens`` are tokens written to a prompt cache (Anthropic's 5-minute cache),
     ``cache_write_1h_tokens`` those written to Anthropic's 1-hour cache (billed higher),
     ``output_tokens`` are visible output tokens and ``reasoning_tokens`` are hidden reasoning
-    ("thinking") tokens.
+    ("thinking") tokens; ``input_audio_tokens`` and ``output_audio_tokens`` are audio tokens in
+    and out (OpenAI's audio models), priced at their own rates.
 
     :param provider: the provider that served the call.
     :param model: the model, or the tool for tool calls.
@@ -241,6 +244,8 @@ class Usage:
     reasoning_tokens: int = 0
     tool_requests: int = 0
     cache_write_1h_tokens: int = 0
+    input_audio_tokens: int = 0
+    output_audio_tokens: int = 0
     reported_cost: Decimal | None = None
     tool_uses: tuple[tuple[str, int], ...] = ()
 
@@ -275,6 +280,8 @@ class Usage:
             + self.cache_write_1h_tokens
             + self.output_tokens
             + self.reasoning_tokens
+            + self.input_audio_tokens
+            + self.output_audio_tokens
         )
 
 
