@@ -416,6 +416,12 @@ _LITELLM_FIELDS = {
     "output_audio": "output_cost_per_audio_token",
 }
 _ABOVE = re.compile(r"^(?P<base>.+)_above_(?P<n>\d+)k_tokens$")
+#: the provider's own web-search tool a model entry's ``search_context_cost_per_query`` prices
+_LITELLM_SEARCH_TOOLS: Mapping[str, str] = MappingProxyType(
+    {"anthropic": "web_search", "google": "google_search", "openai": "web_search"}
+)
+#: the context size whose price is taken (LiteLLM's default when a request names none)
+_LITELLM_SEARCH_SIZE = "search_context_size_medium"
 
 
 def _litellm_entry(source: str, key: str, entry: Mapping[str, Any]) -> Price | None:
@@ -504,26 +510,59 @@ def parse_litellm_prices(
     Entries for providers this package names differently are renamed (``gemini/gemini-2.5-pro``
     -> ``google/gemini-2.5-pro``, ``exa_ai/search`` -> ``exa/exa-search``); other providers keep
     LiteLLM's name. Images, audio, embeddings and the ``sample_spec`` entry are skipped.
+
+    The providers' web-search tools (Anthropic ``web_search``, Gemini ``google_search``, OpenAI
+    ``web_search``) are priced per query from the models' ``search_context_cost_per_query``
+    (its ``search_context_size_medium``), where every model of the provider that has one agrees;
+    where they differ (OpenAI's search-preview models) no tool price is imported and the
+    shipped table's stays.
     """
     if not isinstance(data, Mapping):
         raise _fail(source, "$", "the document must be a JSON object")
     entries: dict[tuple[str, str], Price] = {}
+    searches: dict[tuple[str, str], dict[Decimal, str]] = {}
     for key, entry in data.items():
         if key == "sample_spec" or not isinstance(entry, Mapping):
             continue
         price = _litellm_entry(source, key, entry)
         if price is None:
             continue
+        search = _litellm_search(source, key, entry, price.provider)
+        if search is not None:
+            searches.setdefault((price.provider, search[0]), {}).setdefault(search[1], key)
         # the provider-prefixed entry of a provider wins over a bare one of the same name
         existing = entries.get((price.provider, price.model))
         if existing is not None and "/" not in key:
             continue
         entries[(price.provider, price.model)] = price
+    # a tool is priced per provider here: imported where every model of the provider agrees
+    tools = {
+        (provider, tool): Price(
+            provider=provider, model=tool, per_request=amount, source=f"litellm:{key}"
+        )
+        for (provider, tool), amounts in searches.items()
+        if len(amounts) == 1
+        for amount, key in amounts.items()
+    }
     return PriceTable(
         version=version or "litellm",
         entries=MappingProxyType(entries),
         source=source,
+        tools=MappingProxyType(tools),
     )
+
+
+def _litellm_search(
+    source: str, key: str, entry: Mapping[str, Any], provider: str
+) -> tuple[str, Decimal] | None:
+    """The provider's web-search tool and its price per query from a model entry's
+    ``search_context_cost_per_query`` (``{"search_context_size_medium": 0.01, ...}``, USD)."""
+    tool = _LITELLM_SEARCH_TOOLS.get(provider)
+    costs = entry.get("search_context_cost_per_query")
+    if tool is None or not isinstance(costs, Mapping) or costs.get(_LITELLM_SEARCH_SIZE) is None:
+        return None
+    path = f"{key}.search_context_cost_per_query.{_LITELLM_SEARCH_SIZE}"
+    return tool, _decimal(source, path, costs[_LITELLM_SEARCH_SIZE])
 
 
 def _is_litellm(data: Any) -> bool:
