@@ -127,6 +127,8 @@ usage_ledger = sa.Table(
     sa.Column("unpriced", sa.Text, nullable=False, server_default="[]"),
     # complete, interrupted or uncertain (UsageRecord.status; revision 0004)
     sa.Column("status", sa.String(16), nullable=False, server_default="complete"),
+    # ["input_tokens"]: the counts estimated from the request (UsageRecord.estimated; rev. 0011)
+    sa.Column("estimated", sa.Text, nullable=False, server_default="[]"),
     sa.Column("occurred_at", UTCDateTime, nullable=False),
     sa.Column("recorded_at", UTCDateTime, nullable=False),
     sa.UniqueConstraint("idempotency_key"),
@@ -171,9 +173,12 @@ class LedgerRow:
     occurred_at: datetime
     recorded_at: datetime
     cache_write_1h_tokens: int = 0
+    input_audio_tokens: int = 0
+    output_audio_tokens: int = 0
     tool_uses: tuple[tuple[str, int], ...] = ()
     unpriced: tuple[str, ...] = ()
     status: str = "complete"
+    estimated: tuple[str, ...] = ()
 
     @property
     def is_byok(self) -> bool:
@@ -191,6 +196,7 @@ def _row(mapping: Any) -> LedgerRow:
         sorted((str(k), int(v)) for k, v in json.loads(values["tool_uses"]).items())
     )
     values["unpriced"] = tuple(str(item) for item in json.loads(values["unpriced"]))
+    values["estimated"] = tuple(str(item) for item in json.loads(values["estimated"]))
     return LedgerRow(**values)
 
 
@@ -348,6 +354,7 @@ class Ledger:
             "tool_uses": json.dumps(dict(usage.tool_uses)),
             "unpriced": json.dumps(list(charge.unpriced)),
             "status": record.status,
+            "estimated": json.dumps(list(record.estimated)),
             "occurred_at": record.occurred_at,
             "recorded_at": recorded_at,
         }

@@ -90,7 +90,16 @@ _LITELLM_TOOL_NAMES: Mapping[str, str] = MappingProxyType({"exa_ai/search": "exa
 #: LiteLLM entries of these modes are priced per token or per query; others (images, audio,
 #: embeddings, OCR) use units this package does not bill
 _LITELLM_MODES = frozenset({"chat", "completion", "responses", "search"})
-_RATE_FIELDS = ("input", "cached_input", "cache_write", "cache_write_1h", "output", "reasoning")
+_RATE_FIELDS = (
+    "input",
+    "cached_input",
+    "cache_write",
+    "cache_write_1h",
+    "output",
+    "reasoning",
+    "input_audio",
+    "output_audio",
+)
 _ENTRY_FIELDS = frozenset(
     {
         *_RATE_FIELDS,
@@ -125,11 +134,13 @@ class TokenRates:
     output: Decimal | None = None
     reasoning: Decimal | None = None
     cache_write_1h: Decimal | None = None
+    input_audio: Decimal | None = None
+    output_audio: Decimal | None = None
 
     def billed(self) -> tuple[Decimal | None, ...]:
         """The price each kind of token is billed at, in :data:`_ITEMS` order: cached input and
         cache writes at the input price where they have none, reasoning at the output price;
-        1-hour cache writes only at their own price."""
+        1-hour cache writes and audio tokens only at their own price."""
         return (
             self.input,
             self.cached_input if self.cached_input is not None else self.input,
@@ -137,10 +148,21 @@ class TokenRates:
             self.cache_write_1h,
             self.output,
             self.reasoning if self.reasoning is not None else self.output,
+            self.input_audio,
+            self.output_audio,
         )
 
 
-_ITEMS = ("input", "cached_input", "cache_write", "cache_write_1h", "output", "reasoning")
+_ITEMS = (
+    "input",
+    "cached_input",
+    "cache_write",
+    "cache_write_1h",
+    "output",
+    "reasoning",
+    "input_audio",
+    "output_audio",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -390,8 +412,16 @@ _LITELLM_FIELDS = {
     "cache_write_1h": "cache_creation_input_token_cost_above_1hr",
     "output": "output_cost_per_token",
     "reasoning": "output_cost_per_reasoning_token",
+    "input_audio": "input_cost_per_audio_token",
+    "output_audio": "output_cost_per_audio_token",
 }
 _ABOVE = re.compile(r"^(?P<base>.+)_above_(?P<n>\d+)k_tokens$")
+#: the provider's own web-search tool a model entry's ``search_context_cost_per_query`` prices
+_LITELLM_SEARCH_TOOLS: Mapping[str, str] = MappingProxyType(
+    {"anthropic": "web_search", "google": "google_search", "openai": "web_search"}
+)
+#: the context size whose price is taken (LiteLLM's default when a request names none)
+_LITELLM_SEARCH_SIZE = "search_context_size_medium"
 
 
 def _litellm_entry(source: str, key: str, entry: Mapping[str, Any]) -> Price | None:
@@ -480,26 +510,59 @@ def parse_litellm_prices(
     Entries for providers this package names differently are renamed (``gemini/gemini-2.5-pro``
     -> ``google/gemini-2.5-pro``, ``exa_ai/search`` -> ``exa/exa-search``); other providers keep
     LiteLLM's name. Images, audio, embeddings and the ``sample_spec`` entry are skipped.
+
+    The providers' web-search tools (Anthropic ``web_search``, Gemini ``google_search``, OpenAI
+    ``web_search``) are priced per query from the models' ``search_context_cost_per_query``
+    (its ``search_context_size_medium``), where every model of the provider that has one agrees;
+    where they differ (OpenAI's search-preview models) no tool price is imported and the
+    shipped table's stays.
     """
     if not isinstance(data, Mapping):
         raise _fail(source, "$", "the document must be a JSON object")
     entries: dict[tuple[str, str], Price] = {}
+    searches: dict[tuple[str, str], dict[Decimal, str]] = {}
     for key, entry in data.items():
         if key == "sample_spec" or not isinstance(entry, Mapping):
             continue
         price = _litellm_entry(source, key, entry)
         if price is None:
             continue
+        search = _litellm_search(source, key, entry, price.provider)
+        if search is not None:
+            searches.setdefault((price.provider, search[0]), {}).setdefault(search[1], key)
         # the provider-prefixed entry of a provider wins over a bare one of the same name
         existing = entries.get((price.provider, price.model))
         if existing is not None and "/" not in key:
             continue
         entries[(price.provider, price.model)] = price
+    # a tool is priced per provider here: imported where every model of the provider agrees
+    tools = {
+        (provider, tool): Price(
+            provider=provider, model=tool, per_request=amount, source=f"litellm:{key}"
+        )
+        for (provider, tool), amounts in searches.items()
+        if len(amounts) == 1
+        for amount, key in amounts.items()
+    }
     return PriceTable(
         version=version or "litellm",
         entries=MappingProxyType(entries),
         source=source,
+        tools=MappingProxyType(tools),
     )
+
+
+def _litellm_search(
+    source: str, key: str, entry: Mapping[str, Any], provider: str
+) -> tuple[str, Decimal] | None:
+    """The provider's web-search tool and its price per query from a model entry's
+    ``search_context_cost_per_query`` (``{"search_context_size_medium": 0.01, ...}``, USD)."""
+    tool = _LITELLM_SEARCH_TOOLS.get(provider)
+    costs = entry.get("search_context_cost_per_query")
+    if tool is None or not isinstance(costs, Mapping) or costs.get(_LITELLM_SEARCH_SIZE) is None:
+        return None
+    path = f"{key}.search_context_cost_per_query.{_LITELLM_SEARCH_SIZE}"
+    return tool, _decimal(source, path, costs[_LITELLM_SEARCH_SIZE])
 
 
 def _is_litellm(data: Any) -> bool:
@@ -582,6 +645,8 @@ def price_call(
         usage.cache_write_1h_tokens,
         usage.output_tokens,
         usage.reasoning_tokens,
+        usage.input_audio_tokens,
+        usage.output_audio_tokens,
     )
     for item, tokens, rate in zip(_ITEMS, counts, rates.billed(), strict=True):
         if tokens == 0:

@@ -35,6 +35,8 @@ class ReconcileLine:
     calls: int = 0
     reported_calls: int = 0
     uncertain_calls: int = 0
+    #: the uncertain calls' estimated input at list price (not in ``list_cost``)
+    uncertain_estimated_cost: Decimal = field(default_factory=Decimal)
     interrupted_calls: int = 0
     unpriced_calls: int = 0
     list_cost: Decimal = field(default_factory=Decimal)
@@ -55,6 +57,7 @@ class ReconcileLine:
             "calls": self.calls,
             "reported_calls": self.reported_calls,
             "uncertain_calls": self.uncertain_calls,
+            "uncertain_estimated_cost": str(self.uncertain_estimated_cost),
             "interrupted_calls": self.interrupted_calls,
             "unpriced_calls": self.unpriced_calls,
             "list_cost": str(self.list_cost),
@@ -91,13 +94,15 @@ def reconcile(
         if line is None:
             line = lines[key] = ReconcileLine(*key)
         line.calls += 1
-        if row.list_cost is not None:
-            line.list_cost += row.list_cost
-        if row.status != "uncertain" and (row.list_cost is None or row.unpriced):
-            line.unpriced_calls += 1
         if row.status == "uncertain":
             line.uncertain_calls += 1
-        elif row.status == "interrupted":
+            line.uncertain_estimated_cost += row.list_cost or Decimal(0)
+            continue
+        if row.list_cost is not None:
+            line.list_cost += row.list_cost
+        if row.list_cost is None or row.unpriced:
+            line.unpriced_calls += 1
+        if row.status == "interrupted":
             line.interrupted_calls += 1
         if row.reported_cost is not None:
             line.reported_calls += 1

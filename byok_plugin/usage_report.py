@@ -48,12 +48,23 @@ class Totals:
     output_tokens: int = 0
     reasoning_tokens: int = 0
     tool_requests: int = 0
+    input_audio_tokens: int = 0
+    output_audio_tokens: int = 0
     list_cost: Decimal = field(default_factory=Decimal)
     charged: Decimal = field(default_factory=Decimal)
     byok_saved: Decimal = field(default_factory=Decimal)
+    #: calls sent and never answered (not charged) and their estimated input's list cost, kept
+    #: apart from the tokens and costs above, which are what the provider reported
+    uncertain_calls: int = 0
+    uncertain_estimated_cost: Decimal = field(default_factory=Decimal)
+    #: answered-in-part calls (interrupted streams) charged on an input estimated from the request
+    estimated_calls: int = 0
 
     def add(self, row: LedgerRow) -> None:
         self.calls += 1
+        if row.status == "uncertain":
+            self._add_uncertain(row)
+            return
         if row.is_byok:
             self.byok_calls += 1
             if row.list_cost is not None:
@@ -64,6 +75,8 @@ class Totals:
             self.block_calls += 1
         if row.fallback:
             self.fallback_calls += 1
+        if row.estimated:
+            self.estimated_calls += 1
         if row.list_cost is None or row.unpriced:  # wholly, or some part of it, without a price
             self.unpriced_calls += 1
         if row.list_cost is not None:
@@ -71,6 +84,22 @@ class Totals:
         self.charged += row.amount
         for name in _TOKENS:
             setattr(self, name, getattr(self, name) + getattr(row, name))
+
+    def _add_uncertain(self, row: LedgerRow) -> None:
+        """A call the provider may have run: counted by source, charged what the ledger says (0),
+        its estimated cost apart; its estimated tokens are not added to the reported ones."""
+        self.uncertain_calls += 1
+        if row.is_byok:
+            self.byok_calls += 1
+        elif row.source is CredentialSource.PLATFORM:
+            self.platform_calls += 1
+        else:
+            self.block_calls += 1
+        if row.fallback:
+            self.fallback_calls += 1
+        if row.list_cost is not None:
+            self.uncertain_estimated_cost += row.list_cost
+        self.charged += row.amount
 
     @property
     def byok_share(self) -> Decimal:
@@ -93,6 +122,9 @@ class Totals:
             "list_cost": str(self.list_cost),
             "charged": str(self.charged),
             "byok_saved": str(self.byok_saved),
+            "uncertain_calls": self.uncertain_calls,
+            "uncertain_estimated_cost": str(self.uncertain_estimated_cost),
+            "estimated_calls": self.estimated_calls,
         }
 
 

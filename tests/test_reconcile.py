@@ -28,8 +28,8 @@ def test_reconcile_lists_what_exa_reported_beside_the_table(
 
     def record(key: str, usage: Usage, when: datetime, status: str = "complete") -> None:
         charge = app.billing.charge(usage, platform)
-        if status == "uncertain":
-            charge = Charge(D(0), reason="uncertain")
+        if status == "uncertain":  # not charged; the list cost of its estimate is kept
+            charge = Charge(D(0), reason="uncertain", list_cost=charge.list_cost)
         assert app.ledger.record(
             UsageRecord(
                 idempotency_key=key,
@@ -50,7 +50,7 @@ def test_reconcile_lists_what_exa_reported_beside_the_table(
         record("r:a:1", search("0.007"), DAY1)  # table: 0.005
         record("r:b:1", search("0.025"), DAY1)  # 26-100 results: the table's floor is 0.005
         record("r:c:1", search(None), DAY1)  # nothing reported: the table's price is charged
-        record("r:d:1:uncertain:0", Usage("exa", "exa-search"), DAY1, status="uncertain")
+        record("r:d:1:uncertain:0", search(None), DAY1, status="uncertain")
         record("r:e:1", search("0.005"), DAY2)
         openai = Usage("openai", "gpt-4o", input_tokens=1000)
         app.ledger.record(
@@ -73,7 +73,13 @@ def test_reconcile_lists_what_exa_reported_beside_the_table(
     result = CliRunner().invoke(main, ["reconcile", "--provider", "exa", "--json"], env=env)
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
-    amounts = ("list_cost", "reported_cost", "table_cost", "difference")
+    amounts = (
+        "list_cost",
+        "reported_cost",
+        "table_cost",
+        "difference",
+        "uncertain_estimated_cost",
+    )
     for line in (*report["lines"], *report["differences"]):
         for name in amounts:  # exact decimals (PostgreSQL gives them 12 places)
             line[name] = D(line[name])
@@ -85,6 +91,7 @@ def test_reconcile_lists_what_exa_reported_beside_the_table(
         "calls": 4,
         "reported_calls": 2,
         "uncertain_calls": 1,
+        "uncertain_estimated_cost": D("0.005"),  # apart from the list cost
         "interrupted_calls": 0,
         "unpriced_calls": 0,
         "list_cost": D("0.007") + D("0.025") + D("0.005"),

@@ -3,6 +3,8 @@ with the differences and the calls left to settle (``uncertain``, ``interrupted`
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 import click
 
 from byok_plugin.cli.context import CliContext, pass_cli
@@ -66,6 +68,7 @@ def reconcile_command(
                 Column("calls", "number", priority=3),
                 Column("reported", "number", priority=4),
                 Column("uncertain", "number", priority=2),
+                Column("uncertain est.", "money", priority=8),
                 Column("interrupted", "number", priority=5),
                 Column("unpriced", "number", priority=6),
                 Column("list cost", "money", priority=7),
@@ -81,6 +84,7 @@ def reconcile_command(
                     str(line.calls),
                     str(line.reported_calls),
                     str(line.uncertain_calls),
+                    money(line.uncertain_estimated_cost),
                     str(line.interrupted_calls),
                     str(line.unpriced_calls),
                     money(line.list_cost),
@@ -98,5 +102,7 @@ def reconcile_command(
     unsettled = sum(line.uncertain_calls for line in lines)
     if unsettled:
         console.print(
-            f"{unsettled} uncertain calls: the provider may have run them; check its own usage"
+            f"{unsettled} uncertain calls: the provider may have run them; check its own usage "
+            f"(estimated {money(sum((ln.uncertain_estimated_cost for ln in lines), Decimal(0)))} "
+            f"at list price, not charged)"
         )

@@ -91,6 +91,8 @@ _NUMBERS = (
     ("list cost", "list_cost", "money", 3),
     ("charged", "charged", "money", 0),
     ("BYOK saved", "byok_saved", "money", 2),
+    ("uncertain", "uncertain_calls", "number", 12),
+    ("uncertain est.", "uncertain_estimated_cost", "money", 13),
 )
 #: the groups' columns: kind and priority (the credential source may go on a narrow terminal)
 _GROUPS = {
@@ -172,6 +174,18 @@ def _print_table(report: UsageReport) -> None:
             f"fallbacks, {t.block_calls} block keys); charged {money(t.charged, report.currency)}; "
             f"BYOK saved {money(t.byok_saved, report.currency)} at list price"
             + (f"; {t.unpriced_calls} calls had no price" if t.unpriced_calls else "")
+            + (
+                f"; {t.estimated_calls} calls charged on an estimated input (streams cut "
+                "before the provider reported it)"
+                if t.estimated_calls
+                else ""
+            )
+            + (
+                f"; {t.uncertain_calls} uncertain calls (sent, never answered, not charged): "
+                f"estimated {money(t.uncertain_estimated_cost, report.currency)} at list price"
+                if t.uncertain_calls
+                else ""
+            )
         ),
         soft_wrap=True,
     )

@@ -69,6 +69,7 @@ from typing import Any, TypeVar
 import httpx
 import pluggy
 from byok_hookspecs import (
+    USAGE_COUNTS,
     Actor,
     BudgetExceeded,
     BudgetHold,
@@ -113,7 +114,12 @@ from byok_plugin.host.providers.errors import (
     UnsupportedRequest,
 )
 from byok_plugin.host.providers.registry import create_clients, new_http_client
-from byok_plugin.host.providers.retry import RetryPolicy, RetryWait, retry_listener
+from byok_plugin.host.providers.retry import (
+    RetryPolicy,
+    RetryWait,
+    retry_listener,
+    retrying_once_sent,
+)
 from byok_plugin.host.run_result import (
     BlockResult,
     BlockStatus,
@@ -1064,6 +1070,7 @@ class WorkflowRunner:
         """:meth:`_call_held`, whose budget hold is released if the call does not complete."""
         idempotency_key = _call_key(run.run_id, block_id, attempt, seq)
         budget = _Budget(idempotency_key, run.workspace_id, run.workflow.name, run.run_id, block_id)
+        budget.estimate = _estimate_of(worst)
         if self.pm.hook.byok_reserve_budget.get_hookimpls():  # else nothing to hold it against
             budget.worst = worst
         try:
@@ -1116,7 +1123,9 @@ class WorkflowRunner:
             try:
                 async with self._limit:  # the limit holds provider calls, not the hooks around them
                     started = self._clock()
-                    result = await invoke(credential.api_key)
+                    # the platform pays each execution: its client does not retry a maybe-run one
+                    with retrying_once_sent(not credential.billed_by_platform):
+                        result = await invoke(credential.api_key)
                     latency = self._clock() - started
             except ProviderError as exc:
                 if not isinstance(exc, AuthError | RateLimitError):
@@ -1332,11 +1341,26 @@ class WorkflowRunner:
         idempotency_key = _call_key(run.run_id, block_id, attempt, seq)
         if status == "uncertain":
             idempotency_key += f":uncertain:{round_no}"
+        estimated: tuple[str, ...] = ()
+        estimate = budget.estimate if budget is not None else None
+        if status == "uncertain" and estimate is not None:
+            # not charged, but its estimated input's list cost is kept for reconciliation
+            usage = estimate
+            estimated = tuple(name for name in USAGE_COUNTS if getattr(estimate, name))
+        elif (
+            status == "interrupted"
+            and not usage.input_tokens
+            and estimate
+            and estimate.input_tokens
+        ):
+            # an OpenAI-shaped stream reports its input only in its last chunk: estimated
+            usage = replace(usage, input_tokens=estimate.input_tokens)
+            estimated = ("input_tokens",)
         if usage.model != model:
             usage = replace(usage, model=model)
 
         make_record = _recorder(
-            run, block_id, attempt, idempotency_key, usage, credential, status=status
+            run, block_id, attempt, idempotency_key, usage, credential, status, estimated
         )
 
         settle = None
@@ -1770,6 +1794,7 @@ def _recorder(
     usage: Usage,
     credential: Credential,
     status: str = "complete",
+    estimated: tuple[str, ...] = (),
 ) -> Callable[[Charge], UsageRecord]:
     """What makes a call's :class:`UsageRecord` of its charge; an ``uncertain`` call is recorded
     uncharged (for reconciliation)."""
@@ -1790,6 +1815,7 @@ def _recorder(
             block_id=block_id,
             attempt=attempt,
             status=status,
+            estimated=estimated,
         )
 
     return make_record
@@ -1837,6 +1863,18 @@ class _Budget:
     worst: Usage | None = None
     hold: BudgetHold | None = None
     settled: bool = False
+    #: the request's estimated input (an ``uncertain`` row's usage), whether or not budgets apply
+    estimate: Usage | None = None
+
+
+def _estimate_of(worst: Usage | None) -> Usage | None:
+    """What a call sent and never answered is estimated to have used: the input bound of the
+    request (as its budget hold), or, for a call priced per request (a search), the request."""
+    if worst is None:
+        return None
+    if worst.output_tokens:
+        return Usage(worst.provider, worst.model, input_tokens=worst.input_tokens)
+    return Usage(worst.provider, worst.model, tool_requests=worst.tool_requests)
 
 
 def _input_bound(request: CompletionRequest) -> int:

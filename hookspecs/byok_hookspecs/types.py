@@ -45,6 +45,8 @@ USAGE_COUNTS = (
     "reasoning_tokens",
     "tool_requests",
     "cache_write_1h_tokens",
+    "input_audio_tokens",
+    "output_audio_tokens",
 )
 
 _NO_ROLES: Mapping[str, Role | str] = MappingProxyType({})
@@ -221,7 +223,8 @@ class Usage:
     ``cache_write_tokens`` are tokens written to a prompt cache (Anthropic's 5-minute cache),
     ``cache_write_1h_tokens`` those written to Anthropic's 1-hour cache (billed higher),
     ``output_tokens`` are visible output tokens and ``reasoning_tokens`` are hidden reasoning
-    ("thinking") tokens.
+    ("thinking") tokens; ``input_audio_tokens`` and ``output_audio_tokens`` are audio tokens in
+    and out (OpenAI's audio models), priced at their own rates.
 
     :param provider: the provider that served the call.
     :param model: the model, or the tool for tool calls.
@@ -241,6 +244,8 @@ class Usage:
     reasoning_tokens: int = 0
     tool_requests: int = 0
     cache_write_1h_tokens: int = 0
+    input_audio_tokens: int = 0
+    output_audio_tokens: int = 0
     reported_cost: Decimal | None = None
     tool_uses: tuple[tuple[str, int], ...] = ()
 
@@ -275,6 +280,8 @@ class Usage:
             + self.cache_write_1h_tokens
             + self.output_tokens
             + self.reasoning_tokens
+            + self.input_audio_tokens
+            + self.output_audio_tokens
         )
 
 
@@ -323,6 +330,9 @@ class UsageRecord:
         to bill for it, charged as any call; ``uncertain`` for a request the provider may have
         executed without the client seeing its answer (a timeout or a reset after the request
         was sent): not charged, kept for reconciliation.
+    :param estimated: the usage counts (names from ``USAGE_COUNTS``) that are estimated from the
+        request, not reported by the provider: ``input_tokens`` of an ``uncertain`` call, or of
+        an ``interrupted`` stream whose provider reports the input only at its end.
     """
 
     idempotency_key: str
@@ -338,11 +348,17 @@ class UsageRecord:
     attempt: int = 1
     occurred_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     status: str = "complete"
+    estimated: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.status not in RECORD_STATUSES:
             raise ValueError(
                 f"UsageRecord.status must be one of {', '.join(RECORD_STATUSES)}, not {self.status!r}"
+            )
+        unknown = [name for name in self.estimated if name not in USAGE_COUNTS]
+        if unknown:
+            raise ValueError(
+                f"UsageRecord.estimated names no usage count: {', '.join(map(repr, unknown))}"
             )
 
 

@@ -39,6 +39,7 @@ from byok_plugin.host.providers.retry import (
     RetryWait,
     parse_retry_after,
     retry_listener,
+    retry_once_sent,
 )
 from byok_plugin.host.providers.sse import ServerSentEvent, iter_sse
 
@@ -359,6 +360,8 @@ class ProviderClient(ABC):
                 retryable = error.retryable
                 if isinstance(error, RateLimitError):
                     retry_after = error.retry_after
+            if error.maybe_executed and not retry_once_sent.get():
+                retryable = False  # the provider may have run it: not again, blindly
             wait = self.retry.delay(attempt, retry_after) if retryable else None
             if wait is None:
                 raise error

@@ -11,9 +11,11 @@ ones written to it; ``completion_tokens`` counts every generated token and
 ``input = prompt_tokens - cached_tokens - cache_write_tokens``, ``cached_input = cached_tokens``,
 ``cache_write = cache_write_tokens``, ``output = completion_tokens - reasoning_tokens``,
 ``reasoning = reasoning_tokens``. ``accepted_prediction_tokens`` and ``rejected_prediction_tokens``
-are part of ``completion_tokens`` and billed as output. ``audio_tokens`` (both details) are part of
-the prompt and completion counts; the models this package prices are text models, whose audio
-tokens are 0, so they are billed with the text tokens (an audio model needs its own entry).
+are part of ``completion_tokens`` and billed as output. ``prompt_tokens_details.audio_tokens`` and
+``completion_tokens_details.audio_tokens`` (audio models, e.g. ``gpt-4o-audio-preview``) are part
+of the prompt and completion counts and billed at the audio prices
+(https://platform.openai.com/docs/pricing, "Audio tokens"): ``input_audio`` and ``output_audio``
+are taken out of ``input`` and ``output``; a model without audio prices leaves them unpriced.
 A request with ``web_search_options`` (search models; https://platform.openai.com/docs/guides/tools-
 web-search?api-mode=chat) makes one web search tool call, counted in ``Usage.tool_uses`` as
 ``web_search`` and priced per call by the table's ``openai/web_search`` tool.
@@ -60,15 +62,20 @@ def openai_usage(provider: str, model: str, usage: Mapping[str, Any]) -> Usage:
     prompt_details = usage.get("prompt_tokens_details") or {}
     cached = as_int(prompt_details.get("cached_tokens"))
     writes = as_int(prompt_details.get("cache_write_tokens"))
-    reasoning = as_int((usage.get("completion_tokens_details") or {}).get("reasoning_tokens"))
+    audio_in = as_int(prompt_details.get("audio_tokens"))
+    completion_details = usage.get("completion_tokens_details") or {}
+    reasoning = as_int(completion_details.get("reasoning_tokens"))
+    audio_out = as_int(completion_details.get("audio_tokens"))
     return Usage(
         provider=provider,
         model=model,
-        input_tokens=nonneg(prompt - cached - writes),
+        input_tokens=nonneg(prompt - cached - writes - audio_in),
         cached_input_tokens=cached,
         cache_write_tokens=writes,
-        output_tokens=nonneg(completion - reasoning),
+        output_tokens=nonneg(completion - reasoning - audio_out),
         reasoning_tokens=reasoning,
+        input_audio_tokens=audio_in,
+        output_audio_tokens=audio_out,
     )
 
 

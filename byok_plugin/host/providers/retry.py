@@ -10,12 +10,21 @@ from __future__ import annotations
 import asyncio
 import random as _random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 
-__all__ = ["NO_RETRY", "RetryPolicy", "RetryWait", "parse_retry_after", "retry_listener"]
+__all__ = [
+    "NO_RETRY",
+    "RetryPolicy",
+    "RetryWait",
+    "parse_retry_after",
+    "retry_listener",
+    "retry_once_sent",
+    "retrying_once_sent",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +59,23 @@ class RetryWait:
 retry_listener: ContextVar[Callable[[RetryWait], None] | None] = ContextVar(
     "byok_retry_listener", default=None
 )
+
+
+#: whether a client may try again a request the provider may have executed (a read timeout after
+#: the body was sent, a connection reset while the answer came): ``True`` by default; the runner
+#: turns it off around calls on the platform's key, every execution of which the platform pays.
+#: A request that was never sent (a refused connection) and a received 429/5xx are retried either way
+retry_once_sent: ContextVar[bool] = ContextVar("byok_retry_once_sent", default=True)
+
+
+@contextmanager
+def retrying_once_sent(allowed: bool) -> Iterator[None]:
+    """:data:`retry_once_sent` set to ``allowed`` for the calls made inside (this task only)."""
+    token = retry_once_sent.set(allowed)
+    try:
+        yield
+    finally:
+        retry_once_sent.reset(token)
 
 
 def parse_retry_after(
