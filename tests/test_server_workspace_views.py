@@ -4,6 +4,7 @@ model and block, and the fallback policy (members read, admins change, audited).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -267,3 +268,21 @@ async def test_usage_names_a_bad_period(
         "message": message,
         "field": "period",
     }
+
+
+async def test_an_uncertain_calls_estimate_is_not_counted_as_byok_spend(
+    client: httpx.AsyncClient, stack: Stack
+) -> None:
+    # an uncertain row carries its estimated input's list cost: the provider may not have run it,
+    # so the page counts the call but not the estimate, as `byok usage` does
+    ledger = stack.app.ledger
+    ledger.record(call(1, days_ago=0, source=OWN, list_cost="0.10", key_id="key_own"))
+    ledger.record(
+        replace(
+            call(2, days_ago=0, source=OWN, list_cost="0.75", key_id="key_own"),
+            status="uncertain",
+        )
+    )
+    totals = (await client.get(USAGE, params={"days": "7"}, headers=AS_MEMBER)).json()["totals"]
+    assert totals["byok_calls"] == 2
+    assert Decimal(totals["byok_cost"]) == Decimal("0.10")

@@ -50,7 +50,10 @@ class _Sums:
         self.calls += 1
         if row.source is CredentialSource.WORKSPACE:
             self.byok_calls += 1
-            self.byok_cost += row.list_cost or Decimal(0)
+            # an uncertain row's list cost is an estimate of a call that may not have run:
+            # kept out of the totals, as `byok usage` keeps it (usage_report.Totals)
+            if row.status != "uncertain":
+                self.byok_cost += row.list_cost or Decimal(0)
         else:
             self.platform_calls += 1
         self.platform_charged += row.amount
