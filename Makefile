@@ -19,7 +19,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy hookspecs/byok_hookspecs
+	$(BIN)/mypy byok_plugin hookspecs/byok_hookspecs
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)

@@ -216,7 +216,8 @@ def parse_catalog(data: Any, source: str = "<catalog>") -> Catalog:
 
 def _shipped_raw() -> dict[str, Any]:
     text = resources.files("byok_plugin").joinpath("data", SHIPPED).read_text(encoding="utf-8")
-    return json.loads(text)
+    raw: dict[str, Any] = json.loads(text)
+    return raw
 
 
 def shipped_catalog() -> Catalog:

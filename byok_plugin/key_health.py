@@ -20,9 +20,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
-from byok_hookspecs import Actor, KeyCheck, KeyCheckStatus
+from byok_hookspecs import Actor, ByokError, KeyCheck, KeyCheckStatus
 
-from byok_plugin.key_errors import ByokError
 from byok_plugin.store.engine import store_errors, write_transaction
 from byok_plugin.store.tables import UTCDateTime, metadata, workspace_keys
 from byok_plugin.validation import redact

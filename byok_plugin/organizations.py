@@ -27,10 +27,10 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
-from byok_hookspecs import Action, Actor
+from byok_hookspecs import Action, Actor, ByokError
 from sqlalchemy.engine import Engine
 
-from byok_plugin.key_errors import ByokError, InvalidInput
+from byok_plugin.key_errors import InvalidInput
 from byok_plugin.key_format import check_provider, check_workspace_id
 from byok_plugin.store.engine import store_errors, write_transaction
 from byok_plugin.store.key_events import notify_key_change

@@ -393,7 +393,8 @@ def _parse_tools(source: str, raw: Any) -> dict[tuple[str, str], Price]:
 def _per_million(source: str, path: str, value: Any) -> Decimal:
     number = (_decimal(source, path, value) * MILLION).normalize()
     # normalize() writes 10 as 1E+1; keep whole numbers whole
-    return number.quantize(Decimal(1)) if number.as_tuple().exponent > 0 else number
+    exponent = number.as_tuple().exponent
+    return number.quantize(Decimal(1)) if isinstance(exponent, int) and exponent > 0 else number
 
 
 def _litellm_name(key: str, litellm_provider: str) -> tuple[str, str]:
@@ -436,14 +437,14 @@ def _litellm_entry(source: str, key: str, entry: Mapping[str, Any]) -> Price | N
     if mode == "search":
         per_query = entry.get("input_cost_per_query")
         if per_query is None and isinstance(entry.get("tiered_pricing"), list):
-            tiers = [
+            search_tiers = [
                 t
                 for t in entry["tiered_pricing"]
                 if isinstance(t, Mapping) and _tier_start(t.get("max_results_range")) is not None
             ]
             # the tier that covers the fewest results is what a default search costs
-            tiers.sort(key=lambda t: _tier_start(t.get("max_results_range")) or 0)
-            per_query = tiers[0].get("input_cost_per_query") if tiers else None
+            search_tiers.sort(key=lambda t: _tier_start(t.get("max_results_range")) or 0)
+            per_query = search_tiers[0].get("input_cost_per_query") if search_tiers else None
         if per_query is None:
             return None
         return Price(

@@ -112,13 +112,15 @@ def _provider_message(response: httpx.Response) -> str:
         error = body.get("error", body)
         if isinstance(error, dict):
             for name in ("message", "detail", "error"):
-                if isinstance(error.get(name), str):
-                    return error[name]
+                message = error.get(name)
+                if isinstance(message, str):
+                    return message
         if isinstance(error, str):
             return error
         for name in ("message", "detail"):
-            if isinstance(body.get(name), str):
-                return body[name]
+            message = body.get(name)
+            if isinstance(message, str):
+                return message
     return response.reason_phrase or ""
 
 

@@ -578,3 +578,33 @@ def test_each_chat_completions_body_names_its_own_output_limit(emulator, provide
     assert other not in body
     assert body["temperature"] == 0.3
     assert body["response_format"]["type"] == "json_schema"
+
+
+def test_an_answer_that_is_not_utf8_is_a_protocol_error():
+    body = b'{"id": "\xff"}'  # JSON-shaped, but not UTF-8
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        await reader.readexactly(length)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+        )
+        await writer.drain()
+        writer.close()
+
+    async def go():
+        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server, new_http_client() as http:
+            await create_client(
+                "openai", http, base_url=f"http://127.0.0.1:{port}", retry=NO_RETRY
+            ).complete(rich_request("openai"), api_key="sk-" + secrets.token_urlsafe(24))
+
+    with pytest.raises(ProtocolError, match=r"the answer is not valid JSON \('utf-8' codec"):
+        asyncio.run(go())

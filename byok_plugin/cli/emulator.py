@@ -8,6 +8,7 @@ any key, when asked to explicitly with ``--accept-any-key``.
 from __future__ import annotations
 
 import sys
+from typing import IO
 
 import click
 
@@ -30,7 +31,7 @@ from byok_plugin.cli.listen import is_loopback, listen_on, url_host
 def emulator_command(
     port: int,
     host: str,
-    keys_file: click.utils.LazyFile | None,
+    keys_file: IO[str] | None,
     accept_any_key: bool,
     allow_remote: bool,
 ) -> None:

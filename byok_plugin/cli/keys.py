@@ -272,7 +272,7 @@ def list_command(cli: CliContext, workspace_id: str, provider: str | None, as_js
 
 
 def _selection(label: str | None, key_id: str | None, all_keys: bool, verb: str) -> None:
-    chosen = sum(x is not None and x is not False for x in (label, key_id, all_keys or None))
+    chosen = sum(x is not None for x in (label, key_id, all_keys or None))
     if chosen != 1:
         raise click.UsageError(
             f"say which keys to {verb}: exactly one of --label, --key-id or --all"

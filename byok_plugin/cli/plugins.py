@@ -36,7 +36,7 @@ def describe_plugins(pm: pluggy.PluginManager) -> list[dict[str, object]]:
         for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)
         if ep.dist is not None
     }
-    rows = []
+    rows: list[dict[str, object]] = []
     for name, plugin in sorted(pm.list_name_plugin(), key=lambda item: item[0]):
         if plugin is None:
             continue
@@ -55,6 +55,8 @@ def describe_plugins(pm: pluggy.PluginManager) -> list[dict[str, object]]:
                 }
             )
         dist = dists.get(id(plugin))
+        dist_name: str | None
+        version: str | None
         if dist is not None:
             dist_name, version = dist.project_name, dist.version
         elif name.split(".")[0] in entry_dists:  # also what an entry point registers itself
@@ -66,7 +68,7 @@ def describe_plugins(pm: pluggy.PluginManager) -> list[dict[str, object]]:
                 "name": name,
                 "distribution": dist_name,
                 "version": version,
-                "hooks": sorted(hooks, key=lambda h: h["hook"]),
+                "hooks": sorted(hooks, key=lambda h: str(h["hook"])),
             }
         )
     return rows

@@ -93,6 +93,7 @@ from byok_hookspecs import (
 from jsonschema import Draft202012Validator
 
 from byok_plugin.host.env_keys import EnvKeyAllowance, env_key_problems, env_key_refusal
+from byok_plugin.host.providers.base import ProviderClient
 from byok_plugin.host.providers.common import (
     CompletionRequest,
     CompletionResult,
@@ -113,6 +114,7 @@ from byok_plugin.host.providers.errors import (
     ServerError,
     UnsupportedRequest,
 )
+from byok_plugin.host.providers.exa import ExaClient
 from byok_plugin.host.providers.registry import create_clients, new_http_client
 from byok_plugin.host.providers.retry import (
     RetryPolicy,
@@ -742,6 +744,9 @@ class WorkflowRunner:
                 if waiting[edge.target] == 0:
                     ready.append(edge.target)
 
+        def finished(block_id: str, task: asyncio.Task[BlockResult]) -> None:
+            done.put_nowait((block_id, task))
+
         try:
             while True:
                 while ready and failed is None:
@@ -759,7 +764,7 @@ class WorkflowRunner:
                         failed = self._finished(run, block_id, result, failed, release)
                         continue
                     task = asyncio.create_task(self._run_block(run, workflow.blocks[block_id]))
-                    task.add_done_callback(lambda t, b=block_id: done.put_nowait((b, t)))
+                    task.add_done_callback(functools.partial(finished, block_id))
                     tasks[block_id] = task
                 if not tasks:
                     break
@@ -933,7 +938,7 @@ class WorkflowRunner:
         system = block.system.render(run.lookup) if block.system is not None else None
         prompt = block.prompt.render(run.lookup)
         stream = run.stream if run.stream is not None else block.stream
-        client = self.clients[block.provider]
+        client: ProviderClient = self.clients[block.provider]
         search: AgentTool | None = next((t for t in block.tools if t.type == EXA_TOOL), None)
         messages: list[Message] = [Message("user", prompt)]
         seq = 0
@@ -1036,7 +1041,7 @@ class WorkflowRunner:
         key: KeyRef | None,
     ) -> tuple[SearchResult, CallResult]:
         provider, tool = TOOL_PROVIDERS[EXA_TOOL]
-        client = self.clients[provider]
+        client: ExaClient = self.clients[provider]
         request = SearchRequest(
             query=query[:2000],
             num_results=num_results,
@@ -1382,7 +1387,9 @@ class WorkflowRunner:
         the hooks run there)."""
         held = budget is not None and budget.worst is not None
         if held and self.hooks_in_thread():
-            credential = await self._hook(self._resolve_and_reserve, request, budget)
+            credential: Credential | None = await self._hook(
+                self._resolve_and_reserve, request, budget
+            )
         else:
             credential = await self._resolve_hook(request)
             if held and credential is not None and credential.provider == request.provider:
@@ -1449,7 +1456,10 @@ class WorkflowRunner:
                     request=request
                 )
                 return credential
-        return await self._hook(self.pm.hook.byok_resolve_credential, request=request)
+        answer: Credential | None = await self._hook(
+            self.pm.hook.byok_resolve_credential, request=request
+        )
+        return answer
 
     async def _reserve(self, credential: Credential, budget: _Budget) -> None:
         """:meth:`_reserve_now`; on the event loop, a failure other than a refusal (a SQLite
@@ -1608,12 +1618,12 @@ class WorkflowRunner:
         together = self._record_and_settle(records, settlements) if settlements else None
         if together is not None:  # the others still get every record, in their own form
             batch_plugins = [p for p in batch_plugins if p is not together]
-            if batch_plugins:
+            if batch_plugins and batch is not None:
                 batch = self.pm.subset_hook_caller(
                     "byok_record_usage_batch", remove_plugins=[together]
                 )
             single = self.pm.subset_hook_caller("byok_record_usage", remove_plugins=[together])
-        if batch_plugins:
+        if batch_plugins and batch is not None:
             try:
                 batch(records=records)
             except Exception as exc:

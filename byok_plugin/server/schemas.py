@@ -31,7 +31,8 @@ def openapi_text() -> str:
 
 def openapi_document() -> dict[str, Any]:
     """A fresh parsed copy of the shipped OpenAPI document."""
-    return json.loads(openapi_text())
+    document: dict[str, Any] = json.loads(openapi_text())
+    return document
 
 
 @cache

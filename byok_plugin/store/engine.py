@@ -282,7 +282,7 @@ def _install_postgres_hooks(engine: Engine, answer_timeout: float | None) -> Non
         return
     import psycopg
 
-    class _AnsweringConnection(psycopg.Connection):  # type: ignore[type-arg]
+    class _AnsweringConnection(psycopg.Connection):
         def wait(self, gen: Any, interval: float = 0.1, timeout: float | None = None) -> Any:
             return super().wait(gen, interval, answer_timeout if timeout is None else timeout)
 
@@ -343,7 +343,8 @@ def advisory_lock_key(*parts: str) -> int:
     Two different parts may share a key: that only makes two writers wait for each other.
     """
     digest = hashlib.sha256("\x00".join(parts).encode("utf-8")).digest()
-    return struct.unpack(">i", digest[:4])[0]
+    key: int = struct.unpack(">i", digest[:4])[0]
+    return key
 
 
 def lock_in_transaction(conn: Connection, *parts: str) -> None:

@@ -150,11 +150,11 @@ class NewKey:
     actor_id: str | None
 
 
-def _info(row: sa.Row[Any]) -> KeyInfo:
+def _info(row: sa.Row[*tuple[Any, ...]]) -> KeyInfo:
     return KeyInfo(**{c.name: row._mapping[c.name] for c in _INFO_COLUMNS})
 
 
-def _stored(row: sa.Row[Any]) -> StoredKey:
+def _stored(row: sa.Row[*tuple[Any, ...]]) -> StoredKey:
     mapping = row._mapping
     return StoredKey(
         **{c.name: mapping[c.name] for c in _INFO_COLUMNS}, ciphertext=mapping["ciphertext"]
@@ -334,7 +334,7 @@ class KeyStore:
                 raise KeyLimitReached(new.workspace_id, new.provider, self.max_keys_per_provider)
             if replaced is not None:
                 conn.execute(sa.delete(_t).where(_t.c.id == replaced.id))
-            values = {
+            values: dict[str, Any] = {
                 "id": new.id,
                 "workspace_id": new.workspace_id,
                 "provider": new.provider,

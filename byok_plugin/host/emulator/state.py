@@ -156,7 +156,8 @@ class EmulatorState:
         """The first fault matching this call, using up one of its times."""
         with self._lock:
             for entry in self._faults:
-                fault, remaining = entry
+                fault: Fault = entry[0]
+                remaining = entry[1]
                 if fault.matches(provider, path, fingerprint):
                     if remaining is not None:
                         remaining -= 1

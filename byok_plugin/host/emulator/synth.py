@@ -162,8 +162,9 @@ def text_of(content: Any) -> str:
         return content
     if isinstance(content, Mapping):
         for key in ("text", "content"):
-            if isinstance(content.get(key), str):
-                return content[key]
+            value = content.get(key)
+            if isinstance(value, str):
+                return value
         return text_of(content.get("parts") or content.get("content"))
     if isinstance(content, Sequence):
         return "".join(text_of(part) for part in content)

@@ -145,8 +145,9 @@ class AnthropicStream(StreamAccumulator):
                 int(data.get("index", 0)), {"type": "text", "partial_json": ""}
             )
             if delta.get("type") == "text_delta":
-                self.text.append(delta.get("text", ""))
-                return delta.get("text", "")
+                text: str = delta.get("text", "")
+                self.text.append(text)
+                return text
             if delta.get("type") == "input_json_delta":
                 block["partial_json"] += delta.get("partial_json", "")
         elif kind == "message_delta":
@@ -160,7 +161,7 @@ class AnthropicStream(StreamAccumulator):
             self.done = True
         elif kind == "error":
             error = data.get("error") or {}
-            error_class = _ERROR_EVENT_CLASSES.get(error.get("type"), ServerError)
+            error_class = _ERROR_EVENT_CLASSES.get(str(error.get("type")), ServerError)
             raise error_class(
                 "anthropic",
                 error.get("message") or "error event in the stream",

@@ -219,7 +219,7 @@ class ProviderClient(ABC):
         except ValueError as exc:
             raise ProtocolError(
                 self.provider,
-                f"the answer is not valid JSON ({exc.msg} at char {exc.pos})",
+                f"the answer is not valid JSON ({_json_problem(exc)})",
                 status=response.status_code,
             ) from None
 
@@ -415,7 +415,7 @@ class ProviderClient(ABC):
             return json.loads(event.data)
         except ValueError as exc:
             raise ProtocolError(
-                self.provider, f"a stream event is not valid JSON ({exc.msg})"
+                self.provider, f"a stream event is not valid JSON ({_json_problem(exc, at=False)})"
             ) from None
 
 
@@ -438,3 +438,11 @@ def as_int(value: Any) -> int:
 
 def nonneg(value: int) -> int:
     return value if value > 0 else 0
+
+
+def _json_problem(exc: ValueError, *, at: bool = True) -> str:
+    """What is wrong with a JSON text: a ``JSONDecodeError``'s message (and where); another
+    ``ValueError`` (an answer that is not UTF-8) says it itself."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg} at char {exc.pos}" if at else exc.msg
+    return str(exc)

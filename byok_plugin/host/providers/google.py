@@ -130,6 +130,7 @@ class _Collector:
     def result(
         self, model: str, metadata: Mapping[str, Any], response_id: str | None, streamed: bool
     ) -> CompletionResult:
+        raw: str | None
         if self.blocked:
             finish, raw = FinishReason.CONTENT_FILTER, self.blocked
         else:

@@ -136,7 +136,7 @@ class RetryPolicy:
     def backoff(self, attempt: int) -> float:
         """The wait after failed attempt number ``attempt`` (1-based): "equal jitter", i.e. half of
         the exponential step plus a random share of the other half."""
-        step = min(self.max_delay, self.base_delay * (2 ** (attempt - 1)))
+        step: float = min(self.max_delay, self.base_delay * (2 ** (attempt - 1)))
         return step / 2 + self.random() * step / 2
 
     def delay(self, attempt: int, retry_after: float | None) -> float | None:

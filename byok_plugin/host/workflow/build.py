@@ -548,7 +548,7 @@ class _Builder:
             close = difflib.get_close_matches(str(field), list(fields), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             return f"{ref}: a {source.type} block has no output {field!r} (it has {', '.join(fields)}){hint}"
-        if len(ref.path) > 1 and not fields[field]:
+        if len(ref.path) > 1 and not fields[str(field)]:
             return f"{ref}: {field!r} is text; it has no fields"
         if isinstance(source, AgentBlock) and field == "json":
             if source.response_schema is None:

@@ -56,7 +56,7 @@ def workflow_schema() -> Mapping[str, Any]:
         .joinpath("schema", SCHEMA_RESOURCE)
         .read_text(encoding="utf-8")
     )
-    schema = json.loads(text)
+    schema: dict[str, Any] = json.loads(text)
     Draft202012Validator.check_schema(schema)
     return schema
 
@@ -204,7 +204,7 @@ def _translate(error: ValidationError) -> Iterator[Problem]:
     elif kind == "type":
         wanted = error.validator_value
         words = (
-            " or ".join(_SCHEMA_TYPE_WORDS.get(w, w) for w in wanted)
+            " or ".join(_SCHEMA_TYPE_WORDS.get(str(w), str(w)) for w in wanted)
             if isinstance(wanted, list)
             else _SCHEMA_TYPE_WORDS.get(wanted, wanted)
         )

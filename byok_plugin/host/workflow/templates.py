@@ -125,7 +125,10 @@ class Template:
 def step_into(value: Any, ref: Ref, steps: Sequence[str | int]) -> Any:
     """Follow ``steps`` into a structured value; a missing key or index is a :class:`RenderError`."""
     for step in steps:
-        if (isinstance(value, Mapping) and isinstance(step, str) and step in value) or (
+        # two branches so that mypy narrows ``step`` in each
+        if isinstance(value, Mapping) and isinstance(step, str) and step in value:  # noqa: SIM114
+            value = value[step]
+        elif (
             isinstance(value, Sequence)
             and not isinstance(value, str)
             and isinstance(step, int)

@@ -77,7 +77,8 @@ def _no_model(request: Request, body: Mapping[str, Any]) -> str | None:
 
 
 def _streamed(request: Request, body: Mapping[str, Any]) -> bool:
-    return request.path_params.get("target", "").endswith(":streamGenerateContent")
+    target: str = request.path_params.get("target", "")
+    return target.endswith(":streamGenerateContent")
 
 
 class GoogleAPI(ProviderAPI):
