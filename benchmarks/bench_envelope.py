@@ -30,7 +30,7 @@ from pathlib import Path
 from byok_hookspecs import CredentialRequest, CredentialSource
 
 from byok_plugin.app import App
-from byok_plugin.crypto import ENVELOPE_MASTER_KEY_ID, DataKey, KeyBinding, Keyring, MasterKey
+from byok_plugin.core.crypto import ENVELOPE_MASTER_KEY_ID, DataKey, KeyBinding, Keyring, MasterKey
 from byok_plugin.manager import plugin_manager_for
 from byok_plugin.settings import Settings
 

@@ -49,7 +49,7 @@ from byok_hookspecs import (
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from byok_plugin.app import App
-from byok_plugin.crypto import STORED_PREFIX, KeyBinding, Keyring, MasterKey
+from byok_plugin.core.crypto import STORED_PREFIX, KeyBinding, Keyring, MasterKey
 from byok_plugin.manager import plugin_manager_for
 from byok_plugin.settings import Settings
 

@@ -53,7 +53,7 @@ from benchmarks.bench_runner import (
 from byok_plugin.app import App
 from byok_plugin.cli.context import OPERATOR
 from byok_plugin.cli.demo import realistic_key
-from byok_plugin.crypto import generate_master_key
+from byok_plugin.core.crypto import generate_master_key
 from byok_plugin.host.emulator.server import describe
 from byok_plugin.host.providers import (
     NO_RETRY,
@@ -63,7 +63,7 @@ from byok_plugin.host.providers import (
     create_clients,
 )
 from byok_plugin.host.runner import RunnerOptions, WorkflowRunner
-from byok_plugin.keys import KeyService
+from byok_plugin.keys.service import KeyService
 from byok_plugin.manager import plugin_manager_for
 from byok_plugin.settings import Settings
 

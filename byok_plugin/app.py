@@ -18,23 +18,23 @@ if TYPE_CHECKING:
     import pluggy
     from sqlalchemy.engine import Engine
 
-    from byok_plugin.background_writes import BackgroundWrites
-    from byok_plugin.billing import Billing
-    from byok_plugin.budgets import BudgetStore
-    from byok_plugin.catalog import Catalog
-    from byok_plugin.crypto import Keyring
-    from byok_plugin.envelope import BuiltinKeyEncryption, DataKeys
-    from byok_plugin.key_access import KeyAccess
-    from byok_plugin.keys import KeyService
-    from byok_plugin.ledger import Ledger
-    from byok_plugin.organizations import Organizations, OrganizationStore
-    from byok_plugin.platform_keys import PlatformKeyPool
-    from byok_plugin.pricing import PriceTable
-    from byok_plugin.resolution import Resolver
-    from byok_plugin.spool import DurableLedger
+    from byok_plugin.billing.budgets import BudgetStore
+    from byok_plugin.billing.catalog import Catalog
+    from byok_plugin.billing.charges import Billing
+    from byok_plugin.billing.ledger import Ledger
+    from byok_plugin.billing.pricing import PriceTable
+    from byok_plugin.billing.spool import DurableLedger
+    from byok_plugin.core.crypto import Keyring
+    from byok_plugin.keys.access import KeyAccess
+    from byok_plugin.keys.envelope import BuiltinKeyEncryption, DataKeys
+    from byok_plugin.keys.service import KeyService
+    from byok_plugin.keys.validation import KeyValidator
+    from byok_plugin.resolution.background_writes import BackgroundWrites
+    from byok_plugin.resolution.organizations import Organizations, OrganizationStore
+    from byok_plugin.resolution.platform_keys import PlatformKeyPool
+    from byok_plugin.resolution.resolver import Resolver
+    from byok_plugin.resolution.workspace_settings import WorkspaceSettingsStore
     from byok_plugin.store import AuditStore, KeyStore
-    from byok_plugin.validation import KeyValidator
-    from byok_plugin.workspace_settings import WorkspaceSettingsStore
 
 log = logging.getLogger("byok")
 
@@ -111,8 +111,8 @@ class App:
     @cached_property
     def keyring(self) -> Keyring:
         """The master keys (``BYOK_ENCRYPTION_KEYS``, else the key file); raises
-        :class:`~byok_plugin.key_errors.NoMasterKey` saying how to create one."""
-        from byok_plugin.crypto import Keyring
+        :class:`~byok_plugin.core.errors.NoMasterKey` saying how to create one."""
+        from byok_plugin.core.crypto import Keyring
 
         return Keyring.load(
             encryption_keys=self.settings.encryption_keys, key_file=self.settings.key_file
@@ -132,8 +132,8 @@ class App:
 
     @cached_property
     def key_access(self) -> KeyAccess:
-        """What credential resolution reads stored keys through (see :mod:`byok_plugin.key_access`)."""
-        from byok_plugin.key_access import KeyAccess
+        """What credential resolution reads stored keys through (see :mod:`byok_plugin.keys.access`)."""
+        from byok_plugin.keys.access import KeyAccess
 
         return KeyAccess(
             self.key_store, lambda: self.keyring, clock=self.clock, data_keys=self.data_keys
@@ -143,17 +143,17 @@ class App:
     def key_encryption(self) -> BuiltinKeyEncryption:
         """The built-in key-encryption provider ``BYOK_KEY_PROVIDER`` names (``local``,
         ``vault-transit``, ``aws-kms``); the local keyring still unwraps what it wrapped."""
-        from byok_plugin.envelope import BuiltinKeyEncryption, LocalKeyEncryption
+        from byok_plugin.keys.envelope import BuiltinKeyEncryption, LocalKeyEncryption
 
         local = LocalKeyEncryption(lambda: self.keyring)
         provider, env = self.settings.key_provider, self.settings.environ
         active: Any = local
         if provider == "vault-transit":
-            from byok_plugin.kms import VaultTransitKeyEncryption
+            from byok_plugin.keys.kms import VaultTransitKeyEncryption
 
             active = VaultTransitKeyEncryption.from_environ(env, self.settings.kms_timeout)
         elif provider == "aws-kms":
-            from byok_plugin.kms import AwsKmsKeyEncryption
+            from byok_plugin.keys.kms import AwsKmsKeyEncryption
 
             active = AwsKmsKeyEncryption.from_environ(env, self.settings.kms_timeout)
         return BuiltinKeyEncryption(active, local)
@@ -162,7 +162,7 @@ class App:
     def data_keys(self) -> DataKeys:
         """The workspaces' data keys (envelope encryption), unwrapped through the hooks and
         cached for ``BYOK_DATA_KEY_CACHE_SECONDS``."""
-        from byok_plugin.envelope import DataKeys
+        from byok_plugin.keys.envelope import DataKeys
         from byok_plugin.store.data_keys_repo import DataKeyStore
 
         return DataKeys(
@@ -174,26 +174,26 @@ class App:
     @cached_property
     def key_validator(self) -> KeyValidator:
         """The default live key check (``byok_validate_key``)."""
-        from byok_plugin.validation import KeyValidator
+        from byok_plugin.keys.validation import KeyValidator
 
         return KeyValidator.from_settings(self.settings)
 
     def key_service(self, pm: pluggy.PluginManager) -> KeyService:
         """The key management service, deciding and auditing through ``pm``'s hooks."""
-        from byok_plugin.keys import KeyService
+        from byok_plugin.keys.service import KeyService
 
         return KeyService.for_app(self, pm)
 
     @cached_property
     def organization_store(self) -> OrganizationStore:
         """Organizations and their workspaces (the keys they inherit)."""
-        from byok_plugin.organizations import OrganizationStore
+        from byok_plugin.resolution.organizations import OrganizationStore
 
         return OrganizationStore(self.engine, clock=self.clock)
 
     def organizations(self, pm: pluggy.PluginManager) -> Organizations:
         """Organizations, deciding and auditing through ``pm``'s hooks."""
-        from byok_plugin.organizations import Organizations
+        from byok_plugin.resolution.organizations import Organizations
 
         return Organizations(self.organization_store, self.key_service(pm), self.key_store)
 
@@ -222,14 +222,14 @@ class App:
     @cached_property
     def catalog(self) -> Catalog:
         """The hosted-model catalog: shipped, with ``BYOK_CATALOG_FILE`` merged over it."""
-        from byok_plugin.catalog import catalog_for
+        from byok_plugin.billing.catalog import catalog_for
 
         return catalog_for(self.settings)
 
     @cached_property
     def prices(self) -> PriceTable:
         """The shipped price table, with ``BYOK_PRICE_FILE`` overriding its entries."""
-        from byok_plugin.pricing import prices_for
+        from byok_plugin.billing.pricing import prices_for
 
         return prices_for(self.settings)
 
@@ -243,7 +243,7 @@ class App:
 
     @cached_property
     def billing(self) -> Billing:
-        from byok_plugin.billing import Billing
+        from byok_plugin.billing.charges import Billing
 
         return Billing(
             prices=self.prices,
@@ -255,7 +255,7 @@ class App:
     @cached_property
     def platform_keys(self) -> PlatformKeyPool:
         """The platform's key pool, read from the environment once."""
-        from byok_plugin.platform_keys import PlatformKeyPool
+        from byok_plugin.resolution.platform_keys import PlatformKeyPool
 
         providers = {p.id: p.env_prefixes for p in self.catalog.providers.values()}
         return PlatformKeyPool.from_environ(
@@ -267,14 +267,14 @@ class App:
     @cached_property
     def workspace_settings(self) -> WorkspaceSettingsStore:
         """Per-workspace settings in the store (the fallback policy)."""
-        from byok_plugin.workspace_settings import WorkspaceSettingsStore
+        from byok_plugin.resolution.workspace_settings import WorkspaceSettingsStore
 
         return WorkspaceSettingsStore(self.engine, clock=self.clock)
 
     @cached_property
     def ledger(self) -> Ledger:
         """The usage ledger (``byok_record_usage``)."""
-        from byok_plugin.ledger import Ledger
+        from byok_plugin.billing.ledger import Ledger
 
         return Ledger(self.engine, clock=self.clock)
 
@@ -282,7 +282,7 @@ class App:
     def durable_ledger(self) -> DurableLedger:
         """The ledger with the local spool behind it (``byok_record_usage``): a record the store
         refuses is kept in ``BYOK_LEDGER_SPOOL`` and replayed when the store answers again."""
-        from byok_plugin.spool import DurableLedger, LedgerSpool
+        from byok_plugin.billing.spool import DurableLedger, LedgerSpool
 
         path = self.settings.ledger_spool or self.settings.home / "ledger-spool.db"
         return DurableLedger(
@@ -295,23 +295,23 @@ class App:
     @cached_property
     def budgets(self) -> BudgetStore:
         """Workspace budgets (``byok_reserve_budget``, ``byok_settle_budget``)."""
-        from byok_plugin.budgets import BudgetStore
+        from byok_plugin.billing.budgets import BudgetStore
 
         return BudgetStore(self.engine, clock=self.clock)
 
     @cached_property
     def background_writes(self) -> BackgroundWrites:
         """Audit events and cooldowns that a hook on an event loop could not write at once."""
-        from byok_plugin.background_writes import BackgroundWrites
+        from byok_plugin.resolution.background_writes import BackgroundWrites
 
         return BackgroundWrites()
 
     @cached_property
     def resolver(self) -> Resolver:
         """The default resolution policy (``byok_resolve_credential``)."""
-        from byok_plugin.key_reader import SqliteKeyReader, sqlite_file_of
-        from byok_plugin.platform_cooldowns import PlatformCooldowns
-        from byok_plugin.resolution import Resolver
+        from byok_plugin.keys.reader import SqliteKeyReader, sqlite_file_of
+        from byok_plugin.resolution.platform_cooldowns import PlatformCooldowns
+        from byok_plugin.resolution.resolver import Resolver
 
         path = sqlite_file_of(self.engine)
         resolver = Resolver(

@@ -16,8 +16,8 @@ from typing import Any
 import pluggy
 from byok_hookspecs import Action, Actor, AuditEvent, NotAuthorized
 
-from byok_plugin.key_errors import InvalidInput
-from byok_plugin.key_format import check_workspace_id
+from byok_plugin.core.errors import InvalidInput
+from byok_plugin.core.key_format import check_workspace_id
 from byok_plugin.store.audit_repo import AuditStore
 
 __all__ = [

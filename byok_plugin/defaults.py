@@ -87,7 +87,7 @@ class DefaultPlugin:
 
         The catalog and the price table (with ``BYOK_CATALOG_FILE`` and ``BYOK_PRICE_FILE``) are
         read and checked here, once, as the host starts: a malformed file stops it with one line
-        (:class:`~byok_plugin.catalog.CatalogError`, :class:`~byok_plugin.pricing.PriceError`)
+        (:class:`~byok_plugin.billing.catalog.CatalogError`, :class:`~byok_plugin.billing.pricing.PriceError`)
         rather than failing a run later, after a provider call."""
         self._pm = pm
         if self._app is not None or "app" in self.__dict__:  # else bound when it is built
@@ -106,7 +106,7 @@ class DefaultPlugin:
         write fails at once (the host retries it off the loop), and an audit event or a cooldown
         is written by a background thread. On PostgreSQL the store hooks are a network round
         trip, except resolution and its audit events while the resolver is served from memory
-        (:attr:`~byok_plugin.resolution.Resolver.served_from_memory`: its key-change listener is
+        (:attr:`~byok_plugin.resolution.resolver.Resolver.served_from_memory`: its key-change listener is
         connected; declared blocking again the moment it is not): its lists come from memory, a
         miss is one indexed read, and on an event loop its audit and cooldown writes go to the
         background writer. ``byok_validate_key`` calls the provider; the data-key hooks call the
@@ -147,7 +147,7 @@ class DefaultPlugin:
         credential = self.app.resolver.resolve(request, pm)
         if credential is not None and self.app.durable_ledger.recording_down():
             # spend stops when recording stops: the call is not sent
-            from byok_plugin.spool import RecordingDown
+            from byok_plugin.billing.spool import RecordingDown
 
             if credential.billed_by_platform or not self.app.settings.allow_unrecorded_byok:
                 raise RecordingDown(

@@ -7,7 +7,7 @@
 | ``BYOK_ENCRYPTION_KEYS`` | master keys, ``id:base64`` comma-separated, the first encrypts | none |
 | ``BYOK_KEY_FILE`` | the master key file ``byok init`` writes (mode 0600) | ``BYOK_HOME/master.keys`` |
 | ``BYOK_KEY_ENVELOPES`` | ``1``: new keys are encrypted under a per-workspace data key (envelope) | off (on with a KMS) |
-| ``BYOK_KEY_PROVIDER`` | who wraps data keys: ``local`` (the master keys), ``vault-transit``, ``aws-kms`` (:mod:`byok_plugin.kms`) | ``local`` |
+| ``BYOK_KEY_PROVIDER`` | who wraps data keys: ``local`` (the master keys), ``vault-transit``, ``aws-kms`` (:mod:`byok_plugin.keys.kms`) | ``local`` |
 | ``BYOK_DATA_KEY_CACHE_SECONDS`` | how long an unwrapped data key stays in memory | ``300`` |
 | ``BYOK_KMS_TIMEOUT`` | seconds a KMS call waits | ``5`` |
 | ``BYOK_VALIDATE_KEYS`` | ``0`` turns off live key checks (offline use) | on |

@@ -28,8 +28,8 @@ from byok_hookspecs import (
 )
 
 from byok_plugin.app import App
-from byok_plugin.crypto import MasterKey
-from byok_plugin.keys import KeyService
+from byok_plugin.core.crypto import MasterKey
+from byok_plugin.keys.service import KeyService
 from byok_plugin.manager import plugin_manager_for
 from byok_plugin.settings import Settings
 
@@ -189,7 +189,7 @@ def concurrent_set_worker(
     jobs: list[tuple[str, str]],
 ) -> dict[str, Any]:
     """Set ``(label, key)`` pairs after every worker reached the barrier; report what happened."""
-    from byok_plugin.key_errors import KeyLimitReached
+    from byok_plugin.core.errors import KeyLimitReached
 
     settings = Settings.from_environ(
         {

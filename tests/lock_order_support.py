@@ -65,7 +65,7 @@ def rewrap_worker(
 ) -> dict[str, Any]:
     """Each round: rewrap every key to the other master key, in batches of 5 rows."""
     from byok_plugin.app import App
-    from byok_plugin.key_rewrap import rewrap_all
+    from byok_plugin.keys.rewrap import rewrap_all
     from byok_plugin.settings import Settings
 
     apps = [

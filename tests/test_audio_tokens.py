@@ -15,12 +15,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from byok_plugin.billing import Billing
-from byok_plugin.catalog import shipped_catalog
+from byok_plugin.billing.catalog import shipped_catalog
+from byok_plugin.billing.charges import Billing
+from byok_plugin.billing.pricing import load_price_file, parse_litellm_prices, shipped_prices
 from byok_plugin.host.emulator.server import BackgroundServer
 from byok_plugin.host.providers import NO_RETRY, create_clients, new_http_client
 from byok_plugin.host.providers.common import CompletionRequest, Message
-from byok_plugin.pricing import load_price_file, parse_litellm_prices, shipped_prices
 
 D = Decimal
 PLATFORM = Credential(api_key="sk-test", provider="openai", source=CredentialSource.PLATFORM)

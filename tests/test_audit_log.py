@@ -27,7 +27,7 @@ from server_support import (
 from byok_plugin.app import App
 from byok_plugin.audit_log import AuditQuery, read_audit_log
 from byok_plugin.cli import main
-from byok_plugin.key_errors import InvalidInput
+from byok_plugin.core.errors import InvalidInput
 from byok_plugin.server import BearerTokens, create_app
 from byok_plugin.settings import Settings
 

@@ -15,12 +15,12 @@ import pytest
 from byok_hookspecs import Credential, CredentialSource, UnpricedModel, Usage, UsageRecord
 
 from byok_plugin.app import App
-from byok_plugin.billing import Billing, IncompletePrice, money
-from byok_plugin.catalog import shipped_catalog
+from byok_plugin.billing.catalog import shipped_catalog
+from byok_plugin.billing.charges import Billing, IncompletePrice, money
+from byok_plugin.billing.pricing import load_price_file, shipped_prices
+from byok_plugin.billing.usage_report import build_report
 from byok_plugin.manager import plugin_manager_for
-from byok_plugin.pricing import load_price_file, shipped_prices
 from byok_plugin.settings import Settings
-from byok_plugin.usage_report import build_report
 
 D = Decimal
 

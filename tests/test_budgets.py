@@ -27,7 +27,7 @@ from byok_hookspecs import (
 )
 
 from byok_plugin.app import App
-from byok_plugin.budgets import BudgetError, budget_holds, budgets, to_units
+from byok_plugin.billing.budgets import BudgetError, budget_holds, budgets, to_units
 from byok_plugin.manager import plugin_manager_for
 from byok_plugin.settings import Settings
 from byok_plugin.store import create_store_engine, ensure_migrated

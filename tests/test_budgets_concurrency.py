@@ -26,7 +26,7 @@ from budget_support import WORKSPACE, name_of, one_call, run_calls
 from byok_hookspecs import BudgetExceeded, BudgetReservation, CredentialSource
 
 from byok_plugin.app import App
-from byok_plugin.budgets import UNIT, budget_holds, budgets, to_units
+from byok_plugin.billing.budgets import UNIT, budget_holds, budgets, to_units
 from byok_plugin.cli.demo import PLATFORM_WORKSPACE, DemoStack
 from byok_plugin.host.emulator import EmulatorServer, Fault, FaultKind
 from byok_plugin.manager import plugin_manager_for

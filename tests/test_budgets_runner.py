@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 from byok_hookspecs import BudgetSettlement, Usage, UsageRecord, hookimpl
 
-from byok_plugin.budgets import UNIT, budget_holds
+from byok_plugin.billing.budgets import UNIT, budget_holds
 from byok_plugin.cli.demo import BYOK_WORKSPACE, OPERATOR, PLATFORM_WORKSPACE, DemoStack
 from byok_plugin.cli.run import run_workflow
 from byok_plugin.host.emulator import EmulatorServer, Fault, FaultKind

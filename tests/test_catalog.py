@@ -9,7 +9,7 @@ import pytest
 from byok_hookspecs import hookimpl
 
 from byok_plugin.app import App
-from byok_plugin.catalog import CatalogError, catalog_for, load_catalog, shipped_catalog
+from byok_plugin.billing.catalog import CatalogError, catalog_for, load_catalog, shipped_catalog
 from byok_plugin.manager import plugin_manager_for
 from byok_plugin.settings import Settings
 

@@ -14,7 +14,7 @@ from click.testing import CliRunner, Result
 from keys_support import keyring_value, leaks, master_key, random_key
 
 from byok_plugin.cli import main
-from byok_plugin.crypto import Keyring
+from byok_plugin.core.crypto import Keyring
 
 
 def _run(args: list[str], env: dict[str, str], stdin: str | None = None) -> Result:

@@ -25,11 +25,11 @@ from byok_plugin.app import App
 from byok_plugin.cli import main
 from byok_plugin.cli.context import OPERATOR
 from byok_plugin.cli.run import RunProgress
+from byok_plugin.core.errors import InvalidInput
+from byok_plugin.core.key_format import check_label, check_workspace_id
 from byok_plugin.host.run_result import BlockResult, BlockStatus
 from byok_plugin.host.runner import RunEvent
 from byok_plugin.host.workflow import load_workflow
-from byok_plugin.key_errors import InvalidInput
-from byok_plugin.key_format import check_label, check_workspace_id
 from byok_plugin.settings import Settings
 
 ATTACKS = (

@@ -27,7 +27,7 @@ from cooldown_support import call_with_resolved_keys
 from keys_support import OPERATOR, keyring_value, make_app, master_key, service_for
 
 from byok_plugin.host.emulator import EmulatorServer, Fault, FaultKind
-from byok_plugin.resolution import MAX_COOLDOWN_SECONDS, Resolver
+from byok_plugin.resolution.resolver import MAX_COOLDOWN_SECONDS, Resolver
 from byok_plugin.store.tables import workspace_keys
 
 MODELS = {"openai": "gpt-4o-mini", "google": "gemini-2.5-flash"}

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from keys_support import keyring_value, master_key
 
-from byok_plugin.crypto import (
+from byok_plugin.core.crypto import (
     KeyBinding,
     Keyring,
     MasterKey,
@@ -28,7 +28,7 @@ from byok_plugin.crypto import (
     remove_master_key_from_file,
     restore_master_key_to_file,
 )
-from byok_plugin.key_errors import (
+from byok_plugin.core.errors import (
     CiphertextMismatch,
     KeyDecryptionError,
     KeyringError,

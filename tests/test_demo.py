@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from byok_plugin.cli import demo as demo_module
 from byok_plugin.cli import main
-from byok_plugin.crypto import MasterKey
+from byok_plugin.core.crypto import MasterKey
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = sorted(p.stem for p in (ROOT / "sample_workflows").glob("*.json"))

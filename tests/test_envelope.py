@@ -29,15 +29,14 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from keys_support import OPERATOR, make_app, master_key, random_key, service_for
 
 from byok_plugin.app import App
-from byok_plugin.crypto import (
+from byok_plugin.core.crypto import (
     ENVELOPE_MASTER_KEY_ID,
     ENVELOPE_PREFIX,
     STORED_PREFIX,
     Keyring,
     MasterKey,
 )
-from byok_plugin.envelope import DataKeys
-from byok_plugin.key_errors import (
+from byok_plugin.core.errors import (
     CiphertextMismatch,
     DataKeyDestroyed,
     DataKeyUnavailable,
@@ -45,6 +44,7 @@ from byok_plugin.key_errors import (
     DuplicateKey,
     KeyringError,
 )
+from byok_plugin.keys.envelope import DataKeys
 from byok_plugin.manager import plugin_manager_for
 from byok_plugin.store.data_keys_repo import DataKeyStore
 from byok_plugin.store.migrate import VERSION_TABLE
@@ -586,7 +586,7 @@ def test_rewrap_moves_rows_to_envelopes_rotates_the_kek_and_moves_back(
 def test_a_master_key_still_wrapping_data_keys_is_not_retired(
     sqlite_url: str, tmp_path: Path
 ) -> None:
-    from byok_plugin.crypto import add_master_key_to_file, create_key_file
+    from byok_plugin.core.crypto import add_master_key_to_file, create_key_file
 
     key_file = tmp_path / "master.keys"
     old = create_key_file(key_file)
@@ -816,7 +816,7 @@ def test_rewrap_to_envelopes_killed_part_way_and_run_again(
 
     from keys_support import keyring_value
 
-    from byok_plugin.crypto import KeyBinding
+    from byok_plugin.core.crypto import KeyBinding
     from byok_plugin.store.keys_repo import new_key_id
 
     k1, rows_count = master_key("k1"), 400

@@ -20,11 +20,11 @@ from pathlib import Path
 import sqlalchemy as sa
 from byok_hookspecs import UsageRecord, hookimpl
 
+from byok_plugin.billing.ledger import usage_ledger
 from byok_plugin.cli.demo import BYOK_WORKSPACE, PLATFORM_WORKSPACE, DemoStack
 from byok_plugin.host.emulator import EmulatorServer
 from byok_plugin.host.runner import RunnerOptions, WorkflowRunner
 from byok_plugin.host.workflow import parse_workflow
-from byok_plugin.ledger import usage_ledger
 from tests.spool_support import accept_ledger_writes, refuse_ledger_writes
 
 ROOT = Path(__file__).resolve().parents[1]

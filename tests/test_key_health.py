@@ -15,8 +15,8 @@ from keys_support import OPERATOR, keyring_value, leaks, make_app, master_key, s
 
 from byok_plugin.cli import main
 from byok_plugin.host.emulator import EmulatorServer, Fault, FaultKind
-from byok_plugin.key_health import check_key_health, key_health
-from byok_plugin.organizations import org_owner
+from byok_plugin.keys.health import check_key_health, key_health
+from byok_plugin.resolution.organizations import org_owner
 
 
 class Audit:

@@ -18,9 +18,9 @@ import sqlalchemy as sa
 from byok_hookspecs import Credential, CredentialRequest, CredentialSource, NoCredential
 from keys_support import OPERATOR, keyring_value, make_app, master_key, random_key, service_for
 
-from byok_plugin.key_listener import KeyChangeListener
-from byok_plugin.organizations import org_owner
-from byok_plugin.resolution import KeyListCache
+from byok_plugin.keys.listener import KeyChangeListener
+from byok_plugin.resolution.organizations import org_owner
+from byok_plugin.resolution.resolver import KeyListCache
 from byok_plugin.store.key_events import notify_key_change, parse_key_change
 from byok_plugin.store.keys_repo import StoredKey
 

@@ -18,7 +18,7 @@ from keys_support import (
 )
 
 from byok_plugin.app import App
-from byok_plugin.keys import KeyService
+from byok_plugin.keys.service import KeyService
 
 ADMIN_A = Actor("alice", {"ws-a": Role.ADMIN})
 MEMBER_A = Actor("bob", {"ws-a": Role.MEMBER})

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from keys_support import random_key, windows
 
-from byok_plugin.key_errors import InvalidInput, InvalidKeyFormat, UnknownProvider
-from byok_plugin.key_format import (
+from byok_plugin.core.errors import InvalidInput, InvalidKeyFormat, UnknownProvider
+from byok_plugin.core.key_format import (
     KNOWN_PROVIDERS,
     MAX_KEY_LENGTH,
     check_api_key,

@@ -27,7 +27,7 @@ from keys_support import (
 )
 
 from byok_plugin.cli import main
-from byok_plugin.key_format import KNOWN_PROVIDERS
+from byok_plugin.core.key_format import KNOWN_PROVIDERS
 from byok_plugin.store.tables import workspace_keys
 
 

@@ -12,8 +12,8 @@ from byok_hookspecs import Credential, CredentialSource, CredentialUnavailable, 
 from keys_support import OPERATOR, Recorder, make_app, master_key, random_key, service_for
 
 from byok_plugin.app import App
-from byok_plugin.crypto import MasterKey
-from byok_plugin.key_errors import (
+from byok_plugin.core.crypto import MasterKey
+from byok_plugin.core.errors import (
     CiphertextCopied,
     CiphertextMismatch,
     DuplicateKey,
@@ -27,7 +27,7 @@ from byok_plugin.key_errors import (
     UnknownMasterKey,
     WrongMasterKey,
 )
-from byok_plugin.keys import KeyService
+from byok_plugin.keys.service import KeyService
 from byok_plugin.store.tables import workspace_keys
 
 

@@ -15,8 +15,8 @@ import pytest
 from byok_hookspecs import KeyCheckStatus
 from keys_support import make_app, master_key, random_key, service_for, windows
 
-from byok_plugin.key_format import KNOWN_PROVIDERS
-from byok_plugin.validation import KeyValidator
+from byok_plugin.core.key_format import KNOWN_PROVIDERS
+from byok_plugin.keys.validation import KeyValidator
 
 # --- a scripted loopback server -------------------------------------------------------------
 

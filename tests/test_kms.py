@@ -30,8 +30,8 @@ from test_envelope import CountUnwraps
 
 from byok_plugin.app import App
 from byok_plugin.cli import main
-from byok_plugin.crypto import ENVELOPE_MASTER_KEY_ID
-from byok_plugin.key_errors import DataKeyUnavailable, DataKeyUnreadable
+from byok_plugin.core.crypto import ENVELOPE_MASTER_KEY_ID
+from byok_plugin.core.errors import DataKeyUnavailable, DataKeyUnreadable
 from byok_plugin.store.tables import data_keys, workspace_keys
 
 REQUIRE_KMS_VAR = "BYOK_REQUIRE_KMS"

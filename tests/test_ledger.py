@@ -25,14 +25,14 @@ from byok_hookspecs import (
 from ledger_support import concurrent_record_worker, record_for
 
 from byok_plugin.app import App
-from byok_plugin.key_errors import StoreUnavailable
-from byok_plugin.ledger import usage_ledger
+from byok_plugin.billing.ledger import usage_ledger
+from byok_plugin.core.errors import StoreUnavailable
 from byok_plugin.manager import plugin_manager_for
+from byok_plugin.resolution.workspace_settings import workspace_settings
 from byok_plugin.settings import Settings
 from byok_plugin.store import create_store_engine, ensure_migrated
 from byok_plugin.store.migrate import VERSION_TABLE, current_revision, head_revision
 from byok_plugin.store.tables import metadata
-from byok_plugin.workspace_settings import workspace_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 MY_TABLES = {usage_ledger.name, workspace_settings.name}

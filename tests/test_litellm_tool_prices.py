@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from byok_hookspecs import Credential, CredentialSource, Usage
 
-from byok_plugin.billing import Billing
-from byok_plugin.catalog import shipped_catalog
-from byok_plugin.pricing import PriceError, load_price_file, shipped_prices
+from byok_plugin.billing.catalog import shipped_catalog
+from byok_plugin.billing.charges import Billing
+from byok_plugin.billing.pricing import PriceError, load_price_file, shipped_prices
 
 D = Decimal
 

@@ -28,13 +28,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from keys_support import make_app, master_key, random_key
 
-from byok_plugin.billing import Billing, IncompletePrice
-from byok_plugin.catalog import shipped_catalog
-from byok_plugin.ledger import Ledger
+from byok_plugin.billing.catalog import shipped_catalog
+from byok_plugin.billing.charges import Billing, IncompletePrice
+from byok_plugin.billing.ledger import Ledger
+from byok_plugin.billing.pricing import parse_price_table, shipped_prices
+from byok_plugin.billing.usage_report import build_report
 from byok_plugin.manager import plugin_manager_for
-from byok_plugin.pricing import parse_price_table, shipped_prices
 from byok_plugin.store import create_store_engine, ensure_migrated
-from byok_plugin.usage_report import build_report
 
 D = Decimal
 PLATFORM = Credential(api_key="k", provider="anthropic", source=CredentialSource.PLATFORM)

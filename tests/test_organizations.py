@@ -37,9 +37,9 @@ from byok_hookspecs import (
 from keys_support import OPERATOR, leaks, make_app, master_key, random_key, service_for
 
 from byok_plugin.app import App
-from byok_plugin.key_errors import InvalidInput
-from byok_plugin.keys import KeyService
-from byok_plugin.organizations import OrganizationNotFound, Organizations, org_owner
+from byok_plugin.core.errors import InvalidInput
+from byok_plugin.keys.service import KeyService
+from byok_plugin.resolution.organizations import OrganizationNotFound, Organizations, org_owner
 from byok_plugin.store import create_store_engine, ensure_migrated
 from byok_plugin.store.migrate import VERSION_TABLE
 from byok_plugin.store.tables import metadata, workspace_keys

@@ -17,7 +17,7 @@ from byok_hookspecs import (
 
 from byok_plugin.app import App
 from byok_plugin.manager import plugin_manager_for
-from byok_plugin.platform_cooldowns import platform_key_cooldowns
+from byok_plugin.resolution.platform_cooldowns import platform_key_cooldowns
 from byok_plugin.settings import Settings
 from byok_plugin.store import create_store_engine, ensure_migrated
 from byok_plugin.store.migrate import VERSION_TABLE

@@ -12,7 +12,7 @@ import pytest
 
 from byok_plugin.app import App
 from byok_plugin.manager import plugin_manager_for
-from byok_plugin.platform_keys import PlatformKeyPool, keys_from_environ, mask_key
+from byok_plugin.resolution.platform_keys import PlatformKeyPool, keys_from_environ, mask_key
 from byok_plugin.settings import Settings
 
 PREFIXES = {

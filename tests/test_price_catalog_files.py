@@ -14,12 +14,12 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from byok_plugin.catalog import CatalogError, load_catalog
+from byok_plugin.billing.catalog import CatalogError, load_catalog
+from byok_plugin.billing.pricing import PriceError, load_price_file
 from byok_plugin.cli import main
 from byok_plugin.cli.demo import PLATFORM_WORKSPACE, DemoStack
+from byok_plugin.core.json_file import MAX_BYTES, MAX_DEPTH
 from byok_plugin.host.emulator import EmulatorServer
-from byok_plugin.json_file import MAX_BYTES, MAX_DEPTH
-from byok_plugin.pricing import PriceError, load_price_file
 
 ROOT = Path(__file__).resolve().parents[1]
 TRIAGE = str(ROOT / "sample_workflows" / "support-ticket-triage.json")

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from byok_hookspecs import Usage
 
-from byok_plugin.catalog import shipped_catalog
-from byok_plugin.pricing import (
+from byok_plugin.billing.catalog import shipped_catalog
+from byok_plugin.billing.pricing import (
     Price,
     PriceError,
     TokenRates,

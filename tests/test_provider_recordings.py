@@ -21,8 +21,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from byok_plugin.billing import Billing
-from byok_plugin.catalog import shipped_catalog
+from byok_plugin.billing.catalog import shipped_catalog
+from byok_plugin.billing.charges import Billing
+from byok_plugin.billing.pricing import load_price_file, shipped_prices
 from byok_plugin.host.emulator.server import BackgroundServer
 from byok_plugin.host.providers import (
     NO_RETRY,
@@ -32,7 +33,6 @@ from byok_plugin.host.providers import (
     create_client,
     new_http_client,
 )
-from byok_plugin.pricing import load_price_file, shipped_prices
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDINGS = ROOT / ".." / "shared" / "fixtures" / "provider-recordings"

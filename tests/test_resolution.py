@@ -36,13 +36,13 @@ from byok_hookspecs import (
 from keys_support import OPERATOR, keyring_value, make_app, master_key, random_key, service_for
 
 from byok_plugin.app import App
-from byok_plugin.key_errors import KeyDecryptionError, StoreUnavailable
-from byok_plugin.keys import KeyService
+from byok_plugin.core.errors import KeyDecryptionError, StoreUnavailable
+from byok_plugin.keys.service import KeyService
 from byok_plugin.manager import plugin_manager_for
-from byok_plugin.resolution import KeyListCache
+from byok_plugin.resolution.resolver import KeyListCache
+from byok_plugin.resolution.workspace_settings import FallbackPolicy
 from byok_plugin.store.keys_repo import StoredKey
 from byok_plugin.store.tables import workspace_keys
-from byok_plugin.workspace_settings import FallbackPolicy
 
 WORKSPACE = CredentialSource.WORKSPACE
 PLATFORM = CredentialSource.PLATFORM

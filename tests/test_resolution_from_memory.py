@@ -33,7 +33,7 @@ from byok_plugin.defaults import DefaultPlugin
 from byok_plugin.host.emulator import EmulatorServer, Fault, FaultKind
 from byok_plugin.host.runner import RESOLVE_HOOKS, RunnerOptions, WorkflowRunner
 from byok_plugin.host.workflow import parse_workflow
-from byok_plugin.keys import KeyService
+from byok_plugin.keys.service import KeyService
 
 ONE_BLOCK = {
     "name": "one-block",

@@ -14,15 +14,15 @@ import pytest
 import sqlalchemy as sa
 from keys_support import OPERATOR, keyring_value, make_app, master_key, random_key, service_for
 
-from byok_plugin.crypto import (
+from byok_plugin.core.crypto import (
     KeyBinding,
     Keyring,
     MasterKey,
     add_master_key_to_file,
     create_key_file,
 )
-from byok_plugin.key_errors import KeyringError
-from byok_plugin.keys import KeyService
+from byok_plugin.core.errors import KeyringError
+from byok_plugin.keys.service import KeyService
 from byok_plugin.manager import plugin_manager_for
 from byok_plugin.store.keys_repo import new_key_id
 from byok_plugin.store.tables import workspace_keys

@@ -41,7 +41,6 @@ from byok_hookspecs import (
 )
 
 from byok_plugin.app import App
-from byok_plugin.background_writes import BackgroundWrites
 from byok_plugin.cli.context import OPERATOR
 from byok_plugin.cli.demo import BYOK_WORKSPACE, DemoStack, realistic_key
 from byok_plugin.defaults import DefaultPlugin
@@ -49,7 +48,8 @@ from byok_plugin.host.emulator import EmulatorServer, Fault, FaultKind
 from byok_plugin.host.run_result import RunStatus
 from byok_plugin.host.runner import RUN_HOOKS, RunnerOptions, WorkflowRunner
 from byok_plugin.host.workflow import Workflow, parse_workflow
-from byok_plugin.resolution import _PendingCooldown
+from byok_plugin.resolution.background_writes import BackgroundWrites
+from byok_plugin.resolution.resolver import _PendingCooldown
 from byok_plugin.settings import Settings
 from byok_plugin.store.engine import write_transaction
 

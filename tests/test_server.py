@@ -172,7 +172,7 @@ def test_the_document_lists_every_route_and_every_error_code(stack: Stack) -> No
 
 
 def test_the_documented_providers_are_the_key_stores(stack: Stack) -> None:
-    from byok_plugin.key_format import KNOWN_PROVIDERS
+    from byok_plugin.core.key_format import KNOWN_PROVIDERS
 
     provider = openapi_document()["components"]["schemas"]["Provider"]
     assert provider["enum"] == list(KNOWN_PROVIDERS)

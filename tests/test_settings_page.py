@@ -289,7 +289,7 @@ def test_a_member_sees_the_keys_the_workspace_inherits_masked(
 ) -> None:
     from playwright.sync_api import expect
 
-    from byok_plugin.organizations import org_owner
+    from byok_plugin.resolution.organizations import org_owner
 
     operator = Actor("root", operator=True)
     orgs = stack.app.organizations(stack.pm)

@@ -23,20 +23,20 @@ from click.testing import CliRunner
 from sqlalchemy.engine import make_url
 
 from byok_plugin.app import App
-from byok_plugin.cli import main
-from byok_plugin.cli.demo import BYOK_WORKSPACE, PLATFORM_WORKSPACE, DemoStack
-from byok_plugin.host.emulator import EmulatorServer
-from byok_plugin.host.run_result import BlockStatus, RunResult, RunStatus
-from byok_plugin.host.workflow import parse_workflow
-from byok_plugin.key_errors import StoreUnavailable
-from byok_plugin.settings import Settings
-from byok_plugin.spool import (
+from byok_plugin.billing.spool import (
     DurableLedger,
     LedgerSpool,
     SpoolUnavailable,
     record_from_json,
     record_to_json,
 )
+from byok_plugin.cli import main
+from byok_plugin.cli.demo import BYOK_WORKSPACE, PLATFORM_WORKSPACE, DemoStack
+from byok_plugin.core.errors import StoreUnavailable
+from byok_plugin.host.emulator import EmulatorServer
+from byok_plugin.host.run_result import BlockStatus, RunResult, RunStatus
+from byok_plugin.host.workflow import parse_workflow
+from byok_plugin.settings import Settings
 from tests.ledger_support import record_for
 from tests.spool_support import (
     TcpProxy,

@@ -24,7 +24,7 @@ from keys_support import (
     service_for,
 )
 
-from byok_plugin.key_errors import StoreUnavailable
+from byok_plugin.core.errors import StoreUnavailable
 from byok_plugin.store import KeyStore, create_store_engine, ensure_migrated, normalize_url
 from byok_plugin.store.migrate import (
     VERSION_TABLE,

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
 from byok_plugin.app import App
-from byok_plugin.key_errors import StoreUnavailable
+from byok_plugin.core.errors import StoreUnavailable
 from byok_plugin.settings import Settings, SettingsError
 from byok_plugin.store.engine import create_store_engine, store_errors
 from tests.ledger_support import record_for

@@ -1,6 +1,8 @@
 """The ``byok`` command.
 
 Each subcommand lives in its own module and is added to :data:`main` here.
+
+May import: anything.
 """
 
 from __future__ import annotations

@@ -19,11 +19,11 @@ from byok_plugin.cli.tables import Column, TableSpec, console_for, show
 from byok_plugin.cli.text import money
 
 if TYPE_CHECKING:
-    from byok_plugin.budgets import Budget
+    from byok_plugin.billing.budgets import Budget
 
 __all__ = ["budget_group"]
 
-#: byok_plugin.budgets' metrics and periods (the store loads when a command runs)
+#: byok_plugin.billing.budgets' metrics and periods (the store loads when a command runs)
 METRICS = ("charge", "list_cost")
 PERIODS = ("day", "month", "none")
 
@@ -90,7 +90,7 @@ def set_command(
     workflow_id: str | None,
 ) -> None:
     """Create or change the workspace's budget NAME."""
-    from byok_plugin.budgets import BudgetError
+    from byok_plugin.billing.budgets import BudgetError
 
     _authorize(cli, workspace_id, Action.MANAGE_KEYS)
     try:

@@ -43,8 +43,8 @@ class CliContext:
 
     @cached_property
     def pm(self) -> pluggy.PluginManager:
-        from byok_plugin.catalog import CatalogError
-        from byok_plugin.pricing import PriceError
+        from byok_plugin.billing.catalog import CatalogError
+        from byok_plugin.billing.pricing import PriceError
 
         try:
             return plugin_manager_for(self.app)

@@ -45,11 +45,11 @@ from byok_plugin.cli.run import (
 )
 from byok_plugin.cli.tables import Column, TableSpec, show
 from byok_plugin.cli.text import money, plain
-from byok_plugin.crypto import generate_master_key
+from byok_plugin.core.crypto import generate_master_key
 from byok_plugin.host.run_result import RunResult
 from byok_plugin.host.workflow import AgentBlock, KeyRef, ToolBlock, Workflow, WorkflowError
 from byok_plugin.host.workflow.providers import TOOL_PROVIDERS
-from byok_plugin.keys import KeyService
+from byok_plugin.keys.service import KeyService
 from byok_plugin.manager import plugin_manager_for
 from byok_plugin.settings import Settings
 

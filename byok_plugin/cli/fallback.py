@@ -13,7 +13,7 @@ from byok_hookspecs import Action, AuditEvent, NotAuthorized
 from byok_plugin.cli.context import CliContext, pass_cli
 from byok_plugin.cli.keys import handles_errors, workspace_option
 
-#: byok_plugin.workspace_settings.FallbackPolicy's values (the store loads when a command runs)
+#: byok_plugin.resolution.workspace_settings.FallbackPolicy's values (the store loads when a command runs)
 POLICIES = ("never", "on_rate_limit", "on_error")
 
 __all__ = ["fallback_group"]

@@ -1,6 +1,6 @@
 """``byok keys check``: test every enabled stored key live, record the result, disable dead keys.
 
-The command runs :func:`byok_plugin.key_health.check_key_health`, the job a host may also run from
+The command runs :func:`byok_plugin.keys.health.check_key_health`, the job a host may also run from
 cron or its own scheduler. It exits 1 when a key was refused (``invalid``), ran out of credit
 (``no_credit``) or could not be checked (``unreachable``).
 """
@@ -44,7 +44,7 @@ def check_command(
 ) -> None:
     """Check every enabled stored key live with its provider; disable the ones refused
     --disable-after times in a row (audited: key.disabled, key.unhealthy)."""
-    from byok_plugin.key_health import check_key_health
+    from byok_plugin.keys.health import check_key_health
 
     results = check_key_health(cli.app, cli.pm, owners=owners or None, disable_after=disable_after)
     if as_json:

@@ -15,7 +15,7 @@ from byok_plugin.cli.context import CliContext, pass_cli
 from byok_plugin.cli.keys import user_errors
 
 if TYPE_CHECKING:
-    from byok_plugin.crypto import Keyring
+    from byok_plugin.core.crypto import Keyring
 
 __all__ = ["init_command"]
 
@@ -41,7 +41,7 @@ def _backup_reminder(path: object) -> None:
 @pass_cli
 def init_command(cli: CliContext, new_master_key: bool) -> None:
     """Create the master key file and the database (safe to run again)."""
-    from byok_plugin.crypto import Keyring, add_master_key_to_file, create_key_file
+    from byok_plugin.core.crypto import Keyring, add_master_key_to_file, create_key_file
     from byok_plugin.store import describe_url
     from byok_plugin.store.migrate import current_revision
 
@@ -98,7 +98,7 @@ def _check_key_provider(cli: CliContext) -> None:
     import secrets
 
     from byok_plugin.cli.plugins import key_provider_summary
-    from byok_plugin.crypto import KEY_BYTES, DataKey
+    from byok_plugin.core.crypto import KEY_BYTES, DataKey
 
     click.echo(key_provider_summary(cli))
     if not cli.settings.key_envelopes:
@@ -119,7 +119,7 @@ def _check_key_provider(cli: CliContext) -> None:
 
 
 def _check_keyring_against_database(cli: CliContext, keyring: Keyring) -> None:
-    from byok_plugin.crypto import ENVELOPE_MASTER_KEY_ID
+    from byok_plugin.core.crypto import ENVELOPE_MASTER_KEY_ID
 
     store = cli.app.key_store
     recorded = store.master_key_check_values()

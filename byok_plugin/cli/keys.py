@@ -3,7 +3,7 @@ delete a whole workspace's keys (destroying its data key), and retire a master k
 uses any more.
 
 The CLI acts as the local operator (:data:`~byok_plugin.cli.context.OPERATOR`) who holds the
-master key; everything goes through the same :class:`~byok_plugin.keys.KeyService` as the library
+master key; everything goes through the same :class:`~byok_plugin.keys.service.KeyService` as the library
 and HTTP API, so the same checks and audit events apply.
 
 A key is read from standard input when it is not a terminal, or else from a hidden prompt; never
@@ -25,12 +25,12 @@ from byok_hookspecs import ByokError, KeyCheckStatus
 from byok_plugin.cli.context import CliContext, pass_cli
 from byok_plugin.cli.json_output import echo_json
 from byok_plugin.cli.tables import Column, TableSpec, console_for, show
-from byok_plugin.key_errors import InvalidInput, KeyNotFound
-from byok_plugin.key_format import DEFAULT_LABEL, KNOWN_PROVIDERS, check_key_id
+from byok_plugin.core.errors import InvalidInput, KeyNotFound
+from byok_plugin.core.key_format import DEFAULT_LABEL, KNOWN_PROVIDERS, check_key_id
 from byok_plugin.settings import SettingsError
 
 if TYPE_CHECKING:  # the store and its dependencies load when a command runs, not for --help
-    from byok_plugin.keys import KeyService
+    from byok_plugin.keys.service import KeyService
     from byok_plugin.store.keys_repo import KeyInfo
 
 __all__ = ["keys_group", "read_api_key", "user_errors"]
@@ -511,7 +511,7 @@ def _print_counts(when: str, counts: dict[str, int] | Any) -> None:
     if not counts:
         click.echo(f"{when}: no stored keys")
         return
-    from byok_plugin.crypto import ENVELOPE_MASTER_KEY_ID
+    from byok_plugin.core.crypto import ENVELOPE_MASTER_KEY_ID
 
     for kid, count in sorted(counts.items()):
         under = (

@@ -27,7 +27,7 @@ def ledger_group() -> None:
 @handles_errors
 def spool_command(cli: CliContext, as_json: bool) -> None:
     """How many usage rows wait in the local spool for the store."""
-    from byok_plugin.spool import LedgerSpool
+    from byok_plugin.billing.spool import LedgerSpool
 
     settings = cli.settings  # the spool only: the store need not answer
     spool = LedgerSpool(settings.ledger_spool or settings.home / "ledger-spool.db")

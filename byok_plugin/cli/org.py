@@ -1,8 +1,8 @@
 """``byok org``: organizations, the workspaces they own and the key pool those workspaces inherit.
 
 An organization's keys are stored keys like a workspace's (encrypted the same way, owner id
-``org:<id>``); these commands go through :class:`~byok_plugin.organizations.Organizations` and
-:class:`~byok_plugin.keys.KeyService`, so authorization (``byok_authorize`` on ``org:<id>``) and
+``org:<id>``); these commands go through :class:`~byok_plugin.resolution.organizations.Organizations` and
+:class:`~byok_plugin.keys.service.KeyService`, so authorization (``byok_authorize`` on ``org:<id>``) and
 audit are the same as everywhere. A key is read from standard input or a hidden prompt, never from
 the command line. ``byok org inherited`` shows what a workspace inherits, masked.
 """
@@ -23,10 +23,10 @@ from byok_plugin.cli.keys import (
     workspace_option,
 )
 from byok_plugin.cli.tables import Column, TableSpec, console_for, show
-from byok_plugin.key_format import KNOWN_PROVIDERS
+from byok_plugin.core.key_format import KNOWN_PROVIDERS
 
 if TYPE_CHECKING:
-    from byok_plugin.organizations import Organizations
+    from byok_plugin.resolution.organizations import Organizations
     from byok_plugin.store.keys_repo import KeyInfo
 
 __all__ = ["org_group"]
@@ -37,7 +37,7 @@ def _orgs(cli: CliContext) -> Organizations:
 
 
 def _owner(org_id: str) -> str:
-    from byok_plugin.organizations import org_owner
+    from byok_plugin.resolution.organizations import org_owner
 
     return org_owner(org_id)
 

@@ -7,13 +7,13 @@ from decimal import Decimal
 
 import click
 
+from byok_plugin.billing.reconcile import reconcile
 from byok_plugin.cli.context import CliContext, pass_cli
 from byok_plugin.cli.json_output import echo_json
 from byok_plugin.cli.keys import handles_errors
 from byok_plugin.cli.tables import Column, TableSpec, console_for, show
 from byok_plugin.cli.text import money
 from byok_plugin.cli.usage import parse_when
-from byok_plugin.reconcile import reconcile
 
 __all__ = ["reconcile_command"]
 

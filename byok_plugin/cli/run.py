@@ -31,6 +31,8 @@ from byok_plugin.cli.context import CliContext, pass_cli
 from byok_plugin.cli.json_output import JSON_VERSION, echo_json
 from byok_plugin.cli.tables import Column, TableSpec, console_for, show
 from byok_plugin.cli.text import money, plain
+from byok_plugin.core.errors import InvalidInput
+from byok_plugin.core.key_format import check_workspace_id
 from byok_plugin.host.env_keys import EnvKeyAllowance, env_key_problems
 from byok_plugin.host.run_result import (
     BlockResult,
@@ -55,8 +57,6 @@ from byok_plugin.host.workflow import (
     check_models,
     load_workflow,
 )
-from byok_plugin.key_errors import InvalidInput
-from byok_plugin.key_format import check_workspace_id
 from byok_plugin.settings import SettingsError
 
 __all__ = [

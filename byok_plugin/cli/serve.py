@@ -63,7 +63,7 @@ def serve_command(
             "byok serve needs the server extra: pip install 'byok-plugin[server]'"
         ) from None
     from byok_plugin.cli.context import OPERATOR
-    from byok_plugin.key_errors import KeyringError
+    from byok_plugin.core.errors import KeyringError
 
     try:
         cli.app.keyring  # noqa: B018 - load it now, to warn before the browser opens

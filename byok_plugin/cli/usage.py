@@ -12,12 +12,18 @@ from datetime import UTC, date, datetime, time, timedelta
 
 import click
 
+from byok_plugin.billing.usage_report import (
+    DEFAULT_GROUPS,
+    GROUP_KEYS,
+    Totals,
+    UsageReport,
+    build_report,
+)
 from byok_plugin.cli.context import CliContext, pass_cli
 from byok_plugin.cli.json_output import echo_json
 from byok_plugin.cli.keys import handles_errors
 from byok_plugin.cli.tables import Column, TableSpec, console_for, show
 from byok_plugin.cli.text import money, plain
-from byok_plugin.usage_report import DEFAULT_GROUPS, GROUP_KEYS, Totals, UsageReport, build_report
 
 __all__ = ["csv_cell", "parse_when", "usage_command"]
 

@@ -10,6 +10,10 @@ A host mounts the ASGI app that :func:`create_app` returns, and tells it who is 
 ``my_identify(request)`` is the host's authentication: it returns a
 :class:`byok_hookspecs.Actor` with the caller's workspace roles, or ``None`` (401). ``byok serve``
 runs the same app on loopback for the local operator (see :mod:`byok_plugin.server.local`).
+
+May import: byok_plugin.core, byok_plugin.store, byok_plugin.keys, byok_plugin.billing,
+byok_plugin.resolution, byok_plugin.settings, byok_plugin.app, byok_plugin.manager,
+byok_plugin.audit_log, byok_plugin (its ``__version__``).
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ import traceback
 from byok_hookspecs import ByokError, CredentialUnavailable, NotAuthorized
 from starlette.responses import JSONResponse
 
-from byok_plugin import key_errors
-from byok_plugin.organizations import OrganizationNotFound
+from byok_plugin.core import errors as key_errors
+from byok_plugin.resolution.organizations import OrganizationNotFound
 
 log = logging.getLogger("byok.server")
 

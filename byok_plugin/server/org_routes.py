@@ -20,8 +20,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from byok_plugin.key_errors import InvalidInput
-from byok_plugin.organizations import (
+from byok_plugin.core.errors import InvalidInput
+from byok_plugin.resolution.organizations import (
     OrganizationNotFound,
     Organizations,
     check_org_id,
@@ -30,7 +30,7 @@ from byok_plugin.organizations import (
 from byok_plugin.server.errors import ApiError, ErrorCode
 
 if TYPE_CHECKING:
-    from byok_plugin.keys import KeyService
+    from byok_plugin.keys.service import KeyService
     from byok_plugin.server.routes import Api, Handler
 
 __all__ = ["organization_routes"]

@@ -1,6 +1,6 @@
 """The routes of the key management API and of the settings page.
 
-Every key route goes through :class:`~byok_plugin.keys.KeyService`, the same service as the
+Every key route goes through :class:`~byok_plugin.keys.service.KeyService`, the same service as the
 ``byok keys`` command: it asks ``byok_authorize`` and reports to ``byok_audit``. The service is
 synchronous (it talks to the database), so it runs in a worker thread, never on the event loop.
 """
@@ -23,8 +23,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from byok_plugin import __version__
-from byok_plugin.key_errors import InvalidInput, KeyNotFound
-from byok_plugin.key_format import check_key_id, check_workspace_id
+from byok_plugin.core.errors import InvalidInput, KeyNotFound
+from byok_plugin.core.key_format import check_key_id, check_workspace_id
 from byok_plugin.server.bodies import read_json_body
 from byok_plugin.server.errors import (
     ApiError,
@@ -40,7 +40,7 @@ from byok_plugin.server.workspace_views import WorkspaceViews
 
 if TYPE_CHECKING:
     from byok_plugin.app import App
-    from byok_plugin.keys import KeyService
+    from byok_plugin.keys.service import KeyService
     from byok_plugin.store.keys_repo import KeyInfo
 
 __all__ = ["API_HEADERS", "PAGE_HEADERS", "Api", "build_routes"]
@@ -370,7 +370,7 @@ class BudgetRoutes:
 
     async def set_budget(self, request: Request) -> Response:
         """``PUT .../byok-budgets/{name}``: create or change a budget."""
-        from byok_plugin.budgets import BudgetError
+        from byok_plugin.billing.budgets import BudgetError
 
         actor = await self.api.actor(request)
         body = await self.api.body(request, "SetBudgetRequest")

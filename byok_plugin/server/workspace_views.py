@@ -18,12 +18,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from byok_plugin.key_errors import InvalidInput
-from byok_plugin.key_format import check_workspace_id
+from byok_plugin.core.errors import InvalidInput
+from byok_plugin.core.key_format import check_workspace_id
 from byok_plugin.server.errors import ApiError, ErrorCode
 
 if TYPE_CHECKING:
-    from byok_plugin.ledger import LedgerRow
+    from byok_plugin.billing.ledger import LedgerRow
     from byok_plugin.server.routes import Api
 
 __all__ = ["DEFAULT_DAYS", "MAX_DAYS", "WorkspaceViews", "usage_summary"]

@@ -1,4 +1,7 @@
-"""The store: SQLAlchemy engine, tables, migrations and the repositories over them."""
+"""The store: SQLAlchemy engine, tables, migrations and the repositories over them.
+
+May import: byok_plugin.core.
+"""
 
 from __future__ import annotations
 

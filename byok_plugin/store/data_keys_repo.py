@@ -1,7 +1,7 @@
 """The repository of workspace data keys (envelope encryption): wrapped keys in, wrapped keys out.
 
 Only wrapped data keys pass here; unwrapping is the key-encryption provider's, through the
-``byok_unwrap_data_key`` hook (:mod:`byok_plugin.envelope`).
+``byok_unwrap_data_key`` hook (:mod:`byok_plugin.keys.envelope`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from byok_hookspecs import WrappedDataKey
 from sqlalchemy.engine import Engine
 
-from byok_plugin.key_errors import KeyringError
+from byok_plugin.core.errors import KeyringError
 from byok_plugin.store.engine import store_errors, write_transaction
 from byok_plugin.store.key_events import notify_key_change
 from byok_plugin.store.keys_repo import _insert_ignore
@@ -40,7 +40,7 @@ class StoredDataKey:
     wrapped: WrappedDataKey
     created_at: datetime
     wrapped_at: datetime
-    #: identifies the data key without revealing it (:attr:`byok_plugin.crypto.DataKey.check_value`)
+    #: identifies the data key without revealing it (:attr:`byok_plugin.core.crypto.DataKey.check_value`)
     check_value: str = ""
 
 

@@ -14,7 +14,7 @@
   background writer). Everything else (migrations, key management, an async host's own calls)
   waits as usual.
 - Any database error other than a constraint violation surfaces as
-  :class:`~byok_plugin.key_errors.StoreUnavailable`, a ``CredentialUnavailable``: a store that
+  :class:`~byok_plugin.core.errors.StoreUnavailable`, a ``CredentialUnavailable``: a store that
   does not answer is an error, never "no key".
 """
 
@@ -38,7 +38,7 @@ from byok_hookspecs import called_inline
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
-from byok_plugin.key_errors import StoreUnavailable
+from byok_plugin.core.errors import StoreUnavailable
 
 __all__ = [
     "BUSY_BACKOFF_SECONDS",

@@ -4,7 +4,7 @@ Every write that changes what resolution serves (a key stored, replaced, deleted
 disabled, put in or out of cooldown, rewrapped; a workspace's keys shredded; its fallback
 policy; its organization membership or opt-out) calls :func:`notify_key_change` inside its own transaction. PostgreSQL delivers the
 notification to every listening connection when, and only when, that transaction commits, so a
-worker's :class:`~byok_plugin.key_listener.KeyChangeListener` drops the cached list as soon as
+worker's :class:`~byok_plugin.keys.listener.KeyChangeListener` drops the cached list as soon as
 the change is visible, and never for a change that rolled back. On SQLite it does nothing: the
 workers of a SQLite file share one machine and rely on the cache's few seconds.
 

@@ -1,7 +1,7 @@
 """The repository of stored workspace keys: rows in, rows out; no plaintext ever passes here.
 
 Encryption happens before :meth:`KeyStore.put` and decryption after a read
-(:mod:`byok_plugin.key_access`); this module only sees ciphertexts, hints and fingerprints.
+(:mod:`byok_plugin.keys.access`); this module only sees ciphertexts, hints and fingerprints.
 
 The limit of :data:`MAX_KEYS_PER_PROVIDER` keys per (workspace, provider) and the uniqueness of
 labels hold under concurrent writers: every write to a (workspace, provider) takes a
@@ -24,8 +24,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
-from byok_plugin.crypto import KeyBinding, MasterKey
-from byok_plugin.key_errors import (
+from byok_plugin.core.crypto import KeyBinding, MasterKey
+from byok_plugin.core.errors import (
     DataKeyUnavailable,
     DuplicateKey,
     KeyLimitReached,
@@ -121,7 +121,7 @@ class KeyInfo:
 @dataclass(frozen=True, slots=True)
 class StoredKey(KeyInfo):
     """A stored key's row, ciphertext included (never in ``repr``). Decrypt it with
-    :meth:`byok_plugin.key_access.KeyAccess.reveal`."""
+    :meth:`byok_plugin.keys.access.KeyAccess.reveal`."""
 
     ciphertext: str = field(default="", repr=False)
 

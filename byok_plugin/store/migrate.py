@@ -20,7 +20,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection, Engine
 
-from byok_plugin.key_errors import StoreUnavailable
+from byok_plugin.core.errors import StoreUnavailable
 from byok_plugin.store.engine import LOCK_NAMESPACE, is_postgres, store_errors, write_transaction
 
 __all__ = [

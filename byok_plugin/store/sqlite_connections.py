@@ -1,5 +1,5 @@
 """The ``sqlite3`` connections of the direct readers and writers of the store's SQLite file
-(:mod:`byok_plugin.key_reader`, :mod:`byok_plugin.ledger`), shared by every thread.
+(:mod:`byok_plugin.keys.reader`, :mod:`byok_plugin.billing.ledger`), shared by every thread.
 
 A ``sqlite3`` connection must not be used by two threads at once, so a thread borrows one for a
 statement and gives it back: there are never more connections than calls that ran at the same

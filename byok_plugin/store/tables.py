@@ -74,7 +74,7 @@ workspace_keys = sa.Table(
     sa.Column("master_key_id", sa.String(64), nullable=False),
     # sk-pro...abcd
     sa.Column("hint", sa.String(32), nullable=False),
-    # hs256:<32 hex>, keyed by the master key (see byok_plugin.crypto)
+    # hs256:<32 hex>, keyed by the master key (see byok_plugin.core.crypto)
     sa.Column("fingerprint", sa.String(64), nullable=False),
     sa.Column("status", sa.String(16), nullable=False, server_default="enabled"),
     sa.Column("created_by", sa.String(200), nullable=True),

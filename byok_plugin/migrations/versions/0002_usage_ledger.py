@@ -17,7 +17,7 @@ down_revision: str | None = "0001"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-# exact money: NUMERIC on PostgreSQL, the decimal's text on SQLite (see byok_plugin.ledger)
+# exact money: NUMERIC on PostgreSQL, the decimal's text on SQLite (see byok_plugin.billing.ledger)
 _MONEY = sa.Numeric(30, 12).with_variant(sa.String(64), "sqlite")
 _COUNT = sa.BigInteger()
 

@@ -20,7 +20,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
-from byok_plugin.key_errors import InvalidInput, InvalidKeyFormat, UnknownProvider
+from byok_plugin.core.errors import InvalidInput, InvalidKeyFormat, UnknownProvider
 
 __all__ = [
     "KNOWN_PROVIDERS",

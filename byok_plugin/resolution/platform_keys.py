@@ -93,7 +93,7 @@ class PlatformKeyPool:
 
     Thread-safe; its state (the next index, the cooldowns) belongs to one process. The default
     resolution shares cooldowns between workers through the store
-    (:mod:`byok_plugin.platform_cooldowns`) and applies those of others here.
+    (:mod:`byok_plugin.resolution.platform_cooldowns`) and applies those of others here.
     """
 
     def __init__(

@@ -75,8 +75,8 @@ from byok_hookspecs import (
 )
 from sqlalchemy.engine import Connection, Dialect, Engine
 
-from byok_plugin.key_errors import StoreUnavailable
-from byok_plugin.key_reader import sqlite_file_of
+from byok_plugin.core.errors import StoreUnavailable
+from byok_plugin.keys.reader import sqlite_file_of
 from byok_plugin.store.engine import (
     LOOP_LOCK_WAIT_MS,
     LockBackoff,

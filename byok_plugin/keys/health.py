@@ -5,7 +5,7 @@ cron or its own scheduler). For every enabled key of every workspace and organiz
 owners given) it decrypts the key, asks ``byok_validate_key``, and records the outcome in
 ``byok_key_health`` (one row per key: last check, status, message, consecutive auth refusals).
 After ``disable_after`` consecutive ``invalid`` answers (the provider refused the key: revoked,
-deleted) the key is disabled through :class:`~byok_plugin.keys.KeyService` (audited
+deleted) the key is disabled through :class:`~byok_plugin.keys.service.KeyService` (audited
 ``key.disabled``) and a ``key.unhealthy`` audit event (outcome ``error``) says why, for an admin
 to be notified from. ``no_credit`` (OpenAI ``insufficient_quota``, Anthropic's credit balance),
 ``unreachable`` and ``skipped`` answers never count toward it, and reset nothing but the streak
@@ -22,9 +22,9 @@ from typing import Any
 import sqlalchemy as sa
 from byok_hookspecs import Actor, ByokError, KeyCheck, KeyCheckStatus
 
+from byok_plugin.keys.validation import redact
 from byok_plugin.store.engine import store_errors, write_transaction
 from byok_plugin.store.tables import UTCDateTime, metadata, workspace_keys
-from byok_plugin.validation import redact
 
 __all__ = ["HEALTH_ACTOR", "KeyHealth", "check_key_health", "key_health"]
 

@@ -1,7 +1,7 @@
 """Envelope encryption: one data key per workspace, wrapped by a key-encryption key (KEK).
 
 - A workspace's stored provider keys are encrypted with AES-256-GCM under its data key, with the
-  same row-bound associated data as under a master key (:mod:`byok_plugin.crypto`).
+  same row-bound associated data as under a master key (:mod:`byok_plugin.core.crypto`).
 - The data key is stored only wrapped (``byok_data_keys``), by whichever implementation of the
   ``byok_wrap_data_key`` hook answers first; byok-plugin's own is the local keyring
   (:class:`LocalKeyEncryption`: today's key file or ``BYOK_ENCRYPTION_KEYS``). Unwrapping goes
@@ -9,9 +9,9 @@
 - Unwrapped data keys are kept in memory for ``BYOK_DATA_KEY_CACHE_SECONDS`` (default 300), at
   most :data:`MAX_CACHED_DATA_KEYS` of them, so a resolution does not call the KMS.
 - A KMS that does not answer, or a wrapped key that does not unwrap, raises
-  :class:`~byok_plugin.key_errors.DataKeyUnavailable` naming the KMS and the workspace; resolution
+  :class:`~byok_plugin.core.errors.DataKeyUnavailable` naming the KMS and the workspace; resolution
   turns it into a :class:`~byok_hookspecs.CredentialUnavailable`, never a platform-key fallback.
-- Deleting a workspace (:meth:`byok_plugin.keys.KeyService.delete_workspace`) deletes its data
+- Deleting a workspace (:meth:`byok_plugin.keys.service.KeyService.delete_workspace`) deletes its data
   key: its rows, wherever copies of them survive (a backup, a dump), can no longer be decrypted,
   whatever master keys one holds. Another process that cached the data key keeps it in memory
   until its cache time runs out, but cannot store a key under it any more (``KeyStore.put``
@@ -29,8 +29,8 @@ from typing import Any
 
 from byok_hookspecs import WrappedDataKey
 
-from byok_plugin.crypto import KEY_BYTES, DataKey, Keyring
-from byok_plugin.key_errors import DataKeyUnavailable, KeyringError
+from byok_plugin.core.crypto import KEY_BYTES, DataKey, Keyring
+from byok_plugin.core.errors import DataKeyUnavailable, KeyringError
 from byok_plugin.store.data_keys_repo import DataKeyStore, StoredDataKey
 
 __all__ = ["MAX_CACHED_DATA_KEYS", "BuiltinKeyEncryption", "DataKeys", "LocalKeyEncryption"]

@@ -45,9 +45,9 @@ from byok_hookspecs import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Dialect, Engine
 
-from byok_plugin.billing import money
-from byok_plugin.key_errors import StoreUnavailable
-from byok_plugin.key_reader import sqlite_file_of
+from byok_plugin.billing.charges import money
+from byok_plugin.core.errors import StoreUnavailable
+from byok_plugin.keys.reader import sqlite_file_of
 from byok_plugin.store.engine import (
     LOOP_LOCK_WAIT_MS,
     LockBackoff,
@@ -69,7 +69,7 @@ _TOKEN_FIELDS = USAGE_COUNTS
 class ExactDecimal(sa.TypeDecorator[Decimal]):
     """A Decimal stored without loss: NUMERIC(30, 12), or its text on SQLite.
 
-    Values are kept to 12 decimal places (:func:`byok_plugin.billing.money`); what is read back
+    Values are kept to 12 decimal places (:func:`byok_plugin.billing.charges.money`); what is read back
     equals what was written.
     """
 

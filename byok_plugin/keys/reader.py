@@ -10,7 +10,7 @@ by the threads, one read at a time (:class:`~byok_plugin.store.sqlite_connection
 so short-lived threads leave none behind.
 
 PostgreSQL needs none of this: there the network round trip dominates, and resolution reads
-through :class:`~byok_plugin.key_access.KeyAccess`.
+through :class:`~byok_plugin.keys.access.KeyAccess`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from byok_plugin.key_errors import StoreUnavailable
+from byok_plugin.core.errors import StoreUnavailable
 from byok_plugin.store.engine import BUSY_TIMEOUT_MS
 from byok_plugin.store.keys_repo import KeyInfo, StoredKey
 from byok_plugin.store.sqlite_connections import SqliteConnections

@@ -17,7 +17,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from byok_plugin.json_file import JsonFileError, read_json_file
+from byok_plugin.core.json_file import JsonFileError, read_json_file
 
 __all__ = [
     "Catalog",
@@ -106,7 +106,7 @@ def _fail(source: str, path: str, message: str) -> CatalogError:
 
 
 def _read_json(path: Path) -> Any:
-    """The document of an operator's catalog file (see :mod:`byok_plugin.json_file`)."""
+    """The document of an operator's catalog file (see :mod:`byok_plugin.core.json_file`)."""
     try:
         return read_json_file(path, "catalog")[1]
     except JsonFileError as exc:

@@ -43,8 +43,8 @@ from decimal import ROUND_HALF_EVEN, Decimal
 
 from byok_hookspecs import Charge, Credential, CredentialSource, UnpricedModel, Usage
 
-from byok_plugin.catalog import Catalog
-from byok_plugin.pricing import Price, PriceTable, TokenRates, price_call
+from byok_plugin.billing.catalog import Catalog
+from byok_plugin.billing.pricing import Price, PriceTable, TokenRates, price_call
 
 __all__ = ["MONEY_QUANTUM", "Billing", "IncompletePrice", "money", "snapshot_base"]
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from byok_hookspecs import USAGE_COUNTS, CredentialSource
 
 if TYPE_CHECKING:  # the ledger (and SQLAlchemy) load when a report is built, not for --help
-    from byok_plugin.ledger import LedgerRow
+    from byok_plugin.billing.ledger import LedgerRow
 
 __all__ = ["DEFAULT_GROUPS", "GROUP_KEYS", "Totals", "UsageReport", "build_report"]
 

@@ -1,7 +1,7 @@
 """Platform-key cooldowns shared through the store (revision 0005).
 
 A platform key the provider refused (429, auth) is skipped by the worker that saw the refusal
-(:class:`~byok_plugin.platform_keys.PlatformKeyPool`) and, through this table, by every other
+(:class:`~byok_plugin.resolution.platform_keys.PlatformKeyPool`) and, through this table, by every other
 worker on the same store: each reads the cooldowns at most once per key-cache interval before it
 hands out a platform key. Keys are named by their safe reference (``env:OPENAI_API_KEY_2``), never
 by their value, so workers must name their platform keys the same way (the same environment).

@@ -16,7 +16,7 @@ Stored form of an encrypted API key::
 
 The keyring comes from ``BYOK_ENCRYPTION_KEYS`` (``id:base64key`` entries separated by commas; the
 first encrypts) or else from the key file ``byok init`` writes with mode 0600. There is no built-in
-default key: without one, :class:`~byok_plugin.key_errors.NoMasterKey` says how to create one.
+default key: without one, :class:`~byok_plugin.core.errors.NoMasterKey` says how to create one.
 
 Fingerprints are HMAC-SHA256 under a key derived (HKDF) from the master key, over the workspace,
 the provider and the API key. A plain hash would let anyone holding a database dump confirm
@@ -25,7 +25,7 @@ key, and whoever has the master key can decrypt anyway. Binding the workspace an
 equal fingerprints only ever show up within one workspace's keys for one provider, where they are
 used to refuse storing the same key twice.
 
-Envelope encryption (opt-in, ``BYOK_KEY_ENVELOPES``, see :mod:`byok_plugin.envelope`): each
+Envelope encryption (opt-in, ``BYOK_KEY_ENVELOPES``, see :mod:`byok_plugin.keys.envelope`): each
 workspace gets a random 256-bit data key, stored only wrapped by a key-encryption key (the local
 keyring here, or a KMS through the ``byok_wrap_data_key`` / ``byok_unwrap_data_key`` hooks). Its
 rows are then encrypted exactly as above, under the data key instead of a master key, with the
@@ -62,7 +62,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from byok_plugin.key_errors import (
+from byok_plugin.core.errors import (
     CiphertextMismatch,
     KeyringError,
     MalformedCiphertext,
@@ -439,7 +439,7 @@ class Keyring:
 
     def decrypt(self, stored: str, binding: KeyBinding) -> str:
         """Decrypt a stored value for ``binding``'s row, or raise a
-        :class:`~byok_plugin.key_errors.KeyDecryptionError` naming the row. Never ``None``."""
+        :class:`~byok_plugin.core.errors.KeyDecryptionError` naming the row. Never ``None``."""
         where = {
             "workspace_id": binding.workspace_id,
             "provider": binding.provider,
@@ -632,7 +632,7 @@ def add_master_key_to_file(path: Path) -> MasterKey:
 def remove_master_key_from_file(path: Path, key_id: str) -> Path:
     """Take a master key that is not the current one out of a key file, keeping the others in
     their order. Replaces the file atomically, mode 0600. The caller checks first that no stored
-    key is encrypted under it (:meth:`byok_plugin.keys.KeyService.retire_master_key`).
+    key is encrypted under it (:meth:`byok_plugin.keys.service.KeyService.retire_master_key`).
 
     The removed key is first written alone to ``<file>.retired-<id>`` (mode 0600) beside the
     file: a database the check did not see may still need it.

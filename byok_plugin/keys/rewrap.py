@@ -30,13 +30,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from byok_plugin.crypto import ENVELOPE_MASTER_KEY_ID, KEY_BYTES, Keyring
-from byok_plugin.key_access import KeyAccess
-from byok_plugin.key_errors import KeyDecryptionError, KeyringError
+from byok_plugin.core.crypto import ENVELOPE_MASTER_KEY_ID, KEY_BYTES, Keyring
+from byok_plugin.core.errors import KeyDecryptionError, KeyringError
+from byok_plugin.keys.access import KeyAccess
 from byok_plugin.store.keys_repo import KeyStore, StoredKey
 
 if TYPE_CHECKING:
-    from byok_plugin.envelope import DataKeys
+    from byok_plugin.keys.envelope import DataKeys
 
 __all__ = ["RewrapFailure", "RewrapReport", "rewrap_all"]
 

@@ -40,7 +40,7 @@ from byok_hookspecs import (
     called_inline,
 )
 
-from byok_plugin.key_errors import StoreUnavailable
+from byok_plugin.core.errors import StoreUnavailable
 from byok_plugin.store.engine import BUSY_TIMEOUT_MS, store_busy
 
 __all__ = [
@@ -276,7 +276,7 @@ class LedgerSpool:
 class DurableLedger:
     """``record(record)``: into the store, else into the spool; never lost once it returns.
 
-    :param write: the store's write (:meth:`byok_plugin.ledger.Ledger.record`).
+    :param write: the store's write (:meth:`byok_plugin.billing.ledger.Ledger.record`).
     :param spool: where records the store refused are kept.
     :param clock: a monotonic clock (probe and check intervals).
     """
@@ -291,10 +291,10 @@ class DurableLedger:
         write_many: Callable[[Sequence[UsageRecord]], int] | None = None,
     ) -> None:
         """:param background: runs a replay off an event loop's thread
-        (:meth:`byok_plugin.background_writes.BackgroundWrites.submit`); without it, a record
+        (:meth:`byok_plugin.resolution.background_writes.BackgroundWrites.submit`); without it, a record
         made on an event loop never replays.
         :param write_many: the store's write of several records in one transaction
-        (:meth:`byok_plugin.ledger.Ledger.record_many`), for :meth:`record_many`."""
+        (:meth:`byok_plugin.billing.ledger.Ledger.record_many`), for :meth:`record_many`."""
         self._write = write
         self._write_many = write_many
         self._background = background

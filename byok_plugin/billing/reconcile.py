@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 from byok_hookspecs import USAGE_COUNTS, Usage
 
-from byok_plugin.pricing import price_call
+from byok_plugin.billing.pricing import price_call
 
 if TYPE_CHECKING:
-    from byok_plugin.billing import Billing
-    from byok_plugin.ledger import LedgerRow
+    from byok_plugin.billing.charges import Billing
+    from byok_plugin.billing.ledger import LedgerRow
 
 __all__ = ["ReconcileLine", "reconcile"]
 

@@ -24,22 +24,21 @@ from typing import TYPE_CHECKING
 import pluggy
 from byok_hookspecs import Action, Actor, AuditEvent, KeyCheck, KeyCheckStatus, NotAuthorized
 
-from byok_plugin.crypto import (
+from byok_plugin.core.crypto import (
     ENVELOPE_MASTER_KEY_ID,
     KeyBinding,
     Keyring,
     remove_master_key_from_file,
     restore_master_key_to_file,
 )
-from byok_plugin.key_access import KeyAccess
-from byok_plugin.key_errors import (
+from byok_plugin.core.errors import (
     DataKeyUnavailable,
     InvalidInput,
     KeyNotFound,
     KeyRejected,
     KeyringError,
 )
-from byok_plugin.key_format import (
+from byok_plugin.core.key_format import (
     check_api_key,
     check_key_id,
     check_label,
@@ -47,12 +46,13 @@ from byok_plugin.key_format import (
     check_workspace_id,
     mask,
 )
-from byok_plugin.key_rewrap import RewrapReport, rewrap_all
+from byok_plugin.keys.access import KeyAccess
+from byok_plugin.keys.rewrap import RewrapReport, rewrap_all
 from byok_plugin.store.keys_repo import KeyInfo, KeyStore, NewKey, new_key_id
 
 if TYPE_CHECKING:
     from byok_plugin.app import App
-    from byok_plugin.envelope import DataKeys
+    from byok_plugin.keys.envelope import DataKeys
 
 __all__ = ["KeyService", "KeyTestResult", "SetKeyResult"]
 
@@ -537,7 +537,7 @@ class KeyService:
         progress: Callable[[int, int], None] | None = None,
     ) -> RewrapReport:
         """Re-encrypt every stored key under the current master key (see
-        :mod:`byok_plugin.key_rewrap`). Only the local operator, who holds the master keys, may.
+        :mod:`byok_plugin.keys.rewrap`). Only the local operator, who holds the master keys, may.
         """
         self._require_operator(actor, "keys.rewrap", "rewrap")
         keyring: Keyring | None

@@ -1,6 +1,6 @@
 """Key-encryption keys in a KMS: OpenBao / HashiCorp Vault Transit, and AWS KMS.
 
-Each wraps and unwraps workspace data keys (:mod:`byok_plugin.envelope`) and never sees a stored
+Each wraps and unwraps workspace data keys (:mod:`byok_plugin.keys.envelope`) and never sees a stored
 provider key. Chosen with ``BYOK_KEY_PROVIDER``; each needs its extra installed:
 
 - ``vault-transit`` (``pip install 'byok-plugin[vault]'``, ``hvac``): the Transit key
@@ -24,7 +24,7 @@ provider key. Chosen with ``BYOK_KEY_PROVIDER``; each needs its extra installed:
   the data keys never leave KMS. (KMS's own automatic rotation keeps the key id: nothing to do.)
 
 A KMS that does not answer within ``BYOK_KMS_TIMEOUT`` seconds (default 5) raises; the caller
-(:class:`~byok_plugin.envelope.DataKeys`) names the KMS and the workspace in the error.
+(:class:`~byok_plugin.keys.envelope.DataKeys`) names the KMS and the workspace in the error.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from typing import Any
 
 from byok_hookspecs import WrappedDataKey
 
-from byok_plugin.key_errors import KeyringError
+from byok_plugin.core.errors import KeyringError
 from byok_plugin.settings import SettingsError
 
 __all__ = ["AwsKmsKeyEncryption", "VaultTransitKeyEncryption", "workspace_context"]

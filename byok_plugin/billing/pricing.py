@@ -51,7 +51,7 @@ from typing import Any
 
 from byok_hookspecs import Usage
 
-from byok_plugin.json_file import JsonFileError, read_json_file
+from byok_plugin.core.json_file import JsonFileError, read_json_file
 
 __all__ = [
     "LITELLM_PROVIDERS",
@@ -578,7 +578,7 @@ def load_price_file(path: Path) -> PriceTable:
     """Read a price file of either shape; its version defaults to a hash of its content.
 
     :raises PriceError: one line naming the file and, for a fault in the document, its JSON
-        path (see :func:`byok_plugin.json_file.read_json_file` for what a file must be).
+        path (see :func:`byok_plugin.core.json_file.read_json_file` for what a file must be).
     """
     try:
         raw, data = read_json_file(path, "prices", parse_float=Decimal)

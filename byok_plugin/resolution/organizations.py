@@ -3,7 +3,7 @@
 **Where the keys live.** An organization's keys are ordinary stored keys whose owner is the
 reserved id ``org:<organization id>`` (:func:`org_owner`): the same table, the same encryption
 (bound to that owner, provider and key id), the same limits, labels, cooldowns and audit as a
-workspace's keys, all through :class:`~byok_plugin.keys.KeyService`. Workspace ids that start
+workspace's keys, all through :class:`~byok_plugin.keys.service.KeyService`. Workspace ids that start
 with ``org:`` are therefore reserved: resolution refuses to run in such a "workspace".
 
 **Who may do what.** ``byok_authorize`` decides, asked about the owner id ``org:<id>``: the host
@@ -13,7 +13,7 @@ masked (``keys.read``). A workspace's admins and members see the keys their work
 masked, through :meth:`Organizations.inherited_keys` (``keys.read`` on the workspace); nobody but
 the resolution of a call ever decrypts one.
 
-**Resolution** (:mod:`byok_plugin.resolution`): block > workspace > organization > platform. A
+**Resolution** (:mod:`byok_plugin.resolution.resolver`): block > workspace > organization > platform. A
 workspace that opted out of its organization's pool (:meth:`Organizations.set_opt_out`) never
 uses it.
 """
@@ -30,15 +30,15 @@ import sqlalchemy as sa
 from byok_hookspecs import Action, Actor, ByokError
 from sqlalchemy.engine import Engine
 
-from byok_plugin.key_errors import InvalidInput
-from byok_plugin.key_format import check_provider, check_workspace_id
+from byok_plugin.core.errors import InvalidInput
+from byok_plugin.core.key_format import check_provider, check_workspace_id
 from byok_plugin.store.engine import store_errors, write_transaction
 from byok_plugin.store.key_events import notify_key_change
 from byok_plugin.store.keys_repo import KeyInfo, KeyStore
 from byok_plugin.store.tables import UTCDateTime, metadata
 
 if TYPE_CHECKING:
-    from byok_plugin.keys import KeyService
+    from byok_plugin.keys.service import KeyService
 
 __all__ = [
     "ORG_PREFIX",

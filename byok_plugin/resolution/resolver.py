@@ -9,7 +9,7 @@ One rule for models and tools, streamed or not:
 2. else the workspace's BYOK key for the provider: round-robin over its enabled keys, skipping
    keys in cooldown (source ``workspace``);
 2b. else, unless the workspace opted out, its organization's keys, by the same rule (source
-   ``organization``, BYOK; :mod:`byok_plugin.organizations`). A block's ``key_label`` the
+   ``organization``, BYOK; :mod:`byok_plugin.resolution.organizations`). A block's ``key_label`` the
    workspace has no key for may name one of them;
 3. else, for hosted models and tools only (``byok_is_hosted``), a platform key
    (``byok_platform_key``; source ``platform``, billed). A platform-billed call on a model with no
@@ -42,7 +42,7 @@ changes made through this
 process's hooks (audited ``key.*`` events) drop the entry at once; on SQLite, other workers see
 changes and cooldowns within the interval. On PostgreSQL every such change (organization changes
 included) sends ``NOTIFY byok_keys`` with its commit and each worker listens
-(:mod:`byok_plugin.key_listener`): the entry goes as the change commits, lists are kept 60 s
+(:mod:`byok_plugin.keys.listener`): the entry goes as the change commits, lists are kept 60 s
 meanwhile, and the interval is the safety net while the listening connection is down. Which
 organization pool a workspace uses (if any) is kept as long, and dropped at once on this
 process's ``org.*`` events or on a notification; while listening, so is the fallback policy
@@ -81,17 +81,17 @@ from byok_hookspecs import (
 )
 from sqlalchemy.engine import Engine
 
-from byok_plugin.background_writes import BackgroundWrites
-from byok_plugin.billing import Billing
-from byok_plugin.key_access import KeyAccess
-from byok_plugin.key_errors import StoreUnavailable
-from byok_plugin.organizations import OrganizationStore, is_org_owner
-from byok_plugin.platform_cooldowns import PlatformCooldowns
-from byok_plugin.platform_keys import PlatformKeyPool, mask_key
+from byok_plugin.billing.charges import Billing
+from byok_plugin.core.errors import StoreUnavailable
+from byok_plugin.keys.access import KeyAccess
+from byok_plugin.resolution.background_writes import BackgroundWrites
+from byok_plugin.resolution.organizations import OrganizationStore, is_org_owner
+from byok_plugin.resolution.platform_cooldowns import PlatformCooldowns
+from byok_plugin.resolution.platform_keys import PlatformKeyPool, mask_key
+from byok_plugin.resolution.workspace_settings import FallbackPolicy, WorkspaceSettingsStore
 from byok_plugin.store.engine import retry_deadlocks, write_transaction
 from byok_plugin.store.keys_repo import StoredKey
 from byok_plugin.store.tables import workspace_keys
-from byok_plugin.workspace_settings import FallbackPolicy, WorkspaceSettingsStore
 
 __all__ = ["KeyListCache", "Resolver"]
 
@@ -308,7 +308,7 @@ class Resolver:
         organizations: OrganizationStore | None = None,
     ) -> None:
         """:param reader: reads a (workspace, provider)'s enabled keys (default:
-        ``keys.enabled_keys``; on SQLite, :class:`~byok_plugin.key_reader.SqliteKeyReader`).
+        ``keys.enabled_keys``; on SQLite, :class:`~byok_plugin.keys.reader.SqliteKeyReader`).
         :param background: where a cooldown that could not be written at once on an event loop's
             thread (the store locked by another writer) is written instead.
         :param platform_cooldowns: where platform-key cooldowns are shared with other workers
@@ -788,11 +788,11 @@ class Resolver:
 
     def listen_for_changes(self, url: Any) -> None:
         """On PostgreSQL: drop a cached list as soon as any worker's change to it commits
-        (:class:`~byok_plugin.key_listener.KeyChangeListener`), and keep lists longer meanwhile;
+        (:class:`~byok_plugin.keys.listener.KeyChangeListener`), and keep lists longer meanwhile;
         the TTL is the safety net while the listening connection is down."""
         if self._listener is not None or self.cache.ttl <= 0:
             return
-        from byok_plugin.key_listener import KeyChangeListener
+        from byok_plugin.keys.listener import KeyChangeListener
 
         self._listener = KeyChangeListener(
             url, changed=self._changed_elsewhere, listening=self._set_listening
@@ -801,7 +801,7 @@ class Resolver:
 
     @property
     def listener(self) -> Any:
-        """The :class:`~byok_plugin.key_listener.KeyChangeListener`, if this resolver listens."""
+        """The :class:`~byok_plugin.keys.listener.KeyChangeListener`, if this resolver listens."""
         return self._listener
 
     def _changed_elsewhere(self, workspace_id: str, provider: str | None) -> None:

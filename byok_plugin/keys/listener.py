@@ -1,7 +1,7 @@
 """Each worker's ear on PostgreSQL: ``LISTEN byok_keys``, so a key change anywhere reaches it at once.
 
 A worker on PostgreSQL keeps each (workspace, provider)'s key list in memory
-(:class:`~byok_plugin.resolution.KeyListCache`). Every write that changes what resolution serves
+(:class:`~byok_plugin.resolution.resolver.KeyListCache`). Every write that changes what resolution serves
 sends ``NOTIFY byok_keys`` in its own transaction (:mod:`byok_plugin.store.key_events`);
 :class:`KeyChangeListener` holds one dedicated connection per process (outside the engine's pool)
 in one daemon thread, and drops the cached list named by each notification as it arrives: a key

@@ -13,8 +13,8 @@ authorization and no audit: the caller decides who may use a workspace's keys. A
     access.cool_down(key.id, until, FailureReason.RATE_LIMIT)  # after a 429, for every worker
 
 Errors are loud: a store that does not answer raises
-:class:`~byok_plugin.key_errors.StoreUnavailable`, a key that does not decrypt raises a
-:class:`~byok_plugin.key_errors.KeyDecryptionError` subclass naming the workspace, provider and
+:class:`~byok_plugin.core.errors.StoreUnavailable`, a key that does not decrypt raises a
+:class:`~byok_plugin.core.errors.KeyDecryptionError` subclass naming the workspace, provider and
 key id; both are :class:`byok_hookspecs.CredentialUnavailable`. Nothing here returns ``None`` for
 "could not read", and nothing here falls back to a platform key.
 """
@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING
 
 from byok_hookspecs import Credential, CredentialSource, FailureReason
 
-from byok_plugin.crypto import ENVELOPE_PREFIX, Keyring
-from byok_plugin.key_errors import (
+from byok_plugin.core.crypto import ENVELOPE_PREFIX, Keyring
+from byok_plugin.core.errors import (
     CiphertextCopied,
     CiphertextMismatch,
     DataKeyDestroyed,
@@ -44,7 +44,7 @@ from byok_plugin.key_errors import (
 from byok_plugin.store.keys_repo import KeyStore, StoredKey
 
 if TYPE_CHECKING:
-    from byok_plugin.envelope import DataKeys
+    from byok_plugin.keys.envelope import DataKeys
 
 __all__ = ["KeyAccess"]
 
@@ -60,8 +60,8 @@ class KeyAccess:
 
     :param store: the key repository.
     :param keyring: returns the keyring (called on the first decryption, so a process that never
-        decrypts needs no master key; raising :class:`~byok_plugin.key_errors.KeyringError` there
-        becomes a :class:`~byok_plugin.key_errors.KeyDecryptionError` naming the key).
+        decrypts needs no master key; raising :class:`~byok_plugin.core.errors.KeyringError` there
+        becomes a :class:`~byok_plugin.core.errors.KeyDecryptionError` naming the key).
     :param clock: returns the current aware UTC datetime.
     :param data_keys: the workspaces' data keys, for rows under envelope encryption
         (``byok:e1:``); without them such rows do not decrypt.
