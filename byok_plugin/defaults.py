@@ -57,6 +57,7 @@ _STORE_HOOKS = frozenset(
         "byok_resolve_credential",
         "byok_record_usage",
         "byok_record_usage_batch",
+        "byok_record_usage_and_settle",  # declines on SQLite: never waits
         "byok_recorded_calls",
         "byok_audit",
         "byok_prepare",
