@@ -15,7 +15,7 @@ runs the same app on loopback for the local operator (see :mod:`byok_plugin.serv
 from __future__ import annotations
 
 try:
-    import starlette  # noqa: F401
+    import fastapi  # noqa: F401
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError(
         "the HTTP API needs the server extra: pip install 'byok-plugin[server]'"
@@ -25,7 +25,7 @@ from byok_plugin.server.app import create_app
 from byok_plugin.server.bodies import DEFAULT_MAX_BODY_BYTES
 from byok_plugin.server.errors import ErrorCode
 from byok_plugin.server.identity import BearerTokens, Identify, LocalLogin
-from byok_plugin.server.schemas import openapi_document
+from byok_plugin.server.openapi import openapi_document
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
