@@ -19,7 +19,7 @@ byok_plugin.audit_log, byok_plugin (its ``__version__``).
 from __future__ import annotations
 
 try:
-    import starlette  # noqa: F401
+    import fastapi  # noqa: F401
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError(
         "the HTTP API needs the server extra: pip install 'byok-plugin[server]'"
@@ -29,7 +29,7 @@ from byok_plugin.server.app import create_app
 from byok_plugin.server.bodies import DEFAULT_MAX_BODY_BYTES
 from byok_plugin.server.errors import ErrorCode
 from byok_plugin.server.identity import BearerTokens, Identify, LocalLogin
-from byok_plugin.server.schemas import openapi_document
+from byok_plugin.server.openapi import openapi_document
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",

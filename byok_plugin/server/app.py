@@ -6,14 +6,15 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import pluggy
-from starlette.applications import Starlette
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute
+from starlette.routing import BaseRoute, Match
 
-from byok_plugin.server.bodies import DEFAULT_MAX_BODY_BYTES
+from byok_plugin.server.bodies import DEFAULT_MAX_BODY_BYTES, validation_error
 from byok_plugin.server.errors import ApiError, ErrorCode, error_response
 from byok_plugin.server.identity import Identify
 from byok_plugin.server.routes import Api, build_routes
@@ -28,7 +29,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     """Starlette's own 404 and 405 (no route, wrong method), as JSON errors with a code."""
     assert isinstance(exc, HTTPException)
     if exc.status_code == 405:
-        allow = (exc.headers or {}).get("Allow", "")
+        allow = ", ".join(_allowed_methods(request))
         return error_response(
             ApiError(
                 ErrorCode.METHOD_NOT_ALLOWED,
@@ -41,6 +42,25 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error_response(ApiError(ErrorCode.INTERNAL_ERROR, "the request could not be served"))
 
 
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves on the request's path (each method is its own route, so
+    the route that raised the 405 knows only its own)."""
+    methods: dict[str, None] = {}
+    for route in request.app.routes:
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods.update(dict.fromkeys(sorted(getattr(route, "methods", None) or ())))
+    return list(methods)
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    """A request FastAPI itself refused (the routes declare their parameters for the document
+    only, so this is a safety net): the project's 422, built from each error's ``type`` and
+    ``loc``, never from the input it quotes."""
+    assert isinstance(exc, RequestValidationError)
+    return error_response(validation_error(exc.errors()))
+
+
 def create_app(
     app: App,
     *,
@@ -49,7 +69,7 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     extra_routes: Sequence[BaseRoute] = (),
     middleware: Sequence[Middleware] = (),
-) -> Starlette:
+) -> FastAPI:
     """The key management API and the settings page, as one ASGI application.
 
     :param app: the configured services (store, keyring, catalog) of byok-plugin.
@@ -72,10 +92,14 @@ def create_app(
     if max_body_bytes < 1024:
         raise ValueError("max_body_bytes must be at least 1024")
     api = Api(app=app, pm=pm, identify=identify, max_body_bytes=max_body_bytes)
-    asgi = Starlette(
+    asgi = FastAPI(
         routes=[*build_routes(api), *extra_routes],
         middleware=list(middleware),
-        exception_handlers={HTTPException: _http_error},
+        exception_handlers={HTTPException: _http_error, RequestValidationError: _validation_error},
+        # the document is served by the API's own route (generated from these routes)
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
     asgi.state.byok_api = api
     return asgi

@@ -1,7 +1,7 @@
 """The HTTP API's errors: a JSON body with a stable code, and the mapping from library errors.
 
 Every error answers ``{"error": {"code": ..., "message": ..., "field": ...}}``. The ``code`` is
-part of the API (documented in ``openapi.json``; clients branch on it); the ``message`` is for
+part of the API (documented in the OpenAPI document; clients branch on it); the ``message`` is for
 people and may change. ``field`` names the request field at fault (``api_key``, ``label``,
 ``workspace_id``...) when there is one.
 

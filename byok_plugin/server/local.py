@@ -31,23 +31,31 @@ from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import pluggy
-from starlette.applications import Starlette
+from fastapi import FastAPI
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from byok_plugin.server import models
 from byok_plugin.server.app import create_app
 from byok_plugin.server.bodies import MUTATING_METHODS, read_json_body
 from byok_plugin.server.errors import ApiError, ErrorCode, error_response
 from byok_plugin.server.identity import LocalLogin, bearer_token
-from byok_plugin.server.routes import API_HEADERS, by_method, endpoint
+from byok_plugin.server.openapi import api_route
+from byok_plugin.server.routes import API_HEADERS, endpoint
 
 if TYPE_CHECKING:
     from byok_plugin.app import App
 
-__all__ = ["LOOPBACK_HOSTS", "LocalGuardMiddleware", "create_local_app", "login_url"]
+__all__ = [
+    "LOOPBACK_HOSTS",
+    "LocalGuardMiddleware",
+    "create_local_app",
+    "login_url",
+    "session_routes",
+]
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 
@@ -89,18 +97,14 @@ class LocalGuardMiddleware:
         await self.app(scope, receive, send)
 
 
-def create_local_app(
-    app: App,
-    login: LocalLogin,
-    *,
-    pm: pluggy.PluginManager | None = None,
-    allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS,
-) -> Starlette:
-    """The app ``byok serve`` runs: :func:`create_app` with the one-time login, and the session
-    routes (sign in, sign out)."""
+def session_routes(login: LocalLogin | None) -> list[BaseRoute]:
+    """The sign-in and sign-out routes of ``byok serve`` (``login`` is ``None`` only for the
+    document, whose routes are never called)."""
 
     async def sign_in(request: Request) -> Response:
+        """Trade the one-time sign-in token for a session token."""
         body = await read_json_body(request, "SessionRequest", limit=1024)
+        assert login is not None
         session = login.exchange(body["token"])
         if session is None:
             raise ApiError(
@@ -112,18 +116,55 @@ def create_local_app(
         return JSONResponse({"session": session, "idle_timeout_seconds": idle}, headers=API_HEADERS)
 
     async def sign_out(request: Request) -> Response:
+        """End the session the request carries (if any)."""
         await read_json_body(request, "SignOutRequest", limit=1024)
         session = bearer_token(request)
-        if session is not None:
+        if session is not None and login is not None:
             login.sign_out(session)
         return Response(status_code=204, headers=API_HEADERS)
 
-    session, session_methods = by_method(POST=sign_in, DELETE=sign_out)
+    # only under byok serve: a hosted app answers 404 on this path
+    only_local = (ErrorCode.NOT_FOUND, ErrorCode.FORBIDDEN)
+    return [
+        api_route(
+            "/api/byok/session",
+            "POST",
+            endpoint(sign_in),
+            name="login",
+            summary="Sign in with the one-time token (`byok serve` only)",
+            answers={200: (models.Session, "The session token, for `Authorization: Bearer`.")},
+            errors=(*only_local, ErrorCode.UNAUTHENTICATED),
+            body="SessionRequest",
+            public=True,
+        ),
+        api_route(
+            "/api/byok/session",
+            "DELETE",
+            endpoint(sign_out),
+            name="logout",
+            summary="Sign out (`byok serve` only)",
+            answers={204: (None, "Signed out.")},
+            errors=only_local,
+            body="SignOutRequest",
+            public=True,
+        ),
+    ]
+
+
+def create_local_app(
+    app: App,
+    login: LocalLogin,
+    *,
+    pm: pluggy.PluginManager | None = None,
+    allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS,
+) -> FastAPI:
+    """The app ``byok serve`` runs: :func:`create_app` with the one-time login, and the session
+    routes (sign in, sign out)."""
     return create_app(
         app,
         identify=login,
         pm=pm,
-        extra_routes=[Route("/api/byok/session", endpoint(session), methods=session_methods)],
+        extra_routes=session_routes(login),
         middleware=[Middleware(LocalGuardMiddleware, allowed_hosts=allowed_hosts)],
     )
 

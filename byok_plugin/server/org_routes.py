@@ -16,9 +16,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from byok_hookspecs import Action
+from fastapi.routing import APIRoute
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute
 
 from byok_plugin.core.errors import InvalidInput
 from byok_plugin.resolution.organizations import (
@@ -39,11 +40,13 @@ __all__ = ["organization_routes"]
 def organization_routes(
     api: Api,
     endpoint: Callable[[Handler], Handler],
-    by_method: Callable[..., tuple[Handler, list[str]]],
+    key_routes: Callable[..., list[APIRoute]],
 ) -> list[BaseRoute]:
-    """The organization routes, answered through ``api`` (``endpoint`` and ``by_method`` are
+    """The organization routes, answered through ``api`` (``endpoint`` and ``key_routes`` are
     :mod:`byok_plugin.server.routes`' own, passed in to keep the imports one-way)."""
-    from byok_plugin.server.routes import ok
+    from byok_plugin.server import models
+    from byok_plugin.server.openapi import api_route, path_param
+    from byok_plugin.server.routes import READ_ERRORS, WORKSPACE_ID, ok
 
     async def inherited(request: Request) -> Response:
         actor = await api.actor(request)
@@ -83,19 +86,32 @@ def organization_routes(
 
         return run
 
-    keys_handler, keys_methods = by_method(
-        GET=as_owner(api.list_keys, Action.READ_KEYS),
-        POST=as_owner(api.set_key, Action.MANAGE_KEYS),
-        DELETE=as_owner(api.delete_keys, Action.MANAGE_KEYS),
+    org_id = path_param(
+        "org_id",
+        "The organization: 1 to 63 letters, digits, '.', '_' or '-' (`validation_error` "
+        "otherwise). Its keys are managed by its admins (`keys.manage` on `org:<org_id>` in "
+        "`byok_authorize`) and listed, masked, by its members.",
+        {"minLength": 1, "maxLength": 63},
     )
     return [
-        Route(
+        api_route(
             "/api/workspaces/{workspace_id}/byok-inherited-keys",
+            "GET",
             endpoint(inherited),
-            methods=["GET"],
+            name="listInheritedKeys",
+            summary="The keys the workspace inherits from its organization (masked)",
+            answers={200: (models.InheritedKeyList, "The inherited keys.")},
+            errors=READ_ERRORS,
+            params=(WORKSPACE_ID,),
         ),
-        Route(
-            "/api/organizations/{org_id}/byok-keys", endpoint(keys_handler), methods=keys_methods
+        *key_routes(
+            "/api/organizations/{org_id}/byok-keys",
+            as_owner(api.list_keys, Action.READ_KEYS),
+            as_owner(api.set_key, Action.MANAGE_KEYS),
+            as_owner(api.delete_keys, Action.MANAGE_KEYS),
+            what="organization",
+            params=(org_id,),
+            errors=(ErrorCode.NOT_FOUND,),
         ),
     ]
 

@@ -7,16 +7,18 @@ synchronous (it talks to the database), so it runs in a worker thread, never on 
 
 from __future__ import annotations
 
+import inspect
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import wraps
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pluggy
 from byok_hookspecs import Action, Actor, AuditEvent, ByokError, KeyCheck, NotAuthorized, Role
+from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -25,6 +27,7 @@ from starlette.routing import BaseRoute, Route
 from byok_plugin import __version__
 from byok_plugin.core.errors import InvalidInput, KeyNotFound
 from byok_plugin.core.key_format import check_key_id, check_workspace_id
+from byok_plugin.server import models
 from byok_plugin.server.bodies import read_json_body
 from byok_plugin.server.errors import (
     ApiError,
@@ -34,8 +37,9 @@ from byok_plugin.server.errors import (
     log_unexpected,
 )
 from byok_plugin.server.identity import Identify, resolve_actor
+from byok_plugin.server.models import KEY_ID_PATTERN
+from byok_plugin.server.openapi import api_route, document_of, path_param, query_param
 from byok_plugin.server.org_routes import organization_routes
-from byok_plugin.server.schemas import openapi_text
 from byok_plugin.server.workspace_views import WorkspaceViews
 
 if TYPE_CHECKING:
@@ -43,7 +47,7 @@ if TYPE_CHECKING:
     from byok_plugin.keys.service import KeyService
     from byok_plugin.store.keys_repo import KeyInfo
 
-__all__ = ["API_HEADERS", "PAGE_HEADERS", "Api", "build_routes"]
+__all__ = ["API_HEADERS", "PAGE_HEADERS", "Api", "api_routes", "build_routes", "documentation_api"]
 
 #: on every API answer: never cached (the list of keys is private), never sniffed
 API_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
@@ -133,6 +137,7 @@ class Api:
 
     def __post_init__(self) -> None:
         self._service: KeyService | None = None
+        self._document: dict[str, Any] | None = None
         self._lock = threading.Lock()
 
     def service(self) -> KeyService:
@@ -167,7 +172,7 @@ class Api:
     async def body(
         self, request: Request, schema: str, *, optional: bool = False
     ) -> dict[str, Any]:
-        """The request's JSON body, checked against the named schema of ``openapi.json``."""
+        """The request's JSON body, validated by the named request model."""
         return await read_json_body(request, schema, limit=self.max_body_bytes, optional=optional)
 
     # --- the routes ------------------------------------------------------------------------
@@ -177,10 +182,11 @@ class Api:
         return ok({"status": "ok", "version": __version__})
 
     async def openapi(self, request: Request) -> Response:
-        """``GET /api/byok/openapi.json``: the shipped OpenAPI document."""
-        return Response(
-            openapi_text(), media_type="application/json", headers={"Cache-Control": "no-cache"}
-        )
+        """``GET /api/byok/openapi.json``: the OpenAPI document of this app's operations,
+        generated from its routes and models."""
+        if self._document is None:
+            self._document = document_of(request.app.routes)
+        return JSONResponse(self._document, headers={"Cache-Control": "no-cache"})
 
     async def me(self, request: Request) -> Response:
         """``GET /api/byok/me``: the caller and its workspace roles."""
@@ -524,53 +530,290 @@ def _static_file(name: str, media_type: str) -> Handler:
     return serve
 
 
-def by_method(**handlers: Handler) -> tuple[Handler, list[str]]:
-    """One handler for a path served by several methods (so a 405 lists them all)."""
+#: the path parameters, as documented (their values are checked by the routes' own code)
+WORKSPACE_ID = path_param(
+    "workspace_id",
+    "The workspace: up to 200 characters, no control characters, no leading or trailing "
+    "whitespace (`validation_error` otherwise). Whether the caller may use it is decided from "
+    "the caller's identity, never from this value.",
+    {"minLength": 1, "maxLength": 200},
+)
+KEY_ID = path_param("key_id", "A stored key's id, as `key_...`.", {"pattern": KEY_ID_PATTERN})
+BUDGET_NAME = path_param(
+    "name",
+    "The budget's name: 1-64 letters, digits, `.`, `_` or `-`, starting with a letter or digit.",
+    {"minLength": 1, "maxLength": 64},
+)
 
-    async def dispatch(request: Request) -> Response:
-        method = "GET" if request.method == "HEAD" else request.method
-        return await handlers[method](request)
+#: what a workspace route that reads the store can answer besides its own errors
+READ_ERRORS = (ErrorCode.FORBIDDEN, ErrorCode.VALIDATION_ERROR, ErrorCode.STORE_UNAVAILABLE)
+#: what a key service call that stores or checks a key can answer
+KEY_ERRORS = (
+    ErrorCode.FORBIDDEN,
+    ErrorCode.VALIDATION_ERROR,
+    ErrorCode.UNKNOWN_PROVIDER,
+    ErrorCode.INVALID_KEY_FORMAT,
+    ErrorCode.KEY_REJECTED,
+    ErrorCode.KEYRING_UNAVAILABLE,
+    ErrorCode.STORE_UNAVAILABLE,
+)
 
-    return dispatch, list(handlers)
+
+def key_routes(
+    keys: str,
+    list_keys: Handler,
+    set_key: Handler,
+    delete_keys: Handler,
+    *,
+    what: str,
+    params: tuple[inspect.Parameter, ...],
+    errors: tuple[ErrorCode, ...] = (),
+) -> list[APIRoute]:
+    """``GET|POST|DELETE`` on a key pool (a workspace's, or an organization's)."""
+    suffix = "" if what == "workspace" else "Organization"
+    return [
+        api_route(
+            keys,
+            "GET",
+            endpoint(list_keys),
+            name=f"list{suffix}Keys",
+            summary=f"List the {what}'s keys (masked)",
+            answers={
+                200: (models.KeyList, "The keys, masked, and whether the caller may manage them.")
+            },
+            errors=(*READ_ERRORS, *errors),
+            params=params,
+        ),
+        api_route(
+            keys,
+            "POST",
+            endpoint(set_key),
+            name=f"set{suffix}Key",
+            summary=f"Store a key for the {what} (or replace the one under its label)",
+            answers={
+                201: (models.SetKeyResult, "Stored."),
+                200: (models.SetKeyResult, "Replaced the key stored under this label."),
+            },
+            errors=(*KEY_ERRORS, ErrorCode.DUPLICATE_KEY, ErrorCode.KEY_LIMIT_REACHED, *errors),
+            body="SetKeyRequest",
+            params=params,
+        ),
+        api_route(
+            keys,
+            "DELETE",
+            endpoint(delete_keys),
+            name=f"delete{suffix}Keys",
+            summary=f"Delete a provider's keys of the {what}, or one of them by id",
+            answers={200: (models.DeleteKeysResult, "The ids of the deleted keys.")},
+            errors=(*READ_ERRORS, ErrorCode.KEY_NOT_FOUND, *errors),
+            body="DeleteKeysRequest",
+            params=params,
+        ),
+    ]
+
+
+def api_routes(api: Api) -> list[BaseRoute]:
+    """The API's documented operations, relative to where the host mounts the app."""
+    keys = "/api/workspaces/{workspace_id}/byok-keys"
+    budgets = BudgetRoutes(api)
+    budget = "/api/workspaces/{workspace_id}/byok-budgets"
+    views = WorkspaceViews(api)
+    ws = (WORKSPACE_ID,)
+    return [
+        api_route(
+            "/api/byok/health",
+            "GET",
+            endpoint(api.health),
+            name="health",
+            summary="Up, and which version",
+            answers={200: (models.Health, "Up.")},
+            public=True,
+        ),
+        api_route(
+            "/api/byok/openapi.json",
+            "GET",
+            endpoint(api.openapi),
+            name="openapi",
+            summary="This document",
+            answers={200: (None, "The OpenAPI document, generated from the code.")},
+            public=True,
+        ),
+        api_route(
+            "/api/byok/me",
+            "GET",
+            endpoint(api.me),
+            name="whoami",
+            summary="The caller and its workspace roles",
+            answers={200: (models.Me, "The caller.")},
+        ),
+        api_route(
+            "/api/byok/providers",
+            "GET",
+            endpoint(api.providers),
+            name="listProviders",
+            summary="The catalog's providers and their models",
+            answers={200: (models.Providers, "The catalog.")},
+        ),
+        *key_routes(keys, api.list_keys, api.set_key, api.delete_keys, what="workspace", params=ws),
+        api_route(
+            keys + "/{key_id}",
+            "PATCH",
+            endpoint(api.update_key),
+            name="updateKey",
+            summary="Enable or disable a key",
+            answers={200: (models.KeyResult, "The key as it is now.")},
+            errors=(*READ_ERRORS, ErrorCode.KEY_NOT_FOUND),
+            body="UpdateKeyRequest",
+            params=(WORKSPACE_ID, KEY_ID),
+        ),
+        api_route(
+            keys + "/{key_id}/test",
+            "POST",
+            endpoint(api.test_key),
+            name="testKey",
+            summary="Check a stored key with its provider",
+            answers={200: (models.KeyCheck, "The provider's verdict (`invalid` too is a 200).")},
+            errors=(*KEY_ERRORS, ErrorCode.KEY_NOT_FOUND, ErrorCode.KEY_UNDECRYPTABLE),
+            body="TestKeyRequest",
+            params=(WORKSPACE_ID, KEY_ID),
+        ),
+        api_route(
+            budget,
+            "GET",
+            endpoint(budgets.list_budgets),
+            name="listBudgets",
+            summary="The workspace's budgets: spent, reserved and left",
+            answers={200: (models.BudgetList, "The budgets.")},
+            errors=READ_ERRORS,
+            params=ws,
+        ),
+        api_route(
+            budget + "/{name}",
+            "PUT",
+            endpoint(budgets.set_budget),
+            name="setBudget",
+            summary="Create or change a budget (admins)",
+            answers={200: (models.BudgetResult, "The budget as it is now.")},
+            errors=READ_ERRORS,
+            body="SetBudgetRequest",
+            params=(WORKSPACE_ID, BUDGET_NAME),
+        ),
+        api_route(
+            budget + "/{name}",
+            "DELETE",
+            endpoint(budgets.delete_budget),
+            name="deleteBudget",
+            summary="Delete a budget (admins)",
+            answers={200: (models.DeleteBudgetResult, "Deleted.")},
+            errors=(*READ_ERRORS, ErrorCode.NOT_FOUND),
+            params=(WORKSPACE_ID, BUDGET_NAME),
+        ),
+        *organization_routes(api, endpoint, key_routes),
+        api_route(
+            "/api/workspaces/{workspace_id}/byok-usage",
+            "GET",
+            endpoint(views.usage),
+            name="readUsage",
+            summary="The workspace's usage and spend, by day, model and block",
+            answers={200: (models.Usage, "The usage of the period asked for.")},
+            errors=READ_ERRORS,
+            params=(WORKSPACE_ID, *USAGE_PARAMS),
+        ),
+        api_route(
+            "/api/workspaces/{workspace_id}/byok-fallback",
+            "GET",
+            endpoint(views.get_fallback),
+            name="readFallbackPolicy",
+            summary="The workspace's fallback policy",
+            answers={200: (models.FallbackPolicy, "The policy.")},
+            errors=READ_ERRORS,
+            params=ws,
+        ),
+        api_route(
+            "/api/workspaces/{workspace_id}/byok-fallback",
+            "PUT",
+            endpoint(views.set_fallback),
+            name="setFallbackPolicy",
+            summary="Change the workspace's fallback policy (admins)",
+            answers={200: (models.FallbackPolicy, "The policy as it is now.")},
+            errors=READ_ERRORS,
+            body="SetFallbackRequest",
+            params=ws,
+        ),
+        api_route(
+            "/api/workspaces/{workspace_id}/byok-audit",
+            "GET",
+            endpoint(lambda request: read_audit(api, request)),
+            name="readAuditLog",
+            summary="The workspace's audit log, newest first (admins and operators)",
+            answers={
+                200: (models.AuditLog, "One page of events; `older` is the next page's cursor.")
+            },
+            errors=READ_ERRORS,
+            params=(WORKSPACE_ID, *AUDIT_PARAMS),
+        ),
+    ]
+
+
+#: the audit route's query parameters
+AUDIT_PARAMS = (
+    query_param(
+        "since",
+        "Only events at or after this ISO 8601 date or time (a time without an offset is UTC; "
+        "`validation_error` otherwise).",
+        {"type": "string", "maxLength": 64},
+    ),
+    query_param(
+        "limit",
+        "At most this many events (default 100; `validation_error` outside 1-1000).",
+        {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+    ),
+    query_param(
+        "before",
+        "The cursor of an older page: the `older` of the previous answer (`validation_error` if "
+        "it is not a whole number from 1 to 2^63-1; a cursor of no event gives no events).",
+        {"type": "integer", "minimum": 1, "maximum": 2**63 - 1},
+    ),
+)
+#: the usage route's query parameters
+USAGE_PARAMS = (
+    query_param(
+        "days",
+        "How many days, today included (default 30; `validation_error` outside 1-366).",
+        {"type": "integer", "minimum": 1, "maximum": 366, "default": 30},
+    ),
+    query_param(
+        "period",
+        "`month`: this calendar month (UTC) so far, from its first day to today, instead of "
+        "`days` (`validation_error` for another value, or with `days`).",
+        {"type": "string", "enum": ["month"]},
+    ),
+)
+
+
+def head_routes(routes: Sequence[BaseRoute]) -> list[BaseRoute]:
+    """``HEAD`` wherever ``GET`` is served (undocumented, as HTTP implies it)."""
+    return [
+        Route(route.path, route.endpoint, methods=["HEAD"])
+        for route in routes
+        if isinstance(route, APIRoute) and "GET" in (route.methods or ())
+    ]
+
+
+def documentation_api() -> Api:
+    """An :class:`Api` whose routes are only documented, never called (for the document of
+    every operation, with no app to serve them)."""
+    return Api(
+        app=cast("App", None), pm=cast(pluggy.PluginManager, None), identify=None, max_body_bytes=0
+    )
 
 
 def build_routes(api: Api) -> list[BaseRoute]:
     """The API's routes and the settings page's, relative to where the host mounts the app."""
-    keys = "/api/workspaces/{workspace_id}/byok-keys"
-    keys_handler, keys_methods = by_method(
-        GET=api.list_keys, POST=api.set_key, DELETE=api.delete_keys
-    )
-    budgets = BudgetRoutes(api)
-    budget = "/api/workspaces/{workspace_id}/byok-budgets"
-    budget_handler, budget_methods = by_method(PUT=budgets.set_budget, DELETE=budgets.delete_budget)
-    views = WorkspaceViews(api)
-    fallback_handler, fallback_methods = by_method(GET=views.get_fallback, PUT=views.set_fallback)
+    documented = api_routes(api)
     return [
-        Route("/api/byok/health", endpoint(api.health), methods=["GET"]),
-        Route("/api/byok/openapi.json", endpoint(api.openapi), methods=["GET"]),
-        Route("/api/byok/me", endpoint(api.me), methods=["GET"]),
-        Route("/api/byok/providers", endpoint(api.providers), methods=["GET"]),
-        Route(keys, endpoint(keys_handler), methods=keys_methods),
-        Route(keys + "/{key_id}", endpoint(api.update_key), methods=["PATCH"]),
-        Route(keys + "/{key_id}/test", endpoint(api.test_key), methods=["POST"]),
-        Route(budget, endpoint(budgets.list_budgets), methods=["GET"]),
-        Route(budget + "/{name}", endpoint(budget_handler), methods=budget_methods),
-        *organization_routes(api, endpoint, by_method),
-        Route(
-            "/api/workspaces/{workspace_id}/byok-usage",
-            endpoint(views.usage),
-            methods=["GET"],
-        ),
-        Route(
-            "/api/workspaces/{workspace_id}/byok-fallback",
-            endpoint(fallback_handler),
-            methods=fallback_methods,
-        ),
-        Route(
-            "/api/workspaces/{workspace_id}/byok-audit",
-            endpoint(lambda request: read_audit(api, request)),
-            methods=["GET"],
-        ),
+        *documented,
+        *head_routes(documented),
         Route(
             "/settings/", _static_file("index.html", "text/html; charset=utf-8"), methods=["GET"]
         ),
