@@ -47,6 +47,13 @@ implementations declare it on a local SQLite store, not on PostgreSQL, except re
 audit events) while its key-change listener is connected. Resolution is asked on the loop whenever
 the hooks it goes through (:data:`RESOLVE_HOOKS`) are declared, even when recording is not.
 ``RunnerOptions.hooks_in_thread`` forces either way (see ``benchmarks/bench_runner.py``).
+
+This file holds the public API, the run-id checks, the scheduler and a block's retries; the rest
+of ``WorkflowRunner`` is in its bases, one responsibility each, each calling only those below it:
+:mod:`~byok_plugin.host.blocks` (what each block does), :mod:`~byok_plugin.host.calls` (one
+provider call), :mod:`~byok_plugin.host.recording` (charge and record),
+:mod:`~byok_plugin.host.budget_holds` (budget holds), :mod:`~byok_plugin.host.hook_calls` (hook
+threading, the shared state). Options, events and a run's state: :mod:`~byok_plugin.host.run_state`.
 """
 
 from __future__ import annotations
