@@ -146,7 +146,7 @@ from byok_plugin.host.workflow import (
     check_models,
     json_path,
 )
-from byok_plugin.host.workflow.providers import TOOL_PROVIDERS
+from byok_plugin.host.workflow.providers import TOOL_PROVIDERS, WEB_SEARCH_TOOLS
 from byok_plugin.host.workflow.templates import step_into, to_text
 
 __all__ = [
@@ -956,7 +956,8 @@ class WorkflowRunner:
                 max_output_tokens=block.max_tokens,
                 response_schema=block.response_schema,
                 schema_name=_schema_name(block.id),
-                tools=(_SEARCH_FUNCTION,) if search is not None else (),
+                tools=((_SEARCH_FUNCTION,) if search is not None else ())
+                + ((WebSearchTool(block.web_search.max_uses),) if block.web_search else ()),
                 tool_choice=tool_choice,
             )
             seq += 1
@@ -977,8 +978,10 @@ class WorkflowRunner:
                 block.model,
                 input_tokens=_input_bound(request),
                 output_tokens=block.max_tokens or self.options.budget_output_tokens,
-                tool_requests=sum(
-                    t.max_uses or 1 for t in request.tools if isinstance(t, WebSearchTool)
+                tool_uses=tuple(
+                    (WEB_SEARCH_TOOLS[block.provider], t.max_uses or 1)
+                    for t in request.tools
+                    if isinstance(t, WebSearchTool)
                 ),
             )
             result, call = await self._call(
@@ -1071,6 +1074,7 @@ class WorkflowRunner:
         idempotency_key = _call_key(run.run_id, block_id, attempt, seq)
         budget = _Budget(idempotency_key, run.workspace_id, run.workflow.name, run.run_id, block_id)
         budget.estimate = _estimate_of(worst)
+        budget.tools = tuple(name for name, _ in worst.tool_uses) if worst is not None else ()
         if self.pm.hook.byok_reserve_budget.get_hookimpls():  # else nothing to hold it against
             budget.worst = worst
         try:
@@ -1115,6 +1119,7 @@ class WorkflowRunner:
             actor=run.actor,
             stream=stream,
             key_label=label,
+            tools=budget.tools,
         )
         rejected: list[Rejection] = []
         credential = await self._resolve(request, budget)
@@ -1865,6 +1870,8 @@ class _Budget:
     settled: bool = False
     #: the request's estimated input (an ``uncertain`` row's usage), whether or not budgets apply
     estimate: Usage | None = None
+    #: the provider's own tools the call may use (``CredentialRequest.tools``)
+    tools: tuple[str, ...] = ()
 
 
 def _estimate_of(worst: Usage | None) -> Usage | None:
