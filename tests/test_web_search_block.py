@@ -13,12 +13,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+import httpx
 import pytest
 import sqlalchemy as sa
 from byok_hookspecs import CredentialSource
@@ -271,3 +273,77 @@ def test_the_budget_hold_counts_every_search_the_call_may_make(stack: DemoStack)
     assert held >= 4 * ANTHROPIC_SEARCH + 100 * SONNET_OUT / MILLION
     assert held < 4 * ANTHROPIC_SEARCH + D("0.01")  # and not much more: the prompt is short
     assert call.charge.amount < held
+
+
+# --- the emulator's wire format, as in the recordings -------------------------------------------
+def sse_data(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line[5:]) for line in text.splitlines() if line.startswith("data:")]
+
+
+def test_the_emulated_anthropic_stream_reports_searches_as_the_recording_does(
+    emulator: EmulatorServer,
+) -> None:
+    key = emulator.new_key("anthropic")
+    body: dict[str, Any] = {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 100,
+        "messages": [{"role": "user", "content": "Weather in Lyon?"}],
+        "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 1}],
+    }
+    headers = {"x-api-key": key, "anthropic-version": "2023-06-01"}
+    url = emulator.base_url("anthropic") + "/v1/messages"
+    plain = httpx.post(url, headers=headers, json={**body, "tools": []}).json()
+    message = httpx.post(url, headers=headers, json=body).json()
+    assert [b["type"] for b in message["content"]] == [
+        "server_tool_use",
+        "web_search_tool_result",
+        "text",
+    ]
+    assert message["usage"]["server_tool_use"] == {
+        "web_search_requests": 1,
+        "web_fetch_requests": 0,
+    }
+    assert "server_tool_use" not in plain["usage"]
+    searched = plain["usage"]["input_tokens"] + SEARCH_RESULT_TOKENS
+    assert message["usage"]["input_tokens"] == searched
+    events = sse_data(httpx.post(url, headers=headers, json={**body, "stream": True}).text)
+    start = next(e for e in events if e["type"] == "message_start")
+    delta = next(e for e in events if e["type"] == "message_delta")
+    # as recordings/anthropic/web_search_stream.sse: the input before the search, then with it
+    assert start["message"]["usage"]["input_tokens"] == plain["usage"]["input_tokens"]
+    assert delta["usage"]["input_tokens"] == searched
+    assert delta["usage"]["server_tool_use"]["web_search_requests"] == 1
+
+
+def test_the_emulated_gemini_answer_is_grounded_as_the_recording_is(
+    emulator: EmulatorServer,
+) -> None:
+    key = emulator.new_key("google")
+    base = emulator.base_url("google") + "/v1beta/models/gemini-2.5-flash"
+    body = {
+        "contents": [{"role": "user", "parts": [{"text": "Weather in Lyon?"}]}],
+        "tools": [{"googleSearch": {}}],
+    }
+    headers = {"x-goog-api-key": key}
+    answer = httpx.post(base + ":generateContent", headers=headers, json=body).json()
+    (candidate,) = answer["candidates"]
+    assert candidate["groundingMetadata"]["webSearchQueries"] == ["Weather in Lyon?"]
+    usage = answer["usageMetadata"]
+    assert usage["toolUsePromptTokenCount"] == GROUNDING_TOOL_TOKENS
+    assert usage["totalTokenCount"] == (
+        usage["promptTokenCount"]
+        + usage["candidatesTokenCount"]
+        + usage.get("thoughtsTokenCount", 0)
+        + GROUNDING_TOOL_TOKENS
+    )
+    plain = httpx.post(
+        base + ":generateContent", headers=headers, json={"contents": body["contents"]}
+    ).json()
+    assert "groundingMetadata" not in plain["candidates"][0]
+    assert "toolUsePromptTokenCount" not in plain["usageMetadata"]
+    chunks = sse_data(
+        httpx.post(base + ":streamGenerateContent?alt=sse", headers=headers, json=body).text
+    )
+    grounded = [c for c in chunks if "groundingMetadata" in c["candidates"][0]]
+    assert grounded == [chunks[-1]]  # on the last chunk, with the complete usage
+    assert chunks[-1]["usageMetadata"]["toolUsePromptTokenCount"] == GROUNDING_TOOL_TOKENS
