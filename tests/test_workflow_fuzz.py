@@ -64,6 +64,7 @@ ALLOWED = {
         "response_schema",
         "tools",
         "max_tool_rounds",
+        "web_search",
         "key",
         "stream",
         "retries",

@@ -37,7 +37,7 @@ from byok_plugin.host.workflow import (
     ToolBlock,
     json_path,
 )
-from byok_plugin.host.workflow.providers import TOOL_PROVIDERS
+from byok_plugin.host.workflow.providers import TOOL_PROVIDERS, WEB_SEARCH_TOOLS
 from byok_plugin.host.workflow.templates import to_text
 
 EXA_TOOL = "exa_search"
@@ -119,7 +119,8 @@ class Blocks(Calls):
                 max_output_tokens=block.max_tokens,
                 response_schema=block.response_schema,
                 schema_name=_schema_name(block.id),
-                tools=(_SEARCH_FUNCTION,) if search is not None else (),
+                tools=((_SEARCH_FUNCTION,) if search is not None else ())
+                + ((WebSearchTool(block.web_search.max_uses),) if block.web_search else ()),
                 tool_choice=tool_choice,
             )
             seq += 1
@@ -140,8 +141,10 @@ class Blocks(Calls):
                 block.model,
                 input_tokens=_input_bound(request),
                 output_tokens=block.max_tokens or self.options.budget_output_tokens,
-                tool_requests=sum(
-                    t.max_uses or 1 for t in request.tools if isinstance(t, WebSearchTool)
+                tool_uses=tuple(
+                    (WEB_SEARCH_TOOLS[block.provider], t.max_uses or 1)
+                    for t in request.tools
+                    if isinstance(t, WebSearchTool)
                 ),
             )
             result, call = await self._call(

@@ -43,6 +43,8 @@ class _Budget:
     settled: bool = False
     #: the request's estimated input (an ``uncertain`` row's usage), whether or not budgets apply
     estimate: Usage | None = None
+    #: the provider's own tools the call may use (``CredentialRequest.tools``)
+    tools: tuple[str, ...] = ()
 
 
 def _estimate_of(worst: Usage | None) -> Usage | None:

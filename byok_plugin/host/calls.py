@@ -68,6 +68,7 @@ class Calls(Recording):
         idempotency_key = _call_key(run.run_id, block_id, attempt, seq)
         budget = _Budget(idempotency_key, run.workspace_id, run.workflow.name, run.run_id, block_id)
         budget.estimate = _estimate_of(worst)
+        budget.tools = tuple(name for name, _ in worst.tool_uses) if worst is not None else ()
         if self.pm.hook.byok_reserve_budget.get_hookimpls():  # else nothing to hold it against
             budget.worst = worst
         try:
@@ -112,6 +113,7 @@ class Calls(Recording):
             actor=run.actor,
             stream=stream,
             key_label=label,
+            tools=budget.tools,
         )
         rejected: list[Rejection] = []
         credential = await self._resolve(request, budget)

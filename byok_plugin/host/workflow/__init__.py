@@ -28,15 +28,22 @@ from byok_plugin.host.workflow.model import (
     KeyRef,
     OutputBlock,
     ToolBlock,
+    WebSearch,
     Workflow,
 )
-from byok_plugin.host.workflow.providers import MODEL_PROVIDERS, TOOL_PROVIDERS, infer_provider
+from byok_plugin.host.workflow.providers import (
+    MODEL_PROVIDERS,
+    TOOL_PROVIDERS,
+    WEB_SEARCH_TOOLS,
+    infer_provider,
+)
 from byok_plugin.host.workflow.templates import Ref, RenderError, Template, TemplateSyntaxError
 
 __all__ = [
     "MODEL_PROVIDERS",
     "OUTPUT_FIELDS",
     "TOOL_PROVIDERS",
+    "WEB_SEARCH_TOOLS",
     "AgentBlock",
     "AgentTool",
     "Block",
@@ -53,6 +60,7 @@ __all__ = [
     "Template",
     "TemplateSyntaxError",
     "ToolBlock",
+    "WebSearch",
     "Workflow",
     "WorkflowError",
     "bind_inputs",

@@ -29,10 +29,16 @@ from byok_plugin.host.workflow.model import (
     KeyRef,
     OutputBlock,
     ToolBlock,
+    WebSearch,
     Workflow,
 )
 from byok_plugin.host.workflow.patterns import PatternError, compile_pattern
-from byok_plugin.host.workflow.providers import TOOL_PROVIDERS, infer_provider
+from byok_plugin.host.workflow.providers import (
+    ANTHROPIC_MAX_SEARCHES,
+    TOOL_PROVIDERS,
+    infer_provider,
+    web_search_refusal,
+)
 from byok_plugin.host.workflow.templates import Ref, Template, TemplateSyntaxError
 
 __all__ = [
@@ -392,6 +398,7 @@ class _Builder:
             )
             for t in raw.get("tools", [])
         )
+        web_search = self._web_search(base, raw, provider, model, bool(tools))
         system = raw.get("system")
         return AgentBlock(
             id=block_id,
@@ -404,11 +411,52 @@ class _Builder:
             response_schema=MappingProxyType(dict(schema)) if schema is not None else None,
             tools=tools,
             max_tool_rounds=raw.get("max_tool_rounds", 3),
+            web_search=web_search,
             key=self._key(raw.get("key")),
             stream=bool(raw.get("stream", False)),
             retries=raw.get("retries"),
             description=description,
         )
+
+    def _web_search(
+        self,
+        base: tuple[str, ...],
+        raw: Mapping[str, Any],
+        provider: str,
+        model: str,
+        exa_tools: bool,
+    ) -> WebSearch | None:
+        """The block's ``web_search`` (``true`` or ``{"max_uses": N}``), refused where the
+        provider or model has no web search of its own."""
+        setting = raw.get("web_search", False)
+        if setting is False:
+            return None
+        where = (*base, "web_search")
+        refused = web_search_refusal(provider, model)
+        if refused is not None:
+            self.fail(where, refused)
+            return None
+        max_uses = setting.get("max_uses") if isinstance(setting, Mapping) else None
+        if max_uses is not None and provider != "anthropic":
+            self.fail(
+                (*where, "max_uses"),
+                f"only Anthropic limits the searches of one call; {provider} bills one "
+                f"{'grounded prompt' if provider == 'google' else 'search'} per call",
+            )
+        if exa_tools:
+            self.fail(
+                where,
+                "a block searches with the provider's web_search or with exa_search tools, "
+                "not both",
+            )
+        if provider == "google" and raw.get("response_schema") is not None:
+            self.fail(
+                where,
+                "Gemini does not ground a structured (response_schema) answer with Google Search",
+            )
+        if provider == "anthropic" and max_uses is None:
+            max_uses = ANTHROPIC_MAX_SEARCHES
+        return WebSearch(max_uses=max_uses)
 
     # edges -----------------------------------------------------------------------------------
     def _edges(

@@ -25,6 +25,7 @@ __all__ = [
     "KeyRef",
     "OutputBlock",
     "ToolBlock",
+    "WebSearch",
     "Workflow",
 ]
 
@@ -83,6 +84,16 @@ class AgentTool:
 
 
 @dataclass(frozen=True, slots=True)
+class WebSearch:
+    """The provider's own web search, enabled on an agent block (``"web_search"``).
+
+    :param max_uses: Anthropic only: at most this many searches in one call (each billed).
+    """
+
+    max_uses: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class AgentBlock:
     id: str
     model: str
@@ -94,6 +105,7 @@ class AgentBlock:
     response_schema: Mapping[str, Any] | None = None
     tools: tuple[AgentTool, ...] = ()
     max_tool_rounds: int = 3
+    web_search: WebSearch | None = None
     key: KeyRef | None = None
     stream: bool = False
     retries: int | None = None

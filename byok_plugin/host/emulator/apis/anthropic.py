@@ -9,6 +9,13 @@ cache_read_input_tokens, output_tokens}`` where ``input_tokens`` counts only the
 ``output_tokens_details.thinking_tokens``). A stream sends ``message_start`` (the input
 usage), content block events, ``message_delta`` (stop reason and cumulative ``output_tokens``) and
 ``message_stop``. Errors: ``{"type": "error", "error": {"type", "message"}, "request_id"}``.
+
+A request with the ``web_search_20250305`` server tool searches :func:`searches_of` times: each
+search is a ``server_tool_use`` block and its ``web_search_tool_result`` before the text, the
+results' :data:`SEARCH_RESULT_TOKENS` tokens are added to ``input_tokens``, and the final usage
+counts ``server_tool_use.web_search_requests``, as in the recorded
+``fixtures/provider-recordings/anthropic/web_search_stream.sse`` (where ``message_start`` reports
+the input before the searches and ``message_delta`` the input with their results).
 """
 
 from __future__ import annotations
@@ -42,6 +49,18 @@ _ERROR_TYPES = {
     "method": "invalid_request_error",
 }
 _STOP = {"stop": "end_turn", "length": "max_tokens"}
+#: input tokens each emulated search's results add to the call
+SEARCH_RESULT_TOKENS = 1200
+
+
+def searches_of(body: Mapping[str, Any]) -> int:
+    """How many times the emulated model searches: ``min(max_uses, 2)`` of a ``web_search``
+    server tool (once without ``max_uses``), 0 without the tool."""
+    for tool in body.get("tools") or []:
+        if isinstance(tool, Mapping) and str(tool.get("type", "")).startswith("web_search_"):
+            max_uses = tool.get("max_uses")
+            return min(max_uses, 2) if isinstance(max_uses, int) and max_uses > 0 else 1
+    return 0
 
 
 def _has_cache_control(body: Mapping[str, Any]) -> bool:
@@ -180,9 +199,9 @@ class AnthropicAPI(ProviderAPI):
         )
 
     @staticmethod
-    def input_usage(reply: Reply) -> dict[str, Any]:
+    def input_usage(reply: Reply, searches: int = 0) -> dict[str, Any]:
         return {
-            "input_tokens": reply.uncached_prompt_tokens,
+            "input_tokens": reply.uncached_prompt_tokens + searches * SEARCH_RESULT_TOKENS,
             "cache_creation_input_tokens": reply.cache_write_tokens,
             "cache_read_input_tokens": reply.cached_tokens,
         }
@@ -215,10 +234,36 @@ class AnthropicAPI(ProviderAPI):
         body = ex.body
         reply = self.reply(body)
         tool = self.forced_tool(body)
+        searches = searches_of(body) if tool is None else 0
         content: list[dict[str, Any]] = []
         if reply.reasoning_tokens:
             content.append(
                 {"type": "thinking", "thinking": "Emulated thinking.", "signature": "ZW11bGF0ZWQ="}
+            )
+        for i in range(searches):
+            search_id = new_id("srvtoolu_")
+            content.append(
+                {
+                    "type": "server_tool_use",
+                    "id": search_id,
+                    "name": "web_search",
+                    "input": {"query": f"emulated search {i + 1}"},
+                }
+            )
+            content.append(
+                {
+                    "type": "web_search_tool_result",
+                    "tool_use_id": search_id,
+                    "content": [
+                        {
+                            "type": "web_search_result",
+                            "title": f"Emulated result {i + 1}",
+                            "url": f"https://example.com/emulated/{i + 1}",
+                            "encrypted_content": "ZW11bGF0ZWQ=",
+                            "page_age": None,
+                        }
+                    ],
+                }
             )
         if tool is not None:
             content.append(
@@ -243,17 +288,27 @@ class AnthropicAPI(ProviderAPI):
             "stop_reason": stop,
             "stop_sequence": None,
             "usage": {
-                **self.input_usage(reply),
+                **self.input_usage(reply, searches),
                 "output_tokens": output_tokens,
                 **self.thinking_usage(reply),
+                **self.search_usage(searches),
                 "service_tier": "standard",
             },
         }
         if body.get("stream"):
-            return sse_response(self._stream(ex, message, reply))
+            return sse_response(self._stream(ex, message, reply, searches))
         return json_response(message)
 
-    def _stream(self, ex: Exchange, message: dict[str, Any], reply: Reply) -> AsyncIterator[str]:
+    @staticmethod
+    def search_usage(searches: int) -> dict[str, Any]:
+        """``server_tool_use``: the call's searches; only present when it searched."""
+        if not searches:
+            return {}
+        return {"server_tool_use": {"web_search_requests": searches, "web_fetch_requests": 0}}
+
+    def _stream(
+        self, ex: Exchange, message: dict[str, Any], reply: Reply, searches: int = 0
+    ) -> AsyncIterator[str]:
         start = {
             **message,
             "content": [],
@@ -267,7 +322,9 @@ class AnthropicAPI(ProviderAPI):
                 "text": {"type": "text", "text": ""},
                 "thinking": {"type": "thinking", "thinking": "", "signature": ""},
             }
-            head = empty.get(kind, {**block, "input": {}} if kind == "tool_use" else block)
+            head = empty.get(
+                kind, {**block, "input": {}} if kind in ("tool_use", "server_tool_use") else block
+            )
             events.append(
                 sse(
                     {"type": "content_block_start", "index": index, "content_block": head},
@@ -283,6 +340,8 @@ class AnthropicAPI(ProviderAPI):
                     {"type": "thinking_delta", "thinking": block["thinking"]},
                     {"type": "signature_delta", "signature": block["signature"]},
                 ]
+            elif kind == "web_search_tool_result":  # sent whole in its start event
+                deltas = []
             else:
                 import json
 
@@ -296,9 +355,10 @@ class AnthropicAPI(ProviderAPI):
             ]
             events.append(sse({"type": "content_block_stop", "index": index}, "content_block_stop"))
         usage = {
-            **self.input_usage(reply),
+            **self.input_usage(reply, searches),
             "output_tokens": message["usage"]["output_tokens"],
             **self.thinking_usage(reply),
+            **self.search_usage(searches),
         }
         events.append(
             sse(

@@ -9,6 +9,12 @@ sends ``GenerateContentResponse`` chunks as ``data:`` events (no end marker); th
 ``INVALID_ARGUMENT`` / ``API_KEY_INVALID`` and a missing one 403 ``PERMISSION_DENIED``, as Google does
 (https://ai.google.dev/gemini-api/docs/troubleshooting). Errors:
 ``{"error": {"code", "message", "status", "details"}}``.
+
+A request with the ``googleSearch`` (or ``google_search``) tool is answered grounded, as the
+recorded ``fixtures/provider-recordings/google/grounded_search.json``: the candidate carries
+``groundingMetadata`` (``webSearchQueries``, ``groundingChunks``) and the usage
+``toolUsePromptTokenCount`` (:data:`GROUNDING_TOOL_TOKENS`, the search results fed back as input),
+counted in ``totalTokenCount``; streamed, on the last chunk.
 """
 
 from __future__ import annotations
@@ -257,15 +263,22 @@ class GoogleAPI(ProviderAPI):
         )
 
     @staticmethod
-    def usage(reply: Reply, *, final: bool = True) -> dict[str, Any]:
+    def usage(reply: Reply, *, final: bool = True, grounded: bool = False) -> dict[str, Any]:
         if not final:
             return {"promptTokenCount": reply.prompt_tokens, "totalTokenCount": reply.prompt_tokens}
+        tool_tokens = GROUNDING_TOOL_TOKENS if grounded else 0
         usage: dict[str, Any] = {
             "promptTokenCount": reply.prompt_tokens,
             "candidatesTokenCount": reply.output_tokens,
-            "totalTokenCount": reply.prompt_tokens + reply.output_tokens + reply.reasoning_tokens,
+            "totalTokenCount": reply.prompt_tokens
+            + reply.output_tokens
+            + reply.reasoning_tokens
+            + tool_tokens,
             "promptTokensDetails": [{"modality": "TEXT", "tokenCount": reply.prompt_tokens}],
         }
+        if tool_tokens:
+            usage["toolUsePromptTokenCount"] = tool_tokens
+            usage["toolUsePromptTokensDetails"] = [{"modality": "TEXT", "tokenCount": tool_tokens}]
         if reply.cached_tokens:
             usage["cachedContentTokenCount"] = reply.cached_tokens
             usage["cacheTokensDetails"] = [{"modality": "TEXT", "tokenCount": reply.cached_tokens}]
@@ -306,6 +319,10 @@ class GoogleAPI(ProviderAPI):
         else:
             parts = [{"text": reply.text}]
             finish = _FINISH[reply.finish]
+        grounding = None
+        if function is None and _searches_web(ex.body):
+            contents = [c for c in field(ex.body, "contents") if isinstance(c, Mapping)]
+            grounding = _grounding(text_of(contents[-1].get("parts")) if contents else "")
         thinking = field(field(ex.body, "generationConfig"), "thinkingConfig")
         if reply.reasoning_tokens and field(thinking, "includeThoughts"):
             parts = [{"text": "Emulated thought summary.", "thought": True}, *parts]
@@ -313,18 +330,21 @@ class GoogleAPI(ProviderAPI):
             if ex.query.get("alt") != "sse":
                 raise BadRequest("the emulator streams only with ?alt=sse")
             return sse_response(
-                self._stream(ex, reply, model, response_id, function is not None, parts, finish)
+                self._stream(
+                    ex, reply, model, response_id, function is not None, parts, finish, grounding
+                )
             )
+        candidate: dict[str, Any] = {
+            "content": {"parts": parts, "role": "model"},
+            "finishReason": finish,
+            "index": 0,
+        }
+        if grounding is not None:
+            candidate["groundingMetadata"] = grounding
         return json_response(
             {
-                "candidates": [
-                    {
-                        "content": {"parts": parts, "role": "model"},
-                        "finishReason": finish,
-                        "index": 0,
-                    }
-                ],
-                "usageMetadata": self.usage(reply),
+                "candidates": [candidate],
+                "usageMetadata": self.usage(reply, grounded=grounding is not None),
                 "modelVersion": model,
                 "responseId": response_id,
             }
@@ -339,6 +359,7 @@ class GoogleAPI(ProviderAPI):
         tool: bool,
         parts: list[dict[str, Any]],
         finish: str,
+        grounding: dict[str, Any] | None = None,
     ) -> AsyncIterator[str]:
         chunks: list[list[dict[str, Any]]] = (
             [parts] if tool else [[{"text": p}] for p in reply.pieces] or [[{"text": ""}]]
@@ -355,11 +376,15 @@ class GoogleAPI(ProviderAPI):
             }
             if last:
                 candidate["finishReason"] = finish
+                if grounding is not None:
+                    candidate["groundingMetadata"] = grounding
             events.append(
                 sse(
                     {
                         "candidates": [candidate],
-                        "usageMetadata": self.usage(reply, final=last),
+                        "usageMetadata": self.usage(
+                            reply, final=last, grounded=grounding is not None
+                        ),
                         "modelVersion": model,
                         "responseId": response_id,
                     },
@@ -367,6 +392,30 @@ class GoogleAPI(ProviderAPI):
                 )
             )
         return stream_events(events, ex.stream_mode, terminal=1)
+
+
+#: the ``toolUsePromptTokenCount`` of a grounded emulated answer
+GROUNDING_TOOL_TOKENS = 240
+
+
+def _searches_web(body: Mapping[str, Any]) -> bool:
+    """Whether the request enables Grounding with Google Search."""
+    return any(
+        isinstance(tool, Mapping) and ("googleSearch" in tool or "google_search" in tool)
+        for tool in field(body, "tools") or []
+    )
+
+
+def _grounding(query: str) -> dict[str, Any]:
+    """A ``groundingMetadata`` for one search of ``query``."""
+    query = " ".join(query.split())[:80] or "emulated search"
+    return {
+        "webSearchQueries": [query],
+        "groundingChunks": [
+            {"web": {"uri": "https://example.com/emulated/1", "title": "example.com"}}
+        ],
+        "searchEntryPoint": {"renderedContent": "<div>emulated</div>"},
+    }
 
 
 def _forced_function(body: Mapping[str, Any]) -> Mapping[str, Any] | None:
