@@ -15,6 +15,7 @@ from byok_hookspecs import (
     Action,
     Actor,
     AuditEvent,
+    BudgetExceeded,
     BudgetHold,
     BudgetReservation,
     BudgetSettlement,
@@ -195,10 +196,7 @@ class DefaultPlugin:
             also=lambda conn: settled.append(self.app.budgets.settle_in(conn, settlements)[1]),
         )
         for event in settled[0] if settled else ():  # thresholds crossed, once committed
-            if self._pm is not None:
-                self._pm.hook.byok_audit(event=event)
-            else:
-                self.byok_audit(event)
+            self._announce(event)
         return True
 
     @hookimpl(trylast=True)
@@ -211,16 +209,40 @@ class DefaultPlugin:
 
     @hookimpl(trylast=True)
     def byok_reserve_budget(self, reservation: BudgetReservation) -> BudgetHold | None:
-        return self.app.budgets.reserve(reservation)
+        try:
+            return self.app.budgets.reserve(reservation)
+        except BudgetExceeded as exc:
+            # audited, so that a ``fallback.used`` event of the same call (resolution chose the
+            # platform key, then its reservation did not fit) is followed by what became of it
+            self._announce(
+                AuditEvent(
+                    action="budget.refused",
+                    workspace_id=reservation.workspace_id,
+                    actor_id=None,
+                    outcome="denied",
+                    provider=reservation.provider,
+                    key_id=reservation.key_id,
+                    detail=(
+                        f"{exc} (run {reservation.run_id or '-'}, "
+                        f"block {reservation.block_id or '-'}, {reservation.source.value} key)"
+                    ),
+                )
+            )
+            raise
+
+    def _announce(self, event: AuditEvent) -> None:
+        """An audit event through every ``byok_audit`` implementation when bound to a plugin
+        manager, else through this plugin's own."""
+        if self._pm is not None:
+            self._pm.hook.byok_audit(event=event)
+        else:
+            self.byok_audit(event)
 
     @hookimpl(trylast=True)
     def byok_settle_budget(self, settlement: BudgetSettlement) -> bool | None:
         changed, events = self.app.budgets.settle(settlement)
         for event in events:  # thresholds crossed: announced once per period each
-            if self._pm is not None:
-                self._pm.hook.byok_audit(event=event)
-            else:
-                self.byok_audit(event)
+            self._announce(event)
         return changed
 
     @cached_property

@@ -388,7 +388,7 @@ class AuditEvent:
 
     :param action: ``key.created``, ``key.replaced``, ``key.deleted``, ``key.enabled``,
         ``key.disabled``, ``key.tested``, ``key.rewrapped``, ``master_key.retired``,
-        ``fallback.used``, ``access.denied``, ``budget.threshold``...
+        ``fallback.used``, ``access.denied``, ``budget.threshold``, ``budget.refused``...
     :param workspace_id: the workspace concerned.
     :param actor_id: who did it (``None`` for the system).
     :param outcome: ``ok`` or ``denied`` or ``error``.
