@@ -153,16 +153,8 @@ class TokenRates:
         )
 
 
-_ITEMS = (
-    "input",
-    "cached_input",
-    "cache_write",
-    "cache_write_1h",
-    "output",
-    "reasoning",
-    "input_audio",
-    "output_audio",
-)
+#: the charge's token items: one per rate field, in the order of :meth:`TokenRates.billed`
+_ITEMS = _RATE_FIELDS
 
 
 @dataclass(frozen=True, slots=True)
