@@ -57,26 +57,14 @@ class AuditStore:
         :param since: only events at or after this (timezone-aware) time.
         :param limit: at most this many events.
         """
-        if since is not None and since.tzinfo is None:
-            raise ValueError("since must be timezone-aware")
-        query = sa.select(audit_events)
-        if workspace_id is not None:
-            query = query.where(audit_events.c.workspace_id == workspace_id)
-        if action is not None:
-            query = query.where(audit_events.c.action == action)
-        if since is not None:
-            query = query.where(audit_events.c.occurred_at >= since)
-        query = query.order_by(audit_events.c.occurred_at.desc(), audit_events.c.id.desc()).limit(
-            limit
-        )
-        with store_errors("reading audit events"), self._engine.connect() as conn:
-            rows = conn.execute(query).all()
-        return [_event(row) for row in rows]
+        events, _ = self.page(workspace_id, action=action, since=since, limit=limit)
+        return events
 
     def page(
         self,
         workspace_id: str | None = None,
         *,
+        action: str | None = None,
         since: datetime | None = None,
         before: int | None = None,
         limit: int = 1000,
@@ -84,6 +72,7 @@ class AuditStore:
         """One page of the newest events first, in the order of :meth:`events`, and the cursor
         of the next (older) page: pass it back as ``before``; ``None`` when there is no more.
 
+        :param action: only this action (``key.created``...).
         :param before: a cursor a previous page returned: only the events after it in this
             order (older, or as old and written before it). An unknown cursor gives no events.
         """
@@ -93,6 +82,8 @@ class AuditStore:
         query = sa.select(table)
         if workspace_id is not None:
             query = query.where(table.c.workspace_id == workspace_id)
+        if action is not None:
+            query = query.where(table.c.action == action)
         if since is not None:
             query = query.where(table.c.occurred_at >= since)
         if before is not None:
