@@ -6,6 +6,7 @@ is the app's own (a value the test moves), so expiry and periods need no sleepin
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -31,6 +32,7 @@ from byok_plugin.billing.budgets import (
     KEEP_HOLDS,
     PRUNE_BATCH,
     BudgetError,
+    BudgetStore,
     budget_holds,
     budgets,
     to_units,
@@ -582,3 +584,47 @@ def test_under_steady_calls_the_hold_table_stays_bounded(
     assert status is not None
     assert status.spent == Decimal("0.001") * (calls - calls // 10)
     assert reserved_in_rows(app) == (0, 0)  # the last call settled, the lapsed ones expired
+
+
+def test_pruning_while_many_threads_reserve_and_settle_keeps_the_accounts(app: App) -> None:
+    """Pruning in the reservation's statement while other calls reserve, settle, lapse and are
+    pruned: no error, what is spent and reserved stays exact, and the table stays small."""
+    ticks = itertools.count()
+    # every reading of the clock is a second later: holds (2 minutes) lapse and, kept 0 seconds
+    # after that, are pruned while the threads still run (a call whose hold was pruned before it
+    # settled spends nothing: counted as not settled below)
+    store = BudgetStore(
+        app.engine,
+        clock=lambda: START + timedelta(seconds=next(ticks)),
+        keep_holds=timedelta(0),
+    )
+    try:
+        store.set_budget(WS, "monthly", limit="1000", period="none")
+        store.set_budget(WS, "triage", limit="1000", period="none", workflow_id="triage")
+        threads, calls = 8, 40
+
+        def work(worker: int) -> int:
+            settled = 0
+            for n in range(calls):
+                key = f"r:{worker}-{n}:1"
+                store.reserve(reservation(key, "0.002", workflow_id="triage", hold_seconds=120))
+                if n % 10 == 9:
+                    continue  # never settled: lapses, then is pruned
+                changed, _events = store.settle(settlement(key, "0.001"))
+                settled += changed
+                # a duplicate settlement, before or after its holds were pruned, changes nothing
+                assert store.settle(settlement(key, "0.001")) == (False, [])
+            return settled
+
+        with ThreadPoolExecutor(threads) as pool:
+            settled = sum(pool.map(work, range(threads)))
+        status = store.get(WS, "triage")
+        assert status is not None
+        assert settled > threads * calls // 2
+        assert status.spent == Decimal("0.001") * settled
+        store.reserve(reservation("r:last:1", "0.002", workflow_id="triage"))
+        reserved, held = reserved_in_rows(app)
+        assert reserved == held  # no hold freed twice, none forgotten
+        assert hold_rows(app) < 2 * threads * calls // 4
+    finally:
+        store.close()
