@@ -961,12 +961,12 @@ WITH prev AS (
   -- a bounded batch; the conditions are repeated outside the batch so that a row a concurrent
   -- late settlement changed meanwhile is checked again on its new version
   DELETE FROM byok_budget_holds h
-  WHERE (h.idempotency_key, h.budget_id) IN (
-      SELECT o.idempotency_key, o.budget_id FROM byok_budget_holds o
+  WHERE h.ctid = ANY (ARRAY(
+      SELECT o.ctid FROM byok_budget_holds o
       WHERE o.workspace_id = %(ws)s AND o.state IN ('expired', 'settled')
         AND o.expires_at < %(cutoff)s AND (o.settled_at IS NULL OR o.settled_at < %(cutoff)s)
         AND o.idempotency_key <> %(key)s AND o.budget_id IN (SELECT id FROM target)
-      LIMIT %(prune_batch)s)
+      LIMIT %(prune_batch)s))
     AND h.workspace_id = %(ws)s AND h.state IN ('expired', 'settled')
     AND h.expires_at < %(cutoff)s AND (h.settled_at IS NULL OR h.settled_at < %(cutoff)s)
     AND h.idempotency_key <> %(key)s
