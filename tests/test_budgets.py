@@ -6,6 +6,7 @@ is the app's own (a value the test moves), so expiry and periods need no sleepin
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -27,7 +28,15 @@ from byok_hookspecs import (
 )
 
 from byok_plugin.app import App
-from byok_plugin.billing.budgets import BudgetError, budget_holds, budgets, to_units
+from byok_plugin.billing.budgets import (
+    KEEP_HOLDS,
+    PRUNE_BATCH,
+    BudgetError,
+    BudgetStore,
+    budget_holds,
+    budgets,
+    to_units,
+)
 from byok_plugin.manager import plugin_manager_for
 from byok_plugin.settings import Settings
 from byok_plugin.store import create_store_engine, ensure_migrated
@@ -478,3 +487,144 @@ def test_hook_byok_record_usage_and_settle_commits_rows_and_settlements_together
         pm.hook.byok_record_usage_and_settle(records=late, settlements=refused)
     assert app.ledger.get(late[0].idempotency_key) is None
     assert app.budgets.get(WS, "monthly").reserved == Decimal("0.3")  # type: ignore[union-attr]
+
+
+def hold_rows(app: App) -> int:
+    with app.engine.connect() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(budget_holds)).scalar_one())
+
+
+def reserved_in_rows(app: App) -> tuple[int, int]:
+    """The budgets' ``reserved_units`` (summed), and the sum of the holds still marked held."""
+    with app.engine.connect() as conn:
+        reserved = conn.execute(
+            sa.select(sa.func.sum(budgets.c.reserved_units)).where(budgets.c.workspace_id == WS)
+        ).scalar_one()
+        held = conn.execute(
+            sa.select(sa.func.coalesce(sa.func.sum(budget_holds.c.amount_units), 0)).where(
+                budget_holds.c.state == "held"
+            )
+        ).scalar_one()
+    return int(reserved), int(held)
+
+
+def test_settled_and_expired_holds_are_pruned_once_kept_long_enough(
+    app: App, pm: pluggy.PluginManager, clock: Clock
+) -> None:
+    app.budgets.set_budget(WS, "monthly", limit="10.00")
+    for n in range(90):  # settled
+        pm.hook.byok_reserve_budget(reservation=reservation(f"r:s:{n}", "0.02"))
+        assert pm.hook.byok_settle_budget(settlement=settlement(f"r:s:{n}", "0.01"))
+    for n in range(5):  # released: the call did not complete
+        pm.hook.byok_reserve_budget(reservation=reservation(f"r:x:{n}", "0.02"))
+        pm.hook.byok_settle_budget(settlement=settlement(f"r:x:{n}", "0", completed=False))
+    for n in range(5):  # never settled (a worker killed): the holds lapse after a minute
+        pm.hook.byok_reserve_budget(reservation=reservation(f"r:k:{n}", "0.02", hold_seconds=60))
+    assert hold_rows(app) == 100
+    # within KEEP_HOLDS nothing is pruned: a repeated settlement still finds its call settled,
+    # and a lapsed hold's late settlement still spends
+    clock.advance(hours=1)
+    pm.hook.byok_reserve_budget(reservation=reservation("r:late:1", "0.02"))
+    assert hold_rows(app) == 101
+    assert reserved_in_rows(app) == (to_units(Decimal("0.02")),) * 2  # the lapsed ones freed
+    assert pm.hook.byok_settle_budget(settlement=settlement("r:s:0", "0.01")) is False
+    assert pm.hook.byok_settle_budget(settlement=settlement("r:k:0", "0.01")) is True
+    assert pm.hook.byok_settle_budget(settlement=settlement("r:late:1", "0.01")) is True
+    spent = app.budgets.get(WS, "monthly").spent  # type: ignore[union-attr]
+    assert spent == Decimal("0.92")
+
+    # a day later: each reservation deletes at most PRUNE_BATCH old holds, never the new one
+    clock.advance(seconds=KEEP_HOLDS.total_seconds() + 3600)
+    pm.hook.byok_reserve_budget(reservation=reservation("r:new:1", "0.02"))
+    assert hold_rows(app) == 101 + 1 - PRUNE_BATCH
+    pm.hook.byok_reserve_budget(reservation=reservation("r:new:2", "0.02"))
+    with app.engine.connect() as conn:
+        left = conn.execute(sa.select(budget_holds.c.idempotency_key)).scalars().all()
+    assert sorted(left) == ["r:new:1", "r:new:2"]
+    assert reserved_in_rows(app) == (to_units(Decimal("0.04")),) * 2  # pruning freed nothing
+    status = app.budgets.get(WS, "monthly")
+    assert status is not None
+    assert (status.spent, status.reserved) == (spent, Decimal("0.04"))
+    # a duplicate settlement of a pruned call changes nothing (nor does a late one of a pruned
+    # lapsed hold: kept for a day, not forever)
+    assert pm.hook.byok_settle_budget(settlement=settlement("r:s:1", "0.01")) is False
+    assert pm.hook.byok_settle_budget(settlement=settlement("r:k:1", "0.01")) is False
+    assert app.budgets.get(WS, "monthly").spent == spent  # type: ignore[union-attr]
+    # and a duplicate of a call still kept changes nothing either
+    assert pm.hook.byok_settle_budget(settlement=settlement("r:new:1", "0.01")) is True
+    assert pm.hook.byok_settle_budget(settlement=settlement("r:new:1", "0.01")) is False
+    status = app.budgets.get(WS, "monthly")
+    assert (status.spent, status.reserved) == (spent + Decimal("0.01"), Decimal("0.02"))  # type: ignore[union-attr]
+
+
+def test_under_steady_calls_the_hold_table_stays_bounded(
+    app: App, pm: pluggy.PluginManager, clock: Clock
+) -> None:
+    app.budgets.set_budget(WS, "monthly", limit="1.00", period="none")
+    app.budgets.set_budget(WS, "triage", limit="1.00", period="none", workflow_id="triage")
+    every = timedelta(minutes=10)
+    hold = timedelta(minutes=15)
+    calls = 400
+    most = 0
+    for n in range(calls):
+        key = f"r:{n}:1"
+        assert pm.hook.byok_reserve_budget(
+            reservation=reservation(key, "0.002", workflow_id="triage", hold_seconds=900)
+        )
+        if n % 10:  # one call in ten never settles
+            assert pm.hook.byok_settle_budget(settlement=settlement(key, "0.001"))
+        most = max(most, hold_rows(app))
+        clock.advance(seconds=every.total_seconds())
+    # two holds per call (two budgets), kept while the call's expiry is within KEEP_HOLDS
+    bound = 2 * ((KEEP_HOLDS + hold) // every + 2)
+    assert most <= bound < 2 * calls
+    assert hold_rows(app) <= bound
+    # the budgets carry what was spent, and only the lapsed holds' capacity came back
+    status = app.budgets.get(WS, "monthly")
+    assert status is not None
+    assert status.spent == Decimal("0.001") * (calls - calls // 10)
+    assert reserved_in_rows(app) == (0, 0)  # the last call settled, the lapsed ones expired
+
+
+def test_pruning_while_many_threads_reserve_and_settle_keeps_the_accounts(app: App) -> None:
+    """Pruning in the reservation's statement while other calls reserve, settle, lapse and are
+    pruned: no error, what is spent and reserved stays exact, and the table stays small."""
+    ticks = itertools.count()
+    # every reading of the clock is a second later: holds (2 minutes) lapse and, kept 0 seconds
+    # after that, are pruned while the threads still run (a call whose hold was pruned before it
+    # settled spends nothing: counted as not settled below)
+    store = BudgetStore(
+        app.engine,
+        clock=lambda: START + timedelta(seconds=next(ticks)),
+        keep_holds=timedelta(0),
+    )
+    try:
+        store.set_budget(WS, "monthly", limit="1000", period="none")
+        store.set_budget(WS, "triage", limit="1000", period="none", workflow_id="triage")
+        threads, calls = 8, 40
+
+        def work(worker: int) -> int:
+            settled = 0
+            for n in range(calls):
+                key = f"r:{worker}-{n}:1"
+                store.reserve(reservation(key, "0.002", workflow_id="triage", hold_seconds=120))
+                if n % 10 == 9:
+                    continue  # never settled: lapses, then is pruned
+                changed, _events = store.settle(settlement(key, "0.001"))
+                settled += changed
+                # a duplicate settlement, before or after its holds were pruned, changes nothing
+                assert store.settle(settlement(key, "0.001")) == (False, [])
+            return settled
+
+        with ThreadPoolExecutor(threads) as pool:
+            settled = sum(pool.map(work, range(threads)))
+        status = store.get(WS, "triage")
+        assert status is not None
+        assert settled > threads * calls // 2
+        assert status.spent == Decimal("0.001") * settled
+        store.reserve(reservation("r:last:1", "0.002", workflow_id="triage"))
+        reserved, held = reserved_in_rows(app)
+        assert reserved == held  # no hold freed twice, none forgotten
+        assert hold_rows(app) < 2 * threads * calls // 4
+    finally:
+        store.close()

@@ -32,6 +32,17 @@ settles (a worker killed between the two) is marked ``expired`` by the next rese
 budget (on SQLite: the next operation on the workspace) after its ``expires_at``, and its amount
 leaves ``reserved``.
 
+**Pruning.** Settled and expired holds do not pile up (one per call per budget): a reservation
+also deletes, in its one statement on PostgreSQL (the holds on the budgets it locked) or its
+``BEGIN IMMEDIATE`` transaction on SQLite (the workspace's holds), at most :data:`PRUNE_BATCH`
+holds that are settled or expired and whose expiry and settlement are both more than
+``keep_holds`` (:data:`KEEP_HOLDS`, a day) ago, never the reserving call's own. No background
+thread: each call writes one hold per budget and may delete up to :data:`PRUNE_BATCH` old ones, so
+the table holds about the holds of the last ``keep_holds`` plus the hold time. A settlement of a
+call whose holds were pruned finds nothing and changes nothing (as a repeated one does); a
+reservation repeated under its key after that is held afresh, and a late settlement of an expired
+hold no longer spends.
+
 **Speed.** The statements are built once. On a SQLite file they are also compiled once and run on
 ``sqlite3`` connections of the file (as the ledger's writer does), with the values bound by the
 columns' own SQLAlchemy processors: a reservation plus a settlement costs about 0.16 ms there,
@@ -91,6 +102,8 @@ from byok_plugin.store.sqlite_connections import SqliteConnections
 from byok_plugin.store.tables import UTCDateTime, metadata
 
 __all__ = [
+    "KEEP_HOLDS",
+    "PRUNE_BATCH",
     "UNIT",
     "Budget",
     "BudgetError",
@@ -108,6 +121,14 @@ UNIT = Decimal("0.000000001")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 DEFAULT_THRESHOLDS = (50, 80, 100)
+#: how long a settled or expired hold is kept after both its expiry and its settlement: while it
+#: is kept, a repeated settlement of its call finds it settled (and changes nothing), a repeated
+#: reservation of a settled call holds nothing more, and a late settlement of an expired hold still
+#: spends what the call cost. After that the next reservation on its budget deletes it.
+KEEP_HOLDS = timedelta(days=1)
+#: at most this many old holds are deleted by one reservation (a bounded delete on a path every
+#: call takes; each call writes one hold per budget that applies, so the table stops growing)
+PRUNE_BATCH = 64
 #: the sources a BYOK list-cost budget counts: the workspace's own keys and those it inherits
 _BYOK_SOURCES = (CredentialSource.WORKSPACE, CredentialSource.ORGANIZATION)
 #: the largest limit: a BIGINT of nano-dollars
@@ -314,10 +335,17 @@ class BudgetStore:
     """Defines budgets, and reserves and settles calls against them."""
 
     def __init__(
-        self, engine: Engine, *, clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+        self,
+        engine: Engine,
+        *,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        keep_holds: timedelta = KEEP_HOLDS,
     ) -> None:
+        if keep_holds < timedelta(0):
+            raise BudgetError("keep_holds is a duration of 0 or more")
         self._engine = engine
         self._clock = clock
+        self._keep_holds = keep_holds
 
     def __repr__(self) -> str:
         return f"BudgetStore(dialect={self._engine.dialect.name!r})"
@@ -476,6 +504,20 @@ class BudgetStore:
             .where(h.c.workspace_id == p("b_ws"), h.c.state == "held", h.c.expires_at < p("b_now"))
             .values(state="expired")
             .returning(h.c.budget_id, h.c.amount_units),
+            # the settled and expired holds kept long enough (:data:`KEEP_HOLDS`), a bounded batch
+            prune=sa.delete(h).where(
+                sa.tuple_(h.c.idempotency_key, h.c.budget_id).in_(
+                    sa.select(h.c.idempotency_key, h.c.budget_id)
+                    .where(
+                        h.c.workspace_id == p("b_ws"),
+                        h.c.state != "held",
+                        h.c.expires_at < p("b_cutoff"),
+                        sa.or_(h.c.settled_at.is_(None), h.c.settled_at < p("b_cutoff")),
+                        h.c.idempotency_key != p("b_key"),
+                    )
+                    .limit(PRUNE_BATCH)
+                )
+            ),
             free=sa.update(t)
             .where(t.c.id == p("b_id"))
             .values(reserved_units=t.c.reserved_units - p("b_amount", type_=sa.BigInteger)),
@@ -636,6 +678,8 @@ class BudgetStore:
         largest = 0
         with self._writing("reserving budget", ws) as q:
             self._expire(q, ws, now)
+            # old settled and expired holds go, a bounded batch, in the same transaction
+            q("prune", {"b_ws": ws, "b_key": key, "b_cutoff": now - self._keep_holds})
             self._rollover(q, ws, applicable, now)
             previous = q("previous", {"b_ws": ws, "b_key": key})
             if any(p.state == "settled" for p in previous):
@@ -770,6 +814,8 @@ class BudgetStore:
                 "need_list": to_units(reservation.list_cost),
                 "now": now,
                 "expires_at": expires_at,
+                "cutoff": now - self._keep_holds,
+                "prune_batch": PRUNE_BATCH,
                 **self._period_starts(now),
             },
         )
@@ -881,7 +927,9 @@ class BudgetStore:
 #: a previous hold of the same call is on) in id order; expire their lapsed holds; decide whether
 #: every hard one has room (under the row locks, on the rows' latest versions); then, only if all
 #: fit and the call was not settled already, move the amounts into ``reserved`` and write the
-#: holds. A refusal changes nothing but the lapsed holds (expired and freed) and a period rollover.
+#: holds; and delete a bounded batch of old settled and expired holds on the locked budgets. A
+#: refusal changes nothing but the lapsed holds (expired and freed), the pruned ones and a period
+#: rollover.
 _PG_RESERVE = """
 WITH prev AS (
   SELECT budget_id, state, amount_units FROM byok_budget_holds
@@ -908,6 +956,21 @@ WITH prev AS (
   WHERE h.workspace_id = %(ws)s AND h.state = 'held' AND h.expires_at < %(now)s
     AND h.idempotency_key <> %(key)s AND h.budget_id IN (SELECT id FROM target)
   RETURNING h.budget_id, h.amount_units
+), pruned AS (
+  -- holds settled or expired more than keep_holds ago on the locked budgets (not this call's),
+  -- a bounded batch; the conditions are repeated outside the batch so that a row a concurrent
+  -- late settlement changed meanwhile is checked again on its new version
+  DELETE FROM byok_budget_holds h
+  WHERE h.ctid = ANY (ARRAY(
+      SELECT o.ctid FROM byok_budget_holds o
+      WHERE o.workspace_id = %(ws)s AND o.state IN ('expired', 'settled')
+        AND o.expires_at < %(cutoff)s AND (o.settled_at IS NULL OR o.settled_at < %(cutoff)s)
+        AND o.idempotency_key <> %(key)s AND o.budget_id IN (SELECT id FROM target)
+      LIMIT %(prune_batch)s))
+    AND h.workspace_id = %(ws)s AND h.state IN ('expired', 'settled')
+    AND h.expires_at < %(cutoff)s AND (h.settled_at IS NULL OR h.settled_at < %(cutoff)s)
+    AND h.idempotency_key <> %(key)s
+  RETURNING 1
 ), calc AS (
   SELECT t.id, t.name, t.hard, t.applies, t.limit_units, t.period_start, t.cur_start,
     CASE WHEN t.period_start < t.cur_start THEN 0 ELSE t.spent_units END AS spent_now,
