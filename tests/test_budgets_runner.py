@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from byok_hookspecs import BudgetSettlement, Usage, UsageRecord, hookimpl
+from byok_hookspecs import BudgetSettlement, CredentialSource, Usage, UsageRecord, hookimpl
 
 from byok_plugin.billing.budgets import UNIT, budget_holds
 from byok_plugin.cli.demo import BYOK_WORKSPACE, OPERATOR, PLATFORM_WORKSPACE, DemoStack
@@ -179,6 +179,34 @@ def test_a_fallback_to_the_platform_key_replaces_the_hold_and_settles_once(
     with stack.app.engine.connect() as conn:
         holds = conn.execute(sa.select(budget_holds.c.idempotency_key, budget_holds.c.state)).all()
     assert [tuple(h) for h in holds] == [(call.idempotency_key, "settled")]
+
+
+def test_a_fallback_refused_by_a_budget_is_audited_after_the_fallback(stack: DemoStack) -> None:
+    # the workspace's own key is refused; on_error would let the platform serve the call, but the
+    # workspace's platform-charge budget has no room for it
+    stack.app.budgets.set_budget(BYOK_WORKSPACE, "charges", limit="0.000001")
+    stack.emulator.state.remove_key("anthropic", stack.workspace_keys["anthropic"])
+    stack.set_fallback_policy(BYOK_WORKSPACE, "on_error")
+    sent = model_calls(stack.emulator)
+
+    result = stack.run(ANTHROPIC_CALL, BYOK_WORKSPACE, {})
+
+    assert result.status is RunStatus.FAILED
+    assert "budget 'charges'" in (result.blocks["answer"].error or "")
+    # the refused workspace-key attempt went out; the platform call never did
+    assert model_calls(stack.emulator) == sent + 1
+    events = stack.app.audit_store.events(BYOK_WORKSPACE)  # newest first
+    actions = [e.action for e in events]
+    assert "fallback.used" in actions
+    assert "budget.refused" in actions
+    assert actions.index("budget.refused") < actions.index("fallback.used")  # written after it
+    refused = events[actions.index("budget.refused")]
+    assert refused.outcome == "denied"
+    assert refused.provider == "anthropic"
+    assert "budget 'charges'" in refused.detail
+    assert CredentialSource.PLATFORM.value in refused.detail
+    assert f"run {result.run_id}" in refused.detail
+    assert "block answer" in refused.detail
 
 
 def test_a_cancelled_run_releases_the_hold_of_its_call_in_flight(stack: DemoStack) -> None:
