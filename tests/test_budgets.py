@@ -443,7 +443,9 @@ def test_reserve_and_settle_are_one_statement_each_on_postgresql(
         assert len(statements) == 2
         with pytest.raises(BudgetExceeded):
             pm.hook.byok_reserve_budget(reservation=reservation("r:b:1", "0.8"))
-        assert len(statements) == 3
+        # the refusal is one statement too, then its audit row (budget.refused)
+        assert len(statements) == 4
+        assert "byok_audit_events" in statements[3]
     finally:
         sa.event.remove(app.engine, "before_cursor_execute", seen)
     # no BEGIN/COMMIT around them: each statement commits on its own
