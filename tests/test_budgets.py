@@ -7,6 +7,7 @@ is the app's own (a value the test moves), so expiry and periods need no sleepin
 from __future__ import annotations
 
 import itertools
+import sqlite3
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -37,6 +38,7 @@ from byok_plugin.billing.budgets import (
     budgets,
     to_units,
 )
+from byok_plugin.keys.reader import sqlite_file_of
 from byok_plugin.manager import plugin_manager_for
 from byok_plugin.settings import Settings
 from byok_plugin.store import create_store_engine, ensure_migrated
@@ -630,3 +632,31 @@ def test_pruning_while_many_threads_reserve_and_settle_keeps_the_accounts(app: A
         assert hold_rows(app) < 2 * threads * calls // 4
     finally:
         store.close()
+
+
+def test_on_sqlite_a_calls_holds_are_found_by_their_key_not_by_reading_the_workspaces(
+    app: App, database_url: str
+) -> None:
+    # every reservation and settlement runs these statements: found through the workspace's
+    # (workspace, state, expiry) index alone they read every hold kept (a day's), and the
+    # per-call cost grows with the table
+    if not database_url.startswith("sqlite"):
+        pytest.skip("PostgreSQL reserves and settles with its own statements")
+    app.budgets.set_budget(WS, "monthly", limit="1.00")
+    direct = app.budgets._direct
+    assert direct is not None
+    path = sqlite_file_of(app.engine)
+    assert path is not None
+    conn = sqlite3.connect(str(path))
+    try:
+        for name in ("previous", "forget", "held", "prune"):
+            text, order, _, _ = direct._compiled[name]
+            plan = [
+                row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {text}", [None] * len(order))
+            ]
+            on_holds = [step for step in plan if "byok_budget_holds" in step]
+            assert on_holds, (name, plan)
+            for step in on_holds:
+                assert "idempotency_key=?" in step or "state=?" in step, (name, plan)
+    finally:
+        conn.close()

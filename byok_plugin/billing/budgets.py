@@ -45,7 +45,7 @@ hold no longer spends.
 
 **Speed.** The statements are built once. On a SQLite file they are also compiled once and run on
 ``sqlite3`` connections of the file (as the ledger's writer does), with the values bound by the
-columns' own SQLAlchemy processors: a reservation plus a settlement costs about 0.16 ms there,
+columns' own SQLAlchemy processors: a reservation plus a settlement costs about 0.2 ms there,
 against 0.9 ms through SQLAlchemy's connection and result machinery. A workspace without budgets
 costs one indexed read per call (on PostgreSQL, the reservation's one statement finding no row). In a hook called on an event loop a SQLite write waits at most
 ``LOOP_LOCK_WAIT_MS`` for another writer's lock and then fails, and the runner tries it again in a
@@ -489,6 +489,11 @@ class BudgetStore:
         """The statements of a reservation and a settlement, built once (they run on every call)."""
         t, h = budgets, budget_holds
         p = sa.bindparam
+        # a call's holds named by their whole key: the idempotency key and the workspace's
+        # budgets (a hold's workspace is its budget's). Naming the holds' own ``workspace_id``
+        # instead made SQLite read them through the (workspace, state, expiry) index, that is
+        # every hold of the workspace kept (a day's), on every reservation and settlement
+        of_workspace = h.c.budget_id.in_(sa.select(t.c.id).where(t.c.workspace_id == p("b_ws")))
         return SimpleNamespace(
             budgets=sa.select(
                 t.c.id,
@@ -510,7 +515,9 @@ class BudgetStore:
                     sa.select(h.c.idempotency_key, h.c.budget_id)
                     .where(
                         h.c.workspace_id == p("b_ws"),
-                        h.c.state != "held",
+                        # two equalities, not ``!= "held"``: SQLite then seeks its (workspace,
+                        # state, expiry) index instead of reading every hold of the workspace
+                        sa.or_(h.c.state == "settled", h.c.state == "expired"),
                         h.c.expires_at < p("b_cutoff"),
                         sa.or_(h.c.settled_at.is_(None), h.c.settled_at < p("b_cutoff")),
                         h.c.idempotency_key != p("b_key"),
@@ -531,11 +538,9 @@ class BudgetStore:
             # every statement on holds names the workspace: a run id (and so an idempotency key)
             # chosen by two workspaces never reaches the other's holds
             previous=sa.select(h.c.budget_id, h.c.state, h.c.amount_units).where(
-                h.c.workspace_id == p("b_ws"), h.c.idempotency_key == p("b_key")
+                h.c.idempotency_key == p("b_key"), of_workspace
             ),
-            forget=sa.delete(h).where(
-                h.c.workspace_id == p("b_ws"), h.c.idempotency_key == p("b_key")
-            ),
+            forget=sa.delete(h).where(h.c.idempotency_key == p("b_key"), of_workspace),
             admit_hard=sa.update(t)
             .where(
                 t.c.id == p("b_id"),
@@ -554,8 +559,8 @@ class BudgetStore:
             )
             .join(t, t.c.id == h.c.budget_id)
             .where(
-                h.c.workspace_id == p("b_ws"),
                 h.c.idempotency_key == p("b_key"),
+                t.c.workspace_id == p("b_ws"),
                 h.c.state != "settled",
             ),
             spend=sa.update(t)
