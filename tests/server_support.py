@@ -15,11 +15,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pluggy
 import pytest
 import uvicorn
@@ -27,6 +28,8 @@ from byok_hookspecs import Actor, AuditEvent, KeyCheck, KeyCheckStatus, Role, ho
 
 from byok_plugin.app import App
 from byok_plugin.manager import plugin_manager_for
+from byok_plugin.server import create_app
+from byok_plugin.server.identity import Identify
 from byok_plugin.settings import Settings
 
 ADMIN_TOKEN = "admin-" + secrets.token_urlsafe(16)
@@ -114,6 +117,15 @@ def make_stack(
     pm.register(checker, name="test-key-checker")
     pm.register(audit, name="test-audit")
     return Stack(app=app, pm=pm, checker=checker, audit=audit)
+
+
+@contextlib.asynccontextmanager
+async def asgi_client(stack: Stack, identify: Identify) -> AsyncIterator[httpx.AsyncClient]:
+    """An httpx client on the stack's HTTP app, in process (no socket)."""
+    asgi = create_app(stack.app, identify=identify, pm=stack.pm)
+    transport = httpx.ASGITransport(app=asgi)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        yield client
 
 
 def free_port() -> int:

@@ -16,11 +16,12 @@ from server_support import (
     MEMBER,
     MEMBER_TOKEN,
     Stack,
+    asgi_client,
     make_stack,
     master_key_value,
 )
 
-from byok_plugin.server import BearerTokens, create_app
+from byok_plugin.server import BearerTokens
 
 pytestmark = pytest.mark.anyio
 AUDIT = "/api/workspaces/acme/byok-audit"
@@ -43,12 +44,7 @@ def stack(tmp_path: Path, database_url: str) -> Iterator[Stack]:
 
 @pytest.fixture
 async def client(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
-    asgi = create_app(
-        stack.app, identify=BearerTokens({ADMIN_TOKEN: ADMIN, MEMBER_TOKEN: MEMBER}), pm=stack.pm
-    )
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=asgi), base_url="http://testserver"
-    ) as c:
+    async with asgi_client(stack, BearerTokens({ADMIN_TOKEN: ADMIN, MEMBER_TOKEN: MEMBER})) as c:
         yield c
 
 

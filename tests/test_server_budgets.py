@@ -18,11 +18,12 @@ from server_support import (
     OTHER_ADMIN,
     OTHER_ADMIN_TOKEN,
     Stack,
+    asgi_client,
     make_stack,
     master_key_value,
 )
 
-from byok_plugin.server import BearerTokens, create_app
+from byok_plugin.server import BearerTokens
 
 pytestmark = pytest.mark.anyio
 BUDGETS = "/api/workspaces/acme/byok-budgets"
@@ -46,10 +47,7 @@ def stack(tmp_path: Path, sqlite_url: str) -> Iterator[Stack]:
 
 @pytest.fixture
 async def client(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
-    asgi = create_app(stack.app, identify=IDENTIFY, pm=stack.pm)
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=asgi), base_url="http://testserver"
-    ) as c:
+    async with asgi_client(stack, IDENTIFY) as c:
         yield c
 
 

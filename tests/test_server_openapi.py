@@ -14,7 +14,15 @@ import pytest
 from fastapi.routing import APIRoute
 from openapi_spec_validator import validate
 from pydantic import BaseModel, ConfigDict
-from server_support import ADMIN, ADMIN_TOKEN, Stack, make_stack, master_key_value, random_key
+from server_support import (
+    ADMIN,
+    ADMIN_TOKEN,
+    Stack,
+    asgi_client,
+    make_stack,
+    master_key_value,
+    random_key,
+)
 
 from byok_plugin.server import BearerTokens, ErrorCode, create_app, openapi_document
 from byok_plugin.server.errors import STATUS
@@ -41,9 +49,7 @@ def stack(tmp_path: Path, sqlite_url: str) -> Iterator[Stack]:
 
 @pytest.fixture
 async def client(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
-    asgi = create_app(stack.app, identify=BearerTokens({ADMIN_TOKEN: ADMIN}), pm=stack.pm)
-    transport = httpx.ASGITransport(app=asgi)
-    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+    async with asgi_client(stack, BearerTokens({ADMIN_TOKEN: ADMIN})) as c:
         yield c
 
 

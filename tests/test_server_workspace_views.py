@@ -20,11 +20,12 @@ from server_support import (
     OTHER_ADMIN,
     OTHER_ADMIN_TOKEN,
     Stack,
+    asgi_client,
     make_stack,
     master_key_value,
 )
 
-from byok_plugin.server import BearerTokens, create_app
+from byok_plugin.server import BearerTokens
 
 pytestmark = pytest.mark.anyio
 USAGE = "/api/workspaces/acme/byok-usage"
@@ -51,10 +52,7 @@ async def client(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
     identify = BearerTokens(
         {ADMIN_TOKEN: ADMIN, MEMBER_TOKEN: MEMBER, OTHER_ADMIN_TOKEN: OTHER_ADMIN}
     )
-    asgi = create_app(stack.app, identify=identify, pm=stack.pm)
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=asgi), base_url="http://testserver"
-    ) as c:
+    async with asgi_client(stack, identify) as c:
         yield c
 
 
