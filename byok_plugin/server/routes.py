@@ -150,6 +150,26 @@ class Api:
                 self._service = service
             return self._service
 
+    def allowed(self, actor: Actor, workspace_id: str, action: Action) -> bool:
+        """Whether ``byok_authorize`` lets ``actor`` do ``action`` in the workspace."""
+        answer = self.pm.hook.byok_authorize(actor=actor, workspace_id=workspace_id, action=action)
+        return answer is True
+
+    def authorize(self, actor: Actor, workspace_id: str, action: Action, what: str) -> None:
+        """403 (audited as ``access.denied``, naming ``what``) when ``actor`` may not do
+        ``action`` in the workspace."""
+        if not self.allowed(actor, workspace_id, action):
+            self.pm.hook.byok_audit(
+                event=AuditEvent(
+                    action="access.denied",
+                    workspace_id=workspace_id,
+                    actor_id=actor.id,
+                    outcome="denied",
+                    detail=f"{action.value} ({what})",
+                )
+            )
+            raise NotAuthorized(actor.id, workspace_id, action.value)
+
     async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run a key service call in a worker thread."""
 
@@ -218,12 +238,9 @@ class Api:
 
         def work(service: KeyService) -> dict[str, Any]:
             keys = service.list_keys(actor, workspace_id)
-            can_manage = self.pm.hook.byok_authorize(
-                actor=actor, workspace_id=workspace_id, action=Action.MANAGE_KEYS
-            )
             return {
                 "workspace_id": workspace_id,
-                "can_manage": can_manage is True,
+                "can_manage": self.allowed(actor, workspace_id, Action.MANAGE_KEYS),
                 "keys": [key_json(k) for k in keys],
             }
 
@@ -332,29 +349,13 @@ class BudgetRoutes:
     def __init__(self, api: Api) -> None:
         self.api = api
 
-    def _allowed(self, actor: Actor, workspace_id: str, action: Action) -> bool:
-        answer = self.api.pm.hook.byok_authorize(
-            actor=actor, workspace_id=workspace_id, action=action
-        )
-        return answer is True
-
     def _authorize(self, actor: Actor, workspace_id: str, action: Action) -> str:
         """The checked workspace id; 422 when malformed, 403 (audited) when not allowed."""
         try:
             workspace_id = check_workspace_id(workspace_id)
         except InvalidInput as exc:
             raise ApiError(ErrorCode.VALIDATION_ERROR, str(exc), "workspace_id") from None
-        if not self._allowed(actor, workspace_id, action):
-            self.api.pm.hook.byok_audit(
-                event=AuditEvent(
-                    action="access.denied",
-                    workspace_id=workspace_id,
-                    actor_id=actor.id,
-                    outcome="denied",
-                    detail=f"{action.value} (budgets)",
-                )
-            )
-            raise NotAuthorized(actor.id, workspace_id, action.value)
+        self.api.authorize(actor, workspace_id, action, "budgets")
         return workspace_id
 
     async def list_budgets(self, request: Request) -> Response:
@@ -368,7 +369,7 @@ class BudgetRoutes:
             found = self.api.app.budgets.list_budgets(workspace_id)
             return {
                 "workspace_id": workspace_id,
-                "can_manage": self._allowed(actor, workspace_id, Action.MANAGE_KEYS),
+                "can_manage": self.api.allowed(actor, workspace_id, Action.MANAGE_KEYS),
                 "budgets": [b.as_dict() for b in found],
             }
 

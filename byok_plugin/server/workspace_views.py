@@ -13,7 +13,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from byok_hookspecs import Action, Actor, AuditEvent, CredentialSource, NotAuthorized
+from byok_hookspecs import Action, Actor, AuditEvent, CredentialSource
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
@@ -148,26 +148,6 @@ class WorkspaceViews:
     def __init__(self, api: Api) -> None:
         self.api = api
 
-    def _allowed(self, actor: Actor, workspace_id: str, action: Action) -> bool:
-        answer = self.api.pm.hook.byok_authorize(
-            actor=actor, workspace_id=workspace_id, action=action
-        )
-        return answer is True
-
-    def _authorize(self, actor: Actor, workspace_id: str, action: Action, what: str) -> None:
-        """403 (audited) when ``actor`` may not do ``action`` in the workspace."""
-        if not self._allowed(actor, workspace_id, action):
-            self.api.pm.hook.byok_audit(
-                event=AuditEvent(
-                    action="access.denied",
-                    workspace_id=workspace_id,
-                    actor_id=actor.id,
-                    outcome="denied",
-                    detail=f"{action.value} ({what})",
-                )
-            )
-            raise NotAuthorized(actor.id, workspace_id, action.value)
-
     @staticmethod
     def _workspace(request: Request) -> str:
         try:
@@ -185,7 +165,7 @@ class WorkspaceViews:
         first_day, days = _query_period(request, datetime.now(UTC).date())
 
         def work() -> dict[str, Any]:
-            self._authorize(actor, workspace_id, Action.READ_USAGE, "usage")
+            self.api.authorize(actor, workspace_id, Action.READ_USAGE, "usage")
             since = datetime.combine(first_day, time.min, tzinfo=UTC)
             rows = self.api.app.ledger.rows(workspaces=[workspace_id], since=since)
             return {
@@ -202,7 +182,7 @@ class WorkspaceViews:
             "policy": settings.fallback_policy.value,
             "updated_by": settings.updated_by,
             "updated_at": settings.updated_at.isoformat() if settings.updated_at else None,
-            "can_manage": self._allowed(actor, workspace_id, Action.MANAGE_KEYS),
+            "can_manage": self.api.allowed(actor, workspace_id, Action.MANAGE_KEYS),
         }
 
     async def get_fallback(self, request: Request) -> Response:
@@ -213,7 +193,7 @@ class WorkspaceViews:
         workspace_id = self._workspace(request)
 
         def work() -> dict[str, Any]:
-            self._authorize(actor, workspace_id, Action.READ_KEYS, "fallback policy")
+            self.api.authorize(actor, workspace_id, Action.READ_KEYS, "fallback policy")
             return self._fallback_json(actor, workspace_id)
 
         return ok(await run_in_threadpool(work))
@@ -227,7 +207,7 @@ class WorkspaceViews:
         body = await self.api.body(request, "SetFallbackRequest")
 
         def work() -> dict[str, Any]:
-            self._authorize(actor, workspace_id, Action.MANAGE_KEYS, "fallback policy")
+            self.api.authorize(actor, workspace_id, Action.MANAGE_KEYS, "fallback policy")
             store = self.api.app.workspace_settings
             before = store.fallback_policy(workspace_id)
             after = store.set_fallback_policy(workspace_id, body["policy"], actor_id=actor.id)
