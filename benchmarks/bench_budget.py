@@ -28,6 +28,7 @@ from benchmarks.bench_runner import (
     WORKFLOW,
     Call,
     Samples,
+    alternate,
     chunk,
     free_port,
     paired_ratio,
@@ -63,18 +64,8 @@ async def measure(environ: dict[str, str], pm: object, concurrency: int) -> dict
         paths = {name: through(ws) for name, ws in PATHS.items()}
         for call in paths.values():  # warm-up
             await chunk(call, max(concurrency * 2, 20), concurrency, Samples())
-        results = {name: Samples() for name in paths}
         size = 1 if concurrency == 1 else min(CALLS, concurrency * 4)
-        done = turn = 0
-        while done < CALLS:
-            n = min(size, CALLS - done)
-            order = list(paths.items())
-            if turn % 2:
-                order.reverse()
-            for name, call in order:
-                await chunk(call, n, concurrency, results[name])
-            done += n
-            turn += 1
+        results = await alternate(paths, CALLS, size, concurrency)
     return results
 
 

@@ -38,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +155,25 @@ async def chunk(call: Call, n: int, concurrency: int, into: Samples) -> None:
     into.chunks.append(times)
 
 
+async def alternate(
+    paths: Mapping[str, Call], calls: int, size: int, concurrency: int
+) -> dict[str, Samples]:
+    """``calls`` calls of each path in adjacent chunks of ``size``, alternating which path goes
+    first, so that every path meets the same machine (call by call at size 1)."""
+    results = {name: Samples() for name in paths}
+    done = turn = 0
+    while done < calls:
+        n = min(size, calls - done)
+        order = list(paths.items())
+        if turn % 2:
+            order.reverse()
+        for name, call in order:
+            await chunk(call, n, concurrency, results[name])
+        done += n
+        turn += 1
+    return results
+
+
 async def measure(
     environ: dict[str, str], api_key: str, pm: Any, concurrency: int
 ) -> dict[str, Samples]:
@@ -211,19 +230,9 @@ async def measure(
         # warm-up: connections, caches, the thread pool
         for call in paths.values():
             await chunk(call, max(concurrency * 2, 20), concurrency, Samples())
-        results = {name: Samples() for name in paths}
         # adjacent chunks of the paths, alternating in order: call by call at concurrency 1
         size = 1 if concurrency == 1 else min(CALLS, concurrency * 4)
-        done = turn = 0
-        while done < CALLS:
-            n = min(size, CALLS - done)
-            order = list(paths.items())
-            if turn % 2:
-                order.reverse()
-            for name, call in order:
-                await chunk(call, n, concurrency, results[name])
-            done += n
-            turn += 1
+        results = await alternate(paths, CALLS, size, concurrency)
     return results
 
 

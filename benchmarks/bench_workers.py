@@ -45,6 +45,7 @@ from benchmarks.bench_runner import (
     WORKFLOW,
     WORKSPACE,
     Samples,
+    alternate,
     chunk,
     free_port,
     paired_ratio,
@@ -128,17 +129,7 @@ async def _worker(environ: dict[str, str], api_key: str, group_commit: bool) -> 
             await chunk(call, CONCURRENCY * 2, CONCURRENCY, Samples())
         print("ready", flush=True)
         sys.stdin.readline()  # the barrier: every worker starts together
-        results = {name: Samples() for name in paths}
-        done = turn = 0
-        while done < CALLS:
-            n = min(CONCURRENCY * 4, CALLS - done)
-            order = list(paths.items())
-            if turn % 2:
-                order.reverse()
-            for name, call in order:
-                await chunk(call, n, CONCURRENCY, results[name])
-            done += n
-            turn += 1
+        results = await alternate(paths, CALLS, CONCURRENCY * 4, CONCURRENCY)
         await runner.drain()
     app.close()
     return {
