@@ -330,5 +330,6 @@ class App:
             organizations=self.organization_store,
         )
         if self.engine.dialect.name == "postgresql":  # key changes announced at commit
-            resolver.listen_for_changes(self.engine.url)
+            # the budget store's memory of which workspaces have budgets follows the same news
+            resolver.listen_for_changes(self.engine.url, followers=(self.budgets.presence,))
         return resolver

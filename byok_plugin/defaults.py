@@ -67,8 +67,12 @@ _STORE_HOOKS = frozenset(
     }
 )
 #: on PostgreSQL, while the resolver is served from memory (its key-change listener connected):
-#: resolution, and the audit events it writes (handed to the background writer on an event loop)
-_MEMORY_RESOLUTION_HOOKS = frozenset({"byok_resolve_credential", "byok_audit"})
+#: resolution, and the audit events it writes (handed to the background writer on an event loop),
+#: and the budget reservation (answered from memory for a workspace without budgets; for one with
+#: budgets, called on an event loop, it gives up at once and the host reserves off the loop)
+_MEMORY_RESOLUTION_HOOKS = frozenset(
+    {"byok_resolve_credential", "byok_audit", "byok_reserve_budget"}
+)
 
 
 class DefaultPlugin:
@@ -111,8 +115,11 @@ class DefaultPlugin:
         (:attr:`~byok_plugin.resolution.resolver.Resolver.served_from_memory`: its key-change listener is
         connected; declared blocking again the moment it is not): its lists come from memory, a
         miss is one indexed read, and on an event loop its audit and cooldown writes go to the
-        background writer. ``byok_validate_key`` calls the provider; the data-key hooks call the
-        KMS, unless the local keyring wraps the data keys."""
+        background writer; so is the budget reservation of a workspace that has no budget
+        (:class:`~byok_plugin.billing.budget_presence.BudgetPresence`), while one that has budgets
+        gives up at once on the loop and is reserved off it. ``byok_validate_key`` calls the
+        provider; the data-key hooks call the KMS, unless the local keyring wraps the data
+        keys."""
         try:
             local = self.app.store_is_local
             local_keys = self.app.settings.key_provider == "local"

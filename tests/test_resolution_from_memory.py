@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 from byok_hookspecs import (
     CredentialRequest,
@@ -276,12 +277,18 @@ def test_a_run_on_postgresql_sends_no_statement_from_the_loop_and_asks_again_on_
         stack.close()
 
 
-def test_thread_trips_per_call(emulator: EmulatorServer, tmp_path: Path, database_url: str) -> None:
-    """Counted, not timed (issue 18's async question): one call at a time, on PostgreSQL each call
-    takes two thread trips, the budget reservation (resolution rides in it) and its group's
-    write; on SQLite none. ``-s`` prints the counts."""
+@pytest.mark.parametrize("budgeted", [False, True], ids=["no budget", "budget"])
+def test_thread_trips_per_call(
+    emulator: EmulatorServer, tmp_path: Path, database_url: str, budgeted: bool
+) -> None:
+    """Counted, not timed (issue 18's async question): one call at a time, on PostgreSQL a call
+    of a workspace without budgets takes one thread trip, its group's write (resolution and the
+    reservation answered from memory on the loop); with a budget one more, the reservation; on
+    SQLite none. ``-s`` prints the counts."""
     stack = DemoStack(tmp_path / "home", emulator, database_url=database_url)
     stack.store_workspace_keys(BYOK_WORKSPACE, providers=("openai",))
+    if budgeted:
+        stack.app.budgets.set_budget(BYOK_WORKSPACE, "monthly", limit="100", metric="list_cost")
     workflow = parse_workflow(ONE_BLOCK)
     runs = 10
 
@@ -289,6 +296,8 @@ def test_thread_trips_per_call(emulator: EmulatorServer, tmp_path: Path, databas
         executor = CountingExecutor()
         asyncio.get_running_loop().set_default_executor(executor)
         async with WorkflowRunner.open(stack.pm, environ=stack.environ) as runner:
+            listener = stack.app.resolver.listener
+            assert listener is None or listener.wait_listening()
             await runner.run(workflow, workspace_id=BYOK_WORKSPACE, inputs={})  # warm
             executor.jobs.clear()
             results = [
@@ -304,8 +313,13 @@ def test_thread_trips_per_call(emulator: EmulatorServer, tmp_path: Path, databas
         if stack.app.store_is_local:
             assert jobs == []
         else:
-            assert len(jobs) == 2 * runs, jobs
-            assert sum("_resolve_and_reserve" in j for j in jobs) == runs
             assert sum("_settle_group" in j for j in jobs) == runs
+            reserved = sum("_reserve_now" in j for j in jobs)
+            assert reserved == (runs if budgeted else 0), jobs
+            assert len(jobs) == runs + reserved, jobs
+            assert not any("byok_resolve_credential" in j for j in jobs), jobs
+        if budgeted:
+            status = stack.app.budgets.get(BYOK_WORKSPACE, "monthly")
+            assert status is not None and status.spent > 0  # held and settled, every call
     finally:
         stack.close()

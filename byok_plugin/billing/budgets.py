@@ -86,6 +86,7 @@ from byok_hookspecs import (
 )
 from sqlalchemy.engine import Connection, Dialect, Engine
 
+from byok_plugin.billing.budget_presence import BudgetPresence
 from byok_plugin.core.errors import StoreUnavailable
 from byok_plugin.keys.reader import sqlite_file_of
 from byok_plugin.store.engine import (
@@ -98,6 +99,7 @@ from byok_plugin.store.engine import (
     store_errors,
     write_transaction,
 )
+from byok_plugin.store.key_events import notify_key_change
 from byok_plugin.store.sqlite_connections import SqliteConnections
 from byok_plugin.store.tables import UTCDateTime, metadata
 
@@ -346,6 +348,9 @@ class BudgetStore:
         self._engine = engine
         self._clock = clock
         self._keep_holds = keep_holds
+        #: on PostgreSQL, which workspaces have budgets, while the change listener is connected
+        #: (the app follows the listener with it): a workspace without one reserves from memory
+        self.presence = BudgetPresence()
 
     def __repr__(self) -> str:
         return f"BudgetStore(dialect={self._engine.dialect.name!r})"
@@ -436,6 +441,8 @@ class BudgetStore:
                 if reset:
                     values.update(spent_units=0, alerted="", period_start=chosen_period.start(now))
                 conn.execute(sa.update(t).where(t.c.id == row.id).values(**values))
+            notify_key_change(conn, workspace_id, None)  # every worker forgets it has none
+        self.presence.changed_elsewhere(workspace_id)
         found = self.get(workspace_id, name)
         assert found is not None
         return found
@@ -459,6 +466,8 @@ class BudgetStore:
             # explicit, not only ON DELETE CASCADE: the same on a SQLite file opened elsewhere
             conn.execute(sa.delete(budget_holds).where(budget_holds.c.budget_id.in_(ids)))
             conn.execute(sa.delete(t).where(t.c.id.in_(ids)))
+            notify_key_change(conn, workspace_id, None)
+        self.presence.changed_elsewhere(workspace_id)
         return True
 
     def get(self, workspace_id: str, name: str) -> Budget | None:
@@ -668,6 +677,8 @@ class BudgetStore:
         key = reservation.idempotency_key
         now = self._clock()
         if self._postgresql:
+            if not self._may_have_budgets(ws):
+                return None  # known from memory: no budget, nothing to hold
             return self._reserve_postgresql(reservation, now)
         with self._reading("reading budgets", ws) as q:
             rows = q("budgets", {"b_ws": ws})
@@ -784,6 +795,29 @@ class BudgetStore:
     @cached_property
     def _postgresql(self) -> bool:
         return self._engine.dialect.name == "postgresql"
+
+    def _may_have_budgets(self, ws: str) -> bool:
+        """On PostgreSQL, whether a reservation of ``ws`` must ask the store: not when
+        :attr:`presence` knows the workspace has no budget. Called on an event loop
+        (:func:`~byok_hookspecs.called_inline`) for a workspace that has budgets, or one not known
+        yet, it gives up at once (``StoreUnavailable``: the host reserves off the loop, where a
+        miss is one read, remembered while nothing was announced meanwhile)."""
+        presence = self.presence
+        known = presence.has_budgets(ws)
+        if known is False:
+            return False
+        if called_inline():
+            raise StoreUnavailable(
+                "reserving budget",
+                workspace_id=ws,
+                cause="the workspace's budgets are in PostgreSQL: reserved off the event loop",
+            )
+        if known is None and presence.listening:
+            generation = presence.generation
+            found = self._one_statement("reading budgets", ws, _PG_HAS_BUDGETS, {"ws": ws})
+            known = bool(found[0][0])
+            presence.remember(ws, known, generation)
+        return known is not False
 
     def _one_statement(self, what: str, ws: str, sql: str, params: dict[str, Any]) -> list[Any]:
         """``sql`` as one autocommitted statement: one round trip (after the pool's ping)."""
@@ -928,6 +962,8 @@ class BudgetStore:
 
 
 # --- PostgreSQL: a reservation and a settlement are one statement each -------------------------
+#: whether a workspace has any budget (read on a miss of :attr:`BudgetStore.presence`)
+_PG_HAS_BUDGETS = "SELECT EXISTS (SELECT 1 FROM byok_budgets WHERE workspace_id = %(ws)s)"
 #: A reservation on PostgreSQL, one statement: lock the budgets that apply to the call (and those
 #: a previous hold of the same call is on) in id order; expire their lapsed holds; decide whether
 #: every hard one has room (under the row locks, on the rows' latest versions); then, only if all

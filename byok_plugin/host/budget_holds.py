@@ -23,7 +23,7 @@ from byok_hookspecs import (
     calling_inline,
 )
 
-from byok_plugin.host.hook_calls import HookCalls
+from byok_plugin.host.hook_calls import RESERVE_HOOKS, HookCalls
 
 log = logging.getLogger("byok.host.runner")  # one logger for the whole runner
 
@@ -91,10 +91,12 @@ class BudgetHolds(HookCalls):
         )
 
     async def _reserve(self, credential: Credential, budget: _Budget) -> None:
-        """:meth:`_reserve_now`; on the event loop, a failure other than a refusal (a SQLite
-        store locked by another writer) is tried once more in a worker thread, where it waits."""
-        if self.hooks_in_thread():
-            await self._hook(self._reserve_now, credential, budget)
+        """:meth:`_reserve_now`, on the event loop when :data:`RESERVE_HOOKS` do not block; there
+        a failure other than a refusal (a SQLite store locked by another writer, a PostgreSQL
+        workspace that has budgets) is tried once more in a worker thread, where it waits."""
+        loop = asyncio.get_running_loop()
+        if self.thread_for(RESERVE_HOOKS):
+            await loop.run_in_executor(None, self._reserve_now, credential, budget)
             return
         try:
             with calling_inline():
@@ -102,7 +104,6 @@ class BudgetHolds(HookCalls):
         except Exception as exc:
             if isinstance(exc, ByokError) and not _store_trouble(exc):
                 raise  # a decision (the budget refuses the call), not a store that did not answer
-            loop = asyncio.get_running_loop()
             await loop.run_in_executor(None, self._reserve_now, credential, budget)
 
     async def _settle_budget(self, budget: _Budget, charge: Charge, credential: Credential) -> None:

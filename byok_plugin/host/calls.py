@@ -20,14 +20,13 @@ from byok_hookspecs import (
     NoCredential,
     ProviderFailure,
     Usage,
-    blocking_implementations,
     calling_inline,
     redact,
 )
 
 from byok_plugin.host.budget_holds import _Budget, _estimate_of
 from byok_plugin.host.env_keys import env_key_refusal
-from byok_plugin.host.hook_calls import RESOLVE_HOOKS
+from byok_plugin.host.hook_calls import RESERVE_HOOKS, RESOLVE_HOOKS
 from byok_plugin.host.providers.common import CompletionRequest, FunctionTool
 from byok_plugin.host.providers.errors import (
     AuthError,
@@ -293,7 +292,7 @@ class Calls(Recording):
         """The credential for the call, then its budget hold (in one trip to a worker thread when
         the hooks run there)."""
         held = budget is not None and budget.worst is not None
-        if held and self.hooks_in_thread():
+        if held and self.thread_for(RESOLVE_HOOKS + RESERVE_HOOKS):
             credential: Credential | None = await self._hook(
                 self._resolve_and_reserve, request, budget
             )
@@ -326,20 +325,16 @@ class Calls(Recording):
 
     async def _resolve_hook(self, request: CredentialRequest) -> Credential | None:
         """``byok_resolve_credential``: on the event loop when :data:`RESOLVE_HOOKS` do not block
-        (asked at each call: a declaration may change, as the default plugin's does when its
-        PostgreSQL listener connects or drops), else as :meth:`_hook` decides."""
-        if (
-            self.hooks_in_thread()
-            and self.options.hooks_in_thread is None
-            and not blocking_implementations(self.pm, RESOLVE_HOOKS)
-        ):
+        (:meth:`thread_for`), else in a worker thread."""
+        if not self.thread_for(RESOLVE_HOOKS):
             with calling_inline():
                 credential: Credential | None = self.pm.hook.byok_resolve_credential(
                     request=request
                 )
                 return credential
-        answer: Credential | None = await self._hook(
-            self.pm.hook.byok_resolve_credential, request=request
+        loop = asyncio.get_running_loop()
+        answer: Credential | None = await loop.run_in_executor(
+            None, functools.partial(self.pm.hook.byok_resolve_credential, request=request)
         )
         return answer
 

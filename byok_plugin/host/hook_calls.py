@@ -47,6 +47,10 @@ RESOLVE_HOOKS = (
     "byok_authorize",
     "byok_audit",
 )
+#: the hooks a budget reservation goes through (its worst case priced, the hold, a refusal's
+#: audit event): called on the event loop when they declare they never block; an implementation
+#: that would wait there gives up, and the runner reserves in a worker thread instead
+RESERVE_HOOKS = ("byok_compute_charge", "byok_reserve_budget", "byok_audit")
 
 
 class HookCalls:
@@ -78,6 +82,17 @@ class HookCalls:
                 log.debug("hooks called in a worker thread: these may block: %s", blocking)
             self._threading = (plugins, bool(blocking))
         return self._threading[1]
+
+    def thread_for(self, hooks: tuple[str, ...]) -> bool:
+        """Whether ``hooks`` are called in a worker thread: as :meth:`hooks_in_thread` says, but
+        on the event loop when the hooks run in threads only because of others (recording on
+        PostgreSQL) and none of ``hooks`` may block now (asked at each call: a declaration may
+        change, as the default plugin's does when its PostgreSQL listener connects or drops)."""
+        if not self.hooks_in_thread():
+            return False
+        return self.options.hooks_in_thread is not None or bool(
+            blocking_implementations(self.pm, hooks)
+        )
 
     def _needs_thread(self, workflow: Workflow) -> bool:
         """Whether the preflight will call a hook (a model not yet in the cache)."""

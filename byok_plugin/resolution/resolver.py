@@ -93,7 +93,7 @@ from byok_plugin.store.engine import retry_deadlocks, write_transaction
 from byok_plugin.store.keys_repo import StoredKey
 from byok_plugin.store.tables import workspace_keys
 
-__all__ = ["KeyListCache", "Resolver"]
+__all__ = ["ChangeFollower", "KeyListCache", "Resolver"]
 
 log = logging.getLogger("byok.resolution")
 
@@ -109,6 +109,15 @@ class HookCaller(Protocol):
     """The part of a pluggy manager resolution uses: ``pm.hook``."""
 
     hook: Any
+
+
+class ChangeFollower(Protocol):
+    """What else a worker keeps in memory of the store, told of the same announcements as the
+    resolver's lists (:meth:`Resolver.listen_for_changes`)."""
+
+    def changed_elsewhere(self, workspace_id: str, provider: str | None) -> None: ...
+
+    def set_listening(self, listening: bool) -> None: ...
 
 
 def _utc_now() -> datetime:
@@ -342,6 +351,7 @@ class Resolver:
         self._monotonic = monotonic
         self.cache = KeyListCache(cache_seconds, clock=monotonic)
         self._listener: Any = None  # a KeyChangeListener, on PostgreSQL (listen_for_changes)
+        self._followers: tuple[ChangeFollower, ...] = ()
         self._turn: dict[tuple[str, str], int] = {}
         self._turn_lock = threading.Lock()
         self._used: dict[str, datetime] = {}
@@ -786,14 +796,18 @@ class Resolver:
             fallback=fallback,
         )
 
-    def listen_for_changes(self, url: Any) -> None:
+    def listen_for_changes(self, url: Any, *, followers: Sequence[ChangeFollower] = ()) -> None:
         """On PostgreSQL: drop a cached list as soon as any worker's change to it commits
         (:class:`~byok_plugin.keys.listener.KeyChangeListener`), and keep lists longer meanwhile;
-        the TTL is the safety net while the listening connection is down."""
+        the TTL is the safety net while the listening connection is down.
+
+        :param followers: told of the same announcements, after the resolver (the budget store's
+            memory of which workspaces have budgets)."""
         if self._listener is not None or self.cache.ttl <= 0:
             return
         from byok_plugin.keys.listener import KeyChangeListener
 
+        self._followers = tuple(followers)
         self._listener = KeyChangeListener(
             url, changed=self._changed_elsewhere, listening=self._set_listening
         )
@@ -811,6 +825,8 @@ class Resolver:
         with self._pools_lock:
             self._pools.pop(workspace_id, None)
             self._policies.pop(workspace_id, None)
+        for follower in self._followers:
+            follower.changed_elsewhere(workspace_id, provider)
 
     def _set_listening(self, listening: bool) -> None:
         """The listener connected or lost its connection: drop every list and every pool
@@ -819,6 +835,8 @@ class Resolver:
         with self._pools_lock:
             self._pools.clear()
             self._policies.clear()
+        for follower in self._followers:
+            follower.set_listening(listening)
 
     def close(self) -> None:
         """Write the pending last-used times, drop the cached keys (and the plaintexts decrypted
@@ -1006,6 +1024,8 @@ class Resolver:
         with self._pools_lock:
             self._pools.pop(workspace_id, None)
             self._policies.pop(workspace_id, None)
+        for follower in self._followers:
+            follower.changed_elsewhere(workspace_id, provider)
         if not state_changed:
             return
         with self._pending_lock:
