@@ -11,7 +11,11 @@ The workers start together (a barrier); the emulator runs in its own process.
 
 - **calls/s**: every worker's runner calls over the longest worker's runner wall time;
 - **overhead**: a worker's median per-call time through the runner minus the raw posts' (median
-  over the workers), and the paired runner/raw ratio (median over adjacent chunks).
+  over the workers), and the paired runner/raw ratio (median over adjacent chunks);
+- **CPU ms/call**: the workers' own CPU time in their runner chunks, and the PostgreSQL server's
+  (its processes on this machine, read from ``/proc``; the SQLite row's is the idle server's)
+  over the runner calls: on a machine whose cores the server shares with the workers and the
+  emulator, the server's share is a cost the SQLite path does not pay.
 
 Targets (issue 18): the PostgreSQL path's overhead within 1.5x of the SQLite path's; the runner
 within 1.25x of raw at c=16 on SQLite (``bench_runner``); throughput rising with workers until
@@ -144,12 +148,32 @@ async def _worker(environ: dict[str, str], api_key: str, group_commit: bool) -> 
                 ("wall", s.wall),
                 ("median", statistics.median(s.times)),
                 ("failures", s.failures),
+                ("cpu", s.cpu),
             )
         },
     }
 
 
+def _postgres_cpu_seconds() -> float | None:
+    """The CPU time this machine's PostgreSQL server processes have used (Linux ``/proc``; the
+    postmaster's children that exited are in its ``cutime``/``cstime``), or ``None`` when there is
+    none here (a server on another machine)."""
+    ticks, total, found = os.sysconf("SC_CLK_TCK"), 0, False
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # exited meanwhile
+            continue
+        if text[text.find("(") + 1 : text.rfind(")")] != "postgres":
+            continue
+        fields = text[text.rfind(")") + 2 :].split()
+        total += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+        found = True
+    return total / ticks if found else None
+
+
 def _start(n: int, environ: dict[str, str], api_key: str, group_commit: bool) -> dict[str, Any]:
+    server_cpu = _postgres_cpu_seconds()
     env = {**os.environ, **environ, "BENCH_API_KEY": api_key}
     env["BENCH_GROUP_COMMIT"] = "1" if group_commit else "0"
     procs = [
@@ -174,6 +198,8 @@ def _start(n: int, environ: dict[str, str], api_key: str, group_commit: bool) ->
     outs = [
         json.loads(proc.communicate(timeout=1800)[0].strip().splitlines()[-1]) for proc in procs
     ]
+    server_after = _postgres_cpu_seconds()
+    runner_calls = sum(o["runner_calls"] for o in outs)
     wall = max(o["runner_wall"] for o in outs)
     raw_wall = max(o["raw_wall"] for o in outs)
     return {
@@ -187,6 +213,12 @@ def _start(n: int, environ: dict[str, str], api_key: str, group_commit: bool) ->
         "runner_ms": statistics.median(o["runner_median"] * 1e3 for o in outs),
         "raw_ms": statistics.median(o["raw_median"] * 1e3 for o in outs),
         "ratio": statistics.median(o["ratio"] for o in outs),
+        "worker_cpu_ms": sum(o["runner_cpu"] for o in outs) / max(runner_calls, 1) * 1e3,
+        "server_cpu_ms": (
+            (server_after - server_cpu) / max(runner_calls, 1) * 1e3
+            if server_cpu is not None and server_after is not None
+            else None
+        ),
         "failures": sum(o["runner_failures"] + o["raw_failures"] for o in outs),
         "runner_failures": sum(o["runner_failures"] for o in outs),
         "errors": [e for o in outs for e in o["errors"]][:3],
@@ -244,12 +276,15 @@ def main() -> None:
             print(
                 f"\n{'store':<28}{'workers':>8}{'hooks':>8}{'calls/s':>10}{'raw/s':>9}"
                 f"{'runner ms':>11}{'raw ms':>8}{'overhead ms':>13}{'paired':>8}"
+                f"{'CPU ms/call: worker':>21}{'PostgreSQL':>11}"
             )
             for store, r in rows:
                 print(
                     f"{store:<28}{r['workers']:>8}{'thread' if r['threaded'] else 'loop':>8}"
                     f"{r['calls_per_s']:>10.1f}{r['raw_per_s']:>9.1f}{r['runner_ms']:>11.2f}"
                     f"{r['raw_ms']:>8.2f}{r['overhead_ms']:>13.3f}{r['ratio']:>7.2f}x"
+                    f"{r['worker_cpu_ms']:>21.3f}"
+                    + (f"{r['server_cpu_ms']:>11.3f}" if r["server_cpu_ms"] is not None else "")
                     + (
                         f"  {r['failures']} failed ({r['runner_failures']} runner)"
                         if r["failures"]
