@@ -365,3 +365,69 @@ def test_eight_processes_with_overlapping_keys_into_postgresql(
 def test_concurrent_processes_into_sqlite(sqlite_url: str, tmp_path: Path) -> None:
     jobs, results = _concurrent(sqlite_url, tmp_path, workers=4, per_worker=150, step=75)
     _check_concurrent(sqlite_url, tmp_path, jobs, results)
+
+
+def test_a_postgresql_group_stores_what_a_sqlalchemy_insert_stores(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """The group insert (one JSON text read by ``json_populate_recordset``) against the
+    SQLAlchemy insert of the same values: every column equal, money exact to 12 places (and
+    rounded half-even past them, as the column rounds), times with their offsets, NULLs, text
+    that JSON must escape; a value too long for its column fails the whole group, as an INSERT
+    fails, instead of being cut."""
+    app = _app(postgres_url, tmp_path)
+    try:
+        group = app.ledger._group_insert
+        assert group is not None
+        when = datetime(2026, 11, 27, 10, 30, 15, 123456, tzinfo=UTC)
+        odd = replace(
+            record_for(5),
+            charge=replace(
+                record_for(5).charge,
+                amount=Decimal("1.0000000000005"),  # past 12 places: rounded by the column
+                breakdown=(('in"put\\\n\u00e9\u2603', Decimal("0.000000000001")),),
+                price_version=None,
+            ),
+            usage=replace(record_for(5).usage, reported_cost=Decimal("123456.5")),
+            workflow_id='wf \u00e9\u4e2d\u6587\U0001f600 "quoted" \\back',
+            run_id=None,
+            block_id=None,
+            estimated=("input_tokens",),
+        )
+        records = [*(record_for(n) for n in (1, 2, 3)), odd]
+        assert app.ledger.record_many(records) == 4
+        assert app.ledger.record_many(records) == 0  # recorded already: nothing new
+        with app.engine.begin() as conn:
+            conn.execute(
+                usage_ledger.insert(),
+                [
+                    app.ledger.values(replace(r, idempotency_key=f"sa-{r.idempotency_key}"), when)
+                    for r in records
+                ],
+            )
+        columns = [c for c in usage_ledger.c if c.name not in ("id", "idempotency_key")]
+        with app.engine.connect() as conn:
+            stored = {
+                row[0]: row[1:]
+                for row in conn.execute(sa.select(usage_ledger.c.idempotency_key, *columns))
+            }
+        recorded_at = [c.name for c in columns].index("recorded_at")
+        for record in records:
+            group_row = list(stored[record.idempotency_key])
+            plain_row = list(stored[f"sa-{record.idempotency_key}"])
+            del group_row[recorded_at], plain_row[recorded_at]  # the ledger's clock, not ours
+            assert group_row == plain_row
+        row = app.ledger.get(odd.idempotency_key)
+        assert row is not None
+        assert row.amount == Decimal("1.000000000000")
+        assert row.reported_cost == Decimal("123456.5")
+        assert row.workflow_id == odd.workflow_id
+        assert row.breakdown == odd.charge.breakdown
+        assert row.occurred_at == odd.occurred_at
+
+        too_long = replace(record_for(40), workflow_id="w" * 201)  # the column holds 200
+        with pytest.raises(StoreUnavailable, match="recording usage"):
+            app.ledger.record_many([record_for(41), too_long])
+        assert app.ledger.get(record_for(41).idempotency_key) is None  # nothing of the group
+    finally:
+        app.close()

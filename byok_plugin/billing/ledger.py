@@ -298,6 +298,59 @@ class SqliteLedgerWriter:
         self._prompt_connections.close()
 
 
+class _PostgresGroupInsert:
+    """``insert(conn, rows) -> new rows``: a group of ledger rows as one PostgreSQL statement
+    whose text and parameters do not depend on the group's size: ``INSERT ... SELECT ... FROM
+    json_populate_recordset(NULL::byok_usage_ledger, <the rows as one JSON text>) ON CONFLICT
+    (idempotency_key) DO NOTHING RETURNING id``.
+
+    A multi-row ``VALUES`` list (SQLAlchemy's "insertmanyvalues") has a new text for every group
+    size, too long for psycopg's query cache: psycopg parsed it again for every group (0.46 ms of
+    a 3-row group's 0.68 ms of CPU, profiled); one array parameter per column costs psycopg's
+    array dumpers about as much. This text is parsed once and prepared by the server after a few
+    uses, and its one parameter is a string. Each value is what the columns' own bind processors
+    make of it, written as JSON text (numbers as decimal text, times in ISO 8601 with their
+    offset); the server reads it with each column's type and length, so a value too long for its
+    column fails as a plain INSERT fails, and a decimal is not rounded through a float."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        columns = [c for c in usage_ledger.c if c.name != "id"]
+        self._names = tuple(c.name for c in columns)
+        self._processors = tuple(
+            (c.name, processor)
+            for c in columns
+            if (processor := c.type.dialect_impl(dialect).bind_processor(dialect)) is not None
+        )
+        names = ", ".join(self._names)
+        self._sql = (
+            f"INSERT INTO {usage_ledger.name} ({names}) "  # noqa: S608 (names from the table)
+            f"SELECT {names} FROM json_populate_recordset(NULL::{usage_ledger.name}, %(rows)s) "
+            "ON CONFLICT (idempotency_key) DO NOTHING RETURNING id"
+        )
+
+    def __call__(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> int:
+        group = []
+        for row in rows:
+            values = {name: row[name] for name in self._names}
+            for name, processor in self._processors:
+                values[name] = processor(values[name])
+            group.append(values)
+        text = json.dumps(group, default=_json_value, separators=(",", ":"))
+        return len(conn.exec_driver_sql(self._sql, {"rows": text}).all())
+
+
+def _json_value(value: object) -> str:
+    """A ledger value JSON has no type for, as the text PostgreSQL reads it from: a Decimal's
+    exact digits, an aware datetime's ISO 8601 form (with its offset)."""
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise TypeError("a ledger time must be aware")
+        return value.isoformat()
+    raise TypeError(f"a ledger value of type {type(value).__name__} has no JSON form")
+
+
 class Ledger:
     """Writes and reads ``byok_usage_ledger``."""
 
@@ -317,6 +370,9 @@ class Ledger:
         # single-row insert is not reliable once SQLAlchemy adds its own RETURNING)
         self._insert = insert.on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(
             usage_ledger.c.id
+        )
+        self._group_insert = (
+            _PostgresGroupInsert(engine.dialect) if dialect == "postgresql" else None
         )
         path = sqlite_file_of(engine)
         self._writer = (
@@ -395,19 +451,23 @@ class Ledger:
         rows = [self.values(record, now) for record in records]
         workspaces = sorted({record.workspace_id for record in records})
         what = store_errors("recording usage", workspace_id=",".join(workspaces)[:200])
-        if also is None and self._engine.dialect.name == "postgresql":
+        group = self._group_insert
+        if group is not None and also is None:
             # one statement is atomic by itself: autocommitted, the group costs one round trip
             # (a transaction would add a BEGIN and a COMMIT of its own)
             with what, self._engine.connect() as conn:
                 conn = conn.execution_options(isolation_level="AUTOCOMMIT")
-                return len(conn.execute(self._insert, rows).all())
+                return group(conn, rows)
         with what, write_transaction(self._engine) as conn:
-            # one statement for the group (SQLAlchemy's "insertmanyvalues"); RETURNING gives
-            # the rows that were new (a key already recorded returns nothing)
-            inserted = conn.execute(self._insert, rows).all()
+            # one statement for the group; RETURNING gives the rows that were new (a key
+            # already recorded returns nothing)
+            if group is not None:
+                inserted = group(conn, rows)
+            else:
+                inserted = len(conn.execute(self._insert, rows).all())
             if also is not None:
                 also(conn)
-        return len(inserted)
+        return inserted
 
     def close(self) -> None:
         """Release the direct SQLite writer's connections (the engine is its owner's to close)."""
