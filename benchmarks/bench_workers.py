@@ -15,7 +15,9 @@ The workers start together (a barrier); the emulator runs in its own process.
 - **CPU ms/call**: the workers' own CPU time in their runner chunks, and the PostgreSQL server's
   (its processes on this machine, read from ``/proc``; the SQLite row's is the idle server's)
   over the runner calls: on a machine whose cores the server shares with the workers and the
-  emulator, the server's share is a cost the SQLite path does not pay.
+  emulator, the server's share is a cost the SQLite path does not pay;
+- **cores busy**: the CPU time of the workers, the PostgreSQL server and the emulator over the
+  measured wall time (the machine's core count is saturation: adding workers cannot add calls).
 
 Targets (issue 18): the PostgreSQL path's overhead within 1.5x of the SQLite path's; the runner
 within 1.25x of raw at c=16 on SQLite (``bench_runner``); throughput rising with workers until
@@ -154,17 +156,18 @@ async def _worker(environ: dict[str, str], api_key: str, group_commit: bool) -> 
     }
 
 
-def _postgres_cpu_seconds() -> float | None:
-    """The CPU time this machine's PostgreSQL server processes have used (Linux ``/proc``; the
-    postmaster's children that exited are in its ``cutime``/``cstime``), or ``None`` when there is
-    none here (a server on another machine)."""
+def _cpu_seconds(pid: int | None = None) -> float | None:
+    """CPU time used so far (Linux ``/proc``): by process ``pid``, or, when ``None``, by this
+    machine's PostgreSQL server processes (the postmaster's exited children are in its
+    ``cutime``/``cstime``); ``None`` when there is none here (a server on another machine)."""
     ticks, total, found = os.sysconf("SC_CLK_TCK"), 0, False
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    stats = [Path(f"/proc/{pid}/stat")] if pid is not None else Path("/proc").glob("[0-9]*/stat")
+    for stat in stats:
         try:
             text = stat.read_text()
         except OSError:  # exited meanwhile
             continue
-        if text[text.find("(") + 1 : text.rfind(")")] != "postgres":
+        if pid is None and text[text.find("(") + 1 : text.rfind(")")] != "postgres":
             continue
         fields = text[text.rfind(")") + 2 :].split()
         total += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
@@ -172,8 +175,10 @@ def _postgres_cpu_seconds() -> float | None:
     return total / ticks if found else None
 
 
-def _start(n: int, environ: dict[str, str], api_key: str, group_commit: bool) -> dict[str, Any]:
-    server_cpu = _postgres_cpu_seconds()
+def _start(
+    n: int, environ: dict[str, str], api_key: str, group_commit: bool, emulator: int
+) -> dict[str, Any]:
+    server_cpu, emulator_cpu = _cpu_seconds(), _cpu_seconds(emulator)
     env = {**os.environ, **environ, "BENCH_API_KEY": api_key}
     env["BENCH_GROUP_COMMIT"] = "1" if group_commit else "0"
     procs = [
@@ -198,7 +203,12 @@ def _start(n: int, environ: dict[str, str], api_key: str, group_commit: bool) ->
     outs = [
         json.loads(proc.communicate(timeout=1800)[0].strip().splitlines()[-1]) for proc in procs
     ]
-    server_after = _postgres_cpu_seconds()
+    server_after, emulator_after = _cpu_seconds(), _cpu_seconds(emulator)
+    others = [
+        after - before
+        for before, after in ((server_cpu, server_after), (emulator_cpu, emulator_after))
+        if before is not None and after is not None
+    ]
     runner_calls = sum(o["runner_calls"] for o in outs)
     wall = max(o["runner_wall"] for o in outs)
     raw_wall = max(o["raw_wall"] for o in outs)
@@ -219,6 +229,9 @@ def _start(n: int, environ: dict[str, str], api_key: str, group_commit: bool) ->
             if server_cpu is not None and server_after is not None
             else None
         ),
+        # every process's CPU over the measured wall time: 2.0 on 2 cores is saturation
+        "cores_busy": (sum(o["runner_cpu"] + o["raw_cpu"] for o in outs) + sum(others))
+        / max(max(o["runner_wall"] + o["raw_wall"] for o in outs), 1e-9),
         "failures": sum(o["runner_failures"] + o["raw_failures"] for o in outs),
         "runner_failures": sum(o["runner_failures"] for o in outs),
         "errors": [e for o in outs for e in o["errors"]][:3],
@@ -267,23 +280,26 @@ def main() -> None:
                 f"{CALLS} one-agent-block runs and {CALLS} raw posts per worker, c={CONCURRENCY} "
                 f"per worker, emulator in its own process on loopback; {os.cpu_count()} CPUs"
             )
-            rows = [("SQLite", _start(1, sqlite_env, api_key, True))]
+            rows = [("SQLite", _start(1, sqlite_env, api_key, True, emulator.pid))]
             for n in WORKERS:
-                rows.append(("PostgreSQL", _start(n, pg_env, api_key, True)))
+                rows.append(("PostgreSQL", _start(n, pg_env, api_key, True, emulator.pid)))
             rows.append(
-                ("PostgreSQL, commit per call", _start(max(WORKERS), pg_env, api_key, False))
+                (
+                    "PostgreSQL, commit per call",
+                    _start(max(WORKERS), pg_env, api_key, False, emulator.pid),
+                )
             )
             print(
                 f"\n{'store':<28}{'workers':>8}{'hooks':>8}{'calls/s':>10}{'raw/s':>9}"
                 f"{'runner ms':>11}{'raw ms':>8}{'overhead ms':>13}{'paired':>8}"
-                f"{'CPU ms/call: worker':>21}{'PostgreSQL':>11}"
+                f"{'cores busy':>11}{'CPU ms/call: worker':>21}{'PostgreSQL':>11}"
             )
             for store, r in rows:
                 print(
                     f"{store:<28}{r['workers']:>8}{'thread' if r['threaded'] else 'loop':>8}"
                     f"{r['calls_per_s']:>10.1f}{r['raw_per_s']:>9.1f}{r['runner_ms']:>11.2f}"
                     f"{r['raw_ms']:>8.2f}{r['overhead_ms']:>13.3f}{r['ratio']:>7.2f}x"
-                    f"{r['worker_cpu_ms']:>21.3f}"
+                    f"{r['cores_busy']:>11.2f}{r['worker_cpu_ms']:>21.3f}"
                     + (f"{r['server_cpu_ms']:>11.3f}" if r["server_cpu_ms"] is not None else "")
                     + (
                         f"  {r['failures']} failed ({r['runner_failures']} runner)"
