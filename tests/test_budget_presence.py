@@ -93,11 +93,13 @@ def test_a_workspace_without_budgets_reserves_from_memory_on_the_loop(
         with statements(app.engine) as seen:
             loop_thread, answer = _inline(pm, reservation("r:1:1"))
         assert isinstance(answer, StoreUnavailable)
-        assert "acme" in str(answer) and "off the event loop" in str(answer)
+        assert "acme" in str(answer)
+        assert "off the event loop" in str(answer)
         assert [s for thread, s in seen if thread == loop_thread] == []
         with statements(app.engine) as seen:
             assert pm.hook.byok_reserve_budget(reservation=reservation("r:1:1")) is None
-        assert len(seen) == 1 and "EXISTS" in seen[0][1], seen
+        assert len(seen) == 1, seen
+        assert "EXISTS" in seen[0][1]
         assert app.budgets.presence.has_budgets(WS) is False
         # known now: no statement at all, on the loop or off it
         with statements(app.engine) as seen:
@@ -112,7 +114,8 @@ def test_a_workspace_without_budgets_reserves_from_memory_on_the_loop(
         assert isinstance(answer, StoreUnavailable)
         assert [s for thread, s in seen if thread == loop_thread] == []
         hold = pm.hook.byok_reserve_budget(reservation=reservation("r:4:1", workspace="other"))
-        assert hold is not None and hold.budgets == ("monthly",)
+        assert hold is not None
+        assert hold.budgets == ("monthly",)
         assert app.budgets.presence.has_budgets("other") is True
     finally:
         app.close()
@@ -132,9 +135,11 @@ def test_a_budget_set_or_deleted_in_another_worker_applies_once_announced(
             lambda: here.budgets.presence.has_budgets(WS) is None, "the budget's notification"
         )
         assert here.resolver.listener.received > received
-        print(f"\nbudget set in another worker: forgotten here {latency * 1e3:.2f} ms after set_budget returned")
+        print(
+            f"\nbudget set in another worker: forgotten here {latency * 1e3:.2f} ms after set_budget returned"
+        )
         # from then on this worker asks the store: the budget holds, and refuses
-        loop_thread, answer = _inline(pm, reservation("r:2:1"))
+        _loop_thread, answer = _inline(pm, reservation("r:2:1"))
         assert isinstance(answer, StoreUnavailable)
         assert pm.hook.byok_reserve_budget(reservation=reservation("r:2:1", "0.60")) is not None
         with pytest.raises(BudgetExceeded, match="tight"):
