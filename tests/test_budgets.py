@@ -32,6 +32,7 @@ from byok_plugin.app import App
 from byok_plugin.billing.budgets import (
     KEEP_HOLDS,
     PRUNE_BATCH,
+    PRUNE_EVERY,
     BudgetError,
     BudgetStore,
     budget_holds,
@@ -515,6 +516,9 @@ def reserved_in_rows(app: App) -> tuple[int, int]:
 def test_settled_and_expired_holds_are_pruned_once_kept_long_enough(
     app: App, pm: pluggy.PluginManager, clock: Clock
 ) -> None:
+    # every reservation expires and prunes, as on PostgreSQL (on SQLite a store does it every
+    # ``prune_every``-th reservation: test_on_sqlite_lapsed_holds_are_expired_and_old_ones_...)
+    app.budgets = BudgetStore(app.engine, clock=clock, prune_every=1)
     app.budgets.set_budget(WS, "monthly", limit="10.00")
     for n in range(90):  # settled
         pm.hook.byok_reserve_budget(reservation=reservation(f"r:s:{n}", "0.02"))
@@ -568,7 +572,9 @@ def test_under_steady_calls_the_hold_table_stays_bounded(
     app.budgets.set_budget(WS, "triage", limit="1.00", period="none", workflow_id="triage")
     every = timedelta(minutes=10)
     hold = timedelta(minutes=15)
-    calls = 400
+    # a multiple of PRUNE_EVERY: on SQLite the store's next reservation is one that expires and
+    # prunes (the first of a store and every PRUNE_EVERY-th after it do)
+    calls = 25 * PRUNE_EVERY
     most = 0
     for n in range(calls):
         key = f"r:{n}:1"
@@ -579,15 +585,24 @@ def test_under_steady_calls_the_hold_table_stays_bounded(
             assert pm.hook.byok_settle_budget(settlement=settlement(key, "0.001"))
         most = max(most, hold_rows(app))
         clock.advance(seconds=every.total_seconds())
-    # two holds per call (two budgets), kept while the call's expiry is within KEEP_HOLDS
-    bound = 2 * ((KEEP_HOLDS + hold) // every + 2)
+    # two holds per call (two budgets), kept while the call's expiry is within KEEP_HOLDS; on
+    # SQLite, plus those of the calls made since the store's last pruning reservation
+    between = 0 if app.engine.dialect.name == "postgresql" else PRUNE_EVERY
+    bound = 2 * ((KEEP_HOLDS + hold) // every + 2 + between)
     assert most <= bound < 2 * calls
     assert hold_rows(app) <= bound
     # the budgets carry what was spent, and only the lapsed holds' capacity came back
     status = app.budgets.get(WS, "monthly")
     assert status is not None
     assert status.spent == Decimal("0.001") * (calls - calls // 10)
-    assert reserved_in_rows(app) == (0, 0)  # the last call settled, the lapsed ones expired
+    assert status.reserved == 0  # the last call settled; the holds still marked held lapsed
+    reserved, held = reserved_in_rows(app)
+    assert reserved == held  # each hold counted once in the budgets' rows
+    # the next reservation expires the lapsed ones (on SQLite: it is a pruning one)
+    clock.advance(seconds=every.total_seconds())
+    assert pm.hook.byok_reserve_budget(reservation=reservation("r:last:1", "0.002"))
+    assert pm.hook.byok_settle_budget(settlement=settlement("r:last:1", "0.001"))
+    assert reserved_in_rows(app) == (0, 0)
 
 
 def test_pruning_while_many_threads_reserve_and_settle_keeps_the_accounts(app: App) -> None:
@@ -630,6 +645,75 @@ def test_pruning_while_many_threads_reserve_and_settle_keeps_the_accounts(app: A
         reserved, held = reserved_in_rows(app)
         assert reserved == held  # no hold freed twice, none forgotten
         assert hold_rows(app) < 2 * threads * calls // 4
+    finally:
+        store.close()
+
+
+def test_on_sqlite_lapsed_holds_are_expired_and_old_ones_pruned_every_nth_reservation(
+    app: App, database_url: str, clock: Clock
+) -> None:
+    """On SQLite a store's first reservation and every ``prune_every``-th after it expire the
+    workspace's lapsed holds and prune its old ones; a reservation that does not fit a hard
+    budget expires the lapsed holds at once and is admitted if that made room."""
+    if not database_url.startswith("sqlite"):
+        pytest.skip("on PostgreSQL every reservation's statement expires and prunes")
+    store = BudgetStore(app.engine, clock=clock, prune_every=4)
+
+    def row_reserved() -> Decimal:
+        with app.engine.connect() as conn:
+            units = conn.execute(
+                sa.select(budgets.c.reserved_units).where(budgets.c.workspace_id == WS)
+            ).scalar_one()
+        return Decimal(units) * Decimal("0.000000001")
+
+    def states() -> dict[str, str]:
+        with app.engine.connect() as conn:
+            rows = conn.execute(sa.select(budget_holds.c.idempotency_key, budget_holds.c.state))
+            return {str(key): str(state) for key, state in rows}
+
+    try:
+        store.set_budget(WS, "monthly", limit="1.00")
+        for n in range(3):  # reservations 0-2; their workers die, the holds lapse in a minute
+            assert store.reserve(reservation(f"k:{n}", "0.30", hold_seconds=60))
+        clock.advance(seconds=61)
+        status = store.get(WS, "monthly")
+        assert status is not None
+        assert status.reserved == 0  # what operators see: live holds only
+        assert row_reserved() == Decimal("0.90")  # the row still counts them, marked held
+        # reservation 3: fits beside them, nothing expired
+        assert store.reserve(reservation("k:3", "0.05", hold_seconds=3600))
+        assert row_reserved() == Decimal("0.95")
+        assert set(states().values()) == {"held"}
+        # reservation 4 is a pruning one: the lapsed holds expire and leave the row's reserved
+        assert store.reserve(reservation("k:4", "0.05", hold_seconds=3600))
+        assert row_reserved() == Decimal("0.10")
+        assert [states()[f"k:{n}"] for n in range(5)] == ["expired"] * 3 + ["held"] * 2
+        # reservation 5 lapses too; reservation 6 does not fit until it is expired, then does
+        assert store.reserve(reservation("k:5", "0.50", hold_seconds=60))
+        clock.advance(seconds=61)
+        assert row_reserved() == Decimal("0.60")
+        assert store.reserve(reservation("k:6", "0.80", hold_seconds=3600))
+        assert row_reserved() == Decimal("0.90")
+        assert states()["k:5"] == "expired"
+        # reservation 7 does not fit even then: refused, naming what the live holds reserve
+        with pytest.raises(BudgetExceeded) as refused:
+            store.reserve(reservation("k:7", "0.20"))
+        assert (refused.value.reserved, refused.value.left) == (Decimal("0.9"), Decimal("0.1"))
+        assert "k:7" not in states()
+        # a day later: the refusal counted (7), reservation 8 prunes, 9 does not
+        for key in ("k:3", "k:4", "k:6"):
+            assert store.settle(settlement(key, "0.01")) == (True, [])
+        clock.advance(seconds=KEEP_HOLDS.total_seconds() + 7200)
+        assert store.reserve(reservation("k:8", "0.05"))
+        assert sorted(states()) == ["k:8"]
+        assert store.settle(settlement("k:8", "0.01")) == (True, [])
+        clock.advance(seconds=KEEP_HOLDS.total_seconds() + 7200)
+        assert store.reserve(reservation("k:9", "0.05"))
+        assert sorted(states()) == ["k:8", "k:9"]  # k:8 is old now, pruned by reservation 12
+        status = store.get(WS, "monthly")
+        assert status is not None
+        assert (status.spent, status.reserved) == (Decimal("0.04"), Decimal("0.05"))
+        assert row_reserved() == Decimal("0.05")
     finally:
         store.close()
 

@@ -28,17 +28,23 @@ rows from ``held`` (or ``expired``) to ``settled`` and moves the amount from ``r
 ``spent``; a second settlement finds nothing to flip and changes nothing. A call that did not
 complete releases its holds: they become ``expired`` (not ``settled``), so the same call made again
 is held again. Every statement on holds names the workspace as well as the key. A hold whose call never
-settles (a worker killed between the two) is marked ``expired`` by the next reservation on its
-budget (on SQLite: the next operation on the workspace) after its ``expires_at``, and its amount
-leaves ``reserved``.
+settles (a worker killed between the two) lapses at its ``expires_at``: from then on it counts
+for nothing (:meth:`BudgetStore.list_budgets` shows ``reserved`` from live holds only), and it is
+marked ``expired``, its amount leaving the budget row's ``reserved``, by the next reservation on
+its budget on PostgreSQL; on SQLite by the next reservation of the workspace that does not fit a
+hard budget (which expires the workspace's lapsed holds and tries once more) or that prunes
+(below), whichever comes first. A late settlement of a lapsed hold frees it too.
 
 **Pruning.** Settled and expired holds do not pile up (one per call per budget): a reservation
-also deletes, in its one statement on PostgreSQL (the holds on the budgets it locked) or its
-``BEGIN IMMEDIATE`` transaction on SQLite (the workspace's holds), at most :data:`PRUNE_BATCH`
-holds that are settled or expired and whose expiry and settlement are both more than
-``keep_holds`` (:data:`KEEP_HOLDS`, a day) ago, never the reserving call's own. No background
-thread: each call writes one hold per budget and may delete up to :data:`PRUNE_BATCH` old ones, so
-the table holds about the holds of the last ``keep_holds`` plus the hold time. A settlement of a
+also deletes, in its one statement on PostgreSQL (the holds on the budgets it locked), at most
+:data:`PRUNE_BATCH` holds that are settled or expired and whose expiry and settlement are both
+more than ``keep_holds`` (:data:`KEEP_HOLDS`, a day) ago, never the reserving call's own. On
+SQLite a store's first reservation and every ``prune_every``-th (:data:`PRUNE_EVERY`) after it
+do so in their ``BEGIN IMMEDIATE`` transaction (the workspace's holds, at most ``PRUNE_BATCH *
+prune_every``), after expiring the workspace's lapsed holds; the others skip both statements. No
+background thread: each call writes one hold per budget and may delete up to :data:`PRUNE_BATCH`
+old ones (on average), so the table holds about the holds of the last ``keep_holds`` plus the
+hold time (plus, on SQLite, those of the last ``prune_every`` calls). A settlement of a
 call whose holds were pruned finds nothing and changes nothing (as a repeated one does); a
 reservation repeated under its key after that is held afresh, and a late settlement of an expired
 hold no longer spends.
@@ -61,6 +67,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import itertools
 import re
 import secrets
 import sqlite3
@@ -104,6 +111,7 @@ from byok_plugin.store.tables import UTCDateTime, metadata
 __all__ = [
     "KEEP_HOLDS",
     "PRUNE_BATCH",
+    "PRUNE_EVERY",
     "UNIT",
     "Budget",
     "BudgetError",
@@ -126,9 +134,17 @@ DEFAULT_THRESHOLDS = (50, 80, 100)
 #: reservation of a settled call holds nothing more, and a late settlement of an expired hold still
 #: spends what the call cost. After that the next reservation on its budget deletes it.
 KEEP_HOLDS = timedelta(days=1)
-#: at most this many old holds are deleted by one reservation (a bounded delete on a path every
-#: call takes; each call writes one hold per budget that applies, so the table stops growing)
+#: at most this many old holds are deleted per reservation (a bounded delete on a path every
+#: call takes; each call writes one hold per budget that applies, so the table stops growing).
+#: On PostgreSQL every reservation deletes up to this many; on SQLite every
+#: :data:`PRUNE_EVERY`-th reservation of a store deletes up to ``PRUNE_BATCH * PRUNE_EVERY``
 PRUNE_BATCH = 64
+#: on SQLite, how often a store's reservations expire the workspace's lapsed holds and prune its
+#: old ones: the first reservation and every ``PRUNE_EVERY``-th after it (a reservation that does
+#: not fit a hard budget expires the lapsed holds at once and tries again)
+PRUNE_EVERY = 16
+#: how many workspaces a store remembers as having budgets (past that it starts again)
+_BUDGETED_HINTS = 10_000
 #: the sources a BYOK list-cost budget counts: the workspace's own keys and those it inherits
 _BYOK_SOURCES = (CredentialSource.WORKSPACE, CredentialSource.ORGANIZATION)
 #: the largest limit: a BIGINT of nano-dollars
@@ -340,12 +356,23 @@ class BudgetStore:
         *,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         keep_holds: timedelta = KEEP_HOLDS,
+        prune_every: int = PRUNE_EVERY,
     ) -> None:
         if keep_holds < timedelta(0):
             raise BudgetError("keep_holds is a duration of 0 or more")
+        if not isinstance(prune_every, int) or prune_every < 1:
+            raise BudgetError("prune_every is a whole number of reservations, 1 or more")
         self._engine = engine
         self._clock = clock
         self._keep_holds = keep_holds
+        # SQLite: the first reservation of this store and every ``prune_every``-th after it
+        # expires the workspace's lapsed holds and prunes its old ones (see :meth:`reserve`)
+        self._prune_every = prune_every
+        self._reservations = itertools.count()
+        # SQLite: the workspaces this store last found budgets for, whose next reservation reads
+        # them inside its write transaction (one transaction, no separate read); only a hint of
+        # the order, the read in the transaction decides
+        self._budgeted: set[str] = set()
 
     def __repr__(self) -> str:
         return f"BudgetStore(dialect={self._engine.dialect.name!r})"
@@ -522,7 +549,7 @@ class BudgetStore:
                         sa.or_(h.c.settled_at.is_(None), h.c.settled_at < p("b_cutoff")),
                         h.c.idempotency_key != p("b_key"),
                     )
-                    .limit(PRUNE_BATCH)
+                    .limit(p("b_batch", type_=sa.Integer))
                 )
             ),
             free=sa.update(t)
@@ -669,11 +696,16 @@ class BudgetStore:
         now = self._clock()
         if self._postgresql:
             return self._reserve_postgresql(reservation, now)
-        with self._reading("reading budgets", ws) as q:
-            rows = q("budgets", {"b_ws": ws})
-        if not rows:
-            return None  # the common case costs one read, and no write lock
-        applicable = self._applicable(rows, reservation)
+        rows: list[Any] | None = None
+        if ws not in self._budgeted:
+            with self._reading("reading budgets", ws) as q:
+                rows = q("budgets", {"b_ws": ws})
+            if not rows:
+                return None  # the common case costs one read, and no write lock
+            if len(self._budgeted) >= _BUDGETED_HINTS:
+                self._budgeted.clear()
+            self._budgeted.add(ws)
+        prune = next(self._reservations) % self._prune_every == 0
         expires_at = now + timedelta(seconds=reservation.hold_seconds)
         needs = {
             BudgetMetric.CHARGE.value: to_units(reservation.amount),
@@ -682,9 +714,27 @@ class BudgetStore:
         held: list[str] = []
         largest = 0
         with self._writing("reserving budget", ws) as q:
-            self._expire(q, ws, now)
-            # old settled and expired holds go, a bounded batch, in the same transaction
-            q("prune", {"b_ws": ws, "b_key": key, "b_cutoff": now - self._keep_holds})
+            if rows is None:
+                # budgets found last time: read under the write lock, in the same transaction
+                rows = q("budgets", {"b_ws": ws})
+                if not rows:
+                    self._budgeted.discard(ws)
+                    return None
+            applicable = self._applicable(rows, reservation)
+            expired = prune
+            if prune:
+                # every ``prune_every``-th reservation: lapsed holds leave ``reserved``, and old
+                # settled and expired holds go, a bounded batch, in the same transaction
+                self._expire(q, ws, now)
+                q(
+                    "prune",
+                    {
+                        "b_ws": ws,
+                        "b_key": key,
+                        "b_cutoff": now - self._keep_holds,
+                        "b_batch": PRUNE_BATCH * self._prune_every,
+                    },
+                )
             self._rollover(q, ws, applicable, now)
             previous = q("previous", {"b_ws": ws, "b_key": key})
             if any(p.state == "settled" for p in previous):
@@ -700,7 +750,14 @@ class BudgetStore:
             for budget in applicable:
                 need = needs[budget.metric]
                 admit = "admit_hard" if budget.hard else "admit_soft"
-                if not q(admit, {"b_id": budget.id, "b_need": need}):
+                admitted = q(admit, {"b_id": budget.id, "b_need": need})
+                if not admitted and not expired:
+                    # lapsed holds (their workers died) may still count in ``reserved``: they
+                    # are expired now, and the call admitted if that made room
+                    self._expire(q, ws, now)
+                    expired = True
+                    admitted = q(admit, {"b_id": budget.id, "b_need": need})
+                if not admitted:
                     found = q("row", {"b_id": budget.id})
                     if not found:  # deleted meanwhile
                         continue
