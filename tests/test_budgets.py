@@ -649,6 +649,29 @@ def test_pruning_while_many_threads_reserve_and_settle_keeps_the_accounts(app: A
         store.close()
 
 
+@pytest.mark.parametrize("prune_every", [1, 16])
+def test_a_call_reserved_again_after_its_hold_lapsed_is_counted_once(
+    app: App, clock: Clock, prune_every: int
+) -> None:
+    # the lapsed hold is freed once (by the expiry or by its replacement, not both), whether
+    # the reservation that replaces it expires lapsed holds or not
+    store = BudgetStore(app.engine, clock=clock, prune_every=prune_every)
+    try:
+        store.set_budget(WS, "monthly", limit="1.00")
+        assert store.reserve(reservation("r:a:1", "0.50", hold_seconds=60))
+        assert store.reserve(reservation("r:b:1", "0.20", hold_seconds=60))
+        clock.advance(seconds=61)
+        assert store.reserve(reservation("r:a:1", "0.30"))
+        assert store.reserve(reservation("r:c:1", "0.70"))  # fits once r:b:1 is expired
+        reserved, held = reserved_in_rows(app)
+        assert reserved == held == to_units(Decimal("1.00"))
+        status = store.get(WS, "monthly")
+        assert status is not None
+        assert (status.reserved, status.left) == (Decimal("1"), 0)
+    finally:
+        store.close()
+
+
 def test_on_sqlite_lapsed_holds_are_expired_and_old_ones_pruned_every_nth_reservation(
     app: App, database_url: str, clock: Clock
 ) -> None:
@@ -733,7 +756,7 @@ def test_on_sqlite_a_calls_holds_are_found_by_their_key_not_by_reading_the_works
     assert path is not None
     conn = sqlite3.connect(str(path))
     try:
-        for name in ("previous", "forget", "held", "prune"):
+        for name in ("budgets_held", "forget", "held", "prune"):
             text, order, _, _ = direct._compiled[name]
             plan = [
                 row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {text}", [None] * len(order))

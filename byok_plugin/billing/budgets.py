@@ -72,7 +72,7 @@ import re
 import secrets
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
@@ -532,8 +532,33 @@ class BudgetStore:
                 t.c.key_id,
                 t.c.workflow_id,
             ).where(t.c.workspace_id == p("b_ws")),
+            # the workspace's budgets, each with this call's hold on it if it has one (a hold's
+            # budget is of its workspace): one statement, inside the reservation's transaction
+            budgets_held=sa.select(
+                t.c.id,
+                t.c.name,
+                t.c.metric,
+                t.c.hard,
+                t.c.period,
+                t.c.period_start,
+                t.c.key_id,
+                t.c.workflow_id,
+                h.c.state,
+                h.c.amount_units,
+            )
+            .select_from(
+                t.outerjoin(h, sa.and_(h.c.budget_id == t.c.id, h.c.idempotency_key == p("b_key")))
+            )
+            .where(t.c.workspace_id == p("b_ws")),
+            # the workspace's lapsed holds, but the reserving call's own (freed and replaced by
+            # the reservation itself)
             expire=sa.update(h)
-            .where(h.c.workspace_id == p("b_ws"), h.c.state == "held", h.c.expires_at < p("b_now"))
+            .where(
+                h.c.workspace_id == p("b_ws"),
+                h.c.state == "held",
+                h.c.expires_at < p("b_now"),
+                h.c.idempotency_key != p("b_key"),
+            )
             .values(state="expired")
             .returning(h.c.budget_id, h.c.amount_units),
             # the settled and expired holds kept long enough (:data:`KEEP_HOLDS`), a bounded batch
@@ -564,9 +589,6 @@ class BudgetStore:
             .values(spent_units=0, alerted="", period_start=p("b_start")),
             # every statement on holds names the workspace: a run id (and so an idempotency key)
             # chosen by two workspaces never reaches the other's holds
-            previous=sa.select(h.c.budget_id, h.c.state, h.c.amount_units).where(
-                h.c.idempotency_key == p("b_key"), of_workspace
-            ),
             forget=sa.delete(h).where(h.c.idempotency_key == p("b_key"), of_workspace),
             admit_hard=sa.update(t)
             .where(
@@ -632,23 +654,25 @@ class BudgetStore:
             return None
         return _SqliteStatements(path, self._engine.dialect, self._sql, lock_backoff(self._engine))
 
-    @contextmanager
-    def _reading(self, what: str, ws: str) -> Iterator[Query]:
+    def _reading(self, what: str, ws: str) -> AbstractContextManager[Query]:
         direct = self._direct
         if direct is not None:
-            with direct.reading(what, ws) as q:
-                yield q
-            return
+            return direct.reading(what, ws)
+        return self._sqlalchemy_reading(what, ws)
+
+    def _writing(self, what: str, ws: str) -> AbstractContextManager[Query]:
+        direct = self._direct
+        if direct is not None:
+            return direct.writing(what, ws)
+        return self._sqlalchemy_writing(what, ws)
+
+    @contextmanager
+    def _sqlalchemy_reading(self, what: str, ws: str) -> Iterator[Query]:
         with store_errors(what, workspace_id=ws), self._engine.connect() as conn:
             yield _sqlalchemy_query(conn, self._sql)
 
     @contextmanager
-    def _writing(self, what: str, ws: str) -> Iterator[Query]:
-        direct = self._direct
-        if direct is not None:
-            with direct.writing(what, ws) as q:
-                yield q
-            return
+    def _sqlalchemy_writing(self, what: str, ws: str) -> Iterator[Query]:
         with store_errors(what, workspace_id=ws), write_transaction(self._engine) as conn:
             lock_in_transaction(conn, "budgets", ws)
             yield _sqlalchemy_query(conn, self._sql)
@@ -662,10 +686,11 @@ class BudgetStore:
                 q("rollover", {"b_ws": ws, "b_period": period.value, "b_start": start})
 
     @staticmethod
-    def _expire(q: Query, ws: str, now: datetime) -> None:
-        """Expire the workspace's lapsed holds: their amounts leave ``reserved``."""
+    def _expire(q: Query, ws: str, key: str, now: datetime) -> None:
+        """Expire the workspace's lapsed holds (not those of the call ``key``): their amounts
+        leave ``reserved``."""
         freed: dict[str, int] = {}
-        for budget_id, amount in q("expire", {"b_ws": ws, "b_now": now}):
+        for budget_id, amount in q("expire", {"b_ws": ws, "b_key": key, "b_now": now}):
             freed[budget_id] = freed.get(budget_id, 0) + int(amount)
         for budget_id in sorted(freed):
             q("free", {"b_id": budget_id, "b_amount": freed[budget_id]})
@@ -696,12 +721,10 @@ class BudgetStore:
         now = self._clock()
         if self._postgresql:
             return self._reserve_postgresql(reservation, now)
-        rows: list[Any] | None = None
         if ws not in self._budgeted:
             with self._reading("reading budgets", ws) as q:
-                rows = q("budgets", {"b_ws": ws})
-            if not rows:
-                return None  # the common case costs one read, and no write lock
+                if not q("budgets", {"b_ws": ws}):
+                    return None  # the common case costs one read, and no write lock
             if len(self._budgeted) >= _BUDGETED_HINTS:
                 self._budgeted.clear()
             self._budgeted.add(ws)
@@ -714,18 +737,18 @@ class BudgetStore:
         held: list[str] = []
         largest = 0
         with self._writing("reserving budget", ws) as q:
-            if rows is None:
-                # budgets found last time: read under the write lock, in the same transaction
-                rows = q("budgets", {"b_ws": ws})
-                if not rows:
-                    self._budgeted.discard(ws)
-                    return None
+            # under the write lock (the authority: budgets found last time need not be there
+            # now), the budgets with the call's previous holds on them
+            rows = q("budgets_held", {"b_ws": ws, "b_key": key})
+            if not rows:
+                self._budgeted.discard(ws)
+                return None
             applicable = self._applicable(rows, reservation)
             expired = prune
             if prune:
                 # every ``prune_every``-th reservation: lapsed holds leave ``reserved``, and old
                 # settled and expired holds go, a bounded batch, in the same transaction
-                self._expire(q, ws, now)
+                self._expire(q, ws, key, now)
                 q(
                     "prune",
                     {
@@ -736,16 +759,16 @@ class BudgetStore:
                     },
                 )
             self._rollover(q, ws, applicable, now)
-            previous = q("previous", {"b_ws": ws, "b_key": key})
+            previous = sorted((r for r in rows if r.state is not None), key=lambda r: r.id)
             if any(p.state == "settled" for p in previous):
                 # the call completed and was settled already (a run repeated under the same run
                 # id): nothing more to hold. A released hold (the call did not complete) is
                 # "expired", not "settled": the call is held again below.
                 return BudgetHold(key, ws, (), Decimal(0), now)
             if previous:  # another credential for the same call: the new hold replaces the old
-                for p in sorted(previous, key=lambda p: p.budget_id):
-                    if p.state == "held":
-                        q("free", {"b_id": p.budget_id, "b_amount": p.amount_units})
+                for p in previous:
+                    if p.state == "held":  # (even lapsed: the expiry leaves the call's own)
+                        q("free", {"b_id": p.id, "b_amount": p.amount_units})
                 q("forget", {"b_ws": ws, "b_key": key})
             for budget in applicable:
                 need = needs[budget.metric]
@@ -754,7 +777,7 @@ class BudgetStore:
                 if not admitted and not expired:
                     # lapsed holds (their workers died) may still count in ``reserved``: they
                     # are expired now, and the call admitted if that made room
-                    self._expire(q, ws, now)
+                    self._expire(q, ws, key, now)
                     expired = True
                     admitted = q(admit, {"b_id": budget.id, "b_need": need})
                 if not admitted:
@@ -1228,48 +1251,88 @@ class _SqliteStatements:
 
         return q
 
-    @contextmanager
-    def _connection(self, what: str, ws: str) -> Iterator[sqlite3.Connection]:
-        prompt = called_inline()
-        if prompt and self._backoff.active:
-            raise StoreUnavailable(what, workspace_id=ws, cause=str(self._backoff.refusal()))
-        pool = self._prompt_connections if prompt else self._connections
-        try:
-            conn = pool.acquire()
-            try:
-                yield conn
-            finally:
-                pool.release(conn)
-        except sqlite3.Error as exc:
-            if prompt and store_busy(exc):
-                self._backoff.hit()
-            first_line = (str(exc).strip().splitlines() or [""])[0]
-            raise StoreUnavailable(
-                what, workspace_id=ws, cause=f"{type(exc).__name__}: {first_line[:300]}"
-            ) from None
+    def reading(self, what: str, ws: str) -> _Borrowed:
+        """A connection's statements, in autocommit."""
+        return _Borrowed(self, what, ws, write=False)
 
-    @contextmanager
-    def reading(self, what: str, ws: str) -> Iterator[Query]:
-        with self._connection(what, ws) as conn:
-            yield self._query(conn)
-
-    @contextmanager
-    def writing(self, what: str, ws: str) -> Iterator[Query]:
+    def writing(self, what: str, ws: str) -> _Borrowed:
         """One ``BEGIN IMMEDIATE`` transaction, committed when the block ends, rolled back when it
         raises (a refusal holds nothing)."""
-        with self._connection(what, ws) as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._query(conn)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:  # never lend the connection on with a transaction open
-                    conn.execute("ROLLBACK")
-                raise
+        return _Borrowed(self, what, ws, write=True)
 
     def close(self) -> None:
         self._connections.close()
         self._prompt_connections.close()
+
+
+class _Borrowed:
+    """``with``: a connection of the statements' file borrowed for the block (a
+    ``BEGIN IMMEDIATE`` transaction around it when writing), its statements as a :data:`Query`;
+    a ``sqlite3`` error becomes :class:`StoreUnavailable` naming what and whose. A plain class,
+    not a generator context manager: it runs twice on every call with a budget."""
+
+    __slots__ = ("_conn", "_pool", "_prompt", "_statements", "_what", "_write", "_ws")
+
+    def __init__(self, statements: _SqliteStatements, what: str, ws: str, *, write: bool) -> None:
+        self._statements = statements
+        self._what = what
+        self._ws = ws
+        self._write = write
+        self._prompt = False
+        self._pool: SqliteConnections | None = None
+        self._conn: sqlite3.Connection | None = None
+
+    def __enter__(self) -> Query:
+        statements = self._statements
+        prompt = self._prompt = called_inline()
+        if prompt and statements._backoff.active:
+            raise StoreUnavailable(
+                self._what, workspace_id=self._ws, cause=str(statements._backoff.refusal())
+            )
+        pool = self._pool = statements._prompt_connections if prompt else statements._connections
+        try:
+            conn = self._conn = pool.acquire()
+            if self._write:
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                except BaseException:
+                    self._conn = None
+                    pool.release(conn)
+                    raise
+        except sqlite3.Error as exc:
+            raise self._unavailable(exc) from None
+        return statements._query(conn)
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, _tb: Any
+    ) -> None:
+        conn, pool = self._conn, self._pool
+        assert conn is not None
+        assert pool is not None
+        self._conn = None
+        try:
+            try:
+                if self._write:
+                    try:
+                        if kind is None:
+                            conn.execute("COMMIT")
+                    finally:
+                        if conn.in_transaction:  # never lend it on with a transaction open
+                            conn.execute("ROLLBACK")
+            finally:
+                pool.release(conn)
+        except sqlite3.Error as failed:
+            raise self._unavailable(failed) from None
+        if isinstance(exc, sqlite3.Error):
+            raise self._unavailable(exc) from None
+
+    def _unavailable(self, exc: sqlite3.Error) -> StoreUnavailable:
+        if self._prompt and store_busy(exc):
+            self._statements._backoff.hit()
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        return StoreUnavailable(
+            self._what, workspace_id=self._ws, cause=f"{type(exc).__name__}: {first_line[:300]}"
+        )
 
 
 def _prepare_prompt(conn: sqlite3.Connection) -> None:
