@@ -39,6 +39,7 @@ from byok_plugin.billing.budgets import (
     budgets,
     to_units,
 )
+from byok_plugin.core.errors import StoreUnavailable
 from byok_plugin.keys.reader import sqlite_file_of
 from byok_plugin.manager import plugin_manager_for
 from byok_plugin.settings import Settings
@@ -470,25 +471,33 @@ def test_hook_byok_record_usage_and_settle_commits_rows_and_settlements_together
         pm.hook.byok_reserve_budget(reservation=reservation(key, "0.30"))
     together = [settlement(key, "0.10") for key in keys]
     answer = pm.hook.byok_record_usage_and_settle(records=records, settlements=together)
-    if not database_url.startswith("postgresql"):
-        # SQLite: declined (calls are not grouped there); nothing was written
+    sqlite_store = not database_url.startswith("postgresql")
+    if sqlite_store:
+        # SQLite: a group is declined (the runner groups calls on PostgreSQL only), nothing
+        # written; one call's row and its settlement commit together (the runner's calls on
+        # its event loop)
         assert answer is None
         assert app.ledger.get(keys[0]) is None
-        return
+        for one in zip(records, together, strict=True):
+            answer = pm.hook.byok_record_usage_and_settle(records=[one[0]], settlements=[one[1]])
+            assert answer is True
     assert answer is True
     assert all(app.ledger.get(key) is not None for key in keys)
     status = app.budgets.get(WS, "monthly")
     assert status is not None
     assert (status.spent, status.reserved) == (Decimal("0.2"), 0)
     # idempotent on each key: the same group again changes nothing
-    assert pm.hook.byok_record_usage_and_settle(records=records, settlements=together) is True
+    again = [([r], [s]) for r, s in zip(records, together, strict=True)]
+    for group in again if sqlite_store else [(records, together)]:
+        assert pm.hook.byok_record_usage_and_settle(records=group[0], settlements=group[1])
     assert app.budgets.get(WS, "monthly").spent == Decimal("0.2")  # type: ignore[union-attr]
     # one transaction: a settlement the store refuses (more than a BIGINT of nano-dollars)
     # leaves no row of the group either
     late = [record_for(n, workspace=WS) for n in (7,)]
     pm.hook.byok_reserve_budget(reservation=reservation(late[0].idempotency_key, "0.30"))
     refused = [settlement(late[0].idempotency_key, "1E+12")]
-    with pytest.raises(Exception, match="recording usage"):
+    expected = "too large" if sqlite_store else "recording usage"
+    with pytest.raises((OverflowError, StoreUnavailable), match=expected):
         pm.hook.byok_record_usage_and_settle(records=late, settlements=refused)
     assert app.ledger.get(late[0].idempotency_key) is None
     assert app.budgets.get(WS, "monthly").reserved == Decimal("0.3")  # type: ignore[union-attr]

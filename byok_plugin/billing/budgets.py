@@ -819,46 +819,76 @@ class BudgetStore:
         :returns: whether anything changed (``False`` when settled already, or nothing held),
             and the threshold events to audit (once the transaction has committed).
         """
-        ws = settlement.workspace_id
-        key = settlement.idempotency_key
-        now = self._clock()
-        spent = _settled_units(settlement)
         if self._postgresql:
             return self._settle_postgresql(settlement)
+        with self._writing("settling budget", settlement.workspace_id) as q:
+            return self._settle_in(q, settlement, self._clock())
+
+    @property
+    def settles_on_sqlite(self) -> bool:
+        """Whether :meth:`settle_on` can settle on a connection of the store's SQLite file."""
+        return self._direct is not None
+
+    def settle_on(
+        self, conn: sqlite3.Connection, settlements: Sequence[BudgetSettlement]
+    ) -> tuple[bool, list[AuditEvent]]:
+        """:meth:`settle` on ``conn``, a ``sqlite3`` connection of the store's file, inside the
+        transaction it is in (the ledger's row of the same call: one commit for both). Its
+        ``sqlite3`` errors are the caller's (who rolls the transaction back).
+
+        :returns: whether anything changed, and the threshold events to audit once committed.
+        """
+        direct = self._direct
+        if direct is None:
+            raise BudgetError("settle_on needs a store on a SQLite file (settles_on_sqlite)")
+        q = direct._query(conn)
+        now = self._clock()
+        changed = False
         events: list[AuditEvent] = []
-        with self._writing("settling budget", ws) as q:
-            rows = q("held", {"b_ws": ws, "b_key": key})
-            if not settlement.completed:
-                # a release: the amount leaves ``reserved`` and the hold is marked ``expired``,
-                # not ``settled``, so that the same call made again is held again, and a
-                # completed settlement arriving later (a record that outlived a cancelled run)
-                # still spends what the call cost
-                rows = [r for r in rows if r.state == "held"]
-            if not rows:
-                return False, []
-            self._rollover(q, ws, rows, now)
-            for row in sorted(rows, key=lambda r: r.budget_id):
-                amount = spent[row.metric]
-                # a hold still marked held past its expiry was never freed: it is freed here
-                release = int(row.amount_units) if row.state == "held" else 0
-                updated = q(
-                    "spend", {"b_id": row.budget_id, "b_spent": amount, "b_release": release}
-                )
-                q(
-                    "settle",
-                    {
-                        "b_ws": ws,
-                        "b_key": key,
-                        "b_id": row.budget_id,
-                        "b_now": now,
-                        "b_spent": amount,
-                        "b_state": "settled" if settlement.completed else "expired",
-                    },
-                )
-                if updated:
-                    event = self._crossed(q, ws, updated[0], now)
-                    if event is not None:
-                        events.append(event)
+        for settlement in settlements:
+            done, crossed = self._settle_in(q, settlement, now)
+            changed = changed or done
+            events.extend(crossed)
+        return changed, events
+
+    def _settle_in(
+        self, q: Query, settlement: BudgetSettlement, now: datetime
+    ) -> tuple[bool, list[AuditEvent]]:
+        """The settlement's statements, in the transaction ``q`` runs in."""
+        ws = settlement.workspace_id
+        key = settlement.idempotency_key
+        spent = _settled_units(settlement)
+        events: list[AuditEvent] = []
+        rows = q("held", {"b_ws": ws, "b_key": key})
+        if not settlement.completed:
+            # a release: the amount leaves ``reserved`` and the hold is marked ``expired``,
+            # not ``settled``, so that the same call made again is held again, and a
+            # completed settlement arriving later (a record that outlived a cancelled run)
+            # still spends what the call cost
+            rows = [r for r in rows if r.state == "held"]
+        if not rows:
+            return False, []
+        self._rollover(q, ws, rows, now)
+        for row in sorted(rows, key=lambda r: r.budget_id):
+            amount = spent[row.metric]
+            # a hold still marked held past its expiry was never freed: it is freed here
+            release = int(row.amount_units) if row.state == "held" else 0
+            updated = q("spend", {"b_id": row.budget_id, "b_spent": amount, "b_release": release})
+            q(
+                "settle",
+                {
+                    "b_ws": ws,
+                    "b_key": key,
+                    "b_id": row.budget_id,
+                    "b_now": now,
+                    "b_spent": amount,
+                    "b_state": "settled" if settlement.completed else "expired",
+                },
+            )
+            if updated:
+                event = self._crossed(q, ws, updated[0], now)
+                if event is not None:
+                    events.append(event)
         return True, events
 
     @cached_property

@@ -255,7 +255,11 @@ class SqliteLedgerWriter:
     def open_connections(self) -> int:
         return len(self._connections) + len(self._prompt_connections)
 
-    def __call__(self, values: dict[str, Any]) -> bool:
+    def __call__(
+        self, values: dict[str, Any], also: Callable[[sqlite3.Connection], object] | None = None
+    ) -> bool:
+        """:param also: run on the same connection after the row, in one ``BEGIN IMMEDIATE``
+        transaction with it (a budget settlement): both are committed, or neither."""
         row = [values[name] for name in self._names]
         for i, processor in self._processors:
             row[i] = processor(row[i])
@@ -271,12 +275,18 @@ class SqliteLedgerWriter:
         try:
             conn = pool.acquire()
             try:
-                inserted = conn.execute(self._sql, row).rowcount == 1
+                if also is None:
+                    inserted = conn.execute(self._sql, row).rowcount == 1
+                else:
+                    inserted = self._together(conn, row, also)
             except sqlite3.Error as exc:
                 if store_busy(exc) or isinstance(exc, sqlite3.IntegrityError):
                     pool.release(conn)
                 else:  # read-only, I/O error, a stale schema: never lend this one again
                     pool.discard(conn)
+                raise
+            except BaseException:
+                pool.release(conn)  # rolled back
                 raise
             pool.release(conn)
             return inserted
@@ -291,6 +301,19 @@ class SqliteLedgerWriter:
                 workspace_id=values["workspace_id"],
                 cause=f"{type(exc).__name__}: {first_line[:300]}",
             ) from None
+
+    def _together(
+        self, conn: sqlite3.Connection, row: list[Any], also: Callable[[sqlite3.Connection], object]
+    ) -> bool:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            inserted: bool = conn.execute(self._sql, row).rowcount == 1
+            also(conn)
+            conn.execute("COMMIT")
+        finally:
+            if conn.in_transaction:  # never lend it on with a transaction open
+                conn.execute("ROLLBACK")
+        return inserted
 
     def close(self) -> None:
         """Close the connections (the next record opens a new one)."""
@@ -375,6 +398,20 @@ class Ledger:
         ):
             inserted = conn.execute(self._insert, values).first()
         return inserted is not None
+
+    def record_with(
+        self, record: UsageRecord, also: Callable[[sqlite3.Connection], object]
+    ) -> bool | None:
+        """On a SQLite file, :meth:`record` and ``also`` on the same ``sqlite3`` connection, in
+        one transaction (the call's budget settlement): both are committed, or neither.
+
+        :returns: whether the row was new; ``None`` (nothing done) on another store.
+        :raises StoreUnavailable: the store did not take the transaction (nothing written).
+        """
+        if self._writer is None:
+            return None
+        _check(record)
+        return self._writer(self.values(record, self._clock()), also)
 
     def record_many(
         self, records: Sequence[UsageRecord], *, also: Callable[[Connection], object] | None = None
