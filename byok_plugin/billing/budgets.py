@@ -53,7 +53,13 @@ hold no longer spends.
 ``sqlite3`` connections of the file (as the ledger's writer does), with the values bound by the
 columns' own SQLAlchemy processors: a reservation plus a settlement costs about 0.2 ms there,
 against 0.9 ms through SQLAlchemy's connection and result machinery. A workspace without budgets
-costs one indexed read per call (on PostgreSQL, the reservation's one statement finding no row). In a hook called on an event loop a SQLite write waits at most
+costs one indexed read per call (on PostgreSQL, the reservation's one statement finding no row).
+On SQLite a reservation with budgets is ``BEGIN IMMEDIATE``, one read of the budgets joined with
+the call's previous holds, the admission and the hold per budget, ``COMMIT`` (the separate read
+of the budgets is skipped once the store has found budgets for the workspace: a hint of the
+order only, the read in the transaction decides); a settlement (:meth:`BudgetStore.settle`, or
+:meth:`BudgetStore.settle_on` inside the ledger row's transaction) reads the call's holds,
+then spends and marks each. In a hook called on an event loop a SQLite write waits at most
 ``LOOP_LOCK_WAIT_MS`` for another writer's lock and then fails, and the runner tries it again in a
 worker thread.
 

@@ -20,7 +20,9 @@ three times as much per row (0.2-0.3 ms against 0.08 ms), and every extra driver
 GIL back and forth, which hurts a host that records from worker threads. The values are
 converted by the table's own SQLAlchemy bind processors, so the stored text is what a SQLAlchemy
 insert would store; the connection has the store engine's pragmas (WAL, ``synchronous =
-NORMAL``, busy timeout). PostgreSQL and in-memory SQLite keep the SQLAlchemy insert.
+NORMAL``, busy timeout). PostgreSQL and in-memory SQLite keep the SQLAlchemy insert. A call that
+holds a budget can have its row and its settlement committed together
+(:meth:`Ledger.record_with`: ``BEGIN IMMEDIATE``, the insert, the settlement, ``COMMIT``).
 """
 
 from __future__ import annotations
