@@ -33,6 +33,7 @@ from byok_hookspecs import (
 
 from byok_plugin.app import App
 from byok_plugin.authorization import role_decision
+from byok_plugin.core.errors import StoreUnavailable
 from byok_plugin.settings import Settings
 
 audit_log = logging.getLogger("byok.audit")
@@ -58,7 +59,7 @@ _STORE_HOOKS = frozenset(
         "byok_resolve_credential",
         "byok_record_usage",
         "byok_record_usage_batch",
-        "byok_record_usage_and_settle",  # declines on SQLite: never waits
+        "byok_record_usage_and_settle",  # on SQLite, waits as byok_record_usage does
         "byok_recorded_calls",
         "byok_audit",
         "byok_prepare",
@@ -194,9 +195,26 @@ class DefaultPlugin:
         self, records: Sequence[UsageRecord], settlements: Sequence[BudgetSettlement]
     ) -> bool | None:
         # on PostgreSQL, the group's rows and its settlements in one transaction (one commit);
-        # on SQLite the runner does not group calls: declined, each is recorded and settled
+        # on a SQLite file, one call's row and its settlement (the runner's calls on its event
+        # loop): declined for a group, and when the store does not take the transaction at once
+        # (nothing was written: the runner records, into the spool if need be, and settles)
         if self.app.engine.dialect.name != "postgresql":
-            return None
+            if len(records) != 1 or not self.app.budgets.settles_on_sqlite:
+                return None
+            done: list[list[AuditEvent]] = []
+            try:
+                written = self.app.ledger.record_with(
+                    records[0],
+                    lambda conn: done.append(self.app.budgets.settle_on(conn, settlements)[1]),
+                )
+            except StoreUnavailable:
+                return None
+            if written is None:
+                return None
+            self.app.durable_ledger.stored()
+            for event in done[0] if done else ():  # thresholds crossed, once committed
+                self._announce(event)
+            return True
         settled: list[list[AuditEvent]] = []
         self.app.ledger.record_many(
             records,

@@ -32,12 +32,14 @@ from byok_plugin.app import App
 from byok_plugin.billing.budgets import (
     KEEP_HOLDS,
     PRUNE_BATCH,
+    PRUNE_EVERY,
     BudgetError,
     BudgetStore,
     budget_holds,
     budgets,
     to_units,
 )
+from byok_plugin.core.errors import StoreUnavailable
 from byok_plugin.keys.reader import sqlite_file_of
 from byok_plugin.manager import plugin_manager_for
 from byok_plugin.settings import Settings
@@ -469,25 +471,33 @@ def test_hook_byok_record_usage_and_settle_commits_rows_and_settlements_together
         pm.hook.byok_reserve_budget(reservation=reservation(key, "0.30"))
     together = [settlement(key, "0.10") for key in keys]
     answer = pm.hook.byok_record_usage_and_settle(records=records, settlements=together)
-    if not database_url.startswith("postgresql"):
-        # SQLite: declined (calls are not grouped there); nothing was written
+    sqlite_store = not database_url.startswith("postgresql")
+    if sqlite_store:
+        # SQLite: a group is declined (the runner groups calls on PostgreSQL only), nothing
+        # written; one call's row and its settlement commit together (the runner's calls on
+        # its event loop)
         assert answer is None
         assert app.ledger.get(keys[0]) is None
-        return
+        for one in zip(records, together, strict=True):
+            answer = pm.hook.byok_record_usage_and_settle(records=[one[0]], settlements=[one[1]])
+            assert answer is True
     assert answer is True
     assert all(app.ledger.get(key) is not None for key in keys)
     status = app.budgets.get(WS, "monthly")
     assert status is not None
     assert (status.spent, status.reserved) == (Decimal("0.2"), 0)
     # idempotent on each key: the same group again changes nothing
-    assert pm.hook.byok_record_usage_and_settle(records=records, settlements=together) is True
+    again = [([r], [s]) for r, s in zip(records, together, strict=True)]
+    for group in again if sqlite_store else [(records, together)]:
+        assert pm.hook.byok_record_usage_and_settle(records=group[0], settlements=group[1])
     assert app.budgets.get(WS, "monthly").spent == Decimal("0.2")  # type: ignore[union-attr]
     # one transaction: a settlement the store refuses (more than a BIGINT of nano-dollars)
     # leaves no row of the group either
     late = [record_for(n, workspace=WS) for n in (7,)]
     pm.hook.byok_reserve_budget(reservation=reservation(late[0].idempotency_key, "0.30"))
     refused = [settlement(late[0].idempotency_key, "1E+12")]
-    with pytest.raises(Exception, match="recording usage"):
+    expected = "too large" if sqlite_store else "recording usage"
+    with pytest.raises((OverflowError, StoreUnavailable), match=expected):
         pm.hook.byok_record_usage_and_settle(records=late, settlements=refused)
     assert app.ledger.get(late[0].idempotency_key) is None
     assert app.budgets.get(WS, "monthly").reserved == Decimal("0.3")  # type: ignore[union-attr]
@@ -515,6 +525,9 @@ def reserved_in_rows(app: App) -> tuple[int, int]:
 def test_settled_and_expired_holds_are_pruned_once_kept_long_enough(
     app: App, pm: pluggy.PluginManager, clock: Clock
 ) -> None:
+    # every reservation expires and prunes, as on PostgreSQL (on SQLite a store does it every
+    # ``prune_every``-th reservation: test_on_sqlite_lapsed_holds_are_expired_and_old_ones_...)
+    app.budgets = BudgetStore(app.engine, clock=clock, prune_every=1)
     app.budgets.set_budget(WS, "monthly", limit="10.00")
     for n in range(90):  # settled
         pm.hook.byok_reserve_budget(reservation=reservation(f"r:s:{n}", "0.02"))
@@ -568,7 +581,9 @@ def test_under_steady_calls_the_hold_table_stays_bounded(
     app.budgets.set_budget(WS, "triage", limit="1.00", period="none", workflow_id="triage")
     every = timedelta(minutes=10)
     hold = timedelta(minutes=15)
-    calls = 400
+    # a multiple of PRUNE_EVERY: on SQLite the store's next reservation is one that expires and
+    # prunes (the first of a store and every PRUNE_EVERY-th after it do)
+    calls = 25 * PRUNE_EVERY
     most = 0
     for n in range(calls):
         key = f"r:{n}:1"
@@ -579,15 +594,24 @@ def test_under_steady_calls_the_hold_table_stays_bounded(
             assert pm.hook.byok_settle_budget(settlement=settlement(key, "0.001"))
         most = max(most, hold_rows(app))
         clock.advance(seconds=every.total_seconds())
-    # two holds per call (two budgets), kept while the call's expiry is within KEEP_HOLDS
-    bound = 2 * ((KEEP_HOLDS + hold) // every + 2)
+    # two holds per call (two budgets), kept while the call's expiry is within KEEP_HOLDS; on
+    # SQLite, plus those of the calls made since the store's last pruning reservation
+    between = 0 if app.engine.dialect.name == "postgresql" else PRUNE_EVERY
+    bound = 2 * ((KEEP_HOLDS + hold) // every + 2 + between)
     assert most <= bound < 2 * calls
     assert hold_rows(app) <= bound
     # the budgets carry what was spent, and only the lapsed holds' capacity came back
     status = app.budgets.get(WS, "monthly")
     assert status is not None
     assert status.spent == Decimal("0.001") * (calls - calls // 10)
-    assert reserved_in_rows(app) == (0, 0)  # the last call settled, the lapsed ones expired
+    assert status.reserved == 0  # the last call settled; the holds still marked held lapsed
+    reserved, held = reserved_in_rows(app)
+    assert reserved == held  # each hold counted once in the budgets' rows
+    # the next reservation expires the lapsed ones (on SQLite: it is a pruning one)
+    clock.advance(seconds=every.total_seconds())
+    assert pm.hook.byok_reserve_budget(reservation=reservation("r:last:1", "0.002"))
+    assert pm.hook.byok_settle_budget(settlement=settlement("r:last:1", "0.001"))
+    assert reserved_in_rows(app) == (0, 0)
 
 
 def test_pruning_while_many_threads_reserve_and_settle_keeps_the_accounts(app: App) -> None:
@@ -634,6 +658,98 @@ def test_pruning_while_many_threads_reserve_and_settle_keeps_the_accounts(app: A
         store.close()
 
 
+@pytest.mark.parametrize("prune_every", [1, 16])
+def test_a_call_reserved_again_after_its_hold_lapsed_is_counted_once(
+    app: App, clock: Clock, prune_every: int
+) -> None:
+    # the lapsed hold is freed once (by the expiry or by its replacement, not both), whether
+    # the reservation that replaces it expires lapsed holds or not
+    store = BudgetStore(app.engine, clock=clock, prune_every=prune_every)
+    try:
+        store.set_budget(WS, "monthly", limit="1.00")
+        assert store.reserve(reservation("r:a:1", "0.50", hold_seconds=60))
+        assert store.reserve(reservation("r:b:1", "0.20", hold_seconds=60))
+        clock.advance(seconds=61)
+        assert store.reserve(reservation("r:a:1", "0.30"))
+        assert store.reserve(reservation("r:c:1", "0.70"))  # fits once r:b:1 is expired
+        reserved, held = reserved_in_rows(app)
+        assert reserved == held == to_units(Decimal("1.00"))
+        status = store.get(WS, "monthly")
+        assert status is not None
+        assert (status.reserved, status.left) == (Decimal("1"), 0)
+    finally:
+        store.close()
+
+
+def test_on_sqlite_lapsed_holds_are_expired_and_old_ones_pruned_every_nth_reservation(
+    app: App, database_url: str, clock: Clock
+) -> None:
+    """On SQLite a store's first reservation and every ``prune_every``-th after it expire the
+    workspace's lapsed holds and prune its old ones; a reservation that does not fit a hard
+    budget expires the lapsed holds at once and is admitted if that made room."""
+    if not database_url.startswith("sqlite"):
+        pytest.skip("on PostgreSQL every reservation's statement expires and prunes")
+    store = BudgetStore(app.engine, clock=clock, prune_every=4)
+
+    def row_reserved() -> Decimal:
+        with app.engine.connect() as conn:
+            units = conn.execute(
+                sa.select(budgets.c.reserved_units).where(budgets.c.workspace_id == WS)
+            ).scalar_one()
+        return Decimal(units) * Decimal("0.000000001")
+
+    def states() -> dict[str, str]:
+        with app.engine.connect() as conn:
+            rows = conn.execute(sa.select(budget_holds.c.idempotency_key, budget_holds.c.state))
+            return {str(key): str(state) for key, state in rows}
+
+    try:
+        store.set_budget(WS, "monthly", limit="1.00")
+        for n in range(3):  # reservations 0-2; their workers die, the holds lapse in a minute
+            assert store.reserve(reservation(f"k:{n}", "0.30", hold_seconds=60))
+        clock.advance(seconds=61)
+        status = store.get(WS, "monthly")
+        assert status is not None
+        assert status.reserved == 0  # what operators see: live holds only
+        assert row_reserved() == Decimal("0.90")  # the row still counts them, marked held
+        # reservation 3: fits beside them, nothing expired
+        assert store.reserve(reservation("k:3", "0.05", hold_seconds=3600))
+        assert row_reserved() == Decimal("0.95")
+        assert set(states().values()) == {"held"}
+        # reservation 4 is a pruning one: the lapsed holds expire and leave the row's reserved
+        assert store.reserve(reservation("k:4", "0.05", hold_seconds=3600))
+        assert row_reserved() == Decimal("0.10")
+        assert [states()[f"k:{n}"] for n in range(5)] == ["expired"] * 3 + ["held"] * 2
+        # reservation 5 lapses too; reservation 6 does not fit until it is expired, then does
+        assert store.reserve(reservation("k:5", "0.50", hold_seconds=60))
+        clock.advance(seconds=61)
+        assert row_reserved() == Decimal("0.60")
+        assert store.reserve(reservation("k:6", "0.80", hold_seconds=3600))
+        assert row_reserved() == Decimal("0.90")
+        assert states()["k:5"] == "expired"
+        # reservation 7 does not fit even then: refused, naming what the live holds reserve
+        with pytest.raises(BudgetExceeded) as refused:
+            store.reserve(reservation("k:7", "0.20"))
+        assert (refused.value.reserved, refused.value.left) == (Decimal("0.9"), Decimal("0.1"))
+        assert "k:7" not in states()
+        # a day later: the refusal counted (7), reservation 8 prunes, 9 does not
+        for key in ("k:3", "k:4", "k:6"):
+            assert store.settle(settlement(key, "0.01")) == (True, [])
+        clock.advance(seconds=KEEP_HOLDS.total_seconds() + 7200)
+        assert store.reserve(reservation("k:8", "0.05"))
+        assert sorted(states()) == ["k:8"]
+        assert store.settle(settlement("k:8", "0.01")) == (True, [])
+        clock.advance(seconds=KEEP_HOLDS.total_seconds() + 7200)
+        assert store.reserve(reservation("k:9", "0.05"))
+        assert sorted(states()) == ["k:8", "k:9"]  # k:8 is old now, pruned by reservation 12
+        status = store.get(WS, "monthly")
+        assert status is not None
+        assert (status.spent, status.reserved) == (Decimal("0.04"), Decimal("0.05"))
+        assert row_reserved() == Decimal("0.05")
+    finally:
+        store.close()
+
+
 def test_on_sqlite_a_calls_holds_are_found_by_their_key_not_by_reading_the_workspaces(
     app: App, database_url: str
 ) -> None:
@@ -649,7 +765,7 @@ def test_on_sqlite_a_calls_holds_are_found_by_their_key_not_by_reading_the_works
     assert path is not None
     conn = sqlite3.connect(str(path))
     try:
-        for name in ("previous", "forget", "held", "prune"):
+        for name in ("budgets_held", "forget", "held", "prune"):
             text, order, _, _ = direct._compiled[name]
             plan = [
                 row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {text}", [None] * len(order))

@@ -28,17 +28,23 @@ rows from ``held`` (or ``expired``) to ``settled`` and moves the amount from ``r
 ``spent``; a second settlement finds nothing to flip and changes nothing. A call that did not
 complete releases its holds: they become ``expired`` (not ``settled``), so the same call made again
 is held again. Every statement on holds names the workspace as well as the key. A hold whose call never
-settles (a worker killed between the two) is marked ``expired`` by the next reservation on its
-budget (on SQLite: the next operation on the workspace) after its ``expires_at``, and its amount
-leaves ``reserved``.
+settles (a worker killed between the two) lapses at its ``expires_at``: from then on it counts
+for nothing (:meth:`BudgetStore.list_budgets` shows ``reserved`` from live holds only), and it is
+marked ``expired``, its amount leaving the budget row's ``reserved``, by the next reservation on
+its budget on PostgreSQL; on SQLite by the next reservation of the workspace that does not fit a
+hard budget (which expires the workspace's lapsed holds and tries once more) or that prunes
+(below), whichever comes first. A late settlement of a lapsed hold frees it too.
 
 **Pruning.** Settled and expired holds do not pile up (one per call per budget): a reservation
-also deletes, in its one statement on PostgreSQL (the holds on the budgets it locked) or its
-``BEGIN IMMEDIATE`` transaction on SQLite (the workspace's holds), at most :data:`PRUNE_BATCH`
-holds that are settled or expired and whose expiry and settlement are both more than
-``keep_holds`` (:data:`KEEP_HOLDS`, a day) ago, never the reserving call's own. No background
-thread: each call writes one hold per budget and may delete up to :data:`PRUNE_BATCH` old ones, so
-the table holds about the holds of the last ``keep_holds`` plus the hold time. A settlement of a
+also deletes, in its one statement on PostgreSQL (the holds on the budgets it locked), at most
+:data:`PRUNE_BATCH` holds that are settled or expired and whose expiry and settlement are both
+more than ``keep_holds`` (:data:`KEEP_HOLDS`, a day) ago, never the reserving call's own. On
+SQLite a store's first reservation and every ``prune_every``-th (:data:`PRUNE_EVERY`) after it
+do so in their ``BEGIN IMMEDIATE`` transaction (the workspace's holds, at most ``PRUNE_BATCH *
+prune_every``), after expiring the workspace's lapsed holds; the others skip both statements. No
+background thread: each call writes one hold per budget and may delete up to :data:`PRUNE_BATCH`
+old ones (on average), so the table holds about the holds of the last ``keep_holds`` plus the
+hold time (plus, on SQLite, those of the last ``prune_every`` calls). A settlement of a
 call whose holds were pruned finds nothing and changes nothing (as a repeated one does); a
 reservation repeated under its key after that is held afresh, and a late settlement of an expired
 hold no longer spends.
@@ -47,7 +53,13 @@ hold no longer spends.
 ``sqlite3`` connections of the file (as the ledger's writer does), with the values bound by the
 columns' own SQLAlchemy processors: a reservation plus a settlement costs about 0.2 ms there,
 against 0.9 ms through SQLAlchemy's connection and result machinery. A workspace without budgets
-costs one indexed read per call (on PostgreSQL, the reservation's one statement finding no row). In a hook called on an event loop a SQLite write waits at most
+costs one indexed read per call (on PostgreSQL, the reservation's one statement finding no row).
+On SQLite a reservation with budgets is ``BEGIN IMMEDIATE``, one read of the budgets joined with
+the call's previous holds, the admission and the hold per budget, ``COMMIT`` (the separate read
+of the budgets is skipped once the store has found budgets for the workspace: a hint of the
+order only, the read in the transaction decides); a settlement (:meth:`BudgetStore.settle`, or
+:meth:`BudgetStore.settle_on` inside the ledger row's transaction) reads the call's holds,
+then spends and marks each. In a hook called on an event loop a SQLite write waits at most
 ``LOOP_LOCK_WAIT_MS`` for another writer's lock and then fails, and the runner tries it again in a
 worker thread.
 
@@ -61,11 +73,12 @@ from __future__ import annotations
 
 import collections
 import enum
+import itertools
 import re
 import secrets
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
@@ -106,6 +119,7 @@ from byok_plugin.store.tables import UTCDateTime, metadata
 __all__ = [
     "KEEP_HOLDS",
     "PRUNE_BATCH",
+    "PRUNE_EVERY",
     "UNIT",
     "Budget",
     "BudgetError",
@@ -128,9 +142,17 @@ DEFAULT_THRESHOLDS = (50, 80, 100)
 #: reservation of a settled call holds nothing more, and a late settlement of an expired hold still
 #: spends what the call cost. After that the next reservation on its budget deletes it.
 KEEP_HOLDS = timedelta(days=1)
-#: at most this many old holds are deleted by one reservation (a bounded delete on a path every
-#: call takes; each call writes one hold per budget that applies, so the table stops growing)
+#: at most this many old holds are deleted per reservation (a bounded delete on a path every
+#: call takes; each call writes one hold per budget that applies, so the table stops growing).
+#: On PostgreSQL every reservation deletes up to this many; on SQLite every
+#: :data:`PRUNE_EVERY`-th reservation of a store deletes up to ``PRUNE_BATCH * PRUNE_EVERY``
 PRUNE_BATCH = 64
+#: on SQLite, how often a store's reservations expire the workspace's lapsed holds and prune its
+#: old ones: the first reservation and every ``PRUNE_EVERY``-th after it (a reservation that does
+#: not fit a hard budget expires the lapsed holds at once and tries again)
+PRUNE_EVERY = 16
+#: how many workspaces a store remembers as having budgets (past that it starts again)
+_BUDGETED_HINTS = 10_000
 #: the sources a BYOK list-cost budget counts: the workspace's own keys and those it inherits
 _BYOK_SOURCES = (CredentialSource.WORKSPACE, CredentialSource.ORGANIZATION)
 #: the largest limit: a BIGINT of nano-dollars
@@ -342,15 +364,26 @@ class BudgetStore:
         *,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         keep_holds: timedelta = KEEP_HOLDS,
+        prune_every: int = PRUNE_EVERY,
     ) -> None:
         if keep_holds < timedelta(0):
             raise BudgetError("keep_holds is a duration of 0 or more")
+        if not isinstance(prune_every, int) or prune_every < 1:
+            raise BudgetError("prune_every is a whole number of reservations, 1 or more")
         self._engine = engine
         self._clock = clock
         self._keep_holds = keep_holds
         #: on PostgreSQL, which workspaces have budgets, while the change listener is connected
         #: (the app follows the listener with it): a workspace without one reserves from memory
         self.presence = BudgetPresence()
+        # SQLite: the first reservation of this store and every ``prune_every``-th after it
+        # expires the workspace's lapsed holds and prunes its old ones (see :meth:`reserve`)
+        self._prune_every = prune_every
+        self._reservations = itertools.count()
+        # SQLite: the workspaces this store last found budgets for, whose next reservation reads
+        # them inside its write transaction (one transaction, no separate read); only a hint of
+        # the order, the read in the transaction decides
+        self._budgeted: set[str] = set()
 
     def __repr__(self) -> str:
         return f"BudgetStore(dialect={self._engine.dialect.name!r})"
@@ -514,8 +547,33 @@ class BudgetStore:
                 t.c.key_id,
                 t.c.workflow_id,
             ).where(t.c.workspace_id == p("b_ws")),
+            # the workspace's budgets, each with this call's hold on it if it has one (a hold's
+            # budget is of its workspace): one statement, inside the reservation's transaction
+            budgets_held=sa.select(
+                t.c.id,
+                t.c.name,
+                t.c.metric,
+                t.c.hard,
+                t.c.period,
+                t.c.period_start,
+                t.c.key_id,
+                t.c.workflow_id,
+                h.c.state,
+                h.c.amount_units,
+            )
+            .select_from(
+                t.outerjoin(h, sa.and_(h.c.budget_id == t.c.id, h.c.idempotency_key == p("b_key")))
+            )
+            .where(t.c.workspace_id == p("b_ws")),
+            # the workspace's lapsed holds, but the reserving call's own (freed and replaced by
+            # the reservation itself)
             expire=sa.update(h)
-            .where(h.c.workspace_id == p("b_ws"), h.c.state == "held", h.c.expires_at < p("b_now"))
+            .where(
+                h.c.workspace_id == p("b_ws"),
+                h.c.state == "held",
+                h.c.expires_at < p("b_now"),
+                h.c.idempotency_key != p("b_key"),
+            )
             .values(state="expired")
             .returning(h.c.budget_id, h.c.amount_units),
             # the settled and expired holds kept long enough (:data:`KEEP_HOLDS`), a bounded batch
@@ -531,7 +589,7 @@ class BudgetStore:
                         sa.or_(h.c.settled_at.is_(None), h.c.settled_at < p("b_cutoff")),
                         h.c.idempotency_key != p("b_key"),
                     )
-                    .limit(PRUNE_BATCH)
+                    .limit(p("b_batch", type_=sa.Integer))
                 )
             ),
             free=sa.update(t)
@@ -546,9 +604,6 @@ class BudgetStore:
             .values(spent_units=0, alerted="", period_start=p("b_start")),
             # every statement on holds names the workspace: a run id (and so an idempotency key)
             # chosen by two workspaces never reaches the other's holds
-            previous=sa.select(h.c.budget_id, h.c.state, h.c.amount_units).where(
-                h.c.idempotency_key == p("b_key"), of_workspace
-            ),
             forget=sa.delete(h).where(h.c.idempotency_key == p("b_key"), of_workspace),
             admit_hard=sa.update(t)
             .where(
@@ -614,23 +669,25 @@ class BudgetStore:
             return None
         return _SqliteStatements(path, self._engine.dialect, self._sql, lock_backoff(self._engine))
 
-    @contextmanager
-    def _reading(self, what: str, ws: str) -> Iterator[Query]:
+    def _reading(self, what: str, ws: str) -> AbstractContextManager[Query]:
         direct = self._direct
         if direct is not None:
-            with direct.reading(what, ws) as q:
-                yield q
-            return
+            return direct.reading(what, ws)
+        return self._sqlalchemy_reading(what, ws)
+
+    def _writing(self, what: str, ws: str) -> AbstractContextManager[Query]:
+        direct = self._direct
+        if direct is not None:
+            return direct.writing(what, ws)
+        return self._sqlalchemy_writing(what, ws)
+
+    @contextmanager
+    def _sqlalchemy_reading(self, what: str, ws: str) -> Iterator[Query]:
         with store_errors(what, workspace_id=ws), self._engine.connect() as conn:
             yield _sqlalchemy_query(conn, self._sql)
 
     @contextmanager
-    def _writing(self, what: str, ws: str) -> Iterator[Query]:
-        direct = self._direct
-        if direct is not None:
-            with direct.writing(what, ws) as q:
-                yield q
-            return
+    def _sqlalchemy_writing(self, what: str, ws: str) -> Iterator[Query]:
         with store_errors(what, workspace_id=ws), write_transaction(self._engine) as conn:
             lock_in_transaction(conn, "budgets", ws)
             yield _sqlalchemy_query(conn, self._sql)
@@ -644,10 +701,11 @@ class BudgetStore:
                 q("rollover", {"b_ws": ws, "b_period": period.value, "b_start": start})
 
     @staticmethod
-    def _expire(q: Query, ws: str, now: datetime) -> None:
-        """Expire the workspace's lapsed holds: their amounts leave ``reserved``."""
+    def _expire(q: Query, ws: str, key: str, now: datetime) -> None:
+        """Expire the workspace's lapsed holds (not those of the call ``key``): their amounts
+        leave ``reserved``."""
         freed: dict[str, int] = {}
-        for budget_id, amount in q("expire", {"b_ws": ws, "b_now": now}):
+        for budget_id, amount in q("expire", {"b_ws": ws, "b_key": key, "b_now": now}):
             freed[budget_id] = freed.get(budget_id, 0) + int(amount)
         for budget_id in sorted(freed):
             q("free", {"b_id": budget_id, "b_amount": freed[budget_id]})
@@ -680,11 +738,14 @@ class BudgetStore:
             if not self._may_have_budgets(ws):
                 return None  # known from memory: no budget, nothing to hold
             return self._reserve_postgresql(reservation, now)
-        with self._reading("reading budgets", ws) as q:
-            rows = q("budgets", {"b_ws": ws})
-        if not rows:
-            return None  # the common case costs one read, and no write lock
-        applicable = self._applicable(rows, reservation)
+        if ws not in self._budgeted:
+            with self._reading("reading budgets", ws) as q:
+                if not q("budgets", {"b_ws": ws}):
+                    return None  # the common case costs one read, and no write lock
+            if len(self._budgeted) >= _BUDGETED_HINTS:
+                self._budgeted.clear()
+            self._budgeted.add(ws)
+        prune = next(self._reservations) % self._prune_every == 0
         expires_at = now + timedelta(seconds=reservation.hold_seconds)
         needs = {
             BudgetMetric.CHARGE.value: to_units(reservation.amount),
@@ -693,25 +754,50 @@ class BudgetStore:
         held: list[str] = []
         largest = 0
         with self._writing("reserving budget", ws) as q:
-            self._expire(q, ws, now)
-            # old settled and expired holds go, a bounded batch, in the same transaction
-            q("prune", {"b_ws": ws, "b_key": key, "b_cutoff": now - self._keep_holds})
+            # under the write lock (the authority: budgets found last time need not be there
+            # now), the budgets with the call's previous holds on them
+            rows = q("budgets_held", {"b_ws": ws, "b_key": key})
+            if not rows:
+                self._budgeted.discard(ws)
+                return None
+            applicable = self._applicable(rows, reservation)
+            expired = prune
+            if prune:
+                # every ``prune_every``-th reservation: lapsed holds leave ``reserved``, and old
+                # settled and expired holds go, a bounded batch, in the same transaction
+                self._expire(q, ws, key, now)
+                q(
+                    "prune",
+                    {
+                        "b_ws": ws,
+                        "b_key": key,
+                        "b_cutoff": now - self._keep_holds,
+                        "b_batch": PRUNE_BATCH * self._prune_every,
+                    },
+                )
             self._rollover(q, ws, applicable, now)
-            previous = q("previous", {"b_ws": ws, "b_key": key})
+            previous = sorted((r for r in rows if r.state is not None), key=lambda r: r.id)
             if any(p.state == "settled" for p in previous):
                 # the call completed and was settled already (a run repeated under the same run
                 # id): nothing more to hold. A released hold (the call did not complete) is
                 # "expired", not "settled": the call is held again below.
                 return BudgetHold(key, ws, (), Decimal(0), now)
             if previous:  # another credential for the same call: the new hold replaces the old
-                for p in sorted(previous, key=lambda p: p.budget_id):
-                    if p.state == "held":
-                        q("free", {"b_id": p.budget_id, "b_amount": p.amount_units})
+                for p in previous:
+                    if p.state == "held":  # (even lapsed: the expiry leaves the call's own)
+                        q("free", {"b_id": p.id, "b_amount": p.amount_units})
                 q("forget", {"b_ws": ws, "b_key": key})
             for budget in applicable:
                 need = needs[budget.metric]
                 admit = "admit_hard" if budget.hard else "admit_soft"
-                if not q(admit, {"b_id": budget.id, "b_need": need}):
+                admitted = q(admit, {"b_id": budget.id, "b_need": need})
+                if not admitted and not expired:
+                    # lapsed holds (their workers died) may still count in ``reserved``: they
+                    # are expired now, and the call admitted if that made room
+                    self._expire(q, ws, key, now)
+                    expired = True
+                    admitted = q(admit, {"b_id": budget.id, "b_need": need})
+                if not admitted:
                     found = q("row", {"b_id": budget.id})
                     if not found:  # deleted meanwhile
                         continue
@@ -750,46 +836,76 @@ class BudgetStore:
         :returns: whether anything changed (``False`` when settled already, or nothing held),
             and the threshold events to audit (once the transaction has committed).
         """
-        ws = settlement.workspace_id
-        key = settlement.idempotency_key
-        now = self._clock()
-        spent = _settled_units(settlement)
         if self._postgresql:
             return self._settle_postgresql(settlement)
+        with self._writing("settling budget", settlement.workspace_id) as q:
+            return self._settle_in(q, settlement, self._clock())
+
+    @property
+    def settles_on_sqlite(self) -> bool:
+        """Whether :meth:`settle_on` can settle on a connection of the store's SQLite file."""
+        return self._direct is not None
+
+    def settle_on(
+        self, conn: sqlite3.Connection, settlements: Sequence[BudgetSettlement]
+    ) -> tuple[bool, list[AuditEvent]]:
+        """:meth:`settle` on ``conn``, a ``sqlite3`` connection of the store's file, inside the
+        transaction it is in (the ledger's row of the same call: one commit for both). Its
+        ``sqlite3`` errors are the caller's (who rolls the transaction back).
+
+        :returns: whether anything changed, and the threshold events to audit once committed.
+        """
+        direct = self._direct
+        if direct is None:
+            raise BudgetError("settle_on needs a store on a SQLite file (settles_on_sqlite)")
+        q = direct._query(conn)
+        now = self._clock()
+        changed = False
         events: list[AuditEvent] = []
-        with self._writing("settling budget", ws) as q:
-            rows = q("held", {"b_ws": ws, "b_key": key})
-            if not settlement.completed:
-                # a release: the amount leaves ``reserved`` and the hold is marked ``expired``,
-                # not ``settled``, so that the same call made again is held again, and a
-                # completed settlement arriving later (a record that outlived a cancelled run)
-                # still spends what the call cost
-                rows = [r for r in rows if r.state == "held"]
-            if not rows:
-                return False, []
-            self._rollover(q, ws, rows, now)
-            for row in sorted(rows, key=lambda r: r.budget_id):
-                amount = spent[row.metric]
-                # a hold still marked held past its expiry was never freed: it is freed here
-                release = int(row.amount_units) if row.state == "held" else 0
-                updated = q(
-                    "spend", {"b_id": row.budget_id, "b_spent": amount, "b_release": release}
-                )
-                q(
-                    "settle",
-                    {
-                        "b_ws": ws,
-                        "b_key": key,
-                        "b_id": row.budget_id,
-                        "b_now": now,
-                        "b_spent": amount,
-                        "b_state": "settled" if settlement.completed else "expired",
-                    },
-                )
-                if updated:
-                    event = self._crossed(q, ws, updated[0], now)
-                    if event is not None:
-                        events.append(event)
+        for settlement in settlements:
+            done, crossed = self._settle_in(q, settlement, now)
+            changed = changed or done
+            events.extend(crossed)
+        return changed, events
+
+    def _settle_in(
+        self, q: Query, settlement: BudgetSettlement, now: datetime
+    ) -> tuple[bool, list[AuditEvent]]:
+        """The settlement's statements, in the transaction ``q`` runs in."""
+        ws = settlement.workspace_id
+        key = settlement.idempotency_key
+        spent = _settled_units(settlement)
+        events: list[AuditEvent] = []
+        rows = q("held", {"b_ws": ws, "b_key": key})
+        if not settlement.completed:
+            # a release: the amount leaves ``reserved`` and the hold is marked ``expired``,
+            # not ``settled``, so that the same call made again is held again, and a
+            # completed settlement arriving later (a record that outlived a cancelled run)
+            # still spends what the call cost
+            rows = [r for r in rows if r.state == "held"]
+        if not rows:
+            return False, []
+        self._rollover(q, ws, rows, now)
+        for row in sorted(rows, key=lambda r: r.budget_id):
+            amount = spent[row.metric]
+            # a hold still marked held past its expiry was never freed: it is freed here
+            release = int(row.amount_units) if row.state == "held" else 0
+            updated = q("spend", {"b_id": row.budget_id, "b_spent": amount, "b_release": release})
+            q(
+                "settle",
+                {
+                    "b_ws": ws,
+                    "b_key": key,
+                    "b_id": row.budget_id,
+                    "b_now": now,
+                    "b_spent": amount,
+                    "b_state": "settled" if settlement.completed else "expired",
+                },
+            )
+            if updated:
+                event = self._crossed(q, ws, updated[0], now)
+                if event is not None:
+                    events.append(event)
         return True, events
 
     @cached_property
@@ -1207,48 +1323,88 @@ class _SqliteStatements:
 
         return q
 
-    @contextmanager
-    def _connection(self, what: str, ws: str) -> Iterator[sqlite3.Connection]:
-        prompt = called_inline()
-        if prompt and self._backoff.active:
-            raise StoreUnavailable(what, workspace_id=ws, cause=str(self._backoff.refusal()))
-        pool = self._prompt_connections if prompt else self._connections
-        try:
-            conn = pool.acquire()
-            try:
-                yield conn
-            finally:
-                pool.release(conn)
-        except sqlite3.Error as exc:
-            if prompt and store_busy(exc):
-                self._backoff.hit()
-            first_line = (str(exc).strip().splitlines() or [""])[0]
-            raise StoreUnavailable(
-                what, workspace_id=ws, cause=f"{type(exc).__name__}: {first_line[:300]}"
-            ) from None
+    def reading(self, what: str, ws: str) -> _Borrowed:
+        """A connection's statements, in autocommit."""
+        return _Borrowed(self, what, ws, write=False)
 
-    @contextmanager
-    def reading(self, what: str, ws: str) -> Iterator[Query]:
-        with self._connection(what, ws) as conn:
-            yield self._query(conn)
-
-    @contextmanager
-    def writing(self, what: str, ws: str) -> Iterator[Query]:
+    def writing(self, what: str, ws: str) -> _Borrowed:
         """One ``BEGIN IMMEDIATE`` transaction, committed when the block ends, rolled back when it
         raises (a refusal holds nothing)."""
-        with self._connection(what, ws) as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._query(conn)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:  # never lend the connection on with a transaction open
-                    conn.execute("ROLLBACK")
-                raise
+        return _Borrowed(self, what, ws, write=True)
 
     def close(self) -> None:
         self._connections.close()
         self._prompt_connections.close()
+
+
+class _Borrowed:
+    """``with``: a connection of the statements' file borrowed for the block (a
+    ``BEGIN IMMEDIATE`` transaction around it when writing), its statements as a :data:`Query`;
+    a ``sqlite3`` error becomes :class:`StoreUnavailable` naming what and whose. A plain class,
+    not a generator context manager: it runs twice on every call with a budget."""
+
+    __slots__ = ("_conn", "_pool", "_prompt", "_statements", "_what", "_write", "_ws")
+
+    def __init__(self, statements: _SqliteStatements, what: str, ws: str, *, write: bool) -> None:
+        self._statements = statements
+        self._what = what
+        self._ws = ws
+        self._write = write
+        self._prompt = False
+        self._pool: SqliteConnections | None = None
+        self._conn: sqlite3.Connection | None = None
+
+    def __enter__(self) -> Query:
+        statements = self._statements
+        prompt = self._prompt = called_inline()
+        if prompt and statements._backoff.active:
+            raise StoreUnavailable(
+                self._what, workspace_id=self._ws, cause=str(statements._backoff.refusal())
+            )
+        pool = self._pool = statements._prompt_connections if prompt else statements._connections
+        try:
+            conn = self._conn = pool.acquire()
+            if self._write:
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                except BaseException:
+                    self._conn = None
+                    pool.release(conn)
+                    raise
+        except sqlite3.Error as exc:
+            raise self._unavailable(exc) from None
+        return statements._query(conn)
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, _tb: Any
+    ) -> None:
+        conn, pool = self._conn, self._pool
+        assert conn is not None
+        assert pool is not None
+        self._conn = None
+        try:
+            try:
+                if self._write:
+                    try:
+                        if kind is None:
+                            conn.execute("COMMIT")
+                    finally:
+                        if conn.in_transaction:  # never lend it on with a transaction open
+                            conn.execute("ROLLBACK")
+            finally:
+                pool.release(conn)
+        except sqlite3.Error as failed:
+            raise self._unavailable(failed) from None
+        if isinstance(exc, sqlite3.Error):
+            raise self._unavailable(exc) from None
+
+    def _unavailable(self, exc: sqlite3.Error) -> StoreUnavailable:
+        if self._prompt and store_busy(exc):
+            self._statements._backoff.hit()
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        return StoreUnavailable(
+            self._what, workspace_id=self._ws, cause=f"{type(exc).__name__}: {first_line[:300]}"
+        )
 
 
 def _prepare_prompt(conn: sqlite3.Connection) -> None:

@@ -20,7 +20,9 @@ three times as much per row (0.2-0.3 ms against 0.08 ms), and every extra driver
 GIL back and forth, which hurts a host that records from worker threads. The values are
 converted by the table's own SQLAlchemy bind processors, so the stored text is what a SQLAlchemy
 insert would store; the connection has the store engine's pragmas (WAL, ``synchronous =
-NORMAL``, busy timeout). PostgreSQL and in-memory SQLite keep the SQLAlchemy insert.
+NORMAL``, busy timeout). PostgreSQL and in-memory SQLite keep the SQLAlchemy insert. A call that
+holds a budget can have its row and its settlement committed together
+(:meth:`Ledger.record_with`: ``BEGIN IMMEDIATE``, the insert, the settlement, ``COMMIT``).
 """
 
 from __future__ import annotations
@@ -255,7 +257,11 @@ class SqliteLedgerWriter:
     def open_connections(self) -> int:
         return len(self._connections) + len(self._prompt_connections)
 
-    def __call__(self, values: dict[str, Any]) -> bool:
+    def __call__(
+        self, values: dict[str, Any], also: Callable[[sqlite3.Connection], object] | None = None
+    ) -> bool:
+        """:param also: run on the same connection after the row, in one ``BEGIN IMMEDIATE``
+        transaction with it (a budget settlement): both are committed, or neither."""
         row = [values[name] for name in self._names]
         for i, processor in self._processors:
             row[i] = processor(row[i])
@@ -271,12 +277,18 @@ class SqliteLedgerWriter:
         try:
             conn = pool.acquire()
             try:
-                inserted = conn.execute(self._sql, row).rowcount == 1
+                if also is None:
+                    inserted = conn.execute(self._sql, row).rowcount == 1
+                else:
+                    inserted = self._together(conn, row, also)
             except sqlite3.Error as exc:
                 if store_busy(exc) or isinstance(exc, sqlite3.IntegrityError):
                     pool.release(conn)
                 else:  # read-only, I/O error, a stale schema: never lend this one again
                     pool.discard(conn)
+                raise
+            except BaseException:
+                pool.release(conn)  # rolled back
                 raise
             pool.release(conn)
             return inserted
@@ -291,6 +303,19 @@ class SqliteLedgerWriter:
                 workspace_id=values["workspace_id"],
                 cause=f"{type(exc).__name__}: {first_line[:300]}",
             ) from None
+
+    def _together(
+        self, conn: sqlite3.Connection, row: list[Any], also: Callable[[sqlite3.Connection], object]
+    ) -> bool:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            inserted: bool = conn.execute(self._sql, row).rowcount == 1
+            also(conn)
+            conn.execute("COMMIT")
+        finally:
+            if conn.in_transaction:  # never lend it on with a transaction open
+                conn.execute("ROLLBACK")
+        return inserted
 
     def close(self) -> None:
         """Close the connections (the next record opens a new one)."""
@@ -431,6 +456,20 @@ class Ledger:
         ):
             inserted = conn.execute(self._insert, values).first()
         return inserted is not None
+
+    def record_with(
+        self, record: UsageRecord, also: Callable[[sqlite3.Connection], object]
+    ) -> bool | None:
+        """On a SQLite file, :meth:`record` and ``also`` on the same ``sqlite3`` connection, in
+        one transaction (the call's budget settlement): both are committed, or neither.
+
+        :returns: whether the row was new; ``None`` (nothing done) on another store.
+        :raises StoreUnavailable: the store did not take the transaction (nothing written).
+        """
+        if self._writer is None:
+            return None
+        _check(record)
+        return self._writer(self.values(record, self._clock()), also)
 
     def record_many(
         self, records: Sequence[UsageRecord], *, also: Callable[[Connection], object] | None = None

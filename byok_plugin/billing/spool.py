@@ -396,6 +396,13 @@ class DurableLedger:
         )
         return added
 
+    def stored(self) -> None:
+        """A record the store took by another way than :meth:`record` (its row and its budget
+        settlement in one transaction): what :meth:`record` does after a write, so that the
+        spool is still replayed once the store answers again."""
+        self._recovered()
+        self._replay_if_due()
+
     def _recovered(self) -> None:
         if self._down_since is not None:
             with self._state:

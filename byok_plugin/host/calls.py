@@ -246,9 +246,16 @@ class Calls(Recording):
             )
         else:
             with calling_inline():
-                charge, record, error, charge_error = self._settle(usage, credential, make_record)
+                if budget.hold is not None:  # the record and the settlement in one transaction
+                    charge, record, error, charge_error = self._settle_with_hold(
+                        usage, credential, make_record, budget
+                    )
+                else:
+                    charge, record, error, charge_error = self._settle(
+                        usage, credential, make_record
+                    )
             # settled before the record's retries are awaited (a cancelled run would stop there)
-            if budget.hold is not None:
+            if budget.hold is not None and not budget.settled:
                 await self._settle_budget(budget, charge, credential)
             if error is not None:
                 error = await self._record_again(record, error, credential.api_key)

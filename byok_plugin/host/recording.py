@@ -216,6 +216,32 @@ class Recording(BudgetHolds):
             return charge, record, exc, charge_error
         return charge, record, None, charge_error
 
+    def _settle_with_hold(
+        self,
+        usage: Any,
+        credential: Credential,
+        make_record: Callable[[Charge], UsageRecord],
+        budget: _Budget,
+    ) -> tuple[Charge, UsageRecord, Exception | None, Exception | None]:
+        """:meth:`_settle` for a call that holds a budget: the charge, then its record and its
+        budget settlement together (``byok_record_usage_and_settle``: one transaction) when one
+        plugin does both, and ``byok_record_usage`` on the other plugins; else the record alone,
+        as :meth:`_settle` does (``budget.settled`` stays false: the caller then settles)."""
+        charge, charge_error = self._charge(usage, credential)
+        record = make_record(charge)
+        together = self._record_and_settle([record], [self._settlement(budget, credential, charge)])
+        hook = self.pm.hook.byok_record_usage
+        if together is not None:
+            budget.settled = True
+            if not any(impl.plugin is not together for impl in hook.get_hookimpls()):
+                return charge, record, None, charge_error
+            hook = self.pm.subset_hook_caller("byok_record_usage", remove_plugins=[together])
+        try:
+            hook(record=record)
+        except Exception as exc:
+            return charge, record, exc, charge_error
+        return charge, record, None, charge_error
+
     def _settle_and_retry(
         self,
         usage: Any,
