@@ -12,6 +12,7 @@ import pluggy
 import pytest
 from byok_hookspecs import (
     PROJECT_NAME,
+    USAGE_COUNTS,
     Action,
     Actor,
     Charge,
@@ -200,6 +201,33 @@ def test_values_are_frozen() -> None:
 def test_usage_rejects_impossible_counts(bad) -> None:
     with pytest.raises(ValueError, match="output_tokens"):
         Usage(provider="openai", model="gpt-4o", output_tokens=bad)
+
+
+@pytest.mark.parametrize("name", USAGE_COUNTS)
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "3", None])
+def test_usage_rejects_an_impossible_count_in_any_field(name: str, bad: object) -> None:
+    with pytest.raises(ValueError, match=f"Usage.{name} must be a non-negative integer"):
+        Usage(provider="openai", model="gpt-4o", **{"input_tokens": 2, name: bad})
+
+
+def test_usage_validation_keeps_its_meaning_off_the_common_case() -> None:
+    """The checks of the common case (plain ints, no tool uses) and of the rest agree."""
+
+    class Count(int):
+        pass
+
+    assert Usage("openai", "m", output_tokens=Count(3)).output_tokens == 3  # an int, as before
+    assert Usage("openai", "m", tool_uses=[]).tool_uses == ()  # type: ignore[arg-type]
+    uses = Usage("openai", "m", tool_uses=(("web_search", 2), ("code", 1))).tool_uses
+    assert uses == (("code", 1), ("web_search", 2))
+    with pytest.raises(ValueError, match="tool_uses"):
+        Usage("openai", "m", tool_uses=(("web_search", 1), ("web_search", 2)))
+    with pytest.raises(ValueError, match="tool_uses"):
+        Usage("openai", "m", tool_uses=(("web_search", 0),))
+    for uses_ in ((), (("web_search", 1),)):
+        with pytest.raises(TypeError, match="reported_cost"):
+            Usage("openai", "m", tool_uses=uses_, reported_cost=0.5)  # type: ignore[arg-type]
+    assert Usage("openai", "m", reported_cost=Decimal("0.5")).reported_cost == Decimal("0.5")
 
 
 def test_charge_is_decimal_and_never_negative() -> None:

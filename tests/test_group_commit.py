@@ -303,3 +303,43 @@ def test_a_group_write_skips_the_keys_already_there_and_is_idempotent(
         )
     finally:
         app.close()
+
+
+def test_a_group_of_one_lands_as_a_single_record_would_and_a_refused_one_is_spooled(
+    tmp_path: Path, database_url: str
+) -> None:
+    """A group of one (calls that do not overlap) takes the single record's path on SQLite (its
+    direct writer): the same row as ``record`` writes, the same answers, the same spooling."""
+    from dataclasses import asdict, replace
+
+    from byok_plugin.app import App
+    from byok_plugin.settings import Settings
+    from tests.ledger_support import record_for
+
+    app = App(
+        Settings.from_environ({"BYOK_HOME": str(tmp_path), "BYOK_DATABASE_URL": database_url})
+    )
+    try:
+        single = record_for(4)
+        grouped = replace(single, idempotency_key="grouped:" + single.idempotency_key)
+        assert app.ledger.record(single) is True
+        assert app.ledger.record_many([grouped]) == 1
+        assert app.ledger.record_many([grouped]) == 0  # already there: skipped, not doubled
+        assert app.durable_ledger.record_many([grouped]) == 0
+        rows = {r.idempotency_key: asdict(r) for r in app.ledger.rows()}
+        assert len(rows) == 2
+        ignored = ("id", "idempotency_key", "recorded_at")
+        assert {k: v for k, v in rows[grouped.idempotency_key].items() if k not in ignored} == {
+            k: v for k, v in rows[single.idempotency_key].items() if k not in ignored
+        }
+        refuse_ledger_writes(database_url)
+        refused = replace(single, idempotency_key="refused:" + single.idempotency_key)
+        assert app.durable_ledger.record_many([refused]) == 1  # spooled
+        assert app.durable_ledger.spool.pending() == 1
+        assert app.ledger.count() == 2
+        accept_ledger_writes(database_url)
+        app.durable_ledger.replay()
+        assert app.ledger.count() == 3
+        assert app.durable_ledger.spool.pending() == 0
+    finally:
+        app.close()

@@ -484,6 +484,11 @@ class Ledger:
         """
         if not records:
             return 0
+        if self._writer is not None and also is None and len(records) == 1:
+            # a group of one (the runner's group commit when calls do not overlap): on SQLite,
+            # the direct writer, as record() writes it, at a third of a SQLAlchemy
+            # transaction's CPU; same row, same errors, same answer
+            return int(self.record(records[0]))
         for record in records:
             _check(record)
         now = self._clock()

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
+from operator import attrgetter
 from types import MappingProxyType
 
 __all__ = [
@@ -48,6 +49,10 @@ USAGE_COUNTS = (
     "input_audio_tokens",
     "output_audio_tokens",
 )
+
+#: the counts of a :class:`Usage`, read at once (its validation)
+_usage_counts = attrgetter(*USAGE_COUNTS)
+_PLAIN_INT = {int}
 
 _NO_ROLES: Mapping[str, Role | str] = MappingProxyType({})
 
@@ -250,10 +255,18 @@ class Usage:
     tool_uses: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
-        for name in USAGE_COUNTS:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"Usage.{name} must be a non-negative integer, got {value!r}")
+        # built several times per provider call: plain non-negative ints and no tool uses are
+        # told at once (C-level), anything else goes through the full checks below
+        counts = _usage_counts(self)
+        if set(map(type, counts)) == _PLAIN_INT and min(counts) >= 0:
+            if type(self.tool_uses) is tuple and not self.tool_uses:
+                if self.reported_cost is not None and not isinstance(self.reported_cost, Decimal):
+                    raise TypeError("Usage.reported_cost must be a Decimal")
+                return
+        else:
+            for name, value in zip(USAGE_COUNTS, counts, strict=True):
+                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                    raise ValueError(f"Usage.{name} must be a non-negative integer, got {value!r}")
         uses = dict(self.tool_uses)
         if len(uses) != len(self.tool_uses) or any(
             not isinstance(k, str)
