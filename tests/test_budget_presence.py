@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -121,49 +121,54 @@ def test_a_workspace_without_budgets_reserves_from_memory_on_the_loop(
         app.close()
 
 
-def test_a_budget_set_or_deleted_in_another_worker_applies_once_announced(
-    postgres_url: str, tmp_path: Path
-) -> None:
+@pytest.fixture
+def two_workers(postgres_url: str, tmp_path: Path) -> Iterator[tuple[Any, Any, Any]]:
+    """Two workers on one database, ``here`` (with its plugin manager) knowing from one
+    reservation that the workspace has no budget, and ``there``."""
     here, pm = _worker(postgres_url, tmp_path / "here")
     there, _ = _worker(postgres_url, tmp_path / "there")
     try:
         assert pm.hook.byok_reserve_budget(reservation=reservation("r:1:1")) is None
         assert here.budgets.presence.has_budgets(WS) is False
-        received = here.resolver.listener.received
-        there.budgets.set_budget(WS, "tight", limit="1.00")
-        latency = _wait(
-            lambda: here.budgets.presence.has_budgets(WS) is None, "the budget's notification"
-        )
-        assert here.resolver.listener.received > received
-        print(
-            f"\nbudget set in another worker: forgotten here {latency * 1e3:.2f} ms after set_budget returned"
-        )
-        # from then on this worker asks the store: the budget holds, and refuses
-        _loop_thread, answer = _inline(pm, reservation("r:2:1"))
-        assert isinstance(answer, StoreUnavailable)
-        assert pm.hook.byok_reserve_budget(reservation=reservation("r:2:1", "0.60")) is not None
-        with pytest.raises(BudgetExceeded, match="tight"):
-            pm.hook.byok_reserve_budget(reservation=reservation("r:3:1", "0.60"))
-        assert here.budgets.presence.has_budgets(WS) is True
-        # deleted there: forgotten here once announced, then known again to have none
-        assert there.budgets.delete(WS, "tight")
-        _wait(lambda: here.budgets.presence.has_budgets(WS) is None, "the deletion's notification")
-        assert pm.hook.byok_reserve_budget(reservation=reservation("r:4:1", "5")) is None
-        assert here.budgets.presence.has_budgets(WS) is False
+        yield here, pm, there
     finally:
         there.close()
         here.close()
 
 
-def test_while_the_listener_is_down_every_reservation_asks_the_store(
-    postgres_url: str, tmp_path: Path
+def test_a_budget_set_or_deleted_in_another_worker_applies_once_announced(
+    two_workers: tuple[Any, Any, Any],
 ) -> None:
-    here, pm = _worker(postgres_url, tmp_path / "here")
-    there, _ = _worker(postgres_url, tmp_path / "there")
+    here, pm, there = two_workers
+    received = here.resolver.listener.received
+    there.budgets.set_budget(WS, "tight", limit="1.00")
+    latency = _wait(
+        lambda: here.budgets.presence.has_budgets(WS) is None, "the budget's notification"
+    )
+    assert here.resolver.listener.received > received
+    print(
+        f"\nbudget set in another worker: forgotten here {latency * 1e3:.2f} ms after set_budget returned"
+    )
+    # from then on this worker asks the store: the budget holds, and refuses
+    _loop_thread, answer = _inline(pm, reservation("r:2:1"))
+    assert isinstance(answer, StoreUnavailable)
+    assert pm.hook.byok_reserve_budget(reservation=reservation("r:2:1", "0.60")) is not None
+    with pytest.raises(BudgetExceeded, match="tight"):
+        pm.hook.byok_reserve_budget(reservation=reservation("r:3:1", "0.60"))
+    assert here.budgets.presence.has_budgets(WS) is True
+    # deleted there: forgotten here once announced, then known again to have none
+    assert there.budgets.delete(WS, "tight")
+    _wait(lambda: here.budgets.presence.has_budgets(WS) is None, "the deletion's notification")
+    assert pm.hook.byok_reserve_budget(reservation=reservation("r:4:1", "5")) is None
+    assert here.budgets.presence.has_budgets(WS) is False
+
+
+def test_while_the_listener_is_down_every_reservation_asks_the_store(
+    two_workers: tuple[Any, Any, Any], postgres_url: str
+) -> None:
+    here, pm, there = two_workers
     admin = sa.create_engine(postgres_url)
     try:
-        assert pm.hook.byok_reserve_budget(reservation=reservation("r:1:1")) is None
-        assert here.budgets.presence.has_budgets(WS) is False
         listener = here.resolver.listener
         with admin.connect() as conn:  # the listening connection ends (a restart, say)
             conn.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": listener.backend_pid})
@@ -183,8 +188,6 @@ def test_while_the_listener_is_down_every_reservation_asks_the_store(
         assert here.budgets.presence.has_budgets(WS) is True
     finally:
         admin.dispose()
-        there.close()
-        here.close()
 
 
 def test_a_read_that_a_change_overtook_is_not_remembered() -> None:
