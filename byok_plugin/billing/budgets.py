@@ -53,7 +53,9 @@ hold no longer spends.
 ``sqlite3`` connections of the file (as the ledger's writer does), with the values bound by the
 columns' own SQLAlchemy processors: a reservation plus a settlement costs about 0.2 ms there,
 against 0.9 ms through SQLAlchemy's connection and result machinery. A workspace without budgets
-costs one indexed read per call (on PostgreSQL, the reservation's one statement finding no row).
+costs one indexed read per call on SQLite; on PostgreSQL none while the key-change listener is
+connected (:attr:`BudgetStore.presence` knows it has no budget), else the reservation's one
+statement finding no row.
 On SQLite a reservation with budgets is ``BEGIN IMMEDIATE``, one read of the budgets joined with
 the call's previous holds, the admission and the hold per budget, ``COMMIT`` (the separate read
 of the budgets is skipped once the store has found budgets for the workspace: a hint of the
