@@ -539,8 +539,16 @@ class BudgetStore:
         # every hold of the workspace kept (a day's), on every reservation and settlement
         of_workspace = h.c.budget_id.in_(sa.select(t.c.id).where(t.c.workspace_id == p("b_ws")))
         # what a reservation reads of each budget: which calls it counts, and its period
-        scope = (t.c.id, t.c.name, t.c.metric, t.c.hard, t.c.period, t.c.period_start)
-        scope += (t.c.key_id, t.c.workflow_id)
+        scope = (
+            t.c.id,
+            t.c.name,
+            t.c.metric,
+            t.c.hard,
+            t.c.period,
+            t.c.period_start,
+            t.c.key_id,
+            t.c.workflow_id,
+        )
         return SimpleNamespace(
             budgets=sa.select(*scope).where(t.c.workspace_id == p("b_ws")),
             # the workspace's budgets, each with this call's hold on it if it has one (a hold's
