@@ -66,45 +66,54 @@ def _store_trouble(exc: ByokError) -> bool:
 class BudgetHolds(HookCalls):
     """The budget holds of the runner's calls."""
 
-    def _reserve_now(self, credential: Credential, budget: _Budget) -> None:
-        """``byok_reserve_budget`` of the call's worst case, priced by ``byok_compute_charge``;
-        raises ``BudgetExceeded`` when it does not fit."""
+    def _reservation(self, credential: Credential, budget: _Budget) -> BudgetReservation:
+        """The call's worst case, priced by ``byok_compute_charge``, as a reservation."""
         assert budget.worst is not None
         estimate = self.pm.hook.byok_compute_charge(usage=budget.worst, credential=credential)
         amount = estimate.amount if estimate is not None else Decimal(0)
         list_cost = estimate.list_cost if estimate is not None else None
-        budget.hold = self.pm.hook.byok_reserve_budget(
-            reservation=BudgetReservation(
-                idempotency_key=budget.idempotency_key,
-                workspace_id=budget.workspace_id,
-                provider=credential.provider,
-                model=budget.worst.model,
-                source=credential.source,
-                amount=amount,
-                list_cost=list_cost or Decimal(0),
-                hold_seconds=self.options.budget_hold_seconds,
-                key_id=credential.key_id,
-                workflow_id=budget.workflow_id,
-                run_id=budget.run_id,
-                block_id=budget.block_id,
-            )
+        return BudgetReservation(
+            idempotency_key=budget.idempotency_key,
+            workspace_id=budget.workspace_id,
+            provider=credential.provider,
+            model=budget.worst.model,
+            source=credential.source,
+            amount=amount,
+            list_cost=list_cost or Decimal(0),
+            hold_seconds=self.options.budget_hold_seconds,
+            key_id=credential.key_id,
+            workflow_id=budget.workflow_id,
+            run_id=budget.run_id,
+            block_id=budget.block_id,
         )
+
+    def _reserve_now(
+        self, credential: Credential, budget: _Budget, reservation: BudgetReservation | None = None
+    ) -> None:
+        """``byok_reserve_budget`` of ``reservation`` (by default :meth:`_reservation`); raises
+        ``BudgetExceeded`` when it does not fit."""
+        if reservation is None:
+            reservation = self._reservation(credential, budget)
+        budget.hold = self.pm.hook.byok_reserve_budget(reservation=reservation)
 
     async def _reserve(self, credential: Credential, budget: _Budget) -> None:
         """:meth:`_reserve_now`, on the event loop when :data:`RESERVE_HOOKS` do not block; there
         a failure other than a refusal (a SQLite store locked by another writer, a PostgreSQL
-        workspace that has budgets) is tried once more in a worker thread, where it waits."""
+        workspace that has budgets) is tried once more in a worker thread, where it waits (with
+        the reservation already priced on the loop, when it was)."""
         loop = asyncio.get_running_loop()
         if self.thread_for(RESERVE_HOOKS):
             await loop.run_in_executor(None, self._reserve_now, credential, budget)
             return
+        reservation: BudgetReservation | None = None
         try:
             with calling_inline():
-                self._reserve_now(credential, budget)
+                reservation = self._reservation(credential, budget)
+                self._reserve_now(credential, budget, reservation)
         except Exception as exc:
             if isinstance(exc, ByokError) and not _store_trouble(exc):
                 raise  # a decision (the budget refuses the call), not a store that did not answer
-            await loop.run_in_executor(None, self._reserve_now, credential, budget)
+            await loop.run_in_executor(None, self._reserve_now, credential, budget, reservation)
 
     async def _settle_budget(self, budget: _Budget, charge: Charge, credential: Credential) -> None:
         """``byok_settle_budget`` of what the completed call was charged. A settlement that keeps
