@@ -15,7 +15,7 @@
 | ``BYOK_<PROVIDER>_BASE_URL`` | a provider's API base URL (key checks, provider clients, emulator) | the provider's own |
 | ``BYOK_PRICE_FILE`` | a JSON price file whose entries override the shipped table | none |
 | ``BYOK_ALLOW_UNPRICED`` | ``1`` lets a platform-billed call run on a model with no price | off |
-| ``BYOK_CHARGE_MULTIPLIER`` | what platform calls are charged, as a multiple of list price | ``1`` |
+| ``BYOK_CHARGE_MULTIPLIER`` | what platform calls are charged, as a multiple of list price (0 to 1000) | ``1`` |
 | ``BYOK_CATALOG_FILE`` | a JSON catalog merged over the shipped one (which models are hosted) | none |
 | ``BYOK_KEY_COOLDOWN_SECONDS`` | how long a key the provider refused (429, auth) is skipped | ``30`` |
 | ``BYOK_KEY_CACHE_SECONDS`` | how long a worker reuses a workspace's key list read from the store | ``2`` |
@@ -43,6 +43,10 @@ import platformdirs
 APP_NAME = "byok"
 #: the key-encryption providers byok-plugin itself implements (``BYOK_KEY_PROVIDER``)
 KEY_PROVIDERS = ("local", "vault-transit", "aws-kms")
+#: the largest ``BYOK_CHARGE_MULTIPLIER``: a markup, not a typo's order of magnitude (with the
+#: price table's and the providers' token counts' own bounds, it keeps every charge within
+#: what the ledger stores)
+MAX_CHARGE_MULTIPLIER = Decimal(1000)
 
 
 class SettingsError(ValueError):
@@ -174,8 +178,10 @@ class Settings:
             raise SettingsError(
                 f"BYOK_CHARGE_MULTIPLIER must be a decimal number, not {raw_multiplier!r}"
             ) from None
-        if not multiplier.is_finite() or multiplier < 0:
-            raise SettingsError("BYOK_CHARGE_MULTIPLIER must be a finite number >= 0")
+        if not multiplier.is_finite() or not 0 <= multiplier <= MAX_CHARGE_MULTIPLIER:
+            raise SettingsError(
+                f"BYOK_CHARGE_MULTIPLIER must be a number from 0 to {MAX_CHARGE_MULTIPLIER}"
+            )
         key_provider = (env.get("BYOK_KEY_PROVIDER") or "local").strip().lower()
         if key_provider not in KEY_PROVIDERS:
             raise SettingsError(

@@ -16,7 +16,7 @@ from byok_hookspecs import Credential, CredentialSource, UnpricedModel, Usage, U
 
 from byok_plugin.app import App
 from byok_plugin.billing.catalog import shipped_catalog
-from byok_plugin.billing.charges import Billing, IncompletePrice, money
+from byok_plugin.billing.charges import MAX_MONEY, Billing, IncompletePrice, money
 from byok_plugin.billing.pricing import load_price_file, shipped_prices
 from byok_plugin.billing.usage_report import build_report
 from byok_plugin.manager import plugin_manager_for
@@ -252,6 +252,16 @@ def test_amounts_keep_twelve_decimal_places() -> None:
     assert charge.amount == D("0.000000050000")  # 5.0000005e-8 rounded half-even to 1e-12
     assert money(D("0.0000000000005")) == D("0E-12")
     assert money(D("0.0000000000015")) == D("2E-12")
+
+
+def test_money_rounds_every_amount_the_ledger_holds_and_refuses_the_rest() -> None:
+    # 17 digits before the point and 13 after: beyond the default 28-digit context, which
+    # raised decimal.InvalidOperation from 10^16 on
+    assert money(D("12345678901234567.0000000000005")) == D("12345678901234567.000000000000")
+    assert money(D("-999999999999999999.999999999999")) == D("-999999999999999999.999999999999")
+    for amount in (MAX_MONEY, -MAX_MONEY, D("1e30"), D("NaN"), D("Infinity")):
+        with pytest.raises(ValueError, match="under 10\\^18"):
+            money(amount)
 
 
 def test_unpriced_platform_call_is_refused_before_the_call_and_recorded_after_it(

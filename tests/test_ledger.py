@@ -431,3 +431,78 @@ def test_a_postgresql_group_stores_what_a_sqlalchemy_insert_stores(
         assert app.ledger.get(record_for(41).idempotency_key) is None  # nothing of the group
     finally:
         app.close()
+
+
+def test_the_largest_charge_the_bounds_allow_is_priced_and_stored_exactly(
+    database_url: str, tmp_path: Path
+) -> None:
+    # every rate at the price file's maximum, every count at the most a provider's answer may
+    # report (two usage fields can add into one count), the largest multiplier: the charge
+    # still rounds, fits NUMERIC(30, 12) and reads back as written (10^16 dollars once failed
+    # to round at all)
+    import json
+
+    from byok_plugin.billing.pricing import _MAX_PRICE, _RATE_FIELDS
+    from byok_plugin.host.providers.base import MAX_TOKEN_COUNT, MAX_TOOL_USES
+    from byok_plugin.settings import MAX_CHARGE_MULTIPLIER
+
+    prices = tmp_path / "prices.json"
+    top = str(_MAX_PRICE)
+    prices.write_text(
+        json.dumps(
+            {
+                "version": "top",
+                "models": {"anthropic/claude-top": dict.fromkeys(_RATE_FIELDS, top)},
+                "tools": {
+                    f"anthropic/{tool}": {"per_request": top}
+                    for tool in ("web_fetch", "web_search")
+                },
+            }
+        )
+    )
+    app = _app(
+        database_url,
+        tmp_path,
+        BYOK_PRICE_FILE=str(prices),
+        BYOK_CHARGE_MULTIPLIER=str(MAX_CHARGE_MULTIPLIER),
+    )
+    pm = plugin_manager_for(app, load_entrypoints=False)
+    try:
+        most = 2 * MAX_TOKEN_COUNT
+        usage = Usage(
+            "anthropic",
+            "claude-top",
+            input_tokens=most,
+            cached_input_tokens=most,
+            cache_write_tokens=most,
+            cache_write_1h_tokens=most,
+            output_tokens=most,
+            reasoning_tokens=most,
+            input_audio_tokens=most,
+            output_audio_tokens=most,
+            tool_uses=(("web_fetch", MAX_TOOL_USES), ("web_search", MAX_TOOL_USES)),
+        )
+        credential = Credential(
+            api_key="sk-not-a-real-key-000000",
+            provider="anthropic",
+            source=CredentialSource.PLATFORM,
+            key_id="env:ANTHROPIC_API_KEY",
+        )
+        charge = pm.hook.byok_compute_charge(usage=usage, credential=credential)
+        # 8 counts x 2e10 tokens x $1 a token, 2 tools x 1e4 requests x $1e6, times 1000
+        assert charge.list_cost == Decimal(8 * most + 2 * MAX_TOOL_USES * 10**6)
+        assert charge.amount == charge.list_cost * MAX_CHARGE_MULTIPLIER
+        pm.hook.byok_record_usage(
+            record=UsageRecord(
+                idempotency_key="run-top:b1",
+                workspace_id="acme",
+                usage=usage,
+                charge=charge,
+                source=CredentialSource.PLATFORM,
+                key_id=credential.key_id,
+            )
+        )
+        stored = app.ledger.get("run-top:b1")
+        assert (stored.amount, stored.list_cost) == (charge.amount, charge.list_cost)
+    finally:
+        app.close()

@@ -5,6 +5,7 @@ right disjoint Usage. A transcript cut before its end is a protocol error."""
 from __future__ import annotations
 
 import asyncio
+import re
 from decimal import Decimal
 from pathlib import Path
 
@@ -41,10 +42,24 @@ async def replay(request: Request) -> Response:
     return Response(body, media_type="application/json")
 
 
+#: a usage field's input token count, in each provider's shape
+_INPUT_COUNT = re.compile(rb'("(?:prompt_tokens|input_tokens|promptTokenCount)":\s*)\d+')
+
+
+async def replay_huge(request: Request) -> Response:
+    """Like :func:`replay` (nothing cut), every input token count made 10^22."""
+    response = await replay(request)
+    body = _INPUT_COUNT.sub(rb"\g<1>" + str(10**22).encode(), bytes(response.body))
+    return Response(body, media_type=response.media_type)
+
+
 @pytest.fixture(scope="module")
 def fixture_server():
     app = Starlette(
-        routes=[Route("/fx/{provider}/{name}/{cut}/{rest:path}", replay, methods=["GET", "POST"])]
+        routes=[
+            Route("/fx/{provider}/{name}/{cut}/{rest:path}", replay, methods=["GET", "POST"]),
+            Route("/huge/{provider}/{name}/{cut}/{rest:path}", replay_huge, methods=["POST"]),
+        ]
     )
     with BackgroundServer(app) as server:
         yield server
@@ -58,11 +73,15 @@ def run(
     cut: int = 0,
     stream: bool = False,
     model: str = "m",
+    route: str = "fx",
 ):
     async def go():
         async with new_http_client() as http:
             client = create_client(
-                provider, http, base_url=f"{server.url}/fx/{provider}/{name}/{cut}", retry=NO_RETRY
+                provider,
+                http,
+                base_url=f"{server.url}/{route}/{provider}/{name}/{cut}",
+                retry=NO_RETRY,
             )
             if provider == "exa":
                 return await client.search(SearchRequest("Latest research in LLMs"), api_key="k")
@@ -233,3 +252,23 @@ def test_a_transcript_cut_before_its_end_is_a_protocol_error(fixture_server, pro
         run(provider, fixture_server, name, stream=True, cut=cut)
     assert info.value.provider == provider
     assert "stream" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("provider", "name"),
+    [
+        ("openai", "chat_completion.json"),
+        ("anthropic", "message.json"),
+        ("google", "generate_content.json"),
+        ("mistral", "chat_completion.json"),
+        *STREAMS,
+    ],
+)
+def test_a_token_count_beyond_any_call_is_a_protocol_error(fixture_server, provider, name):
+    # 10^22 tokens would price beyond what the ledger stores (and 10^16 dollars already failed
+    # to round): the answer is refused as broken, before anything is priced or recorded
+    assert _INPUT_COUNT.search((FIXTURES / provider / name).read_bytes())
+    with pytest.raises(ProtocolError) as info:
+        run(provider, fixture_server, name, stream=name.endswith(".sse"), route="huge")
+    assert info.value.provider == provider
+    assert "token count" in str(info.value), str(info.value)

@@ -46,6 +46,8 @@ def test_explicit_values(tmp_path: Path) -> None:
         ("BYOK_CHARGE_MULTIPLIER", "x"),
         ("BYOK_CHARGE_MULTIPLIER", "-1"),
         ("BYOK_CHARGE_MULTIPLIER", "NaN"),
+        ("BYOK_CHARGE_MULTIPLIER", "1000.01"),
+        ("BYOK_CHARGE_MULTIPLIER", "1e30"),
     ],
 )
 def test_malformed_values_name_the_variable(tmp_path: Path, name: str, value: str) -> None:

@@ -39,20 +39,25 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
-from decimal import ROUND_HALF_EVEN, Decimal
+from decimal import ROUND_HALF_EVEN, Context, Decimal
 
 from byok_hookspecs import Charge, Credential, CredentialSource, UnpricedModel, Usage
 
 from byok_plugin.billing.catalog import Catalog
 from byok_plugin.billing.pricing import Price, PriceTable, TokenRates, price_call
 
-__all__ = ["MONEY_QUANTUM", "Billing", "IncompletePrice", "money", "snapshot_base"]
+__all__ = ["MAX_MONEY", "MONEY_QUANTUM", "Billing", "IncompletePrice", "money", "snapshot_base"]
 
 log = logging.getLogger("byok.billing")
 
 #: amounts are kept to 12 decimal places (a millionth of a micro-dollar): per-token prices
 #: reach 1e-9 USD and a multiplier adds digits; the ledger stores exactly this many
 MONEY_QUANTUM = Decimal("1e-12")
+#: amounts must stay under this (the ledger's NUMERIC(30, 12) holds 18 digits before the point)
+MAX_MONEY = Decimal(10) ** 18
+#: enough digits to round any amount under :data:`MAX_MONEY` to :data:`MONEY_QUANTUM` (the
+#: default context's 28 digits fail from 10^16 on, with ``InvalidOperation``)
+_MONEY_CONTEXT = Context(prec=32)
 _ZERO = Decimal(0)
 #: a dated snapshot's suffix: ``-2024-07-18`` (OpenAI) or ``-20250929`` (Anthropic)
 _SNAPSHOT_DATE = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{8})$")
@@ -102,8 +107,14 @@ def _missing_rates(price: Price) -> tuple[str, ...]:
 
 
 def money(amount: Decimal) -> Decimal:
-    """Round to :data:`MONEY_QUANTUM` (banker's rounding); exact amounts are unchanged."""
-    rounded = amount.quantize(MONEY_QUANTUM, rounding=ROUND_HALF_EVEN)
+    """Round to :data:`MONEY_QUANTUM` (banker's rounding); exact amounts are unchanged.
+
+    :raises ValueError: the amount is not finite, or not under :data:`MAX_MONEY` in size (the
+        inputs are bounded so that no price, token count or multiplier reaches it).
+    """
+    if not amount.is_finite() or amount.copy_abs() >= MAX_MONEY:  # copy_abs: exact, no context
+        raise ValueError(f"an amount of money must be finite and under 10^18, not {amount}")
+    rounded = amount.quantize(MONEY_QUANTUM, rounding=ROUND_HALF_EVEN, context=_MONEY_CONTEXT)
     return amount if rounded == amount else rounded
 
 

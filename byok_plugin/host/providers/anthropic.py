@@ -33,7 +33,13 @@ from typing import Any
 
 from byok_hookspecs import Usage
 
-from byok_plugin.host.providers.base import ProviderClient, StreamAccumulator, as_int, nonneg
+from byok_plugin.host.providers.base import (
+    MAX_TOOL_USES,
+    ProviderClient,
+    StreamAccumulator,
+    as_int,
+    nonneg,
+)
 from byok_plugin.host.providers.common import (
     CompletionRequest,
     CompletionResult,
@@ -79,8 +85,8 @@ def anthropic_usage(model: str, usage: Mapping[str, Any]) -> Usage:
     thinking = as_int((usage.get("output_tokens_details") or {}).get("thinking_tokens"))
     server_tools = usage.get("server_tool_use") or {}
     uses = {
-        "web_search": as_int(server_tools.get("web_search_requests")),
-        "web_fetch": as_int(server_tools.get("web_fetch_requests")),
+        name: as_int(server_tools.get(f"{name}_requests"), limit=MAX_TOOL_USES, what="tool count")
+        for name in ("web_search", "web_fetch")
     }
     writes = as_int(usage.get("cache_creation_input_tokens"))
     writes_1h = min(

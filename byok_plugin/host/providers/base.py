@@ -427,12 +427,27 @@ def _broke_off(error: ProviderError, accumulator: StreamAccumulator) -> Provider
     return error
 
 
-def as_int(value: Any) -> int:
-    """A token count from a usage field: missing or null is 0; anything else must be an int."""
+#: no call reads or writes this many tokens of one kind: a larger count in a usage field is a
+#: broken (or hostile) answer, refused before it is priced (it could price beyond what the
+#: ledger stores)
+MAX_TOKEN_COUNT = 10**10
+#: nor makes this many requests of one server-side tool (web searches of an Anthropic call)
+MAX_TOOL_USES = 10**4
+
+
+def as_int(value: Any, *, limit: int = MAX_TOKEN_COUNT, what: str = "token count") -> int:
+    """A count from a usage field: missing or null is 0; anything else must be an int up to
+    ``limit`` (negatives are floored by the callers, :func:`nonneg`).
+
+    :raises TypeError: not an int.
+    :raises ValueError: more than ``limit``.
+    """
     if value is None:
         return 0
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"expected a token count, got {value!r}")
+        raise TypeError(f"expected a {what}, got {value!r}")
+    if value > limit:
+        raise ValueError(f"a {what} of {value} is beyond any call's (at most {limit})")
     return value
 
 
