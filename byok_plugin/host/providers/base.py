@@ -45,6 +45,9 @@ from byok_plugin.host.providers.sse import ServerSentEvent, iter_sse
 
 #: what an API key may hold to travel in an HTTP header: printable ASCII, no spaces
 _SENDABLE_KEY = re.compile(r"[\x21-\x7e]+")
+#: request bodies as compact JSON: what ``json.dumps(body, separators=(",", ":"))`` writes, with
+#: one encoder for every request instead of a new one each (it keeps no state between calls)
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -202,7 +205,7 @@ class ProviderClient(ABC):
     ) -> Any:
         """Send with retries; the decoded JSON body of a 2xx answer."""
         headers = self.headers(api_key)
-        content = json.dumps(body, separators=(",", ":")).encode() if body is not None else None
+        content = _COMPACT_JSON.encode(body).encode() if body is not None else None
         if content is not None:
             headers["content-type"] = "application/json"
         response = await self._send_with_retries(
@@ -238,7 +241,7 @@ class ProviderClient(ABC):
             "content-type": "application/json",
             "accept": "text/event-stream",
         }
-        content = json.dumps(body, separators=(",", ":")).encode()
+        content = _COMPACT_JSON.encode(body).encode()
         response = await self._send_with_retries(
             "POST",
             self.url(path),
