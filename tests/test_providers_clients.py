@@ -672,3 +672,28 @@ def test_a_request_body_is_sent_as_compact_ascii_json():
     assert b'", "' not in wire
     assert b'": ' not in wire
     assert b'"temperature":0.7' in wire
+
+
+def test_each_request_goes_to_its_own_url_when_the_client_keeps_parsed_urls(emulator):
+    """A client parses each request URL once and keeps it: calls to other models (Gemini names
+    the model in the path), listings and the same call again each reach their own path."""
+    key = emulator.new_key("google")
+    models = ["gemini-2.5-flash", "gemini-2.5-pro", "gemini-2.5-flash"]
+
+    async def calls(clients: dict) -> None:
+        client = clients["google"]
+        for model in models:
+            request = CompletionRequest(model=model, messages=(Message("user", "Hi"),))
+            await client.complete(request, api_key=key)
+        await client.list_models(api_key=key)
+        assert len(client._urls) == 3  # two models' paths and the listing
+
+    with_clients(emulator, calls, retry=NO_RETRY)
+    recorded = emulator.calls("google")
+    assert [c.model for c in recorded[:3]] == models
+    assert [c.path for c in recorded] == [
+        "/v1beta/models/gemini-2.5-flash:generateContent",
+        "/v1beta/models/gemini-2.5-pro:generateContent",
+        "/v1beta/models/gemini-2.5-flash:generateContent",
+        "/v1beta/models",
+    ]

@@ -48,6 +48,8 @@ _SENDABLE_KEY = re.compile(r"[\x21-\x7e]+")
 #: request bodies as compact JSON: what ``json.dumps(body, separators=(",", ":"))`` writes, with
 #: one encoder for every request instead of a new one each (it keeps no state between calls)
 _COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
+#: how many parsed request URLs a client keeps
+_PARSED_URLS = 256
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -125,6 +127,8 @@ class ProviderClient(ABC):
         self.base_url = resolve_base_url(self.provider, self.default_base_url, base_url, environ)
         self.retry = retry if retry is not None else RetryPolicy()
         self.timeout = timeout if timeout is not None else DEFAULT_TIMEOUT
+        # request URLs parsed once each (see _parsed_url)
+        self._urls: dict[str, httpx.URL] = {}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_url={self.base_url!r})"
@@ -192,6 +196,17 @@ class ProviderClient(ABC):
     # --- HTTP with retries ---------------------------------------------------------------------
     def url(self, path: str) -> str:
         return self.base_url + path
+
+    def _parsed_url(self, url: str) -> httpx.URL:
+        """``httpx.URL(url)``, kept: httpx parses and checks a URL given as text at every request
+        (half of building one), and an ``httpx.URL`` builds the same request. Keyed by the whole
+        text, so nothing can make an entry wrong; bounded, since Gemini's paths name the model."""
+        parsed = self._urls.get(url)
+        if parsed is None:
+            parsed = httpx.URL(url)
+            if len(self._urls) < _PARSED_URLS:
+                self._urls[url] = parsed
+        return parsed
 
     async def request_json(
         self,
@@ -325,7 +340,7 @@ class ProviderClient(ABC):
             try:
                 request = self.http.build_request(
                     method,
-                    url,
+                    self._parsed_url(url),
                     headers=headers,
                     content=content,
                     params=params,
