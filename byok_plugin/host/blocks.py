@@ -4,7 +4,6 @@ call goes through :mod:`byok_plugin.host.calls`."""
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Awaitable, Mapping
 from typing import Any
@@ -236,7 +235,6 @@ def _target(block: Block) -> tuple[str | None, str | None]:
     return None, None
 
 
-@functools.lru_cache(maxsize=1024)  # asked at every call of an agent block; pure
 def _schema_name(block_id: str) -> str:
     name = "".join(c if c.isalnum() or c in "_-" else "_" for c in block_id)
     return name[:64] or "response"

@@ -228,18 +228,17 @@ class Calls(Recording):
         make_record = _recorder(run, block_id, attempt, idempotency_key, usage, credential)
 
         settle = None
-        in_thread = self.hooks_in_thread()  # asked once: nothing is awaited until it is used
-        if budget.hold is not None and in_thread:
+        if budget.hold is not None and self.hooks_in_thread():
             # the recording job settles it with the charge: a cancelled run must not release it
             budget.settled = True
             settle = functools.partial(self._settlement, budget, credential)
-        if in_thread and self.options.group_commit:
+        if self.hooks_in_thread() and self.options.group_commit:
             # charged, recorded and settled with the calls that finish meanwhile, by the
             # runner's writer, which a cancelled run does not stop
             charge, record, error, charge_error = await self._group_settle(
                 (usage, credential, make_record, settle)
             )
-        elif in_thread:
+        elif self.hooks_in_thread():
             # charge, record, budget settlement and any retries of the record in one job in a
             # worker thread, which a cancelled run does not stop
             charge, record, error, charge_error = await self._recording_job(

@@ -496,8 +496,7 @@ class WorkflowRunner(Blocks):
         workflow = run.workflow
         waiting = {b: len(workflow.incoming[b]) for b in workflow.blocks}
         ready = collections.deque(b for b in workflow.order if waiting[b] == 0)
-        # made with the first task: a run whose blocks all run alone (one block, a chain) has none
-        done: asyncio.Queue[tuple[str, asyncio.Task[BlockResult]]] | None = None
+        done: asyncio.Queue[tuple[str, asyncio.Task[BlockResult]]] = asyncio.Queue()
         tasks: dict[str, asyncio.Task[BlockResult]] = {}
         failed: BlockResult | None = None
 
@@ -508,7 +507,6 @@ class WorkflowRunner(Blocks):
                     ready.append(edge.target)
 
         def finished(block_id: str, task: asyncio.Task[BlockResult]) -> None:
-            assert done is not None
             done.put_nowait((block_id, task))
 
         try:
@@ -527,14 +525,11 @@ class WorkflowRunner(Blocks):
                         result = await self._run_block(run, workflow.blocks[block_id])
                         failed = self._finished(run, block_id, result, failed, release)
                         continue
-                    if done is None:
-                        done = asyncio.Queue()
                     task = asyncio.create_task(self._run_block(run, workflow.blocks[block_id]))
                     task.add_done_callback(functools.partial(finished, block_id))
                     tasks[block_id] = task
                 if not tasks:
                     break
-                assert done is not None
                 block_id, task = await done.get()
                 del tasks[block_id]
                 failed = self._finished(run, block_id, task.result(), failed, release)
