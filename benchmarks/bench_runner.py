@@ -23,6 +23,13 @@ a ratio of two overall medians; both are printed. CPU is this process's CPU time
 threads; the emulator's is not counted): at concurrency 16 and 64 the client process is busy all
 the time, so per-call time follows CPU per call.
 
+Where the runner's CPU goes, per call, at each concurrency: after the timed chunks, one more
+chunk of the runner path with pluggy's hook-call monitoring on times each hook the runner calls
+(its CPU on the calling thread, the hooks it calls in turn included: resolution's audit event in
+``byok_resolve_credential``); the provider client's own share is its CPU over the raw posts', the
+runner's own is what is left of its CPU once the client and the hooks are taken out. The hooks run
+on the event loop (the runner's default here), so nothing else runs while one is timed.
+
 Target: the runner's median per-call time at most 1.25x the raw posts'.
 """
 
@@ -69,6 +76,7 @@ CONCURRENCY = tuple(
 )
 TARGET = 1.25
 RAW = "raw httpx post"
+HOOKS = "runner, hooks timed"  # the extra chunk that times the hooks; not a path of its own
 WORKSPACE = "bench"
 MODEL = "gpt-4o-mini"
 SYSTEM = "You are terse."
@@ -126,6 +134,7 @@ class Samples:
         self.wall = 0.0
         self.cpu = 0.0  # this process's CPU time (every thread), not the emulator's
         self.failures = 0
+        self.hooks: dict[str, float] = {}  # CPU seconds per call in each hook (HOOKS only)
 
     @property
     def calls(self) -> int:
@@ -233,7 +242,52 @@ async def measure(
         # adjacent chunks of the paths, alternating in order: call by call at concurrency 1
         size = 1 if concurrency == 1 else min(CALLS, concurrency * 4)
         results = await alternate(paths, CALLS, size, concurrency)
+        # where the runner's CPU goes: each hook it calls, timed in one more chunk of its path
+        spent, undo = hook_cpu(pm)
+        layers = Samples()
+        try:
+            await chunk(paths["runner"], min(CALLS, 500), concurrency, layers)
+        finally:
+            undo()
+        results[HOOKS] = layers
+        results[HOOKS].hooks = {name: cpu / max(layers.calls, 1) for name, cpu in spent.items()}
     return results
+
+
+def hook_cpu(pm: Any) -> tuple[dict[str, float], Callable[[], None]]:
+    """CPU seconds spent in each hook called from outside any hook (those a hook calls in turn are
+    in its time), while pluggy's monitoring is on; and what turns it off."""
+    spent: dict[str, float] = {}
+    depth = 0
+    started = 0.0
+
+    def before(name: str, impls: Any, kwargs: Any) -> None:
+        nonlocal depth, started
+        if depth == 0:
+            started = time.thread_time()
+        depth += 1
+
+    def after(outcome: Any, name: str, impls: Any, kwargs: Any) -> None:
+        nonlocal depth
+        depth -= 1
+        if depth == 0:
+            spent[name] = spent.get(name, 0.0) + time.thread_time() - started
+
+    return spent, pm.add_hookcall_monitoring(before, after)
+
+
+def layers_line(results: Mapping[str, Samples]) -> str:
+    """The runner's CPU per call split into raw post, the client's own, each hook, the rest."""
+    per_call = {name: s.cpu / max(s.calls, 1) * 1e6 for name, s in results.items()}
+    raw, client, runner = per_call[RAW], per_call["provider client only"], per_call["runner"]
+    hooks = results[HOOKS].hooks
+    parts = [f"raw post {raw:.0f}", f"client's own {client - raw:+.0f}"]
+    parts += [
+        f"{name.removeprefix('byok_')} {cpu * 1e6:.0f}"
+        for name, cpu in sorted(hooks.items(), key=lambda item: -item[1])
+    ]
+    rest = runner - client - sum(hooks.values()) * 1e6
+    return f"  runner CPU {runner:.0f} us/call = " + ", ".join(parts) + f", runner's own {rest:.0f}"
 
 
 def paired_ratio(path: Samples, raw: Samples) -> float:
@@ -283,6 +337,8 @@ def main() -> None:
                 raw_median = statistics.median(raw.times)
                 print(f"\nconcurrency {concurrency}")
                 for name, sample in results.items():
+                    if name == HOOKS:
+                        continue
                     median = statistics.median(sample.times)
                     p90 = statistics.quantiles(sample.times, n=10)[-1]
                     failed = f"   {sample.failures} failed" if sample.failures else ""
@@ -293,6 +349,7 @@ def main() -> None:
                         f"{median / raw_median:5.2f}x raw (paired {paired_ratio(sample, raw):5.2f}x)"
                         f"{failed}"
                     )
+                print(layers_line(results))
                 ratio = paired_ratio(results["runner"], raw)
                 worst = max(worst, ratio)
                 verdict = "OK" if ratio <= TARGET else "OVER TARGET"

@@ -608,3 +608,92 @@ def test_an_answer_that_is_not_utf8_is_a_protocol_error():
 
     with pytest.raises(ProtocolError, match=r"the answer is not valid JSON \('utf-8' codec"):
         asyncio.run(go())
+
+
+def test_a_request_body_is_sent_as_compact_ascii_json():
+    """The bytes on the wire are ``json.dumps(body, separators=(",", ":"))``: no spaces,
+    non-ASCII text escaped, floats as Python writes them (the clients share one encoder)."""
+    sent: list[bytes] = []
+    answer_body = json.dumps(
+        {
+            "id": "chatcmpl-1",
+            "model": "o4-mini",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "ok"},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": 9, "completion_tokens": 1},
+        }
+    ).encode()
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        sent.append(await reader.readexactly(length))
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(answer_body), answer_body)
+        )
+        await writer.drain()
+        writer.close()
+
+    request = CompletionRequest(
+        model="o4-mini",
+        system="Réponds en français — brièvement.",
+        messages=(Message("user", 'Zürich: "naïve" tab\there, 東京 ☃'),),
+        temperature=0.7,
+        max_output_tokens=50,
+        response_schema={"type": "object", "properties": {"größe": {"type": "number"}}},
+    )
+
+    async def go():
+        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server, new_http_client() as http:
+            client = create_client(
+                "openai", http, base_url=f"http://127.0.0.1:{port}", retry=NO_RETRY
+            )
+            result = await client.complete(request, api_key="sk-" + secrets.token_urlsafe(24))
+            return client.body(request, stream=False), result
+
+    body, result = asyncio.run(go())
+    assert result.content == "ok"
+    (wire,) = sent
+    assert wire == json.dumps(body, separators=(",", ":")).encode()
+    assert wire.isascii()
+    assert b"\\u00fc" in wire
+    assert b'", "' not in wire
+    assert b'": ' not in wire
+    assert b'"temperature":0.7' in wire
+
+
+def test_each_request_goes_to_its_own_url_when_the_client_keeps_parsed_urls(emulator):
+    """A client parses each request URL once and keeps it: calls to other models (Gemini names
+    the model in the path), listings and the same call again each reach their own path."""
+    key = emulator.new_key("google")
+    models = ["gemini-2.5-flash", "gemini-2.5-pro", "gemini-2.5-flash"]
+
+    async def calls(clients: dict) -> None:
+        client = clients["google"]
+        for model in models:
+            request = CompletionRequest(model=model, messages=(Message("user", "Hi"),))
+            await client.complete(request, api_key=key)
+        await client.list_models(api_key=key)
+        assert len(client._urls) == 3  # two models' paths and the listing
+
+    with_clients(emulator, calls, retry=NO_RETRY)
+    recorded = emulator.calls("google")
+    assert [c.model for c in recorded[:3]] == models
+    assert [c.path for c in recorded] == [
+        "/v1beta/models/gemini-2.5-flash:generateContent",
+        "/v1beta/models/gemini-2.5-pro:generateContent",
+        "/v1beta/models/gemini-2.5-flash:generateContent",
+        "/v1beta/models",
+    ]

@@ -45,6 +45,11 @@ from byok_plugin.host.providers.sse import ServerSentEvent, iter_sse
 
 #: what an API key may hold to travel in an HTTP header: printable ASCII, no spaces
 _SENDABLE_KEY = re.compile(r"[\x21-\x7e]+")
+#: request bodies as compact JSON: what ``json.dumps(body, separators=(",", ":"))`` writes, with
+#: one encoder for every request instead of a new one each (it keeps no state between calls)
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
+#: how many parsed request URLs a client keeps
+_PARSED_URLS = 256
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -122,6 +127,8 @@ class ProviderClient(ABC):
         self.base_url = resolve_base_url(self.provider, self.default_base_url, base_url, environ)
         self.retry = retry if retry is not None else RetryPolicy()
         self.timeout = timeout if timeout is not None else DEFAULT_TIMEOUT
+        # request URLs parsed once each (see _parsed_url)
+        self._urls: dict[str, httpx.URL] = {}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_url={self.base_url!r})"
@@ -190,6 +197,17 @@ class ProviderClient(ABC):
     def url(self, path: str) -> str:
         return self.base_url + path
 
+    def _parsed_url(self, url: str) -> httpx.URL:
+        """``httpx.URL(url)``, kept: httpx parses and checks a URL given as text at every request
+        (half of building one), and an ``httpx.URL`` builds the same request. Keyed by the whole
+        text, so nothing can make an entry wrong; bounded, since Gemini's paths name the model."""
+        parsed = self._urls.get(url)
+        if parsed is None:
+            parsed = httpx.URL(url)
+            if len(self._urls) < _PARSED_URLS:
+                self._urls[url] = parsed
+        return parsed
+
     async def request_json(
         self,
         method: str,
@@ -202,7 +220,7 @@ class ProviderClient(ABC):
     ) -> Any:
         """Send with retries; the decoded JSON body of a 2xx answer."""
         headers = self.headers(api_key)
-        content = json.dumps(body, separators=(",", ":")).encode() if body is not None else None
+        content = _COMPACT_JSON.encode(body).encode() if body is not None else None
         if content is not None:
             headers["content-type"] = "application/json"
         response = await self._send_with_retries(
@@ -238,7 +256,7 @@ class ProviderClient(ABC):
             "content-type": "application/json",
             "accept": "text/event-stream",
         }
-        content = json.dumps(body, separators=(",", ":")).encode()
+        content = _COMPACT_JSON.encode(body).encode()
         response = await self._send_with_retries(
             "POST",
             self.url(path),
@@ -322,7 +340,7 @@ class ProviderClient(ABC):
             try:
                 request = self.http.build_request(
                     method,
-                    url,
+                    self._parsed_url(url),
                     headers=headers,
                     content=content,
                     params=params,
