@@ -14,6 +14,9 @@ The store is a SQLite file, or ``BENCH_BUDGET_DATABASE_URL`` (a PostgreSQL datab
 PostgreSQL, ``BENCH_BUDGET_BREAKDOWN=1`` first prints what a budgeted call's parts cost one by one
 (:func:`breakdown`: a worker-thread trip, a pool checkout, a round trip, a commit's WAL flush, the
 reservation's statement and its server time, the settlement in a group transaction).
+``BENCH_BUDGET_HOLDS=N`` first writes N settled holds of the budgeted workspace, kept (as a busy
+day leaves them, :data:`~byok_plugin.billing.budgets.KEEP_HOLDS`): a call's cost must not grow
+with them.
 
 Target: with a budget at most 1.15x the per-call time without.
 """
@@ -87,6 +90,38 @@ def _median_us(fn: Callable[[], object], runs: int = 300) -> float:
         fn()
         times.append(time.perf_counter() - started)
     return statistics.median(times) * 1e6
+
+
+def seed_holds(app: App, workspace: str, count: int) -> None:
+    """``count`` settled holds of ``workspace``'s budgets, kept for a day (not yet prunable)."""
+    import sqlalchemy as sa
+
+    from byok_plugin.billing.budgets import budget_holds, budgets
+
+    now = datetime.now(UTC)
+    with app.engine.begin() as conn:
+        ids = conn.execute(
+            sa.select(budgets.c.id).where(budgets.c.workspace_id == workspace)
+        ).scalars()
+        for budget_id in ids.all():
+            for start in range(0, count, 5000):
+                conn.execute(
+                    sa.insert(budget_holds),
+                    [
+                        {
+                            "idempotency_key": f"seed:{n}",
+                            "budget_id": budget_id,
+                            "workspace_id": workspace,
+                            "state": "settled",
+                            "amount_units": 1000,
+                            "spent_units": 500,
+                            "expires_at": now + timedelta(minutes=15),
+                            "created_at": now,
+                            "settled_at": now,
+                        }
+                        for n in range(start, min(start + 5000, count))
+                    ],
+                )
 
 
 def breakdown(app: App, url: str) -> None:
@@ -237,6 +272,9 @@ def main() -> None:
                 environ["BYOK_DATABASE_URL"] = store_url
             app = App(Settings.from_environ(environ))
             app.budgets.set_budget(PATHS["hard budget"], "monthly", limit="1000000")
+            seeded = int(os.environ.get("BENCH_BUDGET_HOLDS", "0"))
+            if seeded:
+                seed_holds(app, PATHS["hard budget"], seeded)
             if store_url.startswith("postgresql") and os.environ.get("BENCH_BUDGET_BREAKDOWN"):
                 breakdown(app, store_url)
             pm = plugin_manager_for(app)
@@ -244,7 +282,7 @@ def main() -> None:
             threaded = WorkflowRunner(pm, {}).hooks_in_thread()
             print(
                 f"{CALLS} one-agent-block platform-billed runs per path and concurrency, with and "
-                f"without a hard budget, {store} store, hooks "
+                f"without a hard budget ({seeded} settled holds kept), {store} store, hooks "
                 f"{'in a worker thread' if threaded else 'on the event loop'}; emulator in its "
                 f"own process; {os.cpu_count()} CPUs"
             )

@@ -55,7 +55,10 @@ columns' own SQLAlchemy processors: a reservation plus a settlement costs about 
 against 0.9 ms through SQLAlchemy's connection and result machinery. A workspace without budgets
 costs one indexed read per call on SQLite; on PostgreSQL none while the key-change listener is
 connected (:attr:`BudgetStore.presence` knows it has no budget), else the reservation's one
-statement finding no row.
+statement finding no row. There each statement is planned once per connection (psycopg prepares
+it; the settlement says ``SET LOCAL plan_cache_mode = force_generic_plan`` in the group's
+transaction, the reservation is written so that the server keeps its generic plan): planned per
+call, a reservation took 1.2 ms here against 0.55 ms.
 On SQLite a reservation with budgets is ``BEGIN IMMEDIATE``, one read of the budgets joined with
 the call's previous holds, the admission and the hold per budget, ``COMMIT`` (the separate read
 of the budgets is skipped once the store has found budgets for the workspace: a hint of the
