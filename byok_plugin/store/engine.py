@@ -49,6 +49,7 @@ __all__ = [
     "advisory_lock_key",
     "create_store_engine",
     "describe_url",
+    "is_disconnect",
     "is_postgres",
     "lock_backoff",
     "normalize_url",
@@ -278,6 +279,21 @@ def create_store_engine(
             _install_idle_ping(engine, options.ping_idle_seconds)
         return engine
     return sa.create_engine(parsed, **kwargs)
+
+
+def is_disconnect(dialect: Any, error: BaseException, dbapi_connection: Any) -> bool:
+    """Whether a DB-API ``error`` raised on ``dbapi_connection`` (outside SQLAlchemy's execute)
+    leaves it unusable: what the dialect calls a disconnect, or, on PostgreSQL, an answer not
+    received within the answer timeout (the connection is mid-protocol); as the engine's
+    ``handle_error`` hook decides for statements run through SQLAlchemy."""
+    if getattr(dbapi_connection, "closed", False):
+        return True
+    if dialect.name == "postgresql":
+        import psycopg
+
+        if isinstance(error, psycopg.errors._WaitTimeout):
+            return True
+    return bool(dialect.is_disconnect(error, dbapi_connection, None))
 
 
 def _install_postgres_hooks(engine: Engine, answer_timeout: float | None) -> None:
