@@ -97,7 +97,7 @@ def test_a_connection_killed_while_idle_is_replaced_without_an_error(
     time.sleep(IDLE + 0.1)
     new_pid = use(engine, "after the kill")  # no error: the ping failed, a new connection
     assert new_pid != pid
-    assert engine.pool.checkedout() == 0
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
     assert use(engine, "again") == new_pid  # and the new one is pooled as usual
 
 
