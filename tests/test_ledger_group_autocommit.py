@@ -82,6 +82,23 @@ def test_a_group_is_one_autocommitted_statement_and_its_connection_goes_back_as_
     assert app.ledger.count() == 3
 
 
+def test_a_single_record_is_the_same_one_statement(app: App, admin: sa.Engine) -> None:
+    """``Ledger.record`` on PostgreSQL is a group of one: no BEGIN and COMMIT around it."""
+    pid = pooled_pid(app)
+    assert app.ledger.record(record_for(7)) is True
+    view = server_view(admin, pid)
+    assert view is not None
+    assert view[0].startswith("INSERT INTO byok_usage_ledger")
+    assert view[1] == "idle"
+    assert app.ledger.record(record_for(7)) is False  # recorded already: skipped
+    assert app.ledger.count() == 1
+    too_long = replace(record_for(8), workflow_id="w" * 201)  # the column holds 200
+    with pytest.raises(StoreUnavailable, match=too_long.workspace_id) as raised:
+        app.ledger.record(too_long)
+    assert "StringDataRightTruncation" in str(raised.value)
+    assert app.ledger.count() == 1
+
+
 def test_a_refused_group_keeps_its_connection_when_it_is_still_usable(
     app: App, admin: sa.Engine
 ) -> None:
