@@ -23,7 +23,10 @@ Targets (issue 18): the PostgreSQL path's overhead within 1.5x of the SQLite pat
 within 1.25x of raw at c=16 on SQLite (``bench_runner``); throughput rising with workers until
 the emulator or the CPUs saturate. Needs ``BYOK_TEST_POSTGRES_URL`` (a role that may create
 databases); ``BENCH_WORKERS=1,4,8`` and ``BENCH_WORKERS_CALLS=400`` (per path and worker) change
-the sizes.
+the sizes. ``BENCH_SWITCH_INTERVAL`` (seconds, e.g. ``0.0005``) sets every worker's
+``sys.setswitchinterval`` (Python's default is 0.005): a thread that wants the GIL while the
+event loop's thread runs waits up to that long, and the PostgreSQL group writer is such a
+thread (a measurement knob; the package sets nothing process-wide).
 """
 
 from __future__ import annotations
@@ -75,12 +78,15 @@ from byok_plugin.manager import plugin_manager_for
 from byok_plugin.settings import Settings
 
 WORKERS = tuple(int(n) for n in os.environ.get("BENCH_WORKERS", "1,4,8").split(","))
+SWITCH_INTERVAL = os.environ.get("BENCH_SWITCH_INTERVAL", "")
 CALLS = int(os.environ.get("BENCH_WORKERS_CALLS", "400"))
 CONCURRENCY = int(os.environ.get("BENCH_WORKERS_CONCURRENCY", "16"))
 RUNNER, RAW = "runner", "raw"
 
 
 async def _worker(environ: dict[str, str], api_key: str, group_commit: bool) -> dict[str, Any]:
+    if SWITCH_INTERVAL:
+        sys.setswitchinterval(float(SWITCH_INTERVAL))
     app = App(Settings.from_environ(environ))
     pm = plugin_manager_for(app, load_entrypoints=False)
     size = max(CONCURRENCY, 10)
@@ -279,6 +285,7 @@ def main() -> None:
             print(
                 f"{CALLS} one-agent-block runs and {CALLS} raw posts per worker, c={CONCURRENCY} "
                 f"per worker, emulator in its own process on loopback; {os.cpu_count()} CPUs"
+                + (f"; switch interval {SWITCH_INTERVAL} s" if SWITCH_INTERVAL else "")
             )
             rows = [("SQLite", _start(1, sqlite_env, api_key, True, emulator.pid))]
             for n in WORKERS:

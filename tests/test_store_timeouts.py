@@ -103,9 +103,12 @@ def test_a_server_that_stops_answering_fails_calls_within_the_timeouts_and_recov
         assert (spooled, error) == (True, None)
         assert app.durable_ledger.spool.pending() == 1
         proxy.thaw()
-        assert app.durable_ledger.record(record_for(1)) is True  # and the spool is replayed
+        # record 1 failed on the client, but its one autocommitted INSERT may have reached the
+        # server before the answers stopped: tried again, it is there exactly once either way
+        assert app.durable_ledger.record(record_for(1)) in (True, False)
+        assert app.durable_ledger.record(record_for(3)) is True  # and the spool is replayed
         assert app.durable_ledger.spool.pending() == 0
-        assert app.ledger.count() == 3
+        assert app.ledger.count() == 4
     finally:
         proxy.thaw()
         app.close()
