@@ -115,11 +115,17 @@ def blocking_implementations(
         empty when every one may be called on an event loop.
     """
     found = []
+    # each plugin's declaration read once per question: it may be a property that works it out
+    # (the default plugin's does, a few microseconds), and most hooks have the same plugins
+    declarations: dict[int, frozenset[str]] = {}
     for name in hook_names:
         caller = getattr(pm.hook, name, None)
         if caller is None:
             continue
         for impl in caller.get_hookimpls():
-            if name not in declared_nonblocking(impl.plugin):
+            declared = declarations.get(id(impl.plugin))
+            if declared is None:
+                declared = declarations[id(impl.plugin)] = declared_nonblocking(impl.plugin)
+            if name not in declared:
                 found.append((name, impl.plugin_name))
     return found
