@@ -12,7 +12,6 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -21,30 +20,16 @@ import sqlalchemy as sa
 from byok_hookspecs import (
     BudgetExceeded,
     BudgetReservation,
-    CredentialSource,
     calling_inline,
     declared_nonblocking,
 )
 from keys_support import make_app, master_key, service_for
+from test_budgets import WS, reservation
 from test_resolution_from_memory import statements
 
 from byok_plugin.billing.budget_presence import BudgetPresence
 from byok_plugin.core.errors import StoreUnavailable
 from byok_plugin.defaults import DefaultPlugin
-
-WS = "acme"
-
-
-def reservation(key: str, amount: str = "0.50", workspace: str = WS) -> BudgetReservation:
-    return BudgetReservation(
-        idempotency_key=key,
-        workspace_id=workspace,
-        provider="openai",
-        model="gpt-4o-mini",
-        source=CredentialSource.PLATFORM,
-        amount=Decimal(amount),
-        list_cost=Decimal(amount),
-    )
 
 
 def _wait(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> float:
@@ -91,29 +76,31 @@ def test_a_workspace_without_budgets_reserves_from_memory_on_the_loop(
         assert "byok_reserve_budget" in declared_nonblocking(plugin)
         # not known yet: on the loop it gives up at once (no statement), off it one read
         with statements(app.engine) as seen:
-            loop_thread, answer = _inline(pm, reservation("r:1:1"))
+            loop_thread, answer = _inline(pm, reservation("r:1:1", "0.50"))
         assert isinstance(answer, StoreUnavailable)
         assert "acme" in str(answer)
         assert "off the event loop" in str(answer)
         assert [s for thread, s in seen if thread == loop_thread] == []
         with statements(app.engine) as seen:
-            assert pm.hook.byok_reserve_budget(reservation=reservation("r:1:1")) is None
+            assert pm.hook.byok_reserve_budget(reservation=reservation("r:1:1", "0.50")) is None
         assert len(seen) == 1, seen
         assert "EXISTS" in seen[0][1]
         assert app.budgets.presence.has_budgets(WS) is False
         # known now: no statement at all, on the loop or off it
         with statements(app.engine) as seen:
-            loop_thread, answer = _inline(pm, reservation("r:2:1"))
-            assert pm.hook.byok_reserve_budget(reservation=reservation("r:3:1")) is None
+            loop_thread, answer = _inline(pm, reservation("r:2:1", "0.50"))
+            assert pm.hook.byok_reserve_budget(reservation=reservation("r:3:1", "0.50")) is None
         assert answer is None
         assert seen == []
         # a workspace with budgets: on the loop it gives up (reserved off it), off it is held
         app.budgets.set_budget("other", "monthly", limit="10")
         with statements(app.engine) as seen:
-            loop_thread, answer = _inline(pm, reservation("r:4:1", workspace="other"))
+            loop_thread, answer = _inline(pm, reservation("r:4:1", "0.50", workspace_id="other"))
         assert isinstance(answer, StoreUnavailable)
         assert [s for thread, s in seen if thread == loop_thread] == []
-        hold = pm.hook.byok_reserve_budget(reservation=reservation("r:4:1", workspace="other"))
+        hold = pm.hook.byok_reserve_budget(
+            reservation=reservation("r:4:1", "0.50", workspace_id="other")
+        )
         assert hold is not None
         assert hold.budgets == ("monthly",)
         assert app.budgets.presence.has_budgets("other") is True
@@ -128,7 +115,7 @@ def two_workers(postgres_url: str, tmp_path: Path) -> Iterator[tuple[Any, Any, A
     here, pm = _worker(postgres_url, tmp_path / "here")
     there, _ = _worker(postgres_url, tmp_path / "there")
     try:
-        assert pm.hook.byok_reserve_budget(reservation=reservation("r:1:1")) is None
+        assert pm.hook.byok_reserve_budget(reservation=reservation("r:1:1", "0.50")) is None
         assert here.budgets.presence.has_budgets(WS) is False
         yield here, pm, there
     finally:
@@ -150,7 +137,7 @@ def test_a_budget_set_or_deleted_in_another_worker_applies_once_announced(
         f"\nbudget set in another worker: forgotten here {latency * 1e3:.2f} ms after set_budget returned"
     )
     # from then on this worker asks the store: the budget holds, and refuses
-    _loop_thread, answer = _inline(pm, reservation("r:2:1"))
+    _loop_thread, answer = _inline(pm, reservation("r:2:1", "0.50"))
     assert isinstance(answer, StoreUnavailable)
     assert pm.hook.byok_reserve_budget(reservation=reservation("r:2:1", "0.60")) is not None
     with pytest.raises(BudgetExceeded, match="tight"):
@@ -184,7 +171,7 @@ def test_while_the_listener_is_down_every_reservation_asks_the_store(
         # listening again: forgotten everything once more, and remembered afresh
         assert listener.wait_listening(timeout=20)
         _wait(lambda: here.budgets.presence.listening, "the budget store listening again")
-        assert pm.hook.byok_reserve_budget(reservation=reservation("r:3:1")) is not None
+        assert pm.hook.byok_reserve_budget(reservation=reservation("r:3:1", "0.50")) is not None
         assert here.budgets.presence.has_budgets(WS) is True
     finally:
         admin.dispose()
@@ -214,7 +201,7 @@ def test_on_sqlite_nothing_is_remembered(sqlite_url: str, tmp_path: Path) -> Non
     _, pm = service_for(app)
     try:
         pm.hook.byok_prepare()
-        assert pm.hook.byok_reserve_budget(reservation=reservation("r:1:1")) is None
+        assert pm.hook.byok_reserve_budget(reservation=reservation("r:1:1", "0.50")) is None
         assert not app.budgets.presence.listening
         assert app.budgets.presence.has_budgets(WS) is None
         app.budgets.set_budget(WS, "tight", limit="1.00")

@@ -17,13 +17,12 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from byok_hookspecs import BudgetReservation, BudgetSettlement, CredentialSource
+from byok_hookspecs import BudgetSettlement
+from test_budgets import WS, reservation
 
 from byok_plugin.app import App
 from byok_plugin.billing.budgets import _PG_RESERVE, PRUNE_BATCH, BudgetStore
 from byok_plugin.settings import Settings
-
-WS = "acme"
 
 
 @pytest.fixture
@@ -41,17 +40,6 @@ def app(database_url: str, tmp_path: Path) -> Iterator[App]:
     )
     yield built
     built.close()
-
-
-def reservation(key: str, workspace: str = WS) -> BudgetReservation:
-    return BudgetReservation(
-        idempotency_key=key,
-        workspace_id=workspace,
-        provider="openai",
-        model="gpt-4o-mini",
-        source=CredentialSource.PLATFORM,
-        amount=Decimal("0.01"),
-    )
 
 
 def settlement(key: str) -> BudgetSettlement:
@@ -116,7 +104,7 @@ def test_a_reservation_reads_the_calls_holds_not_the_workspaces(app: App) -> Non
     assert max(n.get("Rows Removed by Filter", 0) for n in nodes) < 10, nodes
     assert all(n.get("Actual Rows", 0) < 10 for n in nodes), nodes
     # and the statement did what it does: the hold is written
-    hold = app.budgets.reserve(reservation("r:new:2"))
+    hold = app.budgets.reserve(reservation("r:new:2", "0.01"))
     assert hold is not None
     assert hold.budgets == (budget.name,)
 
