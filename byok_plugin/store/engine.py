@@ -288,12 +288,17 @@ def is_disconnect(dialect: Any, error: BaseException, dbapi_connection: Any) -> 
     ``handle_error`` hook decides for statements run through SQLAlchemy."""
     if getattr(dbapi_connection, "closed", False):
         return True
-    if dialect.name == "postgresql":
-        import psycopg
-
-        if isinstance(error, psycopg.errors._WaitTimeout):
-            return True
+    if dialect.name == "postgresql" and _unanswered(error):
+        return True
     return bool(dialect.is_disconnect(error, dbapi_connection, None))
+
+
+def _unanswered(error: BaseException) -> bool:
+    """Whether psycopg gave up waiting for the server's answer (the answer timeout of
+    :func:`_install_postgres_hooks`): the connection is mid-protocol, never to be lent again."""
+    import psycopg
+
+    return isinstance(error, psycopg.errors._WaitTimeout)
 
 
 def _install_postgres_hooks(engine: Engine, answer_timeout: float | None) -> None:
@@ -314,7 +319,7 @@ def _install_postgres_hooks(engine: Engine, answer_timeout: float | None) -> Non
 
     @event.listens_for(engine, "handle_error")
     def _on_error(context: Any) -> None:
-        if isinstance(context.original_exception, psycopg.errors._WaitTimeout):
+        if _unanswered(context.original_exception):
             context.is_disconnect = True  # mid-protocol: never lend this connection again
 
 
