@@ -15,8 +15,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ import pytest
 import uvicorn
 from byok_hookspecs import Actor, AuditEvent, KeyCheck, KeyCheckStatus, Role, hookimpl
 
-from byok_plugin.app import App
+from byok_plugin.app import App, utc_now
 from byok_plugin.manager import plugin_manager_for
 from byok_plugin.server import create_app
 from byok_plugin.server.identity import Identify
@@ -99,7 +100,12 @@ class Stack:
 
 
 def make_stack(
-    home: Path, database_url: str, *, master_keys: str | None = None, **env: str
+    home: Path,
+    database_url: str,
+    *,
+    master_keys: str | None = None,
+    clock: Callable[[], datetime] = utc_now,
+    **env: str,
 ) -> Stack:
     environ = {
         "BYOK_HOME": str(home),
@@ -110,7 +116,7 @@ def make_stack(
     }
     if master_keys is not None:
         environ["BYOK_ENCRYPTION_KEYS"] = master_keys
-    app = App(Settings.from_environ(environ))
+    app = App(Settings.from_environ(environ), clock=clock)
     pm = plugin_manager_for(app, load_entrypoints=False)
     checker = KeyChecker()
     audit = AuditRecorder()

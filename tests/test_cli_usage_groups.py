@@ -17,12 +17,14 @@ from click.testing import CliRunner, Result
 
 from byok_plugin.app import App
 from byok_plugin.cli import main
+from byok_plugin.cli.context import CliContext
 from byok_plugin.cli.json_output import JSON_VERSION
 from byok_plugin.cli.usage import parse_when
 from byok_plugin.settings import Settings
 
 D = Decimal
-NOW = datetime.now(UTC)
+#: the app's clock in these tests: relative dates such as "today" must not race midnight
+NOW = datetime(2026, 3, 15, 13, 30, tzinfo=UTC)
 # workflow, block, key id (None: a platform key), days ago, charged
 CALLS = [
     ("triage", "classify", "key_aaaaaaaaaaaaaaaa", 0, "0"),
@@ -64,7 +66,8 @@ def env(tmp_path: Path, database_url: str) -> dict[str, str]:
 
 
 def _run(env: dict[str, str], *args: str) -> Result:
-    result = CliRunner().invoke(main, list(args), env=env)
+    cli = CliContext(Settings.from_environ(env), clock=lambda: NOW)
+    result = CliRunner().invoke(main, list(args), env=env, obj=cli)
     assert result.exit_code == 0, result.output
     return result
 

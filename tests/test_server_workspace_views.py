@@ -33,6 +33,8 @@ FALLBACK = "/api/workspaces/acme/byok-fallback"
 AS_ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 AS_MEMBER = {"Authorization": f"Bearer {MEMBER_TOKEN}"}
 AS_OTHER = {"Authorization": f"Bearer {OTHER_ADMIN_TOKEN}"}
+#: the app's clock: "today" and "this month" must not race midnight or a month's end
+NOW = datetime(2026, 3, 15, 13, 30, tzinfo=UTC)
 
 
 @pytest.fixture
@@ -42,7 +44,7 @@ def anyio_backend() -> str:
 
 @pytest.fixture
 def stack(tmp_path: Path, database_url: str) -> Iterator[Stack]:
-    built = make_stack(tmp_path, database_url, master_keys=master_key_value())
+    built = make_stack(tmp_path, database_url, master_keys=master_key_value(), clock=lambda: NOW)
     yield built
     built.app.close()
 
@@ -87,7 +89,7 @@ def call(
         run_id=f"run-{n}",
         block_id=block,
         attempt=1,
-        occurred_at=datetime.now(UTC) - timedelta(days=days_ago),
+        occurred_at=NOW - timedelta(days=days_ago),
     )
 
 
@@ -124,7 +126,7 @@ async def test_usage_sums_each_day_byok_against_platform_and_by_model_and_block(
     assert usage["workspace_id"] == "acme"
     assert usage["days"] == 7
     assert len(usage["by_day"]) == 7
-    today = datetime.now(UTC).date()
+    today = NOW.date()
     assert usage["since"] == (today - timedelta(days=6)).isoformat()
     days = {d["day"]: d for d in usage["by_day"]}
     latest = days[today.isoformat()]
@@ -226,7 +228,7 @@ async def test_usage_of_this_month_starts_on_its_first_day(
 ) -> None:
     from dataclasses import replace
 
-    now = datetime.now(UTC)
+    now = NOW
     month_start = datetime(now.year, now.month, 1, tzinfo=UTC)
     ledger = stack.app.ledger
     first = call(1, days_ago=0, source=OWN, list_cost="0.10", key_id="key_own")

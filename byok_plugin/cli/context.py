@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import cached_property
 from typing import Any, TypeVar
 
@@ -17,7 +18,7 @@ import click
 import pluggy
 from byok_hookspecs import Actor
 
-from byok_plugin.app import App
+from byok_plugin.app import App, utc_now
 from byok_plugin.manager import plugin_manager_for
 from byok_plugin.settings import Settings, SettingsError
 
@@ -29,6 +30,8 @@ OPERATOR = Actor(id="local-operator", operator=True)
 class CliContext:
     settings: Settings
     actor: Actor = field(default=OPERATOR)
+    #: what "now" is for the app and for relative dates such as ``--since today``
+    clock: Callable[[], datetime] = field(default=utc_now)
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> CliContext:
@@ -39,7 +42,7 @@ class CliContext:
 
     @cached_property
     def app(self) -> App:
-        return App(self.settings)
+        return App(self.settings, clock=self.clock)
 
     @cached_property
     def pm(self) -> pluggy.PluginManager:

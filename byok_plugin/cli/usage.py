@@ -273,8 +273,9 @@ def usage_command(
     """
     if as_json and as_csv:
         raise click.UsageError("choose one of --json and --csv")
-    start = parse_when(since, "--since", end=False)
-    stop = parse_when(until, "--until", end=True)
+    now = cli.clock()
+    start = parse_when(since, "--since", end=False, now=now)
+    stop = parse_when(until, "--until", end=True, now=now)
     if start is not None and stop is not None and stop <= start:
         raise click.BadParameter("must be after --since", param_hint="--until")
     groups = tuple(part.strip() for part in group_by.split(",") if part.strip())

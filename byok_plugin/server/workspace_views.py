@@ -162,7 +162,7 @@ class WorkspaceViews:
 
         actor = await self.api.actor(request)
         workspace_id = self._workspace(request)
-        first_day, days = _query_period(request, datetime.now(UTC).date())
+        first_day, days = _query_period(request, self.api.app.clock().date())
 
         def work() -> dict[str, Any]:
             self.api.authorize(actor, workspace_id, Action.READ_USAGE, "usage")
