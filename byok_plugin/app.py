@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from byok_plugin.resolution.resolver import Resolver
     from byok_plugin.resolution.workspace_settings import WorkspaceSettingsStore
     from byok_plugin.store import AuditStore, KeyStore
+    from byok_plugin.store.sqlite_connections import SqliteWriters
 
 log = logging.getLogger("byok")
 
@@ -213,6 +214,9 @@ class App:
         budgets = self.__dict__.pop("budgets", None)
         if budgets is not None:
             budgets.close()
+        writers = self.__dict__.pop("sqlite_writers", None)
+        if writers is not None:
+            writers.close()
         engine = self.__dict__.pop("engine", None)
         if engine is not None:
             engine.dispose()
@@ -276,7 +280,7 @@ class App:
         """The usage ledger (``byok_record_usage``)."""
         from byok_plugin.billing.ledger import Ledger
 
-        return Ledger(self.engine, clock=self.clock)
+        return Ledger(self.engine, clock=self.clock, writers=self.sqlite_writers)
 
     @cached_property
     def durable_ledger(self) -> DurableLedger:
@@ -297,7 +301,18 @@ class App:
         """Workspace budgets (``byok_reserve_budget``, ``byok_settle_budget``)."""
         from byok_plugin.billing.budgets import BudgetStore
 
-        return BudgetStore(self.engine, clock=self.clock)
+        return BudgetStore(self.engine, clock=self.clock, writers=self.sqlite_writers)
+
+    @cached_property
+    def sqlite_writers(self) -> SqliteWriters | None:
+        """On a SQLite file, the ``sqlite3`` connections the ledger and the budgets both write
+        with (one page cache for a call's reservation and its record: see
+        :mod:`byok_plugin.store.sqlite_connections`); ``None`` on other stores."""
+        from byok_plugin.keys.reader import sqlite_file_of
+        from byok_plugin.store.sqlite_connections import SqliteWriters
+
+        path = sqlite_file_of(self.engine)
+        return SqliteWriters(str(path)) if path is not None else None
 
     @cached_property
     def background_writes(self) -> BackgroundWrites:

@@ -102,6 +102,37 @@ def test_a_hard_budget_refuses_the_call_that_does_not_fit_before_it_is_sent(
     assert status.spent <= status.limit
 
 
+def test_on_sqlite_a_call_holds_records_and_settles_through_one_connection(
+    stack: DemoStack,
+) -> None:
+    """The ledger and the budgets share their ``sqlite3`` connections: SQLite empties a
+    connection's page cache whenever another one wrote the file, which a reservation on one
+    connection and the ledger row with its settlement on another did on every call."""
+    writers = stack.app.sqlite_writers
+    if writers is None:
+        pytest.skip("PostgreSQL: no direct sqlite3 writers")
+    stack.app.budgets.set_budget(PLATFORM_WORKSPACE, "monthly", limit="1000")
+    assert stack.run(ONE_CALL, PLATFORM_WORKSPACE, {"name": "Ada"}).ok  # opens what it needs
+    assert (len(writers.prompt), len(writers.waiting)) == (1, 0)
+
+    def data_version() -> int:
+        # what this connection says of the file: it changes when ANOTHER connection commits
+        conn = writers.prompt.acquire()
+        try:
+            return int(conn.execute("PRAGMA data_version").fetchone()[0])
+        finally:
+            writers.prompt.release(conn)
+
+    before = data_version()
+    assert stack.run(ONE_CALL, PLATFORM_WORKSPACE, {"name": "Grace"}).ok
+    assert data_version() == before  # held, recorded and settled: all through that one
+    assert (len(writers.prompt), len(writers.waiting)) == (1, 0)
+    assert len(list(stack.app.ledger.rows(workspaces=[PLATFORM_WORKSPACE]))) == 2
+    status = stack.app.budgets.get(PLATFORM_WORKSPACE, "monthly")
+    assert status is not None
+    assert (status.reserved, status.spent > 0) == (0, True)
+
+
 def test_a_call_that_fails_releases_its_hold(stack: DemoStack) -> None:
     budgets = stack.app.budgets
     budgets.set_budget(PLATFORM_WORKSPACE, "monthly", limit="10")

@@ -108,17 +108,15 @@ from byok_plugin.billing.budget_presence import BudgetPresence
 from byok_plugin.core.errors import StoreUnavailable
 from byok_plugin.keys.reader import sqlite_file_of
 from byok_plugin.store.engine import (
-    LOOP_LOCK_WAIT_MS,
     LockBackoff,
     lock_backoff,
     lock_in_transaction,
-    prepare_sqlite_connection,
     store_busy,
     store_errors,
     write_transaction,
 )
 from byok_plugin.store.key_events import notify_key_change
-from byok_plugin.store.sqlite_connections import SqliteConnections
+from byok_plugin.store.sqlite_connections import SqliteConnections, SqliteWriters
 from byok_plugin.store.tables import UTCDateTime, metadata
 
 __all__ = [
@@ -370,7 +368,11 @@ class BudgetStore:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         keep_holds: timedelta = KEEP_HOLDS,
         prune_every: int = PRUNE_EVERY,
+        writers: SqliteWriters | None = None,
     ) -> None:
+        """:param writers: on a SQLite file, the connections the direct statements borrow, shared
+        with the store's other writers (the ledger's: see
+        :mod:`byok_plugin.store.sqlite_connections`); by default the store's own."""
         if keep_holds < timedelta(0):
             raise BudgetError("keep_holds is a duration of 0 or more")
         if not isinstance(prune_every, int) or prune_every < 1:
@@ -378,6 +380,7 @@ class BudgetStore:
         self._engine = engine
         self._clock = clock
         self._keep_holds = keep_holds
+        self._writers = writers
         #: on PostgreSQL, which workspaces have budgets, while the change listener is connected
         #: (the app follows the listener with it): a workspace without one reserves from memory
         self.presence = BudgetPresence()
@@ -663,7 +666,9 @@ class BudgetStore:
         path = sqlite_file_of(self._engine)
         if path is None:
             return None
-        return _SqliteStatements(path, self._engine.dialect, self._sql, lock_backoff(self._engine))
+        return _SqliteStatements(
+            path, self._engine.dialect, self._sql, lock_backoff(self._engine), self._writers
+        )
 
     def _reading(self, what: str, ws: str) -> AbstractContextManager[Query]:
         direct = self._direct
@@ -1306,7 +1311,12 @@ class _SqliteStatements:
     store's file: the values bound and read back by the columns' own SQLAlchemy processors."""
 
     def __init__(
-        self, path: Path, dialect: Dialect, sql: SimpleNamespace, backoff: LockBackoff | None
+        self,
+        path: Path,
+        dialect: Dialect,
+        sql: SimpleNamespace,
+        backoff: LockBackoff | None,
+        writers: SqliteWriters | None = None,
     ) -> None:
         self._compiled: dict[str, tuple[str, tuple[str, ...], dict[str, Any], dict[str, Any]]] = {}
         for name, statement in vars(sql).items():
@@ -1321,8 +1331,8 @@ class _SqliteStatements:
         # the one column read back that needs converting: a period's start (a UTC datetime)
         self._period_start = budgets.c.period_start.type._cached_result_processor(dialect, None)
         self._rows: dict[tuple[str, ...], Any] = {}
-        self._connections = SqliteConnections(str(path), prepare=prepare_sqlite_connection)
-        self._prompt_connections = SqliteConnections(str(path), prepare=_prepare_prompt)
+        self._owns_writers = writers is None
+        self._writers = writers if writers is not None else SqliteWriters(str(path))
         self._backoff = backoff if backoff is not None else LockBackoff()
 
     def __repr__(self) -> str:
@@ -1361,8 +1371,8 @@ class _SqliteStatements:
         return _Borrowed(self, what, ws, write=True)
 
     def close(self) -> None:
-        self._connections.close()
-        self._prompt_connections.close()
+        if self._owns_writers:
+            self._writers.close()
 
 
 class _Borrowed:
@@ -1389,7 +1399,7 @@ class _Borrowed:
             raise StoreUnavailable(
                 self._what, workspace_id=self._ws, cause=str(statements._backoff.refusal())
             )
-        pool = self._pool = statements._prompt_connections if prompt else statements._connections
+        pool = self._pool = statements._writers.pool(prompt)
         try:
             conn = self._conn = pool.acquire()
             if self._write:
@@ -1433,8 +1443,3 @@ class _Borrowed:
         return StoreUnavailable(
             self._what, workspace_id=self._ws, cause=f"{type(exc).__name__}: {first_line[:300]}"
         )
-
-
-def _prepare_prompt(conn: sqlite3.Connection) -> None:
-    prepare_sqlite_connection(conn)
-    conn.execute(f"PRAGMA busy_timeout = {LOOP_LOCK_WAIT_MS}")

@@ -55,16 +55,14 @@ from byok_plugin.billing.charges import money
 from byok_plugin.core.errors import StoreUnavailable
 from byok_plugin.keys.reader import sqlite_file_of
 from byok_plugin.store.engine import (
-    LOOP_LOCK_WAIT_MS,
     LockBackoff,
     is_disconnect,
     lock_backoff,
-    prepare_sqlite_connection,
     store_busy,
     store_errors,
     write_transaction,
 )
-from byok_plugin.store.sqlite_connections import SqliteConnections
+from byok_plugin.store.sqlite_connections import SqliteWriters
 from byok_plugin.store.tables import UTCDateTime, metadata
 
 __all__ = ["ExactDecimal", "Ledger", "LedgerRow", "usage_ledger"]
@@ -222,18 +220,21 @@ def _check(record: UsageRecord) -> None:
         raise ValueError("UsageRecord.occurred_at must be an aware datetime")
 
 
-def _prepare_prompt(conn: sqlite3.Connection) -> None:
-    prepare_sqlite_connection(conn)
-    conn.execute(f"PRAGMA busy_timeout = {LOOP_LOCK_WAIT_MS}")
-
-
 class SqliteLedgerWriter:
     """``writer(values) -> bool``: one autocommit ``INSERT ... ON CONFLICT DO NOTHING`` on a
     borrowed ``sqlite3`` connection; ``False`` when the key was already recorded."""
 
-    def __init__(self, path: Path, dialect: Dialect, backoff: LockBackoff | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        dialect: Dialect,
+        backoff: LockBackoff | None = None,
+        writers: SqliteWriters | None = None,
+    ) -> None:
         """:param backoff: the store's memory of being found locked (shared with its other
-        writers), so that inline hook calls give up at once for a moment after one wait."""
+        writers), so that inline hook calls give up at once for a moment after one wait.
+        :param writers: the connections to borrow, shared with the store's other direct writers
+        (the budgets); by default the writer's own."""
         self._path = str(path)
         columns = [c for c in usage_ledger.c if c.name != "id"]
         self._names = tuple(c.name for c in columns)
@@ -251,8 +252,8 @@ class SqliteLedgerWriter:
         # connections borrowed per record (autocommit: each INSERT is its own transaction): no
         # more than records that ran at once, whatever threads made them; those lent on an event
         # loop's thread wait LOOP_LOCK_WAIT_MS at most for another writer's lock
-        self._connections = SqliteConnections(self._path, prepare=prepare_sqlite_connection)
-        self._prompt_connections = SqliteConnections(self._path, prepare=_prepare_prompt)
+        self._owns_writers = writers is None
+        self._writers = writers if writers is not None else SqliteWriters(self._path)
         self._backoff = backoff if backoff is not None else LockBackoff()
 
     def __repr__(self) -> str:
@@ -260,7 +261,7 @@ class SqliteLedgerWriter:
 
     @property
     def open_connections(self) -> int:
-        return len(self._connections) + len(self._prompt_connections)
+        return len(self._writers)
 
     def __call__(
         self, values: dict[str, Any], also: Callable[[sqlite3.Connection], object] | None = None
@@ -278,7 +279,7 @@ class SqliteLedgerWriter:
                 workspace_id=values["workspace_id"],
                 cause=str(self._backoff.refusal()),
             )
-        pool = self._prompt_connections if prompt else self._connections
+        pool = self._writers.pool(prompt)
         try:
             conn = pool.acquire()
             try:
@@ -323,9 +324,10 @@ class SqliteLedgerWriter:
         return inserted
 
     def close(self) -> None:
-        """Close the connections (the next record opens a new one)."""
-        self._connections.close()
-        self._prompt_connections.close()
+        """Close the connections, if they are the writer's own (the next record opens a new
+        one)."""
+        if self._owns_writers:
+            self._writers.close()
 
 
 class _PostgresGroupInsert:
@@ -437,8 +439,15 @@ class Ledger:
     """Writes and reads ``byok_usage_ledger``."""
 
     def __init__(
-        self, engine: Engine, *, clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+        self,
+        engine: Engine,
+        *,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        writers: SqliteWriters | None = None,
     ) -> None:
+        """:param writers: on a SQLite file, the connections the ledger's direct writer borrows,
+        shared with the store's other writers (:class:`~byok_plugin.billing.budgets.BudgetStore`:
+        see :mod:`byok_plugin.store.sqlite_connections`); by default its own."""
         self._engine = engine
         self._clock = clock
         dialect = engine.dialect.name
@@ -458,7 +467,7 @@ class Ledger:
         )
         path = sqlite_file_of(engine)
         self._writer = (
-            SqliteLedgerWriter(path, engine.dialect, lock_backoff(engine))
+            SqliteLedgerWriter(path, engine.dialect, lock_backoff(engine), writers)
             if path is not None
             else None
         )
