@@ -25,7 +25,7 @@ from byok_plugin.host.providers.common import (
 )
 from byok_plugin.host.providers.exa import ExaClient
 from byok_plugin.host.run_result import BlockResult, BlockStatus, CallResult
-from byok_plugin.host.run_state import BlockFailed, _Run
+from byok_plugin.host.run_state import BlockFailed, _CallSite, _Run
 from byok_plugin.host.workflow import (
     AgentBlock,
     AgentTool,
@@ -79,10 +79,7 @@ class Blocks(Calls):
                 block.id,
                 attempt,
                 1,
-                query,
-                block.num_results,
-                block.search_type,
-                block.include_text,
+                _search_request(query, block.num_results, block.search_type, block.include_text),
                 block.key,
             )
             calls.append(call)
@@ -147,18 +144,8 @@ class Blocks(Calls):
                     if isinstance(t, WebSearchTool)
                 ),
             )
-            result, call = await self._call(
-                run,
-                block.id,
-                attempt,
-                seq,
-                block.provider,
-                block.model,
-                block.key,
-                stream,
-                invoke,
-                worst,
-            )
+            site = _CallSite(run, block.id, attempt, seq, block.provider, block.model)
+            result, call = await self._call(site, block.key, stream, invoke, worst)
             calls.append(call)
             if not result.tool_calls or search is None:
                 break
@@ -166,9 +153,8 @@ class Blocks(Calls):
             for tool_call in result.tool_calls:
                 query = _query_of(tool_call.arguments) or prompt
                 seq += 1
-                hits, call = await self._search(
-                    run, block.id, attempt, seq, query, search.num_results, "auto", True, search.key
-                )
+                searched = _search_request(query, search.num_results)
+                hits, call = await self._search(run, block.id, attempt, seq, searched, search.key)
                 calls.append(call)
                 messages.append(
                     Message(
@@ -195,29 +181,32 @@ class Blocks(Calls):
         block_id: str,
         attempt: int,
         seq: int,
-        query: str,
-        num_results: int,
-        search_type: str,
-        include_text: bool,
+        request: SearchRequest,
         key: KeyRef | None,
     ) -> tuple[SearchResult, CallResult]:
         provider, tool = TOOL_PROVIDERS[EXA_TOOL]
         client: ExaClient = self.clients[provider]
-        request = SearchRequest(
-            query=query[:2000],
-            num_results=num_results,
-            search_type=search_type,
-            include_text=include_text,
-            max_characters=1500 if include_text else None,
-        )
 
         def invoke(api_key: str) -> Awaitable[SearchResult]:
             return client.search(request, api_key=api_key)
 
         worst = Usage(provider, tool, tool_requests=1)
-        return await self._call(
-            run, block_id, attempt, seq, provider, tool, key, False, invoke, worst
-        )
+        site = _CallSite(run, block_id, attempt, seq, provider, tool)
+        return await self._call(site, key, False, invoke, worst)
+
+
+def _search_request(
+    query: str, num_results: int, search_type: str = "auto", include_text: bool = True
+) -> SearchRequest:
+    """A search of ``query`` (its first 2,000 characters), with up to 1,500 characters of each
+    hit's text when ``include_text``."""
+    return SearchRequest(
+        query=query[:2000],
+        num_results=num_results,
+        search_type=search_type,
+        include_text=include_text,
+        max_characters=1500 if include_text else None,
+    )
 
 
 def _skipped(block: Block, reason: str) -> BlockResult:

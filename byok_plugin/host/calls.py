@@ -37,9 +37,9 @@ from byok_plugin.host.providers.errors import (
     ServerError,
 )
 from byok_plugin.host.providers.retry import retrying_once_sent
-from byok_plugin.host.recording import CHARGE_FAILED, Recording, _call_key, _recorder
+from byok_plugin.host.recording import CHARGE_FAILED, Recording, _recorder
 from byok_plugin.host.run_result import CallResult, Rejection
-from byok_plugin.host.run_state import BlockFailed, _Run
+from byok_plugin.host.run_state import BlockFailed, _CallSite, _Run
 from byok_plugin.host.workflow import KeyRef
 
 #: failures of a workspace key after which resolution is asked again (reason ``error``): the
@@ -52,28 +52,23 @@ class Calls(Recording):
 
     async def _call(
         self,
-        run: _Run,
-        block_id: str,
-        attempt: int,
-        seq: int,
-        provider: str,
-        model: str,
+        site: _CallSite,
         key: KeyRef | None,
         stream: bool,
         invoke: Callable[[str], Awaitable[Any]],
         worst: Usage | None = None,
     ) -> tuple[Any, CallResult]:
         """:meth:`_call_held`, whose budget hold is released if the call does not complete."""
-        idempotency_key = _call_key(run.run_id, block_id, attempt, seq)
-        budget = _Budget(idempotency_key, run.workspace_id, run.workflow.name, run.run_id, block_id)
+        run = site.run
+        budget = _Budget(
+            site.idempotency_key, run.workspace_id, run.workflow.name, run.run_id, site.block_id
+        )
         budget.estimate = _estimate_of(worst)
         budget.tools = tuple(name for name, _ in worst.tool_uses) if worst is not None else ()
         if self.pm.hook.byok_reserve_budget.get_hookimpls():  # else nothing to hold it against
             budget.worst = worst
         try:
-            return await self._call_held(
-                run, block_id, attempt, seq, provider, model, key, stream, invoke, budget
-            )
+            return await self._call_held(site, key, stream, invoke, budget)
         except BaseException:
             if budget.hold is not None and not budget.settled:
                 self._release_soon(budget)
@@ -81,17 +76,13 @@ class Calls(Recording):
 
     async def _call_held(
         self,
-        run: _Run,
-        block_id: str,
-        attempt: int,
-        seq: int,
-        provider: str,
-        model: str,
+        site: _CallSite,
         key: KeyRef | None,
         stream: bool,
         invoke: Callable[[str], Awaitable[Any]],
         budget: _Budget,
     ) -> tuple[Any, CallResult]:
+        run, block_id, provider, model = site.run, site.block_id, site.provider, site.model
         block_key = None
         if key is not None and key.env is not None:
             # again: the allowance was checked once per workflow, the environment may change
@@ -127,9 +118,7 @@ class Calls(Recording):
                     latency = self._clock() - started
             except ProviderError as exc:
                 if not isinstance(exc, AuthError | RateLimitError):
-                    await self._record_unfinished(
-                        run, block_id, attempt, seq, model, credential, exc, len(rejected), budget
-                    )
+                    await self._record_unfinished(site, credential, exc, len(rejected), budget)
                     if (
                         exc.maybe_executed
                         and exc.partial_usage is None
@@ -199,16 +188,7 @@ class Calls(Recording):
                 partial = getattr(exc, "partial_usage", None)
                 if isinstance(partial, Usage):
                     self._start_recording_unfinished(
-                        run,
-                        block_id,
-                        attempt,
-                        seq,
-                        model,
-                        credential,
-                        partial,
-                        "interrupted",
-                        0,
-                        budget,
+                        site, credential, partial, "interrupted", 0, budget
                     )
                 raise
             break
@@ -225,7 +205,7 @@ class Calls(Recording):
         if usage.model != model:
             usage = replace(usage, model=model)
 
-        make_record = _recorder(run, block_id, attempt, idempotency_key, usage, credential)
+        make_record = _recorder(site, idempotency_key, usage, credential)
 
         settle = None
         if budget.hold is not None and self.hooks_in_thread():
@@ -269,7 +249,7 @@ class Calls(Recording):
             usage=usage,
             charge=charge,
             latency=latency,
-            attempt=attempt,
+            attempt=site.attempt,
             idempotency_key=idempotency_key,
             streamed=stream,
             rejected=tuple(rejected),

@@ -27,7 +27,7 @@ from byok_hookspecs import (
 
 from byok_plugin.host.budget_holds import BudgetHolds, _Budget
 from byok_plugin.host.providers.errors import ProviderError
-from byok_plugin.host.run_state import _Run
+from byok_plugin.host.run_state import _CallSite
 
 log = logging.getLogger("byok.host.runner")  # one logger for the whole runner
 
@@ -308,11 +308,7 @@ class Recording(BudgetHolds):
 
     async def _record_unfinished(
         self,
-        run: _Run,
-        block_id: str,
-        attempt: int,
-        seq: int,
-        model: str,
+        site: _CallSite,
         credential: Credential,
         exc: ProviderError,
         round_no: int = 0,
@@ -332,22 +328,16 @@ class Recording(BudgetHolds):
         if exc.partial_usage is not None:
             usage, status = exc.partial_usage, "interrupted"
         elif exc.maybe_executed:
-            usage, status = Usage(provider=exc.provider, model=model), "uncertain"
+            usage, status = Usage(provider=exc.provider, model=site.model), "uncertain"
         else:
             return
-        job = self._start_recording_unfinished(
-            run, block_id, attempt, seq, model, credential, usage, status, round_no, budget
-        )
+        job = self._start_recording_unfinished(site, credential, usage, status, round_no, budget)
         with contextlib.suppress(Exception):
             await asyncio.shield(job)
 
     def _start_recording_unfinished(
         self,
-        run: _Run,
-        block_id: str,
-        attempt: int,
-        seq: int,
-        model: str,
+        site: _CallSite,
         credential: Credential,
         usage: Usage,
         status: str,
@@ -356,7 +346,7 @@ class Recording(BudgetHolds):
     ) -> asyncio.Future[Any]:
         """Charge and record an unfinished call in a worker thread, as a job a cancelled run does
         not stop and :meth:`drain` waits for; under the key the completed call would have had."""
-        idempotency_key = _call_key(run.run_id, block_id, attempt, seq)
+        idempotency_key = site.idempotency_key
         if status == "uncertain":
             idempotency_key += f":uncertain:{round_no}"
         estimated: tuple[str, ...] = ()
@@ -374,12 +364,10 @@ class Recording(BudgetHolds):
             # an OpenAI-shaped stream reports its input only in its last chunk: estimated
             usage = replace(usage, input_tokens=estimate.input_tokens)
             estimated = ("input_tokens",)
-        if usage.model != model:
-            usage = replace(usage, model=model)
+        if usage.model != site.model:
+            usage = replace(usage, model=site.model)
 
-        make_record = _recorder(
-            run, block_id, attempt, idempotency_key, usage, credential, status, estimated
-        )
+        make_record = _recorder(site, idempotency_key, usage, credential, status, estimated)
 
         settle = None
         if status == "interrupted" and budget is not None and budget.hold is not None:
@@ -394,16 +382,8 @@ class Recording(BudgetHolds):
         return job
 
 
-def _call_key(run_id: str, block_id: str, attempt: int, seq: int) -> str:
-    """A provider call's idempotency key: ``run:block:attempt``, and ``:seq`` for a block's
-    second and later calls in one attempt."""
-    return f"{run_id}:{block_id}:{attempt}" + (f":{seq}" if seq > 1 else "")
-
-
 def _recorder(
-    run: _Run,
-    block_id: str,
-    attempt: int,
+    site: _CallSite,
     idempotency_key: str,
     usage: Usage,
     credential: Credential,
@@ -418,16 +398,16 @@ def _recorder(
             charge = replace(charge, amount=Decimal(0), reason="uncertain")
         return UsageRecord(
             idempotency_key=idempotency_key,
-            workspace_id=run.workspace_id,
+            workspace_id=site.run.workspace_id,
             usage=usage,
             charge=charge,
             source=credential.source,
             key_id=credential.key_id,
             fallback=credential.fallback,
-            workflow_id=run.workflow.name,
-            run_id=run.run_id,
-            block_id=block_id,
-            attempt=attempt,
+            workflow_id=site.run.workflow.name,
+            run_id=site.run.run_id,
+            block_id=site.block_id,
+            attempt=site.attempt,
             status=status,
             estimated=estimated,
         )

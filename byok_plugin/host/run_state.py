@@ -1,7 +1,8 @@
 """What a run of the reference host engine carries: the runner's options
 (:class:`RunnerOptions`), the events it emits (:class:`RunEvent`), the error a block fails with
-(:class:`BlockFailed`), and one run's state (``_Run``: its results, the keys its calls used, of
-which every text that leaves the runner is redacted, and the lookup of block references)."""
+(:class:`BlockFailed`), one run's state (``_Run``: its results, the keys its calls used, of
+which every text that leaves the runner is redacted, and the lookup of block references), and
+which provider call of the run a call is (``_CallSite``)."""
 
 from __future__ import annotations
 
@@ -143,3 +144,23 @@ class _Run:
         if result is None or result.status is not BlockStatus.COMPLETED or result.output is None:
             return None  # a block not run: null in an output field, empty text in a prompt
         return step_into(result.output, ref, ref.path)
+
+
+@dataclass(frozen=True)
+class _CallSite:
+    """Which provider call of a run: the block, the block's attempt, the call's place in that
+    attempt (``seq``: a block's tool rounds make more than one call), and the provider and model
+    (or tool) it asks."""
+
+    run: _Run
+    block_id: str
+    attempt: int
+    seq: int
+    provider: str
+    model: str
+
+    @property
+    def idempotency_key(self) -> str:
+        """``run:block:attempt``, and ``:seq`` for an attempt's second and later calls."""
+        key = f"{self.run.run_id}:{self.block_id}:{self.attempt}"
+        return key + (f":{self.seq}" if self.seq > 1 else "")
