@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from byok_plugin.billing.charges import Billing
     from byok_plugin.billing.ledger import Ledger
     from byok_plugin.billing.pricing import PriceTable
+    from byok_plugin.billing.run_claims import RunClaims
     from byok_plugin.billing.spool import DurableLedger
     from byok_plugin.core.crypto import Keyring
     from byok_plugin.keys.access import KeyAccess
@@ -295,6 +296,13 @@ class App:
             background=self.background_writes.submit,
             write_many=self.ledger.record_many,
         )
+
+    @cached_property
+    def run_claims(self) -> RunClaims:
+        """Run ids claimed by runs in flight, across workers (``byok_claim_run``)."""
+        from byok_plugin.billing.run_claims import RunClaims
+
+        return RunClaims(self.engine, clock=self.clock)
 
     @cached_property
     def budgets(self) -> BudgetStore:

@@ -233,6 +233,16 @@ class DefaultPlugin:
         return stored + tuple(c for c in spooled if c.idempotency_key not in keys)
 
     @hookimpl(trylast=True)
+    def byok_claim_run(
+        self, run_id: str, workspace_id: str, claimant: str, seconds: float
+    ) -> bool | None:
+        return self.app.run_claims.claim(run_id, workspace_id, claimant, seconds)
+
+    @hookimpl(trylast=True)
+    def byok_release_run(self, run_id: str, claimant: str) -> None:
+        self.app.run_claims.release(run_id, claimant)
+
+    @hookimpl(trylast=True)
     def byok_reserve_budget(self, reservation: BudgetReservation) -> BudgetHold | None:
         try:
             return self.app.budgets.reserve(reservation)

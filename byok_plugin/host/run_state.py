@@ -61,6 +61,9 @@ class RunnerOptions:
         finish together as one group (``byok_record_usage_batch``: one transaction on the
         default plugin), by one writer per runner; each call awaits its own group without
         holding a thread. ``False``: one worker-thread job per call.
+    :param run_claim_seconds: how long a run id its caller chose stays claimed for the run
+        (``byok_claim_run``) unless extended: the runner extends it every third of that while
+        the run goes on, and a worker that dies mid-run leaves a claim that lapses then.
     """
 
     max_concurrent_calls: int = 16
@@ -71,6 +74,7 @@ class RunnerOptions:
     budget_hold_seconds: float = 900.0
     budget_output_tokens: int = 4096
     group_commit: bool = True
+    run_claim_seconds: float = 300.0
 
     def __post_init__(self) -> None:
         if self.max_concurrent_calls < 1:
@@ -79,6 +83,8 @@ class RunnerOptions:
             raise ValueError("block_retries >= 0, max_key_rounds >= 1 and record_attempts >= 1")
         if not self.budget_hold_seconds > 0 or self.budget_output_tokens < 1:
             raise ValueError("budget_hold_seconds > 0 and budget_output_tokens >= 1")
+        if not 1 <= self.run_claim_seconds <= 86_400:
+            raise ValueError("run_claim_seconds is between 1 and 86400")
 
 
 @dataclass(frozen=True, slots=True)

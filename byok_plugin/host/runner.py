@@ -338,7 +338,8 @@ class WorkflowRunner(Blocks):
         :param run_id: the run's id; a new one by default. An id given here that already has
             calls in the usage ledger (``byok_recorded_calls``) is refused with
             :class:`RunIdInUse` unless ``replay`` is given: a call made again under the same
-            idempotency key would be neither recorded nor charged.
+            idempotency key would be neither recorded nor charged; so is an id that a run in
+            flight in another worker holds (``byok_claim_run``).
         :param replay: the earlier :class:`RunResult` of this ``run_id`` (same workspace and
             workflow), to finish it: agent and tool blocks it completed, whose calls the ledger
             holds, are taken as they were, their calls not made again; the other blocks run, their
@@ -380,22 +381,80 @@ class WorkflowRunner(Blocks):
             )
         self._running[run_id] = workspace_id
         try:
-            reused, recorded_attempts = await self._check_run_id(
-                workflow, workspace_id, run_id, replay
-            )
-            return await self._run(
-                workflow,
-                workspace_id,
-                run_id,
-                values,
-                actor,
-                stream,
-                on_event,
-                reused,
-                recorded_attempts,
-            )
+            async with self._claimed(run_id, workspace_id):
+                reused, recorded_attempts = await self._check_run_id(
+                    workflow, workspace_id, run_id, replay
+                )
+                return await self._run(
+                    workflow,
+                    workspace_id,
+                    run_id,
+                    values,
+                    actor,
+                    stream,
+                    on_event,
+                    reused,
+                    recorded_attempts,
+                )
         finally:
             del self._running[run_id]
+
+    @contextlib.asynccontextmanager
+    async def _claimed(self, run_id: str, workspace_id: str) -> AsyncIterator[None]:
+        """The run id claimed for this run across the store's workers (``byok_claim_run``), the
+        claim extended every third of ``run_claim_seconds`` meanwhile, and released at the end
+        (``byok_release_run``); :class:`RunIdInUse` when another run in flight holds it. Both
+        hooks write to the store: they are called in a worker thread."""
+        loop = asyncio.get_running_loop()
+        claimant = secrets.token_hex(16)
+        seconds = self.options.run_claim_seconds
+
+        def claim() -> bool | None:
+            answer: bool | None = self.pm.hook.byok_claim_run(
+                run_id=run_id, workspace_id=workspace_id, claimant=claimant, seconds=seconds
+            )
+            return answer
+
+        if await loop.run_in_executor(None, claim) is False:
+            raise RunIdInUse(
+                f"run id {run_id!r} is in use by a run in flight in another worker: give "
+                f"workspace {workspace_id!r} a run id of its own, or wait for that run to end (if "
+                f"its worker died, its claim lapses within {seconds:g} s)"
+            )
+
+        async def extend() -> None:
+            while True:
+                await asyncio.sleep(seconds / 3)
+                try:
+                    held = await loop.run_in_executor(None, claim)
+                except Exception as exc:  # tried again a third of the claim later
+                    log.warning("extending the claim of run id %r failed: %s", run_id, exc)
+                    continue
+                if held is False:
+                    log.error(
+                        "the claim of run id %r lapsed and another run took it: calls of both "
+                        "may share idempotency keys",
+                        run_id,
+                    )
+                    return
+
+        extending = loop.create_task(extend())
+        try:
+            yield
+        finally:
+            extending.cancel()
+            release = functools.partial(
+                self.pm.hook.byok_release_run, run_id=run_id, claimant=claimant
+            )
+            try:  # (a cancelled run still gives it back)
+                await asyncio.shield(loop.run_in_executor(None, release))
+            except Exception as exc:
+                log.warning(
+                    "releasing run id %r failed (its claim lapses within %g s): %s",
+                    run_id,
+                    seconds,
+                    exc,
+                )
 
     async def _run(
         self,

@@ -170,6 +170,43 @@ def byok_recorded_calls(run_id: str) -> tuple[RecordedCall, ...] | None:
 
 
 @hookspec(firstresult=True)
+def byok_claim_run(run_id: str, workspace_id: str, claimant: str, seconds: float) -> bool | None:
+    """Claim a run id its caller chose for one run in flight, across every worker of the store.
+
+    A host asks before it starts a run with an id its caller chose, and again while the run goes
+    on, to extend the claim. Two workers given the same run id at once would both make the run's
+    calls under the same idempotency keys, and only the first record of a key is kept: the other
+    worker's calls would be made and never recorded nor charged. A host calls it off its event
+    loop (it writes to the store).
+
+    Stops at first non-None result.
+
+    :param run_id: the run id the caller gave.
+    :param workspace_id: the workspace the run is for.
+    :param claimant: the host's random token for this run in flight: a claim held under the same
+        token is extended.
+    :param seconds: how long the claim lasts unless extended or released (a worker that dies
+        mid-run leaves a claim that lapses then).
+    :returns: ``True`` when the run id is this run's (claimed, extended, or taken over from a claim
+        that lapsed), ``False`` when another run in flight holds it, or ``None`` to let the next
+        implementation answer (no answer at all: nothing is claimed).
+    """
+
+
+@hookspec
+def byok_release_run(run_id: str, claimant: str) -> None:
+    """Give back a run id claimed with :func:`byok_claim_run` once its run has ended.
+
+    A host calls it when the run completed, failed or was cancelled, off its event loop. A claim
+    held under another token is left as it is.
+
+    :param run_id: the run id.
+    :param claimant: the token the run claimed it with.
+    :returns: nothing.
+    """
+
+
+@hookspec(firstresult=True)
 def byok_authorize(actor: Actor | None, workspace_id: str, action: Action) -> bool | None:
     """Decide whether an actor may do something with a workspace's keys.
 
