@@ -27,6 +27,10 @@ from byok_hookspecs import (
 from test_budgets import START, WS, Clock, reservation, settlement
 
 from byok_plugin.app import App
+from byok_plugin.cli.demo import PLATFORM_WORKSPACE, DemoStack
+from byok_plugin.host.emulator import EmulatorServer
+from byok_plugin.host.run_result import BlockStatus, RunStatus
+from byok_plugin.host.workflow import parse_workflow
 from byok_plugin.billing.budgets import (
     MAX_LIMIT,
     MAX_UNITS,
@@ -249,3 +253,59 @@ def test_a_group_of_settlements_past_the_column_saturates_together(
     with app.engine.connect() as conn:
         spent = conn.execute(sa.select(budgets.c.spent_units)).scalar_one()
     assert spent == MAX_UNITS
+
+
+def test_the_runner_refuses_a_16_mb_request_at_top_prices_with_the_budget_error(
+    emulator: EmulatorServer, tmp_path: Path, database_url: str
+) -> None:
+    """The whole path: the runner prices the worst case of a 16 MB prompt at $1 a token times
+    1000 (about 1.7e10 USD) and the hard budget refuses it before anything is sent."""
+    prices = tmp_path / "prices.json"
+    prices.write_text(
+        json.dumps(
+            {
+                "version": "top",
+                "models": {"openai/gpt-4o-mini": dict.fromkeys(_RATE_FIELDS, str(_MAX_PRICE))},
+            }
+        )
+    )
+    stack = DemoStack(
+        tmp_path / "home",
+        emulator,
+        database_url=database_url,
+        extra_env={
+            "BYOK_PRICE_FILE": str(prices),
+            "BYOK_CHARGE_MULTIPLIER": str(MAX_CHARGE_MULTIPLIER),
+        },
+    )
+    workflow = parse_workflow(
+        {
+            "name": "huge",
+            "version": "1",
+            "blocks": {
+                "answer": {
+                    "type": "agent",
+                    "model": "gpt-4o-mini",
+                    "prompt": "{{inputs.text}}",
+                    "max_tokens": 200_000,
+                }
+            },
+            "inputs": {"text": {"type": "string"}},
+        }
+    )
+    try:
+        stack.app.budgets.set_budget(PLATFORM_WORKSPACE, "monthly", limit="250")
+        result = stack.run(workflow, PLATFORM_WORKSPACE, {"text": "x" * MAX_BYTES})
+        assert result.status is RunStatus.FAILED
+        answer = result.blocks["answer"]
+        assert answer.status is BlockStatus.FAILED
+        assert answer.calls == ()
+        message = answer.error or ""
+        assert f"workspace {PLATFORM_WORKSPACE!r}: budget 'monthly' refuses the call" in message
+        assert "of 250 USD 0 is spent, 0 reserved by calls in flight, 250 left" in message
+        assert [c for c in emulator.calls() if c.method == "POST"] == []  # never sent
+        status = stack.app.budgets.get(PLATFORM_WORKSPACE, "monthly")
+        assert status is not None
+        assert (status.spent, status.reserved) == (0, 0)
+    finally:
+        stack.close()
