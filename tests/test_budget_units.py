@@ -27,10 +27,6 @@ from byok_hookspecs import (
 from test_budgets import START, WS, Clock, reservation, settlement
 
 from byok_plugin.app import App
-from byok_plugin.cli.demo import PLATFORM_WORKSPACE, DemoStack
-from byok_plugin.host.emulator import EmulatorServer
-from byok_plugin.host.run_result import BlockStatus, RunStatus
-from byok_plugin.host.workflow import parse_workflow
 from byok_plugin.billing.budgets import (
     MAX_LIMIT,
     MAX_UNITS,
@@ -40,8 +36,12 @@ from byok_plugin.billing.budgets import (
     to_units,
 )
 from byok_plugin.billing.pricing import _MAX_PRICE, _RATE_FIELDS
+from byok_plugin.cli.demo import PLATFORM_WORKSPACE, DemoStack
 from byok_plugin.core.json_file import MAX_BYTES
+from byok_plugin.host.emulator import EmulatorServer
 from byok_plugin.host.providers.base import MAX_TOKEN_COUNT
+from byok_plugin.host.run_result import BlockStatus, RunStatus
+from byok_plugin.host.workflow import parse_workflow
 from byok_plugin.manager import plugin_manager_for
 from byok_plugin.settings import MAX_CHARGE_MULTIPLIER, Settings
 
@@ -54,17 +54,16 @@ CREDENTIAL = Credential(
 )
 
 
+def top_prices(path: Path, model: str) -> Path:
+    """A price file pricing OpenAI's ``model`` at the top rate a price file may set ($1 a token)."""
+    rates = dict.fromkeys(_RATE_FIELDS, str(_MAX_PRICE))
+    path.write_text(json.dumps({"version": "top", "models": {f"openai/{model}": rates}}))
+    return path
+
+
 @pytest.fixture
 def app(database_url: str, tmp_path: Path) -> Iterator[App]:
-    prices = tmp_path / "prices.json"
-    prices.write_text(
-        json.dumps(
-            {
-                "version": "top",
-                "models": {f"openai/{MODEL}": dict.fromkeys(_RATE_FIELDS, str(_MAX_PRICE))},
-            }
-        )
-    )
+    prices = top_prices(tmp_path / "prices.json", MODEL)
     settings = Settings.from_environ(
         {
             "BYOK_HOME": str(tmp_path),
@@ -260,15 +259,7 @@ def test_the_runner_refuses_a_16_mb_request_at_top_prices_with_the_budget_error(
 ) -> None:
     """The whole path: the runner prices the worst case of a 16 MB prompt at $1 a token times
     1000 (about 1.7e10 USD) and the hard budget refuses it before anything is sent."""
-    prices = tmp_path / "prices.json"
-    prices.write_text(
-        json.dumps(
-            {
-                "version": "top",
-                "models": {"openai/gpt-4o-mini": dict.fromkeys(_RATE_FIELDS, str(_MAX_PRICE))},
-            }
-        )
-    )
+    prices = top_prices(tmp_path / "prices.json", "gpt-4o-mini")
     stack = DemoStack(
         tmp_path / "home",
         emulator,

@@ -72,6 +72,12 @@ Holds are rounded up to the unit, and so are settled amounts, so a budget's ``sp
 below what the ledger charged. A call that outlives its hold (``hold_seconds``) still counts what
 it spent when it settles, so it may push a budget past its limit: keep the hold longer than any
 provider call (the runner's default is 15 minutes).
+
+**Bounds.** The columns hold at most :data:`MAX_UNITS` (a BIGINT: about 9.2e9 USD), and no amount
+past it is ever bound or summed into one: a hard budget refuses a worst case past it (no limit is
+higher), a soft one holds at most what its ``reserved`` can still take, and a settled amount, or
+a group's sum on PostgreSQL, saturates ``spent`` there (see :meth:`BudgetStore.reserve` and
+``_settled_units``). PostgreSQL compares and sums in ``numeric`` where a bigint could overflow.
 """
 
 from __future__ import annotations
