@@ -10,6 +10,7 @@ import itertools
 import sqlite3
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -491,16 +492,50 @@ def test_hook_byok_record_usage_and_settle_commits_rows_and_settlements_together
     for group in again if sqlite_store else [(records, together)]:
         assert pm.hook.byok_record_usage_and_settle(records=group[0], settlements=group[1])
     assert app.budgets.get(WS, "monthly").spent == Decimal("0.2")  # type: ignore[union-attr]
-    # one transaction: a settlement the store refuses (more than a BIGINT of nano-dollars)
-    # leaves no row of the group either
+    # one transaction: a settlement the store refuses (a trigger of the test's) leaves no row
+    # of the group either
     late = [record_for(n, workspace=WS) for n in (7,)]
     pm.hook.byok_reserve_budget(reservation=reservation(late[0].idempotency_key, "0.30"))
-    refused = [settlement(late[0].idempotency_key, "1E+12")]
-    expected = "too large" if sqlite_store else "recording usage"
-    with pytest.raises((OverflowError, StoreUnavailable), match=expected):
+    refused = [settlement(late[0].idempotency_key, "0.10")]
+    with (
+        refusing_spending(app),
+        pytest.raises((sa.exc.IntegrityError, StoreUnavailable), match="refuses this settlement"),
+    ):
         pm.hook.byok_record_usage_and_settle(records=late, settlements=refused)
     assert app.ledger.get(late[0].idempotency_key) is None
     assert app.budgets.get(WS, "monthly").reserved == Decimal("0.3")  # type: ignore[union-attr]
+
+
+@contextmanager
+def refusing_spending(app: App) -> Iterator[None]:
+    """While in the block, the store refuses any statement that adds to a budget's ``spent``."""
+    message = "the test refuses this settlement"
+    if app.engine.dialect.name == "postgresql":
+        create = [
+            "CREATE FUNCTION byok_test_refuse() RETURNS trigger LANGUAGE plpgsql AS "
+            f"$$ BEGIN RAISE EXCEPTION '{message}'; END $$",
+            "CREATE TRIGGER byok_test_refuse BEFORE UPDATE ON byok_budgets FOR EACH ROW "
+            "WHEN (NEW.spent_units > OLD.spent_units) EXECUTE FUNCTION byok_test_refuse()",
+        ]
+        drop = [
+            "DROP TRIGGER byok_test_refuse ON byok_budgets",
+            "DROP FUNCTION byok_test_refuse()",
+        ]
+    else:
+        create = [
+            "CREATE TRIGGER byok_test_refuse BEFORE UPDATE ON byok_budgets "
+            f"WHEN NEW.spent_units > OLD.spent_units BEGIN SELECT RAISE(ABORT, '{message}'); END"
+        ]
+        drop = ["DROP TRIGGER byok_test_refuse"]
+    with app.engine.begin() as conn:
+        for statement in create:
+            conn.exec_driver_sql(statement)
+    try:
+        yield
+    finally:
+        with app.engine.begin() as conn:
+            for statement in drop:
+                conn.exec_driver_sql(statement)
 
 
 def hold_rows(app: App) -> int:

@@ -72,6 +72,12 @@ Holds are rounded up to the unit, and so are settled amounts, so a budget's ``sp
 below what the ledger charged. A call that outlives its hold (``hold_seconds``) still counts what
 it spent when it settles, so it may push a budget past its limit: keep the hold longer than any
 provider call (the runner's default is 15 minutes).
+
+**Bounds.** The columns hold at most :data:`MAX_UNITS` (a BIGINT: about 9.2e9 USD), and no amount
+past it is ever bound or summed into one: a hard budget refuses a worst case past it (no limit is
+higher), a soft one holds at most what its ``reserved`` can still take, and a settled amount, or
+a group's sum on PostgreSQL, saturates ``spent`` there (see :meth:`BudgetStore.reserve` and
+``_settled_units``). PostgreSQL compares and sums in ``numeric`` where a bigint could overflow.
 """
 
 from __future__ import annotations
@@ -121,6 +127,7 @@ from byok_plugin.store.tables import UTCDateTime, metadata
 
 __all__ = [
     "KEEP_HOLDS",
+    "MAX_UNITS",
     "PRUNE_BATCH",
     "PRUNE_EVERY",
     "UNIT",
@@ -158,8 +165,15 @@ PRUNE_EVERY = 16
 _BUDGETED_HINTS = 10_000
 #: the sources a BYOK list-cost budget counts: the workspace's own keys and those it inherits
 _BYOK_SOURCES = (CredentialSource.WORKSPACE, CredentialSource.ORGANIZATION)
+#: the most a budget's amount columns (``limit_units``, ``spent_units``, ``reserved_units``, a
+#: hold's ``amount_units``) hold: a BIGINT of nano-dollars, about 9.2e9 USD. Amounts past it
+#: (a hostile price file, a huge request, a provider reporting huge usage) are never bound as
+#: parameters: a hard budget refuses such a worst case, a soft one holds what its column can
+#: still take, and a settlement's spending saturates at it (see :meth:`BudgetStore.reserve`)
+MAX_UNITS = 2**63 - 1
 #: the largest limit: a BIGINT of nano-dollars
-MAX_LIMIT = Decimal(2**63 - 1) * UNIT
+MAX_LIMIT = Decimal(MAX_UNITS) * UNIT
+_MAX_UNITS_SQL = sa.literal_column(str(MAX_UNITS), sa.BigInteger)
 
 
 class BudgetError(ValueError):
@@ -559,7 +573,7 @@ class BudgetStore:
             budgets=sa.select(*scope).where(t.c.workspace_id == p("b_ws")),
             # the workspace's budgets, each with this call's hold on it if it has one (a hold's
             # budget is of its workspace): one statement, inside the reservation's transaction
-            budgets_held=sa.select(*scope, h.c.state, h.c.amount_units)
+            budgets_held=sa.select(*scope, t.c.reserved_units, h.c.state, h.c.amount_units)
             .select_from(
                 t.outerjoin(h, sa.and_(h.c.budget_id == t.c.id, h.c.idempotency_key == p("b_key")))
             )
@@ -629,7 +643,15 @@ class BudgetStore:
             spend=sa.update(t)
             .where(t.c.id == p("b_id"))
             .values(
-                spent_units=t.c.spent_units + p("b_spent", type_=sa.BigInteger),
+                # saturating at MAX_UNITS (b_spent is at most that: MAX_UNITS - b_spent never
+                # overflows; SQLite would turn an overflowing sum into a REAL in the column)
+                spent_units=sa.case(
+                    (
+                        t.c.spent_units > _MAX_UNITS_SQL - p("b_spent", type_=sa.BigInteger),
+                        _MAX_UNITS_SQL,
+                    ),
+                    else_=t.c.spent_units + p("b_spent", type_=sa.BigInteger),
+                ),
                 reserved_units=t.c.reserved_units - p("b_release", type_=sa.BigInteger),
             )
             .returning(
@@ -728,6 +750,14 @@ class BudgetStore:
     def reserve(self, reservation: BudgetReservation) -> BudgetHold | None:
         """Hold the call's worst case on every budget that applies to it, or refuse it.
 
+        A worst case can be more than a budget's BIGINT columns hold (:data:`MAX_UNITS`, about
+        9.2e9 USD: a price file's top rates, a huge request, a multiplier of 1000). A hard budget
+        refuses it (``BudgetExceeded``, as any call that does not fit: no limit is higher). A soft
+        budget never refuses: it holds the worst case capped at what its ``reserved`` can still
+        take (:data:`MAX_UNITS` less what its holds reserve, possibly nothing), so that
+        ``reserved`` and the sum of its holds never pass :data:`MAX_UNITS`; the call still spends
+        what it cost when it settles (saturating at :data:`MAX_UNITS`).
+
         :returns: the hold, or ``None`` when no budget applies.
         :raises BudgetExceeded: a hard budget has not room for it (nothing is held then).
         :raises StoreUnavailable: the store did not answer.
@@ -790,9 +820,16 @@ class BudgetStore:
                 q("forget", {"b_ws": ws, "b_key": key})
             for budget in applicable:
                 need = needs[budget.metric]
+                if not budget.hard:
+                    # what the column can still take (read above in this transaction: since
+                    # then only freed, so this never overflows it)
+                    need = min(need, max(MAX_UNITS - int(budget.reserved_units), 0))
+                # a worst case past MAX_UNITS fits no hard budget (no limit is higher): refused
+                # as one that does not fit, without binding it
+                beyond = need > MAX_UNITS
                 admit = "admit_hard" if budget.hard else "admit_soft"
-                admitted = q(admit, {"b_id": budget.id, "b_need": need})
-                if not admitted and not expired:
+                admitted = [] if beyond else q(admit, {"b_id": budget.id, "b_need": need})
+                if not admitted and not expired and not beyond:
                     # lapsed holds (their workers died) may still count in ``reserved``: they
                     # are expired now, and the call admitted if that made room
                     self._expire(q, ws, key, now)
@@ -999,7 +1036,7 @@ class BudgetStore:
             key,
             ws,
             tuple(r.name for r in applicable),
-            from_units(max(int(r.need) for r in applicable)),
+            from_units(max(int(r.held) for r in applicable)),
             expires_at,
         )
 
@@ -1114,7 +1151,9 @@ WITH prev AS (
     ((b.metric = 'charge' OR %(byok)s)
       AND (b.key_id IS NULL OR b.key_id = %(key_id)s)
       AND (b.workflow_id IS NULL OR b.workflow_id = %(workflow_id)s)) AS applies,
-    CASE b.metric WHEN 'charge' THEN %(need_charge)s::bigint ELSE %(need_list)s::bigint END
+    -- numeric: a worst case may be more than a bigint holds (refused by a hard budget, capped
+    -- by a soft one below)
+    CASE b.metric WHEN 'charge' THEN %(need_charge)s::numeric ELSE %(need_list)s::numeric END
       AS need_if,
     CASE b.period WHEN 'day' THEN %(day)s::timestamptz WHEN 'month' THEN %(month)s::timestamptz
       ELSE b.period_start END AS cur_start
@@ -1161,7 +1200,7 @@ WITH prev AS (
     AND h.expires_at < %(cutoff)s AND (h.settled_at IS NULL OR h.settled_at < %(cutoff)s)
     AND h.idempotency_key <> %(key)s
   RETURNING 1
-), calc AS (
+), base AS (
   SELECT t.id, t.name, t.hard, t.applies, t.limit_units, t.period_start, t.cur_start,
     CASE WHEN t.period_start < t.cur_start THEN 0 ELSE t.spent_units END AS spent_now,
     t.reserved_units
@@ -1171,8 +1210,15 @@ WITH prev AS (
               WHERE p.budget_id = t.id AND p.state = 'held'), 0) AS replaced,
     CASE WHEN t.applies THEN t.need_if ELSE 0 END AS need
   FROM target t
+), calc AS (
+  -- held: the need capped at what reserved can still take (MAX_UNITS, a literal: a bigint's
+  -- largest); the need itself for a hard budget that fits (its limit is at most that)
+  SELECT b.*, LEAST(b.need, GREATEST(9223372036854775807 - (b.reserved_now - b.replaced), 0))
+    AS held
+  FROM base b
 ), verdict AS (
   SELECT NOT EXISTS (SELECT 1 FROM prev WHERE state = 'settled') AS fresh,
+    -- in numeric (need is): a sum past a bigint's range refuses, it does not fail
     COALESCE(bool_and(NOT c.hard OR NOT c.applies
                       OR c.spent_now + c.reserved_now - c.replaced + c.need <= c.limit_units),
              true) AS fits
@@ -1181,7 +1227,7 @@ WITH prev AS (
   UPDATE byok_budgets b SET
     spent_units = c.spent_now,
     reserved_units = c.reserved_now
-      - CASE WHEN v.fresh AND v.fits THEN c.replaced - c.need ELSE 0 END,
+      - CASE WHEN v.fresh AND v.fits THEN c.replaced - c.held ELSE 0 END,
     alerted = CASE WHEN c.period_start < c.cur_start THEN '' ELSE b.alerted END,
     period_start = greatest(c.period_start, c.cur_start)
   FROM calc c, verdict v
@@ -1195,7 +1241,7 @@ WITH prev AS (
 ), held AS (
   INSERT INTO byok_budget_holds (idempotency_key, budget_id, workspace_id, state, amount_units,
     spent_units, expires_at, created_at, settled_at)
-  SELECT %(key)s, c.id, %(ws)s, 'held', c.need, NULL, %(expires_at)s, %(now)s, NULL
+  SELECT %(key)s, c.id, %(ws)s, 'held', c.held, NULL, %(expires_at)s, %(now)s, NULL
   FROM calc c, verdict v WHERE c.applies AND v.fresh AND v.fits
   ON CONFLICT (idempotency_key, budget_id) DO UPDATE SET state = 'held',
     amount_units = excluded.amount_units, spent_units = NULL, expires_at = excluded.expires_at,
@@ -1203,7 +1249,7 @@ WITH prev AS (
   RETURNING budget_id
 )
 SELECT c.id, c.name, c.applies, c.hard, c.limit_units, c.spent_now,
-  c.reserved_now - c.replaced AS reserved, c.need, v.fresh, v.fits,
+  c.reserved_now - c.replaced AS reserved, c.need, c.held, v.fresh, v.fits,
   (SELECT count(*) FROM moved) + (SELECT count(*) FROM gone) + (SELECT count(*) FROM held)
     AS written
 FROM calc c, verdict v
@@ -1244,7 +1290,9 @@ WITH s AS (
   FROM cur JOIN target t ON t.id = cur.budget_id
 ), calc AS (
   SELECT t.id, t.limit_units, t.period_start, t.cur_start, e.release,
-    CASE WHEN t.period_start < t.cur_start THEN 0 ELSE t.spent_units END + e.amount AS new_spent,
+    -- saturating at MAX_UNITS (a bigint's largest): e.amount is a numeric sum, which may pass it
+    LEAST(CASE WHEN t.period_start < t.cur_start THEN 0 ELSE t.spent_units END + e.amount,
+          9223372036854775807) AS new_spent,
     CASE WHEN t.period_start < t.cur_start THEN '' ELSE t.alerted END AS was
   FROM target t JOIN (
     SELECT budget_id, sum(amount) AS amount, sum(release) AS release FROM each GROUP BY budget_id
@@ -1267,7 +1315,7 @@ WITH s AS (
         SELECT a::int AS p FROM unnest(string_to_array(c.was, ',')) a WHERE a <> ''
         UNION
         SELECT a::int FROM unnest(string_to_array(b.thresholds, ',')) a
-        WHERE a <> '' AND c.new_spent * 100 >= a::bigint * c.limit_units
+        WHERE a <> '' AND c.new_spent * 100 >= a::numeric * c.limit_units
       ) s)
   FROM calc c
   WHERE b.id = c.id
@@ -1283,11 +1331,17 @@ ORDER BY m.id
 
 
 def _settled_units(settlement: BudgetSettlement) -> dict[str, int]:
-    """What a settlement spends, per metric, in :data:`UNIT` (nothing for a release)."""
+    """What a settlement spends, per metric, in :data:`UNIT` (nothing for a release), at most
+    :data:`MAX_UNITS`: a call that cost more (a provider's huge reported usage, a hostile price)
+    spends what a budget's column can hold, and the statements add it saturating there, so that
+    the settlement, and the ledger row committed with it, never fail on it (the ledger keeps the
+    real amount)."""
     return {
-        BudgetMetric.CHARGE.value: to_units(settlement.amount) if settlement.completed else 0,
+        BudgetMetric.CHARGE.value: (
+            min(to_units(settlement.amount), MAX_UNITS) if settlement.completed else 0
+        ),
         BudgetMetric.LIST_COST.value: (
-            to_units(settlement.list_cost)
+            min(to_units(settlement.list_cost), MAX_UNITS)
             if settlement.completed and settlement.source in _BYOK_SOURCES
             else 0
         ),
