@@ -19,8 +19,6 @@ from typing import Any
 import pluggy
 import pytest
 import sqlalchemy as sa
-from alembic.autogenerate import compare_metadata
-from alembic.runtime.migration import MigrationContext
 from byok_hookspecs import (
     BudgetExceeded,
     BudgetHold,
@@ -28,6 +26,7 @@ from byok_hookspecs import (
     BudgetSettlement,
     CredentialSource,
 )
+from migration_support import model_differences
 
 from byok_plugin.app import App
 from byok_plugin.billing.budgets import (
@@ -45,8 +44,6 @@ from byok_plugin.keys.reader import sqlite_file_of
 from byok_plugin.manager import plugin_manager_for
 from byok_plugin.settings import Settings
 from byok_plugin.store import create_store_engine, ensure_migrated
-from byok_plugin.store.migrate import VERSION_TABLE
-from byok_plugin.store.tables import metadata
 
 WS = "acme"
 START = datetime(2026, 12, 4, 10, 0, tzinfo=UTC)
@@ -119,17 +116,7 @@ def test_revision_0007_creates_the_budget_tables_as_modelled(database_url: str) 
         ensure_migrated(engine)
         with engine.connect() as conn:
             assert set(sa.inspect(conn).get_table_names()) >= mine
-            context = MigrationContext.configure(
-                conn,
-                opts={
-                    "compare_type": True,
-                    "version_table": VERSION_TABLE,
-                    "include_object": lambda _o, name, kind, _r, _other: (
-                        kind != "table" or name in mine
-                    ),
-                },
-            )
-            assert compare_metadata(context, metadata) == []
+            assert model_differences(conn, mine) == []
     finally:
         engine.dispose()
 

@@ -6,22 +6,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import sqlalchemy as sa
-from alembic.autogenerate import compare_metadata
-from alembic.runtime.migration import MigrationContext
 from byok_hookspecs import (
     CredentialRequest,
     CredentialSource,
     FailureReason,
     ProviderFailure,
 )
+from migration_support import model_differences
 
 from byok_plugin.app import App
 from byok_plugin.manager import plugin_manager_for
 from byok_plugin.resolution.platform_cooldowns import platform_key_cooldowns
 from byok_plugin.settings import Settings
 from byok_plugin.store import create_store_engine, ensure_migrated
-from byok_plugin.store.migrate import VERSION_TABLE
-from byok_plugin.store.tables import metadata
 
 TABLE = platform_key_cooldowns.name
 KEYS = ("sk-proj-" + "a" * 40, "sk-proj-" + "b" * 40)
@@ -33,17 +30,7 @@ def test_the_migration_creates_the_table_as_modelled(database_url: str) -> None:
         ensure_migrated(engine)
         with engine.connect() as conn:
             assert TABLE in sa.inspect(conn).get_table_names()
-            context = MigrationContext.configure(
-                conn,
-                opts={
-                    "compare_type": True,
-                    "version_table": VERSION_TABLE,
-                    "include_object": lambda _obj, name, kind, _reflected, _other: (
-                        kind != "table" or name == TABLE
-                    ),
-                },
-            )
-            assert compare_metadata(context, metadata) == []
+            assert model_differences(conn, {TABLE}) == []
     finally:
         engine.dispose()
 

@@ -22,9 +22,8 @@ from typing import Any
 import pluggy
 import pytest
 import sqlalchemy as sa
-from alembic.autogenerate import compare_metadata
-from alembic.runtime.migration import MigrationContext
 from click.testing import CliRunner
+from migration_support import model_differences
 
 from byok_plugin.app import App
 from byok_plugin.billing.run_claims import RunClaims, run_claims
@@ -39,8 +38,6 @@ from byok_plugin.host.workflow import parse_workflow
 from byok_plugin.manager import plugin_manager_for
 from byok_plugin.settings import Settings
 from byok_plugin.store import create_store_engine, ensure_migrated
-from byok_plugin.store.migrate import VERSION_TABLE
-from byok_plugin.store.tables import metadata
 
 DOCUMENT: dict[str, Any] = {
     "name": "one-call",
@@ -136,17 +133,7 @@ def test_the_run_claims_table_matches_its_migration(database_url: str) -> None:
     try:
         ensure_migrated(engine)
         with engine.connect() as conn:
-            context = MigrationContext.configure(
-                conn,
-                opts={
-                    "compare_type": True,
-                    "version_table": VERSION_TABLE,
-                    "include_object": lambda _obj, name, kind, _reflected, _other: (
-                        kind != "table" or name == run_claims.name
-                    ),
-                },
-            )
-            assert compare_metadata(context, metadata) == []
+            assert model_differences(conn, {run_claims.name}) == []
     finally:
         engine.dispose()
 

@@ -10,8 +10,6 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from alembic import command
-from alembic.autogenerate import compare_metadata
-from alembic.runtime.migration import MigrationContext
 from byok_hookspecs import Actor, CredentialUnavailable, KeyCheckStatus, Role
 from keys_support import (
     OPERATOR,
@@ -23,6 +21,7 @@ from keys_support import (
     random_key,
     service_for,
 )
+from migration_support import model_differences
 
 from byok_plugin.core.errors import StoreUnavailable
 from byok_plugin.store import KeyStore, create_store_engine, ensure_migrated, normalize_url
@@ -33,7 +32,7 @@ from byok_plugin.store.migrate import (
     head_revision,
     upgrade,
 )
-from byok_plugin.store.tables import metadata, workspace_keys
+from byok_plugin.store.tables import workspace_keys
 
 TABLES = {"byok_workspace_keys", "byok_audit_events", "byok_master_keys", VERSION_TABLE}
 
@@ -47,18 +46,7 @@ def test_migrations_create_the_tables_once_and_match_the_models(database_url: st
         with engine.connect() as conn:
             assert set(sa.inspect(conn).get_table_names()) >= TABLES
             # this module's tables (later revisions add others, checked by their own tests)
-            context = MigrationContext.configure(
-                conn,
-                opts={
-                    "compare_type": True,
-                    "version_table": VERSION_TABLE,
-                    # these tables only, on both sides (the metadata holds later revisions' too)
-                    "include_object": lambda _obj, name, kind, _reflected, _other: (
-                        kind != "table" or name in TABLES
-                    ),
-                },
-            )
-            assert compare_metadata(context, metadata) == []
+            assert model_differences(conn, TABLES) == []
     finally:
         engine.dispose()
 
