@@ -27,6 +27,7 @@ from server_support import (
 from byok_plugin.app import App
 from byok_plugin.audit_log import AuditQuery, read_audit_log
 from byok_plugin.cli import main
+from byok_plugin.cli.context import CliContext
 from byok_plugin.core.errors import InvalidInput
 from byok_plugin.server import BearerTokens, create_app
 from byok_plugin.settings import Settings
@@ -203,6 +204,21 @@ def test_byok_audit_cuts_nothing_on_a_narrow_terminal(
         f"2026-11-01 09:00:00Z  a-rather-long-workspace-name  key.created  by alice  openai {long_id}"
     )
     assert "…" not in result.output
+
+
+def test_byok_audit_since_a_relative_date_counts_from_the_apps_clock(
+    cli_env: dict[str, str],
+) -> None:
+    _record(cli_env, _event(0), _event(1), _event(2))  # 1, 2 and 3 November, 09:00
+    # "yesterday" is the app's: on 3 November (not whatever day the test runs on)
+    cli = CliContext(Settings.from_environ(cli_env), clock=lambda: T0 + timedelta(days=2, hours=3))
+    result = CliRunner().invoke(
+        main, ["audit", "-w", "acme", "--since", "yesterday", "--json"], env=cli_env, obj=cli
+    )
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.output)
+    assert document["since"] == "2026-11-02T00:00:00+00:00"
+    assert [e["detail"] for e in document["events"]] == ["event 2", "event 1"]
 
 
 def test_byok_audit_rejects_bad_options_with_exit_2(cli_env: dict[str, str]) -> None:
