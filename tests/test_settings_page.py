@@ -410,6 +410,8 @@ def test_an_idle_session_ends_and_the_page_says_how_to_sign_in_again(
     assert tab.errors == []
 
 
+# what is spent is the month's, on the app's clock: no month may begin before the page shows it
+@pytest.mark.parametrize("stack", [ShiftedClock()], indirect=True, ids=["shifted-clock"])
 def test_a_member_sees_each_budget_with_spent_reserved_and_left(
     browser, tabs: list[Page], base_url: str, stack: Stack
 ) -> None:
