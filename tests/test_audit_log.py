@@ -337,3 +337,24 @@ def test_a_role_given_as_member_is_not_enough(stack: Stack) -> None:
     with pytest.raises(NotAuthorized):
         read_audit_log(stack.pm, stack.app.audit_store, viewer, AuditQuery("acme"))
     assert read_audit_log(stack.pm, stack.app.audit_store, viewer, AuditQuery("globex")) == []
+
+
+@pytest.mark.anyio
+async def test_a_refused_read_is_audited_at_the_apps_time(
+    tmp_path: Path, database_url: str
+) -> None:
+    now = T0 + timedelta(days=30)  # the app's clock, not the wall clock
+    pinned = make_stack(tmp_path, database_url, master_keys=master_key_value(), clock=lambda: now)
+    identify = BearerTokens({MEMBER_TOKEN: MEMBER})
+    asgi = create_app(pinned.app, identify=identify, pm=pinned.pm)
+    try:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=asgi), base_url="http://testserver"
+        ) as c:
+            assert (await c.get(AUDIT, headers=AS_MEMBER)).status_code == 403
+        denied = [e for e in pinned.audit.events if e.action == "access.denied"]
+        assert [(e.actor_id, e.occurred_at) for e in denied] == [(MEMBER.id, now)]
+        stored = pinned.app.audit_store.events("acme")
+        assert [(e.action, e.occurred_at) for e in stored] == [("access.denied", now)]
+    finally:
+        pinned.app.close()

@@ -51,7 +51,7 @@ def audit_command(
         since=parse_when(since, "--since", end=False, now=cli.clock()),
         limit=limit,
     )
-    events = read_audit_log(cli.pm, cli.app.audit_store, cli.actor, query)
+    events = read_audit_log(cli.pm, cli.app.audit_store, cli.actor, query, clock=cli.clock)
     if as_json:
         echo_json(
             {

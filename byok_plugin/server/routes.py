@@ -514,7 +514,7 @@ async def read_audit(api: Api, request: Request) -> Response:
     )
 
     def work() -> dict[str, Any]:
-        page = read_audit_page(api.pm, api.app.audit_store, actor, query)
+        page = read_audit_page(api.pm, api.app.audit_store, actor, query, clock=api.app.clock)
         return {
             "workspace_id": workspace_id,
             "events": [event_json(e) for e in page.events],
