@@ -9,8 +9,9 @@ is itself audited (``access.denied``), as for keys.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import pluggy
@@ -83,19 +84,33 @@ class AuditPage:
     older: int | None
 
 
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
 def read_audit_log(
-    pm: pluggy.PluginManager, store: AuditStore, actor: Actor, query: AuditQuery
+    pm: pluggy.PluginManager,
+    store: AuditStore,
+    actor: Actor,
+    query: AuditQuery,
+    *,
+    clock: Callable[[], datetime] = _utc_now,
 ) -> list[AuditEvent]:
     """The events ``query`` asks for, newest first, if ``actor`` may read them (see
     :func:`read_audit_page`)."""
-    return read_audit_page(pm, store, actor, query).events
+    return read_audit_page(pm, store, actor, query, clock=clock).events
 
 
 def read_audit_page(
-    pm: pluggy.PluginManager, store: AuditStore, actor: Actor, query: AuditQuery
+    pm: pluggy.PluginManager,
+    store: AuditStore,
+    actor: Actor,
+    query: AuditQuery,
+    *,
+    clock: Callable[[], datetime] = _utc_now,
 ) -> AuditPage:
     """The events ``query`` asks for, newest first, and the cursor of the older ones, if
-    ``actor`` may read them.
+    ``actor`` may read them. ``clock`` (the app's) dates a refusal's event.
 
     :raises NotAuthorized: when the actor is not an admin of the workspace nor an operator (or,
         for every workspace, not an operator); the refusal is audited.
@@ -117,6 +132,7 @@ def read_audit_page(
                 actor_id=actor.id,
                 outcome="denied",
                 detail="read the audit log",
+                occurred_at=clock(),
             )
         )
         raise NotAuthorized(actor.id, denied_in, "read the audit log")

@@ -261,6 +261,7 @@ class DefaultPlugin:
                         f"{exc} (run {reservation.run_id or '-'}, "
                         f"block {reservation.block_id or '-'}, {reservation.source.value} key)"
                     ),
+                    occurred_at=self.app.clock(),
                 )
             )
             raise

@@ -7,7 +7,8 @@ store, its own runner, calling the emulator of the test process over loopback HT
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from datetime import datetime
 from typing import Any
 
 from byok_plugin.host.workflow import Workflow, parse_workflow
@@ -45,15 +46,18 @@ def run_calls(
     concurrency: int,
     barrier: Any = None,
     hold_seconds: float = 900.0,
+    clock: Callable[[], datetime] | None = None,
 ) -> dict[str, Any]:
     """``runs`` one-call runs, ``concurrency`` at a time, once every worker reached ``barrier``:
-    how many completed, and the error of each run that did not."""
+    how many completed, and the error of each run that did not. ``clock`` is the app's (the
+    test's, so that every worker reads the same budget period and hold expiry)."""
     from byok_plugin.app import App
     from byok_plugin.host.runner import RunnerOptions, WorkflowRunner
     from byok_plugin.manager import plugin_manager_for
     from byok_plugin.settings import Settings
 
-    app = App(Settings.from_environ(dict(environ)))
+    settings = Settings.from_environ(dict(environ))
+    app = App(settings) if clock is None else App(settings, clock=clock)
     pm = plugin_manager_for(app)
     app.budgets.list_budgets(WORKSPACE)  # connect and migrate before the start line
     workflow = one_call()

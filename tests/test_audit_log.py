@@ -27,6 +27,7 @@ from server_support import (
 from byok_plugin.app import App
 from byok_plugin.audit_log import AuditQuery, read_audit_log
 from byok_plugin.cli import main
+from byok_plugin.cli.context import CliContext
 from byok_plugin.core.errors import InvalidInput
 from byok_plugin.server import BearerTokens, create_app
 from byok_plugin.settings import Settings
@@ -205,6 +206,21 @@ def test_byok_audit_cuts_nothing_on_a_narrow_terminal(
     assert "…" not in result.output
 
 
+def test_byok_audit_since_a_relative_date_counts_from_the_apps_clock(
+    cli_env: dict[str, str],
+) -> None:
+    _record(cli_env, _event(0), _event(1), _event(2))  # 1, 2 and 3 November, 09:00
+    # "yesterday" is the app's: on 3 November (not whatever day the test runs on)
+    cli = CliContext(Settings.from_environ(cli_env), clock=lambda: T0 + timedelta(days=2, hours=3))
+    result = CliRunner().invoke(
+        main, ["audit", "-w", "acme", "--since", "yesterday", "--json"], env=cli_env, obj=cli
+    )
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.output)
+    assert document["since"] == "2026-11-02T00:00:00+00:00"
+    assert [e["detail"] for e in document["events"]] == ["event 2", "event 1"]
+
+
 def test_byok_audit_rejects_bad_options_with_exit_2(cli_env: dict[str, str]) -> None:
     runner = CliRunner()
     bad_since = runner.invoke(main, ["audit", "--since", "yesterday-ish"], env=cli_env)
@@ -321,3 +337,24 @@ def test_a_role_given_as_member_is_not_enough(stack: Stack) -> None:
     with pytest.raises(NotAuthorized):
         read_audit_log(stack.pm, stack.app.audit_store, viewer, AuditQuery("acme"))
     assert read_audit_log(stack.pm, stack.app.audit_store, viewer, AuditQuery("globex")) == []
+
+
+@pytest.mark.anyio
+async def test_a_refused_read_is_audited_at_the_apps_time(
+    tmp_path: Path, database_url: str
+) -> None:
+    now = T0 + timedelta(days=30)  # the app's clock, not the wall clock
+    pinned = make_stack(tmp_path, database_url, master_keys=master_key_value(), clock=lambda: now)
+    identify = BearerTokens({MEMBER_TOKEN: MEMBER})
+    asgi = create_app(pinned.app, identify=identify, pm=pinned.pm)
+    try:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=asgi), base_url="http://testserver"
+        ) as c:
+            assert (await c.get(AUDIT, headers=AS_MEMBER)).status_code == 403
+        denied = [e for e in pinned.audit.events if e.action == "access.denied"]
+        assert [(e.actor_id, e.occurred_at) for e in denied] == [(MEMBER.id, now)]
+        stored = pinned.app.audit_store.events("acme")
+        assert [(e.action, e.occurred_at) for e in stored] == [("access.denied", now)]
+    finally:
+        pinned.app.close()

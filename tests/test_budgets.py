@@ -145,6 +145,9 @@ def test_hook_byok_reserve_budget_holds_then_refuses_what_does_not_fit(
     assert "0.4 left" in message
     assert "up to 0.5 USD" in message
     assert refused.value.left == Decimal("0.4")
+    # audited at the app's time (the budget's period is read off the same clock)
+    (audited,) = [e for e in app.audit_store.events(WS) if e.action == "budget.refused"]
+    assert audited.occurred_at == START
     # the refusal held nothing; a call that fits still goes
     status = app.budgets.get(WS, "monthly")
     assert status is not None

@@ -16,7 +16,7 @@ import re
 import signal
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -24,6 +24,7 @@ import pytest
 import sqlalchemy as sa
 from budget_support import WORKSPACE, name_of, one_call, run_calls
 from byok_hookspecs import BudgetExceeded, BudgetReservation, CredentialSource
+from clock_support import ShiftedClock
 
 from byok_plugin.app import App
 from byok_plugin.billing.budgets import UNIT, budget_holds, budgets, to_units
@@ -45,7 +46,8 @@ REFUSAL = re.compile(
 
 @pytest.fixture
 def stack(emulator: EmulatorServer, tmp_path: Path, database_url: str) -> Iterator[DemoStack]:
-    built = DemoStack(tmp_path / "home", emulator, database_url=database_url)
+    # the workers spend a monthly budget over many calls: no month may begin between them
+    built = DemoStack(tmp_path / "home", emulator, database_url=database_url, clock=ShiftedClock())
     yield built
     built.close()
 
@@ -77,7 +79,11 @@ def test_eight_processes_never_overshoot_a_hard_limit(stack: DemoStack) -> None:
     barrier = ctx.Manager().Barrier(PROCESSES)
     with ctx.Pool(PROCESSES) as pool:
         pending = [
-            pool.apply_async(run_calls, (stack.environ, worker, CONCURRENCY, CONCURRENCY, barrier))
+            pool.apply_async(
+                run_calls,
+                (stack.environ, worker, CONCURRENCY, CONCURRENCY, barrier),
+                {"clock": stack.clock},
+            )
             for worker in range(1, PROCESSES + 1)
         ]
         results = [p.get(timeout=600) for p in pending]
@@ -125,7 +131,9 @@ def test_a_worker_killed_between_reserve_and_settle_leaves_no_permanent_hold(
     # the provider answers slowly: the worker's calls are in flight, held, when it is killed
     stack.emulator.add_fault(Fault(FaultKind.SLOW, provider="openai", delay=5.0, times=None))
     ctx = multiprocessing.get_context("spawn")
-    worker = ctx.Process(target=run_calls, args=(stack.environ, 1, 3, 3))
+    worker = ctx.Process(
+        target=run_calls, args=(stack.environ, 1, 3, 3), kwargs={"clock": stack.clock}
+    )
     worker.start()
     try:
         deadline = time.monotonic() + 60
@@ -151,7 +159,7 @@ def test_a_worker_killed_between_reserve_and_settle_leaves_no_permanent_hold(
     with pytest.raises(BudgetExceeded, match="budget 'hard'"):
         pm.hook.byok_reserve_budget(reservation=reservation("after:2"))
     # once they expire, the capacity is back (an app whose clock is past the holds' expiry)
-    later = App(stack.settings, clock=lambda: datetime.now(UTC) + timedelta(seconds=901))
+    later = App(stack.settings, clock=lambda: stack.clock() + timedelta(seconds=901))
     try:
         later_pm = plugin_manager_for(later)
         status = later.budgets.get(WORKSPACE, "hard")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from byok_hookspecs import BudgetSettlement
+from clock_support import ShiftedClock
 from test_budgets import WS, reservation
 
 from byok_plugin.app import App
@@ -36,7 +37,9 @@ def app(database_url: str, tmp_path: Path) -> Iterator[App]:
                 "BYOK_DATABASE_URL": database_url,
                 "BYOK_LOAD_PLUGINS": "byok_plugin",
             }
-        )
+        ),
+        # the statements run by hand and the store's settlements must read one month
+        clock=ShiftedClock(),
     )
     yield built
     built.close()
@@ -71,7 +74,7 @@ def test_a_reservation_reads_the_calls_holds_not_the_workspaces(app: App) -> Non
         # a busy day: 3000 settled holds of the workspace, kept (not yet prunable); the
         # statistics left as a fresh table has them (none), as for a workspace that just grew
         conn.exec_driver_sql("ALTER TABLE byok_budget_holds SET (autovacuum_enabled = false)")
-        now = datetime.now(UTC)
+        now = app.clock()
         conn.exec_driver_sql(
             "INSERT INTO byok_budget_holds (idempotency_key, budget_id, workspace_id, state, "
             "amount_units, spent_units, expires_at, created_at, settled_at) "
@@ -121,10 +124,11 @@ def test_a_reservation_and_a_group_settlement_are_planned_once_per_connection(ap
         autocommit = conn.execution_options(isolation_level="AUTOCOMMIT")
         for n in range(24):
             workspace = WS if n % 2 else "other"  # two workspaces: not one value's plan
+            now = app.clock()  # one reading: the periods, the time and the expiry agree
             rows = autocommit.exec_driver_sql(
                 _PG_RESERVE,
                 {
-                    **BudgetStore._period_starts(datetime.now(UTC)),
+                    **BudgetStore._period_starts(now),
                     "ws": workspace,
                     "key": f"r:{n}",
                     "byok": False,
@@ -132,9 +136,9 @@ def test_a_reservation_and_a_group_settlement_are_planned_once_per_connection(ap
                     "workflow_id": None,
                     "need_charge": 10,
                     "need_list": 0,
-                    "now": datetime.now(UTC),
-                    "expires_at": datetime.now(UTC) + timedelta(minutes=15),
-                    "cutoff": datetime.now(UTC) - timedelta(days=1),
+                    "now": now,
+                    "expires_at": now + timedelta(minutes=15),
+                    "cutoff": now - timedelta(days=1),
                 },
             ).all()
             assert rows[0].fits

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from byok_hookspecs import BudgetSettlement, CredentialSource, Usage, UsageRecord, hookimpl
+from clock_support import ShiftedClock
 
 from byok_plugin.billing.budgets import UNIT, budget_holds
 from byok_plugin.cli.demo import BYOK_WORKSPACE, OPERATOR, PLATFORM_WORKSPACE, DemoStack
@@ -40,7 +41,8 @@ ONE_CALL: Workflow = parse_workflow(
 
 @pytest.fixture
 def stack(emulator: EmulatorServer, tmp_path: Path, database_url: str) -> Iterator[DemoStack]:
-    built = DemoStack(tmp_path / "home", emulator, database_url=database_url)
+    # monthly budgets that spend over several calls: no month may begin between them
+    built = DemoStack(tmp_path / "home", emulator, database_url=database_url, clock=ShiftedClock())
     built.store_workspace_keys(BYOK_WORKSPACE)
     yield built
     built.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from click.testing import CliRunner, Result
 
 from byok_plugin.app import App
 from byok_plugin.cli import main
+from byok_plugin.cli.context import CliContext
 from byok_plugin.settings import Settings
 
 
@@ -91,3 +93,26 @@ def test_budget_set_refuses_bad_input_clearly(
     assert message in result.output
     assert "Traceback" not in result.output
     assert "has no budgets" in _run(env, "budget", "list", "-w", "acme").output
+
+
+def test_budget_and_fallback_changes_are_audited_at_the_apps_time(env: dict[str, str]) -> None:
+    # the app's clock, not the wall clock, dates the events (as it dates the budgets' periods)
+    now = datetime(2026, 3, 15, 13, 30, tzinfo=UTC)
+    for args in (
+        ["budget", "set", "-w", "acme", "monthly", "--limit", "5"],
+        ["budget", "delete", "-w", "acme", "monthly"],
+        ["fallback", "set", "-w", "acme", "on_error"],
+    ):
+        cli = CliContext(Settings.from_environ(env), clock=lambda: now)
+        result = CliRunner().invoke(main, args, env=env, obj=cli)
+        assert result.exit_code == 0, result.output
+    app = App(Settings.from_environ(env))
+    try:
+        events = [(e.action, e.occurred_at) for e in app.audit_store.events("acme")]
+    finally:
+        app.close()
+    assert events == [
+        ("settings.fallback_policy", now),
+        ("budget.deleted", now),
+        ("budget.set", now),
+    ]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 from byok_hookspecs import UsageRecord, hookimpl
+from clock_support import ShiftedClock
 
 from byok_plugin.billing.ledger import usage_ledger
 from byok_plugin.cli.demo import BYOK_WORKSPACE, PLATFORM_WORKSPACE, DemoStack
@@ -74,7 +75,8 @@ class Meter:
 
 
 def _stack(emulator: EmulatorServer, home: Path, database_url: str) -> DemoStack:
-    stack = DemoStack(home, emulator, database_url=database_url)
+    # a monthly budget sums the group's calls: no month may begin between them
+    stack = DemoStack(home, emulator, database_url=database_url, clock=ShiftedClock())
     stack.store_workspace_keys(BYOK_WORKSPACE, providers=("openai",))
     return stack
 

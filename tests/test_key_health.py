@@ -6,13 +6,23 @@ with an audit event, and a key out of credit reported as such (never counted as 
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 import sqlalchemy as sa
 from byok_hookspecs import AuditEvent, CredentialRequest, hookimpl
 from click.testing import CliRunner
-from keys_support import OPERATOR, keyring_value, leaks, make_app, master_key, service_for
+from keys_support import (
+    OPERATOR,
+    keyring_value,
+    leaks,
+    make_app,
+    master_key,
+    service_for,
+    settings_for,
+)
 
+from byok_plugin.app import App
 from byok_plugin.cli import main
 from byok_plugin.host.emulator import EmulatorServer, Fault, FaultKind
 from byok_plugin.keys.health import check_key_health, key_health
@@ -132,3 +142,23 @@ def test_byok_keys_check_reports_and_exits_1_on_a_failure(
     ]
     assert "1 of 2 keys did not pass" in result.output
     assert leaks(result.output, [good, broke]) == []
+
+
+def test_a_check_is_dated_by_the_apps_clock(
+    emulator: EmulatorServer, database_url: str, tmp_path: Path
+) -> None:
+    now = datetime(2026, 3, 15, 13, 30, tzinfo=UTC)
+    settings = settings_for(
+        database_url, tmp_path, keys=[master_key()], validate=True, extra=emulator.environ()
+    )
+    app = App(settings, clock=lambda: now)
+    service, pm = service_for(app, Audit())
+    try:
+        service.set_key(OPERATOR, "ws", "openai", emulator.new_key("openai", "good"), label="good")
+        (result,) = check_key_health(app, pm)
+        assert result.status == "valid"
+        with app.engine.connect() as conn:
+            checked = conn.execute(sa.select(key_health.c.checked_at)).scalars().all()
+        assert checked == [now]  # not the wall clock's time
+    finally:
+        app.close()

@@ -4,7 +4,7 @@ price for the same calls, the difference, and the calls left to settle; on a rea
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -13,6 +13,8 @@ from click.testing import CliRunner
 from keys_support import keyring_value, make_app, master_key
 
 from byok_plugin.cli import main
+from byok_plugin.cli.context import CliContext
+from byok_plugin.settings import Settings
 
 D = Decimal
 DAY1 = datetime(2026, 12, 1, 10, tzinfo=UTC)
@@ -109,3 +111,15 @@ def test_reconcile_lists_what_exa_reported_beside_the_table(
     assert table.exit_code == 0, table.output
     assert "1 key-days where the provider's cost differs" in table.output
     assert "1 uncertain calls" in table.output
+
+    # relative dates are the app's: "today" and "yesterday" of 2 December, whenever this runs
+    def days(*args: str) -> list[str]:
+        cli = CliContext(Settings.from_environ(env), clock=lambda: DAY2 + timedelta(hours=1))
+        result = CliRunner().invoke(
+            main, ["reconcile", "-p", "exa", "--json", *args], env=env, obj=cli
+        )
+        assert result.exit_code == 0, result.output
+        return [line["day"] for line in json.loads(result.output)["lines"]]
+
+    assert days("--since", "today") == ["2026-12-02"]
+    assert days("--since", "yesterday", "--until", "yesterday") == ["2026-12-01"]

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from byok_hookspecs import Charge, CredentialSource, RecordedCall, Usage, UsageRecord
 from click.testing import CliRunner
+from clock_support import ShiftedClock
 
 from byok_plugin.cli import main
 from byok_plugin.cli.context import OPERATOR
@@ -51,7 +52,8 @@ INPUTS = {"topic": "heat pumps"}
 
 @pytest.fixture
 def stack(emulator: EmulatorServer, tmp_path: Path, database_url: str) -> Iterator[DemoStack]:
-    built = DemoStack(tmp_path / "home", emulator, database_url=database_url)
+    # a monthly budget sums a run's calls: no month may begin between them
+    built = DemoStack(tmp_path / "home", emulator, database_url=database_url, clock=ShiftedClock())
     built.store_workspace_keys(BYOK_WORKSPACE)
     yield built
     built.close()

@@ -4,6 +4,7 @@ outsiders get nothing; every answer is the documented JSON."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
@@ -30,6 +31,8 @@ BUDGETS = "/api/workspaces/acme/byok-budgets"
 AS_ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 AS_MEMBER = {"Authorization": f"Bearer {MEMBER_TOKEN}"}
 AS_OTHER = {"Authorization": f"Bearer {OTHER_ADMIN_TOKEN}"}
+#: the app's clock: the audit events' times are the app's, as the budgets' periods are
+NOW = datetime(2026, 3, 15, 13, 30, tzinfo=UTC)
 IDENTIFY = BearerTokens({ADMIN_TOKEN: ADMIN, MEMBER_TOKEN: MEMBER, OTHER_ADMIN_TOKEN: OTHER_ADMIN})
 
 
@@ -40,7 +43,7 @@ def anyio_backend() -> str:
 
 @pytest.fixture
 def stack(tmp_path: Path, sqlite_url: str) -> Iterator[Stack]:
-    built = make_stack(tmp_path, sqlite_url, master_keys=master_key_value())
+    built = make_stack(tmp_path, sqlite_url, master_keys=master_key_value(), clock=lambda: NOW)
     yield built
     built.app.close()
 
@@ -81,6 +84,7 @@ async def test_admins_set_members_read_with_spent_reserved_left(
     assert (await client.get(BUDGETS, headers=AS_ADMIN)).json()["can_manage"] is True
     actions = [e.action for e in stack.audit.events]
     assert "budget.set" in actions
+    assert {e.occurred_at for e in stack.audit.events} == {NOW}
 
 
 async def test_members_may_not_change_and_outsiders_may_not_read(
@@ -93,10 +97,11 @@ async def test_members_may_not_change_and_outsiders_may_not_read(
     assert error_of(gone, 403)["code"] == "forbidden"
     assert stack.app.budgets.list_budgets("acme") == []
     assert [e.outcome for e in stack.audit.events if e.action == "access.denied"] == ["denied"] * 3
+    assert {e.occurred_at for e in stack.audit.events} == {NOW}
 
 
 async def test_bad_budgets_are_clear_422s_and_a_missing_one_a_404(
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient, stack: Stack
 ) -> None:
     for name, body, message in [
         ("b", {"limit": "0"}, "more than 0"),
@@ -115,3 +120,5 @@ async def test_bad_budgets_are_clear_422s_and_a_missing_one_a_404(
     deleted = await client.delete(f"{BUDGETS}/b", headers=AS_ADMIN)
     assert deleted.json() == {"deleted": "b"}
     assert (await client.get(BUDGETS, headers=AS_ADMIN)).json()["budgets"] == []
+    audited = [(e.action, e.occurred_at) for e in stack.audit.events]
+    assert audited == [("budget.set", NOW), ("budget.deleted", NOW)]

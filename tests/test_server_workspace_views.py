@@ -177,6 +177,7 @@ async def test_usage_of_another_workspace_is_refused_and_audited(
     assert answer.json()["error"]["code"] == "forbidden"
     denied = [e for e in stack.audit.events if e.action == "access.denied"]
     assert [(e.actor_id, e.workspace_id) for e in denied] == [("mallory", "acme")]
+    assert [e.occurred_at for e in denied] == [NOW]  # the app's time, not the wall clock's
     assert (await client.get(USAGE)).status_code == 401
 
 
@@ -207,6 +208,7 @@ async def test_members_read_the_fallback_policy_and_admins_change_it(
     assert stack.app.workspace_settings.fallback_policy("acme").value == "on_rate_limit"
     audited = [e for e in stack.audit.events if e.action == "settings.fallback_policy"]
     assert [(e.actor_id, e.detail) for e in audited] == [("alice", "never -> on_rate_limit")]
+    assert [e.occurred_at for e in audited] == [NOW]
     assert (await client.get(FALLBACK, headers=AS_MEMBER)).json()["policy"] == "on_rate_limit"
     assert (await client.get(FALLBACK, headers=AS_OTHER)).status_code == 403
 

@@ -13,11 +13,13 @@ import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import httpx
 import pytest
 from byok_hookspecs import Actor
+from clock_support import ShiftedClock
 from server_support import (
     ADMIN,
     ADMIN_TOKEN,
@@ -32,6 +34,7 @@ from server_support import (
     serve_environment,
 )
 
+from byok_plugin.app import utc_now
 from byok_plugin.server import BearerTokens, LocalLogin, create_app
 from byok_plugin.server.local import create_local_app
 
@@ -98,8 +101,10 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
 
 
 @pytest.fixture
-def stack(tmp_path: Path, sqlite_url: str) -> Iterator[Stack]:
-    built = make_stack(tmp_path, sqlite_url, master_keys=master_key_value())
+def stack(request: pytest.FixtureRequest, tmp_path: Path, sqlite_url: str) -> Iterator[Stack]:
+    """The app on the wall clock, or on the clock a test passes (indirect parameter "stack")."""
+    clock = getattr(request, "param", utc_now)
+    built = make_stack(tmp_path, sqlite_url, master_keys=master_key_value(), clock=clock)
     yield built
     built.app.close()
 
@@ -405,6 +410,8 @@ def test_an_idle_session_ends_and_the_page_says_how_to_sign_in_again(
     assert tab.errors == []
 
 
+# what is spent is the month's, on the app's clock: no month may begin before the page shows it
+@pytest.mark.parametrize("stack", [ShiftedClock()], indirect=True, ids=["shifted-clock"])
 def test_a_member_sees_each_budget_with_spent_reserved_and_left(
     browser, tabs: list[Page], base_url: str, stack: Stack
 ) -> None:
@@ -546,8 +553,10 @@ def test_a_member_sees_no_audit_log(browser, tabs: list[Page], base_url: str, st
     assert tab.errors == []
 
 
-def _ledger_call(n: int, days_ago: int, *, own: bool, cost: str, model: str = "gpt-4o"):
-    from datetime import UTC, datetime, timedelta
+def _ledger_call(
+    now: datetime, n: int, days_ago: int, *, own: bool, cost: str, model: str = "gpt-4o"
+):
+    from datetime import timedelta
     from decimal import Decimal
 
     from byok_hookspecs import Charge, CredentialSource, Usage, UsageRecord
@@ -569,19 +578,22 @@ def _ledger_call(n: int, days_ago: int, *, own: bool, cost: str, model: str = "g
         run_id=f"run-{n}",
         block_id="summarize" if own else "classify",
         attempt=1,
-        occurred_at=datetime.now(UTC) - timedelta(days=days_ago),
+        occurred_at=now - timedelta(days=days_ago),
     )
 
 
+# the page's "today" is the app's: calls made "today" must not land on yesterday at midnight
+@pytest.mark.parametrize("stack", [ShiftedClock()], indirect=True, ids=["shifted-clock"])
 def test_an_admin_sees_usage_as_a_chart_and_changes_the_fallback_policy(
     browser, tabs: list[Page], base_url: str, stack: Stack
 ) -> None:
     from playwright.sync_api import expect
 
-    stack.app.ledger.record(_ledger_call(1, 0, own=True, cost="1.50"))
-    stack.app.ledger.record(_ledger_call(2, 0, own=False, cost="0.50", model="gpt-4o-mini"))
-    stack.app.ledger.record(_ledger_call(3, 3, own=True, cost="2.25"))
-    stack.app.ledger.record(_ledger_call(4, 45, own=False, cost="99"))  # outside the 30 days
+    now = stack.app.clock()
+    stack.app.ledger.record(_ledger_call(now, 1, 0, own=True, cost="1.50"))
+    stack.app.ledger.record(_ledger_call(now, 2, 0, own=False, cost="0.50", model="gpt-4o-mini"))
+    stack.app.ledger.record(_ledger_call(now, 3, 3, own=True, cost="2.25"))
+    stack.app.ledger.record(_ledger_call(now, 4, 45, own=False, cost="99"))  # not in the 30 days
 
     tab = open_page(browser, tabs, base_url, ADMIN_TOKEN, "admin-usage")
     page = tab.page
@@ -778,17 +790,20 @@ def test_page_errors_are_in_the_pages_words_not_the_command_lines(
     assert tab.errors == []
 
 
+# "today" and "this month" are the app's: no day or month may begin while the page is read
+@pytest.mark.parametrize("stack", [ShiftedClock()], indirect=True, ids=["shifted-clock"])
 def test_an_admin_picks_the_usage_period_and_the_chart_follows(
     browser, tabs: list[Page], base_url: str, stack: Stack
 ) -> None:
-    from datetime import UTC, datetime, timedelta
+    from datetime import timedelta
 
     from playwright.sync_api import expect
 
+    now = stack.app.clock()
     days_ago = [0, 3, 20, 60, 200]
     for n, ago in enumerate(days_ago):
-        stack.app.ledger.record(_ledger_call(n, ago, own=n % 2 == 0, cost="1"))
-    today = datetime.now(UTC).date()
+        stack.app.ledger.record(_ledger_call(now, n, ago, own=n % 2 == 0, cost="1"))
+    today = now.date()
     this_month = sum(
         1
         for ago in days_ago

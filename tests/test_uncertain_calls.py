@@ -90,9 +90,14 @@ def test_an_uncertain_row_carries_its_estimated_input_cost_and_the_reports_show_
     assert Decimal(totals["list_cost"]) == done.list_cost
     assert Decimal(totals["charged"]) == done.amount
 
+    # the rows' days are the UTC days the host stamped them with: one day, or two when a
+    # midnight fell between the two runs (the reports must then split them the same way)
+    uncertain_day, done_day = (r.occurred_at.date().isoformat() for r in (uncertain, done))
     as_csv = cli.invoke(main, ["usage", "--csv", "--by", "day"], env=stack.environ)
     assert as_csv.exit_code == 0, as_csv.output
-    (line,) = csv.DictReader(io.StringIO(as_csv.output))
+    by_day = {line["day"]: line for line in csv.DictReader(io.StringIO(as_csv.output))}
+    assert sorted(by_day) == sorted({uncertain_day, done_day})
+    line = by_day[uncertain_day]
     assert line["uncertain_calls"] == "1"
     assert Decimal(line["uncertain_estimated_cost"]) == uncertain.list_cost
 
@@ -102,10 +107,13 @@ def test_an_uncertain_row_carries_its_estimated_input_cost_and_the_reports_show_
 
     reconciled = cli.invoke(main, ["reconcile", "-p", "anthropic", "--json"], env=stack.environ)
     assert reconciled.exit_code == 0, reconciled.output
-    (day,) = json.loads(reconciled.output)["lines"]
-    assert (day["calls"], day["uncertain_calls"], day["unpriced_calls"]) == (2, 1, 0)
-    assert Decimal(day["uncertain_estimated_cost"]) == uncertain.list_cost
-    assert Decimal(day["list_cost"]) == done.list_cost
+    lines = {line["day"]: line for line in json.loads(reconciled.output)["lines"]}
+    assert sorted(lines) == sorted({uncertain_day, done_day})  # one platform key: a line a day
+    totals = {n: sum(line[n] for line in lines.values()) for n in ("calls", "unpriced_calls")}
+    assert totals == {"calls": 2, "unpriced_calls": 0}
+    assert lines[uncertain_day]["uncertain_calls"] == 1
+    assert Decimal(lines[uncertain_day]["uncertain_estimated_cost"]) == uncertain.list_cost
+    assert sum(Decimal(line["list_cost"]) for line in lines.values()) == done.list_cost
     shown = cli.invoke(main, ["reconcile", "-p", "anthropic"], env=stack.environ)
     assert shown.exit_code == 0, shown.output
     assert "1 uncertain calls" in shown.output

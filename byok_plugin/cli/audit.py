@@ -47,9 +47,11 @@ def audit_command(
     byok audit -w acme --since 2026-11-01 --json
     """
     query = AuditQuery(
-        workspace_id=workspace_id, since=parse_when(since, "--since", end=False), limit=limit
+        workspace_id=workspace_id,
+        since=parse_when(since, "--since", end=False, now=cli.clock()),
+        limit=limit,
     )
-    events = read_audit_log(cli.pm, cli.app.audit_store, cli.actor, query)
+    events = read_audit_log(cli.pm, cli.app.audit_store, cli.actor, query, clock=cli.clock)
     if as_json:
         echo_json(
             {

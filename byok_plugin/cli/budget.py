@@ -115,6 +115,7 @@ def set_command(
             actor_id=cli.actor.id,
             key_id=key_id,
             detail=_line(budget),
+            occurred_at=cli.clock(),
         )
     )
     click.echo(f"workspace {workspace_id!r}: {_line(budget)}")
@@ -213,6 +214,7 @@ def delete_command(cli: CliContext, workspace_id: str, name: str) -> None:
             workspace_id=workspace_id,
             actor_id=cli.actor.id,
             detail=f"budget {name!r}",
+            occurred_at=cli.clock(),
         )
     )
     click.echo(f"workspace {workspace_id!r}: budget {name!r} deleted")

@@ -21,9 +21,10 @@ import secrets
 import string
 import tempfile
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from decimal import Decimal
 from functools import cached_property
 from importlib import resources
@@ -34,7 +35,7 @@ import click
 import pluggy
 from byok_hookspecs import ByokError
 
-from byok_plugin.app import App
+from byok_plugin.app import App, utc_now
 from byok_plugin.cli.context import OPERATOR
 from byok_plugin.cli.run import (
     RunProgress,
@@ -127,12 +128,14 @@ class DemoStack:
     :param emulator: a running emulator; the stack registers its keys with it.
     :param database_url: another store (PostgreSQL) instead of the SQLite file.
     :param extra_env: more variables for the plugin's environment.
+    :param clock: the app's clock (what "now" is for budget periods, holds and cooldowns).
     """
 
     home: Path
     emulator: EmulatorServer
     database_url: str | None = None
     extra_env: Mapping[str, str] = field(default_factory=dict)
+    clock: Callable[[], datetime] = field(default=utc_now, repr=False)
     workspace_keys: dict[str, str] = field(default_factory=dict, init=False, repr=False)
     platform_keys: dict[str, str] = field(default_factory=dict, init=False, repr=False)
     block_key: str = field(default="", init=False, repr=False)
@@ -173,7 +176,7 @@ class DemoStack:
 
     @cached_property
     def app(self) -> App:
-        return App(self.settings)
+        return App(self.settings, clock=self.clock)
 
     @cached_property
     def pm(self) -> pluggy.PluginManager:

@@ -64,6 +64,7 @@ def set_command(cli: CliContext, workspace_id: str, policy: str) -> None:
             workspace_id=workspace_id,
             actor_id=cli.actor.id,
             detail=f"{before.value} -> {settings.fallback_policy.value}",
+            occurred_at=cli.clock(),
         )
     )
     click.echo(f"workspace {workspace_id!r}: fallback {settings.fallback_policy.value}")

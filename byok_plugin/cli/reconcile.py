@@ -41,8 +41,9 @@ def reconcile_command(
     \b
     byok reconcile --provider exa --since 2026-12-01
     """
-    start = parse_when(since, "--since", end=False)
-    stop = parse_when(until, "--until", end=True)
+    now = cli.clock()
+    start = parse_when(since, "--since", end=False, now=now)
+    stop = parse_when(until, "--until", end=True, now=now)
     rows = cli.app.ledger.rows(workspaces=workspaces, since=start, until=stop)
     lines = reconcile(rows, cli.app.billing, provider)
     differing = [line for line in lines if line.difference]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -78,7 +78,7 @@ def check_key_health(
     *,
     owners: Iterable[str] | None = None,
     disable_after: int = DEFAULT_DISABLE_AFTER,
-    clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    clock: Callable[[], datetime] | None = None,
 ) -> list[KeyHealth]:
     """Check every enabled key (of ``owners`` only, when given: workspace ids or ``org:<id>``).
 
@@ -86,6 +86,7 @@ def check_key_health(
     :param pm: the plugin manager whose ``byok_validate_key``, ``byok_audit`` and
         ``byok_authorize`` hooks are used.
     :param disable_after: disable a key after this many consecutive ``invalid`` answers (>= 1).
+    :param clock: what dates the checks; the app's clock when not given.
     :returns: one :class:`KeyHealth` per key checked, by owner, provider and age.
     """
     if disable_after < 1:
@@ -102,7 +103,7 @@ def check_key_health(
                 answer = pm.hook.byok_validate_key(provider=provider, api_key=api_key)
                 check = answer or KeyCheck(provider, KeyCheckStatus.SKIPPED, "no check answered")
                 check = KeyCheck(provider, check.status, redact(check.message, api_key))
-            failures = _record(app.engine, key.id, check, clock())
+            failures = _record(app.engine, key.id, check, (clock or app.clock)())
             disabled = False
             if check.status is KeyCheckStatus.INVALID and failures >= disable_after:
                 service.disable(HEALTH_ACTOR, owner, provider, key_id=key.id)

@@ -166,6 +166,7 @@ class Api:
                     actor_id=actor.id,
                     outcome="denied",
                     detail=f"{action.value} ({what})",
+                    occurred_at=self.app.clock(),
                 )
             )
             raise NotAuthorized(actor.id, workspace_id, action.value)
@@ -408,6 +409,7 @@ class BudgetRoutes:
                     actor_id=actor.id,
                     key_id=budget.key_id,
                     detail=f"budget {budget.name!r}: limit {budget.limit} USD",
+                    occurred_at=self.api.app.clock(),
                 )
             )
             return {"budget": budget.as_dict()}
@@ -433,6 +435,7 @@ class BudgetRoutes:
                     workspace_id=workspace_id,
                     actor_id=actor.id,
                     detail=f"budget {name!r}",
+                    occurred_at=self.api.app.clock(),
                 )
             )
             return {"deleted": name}
@@ -511,7 +514,7 @@ async def read_audit(api: Api, request: Request) -> Response:
     )
 
     def work() -> dict[str, Any]:
-        page = read_audit_page(api.pm, api.app.audit_store, actor, query)
+        page = read_audit_page(api.pm, api.app.audit_store, actor, query, clock=api.app.clock)
         return {
             "workspace_id": workspace_id,
             "events": [event_json(e) for e in page.events],

@@ -217,6 +217,7 @@ class WorkspaceViews:
                     workspace_id=workspace_id,
                     actor_id=actor.id,
                     detail=f"{before.value} -> {after.fallback_policy.value}",
+                    occurred_at=self.api.app.clock(),
                 )
             )
             return self._fallback_json(actor, workspace_id)
