@@ -39,7 +39,7 @@ from byok_plugin.billing.budgets import (
     budgets,
     to_units,
 )
-from byok_plugin.core.errors import StoreUnavailable
+from byok_plugin.core.errors import StoreRefusedValue
 from byok_plugin.keys.reader import sqlite_file_of
 from byok_plugin.manager import plugin_manager_for
 from byok_plugin.settings import Settings
@@ -497,7 +497,8 @@ def test_hook_byok_record_usage_and_settle_commits_rows_and_settlements_together
     pm.hook.byok_reserve_budget(reservation=reservation(late[0].idempotency_key, "0.30"))
     refused = [settlement(late[0].idempotency_key, "1E+12")]
     expected = "too large" if sqlite_store else "recording usage"
-    with pytest.raises((OverflowError, StoreUnavailable), match=expected):
+    # the value's own error on PostgreSQL (a DataError), not the store being down
+    with pytest.raises((OverflowError, StoreRefusedValue), match=expected):
         pm.hook.byok_record_usage_and_settle(records=late, settlements=refused)
     assert app.ledger.get(late[0].idempotency_key) is None
     assert app.budgets.get(WS, "monthly").reserved == Decimal("0.3")  # type: ignore[union-attr]

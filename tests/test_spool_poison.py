@@ -15,11 +15,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import sqlite3
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from byok_hookspecs import UsageRecord
+from byok_hookspecs import BudgetReservation, CredentialSource, UsageRecord
 from click.testing import CliRunner
 from sqlalchemy.engine import make_url
 
@@ -303,3 +304,39 @@ def test_a_nul_row_spooled_while_the_server_was_gone_does_not_block_the_rows_aft
     finally:
         app.close()
         proxy.kill()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    ("workflow_id", "says"),
+    [("wf\x00x", "NUL (0x00)"), ("wf\ud800x", "UnicodeEncodeError: surrogates not allowed")],
+)
+def test_a_budget_hold_for_a_value_the_store_refuses_says_so(
+    tmp_path: Path, postgres_url: str, workflow_id: str, says: str
+) -> None:
+    """On SQLite a reservation's workflow id is compared in Python, never sent, so the same
+    hold succeeds there; on PostgreSQL it is a statement's parameter."""
+    app = app_for(tmp_path, postgres_url)
+    try:
+        app.budgets.set_budget("ws", "monthly", limit="1.00")
+        with pytest.raises(StoreRefusedValue) as refused:
+            app.budgets.reserve(
+                BudgetReservation(
+                    idempotency_key="r:a:1",
+                    workspace_id="ws",
+                    provider="openai",
+                    model="gpt-4o-mini",
+                    source=CredentialSource.PLATFORM,
+                    amount=Decimal("0.10"),
+                    list_cost=Decimal("0.10"),
+                    workflow_id=workflow_id,
+                )
+            )
+        message = str(refused.value)
+        assert message.startswith(
+            "the key store refused a value while reserving budget for workspace 'ws'"
+        )
+        assert says in message
+        assert "did not answer" not in message
+    finally:
+        app.close()

@@ -514,8 +514,9 @@ def store_errors(
     what: str, *, workspace_id: str = "*", provider: str = "*", key_id: str | None = None
 ) -> Iterator[None]:
     """Turn a database failure into :class:`StoreUnavailable` naming what was being done, or,
-    for a value the store refused (:func:`refused_value`), :class:`StoreRefusedValue` naming
-    the field when the store says which: the row's own error, not an outage.
+    for a value the store refused (:func:`refused_value`) or the driver could not encode (a
+    lone surrogate), :class:`StoreRefusedValue` naming the field when the store says which:
+    the row's own error, not an outage.
 
     Constraint violations (``IntegrityError``) pass through: they are the caller's to interpret.
     """
@@ -523,6 +524,14 @@ def store_errors(
         yield
     except sa.exc.IntegrityError:
         raise
+    except UnicodeEncodeError as exc:  # the driver cannot send a text (a lone surrogate)
+        raise StoreRefusedValue(
+            what,
+            workspace_id=workspace_id,
+            provider=provider,
+            key_id=key_id,
+            cause=f"UnicodeEncodeError: {exc.reason} (character {exc.start})",
+        ) from None
     except sa.exc.SQLAlchemyError as exc:
         if refused_value(exc):
             raise StoreRefusedValue(
