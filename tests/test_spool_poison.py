@@ -340,3 +340,33 @@ def test_a_budget_hold_for_a_value_the_store_refuses_says_so(
         assert "did not answer" not in message
     finally:
         app.close()
+
+
+def test_a_spooled_row_that_is_no_longer_a_record_is_held_too(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    app = app_for(tmp_path, sqlite_url)
+    try:
+        spool = app.durable_ledger.spool
+        spool.add(record_for(1), "down")
+        spool.add(record_for(2), "down")
+        conn = sqlite3.connect(spool.path)
+        conn.execute(
+            "UPDATE spooled_usage SET record = '{\"usage\": 1}' WHERE idempotency_key = ?",
+            (record_for(1).idempotency_key,),
+        )
+        conn.commit()
+        conn.close()
+        result = app.durable_ledger.replay()
+        assert (result.replayed, result.held, result.remaining, result.error) == (1, 1, 0, None)
+        assert ledger_keys(app) == [record_for(2).idempotency_key]
+        (held,) = spool.held()
+        assert held.idempotency_key == record_for(1).idempotency_key
+        assert "not a usage record" in held.error
+        # the run ids of the other spooled and held rows are still read
+        spool.add(record_for(3), "down")
+        assert [c.idempotency_key for c in spool.recorded_calls(record_for(3).run_id or "")] == [
+            record_for(3).idempotency_key
+        ]
+    finally:
+        app.close()

@@ -357,7 +357,8 @@ class LedgerSpool:
             return int(conn.execute("SELECT count(*) FROM spooled_usage").fetchone()[0])
 
     def records(self) -> list[UsageRecord]:
-        """Every spooled record, held ones included, oldest first."""
+        """Every spooled record, held ones included, oldest first (a held row that is not a
+        record any more is left out: ``byok ledger spool`` lists it)."""
         if not self.exists():
             return []
         with self._connect("reading it") as conn:
@@ -365,7 +366,13 @@ class LedgerSpool:
                 "SELECT record FROM (SELECT record, spooled_at FROM spooled_usage "
                 "UNION ALL SELECT record, spooled_at FROM held_usage) ORDER BY spooled_at"
             ).fetchall()
-        return [record_from_json(text) for (text,) in rows]
+        records = []
+        for (text,) in rows:
+            try:
+                records.append(record_from_json(text))
+            except Exception:  # noqa: S112 (held already, with its error)
+                continue
+        return records
 
     def recorded_calls(self, run_id: str) -> tuple[RecordedCall, ...]:
         """The spooled calls of ``run_id`` (of any workspace, held ones included), oldest first:
@@ -399,7 +406,14 @@ class LedgerSpool:
                 if not rows:
                     return ReplayResult(replayed, already, 0, held=held)
                 for key, text in rows:
-                    record = record_from_json(text)
+                    try:
+                        record = record_from_json(text)
+                    except Exception as exc:  # not a record (any more): never one to write
+                        self._hold_spooled(
+                            conn, key, f"the spooled row is not a usage record: {exc!r}"[:1000]
+                        )
+                        held += 1
+                        continue
                     try:
                         new = write(record)
                     except Exception as exc:
