@@ -8,25 +8,26 @@
 | ``BYOK_KEY_FILE`` | the master key file ``byok init`` writes (mode 0600) | ``BYOK_HOME/master.keys`` |
 | ``BYOK_KEY_ENVELOPES`` | ``1``: new keys are encrypted under a per-workspace data key (envelope) | off (on with a KMS) |
 | ``BYOK_KEY_PROVIDER`` | who wraps data keys: ``local`` (the master keys), ``vault-transit``, ``aws-kms`` (:mod:`byok_plugin.keys.kms`) | ``local`` |
-| ``BYOK_DATA_KEY_CACHE_SECONDS`` | how long an unwrapped data key stays in memory | ``300`` |
-| ``BYOK_KMS_TIMEOUT`` | seconds a KMS call waits | ``5`` |
+| ``BYOK_DATA_KEY_CACHE_SECONDS`` | how long an unwrapped data key stays in memory (at most 1 day) | ``300`` |
+| ``BYOK_KMS_TIMEOUT`` | seconds a KMS call waits (> 0, at most 1 day) | ``5`` |
 | ``BYOK_VALIDATE_KEYS`` | ``0`` turns off live key checks (offline use) | on |
-| ``BYOK_VALIDATE_TIMEOUT`` | seconds a live key check waits for the provider | ``5`` |
+| ``BYOK_VALIDATE_TIMEOUT`` | seconds a live key check waits for the provider (> 0, at most 1 day) | ``5`` |
 | ``BYOK_<PROVIDER>_BASE_URL`` | a provider's API base URL (key checks, provider clients, emulator) | the provider's own |
 | ``BYOK_PRICE_FILE`` | a JSON price file whose entries override the shipped table | none |
 | ``BYOK_ALLOW_UNPRICED`` | ``1`` lets a platform-billed call run on a model with no price | off |
 | ``BYOK_CHARGE_MULTIPLIER`` | what platform calls are charged, as a multiple of list price (0 to 1000) | ``1`` |
 | ``BYOK_CATALOG_FILE`` | a JSON catalog merged over the shipped one (which models are hosted) | none |
-| ``BYOK_KEY_COOLDOWN_SECONDS`` | how long a key the provider refused (429, auth) is skipped | ``30`` |
-| ``BYOK_KEY_CACHE_SECONDS`` | how long a worker reuses a workspace's key list read from the store | ``2`` |
+| ``BYOK_KEY_COOLDOWN_SECONDS`` | how long a key the provider refused (429, auth) is skipped (at most 30 days) | ``30`` |
+| ``BYOK_KEY_WAIT_SECONDS`` | how long resolution may wait for a cooling key when every key is cooling (at most 1 day) | ``0`` |
+| ``BYOK_KEY_CACHE_SECONDS`` | how long a worker reuses a workspace's key list read from the store (at most 1 day) | ``2`` |
 | ``BYOK_LEDGER_SPOOL`` | the local file where usage the store refused waits to be replayed | ``BYOK_HOME/ledger-spool.db`` |
 | ``BYOK_ALLOW_UNRECORDED_BYOK`` | ``1`` lets BYOK calls run while no usage can be recorded (platform calls never do) | off |
-| ``BYOK_DB_POOL_SIZE`` | PostgreSQL connections kept open per process | ``5`` |
-| ``BYOK_DB_MAX_OVERFLOW`` | more PostgreSQL connections per process under load | ``10`` |
-| ``BYOK_DB_POOL_TIMEOUT`` | seconds a thread waits for a free connection | ``30`` |
-| ``BYOK_DB_STATEMENT_TIMEOUT`` | seconds PostgreSQL lets one statement run (``0``: no limit) | ``30`` |
-| ``BYOK_DB_CONNECT_TIMEOUT`` | seconds a new PostgreSQL connection may take | ``10`` |
-| ``BYOK_DB_TCP_TIMEOUT`` | seconds of network silence before a PostgreSQL connection is dropped; a statement waits at most the statement timeout plus this for an answer | ``30`` |
+| ``BYOK_DB_POOL_SIZE`` | PostgreSQL connections kept open per process (1 to 1000) | ``5`` |
+| ``BYOK_DB_MAX_OVERFLOW`` | more PostgreSQL connections per process under load (0 to 1000) | ``10`` |
+| ``BYOK_DB_POOL_TIMEOUT`` | seconds a thread waits for a free connection (> 0, at most 1 day) | ``30`` |
+| ``BYOK_DB_STATEMENT_TIMEOUT`` | seconds PostgreSQL lets one statement run (``0``: no limit; at most 1 day) | ``30`` |
+| ``BYOK_DB_CONNECT_TIMEOUT`` | seconds a new PostgreSQL connection may take (> 0, at most 1 day) | ``10`` |
+| ``BYOK_DB_TCP_TIMEOUT`` | seconds of network silence before a PostgreSQL connection is dropped; a statement waits at most the statement timeout plus this for an answer (> 0, at most 1 day) | ``30`` |
 | ``BYOK_PLATFORM_KEYS_<PROVIDER>`` | the platform's keys, comma-separated (also ``OPENAI_API_KEY_1..N``) | none |
 """
 
@@ -47,13 +48,27 @@ KEY_PROVIDERS = ("local", "vault-transit", "aws-kms")
 #: price table's and the providers' token counts' own bounds, it keeps every charge within
 #: what the ledger stores)
 MAX_CHARGE_MULTIPLIER = Decimal(1000)
+#: the largest value of each kind of numeric setting: far above any sane value, far below what
+#: overflows a ``timedelta`` or a server parameter (PostgreSQL's ``statement_timeout`` and
+#: ``tcp_user_timeout`` are 32-bit milliseconds: 24.8 days)
+DAY = 86_400.0
+MAX_TIMEOUT_SECONDS = DAY
+MAX_CACHE_SECONDS = DAY
+MAX_WAIT_SECONDS = DAY
+MAX_COOLDOWN_SECONDS = 30 * DAY
+MAX_POOL_CONNECTIONS = 1000
 
 
 class SettingsError(ValueError):
     """A configuration value is malformed; the message names the variable."""
 
 
-def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+def _span(seconds: float) -> str:
+    days = seconds / DAY
+    return f"{days:g} day" + ("" if days == 1 else "s")
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float, maximum: float) -> float:
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         return default
@@ -61,15 +76,21 @@ def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         raise SettingsError(f"{name} must be a number of seconds, not {raw!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise SettingsError(f"{name} must be a finite number of seconds >= 0, not {raw!r}")
+    if not 0 <= value <= maximum:  # (NaN and infinity too)
+        raise SettingsError(
+            f"{name} must be a number of seconds from 0 to {maximum:g} ({_span(maximum)}), "
+            f"not {raw!r}"
+        )
     return value
 
 
-def _positive_seconds(env: Mapping[str, str], name: str, default: float) -> float:
-    value = _seconds(env, name, default)
+def _positive_seconds(env: Mapping[str, str], name: str, default: float, maximum: float) -> float:
+    value = _seconds(env, name, default, maximum)
     if value <= 0:
-        raise SettingsError(f"{name} must be a number of seconds > 0, not {env.get(name)!r}")
+        raise SettingsError(
+            f"{name} must be a number of seconds > 0 and at most {maximum:g} "
+            f"({_span(maximum)}), not {env.get(name)!r}"
+        )
     return value
 
 
@@ -99,7 +120,7 @@ def _check_database_url(url: str) -> None:
         )
 
 
-def _count(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
+def _count(env: Mapping[str, str], name: str, default: int, minimum: int, maximum: int) -> int:
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         return default
@@ -107,8 +128,10 @@ def _count(env: Mapping[str, str], name: str, default: int, minimum: int) -> int
         value = int(raw.strip())
     except ValueError:
         raise SettingsError(f"{name} must be a whole number, not {raw!r}") from None
-    if value < minimum:
-        raise SettingsError(f"{name} must be at least {minimum}, not {raw!r}")
+    if not minimum <= value <= maximum:
+        raise SettingsError(
+            f"{name} must be a whole number from {minimum} to {maximum}, not {raw!r}"
+        )
     return value
 
 
@@ -202,23 +225,35 @@ class Settings:
                 if env.get("BYOK_CATALOG_FILE")
                 else None
             ),
-            key_cooldown_seconds=_seconds(env, "BYOK_KEY_COOLDOWN_SECONDS", 30.0),
-            key_wait_seconds=_seconds(env, "BYOK_KEY_WAIT_SECONDS", 0.0),
-            key_cache_seconds=_seconds(env, "BYOK_KEY_CACHE_SECONDS", 2.0),
-            validate_timeout=_positive_seconds(env, "BYOK_VALIDATE_TIMEOUT", 5.0),
+            key_cooldown_seconds=_seconds(
+                env, "BYOK_KEY_COOLDOWN_SECONDS", 30.0, MAX_COOLDOWN_SECONDS
+            ),
+            key_wait_seconds=_seconds(env, "BYOK_KEY_WAIT_SECONDS", 0.0, MAX_WAIT_SECONDS),
+            key_cache_seconds=_seconds(env, "BYOK_KEY_CACHE_SECONDS", 2.0, MAX_CACHE_SECONDS),
+            validate_timeout=_positive_seconds(
+                env, "BYOK_VALIDATE_TIMEOUT", 5.0, MAX_TIMEOUT_SECONDS
+            ),
             key_envelopes=_flag(env, "BYOK_KEY_ENVELOPES", key_provider != "local"),
             key_provider=key_provider,
-            data_key_cache_seconds=_seconds(env, "BYOK_DATA_KEY_CACHE_SECONDS", 300.0),
-            kms_timeout=_positive_seconds(env, "BYOK_KMS_TIMEOUT", 5.0),
+            data_key_cache_seconds=_seconds(
+                env, "BYOK_DATA_KEY_CACHE_SECONDS", 300.0, MAX_CACHE_SECONDS
+            ),
+            kms_timeout=_positive_seconds(env, "BYOK_KMS_TIMEOUT", 5.0, MAX_TIMEOUT_SECONDS),
             ledger_spool=Path(
                 env.get("BYOK_LEDGER_SPOOL") or home / "ledger-spool.db"
             ).expanduser(),
             allow_unrecorded_byok=_flag(env, "BYOK_ALLOW_UNRECORDED_BYOK", False),
-            db_pool_size=_count(env, "BYOK_DB_POOL_SIZE", 5, minimum=1),
-            db_max_overflow=_count(env, "BYOK_DB_MAX_OVERFLOW", 10, minimum=0),
-            db_pool_timeout=_positive_seconds(env, "BYOK_DB_POOL_TIMEOUT", 30.0),
-            db_statement_timeout=_seconds(env, "BYOK_DB_STATEMENT_TIMEOUT", 30.0),
-            db_connect_timeout=_positive_seconds(env, "BYOK_DB_CONNECT_TIMEOUT", 10.0),
-            db_tcp_timeout=_positive_seconds(env, "BYOK_DB_TCP_TIMEOUT", 30.0),
+            db_pool_size=_count(env, "BYOK_DB_POOL_SIZE", 5, 1, MAX_POOL_CONNECTIONS),
+            db_max_overflow=_count(env, "BYOK_DB_MAX_OVERFLOW", 10, 0, MAX_POOL_CONNECTIONS),
+            db_pool_timeout=_positive_seconds(
+                env, "BYOK_DB_POOL_TIMEOUT", 30.0, MAX_TIMEOUT_SECONDS
+            ),
+            db_statement_timeout=_seconds(
+                env, "BYOK_DB_STATEMENT_TIMEOUT", 30.0, MAX_TIMEOUT_SECONDS
+            ),
+            db_connect_timeout=_positive_seconds(
+                env, "BYOK_DB_CONNECT_TIMEOUT", 10.0, MAX_TIMEOUT_SECONDS
+            ),
+            db_tcp_timeout=_positive_seconds(env, "BYOK_DB_TCP_TIMEOUT", 30.0, MAX_TIMEOUT_SECONDS),
             environ=env,
         )

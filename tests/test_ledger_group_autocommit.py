@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 from byok_plugin.app import App
 from byok_plugin.billing.ledger import usage_ledger
-from byok_plugin.core.errors import StoreUnavailable
+from byok_plugin.core.errors import StoreRefusedValue, StoreUnavailable
 from byok_plugin.settings import Settings
 from tests.ledger_support import record_for
 
@@ -93,7 +93,7 @@ def test_a_single_record_is_the_same_one_statement(app: App, admin: sa.Engine) -
     assert app.ledger.record(record_for(7)) is False  # recorded already: skipped
     assert app.ledger.count() == 1
     too_long = replace(record_for(8), workflow_id="w" * 201)  # the column holds 200
-    with pytest.raises(StoreUnavailable, match=too_long.workspace_id) as raised:
+    with pytest.raises(StoreRefusedValue, match=too_long.workspace_id) as raised:
         app.ledger.record(too_long)
     assert "StringDataRightTruncation" in str(raised.value)
     assert app.ledger.count() == 1
@@ -104,7 +104,7 @@ def test_a_refused_group_keeps_its_connection_when_it_is_still_usable(
 ) -> None:
     pid = pooled_pid(app)
     too_long = replace(record_for(2), workflow_id="w" * 201)  # the column holds 200
-    with pytest.raises(StoreUnavailable, match="recording usage") as raised:
+    with pytest.raises(StoreRefusedValue, match="recording usage") as raised:
         app.ledger.record_many([record_for(1), too_long])
     assert "StringDataRightTruncation" in str(raised.value)  # the server's reason, named
     assert app.ledger.count() == 0  # nothing of the group

@@ -168,9 +168,13 @@ def test_many_threads_share_a_small_pool_without_losing_a_record(
 @pytest.mark.parametrize(
     ("name", "value", "message"),
     [
-        ("BYOK_DB_POOL_SIZE", "0", "BYOK_DB_POOL_SIZE must be at least 1"),
+        ("BYOK_DB_POOL_SIZE", "0", "BYOK_DB_POOL_SIZE must be a whole number from 1 to 1000"),
         ("BYOK_DB_MAX_OVERFLOW", "many", "BYOK_DB_MAX_OVERFLOW must be a whole number"),
-        ("BYOK_DB_STATEMENT_TIMEOUT", "-1", "BYOK_DB_STATEMENT_TIMEOUT must be a finite"),
+        (
+            "BYOK_DB_STATEMENT_TIMEOUT",
+            "-1",
+            "BYOK_DB_STATEMENT_TIMEOUT must be a number of seconds from 0 to",
+        ),
         ("BYOK_DB_TCP_TIMEOUT", "0", "BYOK_DB_TCP_TIMEOUT must be a number of seconds > 0"),
     ],
 )

@@ -9,6 +9,13 @@ one row per key; a spooled row is deleted only once the store has it), by the ne
 succeeds in any process using that spool, by every new process at its first record, and by
 ``byok ledger replay``.
 
+A row the store refuses for the row's own sake (:func:`row_refused`: a NUL character PostgreSQL
+cannot store, a number out of its column's range...) would fail at every replay; it is *held*:
+moved aside in the spool (the ``held_usage`` table, with the store's error), listed by ``byok
+ledger spool``, tried again only on request (``byok ledger replay --retry-held``), never deleted.
+The replay goes on with the other rows. A row that fails because the store is down
+(:class:`~byok_plugin.core.errors.StoreUnavailable`) still stops the replay: the rows wait.
+
 While neither the store nor the spool can take a row, :meth:`DurableLedger.recording_down` is
 true and the default resolution refuses platform-billed calls before they are sent (and BYOK
 calls too, unless ``BYOK_ALLOW_UNRECORDED_BYOK=1``): spend stops when recording stops.
@@ -25,11 +32,12 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
 from byok_hookspecs import (
     ByokError,
     Charge,
@@ -40,17 +48,20 @@ from byok_hookspecs import (
     called_inline,
 )
 
-from byok_plugin.core.errors import StoreUnavailable
+from byok_plugin.core.errors import StoreRefusedValue, StoreUnavailable
 from byok_plugin.store.engine import BUSY_TIMEOUT_MS, store_busy
 
 __all__ = [
     "DurableLedger",
+    "HeldRow",
     "LedgerSpool",
     "RecordingDown",
     "ReplayResult",
     "SpoolUnavailable",
     "record_from_json",
     "record_to_json",
+    "refused_fields",
+    "row_refused",
 ]
 
 log = logging.getLogger("byok.ledger")
@@ -120,6 +131,63 @@ def record_from_json(text: str) -> UsageRecord:
     return UsageRecord(usage=usage, charge=charge, **values)
 
 
+# --- a row the store refuses for its own sake ----------------------------------------------------
+
+_INT64 = range(-(2**63), 2**63)
+
+
+def row_refused(error: BaseException) -> bool:
+    """Whether writing a record failed for the record's own sake, so that writing it again
+    fails again: the store refused one of its values (:class:`StoreRefusedValue`), a constraint
+    (``IntegrityError``), the driver could not send a value (a lone surrogate:
+    ``UnicodeEncodeError``; an integer too large for SQLite: ``OverflowError``), or the record
+    is not valid (``ValueError``). Not a store that is down (:class:`StoreUnavailable`)."""
+    if isinstance(error, StoreUnavailable):
+        return False
+    return isinstance(error, ValueError | OverflowError | sa.exc.IntegrityError)
+
+
+def refused_fields(record: UsageRecord) -> tuple[str, ...]:
+    """The ledger columns of ``record`` whose value no store takes: a text with a NUL character
+    or a lone surrogate, or longer than its column, an integer beyond 64 bits."""
+    from byok_plugin.billing.ledger import Ledger, usage_ledger
+
+    found = []
+    for name, value in Ledger.values(record, record.occurred_at).items():
+        if isinstance(value, str):
+            length = getattr(usage_ledger.c[name].type, "length", None)
+            if (
+                "\x00" in value
+                or any("\ud800" <= c <= "\udfff" for c in value)
+                or (length is not None and len(value) > length)
+            ):
+                found.append(name)
+        elif isinstance(value, int) and not isinstance(value, bool) and value not in _INT64:
+            found.append(name)
+    return tuple(found)
+
+
+def _refusal(record: UsageRecord, error: BaseException) -> StoreRefusedValue:
+    """``error`` (the store or its driver refusing a value of ``record``) as a
+    :class:`StoreRefusedValue` naming the record, its workspace and the field."""
+    if isinstance(error, StoreRefusedValue):
+        field, cause = error.field, error.cause
+    else:
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        field, cause = None, f"{type(error).__name__}: {first_line[:300]}"
+    return StoreRefusedValue(
+        f"recording usage {_safe(record.idempotency_key)}",
+        workspace_id=_safe(record.workspace_id),
+        field=field or ", ".join(refused_fields(record)) or None,
+        cause=cause,
+    )
+
+
+def _safe(text: str) -> str:
+    """``text`` as SQLite and UTF-8 take it (a lone surrogate escaped)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 # --- the spool file ---------------------------------------------------------------------------
 
 
@@ -131,6 +199,18 @@ class ReplayResult:
     already_recorded: int
     remaining: int
     error: str | None = None
+    #: rows this replay set aside, held: the store refused them for their own sake
+    held: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class HeldRow:
+    """A spooled row the store refused for its own sake, kept aside with the store's error."""
+
+    idempotency_key: str
+    workspace_id: str
+    error: str
+    held_at: datetime
 
 
 _SCHEMA = """
@@ -140,6 +220,16 @@ CREATE TABLE IF NOT EXISTS spooled_usage (
     record TEXT NOT NULL,
     spooled_at REAL NOT NULL,
     cause TEXT NOT NULL
+)
+"""
+_HELD_SCHEMA = """
+CREATE TABLE IF NOT EXISTS held_usage (
+    idempotency_key TEXT PRIMARY KEY,
+    workspace_id TEXT NOT NULL,
+    record TEXT NOT NULL,
+    spooled_at REAL NOT NULL,
+    held_at REAL NOT NULL,
+    error TEXT NOT NULL
 )
 """
 
@@ -166,6 +256,7 @@ class LedgerSpool:
             conn.isolation_level = None
             conn.execute("PRAGMA synchronous = FULL")  # a commit is on disk when it returns
             conn.execute(_SCHEMA)
+            conn.execute(_HELD_SCHEMA)
             yield conn
         except (sqlite3.Error, OSError) as exc:
             detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
@@ -190,14 +281,62 @@ class LedgerSpool:
                 "INSERT INTO spooled_usage VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT (idempotency_key) DO NOTHING",
                 (
-                    record.idempotency_key,
-                    record.workspace_id,
+                    _safe(record.idempotency_key),
+                    _safe(record.workspace_id),
                     record_to_json(record),
                     time.time(),
-                    cause[:500],
+                    _safe(cause[:500]),
                 ),
             )
             return cursor.rowcount == 1
+
+    def hold(self, record: UsageRecord, error: str) -> None:
+        """Keep ``record``, which the store refused for its own sake, aside with ``error`` (as a
+        replay holds a spooled row); on disk when it returns.
+
+        :raises SpoolUnavailable: the file cannot be written.
+        """
+        with self._connect(f"holding {_safe(record.idempotency_key)}") as conn:
+            now = time.time()
+            conn.execute(
+                "INSERT OR REPLACE INTO held_usage VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    _safe(record.idempotency_key),
+                    _safe(record.workspace_id),
+                    record_to_json(record),
+                    now,
+                    now,
+                    _safe(error[:1000]),
+                ),
+            )
+
+    def held(self) -> list[HeldRow]:
+        """The rows held aside (the store refused them), oldest first."""
+        if not self.exists():
+            return []
+        with self._connect("reading its held rows") as conn:
+            rows = conn.execute(
+                "SELECT idempotency_key, workspace_id, error, held_at FROM held_usage "
+                "ORDER BY held_at"
+            ).fetchall()
+        return [
+            HeldRow(key, ws, error, datetime.fromtimestamp(at, UTC)) for key, ws, error, at in rows
+        ]
+
+    def retry_held(self) -> int:
+        """Put the held rows back among the spooled ones, for the next replay to try again (once
+        what made the store refuse them is fixed). :returns: how many."""
+        if not self.exists():
+            return 0
+        with self._connect("releasing its held rows") as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            moved = conn.execute(
+                "INSERT OR IGNORE INTO spooled_usage "
+                "SELECT idempotency_key, workspace_id, record, spooled_at, error FROM held_usage"
+            ).rowcount
+            conn.execute("DELETE FROM held_usage")
+            conn.execute("COMMIT")
+        return int(moved)
 
     def probe(self) -> None:
         """Take and release the spool's write lock.
@@ -210,23 +349,35 @@ class LedgerSpool:
             conn.execute("COMMIT")
 
     def pending(self) -> int:
-        """Rows spooled and not yet in the store (0 when there is no spool file)."""
+        """Rows spooled and not yet in the store, held rows apart (0 when there is no spool
+        file)."""
         if not self.exists():
             return 0
         with self._connect("counting its rows") as conn:
             return int(conn.execute("SELECT count(*) FROM spooled_usage").fetchone()[0])
 
     def records(self) -> list[UsageRecord]:
-        """Every spooled record, oldest first."""
+        """Every spooled record, held ones included, oldest first (a held row that is not a
+        record any more is left out: ``byok ledger spool`` lists it)."""
         if not self.exists():
             return []
         with self._connect("reading it") as conn:
-            rows = conn.execute("SELECT record FROM spooled_usage ORDER BY spooled_at").fetchall()
-        return [record_from_json(text) for (text,) in rows]
+            rows = conn.execute(
+                "SELECT record FROM (SELECT record, spooled_at FROM spooled_usage "
+                "UNION ALL SELECT record, spooled_at FROM held_usage) ORDER BY spooled_at"
+            ).fetchall()
+        records = []
+        for (text,) in rows:
+            try:
+                records.append(record_from_json(text))
+            except Exception:  # noqa: S112 (held already, with its error)
+                continue
+        return records
 
     def recorded_calls(self, run_id: str) -> tuple[RecordedCall, ...]:
-        """The spooled calls of ``run_id`` (of any workspace), oldest first: recorded, not yet in
-        the store (a run id with calls here is as used as one with calls in the ledger)."""
+        """The spooled calls of ``run_id`` (of any workspace, held ones included), oldest first:
+        recorded, not yet in the store (a run id with calls here is as used as one with calls in
+        the ledger)."""
         return tuple(
             RecordedCall(
                 idempotency_key=r.idempotency_key,
@@ -240,9 +391,10 @@ class LedgerSpool:
 
     def replay_into(self, write: Callable[[UsageRecord], bool]) -> ReplayResult:
         """Write every spooled record with ``write`` (``True`` for a new ledger row, ``False``
-        for a key already there), deleting each once written. Stops at the first error, which
-        it returns: the rows not written stay spooled."""
-        replayed = already = 0
+        for a key already there), deleting each once written. A record the store refuses for
+        its own sake (:func:`row_refused`) is held aside, and the replay goes on. Stops at any
+        other error (the store down), which it returns: the rows not written stay spooled."""
+        replayed = already = held = 0
         if not self.exists():
             return ReplayResult(0, 0, 0)
         with self._connect("replaying it") as conn:
@@ -252,22 +404,47 @@ class LedgerSpool:
                     (REPLAY_BATCH,),
                 ).fetchall()
                 if not rows:
-                    return ReplayResult(replayed, already, 0)
+                    return ReplayResult(replayed, already, 0, held=held)
                 for key, text in rows:
                     try:
-                        new = write(record_from_json(text))
+                        record = record_from_json(text)
+                    except Exception as exc:  # not a record (any more): never one to write
+                        self._hold_spooled(
+                            conn, key, f"the spooled row is not a usage record: {exc!r}"[:1000]
+                        )
+                        held += 1
+                        continue
+                    try:
+                        new = write(record)
                     except Exception as exc:
+                        if row_refused(exc):
+                            self._hold_spooled(conn, key, str(_refusal(record, exc)))
+                            held += 1
+                            continue
                         remaining = int(
                             conn.execute("SELECT count(*) FROM spooled_usage").fetchone()[0]
                         )
                         return ReplayResult(
-                            replayed, already, remaining, f"{type(exc).__name__}: {exc}"
+                            replayed, already, remaining, f"{type(exc).__name__}: {exc}", held
                         )
                     conn.execute("DELETE FROM spooled_usage WHERE idempotency_key = ?", (key,))
                     if new:
                         replayed += 1
                     else:
                         already += 1
+
+    @staticmethod
+    def _hold_spooled(conn: sqlite3.Connection, key: str, error: str) -> None:
+        """Move the spooled row ``key`` to the held rows, with ``error`` (one transaction)."""
+        log.error("the spooled usage row %s is held aside: %s", key, error)
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(
+            "INSERT OR REPLACE INTO held_usage SELECT idempotency_key, workspace_id, record, "
+            "spooled_at, ?, ? FROM spooled_usage WHERE idempotency_key = ?",
+            (time.time(), _safe(error[:1000]), key),
+        )
+        conn.execute("DELETE FROM spooled_usage WHERE idempotency_key = ?", (key,))
+        conn.execute("COMMIT")
 
 
 # --- the store, with the spool behind it -------------------------------------------------------
@@ -323,6 +500,10 @@ class DurableLedger:
             (the host retries off the loop, where the write may wait and spooling is decided).
         :raises SpoolUnavailable: neither the store nor the spool took it (the call's usage is
             in the caller's hands only; platform-billed calls are refused from now on).
+        :raises StoreRefusedValue: the store (or its driver) refused a value of the record (a
+            NUL character, a number out of range...): not spooled, since it would fail again,
+            but held aside in the spool (``byok ledger spool`` lists it); the message names the
+            workspace and the field.
         """
         try:
             inserted = self._write(record)
@@ -330,6 +511,8 @@ class DurableLedger:
             if called_inline() and store_busy(exc):
                 raise
             return self._spool(record, exc)
+        except (StoreRefusedValue, UnicodeEncodeError, OverflowError) as exc:
+            raise self._refused(record, exc) from None
         self._recovered()
         self._replay_if_due()
         return inserted
@@ -342,12 +525,15 @@ class DurableLedger:
         :returns: how many rows (or spooled rows) were new.
         :raises SpoolUnavailable: some record was taken by neither (the first such error, once
             every record was tried): those records' usage is in the caller's hands.
+        :raises StoreRefusedValue: the store refused a value of some record (as :meth:`record`),
+            once every other record was written.
         """
         # on an event loop's thread, row by row: each write then gives up at once on a lock
         if self._write_many is not None and not called_inline():
             try:
                 written = self._write_many(records)
-            except StoreUnavailable as exc:
+            except (StoreUnavailable, StoreRefusedValue, UnicodeEncodeError, OverflowError) as exc:
+                # (a value one record holds fails the group: the others are still written)
                 log.warning(
                     "the group commit of %d usage rows failed (%s); writing them one by one",
                     len(records),
@@ -361,11 +547,23 @@ class DurableLedger:
         for record in records:  # one by one: a row the store refuses goes to the spool
             try:
                 added += bool(self.record(record))
-            except (StoreUnavailable, SpoolUnavailable) as exc:
+            except (StoreUnavailable, SpoolUnavailable, StoreRefusedValue) as exc:
                 failure = failure or exc
         if failure is not None:
             raise failure
         return added
+
+    def _refused(self, record: UsageRecord, error: BaseException) -> StoreRefusedValue:
+        """The error to raise for ``record``, which the store refused for its own sake, once it
+        is held aside in the spool (when the spool can take it)."""
+        refusal = _refusal(record, error)
+        try:
+            self.spool.hold(record, str(refusal))
+        except SpoolUnavailable as exc:
+            log.error("%s; and it could not be held aside: %s", refusal, exc)
+            return refusal
+        log.error("%s; the row is held aside in %s", refusal, self.spool.path)
+        return refusal
 
     def _spool(self, record: UsageRecord, cause: StoreUnavailable) -> bool:
         try:

@@ -28,6 +28,7 @@ __all__ = [
     "KeyringError",
     "MalformedCiphertext",
     "NoMasterKey",
+    "StoreRefusedValue",
     "StoreUnavailable",
     "UnknownMasterKey",
     "UnknownProvider",
@@ -201,6 +202,45 @@ class StoreUnavailable(CredentialUnavailable):
 
 class InvalidInput(ByokError, ValueError):
     """A workspace id, provider, label or key id given by the user is not acceptable."""
+
+
+class StoreRefusedValue(InvalidInput, CredentialUnavailable):
+    """The store answered, and refused a value of the row being written or looked up: a NUL
+    character or a lone surrogate in a text, a number out of its column's range, a text longer
+    than its column. The row's own error, not the store being down: writing it again fails
+    again, so it is never spooled or retried as an outage is. The message names the workspace
+    and, when known, the field (never the value). An :class:`InvalidInput` (a value the caller
+    gave) and a ``CredentialUnavailable`` (in a credential's resolution: an error, never "no
+    key").
+
+    :ivar field: the column the store refused, when known.
+    :ivar cause: the store's (or its driver's) error, by type and first line.
+    """
+
+    def __init__(
+        self,
+        what: str,
+        *,
+        workspace_id: str = "*",
+        provider: str = "*",
+        key_id: str | None = None,
+        field: str | None = None,
+        cause: str = "",
+    ) -> None:
+        self.field = field
+        self.cause = cause
+        where = "" if workspace_id == "*" else f" for workspace {workspace_id!r}"
+        if provider != "*":
+            where += f" and provider {provider}"
+        if field is not None:
+            where += f" (field {field})"
+        CredentialUnavailable.__init__(
+            self,
+            f"the key store refused a value while {what}{where}" + (f": {cause}" if cause else ""),
+            workspace_id=workspace_id,
+            provider=provider,
+            key_id=key_id,
+        )
 
 
 class UnknownProvider(InvalidInput):

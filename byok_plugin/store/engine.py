@@ -13,7 +13,10 @@
   runner retries a record in a worker thread; audit events and cooldowns go to the app's
   background writer). Everything else (migrations, key management, an async host's own calls)
   waits as usual.
-- Any database error other than a constraint violation surfaces as
+- A value the store refuses for its own sake (``DataError``: a NUL character, a lone surrogate,
+  a number out of range, a text too long) surfaces as
+  :class:`~byok_plugin.core.errors.StoreRefusedValue`, naming the field when the store says it;
+  any other database error other than a constraint violation surfaces as
   :class:`~byok_plugin.core.errors.StoreUnavailable`, a ``CredentialUnavailable``: a store that
   does not answer is an error, never "no key".
 """
@@ -24,6 +27,7 @@ import contextlib
 import hashlib
 import os
 import random
+import re
 import sqlite3
 import struct
 import time
@@ -38,7 +42,7 @@ from byok_hookspecs import called_inline
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
-from byok_plugin.core.errors import StoreUnavailable
+from byok_plugin.core.errors import StoreRefusedValue, StoreUnavailable
 
 __all__ = [
     "BUSY_BACKOFF_SECONDS",
@@ -55,6 +59,8 @@ __all__ = [
     "normalize_url",
     "prepare_sqlite_connection",
     "read_connection",
+    "refused_field",
+    "refused_value",
     "retry_deadlocks",
     "store_busy",
     "store_errors",
@@ -466,11 +472,51 @@ def store_busy(error: BaseException) -> bool:
     return "database is locked" in text or "database table is locked" in text
 
 
+def refused_value(error: BaseException) -> bool:
+    """Whether ``error`` is the store refusing a value of the statement (the DB-API's
+    ``DataError``: PostgreSQL's SQLSTATE class 22, "data exception", such as a NUL character,
+    a lone surrogate, a number out of range or a text too long; SQLite's "string or blob too
+    big"; psycopg's own refusal to send a NUL character), rather than the store being down.
+    Sending the same value again fails again."""
+    if isinstance(error, StoreRefusedValue | sa.exc.DataError | sqlite3.DataError):
+        return True
+    orig = getattr(error, "orig", None)
+    if isinstance(orig, sqlite3.DataError):
+        return True
+    sqlstate = getattr(orig if orig is not None else error, "sqlstate", None)
+    return isinstance(sqlstate, str) and sqlstate.startswith("22")
+
+
+#: a JSON member name in PostgreSQL's context of a JSON error ("JSON data, line 1: ..."): the
+#: last one before the error is the field whose value it refused
+_JSON_MEMBER = re.compile(r'"([A-Za-z_][A-Za-z0-9_]{0,62})"\s*:')
+
+
+def refused_field(error: BaseException) -> str | None:
+    """The column whose value the store refused, when the error says it: PostgreSQL's column
+    name, or the last member name of the JSON text it was reading (the ledger's group insert)."""
+    orig = getattr(error, "orig", error)
+    diag = getattr(orig, "diag", None)
+    if diag is None:
+        return None
+    column = getattr(diag, "column_name", None)
+    if column:
+        return str(column)
+    context = getattr(diag, "context", None) or ""
+    if not context.startswith("JSON data"):
+        return None
+    members = _JSON_MEMBER.findall(context)
+    return members[-1] if members else None
+
+
 @contextmanager
 def store_errors(
     what: str, *, workspace_id: str = "*", provider: str = "*", key_id: str | None = None
 ) -> Iterator[None]:
-    """Turn a database failure into :class:`StoreUnavailable` naming what was being done.
+    """Turn a database failure into :class:`StoreUnavailable` naming what was being done, or,
+    for a value the store refused (:func:`refused_value`) or the driver could not encode (a
+    lone surrogate), :class:`StoreRefusedValue` naming the field when the store says which:
+    the row's own error, not an outage.
 
     Constraint violations (``IntegrityError``) pass through: they are the caller's to interpret.
     """
@@ -478,7 +524,24 @@ def store_errors(
         yield
     except sa.exc.IntegrityError:
         raise
+    except UnicodeEncodeError as exc:  # the driver cannot send a text (a lone surrogate)
+        raise StoreRefusedValue(
+            what,
+            workspace_id=workspace_id,
+            provider=provider,
+            key_id=key_id,
+            cause=f"UnicodeEncodeError: {exc.reason} (character {exc.start})",
+        ) from None
     except sa.exc.SQLAlchemyError as exc:
+        if refused_value(exc):
+            raise StoreRefusedValue(
+                what,
+                workspace_id=workspace_id,
+                provider=provider,
+                key_id=key_id,
+                field=refused_field(exc),
+                cause=_cause(exc),
+            ) from None
         raise StoreUnavailable(
             what, workspace_id=workspace_id, provider=provider, key_id=key_id, cause=_cause(exc)
         ) from None
