@@ -370,3 +370,25 @@ def test_a_spooled_row_that_is_no_longer_a_record_is_held_too(
         ]
     finally:
         app.close()
+
+
+def test_a_row_longer_than_the_sqlite_file_takes_is_the_rows_own_error(tmp_path: Path) -> None:
+    """SQLite's direct ledger writer: "string or blob too big" (a DataError) is the row's own,
+    like PostgreSQL's; the limit is lowered on the writer's connection to reach it."""
+    app = app_for(tmp_path, f"sqlite:///{tmp_path / 'byok.db'}")
+    try:
+        app.ledger.count()  # the store is open
+        writers = app.sqlite_writers
+        assert writers is not None
+        conn = writers.waiting.acquire()  # the connection a record off an event loop borrows
+        conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 200)
+        writers.waiting.release(conn)
+        record = dataclasses.replace(record_for(70), workflow_id="w" * 300)
+        with pytest.raises(StoreRefusedValue) as refused:
+            app.ledger.record(record)
+        assert not isinstance(refused.value, StoreUnavailable)
+        assert "recording usage for workspace 'ws-0'" in str(refused.value)
+        assert "DataError" in str(refused.value)
+        assert app.ledger.count() == 0
+    finally:
+        app.close()

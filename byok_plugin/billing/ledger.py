@@ -52,12 +52,13 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Dialect, Engine
 
 from byok_plugin.billing.charges import money
-from byok_plugin.core.errors import StoreUnavailable
+from byok_plugin.core.errors import StoreRefusedValue, StoreUnavailable
 from byok_plugin.keys.reader import sqlite_file_of
 from byok_plugin.store.engine import (
     LockBackoff,
     is_disconnect,
     lock_backoff,
+    refused_value,
     store_busy,
     store_errors,
     write_transaction,
@@ -304,7 +305,10 @@ class SqliteLedgerWriter:
             if prompt and store_busy(exc):
                 self._backoff.hit()
             first_line = (str(exc).strip().splitlines() or [""])[0]
-            raise StoreUnavailable(
+            # a value SQLite refuses (a text or blob too big) is the row's own error: writing it
+            # again fails again, so it is not the store being down
+            error = StoreRefusedValue if refused_value(exc) else StoreUnavailable
+            raise error(
                 "recording usage",
                 workspace_id=values["workspace_id"],
                 cause=f"{type(exc).__name__}: {first_line[:300]}",
