@@ -275,6 +275,72 @@ def test_a_2xx_answer_of_an_unexpected_shape_was_executed(provider):
     assert error.maybe_executed
 
 
+@pytest.mark.parametrize(
+    ("provider", "body", "field"),
+    [
+        (
+            "openai",
+            {"choices": [{"message": {"content": 5}}], "usage": {}, "model": "m"},
+            "CompletionResult.content",
+        ),
+        (
+            "mistral",
+            {"choices": [{"message": {"content": "hi"}}], "usage": {}, "model": ["m"]},
+            "CompletionResult.model",
+        ),
+        (
+            "anthropic",
+            {"content": [{"type": "tool_use", "id": 1, "name": "f"}], "usage": {}},
+            "ToolCall.id",
+        ),
+        ("google", {"usageMetadata": {}, "responseId": {"x": 1}}, "CompletionResult.response_id"),
+        ("exa", {"results": [{"url": 5}]}, "SearchHit.url"),
+    ],
+)
+def test_a_2xx_answer_with_a_number_or_a_list_for_text_is_refused_where_it_is_read(
+    provider, body, field
+):
+    error = failure(Scripted(200, json.dumps(body).encode()), provider)
+    assert isinstance(error, ProtocolError), repr(error)
+    assert f"{field} must be a string" in str(error)
+    assert error.maybe_executed
+
+
+def test_a_stream_with_a_number_for_text_is_a_protocol_error():
+    start = {
+        "type": "message_start",
+        "message": {"id": 7, "model": "claude-sonnet-4-5", "usage": {"input_tokens": 3}},
+    }
+    chunks = [sse(start, {"type": "message_delta", "delta": {}}, {"type": "message_stop"})]
+    error = failure(
+        Scripted(200, chunks=chunks, headers=[("content-type", "text/event-stream")]),
+        "anthropic",
+        stream=True,
+    )
+    assert isinstance(error, ProtocolError), repr(error)
+    assert "CompletionResult.response_id must be a string" in str(error)
+    assert error.partial_usage is not None  # the input message_start reported is billed
+
+
+@pytest.mark.parametrize("provider", MODEL_PROVIDERS)
+def test_a_model_listing_of_an_unexpected_shape(provider):
+    field, key = ("models", "name") if provider == "google" else ("data", "id")
+
+    def models(body: Any) -> Any:
+        async def go(base_url: str) -> Any:
+            async with new_http_client() as http:
+                client = create_client(provider, http, base_url=base_url, retry=NO_RETRY)
+                return await client.list_models(api_key=KEY)
+
+        return asyncio.run(against(Scripted(200, json.dumps(body).encode()), go))
+
+    assert models({field: [{key: 5}, "x", {key: "m1"}]}) == ["m1"]
+    assert models({}) == []
+    for body in ([1], {field: 5}):
+        with pytest.raises(ProtocolError, match=f"the listing has no '{field}' list"):
+            models(body)
+
+
 # --- (7) answers larger than the client reads ---------------------------------------------------
 
 

@@ -226,6 +226,15 @@ class ProviderClient(ABC):
         """Raise :class:`AuthError` if the provider refuses ``api_key`` (one cheap call)."""
         await self.list_models(api_key=api_key)
 
+    def listed(self, payload: Any, field: str, key: str) -> list[str]:
+        """The ``key`` of each object in a listing's ``payload[field]`` (the models' ids); a
+        :class:`ProtocolError` if the listing is not a list (an entry without a string ``key``
+        is skipped)."""
+        entries = payload.get(field, []) if isinstance(payload, Mapping) else None
+        if not isinstance(entries, list):
+            raise ProtocolError(self.provider, f"the listing has no {field!r} list")
+        return [e[key] for e in entries if isinstance(e, Mapping) and isinstance(e.get(key), str)]
+
     # --- HTTP with retries ---------------------------------------------------------------------
     def url(self, path: str) -> str:
         return self.base_url + path

@@ -349,8 +349,4 @@ class GoogleClient(ProviderClient):
 
     async def list_models(self, *, api_key: str) -> list[str]:
         payload = await self.request_json("GET", "/v1beta/models", api_key=api_key)
-        return [
-            m["name"].removeprefix("models/")
-            for m in payload.get("models", [])
-            if isinstance(m, Mapping) and "name" in m
-        ]
+        return [name.removeprefix("models/") for name in self.listed(payload, "models", "name")]

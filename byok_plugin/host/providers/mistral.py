@@ -71,4 +71,4 @@ class MistralClient(ProviderClient):
 
     async def list_models(self, *, api_key: str) -> list[str]:
         payload = await self.request_json("GET", "/v1/models", api_key=api_key)
-        return [m["id"] for m in payload.get("data", []) if isinstance(m, Mapping) and "id" in m]
+        return self.listed(payload, "data", "id")

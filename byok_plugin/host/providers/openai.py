@@ -361,4 +361,4 @@ class OpenAIClient(ProviderClient):
 
     async def list_models(self, *, api_key: str) -> list[str]:
         payload = await self.request_json("GET", "/models", api_key=api_key)
-        return [m["id"] for m in payload.get("data", []) if isinstance(m, Mapping) and "id" in m]
+        return self.listed(payload, "data", "id")
