@@ -35,70 +35,79 @@ class StreamTooLarge(Exception):
         super().__init__(f"{what} larger than {limit} bytes")
 
 
-async def _lines(response: httpx.Response, max_line: int, max_stream: int) -> AsyncIterator[bytes]:
-    """The lines of the body, without their ends; a last line with no end is dropped (it cannot
-    close an event)."""
-    pending: list[bytes] = []  # the start of a line whose end has not arrived
-    pending_size = 0
-    after_cr = False  # the last chunk ended with CR: a LF opening the next one is the same end
-    total = 0
-    async for chunk in response.aiter_bytes():
-        total += len(chunk)
-        if total > max_stream:
-            raise StreamTooLarge("the stream is", max_stream)
-        if after_cr:
-            after_cr = False
+class _LineSplitter:
+    """Cuts the chunks of a body into lines, without their ends (CR LF, LF or CR), however the
+    chunks break them; the start of a line whose end has not arrived is kept until it does."""
+
+    __slots__ = ("after_cr", "max_line", "pending", "pending_size")
+
+    def __init__(self, max_line: int) -> None:
+        self.max_line = max_line
+        self.pending: list[bytes] = []
+        self.pending_size = 0
+        self.after_cr = False  # the last chunk ended with CR: a LF opening the next is that end
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        if self.after_cr:
+            self.after_cr = False
             if chunk[:1] == b"\n":
                 chunk = chunk[1:]
         if not chunk:
-            continue
-        after_cr = chunk[-1:] == b"\r"
+            return []
         if b"\n" not in chunk and b"\r" not in chunk:
-            pending_size += len(chunk)
-            if pending_size > max_line:
-                raise StreamTooLarge("a line of the stream is", max_line)
-            pending.append(chunk)
-            continue
-        if pending:
-            pending.append(chunk)
-            chunk = b"".join(pending)
-            pending = []
+            self.pending_size += len(chunk)
+            if self.pending_size > self.max_line:
+                raise StreamTooLarge("a line of the stream is", self.max_line)
+            self.pending.append(chunk)
+            return []
+        self.after_cr = chunk[-1:] == b"\r"
+        if self.pending:
+            self.pending.append(chunk)
+            chunk = b"".join(self.pending)
+            self.pending = []
         lines = chunk.splitlines()  # bytes split at CR LF, LF and CR only
+        self.pending_size = 0
         if chunk[-1:] not in (b"\n", b"\r"):
             last = lines.pop()
-            pending, pending_size = [last], len(last)
-        else:
-            pending_size = 0
-        for line in lines:
-            if len(line) > max_line:
-                raise StreamTooLarge("a line of the stream is", max_line)
-            yield line
-        if pending_size > max_line:
-            raise StreamTooLarge("a line of the stream is", max_line)
+            self.pending, self.pending_size = [last], len(last)
+        if self.pending_size > self.max_line or any(len(x) > self.max_line for x in lines):
+            raise StreamTooLarge("a line of the stream is", self.max_line)
+        return lines
 
 
 async def iter_sse(
     response: httpx.Response, *, max_event: int, max_stream: int
 ) -> AsyncIterator[ServerSentEvent]:
+    """The events of ``response``'s body; a last line with no end is dropped (it cannot close an
+    event)."""
+    lines = _LineSplitter(max_event)
     event = ""
     data: list[str] = []
-    size = 0
-    async for raw in _lines(response, max_event, max_stream):
-        if not raw:
-            if data:
-                yield ServerSentEvent(event or "message", "\n".join(data))
-            event, data, size = "", [], 0
-            continue
-        if raw[:1] == b":":
-            continue
-        line = raw.decode("utf-8", "replace")
-        name, _, value = line.partition(":")
-        if value.startswith(" "):
-            value = value[1:]
-        if name == "data":
-            size += len(raw)
+    size = total = 0
+    async for chunk in response.aiter_bytes():
+        total += len(chunk)
+        if total > max_stream:
+            raise StreamTooLarge("the stream is", max_stream)
+        for raw in lines.feed(chunk):
+            if not raw:
+                if data:
+                    yield ServerSentEvent(event or "message", "\n".join(data))
+                event, data, size = "", [], 0
+                continue
+            if raw.startswith(b"data:"):
+                value = raw[6:] if raw[5:6] == b" " else raw[5:]
+            elif raw[:1] == b":":
+                continue
+            else:
+                name, _, rest = raw.partition(b":")
+                if rest[:1] == b" ":
+                    rest = rest[1:]
+                if name == b"event":
+                    event = rest.decode("utf-8", "replace")
+                if name != b"data":
+                    continue
+                value = rest
+            size += len(value)
             if size > max_event:
                 raise StreamTooLarge("an event of the stream is", max_event)
-            data.append(value)
-        elif name == "event":
-            event = value
+            data.append(value.decode("utf-8", "replace"))
