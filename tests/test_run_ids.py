@@ -171,7 +171,9 @@ def test_a_replay_makes_no_completed_call_again_and_finishes_the_run(
     assert not first.ok
     assert first.blocks["first"].status is BlockStatus.COMPLETED
     assert first.blocks["second"].status is BlockStatus.FAILED
-    assert _ledger_keys(stack, "order-7") == ["order-7:first:1"]
+    # the garbage came with a 200: the provider executed each try, recorded uncertain (uncharged)
+    uncertain = ["order-7:second:1:uncertain:0", "order-7:second:2:uncertain:0"]
+    assert _ledger_keys(stack, "order-7") == ["order-7:first:1", *uncertain]
     emulator.state.clear_faults()
     openai_before = len([c for c in _model_calls(emulator) if c.provider == "openai"])
 
@@ -181,7 +183,10 @@ def test_a_replay_makes_no_completed_call_again_and_finishes_the_run(
     assert openai_after == openai_before  # the completed call was not made again
     assert replayed.blocks["first"] == first.blocks["first"]
     assert replayed.outputs["result"]
-    assert sorted(_ledger_keys(stack, "order-7")) == ["order-7:first:1", "order-7:second:1"]
+    # the second block runs under the attempt after those recorded
+    assert sorted(_ledger_keys(stack, "order-7")) == sorted(
+        ["order-7:first:1", *uncertain, "order-7:second:3"]
+    )
     # the table of the run adds up to what the ledger holds for it
     rows = [r for r in stack.app.ledger.rows() if r.run_id == "order-7"]
     assert replayed.total_charge == sum((r.amount for r in rows), Decimal(0))
@@ -232,7 +237,8 @@ def test_byok_run_refuses_a_reused_run_id_and_replays_from_its_json(
 
     again = runner.invoke(main, args, env=stack.environ)
     assert again.exit_code == 2, again.output
-    assert "'cli-1' already has 1 recorded calls" in again.output
+    # the first block's call, and the second's two tries answered with garbage (uncertain)
+    assert "'cli-1' already has 3 recorded calls" in again.output
     assert "Traceback" not in again.output
 
     openai_before = len([c for c in _model_calls(emulator) if c.provider == "openai"])
@@ -240,7 +246,12 @@ def test_byok_run_refuses_a_reused_run_id_and_replays_from_its_json(
     assert replayed.exit_code == 0, replayed.output
     assert json.loads(replayed.stdout)["status"] == "completed"
     assert len([c for c in _model_calls(emulator) if c.provider == "openai"]) == openai_before
-    assert sorted(_ledger_keys(stack, "cli-1")) == ["cli-1:first:1", "cli-1:second:1"]
+    assert sorted(_ledger_keys(stack, "cli-1")) == [
+        "cli-1:first:1",
+        "cli-1:second:1:uncertain:0",
+        "cli-1:second:2:uncertain:0",
+        "cli-1:second:3",
+    ]
 
 
 @pytest.mark.parametrize(

@@ -677,7 +677,9 @@ def test_a_malformed_answer_fails_the_block_and_is_charged_nothing(
     )
     assert not result.ok
     assert "openai protocol error" in (result.blocks["classify"].error or "")
-    assert plugin.ledger == {}
+    # the garbage came with a 200: executed by the provider, so recorded, uncertain and uncharged
+    (row,) = plugin.ledger.values()
+    assert (row.status, row.charge.amount) == ("uncertain", 0)
 
 
 # --- refused before anything runs ------------------------------------------------------------

@@ -34,6 +34,7 @@ from typing import Any
 from byok_hookspecs import Usage
 
 from byok_plugin.host.providers.base import (
+    ANSWER_SHAPE_ERRORS,
     MAX_TOOL_USES,
     ProviderClient,
     StreamAccumulator,
@@ -54,6 +55,7 @@ from byok_plugin.host.providers.errors import (
     ProviderError,
     RateLimitError,
     ServerError,
+    error_text,
 )
 from byok_plugin.host.providers.sse import ServerSentEvent
 
@@ -151,7 +153,9 @@ class AnthropicStream(StreamAccumulator):
                 int(data.get("index", 0)), {"type": "text", "partial_json": ""}
             )
             if delta.get("type") == "text_delta":
-                text: str = delta.get("text", "")
+                text = delta.get("text", "")
+                if not isinstance(text, str):
+                    raise ProtocolError("anthropic", "a text_delta whose text is not a string")
                 self.text.append(text)
                 return text
             if delta.get("type") == "input_json_delta":
@@ -170,8 +174,8 @@ class AnthropicStream(StreamAccumulator):
             error_class = _ERROR_EVENT_CLASSES.get(str(error.get("type")), ServerError)
             raise error_class(
                 "anthropic",
-                error.get("message") or "error event in the stream",
-                code=error.get("type"),
+                error_text(error.get("message")) or "error event in the stream",
+                code=error_text(error.get("type")),
             )
         return ""
 
@@ -220,7 +224,7 @@ class AnthropicClient(ProviderClient):
     def error_details(self, payload: Any) -> tuple[str | None, str | None]:
         error = payload.get("error") if isinstance(payload, Mapping) else None
         if isinstance(error, Mapping):
-            return error.get("message"), error.get("type")
+            return error_text(error.get("message")), error_text(error.get("type"))
         return None, None
 
     def classify(self, status: int, code: str | None, payload: Any) -> type[ProviderError]:
@@ -307,7 +311,7 @@ class AnthropicClient(ProviderClient):
 
     async def list_models(self, *, api_key: str) -> list[str]:
         payload = await self.request_json("GET", "/v1/models", api_key=api_key)
-        return [m["id"] for m in payload.get("data", []) if isinstance(m, Mapping) and "id" in m]
+        return self.listed(payload, "data", "id")
 
 
 def parse_message(payload: Any) -> CompletionResult:
@@ -337,7 +341,9 @@ def parse_message(payload: Any) -> CompletionResult:
             usage=anthropic_usage(model, payload["usage"]),
             response_id=payload.get("id"),
         )
-    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+    except ANSWER_SHAPE_ERRORS as exc:
         raise ProtocolError(
-            "anthropic", f"unexpected message shape ({type(exc).__name__}: {exc})"
+            "anthropic",
+            f"unexpected message shape ({type(exc).__name__}: {exc})",
+            maybe_executed=True,  # a 2xx answer: executed
         ) from None

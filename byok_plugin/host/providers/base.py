@@ -5,6 +5,7 @@ timeouts, error classification and stream reading. A provider module supplies th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 from abc import ABC, abstractmethod
@@ -31,7 +32,9 @@ from byok_plugin.host.providers.errors import (
     ProviderUnreachable,
     RateLimitError,
     ServerError,
+    error_text,
     redact,
+    redact_bounded,
     scrubbed,
 )
 from byok_plugin.host.providers.retry import (
@@ -41,7 +44,7 @@ from byok_plugin.host.providers.retry import (
     retry_listener,
     retry_once_sent,
 )
-from byok_plugin.host.providers.sse import ServerSentEvent, iter_sse
+from byok_plugin.host.providers.sse import ServerSentEvent, StreamTooLarge, iter_sse
 
 #: what an API key may hold to travel in an HTTP header: printable ASCII, no spaces
 _SENDABLE_KEY = re.compile(r"[\x21-\x7e]+")
@@ -52,7 +55,11 @@ _COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
 _PARSED_URLS = 256
 
 __all__ = [
+    "ANSWER_SHAPE_ERRORS",
     "DEFAULT_TIMEOUT",
+    "MAX_ANSWER_BYTES",
+    "MAX_ERROR_BODY_BYTES",
+    "MAX_STREAM_BYTES",
     "ProviderClient",
     "StreamAccumulator",
     "base_url_var",
@@ -61,6 +68,28 @@ __all__ = [
 
 #: connect within 5 s; 60 s between bytes of an answer (between events of a stream)
 DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=5.0)
+
+#: the largest answer body a client reads, and the largest event of a stream: 32 MiB (decoded),
+#: far more than any real completion (128k tokens of output are well under 1 MB of JSON). A
+#: larger answer is refused unread (a :class:`ProtocolError`, the call ``maybe_executed``)
+MAX_ANSWER_BYTES = 32 * 1024 * 1024
+#: the most a stream may carry in all: 128 MiB (a stream frames every few tokens as one event, of
+#: some 150 to 300 bytes: 128k tokens of output make 20 to 40 MB)
+MAX_STREAM_BYTES = 4 * MAX_ANSWER_BYTES
+#: how much of an error answer is read: its message and code are near the start, and an error
+#: keeps at most 1,000 characters of them; the rest is not read
+MAX_ERROR_BODY_BYTES = 64 * 1024
+#: what reading a decoded answer of an unexpected shape may raise (a field of the wrong type, one
+#: missing, nesting deeper than Python recurses): a :class:`ProtocolError`, never a traceback
+ANSWER_SHAPE_ERRORS: tuple[type[Exception], ...] = (
+    KeyError,
+    IndexError,
+    TypeError,
+    AttributeError,
+    ValueError,
+    ArithmeticError,
+    RecursionError,
+)
 
 
 def base_url_var(provider: str) -> str:
@@ -109,6 +138,8 @@ class ProviderClient(ABC):
         ``os.environ`` implicitly.
     :param retry: the retry policy (4 attempts with backoff by default).
     :param timeout: connect/read/write/pool timeouts, per request.
+    :param max_answer_bytes: the largest answer body (and stream event) read
+        (:data:`MAX_ANSWER_BYTES`); a stream may carry four times as much in all.
     """
 
     provider: ClassVar[str]
@@ -122,8 +153,10 @@ class ProviderClient(ABC):
         environ: Mapping[str, str] | None = None,
         retry: RetryPolicy | None = None,
         timeout: httpx.Timeout | float | None = None,
+        max_answer_bytes: int = MAX_ANSWER_BYTES,
     ) -> None:
         self.http = http
+        self.max_answer_bytes = max_answer_bytes
         self.base_url = resolve_base_url(self.provider, self.default_base_url, base_url, environ)
         self.retry = retry if retry is not None else RetryPolicy()
         self.timeout = timeout if timeout is not None else DEFAULT_TIMEOUT
@@ -193,6 +226,15 @@ class ProviderClient(ABC):
         """Raise :class:`AuthError` if the provider refuses ``api_key`` (one cheap call)."""
         await self.list_models(api_key=api_key)
 
+    def listed(self, payload: Any, field: str, key: str) -> list[str]:
+        """The ``key`` of each object in a listing's ``payload[field]`` (the models' ids); a
+        :class:`ProtocolError` if the listing is not a list (an entry without a string ``key``
+        is skipped)."""
+        entries = payload.get(field, []) if isinstance(payload, Mapping) else None
+        if not isinstance(entries, list):
+            raise ProtocolError(self.provider, f"the listing has no {field!r} list")
+        return [e[key] for e in entries if isinstance(e, Mapping) and isinstance(e.get(key), str)]
+
     # --- HTTP with retries ---------------------------------------------------------------------
     def url(self, path: str) -> str:
         return self.base_url + path
@@ -223,7 +265,7 @@ class ProviderClient(ABC):
         content = _COMPACT_JSON.encode(body).encode() if body is not None else None
         if content is not None:
             headers["content-type"] = "application/json"
-        response = await self._send_with_retries(
+        response, answer = await self._send_with_retries(
             method,
             self.url(path),
             headers=headers,
@@ -232,14 +274,19 @@ class ProviderClient(ABC):
             api_key=api_key,
             stream=False,
         )
+        # a 2xx answer the client cannot read was executed all the same: maybe_executed
         try:
-            return json.loads(response.content, parse_float=parse_float)
+            return json.loads(answer, parse_float=parse_float)
         except ValueError as exc:
-            raise ProtocolError(
-                self.provider,
-                f"the answer is not valid JSON ({_json_problem(exc)})",
-                status=response.status_code,
-            ) from None
+            problem = _json_problem(exc)
+        except RecursionError:
+            problem = "nested deeper than it can be read"
+        raise ProtocolError(
+            self.provider,
+            f"the answer is not valid JSON ({problem})",
+            status=response.status_code,
+            maybe_executed=True,
+        )
 
     @asynccontextmanager
     async def open_stream(
@@ -257,7 +304,7 @@ class ProviderClient(ABC):
             "accept": "text/event-stream",
         }
         content = _COMPACT_JSON.encode(body).encode()
-        response = await self._send_with_retries(
+        response, _ = await self._send_with_retries(
             "POST",
             self.url(path),
             headers=headers,
@@ -282,16 +329,26 @@ class ProviderClient(ABC):
     ) -> AsyncIterator[StreamEvent]:
         async with self.open_stream(path, api_key=api_key, body=body, params=params) as response:
             try:
-                async for event in iter_sse(response):
+                async for event in iter_sse(
+                    response,
+                    max_event=self.max_answer_bytes,
+                    max_stream=4 * self.max_answer_bytes,
+                ):
                     try:
                         text = accumulator.feed(event)
                     except ProviderError as exc:  # an error event may echo the key too
                         raise scrubbed(exc, api_key) from None
+                    except ANSWER_SHAPE_ERRORS as exc:
+                        raise self._unexpected("a stream event", exc, api_key) from None
                     if text:
                         yield TextDelta(text)
             except ProviderError as exc:  # an error event in the stream, or an unreadable one
                 _broke_off(exc, accumulator)
                 raise
+            except StreamTooLarge as exc:
+                raise _broke_off(
+                    ProtocolError(self.provider, f"the answer is too large: {exc}"), accumulator
+                ) from None
             except httpx.TimeoutException as exc:
                 raise _broke_off(
                     ProviderTimeout(self.provider, f"the stream stalled ({type(exc).__name__})"),
@@ -306,14 +363,27 @@ class ProviderClient(ABC):
                     accumulator,
                 ) from None
             except asyncio.CancelledError as exc:  # the run was cancelled mid-stream
-                exc.partial_usage = accumulator.partial_usage()  # type: ignore[attr-defined]
+                exc.partial_usage = _partial_usage(accumulator)  # type: ignore[attr-defined]
                 raise
         try:
-            result = accumulator.result()
-        except ProviderError as exc:  # the stream ended early
+            try:
+                result = accumulator.result()
+            except ANSWER_SHAPE_ERRORS as exc:
+                raise self._unexpected("the stream", exc, api_key) from None
+        except ProviderError as exc:  # the stream ended early, or its events do not add up
             _broke_off(exc, accumulator)
             raise
         yield StreamDone(result)
+
+    def _unexpected(self, what: str, exc: Exception, api_key: str) -> ProtocolError:
+        """The error of an answer the client could decode but not read (``what`` is the part:
+        ``a stream event``...): a field of the wrong type or missing, nesting too deep."""
+        detail = redact_bounded(str(exc), api_key, limit=200)
+        return ProtocolError(
+            self.provider,
+            f"{what} has an unexpected shape ({type(exc).__name__}: {detail})",
+            maybe_executed=True,
+        )
 
     async def _send_with_retries(
         self,
@@ -325,7 +395,11 @@ class ProviderClient(ABC):
         params: Mapping[str, str] | None,
         api_key: str,
         stream: bool,
-    ) -> httpx.Response:
+    ) -> tuple[httpx.Response, bytes]:
+        """The response to the request, tried again as the policy says. Always received as a
+        stream: a 2xx answer ``stream`` asks for is handed over open (with ``b""``); any other
+        is read (at most :attr:`max_answer_bytes`, a :class:`ProtocolError` beyond) and closed,
+        and handed over with its body."""
         if not _SENDABLE_KEY.fullmatch(api_key):
             # h11 would refuse the header, and its message quotes the whole key
             raise AuthError(
@@ -346,7 +420,12 @@ class ProviderClient(ABC):
                     params=params,
                     timeout=self.timeout,
                 )
-                response = await self.http.send(request, stream=stream)
+                response = await self.http.send(request, stream=True)
+                if response.is_success:
+                    if stream:
+                        return response, b""
+                    return response, await self._read_answer(response)
+                error_body = await _read_body(response, MAX_ERROR_BODY_BYTES)
             except httpx.TimeoutException as exc:
                 error: ProviderError = ProviderTimeout(
                     self.provider, f"no answer in time ({type(exc).__name__})", attempts=attempt
@@ -369,12 +448,7 @@ class ProviderClient(ABC):
                 error.maybe_executed = not isinstance(exc, httpx.ConnectError)
                 retryable = self.retry.retry_timeouts
             else:
-                if response.is_success:
-                    return response
-                if stream:
-                    await response.aread()
-                    await response.aclose()
-                error = self.status_error(response, api_key, attempt)
+                error = self.status_error(_with_body(response, error_body), api_key, attempt)
                 retryable = error.retryable
                 if isinstance(error, RateLimitError):
                     retry_after = error.retry_after
@@ -398,24 +472,58 @@ class ProviderClient(ABC):
                 )
             await self.retry.sleep(wait)
 
+    async def _read_answer(self, response: httpx.Response) -> bytes:
+        """The body of a 2xx answer, read and closed: a :class:`ProtocolError` if it is larger
+        than :attr:`max_answer_bytes` (decoded), refused unread when its length says so."""
+        limit = self.max_answer_bytes
+        declared = response.headers.get("content-length", "")
+        too_large = (
+            declared.isdigit()
+            and int(declared) > limit
+            and "content-encoding" not in response.headers
+        )
+        if too_large:
+            await response.aclose()
+        else:
+            body = await _read_body(response, limit)
+            too_large = len(body) > limit
+        if too_large:
+            raise ProtocolError(
+                self.provider,
+                f"the answer is larger than {limit} bytes: not read",
+                status=response.status_code,
+                maybe_executed=True,
+            )
+        return body
+
     def status_error(self, response: httpx.Response, api_key: str, attempt: int) -> ProviderError:
-        """The exception for an error answer, from the provider's own error body."""
+        """The exception for an error answer, from the provider's own error body (read: at most
+        :data:`MAX_ERROR_BODY_BYTES` of it)."""
         status = response.status_code
         try:
             payload: Any = response.json()
-        except ValueError:
+        except (ValueError, RecursionError):
             payload = None
-        message, code = self.error_details(payload) if payload is not None else (None, None)
+        message: str | None = None
+        code: str | None = None
+        if payload is not None:
+            # the details are the provider's words, read as well as they can be
+            with contextlib.suppress(*ANSWER_SHAPE_ERRORS):
+                message, code = self.error_details(payload)
+        # any JSON may stand in a message or a code ("code": 400): text, or nothing
+        message, code = error_text(message), error_text(code)
         if not message:
-            message = response.text.strip()[:300] or response.reason_phrase or "no message"
-        message = redact(message, api_key)
+            message = response.text.strip() or response.reason_phrase or "no message"
+            message = redact_bounded(message, api_key, limit=300)
+        else:
+            message = redact_bounded(message, api_key)
         request_id = response.headers.get("x-request-id") or response.headers.get("request-id")
         kind = self.classify(status, code, payload)
         # an echoing provider or gateway may put the key anywhere, codes and ids included
         common: dict[str, Any] = {
             "status": status,
-            "code": redact(code, api_key) if code is not None else None,
-            "request_id": redact(request_id, api_key) if request_id is not None else None,
+            "code": redact_bounded(code, api_key) if code is not None else None,
+            "request_id": redact_bounded(request_id, api_key) if request_id is not None else None,
             "attempts": attempt,
         }
         if kind is RateLimitError:
@@ -432,15 +540,65 @@ class ProviderClient(ABC):
         try:
             return json.loads(event.data)
         except ValueError as exc:
-            raise ProtocolError(
-                self.provider, f"a stream event is not valid JSON ({_json_problem(exc, at=False)})"
-            ) from None
+            problem = _json_problem(exc, at=False)
+        except RecursionError:
+            problem = "nested deeper than it can be read"
+        raise ProtocolError(self.provider, f"a stream event is not valid JSON ({problem})")
+
+
+async def _read_body(response: httpx.Response, limit: int) -> bytes:
+    """``response``'s body (decoded), read and the response closed; once it passes ``limit``
+    bytes it is read no further, and what was read (over ``limit``) is returned."""
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in response.aiter_bytes():
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                break
+    finally:
+        await response.aclose()
+    return b"".join(chunks)
+
+
+#: headers that describe the body as it was sent, not as it was read
+_TRANSFER_HEADERS = frozenset({"content-encoding", "content-length", "transfer-encoding"})
+
+
+def _with_body(response: httpx.Response, body: bytes) -> httpx.Response:
+    """A read response like ``response`` (status, headers, request), holding ``body``: the part
+    of an error answer that was read (at most :data:`MAX_ERROR_BODY_BYTES`)."""
+    return httpx.Response(
+        response.status_code,
+        headers=[
+            (name, value)
+            for name, value in response.headers.multi_items()
+            if name.lower() not in _TRANSFER_HEADERS
+        ],
+        content=body[:MAX_ERROR_BODY_BYTES],
+        request=response.request,
+        extensions={
+            name: response.extensions[name]
+            for name in ("http_version", "reason_phrase")
+            if name in response.extensions
+        },
+    )
+
+
+def _partial_usage(accumulator: StreamAccumulator) -> Usage | None:
+    """What ``accumulator`` knows the provider bills for the stream so far; ``None`` if the
+    events it kept cannot tell (a hostile stream's fields of the wrong type)."""
+    try:
+        return accumulator.partial_usage()
+    except ANSWER_SHAPE_ERRORS:
+        return None
 
 
 def _broke_off(error: ProviderError, accumulator: StreamAccumulator) -> ProviderError:
     """``error``, for a stream that had started: the provider executed the request, and bills
     what the accumulator saw of it."""
-    error.partial_usage = accumulator.partial_usage()
+    error.partial_usage = _partial_usage(accumulator)
     error.maybe_executed = True
     return error
 

@@ -34,6 +34,17 @@ __all__ = [
 Role = Literal["user", "assistant", "tool"]
 
 
+def _check_text(owner: object, *names: str, optional: bool = False) -> None:
+    """``TypeError`` unless each field is a string (or, ``optional``, ``None``): a provider's answer
+    with a number or a list there is refused where it is read, not deep in a workflow."""
+    for name in names:
+        value = getattr(owner, name)
+        if not isinstance(value, str) and not (optional and value is None):
+            raise TypeError(
+                f"{type(owner).__name__}.{name} must be a string, not {type(value).__name__}"
+            )
+
+
 class FinishReason:
     """Why a model stopped, normalised across providers (the raw value is kept alongside)."""
 
@@ -51,6 +62,9 @@ class ToolCall:
     id: str
     name: str
     arguments: str = "{}"
+
+    def __post_init__(self) -> None:
+        _check_text(self, "id", "name", "arguments")
 
     def parsed_arguments(self) -> Any:
         """The arguments as JSON values; ``ValueError`` if the model wrote invalid JSON."""
@@ -184,6 +198,10 @@ class CompletionResult:
     response_id: str | None = None
     streamed: bool = False
 
+    def __post_init__(self) -> None:
+        _check_text(self, "model", "content")
+        _check_text(self, "raw_finish_reason", "response_id", optional=True)
+
     def parsed_content(self) -> Any:
         """The content as JSON (for a structured request); ``ValueError`` if it is not JSON."""
         return json.loads(self.content)
@@ -240,6 +258,10 @@ class SearchHit:
     score: float | None = None
     text: str | None = None
 
+    def __post_init__(self) -> None:
+        _check_text(self, "url")
+        _check_text(self, "title", "id", "published_date", "author", "text", optional=True)
+
 
 @dataclass(frozen=True, slots=True)
 class SearchResult:
@@ -250,3 +272,6 @@ class SearchResult:
     usage: Usage
     search_type: str | None = None
     request_id: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_text(self, "search_type", "request_id", optional=True)

@@ -13,12 +13,17 @@ because an ``httpx`` exception keeps the request and so the key header).
 | :class:`ServerError` | 5xx, Anthropic's 529 overloaded, an error event in a stream | yes (HTTP) |
 | :class:`ProviderTimeout` | connect / read / write / pool timeout, 408 | yes |
 | :class:`ProviderUnreachable` | connection refused, DNS failure, reset before an answer | yes |
-| :class:`ProtocolError` | malformed JSON, a stream that ends early, usage missing | no |
+| :class:`ProtocolError` | malformed JSON, a stream that ends early, usage missing, an answer too large | no |
+
+An error body's fields may hold any JSON (an OpenAI-compatible server such as vLLM sends
+``"code": 400``): :func:`error_text` makes text of them, and an error keeps at most
+:data:`MAX_MESSAGE_CHARS` characters of the provider's message, redacted (:func:`redact_bounded`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import json
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from byok_hookspecs import Usage
@@ -33,11 +38,18 @@ __all__ = [
     "RateLimitError",
     "ServerError",
     "UnsupportedRequest",
+    "error_text",
     "redact",
+    "redact_bounded",
     "scrubbed",
 ]
 
 from byok_hookspecs import redact  # one redaction for every boundary (re-exported here)
+from byok_hookspecs.redaction import MIN_SECRET_RUN
+
+#: the most of a provider's message (or code) an error keeps: an error body is the provider's,
+#: of any length, and a message is for people to read
+MAX_MESSAGE_CHARS = 1000
 
 
 class ProviderError(Exception):
@@ -72,6 +84,7 @@ class ProviderError(Exception):
         code: str | None = None,
         request_id: str | None = None,
         attempts: int = 1,
+        maybe_executed: bool = False,
     ) -> None:
         self.provider = provider
         self.message = message
@@ -79,6 +92,8 @@ class ProviderError(Exception):
         self.code = code
         self.request_id = request_id
         self.attempts = attempts
+        if maybe_executed:
+            self.maybe_executed = True
         super().__init__(provider, message)
 
     def __str__(self) -> str:
@@ -154,7 +169,9 @@ class ProviderUnreachable(ProviderError):
 
 class ProtocolError(ProviderError):
     """The answer is not what the wire format says: malformed JSON, a stream cut before its end
-    marker, a stream without usage. Never turned into a partial result."""
+    marker, a stream without usage, an answer larger than the client reads. Never turned into a
+    partial result. Raised for a 2xx answer (one the provider executed) it has ``maybe_executed``
+    set, so that the call is recorded ``uncertain``."""
 
     kind = "protocol error"
 
@@ -167,11 +184,38 @@ class UnsupportedRequest(ValueError):
         super().__init__(f"{provider}: {message}")
 
 
+def error_text(value: Any) -> str | None:
+    """A message or code from a provider's error body as text, whatever its JSON type: a string
+    as it is, a number or a boolean as JSON writes it (``400``), a list or an object as compact
+    JSON; ``None`` for null (or a missing field). Neither redacted nor bounded: see
+    :func:`redact_bounded`."""
+    if value is None or isinstance(value, str):
+        return value
+    try:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+    except (ValueError, RecursionError):  # nested deeper than the encoder goes
+        return f"(a JSON {type(value).__name__} nested too deeply to show)"
+
+
+def redact_bounded(text: str, *secrets: str | None, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """``redact(text, *secrets)``, in at most ``limit`` characters (then ``…``).
+
+    A long text is cut before it is redacted (redaction reads every character), a little beyond
+    ``limit``: a key the cut splits is still removed if enough of it is kept (a run of
+    ``MIN_SECRET_RUN`` characters), and the few characters it could leave at the very end are
+    dropped with that margin."""
+    if len(text) <= limit:
+        return redact(text, *secrets)
+    kept = redact(text[: limit + MIN_SECRET_RUN], *secrets)[:-MIN_SECRET_RUN]
+    return kept[:limit] + "…"
+
+
 def scrubbed(error: ProviderError, api_key: str | None) -> ProviderError:
-    """``error`` with ``api_key`` redacted from its message, code and request id (in place)."""
-    error.message = redact(error.message, api_key)
+    """``error`` with ``api_key`` redacted from its message, code and request id (in place), and
+    the message and code bounded (:func:`redact_bounded`)."""
+    error.message = redact_bounded(error_text(error.message) or "", api_key)
     if error.code is not None:
-        error.code = redact(error.code, api_key)
+        error.code = redact_bounded(error_text(error.code) or "", api_key)
     if error.request_id is not None:
         error.request_id = redact(error.request_id, api_key)
     error.args = (error.provider, error.message)

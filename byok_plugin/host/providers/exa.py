@@ -21,9 +21,9 @@ from typing import Any
 
 from byok_hookspecs import Usage
 
-from byok_plugin.host.providers.base import ProviderClient
+from byok_plugin.host.providers.base import ANSWER_SHAPE_ERRORS, ProviderClient
 from byok_plugin.host.providers.common import SearchHit, SearchRequest, SearchResult
-from byok_plugin.host.providers.errors import ProtocolError
+from byok_plugin.host.providers.errors import ProtocolError, error_text
 
 #: the ``model`` of every Exa search's ``Usage``
 EXA_SEARCH_MODEL = "exa-search"
@@ -45,7 +45,9 @@ def exa_usage(payload: Mapping[str, Any]) -> Usage:
             valid = cost.is_finite() and 0 <= cost <= _MAX_REPORTED_COST
         if not valid:
             raise ProtocolError(
-                "exa", "costDollars.total is not a cost (expected a number from 0 to 100 dollars)"
+                "exa",
+                "costDollars.total is not a cost (expected a number from 0 to 100 dollars)",
+                maybe_executed=True,  # a 2xx answer: executed
             )
     return Usage(provider="exa", model=EXA_SEARCH_MODEL, tool_requests=1, reported_cost=cost)
 
@@ -71,9 +73,11 @@ def parse_search(payload: Any) -> SearchResult:
             search_type=payload.get("resolvedSearchType") or payload.get("searchType"),
             request_id=payload.get("requestId"),
         )
-    except (KeyError, TypeError, AttributeError, ValueError, ArithmeticError) as exc:
+    except ANSWER_SHAPE_ERRORS as exc:
         raise ProtocolError(
-            "exa", f"unexpected search answer shape ({type(exc).__name__}: {exc})"
+            "exa",
+            f"unexpected search answer shape ({type(exc).__name__}: {exc})",
+            maybe_executed=True,  # a 2xx answer: executed
         ) from None
 
 
@@ -87,8 +91,8 @@ class ExaClient(ProviderClient):
     def error_details(self, payload: Any) -> tuple[str | None, str | None]:
         if not isinstance(payload, Mapping):
             return None, None
-        message = payload.get("error") or payload.get("message")
-        return (message if isinstance(message, str) else None), payload.get("tag")
+        message = error_text(payload.get("error")) or error_text(payload.get("message"))
+        return message, error_text(payload.get("tag"))
 
     def body(self, request: SearchRequest) -> dict[str, Any]:
         body: dict[str, Any] = {

@@ -36,7 +36,13 @@ from urllib.parse import quote
 import httpx
 from byok_hookspecs import Usage
 
-from byok_plugin.host.providers.base import ProviderClient, StreamAccumulator, as_int, nonneg
+from byok_plugin.host.providers.base import (
+    ANSWER_SHAPE_ERRORS,
+    ProviderClient,
+    StreamAccumulator,
+    as_int,
+    nonneg,
+)
 from byok_plugin.host.providers.common import (
     CompletionRequest,
     CompletionResult,
@@ -51,6 +57,7 @@ from byok_plugin.host.providers.errors import (
     RateLimitError,
     ServerError,
     UnsupportedRequest,
+    error_text,
 )
 from byok_plugin.host.providers.sse import ServerSentEvent
 
@@ -205,12 +212,14 @@ class GoogleClient(ProviderClient):
         error = payload.get("error") if isinstance(payload, Mapping) else None
         if not isinstance(error, Mapping):
             return None, None
+        details = error.get("details")
         reasons = [
-            d.get("reason")
-            for d in error.get("details") or ()
-            if isinstance(d, Mapping) and d.get("reason")
+            d["reason"]
+            for d in (details if isinstance(details, list) else ())
+            if isinstance(d, Mapping) and isinstance(d.get("reason"), str) and d["reason"]
         ]
-        return error.get("message"), reasons[0] if reasons else error.get("status")
+        code = reasons[0] if reasons else error_text(error.get("status"))
+        return error_text(error.get("message")), code
 
     def classify(self, status: int, code: str | None, payload: Any) -> type[ProviderError]:
         if code in _AUTH_REASONS:
@@ -222,9 +231,9 @@ class GoogleClient(ProviderClient):
         if isinstance(error, RateLimitError) and error.retry_after is None:
             try:
                 details = response.json()["error"].get("details") or ()
-            except (ValueError, KeyError, TypeError, AttributeError):
+            except ANSWER_SHAPE_ERRORS:
                 details = ()
-            for detail in details:
+            for detail in details if isinstance(details, list) else ():
                 if isinstance(detail, Mapping) and str(detail.get("@type", "")).endswith(
                     "RetryInfo"
                 ):
@@ -322,9 +331,11 @@ class GoogleClient(ProviderClient):
             return collector.result(
                 model, payload["usageMetadata"], payload.get("responseId"), streamed=False
             )
-        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        except ANSWER_SHAPE_ERRORS as exc:
             raise ProtocolError(
-                "google", f"unexpected generateContent shape ({type(exc).__name__}: {exc})"
+                "google",
+                f"unexpected generateContent shape ({type(exc).__name__}: {exc})",
+                maybe_executed=True,  # a 2xx answer: executed
             ) from None
 
     def stream(self, request: CompletionRequest, *, api_key: str) -> AsyncIterator[StreamEvent]:
@@ -338,8 +349,4 @@ class GoogleClient(ProviderClient):
 
     async def list_models(self, *, api_key: str) -> list[str]:
         payload = await self.request_json("GET", "/v1beta/models", api_key=api_key)
-        return [
-            m["name"].removeprefix("models/")
-            for m in payload.get("models", [])
-            if isinstance(m, Mapping) and "name" in m
-        ]
+        return [name.removeprefix("models/") for name in self.listed(payload, "models", "name")]

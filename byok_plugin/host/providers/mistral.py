@@ -14,13 +14,12 @@ A stream's last chunk carries ``finish_reason`` and ``usage`` together; then ``d
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from byok_plugin.host.providers.base import ProviderClient
 from byok_plugin.host.providers.common import CompletionRequest, CompletionResult, StreamEvent
-from byok_plugin.host.providers.errors import UnsupportedRequest
+from byok_plugin.host.providers.errors import UnsupportedRequest, error_text
 from byok_plugin.host.providers.openai import (
     ChatChunkAccumulator,
     chat_body,
@@ -42,10 +41,9 @@ class MistralClient(ProviderClient):
         message = payload.get("message", payload.get("detail"))
         if isinstance(payload.get("error"), Mapping):  # gateway errors
             message = payload["error"].get("message", message)
-        if message is not None and not isinstance(message, str):
-            message = json.dumps(message)[:500]
-        code = payload.get("type") or payload.get("code")
-        return message, str(code) if code is not None else None
+        # any JSON may stand in either (a list of validation errors as "detail", "code": 400)
+        code = error_text(payload.get("type")) or error_text(payload.get("code"))
+        return error_text(message), code
 
     def body(self, request: CompletionRequest, *, stream: bool) -> dict[str, Any]:
         if request.web_search is not None:
@@ -73,4 +71,4 @@ class MistralClient(ProviderClient):
 
     async def list_models(self, *, api_key: str) -> list[str]:
         payload = await self.request_json("GET", "/v1/models", api_key=api_key)
-        return [m["id"] for m in payload.get("data", []) if isinstance(m, Mapping) and "id" in m]
+        return self.listed(payload, "data", "id")

@@ -32,7 +32,13 @@ from typing import Any
 
 from byok_hookspecs import Usage
 
-from byok_plugin.host.providers.base import ProviderClient, StreamAccumulator, as_int, nonneg
+from byok_plugin.host.providers.base import (
+    ANSWER_SHAPE_ERRORS,
+    ProviderClient,
+    StreamAccumulator,
+    as_int,
+    nonneg,
+)
 from byok_plugin.host.providers.common import (
     CompletionRequest,
     CompletionResult,
@@ -41,7 +47,7 @@ from byok_plugin.host.providers.common import (
     StreamEvent,
     ToolCall,
 )
-from byok_plugin.host.providers.errors import ProtocolError, UnsupportedRequest
+from byok_plugin.host.providers.errors import ProtocolError, UnsupportedRequest, error_text
 from byok_plugin.host.providers.sse import ServerSentEvent
 
 FINISH = {
@@ -271,9 +277,11 @@ def parse_chat_completion(provider: str, payload: Any, usage_of: Any) -> Complet
             usage=usage,
             response_id=payload.get("id"),
         )
-    except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
+    except ANSWER_SHAPE_ERRORS as exc:
         raise ProtocolError(
-            provider, f"unexpected chat completion shape ({type(exc).__name__}: {exc})"
+            provider,
+            f"unexpected chat completion shape ({type(exc).__name__}: {exc})",
+            maybe_executed=True,  # a 2xx answer: executed
         ) from None
 
 
@@ -312,7 +320,9 @@ class OpenAIClient(ProviderClient):
     def error_details(self, payload: Any) -> tuple[str | None, str | None]:
         error = payload.get("error") if isinstance(payload, Mapping) else None
         if isinstance(error, Mapping):
-            return error.get("message"), error.get("code") or error.get("type")
+            # "code" may be a number (vLLM and other OpenAI-compatible servers send 400)
+            code = error_text(error.get("code")) or error_text(error.get("type"))
+            return error_text(error.get("message")), code
         return None, None
 
     def quota_exhausted(self, code: str | None, payload: Any) -> bool:
@@ -351,4 +361,4 @@ class OpenAIClient(ProviderClient):
 
     async def list_models(self, *, api_key: str) -> list[str]:
         payload = await self.request_json("GET", "/models", api_key=api_key)
-        return [m["id"] for m in payload.get("data", []) if isinstance(m, Mapping) and "id" in m]
+        return self.listed(payload, "data", "id")
