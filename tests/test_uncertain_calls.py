@@ -9,9 +9,10 @@ import asyncio
 import csv
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 from byok_hookspecs import CredentialSource
@@ -41,10 +42,14 @@ def stack(emulator: EmulatorServer, tmp_path: Path) -> Iterator[DemoStack]:
     built.close()
 
 
-def run(stack: DemoStack, *, timeout: float | None = None) -> RunResult:
+def run(
+    stack: DemoStack, *, timeout: float | None = None, wrap: Callable[[Any], Any] | None = None
+) -> RunResult:
     async def go() -> RunResult:
         async with new_http_client() as http:
             clients = create_clients(http, environ=stack.environ, retry=NO_RETRY, timeout=timeout)
+            if wrap is not None:
+                clients["anthropic"] = wrap(clients["anthropic"])
             runner = WorkflowRunner(
                 stack.pm,
                 clients,
@@ -174,3 +179,35 @@ def test_a_cut_openai_shaped_stream_counts_its_estimated_input_and_the_deltas(
     assert totals["input_tokens"] == cut.input_tokens + done.input_tokens  # charged, so counted
     table = CliRunner().invoke(main, ["usage"], env={**stack.environ, "COLUMNS": "300"})
     assert "1 calls charged on an estimated input (streams cut" in table.output
+
+
+class FailsAfterTheCall:
+    """A provider client with a bug: it sends the request, gets the provider's answer, then
+    fails reading it with an error that is not a ``ProviderError``."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    async def complete(self, request: Any, *, api_key: str) -> Any:
+        await self._client.complete(request, api_key=api_key)
+        raise KeyError("a field this client did not foresee")
+
+
+def test_a_client_failing_after_the_call_leaves_an_uncertain_row(
+    stack: DemoStack, emulator: EmulatorServer
+) -> None:
+    """The call was made (the emulator answered it): whatever the client raises then, the call
+    is recorded ``uncertain``, not lost; on the platform key it is not tried again."""
+    result = run(stack, wrap=FailsAfterTheCall)
+    assert not result.ok
+    assert "client failed while calling (KeyError)" in (result.error or "")
+    assert len([c for c in emulator.calls() if c.method == "POST"]) == 1
+    (row,) = stack.app.ledger.rows()
+    assert (row.status, row.amount, row.source) == (
+        "uncertain",
+        Decimal(0),
+        CredentialSource.PLATFORM,
+    )

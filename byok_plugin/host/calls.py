@@ -30,11 +30,13 @@ from byok_plugin.host.hook_calls import RESERVE_HOOKS, RESOLVE_HOOKS
 from byok_plugin.host.providers.common import CompletionRequest, FunctionTool
 from byok_plugin.host.providers.errors import (
     AuthError,
+    ProtocolError,
     ProviderError,
     ProviderTimeout,
     ProviderUnreachable,
     RateLimitError,
     ServerError,
+    UnsupportedRequest,
 )
 from byok_plugin.host.providers.retry import retrying_once_sent
 from byok_plugin.host.recording import CHARGE_FAILED, Recording, _recorder
@@ -114,7 +116,7 @@ class Calls(Recording):
                     started = self._clock()
                     # the platform pays each execution: its client does not retry a maybe-run one
                     with retrying_once_sent(not credential.billed_by_platform):
-                        result = await invoke(credential.api_key)
+                        result = await _called(provider, invoke, credential.api_key)
                     latency = self._clock() - started
             except ProviderError as exc:
                 if not isinstance(exc, AuthError | RateLimitError):
@@ -364,3 +366,21 @@ def _input_bound(request: CompletionRequest) -> int:
     if request.response_schema is not None:
         parts.append(json.dumps(request.response_schema, default=dict))
     return sum(len(p.encode("utf-8")) for p in parts) + 16 * (len(request.messages) + 2)
+
+
+async def _called(provider: str, invoke: Callable[[str], Awaitable[Any]], api_key: str) -> Any:
+    """``invoke(api_key)``; a client's own failure other than a :class:`ProviderError` (a bug,
+    an answer it did not foresee) is a :class:`ProtocolError` of a call that may have been
+    executed: the request may have been sent, so the call is recorded ``uncertain`` as a lost
+    answer is, never left unrecorded. A request the provider's API cannot express
+    (:class:`UnsupportedRequest`) is refused before anything is sent, and passes as it is."""
+    try:
+        return await invoke(api_key)
+    except (ProviderError, UnsupportedRequest):
+        raise
+    except Exception as exc:
+        raise ProtocolError(
+            provider,
+            f"the {provider} client failed while calling ({type(exc).__name__})",
+            maybe_executed=True,
+        ) from exc
