@@ -341,8 +341,9 @@ class UsageRecord:
     :param status: ``complete``; ``interrupted`` for a stream that broke (or whose run was
         cancelled) after the provider started answering: the usage is what the provider is known
         to bill for it, charged as any call; ``uncertain`` for a request the provider may have
-        executed without the client seeing its answer (a timeout or a reset after the request
-        was sent): not charged, kept for reconciliation.
+        executed without the client reading its answer (a timeout or a reset after the request
+        was sent, or a 2xx answer the client could not read): not charged, kept for
+        reconciliation.
     :param estimated: the usage counts (names from ``USAGE_COUNTS``) that are estimated from the
         request, not reported by the provider: ``input_tokens`` of an ``uncertain`` call, or of
         an ``interrupted`` stream whose provider reports the input only at its end.
