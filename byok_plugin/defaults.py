@@ -65,6 +65,8 @@ _STORE_HOOKS = frozenset(
         "byok_prepare",
         "byok_reserve_budget",
         "byok_settle_budget",
+        "byok_claim_run",
+        "byok_release_run",
     }
 )
 #: on PostgreSQL, while the resolver is served from memory (its key-change listener connected):
