@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import ValidationError
 
 from byok_plugin.host.workflow.errors import Problem, WorkflowError, json_path
@@ -61,9 +62,50 @@ def workflow_schema() -> Mapping[str, Any]:
     return schema
 
 
+def _end_of_text(pattern: str) -> str:
+    """``pattern`` with each ``$`` anchor (not escaped, not in a ``[...]`` class) written ``\\Z``.
+
+    JSON Schema patterns are ECMA-262 regular expressions, where ``$`` is the end of the text;
+    Python's ``re`` also lets ``$`` match before a final newline, so ``^[a-z]+$`` would admit
+    ``"default\\n"`` (a label, an env name, a block id with a newline at its end).
+    """
+    out: list[str] = []
+    escaped = in_class = False
+    for char in pattern:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif in_class:
+            in_class = char != "]"
+        elif char == "[":
+            in_class = True
+        elif char == "$":
+            out.append("\\Z")
+            continue
+        out.append(char)
+    return "".join(out)
+
+
 @cache
-def _validator() -> Draft202012Validator:
-    return Draft202012Validator(workflow_schema())
+def _compiled(pattern: str) -> re.Pattern[str]:
+    return re.compile(_end_of_text(pattern))
+
+
+def _pattern_keyword(
+    validator: Any, pattern: str, instance: Any, schema: Mapping[str, Any]
+) -> Iterator[ValidationError]:
+    """The ``pattern`` keyword with ECMA-262's ``$`` (see :func:`_end_of_text`)."""
+    if validator.is_type(instance, "string") and _compiled(pattern).search(instance) is None:
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+_WorkflowValidator = validators.extend(Draft202012Validator, {"pattern": _pattern_keyword})
+
+
+@cache
+def _validator() -> Any:
+    return _WorkflowValidator(workflow_schema())
 
 
 class _Object(dict):  # type: ignore[type-arg]
@@ -277,6 +319,11 @@ def _bad_name(parts: tuple[str | int, ...], name: str, kind: str) -> Problem:
 
 
 def _pattern_help(parts: Sequence[str | int]) -> str:
+    if tuple(parts) == ("name",):
+        return (
+            ": a workflow name is text without control characters, line breaks or "
+            "bidirectional-text controls (it is the ledger's workflow id and is shown in terminals)"
+        )
     if parts and parts[-1] == "label":
         return (
             ": a stored key's label (1 to 64 characters, no control characters, no space at "

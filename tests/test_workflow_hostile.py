@@ -1,0 +1,160 @@
+"""Hostile workflow files: what a security review reproduced against the workflow loader.
+
+- a workflow ``name`` (the ledger's workflow id, shown in terminals) with control characters, line
+  breaks or bidi overrides; a NUL makes a ledger row PostgreSQL cannot store;
+- schema patterns written ``^...$`` that Python's ``re.search`` let through with a final ``\\n``;
+- many blocks (the graph checks must stay linear), a bound on their number;
+- a deeply nested ``response_schema`` (a RecursionError traceback in ``byok validate``);
+- a template that renders far more text than it holds (``{{start.t}}`` two thousand times).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from byok_plugin.cli import main
+from byok_plugin.host.workflow import WorkflowError, json_path, parse_workflow
+
+ROOT = Path(__file__).resolve().parents[1]
+TRIAGE = json.loads((ROOT / "sample_workflows" / "support-ticket-triage.json").read_text())
+
+
+def mutated(change: Any) -> dict[str, Any]:
+    doc = copy.deepcopy(TRIAGE)
+    change(doc)
+    return doc
+
+
+def problems_of(document: Any) -> list[tuple[str, str]]:
+    with pytest.raises(WorkflowError) as info:
+        parse_workflow(document, source="wf.json")
+    assert info.value.problems, "a WorkflowError must name at least one problem"
+    return [(p.path, p.message) for p in info.value.problems]
+
+
+# --- the workflow name ------------------------------------------------------------------------
+
+REFUSED_IN_NAMES = {
+    "NUL": "\x00",
+    "ESC": "\x1b",
+    "BEL": "\x07",
+    "newline": "\n",
+    "carriage return": "\r",
+    "tab": "\t",
+    "DEL": "\x7f",
+    "C1 NEL": "\x85",
+    "C1 CSI": "\x9b",
+    "line separator": "\u2028",
+    "paragraph separator": "\u2029",
+    "right-to-left override": "\u202e",
+    "left-to-right embedding": "\u202a",
+    "first strong isolate": "\u2068",
+    "pop directional isolate": "\u2069",
+    "lone surrogate": "\ud800",
+}
+
+
+@pytest.mark.parametrize("char", REFUSED_IN_NAMES.values(), ids=REFUSED_IN_NAMES.keys())
+@pytest.mark.parametrize("where", ["start", "middle", "end"])
+def test_a_workflow_name_with_a_control_character_is_refused_at_its_path(
+    char: str, where: str
+) -> None:
+    name = {"start": char + "triage", "middle": "tri" + char + "age", "end": "triage" + char}[where]
+    found = problems_of(mutated(lambda d: d.update(name=name)))
+    assert [p for p, _ in found] == ["$.name"], found
+    (message,) = [m for _, m in found]
+    assert "control characters" in message
+    assert char not in message  # quoted escaped, never raw
+
+
+def test_the_reported_escape_sequence_name_is_refused_by_byok_validate(tmp_path: Path) -> None:
+    name = "x\u001b]0;PWNED\u0007\u001b[2J\u001b[31mFAKE: all charges refunded\u001b[0m"
+    target = tmp_path / "wf.json"
+    target.write_text(json.dumps(mutated(lambda d: d.update(name=name))))
+    result = CliRunner().invoke(main, ["validate", str(target)])
+    assert result.exit_code == 2, result.output
+    assert "$.name: " in result.output
+    assert "\x1b" not in result.output
+    assert "\\x1b" in result.output  # the value is quoted with its escapes
+
+
+@pytest.mark.parametrize(
+    "name", ["triage", "support ticket triage", "Tri-age (v2) · für Kunden", "分类 🎫", "a"]
+)
+def test_a_workflow_name_of_printable_text_is_accepted(name: str) -> None:
+    assert parse_workflow(mutated(lambda d: d.update(name=name))).name == name
+
+
+# --- patterns are anchored at the end of the text -----------------------------------------------
+
+
+def _label(d: dict[str, Any], value: str) -> None:
+    d["blocks"]["classify"]["key"] = {"label": value}
+
+
+def _env(d: dict[str, Any], value: str) -> None:
+    d["blocks"]["classify"]["key"] = {"env": value}
+
+
+def _block_id(d: dict[str, Any], value: str) -> None:
+    d["blocks"][value] = d["blocks"].pop("result")
+    for edge in d["edges"]:
+        if edge["to"] == "result":
+            edge["to"] = value
+
+
+def _edge_end(d: dict[str, Any], value: str) -> None:
+    d["edges"][0]["from"] = value
+
+
+def _input_name(d: dict[str, Any], value: str) -> None:
+    d["inputs"][value] = {"type": "string"}
+
+
+def _input_field(d: dict[str, Any], value: str) -> None:
+    d["blocks"]["start"]["fields"] = ["ticket", value]
+
+
+def _output_field(d: dict[str, Any], value: str) -> None:
+    d["blocks"]["result"] = {"type": "output", "fields": {value: "{{classify.content}}"}}
+
+
+def _version(d: dict[str, Any], value: str) -> None:
+    d["version"] = value
+
+
+# (change, the good value, the JSON path of the bad one)
+FIELDS: dict[str, tuple[Any, str, str]] = {
+    "key label": (_label, "default", "$.blocks.classify.key.label"),
+    "key env": (_env, "TEAM_KEY", "$.blocks.classify.key.env"),
+    "block id": (_block_id, "result", '$.blocks["result\\u000a"]'),
+    "edge end": (_edge_end, "start", "$.edges[0].from"),
+    "input name": (_input_name, "extra", '$.inputs["extra\\u000a"]'),
+    "input block field": (_input_field, "customer_tier", "$.blocks.start.fields[1]"),
+    "output field": (_output_field, "reply", '$.blocks.result.fields["reply\\u000a"]'),
+    "version": (_version, "1.2.0", "$.version"),
+    "name": (lambda d, v: d.update(name=v), "triage", "$.name"),
+}
+
+
+@pytest.mark.parametrize(("change", "good", "path"), FIELDS.values(), ids=FIELDS.keys())
+def test_a_final_newline_does_not_pass_a_pattern(change: Any, good: str, path: str) -> None:
+    parse_workflow(mutated(lambda d: change(d, good)))  # the value itself is fine
+    found = problems_of(mutated(lambda d: change(d, good + "\n")))
+    assert path in [p for p, _ in found], found
+    assert all("\n" not in p for p, _ in found), found
+
+
+def test_a_json_path_shows_a_key_s_control_characters_escaped() -> None:
+    assert json_path(("blocks", "b\n", "prompt")) == '$.blocks["b\\u000a"].prompt'
+    assert json_path(("blocks", 'say "hi" \\ \u202e\x1b')) == (
+        '$.blocks["say \\"hi\\" \\\\ \\u202e\\u001b"]'
+    )
+    assert json_path(("blocks", "classify", "prompt")) == "$.blocks.classify.prompt"
+    assert json_path(("blocks", "für", 0)) == '$.blocks["für"][0]'
