@@ -19,7 +19,9 @@ import pytest
 from click.testing import CliRunner
 
 from byok_plugin.cli import main
-from byok_plugin.host.workflow import WorkflowError, json_path, parse_workflow
+from byok_plugin.host.workflow import WorkflowError, json_path, parse_workflow, workflow_schema
+from byok_plugin.host.workflow.build import MAX_PROBLEMS
+from byok_plugin.host.workflow.document import MAX_BLOCKS, MAX_EDGES, MAX_INPUTS
 
 ROOT = Path(__file__).resolve().parents[1]
 TRIAGE = json.loads((ROOT / "sample_workflows" / "support-ticket-triage.json").read_text())
@@ -158,3 +160,100 @@ def test_a_json_path_shows_a_key_s_control_characters_escaped() -> None:
     )
     assert json_path(("blocks", "classify", "prompt")) == "$.blocks.classify.prompt"
     assert json_path(("blocks", "für", 0)) == '$.blocks["für"][0]'
+
+
+# --- size bounds, and checks that stay linear --------------------------------------------------
+
+
+def chain(blocks: int) -> dict[str, Any]:
+    """``start`` -> ``c0`` -> ... -> ``out``: ``blocks`` blocks in one chain, each condition
+    reading the one before it (every reference is checked against its block's upstream set)."""
+    doc: dict[str, Any] = {
+        "name": "chain",
+        "version": "1",
+        "inputs": {"t": {"type": "string"}},
+        "blocks": {"start": {"type": "input"}},
+        "edges": [{"from": "start", "to": "c0"}],
+    }
+    conditions = blocks - 2
+    for i in range(conditions):
+        before = f"{{{{c{i - 1}.value}}}}" if i else ""
+        doc["blocks"][f"c{i}"] = {
+            "type": "condition",
+            "value": "{{start.t}}" + before,
+            "equals": "x",
+        }
+        if i:
+            doc["edges"].append({"from": f"c{i - 1}", "to": f"c{i}", "branch": "true"})
+    doc["blocks"]["out"] = {"type": "output", "value": "{{start.t}} {{c0.value}}"}
+    doc["edges"].append({"from": f"c{conditions - 1}", "to": "out", "branch": "true"})
+    return doc
+
+
+def test_a_workflow_of_max_blocks_chained_loads_and_its_references_are_checked() -> None:
+    workflow = parse_workflow(chain(MAX_BLOCKS))
+    assert len(workflow.blocks) == MAX_BLOCKS
+    assert workflow.order[0] == "start"
+    assert workflow.order[-1] == "out"
+    # the upstream sets are right: a reference down the chain (not up it) is refused
+    doc = chain(MAX_BLOCKS)
+    doc["blocks"]["c5"]["value"] = "{{c900.value}}"
+    assert problems_of(doc) == [
+        (
+            "$.blocks.c5.value",
+            "{{c900.value}}: block 'c900' is not upstream of 'c5'; add an edge (or a path of "
+            "edges) from 'c900' to 'c5'",
+        )
+    ]
+
+
+def test_one_block_more_than_the_limit_is_refused_with_the_count() -> None:
+    assert problems_of(chain(MAX_BLOCKS + 1)) == [
+        ("$.blocks", f"has {MAX_BLOCKS + 1} blocks; a workflow may have at most {MAX_BLOCKS}")
+    ]
+
+
+def test_too_many_edges_or_inputs_are_refused_with_the_count() -> None:
+    doc = chain(10)
+    doc["edges"] = doc["edges"] * (MAX_EDGES // len(doc["edges"]) + 1)
+    doc["inputs"] = {f"i{n}": {"type": "string"} for n in range(MAX_INPUTS + 1)}
+    found = problems_of(doc)
+    assert found == [
+        ("$.edges", f"has {len(doc['edges'])} edges; a workflow may have at most {MAX_EDGES}"),
+        ("$.inputs", f"has {MAX_INPUTS + 1} inputs; a workflow may have at most {MAX_INPUTS}"),
+    ]
+
+
+def test_the_schema_states_the_same_limits() -> None:
+    schema = workflow_schema()["properties"]
+    assert schema["blocks"]["maxProperties"] == MAX_BLOCKS
+    assert schema["edges"]["maxItems"] == MAX_EDGES
+    assert schema["inputs"]["maxProperties"] == MAX_INPUTS
+
+
+def test_the_checks_stop_after_max_problems_and_say_so() -> None:
+    # every block holds bad references: each would cost a "did you mean" search among all ids
+    doc = chain(MAX_BLOCKS)
+    for i in range(MAX_BLOCKS - 2):
+        doc["blocks"][f"c{i}"]["value"] = "".join(
+            f"{{{{nothere{i}x{j}.value}}}}" for j in range(50)
+        )
+    found = problems_of(doc)
+    assert len(found) == MAX_PROBLEMS + 1
+    assert found[0] == (
+        "$",
+        f"more than {MAX_PROBLEMS} problems: checking stopped; fix these first",
+    )
+    assert all("names no block" in m for p, m in found[1:]), found[:3]
+
+
+def test_a_long_list_of_names_is_cut_in_a_message() -> None:
+    doc = chain(10)
+    doc["inputs"] = {f"input{n}": {"type": "string"} for n in range(40)}
+    doc["inputs"]["t"] = {"type": "string"}
+    doc["blocks"]["out"]["value"] = "{{inputs.nothing_like_it}}"
+    ((path, message),) = problems_of(doc)
+    assert path == "$.blocks.out.value"
+    assert "declared: input0, input1," in message
+    assert "input9, ... (41 in all)" in message
+    assert "input10" not in message

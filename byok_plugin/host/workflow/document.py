@@ -21,9 +21,23 @@ from jsonschema.exceptions import ValidationError
 
 from byok_plugin.host.workflow.errors import Problem, WorkflowError, json_path
 
-__all__ = ["SCHEMA_RESOURCE", "read_document", "schema_problems", "workflow_schema"]
+__all__ = [
+    "MAX_BLOCKS",
+    "MAX_EDGES",
+    "MAX_INPUTS",
+    "SCHEMA_RESOURCE",
+    "read_document",
+    "schema_problems",
+    "workflow_schema",
+]
 
 SCHEMA_RESOURCE = "workflow.schema.json"
+#: the most blocks a workflow may have (the schema's ``maxProperties`` of ``blocks``)
+MAX_BLOCKS = 1000
+#: the most edges a workflow may have (the schema's ``maxItems`` of ``edges``)
+MAX_EDGES = 10_000
+#: the most inputs a workflow may declare (the schema's ``maxProperties`` of ``inputs``)
+MAX_INPUTS = 1000
 
 _JSON_TYPES = {
     dict: "an object",
@@ -184,11 +198,37 @@ def read_file(path: Path) -> Any:
 
 
 def schema_problems(document: Any) -> list[Problem]:
-    """Every way ``document`` fails the schema, one :class:`Problem` per offending value."""
-    problems: list[Problem] = []
+    """Every way ``document`` fails the schema, one :class:`Problem` per offending value.
+
+    A document with more blocks, edges or inputs than the schema allows (:data:`MAX_BLOCKS`,
+    :data:`MAX_EDGES`, :data:`MAX_INPUTS`) is refused for that alone, before the rest is checked.
+    """
+    problems = _too_many(document)
+    if problems:
+        return problems
     for error in _validator().iter_errors(document):
         problems.extend(_translate(error))
     return sorted(set(problems))
+
+
+def _too_many(document: Any) -> list[Problem]:
+    if not isinstance(document, dict):
+        return []
+    problems = []
+    for member, limit, noun in (
+        ("blocks", MAX_BLOCKS, "blocks"),
+        ("edges", MAX_EDGES, "edges"),
+        ("inputs", MAX_INPUTS, "inputs"),
+    ):
+        value = document.get(member)
+        if isinstance(value, dict | list) and len(value) > limit:
+            problems.append(
+                Problem(
+                    json_path((member,)),
+                    f"has {len(value)} {noun}; a workflow may have at most {limit}",
+                )
+            )
+    return problems
 
 
 def _show(value: Any) -> str:
