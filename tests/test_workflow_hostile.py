@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from byok_plugin.cli import main
 from byok_plugin.host.workflow import WorkflowError, json_path, parse_workflow, workflow_schema
-from byok_plugin.host.workflow.build import MAX_PROBLEMS
+from byok_plugin.host.workflow.build import MAX_PROBLEMS, MAX_SCHEMA_DEPTH
 from byok_plugin.host.workflow.document import MAX_BLOCKS, MAX_EDGES, MAX_INPUTS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -257,3 +257,56 @@ def test_a_long_list_of_names_is_cut_in_a_message() -> None:
     assert "declared: input0, input1," in message
     assert "input9, ... (41 in all)" in message
     assert "input10" not in message
+
+
+# --- a deeply nested response_schema ----------------------------------------------------------
+
+
+def nested_schema(objects: int, innermost: Any) -> dict[str, Any]:
+    """``objects`` schemas of type object, each the only property of the one before it."""
+    schema: Any = innermost
+    for _ in range(objects):
+        schema = {"type": "object", "properties": {"x": schema}}
+    return schema
+
+
+def _with_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    def change(d: dict[str, Any]) -> None:
+        d["blocks"]["classify"]["response_schema"] = schema
+        d["blocks"]["is_urgent"]["value"] = "{{classify.content}}"
+        d["blocks"]["draft_reply"]["prompt"] = "{{start.ticket}}"
+        d["blocks"]["escalate"]["prompt"] = "{{classify.content}}"
+        d["blocks"]["result"]["fields"] = {"reply": "{{draft_reply.content}}"}
+
+    return mutated(change)
+
+
+def test_a_response_schema_at_the_depth_limit_is_accepted() -> None:
+    # 15 objects, each 2 levels (the schema, its properties), and a string schema with examples
+    schema = nested_schema(15, {"type": "string", "examples": ["a"]})
+    workflow = parse_workflow(_with_schema(schema))
+    assert workflow.blocks["classify"].response_schema == schema  # type: ignore[union-attr]
+
+
+def test_a_response_schema_one_level_deeper_is_refused_at_its_path() -> None:
+    schema = nested_schema(15, {"type": "string", "examples": [["a"]]})
+    assert problems_of(_with_schema(schema)) == [
+        (
+            "$.blocks.classify.response_schema",
+            f"is nested deeper than {MAX_SCHEMA_DEPTH} levels (objects and arrays inside one "
+            "another); providers accept far less",
+        )
+    ]
+
+
+def test_byok_validate_refuses_the_reported_deep_response_schema_without_a_traceback(
+    tmp_path: Path,
+) -> None:
+    # 100 nested objects, 6.4 KB: jsonschema's check recursed until a RecursionError
+    target = tmp_path / "deep.json"
+    target.write_text(json.dumps(_with_schema(nested_schema(100, {"type": "string"}))))
+    result = CliRunner().invoke(main, ["validate", str(target)])
+    assert result.exit_code == 2, result.output
+    assert "$.blocks.classify.response_schema: is nested deeper than" in result.output
+    assert "Traceback" not in result.output
+    assert "RecursionError" not in result.output

@@ -68,6 +68,10 @@ _TEMPERATURE_MAX = {"anthropic": 1.0}
 #: a workflow's checks stop at this many problems: each costs a "did you mean" search among up to
 #: MAX_BLOCKS names, and a hostile file can hold thousands of bad references
 MAX_PROBLEMS = 100
+#: how deeply a ``response_schema`` may nest objects and arrays, as the operator's JSON files may
+#: (``byok_plugin.core.json_file.MAX_DEPTH``); structured output allows far less (OpenAI: 10
+#: levels of objects, which is 20 here)
+MAX_SCHEMA_DEPTH = 32
 #: the most names a message lists (``declared: a, b, ...``)
 _LISTED = 10
 _CONDITION_OPERATORS = ("equals", "not_equals", "in", "contains", "matches")
@@ -209,6 +213,25 @@ def _coerce(kind: str, value: Any) -> tuple[Any, str | None]:
             if number == number and number not in (float("inf"), float("-inf")):
                 return number, None
     return None, f"must be a number, not {_short(value)}"
+
+
+def _depth(value: Any) -> int:
+    """How many objects and arrays deep ``value`` nests (a scalar: 0), without recursion."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        current, depth = stack.pop()
+        if isinstance(current, dict):
+            items: Iterable[Any] = current.values()
+        elif isinstance(current, list):
+            items = current
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > MAX_SCHEMA_DEPTH:
+            break
+        stack.extend((item, depth + 1) for item in items)
+    return deepest
 
 
 def _listed(names: Iterable[str]) -> str:
@@ -407,11 +430,7 @@ class _Builder:
             )
         schema = raw.get("response_schema")
         if schema is not None:
-            try:
-                Draft202012Validator.check_schema(schema)
-            except SchemaError as exc:
-                where = json_path((*base, "response_schema", *exc.absolute_path))
-                self.problem(Problem(where, f"is not a valid JSON Schema: {exc.message}"))
+            self._response_schema((*base, "response_schema"), schema)
             if schema.get("type") != "object":
                 self.fail(
                     (*base, "response_schema", "type"),
@@ -445,6 +464,24 @@ class _Builder:
             retries=raw.get("retries"),
             description=description,
         )
+
+    def _response_schema(self, where: tuple[str, ...], schema: Mapping[str, Any]) -> None:
+        """A valid JSON Schema, nested at most :data:`MAX_SCHEMA_DEPTH` levels (jsonschema's
+        checks recurse: 100 nested objects made a RecursionError traceback)."""
+        if _depth(schema) > MAX_SCHEMA_DEPTH:
+            self.fail(
+                where,
+                f"is nested deeper than {MAX_SCHEMA_DEPTH} levels (objects and arrays inside "
+                f"one another); providers accept far less",
+            )
+            return
+        try:
+            Draft202012Validator.check_schema(schema)
+        except SchemaError as exc:
+            path = json_path((*where, *exc.absolute_path))
+            self.problem(Problem(path, f"is not a valid JSON Schema: {exc.message}"))
+        except RecursionError:
+            self.fail(where, "is nested too deeply to be checked")
 
     def _web_search(
         self,
