@@ -19,9 +19,18 @@ import pytest
 from click.testing import CliRunner
 
 from byok_plugin.cli import main
-from byok_plugin.host.workflow import WorkflowError, json_path, parse_workflow, workflow_schema
+from byok_plugin.host.workflow import (
+    Ref,
+    RenderError,
+    Template,
+    WorkflowError,
+    json_path,
+    parse_workflow,
+    workflow_schema,
+)
 from byok_plugin.host.workflow.build import MAX_PROBLEMS, MAX_SCHEMA_DEPTH
 from byok_plugin.host.workflow.document import MAX_BLOCKS, MAX_EDGES, MAX_INPUTS
+from byok_plugin.host.workflow.templates import MAX_RENDERED_CHARS
 
 ROOT = Path(__file__).resolve().parents[1]
 TRIAGE = json.loads((ROOT / "sample_workflows" / "support-ticket-triage.json").read_text())
@@ -310,3 +319,91 @@ def test_byok_validate_refuses_the_reported_deep_response_schema_without_a_trace
     assert "$.blocks.classify.response_schema: is nested deeper than" in result.output
     assert "Traceback" not in result.output
     assert "RecursionError" not in result.output
+
+
+# --- templates that render far more than they hold ---------------------------------------------
+
+
+def test_a_template_renders_up_to_the_limit_and_no_further() -> None:
+    template = Template.parse("<{{inputs.t}}|{{inputs.t}}>")
+    values = {"t": "x" * 4}
+    assert template.render(lambda ref: values[str(ref.path[0])], limit=11) == "<xxxx|xxxx>"
+    with pytest.raises(RenderError) as info:
+        template.render(lambda ref: values[str(ref.path[0])], limit=10)
+    message = str(info.value)
+    assert "longer than 10 characters" in message
+    assert "reached in its own text, part 5 of 5" in message  # the closing ">" crossed it
+    with pytest.raises(RenderError, match=r"reached at \{\{inputs\.t\}\}, part 4 of 5"):
+        template.render(lambda ref: values[str(ref.path[0])], limit=8)
+
+
+def test_the_limit_is_checked_before_the_long_text_is_built() -> None:
+    template = Template.parse("{{inputs.t}}" * 2000)
+    looked_up = []
+
+    def lookup(ref: Ref) -> str:
+        looked_up.append(ref)
+        return "y" * 100_000
+
+    with pytest.raises(RenderError, match=f"longer than {MAX_RENDERED_CHARS:,} characters"):
+        template.render(lookup)
+    # it stopped at the part that crossed the limit: the 84th of 2,000 (8 MiB / 100 KB)
+    assert len(looked_up) == MAX_RENDERED_CHARS // 100_000 + 1
+
+
+def test_text_of_exactly_the_limit_renders() -> None:
+    half = "z" * (MAX_RENDERED_CHARS // 2)
+    text = Template.parse("{{inputs.t}}{{inputs.t}}").render(lambda ref: half)
+    assert len(text) == MAX_RENDERED_CHARS
+
+
+def _amplifier(block: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": "amplify",
+        "version": "1",
+        "inputs": {"t": {"type": "string"}},
+        "blocks": {
+            "start": {"type": "input"},
+            "a": block,
+            "out": {"type": "output", "value": "done"},
+        },
+        "edges": [
+            {"from": "start", "to": "a"},
+            {
+                "from": "a",
+                "to": "out",
+                **({"branch": "true"} if block["type"] == "condition" else {}),
+            },
+        ],
+    }
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        {"type": "agent", "model": "gpt-4o-mini", "prompt": "{{start.t}}" * 2000},
+        {"type": "agent", "model": "gpt-4o-mini", "prompt": "hi", "system": "{{start.t}}" * 2000},
+        {"type": "condition", "value": "{{start.t}}" * 2000, "equals": "x"},
+        {"type": "tool", "tool": "exa_search", "query": "{{start.t}}" * 2000},
+    ],
+    ids=["agent prompt", "agent system", "condition value", "tool query"],
+)
+def test_byok_run_fails_the_amplifying_block_naming_it_and_the_limit(
+    block: dict[str, Any], tmp_path: Path
+) -> None:
+    flow = tmp_path / "flow.json"
+    flow.write_text(json.dumps(_amplifier(block)))
+    inputs = tmp_path / "inputs.json"
+    inputs.write_text(json.dumps({"t": "y" * 100_000}))
+    environ = {"BYOK_HOME": str(tmp_path), "BYOK_DATABASE_URL": f"sqlite:///{tmp_path / 'b.db'}"}
+    result = CliRunner().invoke(
+        main, ["run", str(flow), "-w", "acme", "--inputs", str(inputs), "--json"], env=environ
+    )
+    assert result.exit_code == 1, result.output
+    run = json.loads(result.stdout)
+    assert run["status"] == "failed"
+    (failed,) = [b for b in run["blocks"] if b["status"] == "failed"]
+    assert failed["block"] == "a"
+    assert failed["calls"] == []  # nothing was sent
+    assert f"longer than {MAX_RENDERED_CHARS:,} characters" in failed["error"]
+    assert run["error"].startswith("block 'a' failed: the rendered text would be longer than")
