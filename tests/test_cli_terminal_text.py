@@ -17,14 +17,16 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
+import click
 import pytest
-from byok_hookspecs import Charge, CredentialSource, Usage, UsageRecord
+from byok_hookspecs import ByokError, Charge, CredentialSource, Usage, UsageRecord
 from click.testing import CliRunner, Result
 from rich.console import Console
 
 from byok_plugin.app import App
 from byok_plugin.cli import main
 from byok_plugin.cli.demo import BYOK_WORKSPACE, DemoStack
+from byok_plugin.cli.keys import user_errors
 from byok_plugin.cli.run import RunProgress
 from byok_plugin.cli.text import plain, printable
 from byok_plugin.host.emulator import EmulatorServer
@@ -245,3 +247,13 @@ def test_byok_usage_csv_shows_a_workflow_id_escaped_and_formulas_quoted(
         "'=cmd\\u001b[2J",  # the formula quote, then the text escaped
         "plain-flow",
     }
+
+
+def test_a_package_error_s_message_is_shown_escaped() -> None:
+    # a ByokError may quote a provider's answer (a key check, a refusal)
+    with pytest.raises(click.ClickException) as info, user_errors():
+        raise ByokError(f"openai said: {ATTACK}\nsecond line")
+    assert info.value.message == (
+        "openai said: x\\u001b]0;PWNED\\u0007\\u001b[2J\\u001b[31mFAKE: all charges refunded"
+        "\\u001b[0m\nsecond line"
+    )
