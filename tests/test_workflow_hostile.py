@@ -95,6 +95,22 @@ def test_the_reported_escape_sequence_name_is_refused_by_byok_validate(tmp_path:
     assert "\\x1b" in result.output  # the value is quoted with its escapes
 
 
+@pytest.mark.parametrize("char", REFUSED_IN_NAMES.values(), ids=REFUSED_IN_NAMES.keys())
+def test_a_model_name_with_a_control_character_is_refused_at_its_path(char: str) -> None:
+    # gpt-4o-mini + NUL still looks like an OpenAI model; the ledger could not store it
+    found = problems_of(
+        mutated(lambda d: d["blocks"]["classify"].update(model=f"gpt-4o-mini{char}"))
+    )
+    assert found == [
+        (
+            "$.blocks.classify.model",
+            f"{f'gpt-4o-mini{char}'!r} has the wrong form: a model name is text without control "
+            "characters, line breaks or bidirectional-text controls (it is recorded in the ledger "
+            "and shown in terminals)",
+        )
+    ]
+
+
 @pytest.mark.parametrize(
     "name", ["triage", "support ticket triage", "Tri-age (v2) · für Kunden", "分类 🎫", "a"]
 )

@@ -364,6 +364,11 @@ def _pattern_help(parts: Sequence[str | int]) -> str:
             ": a workflow name is text without control characters, line breaks or "
             "bidirectional-text controls (it is the ledger's workflow id and is shown in terminals)"
         )
+    if len(parts) == 3 and parts[0] == "blocks" and parts[-1] == "model":
+        return (
+            ": a model name is text without control characters, line breaks or "
+            "bidirectional-text controls (it is recorded in the ledger and shown in terminals)"
+        )
     if parts and parts[-1] == "label":
         return (
             ": a stored key's label (1 to 64 characters, no control characters, no space at "
