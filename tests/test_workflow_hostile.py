@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,17 @@ from byok_plugin.host.workflow import (
     Template,
     WorkflowError,
     json_path,
+    load_workflow,
     parse_workflow,
     workflow_schema,
 )
 from byok_plugin.host.workflow.build import MAX_PROBLEMS, MAX_SCHEMA_DEPTH
-from byok_plugin.host.workflow.document import MAX_BLOCKS, MAX_EDGES, MAX_INPUTS
+from byok_plugin.host.workflow.document import (
+    MAX_BLOCKS,
+    MAX_EDGES,
+    MAX_INPUTS,
+    MAX_WORKFLOW_BYTES,
+)
 from byok_plugin.host.workflow.templates import MAX_RENDERED_CHARS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -423,3 +430,36 @@ def test_byok_run_fails_the_amplifying_block_naming_it_and_the_limit(
     assert failed["calls"] == []  # nothing was sent
     assert f"longer than {MAX_RENDERED_CHARS:,} characters" in failed["error"]
     assert run["error"].startswith("block 'a' failed: the rendered text would be longer than")
+
+
+# --- the file itself ------------------------------------------------------------------------------
+
+
+def test_a_workflow_file_larger_than_the_limit_is_refused_unread(tmp_path: Path) -> None:
+    target = tmp_path / "big.json"
+    text = json.dumps(TRIAGE)
+    target.write_text(text + " " * (MAX_WORKFLOW_BYTES + 1 - len(text)))
+    with pytest.raises(WorkflowError) as info:
+        load_workflow(target)
+    assert [(p.path, p.message) for p in info.value.problems] == [
+        ("$", f"is larger than {MAX_WORKFLOW_BYTES // (1024 * 1024)} MB")
+    ]
+    # one byte less is read (and is the sample)
+    target.write_text(text + " " * (MAX_WORKFLOW_BYTES - len(text)))
+    assert load_workflow(target).name == TRIAGE["name"]
+    with pytest.raises(WorkflowError, match="is larger than 16 MB"):
+        parse_workflow(text + " " * MAX_WORKFLOW_BYTES)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_byok_validate_refuses_a_pipe_or_a_device_without_reading_it(
+    kind: str, tmp_path: Path
+) -> None:
+    if kind == "fifo":
+        target = tmp_path / "flow.json"
+        os.mkfifo(target)  # opening it to read would wait for a writer for ever
+    else:
+        target = Path("/dev/zero")  # reading it would never end
+    result = CliRunner().invoke(main, ["validate", str(target)])
+    assert result.exit_code == 2, result.output
+    assert "$: is not a regular file" in result.output

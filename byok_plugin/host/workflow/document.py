@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
+import stat
 from collections.abc import Iterator, Mapping, Sequence
 from functools import cache
 from importlib import resources
@@ -25,6 +27,7 @@ __all__ = [
     "MAX_BLOCKS",
     "MAX_EDGES",
     "MAX_INPUTS",
+    "MAX_WORKFLOW_BYTES",
     "SCHEMA_RESOURCE",
     "read_document",
     "schema_problems",
@@ -32,6 +35,9 @@ __all__ = [
 ]
 
 SCHEMA_RESOURCE = "workflow.schema.json"
+#: the largest workflow file (or text) read, as the operator's JSON files
+#: (``byok_plugin.core.json_file.MAX_BYTES``)
+MAX_WORKFLOW_BYTES = 16 * 1024 * 1024
 #: the most blocks a workflow may have (the schema's ``maxProperties`` of ``blocks``)
 MAX_BLOCKS = 1000
 #: the most edges a workflow may have (the schema's ``maxItems`` of ``edges``)
@@ -169,7 +175,10 @@ def _duplicate_problems(value: Any, parts: tuple[str | int, ...] = ()) -> Iterat
 
 
 def read_document(text: str | bytes, source: str = "<workflow>") -> Any:
-    """Parse JSON text; a syntax error or a duplicated key is a :class:`WorkflowError`."""
+    """Parse JSON text; a syntax error, a duplicated key or a text longer than
+    :data:`MAX_WORKFLOW_BYTES` is a :class:`WorkflowError`."""
+    if len(text) > MAX_WORKFLOW_BYTES:
+        raise WorkflowError([_too_large()], source)
     try:
         document = json.loads(text, object_pairs_hook=_pairs, parse_constant=_NonFinite)
     except json.JSONDecodeError as exc:
@@ -187,9 +196,22 @@ def read_document(text: str | bytes, source: str = "<workflow>") -> Any:
     return document
 
 
+def _too_large() -> Problem:
+    return Problem("$", f"is larger than {MAX_WORKFLOW_BYTES // (1024 * 1024)} MB")
+
+
 def read_file(path: Path) -> Any:
+    """The document in ``path``: a regular file (a FIFO or a device is refused before it is
+    read), at most :data:`MAX_WORKFLOW_BYTES` of it."""
+    not_regular = "is not a regular file (a directory, device or pipe cannot be read)"
     try:
-        raw = path.read_bytes()
+        # before opening too: opening a FIFO would wait for a writer
+        if path.exists() and not path.is_file():
+            raise WorkflowError([Problem("$", not_regular)], str(path))
+        with path.open("rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise WorkflowError([Problem("$", not_regular)], str(path))
+            raw = handle.read(MAX_WORKFLOW_BYTES + 1)
     except OSError as exc:
         raise WorkflowError(
             [Problem("$", f"cannot be read ({exc.strerror or exc})")], str(path)
