@@ -370,7 +370,7 @@ def test_the_limit_is_checked_before_the_long_text_is_built() -> None:
 
     with pytest.raises(RenderError, match=f"longer than {MAX_RENDERED_CHARS:,} characters"):
         template.render(lookup)
-    # it stopped at the part that crossed the limit: the 84th of 2,000 (8 MiB / 100 KB)
+    # it stopped at the part that crossed the limit: the 168th of 2,000 (16 Mi / 100,000)
     assert len(looked_up) == MAX_RENDERED_CHARS // 100_000 + 1
 
 

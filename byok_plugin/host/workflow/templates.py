@@ -26,10 +26,11 @@ __all__ = [
 ]
 
 INPUTS = "inputs"
-#: the longest text one template may render, in characters (8 MiB): more than the largest context
-#: window takes (Gemini's 2M tokens are about 8 MB of text). ``{{start.t}}`` written 2,000 times
-#: over a 100 KB input would otherwise build (and send) a 200 MB prompt.
-MAX_RENDERED_CHARS = 8 * 1024 * 1024
+#: the longest text one template may render, in characters (16 Mi): the bound of the operator's
+#: JSON files (``byok_plugin.core.json_file.MAX_BYTES``), more than the largest context window
+#: takes (Gemini's 2M tokens are about 8 MB of text). ``{{start.t}}`` written 2,000 times over a
+#: 100 KB input would otherwise build (and send) a 200 MB prompt.
+MAX_RENDERED_CHARS = 16 * 1024 * 1024
 
 _OPEN, _CLOSE = "{{", "}}"
 _HEAD = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
