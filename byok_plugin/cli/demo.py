@@ -358,7 +358,7 @@ def demo_command(workflow_name: str, stream: bool | None) -> None:
                 )
             results: dict[str, RunResult] = {}
             for workspace_id in (BYOK_WORKSPACE, PLATFORM_WORKSPACE):
-                err.print(plain(f"\nrunning {workflow.name} for {workspace_id}"))
+                err.print(plain(f"\nrunning {workflow.name} for {workspace_id}", lines=True))
                 with RunProgress(workflow, err, live=err.is_terminal) as progress:
                     results[workspace_id] = stack.run(
                         workflow, workspace_id, inputs, stream=stream, on_event=progress

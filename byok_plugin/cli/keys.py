@@ -25,6 +25,7 @@ from byok_hookspecs import ByokError, KeyCheckStatus
 from byok_plugin.cli.context import CliContext, pass_cli
 from byok_plugin.cli.json_output import echo_json
 from byok_plugin.cli.tables import Column, TableSpec, console_for, show
+from byok_plugin.cli.text import printable
 from byok_plugin.core.errors import InvalidInput, KeyNotFound
 from byok_plugin.core.key_format import DEFAULT_LABEL, KNOWN_PROVIDERS, check_key_id
 from byok_plugin.settings import SettingsError
@@ -49,13 +50,14 @@ class InputMistake(click.ClickException):
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Turn the package's errors (user mistakes, refusals, an unreachable store) into click
-    errors: a clear message, exit 2 for a mistake in the input, 1 otherwise, no traceback."""
+    errors: a clear message, exit 2 for a mistake in the input, 1 otherwise, no traceback. A
+    message may quote a provider's answer: it is shown with what a terminal acts on escaped."""
     try:
         yield
     except (InvalidInput, SettingsError) as exc:
-        raise InputMistake(str(exc)) from None
+        raise InputMistake(printable(str(exc), lines=True)) from None
     except ByokError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(printable(str(exc), lines=True)) from None
 
 
 def handles_errors(func: F) -> F:

@@ -30,7 +30,7 @@ from rich.text import Text
 from byok_plugin.cli.context import CliContext, pass_cli
 from byok_plugin.cli.json_output import JSON_VERSION, echo_json
 from byok_plugin.cli.tables import Column, TableSpec, console_for, show
-from byok_plugin.cli.text import money, plain
+from byok_plugin.cli.text import money, plain, printable
 from byok_plugin.core.errors import InvalidInput
 from byok_plugin.core.key_format import check_workspace_id
 from byok_plugin.host.env_keys import EnvKeyAllowance, env_key_problems
@@ -74,9 +74,15 @@ __all__ = [
 
 
 class WorkflowInvalid(click.ClickException):
-    """A workflow (or its inputs) that must not run: exit status 2, like a usage error."""
+    """A workflow (or its inputs) that must not run: exit status 2, like a usage error.
+
+    The message may quote the workflow file (a template's text): it is shown with the
+    characters a terminal would act on escaped."""
 
     exit_code = 2
+
+    def __init__(self, message: str) -> None:
+        super().__init__(printable(message, lines=True))
 
 
 def load_checked(path: Path, pm: pluggy.PluginManager) -> Workflow:
@@ -141,8 +147,10 @@ def validate_command(cli: CliContext, workflow: Path, as_json: bool) -> None:
         return
     models = ", ".join(sorted({f"{a.provider}/{a.model}" for a in agents})) or "none"
     click.echo(
-        f"{workflow}: valid: {checked.name} {checked.version}, {len(checked.blocks)} blocks, "
-        f"{len(checked.inputs)} inputs; models: {models}"
+        printable(
+            f"{workflow}: valid: {checked.name} {checked.version}, {len(checked.blocks)} blocks, "
+            f"{len(checked.inputs)} inputs; models: {models}"
+        )
     )
 
 
@@ -614,7 +622,7 @@ def run_command(
             )
             # soft wrap: the terminal folds long lines, no line break is written inside a value
             out.print(plain(f"output {name}:", style="bold"), soft_wrap=True)
-            out.print(plain(shown), soft_wrap=True)
+            out.print(plain(shown, lines=True), soft_wrap=True)
     if not result.ok:
-        click.echo(f"Error: {result.error}", err=True)
+        click.echo(printable(f"Error: {result.error}"), err=True)
         raise SystemExit(1)

@@ -23,7 +23,7 @@ from byok_plugin.cli.context import CliContext, pass_cli
 from byok_plugin.cli.json_output import echo_json
 from byok_plugin.cli.keys import handles_errors
 from byok_plugin.cli.tables import Column, TableSpec, console_for, show
-from byok_plugin.cli.text import money, plain
+from byok_plugin.cli.text import money, plain, printable
 
 __all__ = ["csv_cell", "parse_when", "usage_command"]
 
@@ -203,8 +203,11 @@ _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 def csv_cell(text: str) -> str:
     """A text cell a spreadsheet shows as text: one starting like a formula gets a leading
-    ``'``, as OWASP advises. Only for text (ids, models); numbers are written as they are."""
-    return f"'{text}" if text.startswith(_FORMULA_START) else text
+    ``'``, as OWASP advises. Only for text (ids, models); numbers are written as they are.
+    The CSV goes to a terminal as often as to a file: a character a terminal would act on (ESC,
+    CR, a bidi override; not a tab or a line break, which a quoted cell holds) is written
+    ``\\u001b`` (:func:`~byok_plugin.cli.text.printable`)."""
+    return printable(f"'{text}" if text.startswith(_FORMULA_START) else text, lines=True)
 
 
 def _print_csv(report: UsageReport) -> None:

@@ -65,6 +65,15 @@ OUTPUT_FIELDS: Mapping[str, Mapping[str, bool]] = MappingProxyType(
     }
 )
 _TEMPERATURE_MAX = {"anthropic": 1.0}
+#: a workflow's checks stop at this many problems: each costs a "did you mean" search among up to
+#: MAX_BLOCKS names, and a hostile file can hold thousands of bad references
+MAX_PROBLEMS = 100
+#: how deeply a ``response_schema`` may nest objects and arrays, as the operator's JSON files may
+#: (``byok_plugin.core.json_file.MAX_DEPTH``); structured output allows far less (OpenAI: 10
+#: levels of objects, which is 20 here)
+MAX_SCHEMA_DEPTH = 32
+#: the most names a message lists (``declared: a, b, ...``)
+_LISTED = 10
 _CONDITION_OPERATORS = ("equals", "not_equals", "in", "contains", "matches")
 
 
@@ -83,7 +92,14 @@ def parse_workflow(document: Any, source: str = "<workflow>") -> Workflow:
     if problems:
         raise WorkflowError(problems, source)
     builder = _Builder(document, source)
-    workflow = builder.build()
+    try:
+        workflow = builder.build()
+    except _TooManyProblems:
+        problems = [
+            *builder.problems,
+            Problem("$", f"more than {MAX_PROBLEMS} problems: checking stopped; fix these first"),
+        ]
+        raise WorkflowError(problems, source) from None
     if builder.problems or workflow is None:
         raise WorkflowError(builder.problems, source)
     return workflow
@@ -130,7 +146,7 @@ def bind_inputs(workflow: Workflow, given: Mapping[str, Any]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for name in given:
         if name not in workflow.inputs:
-            declared = ", ".join(workflow.inputs) or "none"
+            declared = _listed(workflow.inputs) or "none"
             close = difflib.get_close_matches(name, list(workflow.inputs), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             problems.append(
@@ -199,6 +215,32 @@ def _coerce(kind: str, value: Any) -> tuple[Any, str | None]:
     return None, f"must be a number, not {_short(value)}"
 
 
+def _depth(value: Any) -> int:
+    """How many objects and arrays deep ``value`` nests (a scalar: 0), without recursion."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        current, depth = stack.pop()
+        if isinstance(current, dict):
+            items: Iterable[Any] = current.values()
+        elif isinstance(current, list):
+            items = current
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > MAX_SCHEMA_DEPTH:
+            break
+        stack.extend((item, depth + 1) for item in items)
+    return deepest
+
+
+def _listed(names: Iterable[str]) -> str:
+    """``a, b, c``; after :data:`_LISTED` names, ``... (N in all)``."""
+    names = list(names)
+    shown = ", ".join(names[:_LISTED])
+    return shown if len(names) <= _LISTED else f"{shown}, ... ({len(names)} in all)"
+
+
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
@@ -214,6 +256,10 @@ def _type_fits(kind: str, value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+class _TooManyProblems(Exception):
+    """:data:`MAX_PROBLEMS` problems were found: the checks stop."""
+
+
 class _Builder:
     def __init__(self, document: Mapping[str, Any], source: str) -> None:
         self.doc = document
@@ -221,7 +267,12 @@ class _Builder:
         self.problems: list[Problem] = []
 
     def fail(self, parts: Iterable[str | int], message: str) -> None:
-        self.problems.append(Problem(json_path(parts), message))
+        self.problem(Problem(json_path(parts), message))
+
+    def problem(self, problem: Problem) -> None:
+        self.problems.append(problem)
+        if len(self.problems) >= MAX_PROBLEMS:
+            raise _TooManyProblems
 
     # ---------------------------------------------------------------------------------------
     def build(self) -> Workflow | None:
@@ -379,11 +430,7 @@ class _Builder:
             )
         schema = raw.get("response_schema")
         if schema is not None:
-            try:
-                Draft202012Validator.check_schema(schema)
-            except SchemaError as exc:
-                where = json_path((*base, "response_schema", *exc.absolute_path))
-                self.problems.append(Problem(where, f"is not a valid JSON Schema: {exc.message}"))
+            self._response_schema((*base, "response_schema"), schema)
             if schema.get("type") != "object":
                 self.fail(
                     (*base, "response_schema", "type"),
@@ -417,6 +464,24 @@ class _Builder:
             retries=raw.get("retries"),
             description=description,
         )
+
+    def _response_schema(self, where: tuple[str, ...], schema: Mapping[str, Any]) -> None:
+        """A valid JSON Schema, nested at most :data:`MAX_SCHEMA_DEPTH` levels (jsonschema's
+        checks recurse: 100 nested objects made a RecursionError traceback)."""
+        if _depth(schema) > MAX_SCHEMA_DEPTH:
+            self.fail(
+                where,
+                f"is nested deeper than {MAX_SCHEMA_DEPTH} levels (objects and arrays inside "
+                f"one another); providers accept far less",
+            )
+            return
+        try:
+            Draft202012Validator.check_schema(schema)
+        except SchemaError as exc:
+            path = json_path((*where, *exc.absolute_path))
+            self.problem(Problem(path, f"is not a valid JSON Schema: {exc.message}"))
+        except RecursionError:
+            self.fail(where, "is nested too deeply to be checked")
 
     def _web_search(
         self,
@@ -550,12 +615,20 @@ class _Builder:
 
     # references ------------------------------------------------------------------------------
     def _references(self, workflow: Workflow) -> None:
+        # each block's upstream set, built once from its parents' in topological order (a walk
+        # per block made loading quadratic: 20,000 chained blocks took 90 s)
+        upstream: dict[str, frozenset[str]] = {}
+        for block_id in workflow.order:
+            above: set[str] = set()
+            for edge in workflow.incoming[block_id]:
+                above.add(edge.source)
+                above |= upstream[edge.source]
+            upstream[block_id] = frozenset(above)
         for block in workflow.blocks.values():
-            upstream = workflow.upstream(block.id)
             for where, template in block.templates:
                 parts = ("blocks", block.id, *where.split("."))
                 for ref in template.refs:
-                    message = self._check_ref(workflow, block.id, upstream, ref)
+                    message = self._check_ref(workflow, block.id, upstream[block.id], ref)
                     if message:
                         self.fail(parts, message)
 
@@ -565,7 +638,7 @@ class _Builder:
         if ref.is_input:
             name = ref.path[0]
             if name not in workflow.inputs:
-                declared = ", ".join(workflow.inputs) or "none"
+                declared = _listed(workflow.inputs) or "none"
                 close = difflib.get_close_matches(str(name), list(workflow.inputs), n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 return f"{ref} names no declared input (declared: {declared}){hint}"
@@ -587,7 +660,7 @@ class _Builder:
         field = ref.path[0]
         if isinstance(source, InputBlock):
             if field not in source.fields:
-                return f"{ref}: input block {ref.root!r} has no field {field!r} (it has {', '.join(source.fields)})"
+                return f"{ref}: input block {ref.root!r} has no field {field!r} (it has {_listed(source.fields)})"
             if len(ref.path) > 1:
                 return f"{ref}: {field!r} is a single value; it has no fields"
             return None
@@ -595,7 +668,7 @@ class _Builder:
         if field not in fields:
             close = difflib.get_close_matches(str(field), list(fields), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            return f"{ref}: a {source.type} block has no output {field!r} (it has {', '.join(fields)}){hint}"
+            return f"{ref}: a {source.type} block has no output {field!r} (it has {_listed(fields)}){hint}"
         if len(ref.path) > 1 and not fields[str(field)]:
             return f"{ref}: {field!r} is text; it has no fields"
         if isinstance(source, AgentBlock) and field == "json":
@@ -607,7 +680,7 @@ class _Builder:
                 if isinstance(props, Mapping) and props and key not in props:
                     return (
                         f"{ref}: {key!r} is not a property of {ref.root!r}'s response_schema "
-                        f"(it has {', '.join(props)})"
+                        f"(it has {_listed(props)})"
                     )
         return None
 

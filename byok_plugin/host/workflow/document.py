@@ -9,20 +9,41 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
+import re
+import stat
 from collections.abc import Iterator, Mapping, Sequence
 from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import ValidationError
 
 from byok_plugin.host.workflow.errors import Problem, WorkflowError, json_path
 
-__all__ = ["SCHEMA_RESOURCE", "read_document", "schema_problems", "workflow_schema"]
+__all__ = [
+    "MAX_BLOCKS",
+    "MAX_EDGES",
+    "MAX_INPUTS",
+    "MAX_WORKFLOW_BYTES",
+    "SCHEMA_RESOURCE",
+    "read_document",
+    "schema_problems",
+    "workflow_schema",
+]
 
 SCHEMA_RESOURCE = "workflow.schema.json"
+#: the largest workflow file (or text) read, as the operator's JSON files
+#: (``byok_plugin.core.json_file.MAX_BYTES``)
+MAX_WORKFLOW_BYTES = 16 * 1024 * 1024
+#: the most blocks a workflow may have (the schema's ``maxProperties`` of ``blocks``)
+MAX_BLOCKS = 1000
+#: the most edges a workflow may have (the schema's ``maxItems`` of ``edges``)
+MAX_EDGES = 10_000
+#: the most inputs a workflow may declare (the schema's ``maxProperties`` of ``inputs``)
+MAX_INPUTS = 1000
 
 _JSON_TYPES = {
     dict: "an object",
@@ -61,9 +82,50 @@ def workflow_schema() -> Mapping[str, Any]:
     return schema
 
 
+def _end_of_text(pattern: str) -> str:
+    """``pattern`` with each ``$`` anchor (not escaped, not in a ``[...]`` class) written ``\\Z``.
+
+    JSON Schema patterns are ECMA-262 regular expressions, where ``$`` is the end of the text;
+    Python's ``re`` also lets ``$`` match before a final newline, so ``^[a-z]+$`` would admit
+    ``"default\\n"`` (a label, an env name, a block id with a newline at its end).
+    """
+    out: list[str] = []
+    escaped = in_class = False
+    for char in pattern:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif in_class:
+            in_class = char != "]"
+        elif char == "[":
+            in_class = True
+        elif char == "$":
+            out.append("\\Z")
+            continue
+        out.append(char)
+    return "".join(out)
+
+
 @cache
-def _validator() -> Draft202012Validator:
-    return Draft202012Validator(workflow_schema())
+def _compiled(pattern: str) -> re.Pattern[str]:
+    return re.compile(_end_of_text(pattern))
+
+
+def _pattern_keyword(
+    validator: Any, pattern: str, instance: Any, schema: Mapping[str, Any]
+) -> Iterator[ValidationError]:
+    """The ``pattern`` keyword with ECMA-262's ``$`` (see :func:`_end_of_text`)."""
+    if validator.is_type(instance, "string") and _compiled(pattern).search(instance) is None:
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+_WorkflowValidator = validators.extend(Draft202012Validator, {"pattern": _pattern_keyword})
+
+
+@cache
+def _validator() -> Any:
+    return _WorkflowValidator(workflow_schema())
 
 
 class _Object(dict):  # type: ignore[type-arg]
@@ -113,7 +175,10 @@ def _duplicate_problems(value: Any, parts: tuple[str | int, ...] = ()) -> Iterat
 
 
 def read_document(text: str | bytes, source: str = "<workflow>") -> Any:
-    """Parse JSON text; a syntax error or a duplicated key is a :class:`WorkflowError`."""
+    """Parse JSON text; a syntax error, a duplicated key or a text longer than
+    :data:`MAX_WORKFLOW_BYTES` is a :class:`WorkflowError`."""
+    if len(text) > MAX_WORKFLOW_BYTES:
+        raise WorkflowError([_too_large()], source)
     try:
         document = json.loads(text, object_pairs_hook=_pairs, parse_constant=_NonFinite)
     except json.JSONDecodeError as exc:
@@ -131,9 +196,22 @@ def read_document(text: str | bytes, source: str = "<workflow>") -> Any:
     return document
 
 
+def _too_large() -> Problem:
+    return Problem("$", f"is larger than {MAX_WORKFLOW_BYTES // (1024 * 1024)} MB")
+
+
 def read_file(path: Path) -> Any:
+    """The document in ``path``: a regular file (a FIFO or a device is refused before it is
+    read), at most :data:`MAX_WORKFLOW_BYTES` of it."""
+    not_regular = "is not a regular file (a directory, device or pipe cannot be read)"
     try:
-        raw = path.read_bytes()
+        # before opening too: opening a FIFO would wait for a writer
+        if path.exists() and not path.is_file():
+            raise WorkflowError([Problem("$", not_regular)], str(path))
+        with path.open("rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise WorkflowError([Problem("$", not_regular)], str(path))
+            raw = handle.read(MAX_WORKFLOW_BYTES + 1)
     except OSError as exc:
         raise WorkflowError(
             [Problem("$", f"cannot be read ({exc.strerror or exc})")], str(path)
@@ -142,11 +220,37 @@ def read_file(path: Path) -> Any:
 
 
 def schema_problems(document: Any) -> list[Problem]:
-    """Every way ``document`` fails the schema, one :class:`Problem` per offending value."""
-    problems: list[Problem] = []
+    """Every way ``document`` fails the schema, one :class:`Problem` per offending value.
+
+    A document with more blocks, edges or inputs than the schema allows (:data:`MAX_BLOCKS`,
+    :data:`MAX_EDGES`, :data:`MAX_INPUTS`) is refused for that alone, before the rest is checked.
+    """
+    problems = _too_many(document)
+    if problems:
+        return problems
     for error in _validator().iter_errors(document):
         problems.extend(_translate(error))
     return sorted(set(problems))
+
+
+def _too_many(document: Any) -> list[Problem]:
+    if not isinstance(document, dict):
+        return []
+    problems = []
+    for member, limit, noun in (
+        ("blocks", MAX_BLOCKS, "blocks"),
+        ("edges", MAX_EDGES, "edges"),
+        ("inputs", MAX_INPUTS, "inputs"),
+    ):
+        value = document.get(member)
+        if isinstance(value, dict | list) and len(value) > limit:
+            problems.append(
+                Problem(
+                    json_path((member,)),
+                    f"has {len(value)} {noun}; a workflow may have at most {limit}",
+                )
+            )
+    return problems
 
 
 def _show(value: Any) -> str:
@@ -277,6 +381,16 @@ def _bad_name(parts: tuple[str | int, ...], name: str, kind: str) -> Problem:
 
 
 def _pattern_help(parts: Sequence[str | int]) -> str:
+    if tuple(parts) == ("name",):
+        return (
+            ": a workflow name is text without control characters, line breaks or "
+            "bidirectional-text controls (it is the ledger's workflow id and is shown in terminals)"
+        )
+    if len(parts) == 3 and parts[0] == "blocks" and parts[-1] == "model":
+        return (
+            ": a model name is text without control characters, line breaks or "
+            "bidirectional-text controls (it is recorded in the ledger and shown in terminals)"
+        )
     if parts and parts[-1] == "label":
         return (
             ": a stored key's label (1 to 64 characters, no control characters, no space at "

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 __all__ = ["InputsError", "Problem", "WorkflowError", "json_path"]
 
-_PLAIN_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 
 
 def json_path(parts: Iterable[str | int]) -> str:
@@ -17,12 +17,19 @@ def json_path(parts: Iterable[str | int]) -> str:
     for part in parts:
         if isinstance(part, int):
             out.append(f"[{part}]")
-        elif _PLAIN_KEY.match(part):
+        elif _PLAIN_KEY.fullmatch(part):
             out.append(f".{part}")
         else:
-            escaped = part.replace("\\", "\\\\").replace('"', '\\"')
-            out.append(f'["{escaped}"]')
+            out.append(f'["{"".join(map(_escape, part))}"]')
     return "".join(out)
+
+
+def _escape(char: str) -> str:
+    """A character of a key in a JSON path: ``\\`` and ``"`` escaped, and anything a terminal
+    would not show as itself (a control character, a line break, a bidi override) as ``\\uXXXX``."""
+    if char in '\\"':
+        return "\\" + char
+    return char if char.isprintable() else f"\\u{ord(char):04x}"
 
 
 @dataclass(frozen=True, slots=True, order=True)

@@ -15,9 +15,22 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-__all__ = ["INPUTS", "Ref", "RenderError", "Template", "TemplateSyntaxError", "to_text"]
+__all__ = [
+    "INPUTS",
+    "MAX_RENDERED_CHARS",
+    "Ref",
+    "RenderError",
+    "Template",
+    "TemplateSyntaxError",
+    "to_text",
+]
 
 INPUTS = "inputs"
+#: the longest text one template may render, in characters (16 Mi): the bound of the operator's
+#: JSON files (``byok_plugin.core.json_file.MAX_BYTES``), more than the largest context window
+#: takes (Gemini's 2M tokens are about 8 MB of text). ``{{start.t}}`` written 2,000 times over a
+#: 100 KB input would otherwise build (and send) a 200 MB prompt.
+MAX_RENDERED_CHARS = 16 * 1024 * 1024
 
 _OPEN, _CLOSE = "{{", "}}"
 _HEAD = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
@@ -115,11 +128,28 @@ class Template:
             return lookup(self.parts[0])
         return self.render(lookup)
 
-    def render(self, lookup: Callable[[Ref], Any]) -> str:
-        """The text with every reference replaced by ``to_text(lookup(ref))``."""
+    def render(self, lookup: Callable[[Ref], Any], limit: int = MAX_RENDERED_CHARS) -> str:
+        """The text with every reference replaced by ``to_text(lookup(ref))``.
+
+        :raises RenderError: the text would be longer than ``limit`` characters; counted as the
+            parts are filled in, so the long text is never built.
+        """
         if len(self.parts) == 1 and isinstance(self.parts[0], str):
             return self.parts[0]
-        return "".join(p if isinstance(p, str) else to_text(lookup(p)) for p in self.parts)
+        pieces: list[str] = []
+        size = 0
+        for part in self.parts:
+            text = part if isinstance(part, str) else to_text(lookup(part))
+            size += len(text)
+            if size > limit:
+                where = f"at {part}" if isinstance(part, Ref) else "in its own text"
+                raise RenderError(
+                    f"the rendered text would be longer than {limit:,} characters, the most a "
+                    f"template may produce (reached {where}, part {len(pieces) + 1} of "
+                    f"{len(self.parts)}); repeat an input less, or give a shorter one"
+                )
+            pieces.append(text)
+        return "".join(pieces)
 
 
 def step_into(value: Any, ref: Ref, steps: Sequence[str | int]) -> Any:
