@@ -174,6 +174,12 @@ class DataKeyDestroyed(KeyDecryptionError):
 # --- the store ---------------------------------------------------------------------------------
 
 
+def _where(workspace_id: str, provider: str) -> str:
+    """`` for workspace 'w' and provider p`` of a store error's message (``*``: not said)."""
+    where = "" if workspace_id == "*" else f" for workspace {workspace_id!r}"
+    return where + (f" and provider {provider}" if provider != "*" else "")
+
+
 class StoreUnavailable(CredentialUnavailable):
     """The key store does not answer (or failed mid-way): an error, never "no key"."""
 
@@ -186,11 +192,9 @@ class StoreUnavailable(CredentialUnavailable):
         key_id: str | None = None,
         cause: str = "",
     ) -> None:
-        where = "" if workspace_id == "*" else f" for workspace {workspace_id!r}"
-        if provider != "*":
-            where += f" and provider {provider}"
         super().__init__(
-            f"the key store did not answer while {what}{where}" + (f": {cause}" if cause else ""),
+            f"the key store did not answer while {what}{_where(workspace_id, provider)}"
+            + (f": {cause}" if cause else ""),
             workspace_id=workspace_id,
             provider=provider,
             key_id=key_id,
@@ -229,11 +233,7 @@ class StoreRefusedValue(InvalidInput, CredentialUnavailable):
     ) -> None:
         self.field = field
         self.cause = cause
-        where = "" if workspace_id == "*" else f" for workspace {workspace_id!r}"
-        if provider != "*":
-            where += f" and provider {provider}"
-        if field is not None:
-            where += f" (field {field})"
+        where = _where(workspace_id, provider) + (f" (field {field})" if field is not None else "")
         CredentialUnavailable.__init__(
             self,
             f"the key store refused a value while {what}{where}" + (f": {cause}" if cause else ""),
