@@ -130,7 +130,7 @@ def breakdown(app: App, url: str) -> None:
     import psycopg
     from byok_hookspecs import BudgetReservation, BudgetSettlement, CredentialSource
 
-    from byok_plugin.billing.budgets import _PG_RESERVE, BudgetStore
+    from byok_plugin.billing.budgets import _PG_RESERVE
 
     ws = "breakdown"
     store = app.budgets
@@ -148,20 +148,7 @@ def breakdown(app: App, url: str) -> None:
         )
 
     def params() -> dict[str, Any]:
-        now = datetime.now(UTC)
-        return {
-            "ws": ws,
-            "key": next(keys),
-            "byok": False,
-            "key_id": None,
-            "workflow_id": None,
-            "need_charge": 1_000_000,
-            "need_list": 0,
-            "now": now,
-            "expires_at": now + timedelta(minutes=15),
-            "cutoff": now - timedelta(days=1),
-            **BudgetStore._period_starts(now),
-        }
+        return store._reserve_params(reservation(next(keys)), datetime.now(UTC))
 
     parts: dict[str, float] = {}
 

@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from byok_hookspecs import BudgetSettlement
+from byok_hookspecs import BudgetReservation, BudgetSettlement
 from clock_support import ShiftedClock
 from test_budgets import WS, reservation
 
 from byok_plugin.app import App
-from byok_plugin.billing.budgets import _PG_RESERVE, PRUNE_BATCH, BudgetStore
+from byok_plugin.billing.budgets import _PG_RESERVE, PRUNE_BATCH
 from byok_plugin.settings import Settings
 
 
@@ -82,19 +82,7 @@ def test_a_reservation_reads_the_calls_holds_not_the_workspaces(app: App) -> Non
             "FROM generate_series(1, 3000) n",
             {"id": budget_id, "ws": WS, "exp": now + timedelta(minutes=15), "now": now},
         )
-    params = {
-        "ws": WS,
-        "key": "r:new:1",
-        "byok": False,
-        "key_id": None,
-        "workflow_id": None,
-        "need_charge": 10,
-        "need_list": 0,
-        "now": now,
-        "expires_at": now + timedelta(minutes=15),
-        "cutoff": now - timedelta(days=1),
-        **BudgetStore._period_starts(now),
-    }
+    params = app.budgets._reserve_params(held_for_ten_units("r:new:1"), now)
     with app.engine.connect() as conn, conn.begin() as transaction:
         explained = conn.exec_driver_sql(
             "EXPLAIN (ANALYZE, FORMAT JSON) " + _PG_RESERVE, params
@@ -112,6 +100,11 @@ def test_a_reservation_reads_the_calls_holds_not_the_workspaces(app: App) -> Non
     assert hold.budgets == (budget.name,)
 
 
+def held_for_ten_units(key: str, **kw: object) -> BudgetReservation:
+    """A platform call's reservation of 10 units of charge (no list cost), held 15 minutes."""
+    return reservation(key, "0.00000001", list_cost=Decimal(0), **kw)
+
+
 def test_the_prune_batch_in_the_reservation_is_prune_batch() -> None:
     # a literal in the statement (a generic plan takes a LIMIT parameter for a tenth of the rows)
     assert f"LIMIT {PRUNE_BATCH})" in _PG_RESERVE
@@ -125,21 +118,9 @@ def test_a_reservation_and_a_group_settlement_are_planned_once_per_connection(ap
         for n in range(24):
             workspace = WS if n % 2 else "other"  # two workspaces: not one value's plan
             now = app.clock()  # one reading: the periods, the time and the expiry agree
+            held = held_for_ten_units(f"r:{n}", workspace_id=workspace)
             rows = autocommit.exec_driver_sql(
-                _PG_RESERVE,
-                {
-                    **BudgetStore._period_starts(now),
-                    "ws": workspace,
-                    "key": f"r:{n}",
-                    "byok": False,
-                    "key_id": None,
-                    "workflow_id": None,
-                    "need_charge": 10,
-                    "need_list": 0,
-                    "now": now,
-                    "expires_at": now + timedelta(minutes=15),
-                    "cutoff": now - timedelta(days=1),
-                },
+                _PG_RESERVE, app.budgets._reserve_params(held, now)
             ).all()
             assert rows[0].fits
         generic, custom = prepared(autocommit, "WITH prev AS")

@@ -986,31 +986,30 @@ class BudgetStore:
     def _period_starts(now: datetime) -> dict[str, datetime]:
         return {"day": BudgetPeriod.DAY.start(now), "month": BudgetPeriod.MONTH.start(now)}
 
+    def _reserve_params(self, reservation: BudgetReservation, now: datetime) -> dict[str, Any]:
+        """The parameters of :data:`_PG_RESERVE` for ``reservation`` at ``now``."""
+        return {
+            "ws": reservation.workspace_id,
+            "key": reservation.idempotency_key,
+            "byok": reservation.source in _BYOK_SOURCES,
+            "key_id": reservation.key_id,
+            "workflow_id": reservation.workflow_id,
+            "need_charge": to_units(reservation.amount),
+            "need_list": to_units(reservation.list_cost),
+            "now": now,
+            "expires_at": now + timedelta(seconds=reservation.hold_seconds),
+            "cutoff": now - self._keep_holds,
+            **self._period_starts(now),
+        }
+
     def _reserve_postgresql(
         self, reservation: BudgetReservation, now: datetime
     ) -> BudgetHold | None:
         """:meth:`reserve` as one statement (:data:`_PG_RESERVE`)."""
         ws = reservation.workspace_id
         key = reservation.idempotency_key
-        expires_at = now + timedelta(seconds=reservation.hold_seconds)
-        rows = self._one_statement(
-            "reserving budget",
-            ws,
-            _PG_RESERVE,
-            {
-                "ws": ws,
-                "key": key,
-                "byok": reservation.source in _BYOK_SOURCES,
-                "key_id": reservation.key_id,
-                "workflow_id": reservation.workflow_id,
-                "need_charge": to_units(reservation.amount),
-                "need_list": to_units(reservation.list_cost),
-                "now": now,
-                "expires_at": expires_at,
-                "cutoff": now - self._keep_holds,
-                **self._period_starts(now),
-            },
-        )
+        params = self._reserve_params(reservation, now)
+        rows = self._one_statement("reserving budget", ws, _PG_RESERVE, params)
         applicable = [r for r in rows if r.applies]
         if not rows:
             return None
@@ -1037,7 +1036,7 @@ class BudgetStore:
             ws,
             tuple(r.name for r in applicable),
             from_units(max(int(r.held) for r in applicable)),
-            expires_at,
+            params["expires_at"],
         )
 
     def _settle_postgresql(self, settlement: BudgetSettlement) -> tuple[bool, list[AuditEvent]]:
