@@ -22,6 +22,7 @@ from typing import Any
 import pluggy
 import pytest
 import sqlalchemy as sa
+from byok_hookspecs import hookimpl
 from click.testing import CliRunner
 from migration_support import model_differences
 
@@ -249,4 +250,37 @@ def test_a_long_run_keeps_its_claim_past_run_claim_seconds(stack: DemoStack) -> 
         assert first.result.ok, first.result.error
     finally:
         app.close()
+    assert claims(stack) == []
+
+
+class SlowExtension:
+    """Holds the run's extensions of its claim (every byok_claim_run after the first) in their
+    worker thread until ``go`` is set, then lets the default answer."""
+
+    def __init__(self) -> None:
+        self.go = threading.Event()
+        self.calls = 0
+
+    @hookimpl(tryfirst=True)
+    def byok_claim_run(
+        self, run_id: str, workspace_id: str, claimant: str, seconds: float
+    ) -> bool | None:
+        self.calls += 1
+        if self.calls > 1:
+            assert self.go.wait(10)
+        return None
+
+
+def test_a_claim_extended_while_its_run_ends_is_released_after_the_extension(
+    stack: DemoStack,
+) -> None:
+    """The run ends while an extension of its claim is still in a worker thread: the release
+    waits for it, else the extension would write the claim back and it would outlive the run."""
+    slow = SlowExtension()
+    stack.pm.register(slow, name="slow-extension")
+    stack.emulator.add_fault(Fault(FaultKind.SLOW, provider="openai", delay=0.8))
+    threading.Timer(1.5, slow.go.set).start()  # after the run's call has ended
+    result = run(stack.pm, stack, BYOK_WORKSPACE, "ending", RunnerOptions(run_claim_seconds=1.5))
+    assert result.ok, result.error
+    assert slow.calls >= 2  # an extension was on its way when the run ended
     assert claims(stack) == []

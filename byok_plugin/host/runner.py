@@ -422,11 +422,15 @@ class WorkflowRunner(Blocks):
                 f"its worker died, its claim lapses within {seconds:g} s)"
             )
 
+        extension: asyncio.Future[bool | None] | None = None  # in a worker thread
+
         async def extend() -> None:
+            nonlocal extension
             while True:
                 await asyncio.sleep(seconds / 3)
+                extension = loop.run_in_executor(None, claim)
                 try:
-                    held = await loop.run_in_executor(None, claim)
+                    held = await asyncio.shield(extension)
                 except Exception as exc:  # tried again a third of the claim later
                     log.warning("extending the claim of run id %r failed: %s", run_id, exc)
                     continue
@@ -443,6 +447,11 @@ class WorkflowRunner(Blocks):
             yield
         finally:
             extending.cancel()
+            if extension is not None:
+                # an extension already in its worker thread ends first: released before it, the
+                # claim would be written again and outlive the run
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(extension)
             release = functools.partial(
                 self.pm.hook.byok_release_run, run_id=run_id, claimant=claimant
             )
