@@ -801,3 +801,27 @@ def test_on_sqlite_a_calls_holds_are_found_by_their_key_not_by_reading_the_works
                 assert "idempotency_key=?" in step or "state=?" in step, (name, plan)
     finally:
         conn.close()
+
+
+def test_a_settlement_whose_key_another_workspace_recorded_settles_nothing(
+    app: App, pm: pluggy.PluginManager
+) -> None:
+    from dataclasses import replace
+
+    from ledger_support import record_for
+
+    from byok_plugin.core.errors import StoreRefusedValue
+
+    app.budgets.set_budget(WS, "monthly", limit="1.00")
+    theirs = record_for(1, workspace="someone-else")
+    app.ledger.record(theirs)
+    key = theirs.idempotency_key
+    pm.hook.byok_reserve_budget(reservation=reservation(key, "0.30"))
+    ours = replace(record_for(4, workspace=WS), idempotency_key=key)
+    # one transaction: the row is refused, so the settlement is not made either
+    with pytest.raises(StoreRefusedValue, match="another workspace"):
+        pm.hook.byok_record_usage_and_settle(records=[ours], settlements=[settlement(key, "0.10")])
+    status = app.budgets.get(WS, "monthly")
+    assert status is not None
+    assert (status.spent, status.reserved) == (0, Decimal("0.3"))
+    assert app.ledger.get(key).workspace_id == "someone-else"  # type: ignore[union-attr]

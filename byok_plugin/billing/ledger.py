@@ -8,7 +8,9 @@ price-table version, and when.
 
 Idempotency: ``INSERT ... ON CONFLICT (idempotency_key) DO NOTHING`` (SQLAlchemy's SQLite and
 PostgreSQL dialect inserts), so a retried block, a host that records twice, or several processes
-racing on the same key leave exactly one row. Money is stored exactly: ``NUMERIC(30, 12)`` on
+racing on the same key leave exactly one row. A key already recorded for another workspace is
+refused (:class:`StoreRefusedValue`, field ``idempotency_key``), read back only when an insert
+found its key taken: another tenant's row is never taken for this call's. Money is stored exactly: ``NUMERIC(30, 12)`` on
 PostgreSQL, and the decimal's text on SQLite (whose numbers are binary floats).
 
 **Speed.** On a SQLite file, a record is one ``INSERT ... ON CONFLICT (idempotency_key) DO
@@ -33,7 +35,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -221,6 +223,35 @@ def _check(record: UsageRecord) -> None:
         raise ValueError("UsageRecord.occurred_at must be an aware datetime")
 
 
+def _key_of_another_workspace(workspace_id: str) -> StoreRefusedValue:
+    """The refusal of a row whose idempotency key the ledger already holds for another workspace:
+    taking that row as "already recorded" would leave the call unrecorded and uncharged (a host
+    that builds keys from a caller's run id, say). The message names the row's own workspace,
+    never the other one."""
+    return StoreRefusedValue(
+        "recording usage",
+        workspace_id=workspace_id,
+        field="idempotency_key",
+        cause="the idempotency key is already recorded for another workspace",
+    )
+
+
+_OWNERS = sa.select(usage_ledger.c.idempotency_key, usage_ledger.c.workspace_id).where(
+    usage_ledger.c.idempotency_key.in_(sa.bindparam("keys", expanding=True))
+)
+
+
+def _foreign(rows: Sequence[dict[str, Any]], owners: Iterable[Any]) -> str | None:
+    """The workspace of the first of ``rows`` whose key ``owners`` (``(key, workspace)`` pairs
+    read back from the ledger) holds for another workspace; ``None`` when there is none."""
+    owner = dict(owners)
+    for row in rows:
+        found = owner.get(row["idempotency_key"])
+        if found is not None and found != row["workspace_id"]:
+            return str(row["workspace_id"])
+    return None
+
+
 class SqliteLedgerWriter:
     """``writer(values) -> bool``: one autocommit ``INSERT ... ON CONFLICT DO NOTHING`` on a
     borrowed ``sqlite3`` connection; ``False`` when the key was already recorded."""
@@ -286,8 +317,10 @@ class SqliteLedgerWriter:
             try:
                 if also is None:
                     inserted = conn.execute(self._sql, row).rowcount == 1
+                    if not inserted:
+                        self._check_owner(conn, values)
                 else:
-                    inserted = self._together(conn, row, also)
+                    inserted = self._together(conn, values, row, also)
             except sqlite3.Error as exc:
                 if store_busy(exc) or isinstance(exc, sqlite3.IntegrityError):
                     pool.release(conn)
@@ -315,17 +348,33 @@ class SqliteLedgerWriter:
             ) from None
 
     def _together(
-        self, conn: sqlite3.Connection, row: list[Any], also: Callable[[sqlite3.Connection], object]
+        self,
+        conn: sqlite3.Connection,
+        values: dict[str, Any],
+        row: list[Any],
+        also: Callable[[sqlite3.Connection], object],
     ) -> bool:
         conn.execute("BEGIN IMMEDIATE")
         try:
             inserted: bool = conn.execute(self._sql, row).rowcount == 1
+            if not inserted:  # (before the settlement: another workspace's key settles nothing)
+                self._check_owner(conn, values)
             also(conn)
             conn.execute("COMMIT")
         finally:
             if conn.in_transaction:  # never lend it on with a transaction open
                 conn.execute("ROLLBACK")
         return inserted
+
+    @staticmethod
+    def _check_owner(conn: sqlite3.Connection, values: dict[str, Any]) -> None:
+        """A row not inserted: its key is recorded already, for its workspace or another's."""
+        found = conn.execute(
+            f"SELECT workspace_id FROM {usage_ledger.name} WHERE idempotency_key = ?",  # noqa: S608
+            (values["idempotency_key"],),
+        ).fetchone()
+        if found is not None and found[0] != values["workspace_id"]:
+            raise _key_of_another_workspace(values["workspace_id"])
 
     def close(self) -> None:
         """Close the connections, if they are the writer's own (the next record opens a new
@@ -524,12 +573,17 @@ class Ledger:
             # PostgreSQL: a group of one, autocommitted: one round trip, where a transaction
             # took three (psycopg's BEGIN, the INSERT, COMMIT)
             with store_errors("recording usage", workspace_id=record.workspace_id):
-                return self._group_insert.autocommitted(self._engine, [values]) == 1
+                if self._group_insert.autocommitted(self._engine, [values]) == 1:
+                    return True
+            self._check_owners(None, [values])
+            return False
         with (
             store_errors("recording usage", workspace_id=record.workspace_id),
             write_transaction(self._engine) as conn,
         ):
             inserted = conn.execute(self._insert, values).first()
+            if inserted is None:
+                self._check_owners(conn, [values])
         return inserted is not None
 
     def record_with(
@@ -575,7 +629,10 @@ class Ledger:
             # one statement is atomic by itself: autocommitted, the group costs one round trip
             # (a transaction would add a BEGIN and a COMMIT of its own)
             with what:
-                return group.autocommitted(self._engine, rows)
+                inserted = group.autocommitted(self._engine, rows)
+            if inserted < len(rows):
+                self._check_owners(None, rows)  # (the others' rows are written: they are theirs)
+            return inserted
         with what, write_transaction(self._engine) as conn:
             # one statement for the group; RETURNING gives the rows that were new (a key
             # already recorded returns nothing)
@@ -583,9 +640,26 @@ class Ledger:
                 inserted = group(conn, rows)
             else:
                 inserted = len(conn.execute(self._insert, rows).all())
+            if inserted < len(rows):  # before the settlements: nothing of the group commits
+                self._check_owners(conn, rows)
             if also is not None:
                 also(conn)
         return inserted
+
+    def _check_owners(self, conn: Connection | None, rows: Sequence[dict[str, Any]]) -> None:
+        """Rows some of which were not inserted (their keys are recorded already): refuse them
+        (:class:`StoreRefusedValue`) when a key is recorded for another workspace than the
+        row's. Read in ``conn``'s transaction, or on a connection of its own."""
+        keys = [row["idempotency_key"] for row in rows]
+        workspaces = ",".join(sorted({row["workspace_id"] for row in rows}))[:200]
+        with store_errors("recording usage", workspace_id=workspaces):
+            if conn is not None:
+                foreign = _foreign(rows, conn.execute(_OWNERS, {"keys": keys}).all())
+            else:
+                with self._engine.connect() as own:
+                    foreign = _foreign(rows, own.execute(_OWNERS, {"keys": keys}).all())
+        if foreign is not None:
+            raise _key_of_another_workspace(foreign)
 
     def close(self) -> None:
         """Release the direct SQLite writer's connections (the engine is its owner's to close)."""
