@@ -442,3 +442,31 @@ def test_a_plugin_settling_budgets_beside_the_default_gets_every_settlement(
     assert spent is not None
     assert spent.spent == sum((call.charge.amount for r in results for call in r.calls), Decimal(0))
     assert spent.reserved == 0
+
+
+def test_a_reservation_the_store_refuses_for_its_values_is_not_tried_again(
+    stack: DemoStack, emulator: EmulatorServer
+) -> None:
+    # a refused value (StoreRefusedValue: a ValueError) fails again whatever thread tries it; a
+    # store that did not answer (StoreUnavailable) is worth one more try off the event loop
+    from byok_plugin.core.errors import StoreRefusedValue
+
+    tries: list[str] = []
+
+    class Refusing:
+        byok_nonblocking_hooks = frozenset({"byok_reserve_budget"})
+
+        @hookimpl(tryfirst=True)
+        def byok_reserve_budget(self, reservation: object) -> None:
+            tries.append(threading.current_thread().name)
+            raise StoreRefusedValue(
+                "reserving budget", workspace_id=PLATFORM_WORKSPACE, field="key_id"
+            )
+
+    stack.pm.register(Refusing())
+    before = model_calls(emulator)
+    result = stack.run(ONE_CALL, PLATFORM_WORKSPACE, {"name": "x"})
+    assert not result.ok
+    assert "refused a value while reserving budget" in (result.blocks["answer"].error or "")
+    assert len(tries) == 1, tries
+    assert model_calls(emulator) == before  # refused before the call was sent

@@ -661,3 +661,60 @@ def test_a_401_with_a_numeric_code_is_an_authentication_failure_not_a_traceback(
     assert "authentication error" in error, error
     assert "unexpected" not in error
     assert list(stack.app.ledger.rows()) == []  # refused: nothing executed, nothing recorded
+
+
+SHAPED = parse_workflow(
+    {
+        "name": "shaped",
+        "version": "1",
+        "blocks": {
+            "a": {
+                "type": "agent",
+                "model": "claude-sonnet-4-5",
+                "prompt": "Classify this",
+                "response_schema": {
+                    "type": "object",
+                    "properties": {"x": {"type": "array", "items": {"$ref": "#/properties/x"}}},
+                },
+            }
+        },
+    }
+)
+
+
+@pytest.mark.parametrize("text", ['{"x":' + DEEP + "}", '{"x":' + "[" * 500 + "]" * 500 + "}"])
+def test_a_structured_reply_nested_too_deep_fails_the_block_not_the_run(
+    stack: DemoStack, text: str
+) -> None:
+    # a well-formed answer whose text, the block's structured reply, is nested deeper than
+    # json.loads (100,000 levels) or the schema validator following its $ref (500 levels) goes
+    answer = {
+        "id": "msg_deep",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-sonnet-4-5",
+        "content": [{"type": "text", "text": text}],
+        "stop_reason": "end_turn",
+        "usage": {"input_tokens": 12, "output_tokens": 7},
+    }
+    scripted = Scripted(200, json.dumps(answer).encode())
+
+    async def go(base_url: str) -> RunResult:
+        async with new_http_client() as http:
+            clients = create_clients(
+                http, environ=stack.environ, base_urls={"anthropic": base_url}, retry=NO_RETRY
+            )
+            runner = WorkflowRunner(
+                stack.pm, clients, environ=stack.environ, options=RunnerOptions(block_retries=1)
+            )
+            return await runner.run(SHAPED, workspace_id=BYOK_WORKSPACE, inputs={})
+
+    result = asyncio.run(against(scripted, go))
+    assert not result.ok
+    error = result.blocks["a"].error or ""
+    assert "the reply is not the JSON its response_schema asks for" in error, error
+    assert "nested too deeply" in error
+    # each attempt was a completed call: recorded as such
+    assert scripted.requests == 2
+    rows = list(stack.app.ledger.rows())
+    assert [(r.status, r.input_tokens, r.output_tokens) for r in rows] == [("complete", 12, 7)] * 2

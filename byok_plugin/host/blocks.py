@@ -231,14 +231,19 @@ def _schema_name(block_id: str) -> str:
 
 def _structured(block: AgentBlock, result: CompletionResult) -> Any:
     assert block.response_schema is not None
+    not_json = "the reply is not the JSON its response_schema asks for"
     try:
         value = json.loads(result.content)
     except ValueError:
         cut = " (the reply was cut at max_tokens)" if result.finish_reason == "length" else ""
-        raise BlockFailed(
-            f"the reply is not the JSON its response_schema asks for{cut}", retryable=True
-        ) from None
-    error = next(iter(Draft202012Validator(dict(block.response_schema)).iter_errors(value)), None)
+        raise BlockFailed(not_json + cut, retryable=True) from None
+    except RecursionError:  # the model's text is data: nested deeper than the decoder goes
+        raise BlockFailed(f"{not_json}: it is nested too deeply", retryable=True) from None
+    try:
+        validator = Draft202012Validator(dict(block.response_schema))
+        error = next(iter(validator.iter_errors(value)), None)
+    except RecursionError:  # a recursive schema ($ref) following a reply that deep
+        raise BlockFailed(f"{not_json}: it is nested too deeply", retryable=True) from None
     if error is not None:
         where = json_path(error.absolute_path)
         raise BlockFailed(
@@ -251,7 +256,7 @@ def _structured(block: AgentBlock, result: CompletionResult) -> Any:
 def _query_of(arguments: str) -> str | None:
     try:
         parsed = json.loads(arguments or "{}")
-    except ValueError:
+    except (ValueError, RecursionError):  # the model's arguments: any text at all
         return None
     query = parsed.get("query") if isinstance(parsed, dict) else None
     return query if isinstance(query, str) and query.strip() else None

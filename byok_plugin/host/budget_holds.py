@@ -59,8 +59,13 @@ def _estimate_of(worst: Usage | None) -> Usage | None:
 
 def _store_trouble(exc: ByokError) -> bool:
     """Whether a hook's error is a store that did not answer (worth a try off the loop), not a
-    decision (a refused budget, a missing key)."""
-    return isinstance(exc, CredentialUnavailable) and not isinstance(exc, BudgetExceeded)
+    decision (a refused budget, a missing key) nor a value the store refused (a ``ValueError``:
+    the plugin's ``StoreRefusedValue``), which fails again wherever it is tried."""
+    return (
+        isinstance(exc, CredentialUnavailable)
+        and not isinstance(exc, BudgetExceeded)
+        and not isinstance(exc, ValueError)
+    )
 
 
 class BudgetHolds(HookCalls):
