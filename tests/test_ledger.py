@@ -6,6 +6,7 @@ import importlib.util
 import multiprocessing
 import sqlite3
 import sys
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -506,68 +507,61 @@ def test_the_largest_charge_the_bounds_allow_is_priced_and_stored_exactly(
 OWNER, GUEST = "tenant-owner-7f3", "tenant-guest"
 
 
-def test_a_key_recorded_for_another_workspace_is_refused_and_held_aside(
-    database_url: str, tmp_path: Path
-) -> None:
-    app = _app(database_url, tmp_path)
+@pytest.fixture
+def app(database_url: str, tmp_path: Path) -> Iterator[App]:
+    built = _app(database_url, tmp_path)
+    yield built
+    built.close()
+
+
+def test_a_key_recorded_for_another_workspace_is_refused_and_held_aside(app: App) -> None:
     pm = plugin_manager_for(app, load_entrypoints=False)
-    try:
-        owners = record_for(5, workspace=OWNER)
-        pm.hook.byok_record_usage(record=owners)
-        guests = replace(record_for(6, workspace=GUEST), idempotency_key=owners.idempotency_key)
-        with pytest.raises(StoreRefusedValue) as refused:
-            pm.hook.byok_record_usage(record=guests)
-        message = str(refused.value)
-        assert GUEST in message
-        assert "idempotency_key" in message
-        assert "another workspace" in message
-        assert OWNER not in message  # never says whose key it is
-        # the owner's row is as it was, the guest's call is not lost: held aside for an operator
-        row = app.ledger.get(owners.idempotency_key)
+    owners = record_for(5, workspace=OWNER)
+    pm.hook.byok_record_usage(record=owners)
+    guests = replace(record_for(6, workspace=GUEST), idempotency_key=owners.idempotency_key)
+    with pytest.raises(StoreRefusedValue) as refused:
+        pm.hook.byok_record_usage(record=guests)
+    message = str(refused.value)
+    assert GUEST in message
+    assert "idempotency_key" in message
+    assert "another workspace" in message
+    assert OWNER not in message  # never says whose key it is
+    # the owner's row is as it was, the guest's call is not lost: held aside for an operator
+    row = app.ledger.get(owners.idempotency_key)
+    assert row is not None
+    assert (row.workspace_id, row.input_tokens) == (OWNER, 5)
+    assert app.ledger.count() == 1
+    held = app.durable_ledger.spool.held()
+    assert [(h.idempotency_key, h.workspace_id) for h in held] == [(owners.idempotency_key, GUEST)]
+    # a retry of it is refused again (not replayed into the owner's row)
+    with pytest.raises(StoreRefusedValue):
+        app.ledger.record(guests)
+    # the same workspace recording the same key again is what idempotency is for
+    pm.hook.byok_record_usage(record=owners)
+    assert app.ledger.record(owners) is False
+    assert app.ledger.count() == 1
+
+
+def test_a_group_with_another_workspaces_key_writes_the_rest(app: App) -> None:
+    pm = plugin_manager_for(app, load_entrypoints=False)
+    owners = record_for(5, workspace=OWNER)
+    app.ledger.record(owners)
+    guests = [
+        record_for(11, workspace=GUEST),
+        replace(record_for(12, workspace=GUEST), idempotency_key=owners.idempotency_key),
+        record_for(13, workspace=GUEST),
+    ]
+    # the store's group form refuses the group (in a transaction: nothing of it is written;
+    # autocommitted on PostgreSQL: the others' rows are)...
+    with pytest.raises(StoreRefusedValue, match="another workspace"):
+        app.ledger.record_many(guests)
+    # ...and the hook writes the others one by one, and holds the refused one aside
+    with pytest.raises(StoreRefusedValue, match=GUEST):
+        pm.hook.byok_record_usage_batch(records=guests)
+    for record in (guests[0], guests[2]):
+        row = app.ledger.get(record.idempotency_key)
         assert row is not None
-        assert (row.workspace_id, row.input_tokens) == (OWNER, 5)
-        assert app.ledger.count() == 1
-        held = app.durable_ledger.spool.held()
-        assert [(h.idempotency_key, h.workspace_id) for h in held] == [
-            (owners.idempotency_key, GUEST)
-        ]
-        # a retry of it is refused again (not replayed into the owner's row)
-        with pytest.raises(StoreRefusedValue):
-            app.ledger.record(guests)
-        # the same workspace recording the same key again is what idempotency is for
-        pm.hook.byok_record_usage(record=owners)
-        assert app.ledger.record(owners) is False
-        assert app.ledger.count() == 1
-    finally:
-        app.close()
-
-
-def test_a_group_with_another_workspaces_key_writes_the_rest(
-    database_url: str, tmp_path: Path
-) -> None:
-    app = _app(database_url, tmp_path)
-    pm = plugin_manager_for(app, load_entrypoints=False)
-    try:
-        owners = record_for(5, workspace=OWNER)
-        app.ledger.record(owners)
-        guests = [
-            record_for(11, workspace=GUEST),
-            replace(record_for(12, workspace=GUEST), idempotency_key=owners.idempotency_key),
-            record_for(13, workspace=GUEST),
-        ]
-        # the store's group form refuses the group (in a transaction: nothing of it is written;
-        # autocommitted on PostgreSQL: the others' rows are)...
-        with pytest.raises(StoreRefusedValue, match="another workspace"):
-            app.ledger.record_many(guests)
-        # ...and the hook writes the others one by one, and holds the refused one aside
-        with pytest.raises(StoreRefusedValue, match=GUEST):
-            pm.hook.byok_record_usage_batch(records=guests)
-        for record in (guests[0], guests[2]):
-            row = app.ledger.get(record.idempotency_key)
-            assert row is not None
-            assert row.workspace_id == GUEST
-        assert app.ledger.get(owners.idempotency_key).workspace_id == OWNER  # type: ignore[union-attr]
-        assert app.ledger.count() == 3
-        assert [h.workspace_id for h in app.durable_ledger.spool.held()] == [GUEST]
-    finally:
-        app.close()
+        assert row.workspace_id == GUEST
+    assert app.ledger.get(owners.idempotency_key).workspace_id == OWNER  # type: ignore[union-attr]
+    assert app.ledger.count() == 3
+    assert [h.workspace_id for h in app.durable_ledger.spool.held()] == [GUEST]
