@@ -185,3 +185,52 @@ def test_the_ledger_records_the_installed_plugins_charge(
     assert totals["byok_calls"] == 1
     assert Decimal(totals["charged"]) == amount
     assert Decimal(totals["list_cost"]) == list_cost
+
+
+def test_a_plugin_name_that_matches_nothing_is_said_not_silently_ignored(
+    plugin_site: Path, isolated_home: Path
+) -> None:
+    # a typo in BYOK_BLOCK_PLUGINS blocks nothing, in BYOK_LOAD_PLUGINS loads nothing: both are
+    # warned about, by the host's manager (its log) and by `byok plugins`
+    environ = {
+        **os.environ,
+        "BYOK_HOME": str(isolated_home),
+        "PYTHONPATH": str(plugin_site),
+        "BYOK_BLOCK_PLUGINS": "byok_fe",
+        "BYOK_LOAD_PLUGINS": "byok_plugin,byok_fee,byok-billing",
+    }
+    host = subprocess.run(
+        [sys.executable, "-c", HOST], env=environ, capture_output=True, text=True, check=True
+    )
+    assert "byok_fee" in json.loads(host.stdout)["plugins"]  # the misspelt block blocked nothing
+    for variable, name in (
+        ("BYOK_BLOCK_PLUGINS", "byok_fe"),
+        ("BYOK_LOAD_PLUGINS", "byok-billing"),
+    ):
+        assert f"{variable} names {name}, which no installed plugin is called" in host.stderr
+    assert "installed: byok-fee-plugin, byok-plugin, byok_fee, byok_plugin" in host.stderr
+    listed = subprocess.run(
+        [sys.executable, "-m", "byok_plugin", "plugins"],
+        env=environ,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "warning: BYOK_BLOCK_PLUGINS names byok_fe" in listed.stderr
+    as_json = subprocess.run(
+        [sys.executable, "-m", "byok_plugin", "plugins", "--json"],
+        env=environ,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(as_json.stdout)["unmatched"] == {
+        "BYOK_LOAD_PLUGINS": ["byok-billing"],
+        "BYOK_BLOCK_PLUGINS": ["byok_fe"],
+    }
+    # names that all match: nothing said
+    environ.update(BYOK_BLOCK_PLUGINS="byok_fee", BYOK_LOAD_PLUGINS="byok-plugin,byok_fee")
+    quiet = subprocess.run(
+        [sys.executable, "-c", HOST], env=environ, capture_output=True, text=True, check=True
+    )
+    assert "no installed plugin" not in quiet.stderr

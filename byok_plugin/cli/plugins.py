@@ -6,7 +6,8 @@ from importlib import metadata
 
 import click
 import pluggy
-from byok_hookspecs import ENTRY_POINT_GROUP, declared_nonblocking
+from byok_hookspecs import ENTRY_POINT_GROUP, declared_nonblocking, unmatched_plugin_names
+from byok_hookspecs.manager import installed_plugin_names
 
 from byok_plugin.cli.context import CliContext, pass_cli
 from byok_plugin.cli.json_output import echo_json
@@ -90,9 +91,16 @@ def _hook_name(hook: dict[str, object]) -> str:
 def plugins_command(cli: CliContext, as_json: bool) -> None:
     """List the installed plugins, their versions and the hooks each implements."""
     rows = describe_plugins(cli.pm)
+    unmatched = unmatched_plugin_names(cli.settings.environ)
     if as_json:
-        echo_json({"plugins": rows})
+        echo_json({"plugins": rows, "unmatched": unmatched})
         return
+    for variable, names in unmatched.items():  # a typo loads (or blocks) nothing: say so first
+        click.echo(
+            f"warning: {variable} names {', '.join(names)}, which no installed plugin is called; "
+            f"installed: {', '.join(sorted(installed_plugin_names())) or 'none'}",
+            err=True,
+        )
     console = console_for()
     spec = TableSpec(
         columns=(

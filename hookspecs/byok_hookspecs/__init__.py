@@ -28,7 +28,12 @@ from byok_hookspecs.errors import (  # noqa: E402  (the markers must exist first
     NotAuthorized,
     UnpricedModel,
 )
-from byok_hookspecs.manager import add_to, get_plugin_manager, selected_plugins  # noqa: E402
+from byok_hookspecs.manager import (  # noqa: E402
+    add_to,
+    get_plugin_manager,
+    selected_plugins,
+    unmatched_plugin_names,
+)
 from byok_hookspecs.redaction import redact  # noqa: E402
 from byok_hookspecs.types import (  # noqa: E402
     RECORD_STATUSES,
@@ -97,4 +102,5 @@ __all__ = [
     "hookspec",
     "redact",
     "selected_plugins",
+    "unmatched_plugin_names",
 ]

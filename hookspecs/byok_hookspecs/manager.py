@@ -5,10 +5,15 @@ Which installed plugins load is chosen by the environment, as llm and tox do:
 - ``BYOK_LOAD_PLUGINS=a,b``: load only these entry points (by entry-point or distribution name);
   set but empty, load none.
 - ``BYOK_BLOCK_PLUGINS=a,b``: load every plugin but these.
+
+A name in either that matches no installed plugin (a typo) is logged as a warning, with the names
+that would match, since it silently loads nothing (``BYOK_LOAD_PLUGINS``) or blocks nothing
+(``BYOK_BLOCK_PLUGINS``): :func:`unmatched_plugin_names` says which.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from importlib import metadata
@@ -16,6 +21,10 @@ from importlib import metadata
 import pluggy
 
 from byok_hookspecs import ENTRY_POINT_GROUP, PROJECT_NAME, hookspecs
+
+log = logging.getLogger("byok.plugins")
+#: the variables that choose plugins by name
+PLUGIN_VARIABLES = ("BYOK_LOAD_PLUGINS", "BYOK_BLOCK_PLUGINS")
 
 
 def get_plugin_manager() -> pluggy.PluginManager:
@@ -47,6 +56,30 @@ def selected_plugins(environ: Mapping[str, str] | None = None) -> list[metadata.
     return chosen
 
 
+def installed_plugin_names() -> set[str]:
+    """Every name :data:`PLUGIN_VARIABLES` can use: the entry points of group ``byok`` and their
+    distributions."""
+    names = set()
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        names.add(ep.name)
+        if ep.dist is not None:
+            names.add(ep.dist.name)
+    return names
+
+
+def unmatched_plugin_names(environ: Mapping[str, str] | None = None) -> dict[str, list[str]]:
+    """The names in ``BYOK_LOAD_PLUGINS`` and ``BYOK_BLOCK_PLUGINS`` that match no installed
+    plugin, by variable (only the variables with such names), each list sorted."""
+    env = os.environ if environ is None else environ
+    installed = installed_plugin_names()
+    found = {}
+    for variable in PLUGIN_VARIABLES:
+        unknown = sorted(_names(env.get(variable, "")) - installed)
+        if unknown:
+            found[variable] = unknown
+    return found
+
+
 def add_to(
     pm: pluggy.PluginManager,
     *,
@@ -69,6 +102,13 @@ def add_to(
         )
     pm.add_hookspecs(hookspecs)
     if load_entrypoints:
+        for variable, unknown in unmatched_plugin_names(environ).items():
+            log.warning(
+                "%s names %s, which no installed plugin is called (installed: %s)",
+                variable,
+                ", ".join(unknown),
+                ", ".join(sorted(installed_plugin_names())) or "none",
+            )
         chosen = {ep.name for ep in selected_plugins(environ)}
         skipped = {
             ep.name
