@@ -74,6 +74,7 @@ class StandIn:
         self.ledger: dict[str, UsageRecord] = {}
         self.record_calls = 0
         self.fail_records = 0
+        self.refuse_records = False  # a record refused for its own sake (a ValueError)
         self.charge_answers = True
         self.currency = "USD"
         self._lock = threading.Lock()
@@ -143,6 +144,8 @@ class StandIn:
     def byok_record_usage(self, record: UsageRecord) -> None:
         with self._lock:
             self.record_calls += 1
+            if self.refuse_records:
+                raise ValueError("the ledger refuses this record's workflow_id")
             if self.fail_records:
                 self.fail_records -= 1
                 raise RuntimeError("ledger briefly unavailable")
@@ -624,6 +627,26 @@ def test_a_ledger_that_stays_down_fails_the_block(
     pm.hook.byok_record_usage(record=call.usage_record())
     assert list(plugin.ledger) == [call.idempotency_key]
     assert plugin.ledger[call.idempotency_key].charge == call.charge
+
+
+def test_a_record_refused_for_its_own_sake_is_not_tried_again(
+    harness: Harness, plugin: StandIn
+) -> None:
+    # a ValueError (the default plugin's StoreRefusedValue is one) fails the same way on every
+    # try: the block fails at once, without the retries and their back-off meant for an outage
+    plugin.refuse_records = True
+    doc = {
+        "name": "one",
+        "version": "1",
+        "blocks": {"a": {"type": "agent", "model": "gpt-4o-mini", "prompt": "hi"}},
+    }
+    result = harness.run(parse_workflow(doc), options=RunnerOptions(record_attempts=3))
+    assert not result.ok
+    assert "could not be recorded" in (result.error or "")
+    assert "refuses this record's workflow_id" in (result.error or "")
+    assert plugin.record_calls == 1
+    (call,) = result.unrecorded
+    assert call.recorded is False
 
 
 def test_a_failed_block_is_charged_nothing_and_the_rest_is_skipped(

@@ -278,10 +278,16 @@ class Recording(BudgetHolds):
         self, record: UsageRecord, error: Exception, tries: int, keys: tuple[str, ...] = ()
     ) -> Exception | None:
         """Up to ``tries`` more ``byok_record_usage`` calls, backing off; the last error, or
-        ``None`` once one succeeds. Runs in a worker thread. The errors are logged redacted of
-        ``keys`` (the call's)."""
+        ``None`` once one succeeds. None after a ``ValueError``: the record refused for its own
+        sake (a value the store cannot hold: the default plugin's ``StoreRefusedValue``, which it
+        holds aside) fails the same way on every try. Runs in a worker thread. The errors are
+        logged redacted of ``keys`` (the call's)."""
         last = error
+        made = 1
         for attempt in range(1, tries + 1):
+            if isinstance(last, ValueError):
+                break
+            made += 1
             log.warning(
                 "recording %s failed (try %d): %s",
                 record.idempotency_key,
@@ -300,7 +306,7 @@ class Recording(BudgetHolds):
             record.usage.provider,
             record.idempotency_key,
             record.workspace_id,
-            tries + 1,
+            made,
             type(last).__name__,
             redact(str(last), *keys),
         )
