@@ -16,6 +16,7 @@ from byok_plugin.settings import Settings
 
 if TYPE_CHECKING:
     import pluggy
+    from byok_hookspecs import UsageRecord
     from sqlalchemy.engine import Engine
 
     from byok_plugin.billing.budgets import BudgetStore
@@ -295,7 +296,33 @@ class App:
             LedgerSpool(path),
             background=self.background_writes.submit,
             write_many=self.ledger.record_many,
+            settle=self._settle_replayed,
         )
+
+    def _settle_replayed(self, record: UsageRecord) -> None:
+        """The budget hold of a call whose spooled record a replay just wrote, settled with its
+        charge through ``byok_settle_budget`` (every plugin's, once bound; idempotent: nothing
+        changes when it was settled already or held nothing). An uncertain call's record is
+        charged nothing and keyed apart from its call: it settles nothing."""
+        from decimal import Decimal
+
+        from byok_hookspecs import BudgetSettlement
+
+        if record.status == "uncertain":
+            return
+        settlement = BudgetSettlement(
+            idempotency_key=record.idempotency_key,
+            workspace_id=record.workspace_id,
+            amount=record.charge.amount,
+            list_cost=record.charge.list_cost or Decimal(0),
+            source=record.source,
+        )
+        if self._hooks is not None:
+            self._hooks.hook.byok_settle_budget(settlement=settlement)
+            return
+        _, events = self.budgets.settle(settlement)
+        for event in events:  # thresholds crossed, once committed
+            self.audit_store.record(event)
 
     @cached_property
     def run_claims(self) -> RunClaims:

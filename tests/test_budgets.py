@@ -825,3 +825,45 @@ def test_a_settlement_whose_key_another_workspace_recorded_settles_nothing(
     assert status is not None
     assert (status.spent, status.reserved) == (0, Decimal("0.3"))
     assert app.ledger.get(key).workspace_id == "someone-else"  # type: ignore[union-attr]
+
+
+def test_a_replayed_spool_row_settles_its_calls_budget_hold(
+    app: App, pm: pluggy.PluginManager, clock: Clock
+) -> None:
+    # while the store was down, a call's row went to the local spool and its settlement failed
+    # too: the replay that writes the row settles the hold, lapsed or not, once
+    from dataclasses import replace
+
+    from ledger_support import record_for
+
+    app.budgets.set_budget(WS, "monthly", limit="1.00")
+    calls = [replace(record_for(n, workspace=WS), occurred_at=START) for n in (1, 4)]
+    for record in calls:  # two platform-billed calls, holding 0.30 each
+        pm.hook.byok_reserve_budget(
+            reservation=reservation(record.idempotency_key, "0.30", hold_seconds=60)
+        )
+        app.durable_ledger.spool.add(record, "the store did not answer")
+    clock.advance(seconds=30)
+    assert app.durable_ledger.replay().replayed == 1 + 1
+    spent = sum((r.charge.amount for r in calls), Decimal(0))
+    assert spent > 0
+    status = app.budgets.get(WS, "monthly")
+    assert status is not None
+    assert (status.spent, status.reserved) == (spent, 0)
+    # a call whose hold lapsed before the replay still spends what it cost
+    late = replace(record_for(7, workspace=WS), occurred_at=START)
+    pm.hook.byok_reserve_budget(
+        reservation=reservation(late.idempotency_key, "0.30", hold_seconds=60)
+    )
+    app.durable_ledger.spool.add(late, "the store did not answer")
+    clock.advance(seconds=120)
+    app.budgets.reserve(reservation("r:expiring", "0.01"))  # a reservation expires lapsed holds
+    app.durable_ledger.replay()
+    status = app.budgets.get(WS, "monthly")
+    assert status is not None
+    assert status.spent == spent + late.charge.amount
+    # a replay of rows already recorded settles nothing twice
+    for record in [*calls, late]:
+        app.durable_ledger.spool.add(record, "written twice")
+    app.durable_ledger.replay()
+    assert app.budgets.get(WS, "monthly").spent == spent + late.charge.amount  # type: ignore[union-attr]

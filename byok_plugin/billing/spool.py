@@ -466,14 +466,19 @@ class DurableLedger:
         clock: Callable[[], float] = time.monotonic,
         background: Callable[[Callable[[], object], str], None] | None = None,
         write_many: Callable[[Sequence[UsageRecord]], int] | None = None,
+        settle: Callable[[UsageRecord], object] | None = None,
     ) -> None:
         """:param background: runs a replay off an event loop's thread
         (:meth:`byok_plugin.resolution.background_writes.BackgroundWrites.submit`); without it, a record
         made on an event loop never replays.
         :param write_many: the store's write of several records in one transaction
-        (:meth:`byok_plugin.billing.ledger.Ledger.record_many`), for :meth:`record_many`."""
+        (:meth:`byok_plugin.billing.ledger.Ledger.record_many`), for :meth:`record_many`.
+        :param settle: settles the budget hold of a record a replay wrote (idempotent): the call
+        ran while the store was down, so its settlement most likely failed too, and its hold
+        would lapse without spending what the call cost."""
         self._write = write
         self._write_many = write_many
+        self._settle = settle
         self._background = background
         self.spool = spool
         self._clock = clock
@@ -636,13 +641,31 @@ class DurableLedger:
         elif self._background is not None:
             self._background(self.replay, "replaying the local ledger spool")
 
+    def _write_replayed(self, record: UsageRecord) -> bool:
+        """A spooled record into the store, then its budget hold settled (a settlement that
+        fails is logged: the hold then lapses, as it would have)."""
+        new = self._write(record)
+        if self._settle is not None:
+            try:
+                self._settle(record)
+            except Exception as exc:
+                log.warning(
+                    "the budget hold of replayed call %s of workspace %r is not settled (it "
+                    "lapses at its expiry): %s: %s",
+                    record.idempotency_key,
+                    record.workspace_id,
+                    type(exc).__name__,
+                    exc,
+                )
+        return new
+
     def replay(self) -> ReplayResult:
         """Write the spooled rows to the store (one replay at a time in this process; another
         process replaying the same rows at once is harmless: the ledger is idempotent)."""
         if not self._replaying.acquire(blocking=False):
             return ReplayResult(0, 0, -1, "a replay is already running in this process")
         try:
-            result = self.spool.replay_into(self._write)
+            result = self.spool.replay_into(self._write_replayed)
         except SpoolUnavailable as exc:
             return ReplayResult(0, 0, -1, str(exc))
         finally:
