@@ -80,6 +80,29 @@ def test_the_store_reads_newest_first_by_workspace_since_and_limit(stack: Stack)
         store.events("acme", since=datetime(2026, 11, 1))
 
 
+def test_an_event_with_values_too_long_or_unstorable_still_lands(stack: Stack) -> None:
+    # a host's actor id (a SPIFFE id), a provider name, a key id longer than their columns, a
+    # NUL in a label: on PostgreSQL the event was refused (and only logged); evidence must land
+    store = stack.app.audit_store
+    spiffe = "spiffe://platform.example/ns/tenants/sa/" + "workflow-runner-" * 12
+    store.record(
+        _event(
+            1,
+            actor_id=spiffe,
+            provider="p" * 60,
+            key_id="k" * 100,
+            detail="label 'team\x00\ud800' refused",
+        )
+    )
+    store.record(_event(2, actor_id=spiffe + "-other"))
+    second, first = store.events("acme")
+    assert len(first.actor_id or "") == 200
+    assert (first.actor_id or "").startswith(spiffe[:150])
+    assert first.actor_id != second.actor_id  # two long ids stay apart
+    assert (len(first.provider or ""), len(first.key_id or "")) == (40, 80)
+    assert first.detail == "label 'team\\x00\\ud800' refused"
+
+
 def test_admins_and_operators_read_members_and_outsiders_are_refused_and_audited(
     stack: Stack,
 ) -> None:

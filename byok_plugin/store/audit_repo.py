@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime
 from typing import Any
 
@@ -12,7 +13,26 @@ from sqlalchemy.engine import Engine
 from byok_plugin.store.engine import store_errors, write_transaction
 from byok_plugin.store.tables import audit_events
 
-__all__ = ["AuditStore"]
+__all__ = ["AuditStore", "storable"]
+
+#: the audit table's text columns, and how many characters each holds (``None``: any)
+_TEXT_COLUMNS = {
+    c.name: getattr(c.type, "length", None) for c in audit_events.c if isinstance(c.type, sa.String)
+}
+
+
+def storable(text: str, length: int | None) -> str:
+    """``text`` as every store takes it into a column of ``length`` characters: a NUL and a lone
+    surrogate (which PostgreSQL or the driver refuse) written as escapes, and a text too long
+    cut and ended with ``~`` and 16 hex digits of its SHA-256, so that two long values stay
+    apart. An audit event is evidence: it must land whatever a host or a user put in it (an
+    actor id longer than the column, a label with a NUL), not be refused with its change."""
+    if "\x00" in text or any("\ud800" <= c <= "\udfff" for c in text):
+        text = text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
+    if length is not None and len(text) > length:
+        digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+        text = text[: length - 17] + "~" + digest
+    return text
 
 
 class AuditStore:
@@ -29,18 +49,19 @@ class AuditStore:
             store_errors("writing an audit event", workspace_id=event.workspace_id),
             write_transaction(self._engine) as conn,
         ):
-            conn.execute(
-                sa.insert(audit_events).values(
-                    occurred_at=event.occurred_at,
-                    action=event.action,
-                    workspace_id=event.workspace_id,
-                    actor_id=event.actor_id,
-                    outcome=event.outcome,
-                    provider=event.provider,
-                    key_id=event.key_id,
-                    detail=event.detail,
-                )
-            )
+            values: dict[str, Any] = {
+                "action": event.action,
+                "workspace_id": event.workspace_id,
+                "actor_id": event.actor_id,
+                "outcome": event.outcome,
+                "provider": event.provider,
+                "key_id": event.key_id,
+                "detail": event.detail,
+            }
+            for name, value in values.items():
+                if isinstance(value, str):
+                    values[name] = storable(value, _TEXT_COLUMNS[name])
+            conn.execute(sa.insert(audit_events).values(occurred_at=event.occurred_at, **values))
 
     def events(
         self,
