@@ -11,6 +11,7 @@ import logging
 import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -845,3 +846,37 @@ def test_a_platform_key_given_as_a_block_key_is_refused(world: World) -> None:
     with pytest.raises(CredentialUnavailable, match="is one of the platform's keys") as info:
         w.resolve("acme", "openai", "gpt-4o", block_key=platform_key, block_id="b")
     assert platform_key not in str(info.value)
+
+
+def test_a_block_key_of_a_long_block_id_is_referenced_within_the_ledger_and_audit(
+    any_world: World,
+) -> None:
+    # a host's block ids may be long (the reference runner's are at most 64 characters): its
+    # block key's reference must still fit the ledger's key_id (120) and the audit's (80)
+    from byok_hookspecs import Charge, Usage, UsageRecord
+
+    w = any_world
+    block = random_key("openai")
+    long_id = "pipeline/" + "stage-" * 24 + "summarise"
+    credential = w.resolve("acme", "openai", "gpt-4o", block_key=block, block_id=long_id)
+    assert credential.key_id is not None
+    assert credential.key_id.startswith("block:")
+    assert len(credential.key_id) <= 80
+    other = w.resolve("acme", "openai", "gpt-4o", block_key=block, block_id=long_id + "-2")
+    assert other.key_id != credential.key_id
+    short = w.resolve("acme", "openai", "gpt-4o", block_key=block, block_id="b1")
+    assert short.key_id == "block:b1"
+    w.pm.hook.byok_record_usage(
+        record=UsageRecord(
+            idempotency_key="run-long:block:1",
+            workspace_id="acme",
+            usage=Usage("openai", "gpt-4o", input_tokens=10, output_tokens=5),
+            charge=Charge(amount=Decimal(0), reason="block_key"),
+            source=credential.source,
+            key_id=credential.key_id,
+            block_id=long_id[:200],
+        )
+    )
+    row = w.app.ledger.get("run-long:block:1")
+    assert row is not None
+    assert row.key_id == credential.key_id

@@ -105,6 +105,18 @@ MAX_COOLDOWN_SECONDS = 3600.0
 LISTENING_CACHE_SECONDS = 60.0
 
 
+def block_key_id(block_id: str | None) -> str:
+    """The safe reference of a block's own key: ``block:<block id>``, or, for a block id longer
+    than a key reference may be (80 characters: the audit's and the ledger's ``key_id`` columns
+    hold it; a host's block ids may be any length), ``block:`` and a digest of the id."""
+    if not block_id:
+        return "block"
+    key_id = f"block:{block_id}"
+    if len(key_id) <= 80:
+        return key_id
+    return "block:" + hashlib.sha256(block_id.encode("utf-8", "backslashreplace")).hexdigest()[:32]
+
+
 class HookCaller(Protocol):
     """The part of a pluggy manager resolution uses: ``pm.hook``."""
 
@@ -515,7 +527,7 @@ class Resolver:
             api_key=request.block_key,
             provider=request.provider,
             source=CredentialSource.BLOCK,
-            key_id=f"block:{request.block_id}" if request.block_id else "block",
+            key_id=block_key_id(request.block_id),
             hint=mask_key(request.block_key),
         )
 
