@@ -206,13 +206,20 @@ def test_an_empty_range_says_so(env: dict[str, str]) -> None:
         (["--since", "2026-11-05", "--until", "2026-11-01"], "must be after --since"),
         (["--by", "colour"], "colour is not a grouping"),
         (["--json", "--csv"], "choose one of --json and --csv"),
+        (["--until", "9999-12-31"], "beyond the dates this command can count with"),
+        (["--since", "0001-01-01T00:00:00+14:00"], "beyond the dates"),
+        (["--until", "9999-12-31T23:59:59-12:00"], "beyond the dates"),
     ],
 )
 def test_bad_options_are_clear_errors(env: dict[str, str], args: list[str], expected: str) -> None:
-    result = CliRunner().invoke(main, ["usage", *args], env=env)
-    assert result.exit_code == 2
-    assert expected in result.output
-    assert "Traceback" not in result.output
+    commands = [["usage"]]
+    if args[0] in ("--since", "--until") and "beyond" in expected:  # the same dates everywhere
+        commands += [["reconcile"], ["audit"]] if args[0] == "--since" else [["reconcile"]]
+    for command in commands:
+        result = CliRunner().invoke(main, [*command, *args], env=env)
+        assert result.exit_code == 2, (command, result.output)
+        assert expected in result.output
+        assert "Traceback" not in result.output
 
 
 def test_fallback_show_and_set(env: dict[str, str]) -> None:

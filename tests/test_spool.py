@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -435,3 +436,21 @@ def test_a_run_id_whose_calls_went_to_the_spool_is_refused_when_reused(
             run(PLATFORM_WORKSPACE)
     finally:
         stack.close()
+
+
+def test_an_unreadable_spool_is_said_loudly_when_a_record_would_replay_it(
+    tmp_path: Path, sqlite_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a spool file whose pages are damaged (or that is not SQLite at all) may hold the only trace
+    # of completed calls: the replay a record triggers reports it at ERROR, not silently
+    spool = tmp_path / "spool.db"
+    spool.write_bytes(b"SQLite format 3\x00" + b"\xff" * 4000)
+    app = app_for(tmp_path, sqlite_url, BYOK_LEDGER_SPOOL=str(spool))
+    try:
+        with caplog.at_level(logging.ERROR, logger="byok"):
+            assert app.durable_ledger.record(record_for(1)) is True  # the store takes the row
+        errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert any("could not be replayed" in r.getMessage() for r in errors), caplog.text
+        assert str(spool) in caplog.text
+    finally:
+        app.close()

@@ -667,6 +667,9 @@ class DurableLedger:
         try:
             result = self.spool.replay_into(self._write_replayed)
         except SpoolUnavailable as exc:
+            # unreadable (damaged pages, not SQLite): its rows may be the only trace of completed
+            # calls, so this is said loudly, not only to whoever asked for the replay
+            log.error("the local ledger spool could not be replayed: %s", exc)
             return ReplayResult(0, 0, -1, str(exc))
         finally:
             self._replaying.release()

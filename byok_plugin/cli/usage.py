@@ -64,22 +64,30 @@ def parse_when(
     to ``--until`` includes that whole day."""
     if value is None:
         return None
-    text = value.strip()
-    moment = _relative(text.lower(), end=end, now=now or datetime.now(UTC))
-    if moment is not None:
-        return moment
     try:
-        if len(text) == 10:
-            day = date.fromisoformat(text)
-            start = datetime.combine(day, time.min, tzinfo=UTC)
-            return start + timedelta(days=1) if end else start
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        return _when(value.strip(), end=end, now=now or datetime.now(UTC))
     except ValueError:
         raise click.BadParameter(
             f"{value!r} is not a date (YYYY-MM-DD), an ISO 8601 time or one of "
             f"{', '.join(RELATIVE)}",
             param_hint=option,
         ) from None
+    except OverflowError:  # 9999-12-31 as an end, 0001-01-01 east of UTC, 9999999d
+        raise click.BadParameter(
+            f"{value!r} is beyond the dates this command can count with (years 1 to 9999, UTC)",
+            param_hint=option,
+        ) from None
+
+
+def _when(text: str, *, end: bool, now: datetime) -> datetime:
+    moment = _relative(text.lower(), end=end, now=now)
+    if moment is not None:
+        return moment
+    if len(text) == 10:
+        day = date.fromisoformat(text)
+        start = datetime.combine(day, time.min, tzinfo=UTC)
+        return start + timedelta(days=1) if end else start
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
