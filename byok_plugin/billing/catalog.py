@@ -17,7 +17,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from byok_plugin.core.json_file import JsonFileError, read_json_file
+from byok_plugin.core.json_file import JsonFileError, printable_text, read_json_file
 
 __all__ = [
     "Catalog",
@@ -102,7 +102,8 @@ class Catalog:
 
 
 def _fail(source: str, path: str, message: str) -> CatalogError:
-    return CatalogError(f"catalog {source}: {path}: {message}")
+    # the path holds the file's own keys: written so that the message stays one printable line
+    return CatalogError(f"catalog {source}: {printable_text(path)}: {message}")
 
 
 def _read_json(path: Path) -> Any:
@@ -116,6 +117,8 @@ def _read_json(path: Path) -> Any:
 def _str(source: str, path: str, value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise _fail(source, path, f"must be a non-empty string, not {value!r}")
+    if not value.isprintable():  # shown on the settings page and in messages
+        raise _fail(source, path, f"must not hold control characters, not {value!r}")
     return value
 
 
@@ -165,6 +168,7 @@ def parse_catalog(data: Any, source: str = "<catalog>") -> Catalog:
     providers: dict[str, ProviderInfo] = {}
     for pid, entry in raw_providers.items():
         path = f"providers.{pid}"
+        _str(source, path, pid)
         if not isinstance(entry, Mapping):
             raise _fail(source, path, "must be an object")
         providers[pid] = ProviderInfo(
@@ -177,6 +181,7 @@ def parse_catalog(data: Any, source: str = "<catalog>") -> Catalog:
     by_name: dict[tuple[str, str], ModelInfo] = {}
     for mid, entry in raw_models.items():
         path = f"models.{mid}"
+        _str(source, path, mid)
         if not isinstance(entry, Mapping):
             raise _fail(source, path, "must be an object")
         provider = _str(source, f"{path}.provider", entry.get("provider"))
