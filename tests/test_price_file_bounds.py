@@ -271,3 +271,28 @@ def test_litellm_prices_at_the_cap_give_the_largest_charge_and_one_more_is_refus
         assert (stored.amount, stored.list_cost) == (charge.amount, charge.list_cost)
     finally:
         app.close()
+
+
+@pytest.mark.parametrize(
+    ("providers", "expected"),
+    [
+        ({"p" * 41: {"name": "P"}}, "a provider id is at most 40 characters"),
+        (
+            {"openai": {"env_prefixes": ["OPEN AI"]}},
+            "providers.openai.env_prefixes[0]: must be 1-40 letters, digits or '_'",
+        ),
+        (
+            {"openai": {"env_prefixes": ["OPENAI", "K" * 41]}},
+            "providers.openai.env_prefixes[1]: must be 1-40",
+        ),
+        ({"openai": {"env_prefixes": ["OPENAI\x1b"]}}, "env_prefixes[0]: must not hold control"),
+    ],
+)
+def test_catalog_text_that_names_platform_keys_fits_the_key_id_columns(
+    tmp_path: Path, providers: dict, expected: str
+) -> None:
+    # a platform key's id is env:<prefix>_API_KEY_<n> or env:BYOK_PLATFORM_KEYS_<PROVIDER>[i],
+    # recorded with every call it serves (ledger key_id VARCHAR(120), audit key_id VARCHAR(80))
+    path = tmp_path / "catalog.json"
+    path.write_text(json.dumps({"providers": providers}))
+    assert expected in _refusal(path, CatalogError)

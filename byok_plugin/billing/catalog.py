@@ -10,6 +10,7 @@ enough to stop hosting one model. Any plugin can also answer ``byok_is_hosted`` 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -32,6 +33,12 @@ __all__ = [
 
 SHIPPED = "catalog.json"
 MODEL_KINDS = frozenset({"chat", "tool"})
+#: the longest provider id: what the ledger's provider column holds
+MAX_PROVIDER_LENGTH = 40
+#: a provider's key variable prefix (``OPENAI`` for ``OPENAI_API_KEY_2``): a variable name's
+#: characters, short enough that the platform key's id (``env:OPENAI_API_KEY_2``) fits the
+#: ledger's and the audit log's key id columns
+_ENV_PREFIX = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,39}")
 
 
 class CatalogError(ValueError):
@@ -169,12 +176,23 @@ def parse_catalog(data: Any, source: str = "<catalog>") -> Catalog:
     for pid, entry in raw_providers.items():
         path = f"providers.{pid}"
         _str(source, path, pid)
+        if len(pid) > MAX_PROVIDER_LENGTH:
+            raise _fail(source, path, f"a provider id is at most {MAX_PROVIDER_LENGTH} characters")
         if not isinstance(entry, Mapping):
             raise _fail(source, path, "must be an object")
+        prefixes = _str_list(source, f"{path}.env_prefixes", entry.get("env_prefixes", []))
+        for i, prefix in enumerate(prefixes):
+            if not _ENV_PREFIX.fullmatch(prefix):
+                raise _fail(
+                    source,
+                    f"{path}.env_prefixes[{i}]",
+                    f"must be 1-40 letters, digits or '_' (a variable name's start, such as "
+                    f"'OPENAI'), not {prefix!r}",
+                )
         providers[pid] = ProviderInfo(
             id=pid,
             name=_str(source, f"{path}.name", entry.get("name", pid)),
-            env_prefixes=_str_list(source, f"{path}.env_prefixes", entry.get("env_prefixes", [])),
+            env_prefixes=prefixes,
         )
 
     models: dict[str, ModelInfo] = {}
