@@ -10,6 +10,7 @@ enough to stop hosting one model. Any plugin can also answer ``byok_is_hosted`` 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -17,7 +18,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from byok_plugin.core.json_file import JsonFileError, read_json_file
+from byok_plugin.core.json_file import JsonFileError, printable_text, read_json_file
 
 __all__ = [
     "Catalog",
@@ -32,6 +33,12 @@ __all__ = [
 
 SHIPPED = "catalog.json"
 MODEL_KINDS = frozenset({"chat", "tool"})
+#: the longest provider id: what the ledger's provider column holds
+MAX_PROVIDER_LENGTH = 40
+#: a provider's key variable prefix (``OPENAI`` for ``OPENAI_API_KEY_2``): a variable name's
+#: characters, short enough that the platform key's id (``env:OPENAI_API_KEY_2``) fits the
+#: ledger's and the audit log's key id columns
+_ENV_PREFIX = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,39}")
 
 
 class CatalogError(ValueError):
@@ -102,7 +109,8 @@ class Catalog:
 
 
 def _fail(source: str, path: str, message: str) -> CatalogError:
-    return CatalogError(f"catalog {source}: {path}: {message}")
+    # the path holds the file's own keys: written so that the message stays one printable line
+    return CatalogError(f"catalog {source}: {printable_text(path)}: {message}")
 
 
 def _read_json(path: Path) -> Any:
@@ -116,6 +124,8 @@ def _read_json(path: Path) -> Any:
 def _str(source: str, path: str, value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise _fail(source, path, f"must be a non-empty string, not {value!r}")
+    if not value.isprintable():  # shown on the settings page and in messages
+        raise _fail(source, path, f"must not hold control characters, not {value!r}")
     return value
 
 
@@ -165,18 +175,31 @@ def parse_catalog(data: Any, source: str = "<catalog>") -> Catalog:
     providers: dict[str, ProviderInfo] = {}
     for pid, entry in raw_providers.items():
         path = f"providers.{pid}"
+        _str(source, path, pid)
+        if len(pid) > MAX_PROVIDER_LENGTH:
+            raise _fail(source, path, f"a provider id is at most {MAX_PROVIDER_LENGTH} characters")
         if not isinstance(entry, Mapping):
             raise _fail(source, path, "must be an object")
+        prefixes = _str_list(source, f"{path}.env_prefixes", entry.get("env_prefixes", []))
+        for i, prefix in enumerate(prefixes):
+            if not _ENV_PREFIX.fullmatch(prefix):
+                raise _fail(
+                    source,
+                    f"{path}.env_prefixes[{i}]",
+                    f"must be 1-40 letters, digits or '_' (a variable name's start, such as "
+                    f"'OPENAI'), not {prefix!r}",
+                )
         providers[pid] = ProviderInfo(
             id=pid,
             name=_str(source, f"{path}.name", entry.get("name", pid)),
-            env_prefixes=_str_list(source, f"{path}.env_prefixes", entry.get("env_prefixes", [])),
+            env_prefixes=prefixes,
         )
 
     models: dict[str, ModelInfo] = {}
     by_name: dict[tuple[str, str], ModelInfo] = {}
     for mid, entry in raw_models.items():
         path = f"models.{mid}"
+        _str(source, path, mid)
         if not isinstance(entry, Mapping):
             raise _fail(source, path, "must be an object")
         provider = _str(source, f"{path}.provider", entry.get("provider"))

@@ -51,7 +51,7 @@ from typing import Any
 
 from byok_hookspecs import Usage
 
-from byok_plugin.core.json_file import JsonFileError, read_json_file
+from byok_plugin.core.json_file import JsonFileError, printable_text, read_json_file
 
 __all__ = [
     "LITELLM_PROVIDERS",
@@ -115,9 +115,18 @@ _ENTRY_FIELDS = frozenset(
 )
 
 
-#: no list price is higher (USD per 1M tokens, or per request); amounts stay within the ledger's
-#: NUMERIC(30, 12) and Decimal's default precision
+#: no list price is higher (USD per 1M tokens, or per request), in either file format (a LiteLLM
+#: price per token is checked once converted to per 1M tokens); with the providers' token counts
+#: and the charge multiplier bounded too, amounts stay within the ledger's NUMERIC(30, 12) and
+#: Decimal's default precision
 _MAX_PRICE = Decimal(1_000_000)
+#: the longest ``version`` a price file may declare: the ledger records the shipped table's and
+#: the file's joined (``2026-12-04+<version>``) in a VARCHAR(200), with every charge
+MAX_VERSION_LENGTH = 64
+#: the longest provider and model (or tool) names of a price entry: what the ledger's columns
+#: hold (a longer name could never match a recorded call)
+MAX_PROVIDER_LENGTH = 40
+MAX_MODEL_LENGTH = 200
 
 
 class PriceError(ValueError):
@@ -236,10 +245,19 @@ class PriceTable:
 
 
 def _fail(source: str, path: str, message: str) -> PriceError:
-    return PriceError(f"prices {source}: {path}: {message}")
+    # the path holds the file's own keys: written so that the message stays one printable line
+    return PriceError(f"prices {source}: {printable_text(path)}: {message}")
 
 
-def _decimal(source: str, path: str, value: Any) -> Decimal:
+def _shown(text: str, longest: int = 40) -> str:
+    """``text`` quoted for a message: printable, and cut after ``longest`` characters."""
+    cut = text if len(text) <= longest else text[:longest] + "..."
+    return f"'{printable_text(cut)}'"
+
+
+def _decimal(source: str, path: str, value: Any, per_token: bool = False) -> Decimal:
+    """A price: a finite number from 0 to :data:`_MAX_PRICE`; with ``per_token`` (LiteLLM's
+    USD per token), the price per 1M tokens it is, held to the same bound."""
     if isinstance(value, bool) or value is None:
         raise _fail(source, path, f"must be a number, not {value!r}")
     try:
@@ -248,6 +266,13 @@ def _decimal(source: str, path: str, value: Any) -> Decimal:
         raise _fail(source, path, f"must be a number, not {value!r}") from None
     if not number.is_finite() or number < 0:
         raise _fail(source, path, f"must be a finite number >= 0, not {value!r}")
+    if per_token and number > _MAX_PRICE / MILLION:
+        raise _fail(
+            source,
+            path,
+            f"must be at most {_MAX_PRICE / MILLION} (USD per token: {_MAX_PRICE} per 1M "
+            f"tokens), not {value!r}",
+        )
     if number > _MAX_PRICE:
         raise _fail(source, path, f"must be at most {_MAX_PRICE} (USD), not {value!r}")
     return number
@@ -275,6 +300,7 @@ def _parse_entry(source: str, key: str, entry: Any) -> Price:
     provider, sep, model = key.partition("/")
     if not sep or not provider or not model:
         raise _fail(source, path, "the key must be 'provider/model', e.g. 'openai/gpt-4o'")
+    _check_name(source, path, provider, model)
     unknown = set(entry) - _ENTRY_FIELDS
     if unknown:
         raise _fail(source, path, f"unknown fields {sorted(unknown)}")
@@ -318,6 +344,44 @@ def _parse_entry(source: str, key: str, entry: Any) -> Price:
     )
 
 
+def _check_name(source: str, path: str, provider: str, model: str) -> None:
+    """A price entry's provider and model (or tool) name: printable, and no longer than the
+    ledger's columns."""
+    for what, name, longest in (
+        ("provider", provider, MAX_PROVIDER_LENGTH),
+        ("name", model, MAX_MODEL_LENGTH),
+    ):
+        if not name.isprintable():
+            raise _fail(source, path, f"the {what} {_shown(name)} holds a control character")
+        if len(name) > longest:
+            raise _fail(
+                source, path, f"the {what} is longer than {longest} characters: {_shown(name)}"
+            )
+
+
+def _check_version(source: str, declared: Any) -> None:
+    """The ``version`` a price file declares: a non-empty line of printable characters, at most
+    :data:`MAX_VERSION_LENGTH` of them (it is recorded with every charge)."""
+    if declared is None:
+        return
+    if not isinstance(declared, str) or not declared.strip():
+        raise _fail(source, "version", f"must be a non-empty string, not {declared!r}")
+    if not declared.isprintable():
+        raise _fail(
+            source,
+            "version",
+            f"must not hold control characters (it is recorded with every charge), "
+            f"not {_shown(declared)}",
+        )
+    if len(declared) > MAX_VERSION_LENGTH:
+        raise _fail(
+            source,
+            "version",
+            f"must be at most {MAX_VERSION_LENGTH} characters (it is recorded with every "
+            f"charge), not {len(declared)}: {_shown(declared)}",
+        )
+
+
 def parse_price_table(
     data: Any, source: str = "<prices>", version: str | None = None
 ) -> PriceTable:
@@ -339,8 +403,7 @@ def parse_price_table(
     if unknown:
         raise _fail(source, "$", f"unknown fields {sorted(unknown)}")
     declared = data.get("version")
-    if declared is not None and (not isinstance(declared, str) or not declared.strip()):
-        raise _fail(source, "version", f"must be a non-empty string, not {declared!r}")
+    _check_version(source, declared)
     return PriceTable(
         version=declared or version or "unversioned",
         entries=MappingProxyType(entries),
@@ -365,6 +428,7 @@ def _parse_tools(source: str, raw: Any) -> dict[tuple[str, str], Price]:
             raise _fail(
                 source, path, "the key must be 'provider/tool', e.g. 'anthropic/web_search'"
             )
+        _check_name(source, path, provider, name)
         if not isinstance(entry, Mapping):
             raise _fail(source, path, "must be an object")
         unknown = set(entry) - _TOOL_FIELDS
@@ -383,7 +447,7 @@ def _parse_tools(source: str, raw: Any) -> dict[tuple[str, str], Price]:
 
 
 def _per_million(source: str, path: str, value: Any) -> Decimal:
-    number = (_decimal(source, path, value) * MILLION).normalize()
+    number = (_decimal(source, path, value, per_token=True) * MILLION).normalize()
     # normalize() writes 10 as 1E+1; keep whole numbers whole
     exponent = number.as_tuple().exponent
     return number.quantize(Decimal(1)) if isinstance(exponent, int) and exponent > 0 else number
@@ -426,6 +490,7 @@ def _litellm_entry(source: str, key: str, entry: Mapping[str, Any]) -> Price | N
         return None
     provider, model = _litellm_name(key, litellm_provider)
     path = key
+    _check_name(source, path, provider, model)
     if mode == "search":
         per_query = entry.get("input_cost_per_query")
         if per_query is None and isinstance(entry.get("tiered_pricing"), list):

@@ -50,6 +50,7 @@ class ReconcileLine:
         return self.reported_cost - self.table_cost
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: amounts as decimal strings in plain notation (never ``1E-7``)."""
         return {
             "provider": self.provider,
             "key_id": self.key_id,
@@ -57,13 +58,13 @@ class ReconcileLine:
             "calls": self.calls,
             "reported_calls": self.reported_calls,
             "uncertain_calls": self.uncertain_calls,
-            "uncertain_estimated_cost": str(self.uncertain_estimated_cost),
+            "uncertain_estimated_cost": format(self.uncertain_estimated_cost, "f"),
             "interrupted_calls": self.interrupted_calls,
             "unpriced_calls": self.unpriced_calls,
-            "list_cost": str(self.list_cost),
-            "reported_cost": str(self.reported_cost),
-            "table_cost": str(self.table_cost),
-            "difference": str(self.difference),
+            "list_cost": format(self.list_cost, "f"),
+            "reported_cost": format(self.reported_cost, "f"),
+            "table_cost": format(self.table_cost, "f"),
+            "difference": format(self.difference, "f"),
         }
 
 

@@ -109,7 +109,8 @@ class Totals:
         return (Decimal(self.byok_calls) / Decimal(self.calls)).quantize(_SHARE)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: amounts as decimal strings (never floats)."""
+        """JSON-ready: amounts as decimal strings in plain notation (``0.0000001``, never
+        ``1E-7``; never floats)."""
         return {
             "calls": self.calls,
             "byok_calls": self.byok_calls,
@@ -117,13 +118,13 @@ class Totals:
             "block_key_calls": self.block_calls,
             "fallback_calls": self.fallback_calls,
             "unpriced_calls": self.unpriced_calls,
-            "byok_share": str(self.byok_share),
+            "byok_share": format(self.byok_share, "f"),
             **{name: getattr(self, name) for name in _TOKENS},
-            "list_cost": str(self.list_cost),
-            "charged": str(self.charged),
-            "byok_saved": str(self.byok_saved),
+            "list_cost": format(self.list_cost, "f"),
+            "charged": format(self.charged, "f"),
+            "byok_saved": format(self.byok_saved, "f"),
             "uncertain_calls": self.uncertain_calls,
-            "uncertain_estimated_cost": str(self.uncertain_estimated_cost),
+            "uncertain_estimated_cost": format(self.uncertain_estimated_cost, "f"),
             "estimated_calls": self.estimated_calls,
         }
 

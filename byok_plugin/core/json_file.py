@@ -22,7 +22,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MAX_BYTES", "MAX_DEPTH", "JsonFileError", "json_path", "read_json_file"]
+__all__ = [
+    "MAX_BYTES",
+    "MAX_DEPTH",
+    "JsonFileError",
+    "json_path",
+    "printable_text",
+    "read_json_file",
+]
 
 #: LiteLLM's whole price map is about 1.5 MB; ten times more than any price or catalog file needs
 MAX_BYTES = 16 * 1024 * 1024
@@ -32,6 +39,13 @@ MAX_DEPTH = 32
 
 class JsonFileError(ValueError):
     """An operator's JSON file cannot be used; the message names it (and the JSON path)."""
+
+
+def printable_text(text: str) -> str:
+    """``text`` with each character that is not printable (a control character, a line break, a
+    bidi override) written ``\\uXXXX``: a message quoting a file's keys stays one line that a
+    terminal shows as it is."""
+    return "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in text)
 
 
 def json_path(parent: str, key: str | int) -> str:
@@ -61,7 +75,7 @@ def read_json_file(
     """
 
     def fail(detail: str) -> JsonFileError:
-        return JsonFileError(f"{what} {path}: {detail}")
+        return JsonFileError(printable_text(f"{what} {path}: {detail}"))
 
     not_regular = "is not a regular file (a directory, device or pipe cannot be read)"
     try:

@@ -97,10 +97,12 @@ class CallResult:
                 "total_tokens": self.usage.total_tokens,
             },
             "charge": {
-                "amount": str(self.charge.amount),
+                "amount": format(self.charge.amount, "f"),
                 "currency": self.charge.currency,
                 "reason": self.charge.reason,
-                "list_cost": None if self.charge.list_cost is None else str(self.charge.list_cost),
+                "list_cost": (
+                    None if self.charge.list_cost is None else format(self.charge.list_cost, "f")
+                ),
             },
             "rejected": [
                 {
@@ -179,7 +181,7 @@ class BlockResult:
             "source": self.source if self.calls else None,
             "fallback": self.fallback,
             "tokens": self.total_tokens,
-            "charge": str(self.charge),
+            "charge": format(self.charge, "f"),
             "latency_s": round(self.latency, 6),
             "attempts": self.attempts,
             "error": self.error,
@@ -268,10 +270,10 @@ class RunResult:
                 "calls": len(self.calls),
                 "unrecorded": len(self.unrecorded),
                 "tokens": self.total_tokens,
-                "charge": str(self.total_charge),
-                "list_cost": str(self.total_list_cost),
+                "charge": format(self.total_charge, "f"),
+                "list_cost": format(self.total_list_cost, "f"),
                 "currency": self.currency,
-                "by_currency": {k: str(v) for k, v in self.charges_by_currency.items()},
+                "by_currency": {k: format(v, "f") for k, v in self.charges_by_currency.items()},
                 "latency_s": round(self.latency, 6),
             },
         }

@@ -408,7 +408,7 @@ class BudgetRoutes:
                     workspace_id=workspace_id,
                     actor_id=actor.id,
                     key_id=budget.key_id,
-                    detail=f"budget {budget.name!r}: limit {budget.limit} USD",
+                    detail=f"budget {budget.name!r}: limit {budget.limit:f} USD",
                     occurred_at=self.api.app.clock(),
                 )
             )

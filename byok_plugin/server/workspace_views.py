@@ -3,7 +3,8 @@ what its own keys saved; by model and by workflow, block and key) and its fallba
 
 Members read both (``usage.read``, ``keys.read``); admins change the fallback policy
 (``keys.manage``), audited as ``settings.fallback_policy``, as ``byok fallback set`` does.
-Amounts are decimal strings, never floats.
+Amounts are decimal strings in plain notation (``0.0000001``, never ``1E-7``: the API's
+``Money`` pattern), never floats.
 """
 
 from __future__ import annotations
@@ -63,10 +64,10 @@ class _Sums:
             "calls": self.calls,
             "byok_calls": self.byok_calls,
             "platform_calls": self.platform_calls,
-            "byok_cost": str(self.byok_cost),
-            "platform_charged": str(self.platform_charged),
+            "byok_cost": format(self.byok_cost, "f"),
+            "platform_charged": format(self.platform_charged, "f"),
             # the platform would have charged the own keys' calls at least their list price
-            "byok_saved": str(self.byok_cost),
+            "byok_saved": format(self.byok_cost, "f"),
         }
 
 
