@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
-from byok_hookspecs import CredentialSource
+from byok_hookspecs import CredentialSource, Usage
 
 from byok_plugin.billing.budgets import UNIT, budget_holds
 from byok_plugin.cli.demo import BYOK_WORKSPACE, PLATFORM_WORKSPACE, DemoStack
@@ -31,6 +31,7 @@ from byok_plugin.host.emulator import EmulatorServer
 from byok_plugin.host.emulator.apis.anthropic import SEARCH_RESULT_TOKENS
 from byok_plugin.host.emulator.apis.google import GROUNDING_TOOL_TOKENS
 from byok_plugin.host.run_result import CallResult, RunResult, RunStatus
+from byok_plugin.host.runner import RunnerOptions
 from byok_plugin.host.workflow import (
     AgentBlock,
     WebSearch,
@@ -269,10 +270,47 @@ def test_the_budget_hold_counts_every_search_the_call_may_make(stack: DemoStack)
     with stack.app.engine.connect() as conn:
         (hold,) = [r.amount_units for r in conn.execute(sa.select(budget_holds.c.amount_units))]
     held = D(hold) * UNIT
-    # four searches at most, plus at least max_tokens of output
-    assert held >= 4 * ANTHROPIC_SEARCH + 100 * SONNET_OUT / MILLION
-    assert held < 4 * ANTHROPIC_SEARCH + D("0.01")  # and not much more: the prompt is short
+    # four searches at most, their results' allowance as input, and at least max_tokens of output
+    allowance = 4 * RunnerOptions().budget_search_input_tokens * SONNET_IN / MILLION
+    assert held >= 4 * ANTHROPIC_SEARCH + allowance + 100 * SONNET_OUT / MILLION
+    # and not much more: the prompt is short
+    assert held < 4 * ANTHROPIC_SEARCH + allowance + D("0.01")
     assert call.charge.amount < held
+
+
+RECORDINGS = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures"
+RECORDED_SEARCH = RECORDINGS / "provider-recordings" / "anthropic" / "web_search_stream.sse"
+
+
+@pytest.mark.skipif(not RECORDED_SEARCH.is_file(), reason=f"no recording at {RECORDED_SEARCH}")
+def test_the_hold_covers_what_a_real_searching_call_billed(stack: DemoStack) -> None:
+    # a real Anthropic stream (pydantic-ai's cassette) that searched twice: its search results
+    # made most of its billed input (22,397 tokens, 2,068 before searching); the hold of a block
+    # that may search as often, and writes as much, must cover that bill
+    events = sse_data(RECORDED_SEARCH.read_text())
+    usage = next(e for e in reversed(events) if e["type"] == "message_delta")["usage"]
+    searches = usage["server_tool_use"]["web_search_requests"]
+    billed = stack.app.billing.list_cost(
+        Usage(
+            "anthropic",
+            "claude-sonnet-4-5",
+            input_tokens=usage["input_tokens"],
+            output_tokens=usage["output_tokens"],
+            tool_uses=(("web_search", searches),),
+        )
+    )[0]
+    assert billed is not None
+    assert (usage["input_tokens"], searches) == (22_397, 2)
+    stack.app.budgets.set_budget(PLATFORM_WORKSPACE, "monthly", limit="100")
+    document = workflow(
+        model="claude-sonnet-4-5",
+        max_tokens=usage["output_tokens"],
+        web_search={"max_uses": searches},
+    )
+    run(stack, document, PLATFORM_WORKSPACE)
+    with stack.app.engine.connect() as conn:
+        (hold,) = [r.amount_units for r in conn.execute(sa.select(budget_holds.c.amount_units))]
+    assert D(hold) * UNIT >= billed
 
 
 # --- the emulator's wire format, as in the recordings -------------------------------------------

@@ -133,16 +133,15 @@ class Blocks(Calls):
                     )
                 return client.complete(request, api_key=api_key)
 
+            searches = sum(t.max_uses or 1 for t in request.tools if isinstance(t, WebSearchTool))
             worst = Usage(
                 block.provider,
                 block.model,
-                input_tokens=_input_bound(request),
+                # the search results come back as input: an allowance per search
+                input_tokens=_input_bound(request)
+                + searches * self.options.budget_search_input_tokens,
                 output_tokens=block.max_tokens or self.options.budget_output_tokens,
-                tool_uses=tuple(
-                    (WEB_SEARCH_TOOLS[block.provider], t.max_uses or 1)
-                    for t in request.tools
-                    if isinstance(t, WebSearchTool)
-                ),
+                tool_uses=((WEB_SEARCH_TOOLS[block.provider], searches),) if searches else (),
             )
             site = _CallSite(run, block.id, attempt, seq, block.provider, block.model)
             result, call = await self._call(site, block.key, stream, invoke, worst)

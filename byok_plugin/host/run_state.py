@@ -57,6 +57,11 @@ class RunnerOptions:
         crashed worker); longer than any provider call.
     :param budget_output_tokens: the output tokens a block without ``max_tokens`` is assumed to
         use at most, for its budget hold (Anthropic's client sends the same default).
+    :param budget_search_input_tokens: the input tokens each web search a block's
+        ``web_search`` may make is assumed to add at most (its results, fed back to the model as
+        input), for its budget hold: nothing bounds them beforehand. A real Anthropic stream
+        that searched twice (pydantic-ai's recorded cassette) billed 22,397 input tokens, 2,068
+        of them before searching: about 10,000 a search.
     :param group_commit: when the hooks run in a worker thread, charge and record the calls that
         finish together as one group (``byok_record_usage_batch``: one transaction on the
         default plugin), by one writer per runner; each call awaits its own group without
@@ -73,6 +78,7 @@ class RunnerOptions:
     hooks_in_thread: bool | None = None
     budget_hold_seconds: float = 900.0
     budget_output_tokens: int = 4096
+    budget_search_input_tokens: int = 25_000
     group_commit: bool = True
     run_claim_seconds: float = 300.0
 
@@ -83,6 +89,8 @@ class RunnerOptions:
             raise ValueError("block_retries >= 0, max_key_rounds >= 1 and record_attempts >= 1")
         if not self.budget_hold_seconds > 0 or self.budget_output_tokens < 1:
             raise ValueError("budget_hold_seconds > 0 and budget_output_tokens >= 1")
+        if self.budget_search_input_tokens < 0:
+            raise ValueError("budget_search_input_tokens >= 0")
         if not 1 <= self.run_claim_seconds <= 86_400:
             raise ValueError("run_claim_seconds is between 1 and 86400")
 
