@@ -123,3 +123,39 @@ def test_reconcile_lists_what_exa_reported_beside_the_table(
 
     assert days("--since", "today") == ["2026-12-02"]
     assert days("--since", "yesterday", "--until", "yesterday") == ["2026-12-01"]
+
+
+def test_reconcile_refuses_to_add_costs_in_several_currencies(
+    database_url: str, tmp_path: Path
+) -> None:
+    # a billing plugin may charge in another currency: its rows' costs do not add to the
+    # others', as `byok usage` already refuses
+    master = master_key()
+    app = make_app(database_url, tmp_path, keys=[master])
+    try:
+        for n, currency in enumerate(("USD", "EUR")):
+            usage = Usage("exa", "exa-search", tool_requests=1, reported_cost=D("0.45"))
+            app.ledger.record(
+                UsageRecord(
+                    f"r:{n}:1",
+                    "acme",
+                    usage,
+                    Charge(D("0.45"), currency=currency, reason="platform", list_cost=D("0.45")),
+                    CredentialSource.PLATFORM,
+                    occurred_at=DAY1,
+                )
+            )
+    finally:
+        app.close()
+    env = {
+        "BYOK_HOME": str(tmp_path),
+        "BYOK_DATABASE_URL": database_url,
+        "BYOK_ENCRYPTION_KEYS": keyring_value(master),
+    }
+    for args in (["reconcile"], ["reconcile", "--json"], ["usage"]):
+        result = CliRunner().invoke(main, args, env=env)
+        assert result.exit_code == 1, (args, result.output)
+        assert "several currencies (EUR, USD)" in result.output
+        assert "Traceback" not in result.output
+    one = CliRunner().invoke(main, ["reconcile", "--json", "--until", "2026-11-30"], env=env)
+    assert one.exit_code == 0, one.output

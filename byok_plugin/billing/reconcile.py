@@ -85,11 +85,17 @@ def _table_cost(billing: Billing, row: LedgerRow) -> Decimal:
 def reconcile(
     rows: Iterable[LedgerRow], billing: Billing, provider: str | None = None
 ) -> list[ReconcileLine]:
-    """The lines of ``provider``'s rows (all providers when ``None``), by key and day."""
+    """The lines of ``provider``'s rows (all providers when ``None``), by key and day.
+
+    :raises ValueError: rows in more than one currency (their costs do not add up), as
+        :func:`~byok_plugin.billing.usage_report.build_report` refuses them.
+    """
     lines: dict[tuple[str, str, str], ReconcileLine] = {}
+    currencies: set[str] = set()
     for row in rows:
         if provider is not None and row.provider != provider:
             continue
+        currencies.add(row.currency)
         key = (row.provider, row.key_id or "-", row.occurred_at.date().isoformat())
         line = lines.get(key)
         if line is None:
@@ -109,4 +115,10 @@ def reconcile(
             line.reported_calls += 1
             line.reported_cost += row.reported_cost
             line.table_cost += _table_cost(billing, row)
+    if len(currencies) > 1:
+        raise ValueError(
+            f"the ledger rows in this range are in several currencies "
+            f"({', '.join(sorted(currencies))}): their costs do not add up; narrow the range or "
+            f"the workspaces"
+        )
     return [lines[k] for k in sorted(lines)]

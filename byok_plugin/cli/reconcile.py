@@ -45,7 +45,10 @@ def reconcile_command(
     start = parse_when(since, "--since", end=False, now=now)
     stop = parse_when(until, "--until", end=True, now=now)
     rows = cli.app.ledger.rows(workspaces=workspaces, since=start, until=stop)
-    lines = reconcile(rows, cli.app.billing, provider)
+    try:
+        lines = reconcile(rows, cli.app.billing, provider)
+    except ValueError as exc:  # several currencies
+        raise click.ClickException(str(exc)) from None
     differing = [line for line in lines if line.difference]
     if as_json:
         echo_json(
