@@ -353,6 +353,9 @@ class App:
             organizations=self.organization_store,
         )
         if self.engine.dialect.name == "postgresql":  # key changes announced at commit
-            # the budget store's memory of which workspaces have budgets follows the same news
-            resolver.listen_for_changes(self.engine.url, followers=(self.budgets.presence,))
+            # the budget store's memory of which workspaces have budgets follows the same news,
+            # and so do the cached data keys (a workspace deleted: its data key destroyed)
+            resolver.listen_for_changes(
+                self.engine.url, followers=(self.budgets.presence, self.data_keys)
+            )
         return resolver

@@ -13,9 +13,12 @@
   turns it into a :class:`~byok_hookspecs.CredentialUnavailable`, never a platform-key fallback.
 - Deleting a workspace (:meth:`byok_plugin.keys.service.KeyService.delete_workspace`) deletes its data
   key: its rows, wherever copies of them survive (a backup, a dump), can no longer be decrypted,
-  whatever master keys one holds. Another process that cached the data key keeps it in memory
-  until its cache time runs out, but cannot store a key under it any more (``KeyStore.put``
-  checks the data key's check value in the insert's transaction).
+  whatever master keys one holds. Another process that cached the data key cannot store a key
+  under it any more (``KeyStore.put`` checks the data key's check value in the insert's
+  transaction), and reads the workspace's new data key as soon as a row does not decrypt under
+  the cached one (:meth:`DataKeys.reload`); on PostgreSQL it forgets the cached key as soon as
+  the deletion is announced (:meth:`DataKeys.changed_elsewhere`, a follower of the key-change
+  listener).
 """
 
 from __future__ import annotations
@@ -149,6 +152,41 @@ class DataKeys:
             self._cache.clear()
         else:
             self._cache.pop(workspace_id, None)
+
+    # the key-change listener's follower (PostgreSQL): a workspace-wide announcement (a
+    # workspace deleted, crypto-shredded) drops its data key; a provider's key change does not
+    def changed_elsewhere(self, workspace_id: str, provider: str | None) -> None:
+        """Another worker changed the workspace (every provider when ``provider`` is None): its
+        data key may have been destroyed and replaced, so it is read again on next use."""
+        if provider is None:
+            self.forget(workspace_id)
+
+    def set_listening(self, listening: bool) -> None:
+        """The listener connected or lost its connection: a deletion may have gone unannounced,
+        so every cached data key is read again on next use."""
+        self.forget()
+
+    def reload(self, workspace_id: str, used: DataKey) -> DataKey | None:
+        """After a row of the workspace did not decrypt under ``used`` (a cached data key): the
+        data key stored now, read again if it is another one (another worker destroyed the
+        workspace's data key and a new one was created), else ``used`` itself (the row itself
+        is at fault). ``None`` when the workspace has no data key any more.
+
+        :raises DataKeyUnavailable: the new data key did not unwrap.
+        """
+        stored = self.store.get(workspace_id)
+        if stored is None:
+            self.forget(workspace_id)
+            return None
+        if hmac.compare_digest(stored.check_value, used.check_value):
+            return used
+        self.forget(workspace_id)
+        log.info(
+            "the data key of workspace %s was replaced in the store since it was cached: "
+            "read again",
+            workspace_id,
+        )
+        return self._remember(workspace_id, self.unwrap(stored))
 
     def get(self, workspace_id: str) -> DataKey | None:
         """The workspace's data key, or ``None`` when it has none (never had a key stored under
