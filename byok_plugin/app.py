@@ -158,7 +158,9 @@ class App:
             from byok_plugin.keys.kms import AwsKmsKeyEncryption
 
             active = AwsKmsKeyEncryption.from_environ(env, self.settings.kms_timeout)
-        return BuiltinKeyEncryption(active, local)
+        return BuiltinKeyEncryption(
+            active, local, accept_local=self.settings.key_provider_migration
+        )
 
     @cached_property
     def data_keys(self) -> DataKeys:
@@ -171,6 +173,7 @@ class App:
             DataKeyStore(self.engine, clock=self.clock),
             self.key_hooks,
             cache_seconds=self.settings.data_key_cache_seconds,
+            provider_migration=self.settings.key_provider_migration,
         )
 
     @cached_property
