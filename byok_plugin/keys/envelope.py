@@ -265,10 +265,11 @@ class DataKeys:
         protected = self.store.kms_protected(LocalKeyEncryption.name)
         if not protected:
             return
-        under = ", ".join(f"{count} under {provider}" for provider, count in protected.items())
+        # the providers only: the message may reach an API caller, the store's counts may not
         providers = " or ".join(protected)
         raise KeyProviderDowngrade(
-            f"refused: this worker would {would}, but a KMS protects this store's keys ({under}): "
+            f"refused: this worker would {would}, but a KMS protects this store's keys "
+            f"({providers}): "
             f"configure BYOK_KEY_PROVIDER={providers} and its settings as on the other workers "
             f"(and leave BYOK_KEY_ENVELOPES unset); to move the store out of the KMS on purpose, "
             f"run `byok keys rewrap` with BYOK_KEY_PROVIDER_MIGRATION=1"
