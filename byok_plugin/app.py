@@ -159,7 +159,9 @@ class App:
             from byok_plugin.keys.kms import AwsKmsKeyEncryption
 
             active = AwsKmsKeyEncryption.from_environ(env, self.settings.kms_timeout)
-        return BuiltinKeyEncryption(active, local)
+        return BuiltinKeyEncryption(
+            active, local, accept_local=self.settings.key_provider_migration
+        )
 
     @cached_property
     def data_keys(self) -> DataKeys:
@@ -172,6 +174,7 @@ class App:
             DataKeyStore(self.engine, clock=self.clock),
             self.key_hooks,
             cache_seconds=self.settings.data_key_cache_seconds,
+            provider_migration=self.settings.key_provider_migration,
         )
 
     @cached_property
@@ -380,6 +383,9 @@ class App:
             organizations=self.organization_store,
         )
         if self.engine.dialect.name == "postgresql":  # key changes announced at commit
-            # the budget store's memory of which workspaces have budgets follows the same news
-            resolver.listen_for_changes(self.engine.url, followers=(self.budgets.presence,))
+            # the budget store's memory of which workspaces have budgets follows the same news,
+            # and so do the cached data keys (a workspace deleted: its data key destroyed)
+            resolver.listen_for_changes(
+                self.engine.url, followers=(self.budgets.presence, self.data_keys)
+            )
         return resolver

@@ -8,6 +8,7 @@
 | ``BYOK_KEY_FILE`` | the master key file ``byok init`` writes (mode 0600) | ``BYOK_HOME/master.keys`` |
 | ``BYOK_KEY_ENVELOPES`` | ``1``: new keys are encrypted under a per-workspace data key (envelope) | off (on with a KMS) |
 | ``BYOK_KEY_PROVIDER`` | who wraps data keys: ``local`` (the master keys), ``vault-transit``, ``aws-kms`` (:mod:`byok_plugin.keys.kms`) | ``local`` |
+| ``BYOK_KEY_PROVIDER_MIGRATION`` | ``1`` while moving a store between the local keyring and a KMS (``byok keys rewrap``): a KMS worker unwraps data keys the keyring wrapped, a keyring worker writes keys outside the KMS | off |
 | ``BYOK_DATA_KEY_CACHE_SECONDS`` | how long an unwrapped data key stays in memory (at most 1 day) | ``300`` |
 | ``BYOK_KMS_TIMEOUT`` | seconds a KMS call waits (> 0, at most 1 day) | ``5`` |
 | ``BYOK_VALIDATE_KEYS`` | ``0`` turns off live key checks (offline use) | on |
@@ -167,6 +168,10 @@ class Settings:
     validate_timeout: float = 5.0
     key_envelopes: bool = False
     key_provider: str = "local"
+    #: the operator is moving the store between the local keyring and a KMS: otherwise a KMS
+    #: worker refuses data keys the keyring wrapped, and a keyring worker refuses to write keys
+    #: outside the KMS that protects the store
+    key_provider_migration: bool = False
     data_key_cache_seconds: float = 300.0
     kms_timeout: float = 5.0
     #: where usage the store refused is kept until it is replayed (default: BYOK_HOME)
@@ -235,6 +240,7 @@ class Settings:
             ),
             key_envelopes=_flag(env, "BYOK_KEY_ENVELOPES", key_provider != "local"),
             key_provider=key_provider,
+            key_provider_migration=_flag(env, "BYOK_KEY_PROVIDER_MIGRATION", False),
             data_key_cache_seconds=_seconds(
                 env, "BYOK_DATA_KEY_CACHE_SECONDS", 300.0, MAX_CACHE_SECONDS
             ),

@@ -894,3 +894,107 @@ def test_rewrap_to_envelopes_killed_part_way_and_run_again(
     assert again.returncode == 0, again.stderr
     assert "rewrapped 0 rows under their workspace's data key" in again.stdout
     assert "data keys: 0 rewrapped under local:k1" in again.stdout
+
+
+# --- another worker crypto-shreds a workspace and stores a new key ------------------------------
+
+
+def test_a_worker_reads_a_key_stored_under_a_data_key_replaced_by_another_worker(
+    database_url: str, tmp_path: Path
+) -> None:
+    k1 = master_key("k1")
+    # two processes' apps on one store; the reader keeps data keys for the default 300 s
+    writer = make_app(database_url, tmp_path, keys=[k1], extra=ENVELOPES)
+    reader = make_app(database_url, tmp_path, keys=[k1], extra=ENVELOPES)
+    try:
+        service, _ = service_for(writer)
+        old_key = random_key("openai")
+        service.set_key(OPERATOR, "acme", "openai", old_key, test=False)
+        (old_row,) = reader.key_store.find("acme", "openai")
+        assert reader.key_access.decrypt(old_row) == old_key
+        assert reader.data_keys.cached == 1  # the old data key, cached
+
+        assert service.delete_workspace(OPERATOR, "acme") == (1, True)
+        new_key = random_key("openai")
+        service.set_key(OPERATOR, "acme", "openai", new_key, test=False)
+        (new_row,) = reader.key_store.find("acme", "openai")
+        # not "altered, copied" for the cache's 300 s: the new data key is read at once
+        assert reader.key_access.decrypt(new_row) == new_key
+        cached, current = reader.data_keys.get("acme"), writer.data_keys.get("acme")
+        assert cached is not None
+        assert current is not None
+        assert cached.check_value == current.check_value
+
+        # a row that does not decrypt under the data key stored now is still reported
+        tampered = new_row.ciphertext[:-4] + (
+            "AAAA" if new_row.ciphertext[-4:] != "AAAA" else "BBBB"
+        )
+        with writer.engine.begin() as conn:
+            conn.execute(
+                sa.update(workspace_keys)
+                .where(workspace_keys.c.id == new_row.id)
+                .values(ciphertext=tampered)
+            )
+        (bad_row,) = reader.key_store.find("acme", "openai")
+        with pytest.raises(CiphertextMismatch):
+            reader.key_access.decrypt(bad_row)
+        assert reader.data_keys.cached == 1  # the current data key stays cached
+
+        # replaced once more, then destroyed: a copy of the last row (a backup) restored is
+        # reported as destroyed, not as tampered with
+        assert service.delete_workspace(OPERATOR, "acme") == (1, True)
+        service.set_key(OPERATOR, "acme", "openai", random_key("openai"), test=False)
+        backup = [r for r in _rows(writer).values() if r["workspace_id"] == "acme"]
+        assert service.delete_workspace(OPERATOR, "acme") == (1, True)
+        with writer.engine.begin() as conn:
+            conn.execute(sa.insert(workspace_keys), backup)
+        (restored,) = reader.key_store.find("acme", "openai")
+        with pytest.raises(DataKeyDestroyed):
+            reader.key_access.decrypt(restored)
+        assert reader.data_keys.cached == 0
+    finally:
+        writer.close()
+        reader.close()
+
+
+@pytest.mark.postgres
+def test_the_key_change_listener_drops_the_data_key_of_a_deleted_workspace(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    import time
+
+    k1 = master_key("k1")
+    writer = make_app(postgres_url, tmp_path, keys=[k1], extra=ENVELOPES)
+    reader = make_app(postgres_url, tmp_path, keys=[k1], extra=ENVELOPES)
+    try:
+        service, _ = service_for(writer)
+        _, reader_pm = service_for(reader)
+        for workspace in ("acme", "globex"):
+            service.set_key(OPERATOR, workspace, "openai", random_key("openai"), test=False)
+        listener = reader.resolver.listener
+        assert listener is not None
+        assert listener.wait_listening()
+        for workspace in ("acme", "globex"):
+            reader_pm.hook.byok_resolve_credential(
+                request=CredentialRequest(workspace, "openai", "gpt-4o")
+            )
+        assert reader.data_keys.cached == 2
+
+        before = listener.received
+        service.set_key(OPERATOR, "globex", "anthropic", random_key("anthropic"), test=False)
+        deadline = time.monotonic() + 20  # against a hung test, not a timed assertion
+        while listener.received == before and time.monotonic() < deadline:
+            time.sleep(0.002)
+        assert reader.data_keys.cached == 2  # one provider's key change keeps the data keys
+
+        before = listener.received
+        assert service.delete_workspace(OPERATOR, "acme") == (1, True)
+        while listener.received == before and time.monotonic() < deadline:
+            time.sleep(0.002)
+        assert listener.received > before
+        # the deleted workspace's data key is forgotten at the notification, the other kept
+        assert reader.data_keys.cached == 1
+        assert reader.data_keys.get("globex") is not None
+    finally:
+        writer.close()
+        reader.close()

@@ -23,15 +23,20 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from byok_hookspecs import CredentialRequest, CredentialSource, CredentialUnavailable
+from byok_hookspecs import (
+    CredentialRequest,
+    CredentialSource,
+    CredentialUnavailable,
+    WrappedDataKey,
+)
 from click.testing import CliRunner
-from keys_support import OPERATOR, make_app, master_key, random_key, service_for
+from keys_support import OPERATOR, keyring_value, make_app, master_key, random_key, service_for
 from test_envelope import CountUnwraps
 
 from byok_plugin.app import App
 from byok_plugin.cli import main
-from byok_plugin.core.crypto import ENVELOPE_MASTER_KEY_ID
-from byok_plugin.core.errors import DataKeyUnavailable, DataKeyUnreadable
+from byok_plugin.core.crypto import ENVELOPE_MASTER_KEY_ID, DataKey, KeyBinding, Keyring
+from byok_plugin.core.errors import DataKeyUnavailable, DataKeyUnreadable, KeyProviderDowngrade
 from byok_plugin.store.tables import data_keys, workspace_keys
 
 REQUIRE_KMS_VAR = "BYOK_REQUIRE_KMS"
@@ -397,8 +402,21 @@ def test_a_local_store_moves_to_a_kms_with_rewrap(
     finally:
         local.close()
         direct.close()
-    moved = make_app(database_url, tmp_path, keys=[k1], extra=kms_env)
+    # a KMS worker refuses data keys the keyring wrapped, unless the operator moves the store
+    kms_worker = make_app(database_url, tmp_path, keys=[k1], extra=kms_env)
     try:
+        service, _ = service_for(kms_worker)
+        with pytest.raises(DataKeyUnavailable, match="BYOK_KEY_PROVIDER_MIGRATION=1"):
+            service.rewrap(OPERATOR)
+        with pytest.raises(DataKeyUnreadable, match="marked as wrapped by the local keyring"):
+            _resolve(kms_worker, "acme")
+        assert set(kms_worker.data_keys.store.count_by_kek()) == {"local:k1"}  # untouched
+    finally:
+        kms_worker.close()
+    migration = {**kms_env, "BYOK_KEY_PROVIDER_MIGRATION": "1"}
+    moved = make_app(database_url, tmp_path, keys=[k1], extra=migration)
+    try:
+        assert _resolve(moved, "acme").api_key == plain["acme"]  # served during the move
         service, _ = service_for(moved)
         report = service.rewrap(OPERATOR)
         assert (report.rewrapped, report.data_keys_rewrapped) == (1, 2)
@@ -415,6 +433,147 @@ def test_a_local_store_moves_to_a_kms_with_rewrap(
             assert _resolve(kms_only, workspace).api_key == api_key
     finally:
         kms_only.close()
+
+
+# --- no silent way out of the KMS -------------------------------------------------------------
+
+
+def _rows_by_master_key(app: App) -> dict[str, int]:
+    return dict(app.key_store.count_by_master_key())
+
+
+def test_a_worker_configured_without_the_kms_does_not_store_keys_outside_it(
+    database_url: str, tmp_path: Path, kms_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    k1 = master_key("k1")  # the store came from the local keyring: the key file is still there
+    kms = make_app(database_url, tmp_path, keys=[k1], extra=kms_env)
+    try:
+        plain = _store_two(kms)
+    finally:
+        kms.close()
+    name = _kms_name(kms_env)
+    misconfigured = {
+        "no BYOK_KEY_PROVIDER": {},
+        "BYOK_KEY_ENVELOPES=1 on the keyring": {"BYOK_KEY_ENVELOPES": "1"},
+        "the KMS with BYOK_KEY_ENVELOPES=0": {**kms_env, "BYOK_KEY_ENVELOPES": "0"},
+    }
+    for what, extra in misconfigured.items():
+        app = make_app(database_url, tmp_path, keys=[k1], extra=extra)
+        try:
+            before = _rows_by_master_key(app)
+            service, _ = service_for(app)
+            if extra.get("BYOK_KEY_ENVELOPES") == "1":  # cannot unwrap acme's data key at all
+                with pytest.raises(DataKeyUnavailable, match="is BYOK_KEY_PROVIDER set"):
+                    service.set_key(OPERATOR, "acme", "mistral", random_key("mistral"), test=False)
+                workspaces: tuple[str, ...] = ("initech",)
+            else:
+                workspaces = ("acme", "initech")  # a workspace with a data key, a new one
+            for workspace in workspaces:
+                with pytest.raises(KeyProviderDowngrade) as info:
+                    service.set_key(
+                        OPERATOR, workspace, "mistral", random_key("mistral"), test=False
+                    )
+                message = str(info.value)
+                assert f"BYOK_KEY_PROVIDER={name}" in message, what
+                assert f"a KMS protects this store's keys ({name})" in message, what
+                assert "BYOK_KEY_PROVIDER_MIGRATION=1" in message, what
+            with pytest.raises(KeyProviderDowngrade):
+                service.rewrap(OPERATOR)
+            with pytest.raises(KeyProviderDowngrade):
+                service.rewrap(OPERATOR, dry_run=True)
+            assert _rows_by_master_key(app) == before, what  # nothing written
+            assert app.data_keys.store.get("initech") is None, what
+            assert set(app.data_keys.store.count_by_kek()) == {f"{name}:{_kek_id(kms_env)}"}
+        finally:
+            app.close()
+
+    # the CLI says it in one line, no traceback
+    for key, value in {"BYOK_HOME": str(tmp_path), "BYOK_DATABASE_URL": database_url}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("BYOK_ENCRYPTION_KEYS", keyring_value(k1))
+    monkeypatch.delenv("BYOK_KEY_PROVIDER", raising=False)
+    result = CliRunner().invoke(
+        main,
+        ["keys", "set", "-w", "acme", "-p", "mistral", "--no-test"],
+        input=random_key("mistral"),
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    assert f"a KMS protects this store's keys ({name})" in result.output
+
+    # leaving the KMS on purpose: the KMS still unwraps, the rows move under the master key
+    leaving = {**kms_env, "BYOK_KEY_ENVELOPES": "0", "BYOK_KEY_PROVIDER_MIGRATION": "1"}
+    app = make_app(database_url, tmp_path, keys=[k1], extra=leaving)
+    try:
+        service, _ = service_for(app)
+        assert service.rewrap(OPERATOR).rewrapped == 2
+        assert _rows_by_master_key(app) == {"k1": 2}
+    finally:
+        app.close()
+    local = make_app(database_url, tmp_path, keys=[k1])  # out of the KMS: nothing to protect
+    try:
+        service, _ = service_for(local)
+        service.set_key(OPERATOR, "initech", "mistral", random_key("mistral"), test=False)
+        for workspace, api_key in plain.items():
+            assert _resolve(local, workspace).api_key == api_key
+    finally:
+        local.close()
+
+
+def _kek_id(env: dict[str, str]) -> str:
+    return "byok:v1" if _kms_name(env) == "vault-transit" else env["BYOK_AWS_KMS_KEY_ID"]
+
+
+def test_a_data_key_planted_as_local_is_refused_while_a_kms_wraps_the_data_keys(
+    database_url: str, tmp_path: Path, kms_env: dict[str, str]
+) -> None:
+    k1 = master_key("k1")
+    app = make_app(database_url, tmp_path, keys=[k1], extra=kms_env)
+    try:
+        _store_two(app)
+        # whoever can write the table and read master.keys plants a data key they know
+        known = secrets.token_bytes(32)
+        kek, blob = Keyring([k1]).wrap_data_key("victim", known)
+        app.data_keys.store.add(
+            "victim", WrappedDataKey("local", kek, blob), DataKey("victim", known).check_value
+        )
+        service, _ = service_for(app)
+        with pytest.raises(DataKeyUnavailable, match="marked as wrapped by the local keyring"):
+            service.set_key(OPERATOR, "victim", "openai", random_key("openai"), test=False)
+        assert app.key_store.list_keys("victim") == []
+        # and a row under it (planted too) is not served
+        with app.engine.begin() as conn:
+            conn.execute(
+                sa.insert(workspace_keys).values(
+                    **{
+                        **{
+                            k: v
+                            for k, v in _row_of(app, "acme").items()
+                            if k not in {"workspace_id", "id", "ciphertext", "fingerprint"}
+                        },
+                        "id": "key_planted",
+                        "workspace_id": "victim",
+                        "fingerprint": "planted",
+                        "ciphertext": DataKey("victim", known).encrypt(
+                            random_key("openai"), KeyBinding("victim", "openai", "key_planted")
+                        ),
+                    }
+                )
+            )
+        with pytest.raises(DataKeyUnreadable, match="BYOK_KEY_PROVIDER_MIGRATION=1"):
+            _resolve(app, "victim")
+    finally:
+        app.close()
+
+
+def _row_of(app: App, workspace: str) -> dict[str, Any]:
+    with app.engine.connect() as conn:
+        row = conn.execute(
+            sa.select(workspace_keys).where(workspace_keys.c.workspace_id == workspace)
+        ).first()
+    assert row is not None
+    return dict(row._mapping)
 
 
 # --- the CLI shows the active provider --------------------------------------------------------

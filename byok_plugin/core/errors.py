@@ -48,6 +48,13 @@ class NoMasterKey(KeyringError):
     """No master key is configured at all. There is no built-in default key, on purpose."""
 
 
+class KeyProviderDowngrade(KeyringError):
+    """This worker would store keys outside the KMS that protects the store's keys, or unwrap a
+    data key the local keyring wrapped while a KMS wraps this store's data keys (a data key
+    planted in the table): refused unless the operator is moving the store between providers
+    (``BYOK_KEY_PROVIDER_MIGRATION=1``). The message says what to configure."""
+
+
 class DataKeyUnavailable(KeyringError):
     """A workspace's data key could not be wrapped or unwrapped (envelope encryption): the KMS
     did not answer, refused, or the wrapped key does not authenticate. The message names the

@@ -55,6 +55,14 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+def _destroyed(where: dict[str, str]) -> DataKeyDestroyed:
+    return DataKeyDestroyed(
+        "it is encrypted under its workspace's data key, which was destroyed (the workspace was "
+        "deleted); set the key again",
+        **where,
+    )
+
+
 class KeyAccess:
     """Read and decrypt stored keys for credential resolution.
 
@@ -173,13 +181,28 @@ class KeyAccess:
             )
             raise DataKeyUnreadable(str(exc), **where) from None
         if data_key is None:
-            raise DataKeyDestroyed(
-                "it is encrypted under its workspace's data key, which was destroyed (the "
-                "workspace was deleted); set the key again",
-                **where,
-            )
+            raise _destroyed(where)
         try:
             return data_key.decrypt(key.ciphertext, key.binding)
+        except CiphertextMismatch:
+            pass
+        # a data key cached before another worker replaced it (crypto-shred, then a new key):
+        # read the stored one, and only if the row does not decrypt under that either, report it
+        try:
+            current = self.data_keys.reload(key.workspace_id, data_key)
+        except DataKeyUnavailable as exc:
+            log.error(
+                "stored %s key %s of workspace %s does not decrypt: %s",
+                key.provider,
+                key.id,
+                key.workspace_id,
+                exc,
+            )
+            raise DataKeyUnreadable(str(exc), **where) from None
+        if current is None:
+            raise _destroyed(where)
+        try:
+            return current.decrypt(key.ciphertext, key.binding)
         except CiphertextMismatch as exc:
             try:
                 source = self._store.find_copy(key.ciphertext, exclude_key_id=key.id)

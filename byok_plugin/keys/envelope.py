@@ -6,6 +6,10 @@
   ``byok_wrap_data_key`` hook answers first; byok-plugin's own is the local keyring
   (:class:`LocalKeyEncryption`: today's key file or ``BYOK_ENCRYPTION_KEYS``). Unwrapping goes
   through ``byok_unwrap_data_key``.
+- Once a KMS wraps a store's data keys, a worker configured otherwise (no ``BYOK_KEY_PROVIDER``)
+  does not create a data key under the local keyring (:meth:`DataKeys.refuse_leaving_kms`), and a
+  KMS worker does not unwrap a data key the local keyring wrapped (a row planted in the table),
+  unless the operator is moving the store between them (``BYOK_KEY_PROVIDER_MIGRATION=1``).
 - Unwrapped data keys are kept in memory for ``BYOK_DATA_KEY_CACHE_SECONDS`` (default 300), at
   most :data:`MAX_CACHED_DATA_KEYS` of them, so a resolution does not call the KMS.
 - A KMS that does not answer, or a wrapped key that does not unwrap, raises
@@ -13,9 +17,12 @@
   turns it into a :class:`~byok_hookspecs.CredentialUnavailable`, never a platform-key fallback.
 - Deleting a workspace (:meth:`byok_plugin.keys.service.KeyService.delete_workspace`) deletes its data
   key: its rows, wherever copies of them survive (a backup, a dump), can no longer be decrypted,
-  whatever master keys one holds. Another process that cached the data key keeps it in memory
-  until its cache time runs out, but cannot store a key under it any more (``KeyStore.put``
-  checks the data key's check value in the insert's transaction).
+  whatever master keys one holds. Another process that cached the data key cannot store a key
+  under it any more (``KeyStore.put`` checks the data key's check value in the insert's
+  transaction), and reads the workspace's new data key as soon as a row does not decrypt under
+  the cached one (:meth:`DataKeys.reload`); on PostgreSQL it forgets the cached key as soon as
+  the deletion is announced (:meth:`DataKeys.changed_elsewhere`, a follower of the key-change
+  listener).
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from typing import Any
 from byok_hookspecs import WrappedDataKey
 
 from byok_plugin.core.crypto import KEY_BYTES, DataKey, Keyring
-from byok_plugin.core.errors import DataKeyUnavailable, KeyringError
+from byok_plugin.core.errors import DataKeyUnavailable, KeyProviderDowngrade, KeyringError
 from byok_plugin.store.data_keys_repo import DataKeyStore, StoredDataKey
 
 __all__ = ["MAX_CACHED_DATA_KEYS", "BuiltinKeyEncryption", "DataKeys", "LocalKeyEncryption"]
@@ -73,13 +80,19 @@ class LocalKeyEncryption:
 
 
 class BuiltinKeyEncryption:
-    """The provider ``BYOK_KEY_PROVIDER`` names wraps; it unwraps its own keys, and the local
-    keyring unwraps those it wrapped before (a store moving from the keyring to a KMS)."""
+    """The provider ``BYOK_KEY_PROVIDER`` names wraps; it unwraps its own keys. When it is a KMS,
+    the local keyring unwraps those it wrapped before only while the operator moves the store
+    from the keyring to the KMS (``accept_local``: ``BYOK_KEY_PROVIDER_MIGRATION=1``): otherwise
+    a data key marked ``local`` in the table (planted by whoever can write it and read the master
+    keys) is refused."""
 
-    def __init__(self, active: Any, local: LocalKeyEncryption) -> None:
+    def __init__(
+        self, active: Any, local: LocalKeyEncryption, *, accept_local: bool = False
+    ) -> None:
         self.active = active
         self.local = local
         self.name: str = active.name
+        self.accept_local = accept_local
 
     def __repr__(self) -> str:
         return f"BuiltinKeyEncryption({self.active!r})"
@@ -92,6 +105,13 @@ class BuiltinKeyEncryption:
         return wrapped
 
     def unwrap(self, workspace_id: str, wrapped: WrappedDataKey) -> bytes | None:
+        local = wrapped.provider == self.local.name
+        if local and self.active is not self.local and not self.accept_local:
+            raise KeyProviderDowngrade(
+                f"refused: it is marked as wrapped by the local keyring, but {self.name} wraps "
+                f"this store's data keys (BYOK_KEY_PROVIDER); to move keyring-wrapped data keys "
+                f"into {self.name}, set BYOK_KEY_PROVIDER_MIGRATION=1 and run `byok keys rewrap`"
+            )
         owner = self.active if wrapped.provider == self.active.name else self.local
         result: bytes | None = owner.unwrap(workspace_id, wrapped)
         return result
@@ -117,6 +137,8 @@ class DataKeys:
         ``.hook.byok_unwrap_data_key``) to ask.
     :param cache_seconds: how long an unwrapped data key is kept in memory (0: not kept).
     :param monotonic: the clock of the cache.
+    :param provider_migration: the operator is moving the store out of a KMS
+        (``BYOK_KEY_PROVIDER_MIGRATION``): :meth:`refuse_leaving_kms` lets keys leave it.
     """
 
     def __init__(
@@ -127,8 +149,10 @@ class DataKeys:
         cache_seconds: float = 300.0,
         max_cached: int = MAX_CACHED_DATA_KEYS,
         monotonic: Callable[[], float] = time.monotonic,
+        provider_migration: bool = False,
     ) -> None:
         self.store = store
+        self.provider_migration = provider_migration
         self._hooks = hooks
         self._cache_seconds = cache_seconds
         self._max_cached = max_cached
@@ -149,6 +173,41 @@ class DataKeys:
             self._cache.clear()
         else:
             self._cache.pop(workspace_id, None)
+
+    # the key-change listener's follower (PostgreSQL): a workspace-wide announcement (a
+    # workspace deleted, crypto-shredded) drops its data key; a provider's key change does not
+    def changed_elsewhere(self, workspace_id: str, provider: str | None) -> None:
+        """Another worker changed the workspace (every provider when ``provider`` is None): its
+        data key may have been destroyed and replaced, so it is read again on next use."""
+        if provider is None:
+            self.forget(workspace_id)
+
+    def set_listening(self, listening: bool) -> None:
+        """The listener connected or lost its connection: a deletion may have gone unannounced,
+        so every cached data key is read again on next use."""
+        self.forget()
+
+    def reload(self, workspace_id: str, used: DataKey) -> DataKey | None:
+        """After a row of the workspace did not decrypt under ``used`` (a cached data key): the
+        data key stored now, read again if it is another one (another worker destroyed the
+        workspace's data key and a new one was created), else ``used`` itself (the row itself
+        is at fault). ``None`` when the workspace has no data key any more.
+
+        :raises DataKeyUnavailable: the new data key did not unwrap.
+        """
+        stored = self.store.get(workspace_id)
+        if stored is None:
+            self.forget(workspace_id)
+            return None
+        if hmac.compare_digest(stored.check_value, used.check_value):
+            return used
+        self.forget(workspace_id)
+        log.info(
+            "the data key of workspace %s was replaced in the store since it was cached: "
+            "read again",
+            workspace_id,
+        )
+        return self._remember(workspace_id, self.unwrap(stored))
 
     def get(self, workspace_id: str) -> DataKey | None:
         """The workspace's data key, or ``None`` when it has none (never had a key stored under
@@ -175,6 +234,11 @@ class DataKeys:
             return existing
         secret = secrets.token_bytes(KEY_BYTES)
         wrapped = self.wrap(workspace_id, secret)
+        if wrapped.provider == LocalKeyEncryption.name:
+            self.refuse_leaving_kms(
+                f"wrap the new data key of workspace {workspace_id!r} with the local keyring "
+                f"(BYOK_KEY_PROVIDER is local)"
+            )
         created = DataKey(workspace_id, secret)
         stored = self.store.add(workspace_id, wrapped, created.check_value)
         if stored.wrapped == wrapped:
@@ -187,6 +251,29 @@ class DataKeys:
             return self._remember(workspace_id, created)
         # another writer stored the workspace's data key first: use that one
         return self._remember(workspace_id, self.unwrap(stored))
+
+    def refuse_leaving_kms(self, would: str) -> None:
+        """Refuse (:class:`KeyProviderDowngrade`) to do what puts a key outside the KMS that
+        protects the store's keys (``would``: what this worker was about to do, and why), unless
+        the operator is moving the store out of it (``BYOK_KEY_PROVIDER_MIGRATION=1``): a worker
+        missing one variable must not silently store keys under the local master keys.
+
+        :raises StoreUnavailable: the store did not answer.
+        """
+        if self.provider_migration:
+            return
+        protected = self.store.kms_protected(LocalKeyEncryption.name)
+        if not protected:
+            return
+        # the providers only: the message may reach an API caller, the store's counts may not
+        providers = " or ".join(protected)
+        raise KeyProviderDowngrade(
+            f"refused: this worker would {would}, but a KMS protects this store's keys "
+            f"({providers}): "
+            f"configure BYOK_KEY_PROVIDER={providers} and its settings as on the other workers "
+            f"(and leave BYOK_KEY_ENVELOPES unset); to move the store out of the KMS on purpose, "
+            f"run `byok keys rewrap` with BYOK_KEY_PROVIDER_MIGRATION=1"
+        )
 
     def describe(self) -> str:
         """The active key-encryption provider (``byok_key_provider``), for messages."""

@@ -221,6 +221,10 @@ def _rewrap_data_keys(
         (or would be) rewrapped.
     """
     probe = data_keys.wrap(_PROBE_WORKSPACE, secrets.token_bytes(KEY_BYTES))
+    if probe.provider == "local":
+        data_keys.refuse_leaving_kms(
+            "rewrap the data keys with the local keyring (BYOK_KEY_PROVIDER is local)"
+        )
     done = 0
     after: str | None = None
     while True:

@@ -58,6 +58,12 @@ __all__ = ["KeyService", "KeyTestResult", "SetKeyResult"]
 
 log = logging.getLogger("byok.keys")
 
+#: what a worker without envelope encryption does with keys (in a refusal's message)
+_DIRECTLY = (
+    "directly under a master key (envelope encryption is off: BYOK_KEY_ENVELOPES=0, or no "
+    "BYOK_KEY_PROVIDER)"
+)
+
 
 @dataclass(frozen=True, slots=True)
 class SetKeyResult:
@@ -244,6 +250,8 @@ class KeyService:
             assert self._data_keys is not None
             data_key = self._data_keys.get_or_create(workspace_id)  # a KMS that fails: now
         else:
+            if self._data_keys is not None:
+                self._data_keys.refuse_leaving_kms(f"store keys {_DIRECTLY}")
             keyring = self._keyring()
             self._record_master_key(keyring)
 
@@ -547,6 +555,8 @@ class KeyService:
             if not self._envelopes:
                 raise
             keyring = None  # a KMS wraps the data keys: no local master key is needed
+        if not self._envelopes and self._data_keys is not None:
+            self._data_keys.refuse_leaving_kms(f"move every key {_DIRECTLY}")
         report = rewrap_all(
             self._store,
             self._access,

@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from byok_hookspecs import WrappedDataKey
 from sqlalchemy.engine import Engine
 
+from byok_plugin.core.crypto import ENVELOPE_MASTER_KEY_ID
 from byok_plugin.core.errors import KeyringError
 from byok_plugin.store.engine import store_errors, write_transaction
 from byok_plugin.store.key_events import notify_key_change
@@ -136,6 +137,20 @@ class DataKeyStore:
                 .order_by(_d.c.kek_provider, _d.c.kek_id)
             ).all()
         return {f"{row[0]}:{row[1]}": int(row[2]) for row in rows}
+
+    def kms_protected(self, local: str = "local") -> dict[str, int]:
+        """Stored keys under a data key wrapped by a provider other than ``local`` (a KMS), per
+        provider: what a worker that writes outside the KMS would downgrade."""
+        wk = workspace_keys
+        query = (
+            sa.select(_d.c.kek_provider, sa.func.count())
+            .select_from(wk.join(_d, wk.c.workspace_id == _d.c.workspace_id))
+            .where(_d.c.kek_provider != local, wk.c.master_key_id == ENVELOPE_MASTER_KEY_ID)
+            .group_by(_d.c.kek_provider)
+            .order_by(_d.c.kek_provider)
+        )
+        with store_errors("reading which KMS protects the keys"), self._engine.connect() as conn:
+            return {str(row[0]): int(row[1]) for row in conn.execute(query).all()}
 
     def batch_not_under(
         self, provider: str, kek_id: str, *, after: str | None, limit: int
