@@ -199,7 +199,7 @@ def test_platform_charge_is_list_price_checked_by_hand(
     assert charge.list_cost == written
     assert charge.reason == "platform"
     assert charge.currency == "USD"
-    assert charge.price_version == "2026-12-04"
+    assert charge.price_version == "2026-12-05"
     assert sum((amount for _, amount in charge.breakdown), D(0)) == written
 
 

@@ -264,7 +264,7 @@ def test_hook_byok_record_usage_writes_the_default_charge(sqlite_url: str, tmp_p
             Decimal("0.0021"),
         )
         assert (platform.amount, platform.reason) == (Decimal("0.00315"), "platform")
-        assert platform.price_version == "2026-12-04"
+        assert platform.price_version == "2026-12-05"
     finally:
         app.close()
 

@@ -35,7 +35,7 @@ def _shipped_raw() -> dict:
 def test_every_catalog_model_and_tool_has_a_dated_price() -> None:
     catalog = shipped_catalog()
     table = shipped_prices()
-    assert table.version == "2026-12-04"
+    assert table.version == "2026-12-05"
     for info in catalog.models.values():
         price = table.price(info.provider, info.id)
         assert price is not None, f"no price for {info.provider}/{info.id}"
@@ -155,7 +155,7 @@ def test_litellm_file_as_the_price_source(tmp_path: Path) -> None:
         {"BYOK_HOME": str(tmp_path), "BYOK_PRICE_FILE": str(LITELLM_EXCERPT)}
     )
     table = prices_for(settings)
-    assert table.version.startswith("2026-12-04+litellm@sha256:")
+    assert table.version.startswith("2026-12-05+litellm@sha256:")
     codestral = table.price("mistral", "codestral-latest")
     assert codestral is not None
     assert codestral.rates.input == Decimal("1")
@@ -177,7 +177,7 @@ def test_user_price_file_replaces_whole_entries_and_is_versioned(tmp_path: Path)
     table = prices_for(
         Settings.from_environ({"BYOK_HOME": str(tmp_path), "BYOK_PRICE_FILE": str(path)})
     )
-    assert table.version == "2026-12-04+acme-2026-12"
+    assert table.version == "2026-12-05+acme-2026-12"
     gpt4o = table.price("openai", "gpt-4o")
     assert gpt4o is not None
     assert gpt4o.rates == TokenRates(input=Decimal("2.00"), output=Decimal("8.00"))  # no cached

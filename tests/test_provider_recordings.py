@@ -45,7 +45,7 @@ D = Decimal
 M = D(1_000_000)
 
 #: list prices, USD per 1M tokens: (input, cached_input, cache_write, cache_write_1h, output);
-#: the shipped table's (byok_plugin/data/prices.json, 2026-12-04) written out again by hand
+#: the shipped table's (byok_plugin/data/prices.json, 2026-12-05) written out again by hand
 SHIPPED_RATES = {
     ("openai", "gpt-4o"): ("2.50", "1.25", None, None, "10.00"),
     ("openai", "gpt-4o-mini"): ("0.15", "0.075", None, None, "0.60"),
@@ -70,6 +70,9 @@ EXTRA_RATES = {
     ("mistral", "pixtral-12b-latest"): ("0.15", "0.15", None, None, "0.15"),
 }
 #: USD per request of the providers' own tools (the shipped table's ``tools``)
+#: fresh audio input tokens of a recording (``input_audio``), and the shipped audio prices
+AUDIO_IN = {"google/cached_and_thoughts.json": 36}
+AUDIO_RATES = {("google", "gemini-2.5-flash"): D("1.00")}
 TOOL_PRICES = {
     ("anthropic", "web_search"): D("0.01"),
     ("anthropic", "web_fetch"): D("0"),
@@ -153,7 +156,9 @@ CASES: list[tuple[str, str, int, int, int, int, int, int, dict[str, int]]] = [
         {"web_search": 2},
     ),
     # promptTokenCount includes the cache; toolUsePromptTokenCount is input on top of it
-    ("google/cached_and_thoughts.json", "gemini-2.5-flash", 334, 17379, 0, 0, 68, 821, {}),
+    # its prompt is 16 text, 15,780 video and 1,917 audio tokens, 17,379 of them cached (1,881
+    # of the audio): 36 fresh audio tokens at the audio price, the other 298 at the text price
+    ("google/cached_and_thoughts.json", "gemini-2.5-flash", 298, 17379, 0, 0, 68, 821, {}),
     ("google/gemini3_thinking.json", "gemini-3-pro-preview", 29, 0, 0, 0, 736, 1001, {}),
     (
         "google/grounded_search.json",
@@ -201,13 +206,17 @@ CASES: list[tuple[str, str, int, int, int, int, int, int, dict[str, int]]] = [
 EXA_CASE = "exa/recorded_search.json"
 
 
-def hand_charge(provider: str, model: str, counts: tuple[int, ...], tools: dict[str, int]) -> D:
-    """The list cost, by hand: each count at its rate (reasoning at the output rate), plus the
-    tools at their per-request price."""
+def hand_charge(
+    provider: str, model: str, counts: tuple[int, ...], tools: dict[str, int], audio: int = 0
+) -> D:
+    """The list cost, by hand: each count at its rate (reasoning at the output rate, fresh audio
+    input at the audio rate), plus the tools at their per-request price."""
     rates = {**SHIPPED_RATES, **EXTRA_RATES}[(provider, model)]
     inp, cached, write, write_1h, out = (D(r) if r is not None else None for r in rates)
     n_in, n_cached, n_write, n_write_1h, n_out, n_reasoning = counts
     total = n_in * inp + n_cached * cached + n_out * out + n_reasoning * out
+    if audio:
+        total += audio * AUDIO_RATES[(provider, model)]
     if n_write:
         total += n_write * write
     if n_write_1h:
@@ -322,11 +331,12 @@ def test_each_recording_gives_the_exact_usage_and_platform_charge(server, billin
         usage.output_tokens,
         usage.reasoning_tokens,
     ) == counts
+    assert usage.input_audio_tokens == AUDIO_IN.get(file, 0)
     assert dict(usage.tool_uses) == tools
     assert usage.tool_requests == 0
     # charged under the model the call was made for (the runner's rule), as a platform call
     charge = billing.charge(Usage(**{**_fields(usage), "model": priced_as}), platform(provider))
-    expected = hand_charge(provider, priced_as, counts, tools)
+    expected = hand_charge(provider, priced_as, counts, tools, AUDIO_IN.get(file, 0))
     assert charge.unpriced == ()
     assert charge.reason == "platform"
     assert charge.amount == expected

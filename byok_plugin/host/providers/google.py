@@ -13,9 +13,13 @@ cachedContentTokenCount + toolUsePromptTokenCount``, ``cached_input = cachedCont
 candidate has ``groundingMetadata.webSearchQueries``) is one grounded prompt, the unit Gemini 2.5
 bills Grounding with Google Search in (https://ai.google.dev/gemini-api/docs/pricing): it counts
 ``google_search`` once in ``Usage.tool_uses``, priced by the table's ``google/google_search``.
-``promptTokensDetails``/``cacheTokensDetails`` split the prompt by modality; audio input is billed
-higher than text by some models, which this package does not price apart (the models it prices
-are text models; an audio-priced model needs its own entry).
+``promptTokensDetails``/``cacheTokensDetails`` split the prompt and the cache by modality; audio
+input is billed apart (Gemini 2.5 Flash: $1.00 per 1M audio tokens against $0.30 for text): the
+fresh audio tokens (the prompt's ``AUDIO`` less the cache's) are ``input_audio``, taken out of
+``input``, and priced at the table's ``input_audio`` (named unpriced where an entry has none).
+Cached audio stays in ``cached_input``, at the cached text price (``Usage`` has no cached-audio
+count): on a recorded Gemini 2.5 Flash call with 1,881 cached audio tokens, $0.00013 under what
+Google bills.
 
 Streamed, every chunk is a ``GenerateContentResponse``; there is no end marker, so the stream is
 complete only when a candidate carried a ``finishReason``, and the usage is the last chunk's
@@ -78,14 +82,32 @@ def gemini_usage(model: str, metadata: Mapping[str, Any], *, grounded: bool = Fa
     """``Usage`` from a Gemini ``usageMetadata`` object (disjoint counts; see the module doc)."""
     prompt = as_int(metadata.get("promptTokenCount"))
     cached = as_int(metadata.get("cachedContentTokenCount"))
+    audio = nonneg(
+        _modality(metadata.get("promptTokensDetails"), "AUDIO")
+        - _modality(metadata.get("cacheTokensDetails"), "AUDIO")
+    )
+    audio = min(audio, nonneg(prompt - cached))  # never more than the fresh prompt
     return Usage(
         provider="google",
         model=model,
-        input_tokens=nonneg(prompt - cached) + as_int(metadata.get("toolUsePromptTokenCount")),
+        input_tokens=nonneg(prompt - cached - audio)
+        + as_int(metadata.get("toolUsePromptTokenCount")),
+        input_audio_tokens=audio,
         cached_input_tokens=cached,
         output_tokens=as_int(metadata.get("candidatesTokenCount")),
         reasoning_tokens=as_int(metadata.get("thoughtsTokenCount")),
         tool_uses=(("google_search", 1),) if grounded else (),
+    )
+
+
+def _modality(details: Any, modality: str) -> int:
+    """The token count of ``modality`` in a ``promptTokensDetails``-shaped list (0 when absent)."""
+    if not isinstance(details, list):
+        return 0
+    return sum(
+        as_int(entry.get("tokenCount"))
+        for entry in details
+        if isinstance(entry, Mapping) and entry.get("modality") == modality
     )
 
 
