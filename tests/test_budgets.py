@@ -233,8 +233,9 @@ def test_a_byok_shadow_budget_counts_list_cost_of_workspace_keys_only(
 def test_budgets_scoped_to_a_key_or_a_workflow(app: App, pm: pluggy.PluginManager) -> None:
     keys = app.key_service(pm)
     pool = [
-        keys.set_key(OPERATOR, WS, "openai", random_key("openai"), label=f"pool-{n}", test=False)
-        .key.id
+        keys.set_key(
+            OPERATOR, WS, "openai", random_key("openai"), label=f"pool-{n}", test=False
+        ).key.id
         for n in range(2)
     ]
     app.budgets.set_budget(WS, "triage", limit="1", workflow_id="triage")

@@ -372,9 +372,7 @@ def check_thresholds(value: str | Iterable[int]) -> tuple[int, ...]:
     else:
         parts = list(value)
     if len(parts) > MAX_THRESHOLDS:
-        raise BudgetError(
-            f"a budget has at most {MAX_THRESHOLDS} thresholds, not {len(parts)}"
-        )
+        raise BudgetError(f"a budget has at most {MAX_THRESHOLDS} thresholds, not {len(parts)}")
     found = set()
     for part in parts:
         if isinstance(part, str) and _THRESHOLD_TEXT.fullmatch(part):
@@ -383,8 +381,7 @@ def check_thresholds(value: str | Iterable[int]) -> tuple[int, ...]:
             number = part
         else:
             raise BudgetError(
-                "budget thresholds are whole percentages such as 50,80,100, not "
-                f"{str(part)[:20]!r}"
+                f"budget thresholds are whole percentages such as 50,80,100, not {str(part)[:20]!r}"
             )
         if not 1 <= number <= 1000:
             raise BudgetError(f"a budget threshold is a percentage from 1 to 1000, not {number}")
