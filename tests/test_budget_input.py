@@ -288,3 +288,15 @@ def test_an_organization_key_gone_marks_the_member_workspaces_budget(
     keys.delete_keys(OPERATOR, org_owner("acme-org"), "openai", key_id=pooled)
     assert app.budgets.get(WS, "pool").key_gone is True  # type: ignore[union-attr]
     assert app.budgets.scoped_to_keys([pooled]) == [(WS, "pool", pooled)]
+
+
+def test_the_budgets_view_of_organizations_is_the_resolutions() -> None:
+    # billing may not import resolution: it names the prefix and the membership table itself
+    from byok_plugin.billing import budgets as module
+    from byok_plugin.resolution import organizations
+
+    assert module.ORG_PREFIX == organizations.ORG_PREFIX
+    real = organizations.organization_workspaces
+    assert module.organization_workspaces.name == real.name
+    for column in module.organization_workspaces.c:
+        assert type(column.type) is type(real.c[column.name].type)

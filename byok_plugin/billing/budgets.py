@@ -12,6 +12,13 @@ A ``hard`` budget refuses a call whose worst case does not fit (:class:`BudgetEx
 one never refuses. Both emit the audit event ``budget.threshold`` once per period for each of
 their thresholds (percentages of the limit) that spending crosses.
 
+**Definitions** (:meth:`BudgetStore.set_budget`, for the CLI and the HTTP API alike): a limit is a
+whole number of :data:`UNIT` (never rounded), thresholds are at most :data:`MAX_THRESHOLDS`, an
+organization's key pool (``org:<id>``) is not a workspace and has no budgets, and a key scope names
+a stored key that serves the workspace (its own, or its organization's pool's). A budget whose key
+is then replaced or deleted is listed with ``key_gone`` and applies to no call. A workflow scope
+matches the workflow's name, which its author chooses: a convenience, not a boundary.
+
 **Atomicity.** Amounts are integers of :data:`UNIT` (a nano-dollar), so that the database adds and
 compares them exactly. On PostgreSQL a reservation is one autocommitted statement
 (:data:`_PG_RESERVE`): it locks the budget rows that apply in id order (``FOR UPDATE``, which
@@ -114,11 +121,6 @@ from byok_plugin.billing.budget_presence import BudgetPresence
 from byok_plugin.core.errors import InvalidInput, StoreUnavailable
 from byok_plugin.core.key_format import check_key_id
 from byok_plugin.keys.reader import sqlite_file_of
-from byok_plugin.resolution.organizations import (
-    ORG_PREFIX,
-    is_org_owner,
-    organization_workspaces,
-)
 from byok_plugin.store.engine import (
     LockBackoff,
     lock_backoff,
@@ -183,6 +185,17 @@ MAX_UNITS = 2**63 - 1
 #: the largest limit: a BIGINT of nano-dollars
 MAX_LIMIT = Decimal(MAX_UNITS) * UNIT
 _MAX_UNITS_SQL = sa.literal_column(str(MAX_UNITS), sa.BigInteger)
+#: the owner id prefix of an organization's key pool (``resolution.organizations.ORG_PREFIX``;
+#: billing may not import resolution, a test checks that they agree)
+ORG_PREFIX = "org:"
+#: the workspaces' organizations (``resolution.organizations.organization_workspaces``): the
+#: columns a key scope's check reads
+organization_workspaces = sa.table(
+    "byok_organization_workspaces",
+    sa.column("workspace_id", sa.String),
+    sa.column("organization_id", sa.String),
+    sa.column("opted_out", sa.Boolean),
+)
 
 
 class BudgetError(ValueError):
@@ -550,7 +563,7 @@ class BudgetStore:
                 f"a budget name is 1-64 letters, digits, '.', '_' or '-' (starting with a letter "
                 f"or digit), not {name!r}"
             )
-        if isinstance(workspace_id, str) and is_org_owner(workspace_id):
+        if isinstance(workspace_id, str) and workspace_id.startswith(ORG_PREFIX):
             raise BudgetError(
                 f"{workspace_id!r} is an organization's key pool, not a workspace: budgets on an "
                 "organization are not supported (a budget set there would limit nothing); set "

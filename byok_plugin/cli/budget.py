@@ -82,7 +82,13 @@ def budget_group() -> None:
     "its organization's (byok keys list). Replacing or deleting that key leaves the budget "
     "applying to no call (budget list marks it gone).",
 )
-@click.option("--workflow", "workflow_id", default=None, help="Only the calls of this workflow.")
+@click.option(
+    "--workflow",
+    "workflow_id",
+    default=None,
+    help="Only the calls of the workflows of this name (their author chooses it: a convenience "
+    "scope, not a boundary).",
+)
 @pass_cli
 @handles_errors
 def set_command(
