@@ -242,3 +242,44 @@ def test_a_key_scoped_budget_names_a_stored_key_and_says_when_it_is_gone(
     assert deleted.exit_code == 0, deleted.output
     assert f"is narrowed to the deleted key {second}" in deleted.stderr
     assert _budgets(store_env)[0]["key_gone"] is True
+
+
+def test_replacing_or_deleting_an_organization_key_warns_about_member_budgets(
+    store_env: dict[str, str],
+) -> None:
+    from keys_support import random_key
+
+    _run(store_env, "org", "create", "acme-org")
+    _run(store_env, "org", "attach", "acme-org", "--workspace", "acme")
+
+    def set_key() -> Result:
+        result = CliRunner().invoke(
+            main,
+            ["org", "set-key", "acme-org", "-p", "openai", "--no-test"],
+            env=store_env,
+            input=random_key("openai"),
+        )
+        assert result.exit_code == 0, result.output
+        return result
+
+    set_key()
+    (pooled,) = json.loads(_run(store_env, "org", "keys", "acme-org", "--json").output)["keys"]
+    _run(store_env, "budget", "set", "-w", "acme", "pool", "--limit", "1", "--key-id", pooled["id"])
+    replaced = set_key()
+    assert (
+        f"budget 'pool' of workspace 'acme' is narrowed to the replaced key {pooled['id']}"
+        in replaced.stderr
+    )
+    assert _budgets(store_env)[0]["key_gone"] is True
+    (current,) = json.loads(_run(store_env, "org", "keys", "acme-org", "--json").output)["keys"]
+    _run(
+        store_env, "budget", "set", "-w", "acme", "pool", "--limit", "1", "--key-id", current["id"]
+    )
+    deleted = CliRunner().invoke(
+        main,
+        ["org", "delete-key", "acme-org", "-p", "openai", "--key-id", current["id"]],
+        env=store_env,
+    )
+    assert deleted.exit_code == 0, deleted.output
+    assert f"is narrowed to the deleted key {current['id']}" in deleted.stderr
+    assert _budgets(store_env)[0]["key_gone"] is True
