@@ -300,3 +300,16 @@ def test_the_budgets_view_of_organizations_is_the_resolutions() -> None:
     assert module.organization_workspaces.name == real.name
     for column in module.organization_workspaces.c:
         assert type(column.type) is type(real.c[column.name].type)
+
+
+@pytest.mark.parametrize(
+    ("workspace", "message"),
+    [("w" * 201, "longer than 200"), (" acme", "whitespace"), ("ac\x00me", "control")],
+)
+def test_a_budget_of_a_malformed_workspace_id_is_refused(
+    app: App, workspace: str, message: str
+) -> None:
+    # the CLI passes -w as given: the budget row and its audit event must hold it
+    with pytest.raises(BudgetError, match=message):
+        app.budgets.set_budget(workspace, "b", limit="1")
+    assert stored_rows(app) == []

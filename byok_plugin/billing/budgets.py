@@ -119,7 +119,7 @@ from sqlalchemy.engine import Connection, Dialect, Engine
 
 from byok_plugin.billing.budget_presence import BudgetPresence
 from byok_plugin.core.errors import InvalidInput, StoreUnavailable
-from byok_plugin.core.key_format import check_key_id
+from byok_plugin.core.key_format import check_key_id, check_workspace_id
 from byok_plugin.keys.reader import sqlite_file_of
 from byok_plugin.store.engine import (
     LockBackoff,
@@ -563,7 +563,11 @@ class BudgetStore:
                 f"a budget name is 1-64 letters, digits, '.', '_' or '-' (starting with a letter "
                 f"or digit), not {name!r}"
             )
-        if isinstance(workspace_id, str) and workspace_id.startswith(ORG_PREFIX):
+        try:
+            check_workspace_id(workspace_id)  # the budget's and its audit event's columns
+        except InvalidInput as exc:
+            raise BudgetError(str(exc)) from None
+        if workspace_id.startswith(ORG_PREFIX):
             raise BudgetError(
                 f"{workspace_id!r} is an organization's key pool, not a workspace: budgets on an "
                 "organization are not supported (a budget set there would limit nothing); set "
