@@ -26,6 +26,7 @@ from byok_hookspecs import (
     BudgetSettlement,
     CredentialSource,
 )
+from keys_support import OPERATOR, keyring_value, master_key, random_key
 from migration_support import model_differences
 
 from byok_plugin.app import App
@@ -72,6 +73,7 @@ def app(database_url: str, tmp_path: Path, clock: Clock) -> Iterator[App]:
             "BYOK_HOME": str(tmp_path),
             "BYOK_DATABASE_URL": database_url,
             "BYOK_LOAD_PLUGINS": "byok_plugin",
+            "BYOK_ENCRYPTION_KEYS": keyring_value(master_key()),
         }
     )
     built = App(settings, clock=clock)
@@ -229,12 +231,19 @@ def test_a_byok_shadow_budget_counts_list_cost_of_workspace_keys_only(
 
 
 def test_budgets_scoped_to_a_key_or_a_workflow(app: App, pm: pluggy.PluginManager) -> None:
+    keys = app.key_service(pm)
+    pool = [
+        keys.set_key(
+            OPERATOR, WS, "openai", random_key("openai"), label=f"pool-{n}", test=False
+        ).key.id
+        for n in range(2)
+    ]
     app.budgets.set_budget(WS, "triage", limit="1", workflow_id="triage")
-    app.budgets.set_budget(WS, "pool-0", limit="1", key_id="pool-0")
-    other = reservation("r:a:1", "5", workflow_id="other", key_id="pool-1")
+    app.budgets.set_budget(WS, "pool-0", limit="1", key_id=pool[0])
+    other = reservation("r:a:1", "5", workflow_id="other", key_id=pool[1])
     assert pm.hook.byok_reserve_budget(reservation=other) is None
     hold = pm.hook.byok_reserve_budget(
-        reservation=reservation("r:b:1", "0.5", workflow_id="triage", key_id="pool-0")
+        reservation=reservation("r:b:1", "0.5", workflow_id="triage", key_id=pool[0])
     )
     assert set(hold.budgets) == {"triage", "pool-0"}
     with pytest.raises(BudgetExceeded, match="budget 'triage'"):
@@ -272,7 +281,8 @@ def test_a_soft_budget_never_refuses_and_thresholds_are_audited_once_per_period(
 
 def test_budget_definitions_are_checked_and_kept(app: App) -> None:
     for bad, message in [
-        ({"limit": "-1"}, "more than 0"),
+        ({"limit": "-1"}, "amount in USD"),
+        ({"limit": "0.000"}, "more than 0"),
         ({"limit": "ten"}, "amount in USD"),
         ({"limit": "1", "metric": "tokens"}, "metric is one of charge, list_cost"),
         ({"limit": "1", "period": "week"}, "period is one of day, month, none"),

@@ -73,7 +73,9 @@ def test_a_hard_budget_refuses_the_call_that_does_not_fit_before_it_is_sent(
     # room for two and a half worst cases: calls go until what is left is less than one
     spent = budgets.get(PLATFORM_WORKSPACE, "monthly").spent  # type: ignore[union-attr]
     assert spent >= call.charge.amount
-    budgets.set_budget(PLATFORM_WORKSPACE, "monthly", limit=spent + 2 * hold + hold / 2)
+    budgets.set_budget(
+        PLATFORM_WORKSPACE, "monthly", limit=spent + 2 * hold + (hold / 2).quantize(UNIT)
+    )
     completed = 0
     for n in range(40):
         sent = model_calls(stack.emulator)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from byok_hookspecs import BudgetReservation, CredentialSource
+from byok_hookspecs import Actor, BudgetReservation, CredentialSource, Role
 from server_support import (
     ADMIN,
     ADMIN_TOKEN,
@@ -22,6 +22,7 @@ from server_support import (
     asgi_client,
     make_stack,
     master_key_value,
+    random_key,
 )
 
 from byok_plugin.server import BearerTokens
@@ -122,3 +123,100 @@ async def test_bad_budgets_are_clear_422s_and_a_missing_one_a_404(
     assert (await client.get(BUDGETS, headers=AS_ADMIN)).json()["budgets"] == []
     audited = [(e.action, e.occurred_at) for e in stack.audit.events]
     assert audited == [("budget.set", NOW), ("budget.deleted", NOW)]
+
+
+# --- review findings 9, 6, 4 on both stores -----------------------------------------------------
+
+ORG_ADMIN_TOKEN = "org-admin-token-" + "x" * 16
+ORG_ADMIN = Actor("carol", {"org:acme-org": Role.ADMIN})
+KEYS = "/api/workspaces/acme/byok-keys"
+
+
+@pytest.fixture
+def db_stack(tmp_path: Path, database_url: str) -> Iterator[Stack]:
+    built = make_stack(tmp_path, database_url, master_keys=master_key_value(), clock=lambda: NOW)
+    yield built
+    built.app.close()
+
+
+@pytest.fixture
+async def db_client(db_stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
+    identify = BearerTokens({ADMIN_TOKEN: ADMIN, MEMBER_TOKEN: MEMBER, ORG_ADMIN_TOKEN: ORG_ADMIN})
+    async with asgi_client(db_stack, identify) as c:
+        yield c
+
+
+async def _store_key(client: httpx.AsyncClient) -> httpx.Response:
+    body = {"provider": "openai", "api_key": random_key("openai"), "test": False}
+    response = await client.post(KEYS, json=body, headers=AS_ADMIN)
+    assert response.status_code in (200, 201), response.text
+    return response
+
+
+async def test_limits_finer_than_a_nano_dollar_are_refused_not_rounded(
+    db_client: httpx.AsyncClient, db_stack: Stack
+) -> None:
+    for limit in ("0.0000000001", "0." + "0" * 37 + "1"):
+        response = await db_client.put(f"{BUDGETS}/b", json={"limit": limit}, headers=AS_ADMIN)
+        assert "whole number of nano-dollars" in error_of(response, 422)["message"]
+    assert db_stack.app.budgets.list_budgets("acme") == []
+
+
+async def test_a_budget_on_an_organization_is_a_clear_422(
+    db_client: httpx.AsyncClient, db_stack: Stack
+) -> None:
+    response = await db_client.put(
+        "/api/workspaces/org:acme-org/byok-budgets/pool-cap",
+        json={"limit": "0.01", "metric": "list_cost"},
+        headers={"Authorization": f"Bearer {ORG_ADMIN_TOKEN}"},
+    )
+    error = error_of(response, 422)
+    assert "'org:acme-org' is an organization's key pool" in error["message"]
+    assert db_stack.app.budgets.list_budgets("org:acme-org") == []
+
+
+async def test_a_key_scope_names_a_stored_key_and_its_audit_event_is_kept(
+    db_client: httpx.AsyncClient, db_stack: Stack
+) -> None:
+    await db_client.put(f"{BUDGETS}/monthly", json={"limit": "100"}, headers=AS_ADMIN)
+    # a key id longer than the audit table's column: used to be saved, its audit row lost
+    for key_id in ("key_" + "k" * 96, "key_doesnotexist"):
+        response = await db_client.put(
+            f"{BUDGETS}/monthly", json={"limit": "100", "key_id": key_id}, headers=AS_ADMIN
+        )
+        assert "workspace 'acme'" in error_of(response, 422)["message"]
+    (monthly,) = db_stack.app.budgets.list_budgets("acme")
+    assert monthly.key_id is None  # unchanged: still workspace-wide
+    key_id = (await _store_key(db_client)).json()["key"]["id"]
+    scoped = await db_client.put(
+        f"{BUDGETS}/monthly", json={"limit": "100", "key_id": key_id}, headers=AS_ADMIN
+    )
+    assert scoped.status_code == 200, scoped.text
+    assert (scoped.json()["budget"]["key_id"], scoped.json()["budget"]["key_gone"]) == (
+        key_id,
+        False,
+    )
+    stored = [(e.action, e.key_id) for e in db_stack.app.audit_store.events("acme")]
+    assert stored.count(("budget.set", None)) == 1
+    assert ("budget.set", key_id) in stored
+
+
+async def test_replacing_a_budgets_key_warns_and_the_budget_shows_it_gone(
+    db_client: httpx.AsyncClient, db_stack: Stack
+) -> None:
+    first = (await _store_key(db_client)).json()["key"]["id"]
+    await db_client.put(
+        f"{BUDGETS}/guard",
+        json={"limit": "1", "metric": "list_cost", "key_id": first},
+        headers=AS_ADMIN,
+    )
+    replaced = (await _store_key(db_client)).json()
+    assert replaced["replaced_key_id"] == first
+    second = replaced["key"]["id"]
+    assert any(
+        f"budget 'guard' of workspace 'acme' is narrowed to the replaced key {first}" in w
+        and second in w
+        for w in replaced["warnings"]
+    ), replaced["warnings"]
+    (budget,) = (await db_client.get(BUDGETS, headers=AS_MEMBER)).json()["budgets"]
+    assert (budget["key_id"], budget["key_gone"]) == (first, True)

@@ -446,6 +446,16 @@ def test_a_member_sees_each_budget_with_spent_reserved_and_left(
     own = page.locator('li.budget[data-budget="own-keys"]')
     expect(own.locator(".budget-kind")).to_have_text("Soft limit")
     expect(own.locator(".budget-left")).to_have_text("$5.00")
+    # a budget narrowed to a key that was then replaced says that it applies to no call
+    service = stack.app.key_service(stack.pm)
+    old = service.set_key(ADMIN, "acme", "openai", random_key("openai"), test=False).key.id
+    stack.app.budgets.set_budget("acme", "guard", limit="1", metric="list_cost", key_id=old)
+    service.set_key(ADMIN, "acme", "openai", random_key("openai"), test=False)
+    page.reload()
+    guard = page.locator('li.budget[data-budget="guard"]')
+    expect(guard.locator(".budget-meta")).to_contain_text(
+        f"key {old}, which no longer exists: applies to no call"
+    )
     tab.shot("budgets")
     assert tab.errors == []
 

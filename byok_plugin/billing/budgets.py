@@ -12,6 +12,13 @@ A ``hard`` budget refuses a call whose worst case does not fit (:class:`BudgetEx
 one never refuses. Both emit the audit event ``budget.threshold`` once per period for each of
 their thresholds (percentages of the limit) that spending crosses.
 
+**Definitions** (:meth:`BudgetStore.set_budget`, for the CLI and the HTTP API alike): a limit is a
+whole number of :data:`UNIT` (never rounded), thresholds are at most :data:`MAX_THRESHOLDS`, an
+organization's key pool (``org:<id>``) is not a workspace and has no budgets, and a key scope names
+a stored key that serves the workspace (its own, or its organization's pool's). A budget whose key
+is then replaced or deleted is listed with ``key_gone`` and applies to no call. A workflow scope
+matches the workflow's name, which its author chooses: a convenience, not a boundary.
+
 **Atomicity.** Amounts are integers of :data:`UNIT` (a nano-dollar), so that the database adds and
 compares them exactly. On PostgreSQL a reservation is one autocommitted statement
 (:data:`_PG_RESERVE`): it locks the budget rows that apply in id order (``FOR UPDATE``, which
@@ -92,7 +99,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from decimal import ROUND_CEILING, Decimal, InvalidOperation
+from decimal import ROUND_CEILING, Decimal
 from functools import cached_property
 from pathlib import Path
 from types import SimpleNamespace
@@ -111,7 +118,8 @@ from byok_hookspecs import (
 from sqlalchemy.engine import Connection, Dialect, Engine
 
 from byok_plugin.billing.budget_presence import BudgetPresence
-from byok_plugin.core.errors import StoreUnavailable
+from byok_plugin.core.errors import InvalidInput, StoreUnavailable
+from byok_plugin.core.key_format import check_key_id, check_workspace_id
 from byok_plugin.keys.reader import sqlite_file_of
 from byok_plugin.store.engine import (
     LockBackoff,
@@ -123,10 +131,12 @@ from byok_plugin.store.engine import (
 )
 from byok_plugin.store.key_events import notify_key_change
 from byok_plugin.store.sqlite_connections import SqliteConnections, SqliteWriters
-from byok_plugin.store.tables import UTCDateTime, metadata
+from byok_plugin.store.tables import UTCDateTime, metadata, workspace_keys
 
 __all__ = [
     "KEEP_HOLDS",
+    "LIMIT_PATTERN",
+    "MAX_THRESHOLDS",
     "MAX_UNITS",
     "PRUNE_BATCH",
     "PRUNE_EVERY",
@@ -138,6 +148,7 @@ __all__ = [
     "BudgetStore",
     "budget_holds",
     "budgets",
+    "check_thresholds",
     "from_units",
     "to_units",
 ]
@@ -174,6 +185,17 @@ MAX_UNITS = 2**63 - 1
 #: the largest limit: a BIGINT of nano-dollars
 MAX_LIMIT = Decimal(MAX_UNITS) * UNIT
 _MAX_UNITS_SQL = sa.literal_column(str(MAX_UNITS), sa.BigInteger)
+#: the owner id prefix of an organization's key pool (``resolution.organizations.ORG_PREFIX``;
+#: billing may not import resolution, a test checks that they agree)
+ORG_PREFIX = "org:"
+#: the workspaces' organizations (``resolution.organizations.organization_workspaces``): the
+#: columns a key scope's check reads
+organization_workspaces = sa.table(
+    "byok_organization_workspaces",
+    sa.column("workspace_id", sa.String),
+    sa.column("organization_id", sa.String),
+    sa.column("opted_out", sa.Boolean),
+)
 
 
 class BudgetError(ValueError):
@@ -283,6 +305,10 @@ class Budget:
     period_start: datetime
     updated_by: str | None
     updated_at: datetime
+    #: the budget names a key (``key_id``) that is no longer one of its workspace's keys nor of
+    #: its organization's pool (deleted, or replaced by ``keys set``: a new id): it applies to
+    #: no call until it is set again with a key that exists
+    key_gone: bool = False
 
     @property
     def left(self) -> Decimal:
@@ -299,6 +325,7 @@ class Budget:
             "hard": self.hard,
             "thresholds": list(self.thresholds),
             "key_id": self.key_id,
+            "key_gone": self.key_gone,
             "workflow_id": self.workflow_id,
             "spent": format(self.spent, "f"),
             "reserved": format(self.reserved, "f"),
@@ -309,21 +336,75 @@ class Budget:
         }
 
 
+#: a limit as text: ASCII digits, optionally a point and more digits (the HTTP API's
+#: ``SetBudgetRequest.limit`` pattern is the same: the CLI and the API accept the same limits)
+LIMIT_PATTERN = r"[0-9]+(\.[0-9]+)?"
+_LIMIT_TEXT = re.compile(LIMIT_PATTERN)
+#: the longest limit text (the API's ``max_length``)
+LIMIT_TEXT_LENGTH = 40
+#: the most thresholds a budget has (the API's ``max_length``): their text always fits the
+#: ``thresholds`` column (10 of at most 4 digits, comma-separated, is 49 characters of 64)
+MAX_THRESHOLDS = 10
+_THRESHOLD_TEXT = re.compile(r"[0-9]{1,4}")
+
+
 def parse_limit(value: Decimal | str) -> Decimal:
-    """A limit in USD: a finite decimal > 0."""
-    try:
-        limit = value if isinstance(value, Decimal) else Decimal(str(value).strip())
-    except InvalidOperation:
-        raise BudgetError(
-            f"a budget limit is an amount in USD such as 25.00, not {value!r}"
-        ) from None
+    """A limit in USD: more than 0, at most :data:`MAX_LIMIT`, and a whole number of
+    :data:`UNIT` (a nano-dollar: what the store counts), never rounded. Text is ASCII digits
+    with an optional decimal point (:data:`LIMIT_PATTERN`), such as ``25`` or ``0.5``."""
+    if isinstance(value, Decimal):
+        limit = value
+    else:
+        text = str(value)
+        if len(text) > LIMIT_TEXT_LENGTH or not _LIMIT_TEXT.fullmatch(text):
+            raise BudgetError(
+                f"a budget limit is an amount in USD such as 25.00: the digits 0-9 with an "
+                f"optional decimal point, at most {LIMIT_TEXT_LENGTH} characters, not "
+                f"{text[:LIMIT_TEXT_LENGTH]!r}"
+            )
+        limit = Decimal(text)  # exact: the constructor does not round
     if not limit.is_finite() or limit <= 0 or limit > MAX_LIMIT:
         raise BudgetError(f"a budget limit must be more than 0 and at most {MAX_LIMIT} USD")
+    # exact: at most 19 digits once quantized (limit <= MAX_LIMIT), within the context's 28
+    if limit.quantize(UNIT) != limit:
+        raise BudgetError(
+            f"a budget limit is a whole number of nano-dollars (at most 9 decimal places, such "
+            f"as 0.000000001), not {format(limit, 'f')[:60]!r}: budgets count in {UNIT} USD "
+            "and a limit is never rounded"
+        )
     return limit
 
 
+def check_thresholds(value: str | Iterable[int]) -> tuple[int, ...]:
+    """A budget's thresholds as given (``"50,80,100"``, or numbers): at most
+    :data:`MAX_THRESHOLDS`, each a whole percentage from 1 to 1000 (ASCII digits when text),
+    the same bounds as the HTTP API's; duplicates count once."""
+    parts: list[Any]
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(",") if p.strip() != ""]
+    else:
+        parts = list(value)
+    if len(parts) > MAX_THRESHOLDS:
+        raise BudgetError(f"a budget has at most {MAX_THRESHOLDS} thresholds, not {len(parts)}")
+    found = set()
+    for part in parts:
+        if isinstance(part, str) and _THRESHOLD_TEXT.fullmatch(part):
+            number = int(part)
+        elif isinstance(part, int) and not isinstance(part, bool):
+            number = part
+        else:
+            raise BudgetError(
+                f"budget thresholds are whole percentages such as 50,80,100, not {str(part)[:20]!r}"
+            )
+        if not 1 <= number <= 1000:
+            raise BudgetError(f"a budget threshold is a percentage from 1 to 1000, not {number}")
+        found.add(number)
+    return tuple(sorted(found))
+
+
 def parse_thresholds(value: str | Iterable[int]) -> tuple[int, ...]:
-    """``"50,80,100"`` (or numbers): percentages of the limit, 1 to 1000, each once."""
+    """``"50,80,100"`` (or numbers) as stored: percentages of the limit, 1 to 1000, each once.
+    What a caller gives is checked by :func:`check_thresholds`."""
     parts = [p.strip() for p in value.split(",")] if isinstance(value, str) else list(value)
     found = set()
     for part in parts:
@@ -369,6 +450,50 @@ def _budget(row: Any, now: datetime, held: dict[str, int]) -> Budget:
         period_start=max(row.period_start, current),
         updated_by=row.updated_by,
         updated_at=row.updated_at,
+        key_gone=row.key_id is not None and not row.key_found,
+    )
+
+
+def _pool_owner(workspace_id: Any) -> Any:
+    """The owner id (``org:<id>``) of the key pool of the workspace's organization, if any."""
+    m = organization_workspaces
+    return (
+        sa.select(sa.literal(ORG_PREFIX) + m.c.organization_id)
+        .where(m.c.workspace_id == workspace_id)
+        .scalar_subquery()
+    )
+
+
+def _key_exists(workspace_id: Any, key_id: Any) -> Any:
+    """Whether ``key_id`` is one of the workspace's stored keys or of its organization's."""
+    k = workspace_keys
+    return sa.exists().where(
+        k.c.id == key_id,
+        sa.or_(k.c.workspace_id == workspace_id, k.c.workspace_id == _pool_owner(workspace_id)),
+    )
+
+
+def _check_budget_key(conn: Connection, workspace_id: str, key_id: str) -> None:
+    """Refuse a key id that serves none of the workspace's calls: not one of its stored keys,
+    nor of the pool of its organization (unless it opted out of the pool)."""
+    k, m = workspace_keys, organization_workspaces
+    owner = conn.execute(sa.select(k.c.workspace_id).where(k.c.id == key_id)).scalar()
+    if owner == workspace_id:
+        return
+    member = conn.execute(
+        sa.select(m.c.organization_id, m.c.opted_out).where(m.c.workspace_id == workspace_id)
+    ).first()
+    if member is not None and owner == ORG_PREFIX + member.organization_id:
+        if not member.opted_out:
+            return
+        raise BudgetError(
+            f"workspace {workspace_id!r} opted out of organization {member.organization_id!r}'s "
+            f"key pool: its key {key_id!r} serves none of the workspace's calls"
+        )
+    pool = f" nor its organization {member.organization_id!r}" if member is not None else ""
+    raise BudgetError(
+        f"workspace {workspace_id!r} has no key {key_id!r}{pool}: a budget's key id names one "
+        f"of the stored keys that serve the workspace (see `byok keys list -w {workspace_id}`)"
     )
 
 
@@ -438,7 +563,17 @@ class BudgetStore:
                 f"a budget name is 1-64 letters, digits, '.', '_' or '-' (starting with a letter "
                 f"or digit), not {name!r}"
             )
-        for what, value, longest in (("key id", key_id, 120), ("workflow id", workflow_id, 200)):
+        try:
+            check_workspace_id(workspace_id)  # the budget's and its audit event's columns
+        except InvalidInput as exc:
+            raise BudgetError(str(exc)) from None
+        if workspace_id.startswith(ORG_PREFIX):
+            raise BudgetError(
+                f"{workspace_id!r} is an organization's key pool, not a workspace: budgets on an "
+                "organization are not supported (a budget set there would limit nothing); set "
+                "one on each of its workspaces instead"
+            )
+        for what, value, longest in (("workflow id", workflow_id, 200),):
             if value is not None and (
                 not isinstance(value, str)
                 or len(value) > longest
@@ -448,10 +583,21 @@ class BudgetStore:
                     f"a budget's {what} is text of at most {longest} characters, without control "
                     "characters"
                 )
+        key_id = key_id or None
+        if key_id is not None:
+            try:
+                check_key_id(key_id)
+            except InvalidInput:
+                # not quoted: what was given in its place may be a secret (an API key)
+                raise BudgetError(
+                    f"workspace {workspace_id!r}: a budget's key id is the id of one of the "
+                    "workspace's stored keys, 'key_' followed by letters and digits (see `byok "
+                    "keys list`); what was given is not one"
+                ) from None
         chosen_limit = parse_limit(limit)
         chosen_metric: BudgetMetric = _enum(BudgetMetric, metric, "metric")
         chosen_period: BudgetPeriod = _enum(BudgetPeriod, period, "period")
-        chosen_thresholds = parse_thresholds(thresholds)
+        chosen_thresholds = check_thresholds(thresholds)
         now = self._clock()
         values = {
             "metric": chosen_metric.value,
@@ -459,7 +605,7 @@ class BudgetStore:
             "hard": bool(hard),
             "limit_units": to_units(chosen_limit),
             "thresholds": ",".join(str(t) for t in chosen_thresholds),
-            "key_id": key_id or None,
+            "key_id": key_id,
             "workflow_id": workflow_id or None,
             "updated_by": actor_id,
             "updated_at": now,
@@ -470,6 +616,8 @@ class BudgetStore:
             write_transaction(self._engine) as conn,
         ):
             lock_in_transaction(conn, "budgets", workspace_id)
+            if key_id is not None:
+                _check_budget_key(conn, workspace_id, key_id)
             row = conn.execute(
                 sa.select(t).where(t.c.workspace_id == workspace_id, t.c.name == name)
             ).first()
@@ -525,6 +673,21 @@ class BudgetStore:
         self.presence.changed_elsewhere(workspace_id)
         return True
 
+    def scoped_to_keys(self, key_ids: Iterable[str]) -> list[tuple[str, str, str]]:
+        """``(workspace id, budget name, key id)`` of the budgets narrowed to one of these keys
+        (what to warn about when the keys are replaced or deleted), by workspace and name."""
+        wanted = sorted(set(key_ids))
+        if not wanted:
+            return []
+        t = budgets
+        query = (
+            sa.select(t.c.workspace_id, t.c.name, t.c.key_id)
+            .where(t.c.key_id.in_(wanted))
+            .order_by(t.c.workspace_id, t.c.name)
+        )
+        with store_errors("reading budgets"), self._engine.connect() as conn:
+            return [(r.workspace_id, r.name, r.key_id) for r in conn.execute(query)]
+
     def get(self, workspace_id: str, name: str) -> Budget | None:
         found = [b for b in self.list_budgets(workspace_id) if b.name == name]
         return found[0] if found else None
@@ -533,7 +696,8 @@ class BudgetStore:
         """The budgets of a workspace (of all when ``None``), by workspace and name."""
         now = self._clock()
         t, h = budgets, budget_holds
-        query = sa.select(t).order_by(t.c.workspace_id, t.c.name)
+        query = sa.select(t, _key_exists(t.c.workspace_id, t.c.key_id).label("key_found"))
+        query = query.order_by(t.c.workspace_id, t.c.name)
         held = (
             sa.select(h.c.budget_id, sa.func.sum(h.c.amount_units))
             .where(h.c.state == "held", h.c.expires_at >= now)

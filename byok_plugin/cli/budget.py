@@ -38,6 +38,8 @@ def _line(budget: Budget) -> str:
     scope = ""
     if budget.key_id:
         scope += f" key {budget.key_id}"
+        if budget.key_gone:
+            scope += " (gone: applies to no call)"
     if budget.workflow_id:
         scope += f" workflow {budget.workflow_id}"
     kind = "hard" if budget.hard else "soft"
@@ -73,8 +75,20 @@ def budget_group() -> None:
     show_default=True,
     help="Percentages of the limit audited once per period (budget.threshold).",
 )
-@click.option("--key-id", default=None, help="Only the calls this stored key serves.")
-@click.option("--workflow", "workflow_id", default=None, help="Only the calls of this workflow.")
+@click.option(
+    "--key-id",
+    default=None,
+    help="Only the calls this stored key serves: the id of one of the workspace's keys or of "
+    "its organization's (byok keys list). Replacing or deleting that key leaves the budget "
+    "applying to no call (budget list marks it gone).",
+)
+@click.option(
+    "--workflow",
+    "workflow_id",
+    default=None,
+    help="Only the calls of the workflows of this name (their author chooses it: a convenience "
+    "scope, not a boundary).",
+)
 @pass_cli
 @handles_errors
 def set_command(
@@ -113,7 +127,7 @@ def set_command(
             action="budget.set",
             workspace_id=workspace_id,
             actor_id=cli.actor.id,
-            key_id=key_id,
+            key_id=budget.key_id,
             detail=_line(budget),
             occurred_at=cli.clock(),
         )
@@ -137,6 +151,8 @@ def show_command(cli: CliContext, workspace_id: str, name: str, as_json: bool) -
         echo_json(budget.as_dict())
     else:
         click.echo(f"workspace {workspace_id!r}: {_line(budget)}")
+        if budget.key_gone:
+            click.echo(_gone(budget))
 
 
 @budget_group.command("list")
@@ -155,6 +171,17 @@ def list_command(cli: CliContext, workspace_id: str, as_json: bool) -> None:
         click.echo(f"workspace {workspace_id!r} has no budgets")
         return
     show(console_for(), _budget_table(workspace_id, found))
+    for budget in found:
+        if budget.key_gone:
+            click.echo(_gone(budget))
+
+
+def _gone(budget: Budget) -> str:
+    return (
+        f"note: budget {budget.name!r} names key {budget.key_id}, which no longer exists "
+        "(deleted, or replaced by `byok keys set`): it applies to no call until it is set "
+        "again with --key-id of a current key"
+    )
 
 
 def _budget_table(workspace_id: str, found: list[Budget]) -> TableSpec:
@@ -163,7 +190,9 @@ def _budget_table(workspace_id: str, found: list[Budget]) -> TableSpec:
         scope = " ".join(
             part
             for part in (
-                f"key {budget.key_id}" if budget.key_id else "",
+                f"key {budget.key_id}{' (gone)' if budget.key_gone else ''}"
+                if budget.key_id
+                else "",
                 f"workflow {budget.workflow_id}" if budget.workflow_id else "",
             )
             if part

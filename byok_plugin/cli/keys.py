@@ -219,6 +219,7 @@ def set_command(
     click.echo(f"{verb} {_describe(result.key)} in workspace {result.key.workspace_id!r}")
     if result.replaced is not None:
         click.echo(f"  the previous key {result.replaced.id} ({result.replaced.hint}) is deleted")
+        warn_key_budgets(cli, [result.replaced.id], "replaced", result.key.id)
     if result.check is not None:
         click.echo(f"  live check: {result.check.status.value}: {result.check.message}")
     else:
@@ -322,6 +323,28 @@ def delete_command(
     )
     for info in deleted:
         click.echo(f"deleted {_describe(info)} from workspace {workspace_id!r}")
+    warn_key_budgets(cli, [info.id for info in deleted], "deleted", None)
+
+
+def warn_key_budgets(
+    cli: CliContext, key_ids: list[str], verb: str, new_key_id: str | None
+) -> None:
+    """Warn about the budgets narrowed to keys that are gone: they apply to no call any more
+    (``byok budget list`` marks them) until they are set again with a current key."""
+    if not key_ids:
+        return
+    instead = f" --key-id {new_key_id}" if new_key_id is not None else " --key-id of a current key"
+    for workspace_id, name, key_id in cli.app.budgets.scoped_to_keys(key_ids):
+        click.echo(
+            click.style(
+                f"warning: budget {name!r} of workspace {workspace_id!r} is narrowed to the "
+                f"{verb} key {key_id}: it no longer applies to any call. To keep it, set it "
+                f"again: byok budget set -w {workspace_id} {name}{instead} (and its limit and "
+                "other options)",
+                fg="yellow",
+            ),
+            err=True,
+        )
 
 
 @keys_group.command("delete-workspace")

@@ -20,6 +20,7 @@ from byok_plugin.cli.keys import (
     label_option,
     provider_option,
     read_api_key,
+    warn_key_budgets,
     workspace_option,
 )
 from byok_plugin.cli.tables import Column, TableSpec, console_for, show
@@ -171,6 +172,8 @@ def set_key_command(
         f"{verb} {provider} key {result.key.id} ({result.key.hint}, label "
         f"{result.key.label!r}) for organization {org_id!r}"
     )
+    if result.replaced is not None:
+        warn_key_budgets(cli, [result.replaced.id], "replaced", result.key.id)
 
 
 @org_group.command("delete-key")
@@ -193,6 +196,7 @@ def delete_key_command(
         click.echo(
             f"deleted {info.provider} key {info.id} ({info.hint}) of organization {org_id!r}"
         )
+    warn_key_budgets(cli, [info.id for info in deleted], "deleted", None)
 
 
 @org_group.command("inherited")

@@ -78,6 +78,7 @@ class SignOutRequest(RequestBody):
 class SetBudgetRequest(RequestBody):
     """A budget's limit (USD, as a decimal string) and its rules."""
 
+    # the same as byok_plugin.billing.budgets.LIMIT_PATTERN and LIMIT_TEXT_LENGTH (a test checks)
     limit: str = Field(min_length=1, max_length=40, pattern=r"^[0-9]+(\.[0-9]+)?$")
     metric: Literal["charge", "list_cost"] = "charge"
     period: Literal["day", "month", "none"] = "month"
@@ -253,6 +254,9 @@ class Budget(BaseModel):
     hard: bool
     thresholds: list[int]
     key_id: str | None
+    #: the key named by ``key_id`` no longer exists (deleted, or replaced under its label): the
+    #: budget applies to no call until it is set again with a current key
+    key_gone: bool
     workflow_id: str | None
     spent: Money
     reserved: Money

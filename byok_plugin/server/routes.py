@@ -254,7 +254,7 @@ class Api:
         body = await self.body(request, "SetKeyRequest")
 
         def work(service: KeyService) -> Any:
-            return service.set_key(
+            result = service.set_key(
                 actor,
                 workspace_id,
                 body["provider"],
@@ -262,14 +262,24 @@ class Api:
                 label=body.get("label"),
                 test=body.get("test", True),
             )
+            if result.replaced is None:
+                return result, []
+            # a budget narrowed to the replaced key applies to no call any more: say so
+            scoped = self.app.budgets.scoped_to_keys([result.replaced.id])
+            return result, [
+                f"budget {name!r} of workspace {ws!r} is narrowed to the replaced key {old}: it "
+                f"no longer applies to any call; set it again with key id {result.key.id} to "
+                "keep it"
+                for ws, name, old in scoped
+            ]
 
-        result = await self.call(work)
+        result, budget_warnings = await self.call(work)
         return ok(
             {
                 "key": key_json(result.key),
                 "created": result.replaced is None,
                 "replaced_key_id": result.replaced.id if result.replaced is not None else None,
-                "warnings": list(result.warnings),
+                "warnings": [*result.warnings, *budget_warnings],
                 "check": check_json(result.check, None) if result.check is not None else None,
             },
             status=201 if result.replaced is None else 200,

@@ -353,7 +353,9 @@
       const what = budget.metric === "list_cost" ? "own keys at list price" : "platform charges";
       const period = budget.period === "none" ? "in total" : `per ${budget.period}`;
       const scope = [
-        budget.key_id ? `key ${budget.key_id}` : "",
+        budget.key_id
+          ? `key ${budget.key_id}${budget.key_gone ? ", which no longer exists: applies to no call" : ""}`
+          : "",
         budget.workflow_id ? `workflow ${budget.workflow_id}` : "",
       ].filter(Boolean).join(", ");
       $(".budget-meta", node).textContent =
