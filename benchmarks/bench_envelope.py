@@ -30,6 +30,7 @@ from pathlib import Path
 from byok_hookspecs import CredentialRequest, CredentialSource
 
 from byok_plugin.app import App
+from byok_plugin.cli.context import OPERATOR
 from byok_plugin.core.crypto import ENVELOPE_MASTER_KEY_ID, DataKey, KeyBinding, Keyring, MasterKey
 from byok_plugin.manager import plugin_manager_for
 from byok_plugin.settings import Settings
@@ -106,7 +107,7 @@ def main() -> None:
         (f"ws-{rng.randrange(WORKSPACES):06d}", rng.choice(list(PROVIDERS)))
         for _ in range(ROUNDS + WARMUP)
     ]
-    requests = [CredentialRequest(w, p, PROVIDERS[p]) for w, p in picks]
+    requests = [CredentialRequest(w, p, PROVIDERS[p], actor=OPERATOR) for w, p in picks]
     with (
         tempfile.TemporaryDirectory(prefix="byok-bench-direct-") as a,
         tempfile.TemporaryDirectory(prefix="byok-bench-envelope-") as b,

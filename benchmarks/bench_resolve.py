@@ -49,6 +49,7 @@ from byok_hookspecs import (
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from byok_plugin.app import App
+from byok_plugin.cli.context import OPERATOR
 from byok_plugin.core.crypto import STORED_PREFIX, KeyBinding, Keyring, MasterKey
 from byok_plugin.manager import plugin_manager_for
 from byok_plugin.settings import Settings
@@ -189,7 +190,8 @@ def bench_size(workspaces: int) -> dict[str, float]:
             (f"ws-{rng.randrange(workspaces):06d}", rng.choice(list(PROVIDERS)))
             for _ in range(ROUNDS + WARMUP)
         ]
-        requests = [CredentialRequest(w, p, PROVIDERS[p]) for w, p in picks]
+        # resolution asks byok_authorize about every request's actor (the default rule)
+        requests = [CredentialRequest(w, p, PROVIDERS[p], actor=OPERATOR) for w, p in picks]
 
         raw = sqlite3.connect(settings.database_url.removeprefix("sqlite:///"))
         floor_pm = _floor_pm()

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
+from byok_plugin.cli.context import OPERATOR
 from byok_plugin.host.workflow import Workflow, parse_workflow
 
 WORKSPACE = "globex-platform"
@@ -72,7 +73,10 @@ def run_calls(
             async def one(n: int) -> Any:
                 async with gate:
                     return await runner.run(
-                        workflow, workspace_id=WORKSPACE, inputs={"name": name_of(worker, n)}
+                        workflow,
+                        actor=OPERATOR,
+                        workspace_id=WORKSPACE,
+                        inputs={"name": name_of(worker, n)},
                     )
 
             return await asyncio.gather(*(one(n) for n in range(runs)))

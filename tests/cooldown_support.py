@@ -9,7 +9,7 @@ import os
 from datetime import UTC, datetime
 from typing import Any
 
-from byok_hookspecs import CredentialRequest, FailureReason, ProviderFailure
+from byok_hookspecs import Actor, CredentialRequest, FailureReason, ProviderFailure
 
 from byok_plugin.app import App
 from byok_plugin.host.providers import (
@@ -22,6 +22,9 @@ from byok_plugin.host.providers import (
 from byok_plugin.manager import plugin_manager_for
 from byok_plugin.settings import Settings
 
+#: who starts the worker's runs (resolution asks byok_authorize about every request)
+OPERATOR = Actor(id="operator", operator=True)
+
 
 def call_with_resolved_keys(
     environ: dict[str, str], workspace: str, provider: str, model: str
@@ -30,7 +33,9 @@ def call_with_resolved_keys(
     provider's ``retry_after`` hints, with the wall-clock time around the call."""
     app = App(Settings.from_environ(environ))
     pm = plugin_manager_for(app, load_entrypoints=False)
-    request = CredentialRequest(workspace, provider, model, run_id="r", block_id="b")
+    request = CredentialRequest(
+        workspace, provider, model, run_id="r", block_id="b", actor=OPERATOR
+    )
     used: list[str | None] = []
     hints: list[float | None] = []
     started = datetime.now(UTC)
@@ -59,7 +64,13 @@ def call_with_resolved_keys(
                     )
                     credential = pm.hook.byok_resolve_credential(
                         request=CredentialRequest(
-                            workspace, provider, model, run_id="r", block_id="b", failure=failure
+                            workspace,
+                            provider,
+                            model,
+                            run_id="r",
+                            block_id="b",
+                            actor=OPERATOR,
+                            failure=failure,
                         )
                     )
         finally:

@@ -9,7 +9,10 @@ import logging
 import random
 from typing import Any
 
-from byok_hookspecs import CredentialRequest
+from byok_hookspecs import Actor, CredentialRequest
+
+#: who the workers resolve for (resolution asks byok_authorize about every request)
+OPERATOR = Actor(id="operator", operator=True)
 
 WORKSPACES = [f"ws-{i:02d}" for i in range(20)]
 
@@ -53,7 +56,9 @@ def flush_worker(
         order = list(WORKSPACES)
         rng.shuffle(order)
         for workspace in order:
-            request = CredentialRequest(workspace_id=workspace, provider="openai", model="gpt-4o")
+            request = CredentialRequest(
+                workspace_id=workspace, provider="openai", model="gpt-4o", actor=OPERATOR
+            )
             resolver.resolve(request, pm)
         flushed.append(resolver.flush_last_used())
     app.close()

@@ -252,7 +252,12 @@ def test_a_cancelled_run_releases_the_hold_of_its_call_in_flight(stack: DemoStac
     async def go() -> None:
         async with WorkflowRunner.open(stack.pm, environ=stack.environ) as runner:
             task = asyncio.create_task(
-                runner.run(ONE_CALL, workspace_id=PLATFORM_WORKSPACE, inputs={"name": "Ada"})
+                runner.run(
+                    ONE_CALL,
+                    actor=OPERATOR,
+                    workspace_id=PLATFORM_WORKSPACE,
+                    inputs={"name": "Ada"},
+                )
             )
             for _ in range(200):
                 await asyncio.sleep(0.01)
@@ -280,6 +285,7 @@ def run_with_id(stack: DemoStack, run_id: str) -> RunResult:
             workspace_id=PLATFORM_WORKSPACE,
             inputs={"name": "Ada"},
             environ=stack.environ,
+            actor=OPERATOR,
             run_id=run_id,
         )
     )
@@ -329,7 +335,9 @@ def test_an_interrupted_stream_spends_its_charge_in_the_budget(
     async def go() -> RunResult:
         options = RunnerOptions(block_retries=1)
         async with WorkflowRunner.open(stack.pm, environ=stack.environ, options=options) as runner:
-            return await runner.run(CLAUDE_CALL, workspace_id=workspace, inputs={}, stream=True)
+            return await runner.run(
+                CLAUDE_CALL, actor=OPERATOR, workspace_id=workspace, inputs={}, stream=True
+            )
 
     result = asyncio.run(go())
     assert result.ok, result.error
@@ -368,7 +376,12 @@ def test_a_run_cancelled_while_its_completed_call_is_recorded_spends_its_charge(
         options = RunnerOptions(block_retries=0, hooks_in_thread=True, group_commit=group_commit)
         async with WorkflowRunner.open(stack.pm, environ=stack.environ, options=options) as runner:
             task = asyncio.create_task(
-                runner.run(ONE_CALL, workspace_id=PLATFORM_WORKSPACE, inputs={"name": "Ada"})
+                runner.run(
+                    ONE_CALL,
+                    actor=OPERATOR,
+                    workspace_id=PLATFORM_WORKSPACE,
+                    inputs={"name": "Ada"},
+                )
             )
             # the call completed: its record is being written (a recorder never called fails
             # here, after a minute, rather than hanging the suite)

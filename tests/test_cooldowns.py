@@ -106,7 +106,7 @@ def test_a_retry_after_is_bounded_and_absent_means_the_fixed_cooldown(
             failure = ProviderFailure(
                 FailureReason.RATE_LIMIT, CredentialSource.WORKSPACE, key.id, 429, hint
             )
-            request = CredentialRequest("ws", "openai", "gpt-4o", failure=failure)
+            request = CredentialRequest("ws", "openai", "gpt-4o", actor=OPERATOR, failure=failure)
             if key is stored[-1]:  # no usable key left, and the fallback policy is never
                 with pytest.raises(CredentialUnavailable, match="no other usable"):
                     pm.hook.byok_resolve_credential(request=request)
@@ -167,8 +167,10 @@ def test_when_every_key_is_cooling_resolution_waits_up_to_its_bound(
                 FailureReason.RATE_LIMIT, CredentialSource.WORKSPACE, key.id, 429, retry_after
             )
             with contextlib.suppress(CredentialUnavailable):  # b's refusal leaves no key
-                resolver.resolve(CredentialRequest("ws", "openai", "gpt-4o", failure=failure), pm)
-        request = CredentialRequest("ws", "openai", "gpt-4o")
+                resolver.resolve(
+                    CredentialRequest("ws", "openai", "gpt-4o", actor=OPERATOR, failure=failure), pm
+                )
+        request = CredentialRequest("ws", "openai", "gpt-4o", actor=OPERATOR)
         if max_wait < 5:  # the first key comes back in 5 s: longer than the bound, no wait
             with pytest.raises(CredentialUnavailable, match="cooling down"):
                 resolver.resolve(request, pm)

@@ -241,7 +241,7 @@ def test_hook_byok_wrap_data_key_and_unwrap_by_a_plugin_kms(
         assert app.data_keys.store.count_by_kek() == {"test-kms:kek-1": 1}
         app.data_keys.forget()
         credential = pm.hook.byok_resolve_credential(
-            request=CredentialRequest("acme", "anthropic", "claude-sonnet-4-5")
+            request=CredentialRequest("acme", "anthropic", "claude-sonnet-4-5", actor=OPERATOR)
         )
         assert (credential.api_key, credential.source) == (api_key, CredentialSource.WORKSPACE)
         assert kms.unwraps == 1
@@ -324,7 +324,9 @@ def test_a_kms_that_does_not_answer_fails_resolution_loudly_never_the_platform_k
         app.data_keys.forget()
         kms.down = True
         with pytest.raises(CredentialUnavailable) as info:
-            pm.hook.byok_resolve_credential(request=CredentialRequest("acme", "openai", "gpt-4o"))
+            pm.hook.byok_resolve_credential(
+                request=CredentialRequest("acme", "openai", "gpt-4o", actor=OPERATOR)
+            )
         error = info.value
         assert isinstance(error, DataKeyUnreadable)
         message = str(error)
@@ -352,7 +354,9 @@ def test_a_data_key_no_plugin_unwraps_names_its_provider(sqlite_url: str, tmp_pa
     try:
         _, pm = service_for(later)  # the test-kms plugin is not installed any more
         with pytest.raises(DataKeyUnreadable, match="no installed plugin unwraps 'test-kms'"):
-            pm.hook.byok_resolve_credential(request=CredentialRequest("acme", "openai", "gpt-4o"))
+            pm.hook.byok_resolve_credential(
+                request=CredentialRequest("acme", "openai", "gpt-4o", actor=OPERATOR)
+            )
     finally:
         later.close()
 
@@ -664,7 +668,7 @@ def test_hook_byok_rewrap_data_key_moves_data_keys_inside_the_kms(
         for workspace, api_key in plain.items():
             app.data_keys.forget()
             credential = pm.hook.byok_resolve_credential(
-                request=CredentialRequest(workspace, "openai", "gpt-4o")
+                request=CredentialRequest(workspace, "openai", "gpt-4o", actor=OPERATOR)
             )
             assert credential.api_key == api_key
         # the default (local keyring) has no KMS-side rewrap: it answers None
@@ -737,7 +741,9 @@ def test_no_data_key_or_api_key_reaches_a_log_line_or_an_error(
         _set_data_key_row(app, "acme", wrapped=base64.b64encode(bytes(raw)).decode())
         app.data_keys.forget()
         with pytest.raises(DataKeyUnreadable) as info:
-            pm.hook.byok_resolve_credential(request=CredentialRequest("acme", "openai", "gpt-4o"))
+            pm.hook.byok_resolve_credential(
+                request=CredentialRequest("acme", "openai", "gpt-4o", actor=OPERATOR)
+            )
         texts.append(str(info.value))
         pm.register(kms)
         kms.down = True

@@ -22,6 +22,7 @@ from byok_hookspecs import UsageRecord, hookimpl
 from clock_support import ShiftedClock
 
 from byok_plugin.billing.ledger import usage_ledger
+from byok_plugin.cli.context import OPERATOR
 from byok_plugin.cli.demo import BYOK_WORKSPACE, PLATFORM_WORKSPACE, DemoStack
 from byok_plugin.host.emulator import EmulatorServer
 from byok_plugin.host.runner import RunnerOptions, WorkflowRunner
@@ -91,7 +92,10 @@ async def _run_together(
             meter.runner = runner
         return list(
             await asyncio.gather(
-                *(runner.run(workflow, workspace_id=workspace_id, inputs={}) for _ in range(CALLS))
+                *(
+                    runner.run(workflow, actor=OPERATOR, workspace_id=workspace_id, inputs={})
+                    for _ in range(CALLS)
+                )
             )
         )
 
@@ -211,6 +215,7 @@ def test_a_group_the_store_refuses_is_spooled_row_by_row_and_lands_once(
 WORKER = textwrap.dedent(
     """
     import asyncio, json, os, sys
+    from byok_hookspecs import Actor
     from byok_plugin.app import App
     from byok_plugin.host.runner import RunnerOptions, WorkflowRunner
     from byok_plugin.host.workflow import parse_workflow
@@ -225,7 +230,8 @@ WORKER = textwrap.dedent(
         async with WorkflowRunner.open(pm, environ=os.environ, options=options) as runner:
             while True:
                 results = await asyncio.gather(
-                    *(runner.run(workflow, workspace_id=os.environ["TEST_WORKSPACE"], inputs={})
+                    *(runner.run(workflow, workspace_id=os.environ["TEST_WORKSPACE"], inputs={},
+                                 actor=Actor("worker", operator=True))
                       for _ in range(8))
                 )
                 for result in results:

@@ -112,7 +112,9 @@ def test_hook_byok_manager_ready_lets_resolution_ask_other_plugins(isolated_home
 
     pm = get_plugin_manager()
     pm.register(NothingHosted())
-    request = CredentialRequest(workspace_id="acme", provider="openai", model="gpt-4o-mini")
+    request = CredentialRequest(
+        workspace_id="acme", provider="openai", model="gpt-4o-mini", actor=OPERATOR
+    )
     # gpt-4o-mini is hosted by default; the plugin says otherwise and the default resolution obeys
     with pytest.raises(NoCredential):
         pm.hook.byok_resolve_credential(request=request)

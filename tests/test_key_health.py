@@ -99,7 +99,7 @@ def test_a_revoked_key_is_disabled_after_n_checks_and_no_credit_is_its_own_reaso
         assert any(e.action == "key.disabled" and e.key_id == ids["revoked"] for e in audit.events)
         for _ in range(3):
             credential = pm.hook.byok_resolve_credential(
-                request=CredentialRequest("ws", "openai", "gpt-4o")
+                request=CredentialRequest("ws", "openai", "gpt-4o", actor=OPERATOR)
             )
             assert credential.key_id == ids["good"]
         # a fourth round checks the enabled keys only

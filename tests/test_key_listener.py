@@ -68,7 +68,7 @@ class Worker:
 
     def resolve(self, workspace: str, provider: str, model: str) -> Credential:
         return self.pm.hook.byok_resolve_credential(
-            request=CredentialRequest(workspace, provider, model)
+            request=CredentialRequest(workspace, provider, model, actor=OPERATOR)
         )
 
 

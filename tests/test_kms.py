@@ -221,7 +221,9 @@ def _resolve(app: App, workspace: str, provider: str = "openai") -> Any:
     _, pm = service_for(app)
     app.data_keys.forget()
     model = {"openai": "gpt-4o", "anthropic": "claude-sonnet-4-5"}[provider]
-    return pm.hook.byok_resolve_credential(request=CredentialRequest(workspace, provider, model))
+    return pm.hook.byok_resolve_credential(
+        request=CredentialRequest(workspace, provider, model, actor=OPERATOR)
+    )
 
 
 def _store_two(app: App) -> dict[str, str]:

@@ -26,7 +26,7 @@ from byok_hookspecs import (
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from keys_support import make_app, master_key, random_key
+from keys_support import OPERATOR, make_app, master_key, random_key
 
 from byok_plugin.billing.catalog import shipped_catalog
 from byok_plugin.billing.charges import Billing, IncompletePrice
@@ -114,13 +114,13 @@ def test_resolution_refuses_the_platform_key_for_an_unpriced_tool(
     try:
         pm = plugin_manager_for(app, load_entrypoints=False)
         searching = CredentialRequest(
-            "acme", "anthropic", "claude-sonnet-4-5", tools=("web_search",)
+            "acme", "anthropic", "claude-sonnet-4-5", actor=OPERATOR, tools=("web_search",)
         )
         assert (
             pm.hook.byok_resolve_credential(request=searching).source is CredentialSource.PLATFORM
         )
         running_code = CredentialRequest(
-            "acme", "anthropic", "claude-sonnet-4-5", tools=("code_execution",)
+            "acme", "anthropic", "claude-sonnet-4-5", actor=OPERATOR, tools=("code_execution",)
         )
         with pytest.raises(UnpricedModel, match="tool anthropic/code_execution per_request"):
             pm.hook.byok_resolve_credential(request=running_code)

@@ -75,7 +75,7 @@ class World:
     def resolve(self, provider: str, model: str, **kwargs: Any) -> Credential:
         ws = kwargs.pop("workspace", self.ws)
         return self.pm.hook.byok_resolve_credential(
-            request=CredentialRequest(ws, provider, model, **kwargs)
+            request=CredentialRequest(ws, provider, model, **{"actor": OPERATOR, **kwargs})
         )
 
 
@@ -369,7 +369,7 @@ def test_with_the_cache_on_an_opt_out_through_this_process_applies_at_once(
         orgs.create(OPERATOR, "acme")
         orgs.attach(OPERATOR, "acme", "ws")
         keys.set_key(OPERATOR, org_owner("acme"), "anthropic", random_key("anthropic"), test=False)
-        request = CredentialRequest("ws", "anthropic", "claude-opus-4-1")
+        request = CredentialRequest("ws", "anthropic", "claude-opus-4-1", actor=OPERATOR)
         assert pm.hook.byok_resolve_credential(request=request).source is ORG
         orgs.set_opt_out(OPERATOR, "ws", True)
         with pytest.raises(NoCredential):

@@ -12,6 +12,7 @@ from byok_hookspecs import (
     FailureReason,
     ProviderFailure,
 )
+from keys_support import OPERATOR
 from migration_support import model_differences
 
 from byok_plugin.app import App
@@ -51,7 +52,11 @@ def worker(home: Path, database_url: str) -> App:
 
 def request(failure: ProviderFailure | None = None) -> CredentialRequest:
     return CredentialRequest(
-        workspace_id="globex", provider="openai", model="gpt-4o-mini", failure=failure
+        workspace_id="globex",
+        provider="openai",
+        model="gpt-4o-mini",
+        actor=OPERATOR,
+        failure=failure,
     )
 
 

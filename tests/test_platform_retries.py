@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from byok_plugin.cli.context import OPERATOR
 from byok_plugin.cli.demo import BYOK_WORKSPACE, PLATFORM_WORKSPACE, DemoStack
 from byok_plugin.host.emulator import EmulatorServer
 from byok_plugin.host.emulator.server import BackgroundServer
@@ -96,7 +97,7 @@ def run(stack: DemoStack, workspace: str, base_url: str, waits: list[float]) -> 
                 stack.pm, clients, environ=stack.environ, options=RunnerOptions(block_retries=0)
             )
             try:
-                return await runner.run(ONE_CALL, workspace_id=workspace, inputs={})
+                return await runner.run(ONE_CALL, actor=OPERATOR, workspace_id=workspace, inputs={})
             finally:
                 await runner.drain()
 

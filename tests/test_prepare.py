@@ -13,6 +13,7 @@ import pytest
 from byok_hookspecs import hookimpl
 
 from byok_plugin.app import App
+from byok_plugin.cli.context import OPERATOR
 from byok_plugin.cli.demo import PLATFORM_WORKSPACE, DemoStack
 from byok_plugin.host.emulator import EmulatorServer
 from byok_plugin.host.runner import WorkflowRunner
@@ -62,10 +63,10 @@ def test_hook_byok_prepare_loads_the_store_catalog_and_prices_off_the_event_loop
                 assert len(where.threads) == 1
                 assert where.threads[0] != loop_thread
                 result = await runner.run(
-                    parse_workflow(ONE_BLOCK), workspace_id=PLATFORM_WORKSPACE
+                    parse_workflow(ONE_BLOCK), actor=OPERATOR, workspace_id=PLATFORM_WORKSPACE
                 )
                 second = await runner.run(
-                    parse_workflow(ONE_BLOCK), workspace_id=PLATFORM_WORKSPACE
+                    parse_workflow(ONE_BLOCK), actor=OPERATOR, workspace_id=PLATFORM_WORKSPACE
                 )
             assert len(where.threads) == 1  # once per runner
             return result, second
@@ -95,7 +96,7 @@ def test_hook_byok_prepare_runs_before_the_first_run_of_a_runner_built_without_o
                 runner = WorkflowRunner(stack.pm, clients, environ=stack.environ)
                 assert where.threads == []
                 result = await runner.run(
-                    parse_workflow(ONE_BLOCK), workspace_id=PLATFORM_WORKSPACE
+                    parse_workflow(ONE_BLOCK), actor=OPERATOR, workspace_id=PLATFORM_WORKSPACE
                 )
                 await runner.drain()
                 return result
@@ -117,7 +118,9 @@ def test_hook_byok_prepare_that_fails_is_logged_and_the_runner_goes_on(
 
         async def go() -> Any:
             async with WorkflowRunner.open(stack.pm, environ=stack.environ) as runner:
-                return await runner.run(parse_workflow(ONE_BLOCK), workspace_id=PLATFORM_WORKSPACE)
+                return await runner.run(
+                    parse_workflow(ONE_BLOCK), actor=OPERATOR, workspace_id=PLATFORM_WORKSPACE
+                )
 
         with caplog.at_level(logging.WARNING, logger="byok.host.runner"):
             result = asyncio.run(go())

@@ -24,6 +24,7 @@ import httpx
 import pytest
 from byok_hookspecs import CredentialSource
 
+from byok_plugin.cli.context import OPERATOR
 from byok_plugin.cli.demo import BYOK_WORKSPACE, PLATFORM_WORKSPACE, DemoStack
 from byok_plugin.host.emulator import EmulatorServer
 from byok_plugin.host.providers import (
@@ -595,7 +596,9 @@ def run(stack: DemoStack, workspace: str, scripted: Scripted, *, stream: bool) -
                 stack.pm, clients, environ=stack.environ, options=RunnerOptions(block_retries=2)
             )
             try:
-                return await runner.run(ONE_CALL, workspace_id=workspace, inputs={}, stream=stream)
+                return await runner.run(
+                    ONE_CALL, actor=OPERATOR, workspace_id=workspace, inputs={}, stream=stream
+                )
             finally:
                 await runner.drain()
 
@@ -707,7 +710,7 @@ def test_a_structured_reply_nested_too_deep_fails_the_block_not_the_run(
             runner = WorkflowRunner(
                 stack.pm, clients, environ=stack.environ, options=RunnerOptions(block_retries=1)
             )
-            return await runner.run(SHAPED, workspace_id=BYOK_WORKSPACE, inputs={})
+            return await runner.run(SHAPED, actor=OPERATOR, workspace_id=BYOK_WORKSPACE, inputs={})
 
     result = asyncio.run(against(scripted, go))
     assert not result.ok

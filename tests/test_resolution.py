@@ -83,7 +83,7 @@ class World:
 
     def resolve(self, workspace: str, provider: str, model: str, **kwargs: Any) -> Credential:
         return self.pm.hook.byok_resolve_credential(
-            request=CredentialRequest(workspace, provider, model, **kwargs)
+            request=CredentialRequest(workspace, provider, model, **{"actor": OPERATOR, **kwargs})
         )
 
 
@@ -251,7 +251,7 @@ def test_cooldown_is_shared_by_workers_through_the_store(database_url: str, tmp_
         # the other worker now skips the key in cooldown, every time
         for _ in range(4):
             credential = b_pm.hook.byok_resolve_credential(
-                request=CredentialRequest("acme", "mistral", "mistral-small-latest")
+                request=CredentialRequest("acme", "mistral", "mistral-small-latest", actor=OPERATOR)
             )
             assert credential.key_id == second
         with a.app.engine.connect() as conn:
@@ -290,7 +290,7 @@ def test_every_worker_applies_the_fallback_policy_to_the_stored_cooldown_reason(
 
         def resolve_in_b() -> Credential:
             return b_pm.hook.byok_resolve_credential(
-                request=CredentialRequest("acme", "openai", "gpt-4o")
+                request=CredentialRequest("acme", "openai", "gpt-4o", actor=OPERATOR)
             )
 
         if not served:
@@ -435,7 +435,7 @@ def test_decryption_failure_is_an_error_not_a_fallback(database_url: str, tmp_pa
     try:
         with pytest.raises(KeyDecryptionError) as info:
             other_pm.hook.byok_resolve_credential(
-                request=CredentialRequest("acme", "openai", "gpt-4o")
+                request=CredentialRequest("acme", "openai", "gpt-4o", actor=OPERATOR)
             )
         assert isinstance(info.value, CredentialUnavailable)
         assert key_id in str(info.value)
@@ -480,7 +480,9 @@ def test_unreachable_database_is_an_error(tmp_path: Path) -> None:
     )
     pm = plugin_manager_for(app, load_entrypoints=False)
     with pytest.raises(StoreUnavailable) as info:  # not the platform key
-        pm.hook.byok_resolve_credential(request=CredentialRequest("acme", "openai", "gpt-4o"))
+        pm.hook.byok_resolve_credential(
+            request=CredentialRequest("acme", "openai", "gpt-4o", actor=OPERATOR)
+        )
     assert isinstance(info.value, CredentialUnavailable)
 
 
@@ -703,7 +705,7 @@ def test_keys_never_leak_into_reprs_errors_or_logs(
             w.resolve("acme", "openai", "gpt-4o", failure=failure)
     secrets_ += [c.api_key for c in seen]
     texts = [caplog.text, str(info.value), *map(repr, seen), *(repr(e) for e in w.audit.events)]
-    request = CredentialRequest("acme", "openai", "gpt-4o", block_key=block)
+    request = CredentialRequest("acme", "openai", "gpt-4o", block_key=block, actor=OPERATOR)
     texts.append(repr(request))
     for text in texts:
         for secret in secrets_:
@@ -749,7 +751,7 @@ def test_a_default_plugin_registered_by_the_host_is_bound_or_says_it_is_not(
     try:
         with caplog.at_level(logging.WARNING, logger="byok.audit"):
             credential = pm.hook.byok_resolve_credential(
-                request=CredentialRequest("acme", "openai", "gpt-4.1")
+                request=CredentialRequest("acme", "openai", "gpt-4.1", actor=OPERATOR)
             )
         assert credential.api_key == platform_key
         assert credential.key_id == "env:OPENAI_API_KEY_1"

@@ -93,7 +93,7 @@ def test_resolution_on_the_event_loop_does_no_database_round_trip_while_listenin
         # recording still blocks on PostgreSQL: it goes to the group writer's thread
         assert "byok_record_usage" not in declared_nonblocking(_default(pm))
 
-        request = CredentialRequest("acme", "openai", "gpt-4o")
+        request = CredentialRequest("acme", "openai", "gpt-4o", actor=OPERATOR)
         refused = replace_failure(request, ids[0])
 
         async def on_the_loop() -> tuple[int, list[str | None], str | None]:
@@ -228,7 +228,9 @@ def test_a_run_on_postgresql_sends_no_statement_from_the_loop_and_asks_again_on_
         async with WorkflowRunner.open(stack.pm, environ=stack.environ, options=options) as runner:
             assert stack.app.resolver.listener.wait_listening()
             assert runner.hooks_in_thread()  # recording and budgets block on PostgreSQL
-            await runner.run(workflow, workspace_id=BYOK_WORKSPACE, inputs={})  # warm
+            await runner.run(
+                workflow, actor=OPERATOR, workspace_id=BYOK_WORKSPACE, inputs={}
+            )  # warm
             emulator.add_fault(
                 Fault.for_key(FaultKind.RATE_LIMIT, refused, times=None, retry_after=0)
             )
@@ -238,7 +240,7 @@ def test_a_run_on_postgresql_sends_no_statement_from_the_loop_and_asks_again_on_
             with statements(stack.app.engine) as seen:
                 results = await asyncio.gather(
                     *(
-                        runner.run(workflow, workspace_id=BYOK_WORKSPACE, inputs={})
+                        runner.run(workflow, actor=OPERATOR, workspace_id=BYOK_WORKSPACE, inputs={})
                         for _ in range(calls)
                     )
                 )
@@ -298,10 +300,12 @@ def test_thread_trips_per_call(
         async with WorkflowRunner.open(stack.pm, environ=stack.environ) as runner:
             listener = stack.app.resolver.listener
             assert listener is None or listener.wait_listening()
-            await runner.run(workflow, workspace_id=BYOK_WORKSPACE, inputs={})  # warm
+            await runner.run(
+                workflow, actor=OPERATOR, workspace_id=BYOK_WORKSPACE, inputs={}
+            )  # warm
             executor.jobs.clear()
             results = [
-                await runner.run(workflow, workspace_id=BYOK_WORKSPACE, inputs={})
+                await runner.run(workflow, actor=OPERATOR, workspace_id=BYOK_WORKSPACE, inputs={})
                 for _ in range(runs)
             ]
         return results, list(executor.jobs)

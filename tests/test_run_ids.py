@@ -328,6 +328,7 @@ def test_a_run_id_in_flight_is_refused_to_another_run_in_any_workspace(
                 first = asyncio.create_task(
                     runner.run(
                         _workflow(),
+                        actor=OPERATOR,
                         workspace_id=PLATFORM_WORKSPACE,
                         inputs=INPUTS,
                         run_id="nightly",
@@ -338,7 +339,11 @@ def test_a_run_id_in_flight_is_refused_to_another_run_in_any_workspace(
                 assert _ledger_keys(stack, "nightly") == []
                 try:
                     second: BaseException | RunResult = await runner.run(
-                        _workflow(), workspace_id="initech", inputs=INPUTS, run_id="nightly"
+                        _workflow(),
+                        actor=OPERATOR,
+                        workspace_id="initech",
+                        inputs=INPUTS,
+                        run_id="nightly",
                     )
                 except RunIdInUse as exc:
                     second = exc

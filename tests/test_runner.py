@@ -32,6 +32,7 @@ from byok_hookspecs import (
     hookimpl,
 )
 
+from byok_plugin.cli.context import OPERATOR
 from byok_plugin.host.emulator import EmulatorServer, Fault, FaultKind
 from byok_plugin.host.env_keys import EnvKeyAllowance
 from byok_plugin.host.providers import RetryPolicy, create_clients, new_http_client
@@ -204,6 +205,7 @@ class Harness:
             ) as runner:
                 return await runner.run(
                     workflow,
+                    actor=OPERATOR,
                     workspace_id="acme",
                     inputs=inputs,
                     on_event=self.events.append,
@@ -465,6 +467,7 @@ def test_the_limit_on_concurrent_provider_calls_holds(harness: Harness, limit: i
             )
             return await runner.run(
                 sample("multi-provider-comparison"),
+                actor=OPERATOR,
                 workspace_id="acme",
                 inputs={"question": "Why?"},
             )
@@ -729,9 +732,13 @@ def test_an_env_block_key_is_checked_again_at_run_time(
         async with WorkflowRunner.open(
             pm, environ=environ, env_keys=allowance, retry=FAST_RETRY
         ) as runner:
-            first = await runner.run(workflow, workspace_id="acme", inputs={"changelog": "x"})
+            first = await runner.run(
+                workflow, actor=OPERATOR, workspace_id="acme", inputs={"changelog": "x"}
+            )
             environ["LOCALIZATION_ANTHROPIC_KEY"] = platform
-            second = await runner.run(workflow, workspace_id="acme", inputs={"changelog": "x"})
+            second = await runner.run(
+                workflow, actor=OPERATOR, workspace_id="acme", inputs={"changelog": "x"}
+            )
             return first, second
 
     first, second = asyncio.run(go())

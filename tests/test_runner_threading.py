@@ -150,7 +150,7 @@ def run_once(pm: pluggy.PluginManager, environ: dict[str, str], **options: objec
             environ=environ,
             options=RunnerOptions(**options),  # type: ignore[arg-type]
         ) as runner:
-            result = await runner.run(WORKFLOW, workspace_id=BYOK_WORKSPACE)
+            result = await runner.run(WORKFLOW, actor=OPERATOR, workspace_id=BYOK_WORKSPACE)
         assert result.status is RunStatus.COMPLETED, result.error
         return threading.get_ident()
 
@@ -432,13 +432,13 @@ def test_a_locked_store_does_not_stall_the_loop_and_the_record_lands_after(
 
     async def main() -> tuple[float, float, RunStatus]:
         async with WorkflowRunner.open(stack.pm, environ=stack.environ) as runner:
-            await runner.run(WORKFLOW, workspace_id=BYOK_WORKSPACE)  # warm
+            await runner.run(WORKFLOW, actor=OPERATOR, workspace_id=BYOK_WORKSPACE)  # warm
             assert runner.hooks_in_thread() is False
             watch = LoopWatch()
             watch.start()
             with WriteLock(_database(stack), seconds=1.5):
                 started = time.perf_counter()
-                result = await runner.run(WORKFLOW, workspace_id=BYOK_WORKSPACE)
+                result = await runner.run(WORKFLOW, actor=OPERATOR, workspace_id=BYOK_WORKSPACE)
                 took = time.perf_counter() - started
                 await watch.stop()
         return watch.longest, took, result.status
@@ -462,11 +462,11 @@ def test_audit_and_cooldown_on_a_locked_store_are_written_once_it_is_released(
 
     async def main() -> tuple[float, RunStatus, str | None]:
         async with WorkflowRunner.open(stack.pm, environ=stack.environ) as runner:
-            await runner.run(WORKFLOW, workspace_id=BYOK_WORKSPACE)  # warm
+            await runner.run(WORKFLOW, actor=OPERATOR, workspace_id=BYOK_WORKSPACE)  # warm
             watch = LoopWatch()
             watch.start()
             with WriteLock(_database(stack), seconds=1.5):
-                result = await runner.run(WORKFLOW, workspace_id="refused-ws")
+                result = await runner.run(WORKFLOW, actor=OPERATOR, workspace_id="refused-ws")
                 await watch.stop()
         source = result.blocks["answer"].calls[0].source.value
         return watch.longest, result.status, source
@@ -509,7 +509,9 @@ def test_a_cancelled_run_stops_its_calls_and_records_nothing(
 
     async def main() -> tuple[float, set[asyncio.Task[object]]]:
         async with WorkflowRunner.open(pm, environ=emulator.environ()) as runner:
-            run = asyncio.create_task(runner.run(workflow, workspace_id=BYOK_WORKSPACE))
+            run = asyncio.create_task(
+                runner.run(workflow, actor=OPERATOR, workspace_id=BYOK_WORKSPACE)
+            )
             await asyncio.sleep(0.3)  # the calls are in flight, waiting on the slow provider
             assert answers.threads["byok_resolve_credential"]
             started = time.perf_counter()
@@ -559,9 +561,11 @@ def test_a_run_cancelled_while_its_record_waits_for_the_lock_still_records_it(
 
     async def main() -> None:
         async with WorkflowRunner.open(stack.pm, environ=stack.environ) as runner:
-            await runner.run(WORKFLOW, workspace_id=BYOK_WORKSPACE)  # warm
+            await runner.run(WORKFLOW, actor=OPERATOR, workspace_id=BYOK_WORKSPACE)  # warm
             with WriteLock(_database(stack), seconds=1.0):
-                run = asyncio.create_task(runner.run(WORKFLOW, workspace_id=BYOK_WORKSPACE))
+                run = asyncio.create_task(
+                    runner.run(WORKFLOW, actor=OPERATOR, workspace_id=BYOK_WORKSPACE)
+                )
                 while len([c for c in emulator.calls() if c.method == "POST"]) < 2:
                     await asyncio.sleep(0.01)
                 await asyncio.sleep(0.2)  # the call is done; its record waits for the lock
@@ -579,9 +583,9 @@ def test_one_record_attempt_still_gets_its_try_off_the_loop(sqlite_stack: DemoSt
     async def main() -> RunStatus:
         options = RunnerOptions(record_attempts=1)
         async with WorkflowRunner.open(stack.pm, environ=stack.environ, options=options) as runner:
-            await runner.run(WORKFLOW, workspace_id=BYOK_WORKSPACE)  # warm
+            await runner.run(WORKFLOW, actor=OPERATOR, workspace_id=BYOK_WORKSPACE)  # warm
             with WriteLock(_database(stack), seconds=0.3):
-                result = await runner.run(WORKFLOW, workspace_id=BYOK_WORKSPACE)
+                result = await runner.run(WORKFLOW, actor=OPERATOR, workspace_id=BYOK_WORKSPACE)
         return result.status
 
     assert asyncio.run(main()) is RunStatus.COMPLETED
@@ -605,11 +609,16 @@ def test_a_cooldown_waiting_for_the_lock_is_applied_meanwhile(
     async def main() -> list[str]:
         async with WorkflowRunner.open(stack.pm, environ=stack.environ) as runner:
             with WriteLock(_database(stack), seconds=1.5):
-                first = asyncio.create_task(runner.run(WORKFLOW, workspace_id="refused-ws"))
+                first = asyncio.create_task(
+                    runner.run(WORKFLOW, actor=OPERATOR, workspace_id="refused-ws")
+                )
                 while posts() < 2:  # refused, then served by the platform; its cooldown waits
                     await asyncio.sleep(0.01)
                 # these resolve while the store is still locked (their records wait for it)
-                later = [runner.run(WORKFLOW, workspace_id="refused-ws") for _ in range(3)]
+                later = [
+                    runner.run(WORKFLOW, actor=OPERATOR, workspace_id="refused-ws")
+                    for _ in range(3)
+                ]
                 results = await asyncio.gather(first, *later)
         return [r.blocks["answer"].calls[-1].source.value for r in results]
 
@@ -675,7 +684,7 @@ def test_a_record_that_never_lands_is_logged_even_if_its_run_was_cancelled(
         options = RunnerOptions(record_attempts=3)
         async with WorkflowRunner.open(pm, environ=emulator.environ(), options=options) as runner:
             await cancel_once(  # once the call is done and the retries are sleeping
-                runner.run(WORKFLOW, workspace_id=BYOK_WORKSPACE),
+                runner.run(WORKFLOW, actor=OPERATOR, workspace_id=BYOK_WORKSPACE),
                 lambda: any(c.method == "POST" for c in emulator.calls()),
                 delay=0.03,
             )
@@ -709,15 +718,22 @@ def test_a_deferred_cooldown_written_late_drops_the_cached_list(
     async def main() -> list[str | None]:
         async with WorkflowRunner.open(stack.pm, environ=stack.environ) as runner:
             with WriteLock(_database(stack), seconds=0.8):
-                first = asyncio.create_task(runner.run(WORKFLOW, workspace_id="two-keys"))
+                first = asyncio.create_task(
+                    runner.run(WORKFLOW, actor=OPERATOR, workspace_id="two-keys")
+                )
                 while posts() < 2:  # a refused (its cooldown waits for the lock), b served
                     await asyncio.sleep(0.01)
                 # resolved while locked: caches the list as the store has it, without the cooldown
-                await asyncio.gather(first, runner.run(WORKFLOW, workspace_id="two-keys"))
+                await asyncio.gather(
+                    first, runner.run(WORKFLOW, actor=OPERATOR, workspace_id="two-keys")
+                )
             while stack.app.background_writes.pending:
                 await asyncio.sleep(0.01)
             after_lock = len(emulator.calls())
-            results = [await runner.run(WORKFLOW, workspace_id="two-keys") for _ in range(4)]
+            results = [
+                await runner.run(WORKFLOW, actor=OPERATOR, workspace_id="two-keys")
+                for _ in range(4)
+            ]
         refused_again = [
             c for c in emulator.calls()[after_lock:] if c.method == "POST" and c.key_label is None
         ]
@@ -745,7 +761,7 @@ def test_a_deferred_cooldown_does_not_undo_an_enable_committed_first(
     async def main() -> None:
         async with WorkflowRunner.open(stack.pm, environ=stack.environ) as runner:
             with WriteLock(_database(stack), seconds=0.5, then=enable):
-                result = await runner.run(WORKFLOW, workspace_id="refused-ws")
+                result = await runner.run(WORKFLOW, actor=OPERATOR, workspace_id="refused-ws")
             assert result.status is RunStatus.COMPLETED
 
     asyncio.run(main())
@@ -777,7 +793,9 @@ def test_only_a_change_of_the_key_itself_forgets_its_waiting_cooldown(
         seen = []
         async with WorkflowRunner.open(stack.pm, environ=stack.environ) as runner:
             with WriteLock(_database(stack), seconds=0.8):
-                run = asyncio.create_task(runner.run(WORKFLOW, workspace_id="refused-ws"))
+                run = asyncio.create_task(
+                    runner.run(WORKFLOW, actor=OPERATOR, workspace_id="refused-ws")
+                )
                 while not stack.app.background_writes.pending:  # the cooldown waits
                     await asyncio.sleep(0.005)
                 seen.append(cooling())
@@ -821,7 +839,9 @@ def test_a_run_cancelled_while_its_hooks_run_in_a_thread_still_records(
     async def main() -> None:
         async with WorkflowRunner.open(pm, environ=emulator.environ()) as runner:
             assert runner.hooks_in_thread() is True
-            await cancel_once(runner.run(WORKFLOW, workspace_id=BYOK_WORKSPACE), entered.is_set)
+            await cancel_once(
+                runner.run(WORKFLOW, actor=OPERATOR, workspace_id=BYOK_WORKSPACE), entered.is_set
+            )
         assert len(plugin.records) == 1  # tried again, in the same job, before open() let go
 
     asyncio.run(main())
@@ -950,7 +970,9 @@ def test_one_record_attempt_in_a_thread_that_fails_after_a_cancel_is_logged(
         options = RunnerOptions(record_attempts=1)
         async with WorkflowRunner.open(pm, environ=emulator.environ(), options=options) as runner:
             assert runner.hooks_in_thread() is True
-            await cancel_once(runner.run(WORKFLOW, workspace_id=BYOK_WORKSPACE), entered.is_set)
+            await cancel_once(
+                runner.run(WORKFLOW, actor=OPERATOR, workspace_id=BYOK_WORKSPACE), entered.is_set
+            )
         errors = [r for r in caplog.records if r.levelno == logging.ERROR]
         assert len(errors) == 1
         assert (

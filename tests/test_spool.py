@@ -32,7 +32,7 @@ from byok_plugin.billing.spool import (
     record_to_json,
 )
 from byok_plugin.cli import main
-from byok_plugin.cli.demo import BYOK_WORKSPACE, PLATFORM_WORKSPACE, DemoStack
+from byok_plugin.cli.demo import BYOK_WORKSPACE, OPERATOR, PLATFORM_WORKSPACE, DemoStack
 from byok_plugin.core.errors import StoreUnavailable
 from byok_plugin.host.emulator import EmulatorServer
 from byok_plugin.host.run_result import BlockStatus, RunResult, RunStatus
@@ -415,6 +415,7 @@ def test_a_run_id_whose_calls_went_to_the_spool_is_refused_when_reused(
                     workspace_id=workspace,
                     inputs={},
                     environ=stack.environ,
+                    actor=OPERATOR,
                     run_id="run-spooled",
                 )
             )

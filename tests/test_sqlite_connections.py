@@ -140,7 +140,7 @@ def test_resolving_from_short_lived_threads_does_not_grow_the_open_connections(
         key_id = service.set_key(
             OPERATOR, "acme", "openai", random_key("openai"), label="default", test=False
         ).key.id
-        request = CredentialRequest("acme", "openai", "gpt-4o")
+        request = CredentialRequest("acme", "openai", "gpt-4o", actor=OPERATOR)
 
         def resolve() -> None:
             credential = pm.hook.byok_resolve_credential(request=request)

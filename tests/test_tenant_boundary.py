@@ -404,7 +404,7 @@ def test_one_5xx_on_a_workspace_key_puts_it_in_no_cooldown_and_the_retry_succeed
         async with WorkflowRunner.open(
             stack.pm, environ=stack.environ, options=options, retry=NO_RETRY
         ) as runner:
-            return await runner.run(workflow, workspace_id=workspace, inputs={})
+            return await runner.run(workflow, actor=OPERATOR, workspace_id=workspace, inputs={})
 
     result = asyncio.run(go())
     assert result.ok, result.error

@@ -19,7 +19,7 @@ from byok_hookspecs import CredentialSource
 from click.testing import CliRunner
 
 from byok_plugin.cli import main
-from byok_plugin.cli.demo import PLATFORM_WORKSPACE, DemoStack
+from byok_plugin.cli.demo import OPERATOR, PLATFORM_WORKSPACE, DemoStack
 from byok_plugin.host.emulator import EmulatorServer, Fault, FaultKind
 from byok_plugin.host.providers import NO_RETRY, create_clients, new_http_client
 from byok_plugin.host.run_result import RunResult
@@ -57,7 +57,9 @@ def run(
                 options=RunnerOptions(block_retries=0),
             )
             try:
-                return await runner.run(ONE_CALL, workspace_id=PLATFORM_WORKSPACE, inputs={})
+                return await runner.run(
+                    ONE_CALL, actor=OPERATOR, workspace_id=PLATFORM_WORKSPACE, inputs={}
+                )
             finally:
                 await runner.drain()
 
@@ -153,7 +155,11 @@ def test_a_cut_openai_shaped_stream_counts_its_estimated_input_and_the_deltas(
             )
             try:
                 return await runner.run(
-                    workflow, workspace_id=PLATFORM_WORKSPACE, inputs={}, stream=True
+                    workflow,
+                    actor=OPERATOR,
+                    workspace_id=PLATFORM_WORKSPACE,
+                    inputs={},
+                    stream=True,
                 )
             finally:
                 await runner.drain()

@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
-from byok_plugin.cli.demo import BYOK_WORKSPACE, PLATFORM_WORKSPACE, DemoStack
+from byok_plugin.cli.demo import BYOK_WORKSPACE, OPERATOR, PLATFORM_WORKSPACE, DemoStack
 from byok_plugin.host.emulator import EmulatorServer, Fault, FaultKind
 from byok_plugin.host.emulator.server import BackgroundServer
 from byok_plugin.host.providers import NO_RETRY, create_clients, new_http_client
@@ -75,7 +75,9 @@ def run(
                 options=RunnerOptions(block_retries=retries),
             )
             try:
-                return await runner.run(ONE_CALL, workspace_id=workspace, inputs={}, stream=stream)
+                return await runner.run(
+                    ONE_CALL, actor=OPERATOR, workspace_id=workspace, inputs={}, stream=stream
+                )
             finally:
                 await runner.drain()
 
@@ -252,6 +254,7 @@ def test_a_run_cancelled_mid_stream_records_what_was_streamed(stack: DemoStack) 
                 task = asyncio.create_task(
                     runner.run(
                         ONE_CALL,
+                        actor=OPERATOR,
                         workspace_id=PLATFORM_WORKSPACE,
                         inputs={},
                         stream=True,

@@ -5,6 +5,7 @@ as any third-party engine would::
 
     async with WorkflowRunner.open(pm, environ=os.environ) as runner:
         result = await runner.run(load_workflow("triage.json"), workspace_id="acme",
+                                  actor=Actor("alice", roles={"acme": Role.MEMBER}),
                                   inputs={"ticket": "..."})
     print(result.total_charge, result.blocks["classify"].source)
 
@@ -335,6 +336,11 @@ class WorkflowRunner(Blocks):
         """Run ``workflow`` for ``workspace_id``.
 
         :param inputs: the workflow's inputs (strings are converted to the declared types).
+        :param actor: who started the run (for a scheduled job, an actor of its own with a role
+            in the workspace). Resolution asks ``byok_authorize`` whether it may use the
+            workspace before every call; the default rule answers nothing for ``None``, so each
+            call of a run without an actor fails its block with ``NotAuthorized``, unless a
+            plugin's ``byok_authorize`` allows the host's own runs.
         :param run_id: the run's id; a new one by default. An id given here that already has
             calls in the usage ledger (``byok_recorded_calls``) is refused with
             :class:`RunIdInUse` unless ``replay`` is given: a call made again under the same

@@ -2,6 +2,9 @@
 
 One rule for models and tools, streamed or not:
 
+0. ``byok_authorize(actor, workspace, keys.use)`` first, for every request, whichever key would
+   serve it, a request without an actor included: anything but ``True`` raises
+   :class:`~byok_hookspecs.NotAuthorized` (audited ``access.denied``), saying how to fix it;
 1. the block's own key (source ``block``; the platform does not bill it), unless it is one of
    the platform's keys (refused); or, when the block names a stored key by label
    (``request.key_label``), the workspace's enabled key with that label (source ``workspace``),
@@ -10,7 +13,8 @@ One rule for models and tools, streamed or not:
    keys in cooldown (source ``workspace``);
 2b. else, unless the workspace opted out, its organization's keys, by the same rule (source
    ``organization``, BYOK; :mod:`byok_plugin.resolution.organizations`). A block's ``key_label`` the
-   workspace has no key for may name one of them;
+   workspace has no key for may name one of them (none at all: a key of its own with that label,
+   disabled or cooling down, fails the block);
 3. else, for hosted models and tools only (``byok_is_hosted``), a platform key
    (``byok_platform_key``; source ``platform``, billed). A platform-billed call on a model with no
    price is refused here, before the call (:class:`~byok_hookspecs.UnpricedModel`);
@@ -132,6 +136,25 @@ class ChangeFollower(Protocol):
     def set_listening(self, listening: bool) -> None: ...
 
 
+def _authorize_hint(request: CredentialRequest, answer: object) -> str:
+    """How to get a refused ``keys.use`` allowed (``answer``: what ``byok_authorize`` said)."""
+    ws = request.workspace_id
+    if answer is False:
+        return "a byok_authorize implementation refused it"
+    if request.actor is None:
+        return (
+            f"the {request.provider} call names no actor and no byok_authorize implementation "
+            f"allowed that: pass the actor who started the run "
+            f"(WorkflowRunner.run(actor=...), CredentialRequest(actor=...)), e.g. for a scheduled "
+            f"job Actor('nightly-job', roles={{{ws!r}: Role.MEMBER}}), or install a plugin whose "
+            f"byok_authorize allows the host's own runs"
+        )
+    return (
+        f"give the actor a role in workspace {ws!r} (Actor(roles={{{ws!r}: Role.MEMBER}})), or "
+        f"install a plugin whose byok_authorize allows it"
+    )
+
+
 def _utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -168,6 +191,8 @@ class _Entry:
     expires: float
     keys: tuple[StoredKey, ...]
     credentials: dict[tuple[str, str], Credential] = field(default_factory=dict)
+    # label -> whether the (workspace, provider) has a key with it, enabled or not
+    labels: dict[str, bool] = field(default_factory=dict)
 
 
 class KeyListCache:
@@ -289,6 +314,21 @@ class KeyListCache:
             entry.credentials[slot] = credential  # a race only decrypts twice
         return credential
 
+    def has_label(
+        self, workspace_id: str, provider: str, label: str, read: Callable[[], bool]
+    ) -> bool:
+        """``read()``: whether the (workspace, provider) has a key with ``label``, disabled keys
+        included; kept with the cached list while it is (so dropped on the same changes)."""
+        entry = self._live(workspace_id, provider)
+        if entry is None:
+            return read()
+        known = entry.labels.get(label)
+        if known is None:
+            known = entry.labels[label] = read()  # a race only reads twice
+            if len(entry.labels) > 1_000:
+                entry.labels.clear()
+        return known
+
     def clear(self) -> None:
         """Drop every entry (and the credentials decrypted from it)."""
         with self._lock:
@@ -405,7 +445,9 @@ class Resolver:
         :raises CredentialUnavailable: a key exists but cannot be used (does not decrypt, store
             down, cooling down, refused with fallback not allowed).
         :raises UnpricedModel: the platform would bill a model it has no price for.
-        :raises NotAuthorized: the request's actor may not use the workspace's keys.
+        :raises NotAuthorized: ``byok_authorize`` does not allow the request's actor to use the
+            workspace (asked for every request, whichever key would serve it; a request without
+            an actor is refused unless a plugin allows it).
         """
         if is_org_owner(request.workspace_id):
             raise CredentialUnavailable(
@@ -414,8 +456,8 @@ class Resolver:
                 workspace_id=request.workspace_id,
                 provider=request.provider,
             )
-        if request.actor is not None:
-            self._authorize(request, pm)
+        # every request, with or without an actor: no answer from byok_authorize means deny
+        self._authorize(request, pm)
         failure = request.failure
         if request.key_label is not None:
             return self._labelled(request, pm)
@@ -453,12 +495,23 @@ class Resolver:
         keys = self.enabled_keys(ws, provider)
         now = self._clock()
         failure = request.failure
+        shadowed: str | None = None  # an organization whose key with the label is not used
         if (failure is not None and failure.source is CredentialSource.ORGANIZATION) or not any(
             k.label == label for k in keys
         ):
             owner = self._pool_owner(ws)
             if owner is not None:  # the workspace's own keys first, then its organization's
-                keys = keys + self.enabled_keys(owner, provider)
+                pooled = self.enabled_keys(owner, provider)
+                if (
+                    failure is None
+                    and any(k.label == label for k in pooled)
+                    and self._has_label(ws, provider, label or "")
+                ):
+                    # the workspace has a key with that label, disabled: it fails the block, as
+                    # it would without an organization (its admin turned that key off)
+                    shadowed = owner
+                else:
+                    keys = keys + pooled
         if failure is not None:
             failed = next((k for k in keys if k.id == failure.key_id), None)
             if (
@@ -487,16 +540,22 @@ class Resolver:
             )
         matching = [k for k in keys if k.label == label]
         if not matching:
-            disabled = self._keys.has_label(ws, provider, label or "")
+            disabled = self._has_label(ws, provider, label or "")
             state = "is disabled" if disabled else "does not exist"
             fix = (
                 f"`byok keys enable --workspace {ws} --provider {provider} --label {shlex.quote(label or '')}`"
                 if disabled
                 else f"`byok keys set --workspace {ws} --provider {provider} --label {shlex.quote(label or '')}`"
             )
+            instead = "the platform key is not used in its place"
+            if shadowed is not None:
+                instead = (
+                    f"neither the platform key nor the key with that label of organization "
+                    f"{shadowed.removeprefix('org:')!r} is used in its place"
+                )
             raise CredentialUnavailable(
-                f"{where}, and workspace {ws!r} has none enabled: that key {state} (the platform "
-                f"key is not used in its place; {fix})",
+                f"{where}, and workspace {ws!r} has none enabled: that key {state} ({instead}; "
+                f"{fix})",
                 workspace_id=ws,
                 provider=provider,
             )
@@ -511,6 +570,16 @@ class Resolver:
                 key_id=key.id,
             )
         return self._reveal(key)
+
+    def _has_label(self, workspace_id: str, provider: str, label: str) -> bool:
+        """Whether the workspace has a key with the label, enabled or not: read once per cached
+        key list (dropped with it on any key change)."""
+        return self.cache.has_label(
+            workspace_id,
+            provider,
+            label,
+            functools.partial(self._keys.has_label, workspace_id, provider, label),
+        )
 
     def _block_credential(self, request: CredentialRequest) -> Credential:
         assert request.block_key is not None
@@ -1072,6 +1141,9 @@ class Resolver:
     # --- authorization, audit, last use ---------------------------------------------------
 
     def _authorize(self, request: CredentialRequest, pm: HookCaller) -> None:
+        """Ask ``byok_authorize`` whether the request's actor may use the workspace (whichever
+        key would serve: its own, its organization's or the platform's, which bills it), an
+        absent actor (``None``) included: no answer means deny."""
         allowed = pm.hook.byok_authorize(
             actor=request.actor, workspace_id=request.workspace_id, action=Action.USE_KEYS
         )
@@ -1083,9 +1155,14 @@ class Resolver:
             request,
             "access.denied",
             outcome="denied",
-            detail=f"{Action.USE_KEYS.value}: run {request.provider} {request.model}",
+            detail=(
+                f"{Action.USE_KEYS.value}: run {request.provider} {request.model}"
+                + ("" if request.actor is not None else " (the request names no actor)")
+            ),
         )
-        raise NotAuthorized(actor_id, request.workspace_id, Action.USE_KEYS.value)
+        raise NotAuthorized(
+            actor_id, request.workspace_id, Action.USE_KEYS.value, _authorize_hint(request, allowed)
+        )
 
     def _audit(
         self,

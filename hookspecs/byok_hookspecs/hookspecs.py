@@ -214,7 +214,8 @@ def byok_authorize(actor: Actor | None, workspace_id: str, action: Action) -> bo
 
     Stops at first non-None result.
 
-    :param actor: who asks, as the host authenticated them (``None`` if anonymous).
+    :param actor: who asks, as the host authenticated them (``None`` if anonymous, or a
+        credential request that names no actor: the default gives no answer for it).
     :param workspace_id: the workspace concerned.
     :param action: read keys, manage keys, use keys or read usage.
     :returns: ``True`` to allow, ``False`` to deny, ``None`` to let the next implementation answer.

@@ -161,7 +161,8 @@ class CredentialRequest:
     :param run_id: the run, for the ledger.
     :param block_id: the block, for the ledger.
     :param block_key: the block's own key, if the block carries one (never in repr).
-    :param actor: who started the run, if known.
+    :param actor: who started the run; resolution asks ``byok_authorize`` about it, ``None``
+        included (the default rule refuses ``None``).
     :param stream: whether the call is streamed (resolution does not depend on it).
     :param failure: set when the host asks again after the provider refused a credential.
     :param key_label: the block asks for the workspace's stored key with this label
