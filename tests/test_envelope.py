@@ -982,7 +982,7 @@ def test_the_key_change_listener_drops_the_data_key_of_a_deleted_workspace(
         assert listener.wait_listening()
         for workspace in ("acme", "globex"):
             reader_pm.hook.byok_resolve_credential(
-                request=CredentialRequest(workspace, "openai", "gpt-4o")
+                request=CredentialRequest(workspace, "openai", "gpt-4o", actor=OPERATOR)
             )
         assert reader.data_keys.cached == 2
 
