@@ -55,6 +55,20 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+def _unreadable(
+    key: StoredKey, exc: DataKeyUnavailable, where: dict[str, str]
+) -> DataKeyUnreadable:
+    """The error of a stored key whose workspace's data key could not be unwrapped, logged."""
+    log.error(
+        "stored %s key %s of workspace %s does not decrypt: %s",
+        key.provider,
+        key.id,
+        key.workspace_id,
+        exc,
+    )
+    return DataKeyUnreadable(str(exc), **where)
+
+
 def _destroyed(where: dict[str, str]) -> DataKeyDestroyed:
     return DataKeyDestroyed(
         "it is encrypted under its workspace's data key, which was destroyed (the workspace was "
@@ -172,14 +186,7 @@ class KeyAccess:
         try:
             data_key = self.data_keys.get(key.workspace_id)
         except DataKeyUnavailable as exc:
-            log.error(
-                "stored %s key %s of workspace %s does not decrypt: %s",
-                key.provider,
-                key.id,
-                key.workspace_id,
-                exc,
-            )
-            raise DataKeyUnreadable(str(exc), **where) from None
+            raise _unreadable(key, exc, where) from None
         if data_key is None:
             raise _destroyed(where)
         try:
@@ -191,14 +198,7 @@ class KeyAccess:
         try:
             current = self.data_keys.reload(key.workspace_id, data_key)
         except DataKeyUnavailable as exc:
-            log.error(
-                "stored %s key %s of workspace %s does not decrypt: %s",
-                key.provider,
-                key.id,
-                key.workspace_id,
-                exc,
-            )
-            raise DataKeyUnreadable(str(exc), **where) from None
+            raise _unreadable(key, exc, where) from None
         if current is None:
             raise _destroyed(where)
         try:
