@@ -7,6 +7,7 @@ import json
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 from byok_hookspecs import Charge, Credential, CredentialSource, Usage, UsageRecord
 from click.testing import CliRunner
@@ -19,6 +20,15 @@ from byok_plugin.settings import Settings
 D = Decimal
 DAY1 = datetime(2026, 12, 1, 10, tzinfo=UTC)
 DAY2 = datetime(2026, 12, 2, 10, tzinfo=UTC)
+
+
+def _env(database_url: str, home: Path, master: Any) -> dict[str, str]:
+    """The environment of the CLI on the test's store."""
+    return {
+        "BYOK_HOME": str(home),
+        "BYOK_DATABASE_URL": database_url,
+        "BYOK_ENCRYPTION_KEYS": keyring_value(master),
+    }
 
 
 def test_reconcile_lists_what_exa_reported_beside_the_table(
@@ -67,11 +77,7 @@ def test_reconcile_lists_what_exa_reported_beside_the_table(
         )
     finally:
         app.close()
-    env = {
-        "BYOK_HOME": str(tmp_path),
-        "BYOK_DATABASE_URL": database_url,
-        "BYOK_ENCRYPTION_KEYS": keyring_value(master),
-    }
+    env = _env(database_url, tmp_path, master)
     result = CliRunner().invoke(main, ["reconcile", "--provider", "exa", "--json"], env=env)
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
@@ -147,11 +153,7 @@ def test_reconcile_refuses_to_add_costs_in_several_currencies(
             )
     finally:
         app.close()
-    env = {
-        "BYOK_HOME": str(tmp_path),
-        "BYOK_DATABASE_URL": database_url,
-        "BYOK_ENCRYPTION_KEYS": keyring_value(master),
-    }
+    env = _env(database_url, tmp_path, master)
     for args in (["reconcile"], ["reconcile", "--json"], ["usage"]):
         result = CliRunner().invoke(main, args, env=env)
         assert result.exit_code == 1, (args, result.output)
