@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -241,15 +242,14 @@ _OWNERS = sa.select(usage_ledger.c.idempotency_key, usage_ledger.c.workspace_id)
 )
 
 
-def _foreign(rows: Sequence[dict[str, Any]], owners: Iterable[Any]) -> str | None:
-    """The workspace of the first of ``rows`` whose key ``owners`` (``(key, workspace)`` pairs
-    read back from the ledger) holds for another workspace; ``None`` when there is none."""
+def _refuse_foreign(rows: Sequence[dict[str, Any]], owners: Iterable[Any]) -> None:
+    """Refuse the first of ``rows`` whose key ``owners`` (``(key, workspace)`` pairs read back
+    from the ledger) holds for another workspace (:func:`_key_of_another_workspace`)."""
     owner = dict(owners)
     for row in rows:
         found = owner.get(row["idempotency_key"])
         if found is not None and found != row["workspace_id"]:
-            return str(row["workspace_id"])
-    return None
+            raise _key_of_another_workspace(str(row["workspace_id"]))
 
 
 class SqliteLedgerWriter:
@@ -369,12 +369,12 @@ class SqliteLedgerWriter:
     @staticmethod
     def _check_owner(conn: sqlite3.Connection, values: dict[str, Any]) -> None:
         """A row not inserted: its key is recorded already, for its workspace or another's."""
-        found = conn.execute(
-            f"SELECT workspace_id FROM {usage_ledger.name} WHERE idempotency_key = ?",  # noqa: S608
+        owners = conn.execute(
+            f"SELECT idempotency_key, workspace_id FROM {usage_ledger.name} "  # noqa: S608
+            "WHERE idempotency_key = ?",
             (values["idempotency_key"],),
-        ).fetchone()
-        if found is not None and found[0] != values["workspace_id"]:
-            raise _key_of_another_workspace(values["workspace_id"])
+        ).fetchall()
+        _refuse_foreign([values], owners)
 
     def close(self) -> None:
         """Close the connections, if they are the writer's own (the next record opens a new
@@ -652,14 +652,12 @@ class Ledger:
         row's. Read in ``conn``'s transaction, or on a connection of its own."""
         keys = [row["idempotency_key"] for row in rows]
         workspaces = ",".join(sorted({row["workspace_id"] for row in rows}))[:200]
-        with store_errors("recording usage", workspace_id=workspaces):
-            if conn is not None:
-                foreign = _foreign(rows, conn.execute(_OWNERS, {"keys": keys}).all())
-            else:
-                with self._engine.connect() as own:
-                    foreign = _foreign(rows, own.execute(_OWNERS, {"keys": keys}).all())
-        if foreign is not None:
-            raise _key_of_another_workspace(foreign)
+        with (
+            store_errors("recording usage", workspace_id=workspaces),
+            nullcontext(conn) if conn is not None else self._engine.connect() as reading,
+        ):
+            owners = reading.execute(_OWNERS, {"keys": keys}).all()
+        _refuse_foreign(rows, owners)
 
     def close(self) -> None:
         """Release the direct SQLite writer's connections (the engine is its owner's to close)."""

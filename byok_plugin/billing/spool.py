@@ -49,7 +49,7 @@ from byok_hookspecs import (
 )
 
 from byok_plugin.core.errors import StoreRefusedValue, StoreUnavailable
-from byok_plugin.store.engine import BUSY_TIMEOUT_MS, store_busy
+from byok_plugin.store.engine import BUSY_TIMEOUT_MS, store_busy, unstorable_text
 
 __all__ = [
     "DurableLedger",
@@ -156,11 +156,7 @@ def refused_fields(record: UsageRecord) -> tuple[str, ...]:
     for name, value in Ledger.values(record, record.occurred_at).items():
         if isinstance(value, str):
             length = getattr(usage_ledger.c[name].type, "length", None)
-            if (
-                "\x00" in value
-                or any("\ud800" <= c <= "\udfff" for c in value)
-                or (length is not None and len(value) > length)
-            ):
+            if unstorable_text(value) or (length is not None and len(value) > length):
                 found.append(name)
         elif isinstance(value, int) and not isinstance(value, bool) and value not in _INT64:
             found.append(name)

@@ -265,7 +265,7 @@ class DataKeys:
         protected = self.store.kms_protected(LocalKeyEncryption.name)
         if not protected:
             return
-        # the providers only: the message may reach an API caller, the store's counts may not
+        # the providers only: the message may reach an API caller
         providers = " or ".join(protected)
         raise KeyProviderDowngrade(
             f"refused: this worker would {would}, but a KMS protects this store's keys "

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 from byok_plugin.core.crypto import ENVELOPE_MASTER_KEY_ID, KEY_BYTES, Keyring
 from byok_plugin.core.errors import KeyDecryptionError, KeyringError
 from byok_plugin.keys.access import KeyAccess
+from byok_plugin.keys.envelope import LocalKeyEncryption
 from byok_plugin.store.keys_repo import KeyStore, StoredKey
 
 if TYPE_CHECKING:
@@ -221,7 +222,7 @@ def _rewrap_data_keys(
         (or would be) rewrapped.
     """
     probe = data_keys.wrap(_PROBE_WORKSPACE, secrets.token_bytes(KEY_BYTES))
-    if probe.provider == "local":
+    if probe.provider == LocalKeyEncryption.name:
         data_keys.refuse_leaving_kms(
             "rewrap the data keys with the local keyring (BYOK_KEY_PROVIDER is local)"
         )

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from byok_hookspecs import AuditEvent
 from sqlalchemy.engine import Engine
 
-from byok_plugin.store.engine import store_errors, write_transaction
+from byok_plugin.store.engine import store_errors, unstorable_text, write_transaction
 from byok_plugin.store.tables import audit_events
 
 __all__ = ["AuditStore", "storable"]
@@ -27,7 +27,7 @@ def storable(text: str, length: int | None) -> str:
     cut and ended with ``~`` and 16 hex digits of its SHA-256, so that two long values stay
     apart. An audit event is evidence: it must land whatever a host or a user put in it (an
     actor id longer than the column, a label with a NUL), not be refused with its change."""
-    if "\x00" in text or any("\ud800" <= c <= "\udfff" for c in text):
+    if unstorable_text(text):
         text = text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
     if length is not None and len(text) > length:
         digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]

@@ -138,19 +138,19 @@ class DataKeyStore:
             ).all()
         return {f"{row[0]}:{row[1]}": int(row[2]) for row in rows}
 
-    def kms_protected(self, local: str = "local") -> dict[str, int]:
-        """Stored keys under a data key wrapped by a provider other than ``local`` (a KMS), per
-        provider: what a worker that writes outside the KMS would downgrade."""
+    def kms_protected(self, local: str = "local") -> tuple[str, ...]:
+        """The providers other than ``local`` (KMSs) that wrap the data key of some stored key,
+        sorted: what a worker that writes outside the KMS would downgrade."""
         wk = workspace_keys
         query = (
-            sa.select(_d.c.kek_provider, sa.func.count())
+            sa.select(_d.c.kek_provider)
+            .distinct()
             .select_from(wk.join(_d, wk.c.workspace_id == _d.c.workspace_id))
             .where(_d.c.kek_provider != local, wk.c.master_key_id == ENVELOPE_MASTER_KEY_ID)
-            .group_by(_d.c.kek_provider)
             .order_by(_d.c.kek_provider)
         )
         with store_errors("reading which KMS protects the keys"), self._engine.connect() as conn:
-            return {str(row[0]): int(row[1]) for row in conn.execute(query).all()}
+            return tuple(str(provider) for provider in conn.execute(query).scalars())
 
     def batch_not_under(
         self, provider: str, kek_id: str, *, after: str | None, limit: int

@@ -509,6 +509,12 @@ def refused_field(error: BaseException) -> str | None:
     return members[-1] if members else None
 
 
+def unstorable_text(text: str) -> bool:
+    """Whether ``text`` holds a character a store refuses: a NUL (PostgreSQL's text types) or a
+    lone surrogate (no UTF-8 form: the driver cannot send it)."""
+    return "\x00" in text or any("\ud800" <= c <= "\udfff" for c in text)
+
+
 @contextmanager
 def store_errors(
     what: str, *, workspace_id: str = "*", provider: str = "*", key_id: str | None = None
