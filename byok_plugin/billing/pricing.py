@@ -51,6 +51,7 @@ from typing import Any
 
 from byok_hookspecs import Usage
 
+from byok_plugin.billing.catalog import MAX_PROVIDER_LENGTH
 from byok_plugin.core.json_file import JsonFileError, printable_text, read_json_file
 
 __all__ = [
@@ -123,9 +124,9 @@ _MAX_PRICE = Decimal(1_000_000)
 #: the longest ``version`` a price file may declare: the ledger records the shipped table's and
 #: the file's joined (``2026-12-04+<version>``) in a VARCHAR(200), with every charge
 MAX_VERSION_LENGTH = 64
-#: the longest provider and model (or tool) names of a price entry: what the ledger's columns
-#: hold (a longer name could never match a recorded call)
-MAX_PROVIDER_LENGTH = 40
+#: the longest model (or tool) name of a price entry (the provider's: the catalog's
+#: :data:`~byok_plugin.billing.catalog.MAX_PROVIDER_LENGTH`): what the ledger's columns hold (a
+#: longer name could never match a recorded call)
 MAX_MODEL_LENGTH = 200
 
 
